@@ -1,0 +1,1 @@
+"""Catalog of stored studies, series and instances."""

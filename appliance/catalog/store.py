@@ -1,0 +1,403 @@
+"""The catalog: one LMDB environment, the single source of truth.
+
+Named databases (keys and values are UTF-8; values are compact JSON)::
+
+    meta                 schema_version, bytes.<tier> totals
+    patients             PatientID NUL IssuerOfPatientID -> attributes, counts
+    studies              StudyInstanceUID  -> attributes, patient, counts
+    series               SeriesInstanceUID -> attributes, study, count
+    instances            SOPInstanceUID    -> InstanceRecord (copies, checksums)
+    idx.study.patient    patient key -> StudyInstanceUID          (duplicates)
+    idx.study.accession  AccessionNumber -> StudyInstanceUID      (duplicates)
+    idx.study.date       StudyDate (YYYYMMDD) -> StudyInstanceUID (duplicates)
+    idx.study.name       folded name group -> StudyInstanceUID    (duplicates)
+    idx.patient.name     folded name group -> patient key         (duplicates)
+    idx.series.study     StudyInstanceUID -> SeriesInstanceUID    (duplicates)
+    idx.instance.series  SeriesInstanceUID -> SOPInstanceUID      (duplicates)
+
+LMDB serialises writers across processes, so every worker process opens the
+same environment and each change of state is one write transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from appliance.catalog.records import InstanceRecord, NewInstance
+from appliance.errors import CatalogError, SchemaVersionError
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+# LMDB refuses keys (and sorted duplicate values) longer than 511 bytes.
+_MAX_KEY = 400
+
+_DATABASES = (
+    "meta",
+    "patients",
+    "studies",
+    "series",
+    "instances",
+)
+_INDEXES = (
+    "idx.study.patient",
+    "idx.study.accession",
+    "idx.study.date",
+    "idx.study.name",
+    "idx.patient.name",
+    "idx.series.study",
+    "idx.instance.series",
+)
+
+
+class Outcome(Enum):
+    """What recording an instance did."""
+
+    STORED = "stored"
+    IDENTICAL = "identical"  # already stored with the same bytes
+    KEPT_FIRST = "kept_first"  # different bytes, policy keeps the stored copy
+    REFUSED = "refused"  # different bytes, policy refuses the new one
+    REPLACED = "replaced"  # different bytes, policy replaced the stored copy
+
+
+@dataclass
+class RecordResult:
+    """The outcome of recording one instance, and what the caller must tidy."""
+
+    outcome: Outcome
+    # Files no catalog record counts any more, to delete after the commit.
+    obsolete: list[tuple[str, str]]
+    reason: str = ""
+
+
+def encode_key(text: str) -> bytes:
+    """An LMDB key for ``text``; overlong values (non-conformant UIDs) hashed."""
+    raw = text.encode("utf-8", "surrogateescape")
+    if len(raw) <= _MAX_KEY:
+        return raw
+    return b"#" + hashlib.sha256(raw).hexdigest().encode()
+
+
+def fold_name(group: str) -> str:
+    """A person-name group as the name indexes file it: upper case, no padding."""
+    return group.strip().rstrip("^").upper()
+
+
+def name_index_keys(person_name: str | None) -> set[str]:
+    """One name-index key per non-empty component group of a person name."""
+    if not person_name:
+        return set()
+    return {fold_name(g) for g in person_name.split("=") if fold_name(g)}
+
+
+class Catalog:
+    """Patients, studies, series and instances, with their copies and indexes."""
+
+    def __init__(self, path: Path, map_size: int = 64 * 2**30) -> None:
+        self.path = path
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            self.env = lmdb.open(
+                str(path),
+                map_size=map_size,
+                max_dbs=len(_DATABASES) + len(_INDEXES) + 8,
+                max_readers=512,
+            )
+        except (OSError, lmdb.Error) as exc:
+            raise CatalogError(f"cannot open the catalog at {path}: {exc}") from exc
+
+        self.db = {name: self.env.open_db(name.encode()) for name in _DATABASES}
+        for name in _INDEXES:
+            self.db[name] = self.env.open_db(name.encode(), dupsort=True)
+        self._check_schema()
+
+    def close(self) -> None:
+        self.env.close()
+
+    def _check_schema(self) -> None:
+        with self.env.begin(write=True, db=self.db["meta"]) as txn:
+            found = txn.get(b"schema_version")
+            if found is None:
+                txn.put(b"schema_version", str(SCHEMA_VERSION).encode())
+                return
+        if int(found) != SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"the catalog at {self.path} has schema version {int(found)}; "
+                f"this appliance reads version {SCHEMA_VERSION}"
+            )
+
+    # -- writing ---------------------------------------------------------
+
+    def record(
+        self, batch: list[NewInstance], duplicate_policy: str
+    ) -> list[RecordResult]:
+        """Record new instances in one durable transaction (a group commit).
+
+        A SOP Instance UID already in the catalog is resolved here, inside
+        the write transaction, so that two associations storing the same
+        instance at once end with one record.
+        """
+        try:
+            with self.env.begin(write=True) as txn:
+                writer = _Writer(self, txn)
+                return [writer.add(item, duplicate_policy) for item in batch]
+        except lmdb.MapFullError as exc:
+            raise CatalogError(
+                "the catalog is full; raise storage.catalog_max_size"
+            ) from exc
+        except lmdb.Error as exc:
+            raise CatalogError(f"cannot write the catalog: {exc}") from exc
+
+    def touch_studies(self, study_uids: set[str]) -> None:
+        """Set the last-access time of studies (a retrieve happened)."""
+        now = time.time()
+        with self.env.begin(write=True) as txn:
+            for uid in study_uids:
+                study = self._get(txn, "studies", uid)
+                if study is not None:
+                    study["last_access"] = now
+                    self._put(txn, "studies", uid, study)
+
+    # -- reading ---------------------------------------------------------
+
+    def read(self) -> lmdb.Transaction:
+        """A read transaction: a consistent snapshot for a whole query."""
+        return self.env.begin(write=False, buffers=False)
+
+    def _get(self, txn: lmdb.Transaction, db: str, key: str) -> dict[str, Any] | None:
+        raw = txn.get(encode_key(key), db=self.db[db])
+        return None if raw is None else json.loads(raw)
+
+    def _put(self, txn: lmdb.Transaction, db: str, key: str, value: Any) -> None:
+        data = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        txn.put(encode_key(key), data.encode(), db=self.db[db])
+
+    def get(self, txn: lmdb.Transaction, db: str, key: str) -> dict[str, Any] | None:
+        """One record of ``patients``, ``studies`` or ``series`` by key."""
+        return self._get(txn, db, key)
+
+    def instance(self, txn: lmdb.Transaction, uid: str) -> InstanceRecord | None:
+        data = self._get(txn, "instances", uid)
+        if data is None:
+            return None
+        return InstanceRecord.from_json(data.get("key", uid), data)
+
+    def index_values(
+        self, txn: lmdb.Transaction, index: str, key: str
+    ) -> Iterator[str]:
+        """Every value filed under ``key`` in a duplicate-key index."""
+        cursor = txn.cursor(db=self.db[index])
+        if cursor.set_key(encode_key(key)):
+            for value in cursor.iternext_dup():
+                yield value.decode("utf-8", "surrogateescape")
+
+    def index_range(
+        self, txn: lmdb.Transaction, index: str, low: str, high: str | None
+    ) -> Iterator[str]:
+        """Values whose index key k has low <= k and (high is None or k <= high)."""
+        cursor = txn.cursor(db=self.db[index])
+        if not cursor.set_range(low.encode()):
+            return
+        stop = high.encode() if high is not None else None
+        for key, value in cursor:
+            if stop is not None and key > stop:
+                break
+            yield value.decode("utf-8", "surrogateescape")
+
+    def index_prefix(
+        self, txn: lmdb.Transaction, index: str, prefix: str
+    ) -> Iterator[str]:
+        """Values whose index key starts with ``prefix``."""
+        start = prefix.encode()
+        cursor = txn.cursor(db=self.db[index])
+        if not cursor.set_range(start):
+            return
+        for key, value in cursor:
+            if not key.startswith(start):
+                break
+            yield value.decode("utf-8", "surrogateescape")
+
+    def all_records(
+        self, txn: lmdb.Transaction, db: str
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Every (key, record) of a main database, in key order."""
+        for key, raw in txn.cursor(db=self.db[db]):
+            record = json.loads(raw)
+            yield record.get("key", key.decode("utf-8", "surrogateescape")), record
+
+    def counts(self) -> dict[str, int]:
+        """Numbers of patients, studies, series and instances, and bytes per tier."""
+        with self.read() as txn:
+            result = {
+                name: txn.stat(self.db[name])["entries"]
+                for name in ("patients", "studies", "series", "instances")
+            }
+            for key, value in txn.cursor(db=self.db["meta"]):
+                if key.startswith(b"bytes."):
+                    result[key.decode()] = int(value)
+        return result
+
+
+class _Writer:
+    """The steps of recording instances inside one write transaction."""
+
+    def __init__(self, catalog: Catalog, txn: lmdb.Transaction) -> None:
+        self.catalog = catalog
+        self.txn = txn
+
+    def add(self, item: NewInstance, policy: str) -> RecordResult:
+        record = item.record
+        existing = self.catalog.instance(self.txn, record.sop_instance_uid)
+        if existing is not None:
+            return self._resolve_duplicate(existing, item, policy)
+
+        self._add_patient(item)
+        self._add_study(item)
+        self._add_series(item)
+        self.catalog._put(
+            self.txn, "instances", record.sop_instance_uid, _with_key(record)
+        )
+        self._index("idx.instance.series", record.series_uid, record.sop_instance_uid)
+        self._add_bytes(record, +1)
+        return RecordResult(Outcome.STORED, [])
+
+    def _resolve_duplicate(
+        self, existing: InstanceRecord, item: NewInstance, policy: str
+    ) -> RecordResult:
+        record = item.record
+        new_copies = [(c.tier, c.location) for c in record.copies]
+        if existing.content_sha256 == record.content_sha256:
+            return RecordResult(Outcome.IDENTICAL, new_copies)
+        if policy == "keep_first":
+            return RecordResult(Outcome.KEPT_FIRST, new_copies)
+        if policy == "replace":
+            same_place = (existing.study_uid, existing.series_uid) == (
+                record.study_uid,
+                record.series_uid,
+            )
+            if same_place:
+                return self._replace(existing, record)
+            reason = "the new bytes name another study or series; refused"
+            return RecordResult(Outcome.REFUSED, new_copies, reason)
+        return RecordResult(
+            Outcome.REFUSED,
+            new_copies,
+            "another instance with different content holds this SOP Instance UID",
+        )
+
+    def _replace(
+        self, existing: InstanceRecord, record: InstanceRecord
+    ) -> RecordResult:
+        self._add_bytes(existing, -1)
+        self.catalog._put(
+            self.txn, "instances", record.sop_instance_uid, _with_key(record)
+        )
+        self._add_bytes(record, +1)
+        old = [(c.tier, c.location) for c in existing.copies]
+        return RecordResult(Outcome.REPLACED, old)
+
+    def _add_patient(self, item: NewInstance) -> None:
+        key = item.record.patient
+        patient = self.catalog._get(self.txn, "patients", key)
+        is_new_study = self.catalog._get(self.txn, "studies", item.record.study_uid)
+        is_new_series = self.catalog._get(self.txn, "series", item.record.series_uid)
+        if patient is None:
+            patient = {"key": key, "attrs": item.patient, "studies": 0}
+            patient.update(series=0, instances=0)
+            for name in name_index_keys(item.patient.get("PatientName")):
+                self._index("idx.patient.name", name, key)
+        patient["studies"] += is_new_study is None
+        patient["series"] += is_new_series is None
+        patient["instances"] += 1
+        self.catalog._put(self.txn, "patients", key, patient)
+
+    def _add_study(self, item: NewInstance) -> None:
+        record = item.record
+        study = self.catalog._get(self.txn, "studies", record.study_uid)
+        if study is None:
+            study = self._new_study(item)
+        is_new_series = self.catalog._get(self.txn, "series", record.series_uid)
+        study["series"] += is_new_series is None
+        study["instances"] += 1
+        study["bytes"] += record.size
+        modality = item.series.get("Modality")
+        if modality and modality not in study["modalities"]:
+            study["modalities"].append(modality)
+        sop_class = record.attributes.get("SOPClassUID")
+        if sop_class and sop_class not in study["sop_classes"]:
+            study["sop_classes"].append(sop_class)
+        self.catalog._put(self.txn, "studies", record.study_uid, study)
+
+    def _new_study(self, item: NewInstance) -> dict[str, Any]:
+        record = item.record
+        uid = record.study_uid
+        self._index("idx.study.patient", record.patient, uid)
+        accession = item.study.get("AccessionNumber")
+        if accession:
+            self._index("idx.study.accession", accession, uid)
+        study_date = item.study.get("StudyDate")
+        if study_date:
+            self._index("idx.study.date", study_date.replace(".", "")[:8], uid)
+        for name in name_index_keys(item.patient.get("PatientName")):
+            self._index("idx.study.name", name, uid)
+        return {
+            "key": uid,
+            "attrs": item.study,
+            "patient": record.patient,
+            "series": 0,
+            "instances": 0,
+            "bytes": 0,
+            "modalities": [],
+            "sop_classes": [],
+            "received": record.received,
+            "last_access": record.received,
+        }
+
+    def _add_series(self, item: NewInstance) -> None:
+        record = item.record
+        series = self.catalog._get(self.txn, "series", record.series_uid)
+        if series is None:
+            series = {"key": record.series_uid, "attrs": item.series}
+            series.update(study=record.study_uid, instances=0)
+            self._index("idx.series.study", record.study_uid, record.series_uid)
+        elif series["study"] != record.study_uid:
+            logger.warning(
+                "series %s already belongs to study %s; instance %s names study %s",
+                record.series_uid,
+                series["study"],
+                record.sop_instance_uid,
+                record.study_uid,
+            )
+        series["instances"] += 1
+        self.catalog._put(self.txn, "series", record.series_uid, series)
+
+    def _index(self, index: str, key: str, value: str) -> None:
+        self.txn.put(
+            encode_key(key),
+            encode_key(value),
+            db=self.catalog.db[index],
+            dupdata=True,
+        )
+
+    def _add_bytes(self, record: InstanceRecord, sign: int) -> None:
+        meta = self.catalog.db["meta"]
+        for copy in record.copies:
+            key = f"bytes.{copy.tier}".encode()
+            current = int(self.txn.get(key, b"0", db=meta))
+            self.txn.put(key, str(current + sign * record.size).encode(), db=meta)
+
+
+def _with_key(record: InstanceRecord) -> dict[str, Any]:
+    data = record.as_json()
+    data["key"] = record.sop_instance_uid
+    return data

@@ -1,0 +1,240 @@
+"""The ``appliance`` command line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from appliance import config as configuration
+from appliance import logs
+from appliance.errors import ApplianceError, ConfigError
+
+logger = logging.getLogger(__name__)
+console = Console()
+errors = Console(stderr=True)
+
+
+def _load(config_file: Path | None, overrides: dict[str, Any]) -> configuration.Config:
+    given = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return configuration.load(config_file, given)
+    except ConfigError as exc:
+        errors.print(f"[red]{exc}[/red]")
+        sys.exit(2)
+
+
+_config_option = click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="TOML configuration file (every key has a default).",
+)
+_data_dir_option = click.option(
+    "--data-dir", help="Directory for all data (storage.data_dir)."
+)
+
+
+@click.group()
+@click.version_option(package_name="pacs-appliance")
+def main() -> None:
+    """pacs-appliance: tiered storage and disaster recovery for a PACS."""
+
+
+@main.command()
+@_config_option
+@_data_dir_option
+@click.option("--port", type=int, help="DICOM port (node.port).")
+@click.option("--bind", "bind_address", help="Address to bind (node.bind_address).")
+@click.option("--ae-title", help="The appliance's AE title (node.ae_title).")
+@click.option("--workers", type=int, help="Worker processes (node.workers).")
+def serve(
+    config_file: Path | None,
+    data_dir: str | None,
+    port: int | None,
+    bind_address: str | None,
+    ae_title: str | None,
+    workers: int | None,
+) -> None:
+    """Run the appliance until stopped (SIGTERM or Ctrl-C)."""
+    config = _load(
+        config_file,
+        {
+            "storage.data_dir": data_dir,
+            "node.port": port,
+            "node.bind_address": bind_address,
+            "node.ae_title": ae_title,
+            "node.workers": workers,
+        },
+    )
+    logs.setup(config.get("logging.level"), config.get("logging.format"))
+    from appliance import service
+
+    try:
+        sys.exit(service.serve(config))
+    except (ApplianceError, OSError) as exc:
+        logger.error("cannot start: %s", exc)
+        sys.exit(1)
+
+
+@main.command()
+@_config_option
+@_data_dir_option
+def status(config_file: Path | None, data_dir: str | None) -> None:
+    """Counts of patients, studies, series and instances, and tier usage."""
+    config = _load(config_file, {"storage.data_dir": data_dir})
+    from appliance.catalog.store import Catalog
+    from appliance.storage.online import OnlineTier
+
+    if not config.catalog_path.exists():
+        errors.print(f"no catalog at {config.catalog_path}: nothing stored yet")
+        sys.exit(1)
+    try:
+        catalog = Catalog(config.catalog_path, config.get("storage.catalog_max_size"))
+    except ApplianceError as exc:
+        errors.print(f"[red]{exc}[/red]")
+        sys.exit(1)
+    counts = catalog.counts()
+    catalog.close()
+
+    table = Table(title="Archive")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    for name in ("patients", "studies", "series", "instances"):
+        table.add_row(name, f"{counts[name]:,}")
+    console.print(table)
+
+    online = OnlineTier(config.online_path)
+    tiers = Table(title="Tiers")
+    for column in ("tier", "path", "instance bytes", "file system free"):
+        tiers.add_column(column, justify="right" if "bytes" in column else "left")
+    free = online.usage()[1] if config.online_path.exists() else 0
+    tiers.add_row(
+        "online",
+        str(config.online_path),
+        _size(counts.get("bytes.online", 0)),
+        _size(free),
+    )
+    console.print(tiers)
+
+
+@main.command(name="import")
+@_config_option
+@_data_dir_option
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+def import_(
+    config_file: Path | None, data_dir: str | None, paths: tuple[Path, ...]
+) -> None:
+    """Import DICOM files and folders (a CD, an old archive) into the archive."""
+    config = _load(config_file, {"storage.data_dir": data_dir})
+    logs.setup("WARNING", config.get("logging.format"))
+    from appliance.catalog.store import Catalog
+    from appliance.ingest import Ingest
+    from appliance.storage.online import OnlineTier
+
+    files = list(_files_under(paths))
+    online = OnlineTier(config.online_path, config.get("storage.reserved_bytes"))
+    online.open()
+    catalog = Catalog(config.catalog_path, config.get("storage.catalog_max_size"))
+    ingest = Ingest(catalog, online, config.get("storage.duplicate_policy"))
+    outcomes: Counter[str] = Counter()
+    refusals: list[tuple[Path, str]] = []
+    try:
+        with _progress() as progress:
+            task = progress.add_task("importing", total=len(files))
+            for path in files:
+                result = ingest.import_file(path, "import")
+                if result.ok and result.outcome is not None:
+                    outcomes[result.outcome.value] += 1
+                else:
+                    outcomes["refused"] += 1
+                    refusals.append((path, result.reason))
+                progress.advance(task)
+    finally:
+        ingest.close()
+        catalog.close()
+
+    _print_import_summary(len(files), outcomes, refusals)
+    sys.exit(1 if refusals else 0)
+
+
+def _files_under(paths: tuple[Path, ...]) -> list[Path]:
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file())
+        elif path.is_file():
+            found.append(path)
+        else:
+            errors.print(f"[yellow]{path}: no such file or folder[/yellow]")
+    return found
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=errors,
+    )
+
+
+def _print_import_summary(
+    total: int, outcomes: Counter[str], refusals: list[tuple[Path, str]]
+) -> None:
+    console.print(
+        f"{total} file(s): {outcomes['stored']} stored, "
+        f"{outcomes['identical']} already there, "
+        f"{outcomes['kept_first'] + outcomes['replaced']} duplicates resolved "
+        f"by policy, {outcomes['refused']} refused"
+    )
+    for path, reason in refusals:
+        console.print(f"  refused {path}: {reason}")
+
+
+@main.group(name="config")
+def config_group() -> None:
+    """Check or print configuration files."""
+
+
+@config_group.command()
+@click.argument("config_file", type=click.Path(path_type=Path, dir_okay=False))
+def check(config_file: Path) -> None:
+    """Report every error in CONFIG_FILE, with its key and what is allowed."""
+    try:
+        configuration.load(config_file)
+    except ConfigError as exc:
+        for key, message in exc.problems:
+            errors.print(f"{key}: {message}", highlight=False)
+        errors.print(f"{len(exc.problems)} error(s) in {config_file}")
+        sys.exit(1)
+    console.print(f"{config_file}: OK")
+
+
+@config_group.command()
+def example() -> None:
+    """Print a configuration file with every key, its default and a comment."""
+    click.echo(configuration.example(), nl=False)
+
+
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:,.1f} {unit}" if unit != "B" else f"{count:,} B"
+        value /= 1024
+    return f"{count} B"

@@ -1,0 +1,1 @@
+"""The DICOM node: the pynetdicom AE, access control and the service handlers."""

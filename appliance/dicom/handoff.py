@@ -1,0 +1,67 @@
+"""Passing accepted DICOM connections from the listener to worker processes.
+
+One Python process uses one core; to use every core the service accepts
+connections in one process and hands each one, as a file descriptor over a
+Unix socket, to the worker process with the fewest open associations. In
+the worker, :class:`HandoffServer` is a pynetdicom association server whose
+"listening socket" is that Unix socket.
+
+Message on the channel: one datagram whose payload is the peer address as
+JSON (``["host", port]``) and whose ancillary data carries the descriptor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from typing import Any
+
+from pynetdicom.transport import ThreadedAssociationServer
+
+logger = logging.getLogger(__name__)
+
+_MAX_PAYLOAD = 512
+
+
+def send_connection(channel: socket.socket, connection: socket.socket) -> None:
+    """Hand an accepted TCP connection to the worker at the end of ``channel``."""
+    address = connection.getpeername()[:2]
+    payload = json.dumps(list(address)).encode()
+    socket.send_fds(channel, [payload], [connection.fileno()])
+
+
+class HandoffServer(ThreadedAssociationServer):
+    """An association server fed by a channel instead of a listening socket."""
+
+    def __init__(
+        self,
+        ae: Any,
+        channel: socket.socket,
+        public_address: tuple[str, int],
+        ae_title: str,
+        contexts: list[Any],
+        evt_handlers: list[Any],
+    ) -> None:
+        self._channel = channel
+        self._public_address = public_address
+        # The base class binds and listens on this address in its
+        # constructor; server_bind below swaps in the channel instead.
+        super().__init__(ae, public_address, ae_title, contexts, None, evt_handlers)
+
+    def server_bind(self) -> None:
+        self.socket.close()
+        self.socket = self._channel
+        self.server_address = self._public_address
+
+    def server_activate(self) -> None:
+        """Nothing listens here: connections arrive through the channel."""
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        payload, fds, _flags, _address = socket.recv_fds(self._channel, _MAX_PAYLOAD, 1)
+        if not fds:
+            raise OSError("the listener closed the channel")
+        connection = socket.socket(fileno=fds[0])
+        connection.settimeout(self.ae.network_timeout)
+        host, port = json.loads(payload)
+        return connection, (host, int(port))

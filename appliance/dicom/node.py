@@ -1,0 +1,273 @@
+"""The DICOM node of one worker process: its AE, contexts and event handlers.
+
+Verification, Storage (every SOP class, private ones too, with every
+transfer syntax the requester proposes) and Query/Retrieve (Patient Root
+and Study Root: FIND, MOVE, GET). Each association gets one log line when
+it ends, with the caller and what it did; failures get their own line.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    StoragePresentationContexts,
+    _config,
+    evt,
+)
+from pynetdicom.association import Association
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+from appliance.catalog.store import Catalog
+from appliance.config import Config
+from appliance.dicom import find, retrieve
+from appliance.dicom.access import AccessControl, Permissions
+from appliance.ingest import Ingest
+from appliance.storage.online import OnlineTier
+
+logger = logging.getLogger(__name__)
+
+QUERY_RETRIEVE_CLASSES = (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+NOT_AUTHORISED = 0x0124
+# A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4.
+_REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+_REJECT_LIMIT = (0x02, 0x03, 0x02)
+
+
+def configure_pynetdicom() -> None:
+    """Process-wide pynetdicom settings the appliance relies on."""
+    # Receive data sets straight into a file, never whole in memory.
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    # Accept private and future storage SOP classes.
+    _config.UNRESTRICTED_STORAGE_SERVICE = True
+    # pynetdicom would log identifiers, i.e. patient names and IDs.
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    _config.LOG_HANDLER_LEVEL = "none"
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    retrieve.install()
+
+
+@dataclass
+class _Activity:
+    """What one association did, for its closing log line."""
+
+    caller: str
+    permissions: Permissions | None = None
+    stored: int = 0
+    refused: int = 0
+    queries: int = 0
+    logged: bool = False
+
+
+class ApplianceAE(AE):
+    """An AE that knows the node it serves, for the retrieve service class."""
+
+    node: Node
+
+
+class Node:
+    """Everything a worker process needs to serve associations."""
+
+    def __init__(
+        self,
+        config: Config,
+        catalog: Catalog,
+        online: OnlineTier,
+        ingest: Ingest,
+        total_associations: Callable[[], int] = lambda: 0,
+        on_closed: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.online = online
+        self.ingest = ingest
+        self.ae_title: str = config.get("node.ae_title").strip()
+        self.access = AccessControl(config)
+        self._total_associations = total_associations
+        self._on_closed = on_closed
+        self._activity: dict[int, _Activity] = {}
+        self._lock = threading.Lock()
+
+    # -- the AE -------------------------------------------------------------
+
+    def application_entity(self) -> ApplianceAE:
+        """An AE with every context and timeout the appliance serves with."""
+        ae = ApplianceAE(ae_title=self.ae_title)
+        ae.node = self
+        ae.maximum_associations = self.config.get("node.max_associations")
+        ae.maximum_pdu_size = self.config.get("node.max_pdu_size")
+        ae.acse_timeout = self.config.get("timeouts.association")
+        ae.dimse_timeout = self.config.get("timeouts.dimse")
+        ae.network_timeout = self.config.get("timeouts.network")
+        ae.connection_timeout = self.config.get("timeouts.connect")
+
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        for uid in QUERY_RETRIEVE_CLASSES:
+            ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+        # Storage contexts serve C-STORE, and C-GET sub-operations, where the
+        # appliance takes the SCU role that the requester offers.
+        for context in StoragePresentationContexts:
+            ae.add_supported_context(
+                context.abstract_syntax,
+                ALL_TRANSFER_SYNTAXES,
+                scu_role=True,
+                scp_role=True,
+            )
+        return ae
+
+    def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
+        return [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_CONN_CLOSE, self._on_closed_connection),
+            (evt.EVT_C_ECHO, lambda event: 0x0000),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_FIND, self._on_find),
+        ]
+
+    # -- associations -----------------------------------------------------------
+
+    def describe(self, assoc: Association) -> str:
+        requestor = assoc.requestor
+        title = requestor.ae_title
+        if not title and requestor.primitive is not None:
+            title = requestor.primitive.calling_ae_title
+        return f"{(title or '').strip() or '?'}@{requestor.address}"
+
+    def may_query(self, assoc: Association) -> bool:
+        activity = self._activity.get(id(assoc))
+        return bool(activity and activity.permissions and activity.permissions.query)
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """Access control and the association limit, before negotiation."""
+        assoc = event.assoc
+        caller = self.describe(assoc)
+        calling_ae = str(assoc.requestor.primitive.calling_ae_title)
+        permissions = self.access.permissions(calling_ae, assoc.requestor.address)
+        with self._lock:
+            self._activity[id(assoc)] = _Activity(caller, permissions)
+
+        if not permissions.anything:
+            logger.warning("association from %s rejected: caller not allowed", caller)
+            assoc.acse.send_reject(*_REJECT_CALLING_AE)
+            return
+        if self._total_associations() > self.config.get("node.max_associations"):
+            logger.warning(
+                "association from %s rejected: %d associations already open",
+                caller,
+                self.config.get("node.max_associations"),
+            )
+            assoc.acse.send_reject(*_REJECT_LIMIT)
+            return
+        if not permissions.query:
+            assoc.acceptor.supported_contexts = [
+                cx
+                for cx in assoc.acceptor.supported_contexts
+                if cx.abstract_syntax not in QUERY_RETRIEVE_CLASSES
+            ]
+
+    def _on_closed_connection(self, event: evt.Event) -> None:
+        with self._lock:
+            activity = self._activity.pop(id(event.assoc), None)
+        self._on_closed()
+        if activity is None or not activity.permissions:
+            return
+        if not activity.permissions.anything:
+            return
+        logger.info(
+            "association from %s closed: %d stored, %d refused, %d queries",
+            activity.caller,
+            activity.stored,
+            activity.refused,
+            activity.queries,
+        )
+
+    # -- services -----------------------------------------------------------------
+
+    def _on_store(self, event: evt.Event) -> Dataset:
+        activity = self._activity.get(id(event.assoc))
+        caller = activity.caller if activity else self.describe(event.assoc)
+        request = event.request
+        path = Path(event.dataset_path)
+        if (
+            activity is None
+            or not activity.permissions
+            or not activity.permissions.store
+        ):
+            path.unlink(missing_ok=True)
+            logger.warning(
+                "C-STORE from %s refused: caller not allowed to store", caller
+            )
+            return _status(NOT_AUTHORISED, "not authorised to store")
+
+        result = self.ingest.store_received(
+            path,
+            caller,
+            sop_class_uid=str(request.AffectedSOPClassUID or ""),
+            sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
+        )
+        if result.ok:
+            activity.stored += 1
+        else:
+            activity.refused += 1
+        return _status(result.status, result.reason)
+
+    def _on_find(self, event: evt.Event) -> Any:
+        activity = self._activity.get(id(event.assoc))
+        if activity is not None:
+            activity.queries += 1
+        try:
+            identifier = event.identifier
+        except Exception as exc:
+            logger.warning(
+                "C-FIND from %s: cannot decode the identifier: %s",
+                self.describe(event.assoc),
+                exc,
+            )
+            yield find.UNABLE_TO_PROCESS, _comment("cannot decode the identifier")
+            return
+        sop_class = str(event.request.AffectedSOPClassUID)
+        yield from find.answer_find(
+            self.catalog,
+            identifier,
+            sop_class,
+            self.ae_title,
+            lambda: event.is_cancelled,
+        )
+
+
+def _status(status: int, comment: str = "") -> Dataset:
+    dataset = Dataset()
+    dataset.Status = status
+    if comment and status != 0x0000:
+        dataset.ErrorComment = comment[:64]
+    return dataset
+
+
+def _comment(text: str) -> Dataset:
+    dataset = Dataset()
+    dataset.ErrorComment = text[:64]
+    return dataset

@@ -1,0 +1,412 @@
+"""C-MOVE and C-GET SCP: send stored instances exactly as they were received.
+
+pynetdicom's own retrieve loop re-encodes the data sets its handlers yield;
+an archive must send the stored bytes. This service class runs the loop
+itself: it sends each instance from its file (raw, chunked), answers a
+pending response after every sub-operation with the counts of PS3.4
+C.4.2.1.5 and C.4.3.1.5, honours C-CANCEL, and ends with 0x0000, 0xB000
+(some failed, with the Failed SOP Instance UID List) or 0xA702 (all failed).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pynetdicom.association
+from pydicom.dataset import Dataset
+from pynetdicom import AE, _config
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
+from pynetdicom.dsutils import decode, encode
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.service_class import QueryRetrieveServiceClass
+from pynetdicom.sop_class import uid_to_service_class
+
+from appliance.catalog.query import Query, find
+from appliance.catalog.records import text_of
+from appliance.storage.online import TIER_NAME
+
+if TYPE_CHECKING:
+    from appliance.dicom.node import Node
+
+logger = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+PENDING = 0xFF00
+CANCELLED = 0xFE00
+SOME_FAILED = 0xB000
+ALL_FAILED = 0xA702
+UNKNOWN_DESTINATION = 0xA801
+IDENTIFIER_DOES_NOT_MATCH = 0xA900
+UNABLE_TO_PROCESS = 0xC000
+
+_UNIQUE_KEYS = {
+    "PATIENT": "PatientID",
+    "STUDY": "StudyInstanceUID",
+    "SERIES": "SeriesInstanceUID",
+    "IMAGE": "SOPInstanceUID",
+}
+# A requested association may propose at most 128 presentation contexts.
+_MAX_CONTEXTS = 128
+
+
+@dataclass
+class _Item:
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    study_uid: str
+    path: Path | None
+
+
+@dataclass
+class _Counts:
+    remaining: int
+    failed: int = 0
+    warning: int = 0
+    completed: int = 0
+    failed_uids: list[str] = field(default_factory=list)
+
+
+def install() -> None:
+    """Route C-GET and C-MOVE requests to :class:`RetrieveService`.
+
+    pynetdicom picks the service class for a request with the module-level
+    ``uid_to_service_class`` of its association module; wrapping that one
+    function is the narrowest seam that lets this class serve retrieves
+    while pynetdicom keeps serving everything else.
+    """
+
+    def choose(uid: str) -> type:
+        chosen = uid_to_service_class(uid)
+        if chosen is QueryRetrieveServiceClass:
+            return RetrieveService
+        return chosen
+
+    pynetdicom.association.uid_to_service_class = choose  # type: ignore[assignment]
+    # Send stored files as raw bytes, never decoded and re-encoded.
+    _config.STORE_SEND_CHUNKED_DATASET = True
+
+
+class RetrieveService(QueryRetrieveServiceClass):
+    """Query/Retrieve with the appliance's own C-GET and C-MOVE loop."""
+
+    def SCP(self, req: Any, context: PresentationContext) -> None:
+        if isinstance(req, C_GET | C_MOVE):
+            self._retrieve(req, context)
+        else:
+            super().SCP(req, context)
+
+    @property
+    def node(self) -> Node:
+        return self.assoc.ae.node  # type: ignore[attr-defined, no-any-return]
+
+    def _retrieve(self, req: C_GET | C_MOVE, context: PresentationContext) -> None:
+        is_move = isinstance(req, C_MOVE)
+        caller = self.node.describe(self.assoc)
+        if not self.node.may_query(self.assoc):
+            self._final(req, context, 0x0124, None, "not authorised to retrieve")
+            return
+        try:
+            identifier = self._identifier(req, context)
+            items = self._resolve(identifier, req)
+        except ValueError as exc:
+            logger.warning("retrieve from %s refused: %s", caller, exc)
+            self._final(req, context, IDENTIFIER_DOES_NOT_MATCH, None, str(exc))
+            return
+
+        if is_move:
+            self._move(req, context, items, caller)
+        else:
+            self._get(req, context, items, caller)
+
+    def _identifier(self, req: C_GET | C_MOVE, context: PresentationContext) -> Dataset:
+        syntax = context.transfer_syntax[0]
+        try:
+            return decode(
+                req.Identifier,  # type: ignore[arg-type]
+                syntax.is_implicit_VR,
+                syntax.is_little_endian,
+                syntax.is_deflated,
+            )
+        except Exception as exc:
+            raise ValueError(f"cannot decode the identifier: {exc}") from exc
+
+    def _resolve(self, identifier: Dataset, req: C_GET | C_MOVE) -> list[_Item]:
+        level = (text_of(identifier, "QueryRetrieveLevel") or "").strip()
+        unique = _UNIQUE_KEYS.get(level)
+        if unique is None:
+            raise ValueError(f"QueryRetrieveLevel {level!r} is not valid")
+        value = text_of(identifier, unique)
+        if not value:
+            raise ValueError(f"{unique} is required at {level} level")
+
+        keys: dict[str, str | None] = {unique: value}
+        if level == "PATIENT":
+            keys["IssuerOfPatientID"] = text_of(identifier, "IssuerOfPatientID")
+        return self._items(Query(level="IMAGE", keys=keys))
+
+    def _items(self, query: Query) -> list[_Item]:
+        catalog = self.node.catalog
+        items = []
+        for row in find(catalog, query, lambda: False):
+            uid = row["SOPInstanceUID"] or ""
+            with catalog.read() as txn:
+                record = catalog.instance(txn, uid)
+            if record is None:
+                continue
+            copy = record.copy_on(TIER_NAME)
+            path = self.node.online.path_of(copy.location) if copy else None
+            items.append(
+                _Item(
+                    sop_instance_uid=uid,
+                    sop_class_uid=record.attributes.get("SOPClassUID", ""),
+                    transfer_syntax=record.transfer_syntax,
+                    study_uid=record.study_uid,
+                    path=path,
+                )
+            )
+        return items
+
+    # -- C-GET: sub-operations on the same association -------------------
+
+    def _get(
+        self, req: C_GET, context: PresentationContext, items: list[_Item], caller: str
+    ) -> None:
+        counts = self._run(req, context, items, self.assoc, originator=None)
+        logger.info(
+            "C-GET from %s: %d sent, %d failed, %d not attempted",
+            caller,
+            counts.completed + counts.warning,
+            counts.failed,
+            counts.remaining,
+        )
+
+    # -- C-MOVE: sub-operations on a new association to the destination --
+
+    def _move(
+        self, req: C_MOVE, context: PresentationContext, items: list[_Item], caller: str
+    ) -> None:
+        destination = str(req.MoveDestination or "").strip()
+        peer = self.node.config.peer(destination)
+        if peer is None:
+            logger.warning(
+                "C-MOVE from %s to unknown destination %r", caller, destination
+            )
+            self._final(
+                req, context, UNKNOWN_DESTINATION, None, "unknown move destination"
+            )
+            return
+        if not items:
+            self._final(req, context, SUCCESS, _Counts(0))
+            return
+
+        store = self._associate(peer.host, peer.port, peer.ae_title, items)
+        if store is None:
+            counts = _Counts(0, failed=len(items))
+            counts.failed_uids = [item.sop_instance_uid for item in items]
+            logger.warning(
+                "C-MOVE from %s: cannot associate with %s at %s:%d",
+                caller,
+                peer.ae_title,
+                peer.host,
+                peer.port,
+            )
+            self._final(req, context, ALL_FAILED, counts, "destination unreachable")
+            return
+
+        try:
+            counts = self._run(req, context, items, store, originator=req)
+        finally:
+            if store.is_established:
+                store.release()
+        logger.info(
+            "C-MOVE from %s to %s: %d sent, %d failed, %d not attempted",
+            caller,
+            destination,
+            counts.completed + counts.warning,
+            counts.failed,
+            counts.remaining,
+        )
+
+    def _associate(
+        self, host: str, port: int, ae_title: str, items: list[_Item]
+    ) -> pynetdicom.association.Association | None:
+        contexts = _contexts_for(items)
+        ae = AE(ae_title=self.node.ae_title)
+        timeouts = self.node.config
+        ae.acse_timeout = timeouts.get("timeouts.association")
+        ae.dimse_timeout = timeouts.get("timeouts.dimse")
+        ae.network_timeout = timeouts.get("timeouts.network")
+        ae.connection_timeout = timeouts.get("timeouts.connect")
+        ae.requested_contexts = contexts
+        assoc = ae.associate(host, port, ae_title=ae_title)
+        if not assoc.is_established:
+            return None
+        _tune_requestor(assoc)
+        return assoc
+
+    # -- the loop shared by both -------------------------------------------
+
+    def _run(
+        self,
+        req: C_GET | C_MOVE,
+        context: PresentationContext,
+        items: list[_Item],
+        store: pynetdicom.association.Association,
+        originator: C_MOVE | None,
+    ) -> _Counts:
+        counts = _Counts(len(items))
+        for index, item in enumerate(items):
+            if self.is_cancelled(req.MessageID):
+                self._final(req, context, CANCELLED, counts)
+                return counts
+            status = self._send_one(store, item, req, index, originator)
+            counts.remaining -= 1
+            _count(counts, status, item)
+            if counts.remaining:
+                self._respond(req, context, PENDING, counts)
+
+        self.node.catalog.touch_studies({item.study_uid for item in items})
+        if counts.failed == 0 and counts.warning == 0:
+            final = SUCCESS
+        elif counts.completed == 0 and counts.warning == 0:
+            final = ALL_FAILED
+        else:
+            final = SOME_FAILED
+        self._final(req, context, final, counts)
+        return counts
+
+    def _send_one(
+        self,
+        store: pynetdicom.association.Association,
+        item: _Item,
+        req: C_GET | C_MOVE,
+        index: int,
+        originator: C_MOVE | None,
+    ) -> int | None:
+        if item.path is None:
+            logger.warning("instance %s has no online copy", item.sop_instance_uid)
+            return None
+        message_id = (int(req.MessageID or 0) + index + 1) % 65536 or 1
+        try:
+            if originator is None:
+                response = store.send_c_store(item.path, msg_id=message_id)
+            else:
+                response = store.send_c_store(
+                    item.path,
+                    msg_id=message_id,
+                    originator_aet=self.assoc.requestor.ae_title,
+                    originator_id=originator.MessageID,
+                )
+        except (ValueError, AttributeError, OSError, RuntimeError) as exc:
+            logger.warning(
+                "C-STORE sub-operation for %s failed: %s", item.sop_instance_uid, exc
+            )
+            return None
+        return int(response.Status) if "Status" in response else None
+
+    def _respond(
+        self,
+        req: C_GET | C_MOVE,
+        context: PresentationContext,
+        status: int,
+        counts: _Counts | None,
+        comment: str | None = None,
+        identifier: Dataset | None = None,
+    ) -> None:
+        response = C_GET() if isinstance(req, C_GET) else C_MOVE()
+        response.MessageIDBeingRespondedTo = req.MessageID
+        response.AffectedSOPClassUID = req.AffectedSOPClassUID
+        response.Status = status
+        if counts is not None:
+            if status in (PENDING, CANCELLED):
+                response.NumberOfRemainingSuboperations = counts.remaining
+            response.NumberOfFailedSuboperations = counts.failed
+            response.NumberOfWarningSuboperations = counts.warning
+            response.NumberOfCompletedSuboperations = counts.completed
+        if comment:
+            response.ErrorComment = comment[:64]
+        if identifier is not None:
+            syntax = context.transfer_syntax[0]
+            encoded = encode(
+                identifier,
+                syntax.is_implicit_VR,
+                syntax.is_little_endian,
+                syntax.is_deflated,
+            )
+            response.Identifier = BytesIO(encoded or b"")
+        self.dimse.send_msg(response, context.context_id)
+
+    def _final(
+        self,
+        req: C_GET | C_MOVE,
+        context: PresentationContext,
+        status: int,
+        counts: _Counts | None,
+        comment: str | None = None,
+    ) -> None:
+        identifier = None
+        if counts is not None and counts.failed_uids and status != SUCCESS:
+            identifier = Dataset()
+            identifier.FailedSOPInstanceUIDList = counts.failed_uids
+        self._respond(req, context, status, counts, comment, identifier)
+
+
+def _count(counts: _Counts, status: int | None, item: _Item) -> None:
+    if status is None or (status & 0xF000) in (0xA000, 0xC000) or status > 0xFFFF:
+        counts.failed += 1
+        counts.failed_uids.append(item.sop_instance_uid)
+    elif status in (0xB000, 0xB006, 0xB007) or (status & 0xFF00) == 0xB000:
+        counts.warning += 1
+    elif status == SUCCESS:
+        counts.completed += 1
+    else:
+        counts.failed += 1
+        counts.failed_uids.append(item.sop_instance_uid)
+
+
+def _contexts_for(items: list[_Item]) -> list[PresentationContext]:
+    """One context per (SOP class, stored transfer syntax), at most 128."""
+    pairs = sorted({(item.sop_class_uid, item.transfer_syntax) for item in items})
+    if len(pairs) > _MAX_CONTEXTS:
+        logger.warning(
+            "%d SOP class and transfer syntax pairs to send; only the first %d "
+            "fit one association",
+            len(pairs),
+            _MAX_CONTEXTS,
+        )
+    return [build_context(sop, [syntax]) for sop, syntax in pairs[:_MAX_CONTEXTS]]
+
+
+def _tune_requestor(assoc: pynetdicom.association.Association) -> None:
+    """Make an association we requested safe and fast for sub-operations.
+
+    Two things pynetdicom does not do on its own: set TCP_NODELAY (without
+    it the peer's delayed ACKs hold every small write for tens of
+    milliseconds), and keep the association's reactor thread from taking a
+    C-STORE response that ``send_c_store`` is waiting for. The reactor can
+    pass its pause point just before ``send_c_store`` pauses it; when a
+    fast peer answers in that window the reactor treats the response as an
+    unexpected message and drops it, and the sub-operation times out. A
+    response seen while a send is in progress is put back for the sender.
+    """
+    sock = assoc.dul.socket.socket if assoc.dul.socket else None
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    serve: Callable[[Any, int], None] = assoc._serve_request
+
+    def serve_requests_only(msg: Any, context_id: int) -> None:
+        sending = not assoc._reactor_checkpoint.is_set()
+        if sending and not msg.is_valid_request:
+            assoc.dimse.msg_queue.put((context_id, msg))
+            return
+        serve(msg, context_id)
+
+    assoc._serve_request = serve_requests_only  # type: ignore[method-assign]

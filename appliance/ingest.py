@@ -1,0 +1,397 @@
+"""Storing an instance safely: check it, put it on the online tier, record it.
+
+Both the C-STORE handler and ``appliance import`` go through
+:class:`Ingest`. The order of steps is what keeps data safe (DESIGN.md,
+rule 1): the bytes are flushed and renamed into place first, the catalog
+transaction commits second, and only then is success reported. A crash
+between the two leaves a file that no record counts, never a record without
+its file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import re
+import shutil
+import struct
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from appliance.catalog.records import (
+    INSTANCE_KEYWORDS,
+    PATIENT_KEYWORDS,
+    SERIES_KEYWORDS,
+    STUDY_KEYWORDS,
+    Copy,
+    InstanceRecord,
+    NewInstance,
+    collect,
+    patient_key,
+    text_of,
+)
+from appliance.catalog.store import Catalog, Outcome, RecordResult
+from appliance.errors import (
+    ApplianceError,
+    OutOfSpaceError,
+    RejectedInstance,
+    StorageError,
+)
+from appliance.storage.durable import translate_os_error
+from appliance.storage.online import TIER_NAME, OnlineTier
+
+logger = logging.getLogger(__name__)
+
+# C-STORE statuses (PS3.4 B.2.3, PS3.7 C.4).
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+DUPLICATE_INSTANCE = 0x0111
+PROCESSING_FAILURE = 0x0110
+
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_READ_CHUNK = 1 << 20
+_DEFER_SIZE = 64 * 1024
+
+# The archive keeps what it is sent, byte for byte; judging the values of
+# elements is the sender's business, so pydicom reads them without warnings.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+
+@dataclass
+class StoreResult:
+    """The answer to one store: a DICOM status and what happened."""
+
+    status: int
+    outcome: Outcome | None
+    sop_instance_uid: str
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == SUCCESS
+
+
+@dataclass
+class _Parsed:
+    dataset: Dataset
+    transfer_syntax: str
+    dataset_offset: int
+
+
+class GroupCommitter:
+    """Records instances from many threads in shared catalog transactions.
+
+    Each LMDB commit flushes the catalog to disk; batching the records that
+    arrive while one commit runs lets concurrent associations share it.
+    """
+
+    def __init__(self, catalog: Catalog, duplicate_policy: str) -> None:
+        self.catalog = catalog
+        self.duplicate_policy = duplicate_policy
+        self._queue: queue.Queue[tuple[NewInstance, Future[RecordResult]] | None]
+        self._queue = queue.Queue()
+        self._thread = threading.Thread(
+            target=self._run, name="catalog-commit", daemon=True
+        )
+        self._thread.start()
+
+    def submit(self, item: NewInstance) -> RecordResult:
+        """Record ``item``; returns once its transaction has committed."""
+        future: Future[RecordResult] = Future()
+        self._queue.put((item, future))
+        return future.result()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while True:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)
+                    break
+                batch.append(more)
+            self._commit(batch)
+
+    def _commit(self, batch: list[tuple[NewInstance, Future[RecordResult]]]) -> None:
+        try:
+            results = self.catalog.record(
+                [item for item, _future in batch], self.duplicate_policy
+            )
+        except Exception as exc:
+            for _item, future in batch:
+                future.set_exception(exc)
+            return
+        for (_item, future), result in zip(batch, results, strict=True):
+            future.set_result(result)
+
+
+class Ingest:
+    """The one path by which instances enter the archive."""
+
+    def __init__(
+        self, catalog: Catalog, online: OnlineTier, duplicate_policy: str
+    ) -> None:
+        self.catalog = catalog
+        self.online = online
+        self.committer = GroupCommitter(catalog, duplicate_policy)
+
+    def close(self) -> None:
+        self.committer.close()
+
+    def store_received(
+        self,
+        received: Path,
+        source: str,
+        sop_class_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+    ) -> StoreResult:
+        """Store a Part 10 file that sits in the online tier's ``incoming/``.
+
+        ``sop_class_uid`` and ``sop_instance_uid`` are the C-STORE request's
+        Affected SOP Class and Instance UIDs, checked against the data set.
+        On every outcome ``received`` is consumed (moved or left to delete).
+        """
+        uid = sop_instance_uid or ""
+        try:
+            parsed = _parse(received)
+            uid = _check_identity(parsed.dataset, sop_class_uid, sop_instance_uid)
+            size = received.stat().st_size
+            self.online.check_room(size)
+            record = self._record_for(received, parsed, size)
+            self.online.adopt(received, record.copies[0].location)
+            return self._commit(record, parsed.dataset, source)
+        except RejectedInstance as exc:
+            logger.warning("refused instance %s from %s: %s", uid, source, exc.reason)
+            return StoreResult(exc.status, None, uid, exc.reason)
+        except OutOfSpaceError as exc:
+            logger.error("cannot store instance %s from %s: %s", uid, source, exc)
+            return StoreResult(OUT_OF_RESOURCES, None, uid, str(exc))
+        except (ApplianceError, OSError) as exc:
+            logger.error("cannot store instance %s from %s: %s", uid, source, exc)
+            return StoreResult(PROCESSING_FAILURE, None, uid, str(exc))
+
+    def import_file(self, path: Path, source: str) -> StoreResult:
+        """Copy a Part 10 file from elsewhere (a CD, an old archive) in."""
+        staged = self.online.incoming / f"{self.online.new_key()}.import"
+        try:
+            shutil.copyfile(path, staged)
+        except OSError as exc:
+            staged.unlink(missing_ok=True)
+            error = translate_os_error(exc, f"cannot import {path}")
+            status = (
+                OUT_OF_RESOURCES
+                if isinstance(error, OutOfSpaceError)
+                else PROCESSING_FAILURE
+            )
+            return StoreResult(status, None, "", str(error))
+        try:
+            return self.store_received(staged, source)
+        finally:
+            staged.unlink(missing_ok=True)
+
+    def _record_for(self, path: Path, parsed: _Parsed, size: int) -> InstanceRecord:
+        dataset = parsed.dataset
+        file_digest, content_digest = _digests(path, parsed.dataset_offset)
+        patient = patient_key(
+            text_of(dataset, "PatientID") or "",
+            text_of(dataset, "IssuerOfPatientID") or "",
+        )
+        return InstanceRecord(
+            sop_instance_uid=str(dataset.SOPInstanceUID).rstrip("\x00 "),
+            series_uid=str(dataset.SeriesInstanceUID).rstrip("\x00 "),
+            study_uid=str(dataset.StudyInstanceUID).rstrip("\x00 "),
+            patient=patient,
+            transfer_syntax=parsed.transfer_syntax,
+            size=size,
+            sha256=file_digest,
+            content_sha256=content_digest,
+            received=time.time(),
+            attributes=collect(dataset, INSTANCE_KEYWORDS),
+            copies=[Copy(TIER_NAME, self.online.new_key())],
+        )
+
+    def _commit(
+        self, record: InstanceRecord, dataset: Dataset, source: str
+    ) -> StoreResult:
+        item = NewInstance(
+            record=record,
+            patient=collect(dataset, PATIENT_KEYWORDS),
+            study=collect(dataset, STUDY_KEYWORDS),
+            series=collect(dataset, SERIES_KEYWORDS),
+        )
+        try:
+            result = self.committer.submit(item)
+        except Exception:
+            # The record did not commit: the file just placed counts for nothing.
+            self.online.remove(record.copies[0].location)
+            raise
+        self._drop_obsolete(result)
+        return self._answer(record, result, source)
+
+    def _drop_obsolete(self, result: RecordResult) -> None:
+        for tier, location in result.obsolete:
+            if tier == TIER_NAME:
+                self.online.remove(location)
+
+    def _answer(
+        self, record: InstanceRecord, result: RecordResult, source: str
+    ) -> StoreResult:
+        uid = record.sop_instance_uid
+        outcome = result.outcome
+        if outcome is Outcome.REFUSED:
+            logger.warning(
+                "refused instance %s from %s: %s", uid, source, result.reason
+            )
+            return StoreResult(DUPLICATE_INSTANCE, outcome, uid, result.reason)
+        if outcome is Outcome.KEPT_FIRST:
+            logger.warning(
+                "instance %s from %s differs from the stored one; kept the stored "
+                "copy (duplicate_policy keep_first)",
+                uid,
+                source,
+            )
+        elif outcome is Outcome.REPLACED:
+            logger.warning(
+                "instance %s from %s differs from the stored one; replaced it "
+                "(duplicate_policy replace)",
+                uid,
+                source,
+            )
+        return StoreResult(SUCCESS, outcome, uid)
+
+
+def _parse(path: Path) -> _Parsed:
+    """Read the header of a Part 10 file; refuse what cannot be understood."""
+    try:
+        offset, transfer_syntax = _file_meta_end(path)
+        dataset = pydicom.dcmread(path, stop_before_pixels=True, defer_size=_DEFER_SIZE)
+    except RejectedInstance:
+        raise
+    except Exception as exc:
+        raise RejectedInstance(
+            CANNOT_UNDERSTAND, f"cannot parse the data set: {exc}"
+        ) from exc
+    return _Parsed(dataset, transfer_syntax, offset)
+
+
+def _file_meta_end(path: Path) -> tuple[int, str]:
+    """The offset where the data set starts, and the transfer syntax UID.
+
+    Part 10 layout (PS3.10 7.1): 128-byte preamble, ``DICM``, then group 0002
+    elements in explicit VR little endian::
+
+        tag(4) VR(2) len(2) value          for most VRs
+        tag(4) VR(2) 00 00 len(4) value    for OB, OW, OF, SQ, UT, UN
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(132)
+        if len(head) < 132 or head[128:132] != b"DICM":
+            raise RejectedInstance(
+                CANNOT_UNDERSTAND, "not a DICOM Part 10 file (no DICM prefix)"
+            )
+        transfer_syntax = ""
+        while True:
+            position = handle.tell()
+            header = handle.read(8)
+            if len(header) < 8:
+                raise RejectedInstance(CANNOT_UNDERSTAND, "the file has no data set")
+            group, element = struct.unpack("<HH", header[:4])
+            if group != 0x0002:
+                if not transfer_syntax:
+                    raise RejectedInstance(
+                        CANNOT_UNDERSTAND, "the file meta lacks a transfer syntax"
+                    )
+                return position, transfer_syntax
+            vr = header[4:6]
+            if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+                (length,) = struct.unpack("<I", handle.read(4))
+            else:
+                (length,) = struct.unpack("<H", header[6:8])
+            value = handle.read(length)
+            if element == 0x0010:
+                transfer_syntax = value.rstrip(b"\x00 ").decode("ascii", "replace")
+
+
+def _check_identity(
+    dataset: Dataset, sop_class_uid: str | None, sop_instance_uid: str | None
+) -> str:
+    """Refuse instances without their UIDs; warn about non-conformant ones."""
+    missing = [
+        keyword
+        for keyword in (
+            "SOPClassUID",
+            "SOPInstanceUID",
+            "StudyInstanceUID",
+            "SeriesInstanceUID",
+        )
+        if not text_of(dataset, keyword)
+    ]
+    if missing:
+        raise RejectedInstance(
+            DOES_NOT_MATCH_SOP_CLASS, "missing " + ", ".join(missing)
+        )
+
+    uid = text_of(dataset, "SOPInstanceUID") or ""
+    if sop_instance_uid is not None and sop_instance_uid.rstrip("\x00 ") != uid:
+        raise RejectedInstance(
+            DOES_NOT_MATCH_SOP_CLASS,
+            f"the data set's SOP Instance UID {uid} differs from the request's "
+            f"{sop_instance_uid}",
+        )
+    sop_class = text_of(dataset, "SOPClassUID") or ""
+    if sop_class_uid is not None and sop_class_uid.rstrip("\x00 ") != sop_class:
+        raise RejectedInstance(
+            DOES_NOT_MATCH_SOP_CLASS,
+            f"the data set's SOP Class UID {sop_class} differs from the request's "
+            f"{sop_class_uid}",
+        )
+
+    for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        value = text_of(dataset, keyword) or ""
+        if len(value) > 64 or not _UID.match(value):
+            logger.warning(
+                "instance %r has a non-conformant %s %r; stored as it is",
+                uid,
+                keyword,
+                value,
+            )
+    return uid
+
+
+def _digests(path: Path, dataset_offset: int) -> tuple[str, str]:
+    """SHA-256 of the whole file, and of the data set bytes after the file meta.
+
+    The first verifies a copy; the second recognises the same instance sent
+    again, whatever file meta the sender or an importer wrapped it in.
+    """
+    whole = hashlib.sha256()
+    content = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(dataset_offset)
+            whole.update(head)
+            while chunk := handle.read(_READ_CHUNK):
+                whole.update(chunk)
+                content.update(chunk)
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc}") from exc
+    return whole.hexdigest(), content.hexdigest()

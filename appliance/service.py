@@ -1,0 +1,254 @@
+"""The running appliance: a listener process and its DICOM worker processes.
+
+The listener binds the DICOM port, accepts connections, sets TCP_NODELAY
+(so that senders that leave Nagle's algorithm on are not held back by
+delayed ACKs) and hands each connection to the worker with the fewest open
+associations. Workers each open the catalog and the online tier and serve
+associations with pynetdicom. A worker that dies is started again; SIGTERM
+or SIGINT stops accepting, lets open associations finish, then exits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import selectors
+import signal
+import socket
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.sharedctypes import SynchronizedArray
+from typing import Any
+
+from appliance import logs
+from appliance.catalog.store import Catalog
+from appliance.config import Config
+from appliance.dicom.handoff import HandoffServer, send_connection
+from appliance.dicom.node import Node, configure_pynetdicom
+from appliance.ingest import Ingest
+from appliance.storage.online import OnlineTier
+
+logger = logging.getLogger(__name__)
+
+_STOP_GRACE = 30.0
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: Any
+    channel: socket.socket
+
+
+def serve(config: Config) -> int:
+    """Run the appliance until SIGTERM or SIGINT; returns the exit status."""
+    online = OnlineTier(config.online_path, config.get("storage.reserved_bytes"))
+    online.open()
+    online.discard_incoming()
+    Catalog(config.catalog_path, config.get("storage.catalog_max_size")).close()
+
+    listener = _listen(config)
+    context = multiprocessing.get_context("spawn")
+    counts = context.Array("i", config.workers)
+    workers = [_start_worker(context, config, i, counts) for i in range(config.workers)]
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+
+    host, port = listener.getsockname()[:2]
+    logger.info(
+        "appliance %s listening on %s:%d with %d worker(s); data in %s",
+        config.get("node.ae_title"),
+        host,
+        port,
+        len(workers),
+        config.data_dir,
+    )
+    try:
+        _accept_loop(listener, workers, counts, stop, context, config)
+    finally:
+        listener.close()
+        _stop_workers(workers)
+    logger.info("appliance stopped")
+    return 0
+
+
+def _listen(config: Config) -> socket.socket:
+    address = config.get("node.bind_address")
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((address, config.get("node.port")))
+    listener.listen(128)
+    return listener
+
+
+def _accept_loop(
+    listener: socket.socket,
+    workers: list[_Worker],
+    counts: SynchronizedArray,
+    stop: threading.Event,
+    context: Any,
+    config: Config,
+) -> None:
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ)
+    while not stop.is_set():
+        if not selector.select(timeout=0.5):
+            _restart_dead(workers, counts, context, config, stop)
+            continue
+        try:
+            connection, _address = listener.accept()
+        except OSError as exc:
+            logger.warning("cannot accept a connection: %s", exc)
+            continue
+        with connection:
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _hand_off(connection, workers, counts)
+
+
+def _hand_off(
+    connection: socket.socket, workers: list[_Worker], counts: SynchronizedArray
+) -> None:
+    alive = [w for w in workers if w.process.is_alive()]
+    if not alive:
+        logger.error("no worker is running; connection dropped")
+        return
+    with counts.get_lock():
+        chosen = min(alive, key=lambda w: counts[w.index])
+        counts[chosen.index] += 1
+    try:
+        send_connection(chosen.channel, connection)
+    except OSError as exc:
+        logger.error("cannot hand a connection to worker %d: %s", chosen.index, exc)
+        with counts.get_lock():
+            counts[chosen.index] -= 1
+
+
+def _restart_dead(
+    workers: list[_Worker],
+    counts: SynchronizedArray,
+    context: Any,
+    config: Config,
+    stop: threading.Event,
+) -> None:
+    for position, worker in enumerate(workers):
+        if worker.process.is_alive() or stop.is_set():
+            continue
+        logger.error(
+            "worker %d exited with status %s; starting it again",
+            worker.index,
+            worker.process.exitcode,
+        )
+        worker.channel.close()
+        with counts.get_lock():
+            counts[worker.index] = 0
+        workers[position] = _start_worker(context, config, worker.index, counts)
+
+
+def _start_worker(
+    context: Any, config: Config, index: int, counts: SynchronizedArray
+) -> _Worker:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ready = context.Event()
+    process = context.Process(
+        target=run_worker,
+        args=(config, index, theirs, counts, ready),
+        name=f"appliance-worker-{index}",
+        daemon=False,
+    )
+    process.start()
+    theirs.close()
+    if not ready.wait(timeout=60):
+        logger.error("worker %d did not start in 60 s", index)
+    return _Worker(index, process, ours)
+
+
+def _stop_workers(workers: list[_Worker]) -> None:
+    for worker in workers:
+        if worker.process.is_alive():
+            worker.process.terminate()
+    deadline = time.monotonic() + _STOP_GRACE + 5
+    for worker in workers:
+        worker.process.join(max(0.1, deadline - time.monotonic()))
+        if worker.process.is_alive():
+            logger.error("worker %d did not stop in time; killing it", worker.index)
+            worker.process.kill()
+            worker.process.join()
+        worker.channel.close()
+
+
+# -- the worker process -----------------------------------------------------------
+
+
+def run_worker(
+    config: Config,
+    index: int,
+    channel: socket.socket,
+    counts: SynchronizedArray,
+    ready: Any,
+) -> None:
+    """Serve the associations handed over ``channel`` until SIGTERM."""
+    _die_with_parent()
+    logs.setup(config.get("logging.level"), config.get("logging.format"))
+    configure_pynetdicom()
+
+    online = OnlineTier(config.online_path, config.get("storage.reserved_bytes"))
+    # pynetdicom writes incoming data sets to the process's temporary
+    # directory; keeping it on the online tier's file system makes storing
+    # a rename instead of a copy.
+    tempfile.tempdir = str(online.incoming)
+    catalog = Catalog(config.catalog_path, config.get("storage.catalog_max_size"))
+    ingest = Ingest(catalog, online, config.get("storage.duplicate_policy"))
+
+    def total() -> int:
+        return sum(counts[:])
+
+    def closed() -> None:
+        with counts.get_lock():
+            counts[index] = max(0, counts[index] - 1)
+
+    node = Node(config, catalog, online, ingest, total, closed)
+    ae = node.application_entity()
+    address = (config.get("node.bind_address"), config.get("node.port"))
+    server = HandoffServer(
+        ae, channel, address, node.ae_title, ae.supported_contexts, node.handlers()
+    )
+    ae._servers.append(server)  # so that AE.shutdown() also stops this server
+
+    def stop(*_: Any) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ready.set()
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        _finish_associations(server)
+        ingest.close()
+        catalog.close()
+
+
+def _finish_associations(server: HandoffServer) -> None:
+    deadline = time.monotonic() + _STOP_GRACE
+    while server.active_associations and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for assoc in server.active_associations:
+        assoc.abort()
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to send SIGTERM to this worker if the listener dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        logger.debug("prctl is not available; workers outlive a killed listener")
+    if os.getppid() == 1:
+        os.kill(os.getpid(), signal.SIGTERM)

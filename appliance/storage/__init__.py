@@ -1,0 +1,1 @@
+"""Tiers that hold instance bytes, and the one way files are written safely."""

@@ -1,0 +1,89 @@
+"""Writing files so that a crash at any instant leaves either nothing or all.
+
+Every tier writes through these helpers: data goes to a temporary name in
+the destination directory, is flushed with fsync, renamed into place, and
+the directory is flushed so that the rename itself survives a power cut.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+from appliance.errors import OutOfSpaceError, StorageError
+
+
+def fsync_directory(path: Path) -> None:
+    """Flush a directory's entries (new names, renames) to stable storage."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file's data and metadata to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_directories(path: Path, stop: Path) -> None:
+    """Create ``path`` and flush every directory it adds, up to ``stop``.
+
+    A directory created just before a crash is lost with everything renamed
+    into it unless its parent was flushed too.
+    """
+    missing: list[Path] = []
+    current = path
+    while not current.exists() and current != stop:
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir()
+        except FileExistsError:
+            continue
+        fsync_directory(directory.parent)
+
+
+def move_into_place(source: Path, destination: Path, root: Path) -> None:
+    """Flush ``source`` and rename it to ``destination`` durably.
+
+    Both must be on the same file system (under ``root``). On return the
+    file's bytes and its new name are on stable storage.
+    """
+    try:
+        fsync_file(source)
+        make_directories(destination.parent, root)
+        os.rename(source, destination)
+        fsync_directory(destination.parent)
+    except OSError as exc:
+        raise translate_os_error(exc, f"cannot store {destination}") from exc
+
+
+def write_file(destination: Path, data: bytes, root: Path) -> None:
+    """Write ``data`` to ``destination`` atomically and durably."""
+    temporary = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
+    try:
+        make_directories(destination.parent, root)
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.rename(temporary, destination)
+        fsync_directory(destination.parent)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise translate_os_error(exc, f"cannot write {destination}") from exc
+
+
+def translate_os_error(exc: OSError, what: str) -> StorageError:
+    """Turn an OSError into the appliance's storage error vocabulary."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutOfSpaceError(f"{what}: no space left on the device")
+    return StorageError(f"{what}: {exc.strerror or exc}")

@@ -1,0 +1,98 @@
+"""The online tier: one plain file per instance, exactly the bytes received.
+
+Layout under the tier's root::
+
+    incoming/              files being received; never counted, emptied at start
+    objects/ab/cd/KEY.dcm  stored instances; KEY is a random 32-hex-digit name
+                           that the catalog assigns, never dataset content
+
+A file under ``objects/`` counts as a copy only once the catalog records it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+from appliance.errors import OutOfSpaceError, StorageError
+from appliance.storage import durable
+
+logger = logging.getLogger(__name__)
+
+TIER_NAME = "online"
+
+
+class OnlineTier:
+    """Plain files on fast local storage (RAID or SSD)."""
+
+    def __init__(self, root: Path, reserved_bytes: int = 0) -> None:
+        self.root = root
+        self.reserved_bytes = reserved_bytes
+        self.incoming = root / "incoming"
+        self.objects = root / "objects"
+
+    def open(self) -> None:
+        """Create the layout if it is not there yet."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            durable.make_directories(self.incoming, self.root)
+            durable.make_directories(self.objects, self.root)
+        except OSError as exc:
+            raise durable.translate_os_error(exc, f"cannot open {self.root}") from exc
+
+    def discard_incoming(self) -> None:
+        """Drop files left half-received by a crash (only before serving)."""
+        leftovers = list(self.incoming.iterdir())
+        for leftover in leftovers:
+            leftover.unlink(missing_ok=True)
+        if leftovers:
+            logger.info(
+                "online tier: removed %d partly received file(s)", len(leftovers)
+            )
+
+    @staticmethod
+    def new_key() -> str:
+        """A fresh, unguessable location key for a new instance."""
+        return secrets.token_hex(16)
+
+    def path_of(self, key: str) -> Path:
+        """The file that holds the instance stored under ``key``."""
+        if len(key) != 32 or not all(c in "0123456789abcdef" for c in key):
+            raise StorageError(f"not an online tier key: {key!r}")
+        return self.objects / key[:2] / key[2:4] / f"{key}.dcm"
+
+    def check_room(self, size: int) -> None:
+        """Refuse a store of ``size`` bytes that would eat into the reserve."""
+        free = shutil.disk_usage(self.root).free
+        if free - size < self.reserved_bytes:
+            raise OutOfSpaceError(
+                f"online tier {self.root} has {free} bytes free, "
+                f"{self.reserved_bytes} are reserved"
+            )
+
+    def adopt(self, received: Path, key: str) -> Path:
+        """Move a fully received file in ``incoming/`` durably under ``key``."""
+        destination = self.path_of(key)
+        durable.move_into_place(received, destination, self.root)
+        return destination
+
+    def remove(self, key: str) -> None:
+        """Delete the file under ``key`` (only once the catalog no longer counts it)."""
+        path = self.path_of(key)
+        try:
+            path.unlink(missing_ok=True)
+            durable.fsync_directory(path.parent)
+        except OSError as exc:
+            logger.warning("online tier: cannot remove %s: %s", path, exc)
+
+    def usage(self) -> tuple[int, int]:
+        """(bytes used on the file system, bytes free) for status reports."""
+        usage = shutil.disk_usage(self.root)
+        return usage.used, usage.free
+
+    def is_on_same_device(self, path: Path) -> bool:
+        """Whether ``path`` can be renamed into this tier without copying."""
+        return os.stat(path).st_dev == os.stat(self.root).st_dev
