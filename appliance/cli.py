@@ -196,14 +196,14 @@ def _progress() -> Progress:
 def _print_import_summary(
     total: int, outcomes: Counter[str], refusals: list[tuple[Path, str]]
 ) -> None:
-    console.print(
+    click.echo(
         f"{total} file(s): {outcomes['stored']} stored, "
         f"{outcomes['identical']} already there, "
         f"{outcomes['kept_first'] + outcomes['replaced']} duplicates resolved "
         f"by policy, {outcomes['refused']} refused"
     )
     for path, reason in refusals:
-        console.print(f"  refused {path}: {reason}")
+        click.echo(f"  refused {path}: {reason}")
 
 
 @main.group(name="config")

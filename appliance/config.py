@@ -455,7 +455,7 @@ def example() -> str:
             section = key.section
             lines += ["", f"[{section}]"]
         lines += [f"# {line}" for line in _wrap(key.help)]
-        lines.append(f"{key.name} = {_toml_value(key.default)}")
+        lines.append(f"{key.name} = {toml_value(key.default)}")
 
     lines += ["", "# Known DICOM peers: C-MOVE destinations, and the callers that"]
     lines += ["# access.storage and access.query name. Repeat the table per peer."]
@@ -478,11 +478,11 @@ def _wrap(text: str, width: int = 76) -> list[str]:
     return [*lines, current] if current else lines
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return repr(value)

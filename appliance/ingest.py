@@ -85,6 +85,9 @@ class _Parsed:
     dataset: Dataset
     transfer_syntax: str
     dataset_offset: int
+    # What the file meta (for a C-STORE: the request) announces.
+    sop_class_uid: str
+    sop_instance_uid: str
 
 
 class GroupCommitter:
@@ -157,23 +160,19 @@ class Ingest:
     def close(self) -> None:
         self.committer.close()
 
-    def store_received(
-        self,
-        received: Path,
-        source: str,
-        sop_class_uid: str | None = None,
-        sop_instance_uid: str | None = None,
-    ) -> StoreResult:
+    def store_received(self, received: Path, source: str) -> StoreResult:
         """Store a Part 10 file that sits in the online tier's ``incoming/``.
 
-        ``sop_class_uid`` and ``sop_instance_uid`` are the C-STORE request's
-        Affected SOP Class and Instance UIDs, checked against the data set.
-        On every outcome ``received`` is consumed (moved or left to delete).
+        For a C-STORE, the file meta holds the request's Affected SOP Class
+        and Instance UIDs; they must agree with the data set. On every
+        outcome ``received`` is consumed (moved, or left for the caller to
+        delete).
         """
-        uid = sop_instance_uid or ""
+        uid = ""
         try:
             parsed = _parse(received)
-            uid = _check_identity(parsed.dataset, sop_class_uid, sop_instance_uid)
+            uid = parsed.sop_instance_uid
+            uid = _check_identity(parsed)
             size = received.stat().st_size
             self.online.check_room(size)
             record = self._record_for(received, parsed, size)
@@ -290,7 +289,14 @@ def _parse(path: Path) -> _Parsed:
         raise RejectedInstance(
             CANNOT_UNDERSTAND, f"cannot parse the data set: {exc}"
         ) from exc
-    return _Parsed(dataset, transfer_syntax, offset)
+    meta = dataset.file_meta
+    return _Parsed(
+        dataset,
+        transfer_syntax,
+        offset,
+        sop_class_uid=text_of(meta, "MediaStorageSOPClassUID") or "",
+        sop_instance_uid=text_of(meta, "MediaStorageSOPInstanceUID") or "",
+    )
 
 
 def _file_meta_end(path: Path) -> tuple[int, str]:
@@ -331,10 +337,11 @@ def _file_meta_end(path: Path) -> tuple[int, str]:
                 transfer_syntax = value.rstrip(b"\x00 ").decode("ascii", "replace")
 
 
-def _check_identity(
-    dataset: Dataset, sop_class_uid: str | None, sop_instance_uid: str | None
-) -> str:
-    """Refuse instances without their UIDs; warn about non-conformant ones."""
+def _check_identity(parsed: _Parsed) -> str:
+    """Refuse instances without their UIDs, or whose UIDs differ from the ones
+    announced in the file meta (PS3.10 7.1) or the C-STORE request (PS3.4
+    B.2.1); warn about non-conformant UIDs."""
+    dataset = parsed.dataset
     missing = [
         keyword
         for keyword in (
@@ -351,18 +358,18 @@ def _check_identity(
         )
 
     uid = text_of(dataset, "SOPInstanceUID") or ""
-    if sop_instance_uid is not None and sop_instance_uid.rstrip("\x00 ") != uid:
+    if uid != parsed.sop_instance_uid:
         raise RejectedInstance(
             DOES_NOT_MATCH_SOP_CLASS,
-            f"the data set's SOP Instance UID {uid} differs from the request's "
-            f"{sop_instance_uid}",
+            f"the data set's SOP Instance UID {uid} differs from the announced "
+            f"{parsed.sop_instance_uid}",
         )
     sop_class = text_of(dataset, "SOPClassUID") or ""
-    if sop_class_uid is not None and sop_class_uid.rstrip("\x00 ") != sop_class:
+    if sop_class != parsed.sop_class_uid:
         raise RejectedInstance(
             DOES_NOT_MATCH_SOP_CLASS,
-            f"the data set's SOP Class UID {sop_class} differs from the request's "
-            f"{sop_class_uid}",
+            f"the data set's SOP Class UID {sop_class} differs from the announced "
+            f"{parsed.sop_class_uid}",
         )
 
     for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):

@@ -24,14 +24,24 @@ from pynetdicom import (
     evt,
 )
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.sop_class import (
+    ColorPaletteStorage,
+    CTDefinedProcedureProtocolStorage,
+    GenericImplantTemplateStorage,
+    HangingProtocolStorage,
+    ImplantAssemblyTemplateStorage,
+    ImplantTemplateGroupStorage,
+    InventoryStorage,
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
+    ProtocolApprovalStorage,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
+    XADefinedProcedureProtocolStorage,
 )
 
 from appliance.catalog.store import Catalog
@@ -51,6 +61,19 @@ QUERY_RETRIEVE_CLASSES = (
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
+# Negotiated so that a sender gets a clear C-STORE status; they lack the
+# study and series the catalog files instances under, so they are refused.
+NON_PATIENT_STORAGE_CLASSES = (
+    HangingProtocolStorage,
+    ColorPaletteStorage,
+    GenericImplantTemplateStorage,
+    ImplantAssemblyTemplateStorage,
+    ImplantTemplateGroupStorage,
+    CTDefinedProcedureProtocolStorage,
+    ProtocolApprovalStorage,
+    XADefinedProcedureProtocolStorage,
+    InventoryStorage,
+)
 NOT_AUTHORISED = 0x0124
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4.
 _REJECT_CALLING_AE = (0x01, 0x01, 0x03)
@@ -69,6 +92,32 @@ def configure_pynetdicom() -> None:
     _config.LOG_HANDLER_LEVEL = "none"
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     retrieve.install()
+    _guard_message_decoding()
+
+
+def _guard_message_decoding() -> None:
+    """Abort an association whose peer sends a DIMSE message pynetdicom
+    cannot decode, instead of letting the exception end pynetdicom's
+    network thread (which leaves the association hanging).
+
+    Seen with a C-STORE request that lacks its Affected SOP Class UID.
+    """
+    original = DIMSEServiceProvider.receive_primitive
+
+    def receive_primitive(provider: DIMSEServiceProvider, primitive: Any) -> None:
+        try:
+            original(provider, primitive)
+        except Exception as exc:
+            provider.message = None
+            logger.warning(
+                "aborting association: undecodable DIMSE message (%s: %s)",
+                type(exc).__name__,
+                exc,
+            )
+            # A-P-ABORT, reason 'unrecognized PDU parameter' (PS3.8 9.3.8).
+            provider.assoc.acse.send_ap_abort(0x02)
+
+    DIMSEServiceProvider.receive_primitive = receive_primitive  # type: ignore[method-assign]
 
 
 @dataclass
@@ -130,9 +179,10 @@ class Node:
             ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
         # Storage contexts serve C-STORE, and C-GET sub-operations, where the
         # appliance takes the SCU role that the requester offers.
-        for context in StoragePresentationContexts:
+        storage = [cx.abstract_syntax for cx in StoragePresentationContexts]
+        for uid in [*storage, *NON_PATIENT_STORAGE_CLASSES]:
             ae.add_supported_context(
-                context.abstract_syntax,
+                uid,
                 ALL_TRANSFER_SYNTAXES,
                 scu_role=True,
                 scp_role=True,
@@ -210,7 +260,6 @@ class Node:
     def _on_store(self, event: evt.Event) -> Dataset:
         activity = self._activity.get(id(event.assoc))
         caller = activity.caller if activity else self.describe(event.assoc)
-        request = event.request
         path = Path(event.dataset_path)
         if (
             activity is None
@@ -223,12 +272,7 @@ class Node:
             )
             return _status(NOT_AUTHORISED, "not authorised to store")
 
-        result = self.ingest.store_received(
-            path,
-            caller,
-            sop_class_uid=str(request.AffectedSOPClassUID or ""),
-            sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
-        )
+        result = self.ingest.store_received(path, caller)
         if result.ok:
             activity.stored += 1
         else:
