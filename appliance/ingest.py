@@ -15,7 +15,6 @@ import logging
 import queue
 import re
 import shutil
-import struct
 import threading
 import time
 from concurrent.futures import Future
@@ -25,6 +24,7 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 
+from appliance import part10
 from appliance.catalog.records import (
     INSTANCE_KEYWORDS,
     PATIENT_KEYWORDS,
@@ -279,12 +279,14 @@ class Ingest:
 
 
 def _parse(path: Path) -> _Parsed:
-    """Read the header of a Part 10 file; refuse what cannot be understood."""
+    """Check a Part 10 file's structure and read its header; refuse what
+    cannot be understood, so that nothing the archive keeps is unreadable."""
     try:
-        offset, transfer_syntax = _file_meta_end(path)
+        offset, transfer_syntax = part10.read_file_meta(path)
+        part10.check_structure(path, offset, transfer_syntax)
         dataset = pydicom.dcmread(path, stop_before_pixels=True, defer_size=_DEFER_SIZE)
-    except RejectedInstance:
-        raise
+    except part10.StructureError as exc:
+        raise RejectedInstance(CANNOT_UNDERSTAND, str(exc)) from exc
     except Exception as exc:
         raise RejectedInstance(
             CANNOT_UNDERSTAND, f"cannot parse the data set: {exc}"
@@ -297,44 +299,6 @@ def _parse(path: Path) -> _Parsed:
         sop_class_uid=text_of(meta, "MediaStorageSOPClassUID") or "",
         sop_instance_uid=text_of(meta, "MediaStorageSOPInstanceUID") or "",
     )
-
-
-def _file_meta_end(path: Path) -> tuple[int, str]:
-    """The offset where the data set starts, and the transfer syntax UID.
-
-    Part 10 layout (PS3.10 7.1): 128-byte preamble, ``DICM``, then group 0002
-    elements in explicit VR little endian::
-
-        tag(4) VR(2) len(2) value          for most VRs
-        tag(4) VR(2) 00 00 len(4) value    for OB, OW, OF, SQ, UT, UN
-    """
-    with open(path, "rb") as handle:
-        head = handle.read(132)
-        if len(head) < 132 or head[128:132] != b"DICM":
-            raise RejectedInstance(
-                CANNOT_UNDERSTAND, "not a DICOM Part 10 file (no DICM prefix)"
-            )
-        transfer_syntax = ""
-        while True:
-            position = handle.tell()
-            header = handle.read(8)
-            if len(header) < 8:
-                raise RejectedInstance(CANNOT_UNDERSTAND, "the file has no data set")
-            group, element = struct.unpack("<HH", header[:4])
-            if group != 0x0002:
-                if not transfer_syntax:
-                    raise RejectedInstance(
-                        CANNOT_UNDERSTAND, "the file meta lacks a transfer syntax"
-                    )
-                return position, transfer_syntax
-            vr = header[4:6]
-            if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
-                (length,) = struct.unpack("<I", handle.read(4))
-            else:
-                (length,) = struct.unpack("<H", header[6:8])
-            value = handle.read(length)
-            if element == 0x0010:
-                transfer_syntax = value.rstrip(b"\x00 ").decode("ascii", "replace")
 
 
 def _check_identity(parsed: _Parsed) -> str:

@@ -33,6 +33,7 @@ EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
 DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1.99"
 JPIP_REFERENCED_DEFLATE = "1.2.840.10008.1.2.4.95"
+JPIP_HTJ2K_REFERENCED_DEFLATE = "1.2.840.10008.1.2.4.205"
 
 MAX_DEPTH = 64
 MAX_ELEMENTS = 10_000_000
@@ -52,7 +53,14 @@ _LONG_LENGTH_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 # PS3.5 6.2: every VR, for telling explicit from implicit VR data sets.
 _SHORT_LENGTH_VRS = b"AE AS AT CS DA DS DT FD FL IS LO LT PN SH SL SS ST TM UI UL US"
 _KNOWN_VRS = _LONG_LENGTH_VRS | frozenset(_SHORT_LENGTH_VRS.split())
-_DEFLATED = frozenset({DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, JPIP_REFERENCED_DEFLATE})
+# PS3.5 A.5, A.7 and A.12: the data set after the file meta is deflated.
+_DEFLATED = frozenset(
+    {
+        DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+        JPIP_REFERENCED_DEFLATE,
+        JPIP_HTJ2K_REFERENCED_DEFLATE,
+    }
+)
 _UPPERCASE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _ITEM_TAGS = frozenset({_ITEM, _ITEM_DELIMITER, _SEQUENCE_DELIMITER})
 
@@ -405,10 +413,17 @@ def check_structure(
     than ``max_depth`` or has more than ``max_elements`` headers.
 
     Transfer syntaxes: implicit VR little endian, explicit VR big endian,
-    deflated explicit VR little endian (also JPIP Referenced Deflate); any
-    other, encapsulated ones included, is walked as explicit VR little
-    endian.  In implicit VR an undefined length means a sequence, or
-    encapsulated fragments for Pixel Data (7FE0,0010).  OSError is not
+    and deflated explicit VR little endian (with the JPIP Referenced Deflate
+    syntaxes, deflated the same way); any other, encapsulated ones included,
+    is walked as explicit VR little endian.  In implicit VR an undefined
+    length means a sequence, or encapsulated fragments for Pixel Data
+    (7FE0,0010); UN of undefined length is an implicit VR little endian
+    sequence (PS3.5 6.2.2).  A little endian data set whose first element
+    contradicts the explicit/implicit VR of its syntax is refused.
+
+    Not checked: values of defined length are opaque, so a sequence of
+    defined length in implicit VR (no dictionary here) is skipped whole; tag
+    order, odd lengths and value contents are not looked at.  OSError is not
     translated.
     """
     encoding = _encoding_of(transfer_syntax)
@@ -419,12 +434,19 @@ def check_structure(
         else:
             source = _FileSource(file, offset, size)
 
-        encoding = _actual_encoding(source, encoding, path)
+        _check_vr_mode(source, encoding)
         walker = _Walker(source, max_depth, max_elements)
         walker.walk_data_set(encoding, source.end, depth=0, delimited=False)
 
         if isinstance(source, _InflatingSource):
             source.check_end()
+        if (size - offset) % 2:
+            # PS3.5 7.1.1 makes every value even, so a data set is even too;
+            # a deflated one is padded (PS3.5 A.5). DIMSE peers refuse odd
+            # fragments, so an odd data set could never be sent on.
+            raise StructureError(
+                f"the data set has an odd length ({size - offset} bytes)", offset
+            )
     logger.debug("%s: %d element headers walked", path, walker.elements)
 
 
@@ -437,24 +459,28 @@ def _encoding_of(transfer_syntax: str) -> _Encoding:
     return _EXPLICIT_LE
 
 
-def _actual_encoding(source: _Source, declared: _Encoding, path: Path) -> _Encoding:
-    """Tolerate a little endian data set whose VR mode contradicts its syntax.
+def _check_vr_mode(source: _Source, declared: _Encoding) -> None:
+    """Refuse a little endian data set whose VR mode contradicts its syntax.
 
-    Some writers declare explicit VR and write implicit VR, or the reverse;
-    common readers detect it from the first element, and so does this: the
-    bytes after its tag are a VR exactly when the data set is explicit.
-    Only the first element decides, so the rest is still checked strictly.
+    Some writers declare explicit VR and write implicit VR, or the reverse.
+    pydicom guesses its way through such files, but a peer that trusts the
+    transfer syntax cannot read them, so the archive does not keep them.
+    The bytes after the first tag are a VR exactly when the data set is
+    explicit.
     """
     head = source.peek(6)
     if not declared.little_endian or len(head) < 6:
-        return declared
+        return
 
     explicit = head[4:6] in _KNOWN_VRS
-    if explicit == declared.explicit:
-        return declared
-    found = "explicit" if explicit else "implicit"
-    logger.warning("%s: the data set is in %s VR, against its syntax", path, found)
-    return _EXPLICIT_LE if explicit else _IMPLICIT_LE
+    if explicit != declared.explicit:
+        found, said = ("explicit", "implicit") if explicit else ("implicit", "explicit")
+        raise StructureError(
+            f"the data set is written in {found} VR but its transfer syntax "
+            f"says {said} VR",
+            offset=source.position,
+            inflated=isinstance(source, _InflatingSource),
+        )
 
 
 class _Walker:

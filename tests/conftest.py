@@ -58,6 +58,7 @@ class Appliance:
         self.peers = peers or []
         self.workers = workers
         self.process: subprocess.Popen[bytes] | None = None
+        self._log_start = 0
 
     def write_config(self) -> None:
         settings: dict[str, dict[str, object]] = {
@@ -70,6 +71,7 @@ class Appliance:
 
     def start(self) -> Appliance:
         self.write_config()
+        self._log_start = len(self.log())
         with open(self.log_path, "ab") as log:
             self.process = self._spawn(log)
         self._wait_until_listening()
@@ -97,7 +99,7 @@ class Appliance:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise RuntimeError(f"appliance exited:\n{self.log()}")
-            if "listening on" in self.log():
+            if "listening on" in self.log()[self._log_start :]:
                 return
             time.sleep(0.1)
         raise RuntimeError(f"appliance did not start:\n{self.log()}")

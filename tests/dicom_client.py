@@ -64,7 +64,8 @@ def associate(
     ae = AE(ae_title=ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     for abstract, syntaxes in contexts:
-        ae.add_requested_context(abstract, syntaxes)
+        # An empty list means pynetdicom's default transfer syntaxes.
+        ae.add_requested_context(abstract, syntaxes or None)
     assoc = ae.associate(
         "127.0.0.1",
         port,
@@ -167,7 +168,7 @@ def get(
             received[str(event.request.AffectedSOPInstanceUID)] = raw
         return 0x0000
 
-    roles = [build_role(sop, scp_role=True) for sop, _ts in storage]
+    roles = [build_role(sop, scp_role=True) for sop in sorted({s for s, _ in storage})]
     contexts = [(model, []), *storage]
     responses: list[Dataset] = []
     with associate(
@@ -220,7 +221,7 @@ def study_identifier(level: str = "STUDY", **keys: str) -> Dataset:
 
 __all__ = [
     "PATIENT_FIND",
+    "UID",
     "PatientRootQueryRetrieveInformationModelGet",
     "PatientRootQueryRetrieveInformationModelMove",
-    "UID",
 ]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
@@ -77,6 +78,7 @@ NON_PATIENT_STORAGE_CLASSES = (
 NOT_AUTHORISED = 0x0124
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4.
 _REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+_REJECT_NO_REASON = (0x01, 0x01, 0x01)
 _REJECT_LIMIT = (0x02, 0x03, 0x02)
 
 
@@ -108,7 +110,7 @@ def _guard_message_decoding() -> None:
         try:
             original(provider, primitive)
         except Exception as exc:
-            provider.message = None
+            discard_partial_message(provider)
             logger.warning(
                 "aborting association: undecodable DIMSE message (%s: %s)",
                 type(exc).__name__,
@@ -118,6 +120,19 @@ def _guard_message_decoding() -> None:
             provider.assoc.acse.send_ap_abort(0x02)
 
     DIMSEServiceProvider.receive_primitive = receive_primitive  # type: ignore[method-assign]
+
+
+def discard_partial_message(provider: DIMSEServiceProvider) -> None:
+    """Drop a DIMSE message that will never complete, and the temporary file
+    pynetdicom was receiving its data set into (it only removes that file
+    after a complete C-STORE)."""
+    message = provider.message
+    provider.message = None
+    partial = getattr(message, "_data_set_file", None)
+    if partial is None:
+        return
+    partial.close()
+    Path(partial.name).unlink(missing_ok=True)
 
 
 @dataclass
@@ -192,6 +207,7 @@ class Node:
     def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
         return [
             (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_CONN_CLOSE, self._on_closed_connection),
             (evt.EVT_C_ECHO, lambda event: 0x0000),
             (evt.EVT_C_STORE, self._on_store),
@@ -224,6 +240,16 @@ class Node:
             logger.warning("association from %s rejected: caller not allowed", caller)
             assoc.acse.send_reject(*_REJECT_CALLING_AE)
             return
+        proposed = assoc.requestor.primitive.presentation_context_definition_list
+        if any(not cx.transfer_syntax for cx in proposed):
+            # PS3.8 9.3.2.2: every proposed context names a transfer syntax.
+            logger.warning(
+                "association from %s rejected: a presentation context proposes "
+                "no transfer syntax",
+                caller,
+            )
+            assoc.acse.send_reject(*_REJECT_NO_REASON)
+            return
         if self._total_associations() > self.config.get("node.max_associations"):
             logger.warning(
                 "association from %s rejected: %d associations already open",
@@ -239,7 +265,23 @@ class Node:
                 if cx.abstract_syntax not in QUERY_RETRIEVE_CLASSES
             ]
 
+    def _on_accepted(self, event: evt.Event) -> None:
+        """Say which presentation contexts were refused: the usual reason a
+        modality cannot send a kind of object."""
+        rejected = event.assoc.rejected_contexts
+        if not rejected:
+            return
+        names = sorted({_name_of(cx.abstract_syntax) for cx in rejected})
+        logger.warning(
+            "association from %s: %d presentation context(s) rejected: %s",
+            self.describe(event.assoc),
+            len(rejected),
+            ", ".join(names),
+        )
+
     def _on_closed_connection(self, event: evt.Event) -> None:
+        # A peer that vanished in the middle of a C-STORE leaves its half.
+        discard_partial_message(event.assoc.dimse)
         with self._lock:
             activity = self._activity.pop(id(event.assoc), None)
         self._on_closed()
@@ -301,6 +343,11 @@ class Node:
             self.ae_title,
             lambda: event.is_cancelled,
         )
+
+
+def _name_of(uid: str) -> str:
+    name = UID(uid).name if uid else "(empty)"
+    return name if name != uid else uid
 
 
 def _status(status: int, comment: str = "") -> Dataset:

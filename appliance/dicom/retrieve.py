@@ -309,7 +309,24 @@ class RetrieveService(QueryRetrieveServiceClass):
                 "C-STORE sub-operation for %s failed: %s", item.sop_instance_uid, exc
             )
             return None
-        return int(response.Status) if "Status" in response else None
+        if "Status" not in response:
+            logger.warning(
+                "C-STORE sub-operation for %s: no response from %s",
+                item.sop_instance_uid,
+                store.acceptor.ae_title,
+            )
+            return None
+        status = int(response.Status)
+        if status != SUCCESS:
+            comment = response.get("ErrorComment", "")
+            logger.warning(
+                "C-STORE sub-operation for %s: status 0x%04X from %s %s",
+                item.sop_instance_uid,
+                status,
+                store.acceptor.ae_title,
+                comment,
+            )
+        return status
 
     def _respond(
         self,

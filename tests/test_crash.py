@@ -1,0 +1,143 @@
+"""kill -9 during a stream of stores, and plain restarts: nothing acknowledged
+is lost, nothing half-stored is counted, answers stay the same."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+
+from tests import datasets
+from tests import dicom_client as client
+
+
+def _sender(
+    port: int, paths: list[Path], acknowledged: list[Path], stop: threading.Event
+):
+    """Store files one association at a time until told to stop or killed."""
+    for start in range(0, len(paths), 20):
+        if stop.is_set():
+            return
+        chunk = paths[start : start + 20]
+        try:
+            statuses = client.store_files(port, chunk)
+        except Exception:
+            # The appliance died under us; whatever was answered counts.
+            return
+        acknowledged += [path for path, status in statuses.items() if status == 0]
+
+
+def _instances_in_catalog(port: int) -> set[str]:
+    identifier = client.study_identifier("IMAGE", SOPInstanceUID="")
+    identifier.StudyInstanceUID = ""
+    matches, status = client.find(port, identifier)
+    assert status == 0x0000
+    return {str(m.SOPInstanceUID) for m in matches}
+
+
+def test_kill_9_during_stores_loses_nothing_acknowledged(appliance_factory, tmp_path):
+    appliance = appliance_factory(workers=2).start()
+    senders = [
+        datasets.study_files(tmp_path / f"s{n}", f"crash-{n}", 300, pixel_bytes=20000)
+        for n in range(3)
+    ]
+    acknowledged: list[Path] = []
+    stop = threading.Event()
+    threads = [
+        threading.Thread(
+            target=_sender, args=(appliance.port, paths, acknowledged, stop)
+        )
+        for paths in senders
+    ]
+    for thread in threads:
+        thread.start()
+
+    # Kill at a random instant once stores are flowing.
+    deadline = time.monotonic() + 60
+    while len(acknowledged) < 40 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(random.uniform(0.0, 0.5))
+    appliance.kill()
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(acknowledged) >= 40
+    # The kill must have landed in the middle of the stream.
+    assert len(acknowledged) < sum(len(paths) for paths in senders)
+
+    appliance.start()
+    present = _instances_in_catalog(appliance.port)
+    expected = {
+        str(client.file_meta(path).MediaStorageSOPInstanceUID) for path in acknowledged
+    }
+    assert expected <= present, f"lost {len(expected - present)} acknowledged instances"
+
+    # Everything counted is intact: fetch it all back and compare bytes.
+    by_uid = {
+        str(client.file_meta(path).MediaStorageSOPInstanceUID): path
+        for paths in senders
+        for path in paths
+    }
+    identifier = client.study_identifier(
+        "IMAGE", SOPInstanceUID="\\".join(sorted(present))
+    )
+    got, responses = client.get(
+        appliance.port,
+        identifier,
+        [(datasets.CT_IMAGE_STORAGE, ["1.2.840.10008.1.2.1"])],
+    )
+    assert int(responses[-1].Status) == 0x0000
+    assert set(got) == present
+    for uid, raw in got.items():
+        assert raw == client.dataset_bytes(by_uid[uid])
+
+    # No half-received file survives, and every file on disk that the
+    # catalog counts is there.
+    online = appliance.data_dir / "online"
+    assert not list((online / "incoming").iterdir())
+    status = appliance.cli("status").stdout
+    assert f"{len(present)}" in status
+
+
+def test_restart_gives_the_same_answers(appliance_factory, tmp_path):
+    appliance = appliance_factory().start()
+    paths = datasets.study_files(tmp_path / "a", "restart-a", 5, patient_id="TEST-0002")
+    paths += datasets.study_files(
+        tmp_path / "b", "restart-b", 3, patient_id="TEST-0003", modality="MR"
+    )
+    assert set(client.store_files(appliance.port, paths).values()) == {0}
+
+    def answers() -> list[tuple[str, ...]]:
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "STUDY"
+        for keyword in (
+            "StudyInstanceUID",
+            "PatientID",
+            "ModalitiesInStudy",
+            "NumberOfStudyRelatedInstances",
+            "StudyDate",
+        ):
+            setattr(identifier, keyword, "")
+        matches, status = client.find(appliance.port, identifier)
+        assert status == 0
+        return sorted(
+            tuple(
+                str(m.get(k, ""))
+                for k in (
+                    "StudyInstanceUID",
+                    "PatientID",
+                    "ModalitiesInStudy",
+                    "NumberOfStudyRelatedInstances",
+                )
+            )
+            for m in matches
+        )
+
+    before = answers()
+    assert len(before) == 2
+    appliance.stop()
+    appliance.start()
+    assert answers() == before
