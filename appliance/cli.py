@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections import Counter
@@ -24,6 +25,7 @@ from appliance import logs
 from appliance.errors import ApplianceError, ConfigError
 
 logger = logging.getLogger(__name__)
+_LEVELS = ("patients", "studies", "series", "instances")
 console = Console()
 errors = Console(stderr=True)
 
@@ -93,7 +95,8 @@ def serve(
 @main.command()
 @_config_option
 @_data_dir_option
-def status(config_file: Path | None, data_dir: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status(config_file: Path | None, data_dir: str | None, as_json: bool) -> None:
     """Counts of patients, studies, series and instances, and tier usage."""
     config = _load(config_file, {"storage.data_dir": data_dir})
     from appliance.catalog.store import Catalog
@@ -109,19 +112,31 @@ def status(config_file: Path | None, data_dir: str | None) -> None:
         sys.exit(1)
     counts = catalog.counts()
     catalog.close()
+    online = OnlineTier(config.online_path)
+    free = online.usage()[1] if config.online_path.exists() else 0
+
+    if as_json:
+        report = {name: counts[name] for name in _LEVELS}
+        report["tiers"] = {
+            "online": {
+                "path": str(config.online_path),
+                "instance_bytes": counts.get("bytes.online", 0),
+                "free_bytes": free,
+            }
+        }
+        click.echo(json.dumps(report, indent=2))
+        return
 
     table = Table(title="Archive")
     table.add_column("what")
     table.add_column("count", justify="right")
-    for name in ("patients", "studies", "series", "instances"):
+    for name in _LEVELS:
         table.add_row(name, f"{counts[name]:,}")
     console.print(table)
 
-    online = OnlineTier(config.online_path)
     tiers = Table(title="Tiers")
     for column in ("tier", "path", "instance bytes", "file system free"):
         tiers.add_column(column, justify="right" if "bytes" in column else "left")
-    free = online.usage()[1] if config.online_path.exists() else 0
     tiers.add_row(
         "online",
         str(config.online_path),

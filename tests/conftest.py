@@ -4,6 +4,7 @@ the DCMTK tools that talk to it."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -125,6 +126,10 @@ class Appliance:
         if not self.log_path.exists():
             return ""
         return self.log_path.read_text(errors="replace")
+
+    def status(self) -> dict:
+        """``appliance status --json`` as a dict."""
+        return json.loads(self.cli("status", "--json").stdout)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run an ``appliance`` subcommand against this appliance's config."""

@@ -3,14 +3,30 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 ROOT = "1.2.826.0.1.3680043.10.1009."  # a test root; generate_uid adds a hash
+
+
+@contextmanager
+def unvalidated() -> Iterator[None]:
+    """Let tests build deliberately non-conformant values without warnings."""
+    settings = pydicom.config.settings
+    saved = settings.reading_validation_mode, settings.writing_validation_mode
+    settings.reading_validation_mode = pydicom.config.IGNORE
+    settings.writing_validation_mode = pydicom.config.IGNORE
+    try:
+        yield
+    finally:
+        settings.reading_validation_mode, settings.writing_validation_mode = saved
 
 
 def uid(*parts: object) -> str:
@@ -34,6 +50,37 @@ def instance(
     sop_instance_uid: str | None = None,
 ) -> Dataset:
     """One instance of a made-up study, with a small, distinct pixel payload."""
+    with unvalidated():
+        return _instance(
+            study,
+            series,
+            number,
+            patient_id,
+            patient_name,
+            modality,
+            study_date,
+            study_time,
+            accession,
+            pixel_bytes,
+            charset,
+            sop_instance_uid,
+        )
+
+
+def _instance(
+    study: str,
+    series: str,
+    number: int,
+    patient_id: str,
+    patient_name: str,
+    modality: str,
+    study_date: str,
+    study_time: str,
+    accession: str,
+    pixel_bytes: int,
+    charset: str | None,
+    sop_instance_uid: str | None,
+) -> Dataset:
     dataset = Dataset()
     if charset:
         dataset.SpecificCharacterSet = charset
@@ -76,7 +123,8 @@ def write(dataset: Dataset, directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     name = hashlib.sha256(dataset.SOPInstanceUID.encode()).hexdigest()[:16]
     path = directory / f"{name}.dcm"
-    dataset.save_as(path, enforce_file_format=True)
+    with unvalidated():
+        dataset.save_as(path, enforce_file_format=True)
     return path
 
 

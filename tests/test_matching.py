@@ -88,6 +88,9 @@ SINGLE = [
     ("UI", "1.2.840.99.1", "1.2.840.99.1", True),
     ("UI", "1.2.840.99.1", "1.2.840.99.10", False),
     ("UI", "1.2.840.99.1", None, False),
+    # Non-conformant UIDs are kept, so they must be findable by their value.
+    ("UI", "1.2.abc", "1.2.abc", True),
+    ("UI", "../x", "../x", True),
     ("DA", "20260115", "20260115", True),
     ("DA", "20260115", "20260116", False),
     ("DA", "20260115", "2026.01.15", True),
@@ -461,8 +464,6 @@ BAD_QUERIES = [
     ("AcquisitionDateTime", "DT", "2026-0100-0100"),
     ("AcquisitionDateTime", "DT", "20260101-x"),
     ("StudyInstanceUID", "UI", "1.2.*"),
-    ("StudyInstanceUID", "UI", "1.2.abc"),
-    ("StudyInstanceUID", "UI", "1.2.3\\1.2.x"),
     ("NumberOfStudyRelatedInstances", "IS", "1?"),
 ]
 

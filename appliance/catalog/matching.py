@@ -72,7 +72,6 @@ _DT = re.compile(
     r"(\d{4})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})"
     r"(?:\.(\d{1,6}))?)?)?)?)?)?([+-]\d{4})?"
 )
-_UID = re.compile(r"\d+(?:\.\d+)*")
 
 
 class _Point(NamedTuple):
@@ -245,9 +244,6 @@ def _parse_value(keyword: str, vr: str, text: str) -> KeyMatcher:
     kind = "wildcard" if _WILDCARDS & set(text) else "single"
     if kind == "wildcard" and vr not in WILDCARD_VRS:
         raise ValueError(f"wildcards are not allowed for VR {vr}")
-
-    if vr == "UI" and not _UID.fullmatch(text):
-        raise ValueError("not a UID")
 
     if vr == "PN":
         return KeyMatcher(keyword, vr, kind, pattern=text, groups=_name_groups(text))

@@ -8,10 +8,11 @@ and nothing else (PS3.4 C.4.1.1.3.2).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from appliance.catalog.query import Query, Row, find
 from appliance.catalog.records import text_of
@@ -34,7 +35,7 @@ _NOT_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle"}
 _INTEGER_VRS = {"US", "UL", "SS", "SL", "UV", "SV"}
 _FLOAT_VRS = {"FL", "FD"}
 
-Answer = tuple[int, Dataset | None]
+Answer = tuple[int | Dataset, Dataset | None]
 
 
 def query_from_identifier(identifier: Dataset, sop_class: str) -> Query:
@@ -64,12 +65,17 @@ def answer_find(
     combined_datetime: bool = False,
 ) -> Iterator[Answer]:
     """Yield (status, identifier) pairs for a C-FIND, as pynetdicom expects."""
+    is_cancelled = _latched(is_cancelled)
     try:
         query = query_from_identifier(identifier, sop_class)
         query.combined_datetime = combined_datetime
     except ValueError as exc:
         logger.warning("C-FIND refused: %s", exc)
-        yield IDENTIFIER_DOES_NOT_MATCH, _error_comment(str(exc))
+        yield _failure(IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
+        return
+    except Exception as exc:  # pydicom could not decode an element's bytes
+        logger.warning("C-FIND refused: cannot decode the identifier: %s", exc)
+        yield _failure(UNABLE_TO_PROCESS, "cannot decode the identifier"), None
         return
 
     charset = _requested_charset(identifier)
@@ -80,6 +86,23 @@ def answer_find(
         yield PENDING, _response(identifier, query, row, ae_title, charset)
     if is_cancelled():
         yield CANCELLED, None
+
+
+def _latched(is_cancelled: Callable[[], bool]) -> Callable[[], bool]:
+    """``is_cancelled`` that stays True once it has been True.
+
+    pynetdicom's ``Event.is_cancelled`` reports a C-CANCEL only once (it
+    deletes the request when asked), but the search and the final status
+    each need to see it.
+    """
+    seen = False
+
+    def cancelled() -> bool:
+        nonlocal seen
+        seen = seen or bool(is_cancelled())
+        return seen
+
+    return cancelled
 
 
 def _response(
@@ -125,11 +148,13 @@ def _typed(vr: str, value: str | None) -> object:
 
 
 def _requested_charset(identifier: Dataset) -> str | None:
-    charset = identifier.get("SpecificCharacterSet")
-    if charset is None:
+    """The requester's SpecificCharacterSet as one text value, or None."""
+    value = identifier.get("SpecificCharacterSet")
+    if not value:
         return None
-    value = charset.value
-    return "\\".join(value) if isinstance(value, list | tuple) else (value or None)
+    if isinstance(value, MultiValue | list | tuple):
+        return "\\".join(str(item) for item in value) or None
+    return str(value).strip() or None
 
 
 def _charset_for(values: list[str], requested: str | None) -> str | None:
@@ -151,9 +176,16 @@ def _charset_for(values: list[str], requested: str | None) -> str | None:
     return "ISO_IR 192"
 
 
-def _error_comment(text: str) -> Dataset:
+def _failure(status: int, text: str) -> Dataset:
+    """A failure status with its ErrorComment (PS3.7 C.4.1.1.4).
+
+    The comment goes in the command set, which is ASCII, and is one LO value:
+    other characters become '?', backslashes '/', and it is cut to 64.
+    """
     dataset = Dataset()
-    dataset.ErrorComment = text[:64]
+    dataset.Status = status
+    comment = text.encode("ascii", "replace").decode("ascii").replace("\\", "/")
+    dataset.ErrorComment = comment[:64]
     return dataset
 
 

@@ -98,17 +98,24 @@ def configure_pynetdicom() -> None:
 
 
 def _guard_message_decoding() -> None:
-    """Abort an association whose peer sends a DIMSE message pynetdicom
-    cannot decode, instead of letting the exception end pynetdicom's
-    network thread (which leaves the association hanging).
+    """Abort an association whose incoming DIMSE message cannot be decoded
+    or written, instead of letting the exception end pynetdicom's network
+    thread (which leaves the association hanging).
 
-    Seen with a C-STORE request that lacks its Affected SOP Class UID.
+    Seen with a C-STORE request that lacks its Affected SOP Class UID, and
+    with a full online tier.
     """
     original = DIMSEServiceProvider.receive_primitive
 
     def receive_primitive(provider: DIMSEServiceProvider, primitive: Any) -> None:
         try:
             original(provider, primitive)
+        except OSError as exc:
+            # Writing the incoming data set failed, most likely because the
+            # online tier is full despite storage.reserved_bytes: nothing
+            # was stored, and the sender gets an abort, not a success.
+            discard_partial_message(provider)
+            logger.error("aborting association: cannot receive a data set: %s", exc)
         except Exception as exc:
             discard_partial_message(provider)
             logger.warning(
@@ -116,8 +123,10 @@ def _guard_message_decoding() -> None:
                 type(exc).__name__,
                 exc,
             )
-            # A-P-ABORT, reason 'unrecognized PDU parameter' (PS3.8 9.3.8).
-            provider.assoc.acse.send_ap_abort(0x02)
+        else:
+            return
+        # A-P-ABORT, reason 'unrecognized PDU parameter' (PS3.8 9.3.8).
+        provider.assoc.acse.send_ap_abort(0x02)
 
     DIMSEServiceProvider.receive_primitive = receive_primitive  # type: ignore[method-assign]
 
@@ -238,7 +247,7 @@ class Node:
 
         if not permissions.anything:
             logger.warning("association from %s rejected: caller not allowed", caller)
-            assoc.acse.send_reject(*_REJECT_CALLING_AE)
+            self._reject(assoc, _REJECT_CALLING_AE)
             return
         proposed = assoc.requestor.primitive.presentation_context_definition_list
         if any(not cx.transfer_syntax for cx in proposed):
@@ -248,7 +257,7 @@ class Node:
                 "no transfer syntax",
                 caller,
             )
-            assoc.acse.send_reject(*_REJECT_NO_REASON)
+            self._reject(assoc, _REJECT_NO_REASON)
             return
         if self._total_associations() > self.config.get("node.max_associations"):
             logger.warning(
@@ -256,7 +265,7 @@ class Node:
                 caller,
                 self.config.get("node.max_associations"),
             )
-            assoc.acse.send_reject(*_REJECT_LIMIT)
+            self._reject(assoc, _REJECT_LIMIT)
             return
         if not permissions.query:
             assoc.acceptor.supported_contexts = [
@@ -264,6 +273,12 @@ class Node:
                 for cx in assoc.acceptor.supported_contexts
                 if cx.abstract_syntax not in QUERY_RETRIEVE_CLASSES
             ]
+
+    def _reject(self, assoc: Association, reason: tuple[int, int, int]) -> None:
+        """Send A-ASSOCIATE-RJ; the rejection was logged, so no closing line."""
+        with self._lock:
+            self._activity.pop(id(assoc), None)
+        assoc.acse.send_reject(*reason)
 
     def _on_accepted(self, event: evt.Event) -> None:
         """Say which presentation contexts were refused: the usual reason a
@@ -285,9 +300,7 @@ class Node:
         with self._lock:
             activity = self._activity.pop(id(event.assoc), None)
         self._on_closed()
-        if activity is None or not activity.permissions:
-            return
-        if not activity.permissions.anything:
+        if activity is None:
             return
         logger.info(
             "association from %s closed: %d stored, %d refused, %d queries",
