@@ -99,8 +99,10 @@ def _instance(
     dataset.Modality = modality
     dataset.SeriesNumber = 1
     dataset.InstanceNumber = number
-    dataset.Rows = 1
-    dataset.Columns = pixel_bytes // 2
+    # Rows x Columns x 2 bytes; Columns stays within US range.
+    columns = min(pixel_bytes // 2, 1000)
+    dataset.Rows = max(1, pixel_bytes // (2 * columns))
+    dataset.Columns = columns
     dataset.BitsAllocated = 16
     dataset.BitsStored = 16
     dataset.HighBit = 15
@@ -108,7 +110,8 @@ def _instance(
     dataset.SamplesPerPixel = 1
     dataset.PhotometricInterpretation = "MONOCHROME2"
     seed = hashlib.sha256(dataset.SOPInstanceUID.encode()).digest()
-    dataset.PixelData = (seed * (pixel_bytes // len(seed) + 1))[:pixel_bytes]
+    size = dataset.Rows * dataset.Columns * 2
+    dataset.PixelData = (seed * (size // len(seed) + 1))[:size]
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = dataset.SOPClassUID
