@@ -55,7 +55,8 @@ class Query:
                 f"QueryRetrieveLevel {self.level!r} is not one of {LEVELS}"
             )
         for keyword, value in self.keys.items():
-            self.matchers[keyword] = _matcher(keyword, _vr(keyword), value)
+            vr = _vr(keyword)
+            self.matchers[keyword] = matching.parse_key(keyword, vr, value)
 
     def value(self, keyword: str) -> str:
         """The query's value for ``keyword`` with padding trimmed ('' if none)."""
@@ -65,24 +66,6 @@ class Query:
     def is_universal(self, keyword: str) -> bool:
         matcher = self.matchers.get(keyword)
         return matcher is None or matcher.kind == "universal"
-
-
-def _matcher(keyword: str, vr: str, value: str | None) -> matching.KeyMatcher:
-    """The key's matcher; a UI value that is not a conformant UID matches as
-    literal text, since the archive keeps such UIDs as they were sent."""
-    try:
-        return matching.parse_key(keyword, vr, value)
-    except ValueError:
-        members = [m for m in matching.normalize(vr, value).split("\\") if m]
-        if vr != "UI" or not members or any(set(m) & set("*?") for m in members):
-            raise
-
-    singles = tuple(
-        matching.KeyMatcher(keyword, vr, "single", pattern=member) for member in members
-    )
-    if len(singles) == 1:
-        return singles[0]
-    return matching.KeyMatcher(keyword, vr, "list", alternatives=singles)
 
 
 def _vr(keyword: str) -> str:
