@@ -18,6 +18,7 @@ read into memory.  The walk is bounded by a nesting depth and an element
 count so that hostile input can neither recurse too deep nor run for long.
 """
 
+import io
 import logging
 import os
 import struct
@@ -426,28 +427,52 @@ def check_structure(
     order, odd lengths and value contents are not looked at.  OSError is not
     translated.
     """
-    encoding = _encoding_of(transfer_syntax)
     with path.open("rb") as file:
         size = os.fstat(file.fileno()).st_size
-        if transfer_syntax in _DEFLATED:
-            source: _Source = _InflatingSource(file, offset)
-        else:
-            source = _FileSource(file, offset, size)
+        _check_stream(file, offset, size, transfer_syntax, max_depth, max_elements)
+    logger.debug("%s: structure checked", path)
 
-        _check_vr_mode(source, encoding)
-        walker = _Walker(source, max_depth, max_elements)
-        walker.walk_data_set(encoding, source.end, depth=0, delimited=False)
 
-        if isinstance(source, _InflatingSource):
-            source.check_end()
-        if (size - offset) % 2:
-            # PS3.5 7.1.1 makes every value even, so a data set is even too;
-            # a deflated one is padded (PS3.5 A.5). DIMSE peers refuse odd
-            # fragments, so an odd data set could never be sent on.
-            raise StructureError(
-                f"the data set has an odd length ({size - offset} bytes)", offset
-            )
-    logger.debug("%s: %d element headers walked", path, walker.elements)
+def check_encoded(
+    data: bytes,
+    transfer_syntax: str,
+    *,
+    max_depth: int = MAX_DEPTH,
+    max_elements: int = MAX_ELEMENTS,
+) -> None:
+    """Like :func:`check_structure`, for a data set held in memory (e.g. a
+    C-FIND identifier as it arrived on the network)."""
+    stream = io.BytesIO(data)
+    _check_stream(stream, 0, len(data), transfer_syntax, max_depth, max_elements)
+
+
+def _check_stream(
+    file: BinaryIO,
+    offset: int,
+    size: int,
+    transfer_syntax: str,
+    max_depth: int,
+    max_elements: int,
+) -> None:
+    encoding = _encoding_of(transfer_syntax)
+    if transfer_syntax in _DEFLATED:
+        source: _Source = _InflatingSource(file, offset)
+    else:
+        source = _FileSource(file, offset, size)
+
+    _check_vr_mode(source, encoding)
+    walker = _Walker(source, max_depth, max_elements)
+    walker.walk_data_set(encoding, source.end, depth=0, delimited=False)
+
+    if isinstance(source, _InflatingSource):
+        source.check_end()
+    if (size - offset) % 2:
+        # PS3.5 7.1.1 makes every value even, so a data set is even too;
+        # a deflated one is padded (PS3.5 A.5). DIMSE peers refuse odd
+        # fragments, so an odd data set could never be sent on.
+        raise StructureError(
+            f"the data set has an odd length ({size - offset} bytes)", offset
+        )
 
 
 def _encoding_of(transfer_syntax: str) -> _Encoding:

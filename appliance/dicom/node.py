@@ -45,6 +45,7 @@ from pynetdicom.sop_class import (
     XADefinedProcedureProtocolStorage,
 )
 
+from appliance import part10
 from appliance.catalog.store import Catalog
 from appliance.config import Config
 from appliance.dicom import find, retrieve
@@ -339,14 +340,19 @@ class Node:
         if activity is not None:
             activity.queries += 1
         try:
+            # pydicom reads a value cut short without complaint, so the
+            # identifier's structure is checked on the bytes as received.
+            raw = event.request.Identifier
+            syntax = event.context.transfer_syntax
+            part10.check_encoded(raw.getvalue() if raw else b"", syntax)
             identifier = event.identifier
         except Exception as exc:
             logger.warning(
-                "C-FIND from %s: cannot decode the identifier: %s",
+                "C-FIND from %s refused: cannot decode the identifier: %s",
                 self.describe(event.assoc),
                 exc,
             )
-            yield find.UNABLE_TO_PROCESS, _comment("cannot decode the identifier")
+            yield _status(find.UNABLE_TO_PROCESS, "cannot decode the identifier"), None
             return
         sop_class = str(event.request.AffectedSOPClassUID)
         yield from find.answer_find(
@@ -368,10 +374,4 @@ def _status(status: int, comment: str = "") -> Dataset:
     dataset.Status = status
     if comment and status != 0x0000:
         dataset.ErrorComment = comment[:64]
-    return dataset
-
-
-def _comment(text: str) -> Dataset:
-    dataset = Dataset()
-    dataset.ErrorComment = text[:64]
     return dataset
