@@ -116,7 +116,7 @@ def status(config_file: Path | None, data_dir: str | None, as_json: bool) -> Non
     free = online.usage()[1] if config.online_path.exists() else 0
 
     if as_json:
-        report = {name: counts[name] for name in _LEVELS}
+        report: dict[str, Any] = {name: counts[name] for name in _LEVELS}
         report["tiers"] = {
             "online": {
                 "path": str(config.online_path),

@@ -258,7 +258,7 @@ class _FileSource:
 
     def at_end(self) -> bool:
         """Whether the whole file has been walked."""
-        return self.position >= self.end
+        return self.end is not None and self.position >= self.end
 
 
 class _InflatingSource:

@@ -329,9 +329,9 @@ def _records_with_prefix(
     if not cursor.set_range(start):
         return
     for key, value in cursor:
-        if not key.startswith(start):
+        if not bytes(key).startswith(start):
             break
-        yield key.decode("utf-8", "surrogateescape"), value
+        yield bytes(key).decode("utf-8", "surrogateescape"), bytes(value)
 
 
 def _name_prefix(query: Query) -> str:

@@ -88,6 +88,10 @@ def encode_key(text: str) -> bytes:
     return b"#" + hashlib.sha256(raw).hexdigest().encode()
 
 
+def _decode(raw: bytes | memoryview) -> str:
+    return bytes(raw).decode("utf-8", "surrogateescape")
+
+
 def fold_name(group: str) -> str:
     """A person-name group as the name indexes file it: upper case, no padding."""
     return group.strip().rstrip("^").upper()
@@ -176,7 +180,7 @@ class Catalog:
 
     def _get(self, txn: lmdb.Transaction, db: str, key: str) -> dict[str, Any] | None:
         raw = txn.get(encode_key(key), db=self.db[db])
-        return None if raw is None else json.loads(raw)
+        return None if raw is None else json.loads(bytes(raw))
 
     def _put(self, txn: lmdb.Transaction, db: str, key: str, value: Any) -> None:
         data = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
@@ -199,7 +203,7 @@ class Catalog:
         cursor = txn.cursor(db=self.db[index])
         if cursor.set_key(encode_key(key)):
             for value in cursor.iternext_dup():
-                yield value.decode("utf-8", "surrogateescape")
+                yield _decode(value)
 
     def index_range(
         self, txn: lmdb.Transaction, index: str, low: str, high: str | None
@@ -210,9 +214,9 @@ class Catalog:
             return
         stop = high.encode() if high is not None else None
         for key, value in cursor:
-            if stop is not None and key > stop:
+            if stop is not None and bytes(key) > stop:
                 break
-            yield value.decode("utf-8", "surrogateescape")
+            yield _decode(value)
 
     def index_prefix(
         self, txn: lmdb.Transaction, index: str, prefix: str
@@ -223,17 +227,17 @@ class Catalog:
         if not cursor.set_range(start):
             return
         for key, value in cursor:
-            if not key.startswith(start):
+            if not bytes(key).startswith(start):
                 break
-            yield value.decode("utf-8", "surrogateescape")
+            yield _decode(value)
 
     def all_records(
         self, txn: lmdb.Transaction, db: str
     ) -> Iterator[tuple[str, dict[str, Any]]]:
         """Every (key, record) of a main database, in key order."""
         for key, raw in txn.cursor(db=self.db[db]):
-            record = json.loads(raw)
-            yield record.get("key", key.decode("utf-8", "surrogateescape")), record
+            record = json.loads(bytes(raw))
+            yield record.get("key", _decode(key)), record
 
     def counts(self) -> dict[str, int]:
         """Numbers of patients, studies, series and instances, and bytes per tier."""
@@ -243,8 +247,8 @@ class Catalog:
                 for name in ("patients", "studies", "series", "instances")
             }
             for key, value in txn.cursor(db=self.db["meta"]):
-                if key.startswith(b"bytes."):
-                    result[key.decode()] = int(value)
+                if bytes(key).startswith(b"bytes."):
+                    result[_decode(key)] = int(bytes(value))
         return result
 
 

@@ -50,7 +50,8 @@ class HandoffServer(ThreadedAssociationServer):
         super().__init__(ae, public_address, ae_title, contexts, None, evt_handlers)
 
     def server_bind(self) -> None:
-        self.socket.close()
+        if self.socket is not None:
+            self.socket.close()
         self.socket = self._channel
         self.server_address = self._public_address
 

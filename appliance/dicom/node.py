@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -26,24 +26,7 @@ from pynetdicom import (
 )
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.sop_class import (
-    ColorPaletteStorage,
-    CTDefinedProcedureProtocolStorage,
-    GenericImplantTemplateStorage,
-    HangingProtocolStorage,
-    ImplantAssemblyTemplateStorage,
-    ImplantTemplateGroupStorage,
-    InventoryStorage,
-    PatientRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelGet,
-    PatientRootQueryRetrieveInformationModelMove,
-    ProtocolApprovalStorage,
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelMove,
-    Verification,
-    XADefinedProcedureProtocolStorage,
-)
+from pynetdicom.dimse_primitives import C_FIND
 
 from appliance import part10
 from appliance.catalog.store import Catalog
@@ -55,26 +38,28 @@ from appliance.storage.online import OnlineTier
 
 logger = logging.getLogger(__name__)
 
+VERIFICATION = "1.2.840.10008.1.1"
+# Patient Root and Study Root Query/Retrieve: FIND, MOVE, GET (PS3.4 C.6).
 QUERY_RETRIEVE_CLASSES = (
-    PatientRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelGet,
-    PatientRootQueryRetrieveInformationModelMove,
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelMove,
+    "1.2.840.10008.5.1.4.1.2.1.1",
+    "1.2.840.10008.5.1.4.1.2.1.2",
+    "1.2.840.10008.5.1.4.1.2.1.3",
+    "1.2.840.10008.5.1.4.1.2.2.1",
+    "1.2.840.10008.5.1.4.1.2.2.2",
+    "1.2.840.10008.5.1.4.1.2.2.3",
 )
 # Negotiated so that a sender gets a clear C-STORE status; they lack the
 # study and series the catalog files instances under, so they are refused.
 NON_PATIENT_STORAGE_CLASSES = (
-    HangingProtocolStorage,
-    ColorPaletteStorage,
-    GenericImplantTemplateStorage,
-    ImplantAssemblyTemplateStorage,
-    ImplantTemplateGroupStorage,
-    CTDefinedProcedureProtocolStorage,
-    ProtocolApprovalStorage,
-    XADefinedProcedureProtocolStorage,
-    InventoryStorage,
+    "1.2.840.10008.5.1.4.38.1",  # Hanging Protocol Storage
+    "1.2.840.10008.5.1.4.39.1",  # Color Palette Storage
+    "1.2.840.10008.5.1.4.43.1",  # Generic Implant Template Storage
+    "1.2.840.10008.5.1.4.44.1",  # Implant Assembly Template Storage
+    "1.2.840.10008.5.1.4.45.1",  # Implant Template Group Storage
+    "1.2.840.10008.5.1.4.1.1.200.1",  # CT Defined Procedure Protocol Storage
+    "1.2.840.10008.5.1.4.1.1.200.3",  # Protocol Approval Storage
+    "1.2.840.10008.5.1.4.1.1.200.7",  # XA Defined Procedure Protocol Storage
+    "1.2.840.10008.5.1.4.1.1.201.1",  # Inventory Storage
 )
 NOT_AUTHORISED = 0x0124
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4.
@@ -129,7 +114,7 @@ def _guard_message_decoding() -> None:
         # A-P-ABORT, reason 'unrecognized PDU parameter' (PS3.8 9.3.8).
         provider.assoc.acse.send_ap_abort(0x02)
 
-    DIMSEServiceProvider.receive_primitive = receive_primitive  # type: ignore[method-assign]
+    DIMSEServiceProvider.receive_primitive = receive_primitive  # type: ignore[method-assign, assignment]
 
 
 def discard_partial_message(provider: DIMSEServiceProvider) -> None:
@@ -199,12 +184,12 @@ class Node:
         ae.network_timeout = self.config.get("timeouts.network")
         ae.connection_timeout = self.config.get("timeouts.connect")
 
-        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(VERIFICATION, ALL_TRANSFER_SYNTAXES)
         for uid in QUERY_RETRIEVE_CLASSES:
             ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
         # Storage contexts serve C-STORE, and C-GET sub-operations, where the
         # appliance takes the SCU role that the requester offers.
-        storage = [cx.abstract_syntax for cx in StoragePresentationContexts]
+        storage = [str(cx.abstract_syntax) for cx in StoragePresentationContexts]
         for uid in [*storage, *NON_PATIENT_STORAGE_CLASSES]:
             ae.add_supported_context(
                 uid,
@@ -241,7 +226,9 @@ class Node:
         """Access control and the association limit, before negotiation."""
         assoc = event.assoc
         caller = self.describe(assoc)
-        calling_ae = str(assoc.requestor.primitive.calling_ae_title)
+        request = assoc.requestor.primitive
+        assert request is not None  # EVT_REQUESTED follows the A-ASSOCIATE-RQ
+        calling_ae = str(request.calling_ae_title)
         permissions = self.access.permissions(calling_ae, assoc.requestor.address)
         with self._lock:
             self._activity[id(assoc)] = _Activity(caller, permissions)
@@ -250,7 +237,7 @@ class Node:
             logger.warning("association from %s rejected: caller not allowed", caller)
             self._reject(assoc, _REJECT_CALLING_AE)
             return
-        proposed = assoc.requestor.primitive.presentation_context_definition_list
+        proposed = request.presentation_context_definition_list
         if any(not cx.transfer_syntax for cx in proposed):
             # PS3.8 9.3.2.2: every proposed context names a transfer syntax.
             logger.warning(
@@ -287,7 +274,7 @@ class Node:
         rejected = event.assoc.rejected_contexts
         if not rejected:
             return
-        names = sorted({_name_of(cx.abstract_syntax) for cx in rejected})
+        names = sorted({_name_of(cx.abstract_syntax or "") for cx in rejected})
         logger.warning(
             "association from %s: %d presentation context(s) rejected: %s",
             self.describe(event.assoc),
@@ -342,7 +329,7 @@ class Node:
         try:
             # pydicom reads a value cut short without complaint, so the
             # identifier's structure is checked on the bytes as received.
-            raw = event.request.Identifier
+            raw = cast(C_FIND, event.request).Identifier
             syntax = event.context.transfer_syntax
             part10.check_encoded(raw.getvalue() if raw else b"", syntax)
             identifier = event.identifier

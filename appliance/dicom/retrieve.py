@@ -107,7 +107,6 @@ class RetrieveService(QueryRetrieveServiceClass):
         return self.assoc.ae.node  # type: ignore[attr-defined, no-any-return]
 
     def _retrieve(self, req: C_GET | C_MOVE, context: PresentationContext) -> None:
-        is_move = isinstance(req, C_MOVE)
         caller = self.node.describe(self.assoc)
         if not self.node.may_query(self.assoc):
             self._final(req, context, 0x0124, None, "not authorised to retrieve")
@@ -120,7 +119,7 @@ class RetrieveService(QueryRetrieveServiceClass):
             self._final(req, context, IDENTIFIER_DOES_NOT_MATCH, None, str(exc))
             return
 
-        if is_move:
+        if isinstance(req, C_MOVE):
             self._move(req, context, items, caller)
         else:
             self._get(req, context, items, caller)
@@ -263,7 +262,7 @@ class RetrieveService(QueryRetrieveServiceClass):
     ) -> _Counts:
         counts = _Counts(len(items))
         for index, item in enumerate(items):
-            if self.is_cancelled(req.MessageID):
+            if self.is_cancelled(int(req.MessageID or 0)):
                 self._final(req, context, CANCELLED, counts)
                 return counts
             status = self._send_one(store, item, req, index, originator)
@@ -348,7 +347,8 @@ class RetrieveService(QueryRetrieveServiceClass):
             response.NumberOfWarningSuboperations = counts.warning
             response.NumberOfCompletedSuboperations = counts.completed
         if comment:
-            response.ErrorComment = comment[:64]
+            # pynetdicom types this optional parameter as always None.
+            response.ErrorComment = comment[:64]  # type: ignore[assignment]
         if identifier is not None:
             syntax = context.transfer_syntax[0]
             encoded = encode(
@@ -358,7 +358,7 @@ class RetrieveService(QueryRetrieveServiceClass):
                 syntax.is_deflated,
             )
             response.Identifier = BytesIO(encoded or b"")
-        self.dimse.send_msg(response, context.context_id)
+        self.dimse.send_msg(response, int(context.context_id or 0))
 
     def _final(
         self,
