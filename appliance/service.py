@@ -35,6 +35,8 @@ from appliance.storage.online import OnlineTier
 logger = logging.getLogger(__name__)
 
 _STOP_GRACE = 30.0
+_QUICK_DEATH = 10
+_RESTART_DELAY = 10
 _PR_SET_PDEATHSIG = 1
 
 
@@ -43,6 +45,9 @@ class _Worker:
     index: int
     process: Any
     channel: socket.socket
+    started: float = 0.0
+    # Set when the worker died soon after starting: not before this time.
+    restart_at: float = 0.0
 
 
 def serve(config: Config) -> int:
@@ -137,14 +142,29 @@ def _restart_dead(
     config: Config,
     stop: threading.Event,
 ) -> None:
+    now = time.monotonic()
     for position, worker in enumerate(workers):
-        if worker.process.is_alive() or stop.is_set():
+        if worker.process.is_alive() or stop.is_set() or now < worker.restart_at:
             continue
-        logger.error(
-            "worker %d exited with status %s; starting it again",
-            worker.index,
-            worker.process.exitcode,
-        )
+        if not worker.restart_at and now - worker.started < _QUICK_DEATH:
+            # A worker that dies at once would die again: wait, so that a
+            # broken setup does not turn into a restart storm in the log.
+            worker.restart_at = now + _RESTART_DELAY
+            logger.error(
+                "worker %d exited with status %s within %d s of starting; "
+                "starting it again in %d s",
+                worker.index,
+                worker.process.exitcode,
+                _QUICK_DEATH,
+                _RESTART_DELAY,
+            )
+            continue
+        if not worker.restart_at:
+            logger.error(
+                "worker %d exited with status %s; starting it again",
+                worker.index,
+                worker.process.exitcode,
+            )
         worker.channel.close()
         with counts.get_lock():
             counts[worker.index] = 0
@@ -164,9 +184,15 @@ def _start_worker(
     )
     process.start()
     theirs.close()
-    if not ready.wait(timeout=60):
-        logger.error("worker %d did not start in 60 s", index)
-    return _Worker(index, process, ours)
+    deadline = time.monotonic() + 60
+    while not ready.wait(timeout=0.1):
+        if not process.is_alive():
+            logger.error("worker %d exited while starting", index)
+            break
+        if time.monotonic() > deadline:
+            logger.error("worker %d did not start in 60 s", index)
+            break
+    return _Worker(index, process, ours, started=time.monotonic())
 
 
 def _stop_workers(workers: list[_Worker]) -> None:

@@ -4,10 +4,12 @@ is lost, nothing half-stored is counted, answers stay the same."""
 from __future__ import annotations
 
 import random
+import re
 import threading
 import time
 from pathlib import Path
 
+import psutil
 from pydicom.dataset import Dataset
 
 from tests import datasets
@@ -140,3 +142,43 @@ def test_restart_gives_the_same_answers(appliance_factory, tmp_path):
     appliance.stop()
     appliance.start()
     assert answers() == before
+
+
+def _workers(listener: psutil.Process) -> list[psutil.Process]:
+    """The worker processes (not multiprocessing's resource tracker)."""
+    found = []
+    for child in listener.children():
+        try:
+            if "spawn_main" in " ".join(child.cmdline()) and child.is_running():
+                found.append(child)
+        except psutil.Error:
+            continue
+    return [p for p in found if p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_a_killed_worker_is_replaced_and_service_goes_on(appliance_factory, tmp_path):
+    appliance = appliance_factory(workers=2).start()
+    listener = psutil.Process(appliance.process.pid)
+    workers = _workers(listener)
+    assert len(workers) == 2
+    victim = workers[0]
+
+    victim.kill()
+    victim.wait(timeout=10)
+
+    # The other worker serves meanwhile.
+    paths = datasets.study_files(tmp_path / "w", "worker-killed", 5)
+    assert set(client.store_files(appliance.port, paths).values()) == {0}
+
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline:
+        alive = [p for p in _workers(listener) if p.pid != victim.pid]
+        if len(alive) == 2:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"worker not replaced:\n{appliance.log()}")
+    assert re.search(r"worker \d exited with status -9", appliance.log())
+    for _ in range(4):
+        assert client.echo(appliance.port) == 0
+    assert appliance.status()["instances"] == 5
