@@ -12,6 +12,7 @@ JSON (``["host", port]``) and whose ancillary data carries the descriptor.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -46,10 +47,9 @@ class QuickAckSocket(socket.socket):
         return count
 
     def _acknowledge_now(self) -> None:
-        try:
+        # An error means the connection is closing; the read reports it.
+        with contextlib.suppress(OSError):
             self.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-        except OSError:
-            pass  # the connection is closing; the read reports it
 
 
 def send_connection(channel: socket.socket, connection: socket.socket) -> None:
