@@ -8,10 +8,12 @@ the catalog can answer at each level (PS3.4 C.6.1.1 and C.6.2.1).
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
@@ -94,7 +96,7 @@ COMPUTED_KEYWORDS = {
 }
 
 
-def text_of(dataset: Dataset, keyword: str) -> str | None:
+def text_of(dataset: Dataset, keyword: str | int) -> str | None:
     """The element's value as decoded text, or None when absent or empty."""
     element = dataset.get(keyword)
     if element is None:
@@ -114,16 +116,31 @@ def text_of(dataset: Dataset, keyword: str) -> str | None:
 
 def collect(dataset: Dataset, keywords: tuple[str, ...]) -> dict[str, str]:
     """The non-empty values of ``keywords`` in ``dataset`` as text."""
+    wanted = _tags_of(keywords)
     found: dict[str, str] = {}
-    for keyword in keywords:
+    # Only the elements present are looked at: most wanted keys are absent,
+    # and this runs for every stored instance.
+    for tag in wanted.keys() & dataset.keys():
+        keyword = wanted[tag]
         try:
-            text = text_of(dataset, keyword)
+            text = text_of(dataset, tag)
         except Exception as exc:  # a damaged element must not stop the store
             logger.warning("cannot decode %s: %s; recorded as empty", keyword, exc)
             continue
         if text is not None:
             found[keyword] = text
     return found
+
+
+@functools.cache
+def _tags_of(keywords: tuple[str, ...]) -> dict[int, str]:
+    tags = {}
+    for keyword in keywords:
+        tag = tag_for_keyword(keyword)
+        if tag is None:
+            raise ValueError(f"{keyword} is not a DICOM keyword")
+        tags[tag] = keyword
+    return tags
 
 
 def patient_key(patient_id: str, issuer: str) -> str:

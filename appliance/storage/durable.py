@@ -59,7 +59,8 @@ def move_into_place(source: Path, destination: Path, root: Path) -> None:
     """
     try:
         fsync_file(source)
-        make_directories(destination.parent, root)
+        if not destination.parent.is_dir():
+            make_directories(destination.parent, root)
         os.rename(source, destination)
         fsync_directory(destination.parent)
     except OSError as exc:

@@ -3,8 +3,11 @@
 Layout under the tier's root::
 
     incoming/              files being received; never counted, emptied at start
-    objects/ab/cd/KEY.dcm  stored instances; KEY is a random 32-hex-digit name
-                           that the catalog assigns, never dataset content
+    objects/ab/KEY.dcm     stored instances; KEY is a random 32-hex-digit name
+                           that the catalog assigns, never dataset content;
+                           ab are its first two digits (256 folders, made
+                           when the tier is opened, so that storing never
+                           has to create and flush a new folder)
 
 A file under ``objects/`` counts as a copy only once the catalog records it.
 """
@@ -40,6 +43,8 @@ class OnlineTier:
             self.root.mkdir(parents=True, exist_ok=True)
             durable.make_directories(self.incoming, self.root)
             durable.make_directories(self.objects, self.root)
+            for index in range(256):
+                durable.make_directories(self.objects / f"{index:02x}", self.root)
         except OSError as exc:
             raise durable.translate_os_error(exc, f"cannot open {self.root}") from exc
 
@@ -62,7 +67,7 @@ class OnlineTier:
         """The file that holds the instance stored under ``key``."""
         if len(key) != 32 or not all(c in "0123456789abcdef" for c in key):
             raise StorageError(f"not an online tier key: {key!r}")
-        return self.objects / key[:2] / key[2:4] / f"{key}.dcm"
+        return self.objects / key[:2] / f"{key}.dcm"
 
     def check_room(self, size: int) -> None:
         """Refuse a store of ``size`` bytes that would eat into the reserve."""
