@@ -35,8 +35,14 @@ def _load(config_file: Path | None, overrides: dict[str, Any]) -> configuration.
     try:
         return configuration.load(config_file, given)
     except ConfigError as exc:
-        errors.print(f"[red]{exc}[/red]")
+        _print_problems(exc)
         sys.exit(2)
+
+
+def _print_problems(exc: ConfigError) -> None:
+    # Plain text: messages quote TOML such as [[peers]], which is not markup.
+    for key, message in exc.problems:
+        click.echo(f"{key}: {message}", err=True)
 
 
 _config_option = click.option(
@@ -103,12 +109,20 @@ def status(config_file: Path | None, data_dir: str | None, as_json: bool) -> Non
     from appliance.storage.online import OnlineTier
 
     if not config.catalog_path.exists():
-        errors.print(f"no catalog at {config.catalog_path}: nothing stored yet")
+        click.echo(
+            f"no catalog at {config.catalog_path}: nothing stored yet, or "
+            "--data-dir / --config point elsewhere",
+            err=True,
+        )
         sys.exit(1)
     try:
-        catalog = Catalog(config.catalog_path, config.get("storage.catalog_max_size"))
+        catalog = Catalog(
+            config.catalog_path,
+            config.get("storage.catalog_max_size"),
+            readonly=True,
+        )
     except ApplianceError as exc:
-        errors.print(f"[red]{exc}[/red]")
+        click.echo(str(exc), err=True)
         sys.exit(1)
     counts = catalog.counts()
     catalog.close()
@@ -155,18 +169,22 @@ def import_(
 ) -> None:
     """Import DICOM files and folders (a CD, an old archive) into the archive."""
     config = _load(config_file, {"storage.data_dir": data_dir})
-    logs.setup("WARNING", config.get("logging.format"))
+    # The summary lists every refusal; log lines would only repeat it.
+    logs.setup("ERROR", config.get("logging.format"))
     from appliance.catalog.store import Catalog
     from appliance.ingest import Ingest
     from appliance.storage.online import OnlineTier
 
-    files = list(_files_under(paths))
-    online = OnlineTier(config.online_path, config.get("storage.reserved_bytes"))
-    online.open()
-    catalog = Catalog(config.catalog_path, config.get("storage.catalog_max_size"))
+    files, refusals = _files_under(paths)
+    try:
+        online = OnlineTier(config.online_path, config.get("storage.reserved_bytes"))
+        online.open()
+        catalog = Catalog(config.catalog_path, config.get("storage.catalog_max_size"))
+    except ApplianceError as exc:
+        click.echo(f"cannot import: {exc}", err=True)
+        sys.exit(1)
     ingest = Ingest(catalog, online, config.get("storage.duplicate_policy"))
     outcomes: Counter[str] = Counter()
-    refusals: list[tuple[Path, str]] = []
     try:
         with _progress() as progress:
             task = progress.add_task("importing", total=len(files))
@@ -175,27 +193,37 @@ def import_(
                 if result.ok and result.outcome is not None:
                     outcomes[result.outcome.value] += 1
                 else:
-                    outcomes["refused"] += 1
                     refusals.append((path, result.reason))
                 progress.advance(task)
     finally:
         ingest.close()
         catalog.close()
 
+    outcomes["refused"] = len(refusals)
     _print_import_summary(len(files), outcomes, refusals)
     sys.exit(1 if refusals else 0)
 
 
-def _files_under(paths: tuple[Path, ...]) -> list[Path]:
+def _files_under(paths: tuple[Path, ...]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The regular files to import, and the paths that cannot be imported."""
     found: list[Path] = []
+    problems: list[tuple[Path, str]] = []
     for path in paths:
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file())
-        elif path.is_file():
-            found.append(path)
+            candidates = sorted(p for p in path.rglob("*") if not p.is_dir())
+        elif path.exists() or path.is_symlink():
+            candidates = [path]
         else:
-            errors.print(f"[yellow]{path}: no such file or folder[/yellow]")
-    return found
+            problems.append((path, "no such file or folder"))
+            continue
+        for candidate in candidates:
+            if candidate.is_file():
+                found.append(candidate)
+            elif candidate.is_symlink() and not candidate.exists():
+                problems.append((candidate, "broken symbolic link"))
+            else:
+                problems.append((candidate, "not a regular file"))
+    return found, problems
 
 
 def _progress() -> Progress:
@@ -212,10 +240,10 @@ def _print_import_summary(
     total: int, outcomes: Counter[str], refusals: list[tuple[Path, str]]
 ) -> None:
     click.echo(
-        f"{total} file(s): {outcomes['stored']} stored, "
+        f"{total} file(s) read: {outcomes['stored']} stored, "
         f"{outcomes['identical']} already there, "
         f"{outcomes['kept_first'] + outcomes['replaced']} duplicates resolved "
-        f"by policy, {outcomes['refused']} refused"
+        f"by policy; {outcomes['refused']} refused"
     )
     for path, reason in refusals:
         click.echo(f"  refused {path}: {reason}")
@@ -233,11 +261,10 @@ def check(config_file: Path) -> None:
     try:
         configuration.load(config_file)
     except ConfigError as exc:
-        for key, message in exc.problems:
-            errors.print(f"{key}: {message}", highlight=False)
-        errors.print(f"{len(exc.problems)} error(s) in {config_file}")
+        _print_problems(exc)
+        click.echo(f"{len(exc.problems)} error(s) in {config_file}", err=True)
         sys.exit(1)
-    console.print(f"{config_file}: OK")
+    click.echo(f"{config_file}: OK")
 
 
 @config_group.command()

@@ -85,6 +85,12 @@ def _text(value: Any) -> str | None:
     return None if isinstance(value, str) else "must be a string"
 
 
+def _path(value: Any) -> str | None:
+    if not isinstance(value, str) or not value.strip():
+        return "must be a path (a non-empty string)"
+    return None
+
+
 def _ip_address(value: Any) -> str | None:
     if not isinstance(value, str):
         return "must be an IPv4 or IPv6 address"
@@ -171,7 +177,7 @@ KEYS: tuple[Key, ...] = (
         "appliance-data",
         "Directory holding everything by default; relative to the directory "
         "the appliance starts in.",
-        _text,
+        _path,
     ),
     Key(
         "storage",

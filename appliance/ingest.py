@@ -261,6 +261,11 @@ class Ingest:
                 "refused instance %s from %s: %s", uid, source, result.reason
             )
             return StoreResult(DUPLICATE_INSTANCE, outcome, uid, result.reason)
+        if outcome is Outcome.INCONSISTENT:
+            logger.warning(
+                "refused instance %s from %s: %s", uid, source, result.reason
+            )
+            return StoreResult(DOES_NOT_MATCH_SOP_CLASS, outcome, uid, result.reason)
         if outcome is Outcome.KEPT_FIRST:
             logger.warning(
                 "instance %s from %s differs from the stored one; kept the stored "
@@ -287,6 +292,10 @@ def _parse(path: Path) -> _Parsed:
         dataset = pydicom.dcmread(path, stop_before_pixels=True, defer_size=_DEFER_SIZE)
     except part10.StructureError as exc:
         raise RejectedInstance(CANNOT_UNDERSTAND, str(exc)) from exc
+    except OSError as exc:
+        # The file went missing or cannot be read: the appliance's fault,
+        # not the data set's.
+        raise StorageError(f"cannot read the received file: {exc}") from exc
     except Exception as exc:
         raise RejectedInstance(
             CANNOT_UNDERSTAND, f"cannot parse the data set: {exc}"

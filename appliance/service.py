@@ -29,7 +29,9 @@ from appliance.catalog.store import Catalog
 from appliance.config import Config
 from appliance.dicom.handoff import HandoffServer, send_connection
 from appliance.dicom.node import Node, configure_pynetdicom
+from appliance.errors import ApplianceError
 from appliance.ingest import Ingest
+from appliance.storage.lock import WORKERS_LOCK, TierLock, claim_tier
 from appliance.storage.online import OnlineTier
 
 logger = logging.getLogger(__name__)
@@ -54,10 +56,18 @@ def serve(config: Config) -> int:
     """Run the appliance until SIGTERM or SIGINT; returns the exit status."""
     online = OnlineTier(config.online_path, config.get("storage.reserved_bytes"))
     online.open()
-    online.discard_incoming()
-    Catalog(config.catalog_path, config.get("storage.catalog_max_size")).close()
-
     listener = _listen(config)
+    claim = claim_tier(config.online_path, wait_for_workers=_STOP_GRACE + 10)
+    try:
+        online.discard_incoming()
+        Catalog(config.catalog_path, config.get("storage.catalog_max_size")).close()
+        return _serve(config, listener)
+    finally:
+        listener.close()
+        claim.release()
+
+
+def _serve(config: Config, listener: socket.socket) -> int:
     context = multiprocessing.get_context("spawn")
     counts = context.Array("i", config.workers)
     workers = [_start_worker(context, config, i, counts) for i in range(config.workers)]
@@ -77,7 +87,6 @@ def serve(config: Config) -> int:
     try:
         _accept_loop(listener, workers, counts, stop, context, config)
     finally:
-        listener.close()
         _stop_workers(workers)
     logger.info("appliance stopped")
     return 0
@@ -85,10 +94,17 @@ def serve(config: Config) -> int:
 
 def _listen(config: Config) -> socket.socket:
     address = config.get("node.bind_address")
+    port = config.get("node.port")
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((address, config.get("node.port")))
+    try:
+        listener.bind((address, port))
+    except OSError as exc:
+        listener.close()
+        raise ApplianceError(
+            f"cannot listen on {address}:{port}: {exc.strerror}"
+        ) from exc
     listener.listen(128)
     return listener
 
@@ -168,6 +184,8 @@ def _restart_dead(
         worker.channel.close()
         with counts.get_lock():
             counts[worker.index] = 0
+        # What the dead worker was receiving will never be answered.
+        OnlineTier(config.online_path).discard_incoming(worker.index)
         workers[position] = _start_worker(context, config, worker.index, counts)
 
 
@@ -225,10 +243,12 @@ def run_worker(
     configure_pynetdicom()
 
     online = OnlineTier(config.online_path, config.get("storage.reserved_bytes"))
+    in_use = TierLock(config.online_path, WORKERS_LOCK)
+    in_use.acquire(exclusive=False, wait=60)
     # pynetdicom writes incoming data sets to the process's temporary
     # directory; keeping it on the online tier's file system makes storing
     # a rename instead of a copy.
-    tempfile.tempdir = str(online.incoming)
+    tempfile.tempdir = str(online.incoming_for(index))
     catalog = Catalog(config.catalog_path, config.get("storage.catalog_max_size"))
     ingest = Ingest(catalog, online, config.get("storage.duplicate_policy"))
 
@@ -236,14 +256,21 @@ def run_worker(
         return sum(counts[:])
 
     def closed() -> None:
+        # The listener counted the connection when it handed it over.
         with counts.get_lock():
             counts[index] = max(0, counts[index] - 1)
 
-    node = Node(config, catalog, online, ingest, total, closed)
+    node = Node(config, catalog, online, ingest, total)
     ae = node.application_entity()
     address = (config.get("node.bind_address"), config.get("node.port"))
     server = HandoffServer(
-        ae, channel, address, node.ae_title, ae.supported_contexts, node.handlers()
+        ae,
+        channel,
+        address,
+        node.ae_title,
+        ae.supported_contexts,
+        node.handlers(),
+        on_close=closed,
     )
     ae._servers.append(server)  # so that AE.shutdown() also stops this server
 
@@ -259,6 +286,7 @@ def run_worker(
         _finish_associations(server)
         ingest.close()
         catalog.close()
+        in_use.release()
 
 
 def _finish_associations(server: HandoffServer) -> None:

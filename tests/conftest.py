@@ -25,6 +25,11 @@ TEST_FILES = PYDICOM_DATA / "test_files"
 DCMTK_TOOLS = ("echoscu", "storescu", "findscu", "movescu", "getscu", "storescp")
 
 
+def incoming_files(online_root: Path) -> list[Path]:
+    """Files left in an online tier's incoming/ folders (should be none)."""
+    return [path for path in (online_root / "incoming").rglob("*") if path.is_file()]
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -186,7 +191,7 @@ def appliance_factory(tmp_path: Path) -> Iterator[type]:
 
 
 @pytest.fixture
-def appliance(appliance_factory) -> Appliance:  # type: ignore[no-untyped-def]
+def appliance(appliance_factory) -> Appliance:
     return appliance_factory().start()
 
 

@@ -138,6 +138,6 @@ def study_files(
     study = uid("study", label)
     series = uid("series", label)
     return [
-        write(instance(study, series, n + 1, **attributes), directory)  # type: ignore[arg-type]
+        write(instance(study, series, n + 1, **attributes), directory)  # type: ignore
         for n in range(count)
     ]

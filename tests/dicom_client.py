@@ -224,4 +224,5 @@ __all__ = [
     "UID",
     "PatientRootQueryRetrieveInformationModelGet",
     "PatientRootQueryRetrieveInformationModelMove",
+    "Verification",
 ]

@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset
 
 from tests import datasets
 from tests import dicom_client as client
+from tests.conftest import incoming_files
 
 
 def _sender(
@@ -99,7 +100,7 @@ def test_kill_9_during_stores_loses_nothing_acknowledged(appliance_factory, tmp_
     # No half-received file survives, and every file on disk that the
     # catalog counts is there.
     online = appliance.data_dir / "online"
-    assert not list((online / "incoming").iterdir())
+    assert not incoming_files(online)
     assert appliance.status()["instances"] == len(present)
 
 
@@ -163,6 +164,11 @@ def test_a_killed_worker_is_replaced_and_service_goes_on(appliance_factory, tmp_
     assert len(workers) == 2
     victim = workers[0]
 
+    # What the victim was receiving when it died is dropped when it restarts.
+    online = appliance.data_dir / "online"
+    for folder in (online / "incoming").iterdir():
+        (folder / "tmp-half-received.dcm").write_bytes(b"\0" * 1000)
+
     victim.kill()
     victim.wait(timeout=10)
 
@@ -179,6 +185,24 @@ def test_a_killed_worker_is_replaced_and_service_goes_on(appliance_factory, tmp_
     else:
         raise AssertionError(f"worker not replaced:\n{appliance.log()}")
     assert re.search(r"worker \d exited with status -9", appliance.log())
+    assert len(incoming_files(online)) == 1  # the survivor's file is untouched
     for _ in range(4):
         assert client.echo(appliance.port) == 0
     assert appliance.status()["instances"] == 5
+
+
+def test_a_second_appliance_on_the_same_tier_is_refused(appliance_factory, tmp_path):
+    first = appliance_factory(name="first").start()
+    # A store in progress: a half-received file in a worker's folder.
+    in_progress = first.data_dir / "online" / "incoming" / "worker-0" / "tmpx.dcm"
+    in_progress.write_bytes(b"\0" * 1000)
+
+    second = appliance_factory(name="second")
+    second.data_dir = first.data_dir
+    second.write_config()
+    result = second.cli("serve", check=False)
+
+    assert result.returncode == 1
+    assert "another appliance is already serving" in result.stderr
+    assert in_progress.exists()
+    assert client.echo(first.port) == 0

@@ -14,6 +14,7 @@ import pytest
 
 from tests import datasets
 from tests import dicom_client as client
+from tests.conftest import incoming_files
 
 INSTANCE_BYTES = 1_000_000
 
@@ -70,7 +71,7 @@ def test_full_online_tier_refuses_and_keeps_what_it_has(
     assert appliance.status()["instances"] == len(stored)
     online = small_tier / "online"
     assert len(list((online / "objects").rglob("*.dcm"))) == len(stored)
-    assert not list((online / "incoming").iterdir())
+    assert not incoming_files(online)
     uids = [str(client.file_meta(path).MediaStorageSOPInstanceUID) for path in stored]
     identifier = client.study_identifier("IMAGE", SOPInstanceUID="\\".join(uids))
     got, responses = client.get(

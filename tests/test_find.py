@@ -638,7 +638,13 @@ CHARSET_CASES = [
     ("latin-1 asked, latin-1 fits", "A", "ISO_IR 100", "Müller^Jürgen", "ISO_IR 100"),
     ("utf-8 asked", "A", "ISO_IR 192", "Müller^Jürgen", "ISO_IR 192"),
     ("nothing asked, latin-1 name", "A", None, "Müller^Jürgen", "ISO_IR 192"),
-    ("latin-1 asked for utf-8 name", "C", "ISO_IR 100", "Gößmann^Björn", "ISO_IR 100"),
+    (
+        "latin-1 asked for utf-8 name",
+        "C",
+        "ISO_IR 100",
+        "Gößmann^Björn",
+        "ISO_IR 100",
+    ),
     ("latin-1 asked, japanese name", "D", "ISO_IR 100", JAPANESE, "ISO_IR 192"),
     ("utf-8 asked, japanese name", "D", "ISO_IR 192", JAPANESE, "ISO_IR 192"),
 ]

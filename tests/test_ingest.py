@@ -16,6 +16,7 @@ from appliance.errors import CatalogError, SchemaVersionError
 from appliance.ingest import Ingest
 from appliance.storage.online import OnlineTier
 from tests import datasets
+from tests.conftest import incoming_files
 
 
 @pytest.fixture
@@ -126,7 +127,7 @@ def test_failed_commit_leaves_no_file_and_no_record(archive, tmp_path, monkeypat
 
     assert not result.ok and result.status == 0x0110
     assert not list(archive.online.objects.rglob("*.dcm"))
-    assert not list(archive.online.incoming.iterdir())
+    assert not incoming_files(archive.online.root)
 
 
 def test_file_placed_but_never_recorded_is_not_counted(archive, tmp_path):

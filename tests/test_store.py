@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pydicom
@@ -15,6 +16,7 @@ from pynetdicom.sop_class import Verification
 
 from tests import datasets
 from tests import dicom_client as client
+from tests.conftest import incoming_files
 
 SOP = datasets.CT_IMAGE_STORAGE
 EXPLICIT = "1.2.840.10008.1.2.1"
@@ -23,7 +25,7 @@ EXPLICIT = "1.2.840.10008.1.2.1"
 def _one(tmp_path: Path, name: str, **attributes: object) -> Path:
     study = datasets.uid("study", name)
     series = datasets.uid("series", name)
-    dataset = datasets.instance(study, series, 1, **attributes)  # type: ignore[arg-type]
+    dataset = datasets.instance(study, series, 1, **attributes)  # type: ignore
     return datasets.write(dataset, tmp_path / name)
 
 
@@ -35,14 +37,14 @@ def _variant(path: Path, directory: Path, **changes: object) -> Path:
     return datasets.write(dataset, directory)
 
 
-def _get_bytes(appliance, uid: str) -> bytes:  # type: ignore[no-untyped-def]
+def _get_bytes(appliance, uid: str) -> bytes:
     identifier = client.study_identifier("IMAGE", SOPInstanceUID=uid)
     got, responses = client.get(appliance.port, identifier, [(SOP, [EXPLICIT])])
     assert int(responses[-1].Status) == 0x0000
     return got[uid]
 
 
-def _object_files(appliance) -> list[Path]:  # type: ignore[no-untyped-def]
+def _object_files(appliance) -> list[Path]:
     return list((appliance.data_dir / "online" / "objects").rglob("*.dcm"))
 
 
@@ -95,7 +97,7 @@ def test_missing_uid_is_refused_and_nothing_stored(appliance, tmp_path, missing)
     statuses = client.store_files(appliance.port, [path])
     assert statuses[path] in (0xA900, None)
     assert not _object_files(appliance)
-    assert not list((appliance.data_dir / "online" / "incoming").iterdir())
+    assert not incoming_files(appliance.data_dir / "online")
 
 
 @pytest.mark.parametrize(
@@ -208,7 +210,7 @@ def test_association_limit_is_shared_and_released(appliance_factory):
     third = ae.associate("127.0.0.1", appliance.port, ae_title="APPLIANCE")
     try:
         assert first.is_established and second.is_established
-        assert not third.is_established
+        assert third.is_rejected
         assert "associations already open" in appliance.log()
     finally:
         first.release()
@@ -227,3 +229,107 @@ def test_garbage_on_the_port_does_not_stop_the_service(appliance):
             with contextlib.suppress(OSError):
                 sock.recv(1024)
     assert client.echo(appliance.port) == 0
+
+
+def test_instance_naming_another_patients_series_is_refused(appliance, tmp_path):
+    first = _one(tmp_path, "tree", patient_id="TREE-1", patient_name="Tree^One")
+    original = pydicom.dcmread(first)
+    intruder = datasets.instance(
+        datasets.uid("study", "intruder"),
+        str(original.SeriesInstanceUID),
+        1,
+        patient_id="TREE-2",
+        patient_name="Other^Patient",
+    )
+    second = datasets.write(intruder, tmp_path / "intruder")
+    other_study = datasets.instance(
+        str(original.StudyInstanceUID),
+        datasets.uid("series", "other-study"),
+        2,
+        patient_id="TREE-3",
+    )
+    third = datasets.write(other_study, tmp_path / "other-study")
+
+    assert client.store_files(appliance.port, [first]) == {first: 0}
+    assert client.store_files(appliance.port, [second]) == {second: 0xA900}
+    assert client.store_files(appliance.port, [third]) == {third: 0xA900}
+    assert "belongs to study" in appliance.log()
+    assert "belongs to another patient" in appliance.log()
+
+    identifier = client.study_identifier(
+        "IMAGE", SeriesInstanceUID=str(original.SeriesInstanceUID)
+    )
+    identifier.PatientID = ""
+    identifier.StudyInstanceUID = ""
+    matches, status = client.find(appliance.port, identifier)
+    assert status == 0
+    assert [(str(m.PatientID), str(m.StudyInstanceUID)) for m in matches] == [
+        ("TREE-1", str(original.StudyInstanceUID))
+    ]
+    assert appliance.status()["instances"] == 1
+
+
+def test_wildcards_are_refused_in_a_retrieve(appliance, tmp_path):
+    path = _one(tmp_path, "wild")
+    assert client.store_files(appliance.port, [path]) == {path: 0}
+    for level, key in (("STUDY", "StudyInstanceUID"), ("PATIENT", "PatientID")):
+        with datasets.unvalidated():
+            identifier = client.study_identifier(level, **{key: "*"})
+        model = (
+            client.STUDY_GET
+            if level == "STUDY"
+            else client.PatientRootQueryRetrieveInformationModelGet
+        )
+        with datasets.unvalidated():
+            got, responses = client.get(
+                appliance.port, identifier, [(SOP, [EXPLICIT])], model=model
+            )
+        assert not got
+        assert int(responses[-1].Status) == 0xA900
+    assert appliance.log().count("may not hold wildcards") == 2
+
+
+def _closed_by_peer(sock: socket.socket, within: float) -> bool:
+    """Read until the peer closes the connection (True) or time runs out."""
+    deadline = time.monotonic() + within
+    sock.settimeout(1)
+    while time.monotonic() < deadline:
+        try:
+            if sock.recv(4096) == b"":
+                return True
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            return True
+    return False
+
+
+def test_unfinished_association_requests_do_not_use_up_the_limit(appliance_factory):
+    appliance = appliance_factory(
+        settings={
+            "node": {"max_associations": 2},
+            "timeouts": {"association": 1, "network": 2},
+        },
+        workers=2,
+    ).start()
+    # An A-ASSOCIATE-RQ header that promises more bytes than ever come.
+    half_request = b"\x01\x00\x00\x00\x01\x00\x00\x01"
+    stalled = []
+    for _ in range(4):
+        sock = socket.create_connection(("127.0.0.1", appliance.port), timeout=10)
+        sock.sendall(half_request)
+        stalled.append(sock)
+
+    # The appliance closes them itself ...
+    for sock in stalled:
+        assert _closed_by_peer(sock, within=20)
+        sock.close()
+    time.sleep(0.5)
+
+    # ... and every place is free again.
+    echo = [(client.Verification, [])]
+    with (
+        client.associate(appliance.port, echo) as one,
+        client.associate(appliance.port, echo) as two,
+    ):
+        assert one.is_established and two.is_established

@@ -68,6 +68,9 @@ class Outcome(Enum):
     KEPT_FIRST = "kept_first"  # different bytes, policy keeps the stored copy
     REFUSED = "refused"  # different bytes, policy refuses the new one
     REPLACED = "replaced"  # different bytes, policy replaced the stored copy
+    # The instance names a series or study the catalog files under another
+    # study or patient: accepting it would show images under the wrong one.
+    INCONSISTENT = "inconsistent"
 
 
 @dataclass
@@ -107,30 +110,54 @@ def name_index_keys(person_name: str | None) -> set[str]:
 class Catalog:
     """Patients, studies, series and instances, with their copies and indexes."""
 
-    def __init__(self, path: Path, map_size: int = 64 * 2**30) -> None:
+    def __init__(
+        self, path: Path, map_size: int = 64 * 2**30, readonly: bool = False
+    ) -> None:
         self.path = path
+        self.readonly = readonly
         try:
-            path.mkdir(parents=True, exist_ok=True)
-            self.env = lmdb.open(
-                str(path),
-                map_size=map_size,
-                max_dbs=len(_DATABASES) + len(_INDEXES) + 8,
-                max_readers=512,
-            )
+            if not readonly:
+                path.mkdir(parents=True, exist_ok=True)
+            self.env = self._open(path, map_size, readonly)
         except (OSError, lmdb.Error) as exc:
             raise CatalogError(f"cannot open the catalog at {path}: {exc}") from exc
 
-        self.db = {name: self.env.open_db(name.encode()) for name in _DATABASES}
-        for name in _INDEXES:
-            self.db[name] = self.env.open_db(name.encode(), dupsort=True)
+        if readonly:
+            self.db = {
+                name: self.env.open_db(name.encode(), create=False)
+                for name in (*_DATABASES, *_INDEXES)
+            }
+        else:
+            self.db = {name: self.env.open_db(name.encode()) for name in _DATABASES}
+            for name in _INDEXES:
+                self.db[name] = self.env.open_db(name.encode(), dupsort=True)
         self._check_schema()
+
+    @staticmethod
+    def _open(path: Path, map_size: int, readonly: bool) -> lmdb.Environment:
+        options: dict[str, Any] = {
+            "map_size": map_size,
+            "max_dbs": len(_DATABASES) + len(_INDEXES) + 8,
+            "max_readers": 512,
+            "readonly": readonly,
+        }
+        try:
+            return lmdb.open(str(path), **options)
+        except lmdb.ReadonlyError:
+            if not readonly:
+                raise
+            # A catalog on read-only media (or without write permission on
+            # its lock file) can still be read, without reader registration.
+            return lmdb.open(str(path), lock=False, **options)
 
     def close(self) -> None:
         self.env.close()
 
     def _check_schema(self) -> None:
-        with self.env.begin(write=True, db=self.db["meta"]) as txn:
+        with self.env.begin(write=not self.readonly, db=self.db["meta"]) as txn:
             found = txn.get(b"schema_version")
+            if found is None and self.readonly:
+                raise CatalogError(f"{self.path} holds no catalog")
             if found is None:
                 txn.put(b"schema_version", str(SCHEMA_VERSION).encode())
                 return
@@ -264,6 +291,10 @@ class _Writer:
         existing = self.catalog.instance(self.txn, record.sop_instance_uid)
         if existing is not None:
             return self._resolve_duplicate(existing, item, policy)
+        conflict = self._hierarchy_conflict(record)
+        if conflict:
+            new_copies = [(c.tier, c.location) for c in record.copies]
+            return RecordResult(Outcome.INCONSISTENT, new_copies, conflict)
 
         self._add_patient(item)
         self._add_study(item)
@@ -274,6 +305,22 @@ class _Writer:
         self._index("idx.instance.series", record.series_uid, record.sop_instance_uid)
         self._add_bytes(record, +1)
         return RecordResult(Outcome.STORED, [])
+
+    def _hierarchy_conflict(self, record: InstanceRecord) -> str:
+        """Why the instance does not fit the patient/study/series tree, or ''."""
+        series = self.catalog._get(self.txn, "series", record.series_uid)
+        if series is not None and series["study"] != record.study_uid:
+            return (
+                f"series {record.series_uid} belongs to study {series['study']}, "
+                f"not to {record.study_uid}"
+            )
+        study = self.catalog._get(self.txn, "studies", record.study_uid)
+        if study is not None and study["patient"] != record.patient:
+            return (
+                f"study {record.study_uid} belongs to another patient "
+                "(PatientID or IssuerOfPatientID differ)"
+            )
+        return ""
 
     def _resolve_duplicate(
         self, existing: InstanceRecord, item: NewInstance, policy: str
@@ -374,14 +421,6 @@ class _Writer:
             series = {"key": record.series_uid, "attrs": item.series}
             series.update(study=record.study_uid, instances=0)
             self._index("idx.series.study", record.study_uid, record.series_uid)
-        elif series["study"] != record.study_uid:
-            logger.warning(
-                "series %s already belongs to study %s; instance %s names study %s",
-                record.series_uid,
-                series["study"],
-                record.sop_instance_uid,
-                record.study_uid,
-            )
         series["instances"] += 1
         self.catalog._put(self.txn, "series", record.series_uid, series)
 

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from pynetdicom.transport import ThreadedAssociationServer
@@ -35,6 +36,15 @@ class QuickAckSocket(socket.socket):
     to 40 ms: a stall on every message. Linux clears TCP_QUICKACK as it
     sees fit, so it is set again after each read.
     """
+
+    # Called once when the connection is closed, however pynetdicom ends it.
+    on_close: Callable[[], None] | None = None
+
+    def close(self) -> None:
+        super().close()
+        report, self.on_close = self.on_close, None
+        if report is not None:
+            report()
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         data = super().recv(bufsize, flags)
@@ -70,8 +80,10 @@ class HandoffServer(ThreadedAssociationServer):
         ae_title: str,
         contexts: list[Any],
         evt_handlers: list[Any],
+        on_close: Callable[[], None] = lambda: None,
     ) -> None:
         self._channel = channel
+        self._on_close = on_close
         self._public_address = public_address
         # The base class binds and listens on this address in its
         # constructor; server_bind below swaps in the channel instead.
@@ -91,6 +103,7 @@ class HandoffServer(ThreadedAssociationServer):
         if not fds:
             raise OSError("the listener closed the channel")
         connection = QuickAckSocket(fileno=fds[0])
+        connection.on_close = self._on_close
         connection.settimeout(self.ae.network_timeout)
         host, port = json.loads(payload)
         return connection, (host, int(port))

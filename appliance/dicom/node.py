@@ -114,7 +114,8 @@ def _guard_message_decoding() -> None:
         # A-P-ABORT, reason 'unrecognized PDU parameter' (PS3.8 9.3.8).
         provider.assoc.acse.send_ap_abort(0x02)
 
-    DIMSEServiceProvider.receive_primitive = receive_primitive  # type: ignore[method-assign, assignment]
+    # The wrapper takes any primitive; pynetdicom's signature names P_DATA.
+    setattr(DIMSEServiceProvider, "receive_primitive", receive_primitive)  # noqa: B010
 
 
 def discard_partial_message(provider: DIMSEServiceProvider) -> None:
@@ -158,7 +159,6 @@ class Node:
         online: OnlineTier,
         ingest: Ingest,
         total_associations: Callable[[], int] = lambda: 0,
-        on_closed: Callable[[], None] = lambda: None,
     ) -> None:
         self.config = config
         self.catalog = catalog
@@ -167,7 +167,6 @@ class Node:
         self.ae_title: str = config.get("node.ae_title").strip()
         self.access = AccessControl(config)
         self._total_associations = total_associations
-        self._on_closed = on_closed
         self._activity: dict[int, _Activity] = {}
         self._lock = threading.Lock()
 
@@ -267,6 +266,9 @@ class Node:
         with self._lock:
             self._activity.pop(id(assoc), None)
         assoc.acse.send_reject(*reason)
+        # As pynetdicom does for its own rejections: wait until the
+        # A-ASSOCIATE-RJ is out before the connection is closed.
+        assoc.kill()
 
     def _on_accepted(self, event: evt.Event) -> None:
         """Say which presentation contexts were refused: the usual reason a
@@ -287,7 +289,6 @@ class Node:
         discard_partial_message(event.assoc.dimse)
         with self._lock:
             activity = self._activity.pop(id(event.assoc), None)
-        self._on_closed()
         if activity is None:
             return
         logger.info(

@@ -144,6 +144,10 @@ class RetrieveService(QueryRetrieveServiceClass):
         value = text_of(identifier, unique)
         if not value:
             raise ValueError(f"{unique} is required at {level} level")
+        if "*" in value or "?" in value:
+            # PS3.4 C.4.2.2.1: a retrieve names instances by unique keys;
+            # a wildcard could pull a whole archive in one request.
+            raise ValueError(f"{unique} may not hold wildcards in a retrieve")
 
         keys: dict[str, str | None] = {unique: value}
         if level == "PATIENT":

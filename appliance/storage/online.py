@@ -2,7 +2,8 @@
 
 Layout under the tier's root::
 
-    incoming/              files being received; never counted, emptied at start
+    incoming/worker-N/     files being received by worker N; never counted,
+                           emptied at start and when the worker dies
     objects/ab/KEY.dcm     stored instances; KEY is a random 32-hex-digit name
                            that the catalog assigns, never dataset content;
                            ab are its first two digits (256 folders, made
@@ -48,9 +49,19 @@ class OnlineTier:
         except OSError as exc:
             raise durable.translate_os_error(exc, f"cannot open {self.root}") from exc
 
-    def discard_incoming(self) -> None:
-        """Drop files left half-received by a crash (only before serving)."""
-        leftovers = list(self.incoming.iterdir())
+    def incoming_for(self, worker: int) -> Path:
+        """The folder one worker process receives data sets into."""
+        folder = self.incoming / f"worker-{worker}"
+        folder.mkdir(exist_ok=True)
+        return folder
+
+    def discard_incoming(self, worker: int | None = None) -> None:
+        """Drop files left half-received by a crash: all of them before the
+        service starts, or those of one worker that died."""
+        folder = self.incoming if worker is None else self.incoming / f"worker-{worker}"
+        if not folder.is_dir():
+            return
+        leftovers = [path for path in folder.rglob("*") if path.is_file()]
         for leftover in leftovers:
             leftover.unlink(missing_ok=True)
         if leftovers:

@@ -1,0 +1,82 @@
+"""One running appliance per online tier.
+
+Two files in the tier's root, locked with flock (released by the kernel
+when a process dies, however it dies):
+
+    serve.lock    held exclusively by the listener for its whole life; a
+                  second ``appliance serve`` on the same tier stops at once
+    workers.lock  held shared by every worker process; a new listener waits
+                  for the workers of a previous run (which may still be
+                  finishing associations) before it clears ``incoming/``
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import time
+from pathlib import Path
+
+from appliance.errors import StorageError
+
+logger = logging.getLogger(__name__)
+
+SERVE_LOCK = "serve.lock"
+WORKERS_LOCK = "workers.lock"
+
+
+class TierLock:
+    """An flock on a file in the online tier's root, held until released."""
+
+    def __init__(self, root: Path, name: str) -> None:
+        self.path = root / name
+        self._fd: int | None = None
+
+    def acquire(self, exclusive: bool, wait: float = 0.0) -> bool:
+        """Take the lock; False if another process still holds it after ``wait``."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
+        mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, mode)
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    return False
+                time.sleep(0.2)
+                continue
+            self._fd = fd
+            return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def claim_tier(root: Path, wait_for_workers: float) -> TierLock:
+    """Make this process the only listener serving the tier at ``root``.
+
+    Raises StorageError when another appliance serves it, or when workers of
+    an earlier run are still busy after ``wait_for_workers`` seconds.
+    """
+    serve = TierLock(root, SERVE_LOCK)
+    if not serve.acquire(exclusive=True):
+        raise StorageError(
+            f"another appliance is already serving {root} (it holds "
+            f"{serve.path}); stop it first"
+        )
+
+    workers = TierLock(root, WORKERS_LOCK)
+    if not workers.acquire(exclusive=True, wait=0.0):
+        logger.info("waiting for the workers of a previous run to finish")
+        if not workers.acquire(exclusive=True, wait=wait_for_workers):
+            serve.release()
+            raise StorageError(
+                f"workers of a previous run still use {root} after "
+                f"{wait_for_workers:.0f} s"
+            )
+    workers.release()
+    return serve
