@@ -839,8 +839,7 @@ def test_c_cancel_stops_the_search(appliance_factory: Any, tmp_path: Path) -> No
     pending, final = cancel_after_first(appliance.port, query)
 
     assert final == CANCELLED
-    # How many answers get out before the cancel arrives depends on timing.
-    assert 1 <= pending < BULK
+    assert 1 <= pending < BULK // 3
     assert len(run_find(appliance.port, query)[0]) == BULK
 
 

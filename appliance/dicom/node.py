@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -343,13 +344,29 @@ class Node:
             yield _status(find.UNABLE_TO_PROCESS, "cannot decode the identifier"), None
             return
         sop_class = str(event.request.AffectedSOPClassUID)
-        yield from find.answer_find(
+        answers = find.answer_find(
             self.catalog,
             identifier,
             sop_class,
             self.ae_title,
             lambda: event.is_cancelled,
         )
+        for answer in answers:
+            yield answer
+            _wait_until_sent(event.assoc)
+
+
+def _wait_until_sent(assoc: Association, limit: float = 5.0) -> None:
+    """Let pynetdicom's network thread send what is queued before more comes.
+
+    That thread either sends or reads in each turn, sending first; a search
+    that queues answers faster than they go out keeps it from ever reading,
+    and a C-CANCEL from the requester would wait until the last answer.
+    """
+    outgoing = assoc.dul.to_provider_queue
+    deadline = time.monotonic() + limit
+    while not outgoing.empty() and time.monotonic() < deadline:
+        time.sleep(0.0002)
 
 
 def _name_of(uid: str) -> str:
