@@ -123,6 +123,14 @@ KEYS: tuple[Key, ...] = (
     Key("node", "port", 11112, "DICOM listener TCP port.", _integer(1, 65535)),
     Key(
         "node",
+        "check_called_ae_title",
+        True,
+        "Reject associations addressed to another AE title than node.ae_title "
+        "(a sender configured for another archive).",
+        lambda v: None if isinstance(v, bool) else "must be true or false",
+    ),
+    Key(
+        "node",
         "max_associations",
         32,
         "Associations served at once, over all workers; more are rejected "

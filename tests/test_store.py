@@ -333,3 +333,12 @@ def test_unfinished_association_requests_do_not_use_up_the_limit(appliance_facto
         client.associate(appliance.port, echo) as two,
     ):
         assert one.is_established and two.is_established
+
+
+def test_association_for_another_ae_title_is_rejected(appliance):
+    with client.associate(
+        appliance.port, [(client.Verification, [])], called="OTHERPACS"
+    ) as assoc:
+        assert assoc.is_rejected
+    assert "it calls AE title 'OTHERPACS'" in appliance.log()
+    assert client.echo(appliance.port) == 0

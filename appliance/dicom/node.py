@@ -66,6 +66,7 @@ NOT_AUTHORISED = 0x0124
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4.
 _REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 _REJECT_NO_REASON = (0x01, 0x01, 0x01)
+_REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 _REJECT_LIMIT = (0x02, 0x03, 0x02)
 
 
@@ -236,6 +237,16 @@ class Node:
         if not permissions.anything:
             logger.warning("association from %s rejected: caller not allowed", caller)
             self._reject(assoc, _REJECT_CALLING_AE)
+            return
+        called = str(request.called_ae_title).strip()
+        if self.config.get("node.check_called_ae_title") and called != self.ae_title:
+            logger.warning(
+                "association from %s rejected: it calls AE title %r, this is %r",
+                caller,
+                called,
+                self.ae_title,
+            )
+            self._reject(assoc, _REJECT_CALLED_AE)
             return
         proposed = request.presentation_context_definition_list
         if any(not cx.transfer_syntax for cx in proposed):
