@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 
-from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
@@ -187,10 +187,3 @@ def _failure(status: int, text: str) -> Dataset:
     comment = text.encode("ascii", "replace").decode("ascii").replace("\\", "/")
     dataset.ErrorComment = comment[:64]
     return dataset
-
-
-def vr_of(keyword: str) -> str:
-    try:
-        return str(dictionary_VR(keyword))
-    except KeyError:
-        return "LO"

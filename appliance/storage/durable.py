@@ -67,22 +67,6 @@ def move_into_place(source: Path, destination: Path, root: Path) -> None:
         raise translate_os_error(exc, f"cannot store {destination}") from exc
 
 
-def write_file(destination: Path, data: bytes, root: Path) -> None:
-    """Write ``data`` to ``destination`` atomically and durably."""
-    temporary = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
-    try:
-        make_directories(destination.parent, root)
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.rename(temporary, destination)
-        fsync_directory(destination.parent)
-    except OSError as exc:
-        temporary.unlink(missing_ok=True)
-        raise translate_os_error(exc, f"cannot write {destination}") from exc
-
-
 def translate_os_error(exc: OSError, what: str) -> StorageError:
     """Turn an OSError into the appliance's storage error vocabulary."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -16,7 +16,6 @@ A file under ``objects/`` counts as a copy only once the catalog records it.
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import shutil
 from pathlib import Path
@@ -108,7 +107,3 @@ class OnlineTier:
         """(bytes used on the file system, bytes free) for status reports."""
         usage = shutil.disk_usage(self.root)
         return usage.used, usage.free
-
-    def is_on_same_device(self, path: Path) -> bool:
-        """Whether ``path`` can be renamed into this tier without copying."""
-        return os.stat(path).st_dev == os.stat(self.root).st_dev
