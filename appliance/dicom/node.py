@@ -67,6 +67,8 @@ NOT_AUTHORISED = 0x0124
 _REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 _REJECT_NO_REASON = (0x01, 0x01, 0x01)
 _REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+# C-FIND answers queued for sending before the search pauses for them.
+_QUEUED_ANSWERS = 8
 _REJECT_LIMIT = (0x02, 0x03, 0x02)
 
 
@@ -368,13 +370,16 @@ class Node:
 
 
 def _wait_until_sent(assoc: Association, limit: float = 5.0) -> None:
-    """Let pynetdicom's network thread send what is queued before more comes.
+    """Let pynetdicom's network thread catch up when answers pile up.
 
     That thread either sends or reads in each turn, sending first; a search
     that queues answers faster than they go out keeps it from ever reading,
-    and a C-CANCEL from the requester would wait until the last answer.
+    and a C-CANCEL from the requester would wait until the last answer. So
+    once a few answers are queued, the search waits until all have gone.
     """
     outgoing = assoc.dul.to_provider_queue
+    if outgoing.qsize() < _QUEUED_ANSWERS:
+        return
     deadline = time.monotonic() + limit
     while not outgoing.empty() and time.monotonic() < deadline:
         time.sleep(0.0002)
