@@ -37,14 +37,8 @@ class QuickAckSocket(socket.socket):
     sees fit, so it is set again after each read.
     """
 
-    # Called once when the connection is closed, however pynetdicom ends it.
-    on_close: Callable[[], None] | None = None
-
-    def close(self) -> None:
-        super().close()
-        report, self.on_close = self.on_close, None
-        if report is not None:
-            report()
+    # No instance attributes: an existing socket can take this class.
+    __slots__ = ()
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         data = super().recv(bufsize, flags)
@@ -67,6 +61,19 @@ def send_connection(channel: socket.socket, connection: socket.socket) -> None:
     address = connection.getpeername()[:2]
     payload = json.dumps(list(address)).encode()
     socket.send_fds(channel, [payload], [connection.fileno()])
+
+
+class HandedOverSocket(QuickAckSocket):
+    """A connection handed over by the listener, which counted it open."""
+
+    # Called once when the connection is closed, however pynetdicom ends it.
+    on_close: Callable[[], None] | None = None
+
+    def close(self) -> None:
+        super().close()
+        report, self.on_close = self.on_close, None
+        if report is not None:
+            report()
 
 
 class HandoffServer(ThreadedAssociationServer):
@@ -102,7 +109,7 @@ class HandoffServer(ThreadedAssociationServer):
         payload, fds, _flags, _address = socket.recv_fds(self._channel, _MAX_PAYLOAD, 1)
         if not fds:
             raise OSError("the listener closed the channel")
-        connection = QuickAckSocket(fileno=fds[0])
+        connection = HandedOverSocket(fileno=fds[0])
         connection.on_close = self._on_close
         connection.settimeout(self.ae.network_timeout)
         host, port = json.loads(payload)

@@ -29,6 +29,7 @@ from pynetdicom.sop_class import uid_to_service_class
 
 from appliance.catalog.query import Query, find
 from appliance.catalog.records import text_of
+from appliance.dicom.handoff import QuickAckSocket
 from appliance.storage.online import TIER_NAME
 
 if TYPE_CHECKING:
@@ -408,9 +409,11 @@ def _contexts_for(items: list[_Item]) -> list[PresentationContext]:
 def _tune_requestor(assoc: pynetdicom.association.Association) -> None:
     """Make an association we requested safe and fast for sub-operations.
 
-    Two things pynetdicom does not do on its own: set TCP_NODELAY (without
-    it the peer's delayed ACKs hold every small write for tens of
-    milliseconds), and keep the association's reactor thread from taking a
+    Things pynetdicom does not do on its own: set TCP_NODELAY (without it
+    the peer's delayed ACKs hold every small write for tens of
+    milliseconds), acknowledge at once what a destination that leaves
+    Nagle's algorithm on sends (see QuickAckSocket), and keep the
+    association's reactor thread from taking a
     C-STORE response that ``send_c_store`` is waiting for. The reactor can
     pass its pause point just before ``send_c_store`` pauses it; when a
     fast peer answers in that window the reactor treats the response as an
@@ -420,6 +423,8 @@ def _tune_requestor(assoc: pynetdicom.association.Association) -> None:
     sock = assoc.dul.socket.socket if assoc.dul.socket else None
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Same object layout; only recv and recv_into change.
+        sock.__class__ = QuickAckSocket
 
     serve: Callable[[Any, int], None] = assoc._serve_request
 
