@@ -290,10 +290,20 @@ def run_worker(
 
 
 def _finish_associations(server: HandoffServer) -> None:
+    """Give open associations time to finish, then abort what is left."""
+    if server.active_associations:
+        logger.info(
+            "stopping: waiting up to %d s for %d open association(s)",
+            _STOP_GRACE,
+            len(server.active_associations),
+        )
     deadline = time.monotonic() + _STOP_GRACE
     while server.active_associations and time.monotonic() < deadline:
         time.sleep(0.1)
-    for assoc in server.active_associations:
+    left = server.active_associations
+    if left:
+        logger.warning("stopping: aborting %d association(s) still open", len(left))
+    for assoc in left:
         assoc.abort()
 
 
