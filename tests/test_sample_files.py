@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import subprocess
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
@@ -33,21 +35,26 @@ def sample_files() -> list[Path]:
     )
 
 
-def read(path: Path, **options: object) -> pydicom.Dataset:
-    """pydicom's reading of a file; a warning about its structure is an error.
-
-    Element values are not judged (an archive keeps them as they are), so
-    value validation is off, as it is in the appliance.
-    """
+@contextmanager
+def structural_warnings_fail() -> Iterator[None]:
+    """pydicom warnings about a file's structure become errors; element
+    values are not judged (an archive keeps them as they are), as in the
+    appliance."""
     settings = pydicom.config.settings
     previous = settings.reading_validation_mode
     settings.reading_validation_mode = pydicom.config.IGNORE
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            return pydicom.dcmread(path, **options)
+            yield
     finally:
         settings.reading_validation_mode = previous
+
+
+def read(path: Path, **options: object) -> pydicom.Dataset:
+    """pydicom's reading of a file, failing on structural warnings."""
+    with structural_warnings_fail():
+        return pydicom.dcmread(path, **options)
 
 
 def is_valid(path: Path) -> bool:
@@ -57,16 +64,9 @@ def is_valid(path: Path) -> bool:
         return False
     try:
         dataset = read(path)
-        settings = pydicom.config.settings
-        previous = settings.reading_validation_mode
-        settings.reading_validation_mode = pydicom.config.IGNORE
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")
-                for element in dataset.iterall():
-                    _ = element.value
-        finally:
-            settings.reading_validation_mode = previous
+        with structural_warnings_fail():
+            for element in dataset.iterall():
+                _ = element.value
     except Exception:
         return False
     if path.read_bytes()[128:132] != b"DICM":
