@@ -236,37 +236,11 @@ class Node:
         with self._lock:
             self._activity[id(assoc)] = _Activity(caller, permissions)
 
-        if not permissions.anything:
-            logger.warning("association from %s rejected: caller not allowed", caller)
-            self._reject(assoc, _REJECT_CALLING_AE)
-            return
-        called = str(request.called_ae_title).strip()
-        if self.config.get("node.check_called_ae_title") and called != self.ae_title:
-            logger.warning(
-                "association from %s rejected: it calls AE title %r, this is %r",
-                caller,
-                called,
-                self.ae_title,
-            )
-            self._reject(assoc, _REJECT_CALLED_AE)
-            return
-        proposed = request.presentation_context_definition_list
-        if any(not cx.transfer_syntax for cx in proposed):
-            # PS3.8 9.3.2.2: every proposed context names a transfer syntax.
-            logger.warning(
-                "association from %s rejected: a presentation context proposes "
-                "no transfer syntax",
-                caller,
-            )
-            self._reject(assoc, _REJECT_NO_REASON)
-            return
-        if self._total_associations() > self.config.get("node.max_associations"):
-            logger.warning(
-                "association from %s rejected: %d associations already open",
-                caller,
-                self.config.get("node.max_associations"),
-            )
-            self._reject(assoc, _REJECT_LIMIT)
+        refusal = self._refusal(request, permissions)
+        if refusal is not None:
+            message, reason = refusal
+            logger.warning("association from %s rejected: %s", caller, message)
+            self._reject(assoc, reason)
             return
         if not permissions.query:
             assoc.acceptor.supported_contexts = [
@@ -274,6 +248,27 @@ class Node:
                 for cx in assoc.acceptor.supported_contexts
                 if cx.abstract_syntax not in QUERY_RETRIEVE_CLASSES
             ]
+
+    def _refusal(
+        self, request: Any, permissions: Permissions
+    ) -> tuple[str, tuple[int, int, int]] | None:
+        """Why an association request is rejected, and the A-ASSOCIATE-RJ
+        result, source and reason to send (PS3.8 9.3.4), or None."""
+        if not permissions.anything:
+            return "caller not allowed", _REJECT_CALLING_AE
+        called = str(request.called_ae_title).strip()
+        if self.config.get("node.check_called_ae_title") and called != self.ae_title:
+            message = f"it calls AE title {called!r}, this is {self.ae_title!r}"
+            return message, _REJECT_CALLED_AE
+        proposed = request.presentation_context_definition_list
+        if any(not cx.transfer_syntax for cx in proposed):
+            # PS3.8 9.3.2.2: every proposed context names a transfer syntax.
+            message = "a presentation context proposes no transfer syntax"
+            return message, _REJECT_NO_REASON
+        limit = self.config.get("node.max_associations")
+        if self._total_associations() > limit:
+            return f"{limit} associations already open", _REJECT_LIMIT
+        return None
 
     def _reject(self, assoc: Association, reason: tuple[int, int, int]) -> None:
         """Send A-ASSOCIATE-RJ; the rejection was logged, so no closing line."""
