@@ -179,6 +179,7 @@ class Ingest:
             self.online.adopt(received, record.copies[0].location)
             return self._commit(record, parsed.dataset, source)
         except RejectedInstance as exc:
+            uid = uid or _announced_uid(received)
             logger.warning("refused instance %s from %s: %s", uid, source, exc.reason)
             return StoreResult(exc.status, None, uid, exc.reason)
         except OutOfSpaceError as exc:
@@ -308,6 +309,16 @@ def _parse(path: Path) -> _Parsed:
         sop_class_uid=text_of(meta, "MediaStorageSOPClassUID") or "",
         sop_instance_uid=text_of(meta, "MediaStorageSOPInstanceUID") or "",
     )
+
+
+def _announced_uid(path: Path) -> str:
+    """The SOP Instance UID the file meta announces, for a refusal's log line
+    when the data set itself could not be read; '(unknown)' if none."""
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+    except Exception:
+        return "(unknown)"
+    return text_of(meta, "MediaStorageSOPInstanceUID") or "(unknown)"
 
 
 def _check_identity(parsed: _Parsed) -> str:
