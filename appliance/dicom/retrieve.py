@@ -381,13 +381,12 @@ class RetrieveService(QueryRetrieveServiceClass):
 
 
 def _count(counts: _Counts, status: int | None, item: _Item) -> None:
-    if status is None or (status & 0xF000) in (0xA000, 0xC000) or status > 0xFFFF:
-        counts.failed += 1
-        counts.failed_uids.append(item.sop_instance_uid)
-    elif status in (0xB000, 0xB006, 0xB007) or (status & 0xFF00) == 0xB000:
-        counts.warning += 1
-    elif status == SUCCESS:
+    """Count a sub-operation: Cxxx, Axxx, no answer are failures, Bxxx
+    warnings (PS3.4 B.2.3)."""
+    if status == SUCCESS:
         counts.completed += 1
+    elif status is not None and (status & 0xF000) == 0xB000:
+        counts.warning += 1
     else:
         counts.failed += 1
         counts.failed_uids.append(item.sop_instance_uid)
