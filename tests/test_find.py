@@ -20,8 +20,14 @@ from typing import Any
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import ImplicitVRLittleEndian
-from pynetdicom import _config
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_FIND
 
@@ -630,6 +636,59 @@ def test_series_response_shape(archive: Archive) -> None:
     )
     assert matches[0].SeriesDescription in ("", None)
     assert int(matches[0].NumberOfSeriesRelatedInstances) == 2
+
+
+# -- transfer syntaxes and PDU sizes -------------------------------------------
+
+
+def find_with(
+    port: int, query: Dataset, syntax: str, max_pdu: int = 16384
+) -> list[Dataset]:
+    """The matches of one C-FIND over one transfer syntax and PDU size."""
+    ae = AE(ae_title="FINDSCU")
+    ae.maximum_pdu_size = max_pdu
+    ae.add_requested_context(STUDY_FIND, [syntax])
+    assoc = ae.associate("127.0.0.1", port, ae_title="APPLIANCE")
+    assert assoc.is_established
+    try:
+        responses = list(assoc.send_c_find(query, STUDY_FIND))
+    finally:
+        assoc.release()
+    assert int(responses[-1][0].Status) == SUCCESS
+    return [found for status, found in responses if int(status.Status) == PENDING]
+
+
+def by_study(matches: list[Dataset]) -> dict[str, dict[str, Any]]:
+    return {
+        str(m.StudyInstanceUID): {e.keyword: e.value for e in m if e.keyword}
+        for m in matches
+    }
+
+
+@pytest.mark.parametrize(
+    "syntax",
+    [ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian],
+    ids=lambda s: UID(s).name,
+)
+def test_every_transfer_syntax_gives_the_same_answers(
+    archive: Archive, syntax: str
+) -> None:
+    query = identifier("STUDY", "ISO_IR 192", **STUDY_KEYS)
+    reference = by_study(find_with(archive.port, query, ImplicitVRLittleEndian))
+
+    matches = find_with(archive.port, query, syntax)
+
+    assert len(reference) == len(STUDIES)
+    assert by_study(matches) == reference
+
+
+def test_responses_larger_than_the_peer_pdu_are_fragmented(archive: Archive) -> None:
+    query = identifier("STUDY", "ISO_IR 192", **STUDY_KEYS)
+    reference = by_study(find_with(archive.port, query, ImplicitVRLittleEndian))
+
+    matches = find_with(archive.port, query, ImplicitVRLittleEndian, max_pdu=64)
+
+    assert by_study(matches) == reference
 
 
 # -- character sets of responses -----------------------------------------------

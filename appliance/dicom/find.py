@@ -8,18 +8,32 @@ and nothing else (PS3.4 C.4.1.1.3.2).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
+from io import BytesIO
+from typing import TYPE_CHECKING, Any
 
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.uid import UID
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_FIND
+from pynetdicom.dsutils import decode
+from pynetdicom.service_class import QueryRetrieveServiceClass
 
+from appliance import part10
 from appliance.catalog.query import Query, Row, find
 from appliance.catalog.records import text_of
 from appliance.catalog.store import Catalog
+from appliance.dicom.responses import Element, command_set, encode_identifier, p_data
+
+if TYPE_CHECKING:
+    from appliance.dicom.node import Node
 
 logger = logging.getLogger(__name__)
 
+SUCCESS = 0x0000
 PENDING = 0xFF00
 CANCELLED = 0xFE00
 IDENTIFIER_DOES_NOT_MATCH = 0xA900
@@ -32,10 +46,104 @@ _LEVELS_BY_MODEL = {
     STUDY_ROOT_FIND: ("STUDY", "SERIES", "IMAGE"),
 }
 _NOT_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle"}
-_INTEGER_VRS = {"US", "UL", "SS", "SL", "UV", "SV"}
-_FLOAT_VRS = {"FL", "FD"}
+_SPECIFIC_CHARACTER_SET = 0x00080005
+_QUERY_RETRIEVE_LEVEL = 0x00080052
+_RETRIEVE_AE_TITLE = 0x00080054
 
-Answer = tuple[int | Dataset, Dataset | None]
+# (status, encoded identifier or None, error comment)
+Answer = tuple[int, bytes | None, str]
+
+# Answers waiting in pynetdicom's outgoing queue before the search pauses.
+_QUEUED_ANSWERS = 8
+
+
+def serve(
+    service: QueryRetrieveServiceClass, node: Node, req: C_FIND, context: Any
+) -> None:
+    """Answer one C-FIND request on its association (PS3.4 C.4.1.3)."""
+    syntax = context.transfer_syntax[0]
+    message_id = int(req.MessageID or 0)
+    node.count_query(service.assoc)
+    try:
+        identifier = _decode(req, syntax)
+    except ValueError as exc:
+        logger.warning(
+            "C-FIND from %s refused: cannot decode the identifier: %s",
+            node.describe(service.assoc),
+            exc,
+        )
+        _respond(service, req, context, UNABLE_TO_PROCESS, None, "cannot decode")
+        return
+
+    answers = answer_find(
+        node.catalog,
+        identifier,
+        str(req.AffectedSOPClassUID),
+        node.ae_title,
+        lambda: service.is_cancelled(message_id),
+        syntax,
+    )
+    for status, encoded, comment in answers:
+        if not service.assoc.is_established:
+            return
+        _respond(service, req, context, status, encoded, comment)
+        _wait_until_sent(service.assoc)
+
+
+def _decode(req: C_FIND, syntax: UID) -> Dataset:
+    """The request's identifier; ValueError when it cannot be read."""
+    raw = req.Identifier.getvalue() if req.Identifier else b""
+    try:
+        # pydicom reads a value cut short without complaint, so the
+        # structure is checked on the bytes as received.
+        part10.check_encoded(raw, syntax)
+        return decode(
+            BytesIO(raw),
+            syntax.is_implicit_VR,
+            syntax.is_little_endian,
+            syntax.is_deflated,
+        )
+    except Exception as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def _respond(
+    service: QueryRetrieveServiceClass,
+    req: C_FIND,
+    context: Any,
+    status: int,
+    encoded: bytes | None,
+    comment: str,
+) -> None:
+    """Queue one response for pynetdicom's network thread to send."""
+    command = command_set(
+        str(req.AffectedSOPClassUID),
+        int(req.MessageID or 0),
+        status,
+        encoded is not None,
+        comment,
+    )
+    context_id = int(context.context_id or 0)
+    for primitive in p_data(
+        context_id, command, encoded, service.dimse.maximum_pdu_size
+    ):
+        service.assoc.dul.send_pdu(primitive)
+
+
+def _wait_until_sent(assoc: Association, limit: float = 5.0) -> None:
+    """Let pynetdicom's network thread catch up when answers pile up.
+
+    That thread either sends or reads in each turn, sending first; a search
+    that queues answers faster than they go out keeps it from ever reading,
+    and a C-CANCEL from the requester would wait until the last answer. So
+    once a few answers are queued, the search waits until all have gone.
+    """
+    outgoing = assoc.dul.to_provider_queue
+    if outgoing.qsize() < _QUEUED_ANSWERS:
+        return
+    deadline = time.monotonic() + limit
+    while not outgoing.empty() and time.monotonic() < deadline:
+        time.sleep(0.0002)
 
 
 def query_from_identifier(identifier: Dataset, sop_class: str) -> Query:
@@ -61,31 +169,33 @@ def answer_find(
     identifier: Dataset,
     sop_class: str,
     ae_title: str,
-    is_cancelled: callable,  # type: ignore[valid-type]
+    is_cancelled: Callable[[], bool],
+    syntax: UID,
     combined_datetime: bool = False,
 ) -> Iterator[Answer]:
-    """Yield (status, identifier) pairs for a C-FIND, as pynetdicom expects."""
+    """Yield the responses to a C-FIND: pending ones with their identifier
+    encoded in ``syntax``, then the final status (PS3.4 C.4.1.1.4)."""
     is_cancelled = _latched(is_cancelled)
     try:
         query = query_from_identifier(identifier, sop_class)
         query.combined_datetime = combined_datetime
     except ValueError as exc:
         logger.warning("C-FIND refused: %s", exc)
-        yield _failure(IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
+        yield IDENTIFIER_DOES_NOT_MATCH, None, str(exc)
         return
     except Exception as exc:  # pydicom could not decode an element's bytes
         logger.warning("C-FIND refused: cannot decode the identifier: %s", exc)
-        yield _failure(UNABLE_TO_PROCESS, "cannot decode the identifier"), None
+        yield UNABLE_TO_PROCESS, None, "cannot decode the identifier"
         return
 
     charset = _requested_charset(identifier)
     for row in find(catalog, query, is_cancelled):
         if is_cancelled():
-            yield CANCELLED, None
+            yield CANCELLED, None, ""
             return
-        yield PENDING, _response(identifier, query, row, ae_title, charset)
-    if is_cancelled():
-        yield CANCELLED, None
+        elements, used = _response(identifier, query, row, ae_title, charset)
+        yield PENDING, encode_identifier(elements, used, syntax), ""
+    yield (CANCELLED if is_cancelled() else SUCCESS), None, ""
 
 
 def _latched(is_cancelled: Callable[[], bool]) -> Callable[[], bool]:
@@ -107,44 +217,25 @@ def _latched(is_cancelled: Callable[[], bool]) -> Callable[[], bool]:
 
 def _response(
     identifier: Dataset, query: Query, row: Row, ae_title: str, charset: str | None
-) -> Dataset:
-    response = Dataset()
+) -> tuple[list[Element], str | None]:
+    """The elements of one pending response and the character set they use."""
+    elements: list[Element] = []
     values: list[str] = []
     for element in identifier:
         keyword = element.keyword or keyword_for_tag(element.tag)
         if keyword in _NOT_KEYS:
             continue
-        if element.VR == "SQ":
-            response.add_new(element.tag, "SQ", [])
-            continue
-        value = row.get(keyword) if keyword else None
+        value = row.get(keyword) if keyword and element.VR != "SQ" else None
         if value:
             values.append(value)
-        response.add_new(element.tag, element.VR, _typed(element.VR, value))
+        elements.append(Element(int(element.tag), element.VR, value))
 
-    response.QueryRetrieveLevel = query.level
-    response.RetrieveAETitle = ae_title
+    elements.append(Element(_QUERY_RETRIEVE_LEVEL, "CS", query.level))
+    elements.append(Element(_RETRIEVE_AE_TITLE, "AE", ae_title))
     used = _charset_for(values, charset)
     if used is not None:
-        response.SpecificCharacterSet = used
-    return response
-
-
-def _typed(vr: str, value: str | None) -> object:
-    """A text value converted to what pydicom expects for ``vr``."""
-    if value is None or value == "":
-        return None
-    parts = value.split("\\")
-    try:
-        if vr in _INTEGER_VRS:
-            numbers: list[object] = [int(p) for p in parts]
-        elif vr in _FLOAT_VRS:
-            numbers = [float(p) for p in parts]
-        else:
-            return value
-    except ValueError:
-        return None
-    return numbers[0] if len(numbers) == 1 else numbers
+        elements.append(Element(_SPECIFIC_CHARACTER_SET, "CS", used))
+    return elements, used
 
 
 def _requested_charset(identifier: Dataset) -> str | None:
@@ -174,16 +265,3 @@ def _charset_for(values: list[str], requested: str | None) -> str | None:
             except UnicodeEncodeError:
                 pass
     return "ISO_IR 192"
-
-
-def _failure(status: int, text: str) -> Dataset:
-    """A failure status with its ErrorComment (PS3.7 C.4.1.1.4).
-
-    The comment goes in the command set, which is ASCII, and is one LO value:
-    other characters become '?', backslashes '/', and it is cut to 64.
-    """
-    dataset = Dataset()
-    dataset.Status = status
-    comment = text.encode("ascii", "replace").decode("ascii").replace("\\", "/")
-    dataset.ErrorComment = comment[:64]
-    return dataset

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -27,12 +26,10 @@ from pynetdicom import (
 )
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_primitives import C_FIND
 
-from appliance import part10
 from appliance.catalog.store import Catalog
 from appliance.config import Config
-from appliance.dicom import find, retrieve
+from appliance.dicom import retrieve
 from appliance.dicom.access import AccessControl, Permissions
 from appliance.ingest import Ingest
 from appliance.storage.online import OnlineTier
@@ -67,8 +64,6 @@ NOT_AUTHORISED = 0x0124
 _REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 _REJECT_NO_REASON = (0x01, 0x01, 0x01)
 _REJECT_CALLED_AE = (0x01, 0x01, 0x07)
-# C-FIND answers queued for sending before the search pauses for them.
-_QUEUED_ANSWERS = 8
 _REJECT_LIMIT = (0x02, 0x03, 0x02)
 
 
@@ -209,7 +204,6 @@ class Node:
             (evt.EVT_CONN_CLOSE, self._on_closed_connection),
             (evt.EVT_C_ECHO, lambda event: 0x0000),
             (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_C_FIND, self._on_find),
         ]
 
     # -- associations -----------------------------------------------------------
@@ -224,6 +218,12 @@ class Node:
     def may_query(self, assoc: Association) -> bool:
         activity = self._activity.get(id(assoc))
         return bool(activity and activity.permissions and activity.permissions.query)
+
+    def count_query(self, assoc: Association) -> None:
+        """Count a C-FIND for the association's closing log line."""
+        activity = self._activity.get(id(assoc))
+        if activity is not None:
+            activity.queries += 1
 
     def _on_requested(self, event: evt.Event) -> None:
         """Access control and the association limit, before negotiation."""
@@ -331,53 +331,6 @@ class Node:
         else:
             activity.refused += 1
         return _status(result.status, result.reason)
-
-    def _on_find(self, event: evt.Event) -> Any:
-        activity = self._activity.get(id(event.assoc))
-        if activity is not None:
-            activity.queries += 1
-        try:
-            # pydicom reads a value cut short without complaint, so the
-            # identifier's structure is checked on the bytes as received.
-            raw = cast(C_FIND, event.request).Identifier
-            syntax = event.context.transfer_syntax
-            part10.check_encoded(raw.getvalue() if raw else b"", syntax)
-            identifier = event.identifier
-        except Exception as exc:
-            logger.warning(
-                "C-FIND from %s refused: cannot decode the identifier: %s",
-                self.describe(event.assoc),
-                exc,
-            )
-            yield _status(find.UNABLE_TO_PROCESS, "cannot decode the identifier"), None
-            return
-        sop_class = str(event.request.AffectedSOPClassUID)
-        answers = find.answer_find(
-            self.catalog,
-            identifier,
-            sop_class,
-            self.ae_title,
-            lambda: event.is_cancelled,
-        )
-        for answer in answers:
-            yield answer
-            _wait_until_sent(event.assoc)
-
-
-def _wait_until_sent(assoc: Association, limit: float = 5.0) -> None:
-    """Let pynetdicom's network thread catch up when answers pile up.
-
-    That thread either sends or reads in each turn, sending first; a search
-    that queues answers faster than they go out keeps it from ever reading,
-    and a C-CANCEL from the requester would wait until the last answer. So
-    once a few answers are queued, the search waits until all have gone.
-    """
-    outgoing = assoc.dul.to_provider_queue
-    if outgoing.qsize() < _QUEUED_ANSWERS:
-        return
-    deadline = time.monotonic() + limit
-    while not outgoing.empty() and time.monotonic() < deadline:
-        time.sleep(0.0002)
 
 
 def _name_of(uid: str) -> str:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pynetdicom.association
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config
-from pynetdicom.dimse_primitives import C_GET, C_MOVE
+from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.service_class import QueryRetrieveServiceClass
@@ -29,6 +29,7 @@ from pynetdicom.sop_class import uid_to_service_class
 
 from appliance.catalog.query import Query, find
 from appliance.catalog.records import text_of
+from appliance.dicom.find import serve as serve_find
 from appliance.dicom.handoff import QuickAckSocket
 from appliance.storage.online import TIER_NAME
 
@@ -75,7 +76,7 @@ class _Counts:
 
 
 def install() -> None:
-    """Route C-GET and C-MOVE requests to :class:`RetrieveService`.
+    """Route Query/Retrieve requests to :class:`QueryRetrieveService`.
 
     pynetdicom picks the service class for a request with the module-level
     ``uid_to_service_class`` of its association module; wrapping that one
@@ -86,7 +87,7 @@ def install() -> None:
     def choose(uid: str) -> type:
         chosen = uid_to_service_class(uid)
         if chosen is QueryRetrieveServiceClass:
-            return RetrieveService
+            return QueryRetrieveService
         return chosen
 
     pynetdicom.association.uid_to_service_class = choose  # type: ignore[assignment]
@@ -94,12 +95,14 @@ def install() -> None:
     _config.STORE_SEND_CHUNKED_DATASET = True
 
 
-class RetrieveService(QueryRetrieveServiceClass):
-    """Query/Retrieve with the appliance's own C-GET and C-MOVE loop."""
+class QueryRetrieveService(QueryRetrieveServiceClass):
+    """Query/Retrieve with the appliance's own C-FIND, C-GET and C-MOVE loops."""
 
     def SCP(self, req: Any, context: PresentationContext) -> None:
         if isinstance(req, C_GET | C_MOVE):
             self._retrieve(req, context)
+        elif isinstance(req, C_FIND):
+            serve_find(self, self.node, req, context)
         else:
             super().SCP(req, context)
 
