@@ -2,11 +2,13 @@
 
 Named databases (keys and values are UTF-8; values are compact JSON)::
 
-    meta                 schema_version, bytes.<tier> totals
+    meta                 schema_version, bytes.<tier> totals, next pack number
     patients             PatientID NUL IssuerOfPatientID -> attributes, counts
     studies              StudyInstanceUID  -> attributes, patient, counts
     series               SeriesInstanceUID -> attributes, study, count
     instances            SOPInstanceUID    -> InstanceRecord (copies, checksums)
+    packs                pack ID -> tier, location, size, checksum, members
+    requests             request ID -> an operator request (load a volume)
     idx.study.patient    patient key -> StudyInstanceUID          (duplicates)
     idx.study.accession  AccessionNumber -> StudyInstanceUID      (duplicates)
     idx.study.date       StudyDate (YYYYMMDD) -> StudyInstanceUID (duplicates)
@@ -14,6 +16,11 @@ Named databases (keys and values are UTF-8; values are compact JSON)::
     idx.patient.name     folded name group -> patient key         (duplicates)
     idx.series.study     StudyInstanceUID -> SeriesInstanceUID    (duplicates)
     idx.instance.series  SeriesInstanceUID -> SOPInstanceUID      (duplicates)
+    idx.pack.study       StudyInstanceUID -> pack ID              (duplicates)
+
+A study record counts, per tier, the instances that have a verified copy
+there (``copies``), so that migration policies see where a study is
+without reading its instances.
 
 LMDB serialises writers across processes, so every worker process opens the
 same environment and each change of state is one write transaction.
@@ -48,6 +55,8 @@ _DATABASES = (
     "studies",
     "series",
     "instances",
+    "packs",
+    "requests",
 )
 _INDEXES = (
     "idx.study.patient",
@@ -57,6 +66,7 @@ _INDEXES = (
     "idx.patient.name",
     "idx.series.study",
     "idx.instance.series",
+    "idx.pack.study",
 )
 
 
@@ -267,14 +277,15 @@ class Catalog:
             yield record.get("key", _decode(key)), record
 
     def counts(self) -> dict[str, int]:
-        """Numbers of patients, studies, series and instances, and bytes per tier."""
+        """Numbers of patients, studies, series and instances; bytes of
+        instances per tier (``bytes.<tier>``) and of packs (``packbytes.<tier>``)."""
         with self.read() as txn:
             result = {
                 name: txn.stat(self.db[name])["entries"]
                 for name in ("patients", "studies", "series", "instances")
             }
             for key, value in txn.cursor(db=self.db["meta"]):
-                if bytes(key).startswith(b"bytes."):
+                if bytes(key).startswith((b"bytes.", b"packbytes.")):
                     result[_decode(key)] = int(bytes(value))
         return result
 
@@ -354,6 +365,12 @@ class _Writer:
             self.txn, "instances", record.sop_instance_uid, _with_key(record)
         )
         self._add_bytes(record, +1)
+        study = self.catalog._get(self.txn, "studies", record.study_uid)
+        if study is not None:
+            count_copies(study, existing, -1)
+            count_copies(study, record, +1)
+            study["bytes"] += record.size - existing.size
+            self.catalog._put(self.txn, "studies", record.study_uid, study)
         old = [(c.tier, c.location) for c in existing.copies]
         return RecordResult(Outcome.REPLACED, old)
 
@@ -381,6 +398,7 @@ class _Writer:
         study["series"] += is_new_series is None
         study["instances"] += 1
         study["bytes"] += record.size
+        count_copies(study, record, +1)
         modality = item.series.get("Modality")
         if modality and modality not in study["modalities"]:
             study["modalities"].append(modality)
@@ -412,6 +430,7 @@ class _Writer:
             "sop_classes": [],
             "received": record.received,
             "last_access": record.received,
+            "copies": {},
         }
 
     def _add_series(self, item: NewInstance) -> None:
@@ -438,6 +457,16 @@ class _Writer:
             key = f"bytes.{copy.tier}".encode()
             current = int(self.txn.get(key, b"0", db=meta))
             self.txn.put(key, str(current + sign * record.size).encode(), db=meta)
+
+
+def count_copies(study: dict[str, Any], record: InstanceRecord, sign: int) -> None:
+    """Add (``sign`` +1) or take away (-1) ``record``'s verified copies in
+    its study's per-tier counts."""
+    counts = study.setdefault("copies", {})
+    for tier in {copy.tier for copy in record.copies if copy.verified}:
+        counts[tier] = counts.get(tier, 0) + sign
+        if counts[tier] <= 0:
+            del counts[tier]
 
 
 def _with_key(record: InstanceRecord) -> dict[str, Any]:
