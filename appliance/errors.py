@@ -1,8 +1,8 @@
 """The appliance's exceptions, each with a message an administrator can act on.
 
-Exceptions raised by libraries (lmdb, OSError from the file system, pydicom)
-are translated into these at the boundary of the module that called them, so
-that callers only need to know this vocabulary::
+Exceptions raised by libraries (lmdb, OSError from the file system, pydicom,
+zstandard, cryptography) are translated into these at the boundary of the
+module that called them, so that callers only need to know this vocabulary::
 
     ApplianceError
      +-- ConfigError            a configuration file or value is wrong
@@ -10,6 +10,14 @@ that callers only need to know this vocabulary::
      |    +-- SchemaVersionError   the catalog was written by another version
      +-- StorageError           a tier cannot store or read a file
      |    +-- OutOfSpaceError      a tier has no room left
+     |    +-- SourceMismatchError  an instance's bytes differ from their checksum
+     |    +-- PackError            a pack cannot be written or read as a pack
+     |         +-- DamagedPackError   a part of a pack fails its checks
+     |    +-- VolumeError          an offline volume or its device fails
+     |         +-- VolumeNotReachable  the volume is not in a drive or slot
+     |         +-- VolumeFull          the volume has no room for the pack
+     +-- KeyStoreError          the master keys are missing, unsafe or unreadable
+     |    +-- MissingKeyError      a pack needs a master key the store lacks
      +-- RejectedInstance       an instance is refused (bad or conflicting)
 """
 
@@ -45,6 +53,72 @@ class StorageError(ApplianceError):
 
 class OutOfSpaceError(StorageError):
     """A tier has no room left for what it was asked to store."""
+
+
+class SourceMismatchError(StorageError):
+    """The bytes read for an instance do not have the size or SHA-256 expected.
+
+    Raised while packing, before anything of the instance is written: the
+    copy read from (usually the online tier) is damaged or was replaced.
+    """
+
+
+class PackError(StorageError):
+    """A pack cannot be written, or what is read is not a well-formed pack."""
+
+
+class DamagedPackError(PackError):
+    """A part of a pack fails its checks: it was altered or damaged.
+
+    ``part`` names the tar member (``instances/000003.dcm.zst.enc``,
+    ``manifest.json.zst``, ``pack.json``) or the tar header concerned, and
+    ``sop_instance_uid`` the instance, when the part is one.
+    """
+
+    def __init__(
+        self, pack_id: str, part: str, reason: str, sop_instance_uid: str | None = None
+    ) -> None:
+        self.pack_id = pack_id
+        self.part = part
+        self.reason = reason
+        self.sop_instance_uid = sop_instance_uid
+        what = f"instance {sop_instance_uid} ({part})" if sop_instance_uid else part
+        super().__init__(f"pack {pack_id}: {what}: {reason}")
+
+
+class VolumeError(StorageError):
+    """An offline volume (tape or disc) or its drive, changer or tool fails."""
+
+
+class VolumeNotReachable(VolumeError):
+    """The volume is known but on the shelf: load it into the library first."""
+
+
+class VolumeFull(VolumeError):
+    """The volume has no room left for the pack being written.
+
+    Whatever part of the pack was written does not count as a pack: it is
+    removed or left unlisted, and the pack can be written to another volume.
+    """
+
+
+class KeyStoreError(ApplianceError):
+    """The master key store is missing, unreadable, unsafe or inconsistent."""
+
+
+class MissingKeyError(KeyStoreError):
+    """Something was encrypted under a master key this appliance does not hold.
+
+    ``key_id`` is the master key's id; importing the operator's escrow copy
+    of that key makes what it protects readable again.
+    """
+
+    def __init__(self, key_id: str) -> None:
+        self.key_id = key_id
+        super().__init__(
+            f"master key {key_id} is not in the key store; import it from the "
+            "escrow copy to read what was encrypted under it"
+        )
 
 
 class RejectedInstance(ApplianceError):
