@@ -1,0 +1,250 @@
+"""Volumes as folders: the default offline tier, and LTFS-mounted tapes.
+
+Layout under the library folder ``PATH``::
+
+    PATH/
+      .registry/LABEL.json     every labelled volume, also those on the shelf
+      LABEL/                   a reachable volume: a folder, or the mount
+        VOLUME                 point of an LTFS tape; its label file (JSON:
+        packs/                 format, label, capacity)
+          000001-p-000123-<sha256>.pack    one file per pack (packfiles.py)
+        incoming/              packs being received; never counted
+
+A volume is *reachable* when ``PATH/LABEL/VOLUME`` exists. It goes *on the
+shelf* when its folder leaves ``PATH`` (moved elsewhere, or its LTFS tape
+unmounted) and comes back when the folder is put back or the tape mounted
+there again. Its capacity is the one written in ``VOLUME`` at labelling;
+the file system's own free space limits it too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from appliance.errors import (
+    OutOfSpaceError,
+    VolumeError,
+    VolumeFull,
+    VolumeNotReachable,
+)
+from appliance.storage import durable
+from appliance.storage.volumes.base import (
+    PackLocation,
+    VolumeInfo,
+    VolumeLibrary,
+    check_capacity,
+    check_label,
+    check_pack_id,
+    is_label,
+    verified_stream,
+)
+from appliance.storage.volumes.packfiles import (
+    location_from_name,
+    pack_file_name,
+    receive,
+    stream_file,
+)
+from appliance.storage.volumes.registry import (
+    Registry,
+    VolumeRecord,
+    write_atomically,
+)
+
+logger = logging.getLogger(__name__)
+
+LABEL_FILE = "VOLUME"
+LABEL_FORMAT = "pacs-appliance volume 1"
+
+
+class DirectoryLibrary(VolumeLibrary):
+    """Volumes that are folders under one library folder.
+
+    One library object writes to a folder at a time (the one that holds
+    the migration lock); that one, opened with ``recover``, removes packs
+    left half-received by a crash. Readers open it without.
+    """
+
+    kind = "directory"
+
+    def __init__(self, path: Path, recover: bool = True) -> None:
+        self.path = path
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise durable.translate_os_error(exc, f"cannot open {path}") from exc
+        self.registry = Registry(path / ".registry")
+        if recover:
+            self._discard_incoming()
+
+    def list_volumes(self) -> list[VolumeInfo]:
+        self._adopt_new_folders()
+        return [self._info(self._record(label)) for label in self.registry.labels()]
+
+    def label(self, volume: str, capacity: int) -> VolumeInfo:
+        check_label(volume)
+        check_capacity(capacity)
+        folder = self.path / volume
+        if self.registry.get(volume) or (folder / LABEL_FILE).exists():
+            raise VolumeError(f"volume {volume} is already labelled")
+        if folder.is_dir() and any(folder.iterdir()):
+            raise VolumeError(
+                f"{folder} is not empty; a new volume needs an empty folder"
+            )
+
+        durable.make_directories(folder / "packs", self.path)
+        durable.make_directories(folder / "incoming", self.path)
+        text = json.dumps(
+            {"format": LABEL_FORMAT, "label": volume, "capacity": capacity}
+        )
+        write_atomically(folder / LABEL_FILE, text.encode(), self.path)
+        record = VolumeRecord(label=volume, capacity=capacity)
+        self.registry.save(record)
+
+        logger.info("directory volume %s labelled, %d bytes", volume, capacity)
+        return self._info(record)
+
+    def is_reachable(self, volume: str) -> bool:
+        return (self.path / check_label(volume) / LABEL_FILE).is_file()
+
+    def free_bytes(self, volume: str) -> int:
+        info = self._info(self._record(volume))
+        if not info.reachable:
+            return info.free
+        # The file system may run out before the labelled capacity does
+        # (all default volumes share one disk): report the smaller room.
+        return min(info.free, shutil.disk_usage(self.path / volume).free)
+
+    def write_pack(
+        self, volume: str, pack_id: str, chunks: Iterable[bytes]
+    ) -> PackLocation:
+        check_pack_id(pack_id)
+        folder = self._folder(volume)
+        record = self._record(volume)
+        limit = self.free_bytes(volume)
+
+        temporary = folder / "incoming" / f"{secrets.token_hex(8)}.part"
+        try:
+            size, sha256 = self._receive(chunks, temporary, limit, volume)
+            position = self._next_position(volume)
+            name = pack_file_name(position, pack_id, sha256)
+            durable.move_into_place(temporary, folder / "packs" / name, folder)
+        except OutOfSpaceError as exc:
+            raise VolumeFull(f"volume {volume} is full: {exc}") from exc
+        finally:
+            temporary.unlink(missing_ok=True)
+
+        record.used = self._used(folder)
+        self.registry.save(record)
+        logger.info(
+            "pack %s written to directory volume %s at position %d, %d bytes",
+            pack_id,
+            volume,
+            position,
+            size,
+        )
+        return PackLocation(volume, position, pack_id, size, sha256)
+
+    def read_pack(self, location: PackLocation) -> Iterator[bytes]:
+        folder = self._folder(location.volume)
+        name = pack_file_name(location.position, location.pack_id, location.sha256)
+        path = folder / "packs" / name
+        if not path.is_file():
+            raise VolumeError(
+                f"volume {location.volume} holds no pack {location.pack_id} at "
+                f"position {location.position}"
+            )
+        return verified_stream(location, stream_file(path))
+
+    def list_packs(self, volume: str) -> list[PackLocation]:
+        folder = self._folder(volume)
+        found = []
+        for path in (folder / "packs").iterdir():
+            location = location_from_name(volume, path.name, path.stat().st_size)
+            if location is not None:
+                found.append(location)
+        return sorted(found, key=lambda location: location.position)
+
+    def _receive(
+        self, chunks: Iterable[bytes], temporary: Path, limit: int, volume: str
+    ) -> tuple[int, str]:
+        """Write the pack's bytes to ``temporary``; VolumeFull if they do not fit."""
+        try:
+            with open(temporary, "wb") as handle:
+                return receive(chunks, handle, limit, volume)
+        except OSError as exc:
+            raise durable.translate_os_error(
+                exc, f"cannot write to volume {volume}"
+            ) from exc
+
+    def _next_position(self, volume: str) -> int:
+        packs = self.list_packs(volume)
+        return packs[-1].position + 1 if packs else 1
+
+    def _folder(self, volume: str) -> Path:
+        """The folder of a reachable volume; VolumeNotReachable if shelved."""
+        record = self._record(volume)
+        folder = self.path / record.label
+        if not (folder / LABEL_FILE).is_file():
+            raise VolumeNotReachable(
+                f"volume {volume} is on the shelf: put its folder back as "
+                f"{folder} (or mount its tape there)"
+            )
+        return folder
+
+    def _record(self, volume: str) -> VolumeRecord:
+        """The registry's record of ``volume``; a folder not yet known is adopted."""
+        record = self.registry.get(check_label(volume))
+        if record is None:
+            record = self._adopt(self.path / volume)
+        if record is None:
+            raise VolumeError(f"no volume labelled {volume} is known; label it first")
+        return record
+
+    def _adopt(self, folder: Path) -> VolumeRecord | None:
+        """Register a labelled folder written elsewhere (another appliance)."""
+        try:
+            label = json.loads((folder / LABEL_FILE).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise VolumeError(f"label file of {folder} is unreadable: {exc}") from exc
+        if label.get("format") != LABEL_FORMAT or label.get("label") != folder.name:
+            raise VolumeError(
+                f"{folder / LABEL_FILE} does not label a volume named {folder.name}"
+            )
+
+        record = VolumeRecord(label=folder.name, capacity=int(label["capacity"]))
+        record.used = self._used(folder)
+        self.registry.save(record)
+        logger.info("directory volume %s found and registered", folder.name)
+        return record
+
+    def _adopt_new_folders(self) -> None:
+        known = set(self.registry.labels())
+        for folder in self.path.iterdir():
+            if not is_label(folder.name) or folder.name in known:
+                continue
+            if (folder / LABEL_FILE).is_file():
+                self._adopt(folder)
+
+    def _info(self, record: VolumeRecord) -> VolumeInfo:
+        folder = self.path / record.label
+        if not (folder / LABEL_FILE).is_file():
+            return VolumeInfo(record.label, record.capacity, record.used, False)
+
+        return VolumeInfo(record.label, record.capacity, self._used(folder), True)
+
+    @staticmethod
+    def _used(folder: Path) -> int:
+        packs = folder / "packs"
+        return sum(path.stat().st_size for path in packs.glob("*.pack"))
+
+    def _discard_incoming(self) -> None:
+        for leftover in self.path.glob("*/incoming/*.part"):
+            leftover.unlink(missing_ok=True)
+            logger.info("directory volumes: removed half-received %s", leftover)
