@@ -10,19 +10,26 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from apscheduler.triggers.cron import CronTrigger
+
 from appliance.errors import ConfigError
+from appliance.hsm import policy
 
 logger = logging.getLogger(__name__)
 
 DUPLICATE_POLICIES = ("refuse", "keep_first", "replace")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+VOLUME_KINDS = ("directory", "tape", "optical")
+
+Check = Callable[[Any], str | None]
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,101 @@ def _ae_title_list(value: Any) -> str | None:
     return None
 
 
+def _record_size(value: Any) -> str | None:
+    usage = "must be a multiple of 512 from 4096 to 16777216"
+    if isinstance(value, bool) or not isinstance(value, int):
+        return usage
+    return None if 4096 <= value <= 16 * 2**20 and value % 512 == 0 else usage
+
+
+def _boolean(value: Any) -> str | None:
+    return None if isinstance(value, bool) else "must be true or false"
+
+
+def _number(low: float, high: float) -> Check:
+    def check(value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"must be a number from {low:g} to {high:g}"
+        if not low <= value <= high:
+            return f"must be a number from {low:g} to {high:g}"
+        return None
+
+    return check
+
+
+def _crontab(value: Any) -> str | None:
+    usage = 'must be a crontab line "minute hour day month weekday"'
+    if not isinstance(value, str):
+        return usage + ', e.g. "0 1 * * *"'
+    fields = value.split()
+    # APScheduler counts weekdays from Monday = 0, cron from Sunday = 0: a
+    # number would silently run on another day than the administrator meant.
+    if len(fields) == 5 and any(c.isdigit() for c in fields[4]):
+        return "must name weekdays (sun, mon-fri), not number them"
+    try:
+        CronTrigger.from_crontab(value, timezone="UTC")
+    except ValueError as exc:
+        return f"{usage}: {exc}"
+    return None
+
+
+def _rule_name(value: Any) -> str | None:
+    if not isinstance(value, str) or not RULE_NAME.fullmatch(value):
+        return "must be 1 to 64 letters, digits, '-', '_' or '.'"
+    return None
+
+
+def _modality_list(value: Any) -> str | None:
+    if not isinstance(value, list) or not value:
+        return 'must be a non-empty list of modalities, e.g. ["CT", "MR"]'
+    for item in value:
+        if not isinstance(item, str) or not MODALITY.fullmatch(item):
+            return f'entry {item!r} must be a modality code in capitals, e.g. "CT"'
+    return None
+
+
+def _nonempty_ae_title_list(value: Any) -> str | None:
+    if isinstance(value, list) and not value:
+        return "must name at least one AE title"
+    return _ae_title_list(value)
+
+
+RULE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+MODALITY = re.compile(r"[A-Z0-9_]{1,16}")
+
+# tier, default high and low watermarks in percent
+TIER_MARKS = (("online", 85, 75), ("nearline", 90, 80))
+
+
+def _tier_keys(tier: str, high: int, low: int) -> tuple[Key, ...]:
+    return (
+        Key(
+            tier,
+            "capacity_bytes",
+            0,
+            f"Size of the {tier} tier, in bytes, that watermarks are measured "
+            "against; 0 means the size of its file system.",
+            _integer(0, 2**60),
+        ),
+        Key(
+            tier,
+            "high_watermark",
+            high,
+            f"Percent of capacity_bytes above which studies are released from "
+            f"the {tier} tier, least recently used first.",
+            _number(1, 100),
+        ),
+        Key(
+            tier,
+            "low_watermark",
+            low,
+            "Percent of capacity_bytes that those releases bring usage down to; "
+            "below high_watermark.",
+            _number(0, 100),
+        ),
+    )
+
+
 KEYS: tuple[Key, ...] = (
     Key("node", "ae_title", "APPLIANCE", "The appliance's own AE title.", _ae_title),
     Key(
@@ -196,6 +298,13 @@ KEYS: tuple[Key, ...] = (
     ),
     Key(
         "storage",
+        "nearline_path",
+        "",
+        "Nearline tier directory (study packs); empty means DATA_DIR/nearline.",
+        _text,
+    ),
+    Key(
+        "storage",
         "catalog_path",
         "",
         "Catalog (LMDB) directory; empty means DATA_DIR/catalog.",
@@ -225,6 +334,47 @@ KEYS: tuple[Key, ...] = (
         "copy) or replace (store the new bytes).",
         _one_of(DUPLICATE_POLICIES),
     ),
+    *(key for tier, high, low in TIER_MARKS for key in _tier_keys(tier, high, low)),
+    Key(
+        "migration",
+        "enabled",
+        True,
+        "Run the migration rules on migration.schedule and release studies "
+        "when a tier passes its high watermark; false stops both.",
+        _boolean,
+    ),
+    Key(
+        "migration",
+        "schedule",
+        "0 1 * * *",
+        "When the rules run, as a crontab line (minute hour day month "
+        "weekday) in local time; weekdays by name (mon-fri). Default: 01:00 "
+        "every night.",
+        _crontab,
+    ),
+    Key(
+        "migration",
+        "watermark_interval",
+        300.0,
+        "Seconds between checks of each tier against its watermarks.",
+        _seconds,
+    ),
+    Key(
+        "migration",
+        "min_copies",
+        2,
+        "Verified copies that must remain on other tiers before a study's "
+        "copy on a tier is released. The last verified copy is never released.",
+        _integer(1, 9),
+    ),
+    Key(
+        "migration",
+        "rate_mb_per_s",
+        50.0,
+        "Most megabytes (1,000,000 bytes) per second that migration reads; 0 "
+        "means no limit.",
+        _number(0, 100_000),
+    ),
     Key(
         "access",
         "restrict_storage",
@@ -253,6 +403,76 @@ KEYS: tuple[Key, ...] = (
         "AE titles of [[peers]] allowed to query and retrieve.",
         _ae_title_list,
     ),
+    Key(
+        "volumes",
+        "kind",
+        "directory",
+        "The offline tier's volume library: directory (a folder per volume; "
+        "also LTFS-mounted tapes), tape (a drive through mt, a changer "
+        "through mtx) or optical (ISO 9660 images written with xorriso).",
+        _one_of(VOLUME_KINDS),
+    ),
+    Key(
+        "volumes",
+        "path",
+        "",
+        "Folder of a directory or optical library; empty means DATA_DIR/volumes.",
+        _text,
+    ),
+    Key(
+        "volumes",
+        "device",
+        "/dev/nst0",
+        "Tape drive, a non-rewinding device (tape only).",
+        _path,
+    ),
+    Key(
+        "volumes",
+        "changer",
+        "",
+        "The changer's SCSI generic device, e.g. /dev/sg3; empty for a single "
+        "drive without changer (tape only).",
+        _text,
+    ),
+    Key("volumes", "drive", 0, "The drive's number in the changer.", _integer(0, 63)),
+    Key(
+        "volumes",
+        "state_path",
+        "",
+        "Where a tape library keeps its list of volumes; empty means "
+        "DATA_DIR/volume-state.",
+        _text,
+    ),
+    Key(
+        "volumes",
+        "record_size",
+        262144,
+        "Bytes per tape record, a multiple of 512 (tape only).",
+        _record_size,
+    ),
+    Key(
+        "volumes",
+        "command_timeout",
+        900.0,
+        "Seconds an mt, mtx or xorriso command may take.",
+        _seconds,
+    ),
+    Key(
+        "volumes",
+        "load_timeout",
+        300.0,
+        "Seconds to wait for a changer to load a volume.",
+        _seconds,
+    ),
+    Key(
+        "volumes",
+        "simulated_path",
+        "",
+        "Non-empty: a simulated tape drive and changer kept in this folder, "
+        "for rehearsals without hardware (tape only).",
+        _text,
+    ),
+    Key("volumes", "xorriso", "xorriso", "The xorriso program (optical only).", _path),
     Key("logging", "level", "INFO", "Log level.", _one_of(LOG_LEVELS)),
     Key(
         "logging",
@@ -268,6 +488,92 @@ PEER_KEYS: dict[str, tuple[Callable[[Any], str | None], str]] = {
     "host": (_text, "Host name or address the peer connects from and listens on."),
     "port": (_integer(1, 65535), "The peer's DICOM port (C-MOVE destination)."),
 }
+
+
+RULE_KEYS: dict[str, tuple[Check, str]] = {
+    "name": (_rule_name, "Shown in logs and dry runs; unique among the rules."),
+    "action": (
+        _one_of(policy.RULE_ACTIONS),
+        "copy (to a tier), move (copy to a tier, verify, then release the "
+        "from tier) or release (from a tier).",
+    ),
+    "from": (
+        _one_of(policy.RELEASE_SOURCES),
+        "The tier a move or release frees: online or nearline.",
+    ),
+    "to": (
+        _one_of(policy.COPY_TARGETS),
+        "The tier a copy or move writes: nearline or offline.",
+    ),
+    "min_study_age_days": (
+        _integer(0, 36500),
+        "StudyDate at least this many days ago.",
+    ),
+    "max_study_age_days": (_integer(0, 36500), "StudyDate at most this many days ago."),
+    "min_days_since_received": (
+        _integer(0, 36500),
+        "Newest instance received at least this many days ago.",
+    ),
+    "max_days_since_received": (
+        _integer(0, 36500),
+        "Newest instance received at most this many days ago.",
+    ),
+    "min_days_since_access": (
+        _integer(0, 36500),
+        "Last retrieved (or received, if later) at least this many days ago.",
+    ),
+    "max_days_since_access": (
+        _integer(0, 36500),
+        "Last retrieved (or received, if later) at most this many days ago.",
+    ),
+    "min_study_size_mb": (_number(0, 10**9), "Study at least this size, in MB."),
+    "max_study_size_mb": (_number(0, 10**9), "Study at most this size, in MB."),
+    "modalities": (_modality_list, "The study has one of these modalities."),
+    "exclude_modalities": (_modality_list, "The study has none of these modalities."),
+    "calling_ae_titles": (
+        _nonempty_ae_title_list,
+        "One of these AE titles sent instances of the study.",
+    ),
+    "exclude_calling_ae_titles": (
+        _nonempty_ae_title_list,
+        "None of these AE titles sent instances of the study.",
+    ),
+}
+
+# The rules used when the file has no [[rules]]: (why, table). The reasons
+# are spelled out in docs/policies.md.
+DEFAULT_RULES: tuple[tuple[str, dict[str, Any]], ...] = (
+    (
+        "A second copy on other disks once late images and corrections of "
+        "the first day are in.",
+        {
+            "name": "copy-to-nearline",
+            "action": "copy",
+            "to": "nearline",
+            "min_days_since_received": 1,
+        },
+    ),
+    (
+        "Offline volumes are written once: wait a week, until changes to the "
+        "study are rare.",
+        {
+            "name": "copy-to-offline",
+            "action": "copy",
+            "to": "offline",
+            "min_days_since_received": 7,
+        },
+    ),
+    (
+        "Free the online tier of studies nobody has opened for three months, "
+        "once min_copies other verified copies exist.",
+        {
+            "name": "release-online-unused",
+            "action": "release",
+            "from": "online",
+            "min_days_since_access": 90,
+        },
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -286,6 +592,7 @@ class Config:
     values: dict[str, Any]
     peers: tuple[Peer, ...] = ()
     base_dir: Path = field(default_factory=Path.cwd)
+    rules: tuple[policy.Rule, ...] = field(default_factory=lambda: default_rules())
 
     def get(self, path: str) -> Any:
         return self.values[path]
@@ -297,6 +604,10 @@ class Config:
     @property
     def online_path(self) -> Path:
         return self._tier_path("storage.online_path", "online")
+
+    @property
+    def nearline_path(self) -> Path:
+        return self._tier_path("storage.nearline_path", "nearline")
 
     @property
     def catalog_path(self) -> Path:
@@ -312,6 +623,20 @@ class Config:
             if peer.ae_title == ae_title.strip():
                 return peer
         return None
+
+    def volume_settings(self) -> dict[str, Any]:
+        """The ``volumes`` keys, without the section name, paths resolved."""
+        settings = {
+            key.name: self.values[key.path] for key in KEYS if key.section == "volumes"
+        }
+        settings["path"] = str(self._tier_path("volumes.path", "volumes"))
+        settings["state_path"] = str(
+            self._tier_path("volumes.state_path", "volume-state")
+        )
+        if settings["simulated_path"]:
+            settings["simulated_path"] = str(self._resolve(settings["simulated_path"]))
+        settings.pop("kind")
+        return settings
 
     def _tier_path(self, key: str, default_name: str) -> Path:
         value = self.values[key]
@@ -340,13 +665,16 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> C
         document = _read_toml(path)
 
     values, peers, problems = _validate(document)
+    rules, rule_problems = _parse_rules(document.get("rules"))
     for dotted, value in (overrides or {}).items():
         values[dotted] = value
+    problems += rule_problems
     problems += _check_references(values, peers)
+    problems += _check_watermarks(values)
 
     if problems:
         raise ConfigError(problems)
-    return Config(values=values, peers=tuple(peers), base_dir=Path.cwd())
+    return Config(values=values, peers=tuple(peers), base_dir=Path.cwd(), rules=rules)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -369,7 +697,7 @@ def _validate(
     sections = {key.section for key in KEYS}
 
     for section, content in document.items():
-        if section == "peers":
+        if section in ("peers", "rules"):
             continue
         if section not in sections:
             problems.append((section, "unknown section"))
@@ -455,6 +783,128 @@ def _check_references(
     return problems
 
 
+def _check_watermarks(values: dict[str, Any]) -> list[tuple[str, str]]:
+    problems = []
+    for tier, _high, _low in TIER_MARKS:
+        high = values[f"{tier}.high_watermark"]
+        low = values[f"{tier}.low_watermark"]
+        if low >= high:
+            problems.append(
+                (
+                    f"{tier}.low_watermark",
+                    f"must be below {tier}.high_watermark ({high}) (got {low!r})",
+                )
+            )
+    return problems
+
+
+def default_rules() -> tuple[policy.Rule, ...]:
+    """The rules that apply when the configuration file has no [[rules]]."""
+    rules, problems = _parse_rules([table for _why, table in DEFAULT_RULES])
+    assert not problems, problems  # the defaults are tested
+    return rules
+
+
+def _parse_rules(raw: Any) -> tuple[tuple[policy.Rule, ...], list[tuple[str, str]]]:
+    if raw is None:
+        return default_rules(), []
+    if not isinstance(raw, list):
+        return (), [("rules", "must be an array of tables ([[rules]])")]
+
+    rules: list[policy.Rule] = []
+    problems: list[tuple[str, str]] = []
+    first_index: dict[str, int] = {}
+    for index, entry in enumerate(raw):
+        where = f"rules[{index}]"
+        if not isinstance(entry, dict):
+            problems.append((where, "must be a table"))
+            continue
+        entry_problems = _rule_problems(where, entry)
+        if entry_problems:
+            problems += entry_problems
+            continue
+
+        name = entry["name"]
+        if name in first_index:
+            other = f"rules[{first_index[name]}]"
+            problems.append((f"{where}.name", f"{name!r} is also the name of {other}"))
+        first_index.setdefault(name, index)
+        rules.append(_build_rule(entry))
+    return tuple(rules), problems
+
+
+def _rule_problems(where: str, entry: dict[str, Any]) -> list[tuple[str, str]]:
+    problems = []
+    for name, value in entry.items():
+        known = RULE_KEYS.get(name)
+        if known is None:
+            problems.append((f"{where}.{name}", "unknown key"))
+            continue
+        problem = known[0](value)
+        if problem:
+            problems.append((f"{where}.{name}", f"{problem} (got {value!r})"))
+    for name in ("name", "action"):
+        if name not in entry:
+            problems.append((f"{where}.{name}", "is required"))
+
+    # The checks across keys need every key to be valid on its own first.
+    if problems:
+        return problems
+    return _rule_tier_problems(where, entry) + _rule_bound_problems(where, entry)
+
+
+def _rule_tier_problems(where: str, entry: dict[str, Any]) -> list[tuple[str, str]]:
+    action = entry["action"]
+    needs = dict(zip(("from", "to"), policy.ACTION_TIERS[action], strict=True))
+    problems = []
+    for key, needed in needs.items():
+        if needed and key not in entry:
+            problems.append((f"{where}.{key}", f"is required by action {action!r}"))
+        if not needed and key in entry:
+            problems.append((f"{where}.{key}", f"is not used by action {action!r}"))
+    if not problems and entry.get("from") == entry.get("to"):
+        problems.append(
+            (f"{where}.to", f"must differ from 'from' (both {entry['to']!r})")
+        )
+    return problems
+
+
+def _rule_bound_problems(where: str, entry: dict[str, Any]) -> list[tuple[str, str]]:
+    problems = []
+    for measure in policy.MEASURES:
+        low, high = entry.get(f"min_{measure}"), entry.get(f"max_{measure}")
+        if low is not None and high is not None and low > high:
+            problems.append(
+                (
+                    f"{where}.max_{measure}",
+                    f"must be at least min_{measure} ({low}) (got {high!r})",
+                )
+            )
+    return problems
+
+
+def _build_rule(entry: dict[str, Any]) -> policy.Rule:
+    conditions: list[policy.Condition] = []
+    for measure in policy.MEASURES:
+        low, high = entry.get(f"min_{measure}"), entry.get(f"max_{measure}")
+        if low is not None or high is not None:
+            conditions.append(policy.Between(measure, low, high))
+
+    for attribute in policy.LIST_ATTRIBUTES:
+        for key, exclude in ((attribute, False), (f"exclude_{attribute}", True)):
+            if key in entry:
+                values = frozenset(value.strip() for value in entry[key])
+                conditions.append(policy.AnyOf(attribute, values, exclude))
+
+    return policy.Rule(
+        name=entry["name"],
+        action=entry["action"],
+        source=entry.get("from"),
+        target=entry.get("to"),
+        conditions=tuple(conditions),
+    )
+
+
 def example() -> str:
     """A complete configuration file with a comment on every key."""
     lines = [
@@ -471,6 +921,7 @@ def example() -> str:
         lines += [f"# {line}" for line in _wrap(key.help)]
         lines.append(f"{key.name} = {toml_value(key.default)}")
 
+    lines += _example_rules()
     lines += ["", "# Known DICOM peers: C-MOVE destinations, and the callers that"]
     lines += ["# access.storage and access.query name. Repeat the table per peer."]
     for name, (_check, help_text) in PEER_KEYS.items():
@@ -478,6 +929,24 @@ def example() -> str:
     lines += ["# [[peers]]", '# ae_title = "WORKSTATION1"', '# host = "127.0.0.1"']
     lines.append("# port = 11113")
     return "\n".join(lines) + "\n"
+
+
+def _example_rules() -> list[str]:
+    lines = [
+        "",
+        "# Migration rules, tried in order for every study at each run of",
+        "# migration.schedule; every matching rule applies (docs/policies.md).",
+        "# The rules below are the defaults. A file with any [[rules]] table",
+        "# replaces all of them; rules = [] before the first [section] turns",
+        "# them off. A rule has a name, an action and any of these conditions:",
+    ]
+    for name, (_check, help_text) in RULE_KEYS.items():
+        lines += [f"# {line}" for line in _wrap(f"{name}: {help_text}")]
+
+    for why, table in DEFAULT_RULES:
+        lines += ["", *(f"# {line}" for line in _wrap(why)), "[[rules]]"]
+        lines += [f"{name} = {toml_value(value)}" for name, value in table.items()]
+    return lines
 
 
 def _wrap(text: str, width: int = 76) -> list[str]:

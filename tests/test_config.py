@@ -11,6 +11,7 @@ import pytest
 
 from appliance import config
 from appliance.errors import ConfigError
+from appliance.hsm.policy import AnyOf, Between, Rule
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,7 +25,33 @@ def test_defaults_run_anywhere(tmp_path, monkeypatch):
     assert loaded.get("node.bind_address") == "127.0.0.1"
     assert loaded.online_path == tmp_path / "appliance-data" / "online"
     assert loaded.catalog_path == tmp_path / "appliance-data" / "catalog"
+    assert loaded.nearline_path == tmp_path / "appliance-data" / "nearline"
     assert loaded.workers >= 1
+
+
+def test_migration_defaults(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    loaded = config.load()
+
+    assert loaded.get("migration.enabled") is True
+    assert loaded.get("migration.schedule") == "0 1 * * *"
+    assert loaded.get("migration.min_copies") == 2
+    assert loaded.get("migration.rate_mb_per_s") == 50.0
+    assert loaded.get("online.capacity_bytes") == 0
+    assert (
+        loaded.get("online.high_watermark"),
+        loaded.get("online.low_watermark"),
+    ) == (
+        85,
+        75,
+    )
+    assert loaded.get("nearline.high_watermark") == 90
+    assert [rule.name for rule in loaded.rules] == [
+        "copy-to-nearline",
+        "copy-to-offline",
+        "release-online-unused",
+    ]
+    assert loaded.rules == config.default_rules()
 
 
 def test_every_problem_is_reported_with_its_key(tmp_path):
@@ -143,3 +170,199 @@ def test_config_check_command(tmp_path):
         check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_configuration_doc_names_every_rule_key():
+    for doc in ("configuration.md", "policies.md"):
+        text = (REPO / "docs" / doc).read_text()
+        for name in config.RULE_KEYS:
+            assert f"`{name}`" in text, (doc, name)
+
+
+def test_the_example_rules_are_the_defaults(tmp_path):
+    path = tmp_path / "example.toml"
+    path.write_text(config.example())
+    assert config.load(path).rules == config.default_rules()
+
+
+def load_text(tmp_path, text):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return config.load(path)
+
+
+def test_rules_from_the_file_replace_the_defaults(tmp_path):
+    loaded = load_text(
+        tmp_path,
+        """
+[[rules]]
+name = "ct-mr-to-tape"
+action = "copy"
+to = "offline"
+min_study_age_days = 30
+max_study_age_days = 3650
+modalities = ["CT", "MR"]
+exclude_calling_ae_titles = ["TEST_CT "]
+
+[[rules]]
+name = "mammo-off-nearline"
+action = "move"
+from = "nearline"
+to = "offline"
+min_days_since_access = 730
+min_study_size_mb = 0.5
+""",
+    )
+    assert loaded.rules == (
+        Rule(
+            "ct-mr-to-tape",
+            "copy",
+            None,
+            "offline",
+            (
+                Between("study_age_days", 30, 3650),
+                AnyOf("modalities", frozenset({"CT", "MR"})),
+                AnyOf("calling_ae_titles", frozenset({"TEST_CT"}), exclude=True),
+            ),
+        ),
+        Rule(
+            "mammo-off-nearline",
+            "move",
+            "nearline",
+            "offline",
+            (
+                Between("days_since_access", at_least=730),
+                Between("study_size_mb", at_least=0.5),
+            ),
+        ),
+    )
+
+
+def test_an_empty_rule_list_turns_the_rules_off(tmp_path):
+    assert load_text(tmp_path, "rules = []\n[migration]\nmin_copies = 3\n").rules == ()
+
+
+def test_watermarks_may_be_fractions_of_a_percent(tmp_path):
+    loaded = load_text(
+        tmp_path, "[online]\nhigh_watermark = 92.5\nlow_watermark = 90\n"
+    )
+    assert loaded.get("online.high_watermark") == 92.5
+
+
+RULE = '[[rules]]\nname = "r"\n'
+COPY = RULE + 'action = "copy"\nto = "nearline"\n'
+RELEASE = RULE + 'action = "release"\nfrom = "online"\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "said"),
+    [
+        ("[online]\nhigh_watermark = 120\n", "online.high_watermark", "1 to 100"),
+        ("[online]\nhigh_watermark = 0.85\n", "online.high_watermark", "1 to 100"),
+        ("[online]\nlow_watermark = 85\n", "online.low_watermark", "below"),
+        (
+            "[nearline]\nhigh_watermark = 70\n",
+            "nearline.low_watermark",
+            "must be below nearline.high_watermark (70)",
+        ),
+        ('[online]\nlow_watermark = "75%"\n', "online.low_watermark", "number"),
+        ("[nearline]\ncapacity_bytes = -1\n", "nearline.capacity_bytes", "integer"),
+        ("[offline]\ncapacity_bytes = 1\n", "offline", "unknown section"),
+        ("[storage]\nnearline_path = 3\n", "storage.nearline_path", "string"),
+        ('[migration]\nschedule = "0 1 * *"\n', "migration.schedule", "fields"),
+        ('[migration]\nschedule = "0 25 * * *"\n', "migration.schedule", "25"),
+        ('[migration]\nschedule = "@daily"\n', "migration.schedule", "crontab"),
+        ("[migration]\nschedule = 1\n", "migration.schedule", "crontab"),
+        ('[migration]\nschedule = "0 1 * * 0"\n', "migration.schedule", "name"),
+        ("[migration]\nmin_copies = 0\n", "migration.min_copies", "1 to 9"),
+        ("[migration]\nmin_copies = 2.0\n", "migration.min_copies", "integer"),
+        ("[migration]\nrate_mb_per_s = -5\n", "migration.rate_mb_per_s", "number"),
+        ('[migration]\nenabled = "yes"\n', "migration.enabled", "true or false"),
+        ("[migration]\nwatermark_interval = 0\n", "migration.watermark_interval", ""),
+        ("rules = 3\n", "rules", "array of tables"),
+        ("rules = [1]\n", "rules[0]", "table"),
+        ('[[rules]]\naction = "copy"\nto = "nearline"\n', "rules[0].name", "required"),
+        ('[[rules]]\nname = "r"\nto = "nearline"\n', "rules[0].action", "required"),
+        (COPY.replace('"r"', '"no spaces"'), "rules[0].name", "letters, digits"),
+        (COPY.replace('"copy"', '"delete"'), "rules[0].action", "'copy', 'move'"),
+        (RULE + 'action = "copy"\n', "rules[0].to", "required by action 'copy'"),
+        (COPY + 'from = "online"\n', "rules[0].from", "not used by action 'copy'"),
+        (
+            COPY.replace('"nearline"', '"online"'),
+            "rules[0].to",
+            "'nearline', 'offline'",
+        ),
+        (RELEASE + 'to = "offline"\n', "rules[0].to", "not used"),
+        (
+            RELEASE.replace('"online"', '"offline"'),
+            "rules[0].from",
+            "'online', 'nearline'",
+        ),
+        (RULE + 'action = "move"\nto = "offline"\n', "rules[0].from", "required"),
+        (
+            RULE + 'action = "move"\nfrom = "nearline"\nto = "nearline"\n',
+            "rules[0].to",
+            "differ",
+        ),
+        (COPY + "min_study_age_days = -1\n", "rules[0].min_study_age_days", "0 to"),
+        (
+            COPY + 'min_study_age_days = "30"\n',
+            "rules[0].min_study_age_days",
+            "integer",
+        ),
+        (COPY + "max_days_since_access = 1.5\n", "rules[0].max_days_since_access", ""),
+        (
+            COPY + "min_days_since_received = true\n",
+            "rules[0].min_days_since_received",
+            "",
+        ),
+        (COPY + "min_study_size_mb = true\n", "rules[0].min_study_size_mb", "number"),
+        (
+            COPY + "min_study_age_days = 30\nmax_study_age_days = 7\n",
+            "rules[0].max_study_age_days",
+            "at least min_study_age_days (30)",
+        ),
+        (COPY + "modalities = []\n", "rules[0].modalities", "non-empty"),
+        (COPY + 'modalities = ["ct"]\n', "rules[0].modalities", "capitals"),
+        (COPY + 'modalities = "CT"\n', "rules[0].modalities", "list"),
+        (COPY + 'exclude_modalities = ["C T"]\n', "rules[0].exclude_modalities", ""),
+        (COPY + "calling_ae_titles = []\n", "rules[0].calling_ae_titles", "at least"),
+        (
+            COPY + 'exclude_calling_ae_titles = ["A_TITLE_FAR_TOO_LONG"]\n',
+            "rules[0].exclude_calling_ae_titles",
+            "1 to 16",
+        ),
+        (COPY + "study_age_days = 30\n", "rules[0].study_age_days", "unknown key"),
+        (COPY + COPY.replace("nearline", "offline"), "rules[1].name", "rules[0]"),
+    ],
+)
+def test_migration_problems_name_their_key(tmp_path, text, key, said):
+    with pytest.raises(ConfigError) as raised:
+        load_text(tmp_path, text)
+    messages = dict(raised.value.problems)
+    assert key in messages, raised.value.problems
+    assert said in messages[key]
+
+
+def test_every_rule_problem_is_reported_at_once(tmp_path):
+    text = (
+        '[[rules]]\nname = "a"\naction = "copy"\n'
+        '[[rules]]\nname = "b"\naction = "release"\nfrom = "tape"\n'
+        '[[rules]]\nname = "c"\naction = "copy"\nto = "offline"\ncolour = 1\n'
+    )
+    with pytest.raises(ConfigError) as raised:
+        load_text(tmp_path, text)
+    keys = {key for key, _message in raised.value.problems}
+    assert keys == {"rules[0].to", "rules[1].from", "rules[2].colour"}
+
+
+@pytest.mark.parametrize("doc", ["policies.md", "configuration.md"])
+def test_the_rule_examples_in_the_docs_load(tmp_path, doc):
+    text = (REPO / "docs" / doc).read_text()
+    blocks = [block.split("```", 1)[0] for block in text.split("```toml\n")[1:]]
+    examples = [block for block in blocks if "[[rules]]" in block]
+    assert examples
+    loaded = [load_text(tmp_path, block).rules for block in examples]
+    assert all(loaded)
+    if doc == "policies.md":
+        assert config.default_rules() in loaded, "the defaults shown are current"

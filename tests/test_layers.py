@@ -1,7 +1,9 @@
 """Imports flow one way: front ends -> ingest -> catalog, storage.
 
 The catalog and storage never import the DICOM node, the service or the
-command line; the node never imports the command line.
+command line; the node never imports the command line. The pack format and
+the master keys import no tier. The migration policy is pure: it imports
+nothing of the appliance and no module that reads files, clocks or sockets.
 """
 
 from __future__ import annotations
@@ -27,10 +29,47 @@ FORBIDDEN = {
         "appliance.ingest",
         "appliance.catalog",
     ),
+    # The pack format and the master keys sit below every tier that uses them.
+    "appliance.storage.packs": (
+        "appliance.storage.online",
+        "appliance.storage.nearline",
+        "appliance.storage.offline",
+        "appliance.storage.volumes",
+        "appliance.hsm",
+    ),
+    "appliance.storage.keys": (
+        "appliance.storage.online",
+        "appliance.storage.nearline",
+        "appliance.storage.offline",
+        "appliance.storage.volumes",
+        "appliance.storage.packs",
+        "appliance.hsm",
+    ),
+    # Volumes move packs as opaque byte streams: no pack format, no keys.
+    "appliance.storage.volumes": (
+        "appliance.storage.online",
+        "appliance.storage.packs",
+        "appliance.storage.keys",
+        "appliance.hsm",
+    ),
     "appliance.part10": ("appliance.",),
     "appliance.ingest": ("appliance.dicom", "appliance.service", "appliance.cli"),
     "appliance.dicom": ("appliance.service", "appliance.cli"),
     "appliance.config": ("appliance.dicom", "appliance.catalog", "appliance.storage"),
+    "appliance.hsm": ("appliance.dicom", "appliance.service", "appliance.cli"),
+    "appliance.hsm.policy": ("appliance.",),
+}
+
+# The standard library modules the pure policy may use, so that its
+# decisions depend on its arguments only.
+POLICY_MODULES = {
+    "__future__",
+    "collections",
+    "dataclasses",
+    "datetime",
+    "logging",
+    "math",
+    "typing",
 }
 
 
@@ -63,3 +102,9 @@ def test_imports_flow_one_way():
                 if any(imported.startswith(bad) for bad in forbidden):
                     violations.append(f"{module} imports {imported}")
     assert not violations, "\n".join(violations)
+
+
+def test_the_policy_is_pure():
+    path = PACKAGE / "hsm" / "policy.py"
+    modules = {name.split(".")[0] for name in _imports(path)}
+    assert modules <= POLICY_MODULES, sorted(modules - POLICY_MODULES)
