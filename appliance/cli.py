@@ -22,6 +22,7 @@ from rich.table import Table
 
 from appliance import config as configuration
 from appliance import logs
+from appliance.cli_tiers import register as register_tier_commands
 from appliance.errors import ApplianceError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -280,3 +281,7 @@ def _size(count: int) -> str:
             return f"{value:,.1f} {unit}" if unit != "B" else f"{count:,} B"
         value /= 1024
     return f"{count} B"
+
+
+# The tier commands live in their own module; they share this group and loader.
+register_tier_commands(main, _load)

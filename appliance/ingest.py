@@ -160,7 +160,9 @@ class Ingest:
     def close(self) -> None:
         self.committer.close()
 
-    def store_received(self, received: Path, source: str) -> StoreResult:
+    def store_received(
+        self, received: Path, source: str, calling_ae: str = ""
+    ) -> StoreResult:
         """Store a Part 10 file that sits in the online tier's ``incoming/``.
 
         For a C-STORE, the file meta holds the request's Affected SOP Class
@@ -177,7 +179,7 @@ class Ingest:
             self.online.check_room(size)
             record = self._record_for(received, parsed, size)
             self.online.adopt(received, record.copies[0].location)
-            return self._commit(record, parsed.dataset, source)
+            return self._commit(record, parsed.dataset, source, calling_ae)
         except RejectedInstance as exc:
             uid = uid or _announced_uid(received)
             logger.warning("refused instance %s from %s: %s", uid, source, exc.reason)
@@ -230,13 +232,14 @@ class Ingest:
         )
 
     def _commit(
-        self, record: InstanceRecord, dataset: Dataset, source: str
+        self, record: InstanceRecord, dataset: Dataset, source: str, calling_ae: str
     ) -> StoreResult:
         item = NewInstance(
             record=record,
             patient=collect(dataset, PATIENT_KEYWORDS),
             study=collect(dataset, STUDY_KEYWORDS),
             series=collect(dataset, SERIES_KEYWORDS),
+            calling_ae=calling_ae,
         )
         try:
             result = self.committer.submit(item)

@@ -30,6 +30,9 @@ from appliance.config import Config
 from appliance.dicom.handoff import HandoffServer, send_connection
 from appliance.dicom.node import Node, configure_pynetdicom
 from appliance.errors import ApplianceError
+from appliance.hsm import scheduler
+from appliance.hsm.recall import Recaller
+from appliance.hsm.tiers import open_tiers
 from appliance.ingest import Ingest
 from appliance.storage.lock import WORKERS_LOCK, TierLock, claim_tier
 from appliance.storage.online import OnlineTier
@@ -61,6 +64,9 @@ def serve(config: Config) -> int:
     try:
         online.discard_incoming()
         Catalog(config.catalog_path, config.get("storage.catalog_max_size")).close()
+        # Every tier opens (and the key store is made) before any worker
+        # needs them, so that a wrong tier path stops the start with a reason.
+        open_tiers(config)
         return _serve(config, listener)
     finally:
         listener.close()
@@ -84,9 +90,14 @@ def _serve(config: Config, listener: socket.socket) -> int:
         len(workers),
         config.data_dir,
     )
+    migrations = scheduler.start(config)
     try:
         _accept_loop(listener, workers, counts, stop, context, config)
     finally:
+        if migrations is not None:
+            # A running migration child is a daemon: it stops with us, and
+            # its next run resumes (every step is idempotent).
+            migrations.shutdown(wait=False)
         _stop_workers(workers)
     logger.info("appliance stopped")
     return 0
@@ -242,7 +253,8 @@ def run_worker(
     logs.setup(config.get("logging.level"), config.get("logging.format"))
     configure_pynetdicom()
 
-    online = OnlineTier(config.online_path, config.get("storage.reserved_bytes"))
+    tiers = open_tiers(config)
+    online = tiers.online
     in_use = TierLock(config.online_path, WORKERS_LOCK)
     in_use.acquire(exclusive=False, wait=60)
     # pynetdicom writes incoming data sets to the process's temporary
@@ -260,7 +272,7 @@ def run_worker(
         with counts.get_lock():
             counts[index] = max(0, counts[index] - 1)
 
-    node = Node(config, catalog, online, ingest, total)
+    node = Node(config, catalog, online, ingest, total, Recaller(catalog, tiers))
     ae = node.application_entity()
     address = (config.get("node.bind_address"), config.get("node.port"))
     server = HandoffServer(

@@ -65,6 +65,7 @@ class StudyCopies:
     last_access: float
     attributes: dict[str, str]
     modalities: list[str]
+    calling_aes: list[str] = field(default_factory=list)
 
     def complete_on(self, tier: str) -> bool:
         """Every instance of the study has a verified copy on ``tier``."""
@@ -170,6 +171,7 @@ def study_copies(
         last_access=study["last_access"],
         attributes=study["attrs"],
         modalities=list(study["modalities"]),
+        calling_aes=list(study.get("calling_aes", [])),
     )
 
 

@@ -218,3 +218,5 @@ class NewInstance:
     patient: dict[str, str]
     study: dict[str, str]
     series: dict[str, str]
+    # The AE title that sent it, for policies by calling AE ("" for imports).
+    calling_ae: str = ""

@@ -405,6 +405,9 @@ class _Writer:
         sop_class = record.attributes.get("SOPClassUID")
         if sop_class and sop_class not in study["sop_classes"]:
             study["sop_classes"].append(sop_class)
+        senders = study.setdefault("calling_aes", [])
+        if item.calling_ae and item.calling_ae not in senders:
+            senders.append(item.calling_ae)
         self.catalog._put(self.txn, "studies", record.study_uid, study)
 
     def _new_study(self, item: NewInstance) -> dict[str, Any]:

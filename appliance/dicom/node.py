@@ -31,6 +31,7 @@ from appliance.catalog.store import Catalog
 from appliance.config import Config
 from appliance.dicom import retrieve
 from appliance.dicom.access import AccessControl, Permissions
+from appliance.hsm.recall import Recaller
 from appliance.ingest import Ingest
 from appliance.storage.online import OnlineTier
 
@@ -158,11 +159,14 @@ class Node:
         online: OnlineTier,
         ingest: Ingest,
         total_associations: Callable[[], int] = lambda: 0,
+        recaller: Recaller | None = None,
     ) -> None:
         self.config = config
         self.catalog = catalog
         self.online = online
         self.ingest = ingest
+        # Stages studies that are not online before a retrieve sends them.
+        self.recaller = recaller
         self.ae_title: str = config.get("node.ae_title").strip()
         self.access = AccessControl(config)
         self._total_associations = total_associations
@@ -325,7 +329,8 @@ class Node:
             )
             return _status(NOT_AUTHORISED, "not authorised to store")
 
-        result = self.ingest.store_received(path, caller)
+        calling_ae = str(event.assoc.requestor.ae_title).strip()
+        result = self.ingest.store_received(path, caller, calling_ae)
         if result.ok:
             activity.stored += 1
         else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -53,6 +54,8 @@ _UNIQUE_KEYS = {
     "SERIES": "SeriesInstanceUID",
     "IMAGE": "SOPInstanceUID",
 }
+# Seconds between pending responses while a study is recalled.
+_RECALL_PENDING_EVERY = 2.0
 # A requested association may propose at most 128 presentation contexts.
 _MAX_CONTEXTS = 128
 
@@ -98,6 +101,9 @@ def install() -> None:
 class QueryRetrieveService(QueryRetrieveServiceClass):
     """Query/Retrieve with the appliance's own C-FIND, C-GET and C-MOVE loops."""
 
+    # Why instances could not be sent: the volumes a recall waits for.
+    _waiting = ""
+
     def SCP(self, req: Any, context: PresentationContext) -> None:
         if isinstance(req, C_GET | C_MOVE):
             self._retrieve(req, context)
@@ -123,6 +129,17 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
             self._final(req, context, IDENTIFIER_DOES_NOT_MATCH, None, str(exc))
             return
 
+        self._waiting = ""
+        if any(item.path is None for item in items):
+            items = self._recall(req, context, identifier, items)
+        if items and all(item.path is None for item in items):
+            # Nothing can be sent: say why without opening a sub-association.
+            counts = _Counts(0, failed=len(items))
+            counts.failed_uids = [item.sop_instance_uid for item in items]
+            reason = self._waiting or "no readable copy of these instances"
+            logger.warning("retrieve from %s: nothing sent, %s", caller, reason)
+            self._final(req, context, ALL_FAILED, counts, reason)
+            return
         if isinstance(req, C_MOVE):
             self._move(req, context, items, caller)
         else:
@@ -179,6 +196,41 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
                 )
             )
         return items
+
+    def _recall(
+        self,
+        req: C_GET | C_MOVE,
+        context: PresentationContext,
+        identifier: Dataset,
+        items: list[_Item],
+    ) -> list[_Item]:
+        """Stage studies that are not wholly online, then resolve again.
+
+        While a recall runs, a pending response with the number of
+        sub-operations goes out every few seconds so that the requester
+        sees progress rather than silence.
+        """
+        recaller = self.node.recaller
+        if recaller is None:
+            return items
+        waiting = _Counts(len(items))
+        last = time.monotonic()
+
+        def progress(_done: int, _total: int) -> None:
+            nonlocal last
+            if time.monotonic() - last >= _RECALL_PENDING_EVERY:
+                self._respond(req, context, PENDING, waiting)
+                last = time.monotonic()
+
+        volumes: list[str] = []
+        for study_uid in sorted({i.study_uid for i in items if i.path is None}):
+            result = recaller.recall(study_uid, progress)
+            volumes += [v for v in result.waiting_for if v not in volumes]
+        if volumes:
+            # The failure comment is what a workstation shows its user.
+            listed = ", ".join(volumes)
+            self._waiting = f"on volume {listed}; operator asked to load it"
+        return self._resolve(identifier, req)
 
     # -- C-GET: sub-operations on the same association -------------------
 
@@ -286,7 +338,8 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
             final = ALL_FAILED
         else:
             final = SOME_FAILED
-        self._final(req, context, final, counts)
+        comment = self._waiting if final != SUCCESS else None
+        self._final(req, context, final, counts, comment)
         return counts
 
     def _send_one(

@@ -1,0 +1,102 @@
+"""Operator requests: what the appliance needs a person to do, such as
+loading a volume that is on the shelf.
+
+One open request per volume gathers every study waiting for it, so that
+recalls of the same volume are served by one mount. A request is closed
+when the volume is marked loaded; its studies are then recalled.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import lmdb
+
+from appliance.catalog.store import Catalog, encode_key
+from appliance.errors import CatalogError
+
+logger = logging.getLogger(__name__)
+
+LOAD_VOLUME = "load_volume"
+
+
+@dataclass
+class OperatorRequest:
+    """One thing an administrator is asked to do."""
+
+    request_id: str
+    kind: str
+    volume: str
+    reason: str
+    created: float = field(default_factory=time.time)
+    studies: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        waiting = f"; {len(self.studies)} studies waiting" if self.studies else ""
+        return f"load volume {self.volume}: {self.reason}{waiting}"
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["key"] = self.request_id
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> OperatorRequest:
+        data = dict(data)
+        data.pop("key", None)
+        return cls(**data)
+
+
+def request_volume(
+    catalog: Catalog, volume: str, reason: str, study_uid: str | None = None
+) -> OperatorRequest:
+    """Ask for ``volume`` to be loaded (once), adding ``study_uid`` to what
+    waits for it; returns the open request."""
+    request_id = f"load-{volume}"
+    try:
+        with catalog.env.begin(write=True) as txn:
+            data = catalog.get(txn, "requests", request_id)
+            request = (
+                OperatorRequest.from_json(data)
+                if data is not None
+                else OperatorRequest(request_id, LOAD_VOLUME, volume, reason)
+            )
+            is_new = data is None
+            if study_uid and study_uid not in request.studies:
+                request.studies.append(study_uid)
+            catalog._put(txn, "requests", request_id, request.as_json())
+    except lmdb.Error as exc:
+        raise CatalogError(f"cannot record a request for {volume}: {exc}") from exc
+    if is_new:
+        logger.warning("operator request: %s", request.describe())
+    return request
+
+
+def open_requests(catalog: Catalog) -> list[OperatorRequest]:
+    """Every open request, oldest first."""
+    with catalog.read() as txn:
+        found = [
+            OperatorRequest.from_json(data)
+            for _key, data in catalog.all_records(txn, "requests")
+        ]
+    return sorted(found, key=lambda request: request.created)
+
+
+def close_volume_requests(catalog: Catalog, volume: str) -> list[str]:
+    """Close the request for ``volume`` (it was loaded); the studies that
+    waited for it, to recall now."""
+    request_id = f"load-{volume}"
+    try:
+        with catalog.env.begin(write=True) as txn:
+            data = catalog.get(txn, "requests", request_id)
+            if data is None:
+                return []
+            txn.delete(encode_key(request_id), db=catalog.db["requests"])
+    except lmdb.Error as exc:
+        raise CatalogError(f"cannot close the request for {volume}: {exc}") from exc
+    studies = list(data.get("studies", []))
+    logger.info("operator request for volume %s done: %d studies", volume, len(studies))
+    return studies

@@ -1,0 +1,254 @@
+"""A migration run: gather where every study is, plan, and carry it out.
+
+The same plan serves ``appliance migrate --dry-run`` (print it), ``--now``
+and the nightly run of the service (carry it out). Watermark releases are
+planned after the rules, from the usage each tier would have then, so
+that a night's copies make room the same night.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+
+from appliance.catalog import copies
+from appliance.catalog.copies import StudyCopies
+from appliance.catalog.store import Catalog
+from appliance.config import Config
+from appliance.hsm import policy
+from appliance.hsm.migrator import Migrator, Outcome
+from appliance.hsm.policy import Decision, StudyFacts
+from appliance.hsm.recall import Recaller
+from appliance.hsm.tiers import Tiers
+
+logger = logging.getLogger(__name__)
+
+# Tiers whose usage is held to their watermarks.
+WATERMARKED = ("online", "nearline")
+
+# Called after each decision with (decisions done, decisions in all).
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Usage:
+    """How full a tier is, against the capacity its watermarks refer to."""
+
+    tier: str
+    used: int
+    capacity: int
+    high: float
+    low: float
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.used / self.capacity if self.capacity else 0.0
+
+
+@dataclass
+class Plan:
+    """What a run would do, and what it could not plan for."""
+
+    decisions: list[Decision]
+    usage: list[Usage]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def actions(self) -> list[Decision]:
+        """The decisions that do something (not the holds)."""
+        return [d for d in self.decisions if d.action != "hold"]
+
+
+class MigrationJob:
+    """Plans and runs migrations by the configured rules and watermarks."""
+
+    def __init__(self, catalog: Catalog, tiers: Tiers, config: Config) -> None:
+        self.catalog = catalog
+        self.tiers = tiers
+        self.config = config
+        self.min_copies: int = config.get("migration.min_copies")
+        self.migrator = Migrator(catalog, tiers, self.min_copies)
+        self.recaller = Recaller(catalog, tiers)
+
+    def plan(self, now: datetime | None = None, watermarks_only: bool = False) -> Plan:
+        """The decisions of the rules (unless ``watermarks_only``), then the
+        watermark releases of every watermarked tier."""
+        now = now or datetime.now(UTC)
+        facts = [self._facts(study) for study in copies.all_study_copies(self.catalog)]
+        decisions = []
+        if not watermarks_only:
+            decisions = policy.plan(
+                self.config.rules, facts, now, min_copies=self.min_copies
+            )
+
+        result = Plan(decisions, [])
+        for tier in WATERMARKED:
+            usage = self.usage(tier)
+            if usage is None:
+                continue
+            result.usage.append(usage)
+            released = policy.release_for_watermark(
+                tier,
+                usage.used - _freed(facts, decisions, tier),
+                usage.capacity,
+                usage.high,
+                usage.low,
+                _after(facts, decisions),
+                self.min_copies,
+            )
+            result.decisions += released.decisions
+            if released.warning:
+                result.warnings.append(released.warning)
+        return result
+
+    def run(self, plan: Plan, progress: Progress | None = None) -> list[Outcome]:
+        """Carry out the plan's decisions in order, within the I/O rate."""
+        outcomes: list[Outcome] = []
+        throttle = _Throttle(self.config.get("migration.rate_mb_per_s"))
+        actions = plan.actions
+        for done, decision in enumerate(actions, start=1):
+            results = self._carry_out(decision)
+            outcomes += results
+            throttle.spent(sum(o.bytes for o in results))
+            if progress is not None:
+                progress(done, len(actions))
+        failed = [o for o in outcomes if not o.ok]
+        logger.info(
+            "migration run: %d decisions, %d steps, %d failed",
+            len(actions),
+            len(outcomes),
+            len(failed),
+        )
+        return outcomes
+
+    def usage(self, tier: str) -> Usage | None:
+        """The usage of a watermarked tier, or None when it is not set up.
+
+        With ``capacity_bytes`` set, usage is what the archive keeps there;
+        with 0, the tier's whole file system counts, other files included.
+        """
+        if tier not in WATERMARKED or (
+            tier != "online" and tier not in self.tiers.packs
+        ):
+            return None
+        root = (
+            self.config.online_path if tier == "online" else self.config.nearline_path
+        )
+        counts = self.catalog.counts()
+        ours = counts.get(
+            "bytes.online" if tier == "online" else f"packbytes.{tier}", 0
+        )
+        capacity = self.config.get(f"{tier}.capacity_bytes")
+        if capacity:
+            used = ours
+        else:
+            disk = shutil.disk_usage(root)
+            capacity, used = disk.total, disk.used
+        return Usage(
+            tier,
+            used,
+            capacity,
+            self.config.get(f"{tier}.high_watermark"),
+            self.config.get(f"{tier}.low_watermark"),
+        )
+
+    # -- the steps --------------------------------------------------------------
+
+    def _carry_out(self, decision: Decision) -> list[Outcome]:
+        study = decision.study_uid
+        logger.info("migration: %s", decision)
+        if decision.action in ("copy", "move") and self.recaller.needs_recall(study):
+            # Packs are made from online copies; a study released from
+            # online is staged again first (a cache the watermarks release).
+            self.recaller.recall(study)
+        if decision.action == "copy" and decision.target:
+            return [self.migrator.copy(study, decision.target)]
+        if decision.action == "move" and decision.target:
+            return self.migrator.move(study, decision.source, decision.target)
+        if decision.action == "release":
+            return [self.migrator.release(study, decision.source)]
+        return []
+
+    def _facts(self, study: StudyCopies) -> StudyFacts:
+        tier_bytes: dict[str, int] = {}
+        if any(tier in study.copies for tier in self.tiers.packs):
+            for pack in copies.packs_of(self.catalog, study.study_uid):
+                tier_bytes[pack.tier] = tier_bytes.get(pack.tier, 0) + pack.size
+        return StudyFacts(
+            study_uid=study.study_uid,
+            instances=study.instances,
+            size_bytes=study.size,
+            received=datetime.fromtimestamp(study.received, UTC),
+            study_date=_date(study.attributes.get("StudyDate")),
+            last_access=datetime.fromtimestamp(study.last_access, UTC),
+            modalities=frozenset(study.modalities),
+            calling_ae_titles=frozenset(study.calling_aes),
+            verified=dict(study.copies),
+            tier_bytes=tier_bytes,
+        )
+
+
+def _freed(facts: list[StudyFacts], decisions: list[Decision], tier: str) -> int:
+    """Bytes the planned moves and releases from ``tier`` will free."""
+    sizes = {study.study_uid: study.bytes_on(tier) for study in facts}
+    return sum(
+        sizes.get(d.study_uid, 0)
+        for d in decisions
+        if d.action in ("move", "release") and d.source == tier
+    )
+
+
+def _after(facts: list[StudyFacts], decisions: list[Decision]) -> Iterable[StudyFacts]:
+    """The studies as the planned decisions leave them: a study whose
+    release is planned already is not released again for a watermark."""
+    planned = {
+        (d.study_uid, d.source) for d in decisions if d.action in ("move", "release")
+    }
+    for study in facts:
+        verified = {
+            tier: n
+            for tier, n in study.verified.items()
+            if (study.study_uid, tier) not in planned
+        }
+        yield StudyFacts(
+            study_uid=study.study_uid,
+            instances=study.instances,
+            size_bytes=study.size_bytes,
+            received=study.received,
+            study_date=study.study_date,
+            last_access=study.last_access,
+            modalities=study.modalities,
+            calling_ae_titles=study.calling_ae_titles,
+            verified=verified,
+            tier_bytes=study.tier_bytes,
+        )
+
+
+def _date(text: str | None) -> date | None:
+    """A DA value (YYYYMMDD, or the old YYYY.MM.DD) as a date, if valid."""
+    digits = (text or "").replace(".", "")[:8]
+    try:
+        return datetime.strptime(digits, "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+class _Throttle:
+    """Sleeps so that bytes moved stay under ``mb_per_s`` on average."""
+
+    def __init__(self, mb_per_s: float) -> None:
+        self.bytes_per_s = mb_per_s * 1_000_000
+        self.started = time.monotonic()
+        self.total = 0
+
+    def spent(self, count: int) -> None:
+        if not self.bytes_per_s:
+            return
+        self.total += count
+        ahead = self.total / self.bytes_per_s - (time.monotonic() - self.started)
+        if ahead > 0:
+            time.sleep(ahead)

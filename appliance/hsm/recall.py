@@ -1,0 +1,221 @@
+"""Recall: bring a study's instances back online from the tiers below.
+
+Each instance missing online is extracted from a pack that holds it, on
+the nearest tier where that pack can be read now, checked against the
+pack's manifest and the catalog's checksum, written durably under a new
+online key, and then recorded: all the study's staged copies in one
+transaction. Staged copies are ordinary online copies: the watermark rules
+release them again when the tier fills up.
+
+An instance whose only copies are on volumes nobody has loaded stays
+where it is; the result names those volumes, and an operator request asks
+for each of them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from appliance.catalog import copies, requests
+from appliance.catalog.copies import PackRecord
+from appliance.catalog.records import InstanceRecord
+from appliance.catalog.store import Catalog
+from appliance.errors import ApplianceError
+from appliance.hsm.tiers import ONLINE, PackTier, Tiers
+from appliance.storage.packs import PackReader
+
+logger = logging.getLogger(__name__)
+
+# Called with (instances staged so far, instances to stage).
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class RecallResult:
+    """What a recall did: instances staged, those it could not bring, and
+    the volumes that must be loaded for the rest."""
+
+    study_uid: str
+    staged: int = 0
+    missing: list[str] = field(default_factory=list)
+    waiting_for: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing
+
+
+class Recaller:
+    """Stages studies from pack tiers onto the online tier."""
+
+    def __init__(self, catalog: Catalog, tiers: Tiers) -> None:
+        self.catalog = catalog
+        self.tiers = tiers
+
+    def needs_recall(self, study_uid: str) -> bool:
+        """Some instance of the study has no online copy."""
+        with self.catalog.read() as txn:
+            found = copies.study_copies(self.catalog, txn, study_uid)
+        return found is not None and not found.complete_on(ONLINE)
+
+    def recall(self, study_uid: str, progress: Progress | None = None) -> RecallResult:
+        """Stage every instance of the study that is not online."""
+        result = RecallResult(study_uid)
+        wanted = [
+            r
+            for r in copies.instances_of(self.catalog, study_uid)
+            if not r.copy_on(ONLINE)
+        ]
+        if not wanted:
+            return result
+
+        staged: dict[str, tuple[str, str]] = {}
+
+        def staged_one() -> None:
+            if progress is not None:
+                progress(len(staged), len(wanted))
+
+        # Tier by tier, nearest first: what a damaged or missing pack could
+        # not give is tried again from the next tier that holds it.
+        for tier_name in self.tiers.packs:
+            remaining = [r for r in wanted if r.sop_instance_uid not in staged]
+            for pack, records in self._sources(remaining, tier_name).items():
+                self._stage_pack(pack, records, staged, result, staged_one)
+
+        unused = copies.add_copies(self.catalog, ONLINE, staged)
+        for _tier, key in unused:
+            self.tiers.online.remove(key)
+        result.staged = len(staged) - len(unused)
+        result.missing = [
+            r.sop_instance_uid for r in wanted if r.sop_instance_uid not in staged
+        ]
+        result.waiting_for = self._volumes_for(
+            [r for r in wanted if r.sop_instance_uid not in staged], result
+        )
+        self._ask_for_volumes(result)
+        self._log(result, len(wanted))
+        return result
+
+    # -- the steps --------------------------------------------------------------
+
+    def _sources(
+        self, records: list[InstanceRecord], tier_name: str
+    ) -> dict[str, list[InstanceRecord]]:
+        """The instances that have a pack on ``tier_name`` readable now,
+        grouped by that pack."""
+        tier = self.tiers.packs[tier_name]
+        groups: dict[str, list[InstanceRecord]] = defaultdict(list)
+        for record in records:
+            pack = self._pack_of(record, tier_name)
+            if pack is not None and tier.is_reachable(pack.location):
+                groups[pack.pack_id].append(record)
+        return groups
+
+    def _volumes_for(
+        self, records: list[InstanceRecord], result: RecallResult
+    ) -> list[str]:
+        """The volumes to load for instances no readable pack gave."""
+        volumes: list[str] = []
+        for record in records:
+            found = None
+            for tier_name, tier in self.tiers.packs.items():
+                pack = self._pack_of(record, tier_name)
+                if pack is not None and not tier.is_reachable(pack.location):
+                    found = found or tier.volume_of(pack.location)
+            if found is None:
+                if not any(record.copy_on(name) for name in self.tiers.packs):
+                    result.problems.append(
+                        f"instance {record.sop_instance_uid} has no copy below online"
+                    )
+            elif found not in volumes:
+                volumes.append(found)
+        return volumes
+
+    def _pack_of(self, record: InstanceRecord, tier_name: str) -> PackRecord | None:
+        copy = record.copy_on(tier_name)
+        return self._pack(copy.location.partition("/")[0]) if copy else None
+
+    def _pack(self, pack_id: str) -> PackRecord | None:
+        with self.catalog.read() as txn:
+            data = self.catalog.get(txn, "packs", pack_id)
+        return PackRecord.from_json(data) if data is not None else None
+
+    def _stage_pack(
+        self,
+        pack_id: str,
+        records: list[InstanceRecord],
+        staged: dict[str, tuple[str, str]],
+        result: RecallResult,
+        staged_one: Callable[[], None],
+    ) -> None:
+        pack = self._pack(pack_id)
+        tier: PackTier | None = self.tiers.pack_tier(pack.tier) if pack else None
+        if pack is None or tier is None:
+            result.problems.append(f"pack {pack_id} is not readable here")
+            return
+        try:
+            with tier.reader(
+                pack.location, pack.pack_id, pack.size, pack.sha256, self.tiers.keys
+            ) as reader:
+                for record in records:
+                    key = self._extract(reader, record, pack_id, result)
+                    if key is not None:
+                        staged[record.sop_instance_uid] = (key, record.sha256)
+                        staged_one()
+        except ApplianceError as exc:
+            result.problems.append(f"pack {pack_id}: {exc}")
+
+    def _extract(
+        self,
+        reader: PackReader,
+        record: InstanceRecord,
+        pack_id: str,
+        result: RecallResult,
+    ) -> str | None:
+        """Extract one instance to a new online key; the key, or None."""
+        online = self.tiers.online
+        key = online.new_key()
+        try:
+            entry = reader.extract_to(
+                record.sop_instance_uid, online.path_of(key), online.root
+            )
+        except ApplianceError as exc:
+            result.problems.append(str(exc))
+            return None
+        if entry.meta.sha256 != record.sha256:
+            # The pack holds other bytes than the catalog counts.
+            online.remove(key)
+            result.problems.append(
+                f"pack {pack_id} holds other bytes for {record.sop_instance_uid} "
+                "than the catalog"
+            )
+            return None
+        return key
+
+    def _ask_for_volumes(self, result: RecallResult) -> None:
+        for volume in result.waiting_for:
+            requests.request_volume(
+                self.catalog, volume, "a study must be recalled", result.study_uid
+            )
+
+    def _log(self, result: RecallResult, wanted: int) -> None:
+        if result.ok:
+            logger.info(
+                "study %s recalled: %d instances staged online",
+                result.study_uid,
+                result.staged,
+            )
+            return
+        waiting = ", ".join(result.waiting_for)
+        logger.error(
+            "study %s recall incomplete: %d of %d instances staged; %s",
+            result.study_uid,
+            result.staged,
+            wanted,
+            "; ".join(result.problems)
+            or f"waiting for volume(s) {waiting} to be loaded",
+        )

@@ -1,0 +1,97 @@
+"""When migrations run inside the service: the rules on their schedule, and
+the watermarks every few minutes.
+
+Each run is a child process, so that compressing packs never slows the
+DICOM workers' share of the machine beyond the I/O rate cap, and so that a
+run that dies takes nothing else with it. A lock file keeps the service's
+runs and ``appliance migrate --now`` from overlapping.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from datetime import UTC, datetime
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from appliance import logs
+from appliance.config import Config
+
+logger = logging.getLogger(__name__)
+
+MIGRATION_LOCK = "migration.lock"
+
+
+def start(config: Config) -> BackgroundScheduler | None:
+    """Start the migration schedule, or None when migration is disabled."""
+    if not config.get("migration.enabled"):
+        logger.info("migration is disabled (migration.enabled = false)")
+        return None
+    scheduler = BackgroundScheduler(timezone=datetime.now().astimezone().tzinfo)
+    scheduler.add_job(
+        run_in_child,
+        CronTrigger.from_crontab(config.get("migration.schedule")),
+        args=(config, False),
+        id="migration",
+        max_instances=1,
+        coalesce=True,
+    )
+    scheduler.add_job(
+        run_in_child,
+        IntervalTrigger(seconds=config.get("migration.watermark_interval")),
+        args=(config, True),
+        id="watermarks",
+        max_instances=1,
+        coalesce=True,
+    )
+    scheduler.start()
+    logger.info(
+        "migration scheduled: rules at %r, watermarks every %g s",
+        config.get("migration.schedule"),
+        config.get("migration.watermark_interval"),
+    )
+    return scheduler
+
+
+def run_in_child(config: Config, watermarks_only: bool) -> int:
+    """Run one migration in a child process; its exit code."""
+    context = multiprocessing.get_context("spawn")
+    child = context.Process(
+        target=run_migration,
+        args=(config, watermarks_only),
+        name="migration",
+        daemon=True,
+    )
+    child.start()
+    child.join()
+    if child.exitcode:
+        logger.error("migration run ended with exit code %s", child.exitcode)
+    return child.exitcode or 0
+
+
+def run_migration(config: Config, watermarks_only: bool) -> None:
+    """Plan and carry out one migration (the child process's work)."""
+    logs.setup(config.get("logging.level"), config.get("logging.format"))
+    from appliance.catalog.store import Catalog
+    from appliance.hsm.jobs import MigrationJob
+    from appliance.hsm.tiers import open_tiers
+    from appliance.storage.lock import TierLock
+
+    lock = TierLock(config.data_dir, MIGRATION_LOCK)
+    if not lock.acquire(exclusive=True, wait=0):
+        logger.info("migration skipped: another one is running")
+        return
+    catalog = Catalog(config.catalog_path, config.get("storage.catalog_max_size"))
+    try:
+        job = MigrationJob(catalog, open_tiers(config, writer=True), config)
+        plan = job.plan(datetime.now(UTC), watermarks_only=watermarks_only)
+        for warning in plan.warnings:
+            logger.warning("migration: %s", warning)
+        if plan.actions:
+            job.run(plan)
+    finally:
+        catalog.close()
+        lock.release()

@@ -1,0 +1,104 @@
+"""The tiers the migrator and recall work with, behind one small interface.
+
+The online tier holds plain files; every tier below it holds packs
+(``nearline``: pack files on a disk array, ``offline``: packs on volumes).
+Pack tiers are tried for recall in the order given, nearest first.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from appliance.config import Config
+from appliance.storage.keys import DataKey, KeyStore, key_store_path
+from appliance.storage.nearline import NearlineTier
+from appliance.storage.offline import OfflineTier
+from appliance.storage.online import OnlineTier
+from appliance.storage.packs import PackReader, PackSummary
+from appliance.storage.packs.manifest import InstanceMeta
+from appliance.storage.packs.writer import Source
+from appliance.storage.volumes import open_library
+
+logger = logging.getLogger(__name__)
+
+ONLINE = "online"
+NEARLINE = "nearline"
+OFFLINE = "offline"
+
+
+class PackTier(Protocol):
+    """A tier that keeps studies as packs."""
+
+    def write(
+        self,
+        pack_id: str,
+        items: Iterable[tuple[InstanceMeta, Source]],
+        study_uid: str,
+        key: DataKey | None,
+        keys: KeyStore | None = None,
+    ) -> tuple[str, PackSummary]:
+        """Write a pack and read it all back; (its location, what was written)."""
+        ...
+
+    def reader(
+        self,
+        location: str,
+        pack_id: str,
+        size: int,
+        sha256: str,
+        keys: KeyStore | None = None,
+    ) -> AbstractContextManager[PackReader]:
+        """A reader of a recorded pack."""
+        ...
+
+    def is_reachable(self, location: str) -> bool:
+        """Whether the pack can be read now, without a person's help."""
+        ...
+
+    def remove(self, location: str) -> None:
+        """Delete a pack the catalog no longer counts, where the medium can."""
+        ...
+
+    def volume_of(self, location: str) -> str | None:
+        """The volume a person must load to reach the pack, if any."""
+        ...
+
+
+@dataclass
+class Tiers:
+    """The online tier, the pack tiers nearest first, and the keys packs are
+    encrypted with."""
+
+    online: OnlineTier
+    packs: dict[str, PackTier] = field(default_factory=dict)
+    keys: KeyStore | None = None
+
+    def pack_tier(self, name: str) -> PackTier | None:
+        return self.packs.get(name)
+
+
+def open_tiers(config: Config, writer: bool = False) -> Tiers:
+    """Every tier the configuration describes, opened, with the key store
+    (made on first use: packs are always encrypted).
+
+    ``writer`` is for the one process that writes packs, the holder of the
+    migration lock: it also clears what a crashed writer left half-done.
+    """
+    online = OnlineTier(config.online_path, config.get("storage.reserved_bytes"))
+    online.open()
+    nearline = NearlineTier(config.nearline_path)
+    nearline.open()
+    packs: dict[str, PackTier] = {NEARLINE: nearline}
+
+    kind = config.get("volumes.kind")
+    library = open_library(kind, config.volume_settings(), recover=writer)
+    offline = OfflineTier(library, config.data_dir / "spool")
+    offline.open(writer)
+    packs[OFFLINE] = offline
+
+    keys = KeyStore.create_if_missing(key_store_path(config.data_dir))
+    return Tiers(online, packs, keys)
