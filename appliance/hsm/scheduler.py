@@ -30,6 +30,8 @@ def start(config: Config) -> BackgroundScheduler | None:
     if not config.get("migration.enabled"):
         logger.info("migration is disabled (migration.enabled = false)")
         return None
+    # APScheduler logs every run at INFO; the runs log what they do.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
     scheduler = BackgroundScheduler(timezone=datetime.now().astimezone().tzinfo)
     scheduler.add_job(
         run_in_child,
