@@ -137,7 +137,14 @@ def status(config_file: Path | None, data_dir: str | None, as_json: bool) -> Non
                 "path": str(config.online_path),
                 "instance_bytes": counts.get("bytes.online", 0),
                 "free_bytes": free,
-            }
+            },
+            **{
+                tier: {
+                    "instance_bytes": counts.get(f"bytes.{tier}", 0),
+                    "pack_bytes": counts.get(f"packbytes.{tier}", 0),
+                }
+                for tier in ("nearline", "offline")
+            },
         }
         click.echo(json.dumps(report, indent=2))
         return
@@ -150,15 +157,18 @@ def status(config_file: Path | None, data_dir: str | None, as_json: bool) -> Non
     console.print(table)
 
     tiers = Table(title="Tiers")
-    for column in ("tier", "path", "instance bytes", "file system free"):
-        tiers.add_column(column, justify="right" if "bytes" in column else "left")
-    tiers.add_row(
-        "online",
-        str(config.online_path),
-        _size(counts.get("bytes.online", 0)),
-        _size(free),
-    )
+    for column in ("tier", "instance bytes", "pack bytes", "file system free"):
+        tiers.add_column(column, justify="left" if column == "tier" else "right")
+    tiers.add_row("online", _size(counts.get("bytes.online", 0)), "-", _size(free))
+    for tier in ("nearline", "offline"):
+        tiers.add_row(
+            tier,
+            _size(counts.get(f"bytes.{tier}", 0)),
+            _size(counts.get(f"packbytes.{tier}", 0)),
+            "-",
+        )
     console.print(tiers)
+    click.echo("studies, capacity and watermarks per tier: appliance tiers")
 
 
 @main.command(name="import")

@@ -11,6 +11,8 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 
 from appliance.catalog import copies, requests
@@ -400,3 +402,91 @@ def test_recall_falls_back_to_a_volume_when_the_nearline_pack_is_damaged(
     assert result.ok, result.problems
     assert result.problems  # the damaged nearline copy was noticed
     assert library.archive.online_bytes() == library.archive.originals
+
+
+# -- any sequence of steps keeps a verified copy of every instance ------------
+
+STEPS = st.lists(
+    st.sampled_from(
+        [
+            ("copy", "nearline"),
+            ("copy", "offline"),
+            ("release", "online"),
+            ("release", "nearline"),
+            ("recall", ""),
+            ("store", ""),
+            ("shelve", ""),
+            ("load", ""),
+        ]
+    ),
+    max_size=10,
+)
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(steps=STEPS, min_copies=st.integers(0, 2))
+def test_no_sequence_of_steps_loses_an_instance(
+    tmp_path_factory: pytest.TempPathFactory,
+    steps: list[tuple[str, str]],
+    min_copies: int,
+) -> None:
+    root = tmp_path_factory.mktemp("steps")
+    catalog = Catalog(root / "catalog", map_size=2**26)
+    online = OnlineTier(root / "online")
+    online.open()
+    nearline = NearlineTier(root / "nearline")
+    nearline.open()
+    volumes = DirectoryLibrary(root / "volumes")
+    volumes.label("L00001", 2**30)
+    offline = OfflineTier(volumes, root / "spool")
+    offline.open(writer=True)
+    tiers = Tiers(online, {"nearline": nearline, "offline": offline}, None)
+    ingest = Ingest(catalog, online, "refuse")
+    originals: dict[str, bytes] = {}
+    try:
+        for step, (action, tier) in enumerate(steps):
+            if action == "store":
+                label = f"steps-{step}"
+                for path in study_files(root / label, "steps", step + 1):
+                    assert ingest.import_file(path, "test").ok
+                    originals[_sop_uid(path)] = path.read_bytes()
+            elif action == "shelve" and volumes.is_reachable("L00001"):
+                (root / "volumes" / "L00001").rename(root / "L00001")
+            elif action == "load" and not volumes.is_reachable("L00001"):
+                (root / "L00001").rename(root / "volumes" / "L00001")
+            for study in {r.study_uid for r in _all_records(catalog)}:
+                if action == "copy":
+                    Migrator(catalog, tiers, min_copies).copy(study, tier)
+                elif action == "release":
+                    Migrator(catalog, tiers, min_copies).release(study, tier)
+                elif action == "recall":
+                    Recaller(catalog, tiers).recall(study)
+            _assert_every_instance_readable(catalog, tiers, originals)
+    finally:
+        ingest.close()
+        catalog.close()
+
+
+def _all_records(catalog: Catalog) -> list:  # type: ignore[type-arg]
+    with catalog.read() as txn:
+        uids = [uid for uid, _record in catalog.all_records(txn, "instances")]
+        return [catalog.instance(txn, uid) for uid in uids]
+
+
+def _assert_every_instance_readable(
+    catalog: Catalog, tiers: Tiers, originals: dict[str, bytes]
+) -> None:
+    """Each instance keeps a verified copy, and staging it online from what
+    the catalog counts (where reachable) gives its original bytes."""
+    records = _all_records(catalog)
+    assert {r.sop_instance_uid for r in records} == set(originals)
+    for record in records:
+        assert [c for c in record.copies if c.verified], record.sop_instance_uid
+        online = record.copy_on("online")
+        if online is not None:
+            data = tiers.online.path_of(online.location).read_bytes()
+            assert data == originals[record.sop_instance_uid]

@@ -91,7 +91,7 @@ def open_tiers(config: Config, writer: bool = False) -> Tiers:
     online = OnlineTier(config.online_path, config.get("storage.reserved_bytes"))
     online.open()
     nearline = NearlineTier(config.nearline_path)
-    nearline.open()
+    nearline.open(writer)
     packs: dict[str, PackTier] = {NEARLINE: nearline}
 
     kind = config.get("volumes.kind")

@@ -40,11 +40,16 @@ class NearlineTier:
         self.root = root
         self.packs = root / "packs"
 
-    def open(self) -> None:
-        """Create the layout if it is not there yet."""
+    def open(self, writer: bool = False) -> None:
+        """Create the layout if it is not there yet; the writer (the holder
+        of the migration lock) also removes packs a crash left half-written."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             durable.make_directories(self.packs, self.root)
+            if writer:
+                for leftover in self.packs.glob("*/.*.partial"):
+                    leftover.unlink(missing_ok=True)
+                    logger.info("nearline tier: removed half-written %s", leftover)
         except OSError as exc:
             raise durable.translate_os_error(exc, f"cannot open {self.root}") from exc
 

@@ -56,11 +56,15 @@ class OnlineTier:
 
     def discard_incoming(self, worker: int | None = None) -> None:
         """Drop files left half-received by a crash: all of them before the
-        service starts, or those of one worker that died."""
+        service starts (with instances half-recalled), or those of one
+        worker that died."""
         folder = self.incoming if worker is None else self.incoming / f"worker-{worker}"
         if not folder.is_dir():
             return
         leftovers = [path for path in folder.rglob("*") if path.is_file()]
+        if worker is None:
+            # A recall extracts to a hidden temporary name beside the object.
+            leftovers += list(self.objects.glob("*/.*.tmp"))
         for leftover in leftovers:
             leftover.unlink(missing_ok=True)
         if leftovers:
