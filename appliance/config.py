@@ -355,8 +355,9 @@ KEYS: tuple[Key, ...] = (
     Key(
         "migration",
         "watermark_interval",
-        300.0,
-        "Seconds between checks of each tier against its watermarks.",
+        30.0,
+        "Seconds between checks of the online and nearline tiers against their "
+        "high watermarks (a cheap check; releases run only when one is crossed).",
         _seconds,
     ),
     Key(

@@ -126,35 +126,10 @@ class MigrationJob:
         return outcomes
 
     def usage(self, tier: str) -> Usage | None:
-        """The usage of a watermarked tier, or None when it is not set up.
-
-        With ``capacity_bytes`` set, usage is what the archive keeps there;
-        with 0, the tier's whole file system counts, other files included.
-        """
-        if tier not in WATERMARKED or (
-            tier != "online" and tier not in self.tiers.packs
-        ):
+        """The usage of a watermarked tier, or None when it is not set up."""
+        if tier != "online" and tier not in self.tiers.packs:
             return None
-        root = (
-            self.config.online_path if tier == "online" else self.config.nearline_path
-        )
-        counts = self.catalog.counts()
-        ours = counts.get(
-            "bytes.online" if tier == "online" else f"packbytes.{tier}", 0
-        )
-        capacity = self.config.get(f"{tier}.capacity_bytes")
-        if capacity:
-            used = ours
-        else:
-            disk = shutil.disk_usage(root)
-            capacity, used = disk.total, disk.used
-        return Usage(
-            tier,
-            used,
-            capacity,
-            self.config.get(f"{tier}.high_watermark"),
-            self.config.get(f"{tier}.low_watermark"),
-        )
+        return tier_usage(self.config, self.catalog.counts(), tier)
 
     # -- the steps --------------------------------------------------------------
 
@@ -190,6 +165,42 @@ class MigrationJob:
             verified=dict(study.copies),
             tier_bytes=tier_bytes,
         )
+
+
+def tier_usage(config: Config, counts: dict[str, int], tier: str) -> Usage | None:
+    """How full a watermarked tier is; None for tiers without watermarks.
+
+    With ``capacity_bytes`` set, usage is what the archive keeps there (from
+    the catalog's ``counts``); with 0, the tier's whole file system counts,
+    other files included.
+    """
+    if tier not in WATERMARKED:
+        return None
+    root = config.online_path if tier == "online" else config.nearline_path
+    ours = counts.get("bytes.online" if tier == "online" else f"packbytes.{tier}", 0)
+    capacity = config.get(f"{tier}.capacity_bytes")
+    if capacity:
+        used = ours
+    else:
+        disk = shutil.disk_usage(root)
+        capacity, used = disk.total, disk.used
+    return Usage(
+        tier,
+        used,
+        capacity,
+        config.get(f"{tier}.high_watermark"),
+        config.get(f"{tier}.low_watermark"),
+    )
+
+
+def above_high_watermark(config: Config, counts: dict[str, int]) -> list[str]:
+    """The watermarked tiers whose usage is above their high watermark."""
+    above = []
+    for tier in WATERMARKED:
+        usage = tier_usage(config, counts, tier)
+        if usage is not None and usage.used * 100 > usage.high * usage.capacity:
+            above.append(tier)
+    return above
 
 
 def _freed(facts: list[StudyFacts], decisions: list[Decision], tier: str) -> int:

@@ -19,6 +19,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from appliance import logs
 from appliance.config import Config
+from appliance.errors import ApplianceError
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +43,9 @@ def start(config: Config) -> BackgroundScheduler | None:
         coalesce=True,
     )
     scheduler.add_job(
-        run_in_child,
+        check_watermarks,
         IntervalTrigger(seconds=config.get("migration.watermark_interval")),
-        args=(config, True),
+        args=(config,),
         id="watermarks",
         max_instances=1,
         coalesce=True,
@@ -56,6 +57,27 @@ def start(config: Config) -> BackgroundScheduler | None:
         config.get("migration.watermark_interval"),
     )
     return scheduler
+
+
+def check_watermarks(config: Config) -> None:
+    """Release studies, in a child process, only when a tier is above its
+    high watermark: the check itself reads two counters and is cheap
+    enough to run every few seconds."""
+    from appliance.catalog.store import Catalog
+    from appliance.hsm.jobs import above_high_watermark
+
+    try:
+        catalog = Catalog(config.catalog_path, readonly=True)
+    except ApplianceError as exc:
+        logger.error("watermark check: %s", exc)
+        return
+    try:
+        above = above_high_watermark(config, catalog.counts())
+    finally:
+        catalog.close()
+    if above:
+        logger.info("above the high watermark: %s; releasing", ", ".join(above))
+        run_in_child(config, watermarks_only=True)
 
 
 def run_in_child(config: Config, watermarks_only: bool) -> int:
