@@ -10,25 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from appliance import config as configuration
 from appliance import logs
 from appliance.cli_tiers import register as register_tier_commands
 from appliance.errors import ApplianceError, ConfigError
+from appliance.terminal import console, progress_bar, size
 
 logger = logging.getLogger(__name__)
 _LEVELS = ("patients", "studies", "series", "instances")
-console = Console()
-errors = Console(stderr=True)
 
 
 def _load(config_file: Path | None, overrides: dict[str, Any]) -> configuration.Config:
@@ -159,12 +150,12 @@ def status(config_file: Path | None, data_dir: str | None, as_json: bool) -> Non
     tiers = Table(title="Tiers")
     for column in ("tier", "instance bytes", "pack bytes", "file system free"):
         tiers.add_column(column, justify="left" if column == "tier" else "right")
-    tiers.add_row("online", _size(counts.get("bytes.online", 0)), "-", _size(free))
+    tiers.add_row("online", size(counts.get("bytes.online", 0)), "-", size(free))
     for tier in ("nearline", "offline"):
         tiers.add_row(
             tier,
-            _size(counts.get(f"bytes.{tier}", 0)),
-            _size(counts.get(f"packbytes.{tier}", 0)),
+            size(counts.get(f"bytes.{tier}", 0)),
+            size(counts.get(f"packbytes.{tier}", 0)),
             "-",
         )
     console.print(tiers)
@@ -197,7 +188,7 @@ def import_(
     ingest = Ingest(catalog, online, config.get("storage.duplicate_policy"))
     outcomes: Counter[str] = Counter()
     try:
-        with _progress() as progress:
+        with progress_bar() as progress:
             task = progress.add_task("importing", total=len(files))
             for path in files:
                 result = ingest.import_file(path, "import")
@@ -237,16 +228,6 @@ def _files_under(paths: tuple[Path, ...]) -> tuple[list[Path], list[tuple[Path, 
     return found, problems
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=errors,
-    )
-
-
 def _print_import_summary(
     total: int, outcomes: Counter[str], refusals: list[tuple[Path, str]]
 ) -> None:
@@ -282,15 +263,6 @@ def check(config_file: Path) -> None:
 def example() -> None:
     """Print a configuration file with every key, its default and a comment."""
     click.echo(configuration.example(), nl=False)
-
-
-def _size(count: int) -> str:
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:,.1f} {unit}" if unit != "B" else f"{count:,} B"
-        value /= 1024
-    return f"{count} B"
 
 
 # The tier commands live in their own module; they share this group and loader.

@@ -16,23 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from appliance import logs
 from appliance.config import Config
 from appliance.errors import ApplianceError
+from appliance.terminal import console, progress_bar, size
 
 logger = logging.getLogger(__name__)
-console = Console()
-errors = Console(stderr=True)
 
 _TIER_ORDER = ("online", "nearline", "offline")
 
@@ -99,7 +90,7 @@ def register(main: click.Group, load: Loader) -> None:
             _print_plan(plan)
             if dry_run or not plan.actions:
                 return
-            with _progress() as progress:
+            with progress_bar() as progress:
                 task = progress.add_task("migrating", total=len(plan.actions))
                 outcomes = job.run(
                     plan, lambda done, _total: progress.update(task, completed=done)
@@ -160,9 +151,9 @@ def register(main: click.Group, load: Loader) -> None:
             table.add_row(
                 info.label,
                 state,
-                _size(info.capacity),
-                _size(info.used),
-                _size(info.free),
+                size(info.capacity),
+                size(info.used),
+                size(info.free),
                 "?" if packs is None else str(packs),
             )
         console.print(table)
@@ -182,13 +173,13 @@ def register(main: click.Group, load: Loader) -> None:
     ) -> None:
         """Initialise a blank volume (its barcode, on tape) for packs."""
         config = load(config_file, {"storage.data_dir": data_dir})
-        size = _parse_size(capacity)
+        wanted = _parse_size(capacity)
         try:
-            info = _library(config).label(label, size)
+            info = _library(config).label(label, wanted)
         except (ApplianceError, ValueError) as exc:
             click.echo(f"cannot label {label}: {exc}", err=True)
             sys.exit(1)
-        click.echo(f"volume {info.label} labelled, {_size(info.capacity)} for packs")
+        click.echo(f"volume {info.label} labelled, {size(info.capacity)} for packs")
 
     @volumes.command()
     @config_option
@@ -259,7 +250,7 @@ def register(main: click.Group, load: Loader) -> None:
         with _archive(config) as (_catalog, opened):
             offline = opened.packs["offline"]
             packs = offline.library.list_packs(label)
-            with _progress() as progress:
+            with progress_bar() as progress:
                 task = progress.add_task(f"verifying {label}", total=len(packs))
                 for location in packs:
                     report = offline.verify(location, opened.keys)
@@ -368,7 +359,7 @@ def _parse_size(text: str) -> int:
 
 
 def _recall_one(recaller: Any, uid: str) -> bool:
-    with _progress() as progress:
+    with progress_bar() as progress:
         task = progress.add_task(f"recalling {uid}", total=None)
         result = recaller.recall(
             uid, lambda done, total: progress.update(task, completed=done, total=total)
@@ -473,10 +464,10 @@ def _print_tiers(rows: list[dict[str, Any]]) -> None:
         table.add_row(
             row["tier"],
             f"{row['studies']:,}",
-            _size(row["instance_bytes"]),
-            _size(row["pack_bytes"]),
-            "-" if used is None else _size(used) + percent,
-            "-" if capacity is None else _size(capacity),
+            size(row["instance_bytes"]),
+            size(row["pack_bytes"]),
+            "-" if used is None else size(used) + percent,
+            "-" if capacity is None else size(capacity),
             marks,
         )
     console.print(table)
@@ -495,22 +486,3 @@ def _print_plan(plan: Any) -> None:
         click.echo(f"  {decision}")
     for warning in plan.warnings:
         click.echo(f"warning: {warning}", err=True)
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=errors,
-    )
-
-
-def _size(count: int) -> str:
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:,.1f} {unit}" if unit != "B" else f"{count:,} B"
-        value /= 1024
-    return f"{count} B"

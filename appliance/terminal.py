@@ -1,0 +1,37 @@
+"""What the command line shows people: consoles, progress bars, sizes."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
+
+console = Console()
+# Progress bars and problems go to stderr, so that stdout stays parseable.
+errors = Console(stderr=True)
+
+
+def progress_bar() -> Progress:
+    """A progress bar with counts and the time left, on stderr."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=errors,
+    )
+
+
+def size(count: int) -> str:
+    """A byte count for people: 1,234 B, 12.3 MiB."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:,.1f} {unit}" if unit != "B" else f"{count:,} B"
+        value /= 1024
+    return f"{count} B"
