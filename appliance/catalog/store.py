@@ -9,6 +9,8 @@ Named databases (keys and values are UTF-8; values are compact JSON)::
     instances            SOPInstanceUID    -> InstanceRecord (copies, checksums)
     packs                pack ID -> tier, location, size, checksum, members
     requests             request ID -> an operator request (load a volume)
+    replication          number -> SOP Instance UID, the queue for the mirror
+    journal              number -> a change (store, replace, replicated, ...)
     idx.study.patient    patient key -> StudyInstanceUID          (duplicates)
     idx.study.accession  AccessionNumber -> StudyInstanceUID      (duplicates)
     idx.study.date       StudyDate (YYYYMMDD) -> StudyInstanceUID (duplicates)
@@ -57,6 +59,8 @@ _DATABASES = (
     "instances",
     "packs",
     "requests",
+    "replication",
+    "journal",
 )
 _INDEXES = (
     "idx.study.patient",
@@ -315,6 +319,7 @@ class _Writer:
         )
         self._index("idx.instance.series", record.series_uid, record.sop_instance_uid)
         self._add_bytes(record, +1)
+        self._journal_and_queue("store", item)
         return RecordResult(Outcome.STORED, [])
 
     def _hierarchy_conflict(self, record: InstanceRecord) -> str:
@@ -348,7 +353,7 @@ class _Writer:
                 record.series_uid,
             )
             if same_place:
-                return self._replace(existing, record)
+                return self._replace(existing, item)
             reason = "the new bytes name another study or series; refused"
             return RecordResult(Outcome.REFUSED, new_copies, reason)
         return RecordResult(
@@ -357,9 +362,28 @@ class _Writer:
             "another instance with different content holds this SOP Instance UID",
         )
 
-    def _replace(
-        self, existing: InstanceRecord, record: InstanceRecord
-    ) -> RecordResult:
+    def _journal_and_queue(self, op: str, item: NewInstance) -> None:
+        """Write the change to the journal and queue the instance for the
+        mirror, in the transaction that records it: a crash cannot store an
+        instance that the mirror will never get."""
+        record = item.record
+        entry = {
+            "op": op,
+            "instance": _with_key(record),
+            "patient": item.patient,
+            "study": item.study,
+            "series": item.series,
+        }
+        append_journal(self.catalog, self.txn, entry)
+        number = next_number(self.catalog, self.txn, "replication.next")
+        self.txn.put(
+            sequence_key(number),
+            record.sop_instance_uid.encode("utf-8", "surrogateescape"),
+            db=self.catalog.db["replication"],
+        )
+
+    def _replace(self, existing: InstanceRecord, item: NewInstance) -> RecordResult:
+        record = item.record
         self._add_bytes(existing, -1)
         self.catalog._put(
             self.txn, "instances", record.sop_instance_uid, _with_key(record)
@@ -372,6 +396,7 @@ class _Writer:
             study["bytes"] += record.size - existing.size
             self.catalog._put(self.txn, "studies", record.study_uid, study)
         old = [(c.tier, c.location) for c in existing.copies]
+        self._journal_and_queue("replace", item)
         return RecordResult(Outcome.REPLACED, old)
 
     def _add_patient(self, item: NewInstance) -> None:
@@ -460,6 +485,30 @@ class _Writer:
             key = f"bytes.{copy.tier}".encode()
             current = int(self.txn.get(key, b"0", db=meta))
             self.txn.put(key, str(current + sign * record.size).encode(), db=meta)
+
+
+def sequence_key(number: int) -> bytes:
+    """The key of a queue or journal entry: its number, so keys sort in order."""
+    return number.to_bytes(8, "big")
+
+
+def next_number(catalog: Catalog, txn: lmdb.Transaction, counter: str) -> int:
+    """The next number of a counter kept in ``meta`` (starting at 1)."""
+    meta = catalog.db["meta"]
+    number = int(txn.get(counter.encode(), b"1", db=meta))
+    txn.put(counter.encode(), str(number + 1).encode(), db=meta)
+    return number
+
+
+def append_journal(
+    catalog: Catalog, txn: lmdb.Transaction, entry: dict[str, Any]
+) -> int:
+    """Add a change to the journal (what the mirror needs to replay it)."""
+    number = next_number(catalog, txn, "journal.next")
+    entry = {"seq": number, "time": time.time(), **entry}
+    data = json.dumps(entry, separators=(",", ":"), ensure_ascii=False)
+    txn.put(sequence_key(number), data.encode(), db=catalog.db["journal"])
+    return number
 
 
 def count_copies(study: dict[str, Any], record: InstanceRecord, sign: int) -> None:
