@@ -9,7 +9,7 @@ Named databases (keys and values are UTF-8; values are compact JSON)::
     instances            SOPInstanceUID    -> InstanceRecord (copies, checksums)
     packs                pack ID -> tier, location, size, checksum, members
     requests             request ID -> an operator request (load a volume)
-    replication          number -> SOP Instance UID, the queue for the mirror
+    replication          number -> SOP Instance UID, size, time: the mirror's queue
     journal              number -> a change (store, replace, replicated, ...)
     idx.study.patient    patient key -> StudyInstanceUID          (duplicates)
     idx.study.accession  AccessionNumber -> StudyInstanceUID      (duplicates)
@@ -376,9 +376,11 @@ class _Writer:
         }
         append_journal(self.catalog, self.txn, entry)
         number = next_number(self.catalog, self.txn, "replication.next")
+        queued = {"uid": record.sop_instance_uid, "size": record.size}
+        queued["time"] = record.received
         self.txn.put(
             sequence_key(number),
-            record.sop_instance_uid.encode("utf-8", "surrogateescape"),
+            json.dumps(queued, ensure_ascii=False).encode(),
             db=self.catalog.db["replication"],
         )
 

@@ -27,6 +27,7 @@ from appliance.catalog.copies import PackRecord
 from appliance.catalog.records import InstanceRecord
 from appliance.catalog.store import Catalog
 from appliance.errors import ApplianceError
+from appliance.hsm.packing import LevelAttributes, instance_meta
 from appliance.hsm.tiers import ONLINE, PackTier, Tiers
 from appliance.storage.packs.manifest import InstanceMeta
 
@@ -166,43 +167,11 @@ class Migrator:
     def _items(
         self, records: list[InstanceRecord]
     ) -> Iterator[tuple[InstanceMeta, Path]]:
-        levels = _LevelAttributes(self.catalog)
+        levels = LevelAttributes(self.catalog)
         for record in records:
             online = record.copy_on(ONLINE)
             assert online is not None
-            yield _meta(record, levels), self.tiers.online.path_of(online.location)
-
-
-class _LevelAttributes:
-    """Patient, study and series attributes, read once per record."""
-
-    def __init__(self, catalog: Catalog) -> None:
-        self.catalog = catalog
-        self.cache: dict[tuple[str, str], dict[str, str]] = {}
-
-    def of(self, database: str, key: str) -> dict[str, str]:
-        if (database, key) not in self.cache:
-            with self.catalog.read() as txn:
-                found = self.catalog.get(txn, database, key)
-            self.cache[(database, key)] = dict(found["attrs"]) if found else {}
-        return self.cache[(database, key)]
-
-
-def _meta(record: InstanceRecord, levels: _LevelAttributes) -> InstanceMeta:
-    return InstanceMeta(
-        sop_instance_uid=record.sop_instance_uid,
-        sop_class_uid=record.attributes.get("SOPClassUID", ""),
-        series_uid=record.series_uid,
-        study_uid=record.study_uid,
-        transfer_syntax=record.transfer_syntax,
-        size=record.size,
-        sha256=record.sha256,
-        content_sha256=record.content_sha256,
-        attributes={
-            "patient": levels.of("patients", record.patient),
-            "study": levels.of("studies", record.study_uid),
-            "series": levels.of("series", record.series_uid),
-            "instance": dict(record.attributes),
-        },
-        received=record.received,
-    )
+            yield (
+                instance_meta(record, levels),
+                self.tiers.online.path_of(online.location),
+            )

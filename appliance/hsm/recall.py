@@ -18,6 +18,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from appliance.catalog import copies, requests
 from appliance.catalog.copies import PackRecord
@@ -55,6 +56,7 @@ class Recaller:
     def __init__(self, catalog: Catalog, tiers: Tiers) -> None:
         self.catalog = catalog
         self.tiers = tiers
+        self._packs: dict[str, PackRecord | None] = {}
 
     def needs_recall(self, study_uid: str) -> bool:
         """Some instance of the study has no online copy."""
@@ -64,6 +66,7 @@ class Recaller:
 
     def recall(self, study_uid: str, progress: Progress | None = None) -> RecallResult:
         """Stage every instance of the study that is not online."""
+        self._packs.clear()
         result = RecallResult(study_uid)
         wanted = [
             r
@@ -99,6 +102,34 @@ class Recaller:
         self._ask_for_volumes(result)
         self._log(result, len(wanted))
         return result
+
+    def copy_out(self, record: InstanceRecord, destination: Path) -> bool:
+        """Extract one instance from the nearest readable pack into
+        ``destination`` (checked against the catalog); whether it worked."""
+        self._packs.clear()
+        for tier_name, tier in self.tiers.packs.items():
+            pack = self._pack_of(record, tier_name)
+            if pack is None or not tier.is_reachable(pack.location):
+                continue
+            try:
+                with tier.reader(
+                    pack.location, pack.pack_id, pack.size, pack.sha256, self.tiers.keys
+                ) as reader:
+                    entry = reader.extract_to(
+                        record.sop_instance_uid, destination, destination.parent
+                    )
+            except ApplianceError as exc:
+                logger.warning(
+                    "cannot read %s from %s: %s",
+                    record.sop_instance_uid,
+                    pack.pack_id,
+                    exc,
+                )
+                continue
+            if entry.meta.sha256 == record.sha256:
+                return True
+            destination.unlink(missing_ok=True)
+        return False
 
     # -- the steps --------------------------------------------------------------
 
@@ -140,9 +171,13 @@ class Recaller:
         return self._pack(copy.location.partition("/")[0]) if copy else None
 
     def _pack(self, pack_id: str) -> PackRecord | None:
-        with self.catalog.read() as txn:
-            data = self.catalog.get(txn, "packs", pack_id)
-        return PackRecord.from_json(data) if data is not None else None
+        # A pack record lists every member; a study's instances share a few
+        # packs, so each is read once per recall, not once per instance.
+        if pack_id not in self._packs:
+            with self.catalog.read() as txn:
+                data = self.catalog.get(txn, "packs", pack_id)
+            self._packs[pack_id] = PackRecord.from_json(data) if data else None
+        return self._packs[pack_id]
 
     def _stage_pack(
         self,

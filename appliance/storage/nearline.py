@@ -14,6 +14,7 @@ the scrub reports (never deleted here).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 from collections.abc import Iterable, Iterator
@@ -31,6 +32,18 @@ logger = logging.getLogger(__name__)
 
 TIER_NAME = "nearline"
 _PACK_ID = re.compile(r"p-\d{9}")
+
+
+def _drop_cached(path: Path) -> None:
+    """Ask the kernel to forget a flushed file's cached pages."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        logger.debug("cannot drop the cached pages of %s: %s", path, exc)
 
 
 class NearlineTier:
@@ -80,6 +93,9 @@ class NearlineTier:
         summary = write_pack_file(
             self.root / location, items, pack_id, study_uid, key, root=self.root
         )
+        # Read the disk, not the page cache the write just filled: a bad
+        # write to the array must fail here, not at the first recall.
+        _drop_cached(self.root / location)
         with PackReader.open(self.root / location, keys) as reader:
             report = reader.read_all()
         if not report.ok:

@@ -19,7 +19,6 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, cast
 
 from appliance.errors import StorageError, VolumeFull, VolumeNotReachable
 from appliance.storage import durable
@@ -27,6 +26,7 @@ from appliance.storage.keys import DataKey, KeyStore
 from appliance.storage.packs import PackReader, PackSummary, VerifyReport
 from appliance.storage.packs.manifest import InstanceMeta
 from appliance.storage.packs.writer import PackWriter, Source
+from appliance.storage.streams import reader_over
 from appliance.storage.volumes import PackLocation, VolumeInfo, VolumeLibrary
 
 logger = logging.getLogger(__name__)
@@ -166,8 +166,7 @@ class OfflineTier:
         return sorted(usable, key=lambda v: (v.free, v.label))
 
     def _read_back(self, location: PackLocation, keys: KeyStore | None) -> VerifyReport:
-        raw = _IteratorReader(self.library.read_pack(location))
-        stream = cast(BinaryIO, io.BufferedReader(raw, _CHUNK))
+        stream = reader_over(self.library.read_pack(location))
         try:
             return PackReader(stream, keys).read_all()
         finally:
@@ -192,31 +191,3 @@ def _location(location: str, pack_id: str, size: int, sha256: str) -> PackLocati
 def _chunks(source: io.BufferedReader) -> Iterator[bytes]:
     while chunk := source.read(_CHUNK):
         yield chunk
-
-
-class _IteratorReader(io.RawIOBase):
-    """A read-only, sequential file over an iterator of chunks."""
-
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        self._chunks = chunks
-        self._pending = b""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        while not self._pending:
-            try:
-                self._pending = next(self._chunks)
-            except StopIteration:
-                return 0
-        count = min(len(buffer), len(self._pending))
-        buffer[:count] = self._pending[:count]
-        self._pending = self._pending[count:]
-        return count
-
-    def close(self) -> None:
-        close = getattr(self._chunks, "close", None)
-        if close is not None:
-            close()
-        super().close()

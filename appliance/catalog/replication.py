@@ -1,0 +1,155 @@
+"""The mirror's side of the catalog: the replication queue, the change
+journal, and the off-site copies.
+
+Instances enter the queue in the transaction that records them
+(``store.py``); they leave it in the transaction that records their
+off-site copy, so that every instance answered with Success is, at every
+instant, either queued or on the mirror.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import lmdb
+
+from appliance.catalog.copies import PackRecord, _add_copy, _add_meta
+from appliance.catalog.store import Catalog, append_journal, encode_key, sequence_key
+from appliance.errors import CatalogError
+
+logger = logging.getLogger(__name__)
+
+OFFSITE = "offsite"
+
+
+@dataclass(frozen=True)
+class Queued:
+    """One instance waiting for the mirror."""
+
+    number: int
+    sop_instance_uid: str
+    size: int
+    time: float
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """How far behind the mirror is."""
+
+    instances: int
+    bytes: int
+    oldest: float | None  # when the oldest queued instance was received
+
+    @property
+    def recovery_point_age(self) -> float:
+        """Seconds of receipts the mirror lacks (0 when nothing waits)."""
+        return 0.0 if self.oldest is None else max(0.0, time.time() - self.oldest)
+
+
+def queued(catalog: Catalog, limit: int | None = None) -> list[Queued]:
+    """The oldest entries of the queue, in arrival order."""
+    found = []
+    with catalog.read() as txn:
+        for key, raw in txn.cursor(db=catalog.db["replication"]):
+            data = json.loads(bytes(raw))
+            found.append(
+                Queued(
+                    int.from_bytes(key, "big"), data["uid"], data["size"], data["time"]
+                )
+            )
+            if limit is not None and len(found) >= limit:
+                break
+    return found
+
+
+def queue_state(catalog: Catalog) -> QueueState:
+    """Entries, bytes and the oldest receipt time in the queue."""
+    count, size, oldest = 0, 0, None
+    with catalog.read() as txn:
+        for _key, raw in txn.cursor(db=catalog.db["replication"]):
+            data = json.loads(bytes(raw))
+            count += 1
+            size += data["size"]
+            oldest = data["time"] if oldest is None else min(oldest, data["time"])
+    return QueueState(count, size, oldest)
+
+
+def mark_replicated(
+    catalog: Catalog, pack: PackRecord, sent: list[Queued], sha256: dict[str, str]
+) -> int:
+    """Record a pack verified on the mirror: its instances get an off-site
+    copy and leave the queue, in one transaction; the copies added."""
+    try:
+        with catalog.env.begin(write=True) as txn:
+            catalog._put(txn, "packs", pack.pack_id, pack.as_json())
+            added = 0
+            for entry in sent:
+                uid = entry.sop_instance_uid
+                member = pack.members.get(uid)
+                if member is not None:
+                    location = f"{pack.pack_id}/{member}"
+                    added += _add_copy(
+                        catalog, txn, uid, sha256.get(uid), OFFSITE, location
+                    )
+                txn.delete(sequence_key(entry.number), db=catalog.db["replication"])
+            _add_meta(catalog, txn, f"packbytes.{OFFSITE}", pack.size)
+            append_journal(
+                catalog,
+                txn,
+                {"op": "replicated", "pack": pack.as_json()},
+            )
+            return added
+    except lmdb.Error as exc:
+        raise CatalogError(f"cannot record pack {pack.pack_id}: {exc}") from exc
+
+
+def drop_from_queue(catalog: Catalog, entries: list[Queued]) -> None:
+    """Take entries whose instance is gone (replaced, removed) off the queue."""
+    with catalog.env.begin(write=True) as txn:
+        for entry in entries:
+            txn.delete(sequence_key(entry.number), db=catalog.db["replication"])
+
+
+def journal_after(catalog: Catalog, number: int) -> Iterator[dict[str, Any]]:
+    """Journal entries numbered above ``number``, in order."""
+    with catalog.read() as txn:
+        cursor = txn.cursor(db=catalog.db["journal"])
+        if not cursor.set_range(sequence_key(number + 1)):
+            return
+        for _key, raw in cursor:
+            yield json.loads(bytes(raw))
+
+
+def mirror_mark(catalog: Catalog, name: str) -> int:
+    """A number kept in ``meta`` about the mirror (0 when unset), such as
+    the last journal entry sent."""
+    with catalog.read() as txn:
+        return int(txn.get(f"mirror.{name}".encode(), b"0", db=catalog.db["meta"]))
+
+
+def set_mirror_mark(catalog: Catalog, name: str, value: int | str) -> None:
+    with catalog.env.begin(write=True, db=catalog.db["meta"]) as txn:
+        txn.put(f"mirror.{name}".encode(), str(value).encode())
+
+
+def mirror_note(catalog: Catalog, name: str) -> str:
+    """A text kept in ``meta`` about the mirror (the last error, ...)."""
+    with catalog.read() as txn:
+        raw = txn.get(f"mirror.{name}".encode(), db=catalog.db["meta"])
+    return bytes(raw).decode() if raw is not None else ""
+
+
+def last_journal_number(catalog: Catalog) -> int:
+    with catalog.read() as txn:
+        cursor = txn.cursor(db=catalog.db["journal"])
+        return int.from_bytes(cursor.key(), "big") if cursor.last() else 0
+
+
+def pack_is_recorded(catalog: Catalog, pack_id: str) -> bool:
+    with catalog.read() as txn:
+        return txn.get(encode_key(pack_id), db=catalog.db["packs"]) is not None

@@ -1,0 +1,1 @@
+"""Off-site replication: the queue, transports, bandwidth, catalog snapshots."""
