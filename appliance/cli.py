@@ -14,6 +14,7 @@ from rich.table import Table
 
 from appliance import config as configuration
 from appliance import logs
+from appliance.cli_replication import register as register_replication_commands
 from appliance.cli_tiers import register as register_tier_commands
 from appliance.errors import ApplianceError, ConfigError
 from appliance.terminal import console, progress_bar, size
@@ -267,3 +268,4 @@ def example() -> None:
 
 # The tier commands live in their own module; they share this group and loader.
 register_tier_commands(main, _load)
+register_replication_commands(main, _load)

@@ -26,6 +26,8 @@ from appliance.terminal import console, progress_bar, size
 logger = logging.getLogger(__name__)
 
 _TIER_ORDER = ("online", "nearline", "offline")
+# No single medium holds more; a larger figure is a typing mistake.
+_LARGEST_VOLUME = 10**15
 
 Loader = Callable[[Path | None, dict[str, Any]], Config]
 
@@ -124,6 +126,10 @@ def register(main: click.Group, load: Loader) -> None:
         with _archive(config) as (catalog, opened):
             recaller = Recaller(catalog, opened)
             for uid in study_uids:
+                if not _is_study(catalog, uid):
+                    click.echo(f"{uid!r}: no such study in the catalog", err=True)
+                    incomplete += 1
+                    continue
                 incomplete += not _recall_one(recaller, uid)
         sys.exit(1 if incomplete else 0)
 
@@ -193,8 +199,9 @@ def register(main: click.Group, load: Loader) -> None:
         from appliance.catalog import requests
         from appliance.hsm.recall import Recaller
 
-        with _archive(config) as (catalog, opened):
+        with _archive(config) as (catalog, opened), _clear_errors(label):
             library = opened.packs["offline"].library
+            _known_volume(library, label)
             if hasattr(library, "load"):
                 library.load(label)
             if not library.is_reachable(label):
@@ -219,10 +226,14 @@ def register(main: click.Group, load: Loader) -> None:
         """Take a volume out of its drive (tape); report where it is."""
         config = load(config_file, {"storage.data_dir": data_dir})
         library = _library(config)
-        if hasattr(library, "unload") and library.is_reachable(label):
-            library.unload()
-        state = "still reachable" if library.is_reachable(label) else "on the shelf"
-        click.echo(f"volume {label}: {state}")
+        with _clear_errors(label):
+            _known_volume(library, label)
+            if hasattr(library, "unload") and library.is_reachable(label):
+                library.unload()
+            reachable = library.is_reachable(label)
+        click.echo(
+            f"volume {label}: {'still reachable' if reachable else 'on the shelf'}"
+        )
 
     @volumes.command(name="requests")
     @config_option
@@ -247,7 +258,7 @@ def register(main: click.Group, load: Loader) -> None:
         """Read every pack of a volume back and check every instance."""
         config = load(config_file, {"storage.data_dir": data_dir})
         bad = 0
-        with _archive(config) as (_catalog, opened):
+        with _archive(config) as (catalog, opened), _clear_errors(label):
             offline = opened.packs["offline"]
             packs = offline.library.list_packs(label)
             with progress_bar() as progress:
@@ -258,8 +269,17 @@ def register(main: click.Group, load: Loader) -> None:
                         bad += 1
                         click.echo(report.describe(), err=True)
                     progress.advance(task)
-        click.echo(f"volume {label}: {len(packs)} pack(s) read, {bad} bad")
-        sys.exit(1 if bad else 0)
+            present = {f"{p.volume}/{p.position}" for p in packs}
+            missing = _recorded_on(catalog, label) - present
+        for location in sorted(missing):
+            click.echo(
+                f"pack at {location} is in the catalog but not on the volume", err=True
+            )
+        click.echo(
+            f"volume {label}: {len(packs)} pack(s) read, {bad} bad, "
+            f"{len(missing)} missing"
+        )
+        sys.exit(1 if bad or missing else 0)
 
     @volumes.command()
     @config_option
@@ -270,19 +290,52 @@ def register(main: click.Group, load: Loader) -> None:
         eject a tape)."""
         config = load(config_file, {"storage.data_dir": data_dir})
         library = _library(config)
-        if hasattr(library, "finalise"):
-            library.finalise(label)
-        elif hasattr(library, "unload") and library.is_reachable(label):
-            library.unload()
+        with _clear_errors(label):
+            _known_volume(library, label)
+            if hasattr(library, "finalise"):
+                library.finalise(label)
+            elif hasattr(library, "unload") and library.is_reachable(label):
+                library.unload()
+        where = (
+            f"move its folder out of {config.volume_settings()['path']}"
+            if config.get("volumes.kind") == "directory"
+            else "take it out of the library"
+        )
         click.echo(
-            f"volume {label} is ready to leave: its packs are encrypted; the "
-            "master keys must be escrowed separately"
+            f"volume {label} is ready to leave ({where}): its packs are "
+            "encrypted; the master keys must be escrowed separately"
         )
 
     @main.group()
     def keys() -> None:
         """The master keys that packs are encrypted under: export for the
         escrow, import on a new appliance, rotate."""
+
+    @keys.command()
+    @config_option
+    @data_dir_option
+    def init(config_file: Path | None, data_dir: str | None) -> None:
+        """Make the master key (if there is none) and say how to escrow it."""
+        from appliance.storage.keys import KeyStore, key_store_path
+
+        config = load(config_file, {"storage.data_dir": data_dir})
+        path = key_store_path(config.data_dir)
+        existed = path.exists()
+        try:
+            store = KeyStore.create_if_missing(path)
+        except ApplianceError as exc:
+            click.echo(f"cannot make the key store: {exc}", err=True)
+            sys.exit(1)
+        state = "already there" if existed else "made"
+        click.echo(
+            f"master key {store.current.key_id} {state} in {path} (mode 0600).\n"
+            "Every pack on the volumes and on the mirror is encrypted under it:\n"
+            "without a copy of it, they cannot be read after a disaster.\n"
+            "Now: appliance keys export > escrow.txt, print it or write it to\n"
+            "removable media, store it away from the appliance and its volumes\n"
+            "(a safe, the key escrow of your IT security office), then delete\n"
+            "escrow.txt. Export again after every appliance keys rotate."
+        )
 
     @keys.command(name="export")
     @config_option
@@ -322,13 +375,70 @@ def register(main: click.Group, load: Loader) -> None:
         click.echo(f"new current master key {new.key_id}: export it to the escrow")
 
 
+def require_catalog(config: Config) -> None:
+    """Stop with a clear message when there is no archive where the
+    configuration points: a command run from the wrong folder must not
+    quietly make a new, empty one."""
+    if not config.catalog_path.exists():
+        click.echo(
+            f"no catalog at {config.catalog_path}: nothing stored yet, or "
+            "--data-dir / --config point elsewhere",
+            err=True,
+        )
+        sys.exit(1)
+
+
 def _key_store(config: Config) -> Any:
     from appliance.storage.keys import KeyStore, key_store_path
 
+    path = key_store_path(config.data_dir)
+    if not path.exists():
+        click.echo(
+            f"no key store at {path}: the appliance makes one when it first "
+            "starts (or run appliance keys init); after a disaster, import "
+            "the escrow copy with appliance keys import",
+            err=True,
+        )
+        sys.exit(1)
     try:
-        return KeyStore.create_if_missing(key_store_path(config.data_dir))
+        return KeyStore.load(path)
     except ApplianceError as exc:
         click.echo(f"cannot open the key store: {exc}", err=True)
+        sys.exit(1)
+
+
+def _is_study(catalog: Any, uid: str) -> bool:
+    from appliance.catalog import copies
+
+    if not uid.strip():
+        return False
+    with catalog.read() as txn:
+        return copies.study_copies(catalog, txn, uid) is not None
+
+
+def _known_volume(library: Any, label: str) -> None:
+    if label not in {v.label for v in library.list_volumes()}:
+        raise ValueError(f"no volume {label!r} is labelled in this library")
+
+
+def _recorded_on(catalog: Any, label: str) -> set[str]:
+    """Where the catalog says packs lie on volume ``label``."""
+    with catalog.read() as txn:
+        return {
+            data["location"]
+            for _key, data in catalog.all_records(txn, "packs")
+            if data.get("tier") == "offline"
+            and data["location"].partition("/")[0] == label
+        }
+
+
+@contextmanager
+def _clear_errors(label: str) -> Iterator[None]:
+    """A wrong label or an unreachable volume is one line and exit 1."""
+    try:
+        yield
+    except (ApplianceError, ValueError) as exc:
+        click.echo(f"volume {label}: {exc}", err=True)
         sys.exit(1)
 
 
@@ -351,10 +461,10 @@ def _parse_size(text: str) -> int:
     number = cleaned[:-1] if cleaned[-1:] in units else cleaned
     try:
         value = int(float(number) * factor)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise click.BadParameter(f"{text!r} is not a size such as 800G") from None
-    if value <= 0:
-        raise click.BadParameter("the capacity must be more than 0")
+    if not 0 < value <= _LARGEST_VOLUME:
+        raise click.BadParameter("the capacity must be more than 0 and at most 1000T")
     return value
 
 
@@ -383,6 +493,7 @@ def _archive(config: Config, writer: bool = False) -> Iterator[tuple[Any, Any]]:
     from appliance.catalog.store import Catalog
     from appliance.hsm.tiers import open_tiers
 
+    require_catalog(config)
     try:
         catalog = Catalog(config.catalog_path, config.get("storage.catalog_max_size"))
     except ApplianceError as exc:
@@ -449,7 +560,15 @@ def _tier_rows(config: Config, catalog: Any, opened: Any) -> list[dict[str, Any]
 
 def _print_tiers(rows: list[dict[str, Any]]) -> None:
     table = Table(title="Tiers")
-    columns = ("tier", "studies", "instances", "packs", "used", "capacity", "marks")
+    columns = (
+        "tier",
+        "studies",
+        "instance bytes",
+        "pack bytes",
+        "used",
+        "capacity",
+        "marks",
+    )
     for column in columns:
         table.add_column(column, justify="left" if column == "tier" else "right")
     for row in rows:
@@ -482,6 +601,11 @@ def _print_plan(plan: Any) -> None:
         )
     holds = len(plan.decisions) - len(plan.actions)
     click.echo(f"{len(plan.actions)} step(s) planned, {holds} study(ies) held")
+    if not plan.decisions:
+        click.echo(
+            "  no rule applies to any study now, and no tier is above its high "
+            "watermark (rules: appliance config example; docs/policies.md)"
+        )
     for decision in plan.decisions:
         click.echo(f"  {decision}")
     for warning in plan.warnings:

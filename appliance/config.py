@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import os
 import re
 import tomllib
@@ -21,6 +22,7 @@ from apscheduler.triggers.cron import CronTrigger
 
 from appliance.errors import ConfigError
 from appliance.hsm import policy
+from appliance.replication.bandwidth import check_timetable
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +30,7 @@ DUPLICATE_POLICIES = ("refuse", "keep_first", "replace")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 VOLUME_KINDS = ("directory", "tape", "optical")
+MIRROR_KINDS = ("directory", "sftp")
 
 Check = Callable[[Any], str | None]
 
@@ -74,9 +77,18 @@ def _integer(low: int, high: int) -> Callable[[Any], str | None]:
 def _seconds(value: Any) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return "must be a number of seconds greater than 0"
-    if value <= 0:
+    if not math.isfinite(value) or value <= 0:
         return "must be a number of seconds greater than 0"
     return None
+
+
+def _at_least_seconds(low: float) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if _seconds(value) or value < low:
+            return f"must be a number of seconds, at least {low:g}"
+        return None
+
+    return check
 
 
 def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
@@ -133,7 +145,7 @@ def _number(low: float, high: float) -> Check:
     def check(value: Any) -> str | None:
         if isinstance(value, bool) or not isinstance(value, int | float):
             return f"must be a number from {low:g} to {high:g}"
-        if not low <= value <= high:
+        if not math.isfinite(value) or not low <= value <= high:
             return f"must be a number from {low:g} to {high:g}"
         return None
 
@@ -358,7 +370,7 @@ KEYS: tuple[Key, ...] = (
         30.0,
         "Seconds between checks of the online and nearline tiers against their "
         "high watermarks (a cheap check; releases run only when one is crossed).",
-        _seconds,
+        _at_least_seconds(1.0),
     ),
     Key(
         "migration",
@@ -474,6 +486,142 @@ KEYS: tuple[Key, ...] = (
         _text,
     ),
     Key("volumes", "xorriso", "xorriso", "The xorriso program (optical only).", _path),
+    Key(
+        "mirror",
+        "kind",
+        "directory",
+        "The off-site mirror: directory (a local or mounted folder: NFS, a USB "
+        "disk for rotation) or sftp (an SSH server, key authentication).",
+        _one_of(MIRROR_KINDS),
+    ),
+    Key(
+        "mirror",
+        "path",
+        "",
+        "directory: the mirror folder, which must exist (a mount point); empty "
+        "means DATA_DIR/mirror, made on first use.",
+        _text,
+    ),
+    Key("mirror", "host", "", "sftp: the mirror's host name or address.", _text),
+    Key("mirror", "port", 22, "sftp: the mirror's SSH port.", _integer(1, 65535)),
+    Key("mirror", "user", "", "sftp: the user to log in as.", _text),
+    Key(
+        "mirror",
+        "key_file",
+        "",
+        "sftp: the private key file (ed25519 or RSA) that logs in.",
+        _text,
+    ),
+    Key(
+        "mirror",
+        "known_hosts",
+        "",
+        "sftp: a known_hosts file holding the mirror's host key; an unknown or "
+        "changed key stops replication (it is never accepted on its own).",
+        _text,
+    ),
+    Key(
+        "mirror",
+        "remote_path",
+        ".",
+        "sftp: the mirror's folder, from the login folder.",
+        _text,
+    ),
+    Key(
+        "mirror",
+        "timeout",
+        30.0,
+        "sftp: seconds to connect, log in, and for each read or write.",
+        _seconds,
+    ),
+    Key(
+        "mirror",
+        "stall_timeout",
+        120.0,
+        "Seconds an upload may make no progress before it is cut off and resumed.",
+        _seconds,
+    ),
+    Key(
+        "mirror",
+        "keepalive",
+        15.0,
+        "sftp: seconds between SSH keepalives.",
+        _seconds,
+    ),
+    Key(
+        "mirror",
+        "retries",
+        5,
+        "sftp: reconnections per operation before it fails.",
+        _integer(0, 100),
+    ),
+    Key(
+        "mirror",
+        "backoff",
+        1.0,
+        "sftp: seconds before the first reconnection; doubled each time.",
+        _seconds,
+    ),
+    Key(
+        "mirror",
+        "backoff_max",
+        60.0,
+        "sftp: the longest wait between reconnections, in seconds.",
+        _seconds,
+    ),
+    Key(
+        "mirror",
+        "block_size",
+        1048576,
+        "Bytes per write to the mirror (and per bandwidth step).",
+        _integer(32 * 1024, 16 * 2**20),
+    ),
+    Key(
+        "replication",
+        "enabled",
+        True,
+        "Send every stored instance to the mirror; false keeps them queued.",
+        _boolean,
+    ),
+    Key(
+        "replication",
+        "timetable",
+        "off",
+        'Bandwidth by time of day: "07:00,2MB 19:00,40MB" (from 07:00 2 MB/s, '
+        'from 19:00 40 MB/s), weekdays with "mon-fri ...; sat-sun off", off for '
+        "no limit, pause to send nothing. See docs/replication.md.",
+        check_timetable,
+    ),
+    Key(
+        "replication",
+        "batch_bytes",
+        64_000_000,
+        "Bytes of waiting instances that make a pack for the mirror at once.",
+        _integer(1_000_000, 10**12),
+    ),
+    Key(
+        "replication",
+        "batch_seconds",
+        30.0,
+        "Seconds the oldest waiting instance waits at most before a smaller pack goes.",
+        _seconds,
+    ),
+    Key(
+        "replication",
+        "snapshot_interval",
+        86400.0,
+        "Seconds between encrypted catalog snapshots on the mirror (the "
+        "journal of changes follows every pack).",
+        _seconds,
+    ),
+    Key(
+        "replication",
+        "verify_after_upload",
+        True,
+        "Read every pack back from the mirror and check it before its "
+        "instances count as replicated.",
+        _boolean,
+    ),
     Key("logging", "level", "INFO", "Log level.", _one_of(LOG_LEVELS)),
     Key(
         "logging",
@@ -625,6 +773,18 @@ class Config:
                 return peer
         return None
 
+    def mirror_settings(self) -> dict[str, Any]:
+        """The ``mirror`` keys without the section name, paths resolved."""
+        settings = {
+            key.name: self.values[key.path] for key in KEYS if key.section == "mirror"
+        }
+        settings["path"] = str(self._tier_path("mirror.path", "mirror"))
+        for name in ("key_file", "known_hosts"):
+            if settings[name]:
+                settings[name] = str(self._resolve(settings[name]))
+        settings.pop("kind")
+        return settings
+
     def volume_settings(self) -> dict[str, Any]:
         """The ``volumes`` keys, without the section name, paths resolved."""
         settings = {
@@ -672,10 +832,22 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> C
     problems += rule_problems
     problems += _check_references(values, peers)
     problems += _check_watermarks(values)
+    problems += _check_mirror(values)
 
     if problems:
         raise ConfigError(problems)
     return Config(values=values, peers=tuple(peers), base_dir=Path.cwd(), rules=rules)
+
+
+def _check_mirror(values: dict[str, Any]) -> list[tuple[str, str]]:
+    """An SFTP mirror needs its host, user and both key files."""
+    if values.get("mirror.kind") != "sftp":
+        return []
+    return [
+        (f"mirror.{name}", "is required when mirror.kind is sftp")
+        for name in ("host", "user", "key_file", "known_hosts")
+        if not values.get(f"mirror.{name}")
+    ]
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

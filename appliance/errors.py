@@ -19,6 +19,11 @@ module that called them, so that callers only need to know this vocabulary::
      +-- KeyStoreError          the master keys are missing, unsafe or unreadable
      |    +-- MissingKeyError      a pack needs a master key the store lacks
      +-- RejectedInstance       an instance is refused (bad or conflicting)
+     +-- TransportError         the off-site mirror cannot be reached, read or written
+     |    +-- HostKeyError         the mirror's host key is unknown or has changed
+     |    +-- StalledTransferError a transfer made no progress for too long
+     |    +-- MirrorConflictError  another file already holds the name on the mirror
+     +-- LimiterClosed          the service stops while an upload waits
 """
 
 
@@ -133,3 +138,41 @@ class RejectedInstance(ApplianceError):
         self.status = status
         self.reason = reason
         super().__init__(reason)
+
+
+class LimiterClosed(ApplianceError):
+    """The bandwidth limiter was closed while an upload waited for its turn.
+
+    The service is stopping: the upload is abandoned and sent again later.
+    """
+
+
+class TransportError(ApplianceError):
+    """The off-site mirror cannot be reached, read or written.
+
+    Whatever was being uploaded is not on the mirror under its name; an
+    unfinished upload is resumed, after checking, by the next attempt.
+    """
+
+
+class HostKeyError(TransportError):
+    """The mirror's SSH host key is not the one pinned in known_hosts.
+
+    Nothing was sent: the connection is refused before authentication. The
+    message says which key was offered and what to do about it.
+    """
+
+
+class StalledTransferError(TransportError):
+    """A transfer to or from the mirror made no progress for too long.
+
+    The connection was torn down; the next attempt resumes the upload.
+    """
+
+
+class MirrorConflictError(TransportError):
+    """A different file already holds this name on the mirror.
+
+    Files on the mirror are never rewritten in place: the upload is refused
+    and the file on the mirror is left as it is.
+    """

@@ -10,10 +10,8 @@ or SIGINT stops accepting, lets open associations finish, then exits.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing
-import os
 import selectors
 import signal
 import socket
@@ -26,6 +24,7 @@ from typing import Any
 
 from appliance import logs
 from appliance.catalog.store import Catalog
+from appliance.children import die_with_parent
 from appliance.config import Config
 from appliance.dicom.handoff import HandoffServer, send_connection
 from appliance.dicom.node import Node, configure_pynetdicom
@@ -34,6 +33,7 @@ from appliance.hsm import scheduler
 from appliance.hsm.recall import Recaller
 from appliance.hsm.tiers import open_tiers
 from appliance.ingest import Ingest
+from appliance.replication.supervisor import Supervisor
 from appliance.storage.lock import WORKERS_LOCK, TierLock, claim_tier
 from appliance.storage.online import OnlineTier
 
@@ -42,7 +42,6 @@ logger = logging.getLogger(__name__)
 _STOP_GRACE = 30.0
 _QUICK_DEATH = 10
 _RESTART_DELAY = 10
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -90,10 +89,16 @@ def _serve(config: Config, listener: socket.socket) -> int:
         len(workers),
         config.data_dir,
     )
-    migrations = scheduler.start(config)
+    migrations = replication = None
     try:
+        migrations = scheduler.start(config)
+        if config.get("replication.enabled"):
+            replication = Supervisor(config)
+            replication.start()
         _accept_loop(listener, workers, counts, stop, context, config)
     finally:
+        if replication is not None:
+            replication.stop()
         if migrations is not None:
             # A running migration child is a daemon: it stops with us, and
             # its next run resumes (every step is idempotent).
@@ -249,7 +254,7 @@ def run_worker(
     ready: Any,
 ) -> None:
     """Serve the associations handed over ``channel`` until SIGTERM."""
-    _die_with_parent()
+    die_with_parent()
     logs.setup(config.get("logging.level"), config.get("logging.format"))
     configure_pynetdicom()
 
@@ -317,14 +322,3 @@ def _finish_associations(server: HandoffServer) -> None:
         logger.warning("stopping: aborting %d association(s) still open", len(left))
     for assoc in left:
         assoc.abort()
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to send SIGTERM to this worker if the listener dies."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        logger.debug("prctl is not available; workers outlive a killed listener")
-    if os.getppid() == 1:
-        os.kill(os.getpid(), signal.SIGTERM)

@@ -366,3 +366,26 @@ def test_the_rule_examples_in_the_docs_load(tmp_path, doc):
     assert all(loaded)
     if doc == "policies.md":
         assert config.default_rules() in loaded, "the defaults shown are current"
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize(
+    "key", ["migration.watermark_interval", "timeouts.dimse", "volumes.load_timeout"]
+)
+def test_seconds_must_be_finite(tmp_path, key: str, value: str) -> None:
+    section, name = key.split(".")
+    path = tmp_path / "appliance.toml"
+    path.write_text(f"[{section}]\n{name} = {value}\n")
+
+    with pytest.raises(ConfigError) as raised:
+        config.load(path)
+
+    assert key in str(raised.value)
+
+
+def test_watermark_checks_are_at_least_a_second_apart(tmp_path) -> None:
+    path = tmp_path / "appliance.toml"
+    path.write_text("[migration]\nwatermark_interval = 1e-9\n")
+
+    with pytest.raises(ConfigError, match=r"migration\.watermark_interval"):
+        config.load(path)

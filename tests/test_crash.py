@@ -146,11 +146,14 @@ def test_restart_gives_the_same_answers(appliance_factory, tmp_path):
 
 
 def _workers(listener: psutil.Process) -> list[psutil.Process]:
-    """The worker processes (not multiprocessing's resource tracker)."""
+    """The worker processes: the children that hold the online tier's
+    workers.lock (not the replication process, nor multiprocessing's
+    resource tracker)."""
     found = []
     for child in listener.children():
         try:
-            if "spawn_main" in " ".join(child.cmdline()) and child.is_running():
+            held = {Path(f.path).name for f in child.open_files()}
+            if "workers.lock" in held and child.is_running():
                 found.append(child)
         except psutil.Error:
             continue

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -272,3 +273,21 @@ def test_escrow_text_needs_exactly_one_current_key(store_path: Path):
 def test_text_that_is_not_an_escrow_is_refused():
     with pytest.raises(KeyStoreError, match="not an escrow text"):
         parse_escrow("hello\n")
+
+
+def test_a_running_store_sees_a_rotation_made_by_another_process(tmp_path) -> None:
+    path = tmp_path / "keys" / "master.keys"
+    service = KeyStore.create_if_missing(path)
+    first = service.current.key_id
+    wrapped_before = service.new_data_key()
+
+    command_line = KeyStore.load(path)
+    time.sleep(0.01)  # a distinct modification time on coarse clocks
+    new = command_line.rotate()
+    data_key = command_line.new_data_key()
+
+    assert service.current.key_id == new.key_id != first
+    assert service.unwrap(data_key.master_key_id, data_key.wrapped).secret == (
+        data_key.secret
+    )
+    assert service.unwrap(first, wrapped_before.wrapped).secret == wrapped_before.secret

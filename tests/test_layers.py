@@ -4,6 +4,7 @@ The catalog and storage never import the DICOM node, the service or the
 command line; the node never imports the command line. The pack format and
 the master keys import no tier. The migration policy is pure: it imports
 nothing of the appliance and no module that reads files, clocks or sockets.
+The bandwidth limiter uses only the errors and the durable-write helpers.
 """
 
 from __future__ import annotations
@@ -58,6 +59,18 @@ FORBIDDEN = {
     "appliance.config": ("appliance.dicom", "appliance.catalog", "appliance.storage"),
     "appliance.hsm": ("appliance.dicom", "appliance.service", "appliance.cli"),
     "appliance.hsm.policy": ("appliance.",),
+    # Mirror transports move opaque, already encrypted files: no catalog, no
+    # DICOM, no tiers' logic, no pack format or keys, no wiring above them.
+    "appliance.replication.transports": (
+        "appliance.catalog",
+        "appliance.dicom",
+        "appliance.hsm",
+        "appliance.service",
+        "appliance.cli",
+        "appliance.ingest",
+        "appliance.storage.packs",
+        "appliance.storage.keys",
+    ),
 }
 
 # The standard library modules the pure policy may use, so that its
@@ -108,3 +121,18 @@ def test_the_policy_is_pure():
     path = PACKAGE / "hsm" / "policy.py"
     modules = {name.split(".")[0] for name in _imports(path)}
     assert modules <= POLICY_MODULES, sorted(modules - POLICY_MODULES)
+
+
+# Everything of the appliance that the bandwidth limiter may import.
+BANDWIDTH_IMPORTS = ("appliance.errors", "appliance.storage.durable")
+
+
+def test_the_bandwidth_limiter_stands_alone():
+    path = PACKAGE / "replication" / "bandwidth.py"
+    ours = {name for name in _imports(path) if name.split(".")[0] == "appliance"}
+    allowed = {
+        name
+        for name in ours
+        if any(name == a or name.startswith(a + ".") for a in BANDWIDTH_IMPORTS)
+    }
+    assert ours == allowed, sorted(ours - allowed)

@@ -4,6 +4,7 @@ names, concurrent stores, access control and the association limit."""
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import threading
 import time
@@ -126,7 +127,8 @@ def test_non_conformant_uids_are_stored_findable_and_harmless(
     files = _object_files(appliance)
     assert len(files) == 1
     assert files[0].is_relative_to(appliance.data_dir / "online" / "objects")
-    assert "passwd" not in str(files[0]) and "abc" not in str(files[0])
+    assert odd_uid.strip() not in str(files[0]) and "passwd" not in str(files[0])
+    assert re.fullmatch(r"[0-9a-f]{32}\.dcm", files[0].name)
 
 
 def test_two_associations_storing_one_instance_end_with_one_copy(

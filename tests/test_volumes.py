@@ -387,3 +387,17 @@ def test_directory_volume_on_a_full_disk_is_full(small_disk):
     assert library.list_packs("VOL001") == [kept]
     assert read_all(library, kept) == pack_bytes(MiB, seed=1)
     assert list((small_disk / "library" / "VOL001" / "incoming").iterdir()) == []
+
+
+def test_a_stray_labelled_folder_is_ignored(tmp_path: Path) -> None:
+    from appliance.storage.volumes import DirectoryLibrary
+
+    library = DirectoryLibrary(tmp_path / "library")
+    library.label("T3", 10**6)
+    shutil.copytree(tmp_path / "library" / "T3", tmp_path / "library" / "T3-backup")
+
+    again = DirectoryLibrary(tmp_path / "library")
+
+    assert [v.label for v in again.list_volumes()] == ["T3"]
+    location = again.write_pack("T3", "p-000000001", [b"pack bytes"])
+    assert b"".join(again.read_pack(location)) == b"pack bytes"

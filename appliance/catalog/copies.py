@@ -285,3 +285,36 @@ def _add_meta(catalog: Catalog, txn: lmdb.Transaction, key: str, amount: int) ->
     meta = catalog.db["meta"]
     current = int(txn.get(key.encode(), b"0", db=meta))
     txn.put(key.encode(), str(current + amount).encode(), db=meta)
+
+
+def mark_unverified(catalog: Catalog, pack_id: str, uids: list[str]) -> int:
+    """Stop counting the copies that ``pack_id`` holds for ``uids`` (found
+    damaged or missing): they stay listed, for the scrub to repair, but no
+    release relies on them any more. Returns how many copies changed."""
+    changed = 0
+    try:
+        with catalog.env.begin(write=True) as txn:
+            for uid in uids:
+                record = catalog.instance(txn, uid)
+                if record is None:
+                    continue
+                damaged = [
+                    c
+                    for c in record.copies
+                    if c.verified and c.location.startswith(pack_id + "/")
+                ]
+                if not damaged:
+                    continue
+                study = catalog.get(txn, "studies", record.study_uid)
+                if study is not None:
+                    count_copies(study, record, -1)
+                for copy in damaged:
+                    copy.verified = False
+                if study is not None:
+                    count_copies(study, record, +1)
+                    catalog._put(txn, "studies", record.study_uid, study)
+                catalog._put(txn, "instances", uid, _with_key(record))
+                changed += len(damaged)
+    except lmdb.Error as exc:
+        raise CatalogError(f"cannot mark copies in {pack_id}: {exc}") from exc
+    return changed

@@ -19,7 +19,15 @@ from typing import Any
 import lmdb
 
 from appliance.catalog.copies import PackRecord, _add_copy, _add_meta
-from appliance.catalog.store import Catalog, append_journal, encode_key, sequence_key
+from appliance.catalog.store import (
+    Catalog,
+    _with_key,
+    append_journal,
+    count_copies,
+    encode_key,
+    next_number,
+    sequence_key,
+)
 from appliance.errors import CatalogError
 
 logger = logging.getLogger(__name__)
@@ -153,3 +161,72 @@ def last_journal_number(catalog: Catalog) -> int:
 def pack_is_recorded(catalog: Catalog, pack_id: str) -> bool:
     with catalog.read() as txn:
         return txn.get(encode_key(pack_id), db=catalog.db["packs"]) is not None
+
+
+def offsite_packs(catalog: Catalog) -> list[PackRecord]:
+    """Every pack on the mirror, the one checked longest ago first."""
+    with catalog.read() as txn:
+        found = [
+            PackRecord.from_json(data)
+            for _key, data in catalog.all_records(txn, "packs")
+            if data.get("tier") == OFFSITE
+        ]
+    return sorted(found, key=lambda pack: (pack.verified, pack.pack_id))
+
+
+def set_pack_verified(catalog: Catalog, pack_id: str, when: float) -> None:
+    """Note when a pack on the mirror was last read back and found good."""
+    with catalog.env.begin(write=True) as txn:
+        data = catalog.get(txn, "packs", pack_id)
+        if data is not None:
+            data["verified"] = when
+            catalog._put(txn, "packs", pack_id, data)
+
+
+def requeue(catalog: Catalog, pack: PackRecord, uids: list[str]) -> int:
+    """Forget the off-site copies that ``pack`` was to hold for ``uids``
+    (damaged or missing on the mirror) and queue those instances again;
+    how many were queued."""
+    queued_again = 0
+    try:
+        with catalog.env.begin(write=True) as txn:
+            for uid in uids:
+                record = catalog.instance(txn, uid)
+                if record is None:
+                    continue
+                mine = [
+                    c
+                    for c in record.copies
+                    if c.tier == OFFSITE and c.location.startswith(pack.pack_id + "/")
+                ]
+                if not mine:
+                    continue
+                _remove_copy(catalog, txn, record, mine)
+                number = next_number(catalog, txn, "replication.next")
+                entry = {"uid": uid, "size": record.size, "time": record.received}
+                txn.put(
+                    sequence_key(number),
+                    json.dumps(entry, ensure_ascii=False).encode(),
+                    db=catalog.db["replication"],
+                )
+                queued_again += 1
+            append_journal(
+                catalog, txn, {"op": "offsite-lost", "pack": pack.pack_id, "uids": uids}
+            )
+    except lmdb.Error as exc:
+        raise CatalogError(f"cannot queue again from {pack.pack_id}: {exc}") from exc
+    return queued_again
+
+
+def _remove_copy(
+    catalog: Catalog, txn: lmdb.Transaction, record: Any, lost: list[Any]
+) -> None:
+    study = catalog.get(txn, "studies", record.study_uid)
+    if study is not None:
+        count_copies(study, record, -1)
+    record.copies = [c for c in record.copies if c not in lost]
+    if study is not None:
+        count_copies(study, record, +1)
+        catalog._put(txn, "studies", record.study_uid, study)
+    catalog._put(txn, "instances", record.sop_instance_uid, _with_key(record))
+    _add_meta(catalog, txn, f"bytes.{OFFSITE}", -record.size * len(lost))

@@ -100,3 +100,22 @@ def close_volume_requests(catalog: Catalog, volume: str) -> list[str]:
     studies = list(data.get("studies", []))
     logger.info("operator request for volume %s done: %d studies", volume, len(studies))
     return studies
+
+
+def study_recalled(catalog: Catalog, study_uid: str) -> None:
+    """A study is back online: it waits for no volume any more, and a
+    request left with no study is closed (the volume came back without
+    ``appliance volumes loaded``)."""
+    try:
+        with catalog.env.begin(write=True) as txn:
+            for key, data in list(catalog.all_records(txn, "requests")):
+                if study_uid not in data.get("studies", []):
+                    continue
+                data["studies"].remove(study_uid)
+                if data["studies"]:
+                    catalog._put(txn, "requests", key, data)
+                else:
+                    txn.delete(encode_key(key), db=catalog.db["requests"])
+                    logger.info("operator request %s done", key)
+    except lmdb.Error as exc:
+        raise CatalogError(f"cannot update operator requests: {exc}") from exc

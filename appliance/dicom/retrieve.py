@@ -130,6 +130,10 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
             return
 
         self._waiting = ""
+        if items:
+            # Touched before anything is sent, so that a watermark release
+            # running meanwhile takes other, less recently used studies.
+            self.node.catalog.touch_studies({item.study_uid for item in items})
         if any(item.path is None for item in items):
             items = self._recall(req, context, identifier, items)
         if items and all(item.path is None for item in items):
@@ -331,7 +335,6 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
             if counts.remaining:
                 self._respond(req, context, PENDING, counts)
 
-        self.node.catalog.touch_studies({item.study_uid for item in items})
         if counts.failed == 0 and counts.warning == 0:
             final = SUCCESS
         elif counts.completed == 0 and counts.warning == 0:

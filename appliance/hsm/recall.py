@@ -44,6 +44,8 @@ class RecallResult:
     missing: list[str] = field(default_factory=list)
     waiting_for: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    # pack ID -> instances it failed to give (damaged or missing there)
+    damaged: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -100,6 +102,10 @@ class Recaller:
             [r for r in wanted if r.sop_instance_uid not in staged], result
         )
         self._ask_for_volumes(result)
+        self._stop_counting_damaged(result)
+        if result.ok:
+            self.catalog.touch_studies({study_uid})
+            requests.study_recalled(self.catalog, study_uid)
         self._log(result, len(wanted))
         return result
 
@@ -198,11 +204,19 @@ class Recaller:
             ) as reader:
                 for record in records:
                     key = self._extract(reader, record, pack_id, result)
-                    if key is not None:
-                        staged[record.sop_instance_uid] = (key, record.sha256)
-                        staged_one()
+                    if key is None:
+                        result.damaged.setdefault(pack_id, []).append(
+                            record.sop_instance_uid
+                        )
+                        continue
+                    staged[record.sop_instance_uid] = (key, record.sha256)
+                    staged_one()
         except ApplianceError as exc:
             result.problems.append(f"pack {pack_id}: {exc}")
+            failed = [r.sop_instance_uid for r in records]
+            result.damaged.setdefault(pack_id, []).extend(
+                uid for uid in failed if uid not in staged
+            )
 
     def _extract(
         self,
@@ -230,6 +244,19 @@ class Recaller:
             )
             return None
         return key
+
+    def _stop_counting_damaged(self, result: RecallResult) -> None:
+        """A copy that failed to give its instance no longer counts as
+        verified: a release must not rely on it, and the scrub repairs it."""
+        for pack_id, uids in result.damaged.items():
+            changed = copies.mark_unverified(self.catalog, pack_id, uids)
+            logger.error(
+                "pack %s is damaged or missing: %d copies of study %s no longer "
+                "count as verified",
+                pack_id,
+                changed,
+                result.study_uid,
+            )
 
     def _ask_for_volumes(self, result: RecallResult) -> None:
         for volume in result.waiting_for:

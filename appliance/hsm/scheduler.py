@@ -18,6 +18,7 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from appliance import logs
+from appliance.children import die_with_parent
 from appliance.config import Config
 from appliance.errors import ApplianceError
 
@@ -98,6 +99,7 @@ def run_in_child(config: Config, watermarks_only: bool) -> int:
 
 def run_migration(config: Config, watermarks_only: bool) -> None:
     """Plan and carry out one migration (the child process's work)."""
+    die_with_parent()
     logs.setup(config.get("logging.level"), config.get("logging.format"))
     from appliance.catalog.store import Catalog
     from appliance.hsm.jobs import MigrationJob

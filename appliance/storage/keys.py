@@ -151,6 +151,10 @@ class KeyStore:
         self.path = path
         self.keys = dict(keys)
         self.current_id = current_id
+        try:
+            self._seen = path.stat().st_mtime_ns
+        except OSError:
+            self._seen = 0
 
     @classmethod
     def create_if_missing(cls, path: Path) -> KeyStore:
@@ -184,14 +188,31 @@ class KeyStore:
     @property
     def current(self) -> MasterKey:
         """The key new data keys are wrapped under."""
+        self._follow_file()
         return self.keys[self.current_id]
 
     def get(self, key_id: str) -> MasterKey:
         """The master key with id ``key_id``; MissingKeyError if not held."""
+        if key_id not in self.keys:
+            self._follow_file()
         key = self.keys.get(key_id)
         if key is None:
             raise MissingKeyError(key_id)
         return key
+
+    def _follow_file(self) -> None:
+        """Take in what another process wrote (``appliance keys rotate`` or
+        ``import`` while the service runs): new keys, a new current key."""
+        try:
+            changed = self.path.stat().st_mtime_ns
+        except OSError:
+            return
+        if changed == self._seen:
+            return
+        on_disk = KeyStore.load(self.path)
+        self.keys.update(on_disk.keys)
+        self.current_id = on_disk.current_id
+        self._seen = changed
 
     def rotate(self) -> MasterKey:
         """Add a fresh master key and make it current; older keys stay."""

@@ -229,8 +229,14 @@ class DirectoryLibrary(VolumeLibrary):
         for folder in self.path.iterdir():
             if not is_label(folder.name) or folder.name in known:
                 continue
-            if (folder / LABEL_FILE).is_file():
+            if not (folder / LABEL_FILE).is_file():
+                continue
+            try:
                 self._adopt(folder)
+            except VolumeError as exc:
+                # A stray copy (a backup of a volume's folder, say) must not
+                # stop every other volume from being used.
+                logger.warning("directory volumes: %s; folder ignored", exc)
 
     def _info(self, record: VolumeRecord) -> VolumeInfo:
         folder = self.path / record.label

@@ -1,0 +1,224 @@
+"""Command line for the off-site mirror: ``replication status``, ``verify``
+and ``rate``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+
+from appliance import logs
+from appliance.config import Config
+from appliance.errors import ApplianceError
+from appliance.terminal import progress_bar, size
+
+logger = logging.getLogger(__name__)
+
+Loader = Any
+
+
+def register(main: click.Group, load: Loader) -> None:
+    """Add the ``replication`` commands to ``main``."""
+    config_option = click.option(
+        "--config",
+        "config_file",
+        type=click.Path(path_type=Path, dir_okay=False),
+        help="TOML configuration file (every key has a default).",
+    )
+    data_dir_option = click.option(
+        "--data-dir", help="Directory for all data (storage.data_dir)."
+    )
+
+    @main.group()
+    def replication() -> None:
+        """The off-site mirror: status, verify, rate."""
+
+    @replication.command()
+    @config_option
+    @data_dir_option
+    @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+    def status(config_file: Path | None, data_dir: str | None, as_json: bool) -> None:
+        """Queue, recovery point, rate in force, last snapshot, last error."""
+        config = load(config_file, {"storage.data_dir": data_dir})
+        report = _status(config)
+        if as_json:
+            click.echo(json.dumps(report, indent=2))
+            return
+        _print_status(report)
+
+    @replication.command()
+    @config_option
+    @data_dir_option
+    @click.option(
+        "--sample", type=int, help="Check this many packs, oldest checked first."
+    )
+    @click.option("--all", "check_all", is_flag=True, help="Check every pack.")
+    def verify(
+        config_file: Path | None,
+        data_dir: str | None,
+        sample: int | None,
+        check_all: bool,
+    ) -> None:
+        """Read packs back from the mirror and check every instance.
+
+        Without options, checks the packs not checked for longest, as many
+        as ``--sample`` (default 10): run it regularly and it covers the
+        whole mirror. A damaged or missing pack is reported by instance,
+        and its instances are queued to be sent again.
+        """
+        config = load(config_file, {"storage.data_dir": data_dir})
+        logs.setup("WARNING", config.get("logging.format"))
+        from appliance.replication.audit import audit
+
+        limit = None if check_all else (sample or 10)
+        with _parts(config) as (catalog, tiers, transport), progress_bar() as bar:
+            task = bar.add_task("verifying the mirror", total=None)
+            report = audit(
+                catalog,
+                transport,
+                tiers.keys,
+                limit,
+                lambda done, total: bar.update(task, completed=done, total=total),
+            )
+        click.echo(
+            f"{report.checked} pack(s) read back: {report.good} good, "
+            f"{len(report.bad)} damaged or missing"
+        )
+        for line in report.bad:
+            click.echo(f"  {line}", err=True)
+        sys.exit(1 if report.bad else 0)
+
+    @replication.command()
+    @config_option
+    @data_dir_option
+    @click.argument("rate")
+    @click.option(
+        "--for", "hours", type=float, help="Hours before the timetable resumes."
+    )
+    def rate(
+        config_file: Path | None, data_dir: str | None, rate: str, hours: float | None
+    ) -> None:
+        """Change the rate now: e.g. 5MB, off (no limit), pause, or
+        timetable (back to the configured timetable)."""
+        config = load(config_file, {"storage.data_dir": data_dir})
+        from appliance.replication import bandwidth
+        from appliance.replication.process import override_path
+
+        path = override_path(config)
+        if rate == "timetable":
+            bandwidth.clear_override(path)
+            click.echo("the timetable is in force again")
+            return
+        try:
+            value = bandwidth.parse_rate(rate)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+        until = datetime.now().astimezone() + timedelta(hours=hours) if hours else None
+        bandwidth.write_override(path, value, until)
+        click.echo(
+            f"mirror rate {bandwidth.format_rate(value)}"
+            + (f" until {until:%Y-%m-%d %H:%M}" if until else " until changed")
+            + " (the replicator picks it up within seconds)"
+        )
+
+
+def _status(config: Config) -> dict[str, Any]:
+    from appliance.catalog import replication
+    from appliance.catalog.store import Catalog
+    from appliance.replication import bandwidth
+    from appliance.replication.process import override_path
+
+    catalog = Catalog(config.catalog_path, config.get("storage.catalog_max_size"))
+    try:
+        state = replication.queue_state(catalog)
+        counts = catalog.counts()
+        snapshot_time = replication.mirror_mark(catalog, "snapshot_time")
+        journal_sent = replication.mirror_mark(catalog, "journal_sent")
+        last_error = replication.mirror_note(catalog, "last_error")
+    finally:
+        catalog.close()
+
+    timetable = bandwidth.parse_timetable(config.get("replication.timetable"))
+    now = datetime.now().astimezone()
+    try:
+        override = bandwidth.read_override(override_path(config))
+    except (ValueError, ApplianceError) as exc:
+        logger.warning("the rate override is unreadable and ignored: %s", exc)
+        override = None
+    if override is not None and override.active(now):
+        in_force = override.description
+    else:
+        in_force = timetable.slot_at(now).description
+    return {
+        "mirror": config.get("mirror.kind"),
+        "queued_instances": state.instances,
+        "queued_bytes": state.bytes,
+        "recovery_point_seconds": round(state.recovery_point_age, 1),
+        "offsite_instance_bytes": counts.get("bytes.offsite", 0),
+        "offsite_pack_bytes": counts.get("packbytes.offsite", 0),
+        "rate": in_force,
+        "last_snapshot": (
+            datetime.fromtimestamp(snapshot_time)
+            .astimezone()
+            .isoformat(timespec="seconds")
+            if snapshot_time
+            else None
+        ),
+        "journal_entries_sent": journal_sent,
+        "last_error": last_error or None,
+    }
+
+
+def _print_status(report: dict[str, Any]) -> None:
+    age = report["recovery_point_seconds"]
+    click.echo(f"mirror:          {report['mirror']}")
+    click.echo(
+        f"waiting:         {report['queued_instances']:,} instances, "
+        f"{size(report['queued_bytes'])}"
+    )
+    click.echo(
+        "recovery point:  "
+        + ("up to date" if not report["queued_instances"] else f"{age:,.0f} s behind")
+    )
+    click.echo(
+        f"on the mirror:   {size(report['offsite_instance_bytes'])} of instances in "
+        f"{size(report['offsite_pack_bytes'])} of packs"
+    )
+    click.echo(f"rate:            {report['rate']}")
+    click.echo(f"last snapshot:   {report['last_snapshot'] or 'none yet'}")
+    if report["last_error"]:
+        stamp, _, message = report["last_error"].partition(" ")
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(stamp)))
+        click.echo(f"last error:      {when} {message}")
+
+
+class _parts:
+    """The catalog, tiers and mirror transport, closed on exit."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def __enter__(self) -> tuple[Any, Any, Any]:
+        from appliance.catalog.store import Catalog
+        from appliance.hsm.tiers import open_tiers
+        from appliance.replication.process import open_mirror
+
+        try:
+            self.catalog = Catalog(
+                self.config.catalog_path, self.config.get("storage.catalog_max_size")
+            )
+            self.transport = open_mirror(self.config)
+            return self.catalog, open_tiers(self.config), self.transport
+        except ApplianceError as exc:
+            click.echo(f"cannot reach the mirror: {exc}", err=True)
+            sys.exit(1)
+
+    def __exit__(self, *_: object) -> None:
+        self.transport.close()
+        self.catalog.close()

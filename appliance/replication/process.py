@@ -1,0 +1,93 @@
+"""The replication process of the service, and what opens its parts.
+
+The listener starts one child process that runs the replicator until the
+service stops; if it dies, the listener starts it again. Everything it
+needs comes from the configuration: the mirror's transport, the bandwidth
+timetable (and the runtime override file), the tiers and the keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from appliance import logs
+from appliance.children import die_with_parent
+from appliance.config import Config
+from appliance.replication.bandwidth import Limiter, parse_timetable
+from appliance.replication.replicator import Replicator, Settings
+from appliance.replication.transports import Transport, open_transport
+
+logger = logging.getLogger(__name__)
+
+RATE_OVERRIDE = "replication-rate.json"
+
+
+def override_path(config: Config) -> Path:
+    """The file ``appliance replication rate`` writes and the replicator reads."""
+    return config.data_dir / RATE_OVERRIDE
+
+
+def mirror_settings(config: Config) -> dict[str, Any]:
+    """The ``[mirror]`` keys without the section name; the default mirror
+    is a folder in the data directory, made on first use."""
+    settings = config.mirror_settings()
+    if config.get("mirror.kind") == "directory" and not config.get("mirror.path"):
+        Path(settings["path"]).mkdir(parents=True, exist_ok=True)
+    return settings
+
+
+def open_mirror(config: Config) -> Transport:
+    """The transport to the configured mirror."""
+    return open_transport(config.get("mirror.kind"), mirror_settings(config))
+
+
+def limiter(config: Config, stop: threading.Event | None = None) -> Limiter:
+    """The bandwidth limiter of the configured timetable and override."""
+    sleep = stop.wait if stop is not None else None
+    options: dict[str, Any] = {"override_path": override_path(config)}
+    if sleep is not None:
+        options["sleep"] = sleep
+    return Limiter(parse_timetable(config.get("replication.timetable")), **options)
+
+
+def settings(config: Config) -> Settings:
+    return Settings(
+        batch_bytes=config.get("replication.batch_bytes"),
+        batch_seconds=config.get("replication.batch_seconds"),
+        snapshot_seconds=config.get("replication.snapshot_interval"),
+        verify_after_upload=config.get("replication.verify_after_upload"),
+    )
+
+
+def run_replication(config: Config) -> None:
+    """Replicate until SIGTERM (the child process's work)."""
+    die_with_parent()
+    logs.setup(config.get("logging.level"), config.get("logging.format"))
+    from appliance.catalog.store import Catalog
+    from appliance.hsm.tiers import open_tiers
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    catalog = Catalog(config.catalog_path, config.get("storage.catalog_max_size"))
+    transport = open_mirror(config)
+    try:
+        bandwidth = limiter(config, stop)
+        replicator = Replicator(
+            catalog,
+            open_tiers(config),
+            transport,
+            config.data_dir / "spool" / "mirror",
+            settings(config),
+            throttle=bandwidth.acquire,
+        )
+        logger.info("replication to the %s mirror started", config.get("mirror.kind"))
+        replicator.run(stop)
+    finally:
+        transport.close()
+        catalog.close()

@@ -1,0 +1,34 @@
+"""Choosing and opening the mirror transport from the configuration."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from appliance.errors import ConfigError
+from appliance.replication.transports.base import Transport
+from appliance.replication.transports.directory import DirectoryTransport
+from appliance.replication.transports.settings import (
+    DirectorySettings,
+    SftpSettings,
+    read_settings,
+)
+from appliance.replication.transports.sftp import SftpTransport
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("directory", "sftp")
+
+
+def open_transport(kind: str, settings: Mapping[str, object]) -> Transport:
+    """The transport for ``mirror.kind``, built from the ``[mirror]`` keys.
+
+    Raises ConfigError naming every wrong or missing key. A directory
+    mirror checks its folder at once; an SFTP mirror connects on first use.
+    """
+    if kind == "directory":
+        folder = read_settings(DirectorySettings, settings, kind)
+        return DirectoryTransport(folder.path, folder.block_size)
+    if kind == "sftp":
+        return SftpTransport(read_settings(SftpSettings, settings, kind))
+    raise ConfigError([("mirror.kind", f"{kind!r} is not one of {', '.join(KINDS)}")])

@@ -1,0 +1,235 @@
+"""The replicator against a directory mirror: every queued instance reaches
+the mirror in encrypted packs, comes back byte for byte, and leaves the
+queue only once its pack is verified there; the journal and catalog
+snapshots follow."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from unittest import mock
+
+import lmdb
+import pydicom
+import pytest
+
+from appliance.catalog import copies, replication
+from appliance.catalog.store import Catalog
+from appliance.errors import ApplianceError
+from appliance.hsm.migrator import Migrator
+from appliance.hsm.tiers import Tiers
+from appliance.ingest import Ingest
+from appliance.replication.replicator import Replicator, Settings
+from appliance.replication.transports.directory import DirectoryTransport
+from appliance.storage import sealed
+from appliance.storage.keys import KeyStore
+from appliance.storage.nearline import NearlineTier
+from appliance.storage.online import OnlineTier
+from appliance.storage.packs import PackReader
+from tests.datasets import study_files, uid
+
+
+@dataclass
+class Site:
+    catalog: Catalog
+    tiers: Tiers
+    mirror: Path
+    spool: Path
+    originals: dict[str, bytes]
+    ingest: Ingest
+
+    def replicator(self, **settings: object) -> Replicator:
+        chosen = Settings(batch_seconds=0, **settings)  # type: ignore[arg-type]
+        return Replicator(
+            self.catalog,
+            self.tiers,
+            DirectoryTransport(self.mirror),
+            self.spool,
+            chosen,
+        )
+
+    def store(self, label: str, count: int) -> None:
+        for path in study_files(self.mirror.parent / label, label, count):
+            assert self.ingest.import_file(path, "test").ok
+            uid_ = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+            self.originals[uid_] = path.read_bytes()
+
+    def remote_files(self) -> list[Path]:
+        return sorted(p for p in self.mirror.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    catalog = Catalog(tmp_path / "catalog", map_size=2**26)
+    online = OnlineTier(tmp_path / "online")
+    online.open()
+    nearline = NearlineTier(tmp_path / "nearline")
+    nearline.open()
+    keys = KeyStore.create_if_missing(tmp_path / "keys" / "master.keys")
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    ingest = Ingest(catalog, online, "refuse")
+    tiers = Tiers(online, {"nearline": nearline}, keys)
+    built = Site(catalog, tiers, mirror, tmp_path / "spool", {}, ingest)
+    try:
+        yield built
+    finally:
+        ingest.close()
+        catalog.close()
+
+
+def _offsite_bytes(site: Site) -> dict[str, bytes]:
+    """Every instance as read back from the mirror's packs."""
+    found: dict[str, bytes] = {}
+    for path in site.mirror.glob("packs/*/*.pack"):
+        with PackReader.open(path, site.tiers.keys) as reader:
+            for entry in reader.manifest().instances:
+                out = io.BytesIO()
+                reader.extract(entry, out)
+                found[entry.sop_instance_uid] = out.getvalue()
+    return found
+
+
+def test_every_stored_instance_is_queued(site: Site) -> None:
+    site.store("queued", 5)
+
+    state = replication.queue_state(site.catalog)
+
+    assert state.instances == 5
+    assert state.bytes == sum(len(b) for b in site.originals.values())
+    assert state.recovery_point_age >= 0
+
+
+def test_queue_reaches_the_mirror_byte_for_byte(site: Site) -> None:
+    site.store("mirror-a", 4)
+    site.store("mirror-b", 3)
+    replicator = site.replicator()
+
+    batch = replicator.send(replicator.ready())
+
+    assert batch is not None and batch.instances == 7
+    assert replication.queue_state(site.catalog).instances == 0
+    assert _offsite_bytes(site) == site.originals
+    for record in copies.instances_of(site.catalog, uid("study", "mirror-a")):
+        offsite = record.copy_on("offsite")
+        assert offsite is not None and offsite.location.startswith(batch.pack_id)
+
+
+def test_the_mirror_holds_no_uids_or_names(site: Site) -> None:
+    site.store("private", 3)
+    replicator = site.replicator()
+    replicator.send(replicator.ready())
+    replicator.send_snapshot()
+
+    for path in site.remote_files():
+        relative = path.relative_to(site.mirror).as_posix()
+        assert "1.2.826" not in relative
+        data = path.read_bytes()
+        assert b"1.2.826" not in data and b"Doe^Jane" not in data, relative
+
+
+def test_batches_wait_for_size_or_age(site: Site) -> None:
+    site.store("batching", 3)
+    clock = [time.time()]
+    replicator = Replicator(
+        site.catalog,
+        site.tiers,
+        DirectoryTransport(site.mirror),
+        site.spool,
+        Settings(batch_bytes=10**9, batch_seconds=30),
+        clock=lambda: clock[0],
+    )
+
+    assert replicator.ready() == []
+    clock[0] += 31
+    assert len(replicator.ready()) == 3
+
+
+def test_failed_record_leaves_everything_queued(site: Site) -> None:
+    site.store("crash", 3)
+    replicator = site.replicator()
+    batch = replicator.ready()
+
+    with (
+        mock.patch.object(replication, "mark_replicated", side_effect=OSError("power")),
+        pytest.raises(OSError),
+    ):
+        replicator.send(batch)
+
+    assert replication.queue_state(site.catalog).instances == 3
+    again = replicator.send(replicator.ready())
+    assert again is not None and again.instances == 3
+    records = copies.instances_of(site.catalog, uid("study", "crash"))
+    assert all(r.copy_on("offsite") for r in records)
+    assert replication.queue_state(site.catalog).instances == 0
+
+
+def test_tampered_upload_is_not_counted(site: Site) -> None:
+    site.store("tamper", 3)
+    replicator = site.replicator()
+    real_put = replicator.transport.put
+
+    def put_then_damage(name, source, size, sha256, **kwargs):  # type: ignore[no-untyped-def]
+        real_put(name, source, size, sha256, **kwargs)
+        if name.startswith("packs/"):
+            path = site.mirror / name
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 0x01
+            path.write_bytes(bytes(data))
+
+    replicator.transport.put = put_then_damage  # type: ignore[method-assign]
+    with pytest.raises(ApplianceError, match="read-back"):
+        replicator.send(replicator.ready())
+
+    assert replication.queue_state(site.catalog).instances == 3
+
+
+def test_instance_released_from_online_is_sent_from_its_pack(site: Site) -> None:
+    site.store("released", 3)
+    study = uid("study", "released")
+    migrator = Migrator(site.catalog, site.tiers, min_copies=1)
+    assert all(o.ok for o in migrator.move(study, "online", "nearline"))
+    replicator = site.replicator()
+
+    replicator.send(replicator.ready())
+
+    assert _offsite_bytes(site) == site.originals
+
+
+def test_journal_and_snapshot_rebuild_the_catalog(site: Site, tmp_path: Path) -> None:
+    site.store("journal", 4)
+    replicator = site.replicator()
+    name = replicator.send_snapshot()
+    replicator.send(replicator.ready())
+
+    segments = sorted(site.mirror.glob("journal/*"))
+    assert segments, "the journal follows each pack"
+    entries = []
+    for segment in segments:
+        out = io.BytesIO()
+        remote = segment.relative_to(site.mirror).as_posix()
+        with open(segment, "rb") as source:
+            sealed.open_sealed(source, remote, site.tiers.keys, out)  # type: ignore[arg-type]
+        entries += out.getvalue().decode().splitlines()
+    assert sum('"op":"store"' in e for e in entries) == 4
+    assert sum('"op":"replicated"' in e for e in entries) == 1
+
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    with (
+        open(site.mirror / name, "rb") as source,
+        open(restored / "data.mdb", "wb") as out,
+    ):
+        sealed.open_sealed(source, name, site.tiers.keys, out)  # type: ignore[arg-type]
+    env = lmdb.open(str(restored), readonly=True, max_dbs=32, lock=False)
+    try:
+        instances = env.open_db(b"instances", create=False)
+        with env.begin() as txn:
+            assert txn.stat(instances)["entries"] == 4
+    finally:
+        env.close()
+    assert os.path.getsize(restored / "data.mdb") > 0
