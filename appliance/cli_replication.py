@@ -88,7 +88,8 @@ def register(main: click.Group, load: Loader) -> None:
             )
         click.echo(
             f"{report.checked} pack(s) read back: {report.good} good, "
-            f"{len(report.bad)} damaged or missing"
+            f"{report.damaged} damaged or missing; "
+            f"{report.queued_again} instance(s) queued to be sent again"
         )
         for line in report.bad:
             click.echo(f"  {line}", err=True)

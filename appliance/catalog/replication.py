@@ -210,6 +210,11 @@ def requeue(catalog: Catalog, pack: PackRecord, uids: list[str]) -> int:
                     db=catalog.db["replication"],
                 )
                 queued_again += 1
+            if set(uids) >= set(pack.members):
+                # Nothing counts on this pack any more: forget it, so that
+                # later audits do not report it again.
+                txn.delete(encode_key(pack.pack_id), db=catalog.db["packs"])
+                _add_meta(catalog, txn, f"packbytes.{OFFSITE}", -pack.size)
             append_journal(
                 catalog, txn, {"op": "offsite-lost", "pack": pack.pack_id, "uids": uids}
             )

@@ -32,7 +32,8 @@ class AuditReport:
 
     checked: int = 0
     good: int = 0
-    bad: list[str] = field(default_factory=list)
+    damaged: int = 0  # packs damaged or missing
+    bad: list[str] = field(default_factory=list)  # what is wrong, by instance
     queued_again: int = 0
 
 
@@ -52,6 +53,7 @@ def audit(
         problems = _check(pack, transport, keys)
         report.checked += 1
         if problems:
+            report.damaged += 1
             report.bad += [f"pack {pack.pack_id}: {line}" for line in problems]
             lost = (
                 list(pack.members) if _whole_pack(problems) else _named(problems, pack)
