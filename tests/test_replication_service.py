@@ -170,3 +170,21 @@ def test_killed_while_replicating_loses_nothing(
 
     mirrored = _mirror_instances(appliance)
     assert {uid: mirrored.get(uid) for uid in originals} == originals
+
+
+def test_the_rate_changes_at_runtime_and_comes_back(appliance: Appliance) -> None:
+    assert (
+        "no limit" in _status(appliance)["rate"]
+        or "unlimited" in _status(appliance)["rate"]
+    )
+
+    changed = _cli(appliance, "replication", "rate", "5MB", "--for", "1")
+    status = _status(appliance)
+    back = _cli(appliance, "replication", "rate", "timetable")
+
+    assert changed.returncode == 0, changed.stderr
+    assert "5 MB/s" in status["rate"]
+    assert back.returncode == 0
+    assert "5 MB/s" not in _status(appliance)["rate"]
+    refused = _cli(appliance, "replication", "rate", "5 parsecs")
+    assert refused.returncode == 2

@@ -19,11 +19,12 @@ import pytest
 
 from appliance.catalog import copies, replication
 from appliance.catalog.store import Catalog
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, HostKeyError
 from appliance.hsm.migrator import Migrator
 from appliance.hsm.tiers import Tiers
 from appliance.ingest import Ingest
 from appliance.replication.replicator import Replicator, Settings
+from appliance.replication.transports import open_transport
 from appliance.replication.transports.directory import DirectoryTransport
 from appliance.storage import sealed
 from appliance.storage.keys import KeyStore
@@ -31,6 +32,8 @@ from appliance.storage.nearline import NearlineTier
 from appliance.storage.online import OnlineTier
 from appliance.storage.packs import PackReader
 from tests.datasets import study_files, uid
+from tests.sshd import Sshd
+from tests.test_transports import sftp_settings
 
 
 @dataclass
@@ -52,8 +55,13 @@ class Site:
             chosen,
         )
 
-    def store(self, label: str, count: int) -> None:
+    def store(self, label: str, count: int, noise: bool = False) -> None:
         for path in study_files(self.mirror.parent / label, label, count):
+            if noise:
+                # Pixel data that does not compress: packs as large as images'.
+                dataset = pydicom.dcmread(path)
+                dataset.PixelData = os.urandom(len(dataset.PixelData))
+                dataset.save_as(path)
             assert self.ingest.import_file(path, "test").ok
             uid_ = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
             self.originals[uid_] = path.read_bytes()
@@ -233,3 +241,91 @@ def test_journal_and_snapshot_rebuild_the_catalog(site: Site, tmp_path: Path) ->
     finally:
         env.close()
     assert os.path.getsize(restored / "data.mdb") > 0
+
+
+# -- over SFTP, against a real OpenSSH server ----------------------------------
+
+
+def _sftp_replicator(site: Site, server: Sshd, **overrides: object) -> Replicator:
+    settings = sftp_settings(server, site.mirror, **overrides)
+    return Replicator(
+        site.catalog,
+        site.tiers,
+        open_transport("sftp", settings),
+        site.spool,
+        Settings(batch_seconds=0),
+    )
+
+
+def test_over_sftp_every_instance_arrives_byte_for_byte(
+    site: Site, tmp_path: Path
+) -> None:
+    site.store("sftp-a", 5)
+    with Sshd(tmp_path / "sshd") as server:
+        replicator = _sftp_replicator(site, server)
+        batch = replicator.send(replicator.ready())
+        replicator.transport.close()
+
+    assert batch is not None and batch.instances == 5
+    assert _offsite_bytes(site) == site.originals
+    assert replication.queue_state(site.catalog).instances == 0
+
+
+def test_mirror_killed_mid_upload_then_back(site: Site, tmp_path: Path) -> None:
+    for number in range(4):
+        site.store(f"sftp-kill-{number}", 6, noise=True)
+    server = Sshd(tmp_path / "sshd").start()
+    try:
+        replicator = _sftp_replicator(site, server, retries=0, block_size=32768)
+        sent = [0]
+
+        def kill_after_some(count: int) -> None:
+            sent[0] += count
+            if sent[0] > 100_000 and server.process is not None:
+                server.kill()
+
+        replicator.throttle = kill_after_some
+        with pytest.raises(ApplianceError):
+            replicator.send(replicator.ready())
+        assert replication.queue_state(site.catalog).instances == 24
+
+        server.start()
+        replicator.throttle = None
+        batch = replicator.send(replicator.ready())
+        replicator.transport.close()
+    finally:
+        server.stop()
+
+    assert batch is not None and batch.instances == 24
+    assert replication.queue_state(site.catalog).instances == 0
+    assert _offsite_bytes(site) == site.originals
+    assert not list(site.mirror.rglob("*.partial"))
+
+
+def test_changed_host_key_stops_replication_and_keeps_the_queue(
+    site: Site, tmp_path: Path
+) -> None:
+    site.store("sftp-key", 3)
+    server = Sshd(tmp_path / "sshd")
+    server.replace_host_key()  # known_hosts still pins the first key
+    with server:
+        replicator = _sftp_replicator(site, server)
+        with pytest.raises(HostKeyError, match="host key"):
+            replicator.send(replicator.ready())
+        replicator.transport.close()
+
+    assert replication.queue_state(site.catalog).instances == 3
+    assert not list(site.mirror.rglob("*.pack"))
+
+
+def test_wrong_master_key_on_the_mirror_is_a_clear_error(
+    site: Site, tmp_path: Path
+) -> None:
+    site.store("wrong-key", 2)
+    replicator = site.replicator()
+    replicator.send(replicator.ready())
+    stranger = KeyStore.create_if_missing(tmp_path / "stranger" / "master.keys")
+    [pack] = list(site.mirror.glob("packs/*/*.pack"))
+
+    with pytest.raises(ApplianceError, match="master key"):
+        PackReader.open(pack, stranger)

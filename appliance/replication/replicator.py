@@ -40,7 +40,7 @@ from appliance.errors import ApplianceError, StorageError
 from appliance.hsm.packing import LevelAttributes, instance_meta
 from appliance.hsm.recall import Recaller
 from appliance.hsm.tiers import ONLINE, Tiers
-from appliance.storage import sealed
+from appliance.storage import durable, sealed
 from appliance.storage.packs import PackReader, PackWriter
 from appliance.storage.packs.manifest import InstanceMeta
 from appliance.storage.streams import reader_over
@@ -82,6 +82,52 @@ class Batch:
     instances: int
     bytes: int
     seconds: float
+
+
+@dataclass
+class _Pending:
+    """A pack in the spool waiting to reach the mirror, and what it holds."""
+
+    path: Path
+    pack_id: str
+    size: int
+    sha256: str
+    members: dict[str, str]  # SOP Instance UID -> member name
+    checksums: dict[str, str]  # SOP Instance UID -> SHA-256 of its bytes
+    numbers: dict[str, int]  # SOP Instance UID -> its queue entry
+
+    def save(self) -> None:
+        note = {
+            "pack_id": self.pack_id,
+            "size": self.size,
+            "sha256": self.sha256,
+            "members": self.members,
+            "checksums": self.checksums,
+            "numbers": self.numbers,
+        }
+        temporary = self.path.with_suffix(".json.tmp")
+        temporary.write_text(json.dumps(note))
+        durable.move_into_place(
+            temporary, self.path.with_suffix(".json"), self.path.parent
+        )
+
+    @classmethod
+    def load(cls, note: Path) -> _Pending | None:
+        path = note.with_suffix(".pack")
+        try:
+            data = json.loads(note.read_text())
+            if path.stat().st_size != data["size"]:
+                raise ValueError("the spooled pack is cut short")
+            return cls(path=path, **data)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("dropping the unfinished upload %s: %s", note.name, exc)
+            note.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+            return None
+
+    def discard(self) -> None:
+        self.path.with_suffix(".json").unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)
 
 
 class Replicator:
@@ -129,53 +175,98 @@ class Replicator:
 
     def send(self, batch: list[Queued]) -> Batch | None:
         """Pack, upload, verify and record one batch; None when it held
-        nothing left to send."""
+        nothing left to send.
+
+        A pack whose upload failed stays in the spool with what it holds
+        (``pending/``), and is sent again before any new batch: the
+        transport resumes it from the part the mirror already has.
+        """
         started = time.monotonic()
+        pending = self._pending()
+        if pending is None:
+            pending = self._prepare(batch)
+            if pending is None:
+                return None
+
+        remote = f"packs/{pending.pack_id[-3:]}/{pending.pack_id}.pack"
+        self.transport.put(
+            remote, pending.path, pending.size, pending.sha256, throttle=self.throttle
+        )
+        if self.settings.verify_after_upload:
+            self._verify_remote(remote, pending.pack_id)
+        self._record(pending, remote)
+        pending.discard()
+        self.send_journal()
+
+        elapsed = time.monotonic() - started
+        logger.info(
+            "pack %s on the mirror: %d instances, %d bytes in %.1f s",
+            pending.pack_id,
+            len(pending.members),
+            pending.size,
+            elapsed,
+        )
+        return Batch(pending.pack_id, len(pending.members), pending.size, elapsed)
+
+    def _prepare(self, batch: list[Queued]) -> _Pending | None:
+        """Write the pack of a batch into the spool, with a note of what it
+        holds; None when nothing of the batch is left to send."""
         records, gone = self._records(batch)
         if gone:
             replication.drop_from_queue(self.catalog, gone)
         if not records:
             return None
-
         pack_id = copies.next_pack_id(self.catalog)
-        remote = f"packs/{pack_id[-3:]}/{pack_id}.pack"
-        with tempfile.TemporaryDirectory(dir=self.spool) as folder:
-            path = Path(folder) / f"{pack_id}.pack"
-            summary, sources = self._write_pack(path, pack_id, records, Path(folder))
-            self.transport.put(
-                remote,
-                path,
-                summary.bytes_written,
-                summary.sha256,
-                throttle=self.throttle,
-            )
-        if self.settings.verify_after_upload:
-            self._verify_remote(remote, pack_id)
-
-        members = {e.sop_instance_uid: e.member for e in summary.manifest.instances}
-        pack = PackRecord(
+        folder = self.spool / "pending"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{pack_id}.pack"
+        with tempfile.TemporaryDirectory(dir=self.spool) as staging:
+            summary, sources = self._write_pack(path, pack_id, records, Path(staging))
+        pending = _Pending(
+            path=path,
             pack_id=pack_id,
+            size=summary.bytes_written,
+            sha256=summary.sha256,
+            members={e.sop_instance_uid: e.member for e in summary.manifest.instances},
+            checksums={
+                r.sop_instance_uid: r.sha256
+                for r in records
+                if r.sop_instance_uid in sources
+            },
+            numbers={e.sop_instance_uid: e.number for e in batch},
+        )
+        pending.save()
+        return pending
+
+    def _pending(self) -> _Pending | None:
+        """A pack whose upload an earlier attempt did not finish."""
+        folder = self.spool / "pending"
+        for pack in folder.glob("*.pack"):
+            if not pack.with_suffix(".json").exists():
+                pack.unlink()  # written by a process that died before its note
+        for note in sorted(folder.glob("*.json")):
+            found = _Pending.load(note)
+            if found is not None:
+                return found
+        return None
+
+    def _record(self, pending: _Pending, remote: str) -> None:
+        pack = PackRecord(
+            pack_id=pending.pack_id,
             study_uid="",
             tier=OFFSITE,
             location=remote,
-            size=summary.bytes_written,
-            sha256=summary.sha256,
-            members=members,
+            size=pending.size,
+            sha256=pending.sha256,
+            members=pending.members,
             key_id=self.tiers.keys.current.key_id if self.tiers.keys else None,
         )
-        sent = [entry for entry in batch if entry.sop_instance_uid in sources]
-        checksums = {r.sop_instance_uid: r.sha256 for r in records}
-        replication.mark_replicated(self.catalog, pack, sent, checksums)
-        self.send_journal()
-        elapsed = time.monotonic() - started
-        logger.info(
-            "pack %s on the mirror: %d instances, %d bytes in %.1f s",
-            pack_id,
-            len(sources),
-            summary.bytes_written,
-            elapsed,
-        )
-        return Batch(pack_id, len(sources), summary.bytes_written, elapsed)
+        sent = [
+            Queued(pending.numbers[uid], uid, 0, 0.0)
+            for uid in pending.members
+            if uid in pending.numbers
+        ]
+        replication.mark_replicated(self.catalog, pack, sent, pending.checksums)
 
     def send_journal(self) -> int:
         """Upload the journal entries written since the last upload, as one
