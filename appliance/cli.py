@@ -12,10 +12,9 @@ from typing import Any
 import click
 from rich.table import Table
 
+from appliance import cli_keys, cli_replication, cli_tiers, cli_volumes, logs
 from appliance import config as configuration
-from appliance import logs
-from appliance.cli_replication import register as register_replication_commands
-from appliance.cli_tiers import register as register_tier_commands
+from appliance.cli_shared import config_option, data_dir_option
 from appliance.errors import ApplianceError, ConfigError
 from appliance.terminal import console, progress_bar, size
 
@@ -38,17 +37,6 @@ def _print_problems(exc: ConfigError) -> None:
         click.echo(f"{key}: {message}", err=True)
 
 
-_config_option = click.option(
-    "--config",
-    "config_file",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="TOML configuration file (every key has a default).",
-)
-_data_dir_option = click.option(
-    "--data-dir", help="Directory for all data (storage.data_dir)."
-)
-
-
 @click.group()
 @click.version_option(package_name="pacs-appliance")
 def main() -> None:
@@ -56,8 +44,8 @@ def main() -> None:
 
 
 @main.command()
-@_config_option
-@_data_dir_option
+@config_option
+@data_dir_option
 @click.option("--port", type=int, help="DICOM port (node.port).")
 @click.option("--bind", "bind_address", help="Address to bind (node.bind_address).")
 @click.option("--ae-title", help="The appliance's AE title (node.ae_title).")
@@ -92,8 +80,8 @@ def serve(
 
 
 @main.command()
-@_config_option
-@_data_dir_option
+@config_option
+@data_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def status(config_file: Path | None, data_dir: str | None, as_json: bool) -> None:
     """Counts of patients, studies, series and instances, and tier usage."""
@@ -164,8 +152,8 @@ def status(config_file: Path | None, data_dir: str | None, as_json: bool) -> Non
 
 
 @main.command(name="import")
-@_config_option
-@_data_dir_option
+@config_option
+@data_dir_option
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 def import_(
     config_file: Path | None, data_dir: str | None, paths: tuple[Path, ...]
@@ -266,6 +254,7 @@ def example() -> None:
     click.echo(configuration.example(), nl=False)
 
 
-# The tier commands live in their own module; they share this group and loader.
-register_tier_commands(main, _load)
-register_replication_commands(main, _load)
+# The other commands live in modules of their own; they share this group
+# and this configuration loader.
+for commands in (cli_tiers, cli_volumes, cli_keys, cli_replication):
+    commands.register(main, _load)

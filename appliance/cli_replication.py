@@ -14,26 +14,16 @@ from typing import Any
 import click
 
 from appliance import logs
+from appliance.cli_shared import Loader, config_option, data_dir_option
 from appliance.config import Config
 from appliance.errors import ApplianceError
 from appliance.terminal import progress_bar, size
 
 logger = logging.getLogger(__name__)
 
-Loader = Any
-
 
 def register(main: click.Group, load: Loader) -> None:
     """Add the ``replication`` commands to ``main``."""
-    config_option = click.option(
-        "--config",
-        "config_file",
-        type=click.Path(path_type=Path, dir_okay=False),
-        help="TOML configuration file (every key has a default).",
-    )
-    data_dir_option = click.option(
-        "--data-dir", help="Directory for all data (storage.data_dir)."
-    )
 
     @main.group()
     def replication() -> None:

@@ -1,0 +1,105 @@
+"""Command line for the master keys: ``appliance keys init | export |
+import | rotate``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from appliance.cli_shared import Loader, config_option, data_dir_option
+from appliance.config import Config
+from appliance.errors import ApplianceError
+
+
+def register(main: click.Group, load: Loader) -> None:
+    """Add the ``keys`` commands to ``main``."""
+
+    @main.group()
+    def keys() -> None:
+        """The master keys that packs are encrypted under: export for the
+        escrow, import on a new appliance, rotate."""
+
+    @keys.command()
+    @config_option
+    @data_dir_option
+    def init(config_file: Path | None, data_dir: str | None) -> None:
+        """Make the master key (if there is none) and say how to escrow it."""
+        from appliance.storage.keys import KeyStore, key_store_path
+
+        config = load(config_file, {"storage.data_dir": data_dir})
+        path = key_store_path(config.data_dir)
+        existed = path.exists()
+        try:
+            store = KeyStore.create_if_missing(path)
+        except ApplianceError as exc:
+            click.echo(f"cannot make the key store: {exc}", err=True)
+            sys.exit(1)
+        state = "already there" if existed else "made"
+        click.echo(
+            f"master key {store.current.key_id} {state} in {path} (mode 0600).\n"
+            "Every pack on the volumes and on the mirror is encrypted under it:\n"
+            "without a copy of it, they cannot be read after a disaster.\n"
+            "Now: appliance keys export > escrow.txt, print it or write it to\n"
+            "removable media, store it away from the appliance and its volumes\n"
+            "(a safe, the key escrow of your IT security office), then delete\n"
+            "escrow.txt. Export again after every appliance keys rotate."
+        )
+
+    @keys.command(name="export")
+    @config_option
+    @data_dir_option
+    def export_keys(config_file: Path | None, data_dir: str | None) -> None:
+        """Print every master key in escrow form (keep it offline, safe)."""
+        store = _key_store(load(config_file, {"storage.data_dir": data_dir}))
+        click.echo(store.export_escrow(), nl=False)
+
+    @keys.command(name="import")
+    @config_option
+    @data_dir_option
+    @click.argument("escrow_file", type=click.Path(path_type=Path, dir_okay=False))
+    def import_keys(
+        config_file: Path | None, data_dir: str | None, escrow_file: Path
+    ) -> None:
+        """Add the master keys of an escrow file (disaster recovery)."""
+        from appliance.storage.keys import import_escrow, key_store_path
+
+        config = load(config_file, {"storage.data_dir": data_dir})
+        try:
+            store = import_escrow(
+                key_store_path(config.data_dir), escrow_file.read_text()
+            )
+        except (ApplianceError, OSError) as exc:
+            click.echo(f"cannot import {escrow_file}: {exc}", err=True)
+            sys.exit(1)
+        click.echo(f"{len(store.keys)} master key(s); current {store.current_id}")
+
+    @keys.command()
+    @config_option
+    @data_dir_option
+    def rotate(config_file: Path | None, data_dir: str | None) -> None:
+        """Make a new current master key; older ones still read old packs."""
+        store = _key_store(load(config_file, {"storage.data_dir": data_dir}))
+        new = store.rotate()
+        click.echo(f"new current master key {new.key_id}: export it to the escrow")
+
+
+def _key_store(config: Config) -> Any:
+    from appliance.storage.keys import KeyStore, key_store_path
+
+    path = key_store_path(config.data_dir)
+    if not path.exists():
+        click.echo(
+            f"no key store at {path}: the appliance makes one when it first "
+            "starts (or run appliance keys init); after a disaster, import "
+            "the escrow copy with appliance keys import",
+            err=True,
+        )
+        sys.exit(1)
+    try:
+        return KeyStore.load(path)
+    except ApplianceError as exc:
+        click.echo(f"cannot open the key store: {exc}", err=True)
+        sys.exit(1)

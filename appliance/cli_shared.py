@@ -1,0 +1,84 @@
+"""What the command-line modules share: options, opening the archive,
+recalling a study with a progress bar."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from appliance.config import Config
+from appliance.errors import ApplianceError
+from appliance.terminal import progress_bar
+
+Loader = Callable[[Path | None, dict[str, Any]], Config]
+
+config_option = click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="TOML configuration file (every key has a default).",
+)
+data_dir_option = click.option(
+    "--data-dir", help="Directory for all data (storage.data_dir)."
+)
+
+
+def require_catalog(config: Config) -> None:
+    """Stop with a clear message when there is no archive where the
+    configuration points: a command run from the wrong folder must not
+    quietly make a new, empty one."""
+    if not config.catalog_path.exists():
+        click.echo(
+            f"no catalog at {config.catalog_path}: nothing stored yet, or "
+            "--data-dir / --config point elsewhere",
+            err=True,
+        )
+        sys.exit(1)
+
+
+@contextmanager
+def open_archive(config: Config, writer: bool = False) -> Iterator[tuple[Any, Any]]:
+    """The catalog and the opened tiers; exits with a message if they fail."""
+    from appliance.catalog.store import Catalog
+    from appliance.hsm.tiers import open_tiers
+
+    require_catalog(config)
+    try:
+        catalog = Catalog(config.catalog_path, config.get("storage.catalog_max_size"))
+    except ApplianceError as exc:
+        click.echo(f"cannot open the catalog: {exc}", err=True)
+        sys.exit(1)
+    try:
+        opened = open_tiers(config, writer)
+    except ApplianceError as exc:
+        catalog.close()
+        click.echo(f"cannot open the tiers: {exc}", err=True)
+        sys.exit(1)
+    try:
+        yield catalog, opened
+    finally:
+        catalog.close()
+
+
+def recall_one(recaller: Any, uid: str) -> bool:
+    with progress_bar() as progress:
+        task = progress.add_task(f"recalling {uid}", total=None)
+        result = recaller.recall(
+            uid, lambda done, total: progress.update(task, completed=done, total=total)
+        )
+    if result.ok:
+        click.echo(f"{uid}: {result.staged} instance(s) staged online")
+        return True
+    click.echo(
+        f"{uid}: {result.staged} staged, {len(result.missing)} not recalled", err=True
+    )
+    for volume in result.waiting_for:
+        click.echo(f"  waiting for volume {volume}: load it, then run again", err=True)
+    for problem in result.problems:
+        click.echo(f"  {problem}", err=True)
+    return False
