@@ -528,22 +528,53 @@ def test_a_refused_key_says_where_to_add_it(sshd: Sshd, tmp_path: Path) -> None:
 
 def test_a_stalled_upload_is_cut_off(sshd: Sshd, tmp_path: Path) -> None:
     root, local = make_root(tmp_path)
-    transport = sftp_transport(sshd, root, stall_timeout=0.5, retries=1)
+    transport = sftp_transport(sshd, root, stall_timeout=0.5, retries=0)
     mirror = Mirror(transport, root, local)
 
+    frozen: list[int] = []
+
     def stall_after_a_block(count: int) -> None:
-        if mirror.sent:
-            time.sleep(1.5)
+        if mirror.sent and not frozen:
+            frozen.extend(sshd.session_pids())
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)
+
+    try:
+        with transport:
+            started = time.monotonic()
+            with pytest.raises(StalledTransferError, match=r"no progress for 0\.5 s"):
+                mirror.put(PACK, payload(4 * MiB), throttle=stall_after_a_block)
+            assert time.monotonic() - started < 10
+    finally:
+        _thaw(frozen)
+    again = sftp_transport(sshd, root)
+    with again:
+        assert again.list() == []
+        # The next attempt resumes what the stalled one left.
+        resumed = Mirror(again, root, local)
+        assert resumed.put(PACK, payload(4 * MiB)) < 4 * MiB
+        assert resumed.read(PACK) == payload(4 * MiB)
+
+
+def _thaw(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
+def test_waiting_for_the_bandwidth_limiter_is_not_a_stall(
+    sshd: Sshd, tmp_path: Path
+) -> None:
+    root, local = make_root(tmp_path)
+    transport = sftp_transport(sshd, root, stall_timeout=0.5, retries=0)
+    mirror = Mirror(transport, root, local)
+
+    def slow_limiter(count: int) -> None:
+        time.sleep(0.8)  # longer than stall_timeout, per block
 
     with transport:
-        started = time.monotonic()
-        with pytest.raises(StalledTransferError, match=r"no progress for 0\.5 s"):
-            mirror.put(PACK, payload(4 * MiB), throttle=stall_after_a_block)
-        assert time.monotonic() - started < 10
-        assert transport.list() == []
-        # The next attempt resumes what the stalled one left.
-        assert mirror.put(PACK, payload(4 * MiB)) < 4 * MiB
-        assert mirror.read(PACK) == payload(4 * MiB)
+        assert mirror.put(PACK, payload(3 * MiB), throttle=slow_limiter) == 3 * MiB
+        assert mirror.read(PACK) == payload(3 * MiB)
 
 
 def test_a_server_that_stops_reading_is_cut_off(sshd: Sshd, tmp_path: Path) -> None:
@@ -581,13 +612,19 @@ def test_a_single_stall_is_resumed_in_the_same_put(sshd: Sshd, tmp_path: Path) -
 
     def stall_once(count: int) -> None:
         if sum(mirror.sent) >= 2 * MiB and not stalls:
-            stalls.append(count)
-            time.sleep(1.5)
+            # Freeze this session's server processes; a new connection gets
+            # new ones, so the resumed upload goes through.
+            stalls.extend(sshd.session_pids())
+            for pid in stalls:
+                os.kill(pid, signal.SIGSTOP)
 
-    with transport:
-        mirror.put(PACK, payload(4 * MiB), throttle=stall_once)
-        assert stalls
-        assert mirror.read(PACK) == payload(4 * MiB)
+    try:
+        with transport:
+            mirror.put(PACK, payload(4 * MiB), throttle=stall_once)
+            assert stalls
+            assert mirror.read(PACK) == payload(4 * MiB)
+    finally:
+        _thaw(stalls)
 
 
 def test_reconnects_with_backoff_until_the_server_is_back(

@@ -37,6 +37,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from types import TracebackType
 
@@ -203,6 +204,10 @@ class Transport(ABC):
         """``(path, size)`` of every regular file under ``folder``, at any
         depth ("" is the root); nothing if the folder does not exist."""
 
+    def _waiting_for_throttle(self) -> AbstractContextManager[None]:
+        """Hook: the uploader waits for its bandwidth limiter (not a stall)."""
+        return nullcontext()
+
     def _note_progress(self) -> None:  # noqa: B027 (optional hook)
         """Hook: bytes moved to or from the mirror (for a stall watchdog)."""
 
@@ -269,7 +274,8 @@ class Transport(ABC):
         try:
             for block in _blocks(source, offset, size, self.block_size):
                 if throttle is not None:
-                    throttle(len(block))
+                    with self._waiting_for_throttle():
+                        throttle(len(block))
                 writer.write(block)
                 hasher.update(block)
                 self._note_progress()

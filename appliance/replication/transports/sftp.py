@@ -23,6 +23,7 @@ import posixpath
 import stat
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TypeVar
 
@@ -84,8 +85,8 @@ class SftpTransport(Transport):
     ) -> None:
         """Upload ``source`` as ``name``; see :meth:`Transport.put`.
 
-        A transfer with no progress for ``stall_timeout`` seconds, time
-        spent in ``throttle`` included, is cut off and resumed.
+        A transfer with no progress for ``stall_timeout`` seconds is cut
+        off and resumed; time spent waiting in ``throttle`` does not count.
         """
         validate_name(name)
         upload = functools.partial(
@@ -263,6 +264,10 @@ class SftpTransport(Transport):
         session = self._session
         if session is not None:
             session.abort()
+
+    def _waiting_for_throttle(self) -> AbstractContextManager[None]:
+        watchdog = self._watchdog
+        return watchdog.paused() if watchdog is not None else nullcontext()
 
     def _note_progress(self) -> None:
         watchdog = self._watchdog

@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import TracebackType
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class StallWatchdog:
         self._on_stall = on_stall
         self._clock = clock
         self._last = clock()
+        self._paused = False
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._watch, name="mirror-stall-watchdog", daemon=True
@@ -49,6 +51,17 @@ class StallWatchdog:
     def progress(self) -> None:
         """Note that the transfer moved (a float store: safe across threads)."""
         self._last = self._clock()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside this block is not a stall: the uploader waits
+        for its own bandwidth limiter, not for the mirror."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._last = self._clock()
+            self._paused = False
 
     def __enter__(self) -> StallWatchdog:
         self._last = self._clock()
@@ -67,7 +80,7 @@ class StallWatchdog:
     def _watch(self) -> None:
         interval = min(1.0, self.timeout / 4)
         while not self._stop.wait(interval):
-            if self._clock() - self._last >= self.timeout:
+            if not self._paused and self._clock() - self._last >= self.timeout:
                 self.fired = True
                 logger.debug("no progress for %.1f s: cutting off", self.timeout)
                 self._on_stall()
