@@ -622,6 +622,14 @@ KEYS: tuple[Key, ...] = (
         "instances count as replicated.",
         _boolean,
     ),
+    Key(
+        "replication",
+        "audit_days",
+        90,
+        "Days in which the rolling audit reads the whole mirror back once, an "
+        "hourly share at a time; 0 turns it off.",
+        _integer(0, 3650),
+    ),
     Key("logging", "level", "INFO", "Log level.", _one_of(LOG_LEVELS)),
     Key(
         "logging",

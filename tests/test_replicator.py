@@ -329,3 +329,25 @@ def test_wrong_master_key_on_the_mirror_is_a_clear_error(
 
     with pytest.raises(ApplianceError, match="master key"):
         PackReader.open(pack, stranger)
+
+
+def test_the_rolling_audit_reads_its_share_and_requeues_what_is_lost(
+    site: Site,
+) -> None:
+    site.store("audit-a", 2)
+    replicator = site.replicator(audit_days=1 / 24)  # everything each hour
+    replicator.send(replicator.ready())
+    site.store("audit-b", 2)
+    replicator.send(replicator.ready())
+    damaged = sorted(site.mirror.glob("packs/*/*.pack"))[0]
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    damaged.write_bytes(bytes(data))
+
+    assert replicator.audit_due()
+    replicator.audit_some()
+
+    assert not replicator.audit_due()
+    assert replication.queue_state(site.catalog).instances == 2
+    replicator.send(replicator.ready())
+    assert replication.queue_state(site.catalog).instances == 0

@@ -60,6 +60,7 @@ def settings(config: Config) -> Settings:
         batch_seconds=config.get("replication.batch_seconds"),
         snapshot_seconds=config.get("replication.snapshot_interval"),
         verify_after_upload=config.get("replication.verify_after_upload"),
+        audit_days=config.get("replication.audit_days"),
     )
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import tempfile
 import threading
 import time
@@ -40,12 +41,16 @@ from appliance.errors import ApplianceError, StorageError
 from appliance.hsm.packing import LevelAttributes, instance_meta
 from appliance.hsm.recall import Recaller
 from appliance.hsm.tiers import ONLINE, Tiers
+from appliance.replication.audit import audit
 from appliance.storage import durable, sealed
 from appliance.storage.packs import PackReader, PackWriter
 from appliance.storage.packs.manifest import InstanceMeta
 from appliance.storage.streams import reader_over
 
 logger = logging.getLogger(__name__)
+
+# Seconds between two shares of the rolling audit of the mirror.
+_AUDIT_EVERY = 3600.0
 
 
 class Transport(Protocol):
@@ -72,6 +77,8 @@ class Settings:
     batch_seconds: float = 30.0
     snapshot_seconds: float = 86_400.0
     verify_after_upload: bool = True
+    # The whole mirror is read back once in this many days (0: never).
+    audit_days: float = 90.0
 
 
 @dataclass
@@ -300,6 +307,27 @@ class Replicator:
         last = replication.mirror_mark(self.catalog, "snapshot_time")
         return self.clock() - last >= self.settings.snapshot_seconds
 
+    def audit_due(self) -> bool:
+        """An hourly share of the rolling audit is due (when it is on)."""
+        if not self.settings.audit_days:
+            return False
+        last = replication.mirror_mark(self.catalog, "audit_time")
+        return self.clock() - last >= _AUDIT_EVERY
+
+    def audit_some(self) -> None:
+        """Read back the share of the mirror's packs that keeps the whole
+        mirror checked every ``audit_days``: the packs checked longest ago."""
+        packs = len(replication.offsite_packs(self.catalog))
+        share = math.ceil(packs * _AUDIT_EVERY / (self.settings.audit_days * 86400))
+        if share:
+            report = audit(self.catalog, self.transport, self.tiers.keys, share)
+            logger.info(
+                "mirror audit: %d pack(s) read back, %d damaged or missing",
+                report.checked,
+                report.damaged,
+            )
+        replication.set_mirror_mark(self.catalog, "audit_time", int(self.clock()))
+
     def run(self, stop: threading.Event, idle: float = 1.0) -> None:
         """Replicate until ``stop`` is set; errors are logged and retried."""
         backoff = idle
@@ -312,6 +340,8 @@ class Replicator:
                     self.send(batch)
                     backoff = idle
                     continue
+                if self.audit_due():
+                    self.audit_some()
             except ApplianceError as exc:
                 logger.error("replication: %s; retrying in %.0f s", exc, backoff)
                 replication.set_mirror_mark(
