@@ -351,3 +351,18 @@ def test_the_rolling_audit_reads_its_share_and_requeues_what_is_lost(
     assert replication.queue_state(site.catalog).instances == 2
     replicator.send(replicator.ready())
     assert replication.queue_state(site.catalog).instances == 0
+
+
+def test_a_snapshot_prunes_the_journal_already_on_the_mirror(site: Site) -> None:
+    site.store("prune", 3)
+    replicator = site.replicator()
+    replicator.send(replicator.ready())  # sends the journal after the pack
+    sent = replication.mirror_mark(site.catalog, "journal_sent")
+    assert sent > 0
+
+    replicator.send_snapshot()
+
+    assert list(replication.journal_after(site.catalog, 0)) == []
+    site.store("prune-later", 1)
+    later = list(replication.journal_after(site.catalog, 0))
+    assert later and later[0]["seq"] > sent

@@ -153,9 +153,11 @@ def mirror_note(catalog: Catalog, name: str) -> str:
 
 
 def last_journal_number(catalog: Catalog) -> int:
+    """The number of the last journal entry ever written (entries already
+    pruned included); 0 before the first."""
     with catalog.read() as txn:
-        cursor = txn.cursor(db=catalog.db["journal"])
-        return int.from_bytes(cursor.key(), "big") if cursor.last() else 0
+        following = txn.get(b"journal.next", b"1", db=catalog.db["meta"])
+    return int(following) - 1
 
 
 def pack_is_recorded(catalog: Catalog, pack_id: str) -> bool:
@@ -235,3 +237,18 @@ def _remove_copy(
         catalog._put(txn, "studies", record.study_uid, study)
     catalog._put(txn, "instances", record.sop_instance_uid, _with_key(record))
     _add_meta(catalog, txn, f"bytes.{OFFSITE}", -record.size * len(lost))
+
+
+def prune_journal(catalog: Catalog, upto: int) -> int:
+    """Drop journal entries numbered up to ``upto``: on the mirror already,
+    and inside a catalog snapshot there. Returns how many were dropped."""
+    dropped = 0
+    try:
+        with catalog.env.begin(write=True, db=catalog.db["journal"]) as txn:
+            cursor = txn.cursor()
+            while cursor.first() and int.from_bytes(cursor.key(), "big") <= upto:
+                cursor.delete()
+                dropped += 1
+    except lmdb.Error as exc:
+        raise CatalogError(f"cannot prune the journal: {exc}") from exc
+    return dropped

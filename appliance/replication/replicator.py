@@ -300,7 +300,15 @@ class Replicator:
                 self._upload_sealed(name, copy)
         replication.set_mirror_mark(self.catalog, "snapshot_time", int(self.clock()))
         replication.set_mirror_mark(self.catalog, "snapshot_seq", number)
-        logger.info("catalog snapshot on the mirror: %s", name)
+        # Entries both in the snapshot and sent as segments live on the
+        # mirror twice over; the catalog need not keep them.
+        sent = replication.mirror_mark(self.catalog, "journal_sent")
+        dropped = replication.prune_journal(self.catalog, min(number, sent))
+        logger.info(
+            "catalog snapshot on the mirror: %s; %d journal entries pruned",
+            name,
+            dropped,
+        )
         return name
 
     def snapshot_due(self) -> bool:
