@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from multiprocessing.sharedctypes import SynchronizedArray
 from typing import Any
 
-from appliance import logs
+from appliance import logs, notify
 from appliance.catalog.store import Catalog
 from appliance.children import die_with_parent
 from appliance.config import Config
@@ -38,6 +38,10 @@ from appliance.storage.lock import WORKERS_LOCK, TierLock, claim_tier
 from appliance.storage.online import OnlineTier
 
 logger = logging.getLogger(__name__)
+
+# Seconds without a turn of the accept loop after which the listener counts
+# as hung (it turns at least twice a second).
+_LOOP_STALLED = 30.0
 
 _STOP_GRACE = 30.0
 _QUICK_DEATH = 10
@@ -90,13 +94,21 @@ def _serve(config: Config, listener: socket.socket) -> int:
         config.data_dir,
     )
     migrations = replication = None
+    # The accept loop turns at least every half second; a loop that stops
+    # turning withholds the watchdog heartbeat, and systemd restarts us.
+    alive = notify.Liveness(max_age=_LOOP_STALLED)
+    heartbeat = notify.Heartbeat(alive)
     try:
         migrations = scheduler.start(config)
         if config.get("replication.enabled"):
             replication = Supervisor(config)
             replication.start()
-        _accept_loop(listener, workers, counts, stop, context, config)
+        notify.ready(f"serving DICOM on {host}:{port}")
+        heartbeat.start()
+        _accept_loop(listener, workers, counts, stop, context, config, alive)
     finally:
+        notify.stopping("finishing open associations")
+        heartbeat.stop()
         if replication is not None:
             replication.stop()
         if migrations is not None:
@@ -132,10 +144,12 @@ def _accept_loop(
     stop: threading.Event,
     context: Any,
     config: Config,
+    alive: notify.Liveness,
 ) -> None:
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)
     while not stop.is_set():
+        alive.touch()
         if not selector.select(timeout=0.5):
             _restart_dead(workers, counts, context, config, stop)
             continue

@@ -1,0 +1,50 @@
+"""Under systemd (Type=notify) the service says when it is ready, beats the
+watchdog while its accept loop turns, and says when it stops."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Appliance
+
+
+def test_ready_heartbeat_and_stopping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    address = tmp_path / "notify.sock"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(address))
+    receiver.settimeout(0.2)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(address))
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")  # a beat every 0.5 s
+    directory = tmp_path / "node"
+    directory.mkdir()
+    appliance = Appliance(directory, {"replication": {"enabled": False}})
+    messages: list[str] = []
+    try:
+        appliance.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and messages.count("WATCHDOG=1") < 3:
+            try:
+                messages += receiver.recv(4096).decode().split("\n")
+            except TimeoutError:
+                continue
+    finally:
+        appliance.stop()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not any("STOPPING=1" in m for m in messages):
+        try:
+            messages += receiver.recv(4096).decode().split("\n")
+        except TimeoutError:
+            continue
+    receiver.close()
+
+    assert "READY=1" in messages
+    assert any(m.startswith("STATUS=serving DICOM on 127.0.0.1:") for m in messages)
+    assert messages.count("WATCHDOG=1") >= 3
+    assert "STOPPING=1" in messages
+    assert messages.index("READY=1") < messages.index("WATCHDOG=1")
