@@ -12,7 +12,14 @@ from typing import Any
 import click
 from rich.table import Table
 
-from appliance import cli_keys, cli_replication, cli_tiers, cli_volumes, logs
+from appliance import (
+    cli_hardware,
+    cli_keys,
+    cli_replication,
+    cli_tiers,
+    cli_volumes,
+    logs,
+)
 from appliance import config as configuration
 from appliance.cli_shared import config_option, data_dir_option
 from appliance.errors import ApplianceError, ConfigError
@@ -256,5 +263,5 @@ def example() -> None:
 
 # The other commands live in modules of their own; they share this group
 # and this configuration loader.
-for commands in (cli_tiers, cli_volumes, cli_keys, cli_replication):
+for commands in (cli_tiers, cli_volumes, cli_keys, cli_replication, cli_hardware):
     commands.register(main, _load)

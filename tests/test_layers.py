@@ -5,6 +5,8 @@ command line; the node never imports the command line. The pack format and
 the master keys import no tier. The migration policy is pure: it imports
 nothing of the appliance and no module that reads files, clocks or sockets.
 The bandwidth limiter uses only the errors and the durable-write helpers.
+The hardware checks never import the DICOM node, the service or the command
+line, and only their probe reads the host.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ FORBIDDEN = {
     "appliance.config": ("appliance.dicom", "appliance.catalog", "appliance.storage"),
     "appliance.hsm": ("appliance.dicom", "appliance.service", "appliance.cli"),
     "appliance.hsm.policy": ("appliance.",),
+    # Hardware checks and sizing read the host and the configuration only.
+    "appliance.hardware": ("appliance.dicom", "appliance.service", "appliance.cli"),
     # Mirror transports move opaque, already encrypted files: no catalog, no
     # DICOM, no tiers' logic, no pack format or keys, no wiring above them.
     "appliance.replication.transports": (
@@ -136,3 +140,20 @@ def test_the_bandwidth_limiter_stands_alone():
         if any(name == a or name.startswith(a + ".") for a in BANDWIDTH_IMPORTS)
     }
     assert ours == allowed, sorted(ours - allowed)
+
+
+# Only the probe reads the host (/proc, /sys, limits, programs); the
+# parsers, checks and sizing decide from what they are given.
+HARDWARE_IO = {"probe.py"}
+HOST_MODULES = {"os", "shutil", "resource", "subprocess", "socket", "glob"}
+
+
+def test_hardware_checks_and_sizing_are_pure():
+    impure = {}
+    for path in (PACKAGE / "hardware").glob("*.py"):
+        if path.name in HARDWARE_IO:
+            continue
+        found = {name.split(".")[0] for name in _imports(path)} & HOST_MODULES
+        if found:
+            impure[path.name] = sorted(found)
+    assert not impure, impure
