@@ -71,7 +71,7 @@ def register(main: click.Group, load: Loader) -> None:
             store = import_escrow(
                 key_store_path(config.data_dir), escrow_file.read_text()
             )
-        except (ApplianceError, OSError) as exc:
+        except (ApplianceError, OSError, UnicodeDecodeError) as exc:
             click.echo(f"cannot import {escrow_file}: {exc}", err=True)
             sys.exit(1)
         click.echo(f"{len(store.keys)} master key(s); current {store.current_id}")

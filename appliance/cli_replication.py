@@ -7,6 +7,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,12 +16,20 @@ from typing import Any
 import click
 
 from appliance import logs
-from appliance.cli_shared import Loader, config_option, data_dir_option
+from appliance.cli_shared import (
+    Loader,
+    config_option,
+    data_dir_option,
+    require_catalog,
+)
 from appliance.config import Config
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, TransportError
 from appliance.terminal import progress_bar, size
 
 logger = logging.getLogger(__name__)
+
+# A year: a longer override is a mistake, not a plan.
+_LONGEST_OVERRIDE_HOURS = 24 * 366
 
 
 def register(main: click.Group, load: Loader) -> None:
@@ -67,7 +77,11 @@ def register(main: click.Group, load: Loader) -> None:
         from appliance.replication.audit import audit
 
         limit = None if check_all else (sample or 10)
-        with _parts(config) as (catalog, tiers, transport), progress_bar() as bar:
+        with (
+            _parts(config) as (catalog, tiers, transport),
+            progress_bar() as bar,
+            _mirror_errors(),
+        ):
             task = bar.add_task("verifying the mirror", total=None)
             report = audit(
                 catalog,
@@ -102,7 +116,13 @@ def register(main: click.Group, load: Loader) -> None:
         from appliance.replication.process import override_path
 
         path = override_path(config)
+        if hours is not None and not 0 < hours <= _LONGEST_OVERRIDE_HOURS:
+            raise click.BadParameter(
+                f"--for takes hours, more than 0 and at most {_LONGEST_OVERRIDE_HOURS}"
+            )
         if rate == "timetable":
+            if hours is not None:
+                raise click.BadParameter("the timetable takes no --for")
             bandwidth.clear_override(path)
             click.echo("the timetable is in force again")
             return
@@ -120,6 +140,7 @@ def register(main: click.Group, load: Loader) -> None:
 
 
 def _status(config: Config) -> dict[str, Any]:
+    require_catalog(config)
     from appliance.catalog import replication
     from appliance.catalog.store import Catalog
     from appliance.replication import bandwidth
@@ -189,6 +210,16 @@ def _print_status(report: dict[str, Any]) -> None:
         click.echo(f"last error:      {when} {message}")
 
 
+@contextmanager
+def _mirror_errors() -> Iterator[None]:
+    """The mirror could not be reached: say so; nothing counts as lost."""
+    try:
+        yield
+    except TransportError as exc:
+        click.echo(f"cannot reach the mirror; nothing was changed: {exc}", err=True)
+        sys.exit(1)
+
+
 class _parts:
     """The catalog, tiers and mirror transport, closed on exit."""
 
@@ -196,6 +227,7 @@ class _parts:
         self.config = config
 
     def __enter__(self) -> tuple[Any, Any, Any]:
+        require_catalog(self.config)
         from appliance.catalog.store import Catalog
         from appliance.hsm.tiers import open_tiers
         from appliance.replication.process import open_mirror

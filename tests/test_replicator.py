@@ -366,3 +366,96 @@ def test_a_snapshot_prunes_the_journal_already_on_the_mirror(site: Site) -> None
     site.store("prune-later", 1)
     later = list(replication.journal_after(site.catalog, 0))
     assert later and later[0]["seq"] > sent
+
+
+# -- what a fresh review found -----------------------------------------------------
+
+
+def test_an_instance_queued_twice_goes_once_with_its_newest_bytes(
+    site: Site, tmp_path: Path
+) -> None:
+    site.ingest.close()
+    site.ingest = Ingest(site.catalog, site.tiers.online, "replace")
+    site.store("twice", 1)
+    [path] = list((site.mirror.parent / "twice").glob("*.dcm"))
+    dataset = pydicom.dcmread(path)
+    dataset.PatientName = "Corrected^Name"
+    corrected = tmp_path / "corrected.dcm"
+    dataset.save_as(corrected)
+    assert site.ingest.import_file(corrected, "test").ok
+    assert replication.queue_state(site.catalog).instances == 2
+    replicator = site.replicator()
+
+    batch = replicator.send(replicator.ready())
+
+    assert batch is not None and batch.instances == 1
+    assert replication.queue_state(site.catalog).instances == 0
+    [sent] = _offsite_bytes(site).values()
+    assert sent == corrected.read_bytes()
+
+
+def test_a_damaged_online_file_does_not_hold_up_the_others(site: Site) -> None:
+    site.store("damaged-online", 3)
+    records = copies.instances_of(site.catalog, uid("study", "damaged-online"))
+    victim = records[0]
+    path = site.tiers.online.path_of(victim.copy_on("online").location)  # type: ignore[union-attr]
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0x01
+    path.write_bytes(bytes(data))
+    replicator = site.replicator()
+
+    batch = replicator.send(replicator.ready())
+
+    assert batch is not None and batch.instances == 2
+    state = replication.queue_state(site.catalog)
+    assert state.instances == 1
+    assert victim.sop_instance_uid not in _offsite_bytes(site)
+
+
+def test_a_pack_recorded_twice_is_counted_once(site: Site) -> None:
+    site.store("recorded-twice", 2)
+    replicator = site.replicator()
+    replicator.send(replicator.ready())
+    [pack] = replication.offsite_packs(site.catalog)
+    before = site.catalog.counts()["packbytes.offsite"]
+
+    replication.mark_replicated(site.catalog, pack, [], {})
+
+    assert site.catalog.counts()["packbytes.offsite"] == before
+
+
+def test_the_audit_finds_a_pack_swapped_for_another(site: Site) -> None:
+    from appliance.replication.audit import audit
+
+    site.store("swap-a", 2)
+    replicator = site.replicator()
+    replicator.send(replicator.ready())
+    site.store("swap-b", 2)
+    replicator.send(replicator.ready())
+    first, second = sorted(site.mirror.glob("packs/*/*.pack"))
+    second.write_bytes(first.read_bytes())
+
+    report = audit(site.catalog, replicator.transport, site.tiers.keys, None)
+
+    assert report.damaged == 1
+    assert report.queued_again == 2
+
+
+def test_an_unreachable_mirror_is_not_a_lost_mirror(site: Site, tmp_path: Path) -> None:
+    from appliance.errors import TransportError
+    from appliance.replication.audit import audit
+
+    site.store("outage", 2)
+    server = Sshd(tmp_path / "sshd").start()
+    try:
+        replicator = _sftp_replicator(site, server, retries=0)
+        replicator.send(replicator.ready())
+    finally:
+        server.stop()
+
+    with pytest.raises(TransportError):
+        audit(site.catalog, replicator.transport, site.tiers.keys, None)
+    replicator.transport.close()
+
+    assert replication.queue_state(site.catalog).instances == 0
+    assert len(replication.offsite_packs(site.catalog)) == 1

@@ -94,6 +94,8 @@ def mark_replicated(
     copy and leave the queue, in one transaction; the copies added."""
     try:
         with catalog.env.begin(write=True) as txn:
+            # Recorded already (a crash after the commit): count it once.
+            known = catalog.get(txn, "packs", pack.pack_id) is not None
             catalog._put(txn, "packs", pack.pack_id, pack.as_json())
             added = 0
             for entry in sent:
@@ -105,12 +107,13 @@ def mark_replicated(
                         catalog, txn, uid, sha256.get(uid), OFFSITE, location
                     )
                 txn.delete(sequence_key(entry.number), db=catalog.db["replication"])
-            _add_meta(catalog, txn, f"packbytes.{OFFSITE}", pack.size)
-            append_journal(
-                catalog,
-                txn,
-                {"op": "replicated", "pack": pack.as_json()},
-            )
+            if not known:
+                _add_meta(catalog, txn, f"packbytes.{OFFSITE}", pack.size)
+                append_journal(
+                    catalog,
+                    txn,
+                    {"op": "replicated", "pack": pack.as_json()},
+                )
             return added
     except lmdb.Error as exc:
         raise CatalogError(f"cannot record pack {pack.pack_id}: {exc}") from exc

@@ -9,16 +9,17 @@ order says.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.catalog import replication
 from appliance.catalog.copies import PackRecord
 from appliance.catalog.store import Catalog
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, TransportError
 from appliance.storage.keys import KeyStore
 from appliance.storage.packs import PackReader
 from appliance.storage.streams import reader_over
@@ -74,26 +75,47 @@ def audit(
 
 
 def _check(pack: PackRecord, transport: Any, keys: KeyStore | None) -> list[str]:
-    """What is wrong with the pack on the mirror; nothing when it is good."""
+    """What is wrong with the pack on the mirror; nothing when it is good.
+
+    A mirror that cannot be reached raises (TransportError): an outage must
+    not pass for lost packs.
+    """
+    size = transport.size(pack.location)
+    if size is None:
+        return ["missing from the mirror"]
+    if size != pack.size:
+        return [f"holds {size} bytes, {pack.size} expected"]
+
+    digest = hashlib.sha256()
+
+    def hashed(chunks: Iterator[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            digest.update(chunk)
+            yield chunk
+
+    stream = reader_over(hashed(iter(transport.get(pack.location))))
     try:
-        stream = reader_over(iter(transport.get(pack.location)))
-    except ApplianceError as exc:
-        return [f"cannot be read: {exc}"]
-    try:
-        result = PackReader(stream, keys).read_all()
+        reader = PackReader(stream, keys)
+        if reader.pack_id != pack.pack_id:
+            return [f"holds pack {reader.pack_id}, not {pack.pack_id}"]
+        result = reader.read_all()
+        while stream.read(1 << 20):
+            pass  # the rest of the file, for its checksum
+    except TransportError:
+        raise
     except ApplianceError as exc:
         return [f"cannot be opened: {exc}"]
     finally:
         stream.close()
-    if result.ok:
-        return []
-    lines = list(result.problems)
-    lines += [check.describe() for check in result.bad]
-    return lines or ["damaged"]
+    problems = list(result.problems) + [check.describe() for check in result.bad]
+    if not problems and digest.hexdigest() != pack.sha256:
+        problems.append("its bytes differ from the pack that was sent")
+    return problems
 
 
 def _whole_pack(problems: list[str]) -> bool:
-    return any(p.startswith(("cannot be read", "cannot be opened")) for p in problems)
+    whole = ("missing", "holds", "cannot be opened", "its bytes differ")
+    return any(p.startswith(whole) for p in problems)
 
 
 def _named(problems: list[str], pack: PackRecord) -> list[str]:

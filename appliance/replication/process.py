@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from appliance import logs
 from appliance.children import die_with_parent
 from appliance.config import Config
+from appliance.errors import ApplianceError
 from appliance.replication.bandwidth import Limiter, parse_timetable
 from appliance.replication.replicator import Replicator, Settings
 from appliance.replication.transports import Transport, open_transport
@@ -24,6 +26,12 @@ from appliance.replication.transports import Transport, open_transport
 logger = logging.getLogger(__name__)
 
 RATE_OVERRIDE = "replication-rate.json"
+REPLICATION_LOCK = "replication.lock"
+# Seconds a new replication process waits for an old one to finish.
+_LOCK_WAIT = 60.0
+# Seconds before a replication process that cannot reach the mirror ends
+# (its supervisor starts it again).
+_RETRY_START = 30.0
 
 
 def override_path(config: Config) -> Path:
@@ -68,27 +76,53 @@ def run_replication(config: Config) -> None:
     """Replicate until SIGTERM (the child process's work)."""
     die_with_parent()
     logs.setup(config.get("logging.level"), config.get("logging.format"))
+    from appliance.catalog import replication
     from appliance.catalog.store import Catalog
     from appliance.hsm.tiers import open_tiers
+    from appliance.storage.lock import TierLock
 
+    # One replicator per archive: a second one (a service restarted while
+    # the old child still finishes a step) waits for the first.
+    lock = TierLock(config.data_dir, REPLICATION_LOCK)
+    if not lock.acquire(exclusive=True, wait=_LOCK_WAIT):
+        logger.warning("another replication process still runs; not starting")
+        return
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    bandwidth = limiter(config, stop)
+
+    def finish(*_: Any) -> None:
+        stop.set()
+        bandwidth.close()  # a wait for bandwidth ends at once
+
+    signal.signal(signal.SIGTERM, finish)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     catalog = Catalog(config.catalog_path, config.get("storage.catalog_max_size"))
-    transport = open_mirror(config)
     try:
-        bandwidth = limiter(config, stop)
-        replicator = Replicator(
-            catalog,
-            open_tiers(config),
-            transport,
-            config.data_dir / "spool" / "mirror",
-            settings(config),
-            throttle=bandwidth.acquire,
-        )
-        logger.info("replication to the %s mirror started", config.get("mirror.kind"))
-        replicator.run(stop)
+        try:
+            transport = open_mirror(config)
+        except ApplianceError as exc:
+            logger.error("cannot reach the mirror: %s", exc)
+            replication.set_mirror_mark(
+                catalog, "last_error", f"{time.time():.0f} {exc}"
+            )
+            stop.wait(_RETRY_START)
+            return
+        try:
+            replicator = Replicator(
+                catalog,
+                open_tiers(config),
+                transport,
+                config.data_dir / "spool" / "mirror",
+                settings(config),
+                throttle=bandwidth.acquire,
+            )
+            logger.info(
+                "replication to the %s mirror started", config.get("mirror.kind")
+            )
+            replicator.run(stop)
+        finally:
+            transport.close()
     finally:
-        transport.close()
         catalog.close()
+        lock.release()

@@ -20,6 +20,7 @@ never UIDs or patient data; the mirror holds ciphertext only.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -101,7 +102,8 @@ class _Pending:
     sha256: str
     members: dict[str, str]  # SOP Instance UID -> member name
     checksums: dict[str, str]  # SOP Instance UID -> SHA-256 of its bytes
-    numbers: dict[str, int]  # SOP Instance UID -> its queue entry
+    numbers: dict[str, list[int]]  # SOP Instance UID -> its queue entries
+    key_id: str | None = None  # the master key that wraps the pack's data key
 
     def save(self) -> None:
         note = {
@@ -111,6 +113,7 @@ class _Pending:
             "members": self.members,
             "checksums": self.checksums,
             "numbers": self.numbers,
+            "key_id": self.key_id,
         }
         temporary = self.path.with_suffix(".json.tmp")
         temporary.write_text(json.dumps(note))
@@ -228,7 +231,9 @@ class Replicator:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{pack_id}.pack"
         with tempfile.TemporaryDirectory(dir=self.spool) as staging:
-            summary, sources = self._write_pack(path, pack_id, records, Path(staging))
+            summary, sources, key_id = self._write_pack(
+                path, pack_id, records, Path(staging)
+            )
         pending = _Pending(
             path=path,
             pack_id=pack_id,
@@ -240,7 +245,8 @@ class Replicator:
                 for r in records
                 if r.sop_instance_uid in sources
             },
-            numbers={e.sop_instance_uid: e.number for e in batch},
+            numbers=_numbers(batch),
+            key_id=key_id,
         )
         pending.save()
         return pending
@@ -266,12 +272,12 @@ class Replicator:
             size=pending.size,
             sha256=pending.sha256,
             members=pending.members,
-            key_id=self.tiers.keys.current.key_id if self.tiers.keys else None,
+            key_id=pending.key_id,
         )
         sent = [
-            Queued(pending.numbers[uid], uid, 0, 0.0)
+            Queued(number, uid, 0, 0.0)
             for uid in pending.members
-            if uid in pending.numbers
+            for number in pending.numbers.get(uid, [])
         ]
         replication.mark_replicated(self.catalog, pack, sent, pending.checksums)
 
@@ -293,7 +299,9 @@ class Replicator:
         """Upload a compacted copy of the whole catalog, named by the last
         journal entry it contains; its remote name."""
         number = replication.last_journal_number(self.catalog)
-        name = f"catalog/snapshot-{number:012d}"
+        # The time makes each attempt's name new: a snapshot sent again
+        # after a crash is sealed with another key, so its bytes differ.
+        name = f"catalog/snapshot-{number:012d}-{int(self.clock()):010d}"
         with tempfile.TemporaryDirectory(dir=self.spool) as folder:
             self.catalog.env.copy(folder, compact=True)
             with open(Path(folder) / "data.mdb", "rb") as copy:
@@ -346,11 +354,13 @@ class Replicator:
                 batch = self.ready()
                 if batch:
                     self.send(batch)
+                    if backoff > idle:
+                        replication.set_mirror_mark(self.catalog, "last_error", "")
                     backoff = idle
                     continue
                 if self.audit_due():
                     self.audit_some()
-            except ApplianceError as exc:
+            except (ApplianceError, OSError) as exc:
                 logger.error("replication: %s; retrying in %.0f s", exc, backoff)
                 replication.set_mirror_mark(
                     self.catalog, "last_error", f"{time.time():.0f} {exc}"
@@ -368,19 +378,24 @@ class Replicator:
         """The catalog records of a batch, and the entries whose instance
         is no longer in the catalog."""
         records, gone = [], []
+        seen: set[str] = set()
         with self.catalog.read() as txn:
             for entry in batch:
+                if entry.sop_instance_uid in seen:
+                    continue  # queued twice (replaced): its current bytes go once
                 record = self.catalog.instance(txn, entry.sop_instance_uid)
                 if record is None:
                     gone.append(entry)
                 else:
                     records.append(record)
+                    seen.add(entry.sop_instance_uid)
         return records, gone
 
     def _write_pack(
         self, path: Path, pack_id: str, records: list[InstanceRecord], folder: Path
-    ) -> tuple[Any, set[str]]:
-        """Write the pack of the records whose bytes can be read now."""
+    ) -> tuple[Any, set[str], str]:
+        """Write the pack of the records whose bytes can be read now; what
+        was written, the instances in it, and the master key id."""
         assert self.tiers.keys is not None
         levels = LevelAttributes(self.catalog)
         items: list[tuple[InstanceMeta, Path]] = []
@@ -395,11 +410,16 @@ class Replicator:
             items.append((instance_meta(record, levels), source))
         if not items:
             raise StorageError("no queued instance can be read now")
+        key = self.tiers.keys.new_data_key()
         with open(path, "wb") as out:
-            writer = PackWriter(out, pack_id, None, self.tiers.keys.new_data_key())
+            writer = PackWriter(out, pack_id, None, key)
             writer.add_all(items)
             summary = writer.close()
-        return summary, {meta.sop_instance_uid for meta, _path in items}
+        return (
+            summary,
+            {meta.sop_instance_uid for meta, _path in items},
+            (key.master_key_id),
+        )
 
     def _source(self, record: InstanceRecord, folder: Path) -> Path | None:
         """The instance's stored bytes: its online file, or a copy taken out
@@ -407,8 +427,12 @@ class Replicator:
         online = record.copy_on(ONLINE)
         if online is not None:
             path = self.tiers.online.path_of(online.location)
-            if path.exists():
+            if _sha256_of(path) == record.sha256:
                 return path
+            logger.error(
+                "the online copy of %s is missing or damaged; reading another copy",
+                record.sop_instance_uid,
+            )
         staged = folder / f"{len(list(folder.iterdir()))}.dcm"
         return staged if self.recaller.copy_out(record, staged) else None
 
@@ -434,6 +458,25 @@ class Replicator:
             self.transport.put(
                 name, path, path.stat().st_size, digest, throttle=self.throttle
             )
+
+
+def _numbers(batch: list[Queued]) -> dict[str, list[int]]:
+    """Queue entries by SOP Instance UID (one instance may be queued twice)."""
+    found: dict[str, list[int]] = {}
+    for entry in batch:
+        found.setdefault(entry.sop_instance_uid, []).append(entry.number)
+    return found
+
+
+def _sha256_of(path: Path) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def _json(entry: dict[str, Any]) -> str:

@@ -165,7 +165,13 @@ class KeyStore:
             key = MasterKey.generate()
             store = cls(path, {key.key_id: key}, key.key_id)
             store._save()
-        logger.info("key store %s created with master key %s", path, key.key_id)
+        # Without an escrow copy, every pack is lost with this machine.
+        logger.warning(
+            "master key %s created in %s: export it now to the key escrow "
+            "(appliance keys export), away from the appliance and its volumes",
+            key.key_id,
+            path,
+        )
         return store
 
     @classmethod
