@@ -60,7 +60,9 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A file system root with the system's units, ours, and a stand-in for
     every program our units run."""
     systemd_analyze()
-    shipped = next((d for d in SYSTEM_UNIT_DIRS if (d / "sysinit.target").exists()), None)
+    shipped = next(
+        (d for d in SYSTEM_UNIT_DIRS if (d / "sysinit.target").exists()), None
+    )
     if shipped is None:
         pytest.skip("no systemd unit directory with sysinit.target on this host")
 
