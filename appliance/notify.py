@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 # Set after a failed send, cleared by a good one (see notify()).
 _failed = threading.Event()
+# Seconds a send may wait for room in systemd's queue before it is given up.
+SEND_TIMEOUT = 5.0
 
 __all__ = [
     "Heartbeat",
@@ -55,6 +57,8 @@ def notify(state: str) -> bool:
         return False
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            # A busy systemd must not hold up the caller (the listener).
+            sock.settimeout(SEND_TIMEOUT)
             sock.sendto(state.encode("utf-8"), address)
     except OSError as exc:
         # Once at WARNING, then quietly: the heartbeat would repeat it forever.

@@ -129,6 +129,28 @@ def test_an_unreachable_socket_returns_false_and_logs_once(
     assert "cannot notify systemd" in warnings[0].getMessage()
 
 
+def test_a_full_queue_gives_up_instead_of_blocking(
+    systemd: FakeSystemd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # systemd reads nothing: its queue fills, and then a send must return.
+    monkeypatch.setattr(notify, "SEND_TIMEOUT", 0.1)
+    sent: list[bool] = []
+
+    def fill() -> None:
+        while len(sent) < 100_000 and notify.status("x" * 1024):
+            sent.append(True)
+        sent.append(False)
+
+    # In a thread, so that a send that blocks fails the test instead of
+    # hanging it.
+    filler = threading.Thread(target=fill, daemon=True)
+    filler.start()
+    filler.join(10)
+    assert not filler.is_alive(), "a send to a full queue blocked"
+    assert sent[-1] is False and len(sent) < 100_000
+    assert systemd.receive().startswith("STATUS=x")  # what was queued arrives
+
+
 def test_a_socket_kind_it_does_not_speak_is_ignored(
     monkeypatch: pytest.MonkeyPatch, clean_environment: None
 ) -> None:
