@@ -18,6 +18,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.sharedctypes import SynchronizedArray
 from typing import Any
@@ -151,7 +152,7 @@ def _accept_loop(
     while not stop.is_set():
         alive.touch()
         if not selector.select(timeout=0.5):
-            _restart_dead(workers, counts, context, config, stop)
+            _restart_dead(workers, counts, context, config, stop, alive.touch)
             continue
         try:
             connection, _address = listener.accept()
@@ -187,6 +188,7 @@ def _restart_dead(
     context: Any,
     config: Config,
     stop: threading.Event,
+    waiting: Callable[[], None],
 ) -> None:
     now = time.monotonic()
     for position, worker in enumerate(workers):
@@ -216,12 +218,20 @@ def _restart_dead(
             counts[worker.index] = 0
         # What the dead worker was receiving will never be answered.
         OnlineTier(config.online_path).discard_incoming(worker.index)
-        workers[position] = _start_worker(context, config, worker.index, counts)
+        workers[position] = _start_worker(
+            context, config, worker.index, counts, waiting
+        )
 
 
 def _start_worker(
-    context: Any, config: Config, index: int, counts: SynchronizedArray
+    context: Any,
+    config: Config,
+    index: int,
+    counts: SynchronizedArray,
+    waiting: Callable[[], None] = lambda: None,
 ) -> _Worker:
+    """Start worker ``index``; ``waiting`` is called while it starts (the
+    listener is busy, not hung: it keeps the watchdog heartbeat going)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     ready = context.Event()
     process = context.Process(
@@ -234,6 +244,7 @@ def _start_worker(
     theirs.close()
     deadline = time.monotonic() + 60
     while not ready.wait(timeout=0.1):
+        waiting()
         if not process.is_alive():
             logger.error("worker %d exited while starting", index)
             break
