@@ -180,7 +180,7 @@ def test_tampered_pack_is_detected_on_recall(archive: Archive) -> None:
 class FaultyNearline(NearlineTier):
     """A disk that flips a bit in every pack after writing it."""
 
-    def write(self, pack_id, items, study_uid, key, keys=None):  # type: ignore[no-untyped-def]
+    def write(self, pack_id, items, study_uid, key, keys=None):
         def flip_a_bit(destination, *args, **kwargs):  # type: ignore[no-untyped-def]
             summary = write_pack_file(destination, *args, **kwargs)
             data = bytearray(destination.read_bytes())
@@ -215,7 +215,7 @@ def test_sample_files_survive_a_round_trip(tmp_path: Path) -> None:
     ingest = Ingest(catalog, online, "refuse")
     try:
         names = ["CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "SC_rgb_rle.dcm"]
-        sources = [Path(get_testdata_file(name)) for name in names]  # type: ignore[arg-type]
+        sources = [Path(get_testdata_file(name)) for name in names]
         for source in sources:
             assert ingest.import_file(source, "test").ok
         studies = {

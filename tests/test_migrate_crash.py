@@ -122,7 +122,7 @@ def _check_every_copy(config_path: Path) -> dict[str, int]:
         catalog.close()
 
 
-def _copy_bytes_digest(catalog: Catalog, tiers: Tiers, record, copy) -> str:  # type: ignore[no-untyped-def]
+def _copy_bytes_digest(catalog: Catalog, tiers: Tiers, record, copy) -> str:
     if copy.tier == "online":
         return hashlib.sha256(
             tiers.online.path_of(copy.location).read_bytes()

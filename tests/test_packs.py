@@ -325,7 +325,7 @@ def test_an_encrypted_pack_opens_with_the_documented_recipe(keys: KeyStore):
     pack, _ = write_pack(contents, keys)
 
     with tarfile.open(fileobj=io.BytesIO(pack)) as archive:
-        members = {m.name: archive.extractfile(m).read() for m in archive}  # type: ignore[union-attr]
+        members = {m.name: archive.extractfile(m).read() for m in archive}
     header = json.loads(members["pack.json"])
     master = keys.get(header["encryption"]["master_key_id"]).secret
     wrapped = bytes.fromhex(header["encryption"]["wrapped_data_key"])
