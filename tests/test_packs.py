@@ -397,7 +397,7 @@ def test_a_pack_streams_through_a_pipe(keys: KeyStore):
     producer.join()
 
     assert report.ok, report.describe()
-    assert [collected[e.member] for e in report.manifest.instances] == contents  # type: ignore[union-attr]
+    assert [collected[e.member] for e in report.manifest.instances] == contents
     assert summaries[0].bytes_written % TAPE_RECORD_SIZE == 0
 
 
@@ -421,7 +421,7 @@ def test_every_write_is_one_whole_record():
     output = RecordingOutput()
     contents = sample_contents(3, size=200_000)
 
-    with PackWriter(output, "p-tape", STUDY, record_size=TAPE_RECORD_SIZE) as writer:  # type: ignore[arg-type]
+    with PackWriter(output, "p-tape", STUDY, record_size=TAPE_RECORD_SIZE) as writer:
         for number, data in enumerate(contents, start=1):
             writer.add(meta_for(data, number), io.BytesIO(data))
 
