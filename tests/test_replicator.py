@@ -181,7 +181,7 @@ def test_tampered_upload_is_not_counted(site: Site) -> None:
     replicator = site.replicator()
     real_put = replicator.transport.put
 
-    def put_then_damage(name, source, size, sha256, **kwargs):  # type: ignore[no-untyped-def]
+    def put_then_damage(name, source, size, sha256, **kwargs):
         real_put(name, source, size, sha256, **kwargs)
         if name.startswith("packs/"):
             path = site.mirror / name
@@ -221,7 +221,7 @@ def test_journal_and_snapshot_rebuild_the_catalog(site: Site, tmp_path: Path) ->
         out = io.BytesIO()
         remote = segment.relative_to(site.mirror).as_posix()
         with open(segment, "rb") as source:
-            sealed.open_sealed(source, remote, site.tiers.keys, out)  # type: ignore[arg-type]
+            sealed.open_sealed(source, remote, site.tiers.keys, out)
         entries += out.getvalue().decode().splitlines()
     assert sum('"op":"store"' in e for e in entries) == 4
     assert sum('"op":"replicated"' in e for e in entries) == 1
@@ -398,7 +398,7 @@ def test_a_damaged_online_file_does_not_hold_up_the_others(site: Site) -> None:
     site.store("damaged-online", 3)
     records = copies.instances_of(site.catalog, uid("study", "damaged-online"))
     victim = records[0]
-    path = site.tiers.online.path_of(victim.copy_on("online").location)  # type: ignore[union-attr]
+    path = site.tiers.online.path_of(victim.copy_on("online").location)
     data = bytearray(path.read_bytes())
     data[-10] ^= 0x01
     path.write_bytes(bytes(data))
