@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -37,8 +38,11 @@ RAID_LEVELS = ("none", "raid1", "raid5", "raid6", "raid10")
 SOFTWARE_RAID = ("raid1", "raid5", "raid6", "raid10")
 MEDIA = ("nvme", "ssd", "hdd")
 
-# Where ``--profile NAME`` looks, after the current folder's hardware/.
+# Where ``--profile NAME`` looks, after the current folder's hardware/: the
+# checkout the code runs from, and an installation's folder, where the
+# virtual environment sits beside hardware/ (/opt/pacs-appliance/.venv).
 REPOSITORY_PROFILES = Path(__file__).resolve().parents[2] / "hardware"
+INSTALLED_PROFILES = Path(sys.prefix).parent / "hardware"
 
 Check = Callable[[Any], str | None]
 
@@ -324,8 +328,9 @@ def _build_area(name: str, content: dict[str, Any]) -> Area:
 
 
 def search_path() -> tuple[Path, ...]:
-    """Folders searched for ``NAME.toml``: ./hardware, then the repository's."""
-    return (Path.cwd() / "hardware", REPOSITORY_PROFILES)
+    """Folders searched for ``NAME.toml``: ./hardware, then the checkout's,
+    then the installation's."""
+    return (Path.cwd() / "hardware", REPOSITORY_PROFILES, INSTALLED_PROFILES)
 
 
 def find_profile(wanted: str, folders: Iterable[Path] | None = None) -> Path:
