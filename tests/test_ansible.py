@@ -292,6 +292,19 @@ def test_installed_appliance_runs_and_accepts_its_configuration(
         check=True,
     )
     assert where.stdout.startswith(str(site.root))
+    # The hardware profiles installed beside the virtual environment.
+    profiles = subprocess.run(
+        [str(program), "hardware", "profiles"],
+        capture_output=True,
+        text=True,
+        cwd=site.folder,
+        timeout=60,
+        check=True,
+    )
+    installed_profiles = str(
+        site.path("/opt/pacs-appliance/hardware/small-clinic.toml")
+    )
+    assert installed_profiles in profiles.stdout
 
 
 def test_files_have_the_owners_and_modes_the_service_expects(
@@ -359,9 +372,10 @@ def test_changed_code_is_installed_again_and_restarts_the_service(
     assert changed.task("Restart pacs-appliance").status == "skipped"
     assert installed_notes.endswith("A line this site added.\n")
     assert again.returncode == 0 and again.changed > 0
-    assert "A line this site added." not in site.path(
-        "/opt/pacs-appliance/docs/operations.md"
-    ).read_text()
+    assert (
+        "A line this site added."
+        not in site.path("/opt/pacs-appliance/docs/operations.md").read_text()
+    )
 
 
 def test_changed_configuration_restarts_the_service(
