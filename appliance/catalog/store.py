@@ -61,6 +61,8 @@ _DATABASES = (
     "requests",
     "replication",
     "journal",
+    "appointments",
+    "hl7",
 )
 _INDEXES = (
     "idx.study.patient",

@@ -1,0 +1,74 @@
+"""HL7 acknowledgements (original mode): MSA-1 AA, AE or AR, MSA-2 echoing
+the message's control ID, and an ERR segment saying what was wrong.
+
+The ACK names as its sender the application and facility the message was
+addressed to (MSH-5, MSH-6), so the RIS sees the answer come from whom it
+wrote to. A message without a readable MSH still gets an AR, from a header
+of our own, since its sender waits for an answer either way.
+"""
+
+from __future__ import annotations
+
+import time
+
+import hl7
+from hl7.util import generate_message_control_id
+
+from appliance.hl7.messages import ERROR_TEXT, MessageError
+
+FALLBACK_SENDER = "PACS_APPLIANCE"
+
+
+def accept(message: hl7.Message) -> bytes:
+    """AA for ``message``."""
+    return _encode(message.create_ack("AA", generate_message_control_id()))
+
+
+def refuse(message: hl7.Message | None, error: MessageError) -> bytes:
+    """AE or AR for ``message`` (None when it could not be parsed), with an
+    ERR segment and the reason in MSA-3."""
+    if message is None:
+        return _encode_text(_bare_ack(error))
+    try:
+        ack = message.create_ack(error.ack_code, generate_message_control_id())
+    except (KeyError, IndexError):
+        # An MSH too short to answer from (no MSH-9 components, say).
+        return _encode_text(_bare_ack(error))
+    reason = message.escape(error.reason)
+    # MSA is the ACK's last segment: the reason becomes its third field.
+    text = f"{str(ack).rstrip(chr(13))}|{reason}\r{_err_segment(error, reason)}"
+    return _encode_text(text)
+
+
+def _err_segment(error: MessageError, escaped_reason: str) -> str:
+    code = f"{error.error_code}^{ERROR_TEXT[error.error_code]}^HL70357"
+    return f"ERR||{error.location}|{code}|E||||{escaped_reason}"
+
+
+def _bare_ack(error: MessageError) -> str:
+    stamp = time.strftime("%Y%m%d%H%M%S")
+    control_id = generate_message_control_id()
+    reason = _escape_plain(error.reason)
+    return "\r".join(
+        (
+            f"MSH|^~\\&|{FALLBACK_SENDER}||||{stamp}||ACK|{control_id}|P|2.5",
+            f"MSA|{error.ack_code}||{reason}",
+            _err_segment(error, reason),
+        )
+    )
+
+
+def _escape_plain(text: str) -> str:
+    """Escape the default separators in free text (HL7 2.7 section 2.7)."""
+    replaced = text.replace("\\", "\\E\\")
+    for character, sequence in (("|", "\\F\\"), ("^", "\\S\\"), ("&", "\\T\\")):
+        replaced = replaced.replace(character, sequence)
+    return replaced.replace("~", "\\R\\").replace("\r", " ").replace("\n", " ")
+
+
+def _encode(ack: hl7.Message) -> bytes:
+    return _encode_text(str(ack))
+
+
+def _encode_text(text: str) -> bytes:
+    return text.encode("utf-8")

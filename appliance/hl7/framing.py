@@ -1,0 +1,113 @@
+"""MLLP framing: messages out of a byte stream, and back into frames.
+
+A frame is ``0x0B message 0x1C 0x0D``. Senders in the field are sloppy, so
+the reader is lenient where it costs nothing and strict where it protects
+the appliance:
+
+- bytes before a start block (line noise, a keep-alive newline, a sender
+  that was restarted mid-frame) are skipped and counted, never parsed;
+- a start block inside an unfinished frame starts the frame again: the
+  sender gave up on the first one;
+- a frame longer than the size cap is dropped whole, up to its end block,
+  and reported, so that one huge message cannot exhaust memory.
+
+python-hl7's stream reader expects the start block as the very first byte
+and drops the buffer otherwise, which loses the message after any noise;
+hence this small reader of our own. Parsing the message itself is left to
+python-hl7 (``messages.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+START_BLOCK = 0x0B
+END_BLOCK = b"\x1c\x0d"
+
+
+def frame(message: bytes) -> bytes:
+    """``message`` as one MLLP frame."""
+    return bytes([START_BLOCK]) + message + END_BLOCK
+
+
+@dataclass
+class Received:
+    """What one ``feed`` found: whole messages, and what was thrown away."""
+
+    messages: list[bytes] = field(default_factory=list)
+    skipped_bytes: int = 0
+    oversized: int = 0
+
+
+class FrameReader:
+    """Splits the bytes of one connection into messages, in order."""
+
+    def __init__(self, max_message_bytes: int) -> None:
+        self.max_message_bytes = max_message_bytes
+        self._buffer = bytearray()
+        self._in_frame = False
+        self._discarding = False  # inside a frame that is over the cap
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an unfinished frame held (0 between frames)."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> Received:
+        received = Received()
+        for chunk in _split_keeping_start(data):
+            self._take(chunk, received)
+        return received
+
+    def _take(self, chunk: bytes, received: Received) -> None:
+        if chunk[:1] == bytes([START_BLOCK]):
+            if self._in_frame and not self._discarding:
+                # A new frame began before the old one ended: the sender
+                # abandoned it. Its bytes count as skipped.
+                received.skipped_bytes += len(self._buffer) + 1
+            self._buffer.clear()
+            self._in_frame = True
+            self._discarding = False
+            chunk = chunk[1:]
+        if not self._in_frame:
+            received.skipped_bytes += len(chunk)
+            return
+        self._append(chunk, received)
+
+    def _append(self, chunk: bytes, received: Received) -> None:
+        # The end block may straddle two reads: look for it across the
+        # last byte already held.
+        held = len(self._buffer)
+        self._buffer += chunk
+        end = self._buffer.find(END_BLOCK, max(0, held - 1))
+        if end != -1:
+            message = bytes(self._buffer[:end])
+            # Anything after the end block and before the next start block
+            # (the caller cut the chunk there) belongs to no frame.
+            received.skipped_bytes += len(self._buffer) - end - len(END_BLOCK)
+            if self._discarding or len(message) > self.max_message_bytes:
+                received.oversized += 1
+            else:
+                received.messages.append(message)
+            self._buffer.clear()
+            self._in_frame = False
+            self._discarding = False
+            return
+        if len(self._buffer) > self.max_message_bytes:
+            # Keep only enough to see the end block arrive.
+            self._discarding = True
+            del self._buffer[:-1]
+
+
+def _split_keeping_start(data: bytes) -> list[bytes]:
+    """``data`` cut before every start block, so that each piece but the
+    first begins with one."""
+    pieces = []
+    start = 0
+    position = data.find(bytes([START_BLOCK]), 1)
+    while position != -1:
+        pieces.append(data[start:position])
+        start = position
+        position = data.find(bytes([START_BLOCK]), position + 1)
+    pieces.append(data[start:])
+    return [piece for piece in pieces if piece]

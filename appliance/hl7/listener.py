@@ -1,0 +1,207 @@
+"""The MLLP listener: HL7 messages from the RIS in, ACKs out.
+
+One asyncio loop in a thread of the service serves every connection; each
+connection may carry any number of messages, answered in order. Handling a
+message (parse, record durably, build the ACK) blocks on the catalog, so it
+runs in a worker thread while the loop goes on reading other connections.
+
+A connection silent for ``idle_timeout`` seconds is closed: RIS interfaces
+reconnect when they have something to send, and a half-open connection
+would otherwise hold its slot for ever. Noise between frames and frames over
+``max_message_bytes`` are logged once per connection and per kind, not per
+byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from appliance.hl7 import acks
+from appliance.hl7.framing import FrameReader, Received, frame
+from appliance.hl7.messages import SEGMENT_SEQUENCE_ERROR, MessageError
+
+logger = logging.getLogger(__name__)
+
+# Called with a message's bytes and the peer's address; returns the ACK.
+Handler = Callable[[bytes, str], bytes]
+
+_READ_SIZE = 65536
+
+
+@dataclass(frozen=True)
+class ListenerSettings:
+    max_message_bytes: int = 1024 * 1024
+    idle_timeout: float = 300.0
+    max_connections: int = 64
+
+
+class Listener:
+    """Serves MLLP on a bound, listening socket until :meth:`stop`."""
+
+    def __init__(
+        self, sock: socket.socket, handler: Handler, settings: ListenerSettings
+    ) -> None:
+        self.sock = sock
+        self.handler = handler
+        self.settings = settings
+        self._loop = asyncio.new_event_loop()
+        self._stopped: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="hl7", daemon=True)
+        self._open: set[asyncio.StreamWriter] = set()
+        self._ready = threading.Event()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.sock.getsockname()[:2]
+        return host, port
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait()
+
+    def stop(self) -> None:
+        """Stop accepting, close every connection, and wait for the thread."""
+        if self._stopped is not None:
+            self._loop.call_soon_threadsafe(self._stopped.set)
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._serve())
+        finally:
+            self._loop.close()
+
+    async def _serve(self) -> None:
+        self._stopped = asyncio.Event()
+        server = await asyncio.start_server(self._connection, sock=self.sock)
+        self._ready.set()
+        async with server:
+            await self._stopped.wait()
+            server.close()
+            await self._close_connections()
+            await server.wait_closed()
+
+    async def _close_connections(self) -> None:
+        """Cut every connection: an unanswered message is sent again by the
+        RIS, and nothing it said is lost (ACKs follow commits). A connection
+        accepted just now gets its handler started first, so that it is
+        closed too rather than left to the garbage collector."""
+        await asyncio.sleep(0)
+        for _ in range(100):
+            for writer in list(self._open):
+                writer.close()
+            if not self._open:
+                return
+            await asyncio.sleep(0.05)
+
+    async def _connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        peer = _describe(writer.get_extra_info("peername"))
+        if len(self._open) >= self.settings.max_connections:
+            logger.warning(
+                "HL7 connection from %s refused: %d connections open already",
+                peer,
+                len(self._open),
+            )
+            writer.close()
+            return
+        # ACKs are small: without this, a sender that waits for each one
+        # stalls on delayed ACKs of TCP.
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._open.add(writer)
+        try:
+            await self._converse(peer, reader, writer)
+        except (ConnectionError, OSError) as exc:
+            logger.info("HL7 connection from %s lost: %s", peer, exc)
+        finally:
+            self._open.discard(writer)
+            writer.close()
+
+    async def _converse(
+        self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        frames = FrameReader(self.settings.max_message_bytes)
+        noted: set[str] = set()
+        while True:
+            try:
+                data = await asyncio.wait_for(
+                    reader.read(_READ_SIZE), self.settings.idle_timeout
+                )
+            except TimeoutError:
+                logger.info(
+                    "HL7 connection from %s idle for %.0f s; closed",
+                    peer,
+                    self.settings.idle_timeout,
+                )
+                return
+            if not data:
+                return
+            received = frames.feed(data)
+            self._note_problems(peer, received, noted)
+            for answer in self._refusals(received):
+                writer.write(frame(answer))
+            for message in received.messages:
+                answer = await self._loop.run_in_executor(
+                    None, self.handler, message, peer
+                )
+                writer.write(frame(answer))
+            await writer.drain()
+
+    def _note_problems(self, peer: str, received: Received, noted: set[str]) -> None:
+        if received.skipped_bytes and "skipped" not in noted:
+            noted.add("skipped")
+            logger.warning(
+                "HL7 from %s: %d bytes outside MLLP frames ignored "
+                "(reported once per connection)",
+                peer,
+                received.skipped_bytes,
+            )
+        if received.oversized and "oversized" not in noted:
+            noted.add("oversized")
+            logger.warning(
+                "HL7 from %s: a message over %d bytes refused "
+                "(reported once per connection)",
+                peer,
+                self.settings.max_message_bytes,
+            )
+
+    def _refusals(self, received: Received) -> list[bytes]:
+        """An AR for each message too large to read: its sender waits for
+        an answer, though its control ID is unknown."""
+        error = MessageError(
+            "AR",
+            SEGMENT_SEQUENCE_ERROR,
+            "",
+            f"message longer than {self.settings.max_message_bytes} bytes",
+        )
+        return [acks.refuse(None, error) for _ in range(received.oversized)]
+
+
+def bind(address: str, port: int) -> socket.socket:
+    """A listening TCP socket, bound before the service says it is ready."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((address, port))
+        sock.listen(64)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def _describe(peer: object) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer)

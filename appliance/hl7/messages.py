@@ -1,0 +1,398 @@
+"""Reading scheduling messages from the RIS into appointments.
+
+Accepted: SIU^S12 (booked), S13 (rescheduled), S14 (modified), S15
+(cancelled), S17 (deleted), S26 (no-show); ORM^O01 and OMI^O23 orders with
+order control NW (new), XO (changed), CA and DC (cancelled, discontinued);
+SC (status changed) is acknowledged and ignored. Anything else is rejected.
+
+Where a value can come from several fields, the first one present wins:
+
+| value | SIU | ORM / OMI |
+| --- | --- | --- |
+| appointment time | TQ1-7, SCH-11.4, AIS-4 | TQ1-7, ORC-7.4, OBR-27.4 |
+| patient | every repetition of PID-3: ID (.1) and assigning authority (.4) | the same |
+| procedure | AIS-3 | OBR-44, OBR-4 |
+| modality | (site table) | IPC-5, OBR-24, (site table) |
+| accession | (none) | IPC-1, OBR-18 |
+| requested procedure ID | (none) | IPC-2, OBR-19 |
+| appointment key | SCH-1, SCH-2 (placer, filler ID) | ORC-2, ORC-3 (order numbers) |
+
+Problems are raised as :class:`MessageError` with the HL7 error code
+(table 0357), the location and an AR (not accepted at all) or AE (accepted
+as HL7 but not processable) acknowledgement code.
+"""
+
+from __future__ import annotations
+
+import calendar
+import logging
+import re
+import time
+from dataclasses import dataclass
+
+import hl7
+
+logger = logging.getLogger(__name__)
+
+# HL7 table 0357, the codes used here.
+REQUIRED_FIELD_MISSING = "101"
+DATA_TYPE_ERROR = "102"
+UNSUPPORTED_MESSAGE_TYPE = "200"
+UNSUPPORTED_EVENT_CODE = "201"
+SEGMENT_SEQUENCE_ERROR = "100"
+APPLICATION_INTERNAL_ERROR = "207"
+
+ERROR_TEXT = {
+    SEGMENT_SEQUENCE_ERROR: "Segment sequence error",
+    REQUIRED_FIELD_MISSING: "Required field missing",
+    DATA_TYPE_ERROR: "Data type error",
+    UNSUPPORTED_MESSAGE_TYPE: "Unsupported message type",
+    UNSUPPORTED_EVENT_CODE: "Unsupported event code",
+    APPLICATION_INTERNAL_ERROR: "Application internal error",
+}
+
+BOOK = "book"
+CANCEL = "cancel"
+IGNORE = "ignore"
+
+# Trigger event -> (action, the appointment's state afterwards).
+SIU_EVENTS = {
+    "S12": (BOOK, "booked"),
+    "S13": (BOOK, "rescheduled"),
+    "S14": (BOOK, "modified"),
+    "S15": (CANCEL, "cancelled"),
+    "S17": (CANCEL, "deleted"),
+    "S26": (CANCEL, "no-show"),
+}
+ORDER_CONTROLS = {
+    "NW": (BOOK, "booked"),
+    "XO": (BOOK, "modified"),
+    "CA": (CANCEL, "cancelled"),
+    "DC": (CANCEL, "discontinued"),
+    "SC": (IGNORE, ""),
+}
+ORDER_MESSAGES = {("ORM", "O01"), ("OMI", "O23")}
+
+_DTM = re.compile(
+    r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.\d{1,4})?([+-]\d{4})?$"
+)
+
+
+class MessageError(Exception):
+    """A message the appliance cannot take, and how to say so."""
+
+    def __init__(
+        self, ack_code: str, error_code: str, location: str, reason: str
+    ) -> None:
+        super().__init__(reason)
+        self.ack_code = ack_code  # AR or AE
+        self.error_code = error_code  # HL7 table 0357
+        self.location = location  # e.g. "PID^1^3", "" when none
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class PatientIdentifier:
+    patient_id: str
+    issuer: str
+
+
+@dataclass(frozen=True)
+class ScheduleMessage:
+    """What one message says about one appointment."""
+
+    control_id: str
+    sender: str  # MSH-3 and MSH-4, to tell senders' control IDs apart
+    message_type: str  # e.g. "SIU^S12"
+    action: str  # book, cancel or ignore
+    state: str  # booked, rescheduled, cancelled, ...
+    appointment_id: str  # "appointment:..." or "order:..."
+    patients: tuple[PatientIdentifier, ...] = ()
+    start: float | None = None  # seconds since the epoch
+    procedure_code: str = ""
+    procedure_text: str = ""
+    modality: str = ""
+    accession: str = ""
+    requested_procedure_id: str = ""
+
+
+def normalise(raw: bytes) -> str:
+    """The message as text with CR between segments: senders use LF or CR
+    LF too, and some end with an empty segment."""
+    text = raw.decode("utf-8", errors="replace")
+    text = text.replace("\r\n", "\r").replace("\n", "\r")
+    return "\r".join(line for line in text.split("\r") if line.strip())
+
+
+def parse(raw: bytes) -> hl7.Message:
+    """The message parsed by python-hl7, or MessageError (AR)."""
+    text = normalise(raw)
+    if not text.startswith("MSH") or len(text) < 8:
+        raise MessageError("AR", SEGMENT_SEQUENCE_ERROR, "MSH", "no MSH segment first")
+    try:
+        return hl7.parse(text)
+    except Exception as exc:  # python-hl7 raises plain errors on bad input
+        raise MessageError(
+            "AR", SEGMENT_SEQUENCE_ERROR, "", f"not an HL7 v2 message: {exc}"
+        ) from exc
+
+
+def read(message: hl7.Message) -> ScheduleMessage:
+    """The appointment a parsed message is about, or MessageError."""
+    kind, event = _message_type(message)
+    header = {
+        "control_id": _field(message, "MSH", 10),
+        "sender": "^".join((_field(message, "MSH", 3), _field(message, "MSH", 4))),
+        "message_type": f"{kind}^{event}",
+    }
+    if not header["control_id"]:
+        raise MessageError(
+            "AR", REQUIRED_FIELD_MISSING, "MSH^1^10", "no message control ID (MSH-10)"
+        )
+    if kind == "SIU":
+        return _read_schedule(message, event, header)
+    if (kind, event) in ORDER_MESSAGES:
+        return _read_order(message, header)
+    if kind in ("SIU", "ORM", "OMI"):
+        raise MessageError(
+            "AR",
+            UNSUPPORTED_EVENT_CODE,
+            "MSH^1^9^1^2",
+            f"{kind}^{event} is not handled",
+        )
+    raise MessageError(
+        "AR",
+        UNSUPPORTED_MESSAGE_TYPE,
+        "MSH^1^9^1^1",
+        f"message type {kind}^{event} is not handled (SIU, ORM^O01, OMI^O23 are)",
+    )
+
+
+def _message_type(message: hl7.Message) -> tuple[str, str]:
+    kind = _value(message, "MSH", 9, component=1)
+    event = _value(message, "MSH", 9, component=2)
+    if not kind:
+        raise MessageError(
+            "AR", REQUIRED_FIELD_MISSING, "MSH^1^9", "no message type (MSH-9)"
+        )
+    return kind.upper(), event.upper()
+
+
+def _read_schedule(
+    message: hl7.Message, event: str, header: dict[str, str]
+) -> ScheduleMessage:
+    if event not in SIU_EVENTS:
+        raise MessageError(
+            "AR",
+            UNSUPPORTED_EVENT_CODE,
+            "MSH^1^9^1^2",
+            f"SIU^{event} is not handled (S12-S15, S17, S26 are)",
+        )
+    action, state = SIU_EVENTS[event]
+    _require_segment(message, "SCH")
+    key = _value(message, "SCH", 1) or _value(message, "SCH", 2)
+    if not key:
+        raise MessageError(
+            "AE",
+            REQUIRED_FIELD_MISSING,
+            "SCH^1^1",
+            "no appointment ID (SCH-1 placer or SCH-2 filler)",
+        )
+    start = _first_time(
+        message,
+        (("TQ1", 7, 1), ("SCH", 11, 4), ("AIS", 4, 1)),
+    )
+    return _finish(
+        message,
+        header,
+        action=action,
+        state=state,
+        appointment_id=f"appointment:{key}",
+        start=start,
+        procedure=("AIS", 3),
+        modality_fields=(),
+        accession_fields=(),
+        requested_fields=(),
+    )
+
+
+def _read_order(message: hl7.Message, header: dict[str, str]) -> ScheduleMessage:
+    _require_segment(message, "ORC")
+    control = _value(message, "ORC", 1).upper()
+    if control not in ORDER_CONTROLS:
+        raise MessageError(
+            "AR",
+            UNSUPPORTED_EVENT_CODE,
+            "ORC^1^1",
+            f"order control {control or '(empty)'} is not handled "
+            "(NW, XO, CA, DC, SC are)",
+        )
+    action, state = ORDER_CONTROLS[control]
+    key = _value(message, "ORC", 2) or _value(message, "ORC", 3)
+    if not key:
+        raise MessageError(
+            "AE",
+            REQUIRED_FIELD_MISSING,
+            "ORC^1^2",
+            "no order number (ORC-2 placer or ORC-3 filler)",
+        )
+    start = _first_time(message, (("TQ1", 7, 1), ("ORC", 7, 4), ("OBR", 27, 4)))
+    procedure = ("OBR", 44) if _value(message, "OBR", 44) else ("OBR", 4)
+    return _finish(
+        message,
+        header,
+        action=action,
+        state=state,
+        appointment_id=f"order:{key}",
+        start=start,
+        procedure=procedure,
+        modality_fields=(("IPC", 5), ("OBR", 24)),
+        accession_fields=(("IPC", 1), ("OBR", 18)),
+        requested_fields=(("IPC", 2), ("OBR", 19)),
+    )
+
+
+def _finish(
+    message: hl7.Message,
+    header: dict[str, str],
+    *,
+    action: str,
+    state: str,
+    appointment_id: str,
+    start: float | None,
+    procedure: tuple[str, int],
+    modality_fields: tuple[tuple[str, int], ...],
+    accession_fields: tuple[tuple[str, int], ...],
+    requested_fields: tuple[tuple[str, int], ...],
+) -> ScheduleMessage:
+    patients = _patients(message) if action != IGNORE else ()
+    if action == BOOK and start is None:
+        raise MessageError(
+            "AE",
+            REQUIRED_FIELD_MISSING,
+            "TQ1^1^7",
+            "no appointment time (TQ1-7, SCH-11.4, AIS-4, ORC-7.4 or OBR-27.4)",
+        )
+    segment, position = procedure
+    return ScheduleMessage(
+        action=action,
+        state=state,
+        appointment_id=appointment_id,
+        patients=patients,
+        start=start,
+        procedure_code=_value(message, segment, position, component=1),
+        procedure_text=_value(message, segment, position, component=2),
+        modality=_first_value(message, modality_fields).upper(),
+        accession=_first_value(message, accession_fields),
+        requested_procedure_id=_first_value(message, requested_fields),
+        **header,
+    )
+
+
+def _patients(message: hl7.Message) -> tuple[PatientIdentifier, ...]:
+    _require_segment(message, "PID")
+    pid = message.segment("PID")
+    repetitions = len(pid(3)) if len(pid) > 3 else 0
+    found = []
+    for repetition in range(1, repetitions + 1):
+        patient_id = _value(message, "PID", 3, 1, repetition)
+        if patient_id:
+            issuer = _value(message, "PID", 3, 4, repetition)
+            found.append(PatientIdentifier(patient_id, issuer))
+    if not found:
+        raise MessageError(
+            "AE",
+            REQUIRED_FIELD_MISSING,
+            "PID^1^3",
+            "no patient identifier (PID-3)",
+        )
+    return tuple(dict.fromkeys(found))
+
+
+def _first_time(
+    message: hl7.Message, places: tuple[tuple[str, int, int], ...]
+) -> float | None:
+    for segment, position, component in places:
+        value = _value(message, segment, position, component=component)
+        if value:
+            return parse_time(value, f"{segment}^1^{position}")
+    return None
+
+
+def parse_time(value: str, location: str) -> float:
+    """An HL7 DTM (YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ]) as epoch seconds;
+    without a zone it is the appliance's local time."""
+    match = _DTM.match(value.strip())
+    if match is None:
+        raise MessageError(
+            "AE", DATA_TYPE_ERROR, location, f"{value!r} is not an HL7 date and time"
+        )
+    year, month, day, hour, minute, second, zone = match.groups()
+    parts = (
+        int(year),
+        int(month or 1),
+        int(day or 1),
+        int(hour or 0),
+        int(minute or 0),
+        int(second or 0),
+    )
+    try:
+        _check_ranges(parts)
+    except ValueError as exc:
+        raise MessageError(
+            "AE", DATA_TYPE_ERROR, location, f"{value!r} is not a valid time: {exc}"
+        ) from exc
+    if zone is None:
+        return time.mktime((*parts, 0, 0, -1))
+    sign = 1 if zone[0] == "+" else -1
+    offset = sign * (int(zone[1:3]) * 3600 + int(zone[3:5]) * 60)
+    return calendar.timegm((*parts, 0, 0, 0)) - offset
+
+
+def _check_ranges(parts: tuple[int, ...]) -> None:
+    year, month, day, hour, minute, second = parts
+    if not 1 <= month <= 12:
+        raise ValueError("month out of range")
+    if not 1 <= day <= calendar.monthrange(year, month)[1]:
+        raise ValueError("day out of range")
+    if hour > 23 or minute > 59 or second > 59:
+        raise ValueError("time of day out of range")
+
+
+def _require_segment(message: hl7.Message, name: str) -> None:
+    try:
+        message.segment(name)
+    except KeyError as exc:
+        raise MessageError(
+            "AE", SEGMENT_SEQUENCE_ERROR, name, f"no {name} segment"
+        ) from exc
+
+
+def _first_value(message: hl7.Message, places: tuple[tuple[str, int], ...]) -> str:
+    for segment, position in places:
+        value = _value(message, segment, position)
+        if value:
+            return value
+    return ""
+
+
+def _field(message: hl7.Message, segment: str, position: int) -> str:
+    return _value(message, segment, position)
+
+
+def _value(
+    message: hl7.Message,
+    segment: str,
+    position: int,
+    component: int = 1,
+    repetition: int = 1,
+) -> str:
+    """One component of a field of the first such segment; "" when any part
+    of it is absent. python-hl7's accessor numbers MSH's fields as the
+    standard does, and undoes escape sequences (so no second pass here)."""
+    key = f"{segment}.F{position}.R{repetition}.C{component}"
+    try:
+        raw = message[key]
+    except (KeyError, IndexError):
+        return ""
+    return str(raw).strip()

@@ -1,0 +1,1 @@
+"""Prefetch: appointments from the RIS, and the priors they need online."""

@@ -1,0 +1,68 @@
+"""From an HL7 message to a recorded appointment and the ACK to send.
+
+The ACK says AA only after the appointment is committed to the catalog. A
+message the appliance cannot use gets AR (not a message it takes) or AE
+(taken as HL7, but wrong or incomplete), one warning line in the log, and
+changes nothing. A failure of the catalog gets AE "application internal
+error", which tells the RIS to send the message again later.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import hl7
+
+from appliance.catalog.store import Catalog
+from appliance.errors import CatalogError
+from appliance.hl7 import acks, messages
+from appliance.hl7.messages import APPLICATION_INTERNAL_ERROR, MessageError
+from appliance.prefetch import appointments
+
+logger = logging.getLogger(__name__)
+
+
+class Intake:
+    """Handles one message at a time; safe to call from several threads."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    def __call__(self, raw: bytes, peer: str) -> bytes:
+        parsed: hl7.Message | None = None
+        try:
+            parsed = messages.parse(raw)
+            schedule = messages.read(parsed)
+            return appointments.apply(self.catalog, schedule, acks.accept(parsed))
+        except MessageError as error:
+            logger.warning(
+                "HL7 from %s refused with %s: %s%s",
+                peer,
+                error.ack_code,
+                error.reason,
+                _which(parsed),
+            )
+            return acks.refuse(parsed, error)
+        except CatalogError as exc:
+            logger.error("HL7 from %s not recorded%s: %s", peer, _which(parsed), exc)
+            return acks.refuse(parsed, _internal("the appointment could not be saved"))
+        except Exception as exc:  # a message no rule above foresaw
+            logger.error(
+                "HL7 from %s could not be read%s: %r", peer, _which(parsed), exc
+            )
+            return acks.refuse(parsed, _internal("the message could not be read"))
+
+
+def _internal(reason: str) -> MessageError:
+    return MessageError("AE", APPLICATION_INTERNAL_ERROR, "", reason)
+
+
+def _which(parsed: hl7.Message | None) -> str:
+    """ " (SIU^S12 control ID X)" for the log, when the header was read."""
+    if parsed is None:
+        return ""
+    try:
+        kind = f"{parsed['MSH.F9.R1.C1']}^{parsed['MSH.F9.R1.C2']}"
+        return f" ({kind} control ID {parsed['MSH.F10']})"
+    except (KeyError, IndexError):
+        return ""
