@@ -15,6 +15,7 @@ from rich.table import Table
 from appliance import (
     cli_hardware,
     cli_keys,
+    cli_prefetch,
     cli_replication,
     cli_tiers,
     cli_volumes,
@@ -263,5 +264,12 @@ def example() -> None:
 
 # The other commands live in modules of their own; they share this group
 # and this configuration loader.
-for commands in (cli_tiers, cli_volumes, cli_keys, cli_replication, cli_hardware):
+for commands in (
+    cli_tiers,
+    cli_volumes,
+    cli_keys,
+    cli_replication,
+    cli_prefetch,
+    cli_hardware,
+):
     commands.register(main, _load)

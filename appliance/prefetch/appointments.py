@@ -91,6 +91,18 @@ def apply(catalog: Catalog, message: ScheduleMessage, ack: bytes) -> bytes:
     return ack
 
 
+def record(catalog: Catalog, messages: list[ScheduleMessage]) -> int:
+    """Apply every message of a list file in one durable transaction: all
+    of them or, on a failure, none. Returns how many were applied."""
+    try:
+        with catalog.env.begin(write=True) as txn:
+            for message in messages:
+                _change(catalog, txn, message)
+    except lmdb.Error as exc:
+        raise CatalogError(f"cannot record the appointments: {exc}") from exc
+    return len(messages)
+
+
 def _change(catalog: Catalog, txn: lmdb.Transaction, message: ScheduleMessage) -> None:
     existing = catalog.get(txn, APPOINTMENTS, message.appointment_id)
     if message.action == BOOK:

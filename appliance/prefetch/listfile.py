@@ -1,0 +1,145 @@
+"""Appointment list files: the same appointments as HL7 carries, as CSV.
+
+For a RIS that cannot send HL7, or a list exported by hand. The first line
+names the columns (in any order, case ignored); the others are one
+appointment each:
+
+| column | required | meaning |
+| --- | --- | --- |
+| patient_id | yes | PatientID, as in the images |
+| issuer | no | IssuerOfPatientID; empty when the site has one |
+| appointment_time | unless cancelled | 2027-01-15 09:30, ISO 8601, or HL7 digits |
+| modality | no | CT, MR, ... |
+| procedure_code | no | the site's procedure code |
+| accession | no | accession number |
+| appointment_id | no | the RIS's ID; else the accession, else patient and time |
+| status | no | booked (the default) or cancelled |
+
+A file is taken whole or not at all: every line is checked first, and one
+bad line refuses the file with the line numbers and reasons of all of them.
+Importing the same file again changes nothing: each appointment is keyed
+by its ID.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from appliance.hl7.messages import (
+    BOOK,
+    CANCEL,
+    MessageError,
+    PatientIdentifier,
+    ScheduleMessage,
+    parse_time,
+)
+
+logger = logging.getLogger(__name__)
+
+COLUMNS = (
+    "patient_id",
+    "issuer",
+    "appointment_time",
+    "modality",
+    "procedure_code",
+    "accession",
+    "appointment_id",
+    "status",
+)
+REQUIRED = ("patient_id", "appointment_time")
+STATES = {"booked": BOOK, "cancelled": CANCEL}
+
+
+@dataclass
+class ListFile:
+    """What a file holds: appointments, or the reasons it is refused."""
+
+    appointments: list[ScheduleMessage] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # "line N: reason"
+
+
+def read(text: str, source: str) -> ListFile:
+    """Check every line of ``text``; ``source`` names the file in IDs."""
+    found = ListFile()
+    rows = csv.reader(io.StringIO(text.lstrip("\ufeff")))
+    header = [name.strip().lower() for name in next(rows, [])]
+    missing = [name for name in REQUIRED if name not in header]
+    unknown = [name for name in header if name not in COLUMNS]
+    if missing or unknown:
+        found.problems.append(_header_problem(missing, unknown))
+        return found
+    for number, row in enumerate(rows, start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            found.problems.append(
+                f"line {number}: {len(row)} fields, the header names {len(header)}"
+            )
+            continue
+        values = {name: cell.strip() for name, cell in zip(header, row, strict=True)}
+        try:
+            found.appointments.append(_appointment(values, source, number))
+        except ValueError as exc:
+            found.problems.append(f"line {number}: {exc}")
+    return found
+
+
+def _header_problem(missing: list[str], unknown: list[str]) -> str:
+    parts = []
+    if missing:
+        parts.append(f"missing column(s) {', '.join(missing)}")
+    if unknown:
+        parts.append(f"unknown column(s) {', '.join(unknown)}")
+    return f"line 1: {'; '.join(parts)} (columns: {', '.join(COLUMNS)})"
+
+
+def _appointment(values: dict[str, str], source: str, number: int) -> ScheduleMessage:
+    status = (values.get("status") or "booked").lower()
+    if status not in STATES:
+        raise ValueError(f"status {status!r} is neither booked nor cancelled")
+    patient = values["patient_id"]
+    if not patient:
+        raise ValueError("patient_id is empty")
+    when = values["appointment_time"]
+    start = _time(when) if when else None
+    if start is None and status == "booked":
+        raise ValueError("appointment_time is empty")
+    key = (
+        values.get("appointment_id")
+        or values.get("accession")
+        or f"{patient}|{values.get('issuer', '')}|{when}"
+    )
+    return ScheduleMessage(
+        control_id=f"{source}:{number}",
+        sender="list file",
+        message_type="list file",
+        action=STATES[status],
+        state="booked" if status == "booked" else "cancelled",
+        appointment_id=f"list:{key}",
+        patients=(PatientIdentifier(patient, values.get("issuer", "")),),
+        start=start,
+        procedure_code=values.get("procedure_code", ""),
+        modality=values.get("modality", "").upper(),
+        accession=values.get("accession", ""),
+    )
+
+
+def _time(text: str) -> float:
+    """ISO 8601 (a space or T between date and time), or HL7 digits."""
+    if text.isdigit():
+        try:
+            return parse_time(text, "appointment_time")
+        except MessageError as exc:
+            raise ValueError(exc.reason) from exc
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise ValueError(
+            f"appointment_time {text!r} is not a date and time (e.g. 2027-01-15 09:30)"
+        ) from exc
+    # Without an offset, fromisoformat gives local time, as HL7 does.
+    return parsed.timestamp()

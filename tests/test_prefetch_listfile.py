@@ -1,0 +1,128 @@
+"""Appointment list files: read, checked whole, imported by the command line."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from appliance.catalog.store import Catalog
+from appliance.cli import main
+from appliance.prefetch import appointments, listfile
+
+GOOD = (
+    "Patient_ID,issuer,appointment_time,modality,procedure_code,accession\n"
+    "PAT-0042,CITYHOSP,2027-01-15 09:30,ct,CTHEAD,ACC1\n"
+    "PAT-0077,,202701160800,MR,,\n"
+    "\n"
+)
+
+
+def test_a_good_file_gives_one_appointment_per_line() -> None:
+    found = listfile.read("\ufeff" + GOOD, "day.csv")
+
+    assert found.problems == []
+    first, second = found.appointments
+    assert first.appointment_id == "list:ACC1"
+    assert first.modality == "CT"
+    assert first.start == time.mktime(time.strptime("202701150930", "%Y%m%d%H%M"))
+    assert [(p.patient_id, p.issuer) for p in first.patients] == [
+        ("PAT-0042", "CITYHOSP")
+    ]
+    assert second.appointment_id == "list:PAT-0077||202701160800"
+    assert second.start == time.mktime(time.strptime("202701160800", "%Y%m%d%H%M"))
+
+
+def test_every_bad_line_is_reported_with_its_number() -> None:
+    text = (
+        "patient_id,appointment_time,status\n"
+        "A,2027-01-15 09:30,\n"
+        "B,next tuesday,\n"
+        ",2027-01-15 09:30,\n"
+        "C,,booked\n"
+        "D,,cancelled\n"
+        "E,2027-01-15 09:30,maybe\n"
+        "F,2027-01-15 09:30\n"
+    )
+
+    found = listfile.read(text, "bad.csv")
+
+    assert [p.split(":")[0] for p in found.problems] == [
+        "line 3",
+        "line 4",
+        "line 5",
+        "line 7",
+        "line 8",
+    ]
+    assert "next tuesday" in found.problems[0]
+
+
+def test_a_header_without_the_required_columns_is_refused() -> None:
+    found = listfile.read("patient,when\nA,B\n", "x.csv")
+
+    assert found.appointments == []
+    (problem,) = found.problems
+    assert "missing column(s) patient_id, appointment_time" in problem
+    assert "unknown column(s) patient, when" in problem
+
+
+def make_archive(folder: Path) -> Path:
+    Catalog(folder / "catalog").close()
+    return folder
+
+
+def test_import_records_the_file_and_is_harmless_to_repeat(tmp_path: Path) -> None:
+    data = make_archive(tmp_path / "data")
+    day = tmp_path / "day.csv"
+    day.write_text(GOOD)
+    runner = CliRunner()
+
+    first = runner.invoke(
+        main, ["prefetch", "import", "--data-dir", str(data), str(day)]
+    )
+    again = runner.invoke(
+        main, ["prefetch", "import", "--data-dir", str(data), str(day)]
+    )
+    listed = runner.invoke(
+        main, ["prefetch", "appointments", "--data-dir", str(data), "--all", "--json"]
+    )
+
+    assert first.exit_code == 0, first.output
+    assert "2 appointments recorded" in first.output
+    assert again.exit_code == 0
+    recorded = json.loads(listed.output)
+    assert [a["key"] for a in recorded] == ["list:ACC1", "list:PAT-0077||202701160800"]
+
+
+def test_a_bad_file_imports_nothing_and_fails(tmp_path: Path) -> None:
+    data = make_archive(tmp_path / "data")
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text(GOOD + "PAT-9,,not a time,CT,,\n")
+
+    result = CliRunner().invoke(
+        main, ["prefetch", "import", "--data-dir", str(data), str(mixed)]
+    )
+
+    assert result.exit_code == 1
+    assert "refused, nothing imported" in result.output
+    assert "line 5" in result.output
+    catalog = Catalog(data / "catalog", readonly=True)
+    try:
+        assert appointments.appointments(catalog) == []
+    finally:
+        catalog.close()
+
+
+def test_import_without_an_archive_says_so(tmp_path: Path) -> None:
+    day = tmp_path / "day.csv"
+    day.write_text(GOOD)
+
+    result = CliRunner().invoke(
+        main, ["prefetch", "import", "--data-dir", str(tmp_path / "none"), str(day)]
+    )
+
+    assert result.exit_code == 1
+    assert "no catalog" in result.output
+    assert not (tmp_path / "none").exists()
