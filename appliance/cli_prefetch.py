@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -21,7 +22,7 @@ from appliance.cli_shared import (
 )
 from appliance.config import Config
 from appliance.errors import CatalogError
-from appliance.prefetch import appointments, listfile
+from appliance.prefetch import appointments, listfile, planner
 
 _DAY = 86400.0
 
@@ -49,6 +50,19 @@ def register(main: click.Group, load: Loader) -> None:
         for name in files:
             failed |= not _import_file(config, Path(name))
         sys.exit(1 if failed else 0)
+
+    @prefetch.command()
+    @config_option
+    @data_dir_option
+    @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+    def status(config_file: Path | None, data_dir: str | None, as_json: bool) -> None:
+        """Upcoming appointments, their priors and how far each is."""
+        config = load(config_file, {"storage.data_dir": data_dir})
+        report = _status(config)
+        if as_json:
+            click.echo(json.dumps(report, indent=2))
+            return
+        _print_status(report)
 
     @prefetch.command("appointments")
     @config_option
@@ -78,6 +92,69 @@ def register(main: click.Group, load: Loader) -> None:
             click.echo(json.dumps([a.as_json() for a in found], indent=2))
             return
         _print(found)
+
+
+def _status(config: Config) -> dict[str, Any]:
+    """The last planner run's plans with their appointments, and counts."""
+    if not config.catalog_path.exists():
+        return {"appointments": [], "ready": 0, "late": 0, "waiting": 0}
+    catalog = Catalog(
+        config.catalog_path, config.get("storage.catalog_max_size"), readonly=True
+    )
+    try:
+        plans = planner.recorded_plans(catalog)
+        known = {a.appointment_id: a for a in appointments.appointments(catalog)}
+    finally:
+        catalog.close()
+    rows = []
+    for plan in sorted(plans.values(), key=lambda p: p.start):
+        appointment = known.get(plan.appointment_id)
+        if appointment is None or not appointment.active:
+            continue
+        row = plan.as_json()
+        row["state"] = appointment.state
+        row["patients"] = [[p.patient_id, p.issuer] for p in appointment.patients]
+        row["modality"] = appointment.modality
+        row["procedure_code"] = appointment.procedure_code
+        rows.append(row)
+    states = [prior["state"] for row in rows for prior in row["priors"]]
+    return {
+        "appointments": rows,
+        "ready": sum(all(p["state"] == "online" for p in r["priors"]) for r in rows),
+        "late": states.count(planner.LATE),
+        "waiting": states.count(planner.WAITING),
+    }
+
+
+def _print_status(report: dict[str, Any]) -> None:
+    rows = report["appointments"]
+    if not rows:
+        click.echo("no appointments planned (the planner runs every prefetch.interval)")
+        return
+    table = Table(box=None)
+    for column in ("time", "patient", "modality", "prior", "state", "detail"):
+        table.add_column(column)
+    for row in rows:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["start"]))
+        patient = ", ".join(pid for pid, _issuer in row["patients"])
+        modality = row["modality"] or row["procedure_code"]
+        if not row["priors"]:
+            table.add_row(when, patient, modality, "(no prior)", "", "")
+        for index, prior in enumerate(row["priors"]):
+            first = index == 0
+            table.add_row(
+                when if first else "",
+                patient if first else "",
+                modality if first else "",
+                prior["study_uid"],
+                prior["state"],
+                prior["detail"],
+            )
+    Console().print(table)
+    click.echo(
+        f"{len(rows)} appointments: {report['ready']} ready, "
+        f"{report['waiting']} priors waiting for a volume, {report['late']} late"
+    )
 
 
 def _import_file(config: Config, path: Path) -> bool:

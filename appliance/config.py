@@ -22,6 +22,7 @@ from apscheduler.triggers.cron import CronTrigger
 
 from appliance.errors import ConfigError
 from appliance.hsm import policy
+from appliance.prefetch import selection
 from appliance.replication.bandwidth import check_timetable
 
 logger = logging.getLogger(__name__)
@@ -630,6 +631,109 @@ KEYS: tuple[Key, ...] = (
         "hourly share at a time; 0 turns it off.",
         _integer(0, 3650),
     ),
+    Key(
+        "hl7",
+        "enabled",
+        False,
+        "Listen for HL7 v2 scheduling messages (SIU, ORM, OMI) from the RIS "
+        "over MLLP; set bind_address to the address the RIS can reach too.",
+        lambda v: None if isinstance(v, bool) else "must be true or false",
+    ),
+    Key(
+        "hl7",
+        "bind_address",
+        "127.0.0.1",
+        "Address the HL7 listener binds to; 0.0.0.0 for every IPv4 address.",
+        _ip_address,
+    ),
+    Key("hl7", "port", 2575, "HL7 (MLLP) listener TCP port.", _integer(1, 65535)),
+    Key(
+        "hl7",
+        "max_message_bytes",
+        1048576,
+        "Longest message taken; a longer one is answered AR and dropped.",
+        _integer(1024, 64 * 1024 * 1024),
+    ),
+    Key(
+        "hl7",
+        "idle_timeout",
+        300.0,
+        "Seconds a connection may stay silent before it is closed.",
+        _at_least_seconds(1.0),
+    ),
+    Key(
+        "hl7",
+        "max_connections",
+        64,
+        "Connections served at once; more are closed at once.",
+        _integer(1, 10000),
+    ),
+    Key(
+        "prefetch",
+        "enabled",
+        True,
+        "Recall the priors of the appointments the RIS sends, so that they "
+        "are online in time.",
+        lambda v: None if isinstance(v, bool) else "must be true or false",
+    ),
+    Key(
+        "prefetch",
+        "interval",
+        300.0,
+        "Seconds between two runs of the prefetch planner.",
+        _at_least_seconds(10.0),
+    ),
+    Key(
+        "prefetch",
+        "lead_hours",
+        2.0,
+        "Priors must be online this many hours before the appointment.",
+        _number(0, 24 * 30),
+    ),
+    Key(
+        "prefetch",
+        "horizon_days",
+        3.0,
+        "Plan the appointments starting within this many days.",
+        _number(0.01, 365),
+    ),
+    Key(
+        "prefetch",
+        "grace_hours",
+        24.0,
+        "Recalled priors stay pinned online this long after the appointment.",
+        _number(0, 24 * 365),
+    ),
+    Key(
+        "prefetch",
+        "priors",
+        3,
+        "How many priors per appointment (unless a [[prior_rules]] table says).",
+        _integer(0, 50),
+    ),
+    Key(
+        "prefetch",
+        "max_prior_years",
+        3.0,
+        "How old a prior may be, in years (unless a [[prior_rules]] table says).",
+        _number(0.01, 200),
+    ),
+    Key(
+        "prefetch",
+        "match",
+        "modality",
+        "What makes a study a prior: modality, body_part, "
+        "modality_and_body_part or any (unless a [[prior_rules]] table says).",
+        _one_of(selection.MATCHES),
+    ),
+    Key(
+        "prefetch",
+        "rate_mb_per_s",
+        50.0,
+        "Recalls for prefetch read at most this many MB/s, so that ingest and "
+        "retrieval keep their share.",
+        _number(0.1, 100000),
+    ),
     Key("logging", "level", "INFO", "Log level.", _one_of(LOG_LEVELS)),
     Key(
         "logging",
@@ -750,9 +854,20 @@ class Config:
     peers: tuple[Peer, ...] = ()
     base_dir: Path = field(default_factory=Path.cwd)
     rules: tuple[policy.Rule, ...] = field(default_factory=lambda: default_rules())
+    prior_rules: tuple[selection.PriorRule, ...] = ()
+    procedures: dict[str, selection.Procedure] = field(default_factory=dict)
 
     def get(self, path: str) -> Any:
         return self.values[path]
+
+    @property
+    def default_prior_rule(self) -> selection.PriorRule:
+        """The prefetch defaults, for appointments no [[prior_rules]] names."""
+        return selection.PriorRule(
+            self.values["prefetch.priors"],
+            self.values["prefetch.max_prior_years"],
+            self.values["prefetch.match"],
+        )
 
     @property
     def data_dir(self) -> Path:
@@ -841,10 +956,25 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> C
     problems += _check_references(values, peers)
     problems += _check_watermarks(values)
     problems += _check_mirror(values)
+    default = Config(values).default_prior_rule
+    prior_rules, prior_problems = selection.parse_rules(
+        document.get("prior_rules"), default
+    )
+    procedures, procedure_problems = selection.parse_procedures(
+        document.get("procedures")
+    )
+    problems += prior_problems + procedure_problems
 
     if problems:
         raise ConfigError(problems)
-    return Config(values=values, peers=tuple(peers), base_dir=Path.cwd(), rules=rules)
+    return Config(
+        values=values,
+        peers=tuple(peers),
+        base_dir=Path.cwd(),
+        rules=rules,
+        prior_rules=prior_rules,
+        procedures=procedures,
+    )
 
 
 def _check_mirror(values: dict[str, Any]) -> list[tuple[str, str]]:
@@ -878,7 +1008,7 @@ def _validate(
     sections = {key.section for key in KEYS}
 
     for section, content in document.items():
-        if section in ("peers", "rules"):
+        if section in ("peers", "rules", "prior_rules", "procedures"):
             continue
         if section not in sections:
             problems.append((section, "unknown section"))
@@ -1109,7 +1239,36 @@ def example() -> str:
         lines.append(f"# {name}: {help_text}")
     lines += ["# [[peers]]", '# ae_title = "WORKSTATION1"', '# host = "127.0.0.1"']
     lines.append("# port = 11113")
+    lines += _example_prefetch_tables()
     return "\n".join(lines) + "\n"
+
+
+def _example_prefetch_tables() -> list[str]:
+    lines = [
+        "",
+        "# Prefetch: what differs from the [prefetch] defaults for some",
+        "# appointments; the first table naming the appointment's modality or",
+        "# procedure code applies (docs/prefetch.md).",
+    ]
+    for name, help_text in selection.RULE_KEYS.items():
+        lines.append(f"# {name}: {help_text}")
+    lines += [
+        "# [[prior_rules]]",
+        '# modalities = ["MR"]',
+        "# priors = 5",
+        '# match = "body_part"',
+        "",
+        "# The site's procedure codes, for messages that carry only a code.",
+    ]
+    for name, help_text in selection.PROCEDURE_KEYS.items():
+        lines.append(f"# {name}: {help_text}")
+    lines += [
+        "# [[procedures]]",
+        '# code = "CTHEAD"',
+        '# modality = "CT"',
+        '# body_part = "HEAD"',
+    ]
+    return lines
 
 
 def _example_rules() -> list[str]:

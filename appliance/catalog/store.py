@@ -63,6 +63,8 @@ _DATABASES = (
     "journal",
     "appointments",
     "hl7",
+    "pins",
+    "prefetch",
 )
 _INDEXES = (
     "idx.study.patient",

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 
-from appliance.catalog import copies
+from appliance.catalog import copies, pins
 from appliance.catalog.copies import StudyCopies
 from appliance.catalog.store import Catalog
 from appliance.config import Config
@@ -78,7 +78,11 @@ class MigrationJob:
         """The decisions of the rules (unless ``watermarks_only``), then the
         watermark releases of every watermarked tier."""
         now = now or datetime.now(UTC)
-        facts = [self._facts(study) for study in copies.all_study_copies(self.catalog)]
+        held = pins.pinned(self.catalog, now.timestamp())
+        facts = [
+            self._facts(study, held.get(study.study_uid, ""))
+            for study in copies.all_study_copies(self.catalog)
+        ]
         decisions = []
         if not watermarks_only:
             decisions = policy.plan(
@@ -148,7 +152,7 @@ class MigrationJob:
             return [self.migrator.release(study, decision.source)]
         return []
 
-    def _facts(self, study: StudyCopies) -> StudyFacts:
+    def _facts(self, study: StudyCopies, pinned_online: str = "") -> StudyFacts:
         tier_bytes: dict[str, int] = {}
         if any(tier in study.copies for tier in self.tiers.packs):
             for pack in copies.packs_of(self.catalog, study.study_uid):
@@ -164,6 +168,7 @@ class MigrationJob:
             calling_ae_titles=frozenset(study.calling_aes),
             verified=dict(study.copies),
             tier_bytes=tier_bytes,
+            pinned_online=pinned_online,
         )
 
 

@@ -71,6 +71,9 @@ class StudyFacts:
     calling_ae_titles: frozenset[str] = frozenset()
     verified: dict[str, int] = field(default_factory=dict)
     tier_bytes: dict[str, int] = field(default_factory=dict)
+    # Why the study must stay online now (a prior of an upcoming
+    # appointment, say); "" when nothing holds it there.
+    pinned_online: str = ""
 
     def is_on(self, tier: str) -> bool:
         """Whether every instance of the study has a verified copy on ``tier``."""
@@ -302,6 +305,8 @@ def may_release(facts: StudyFacts, tier: str, min_copies: int) -> tuple[bool, st
     _check_min_copies(min_copies)
     if not facts.is_on(tier):
         return False, f"not every instance has a verified copy on {tier}"
+    if tier == "online" and facts.pinned_online:
+        return False, facts.pinned_online
 
     others = [other for other in facts.tiers() if other != tier]
     if not others:

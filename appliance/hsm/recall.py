@@ -66,8 +66,31 @@ class Recaller:
             found = copies.study_copies(self.catalog, txn, study_uid)
         return found is not None and not found.complete_on(ONLINE)
 
-    def recall(self, study_uid: str, progress: Progress | None = None) -> RecallResult:
-        """Stage every instance of the study that is not online."""
+    def nearest_source(self, study_uid: str) -> str:
+        """Where a recall of the study would read first: the nearest pack
+        tier holding an instance missing online, as "nearline", or
+        "offline" with its volume ("offline L00001"); "" when nothing is
+        missing or nothing below online holds it."""
+        self._packs.clear()
+        for record in copies.instances_of(self.catalog, study_uid):
+            if record.copy_on(ONLINE):
+                continue
+            for tier_name, tier in self.tiers.packs.items():
+                pack = self._pack_of(record, tier_name)
+                if pack is None:
+                    continue
+                volume = tier.volume_of(pack.location)
+                return f"{tier_name} {volume}" if volume else tier_name
+        return ""
+
+    def recall(
+        self,
+        study_uid: str,
+        progress: Progress | None = None,
+        why: str = "a study must be recalled",
+    ) -> RecallResult:
+        """Stage every instance of the study that is not online; ``why``
+        goes into the operator request for a volume nobody has loaded."""
         self._packs.clear()
         result = RecallResult(study_uid)
         wanted = [
@@ -101,7 +124,7 @@ class Recaller:
         result.waiting_for = self._volumes_for(
             [r for r in wanted if r.sop_instance_uid not in staged], result
         )
-        self._ask_for_volumes(result)
+        self._ask_for_volumes(result, why)
         self._stop_counting_damaged(result)
         if result.ok:
             self.catalog.touch_studies({study_uid})
@@ -258,11 +281,9 @@ class Recaller:
                 result.study_uid,
             )
 
-    def _ask_for_volumes(self, result: RecallResult) -> None:
+    def _ask_for_volumes(self, result: RecallResult, why: str) -> None:
         for volume in result.waiting_for:
-            requests.request_volume(
-                self.catalog, volume, "a study must be recalled", result.study_uid
-            )
+            requests.request_volume(self.catalog, volume, why, result.study_uid)
 
     def _log(self, result: RecallResult, wanted: int) -> None:
         if result.ok:

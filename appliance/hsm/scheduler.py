@@ -1,5 +1,6 @@
-"""When migrations run inside the service: the rules on their schedule, and
-the watermarks every few minutes.
+"""When background jobs run inside the service: the migration rules on their
+schedule, the watermarks every few minutes, the prefetch planner at its
+interval.
 
 Each run is a child process, so that compressing packs never slows the
 DICOM workers' share of the machine beyond the I/O rate cap, and so that a
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
@@ -21,6 +22,7 @@ from appliance import logs
 from appliance.children import die_with_parent
 from appliance.config import Config
 from appliance.errors import ApplianceError
+from appliance.prefetch import process as prefetch_process
 
 logger = logging.getLogger(__name__)
 
@@ -28,13 +30,36 @@ MIGRATION_LOCK = "migration.lock"
 
 
 def start(config: Config) -> BackgroundScheduler | None:
-    """Start the migration schedule, or None when migration is disabled."""
-    if not config.get("migration.enabled"):
+    """Start the migration and prefetch schedules, or None when both are
+    disabled."""
+    migration = config.get("migration.enabled")
+    prefetch = config.get("prefetch.enabled")
+    if not migration:
         logger.info("migration is disabled (migration.enabled = false)")
+    if not migration and not prefetch:
         return None
     # APScheduler logs every run at INFO; the runs log what they do.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     scheduler = BackgroundScheduler(timezone=datetime.now().astimezone().tzinfo)
+    if migration:
+        _schedule_migration(scheduler, config)
+    if prefetch:
+        # The first run soon after start: appointments may be due today.
+        scheduler.add_job(
+            prefetch_process.check_and_run,
+            IntervalTrigger(seconds=config.get("prefetch.interval")),
+            args=(config,),
+            id="prefetch",
+            max_instances=1,
+            coalesce=True,
+            next_run_time=datetime.now(UTC) + timedelta(seconds=5),
+        )
+        logger.info("prefetch planned every %g s", config.get("prefetch.interval"))
+    scheduler.start()
+    return scheduler
+
+
+def _schedule_migration(scheduler: BackgroundScheduler, config: Config) -> None:
     scheduler.add_job(
         run_in_child,
         CronTrigger.from_crontab(config.get("migration.schedule")),
@@ -51,13 +76,11 @@ def start(config: Config) -> BackgroundScheduler | None:
         max_instances=1,
         coalesce=True,
     )
-    scheduler.start()
     logger.info(
         "migration scheduled: rules at %r, watermarks every %g s",
         config.get("migration.schedule"),
         config.get("migration.watermark_interval"),
     )
-    return scheduler
 
 
 def check_watermarks(config: Config) -> None:

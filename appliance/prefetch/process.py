@@ -1,0 +1,82 @@
+"""One prefetch run in a child process of the service.
+
+A child, as migrations are: recalls read packs and write the online tier,
+and a run that dies takes nothing else with it. A lock file keeps two runs
+from overlapping when one outlasts ``prefetch.interval``.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+
+from appliance import logs
+from appliance.children import die_with_parent
+from appliance.config import Config
+
+logger = logging.getLogger(__name__)
+
+PREFETCH_LOCK = "prefetch.lock"
+
+
+def check_and_run(config: Config) -> None:
+    """Run the planner in a child only when some appointment is in its
+    window: most sites without a RIS feed never pay for a process."""
+    from appliance.catalog.store import Catalog
+    from appliance.errors import ApplianceError
+    from appliance.prefetch.appointments import appointments
+
+    now = time.time()
+    earliest = now - config.get("prefetch.grace_hours") * 3600
+    latest = now + config.get("prefetch.horizon_days") * 86400
+    try:
+        catalog = Catalog(config.catalog_path, readonly=True)
+    except ApplianceError as exc:
+        logger.error("prefetch check: %s", exc)
+        return
+    try:
+        due = any(
+            a.active and a.start is not None and earliest < a.start <= latest
+            for a in appointments(catalog)
+        )
+    finally:
+        catalog.close()
+    if due:
+        run_in_child(config)
+
+
+def run_in_child(config: Config) -> int:
+    """Run the planner once in a child process; its exit code."""
+    context = multiprocessing.get_context("spawn")
+    child = context.Process(
+        target=run_prefetch, args=(config,), name="prefetch", daemon=True
+    )
+    child.start()
+    child.join()
+    if child.exitcode:
+        logger.error("prefetch run ended with exit code %s", child.exitcode)
+    return child.exitcode or 0
+
+
+def run_prefetch(config: Config) -> None:
+    """Plan, pin and recall once (the child process's work)."""
+    die_with_parent()
+    logs.setup(config.get("logging.level"), config.get("logging.format"))
+    from appliance.catalog.store import Catalog
+    from appliance.hsm.recall import Recaller
+    from appliance.hsm.tiers import open_tiers
+    from appliance.prefetch.planner import Planner
+    from appliance.storage.lock import TierLock
+
+    lock = TierLock(config.data_dir, PREFETCH_LOCK)
+    if not lock.acquire(exclusive=True, wait=0):
+        logger.info("prefetch run skipped: the previous one is still running")
+        return
+    catalog = Catalog(config.catalog_path, config.get("storage.catalog_max_size"))
+    try:
+        tiers = open_tiers(config, writer=True)
+        Planner(catalog, Recaller(catalog, tiers), config).run()
+    finally:
+        catalog.close()
+        lock.release()
