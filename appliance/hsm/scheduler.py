@@ -11,7 +11,6 @@ runs and ``appliance migrate --now`` from overlapping.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -19,7 +18,7 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from appliance import logs
-from appliance.children import die_with_parent
+from appliance.children import die_with_parent, run_child
 from appliance.config import Config
 from appliance.errors import ApplianceError
 from appliance.prefetch import process as prefetch_process
@@ -106,18 +105,7 @@ def check_watermarks(config: Config) -> None:
 
 def run_in_child(config: Config, watermarks_only: bool) -> int:
     """Run one migration in a child process; its exit code."""
-    context = multiprocessing.get_context("spawn")
-    child = context.Process(
-        target=run_migration,
-        args=(config, watermarks_only),
-        name="migration",
-        daemon=True,
-    )
-    child.start()
-    child.join()
-    if child.exitcode:
-        logger.error("migration run ended with exit code %s", child.exitcode)
-    return child.exitcode or 0
+    return run_child(run_migration, (config, watermarks_only), "migration")
 
 
 def run_migration(config: Config, watermarks_only: bool) -> None:

@@ -8,11 +8,10 @@ from overlapping when one outlasts ``prefetch.interval``.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import time
 
 from appliance import logs
-from appliance.children import die_with_parent
+from appliance.children import die_with_parent, run_child
 from appliance.config import Config
 
 logger = logging.getLogger(__name__)
@@ -48,15 +47,7 @@ def check_and_run(config: Config) -> None:
 
 def run_in_child(config: Config) -> int:
     """Run the planner once in a child process; its exit code."""
-    context = multiprocessing.get_context("spawn")
-    child = context.Process(
-        target=run_prefetch, args=(config,), name="prefetch", daemon=True
-    )
-    child.start()
-    child.join()
-    if child.exitcode:
-        logger.error("prefetch run ended with exit code %s", child.exitcode)
-    return child.exitcode or 0
+    return run_child(run_prefetch, (config,), "prefetch")
 
 
 def run_prefetch(config: Config) -> None:
