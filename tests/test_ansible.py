@@ -19,6 +19,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,7 +146,7 @@ class Site:
             ],
         }
 
-    def play(self, **changes: Any) -> Play:
+    def play(self, *options: str, **changes: Any) -> Play:
         variables = self.folder / "variables.json"
         variables.write_text(json.dumps({**self.variables, **changes}))
         recorded = self.folder / "results.jsonl"
@@ -157,6 +158,7 @@ class Site:
                 str(self.inventory),
                 "--extra-vars",
                 f"@{variables}",
+                *options,
                 str(PLAYBOOK),
             ],
             capture_output=True,
@@ -273,11 +275,14 @@ def test_installed_appliance_runs_and_accepts_its_configuration(
     )
 
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    text = config.read_text()
-    assert 'ae_title = "SCRATCH_PACS"' in text
-    assert 'online_path = "/srv/pacs/online"' in text
-    assert 'key_file = "/etc/pacs-appliance/mirror_key"' in text
-    assert "[[peers]]" in text and "[[rules]]" in text
+    rendered = tomllib.loads(config.read_text())
+    assert rendered["node"]["ae_title"] == "SCRATCH_PACS"
+    assert rendered["storage"]["online_path"] == "/srv/pacs/online"
+    assert rendered["mirror"]["key_file"] == "/etc/pacs-appliance/mirror_key"
+    assert rendered["peers"] == [
+        {"ae_title": "READING1", "host": "127.0.0.1", "port": 11113}
+    ]
+    assert [rule["name"] for rule in rendered["rules"]] == ["copy-to-nearline"]
     # The installed code is a copy: the checkout is not on its path.
     where = subprocess.run(
         [
@@ -398,20 +403,75 @@ def test_changed_configuration_restarts_the_service(
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"appliance_nearline_path": "srv/nearline"}, "is a relative path"),
+        ({"appliance_nearline_path": "srv/nearline"}, "must be an absolute path"),
+        (
+            {"appliance_online_path": "/srv/pacs/online/../../../etc"},
+            'without ".."',
+        ),
+        (
+            {"appliance_mounts": ["/"], "appliance_nearline_path": "/etc/pacs"},
+            "is or lies in a system folder",
+        ),
+        (
+            {"appliance_mounts": ["/"], "appliance_online_path": "/"},
+            "is or lies in a system folder",
+        ),
         (
             {"appliance_nearline_path": "/data/nearline"},
             "/data/nearline is not under any of appliance_mounts",
         ),
         ({"appliance_mirror_known_hosts": "not a host key"}, "known_hosts line"),
+        (
+            {
+                "appliance_mirror_known_hosts": MIRROR_HOST_KEY.replace(
+                    "mirror.", "other."
+                )
+            },
+            "known_hosts line for [mirror.example.invalid]:2222",
+        ),
+        (
+            {"appliance_mirror_private_key": "ssh-ed25519 AAAA public"},
+            "is not a private key",
+        ),
         ({"appliance_mirror_user": ""}, "appliance_mirror_user must be set"),
         (
             {"appliance_settings": {"node": {"port": 4242}}},
-            "appliance_settings.node sets port",
+            "node.port (set appliance_port instead)",
         ),
+        ({"appliance_settings": {"logging": "json"}}, "must be a table of keys"),
+        ({"appliance_settings": {"peers": {"x": 1}}}, "must be a table of keys"),
         ({"appliance_volumes_kind": "floppy"}, "floppy"),
+        ({"appliance_ae_title": "SEVENTEEN_LETTERS"}, "1 to 16"),
+        ({"appliance_ae_title": "BACK\\SLASH"}, "without a backslash"),
+        ({"appliance_port": 70000}, "appliance_port must be a TCP port"),
+        (
+            {"appliance_peers": [{"ae_title": "CT1", "host": "ct1.example"}]},
+            "port",
+        ),
+        ({"appliance_root": "staging"}, "appliance_root"),
+        ({"appliance_hardware_profile": "no-such-profile"}, "no hardware profile"),
     ],
-    ids=["relative", "outside-mounts", "host-key", "sftp-user", "owned-key", "kind"],
+    ids=[
+        "relative",
+        "dot-dot",
+        "system-folder",
+        "root-folder",
+        "outside-mounts",
+        "host-key",
+        "host-key-of-another-host",
+        "public-key",
+        "sftp-user",
+        "owned-key",
+        "section-not-a-table",
+        "peers-in-settings",
+        "kind",
+        "long-ae-title",
+        "backslash-ae-title",
+        "port-range",
+        "peer-without-port",
+        "relative-root",
+        "hardware-profile",
+    ],
 )
 def test_bad_inputs_stop_the_play_before_the_host_changes(
     tmp_path: Path, changes: dict[str, Any], message: str
@@ -421,7 +481,7 @@ def test_bad_inputs_stop_the_play_before_the_host_changes(
     play = site.play(**changes)
 
     assert play.returncode != 0
-    assert message in play.failure() + play.text
+    assert message in play.failure() + play.text, play.failure() or play.text
     assert not site.root.exists()
 
 
@@ -437,3 +497,88 @@ def test_a_configuration_the_appliance_refuses_is_never_put_in_place(
     assert play.returncode != 0
     assert "batch_bytes" in play.failure()
     assert config.read_bytes() == before
+
+
+def test_a_refused_configuration_stops_a_first_install_before_folders(
+    tmp_path: Path,
+) -> None:
+    site = Site(tmp_path, snapshot(tmp_path / "checkout"))
+
+    play = site.play(appliance_settings={"replication": {"batch_bytes": -5}})
+
+    assert play.returncode != 0
+    assert "The appliance refuses the configuration" in play.failure()
+    assert "replication.batch_bytes" in play.failure()
+    assert site.path("/opt/pacs-appliance/.venv/bin/appliance").exists()
+    for never in ("/etc/pacs-appliance", "/var/lib/pacs-appliance", "/srv/pacs"):
+        assert not site.path(never).exists(), never
+
+
+def test_values_cannot_add_keys_and_any_unicode_survives(
+    installed: tuple[Site, Play, Play],
+) -> None:
+    site, _, _ = installed
+    sneaky = {"timeouts": {"connect = 10.0\n[[peers]]\nae_title": "SNEAKY"}}
+
+    refused = site.play(appliance_settings=sneaky)
+    accepted = site.play(appliance_mirror_remote_path='archive/\U0001f600 "x"\n')
+    text = site.path("/etc/pacs-appliance/appliance.toml").read_text()
+    restored = site.play()
+
+    assert refused.returncode != 0
+    assert "unknown key" in refused.failure()
+    assert accepted.returncode == 0, accepted.failure() or accepted.text
+    assert tomllib.loads(text)["mirror"]["remote_path"] == 'archive/\U0001f600 "x"\n'
+    assert restored.returncode == 0
+
+
+def test_a_failed_run_still_restarts_onto_new_code(
+    installed: tuple[Site, Play, Play], tmp_path: Path
+) -> None:
+    site, _, _ = installed
+    source = snapshot(tmp_path / "checkout")
+    notes = source / "docs" / "operations.md"
+    notes.write_text(notes.read_text() + "\nAnother line.\n")
+
+    failed = site.play(
+        appliance_source=str(source),
+        appliance_settings={"replication": {"batch_bytes": -5}},
+    )
+    site.play()  # back to the fixture's code and settings
+
+    assert failed.returncode != 0
+    assert failed.task("Install the appliance into the virtual environment").status == (
+        "changed"
+    )
+    # The handler ran although the play failed (it skips in staging only).
+    assert failed.task("Restart pacs-appliance").status == "skipped"
+
+
+def test_check_mode_previews_a_change_without_making_it(
+    installed: tuple[Site, Play, Play],
+) -> None:
+    site, _, _ = installed
+    config = site.path("/etc/pacs-appliance/appliance.toml")
+    before = config.read_bytes()
+
+    preview = site.play("--check", "--diff", appliance_ae_title="PREVIEW_PACS")
+
+    assert preview.returncode == 0, preview.failure() or preview.text
+    assert preview.changed_tasks() == ["Write the configuration"]
+    assert config.read_bytes() == before
+
+
+def test_tape_volumes_load_the_tape_drivers_at_boot(tmp_path: Path) -> None:
+    site = Site(tmp_path, snapshot(tmp_path / "checkout"))
+
+    play = site.play(
+        appliance_volumes_kind="tape",
+        appliance_settings={"volumes": {"device": "/dev/nst0"}},
+    )
+
+    assert play.returncode == 0, play.failure() or play.text
+    loaded = site.path("/etc/modules-load.d/pacs-appliance.conf").read_text()
+    assert [line for line in loaded.splitlines() if not line.startswith("#")] == [
+        "st",
+        "sg",
+    ]
