@@ -22,7 +22,7 @@ from appliance.cli_shared import (
 )
 from appliance.config import Config
 from appliance.errors import CatalogError
-from appliance.prefetch import appointments, listfile, planner
+from appliance.prefetch import appointments, listfile, planner, reconcile
 
 _DAY = 86400.0
 
@@ -63,6 +63,43 @@ def register(main: click.Group, load: Loader) -> None:
             click.echo(json.dumps(report, indent=2))
             return
         _print_status(report)
+
+    @prefetch.command()
+    @config_option
+    @data_dir_option
+    @click.option(
+        "--done",
+        "done",
+        metavar="STUDY_UID",
+        multiple=True,
+        help="Drop a study from the list once it has been dealt with.",
+    )
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    def mismatches(
+        config_file: Path | None,
+        data_dir: str | None,
+        done: tuple[str, ...],
+        as_json: bool,
+    ) -> None:
+        """Arrived studies that match no order, or another patient's."""
+        config = load(config_file, {"storage.data_dir": data_dir})
+        require_catalog(config)
+        catalog = Catalog(config.catalog_path, config.get("storage.catalog_max_size"))
+        try:
+            unknown = [uid for uid in done if not reconcile.forget(catalog, uid)]
+            found = reconcile.mismatches(catalog)
+        finally:
+            catalog.close()
+        for uid in unknown:
+            click.echo(f"{uid}: not in the list", err=True)
+        if as_json:
+            click.echo(json.dumps([m.__dict__ for m in found], indent=2))
+        elif not found:
+            click.echo("no mismatches")
+        else:
+            for m in found:
+                click.echo(f"{m.study_uid}  {m.reason}")
+        sys.exit(1 if unknown else 0)
 
     @prefetch.command("appointments")
     @config_option

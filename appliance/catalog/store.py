@@ -19,6 +19,13 @@ Named databases (keys and values are UTF-8; values are compact JSON)::
     idx.series.study     StudyInstanceUID -> SeriesInstanceUID    (duplicates)
     idx.instance.series  SeriesInstanceUID -> SOPInstanceUID      (duplicates)
     idx.pack.study       StudyInstanceUID -> pack ID              (duplicates)
+    appointments         appointment ID -> what the RIS said about it
+    hl7                  sender | control ID -> the ACK sent for that message
+    pins                 StudyInstanceUID -> pinned online until, and why
+    prefetch             appointment ID -> its priors and their state
+    arrivals             number -> StudyInstanceUID: new studies to compare
+                         with the RIS's orders (only while there are any)
+    mismatches           StudyInstanceUID -> why it matches no order
 
 A study record counts, per tier, the instances that have a verified copy
 there (``copies``), so that migration policies see where a study is
@@ -65,6 +72,8 @@ _DATABASES = (
     "hl7",
     "pins",
     "prefetch",
+    "arrivals",
+    "mismatches",
 )
 _INDEXES = (
     "idx.study.patient",
@@ -445,6 +454,7 @@ class _Writer:
         record = item.record
         uid = record.study_uid
         self._index("idx.study.patient", record.patient, uid)
+        self._note_arrival(uid)
         accession = item.study.get("AccessionNumber")
         if accession:
             self._index("idx.study.accession", accession, uid)
@@ -466,6 +476,16 @@ class _Writer:
             "last_access": record.received,
             "copies": {},
         }
+
+    def _note_arrival(self, study_uid: str) -> None:
+        """Queue a new study for comparison with the RIS's orders, on sites
+        whose RIS sends them (one stat of a small database otherwise)."""
+        if not self.txn.stat(self.catalog.db["appointments"])["entries"]:
+            return
+        number = next_number(self.catalog, self.txn, "arrivals.next")
+        self.txn.put(
+            sequence_key(number), study_uid.encode(), db=self.catalog.db["arrivals"]
+        )
 
     def _add_series(self, item: NewInstance) -> None:
         record = item.record

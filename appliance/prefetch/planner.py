@@ -39,7 +39,7 @@ from appliance.config import Config
 from appliance.errors import CatalogError
 from appliance.hsm.recall import Recaller
 from appliance.hsm.tiers import ONLINE
-from appliance.prefetch import appointments, selection
+from appliance.prefetch import appointments, reconcile, selection
 from appliance.prefetch.appointments import Appointment
 
 logger = logging.getLogger(__name__)
@@ -111,7 +111,9 @@ class Planner:
         self._recalled = 0  # priors brought online by the current run
 
     def run(self) -> list[Plan]:
-        """Plan, pin, recall what is missing, and record the outcome."""
+        """Compare new studies with the orders; plan, pin, recall what is
+        missing, and record the outcome."""
+        reconcile.reconcile(self.catalog)
         plans = self.plan()
         self._recall(plans)
         self._mark_late(plans)

@@ -21,7 +21,8 @@ PREFETCH_LOCK = "prefetch.lock"
 
 def check_and_run(config: Config) -> None:
     """Run the planner in a child only when some appointment is in its
-    window: most sites without a RIS feed never pay for a process."""
+    window or new studies wait to be compared with the orders: sites
+    without a RIS feed never pay for a process."""
     from appliance.catalog.store import Catalog
     from appliance.errors import ApplianceError
     from appliance.prefetch.appointments import appointments
@@ -39,6 +40,8 @@ def check_and_run(config: Config) -> None:
             a.active and a.start is not None and earliest < a.start <= latest
             for a in appointments(catalog)
         )
+        with catalog.read() as txn:
+            due = due or txn.stat(catalog.db["arrivals"])["entries"] > 0
     finally:
         catalog.close()
     if due:
