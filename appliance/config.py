@@ -728,6 +728,14 @@ KEYS: tuple[Key, ...] = (
     ),
     Key(
         "prefetch",
+        "watch_folder",
+        "",
+        "A folder the RIS drops appointment list files (*.csv) into; each is "
+        "imported, then moved to done/ or refused/. Empty: none.",
+        _text,
+    ),
+    Key(
+        "prefetch",
         "rate_mb_per_s",
         50.0,
         "Recalls for prefetch read at most this many MB/s, so that ingest and "
@@ -921,6 +929,12 @@ class Config:
             settings["simulated_path"] = str(self._resolve(settings["simulated_path"]))
         settings.pop("kind")
         return settings
+
+    @property
+    def watch_folder(self) -> Path | None:
+        """prefetch.watch_folder resolved, or None when there is none."""
+        value = self.values["prefetch.watch_folder"]
+        return self._resolve(value) if value else None
 
     def _tier_path(self, key: str, default_name: str) -> Path:
         value = self.values[key]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from click.testing import CliRunner
 
 from appliance.catalog.store import Catalog
 from appliance.cli import main
-from appliance.prefetch import appointments, listfile
+from appliance.prefetch import appointments, listfile, watch
 
 GOOD = (
     "Patient_ID,issuer,appointment_time,modality,procedure_code,accession\n"
@@ -126,3 +127,32 @@ def test_import_without_an_archive_says_so(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "no catalog" in result.output
     assert not (tmp_path / "none").exists()
+
+
+def test_the_watched_folder_imports_settled_files_and_sorts_them(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    (folder / "monday.csv").write_text(GOOD)
+    (folder / "broken.csv").write_text("patient_id,appointment_time\nX,never\n")
+    (folder / "still-writing.csv").write_text(GOOD)
+    (folder / "notes.txt").write_text("not a list")
+    now = time.time()
+    for name in ("monday.csv", "broken.csv"):
+        os.utime(folder / name, (now - 60, now - 60))
+    catalog = Catalog(tmp_path / "catalog", map_size=2**26)
+    try:
+        counts = watch.import_dropped(catalog, folder, now=now)
+        recorded = appointments.appointments(catalog)
+    finally:
+        catalog.close()
+
+    assert counts == (1, 1)
+    assert len(recorded) == 2
+    assert (folder / "done" / "monday.csv").exists()
+    assert (folder / "refused" / "broken.csv").exists()
+    errors = (folder / "refused" / "broken.csv.errors").read_text()
+    assert errors.startswith("line 2: appointment_time 'never'")
+    assert (folder / "still-writing.csv").exists()
+    assert (folder / "notes.txt").exists()

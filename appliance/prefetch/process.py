@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from appliance import logs
 from appliance.children import die_with_parent, run_child
@@ -20,13 +21,17 @@ PREFETCH_LOCK = "prefetch.lock"
 
 
 def check_and_run(config: Config) -> None:
-    """Run the planner in a child only when some appointment is in its
-    window or new studies wait to be compared with the orders: sites
-    without a RIS feed never pay for a process."""
+    """Import the list files of the watched folder, then run the planner in
+    a child only when some appointment is in its window or new studies wait
+    to be compared with the orders: sites without a RIS feed never pay for
+    a process."""
     from appliance.catalog.store import Catalog
     from appliance.errors import ApplianceError
     from appliance.prefetch.appointments import appointments
 
+    folder = config.watch_folder
+    if folder is not None:
+        _import_watched(config, folder)
     now = time.time()
     earliest = now - config.get("prefetch.grace_hours") * 3600
     latest = now + config.get("prefetch.horizon_days") * 86400
@@ -46,6 +51,27 @@ def check_and_run(config: Config) -> None:
         catalog.close()
     if due:
         run_in_child(config)
+
+
+def _import_watched(config: Config, folder: Path) -> None:
+    from appliance.catalog.store import Catalog
+    from appliance.errors import ApplianceError
+    from appliance.prefetch.watch import import_dropped
+
+    if not folder.is_dir():
+        logger.error("prefetch.watch_folder %s is not a folder", folder)
+        return
+    try:
+        catalog = Catalog(config.catalog_path, config.get("storage.catalog_max_size"))
+    except ApplianceError as exc:
+        logger.error("watched folder: %s", exc)
+        return
+    try:
+        import_dropped(catalog, folder)
+    except (ApplianceError, OSError) as exc:
+        logger.error("watched folder %s: %s", folder, exc)
+    finally:
+        catalog.close()
 
 
 def run_in_child(config: Config) -> int:
