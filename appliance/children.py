@@ -7,6 +7,8 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -38,3 +40,67 @@ def run_child(target: Callable[..., None], args: tuple[Any, ...], name: str) -> 
     if child.exitcode:
         logger.error("%s run ended with exit code %s", name, child.exitcode)
     return child.exitcode or 0
+
+
+class ChildSupervisor:
+    """Keeps one child process running beside the service: a thread starts
+    it, starts it again whenever it exits (after a pause if it died young,
+    so that a child that cannot start does not spin), and stops it with the
+    service: SIGTERM, ``stop_grace`` seconds, then SIGKILL."""
+
+    # A child that dies sooner than this after its start waits before the next.
+    young = 10.0
+
+    def __init__(
+        self,
+        target: Callable[..., None],
+        args: tuple[Any, ...],
+        name: str,
+        stop_grace: float = 30.0,
+    ) -> None:
+        self.target = target
+        self.args = args
+        self.name = name
+        self.stop_grace = stop_grace
+        self._stop = threading.Event()
+        self._child: Any = None
+        self._thread = threading.Thread(
+            target=self._run, name=f"{name}-supervisor", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask the child to finish its current step, then wait for it."""
+        self._stop.set()
+        child = self._child
+        if child is not None and child.is_alive():
+            child.terminate()
+            child.join(self.stop_grace)
+            if child.is_alive():
+                logger.warning(
+                    "%s did not stop in %d s; killed", self.name, self.stop_grace
+                )
+                child.kill()
+                child.join()
+        self._thread.join(self.stop_grace)
+
+    def _run(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        while not self._stop.is_set():
+            started = time.monotonic()
+            self._child = context.Process(
+                target=self.target, args=self.args, name=self.name
+            )
+            self._child.start()
+            self._child.join()
+            if self._stop.is_set():
+                return
+            logger.error(
+                "%s process ended (exit code %s); starting it again",
+                self.name,
+                self._child.exitcode,
+            )
+            if time.monotonic() - started < self.young:
+                self._stop.wait(self.young)

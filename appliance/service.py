@@ -34,6 +34,7 @@ from appliance.hsm import scheduler
 from appliance.hsm.recall import Recaller
 from appliance.hsm.tiers import open_tiers
 from appliance.ingest import Ingest
+from appliance.prefetch.hl7_process import HL7Service
 from appliance.replication.supervisor import Supervisor
 from appliance.storage.lock import WORKERS_LOCK, TierLock, claim_tier
 from appliance.storage.online import OnlineTier
@@ -64,6 +65,7 @@ def serve(config: Config) -> int:
     online = OnlineTier(config.online_path, config.get("storage.reserved_bytes"))
     online.open()
     listener = _listen(config)
+    hl7 = HL7Service(config) if config.get("hl7.enabled") else None
     claim = claim_tier(config.online_path, wait_for_workers=_STOP_GRACE + 10)
     try:
         online.discard_incoming()
@@ -71,13 +73,15 @@ def serve(config: Config) -> int:
         # Every tier opens (and the key store is made) before any worker
         # needs them, so that a wrong tier path stops the start with a reason.
         open_tiers(config)
-        return _serve(config, listener)
+        return _serve(config, listener, hl7)
     finally:
         listener.close()
+        if hl7 is not None:
+            hl7.sock.close()
         claim.release()
 
 
-def _serve(config: Config, listener: socket.socket) -> int:
+def _serve(config: Config, listener: socket.socket, hl7: HL7Service | None) -> int:
     context = multiprocessing.get_context("spawn")
     counts = context.Array("i", config.workers)
     workers = [_start_worker(context, config, i, counts) for i in range(config.workers)]
@@ -104,12 +108,18 @@ def _serve(config: Config, listener: socket.socket) -> int:
         if config.get("replication.enabled"):
             replication = Supervisor(config)
             replication.start()
-        notify.ready(f"serving DICOM on {host}:{port}")
+        serving = f"serving DICOM on {host}:{port}"
+        if hl7 is not None:
+            hl7.start()
+            serving += ", HL7 on {}:{}".format(*hl7.address)
+        notify.ready(serving)
         heartbeat.start()
         _accept_loop(listener, workers, counts, stop, context, config, alive)
     finally:
         notify.stopping("finishing open associations")
         heartbeat.stop()
+        if hl7 is not None:
+            hl7.stop()
         if replication is not None:
             replication.stop()
         if migrations is not None:
