@@ -318,3 +318,37 @@ def test_prefetch_status_shows_each_prior_and_the_counts(
     assert "1 appointments: 0 ready, 1 priors waiting for a volume, 0 late" in (
         table.stdout
     )
+
+
+def test_a_rescheduled_appointment_moves_its_deadline_and_pins(site: Site) -> None:
+    site.book("M1", "APT1", NOW + 2 * DAY)
+    first, _ = site.planner()
+    (before,) = first.plan()
+
+    site.book("M2", "APT1", NOW + DAY, event="S13")
+    running, _ = site.planner()
+    (after,) = running.run()
+
+    assert before.start == pytest.approx(NOW + 2 * DAY, abs=1)
+    assert after.start == pytest.approx(NOW + DAY, abs=1)
+    assert after.deadline == pytest.approx(NOW + DAY - 2 * 3600, abs=1)
+    study = site.studies["ct-old"]
+    assert study in pins.pinned(site.catalog, NOW + DAY + 23 * 3600)
+    assert study not in pins.pinned(site.catalog, NOW + DAY + 25 * 3600)
+
+
+def test_many_appointments_are_served_earliest_deadline_first(site: Site) -> None:
+    # The same patient's priors for appointments booked in reverse order:
+    # the recalls follow the deadlines, not the order of the bookings.
+    for number, days in enumerate((3.0, 2.5, 2.0, 1.5, 1.0)):
+        site.book(f"M{number}", f"APT{number}", NOW + days * DAY)
+    site.clock[0] = NOW
+    running, spy = site.planner()
+
+    plans = running.run()
+
+    starts = [plan.start for plan in plans]
+    assert starts == sorted(starts)
+    assert len(plans) == 5 and all(plan.ready for plan in plans)
+    # Each prior once, whatever the number of appointments wanting it.
+    assert len(spy.asked) == len(set(spy.asked)) == 2
