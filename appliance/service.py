@@ -3,13 +3,14 @@
 The listener binds the DICOM port, accepts connections, sets TCP_NODELAY
 (so that senders that leave Nagle's algorithm on are not held back by
 delayed ACKs) and hands each connection to the worker with the fewest open
-associations. Workers each open the catalog and the online tier and serve
+connections. Workers each open the catalog and the online tier and serve
 associations with pynetdicom. A worker that dies is started again; SIGTERM
 or SIGINT stops accepting, lets open associations finish, then exits.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import selectors
@@ -60,6 +61,54 @@ class _Worker:
     restart_at: float = 0.0
 
 
+@dataclass
+class Load:
+    """What each worker holds, counted in memory shared by all processes.
+
+    ``connections``: connections handed to the worker and not yet closed;
+    the listener hands the next one to the worker with the fewest.
+    ``associations``: those of them whose A-ASSOCIATE-RQ was admitted. Only
+    these count against node.max_associations, so that connections that
+    never send a whole request cannot keep real associations out.
+    """
+
+    connections: SynchronizedArray
+    associations: SynchronizedArray
+
+    @classmethod
+    def shared(cls, context: Any, workers: int) -> Load:
+        return cls(context.Array("i", workers), context.Array("i", workers))
+
+    def hand_to_least_busy(self, workers: list[_Worker]) -> _Worker:
+        """The worker with the fewest connections, counted one more."""
+        with self.connections.get_lock():
+            chosen = min(workers, key=lambda w: self.connections[w.index])
+            self.connections[chosen.index] += 1
+        return chosen
+
+    def admitted(self, index: int) -> None:
+        _add(self.associations, index, 1)
+
+    def closed(self, index: int, admitted: bool) -> None:
+        _add(self.connections, index, -1)
+        if admitted:
+            _add(self.associations, index, -1)
+
+    def reset(self, index: int) -> None:
+        """Forget what a dead worker held."""
+        for counts in (self.connections, self.associations):
+            with counts.get_lock():
+                counts[index] = 0
+
+    def total_associations(self) -> int:
+        return sum(self.associations[:])
+
+
+def _add(counts: SynchronizedArray, index: int, delta: int) -> None:
+    with counts.get_lock():
+        counts[index] = max(0, counts[index] + delta)
+
+
 def serve(config: Config) -> int:
     """Run the appliance until SIGTERM or SIGINT; returns the exit status."""
     online = OnlineTier(config.online_path, config.get("storage.reserved_bytes"))
@@ -83,8 +132,8 @@ def serve(config: Config) -> int:
 
 def _serve(config: Config, listener: socket.socket, hl7: HL7Service | None) -> int:
     context = multiprocessing.get_context("spawn")
-    counts = context.Array("i", config.workers)
-    workers = [_start_worker(context, config, i, counts) for i in range(config.workers)]
+    load = Load.shared(context, config.workers)
+    workers = [_start_worker(context, config, i, load) for i in range(config.workers)]
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -114,7 +163,7 @@ def _serve(config: Config, listener: socket.socket, hl7: HL7Service | None) -> i
             serving += ", HL7 on {}:{}".format(*hl7.address)
         notify.ready(serving)
         heartbeat.start()
-        _accept_loop(listener, workers, counts, stop, context, config, alive)
+        _accept_loop(listener, workers, load, stop, context, config, alive)
     finally:
         notify.stopping("finishing open associations")
         heartbeat.stop()
@@ -151,7 +200,7 @@ def _listen(config: Config) -> socket.socket:
 def _accept_loop(
     listener: socket.socket,
     workers: list[_Worker],
-    counts: SynchronizedArray,
+    load: Load,
     stop: threading.Event,
     context: Any,
     config: Config,
@@ -162,7 +211,7 @@ def _accept_loop(
     while not stop.is_set():
         alive.touch()
         if not selector.select(timeout=0.5):
-            _restart_dead(workers, counts, context, config, stop, alive.touch)
+            _restart_dead(workers, load, context, config, stop, alive.touch)
             continue
         try:
             connection, _address = listener.accept()
@@ -171,30 +220,25 @@ def _accept_loop(
             continue
         with connection:
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _hand_off(connection, workers, counts)
+            _hand_off(connection, workers, load)
 
 
-def _hand_off(
-    connection: socket.socket, workers: list[_Worker], counts: SynchronizedArray
-) -> None:
+def _hand_off(connection: socket.socket, workers: list[_Worker], load: Load) -> None:
     alive = [w for w in workers if w.process.is_alive()]
     if not alive:
         logger.error("no worker is running; connection dropped")
         return
-    with counts.get_lock():
-        chosen = min(alive, key=lambda w: counts[w.index])
-        counts[chosen.index] += 1
+    chosen = load.hand_to_least_busy(alive)
     try:
         send_connection(chosen.channel, connection)
     except OSError as exc:
         logger.error("cannot hand a connection to worker %d: %s", chosen.index, exc)
-        with counts.get_lock():
-            counts[chosen.index] -= 1
+        load.closed(chosen.index, admitted=False)
 
 
 def _restart_dead(
     workers: list[_Worker],
-    counts: SynchronizedArray,
+    load: Load,
     context: Any,
     config: Config,
     stop: threading.Event,
@@ -224,20 +268,17 @@ def _restart_dead(
                 worker.process.exitcode,
             )
         worker.channel.close()
-        with counts.get_lock():
-            counts[worker.index] = 0
+        load.reset(worker.index)
         # What the dead worker was receiving will never be answered.
         OnlineTier(config.online_path).discard_incoming(worker.index)
-        workers[position] = _start_worker(
-            context, config, worker.index, counts, waiting
-        )
+        workers[position] = _start_worker(context, config, worker.index, load, waiting)
 
 
 def _start_worker(
     context: Any,
     config: Config,
     index: int,
-    counts: SynchronizedArray,
+    load: Load,
     waiting: Callable[[], None] = lambda: None,
 ) -> _Worker:
     """Start worker ``index``; ``waiting`` is called while it starts (the
@@ -246,7 +287,7 @@ def _start_worker(
     ready = context.Event()
     process = context.Process(
         target=run_worker,
-        args=(config, index, theirs, counts, ready),
+        args=(config, index, theirs, load, ready),
         name=f"appliance-worker-{index}",
         daemon=False,
     )
@@ -285,7 +326,7 @@ def run_worker(
     config: Config,
     index: int,
     channel: socket.socket,
-    counts: SynchronizedArray,
+    load: Load,
     ready: Any,
 ) -> None:
     """Serve the associations handed over ``channel`` until SIGTERM."""
@@ -304,15 +345,8 @@ def run_worker(
     catalog = Catalog(config.catalog_path, config.get("storage.catalog_max_size"))
     ingest = Ingest(catalog, online, config.get("storage.duplicate_policy"))
 
-    def total() -> int:
-        return sum(counts[:])
-
-    def closed() -> None:
-        # The listener counted the connection when it handed it over.
-        with counts.get_lock():
-            counts[index] = max(0, counts[index] - 1)
-
-    node = Node(config, catalog, online, ingest, total, Recaller(catalog, tiers))
+    recaller = Recaller(catalog, tiers)
+    node = Node(config, catalog, online, ingest, load.total_associations, recaller)
     ae = node.application_entity()
     address = (config.get("node.bind_address"), config.get("node.port"))
     server = HandoffServer(
@@ -322,7 +356,10 @@ def run_worker(
         node.ae_title,
         ae.supported_contexts,
         node.handlers(),
-        on_close=closed,
+        artim=config.get("timeouts.association"),
+        # The listener counted each connection when it handed it over.
+        on_admit=functools.partial(load.admitted, index),
+        on_close=functools.partial(load.closed, index),
     )
     ae._servers.append(server)  # so that AE.shutdown() also stops this server
 

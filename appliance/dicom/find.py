@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 from pynetdicom.association import Association
-from pynetdicom.dimse_primitives import C_FIND
+from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE
 from pynetdicom.dsutils import decode
 from pynetdicom.service_class import QueryRetrieveServiceClass
 
@@ -41,9 +41,12 @@ UNABLE_TO_PROCESS = 0xC000
 
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+_ALL_LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+# The levels of each information model (PS3.4 C.6.1.1, C.6.2.1), by the
+# UID root its FIND, MOVE and GET SOP classes share.
 _LEVELS_BY_MODEL = {
-    PATIENT_ROOT_FIND: ("PATIENT", "STUDY", "SERIES", "IMAGE"),
-    STUDY_ROOT_FIND: ("STUDY", "SERIES", "IMAGE"),
+    PATIENT_ROOT_FIND.rsplit(".", 1)[0]: _ALL_LEVELS,
+    STUDY_ROOT_FIND.rsplit(".", 1)[0]: ("STUDY", "SERIES", "IMAGE"),
 }
 _NOT_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle"}
 _SPECIFIC_CHARACTER_SET = 0x00080005
@@ -65,7 +68,7 @@ def serve(
     message_id = int(req.MessageID or 0)
     node.count_query(service.assoc)
     try:
-        identifier = _decode(req, syntax)
+        identifier = decode_identifier(req, syntax)
     except ValueError as exc:
         logger.warning(
             "C-FIND from %s refused: cannot decode the identifier: %s",
@@ -90,7 +93,7 @@ def serve(
         _wait_until_sent(service.assoc)
 
 
-def _decode(req: C_FIND, syntax: UID) -> Dataset:
+def decode_identifier(req: C_FIND | C_GET | C_MOVE, syntax: UID) -> Dataset:
     """The request's identifier; ValueError when it cannot be read."""
     raw = req.Identifier.getvalue() if req.Identifier else b""
     try:
@@ -149,7 +152,7 @@ def _wait_until_sent(assoc: Association, limit: float = 5.0) -> None:
 def query_from_identifier(identifier: Dataset, sop_class: str) -> Query:
     """The catalog query an identifier asks for; ValueError when it is invalid."""
     level = (text_of(identifier, "QueryRetrieveLevel") or "").strip()
-    allowed = _LEVELS_BY_MODEL.get(sop_class, ("PATIENT", "STUDY", "SERIES", "IMAGE"))
+    allowed = levels_of(sop_class)
     if level not in allowed:
         raise ValueError(
             f"QueryRetrieveLevel {level!r} is not one of {', '.join(allowed)}"
@@ -162,6 +165,12 @@ def query_from_identifier(identifier: Dataset, sop_class: str) -> Query:
             continue
         keys[keyword] = text_of(identifier, keyword)
     return Query(level=level, keys=keys)
+
+
+def levels_of(sop_class: str) -> tuple[str, ...]:
+    """The Query/Retrieve levels of the model a FIND, MOVE or GET SOP class
+    belongs to."""
+    return _LEVELS_BY_MODEL.get(sop_class.rsplit(".", 1)[0], _ALL_LEVELS)
 
 
 def answer_find(

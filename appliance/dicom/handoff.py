@@ -8,6 +8,12 @@ the worker, :class:`HandoffServer` is a pynetdicom association server whose
 
 Message on the channel: one datagram whose payload is the peer address as
 JSON (``["host", port]``) and whose ancillary data carries the descriptor.
+
+A handed-over connection first has its A-ASSOCIATE-RQ read (see
+:mod:`appliance.dicom.admission`); only then does pynetdicom see it, and
+only then does it count as an association. pynetdicom reads the request
+again from :class:`HandedOverSocket`, which serves those bytes before any
+new ones.
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom import evt
+from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
+
+from appliance.dicom.admission import admit
 
 logger = logging.getLogger(__name__)
 
@@ -66,18 +75,83 @@ def send_connection(channel: socket.socket, connection: socket.socket) -> None:
 class HandedOverSocket(QuickAckSocket):
     """A connection handed over by the listener, which counted it open."""
 
-    # Called once when the connection is closed, however pynetdicom ends it.
-    on_close: Callable[[], None] | None = None
+    # Called once when the connection's A-ASSOCIATE-RQ is admitted.
+    on_admit: Callable[[], None] | None = None
+    # Called once when the connection is closed, however it ends, with
+    # whether it had been admitted.
+    on_close: Callable[[bool], None] | None = None
+    admitted = False
+    # Bytes already read from the connection, to be read again first.
+    _replay = b""
+
+    def admit(self, request: bytes) -> None:
+        """Count the connection as an association, and serve ``request``
+        (its A-ASSOCIATE-RQ, read by admission) before any new bytes."""
+        self._replay = request
+        self.admitted = True
+        if self.on_admit is not None:
+            self.on_admit()
+
+    def pending(self) -> int:
+        """Bytes to read that the kernel no longer holds."""
+        return len(self._replay)
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        if not self._replay:
+            return super().recv(bufsize, flags)
+        data = self._replay[:bufsize]
+        if not flags & socket.MSG_PEEK:
+            self._replay = self._replay[bufsize:]
+        return data
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        if not self._replay:
+            return super().recv_into(buffer, nbytes, flags)
+        data = self.recv(nbytes or len(buffer), flags)
+        buffer[: len(data)] = data
+        return len(data)
 
     def close(self) -> None:
         super().close()
         report, self.on_close = self.on_close, None
         if report is not None:
-            report()
+            report(self.admitted)
+
+
+class _ReplayingSocket(AssociationSocket):
+    """pynetdicom's socket wrapper, also ready when replayed bytes wait.
+
+    pynetdicom reads only when ``select`` says the connection is readable,
+    which it cannot know of bytes admission has already read.
+    """
+
+    @property
+    def ready(self) -> bool:
+        connection = self.socket
+        if isinstance(connection, HandedOverSocket) and connection.pending():
+            return True
+        return bool(super().ready)
+
+
+def _replay_admitted_request(event: evt.Event) -> None:
+    """Let the new association's reactor see the request admission read."""
+    wrapper = event.assoc.dul.socket
+    if wrapper is not None and isinstance(wrapper.socket, HandedOverSocket):
+        # Same object layout; only ``ready`` changes.
+        wrapper.__class__ = _ReplayingSocket
 
 
 class HandoffServer(ThreadedAssociationServer):
-    """An association server fed by a channel instead of a listening socket."""
+    """An association server fed by a channel instead of a listening socket.
+
+    ``artim`` is the ARTIM timer in seconds: how long a connection may take
+    to send its A-ASSOCIATE-RQ. ``on_admit`` and ``on_close`` are called as
+    :class:`HandedOverSocket` describes.
+    """
+
+    # A connection still waiting for its request must not hold up the
+    # worker's shutdown; associations are finished separately.
+    daemon_threads = True
 
     def __init__(
         self,
@@ -87,14 +161,19 @@ class HandoffServer(ThreadedAssociationServer):
         ae_title: str,
         contexts: list[Any],
         evt_handlers: list[Any],
-        on_close: Callable[[], None] = lambda: None,
+        artim: float,
+        on_admit: Callable[[], None] = lambda: None,
+        on_close: Callable[[bool], None] = lambda admitted: None,
     ) -> None:
         self._channel = channel
+        self._artim = artim
+        self._on_admit = on_admit
         self._on_close = on_close
         self._public_address = public_address
         # The base class binds and listens on this address in its
         # constructor; server_bind below swaps in the channel instead.
-        super().__init__(ae, public_address, ae_title, contexts, None, evt_handlers)
+        handlers = [*evt_handlers, (evt.EVT_CONN_OPEN, _replay_admitted_request)]
+        super().__init__(ae, public_address, ae_title, contexts, None, handlers)
 
     def server_bind(self) -> None:
         if self.socket is not None:
@@ -110,7 +189,20 @@ class HandoffServer(ThreadedAssociationServer):
         if not fds:
             raise OSError("the listener closed the channel")
         connection = HandedOverSocket(fileno=fds[0])
+        connection.on_admit = self._on_admit
         connection.on_close = self._on_close
         connection.settimeout(self.ae.network_timeout)
         host, port = json.loads(payload)
         return connection, (host, int(port))
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """Hand the connection to pynetdicom once its A-ASSOCIATE-RQ is in.
+
+        Runs in the connection's own thread, so waiting blocks nobody else.
+        """
+        host, port = client_address
+        admitted = admit(request, f"{host}:{port}", self._artim)
+        if admitted is None:
+            return
+        request.admit(admitted)
+        super().finish_request(request, client_address)

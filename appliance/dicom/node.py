@@ -9,6 +9,7 @@ it ends, with the caller and what it did; failures get their own line.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from pynetdicom import (
 )
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dul import DULServiceProvider
 
 from appliance.catalog.store import Catalog
 from appliance.config import Config
@@ -66,6 +68,8 @@ _REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 _REJECT_NO_REASON = (0x01, 0x01, 0x01)
 _REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 _REJECT_LIMIT = (0x02, 0x03, 0x02)
+# PDU types of the upper layer protocol: A-ASSOCIATE-RQ to A-ABORT (PS3.8 9.3).
+_PDU_TYPES = range(0x01, 0x08)
 
 
 def configure_pynetdicom() -> None:
@@ -81,6 +85,7 @@ def configure_pynetdicom() -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     retrieve.install()
     _guard_message_decoding()
+    _guard_pdu_reading()
 
 
 def _guard_message_decoding() -> None:
@@ -116,6 +121,62 @@ def _guard_message_decoding() -> None:
 
     # The wrapper takes any primitive; pynetdicom's signature names P_DATA.
     setattr(DIMSEServiceProvider, "receive_primitive", receive_primitive)  # noqa: B010
+
+
+def _guard_pdu_reading() -> None:
+    """Abort an association on bytes that are no PDU with one log line.
+
+    pynetdicom reads such bytes six at a time, with an error line and an
+    A-ABORT for every six (PS3.8 action AA-7), until none are left. Here the
+    first unrecognised PDU type is logged once, with the peer, and the
+    association is aborted as the state table says (AA-8); what the peer
+    sends after that, while the connection waits to be closed (state Sta13),
+    is discarded unread. Before an association exists, admission has
+    already turned such bytes away.
+    """
+    original = DULServiceProvider._read_pdu_data
+
+    def read_pdu_data(dul: DULServiceProvider) -> None:
+        connection = dul.socket.socket if dul.socket else None
+        if connection is None:
+            original(dul)
+        elif dul.state_machine.current_state == "Sta13":
+            _discard_readable(dul, connection)
+        elif (first := _first_byte(connection)) not in (None, *_PDU_TYPES):
+            logger.warning(
+                "aborting association with %s: not DICOM (PDU type 0x%02X)",
+                _peer_of(dul.assoc),
+                first,
+            )
+            dul.event_queue.put("Evt19")  # unrecognised PDU
+        else:
+            original(dul)
+
+    setattr(DULServiceProvider, "_read_pdu_data", read_pdu_data)  # noqa: B010
+
+
+def _first_byte(connection: Any) -> int | None:
+    """The next byte the peer sent, left unread; None at the end or on error."""
+    try:
+        data = connection.recv(1, socket.MSG_PEEK)
+    except OSError:
+        return None
+    return data[0] if data else None
+
+
+def _discard_readable(dul: DULServiceProvider, connection: Any) -> None:
+    """Read and drop what has arrived; the end of it closes the connection."""
+    try:
+        data = connection.recv(65536)
+    except OSError:
+        data = b""
+    if not data:
+        dul.event_queue.put("Evt17")  # transport connection closed
+
+
+def _peer_of(assoc: Association) -> str:
+    peer = assoc.acceptor if assoc.is_requestor else assoc.requestor
+    return f"{(peer.ae_title or '').strip() or '?'}@{peer.address}"
 
 
 def discard_partial_message(provider: DIMSEServiceProvider) -> None:

@@ -6,6 +6,12 @@ itself: it sends each instance from its file (raw, chunked), answers a
 pending response after every sub-operation with the counts of PS3.4
 C.4.2.1.5 and C.4.3.1.5, honours C-CANCEL, and ends with 0x0000, 0xB000
 (some failed, with the Failed SOP Instance UID List) or 0xA702 (all failed).
+
+A request that cannot be served gets a failure status and the association
+stays usable: 0xA801 for a C-MOVE whose Move Destination is not a
+configured peer (empty, blank or malformed included), 0xA900 for an
+identifier without a valid level and unique key, 0xC000 for one that cannot
+be decoded.
 """
 
 from __future__ import annotations
@@ -20,16 +26,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pynetdicom.association
+import pynetdicom.dimse_messages
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config
 from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE
-from pynetdicom.dsutils import decode, encode
+from pynetdicom.dsutils import encode
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.service_class import QueryRetrieveServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
 from appliance.catalog.query import Query, find
 from appliance.catalog.records import text_of
+from appliance.config import Peer
+from appliance.dicom.find import decode_identifier, levels_of
 from appliance.dicom.find import serve as serve_find
 from appliance.dicom.handoff import QuickAckSocket
 from appliance.storage.online import TIER_NAME
@@ -78,13 +87,36 @@ class _Counts:
     failed_uids: list[str] = field(default_factory=list)
 
 
+class MoveRequest(C_MOVE):
+    """A received C-MOVE request whose Move Destination is taken as it comes.
+
+    pynetdicom's C_MOVE refuses an empty, blank or over-long Move
+    Destination while the request is decoded, and the association is
+    aborted. Here any value is kept, a missing one as empty, so that the
+    request reaches :class:`QueryRetrieveService`, which answers 0xA801
+    (PS3.4 C.4.2.1.5) and keeps the association.
+    """
+
+    @property
+    def MoveDestination(self) -> str:
+        return self._move_destination or ""
+
+    @MoveDestination.setter
+    def MoveDestination(self, value: str | bytes | None) -> None:
+        if isinstance(value, bytes):
+            value = value.decode("ascii", "replace")
+        self._move_destination = (value or "").strip()
+
+
 def install() -> None:
     """Route Query/Retrieve requests to :class:`QueryRetrieveService`.
 
     pynetdicom picks the service class for a request with the module-level
     ``uid_to_service_class`` of its association module; wrapping that one
     function is the narrowest seam that lets this class serve retrieves
-    while pynetdicom keeps serving everything else.
+    while pynetdicom keeps serving everything else. Likewise, incoming
+    C-MOVE messages become :class:`MoveRequest` primitives through the
+    table pynetdicom looks their class up in.
     """
 
     def choose(uid: str) -> type:
@@ -94,6 +126,7 @@ def install() -> None:
         return chosen
 
     pynetdicom.association.uid_to_service_class = choose  # type: ignore[assignment]
+    pynetdicom.dimse_messages._MSG_TO_PRIMITVE["C_MOVE"] = MoveRequest
     # Send stored files as raw bytes, never decoded and re-encoded.
     _config.STORE_SEND_CHUNKED_DATASET = True
 
@@ -121,21 +154,32 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
         if not self.node.may_query(self.assoc):
             self._final(req, context, 0x0124, None, "not authorised to retrieve")
             return
-        try:
-            identifier = self._identifier(req, context)
-            items = self._resolve(identifier, req)
-        except ValueError as exc:
-            logger.warning("retrieve from %s refused: %s", caller, exc)
-            self._final(req, context, IDENTIFIER_DOES_NOT_MATCH, None, str(exc))
-            return
+        peer = None
+        if isinstance(req, C_MOVE):
+            # Checked before anything is looked up, let alone recalled.
+            peer = self._destination(req, context, caller)
+            if peer is None:
+                return
+        query = self._requested_query(req, context, caller)
+        if query is not None:
+            self._serve(req, context, query, caller, peer)
 
+    def _serve(
+        self,
+        req: C_GET | C_MOVE,
+        context: PresentationContext,
+        query: Query,
+        caller: str,
+        peer: Peer | None,
+    ) -> None:
+        items = self._items(query)
         self._waiting = ""
         if items:
             # Touched before anything is sent, so that a watermark release
             # running meanwhile takes other, less recently used studies.
             self.node.catalog.touch_studies({item.study_uid for item in items})
         if any(item.path is None for item in items):
-            items = self._recall(req, context, identifier, items)
+            items = self._recall(req, context, query, items)
         if items and all(item.path is None for item in items):
             # Nothing can be sent: say why without opening a sub-association.
             counts = _Counts(0, failed=len(items))
@@ -143,41 +187,61 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
             reason = self._waiting or "no readable copy of these instances"
             logger.warning("retrieve from %s: nothing sent, %s", caller, reason)
             self._final(req, context, ALL_FAILED, counts, reason)
-            return
-        if isinstance(req, C_MOVE):
-            self._move(req, context, items, caller)
-        else:
+        elif isinstance(req, C_GET):
             self._get(req, context, items, caller)
+        elif peer is not None:
+            self._move(req, context, items, caller, peer)
 
-    def _identifier(self, req: C_GET | C_MOVE, context: PresentationContext) -> Dataset:
-        syntax = context.transfer_syntax[0]
-        try:
-            return decode(
-                req.Identifier,  # type: ignore[arg-type]
-                syntax.is_implicit_VR,
-                syntax.is_little_endian,
-                syntax.is_deflated,
+    def _destination(
+        self, req: C_MOVE, context: PresentationContext, caller: str
+    ) -> Peer | None:
+        """The configured peer the C-MOVE names, or None after answering
+        0xA801 (PS3.4 C.4.2.1.5)."""
+        destination = str(req.MoveDestination or "").strip()
+        peer = self.node.config.peer(destination) if destination else None
+        if peer is not None:
+            return peer
+        if destination:
+            logger.warning(
+                "C-MOVE from %s to unknown destination %r", caller, destination
             )
-        except Exception as exc:
-            raise ValueError(f"cannot decode the identifier: {exc}") from exc
+            comment = "unknown move destination"
+        else:
+            logger.warning("C-MOVE from %s without a move destination", caller)
+            comment = "no move destination given"
+        self._final(req, context, UNKNOWN_DESTINATION, None, comment)
+        return None
 
-    def _resolve(self, identifier: Dataset, req: C_GET | C_MOVE) -> list[_Item]:
-        level = (text_of(identifier, "QueryRetrieveLevel") or "").strip()
-        unique = _UNIQUE_KEYS.get(level)
-        if unique is None:
-            raise ValueError(f"QueryRetrieveLevel {level!r} is not valid")
-        value = text_of(identifier, unique)
-        if not value:
-            raise ValueError(f"{unique} is required at {level} level")
-        if "*" in value or "?" in value:
-            # PS3.4 C.4.2.2.1: a retrieve names instances by unique keys;
-            # a wildcard could pull a whole archive in one request.
-            raise ValueError(f"{unique} may not hold wildcards in a retrieve")
-
-        keys: dict[str, str | None] = {unique: value}
-        if level == "PATIENT":
-            keys["IssuerOfPatientID"] = text_of(identifier, "IssuerOfPatientID")
-        return self._items(Query(level="IMAGE", keys=keys))
+    def _requested_query(
+        self, req: C_GET | C_MOVE, context: PresentationContext, caller: str
+    ) -> Query | None:
+        """The catalog query for what the identifier names, or None after
+        answering 0xC000 (undecodable) or 0xA900 (no valid level or key)."""
+        try:
+            identifier = decode_identifier(req, context.transfer_syntax[0])
+        except ValueError as exc:
+            logger.warning(
+                "retrieve from %s refused: cannot decode the identifier: %s",
+                caller,
+                exc,
+            )
+            comment = "cannot decode the identifier"
+            self._final(req, context, UNABLE_TO_PROCESS, None, comment)
+            return None
+        try:
+            return _query(identifier, str(req.AffectedSOPClassUID))
+        except ValueError as exc:
+            logger.warning("retrieve from %s refused: %s", caller, exc)
+            self._final(req, context, IDENTIFIER_DOES_NOT_MATCH, None, str(exc))
+        except Exception as exc:  # pydicom could not decode an element's value
+            logger.warning(
+                "retrieve from %s refused: cannot decode the identifier: %s",
+                caller,
+                exc,
+            )
+            comment = "cannot decode the identifier"
+            self._final(req, context, UNABLE_TO_PROCESS, None, comment)
+        return None
 
     def _items(self, query: Query) -> list[_Item]:
         catalog = self.node.catalog
@@ -205,7 +269,7 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
         self,
         req: C_GET | C_MOVE,
         context: PresentationContext,
-        identifier: Dataset,
+        query: Query,
         items: list[_Item],
     ) -> list[_Item]:
         """Stage studies that are not wholly online, then resolve again.
@@ -234,7 +298,7 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
             # The failure comment is what a workstation shows its user.
             listed = ", ".join(volumes)
             self._waiting = f"on volume {listed}; operator asked to load it"
-        return self._resolve(identifier, req)
+        return self._items(query)
 
     # -- C-GET: sub-operations on the same association -------------------
 
@@ -253,18 +317,13 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
     # -- C-MOVE: sub-operations on a new association to the destination --
 
     def _move(
-        self, req: C_MOVE, context: PresentationContext, items: list[_Item], caller: str
+        self,
+        req: C_MOVE,
+        context: PresentationContext,
+        items: list[_Item],
+        caller: str,
+        peer: Peer,
     ) -> None:
-        destination = str(req.MoveDestination or "").strip()
-        peer = self.node.config.peer(destination)
-        if peer is None:
-            logger.warning(
-                "C-MOVE from %s to unknown destination %r", caller, destination
-            )
-            self._final(
-                req, context, UNKNOWN_DESTINATION, None, "unknown move destination"
-            )
-            return
         if not items:
             self._final(req, context, SUCCESS, _Counts(0))
             return
@@ -291,7 +350,7 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
         logger.info(
             "C-MOVE from %s to %s: %d sent, %d failed, %d not attempted",
             caller,
-            destination,
+            peer.ae_title,
             counts.completed + counts.warning,
             counts.failed,
             counts.remaining,
@@ -437,6 +496,30 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
             identifier = Dataset()
             identifier.FailedSOPInstanceUIDList = counts.failed_uids
         self._respond(req, context, status, counts, comment, identifier)
+
+
+def _query(identifier: Dataset, sop_class: str) -> Query:
+    """The instances a retrieve identifier names (PS3.4 C.4.2.2.1): by the
+    unique key of its level; ValueError when it names none."""
+    level = (text_of(identifier, "QueryRetrieveLevel") or "").strip()
+    allowed = levels_of(sop_class)
+    unique = _UNIQUE_KEYS.get(level) if level in allowed else None
+    if unique is None:
+        raise ValueError(
+            f"QueryRetrieveLevel {level!r} is not one of {', '.join(allowed)}"
+        )
+    value = text_of(identifier, unique)
+    if not value:
+        raise ValueError(f"{unique} is required at {level} level")
+    if "*" in value or "?" in value:
+        # A retrieve names instances by unique keys; a wildcard could pull
+        # a whole archive in one request.
+        raise ValueError(f"{unique} may not hold wildcards in a retrieve")
+
+    keys: dict[str, str | None] = {unique: value}
+    if level == "PATIENT":
+        keys["IssuerOfPatientID"] = text_of(identifier, "IssuerOfPatientID")
+    return Query(level="IMAGE", keys=keys)
 
 
 def _count(counts: _Counts, status: int | None, item: _Item) -> None:

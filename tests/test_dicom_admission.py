@@ -1,0 +1,254 @@
+"""Connections that are no association: bytes that are no DICOM, requests
+that never arrive whole, and garbage on an open association, against a
+real ``appliance serve``.
+
+Each must get its answer (one A-ABORT, or the connection closed when the
+ARTIM timer runs out), exactly one log line naming the peer, and leave the
+service serving everyone else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+
+from tests import datasets
+from tests import dicom_client as client
+from tests.conftest import Appliance
+
+# A-ABORT, service-user source, no reason (PS3.8 9.3.8): what action AA-1
+# sends on a connection that has no association yet.
+A_ABORT = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0])
+# An A-ASSOCIATE-RQ header that promises 256 bytes, of which none follow.
+HALF_REQUEST = b"\x01\x00\x00\x00\x01\x00"
+ARTIM = 2.0
+
+RANDOM = bytes([0xA5]) + random.Random(7).randbytes(65535)
+JUNK = {
+    "random bytes": (RANDOM, "not DICOM: the first bytes are a5 "),
+    "an HTTP request": (b"GET / HTTP/1.0\r\n\r\n", "first bytes are 47 45 54 20"),
+    "a request of impossible length": (
+        b"\x01\x00\xff\xff\xff\xff" + bytes(64),
+        "impossible length of 4294967295 bytes",
+    ),
+    "data before any association": (
+        b"\x04\x00\x00\x00\x00\x06" + bytes(6),
+        "PDU type 0x04 where an A-ASSOCIATE-RQ was due",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
+    """One appliance holding one study, with a short ARTIM timer and a
+    network timeout far longer than any test waits."""
+    root = tmp_path_factory.mktemp("admission")
+    settings = {
+        "timeouts": {"association": ARTIM, "network": 120},
+        "replication": {"enabled": False},
+    }
+    appliance = Appliance(root, settings)
+    appliance.start()
+    try:
+        study = datasets.uid("study", "admission")
+        path = datasets.write(
+            datasets.instance(study, datasets.uid("series", "admission"), 1),
+            root / "source",
+        )
+        assert client.store_files(appliance.port, [path]) == {path: 0}
+        yield appliance
+    finally:
+        appliance.stop()
+
+
+def connect(appliance: Appliance) -> tuple[socket.socket, str]:
+    """A raw connection to the appliance and the peer name it logs."""
+    sock = socket.create_connection(("127.0.0.1", appliance.port), timeout=10)
+    host, port = sock.getsockname()[:2]
+    return sock, f"{host}:{port}"
+
+
+def read_until_closed(sock: socket.socket, within: float) -> tuple[bytes, float]:
+    """What the appliance sends until it closes the connection, and when it
+    closed it (seconds from now); the time is inf if it did not."""
+    start = time.monotonic()
+    received = b""
+    sock.settimeout(0.2)
+    while time.monotonic() - start < within:
+        try:
+            data = sock.recv(4096)
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            return received, time.monotonic() - start
+        if not data:
+            return received, time.monotonic() - start
+        received += data
+    return received, float("inf")
+
+
+def log_lines(appliance: Appliance, start: int, needle: str) -> list[str]:
+    return [line for line in appliance.log()[start:].splitlines() if needle in line]
+
+
+def wait_for_lines(
+    appliance: Appliance, start: int, needle: str, within: float = 5
+) -> list[str]:
+    deadline = time.monotonic() + within
+    while not (lines := log_lines(appliance, start, needle)):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    return lines
+
+
+def assert_still_serving(appliance: Appliance) -> None:
+    assert client.echo(appliance.port) == 0
+    matches, status = client.find(appliance.port, client.study_identifier())
+    assert status == 0
+    assert len(matches) == 1
+
+
+@pytest.mark.parametrize("junk", list(JUNK), ids=list(JUNK))
+def test_junk_gets_one_abort_and_one_log_line(appliance: Appliance, junk: str) -> None:
+    data, reason = JUNK[junk]
+    start = len(appliance.log())
+
+    sock, peer = connect(appliance)
+    with sock:
+        sock.sendall(data)
+        received, closed_after = read_until_closed(sock, within=10)
+
+    assert received == A_ABORT
+    assert closed_after < 5
+    lines = wait_for_lines(appliance, start, peer)
+    assert len(lines) == 1, lines
+    assert "WARNING" in lines[0]
+    assert reason in lines[0]
+    assert "pynetdicom" not in appliance.log()[start:]
+    assert_still_serving(appliance)
+
+
+def test_a_port_check_leaves_no_trace(appliance: Appliance) -> None:
+    start = len(appliance.log())
+    sock, peer = connect(appliance)
+    sock.close()
+
+    assert client.echo(appliance.port) == 0
+    assert not log_lines(appliance, start, peer)
+    assert "pynetdicom" not in appliance.log()[start:]
+
+
+def _trickle(sock: socket.socket, stop: threading.Event) -> None:
+    """Send a request one byte at a time, never faster than the timer."""
+    with contextlib.suppress(OSError):
+        sock.sendall(HALF_REQUEST)
+        while not stop.wait(0.25):
+            sock.sendall(b"\x00")
+
+
+def test_stalled_requests_cannot_keep_associations_out(
+    appliance_factory, tmp_path: Path
+) -> None:
+    appliance = appliance_factory(
+        settings={
+            "node": {"max_associations": 2},
+            "timeouts": {"association": ARTIM, "network": 120},
+            "replication": {"enabled": False},
+        },
+        workers=2,
+    ).start()
+    start = len(appliance.log())
+    stalled = [connect(appliance) for _ in range(5)]
+    opened = time.monotonic()
+    for sock, _peer in stalled[:3]:
+        sock.sendall(HALF_REQUEST)
+    # stalled[3] sends nothing at all; stalled[4] keeps sending, slowly.
+    stop = threading.Event()
+    trickler = threading.Thread(target=_trickle, args=(stalled[4][0], stop))
+    trickler.start()
+
+    # Two real associations, the limit, while five connections stall.
+    echo = [(client.Verification, [])]
+    with (
+        client.associate(appliance.port, echo) as one,
+        client.associate(appliance.port, echo) as two,
+    ):
+        assert one.is_established and two.is_established
+        assert int(one.send_c_echo().Status) == 0
+
+    try:
+        closed = [read_until_closed(sock, within=20)[1] for sock, _ in stalled]
+    finally:
+        stop.set()
+        trickler.join()
+        for sock, _peer in stalled:
+            sock.close()
+    waited = time.monotonic() - opened
+
+    # Closed by the ARTIM timer, not by the two-minute network timeout.
+    assert max(closed) < ARTIM + 5, closed
+    assert waited > ARTIM - 0.5
+    for _sock, peer in stalled:
+        lines = log_lines(appliance, start, peer)
+        assert len(lines) == 1, lines
+        assert "no whole A-ASSOCIATE-RQ within the ARTIM timer" in lines[0]
+    assert "pynetdicom" not in appliance.log()[start:]
+    assert client.echo(appliance.port) == 0
+
+
+def test_large_association_request_is_admitted(appliance: Appliance) -> None:
+    """A request far larger than a TCP receive window starts with: the
+    admission waits for all of it without reading it."""
+    sizes: list[int] = []
+    ae = AE(ae_title=client.CLIENT_AE)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    for context in StoragePresentationContexts[:127]:
+        ae.add_requested_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    ae.add_requested_context(client.Verification)
+
+    def sent(event: evt.Event) -> None:
+        sizes.append(len(event.pdu.encode()))
+
+    assoc = ae.associate(
+        "127.0.0.1",
+        appliance.port,
+        ae_title="APPLIANCE",
+        evt_handlers=[(evt.EVT_PDU_SENT, sent)],
+    )
+    try:
+        assert assoc.is_established
+        assert int(assoc.send_c_echo().Status) == 0
+    finally:
+        assoc.release()
+    assert sizes[0] > 128 * 1024
+
+
+def test_garbage_on_an_open_association_aborts_it_with_one_line(
+    appliance: Appliance,
+) -> None:
+    start = len(appliance.log())
+    with client.associate(appliance.port, [(client.Verification, [])]) as assoc:
+        assert assoc.is_established
+        assert assoc.dul.socket is not None
+        assert assoc.dul.socket.socket is not None
+        assoc.dul.socket.socket.sendall(RANDOM[:8192])
+        deadline = time.monotonic() + 10
+        while not assoc.is_aborted and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert assoc.is_aborted
+
+    lines = wait_for_lines(appliance, start, "not DICOM")
+    assert len(lines) == 1, lines
+    assert "aborting association with TESTCLIENT@127.0.0.1" in lines[0]
+    assert "PDU type 0xA5" in lines[0]
+    assert "pynetdicom" not in appliance.log()[start:]
+    assert_still_serving(appliance)
