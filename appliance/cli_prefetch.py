@@ -13,6 +13,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from appliance.catalog import pins
 from appliance.catalog.store import Catalog
 from appliance.cli_shared import (
     Loader,
@@ -25,6 +26,8 @@ from appliance.errors import CatalogError
 from appliance.prefetch import appointments, listfile, planner, reconcile
 
 _DAY = 86400.0
+# The prefetch hit rate is counted over this many days.
+_HIT_RATE_DAYS = 30
 
 
 def register(main: click.Group, load: Loader) -> None:
@@ -134,15 +137,24 @@ def register(main: click.Group, load: Loader) -> None:
 def _status(config: Config) -> dict[str, Any]:
     """The last planner run's plans with their appointments, and counts."""
     if not config.catalog_path.exists():
-        return {"appointments": [], "ready": 0, "late": 0, "waiting": 0}
+        hits = {"days": _HIT_RATE_DAYS, "online": 0, "retrieved": 0}
+        return {
+            "appointments": [],
+            "hit_rate": hits,
+            "ready": 0,
+            "late": 0,
+            "waiting": 0,
+        }
     catalog = Catalog(
         config.catalog_path, config.get("storage.catalog_max_size"), readonly=True
     )
     try:
         plans = planner.recorded_plans(catalog)
         known = {a.appointment_id: a for a in appointments.appointments(catalog)}
+        online, retrieved = pins.hit_rate(catalog, time.time() - _HIT_RATE_DAYS * _DAY)
     finally:
         catalog.close()
+    hits = {"days": _HIT_RATE_DAYS, "online": online, "retrieved": retrieved}
     rows = []
     for plan in sorted(plans.values(), key=lambda p: p.start):
         appointment = known.get(plan.appointment_id)
@@ -157,6 +169,7 @@ def _status(config: Config) -> dict[str, Any]:
     states = [prior["state"] for row in rows for prior in row["priors"]]
     return {
         "appointments": rows,
+        "hit_rate": hits,
         "ready": sum(all(p["state"] == "online" for p in r["priors"]) for r in rows),
         "late": states.count(planner.LATE),
         "waiting": states.count(planner.WAITING),
@@ -164,6 +177,16 @@ def _status(config: Config) -> dict[str, Any]:
 
 
 def _print_status(report: dict[str, Any]) -> None:
+    hits = report["hit_rate"]
+    if hits["retrieved"]:
+        share = hits["online"] / hits["retrieved"]
+        click.echo(
+            f"hit rate, last {hits['days']} days: {share:.0%} of "
+            f"{hits['retrieved']} priors online when first retrieved after "
+            "their appointment"
+        )
+    else:
+        click.echo(f"hit rate: no prior retrieved in the last {hits['days']} days")
     rows = report["appointments"]
     if not rows:
         click.echo("no appointments planned (the planner runs every prefetch.interval)")

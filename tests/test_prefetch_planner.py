@@ -352,3 +352,18 @@ def test_many_appointments_are_served_earliest_deadline_first(site: Site) -> Non
     assert len(plans) == 5 and all(plan.ready for plan in plans)
     # Each prior once, whatever the number of appointments wanting it.
     assert len(spy.asked) == len(set(spy.asked)) == 2
+
+
+def test_first_retrievals_after_the_appointment_give_the_hit_rate(site: Site) -> None:
+    site.shelve("L00001")
+    start = NOW + DAY
+    site.book("M1", "APT1", start)
+    running, _ = site.planner()
+    running.run()  # ct-old comes online; ct-recent waits for its volume
+    old, recent = site.studies["ct-old"], site.studies["ct-recent"]
+
+    pins.note_retrievals(site.catalog, {old}, set(), start - 600)  # too early
+    pins.note_retrievals(site.catalog, {old, recent}, {recent}, start + 600)
+    pins.note_retrievals(site.catalog, {old, recent}, set(), start + 900)  # again
+
+    assert pins.hit_rate(site.catalog, since=NOW) == (1, 2)

@@ -26,6 +26,7 @@ Named databases (keys and values are UTF-8; values are compact JSON)::
     arrivals             number -> StudyInstanceUID: new studies to compare
                          with the RIS's orders (only while there are any)
     mismatches           StudyInstanceUID -> why it matches no order
+    hits                 prior | appointment start -> online when first retrieved?
 
 A study record counts, per tier, the instances that have a verified copy
 there (``copies``), so that migration policies see where a study is
@@ -74,6 +75,7 @@ _DATABASES = (
     "prefetch",
     "arrivals",
     "mismatches",
+    "hits",
 )
 _INDEXES = (
     "idx.study.patient",

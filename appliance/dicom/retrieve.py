@@ -35,6 +35,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.service_class import QueryRetrieveServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
+from appliance.catalog import pins
 from appliance.catalog.query import Query, find
 from appliance.catalog.records import text_of
 from appliance.config import Peer
@@ -177,7 +178,10 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
         if items:
             # Touched before anything is sent, so that a watermark release
             # running meanwhile takes other, less recently used studies.
-            self.node.catalog.touch_studies({item.study_uid for item in items})
+            studies = {item.study_uid for item in items}
+            self.node.catalog.touch_studies(studies)
+            missing = {item.study_uid for item in items if item.path is None}
+            pins.note_retrievals(self.node.catalog, studies, missing, time.time())
         if any(item.path is None for item in items):
             items = self._recall(req, context, query, items)
         if items and all(item.path is None for item in items):

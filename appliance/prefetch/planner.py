@@ -145,7 +145,7 @@ class Planner:
             for uid in self._priors(appointment, start):
                 state = ONLINE_STATE if self._online(uid) else TO_RECALL
                 plan.priors.append(Prior(uid, state))
-                held.append(pins.Pin(uid, start + grace, _why_pinned(start)))
+                held.append(pins.Pin(uid, start + grace, _why_pinned(start), start))
             plans.append(plan)
         pins.replace_pins(self.catalog, _latest_pins(held))
         return plans
@@ -295,7 +295,8 @@ def _why_pinned(start: float) -> str:
 
 
 def _latest_pins(held: list[pins.Pin]) -> list[pins.Pin]:
-    """One pin per study: the one that lasts longest."""
+    """One pin per study: the one that lasts longest (its appointment is
+    the one a retrieval counts for)."""
     latest: dict[str, pins.Pin] = {}
     for pin in held:
         if pin.study_uid not in latest or pin.until > latest[pin.study_uid].until:
