@@ -195,3 +195,64 @@ def test_the_listener_stops_with_connections_open(catalog: Catalog) -> None:
     idle.close()
     with pytest.raises(OSError):
         socket.create_connection(running.address, timeout=2).close()
+
+
+def test_a_trickling_sender_is_cut_off_after_the_idle_timeout(
+    listener: Listener,
+) -> None:
+    with socket.create_connection(listener.address, timeout=10) as sock:
+        started = time.monotonic()
+        sock.sendall(b"\x0bMSH|")
+        closed = False
+        while time.monotonic() - started < 8:
+            time.sleep(0.5)
+            try:
+                sock.sendall(b"x")  # a byte every half second, never an end
+            except OSError:
+                closed = True
+                break
+            sock.settimeout(0.01)
+            try:
+                if sock.recv(100) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                pass
+
+    assert closed
+    assert time.monotonic() - started < 6
+
+
+def test_a_failing_handler_still_answers(catalog: Catalog) -> None:
+    def broken(message: bytes, peer: str) -> bytes:
+        raise RuntimeError("made to fail")
+
+    running = Listener(bind("127.0.0.1", 0), broken, ListenerSettings())
+    running.start()
+    try:
+        (ack,) = converse(running, frame(siu(control_id="F1").encode()), answers=1)
+    finally:
+        running.stop()
+
+    assert msa(ack)[1] == "AE"
+    assert "207^Application internal error" in ack
+
+
+def test_a_reused_control_id_with_other_content_is_not_applied_and_warned(
+    listener: Listener, catalog: Catalog, caplog: pytest.LogCaptureFixture
+) -> None:
+    converse(listener, frame(siu(control_id="R1").encode()), answers=1)
+
+    with caplog.at_level(logging.WARNING, logger="appliance.prefetch.appointments"):
+        converse(
+            listener,
+            frame(siu(control_id="R1", appointment="OTHER").encode()),
+            answers=1,
+        )
+
+    assert [a.appointment_id for a in appointments.appointments(catalog)] == [
+        "appointment:APT1001"
+    ]
+    assert any(
+        "was used before for another message" in r.message for r in caplog.records
+    )

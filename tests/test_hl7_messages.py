@@ -145,6 +145,12 @@ def test_omi_takes_accession_and_modality_from_ipc() -> None:
         (siu(appointment=""), "AE", "101", "SCH-1"),
         (siu(control_id=""), "AR", "101", "MSH-10"),
         ("PID|1||X\r", "AR", "100", "no MSH"),
+        (siu(sch11="^^30^20270115093000+2500"), "AE", "102", "time zone"),
+        (siu(sch11="^^30^00010101"), "AE", "102", "year out of range"),
+        (siu(sch11="^^30^2027"), "AE", "102", "not an HL7 date"),
+        (siu(appointment="APT-\\Z\\"), "AE", "102", "unknown escape"),
+        (siu(patient="PAT\\X00\\1^^^"), "AE", "102", "control character"),
+        (siu().replace("|P|2.5", "|P|2.5||||||KOI8"), "AR", "102", "KOI8"),
     ],
     ids=[
         "unknown-type",
@@ -158,6 +164,12 @@ def test_omi_takes_accession_and_modality_from_ipc() -> None:
         "no-appointment-id",
         "no-control-id",
         "no-msh",
+        "zone-offset",
+        "year-one",
+        "year-only",
+        "unknown-escape",
+        "escaped-nul",
+        "charset",
     ],
 )
 def test_problems_are_named_with_the_hl7_codes(
@@ -190,3 +202,27 @@ def test_ack_fields() -> None:
     assert err[3] == "101^Required field missing^HL70357"
     assert err[4] == "E"
     assert err[8] == "no patient \\F\\ here"
+
+
+def test_latin_1_is_read_when_msh18_says_so_and_refused_otherwise() -> None:
+    declared = siu(patient="M\u00fcller01^^^").replace("|P|2.5", "|P|2.5||||||8859/1")
+    undeclared = siu(patient="M\u00fcller01^^^")
+
+    found = messages.read(messages.parse(declared.encode("latin-1")))
+    with pytest.raises(MessageError) as refused:
+        messages.parse(undeclared.encode("latin-1"))
+
+    assert found.patients == (PatientIdentifier("M\u00fcller01", ""),)
+    assert refused.value.ack_code == "AE" and "not utf-8" in refused.value.reason
+
+
+def test_a_header_without_a_message_type_still_gets_an_ack() -> None:
+    raw = b"MSH|^~\\&|RIS|CITYHOSP|PACS|CITYHOSP|20261204120000|||C-NO9|P|2.5\r"
+    parsed = messages.parse(raw)
+
+    with pytest.raises(MessageError) as refused:
+        messages.read(parsed)
+    ack = acks.refuse(parsed, refused.value).decode()
+
+    assert "\rMSA|AR|C-NO9|" in ack
+    assert "\rERR||MSH^1^9|101^" in ack

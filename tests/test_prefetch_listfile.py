@@ -136,23 +136,38 @@ def test_the_watched_folder_imports_settled_files_and_sorts_them(
     folder.mkdir()
     (folder / "monday.csv").write_text(GOOD)
     (folder / "broken.csv").write_text("patient_id,appointment_time\nX,never\n")
-    (folder / "still-writing.csv").write_text(GOOD)
+    (folder / "growing.csv").write_text(GOOD)
     (folder / "notes.txt").write_text("not a list")
-    now = time.time()
-    for name in ("monday.csv", "broken.csv"):
-        os.utime(folder / name, (now - 60, now - 60))
+    secret = tmp_path / "secret.txt"
+    secret.write_text("made-up-secret-line\n")
+    (folder / "link.csv").symlink_to(secret)
+    old = time.time() - 3600
+    for name in ("monday.csv", "broken.csv", "growing.csv"):
+        os.utime(folder / name, (old, old))
+    settling = watch.Settling()
+
+    first_look = settling.settled(folder)
+    # A copy that keeps the original's time is still seen growing.
+    with open(folder / "growing.csv", "a") as more:
+        more.write("PAT-0099,,2027-01-20 10:00,CT,,ACC99\n")
+    os.utime(folder / "growing.csv", (old, old))
+    second_look = settling.settled(folder)
     catalog = Catalog(tmp_path / "catalog", map_size=2**26)
     try:
-        counts = watch.import_dropped(catalog, folder, now=now)
+        counts = watch.import_files(catalog, second_look)
         recorded = appointments.appointments(catalog)
     finally:
         catalog.close()
 
+    assert first_look == []
+    assert [p.name for p in second_look] == ["broken.csv", "monday.csv"]
     assert counts == (1, 1)
     assert len(recorded) == 2
     assert (folder / "done" / "monday.csv").exists()
     assert (folder / "refused" / "broken.csv").exists()
     errors = (folder / "refused" / "broken.csv.errors").read_text()
     assert errors.startswith("line 2: appointment_time 'never'")
-    assert (folder / "still-writing.csv").exists()
+    assert (folder / "growing.csv").exists()
+    assert (folder / "link.csv").is_symlink()
     assert (folder / "notes.txt").exists()
+    assert [p.name for p in settling.settled(folder)] == ["growing.csv"]

@@ -20,6 +20,7 @@ from appliance.catalog import copies, pins, requests
 from appliance.catalog.store import Catalog
 from appliance.hl7 import acks, messages
 from appliance.hsm import policy
+from appliance.hsm.jobs import MigrationJob
 from appliance.hsm.migrator import Migrator
 from appliance.hsm.recall import Recaller, RecallResult
 from appliance.hsm.tiers import Tiers
@@ -367,3 +368,29 @@ def test_first_retrievals_after_the_appointment_give_the_hit_rate(site: Site) ->
     pins.note_retrievals(site.catalog, {old, recent}, set(), start + 900)  # again
 
     assert pins.hit_rate(site.catalog, since=NOW) == (1, 2)
+
+
+def test_the_watermark_does_not_release_pinned_priors(
+    site: Site, tmp_path: Path
+) -> None:
+    site.book("M1", "APT1", NOW + DAY)
+    running, _ = site.planner()
+    running.run()
+    mr = site.studies["mr-recent"]
+    Recaller(site.catalog, site.tiers).recall(mr)  # online, not a prior
+    full = configuration.load(
+        None,
+        {
+            "online.capacity_bytes": 1000,
+            "migration.min_copies": 1,
+            "storage.data_dir": str(tmp_path),
+        },
+    )
+    job = MigrationJob(site.catalog, site.tiers, full)
+
+    plan = job.plan(watermarks_only=True)
+
+    released = {d.study_uid for d in plan.actions if d.action == "release"}
+    assert mr in released
+    assert site.studies["ct-old"] not in released
+    assert site.studies["ct-recent"] not in released

@@ -41,8 +41,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -513,6 +515,23 @@ class _Writer:
             key = f"bytes.{copy.tier}".encode()
             current = int(self.txn.get(key, b"0", db=meta))
             self.txn.put(key, str(current + sign * record.size).encode(), db=meta)
+
+
+# LMDB allows one open environment per file and process: the checks that
+# the service's scheduler threads make take turns.
+_PEEK_LOCK = threading.Lock()
+
+
+@contextmanager
+def peek(path: Path) -> Iterator[Catalog]:
+    """The catalog read-only, for a quick look from a thread of the service's
+    listener process, one look at a time."""
+    with _PEEK_LOCK:
+        catalog = Catalog(path, readonly=True)
+        try:
+            yield catalog
+        finally:
+            catalog.close()
 
 
 def sequence_key(number: int) -> bytes:

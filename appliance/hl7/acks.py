@@ -31,9 +31,10 @@ def refuse(message: hl7.Message | None, error: MessageError) -> bytes:
         return _encode_text(_bare_ack(error))
     try:
         ack = message.create_ack(error.ack_code, generate_message_control_id())
-    except (KeyError, IndexError):
-        # An MSH too short to answer from (no MSH-9 components, say).
-        return _encode_text(_bare_ack(error))
+    except Exception:  # python-hl7 fails in several ways on a bare MSH
+        # An MSH too short to answer from (no MSH-9 components, say): the
+        # sender still gets its answer, echoing what it sent as MSH-10.
+        return _encode_text(_bare_ack(error, _control_id(message)))
     reason = message.escape(error.reason)
     # MSA is the ACK's last segment: the reason becomes its third field.
     text = f"{str(ack).rstrip(chr(13))}|{reason}\r{_err_segment(error, reason)}"
@@ -45,14 +46,21 @@ def _err_segment(error: MessageError, escaped_reason: str) -> str:
     return f"ERR||{error.location}|{code}|E||||{escaped_reason}"
 
 
-def _bare_ack(error: MessageError) -> str:
+def _control_id(message: hl7.Message) -> str:
+    try:
+        return _escape_plain(str(message["MSH.F10"]))
+    except Exception:  # no MSH-10 to echo
+        return ""
+
+
+def _bare_ack(error: MessageError, echoed: str = "") -> str:
     stamp = time.strftime("%Y%m%d%H%M%S")
     control_id = generate_message_control_id()
     reason = _escape_plain(error.reason)
     return "\r".join(
         (
             f"MSH|^~\\&|{FALLBACK_SENDER}||||{stamp}||ACK|{control_id}|P|2.5",
-            f"MSA|{error.ack_code}||{reason}",
+            f"MSA|{error.ack_code}|{echoed}|{reason}",
             _err_segment(error, reason),
         )
     )

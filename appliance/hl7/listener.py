@@ -23,7 +23,11 @@ from dataclasses import dataclass
 
 from appliance.hl7 import acks
 from appliance.hl7.framing import FrameReader, Received, frame
-from appliance.hl7.messages import SEGMENT_SEQUENCE_ERROR, MessageError
+from appliance.hl7.messages import (
+    APPLICATION_INTERNAL_ERROR,
+    SEGMENT_SEQUENCE_ERROR,
+    MessageError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -131,30 +135,54 @@ class Listener:
     ) -> None:
         frames = FrameReader(self.settings.max_message_bytes)
         noted: set[str] = set()
+        # A message must arrive whole within idle_timeout of its first
+        # byte: a peer that trickles a byte now and then cannot hold a
+        # connection (and a slot) for ever.
+        frame_deadline: float | None = None
         while True:
+            now = self._loop.time()
+            wait = self.settings.idle_timeout
+            if frame_deadline is not None:
+                wait = max(0.0, frame_deadline - now)
             try:
-                data = await asyncio.wait_for(
-                    reader.read(_READ_SIZE), self.settings.idle_timeout
-                )
+                data = await asyncio.wait_for(reader.read(_READ_SIZE), wait)
             except TimeoutError:
+                what = "part of a message" if frame_deadline else "nothing"
                 logger.info(
-                    "HL7 connection from %s idle for %.0f s; closed",
+                    "HL7 connection from %s sent %s for %.0f s; closed",
                     peer,
+                    what,
                     self.settings.idle_timeout,
                 )
                 return
             if not data:
                 return
             received = frames.feed(data)
+            if not frames.pending:
+                frame_deadline = None
+            elif frame_deadline is None or received.messages:
+                frame_deadline = self._loop.time() + self.settings.idle_timeout
             self._note_problems(peer, received, noted)
             for answer in self._refusals(received):
                 writer.write(frame(answer))
             for message in received.messages:
                 answer = await self._loop.run_in_executor(
-                    None, self.handler, message, peer
+                    None, self._answer, message, peer
                 )
                 writer.write(frame(answer))
             await writer.drain()
+
+    def _answer(self, message: bytes, peer: str) -> bytes:
+        """The handler's ACK; AE when the handler itself fails, since the
+        sender waits for an answer to every message."""
+        try:
+            return self.handler(message, peer)
+        except Exception as exc:
+            logger.error("HL7 from %s: the message could not be handled: %r", peer, exc)
+            error = MessageError(
+                "AE", APPLICATION_INTERNAL_ERROR, "", "the message could not be handled"
+            )
+            return acks.refuse(None, error)
 
     def _note_problems(self, peer: str, received: Received, noted: set[str]) -> None:
         if received.skipped_bytes and "skipped" not in noted:

@@ -73,8 +73,23 @@ ORDER_CONTROLS = {
 }
 ORDER_MESSAGES = {("ORM", "O01"), ("OMI", "O23")}
 
+# HL7 table 0211: the character sets a message may name in MSH-18.
+CHARSETS = {
+    "": "utf-8",
+    "UNICODE UTF-8": "utf-8",
+    "ASCII": "ascii",
+    "8859/1": "iso8859-1",
+    "8859/15": "iso8859-15",
+}
+# F S T R E (separators), H N (highlight), Xhh (hex), .br and other
+# formatting, C and M (character sets): what python-hl7 undoes.
+_KNOWN_ESCAPE = re.compile(
+    r"^([FSTREHN]|X[0-9A-Fa-f]+|\.[a-z]{2}[-+]?[0-9]*|C[0-9A-Fa-f]{4}|M[0-9A-Fa-f]{4,6})$"
+)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# At least the day: an appointment needs one.
 _DTM = re.compile(
-    r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.\d{1,4})?([+-]\d{4})?$"
+    r"^(\d{4})(\d{2})(\d{2})(\d{2})?(\d{2})?(\d{2})?(?:\.\d{1,4})?([+-]\d{4})?$"
 )
 
 
@@ -118,17 +133,51 @@ class ScheduleMessage:
 
 def normalise(raw: bytes) -> str:
     """The message as text with CR between segments: senders use LF or CR
-    LF too, and some end with an empty segment."""
-    text = raw.decode("utf-8", errors="replace")
+    LF too, and some end with an empty segment. Decoded as MSH-18 says
+    (UTF-8 when it says nothing); bytes that are not of that character set
+    are refused rather than guessed, since a wrong patient ID never matches
+    anything."""
+    if not raw.startswith(b"MSH") or len(raw) < 8:
+        raise MessageError("AR", SEGMENT_SEQUENCE_ERROR, "MSH", "no MSH segment first")
+    charset = _charset(raw)
+    try:
+        text = raw.decode(charset)
+    except UnicodeDecodeError as exc:
+        raise MessageError(
+            "AE",
+            DATA_TYPE_ERROR,
+            "MSH^1^18",
+            f"bytes that are not {charset} at offset {exc.start}; MSH-18 names "
+            "the character set of a message in another one",
+        ) from exc
     text = text.replace("\r\n", "\r").replace("\n", "\r")
     return "\r".join(line for line in text.split("\r") if line.strip())
 
 
+def _charset(raw: bytes) -> str:
+    """The Python codec for MSH-18 (HL7 table 0211), or MessageError."""
+    first = raw.split(b"\r", 1)[0].split(b"\n", 1)[0]
+    fields = first.split(raw[3:4])
+    declared = (
+        fields[17].split(b"~")[0].strip().decode("ascii", "replace")
+        if len(fields) > 17
+        else ""
+    )
+    if declared not in CHARSETS:
+        raise MessageError(
+            "AR",
+            DATA_TYPE_ERROR,
+            "MSH^1^18",
+            f"character set {declared!r} is not handled "
+            f"({', '.join(name or '(empty)' for name in CHARSETS)} are)",
+        )
+    return CHARSETS[declared]
+
+
 def parse(raw: bytes) -> hl7.Message:
-    """The message parsed by python-hl7, or MessageError (AR)."""
+    """The message parsed by python-hl7, or MessageError (AR or AE)."""
     text = normalise(raw)
-    if not text.startswith("MSH") or len(text) < 8:
-        raise MessageError("AR", SEGMENT_SEQUENCE_ERROR, "MSH", "no MSH segment first")
+    _check_escapes(text)
     try:
         return hl7.parse(text)
     except Exception as exc:  # python-hl7 raises plain errors on bad input
@@ -137,11 +186,31 @@ def parse(raw: bytes) -> hl7.Message:
         ) from exc
 
 
+def _check_escapes(text: str) -> None:
+    """Refuse escape sequences python-hl7 cannot undo: it would log an error
+    and cut the value short, and a cut ID matches the wrong record."""
+    escape = text[6:7]
+    if not escape or escape.isalnum():
+        return
+    body = text[8:]
+    pattern = (
+        re.escape(escape) + r"([^" + re.escape(escape) + r"\r|]*)" + re.escape(escape)
+    )
+    for found in re.finditer(pattern, body):
+        if not _KNOWN_ESCAPE.match(found.group(1)):
+            raise MessageError(
+                "AE",
+                DATA_TYPE_ERROR,
+                "",
+                f"unknown escape sequence {found.group(0)!r}",
+            )
+
+
 def read(message: hl7.Message) -> ScheduleMessage:
     """The appointment a parsed message is about, or MessageError."""
     kind, event = _message_type(message)
     header = {
-        "control_id": _field(message, "MSH", 10),
+        "control_id": _identifier(_field(message, "MSH", 10), "MSH^1^10"),
         "sender": "^".join((_field(message, "MSH", 3), _field(message, "MSH", 4))),
         "message_type": f"{kind}^{event}",
     }
@@ -190,7 +259,7 @@ def _read_schedule(
         )
     action, state = SIU_EVENTS[event]
     _require_segment(message, "SCH")
-    key = _value(message, "SCH", 1) or _value(message, "SCH", 2)
+    key = _identifier(_value(message, "SCH", 1) or _value(message, "SCH", 2), "SCH^1^1")
     if not key:
         raise MessageError(
             "AE",
@@ -228,7 +297,7 @@ def _read_order(message: hl7.Message, header: dict[str, str]) -> ScheduleMessage
             "(NW, XO, CA, DC, SC are)",
         )
     action, state = ORDER_CONTROLS[control]
-    key = _value(message, "ORC", 2) or _value(message, "ORC", 3)
+    key = _identifier(_value(message, "ORC", 2) or _value(message, "ORC", 3), "ORC^1^2")
     if not key:
         raise MessageError(
             "AE",
@@ -283,8 +352,10 @@ def _finish(
         procedure_code=_value(message, segment, position, component=1),
         procedure_text=_value(message, segment, position, component=2),
         modality=_first_value(message, modality_fields).upper(),
-        accession=_first_value(message, accession_fields),
-        requested_procedure_id=_first_value(message, requested_fields),
+        accession=_identifier(_first_value(message, accession_fields), "OBR^1^18"),
+        requested_procedure_id=_identifier(
+            _first_value(message, requested_fields), "OBR^1^19"
+        ),
         **header,
     )
 
@@ -295,9 +366,9 @@ def _patients(message: hl7.Message) -> tuple[PatientIdentifier, ...]:
     repetitions = len(pid(3)) if len(pid) > 3 else 0
     found = []
     for repetition in range(1, repetitions + 1):
-        patient_id = _value(message, "PID", 3, 1, repetition)
+        patient_id = _identifier(_value(message, "PID", 3, 1, repetition), "PID^1^3")
         if patient_id:
-            issuer = _value(message, "PID", 3, 4, repetition)
+            issuer = _identifier(_value(message, "PID", 3, 4, repetition), "PID^1^3")
             found.append(PatientIdentifier(patient_id, issuer))
     if not found:
         raise MessageError(
@@ -345,12 +416,19 @@ def parse_time(value: str, location: str) -> float:
     if zone is None:
         return time.mktime((*parts, 0, 0, -1))
     sign = 1 if zone[0] == "+" else -1
-    offset = sign * (int(zone[1:3]) * 3600 + int(zone[3:5]) * 60)
+    hours, minutes = int(zone[1:3]), int(zone[3:5])
+    if hours > 14 or minutes > 59:
+        raise MessageError(
+            "AE", DATA_TYPE_ERROR, location, f"{value!r}: no such time zone offset"
+        )
+    offset = sign * (hours * 3600 + minutes * 60)
     return calendar.timegm((*parts, 0, 0, 0)) - offset
 
 
 def _check_ranges(parts: tuple[int, ...]) -> None:
     year, month, day, hour, minute, second = parts
+    if not 1900 <= year <= 2999:
+        raise ValueError("year out of range")
     if not 1 <= month <= 12:
         raise ValueError("month out of range")
     if not 1 <= day <= calendar.monthrange(year, month)[1]:
@@ -396,3 +474,13 @@ def _value(
     except (KeyError, IndexError):
         return ""
     return str(raw).strip()
+
+
+def _identifier(value: str, location: str) -> str:
+    """An ID, refused when it holds a control character (an escaped NUL,
+    say): such an ID would never match, or match the wrong record."""
+    if _CONTROL.search(value):
+        raise MessageError(
+            "AE", DATA_TYPE_ERROR, location, f"a control character in {location}"
+        )
+    return value

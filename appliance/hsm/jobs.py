@@ -12,7 +12,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 
 from appliance.catalog import copies, pins
@@ -230,18 +230,8 @@ def _after(facts: list[StudyFacts], decisions: list[Decision]) -> Iterable[Study
             for tier, n in study.verified.items()
             if (study.study_uid, tier) not in planned
         }
-        yield StudyFacts(
-            study_uid=study.study_uid,
-            instances=study.instances,
-            size_bytes=study.size_bytes,
-            received=study.received,
-            study_date=study.study_date,
-            last_access=study.last_access,
-            modalities=study.modalities,
-            calling_ae_titles=study.calling_ae_titles,
-            verified=verified,
-            tier_bytes=study.tier_bytes,
-        )
+        # replace() keeps every other fact, the pin included.
+        yield replace(study, verified=verified)
 
 
 def _date(text: str | None) -> date | None:

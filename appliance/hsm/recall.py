@@ -294,7 +294,11 @@ class Recaller:
             )
             return
         waiting = ", ".join(result.waiting_for)
-        logger.error(
+        # Waiting for a person to load a volume is the normal course of an
+        # offline recall; anything else is an error.
+        level = logging.ERROR if result.problems else logging.WARNING
+        logger.log(
+            level,
             "study %s recall incomplete: %d of %d instances staged; %s",
             result.study_uid,
             result.staged,

@@ -86,18 +86,15 @@ def check_watermarks(config: Config) -> None:
     """Release studies, in a child process, only when a tier is above its
     high watermark: the check itself reads two counters and is cheap
     enough to run every few seconds."""
-    from appliance.catalog.store import Catalog
+    from appliance.catalog.store import peek
     from appliance.hsm.jobs import above_high_watermark
 
     try:
-        catalog = Catalog(config.catalog_path, readonly=True)
+        with peek(config.catalog_path) as catalog:
+            above = above_high_watermark(config, catalog.counts())
     except ApplianceError as exc:
         logger.error("watermark check: %s", exc)
         return
-    try:
-        above = above_high_watermark(config, catalog.counts())
-    finally:
-        catalog.close()
     if above:
         logger.info("above the high watermark: %s; releasing", ", ".join(above))
         run_in_child(config, watermarks_only=True)

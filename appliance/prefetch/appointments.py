@@ -67,28 +67,48 @@ class Appointment:
         return cls(**data)
 
 
-def apply(catalog: Catalog, message: ScheduleMessage, ack: bytes) -> bytes:
+def apply(
+    catalog: Catalog, message: ScheduleMessage, ack: bytes, fingerprint: str = ""
+) -> bytes:
     """Record what ``message`` says, and ``ack`` as its answer, in one
     durable transaction; the ACK to send. A message seen before returns the
-    ACK sent for it then, and changes nothing."""
+    ACK sent for it then, and changes nothing; ``fingerprint`` (a digest of
+    its bytes) tells a resend from another message under a reused ID."""
     seen_key = f"{message.sender}|{message.control_id}"
     try:
         with catalog.env.begin(write=True) as txn:
             seen = catalog.get(txn, MESSAGES, seen_key)
             if seen is not None:
-                logger.info(
-                    "HL7 %s %s from %s received again; answered as before",
-                    message.message_type,
-                    message.control_id,
-                    message.sender,
-                )
+                _log_resend(message, seen.get("fingerprint", ""), fingerprint)
                 return base64.b64decode(seen["ack"])
             _change(catalog, txn, message)
-            answer = {"ack": base64.b64encode(ack).decode(), "time": time.time()}
+            answer = {
+                "ack": base64.b64encode(ack).decode(),
+                "time": time.time(),
+                "fingerprint": fingerprint,
+            }
             catalog._put(txn, MESSAGES, seen_key, answer)
     except lmdb.Error as exc:
         raise CatalogError(f"cannot record HL7 {message.control_id}: {exc}") from exc
     return ack
+
+
+def _log_resend(message: ScheduleMessage, before: str, now: str) -> None:
+    if before and now and before != now:
+        logger.warning(
+            "HL7 %s control ID %s from %s was used before for another message; "
+            "answered as then, and NOT applied: the sender must use new IDs",
+            message.message_type,
+            message.control_id,
+            message.sender,
+        )
+        return
+    logger.info(
+        "HL7 %s %s from %s received again; answered as before",
+        message.message_type,
+        message.control_id,
+        message.sender,
+    )
 
 
 def record(catalog: Catalog, messages: list[ScheduleMessage]) -> int:

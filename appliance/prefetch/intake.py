@@ -9,6 +9,7 @@ error", which tells the RIS to send the message again later.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import hl7
@@ -33,7 +34,9 @@ class Intake:
         try:
             parsed = messages.parse(raw)
             schedule = messages.read(parsed)
-            return appointments.apply(self.catalog, schedule, acks.accept(parsed))
+            digest = hashlib.sha256(raw).hexdigest()
+            ack = acks.accept(parsed)
+            return appointments.apply(self.catalog, schedule, ack, digest)
         except MessageError as error:
             logger.warning(
                 "HL7 from %s refused with %s: %s%s",
@@ -63,6 +66,7 @@ def _which(parsed: hl7.Message | None) -> str:
         return ""
     try:
         kind = f"{parsed['MSH.F9.R1.C1']}^{parsed['MSH.F9.R1.C2']}"
-        return f" ({kind} control ID {parsed['MSH.F10']})"
-    except (KeyError, IndexError):
+        control = str(parsed["MSH.F10"]) or "none"
+    except Exception:  # a header too damaged to name
         return ""
+    return f" ({kind}, control ID {control})"

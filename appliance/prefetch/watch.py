@@ -1,12 +1,19 @@
 """The watched folder: appointment list files dropped in by the RIS.
 
 Every prefetch interval, each ``*.csv`` file in ``prefetch.watch_folder``
-that has not changed for a while (the RIS may still be writing it) is
-imported as ``appliance prefetch import`` would, then moved out of the
-way: into ``done/`` when recorded, into ``refused/`` with a ``.errors``
-file beside it listing every bad line when not. A file is moved only after
-its appointments are committed, so a crash in between imports it again,
-which changes nothing.
+that has settled is imported as ``appliance prefetch import`` would, then
+moved out of the way: into ``done/`` when recorded, into ``refused/`` with
+a ``.errors`` file beside it listing every bad line when not. A file is
+moved only after its appointments are committed, so a crash in between
+imports it again, which changes nothing.
+
+A file has settled when its size and modification time were the same at
+the previous look, one interval ago, and it is older than a few seconds:
+a copy that keeps the original's time (``cp -p``, rsync) is still seen
+growing. A RIS that writes under another name and renames when done
+(the safe way) is imported at the next look. Only regular files are read:
+a symbolic link (to a file outside the folder, say) is skipped with a
+warning, so that nothing outside the folder ends up in a log.
 """
 
 from __future__ import annotations
@@ -28,19 +35,51 @@ REFUSED = "refused"
 SETTLE_SECONDS = 10.0
 
 
-def import_dropped(
-    catalog: Catalog, folder: Path, now: float | None = None
-) -> tuple[int, int]:
-    """Import the settled list files of ``folder``; (files recorded, files
-    refused)."""
-    now = time.time() if now is None else now
-    recorded = refused = 0
-    for path in sorted(folder.glob("*.csv")):
+class Settling:
+    """What the folder held at the previous look."""
+
+    def __init__(self) -> None:
+        self._seen: dict[Path, tuple[int, int]] = {}
+        self._skipped: set[Path] = set()
+
+    def settled(self, folder: Path, now: float | None = None) -> list[Path]:
+        """The list files of ``folder`` unchanged since the previous look."""
+        now = time.time() if now is None else now
+        if not folder.is_dir():
+            logger.error("prefetch.watch_folder %s is not a folder", folder)
+            return []
+        seen, ready = {}, []
+        for path in sorted(folder.glob("*.csv")):
+            state = self._state(path)
+            if state is None:
+                continue
+            seen[path] = state
+            old_enough = now - state[1] / 1e9 >= SETTLE_SECONDS
+            if old_enough and self._seen.get(path) == state:
+                ready.append(path)
+        self._seen = seen
+        return ready
+
+    def _state(self, path: Path) -> tuple[int, int] | None:
         try:
-            settled = now - path.stat().st_mtime >= SETTLE_SECONDS
-        except FileNotFoundError:
-            continue
-        if not settled:
+            if path.is_symlink() or not path.is_file():
+                if path not in self._skipped:
+                    self._skipped.add(path)
+                    logger.warning(
+                        "watched folder: %s is not a regular file; skipped", path.name
+                    )
+                return None
+            status = path.stat()
+        except OSError:
+            return None
+        return status.st_size, status.st_mtime_ns
+
+
+def import_files(catalog: Catalog, paths: list[Path]) -> tuple[int, int]:
+    """Import settled list files; (files recorded, files refused)."""
+    recorded = refused = 0
+    for path in paths:
+        if not path.exists():
             continue
         if _import(catalog, path):
             recorded += 1
@@ -51,6 +90,8 @@ def import_dropped(
 
 def _import(catalog: Catalog, path: Path) -> bool:
     try:
+        if path.is_symlink():
+            return _refuse(path, ["a symbolic link, not a file: not read"])
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         return _refuse(path, [f"cannot read it: {exc}"])
