@@ -163,7 +163,10 @@ def _status(config: Config) -> dict[str, Any]:
         row = plan.as_json()
         row["state"] = appointment.state
         row["patients"] = [[p.patient_id, p.issuer] for p in appointment.patients]
-        row["modality"] = appointment.modality
+        known_procedure = config.procedures.get(appointment.procedure_code)
+        row["modality"] = appointment.modality or (
+            known_procedure.modality if known_procedure else ""
+        )
         row["procedure_code"] = appointment.procedure_code
         rows.append(row)
     states = [prior["state"] for row in rows for prior in row["priors"]]

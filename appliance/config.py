@@ -970,6 +970,7 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> C
     problems += _check_references(values, peers)
     problems += _check_watermarks(values)
     problems += _check_mirror(values)
+    problems += _check_ports(values)
     default = Config(values).default_prior_rule
     prior_rules, prior_problems = selection.parse_rules(
         document.get("prior_rules"), default
@@ -989,6 +990,13 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> C
         prior_rules=prior_rules,
         procedures=procedures,
     )
+
+
+def _check_ports(values: dict[str, Any]) -> list[tuple[str, str]]:
+    """The HL7 listener cannot share the DICOM port."""
+    if values["hl7.enabled"] and values["hl7.port"] == values["node.port"]:
+        return [("hl7.port", f"must differ from node.port ({values['node.port']})")]
+    return []
 
 
 def _check_mirror(values: dict[str, Any]) -> list[tuple[str, str]]:

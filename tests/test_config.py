@@ -389,3 +389,13 @@ def test_watermark_checks_are_at_least_a_second_apart(tmp_path) -> None:
 
     with pytest.raises(ConfigError, match=r"migration\.watermark_interval"):
         config.load(path)
+
+
+def test_the_hl7_port_must_differ_from_the_dicom_port(tmp_path: Path) -> None:
+    path = tmp_path / "clash.toml"
+    path.write_text("[node]\nport = 2575\n[hl7]\nenabled = true\n")
+
+    with pytest.raises(ConfigError) as raised:
+        config.load(path)
+
+    assert ("hl7.port", "must differ from node.port (2575)") in raised.value.problems

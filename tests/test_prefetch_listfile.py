@@ -60,6 +60,28 @@ def test_every_bad_line_is_reported_with_its_number() -> None:
     assert "next tuesday" in found.problems[0]
 
 
+def test_line_numbers_count_file_lines_and_line_breaks_are_refused() -> None:
+    text = (
+        "patient_id,appointment_time,modality\n"
+        'A,2027-01-15 09:30,"C\nT"\n'
+        "B,tomorrow,CT\n"
+    )
+
+    found = listfile.read(text, "x.csv")
+
+    assert found.problems == [
+        "line 2: a line break or control character",
+        "line 4: appointment_time 'tomorrow' is not a date and time "
+        "(e.g. 2027-01-15 09:30)",
+    ]
+
+
+def test_a_column_named_twice_is_refused() -> None:
+    found = listfile.read("patient_id,appointment_time,patient_id\nA,1,B\n", "x")
+
+    assert "column(s) named twice: patient_id" in found.problems[0]
+
+
 def test_a_header_without_the_required_columns_is_refused() -> None:
     found = listfile.read("patient,when\nA,B\n", "x.csv")
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -51,6 +52,7 @@ COLUMNS = (
     "status",
 )
 REQUIRED = ("patient_id", "appointment_time")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 STATES = {"booked": BOOK, "cancelled": CANCEL}
 
 
@@ -69,10 +71,14 @@ def read(text: str, source: str) -> ListFile:
     header = [name.strip().lower() for name in next(rows, [])]
     missing = [name for name in REQUIRED if name not in header]
     unknown = [name for name in header if name not in COLUMNS]
-    if missing or unknown:
-        found.problems.append(_header_problem(missing, unknown))
+    twice = sorted({name for name in header if header.count(name) > 1})
+    if missing or unknown or twice:
+        found.problems.append(_header_problem(missing, unknown, twice))
         return found
-    for number, row in enumerate(rows, start=2):
+    for row in rows:
+        # The line the record starts on, as an editor counts lines (a
+        # quoted value may span several).
+        number = rows.line_num - sum(cell.count("\n") for cell in row)
         if not any(cell.strip() for cell in row):
             continue
         if len(row) != len(header):
@@ -81,6 +87,9 @@ def read(text: str, source: str) -> ListFile:
             )
             continue
         values = {name: cell.strip() for name, cell in zip(header, row, strict=True)}
+        if any(_CONTROL.search(value) for value in values.values()):
+            found.problems.append(f"line {number}: a line break or control character")
+            continue
         try:
             found.appointments.append(_appointment(values, source, number))
         except ValueError as exc:
@@ -88,12 +97,14 @@ def read(text: str, source: str) -> ListFile:
     return found
 
 
-def _header_problem(missing: list[str], unknown: list[str]) -> str:
+def _header_problem(missing: list[str], unknown: list[str], twice: list[str]) -> str:
     parts = []
     if missing:
         parts.append(f"missing column(s) {', '.join(missing)}")
     if unknown:
         parts.append(f"unknown column(s) {', '.join(unknown)}")
+    if twice:
+        parts.append(f"column(s) named twice: {', '.join(twice)}")
     return f"line 1: {'; '.join(parts)} (columns: {', '.join(COLUMNS)})"
 
 
