@@ -32,6 +32,7 @@ LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 VOLUME_KINDS = ("directory", "tape", "optical")
 MIRROR_KINDS = ("directory", "sftp")
+MIRROR_CLIENTS = ("openssh", "paramiko")
 
 Check = Callable[[Any], str | None]
 
@@ -502,6 +503,14 @@ KEYS: tuple[Key, ...] = (
         "directory: the mirror folder, which must exist (a mount point); empty "
         "means DATA_DIR/mirror, made on first use.",
         _text,
+    ),
+    Key(
+        "mirror",
+        "client",
+        "openssh",
+        "sftp: the SSH client: openssh (the ssh program, from openssh-client; "
+        "fastest) or paramiko (in-process, needs no other program).",
+        _one_of(MIRROR_CLIENTS),
     ),
     Key("mirror", "host", "", "sftp: the mirror's host name or address.", _text),
     Key("mirror", "port", 22, "sftp: the mirror's SSH port.", _integer(1, 65535)),

@@ -9,11 +9,15 @@ for the run in a temp dir and ``internal-sftp`` serving the files.
 
 In every round (``--rounds``, 2), on the same instances, it times:
 
-- the appliance: a ``Replicator`` over an ``SftpTransport`` (no throttle,
-  batches of 64 MB) calling ``ready()`` and ``send()`` until the queue is
-  empty, once with ``verify_after_upload`` off and once on (every pack read
-  back over SFTP and checked). Each run starts from its own copy of the
-  imported archive, so that every run sends the same queue and journal;
+- the appliance: a ``Replicator`` over the SFTP transport that
+  ``mirror.client`` picks (``--client``; the shipped default unless given),
+  no throttle, batches of 64 MB, the next pack written while one uploads
+  (``--prepare-ahead``, the default 1; 0 writes no pack ahead),
+  calling ``ready()`` and ``send()`` until nothing is left, once with
+  ``verify_after_upload`` off and once on (every pack read back over a
+  second SFTP connection and checked, as the replication process does).
+  Each run starts from its own copy of the imported archive, so that
+  every run sends the same queue and journal;
 - OpenSSH's ``sftp -b BATCHFILE`` putting the same instance files, as one
   tar per 64 MB of files in queue order (made once, not timed), over one
   connection: once with the cipher the appliance's connection uses
@@ -22,12 +26,15 @@ In every round (``--rounds``, 2), on the same instances, it times:
 Odd rounds run the methods in the reverse order of even ones, so that load
 from other work falls on each alike. It prints MB/s of instance bytes for
 each method and the appliance's speed over sftp's (target: 0.7 or more),
-the CPU seconds of the client side and of the sshd sessions, the
-appliance's time and CPU split into pack writing (read, SHA-256, zstd,
-AES-GCM, into the spool), upload and read-back, and CPU seconds per GB for
-writing the same packs with and without encryption, without uploading.
+the CPU seconds of the client side (this process and its ssh or sftp
+children) and of the sshd sessions, the wall time the appliance spent in
+pack writing (read, SHA-256, zstd, AES-GCM, into the spool), upload and
+read-back (pack writing runs beside the other two unless
+``--prepare-ahead 0``, so these overlap), and CPU seconds per GB for writing
+the same packs with and without encryption, without uploading.
 
-Usage: ``.venv/bin/python bench/replicate.py [--scale 0.5] [--rounds 2]``
+Usage: ``.venv/bin/python bench/replicate.py [--scale 0.5] [--rounds 2]
+[--client openssh|paramiko] [--prepare-ahead 1]``
 """
 
 from __future__ import annotations
@@ -69,7 +76,14 @@ from appliance.hsm.packing import LevelAttributes, instance_meta
 from appliance.hsm.tiers import ONLINE, Tiers
 from appliance.ingest import Ingest
 from appliance.replication.replicator import Replicator, Settings
-from appliance.replication.transports import ByteCallback, SftpSettings, SftpTransport
+from appliance.replication.transports import (
+    ByteCallback,
+    OpensshTransport,
+    SftpSettings,
+    SftpTransport,
+    Transport,
+)
+from appliance.replication.transports.settings import CLIENTS
 from appliance.storage.keys import KeyStore, key_store_path
 from appliance.storage.online import OnlineTier
 from appliance.storage.packs import PackWriter
@@ -78,8 +92,9 @@ STUDIES = 10
 TARGET_RATIO = 0.7
 BATCH_BYTES = Settings().batch_bytes
 SSHD = Path("/usr/sbin/sshd")
-# The appliance's SSH connection asks for AES-GCM first (transports/ssh.py);
-# the first sftp reference is given the cipher it ends up with.
+# The appliance's SSH connection asks for AES-GCM first (transports/ssh.py,
+# transports/sshprocess.py); the first sftp reference is given the cipher it
+# ends up with.
 APPLIANCE_CIPHER = "aes128-gcm@openssh.com"
 
 VERIFY_OFF = "appliance, verify off"
@@ -87,10 +102,9 @@ VERIFY_ON = "appliance, verify on"
 SFTP = "sftp, aes128-gcm"
 SFTP_DEFAULT = "sftp, default cipher"
 METHODS = (VERIFY_OFF, VERIFY_ON, SFTP, SFTP_DEFAULT)
-PACKING = "  of which pack writing"
-UPLOAD = "  of which upload"
-READ_BACK = "  of which read-back"
-REST = "  of which the rest"
+PACKING = "  pack writing"
+UPLOAD = "  upload"
+READ_BACK = "  read-back"
 
 T = TypeVar("T")
 
@@ -132,17 +146,18 @@ def _cpu_seconds() -> float:
 @dataclass
 class Run:
     """One method's push of the whole set: its time, the bytes it sent by
-    kind (packs, journal, tars), the appliance's steps, the cipher used."""
+    kind (packs, journal, tars), the appliance's steps (wall seconds), the
+    cipher used."""
 
     total: Timing
     sent: dict[str, int]
-    steps: dict[str, Timing] = field(default_factory=dict)
+    steps: dict[str, float] = field(default_factory=dict)
     cipher: str = ""
     server_cpu: float = 0.0  # the sshd session's
 
     def __add__(self, other: Run) -> Run:
         sent = {k: self.sent.get(k, 0) + other.sent.get(k, 0) for k in other.sent}
-        steps = {k: self.steps.get(k, Timing()) + other.steps[k] for k in other.steps}
+        steps = {k: self.steps.get(k, 0.0) + other.steps[k] for k in other.steps}
         total, server_cpu = self.total + other.total, self.server_cpu + other.server_cpu
         return Run(total, sent, steps, other.cipher, server_cpu)
 
@@ -206,7 +221,7 @@ class Mirror:
         times = listener.cpu_times()
         return times.children_user + times.children_system
 
-    def settings(self, remote: Path) -> SftpSettings:
+    def settings(self, remote: Path, client: str) -> SftpSettings:
         """The appliance's ``[mirror]`` settings, uploading into ``remote``."""
         return SftpSettings(
             host=LOOPBACK,
@@ -214,6 +229,7 @@ class Mirror:
             key_file=self.user_key,
             known_hosts=self.known_hosts,
             port=self.port,
+            client=client,
             remote_path=str(remote),
         )
 
@@ -372,12 +388,14 @@ def queued_records(archive: Archive) -> list[InstanceRecord]:
 # -- the appliance ----------------------------------------------------------------
 
 
-class CountingSftp(SftpTransport):
-    """The SFTP transport, adding up what ``put`` sends and how long it takes."""
+class CountingTransport:
+    """The SFTP transport ``client`` names, adding up what ``put`` sends and
+    how long it takes (wall-clock: packing runs beside it)."""
 
     def __init__(self, settings: SftpSettings) -> None:
-        super().__init__(settings)
-        self.upload = Timing()
+        kinds = {"openssh": OpensshTransport, "paramiko": SftpTransport}
+        self.inner: Transport = kinds[settings.client](settings)
+        self.upload = 0.0
         self.sent: dict[str, int] = {}  # by the first part of the remote name
         self.cipher = ""
 
@@ -390,42 +408,68 @@ class CountingSftp(SftpTransport):
         progress: ByteCallback | None = None,
         throttle: ByteCallback | None = None,
     ) -> None:
-        clock = Clock()
-        super().put(name, source, size, sha256, progress, throttle)
-        self.upload += clock.timing()
+        started = time.perf_counter()
+        self.inner.put(name, source, size, sha256, progress, throttle)
+        self.upload += time.perf_counter() - started
         kind = name.split("/")[0]
         self.sent[kind] = self.sent.get(kind, 0) + size
-        if not self.cipher and self._session is not None:
-            # A look inside the connection, for the report only.
-            ssh = self._session.client.get_transport()
-            self.cipher = ssh.local_cipher if ssh is not None else "?"
+        if not self.cipher:
+            self.cipher = self._cipher()
+
+    def get(self, name: str) -> Any:
+        return self.inner.get(name)
+
+    def connect(self) -> None:
+        self.inner.connect()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def _cipher(self) -> str:
+        # A look inside the connection, for the report only.
+        session = getattr(self.inner, "_session", None)
+        if isinstance(self.inner, OpensshTransport) and session is not None:
+            return str(session.cipher)
+        if session is not None:
+            ssh = session.client.get_transport()
+            return str(ssh.local_cipher) if ssh is not None else "?"
+        return "?"
 
 
 class TimedReplicator(Replicator):
-    """The replicator, adding up the time of its pack writing and read-back."""
+    """The replicator, adding up the wall time of its pack writing (in
+    whichever thread) and read-back."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.packing = Timing()
-        self.read_back = Timing()
+        self.packing = 0.0
+        self.read_back = 0.0
 
-    def _write_pack(self, *args: Any) -> tuple[Any, set[str]]:
-        clock = Clock()
+    def _write_pack(self, *args: Any) -> tuple[Any, set[str], str]:
+        started = time.perf_counter()
         try:
             return super()._write_pack(*args)
         finally:
-            self.packing += clock.timing()
+            self.packing += time.perf_counter() - started
 
     def _verify_remote(self, *args: Any) -> None:
-        clock = Clock()
+        started = time.perf_counter()
         try:
             super()._verify_remote(*args)
         finally:
-            self.read_back += clock.timing()
+            self.read_back += time.perf_counter() - started
+
+
+@dataclass
+class Choices:
+    """How the appliance runs: its SFTP client and how far it packs ahead."""
+
+    client: str
+    prepare_ahead: int
 
 
 def appliance_run(
-    master: Path, work: Path, mirror: Mirror, verify: bool, count: int
+    master: Path, work: Path, mirror: Mirror, verify: bool, count: int, how: Choices
 ) -> Run:
     """Replicate a copy of the archive to an empty folder on the mirror."""
     root, remote = work / "run", work / "mirror-files"
@@ -433,39 +477,48 @@ def appliance_run(
     remote.mkdir()
     try:
         with open_archive(root) as archive:
-            settings = mirror.settings(remote)
-            return replicate_all(archive, settings, verify, count, root / "spool")
+            settings = mirror.settings(remote, how.client)
+            chosen = Settings(
+                batch_seconds=0.0,
+                verify_after_upload=verify,
+                prepare_ahead=how.prepare_ahead,
+            )
+            return replicate_all(archive, settings, chosen, count, root / "spool")
     finally:
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(remote, ignore_errors=True)
 
 
 def replicate_all(
-    archive: Archive, settings: SftpSettings, verify: bool, count: int, spool: Path
+    archive: Archive, settings: SftpSettings, chosen: Settings, count: int, spool: Path
 ) -> Run:
-    """``ready()`` and ``send()`` until the queue is empty, timed."""
-    transport = CountingSftp(settings)
-    chosen = Settings(batch_seconds=0.0, verify_after_upload=verify)
+    """``ready()`` and ``send()`` until nothing waits, timed."""
+    transport = CountingTransport(settings)
+    # Read-backs over a second connection, as the replication process does.
+    verifier = CountingTransport(settings) if chosen.verify_after_upload else None
     replicator = TimedReplicator(
-        archive.catalog, archive.tiers(), transport, spool, chosen
+        archive.catalog, archive.tiers(), transport, spool, chosen, verifier=verifier
     )
     sent = 0
     try:
         clock = Clock()
-        while batch := replicator.ready():
+        while (batch := replicator.ready()) or replicator.waiting():
             done = replicator.send(batch)
             sent += done.instances if done is not None else 0
+        replicator.close()
         total = clock.timing()
     finally:
+        replicator.close()
         transport.close()
+        if verifier is not None:
+            verifier.close()
 
     left = replication.queue_state(archive.catalog).instances
     if sent != count or left:
         raise SystemExit(f"replication sent {sent} of {count}, {left} still queued")
     steps = {PACKING: replicator.packing, UPLOAD: transport.upload}
-    if verify:
+    if chosen.verify_after_upload:
         steps[READ_BACK] = replicator.read_back
-    steps[REST] = total - sum(steps.values(), Timing())
     return Run(total, transport.sent, steps, transport.cipher)
 
 
@@ -550,6 +603,7 @@ class Setup:
     mirror: Mirror
     work: Path
     count: int
+    how: Choices
 
 
 def measure(method: str, setup: Setup) -> Run:
@@ -557,7 +611,7 @@ def measure(method: str, setup: Setup) -> Run:
     if method in (VERIFY_OFF, VERIFY_ON):
         verify = method == VERIFY_ON
         return appliance_run(
-            setup.master, setup.work, setup.mirror, verify, setup.count
+            setup.master, setup.work, setup.mirror, verify, setup.count, setup.how
         )
     cipher = APPLIANCE_CIPHER if method == SFTP else None
     return sftp_run(setup.mirror, setup.tars, setup.work, cipher)
@@ -603,6 +657,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
     paths = replication_set(args.scale)
     megabytes = total_bytes(paths) / 1e6
     print(f"replicate: {len(paths)} instances, {megabytes:.0f} MB")
+    how = Choices(args.client, args.prepare_ahead)
+    print(f"appliance: client {how.client}, prepare_ahead {how.prepare_ahead}")
     print("load average at the start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
     packing = prepare(paths, work / "master")
@@ -612,7 +668,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
     print(f"  {len(tars)} tars made in {time.perf_counter() - started:.1f} s")
 
     with loopback_sshd(work / "sshd") as mirror:
-        setup = Setup(work / "master", tars, mirror, work, len(paths))
+        setup = Setup(work / "master", tars, mirror, work, len(paths), how)
         runs = measure_rounds(setup, args.rounds, megabytes)
 
     report(runs, megabytes)
@@ -653,12 +709,12 @@ def report(runs: dict[str, list[Run]], megabytes: float) -> None:
                 f"{ratio:.2f}" if method.startswith("appliance") else "",
             ]
         )
-        for step, timing in run.steps.items():
-            seconds, cpu = f"{timing.wall:.2f}", f"{timing.cpu:.1f}"
-            rows.append([step, "", "", seconds, "", cpu, "", ""])
+        for step, seconds in run.steps.items():
+            rows.append([step, "", "", f"{seconds:.2f}", "", "", "", ""])
     print(f"\nsums over {rounds} round(s); MB/s are of instance data")
     print_table(headers, rows)
     print(f"ratio: the appliance's speed over that of {SFTP}")
+    print("steps: wall seconds; pack writing runs beside upload and read-back")
     print()
     _report_sent(totals)
     for appliance in (VERIFY_OFF, VERIFY_ON):
@@ -695,16 +751,11 @@ def report_cpu(
     gigabytes = megabytes / 1000
     rounds = len(runs[SFTP])
     print(f"\nCPU seconds per GB of instance data ({gigabytes:.2f} GB a run):")
-    for method in (VERIFY_OFF, VERIFY_ON):
-        steps = summed(runs[method]).steps
-        parts = ", ".join(
-            f"{_step_name(step)} {timing.cpu / rounds / gigabytes:.2f}"
-            for step, timing in steps.items()
-        )
-        print(f"  {method}: {parts}")
-    for method in (SFTP, SFTP_DEFAULT):
-        cpu = summed(runs[method]).total.cpu / rounds / gigabytes
-        print(f"  {method}: sftp and ssh {cpu:.2f}")
+    for method in METHODS:
+        run = summed(runs[method])
+        client = run.total.cpu / rounds / gigabytes
+        server = run.server_cpu / rounds / gigabytes
+        print(f"  {method}: client {client:.2f} (with ssh), sshd {server:.2f}")
     for kind, timing in packing.items():
         print(
             f"  pack writing alone, {kind}: {timing.cpu / gigabytes:.2f} "
@@ -712,17 +763,19 @@ def report_cpu(
         )
 
 
-def _step_name(label: str) -> str:
-    return label.strip().removeprefix("of which ")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scale", type=float, default=1.0, help="shrink the set")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--client", choices=CLIENTS, default=SftpSettings.client)
+    parser.add_argument(
+        "--prepare-ahead", type=int, default=Settings.prepare_ahead, metavar="N"
+    )
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be 1 or more")
+    if args.prepare_ahead < 0:
+        parser.error("--prepare-ahead must be 0 or more")
     exit_on_sigterm()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     for tool in ("tar", "sftp", "ssh-keygen"):

@@ -6,6 +6,7 @@ snapshots follow."""
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import time
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ import pytest
 
 from appliance.catalog import copies, replication
 from appliance.catalog.store import Catalog
-from appliance.errors import ApplianceError, HostKeyError
+from appliance.errors import ApplianceError, HostKeyError, TransportError
 from appliance.hsm.migrator import Migrator
 from appliance.hsm.tiers import Tiers
 from appliance.ingest import Ingest
@@ -459,3 +460,323 @@ def test_an_unreachable_mirror_is_not_a_lost_mirror(site: Site, tmp_path: Path) 
 
     assert replication.queue_state(site.catalog).instances == 0
     assert len(replication.offsite_packs(site.catalog)) == 1
+
+
+# -- packing ahead, the spool, and read-backs beside uploads ----------------------
+
+
+class FlakyMirror(DirectoryTransport):
+    """A directory mirror whose pack uploads fail while ``down`` is set, and
+    which notes every pack it is asked to put or give back."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.down = False
+        self.puts: list[str] = []
+        self.gets: list[str] = []
+
+    def put(self, name, source, size, sha256, progress=None, throttle=None):
+        if name.startswith("packs/"):
+            if self.down:
+                raise TransportError("the mirror is down")
+            self.puts.append(name)
+        super().put(name, source, size, sha256, progress, throttle)
+
+    def get(self, name):
+        self.gets.append(name)
+        return super().get(name)
+
+
+def _one_per_pack(
+    site: Site,
+    transport: DirectoryTransport,
+    verifier: DirectoryTransport | None = None,
+    **settings: object,
+) -> Replicator:
+    """A replicator that puts each queued instance in a pack of its own."""
+    chosen = Settings(batch_bytes=1, batch_seconds=0, **settings)  # type: ignore[arg-type]
+    return Replicator(
+        site.catalog, site.tiers, transport, site.spool, chosen, verifier=verifier
+    )
+
+
+def _send_everything(replicator: Replicator) -> list[str]:
+    """``send`` until nothing waits, as the replication process does; the
+    pack ids sent, in order."""
+    sent = []
+    while (batch := replicator.ready()) or replicator.waiting():
+        done = replicator.send(batch)
+        if done is not None:
+            sent.append(done.pack_id)
+    replicator.close()
+    return sent
+
+
+def _wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def _recorded_in_journal(site: Site) -> list[str]:
+    return [
+        entry["pack"]["pack_id"]
+        for entry in replication.journal_after(site.catalog, 0)
+        if entry["op"] == "replicated"
+    ]
+
+
+def _spooled(site: Site) -> list[str]:
+    return sorted(p.name for p in (site.spool / "pending").iterdir())
+
+
+def _assert_each_instance_offsite_once(site: Site) -> None:
+    assert replication.queue_state(site.catalog).instances == 0
+    with site.catalog.read() as txn:
+        for uid_ in site.originals:
+            record = site.catalog.instance(txn, uid_)
+            offsite = [c for c in record.copies if c.tier == "offsite"]
+            assert len(offsite) == 1, (uid_, record.copies)
+    assert _offsite_bytes(site) == site.originals
+
+
+def test_the_next_pack_is_written_while_one_uploads(site: Site) -> None:
+    site.store("ahead", 4)
+    mirror = FlakyMirror(site.mirror)
+    replicator = _one_per_pack(site, mirror)
+    spooled_while_uploading: list[list[str]] = []
+    real_put = mirror.put
+
+    def put_and_look(name, *args, **kwargs):
+        if name.startswith("packs/"):
+            time.sleep(0.3)  # long enough for the next pack to be written
+            spooled_while_uploading.append(_spooled(site))
+        real_put(name, *args, **kwargs)
+
+    mirror.put = put_and_look  # type: ignore[method-assign]
+    sent = _send_everything(replicator)
+
+    assert sent == [f"p-{n:09d}" for n in range(1, 5)]
+    assert _recorded_in_journal(site) == sent
+    # While pack n uploaded, pack n + 1 was in the spool already, whole.
+    for number, listing in enumerate(spooled_while_uploading[:-1], 1):
+        assert f"p-{number + 1:09d}.pack" in listing, listing
+        assert f"p-{number + 1:09d}.json" in listing, listing
+    assert _spooled(site) == []
+    _assert_each_instance_offsite_once(site)
+
+
+def test_at_most_prepare_ahead_packs_wait_unsent(site: Site) -> None:
+    site.store("bounded", 6)
+    mirror = FlakyMirror(site.mirror)
+    replicator = _one_per_pack(site, mirror, prepare_ahead=1)
+    most = [0]
+    real_put = mirror.put
+
+    def put_and_count(name, *args, **kwargs):
+        if name.startswith("packs/"):
+            time.sleep(0.2)
+            notes = [n for n in _spooled(site) if n.endswith(".json")]
+            most[0] = max(most[0], len(notes))
+        real_put(name, *args, **kwargs)
+
+    mirror.put = put_and_count  # type: ignore[method-assign]
+    _send_everything(replicator)
+
+    assert most[0] == 2  # the pack uploading and the one after it
+    _assert_each_instance_offsite_once(site)
+
+
+def test_a_crash_with_two_packs_in_the_spool_resumes_both_in_order(
+    site: Site,
+) -> None:
+    site.store("two-spooled", 5)
+    mirror = FlakyMirror(site.mirror)
+    mirror.down = True
+    first = _one_per_pack(site, mirror)
+    with pytest.raises(TransportError, match="down"):
+        first.send(first.ready())
+    _wait_for(lambda: "p-000000002.json" in _spooled(site))
+    first.close()  # the process dies with two packs in the spool
+    assert _spooled(site) == [
+        "p-000000001.json",
+        "p-000000001.pack",
+        "p-000000002.json",
+        "p-000000002.pack",
+    ]
+    assert replication.queue_state(site.catalog).instances == 5
+
+    # The process starts again: both spooled packs go first, in order, and
+    # their instances are not packed a second time.
+    mirror.down = False
+    again = _one_per_pack(site, mirror)
+    assert len(again.ready()) == 1  # neither of the two spooled instances
+    sent = _send_everything(again)
+
+    assert sent[:2] == ["p-000000001", "p-000000002"]
+    assert len(sent) == 5
+    assert _recorded_in_journal(site) == sent
+    assert mirror.puts == [f"packs/{p[-3:]}/{p}.pack" for p in sent]
+    _assert_each_instance_offsite_once(site)
+
+
+def test_what_a_crash_leaves_half_written_is_removed_at_start(site: Site) -> None:
+    site.store("torn", 2)
+    pending = site.spool / "pending"
+    pending.mkdir(parents=True)
+    (pending / "p-000000007.pack.tmp").write_bytes(b"half a pack")
+    (pending / "p-000000008.pack").write_bytes(b"a pack whose note never came")
+    (pending / "p-000000009.json.tmp").write_text("{")
+
+    replicator = site.replicator()
+
+    assert _spooled(site) == []
+    _send_everything(replicator)
+    _assert_each_instance_offsite_once(site)
+
+
+def test_a_pack_written_ahead_that_fails_leaves_its_instances_queued(
+    site: Site,
+) -> None:
+    site.store("ahead-fails", 3)
+    mirror = FlakyMirror(site.mirror)
+    replicator = _one_per_pack(site, mirror)
+    real_write = replicator._write_pack
+    calls = [0]
+
+    def fail_the_second(*args):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise OSError("the spool disk failed")
+        return real_write(*args)
+
+    replicator._write_pack = fail_the_second  # type: ignore[method-assign]
+    replicator.send(replicator.ready())  # the first pack; the second fails
+    with pytest.raises(OSError, match="spool disk"):
+        replicator.send(replicator.ready())
+    assert not any(name.endswith(".tmp") for name in _spooled(site))
+
+    _send_everything(replicator)
+    _assert_each_instance_offsite_once(site)
+
+
+def test_a_pack_recorded_before_a_crash_is_not_recorded_again(site: Site) -> None:
+    site.store("recorded-then-crash", 2)
+    replicator = site.replicator()
+    with (
+        mock.patch(
+            "appliance.replication.spool.SpooledPack.discard",
+            side_effect=OSError("power cut"),
+        ),
+        pytest.raises(OSError, match="power cut"),
+    ):
+        replicator.send(replicator.ready())
+    replicator.close()
+    assert _recorded_in_journal(site) == ["p-000000001"]
+    assert "p-000000001.json" in _spooled(site)
+
+    again = site.replicator()
+    assert again.waiting()
+    assert again.send([]) is None  # the recorded pack is only removed
+    _send_everything(again)
+
+    assert _recorded_in_journal(site) == ["p-000000001"]
+    assert _spooled(site) == []
+    _assert_each_instance_offsite_once(site)
+
+
+def test_with_a_verifier_each_pack_is_read_back_while_the_next_uploads(
+    site: Site,
+) -> None:
+    site.store("beside", 4)
+    mirror, reader = FlakyMirror(site.mirror), FlakyMirror(site.mirror)
+    replicator = _one_per_pack(site, mirror, verifier=reader)
+    events: list[str] = []
+    real_put, real_get = mirror.put, reader.get
+
+    most = [0]
+
+    def put(name, *args, **kwargs):
+        if name.startswith("packs/"):
+            events.append(f"put {_pack_of(name)}")
+        real_put(name, *args, **kwargs)
+
+    def get(name):
+        time.sleep(0.3)  # a slow read-back: the next upload goes meanwhile
+        events.append(f"read back {_pack_of(name)}")
+        notes = [n for n in _spooled(site) if n.endswith(".json")]
+        most[0] = max(most[0], len(notes))
+        return real_get(name)
+
+    mirror.put = put  # type: ignore[method-assign]
+    reader.get = get  # type: ignore[method-assign]
+    sent = _send_everything(replicator)
+
+    assert sent == [f"p-{n:09d}" for n in range(1, 5)]
+    assert _recorded_in_journal(site) == sent
+    assert mirror.gets == []  # every read-back went over the second connection
+    assert sorted(reader.gets) == sorted(mirror.puts)
+    for earlier, later in itertools.pairwise(sent):
+        assert events.index(f"put {later}") < events.index(f"read back {earlier}")
+    # Read back, uploading, and the next one written ahead.
+    assert most[0] == 3
+    _assert_each_instance_offsite_once(site)
+
+
+def _pack_of(name: str) -> str:
+    return name.rsplit("/", 1)[1].removesuffix(".pack")
+
+
+def test_a_damaged_read_back_drops_the_pack_and_packs_its_instances_again(
+    site: Site,
+) -> None:
+    site.store("damaged-beside", 2)
+    mirror, reader = FlakyMirror(site.mirror), FlakyMirror(site.mirror)
+    replicator = _one_per_pack(site, mirror, verifier=reader)
+    real_put = mirror.put
+    damaged = []
+
+    def put_then_damage(name, source, size, sha256, **kwargs):
+        real_put(name, source, size, sha256, **kwargs)
+        if name.startswith("packs/") and not damaged:
+            damaged.append(name)
+            path = site.mirror / name
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 0x01
+            path.write_bytes(bytes(data))
+
+    mirror.put = put_then_damage  # type: ignore[method-assign]
+    with pytest.raises(ApplianceError, match="read-back"):
+        replicator.send(replicator.ready())
+    assert "p-000000001.json" not in _spooled(site)
+    assert replication.queue_state(site.catalog).instances == 2
+
+    sent = _send_everything(replicator)
+
+    assert "p-000000001" not in sent
+    assert len(sent) == 2
+    assert _recorded_in_journal(site) == sent
+    # The damaged file stays on the mirror, recorded nowhere.
+    assert not replication.pack_is_recorded(site.catalog, "p-000000001")
+    assert (site.mirror / damaged[0]).exists()
+    _assert_each_instance_offsite_once(site)
+
+
+def test_a_batch_reads_as_much_of_the_queue_as_it_needs(site: Site) -> None:
+    site.store("long-queue", 7)
+    sizes = [entry.size for entry in replication.queued(site.catalog)]
+    replicator = Replicator(
+        site.catalog,
+        site.tiers,
+        DirectoryTransport(site.mirror),
+        site.spool,
+        Settings(batch_bytes=sum(sizes[:6]), batch_seconds=3600),
+    )
+    with mock.patch("appliance.replication.replicator._LOOK_AHEAD", 2):
+        batch = replicator.ready()
+        assert [entry.size for entry in batch] == sizes[:6]  # full at the sixth
+        replicator.settings.batch_bytes = sum(sizes) + 1
+        assert replicator.ready() == []  # not full, and young
+        replicator.clock = lambda: time.time() + 3601
+        assert len(replicator.ready()) == 7

@@ -1,6 +1,7 @@
 """One conformance suite for every mirror transport, then the SFTP mirror's
-failures against a real OpenSSH server: killed mid-upload, a replaced or
-unknown host key, a stalled transfer, a server down then up.
+failures against a real OpenSSH server, through either SSH client (OpenSSH's
+ssh or paramiko): killed mid-upload, a replaced or unknown host key, a
+stalled transfer, a server down then up.
 
 The SFTP server runs on this machine as the current user, so the mirror
 root of either backend is a local folder the tests can look into: to plant
@@ -19,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -30,6 +32,7 @@ from appliance.errors import (
     TransportError,
 )
 from appliance.replication.transports import (
+    OpensshTransport,
     SftpSettings,
     SftpTransport,
     Transport,
@@ -38,6 +41,8 @@ from appliance.replication.transports import (
 from appliance.replication.transports.names import validate_name
 from appliance.replication.transports.retry import backoff_delay
 from appliance.replication.transports.settings import read_settings
+from appliance.replication.transports.sftpwire import SftpWire
+from appliance.replication.transports.sshprocess import open_ssh_session, ssh_command
 from tests.sshd import Sshd
 
 MiB = 1024 * 1024
@@ -127,14 +132,28 @@ def sftp_settings(server: Sshd, root: Path, **overrides: object) -> dict[str, ob
     return settings
 
 
+CLIENTS: dict[str, type[OpensshTransport] | type[SftpTransport]] = {
+    "openssh": OpensshTransport,
+    "paramiko": SftpTransport,
+}
+
+
 def sftp_transport(
     server: Sshd,
     root: Path,
+    client: str,
     sleep: Callable[[float], object] = time.sleep,
     **overrides: object,
-) -> SftpTransport:
-    values = sftp_settings(server, root, **overrides)
-    return SftpTransport(read_settings(SftpSettings, values, "sftp"), sleep=sleep)
+) -> Transport:
+    values = sftp_settings(server, root, client=client, **overrides)
+    settings = read_settings(SftpSettings, values, "sftp")
+    return CLIENTS[client](settings, sleep=sleep)
+
+
+@pytest.fixture(params=sorted(CLIENTS))
+def client(request: pytest.FixtureRequest) -> str:
+    """Each SSH client the SFTP mirror can use."""
+    return str(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -166,22 +185,23 @@ def make_root(tmp_path: Path) -> tuple[Path, Path]:
     return root, local
 
 
-@pytest.fixture(params=["directory", "sftp"])
+@pytest.fixture(params=["directory", "sftp-openssh", "sftp-paramiko"])
 def mirror(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Mirror]:
     root, local = make_root(tmp_path)
     if request.param == "directory":
         transport = open_transport("directory", {"path": str(root)})
     else:
         server = request.getfixturevalue("shared_sshd")
-        transport = open_transport("sftp", sftp_settings(server, root))
+        client = request.param.removeprefix("sftp-")
+        transport = open_transport("sftp", sftp_settings(server, root, client=client))
     with transport:
         yield Mirror(transport, root, local)
 
 
 @pytest.fixture
-def sftp_mirror(sshd: Sshd, tmp_path: Path) -> Iterator[Mirror]:
+def sftp_mirror(sshd: Sshd, tmp_path: Path, client: str) -> Iterator[Mirror]:
     root, local = make_root(tmp_path)
-    with sftp_transport(sshd, root) as transport:
+    with sftp_transport(sshd, root, client) as transport:
         yield Mirror(transport, root, local)
 
 
@@ -410,6 +430,95 @@ def test_configuration_errors_name_the_keys() -> None:
         open_transport("directory", {"path": "/", "block_size": 10})
 
 
+def test_the_ssh_client_is_chosen_by_configuration(tmp_path: Path) -> None:
+    values = {"host": "mirror", "user": "pacs", "key_file": "k", "known_hosts": "h"}
+    with open_transport("sftp", values) as default:
+        assert isinstance(default, OpensshTransport)
+    with open_transport("sftp", {**values, "client": "paramiko"}) as chosen:
+        assert isinstance(chosen, SftpTransport)
+    with pytest.raises(ConfigError, match=r"mirror\.client"):
+        open_transport("sftp", {**values, "client": "putty"})
+
+
+def test_ssh_runs_with_pinned_keys_and_no_other_configuration(tmp_path: Path) -> None:
+    values = sftp_settings_for("-oProxyCommand=evil", tmp_path)
+    command = ssh_command(read_settings(SftpSettings, values, "sftp"))
+    options = {command[i + 1] for i, word in enumerate(command) if word == "-o"}
+    assert command[1:3] == ["-F", "none"]  # no ssh_config of the machine or user
+    assert {
+        "BatchMode=yes",
+        "StrictHostKeyChecking=yes",
+        f'UserKnownHostsFile="{tmp_path / "known hosts"}"',  # quoted: a space
+        "GlobalKnownHostsFile=none",
+        "UpdateHostKeys=no",
+        "IdentitiesOnly=yes",
+        "IdentityAgent=none",
+        "ConnectTimeout=5",
+        "ServerAliveInterval=15",
+    } <= options
+    # A host name that looks like an option stays a host name.
+    assert command[-3:] == ["--", "-oProxyCommand=evil", "sftp"]
+
+
+def sftp_settings_for(host: str, folder: Path) -> dict[str, object]:
+    return {
+        "host": host,
+        "user": "pacs",
+        "key_file": str(folder / "key"),
+        "known_hosts": str(folder / "known hosts"),
+        "timeout": 5.0,
+    }
+
+
+def test_a_missing_ssh_program_says_what_to_install(
+    shared_sshd: Sshd, tmp_path: Path
+) -> None:
+    values = sftp_settings(shared_sshd, tmp_path)
+    settings = read_settings(SftpSettings, values, "sftp")
+    with pytest.raises(TransportError, match=r"openssh-client.*paramiko"):
+        open_ssh_session(settings, ssh="ssh-not-installed-here")
+
+
+def test_the_openssh_client_flushes_before_renaming_and_ends_its_ssh(
+    shared_sshd: Sshd, tmp_path: Path
+) -> None:
+    root, local = make_root(tmp_path)
+    transport = sftp_transport(shared_sshd, root, "openssh")
+    flushed: list[bool] = []
+    real_fsync = SftpWire.fsync
+
+    def fsync(wire: SftpWire, handle: bytes) -> bool:
+        # The partial file is flushed, and not yet renamed.
+        assert (root / f"{PACK}.partial").exists() and not (root / PACK).exists()
+        flushed.append(real_fsync(wire, handle))
+        return flushed[-1]
+
+    with mock.patch.object(SftpWire, "fsync", fsync):
+        Mirror(transport, root, local).put(PACK, payload(MiB))
+    process = transport._session.process  # type: ignore[attr-defined]
+    transport.close()
+    assert flushed == [True]
+    assert process.poll() is not None  # ssh ended with the transport
+
+
+def test_key_files_in_a_folder_with_a_space(shared_sshd: Sshd, tmp_path: Path) -> None:
+    root, local = make_root(tmp_path)
+    keys = tmp_path / "mirror keys"
+    keys.mkdir()
+    for name in ("user_ed25519", "known_hosts"):
+        source = shared_sshd.folder / name
+        (keys / name).write_bytes(source.read_bytes())
+        (keys / name).chmod(0o600)
+    values = sftp_settings(
+        shared_sshd,
+        root,
+        key_file=str(keys / "user_ed25519"),
+        known_hosts=str(keys / "known_hosts"),
+    )
+    with open_transport("sftp", values) as transport:
+        assert Mirror(transport, root, local).put(PACK, b"pack") == 4
+
+
 def test_backoff_doubles_up_to_its_cap() -> None:
     delays = [backoff_delay(n, 1.0, 60.0) for n in range(1, 10)]
     assert delays == [1, 2, 4, 8, 16, 32, 60, 60, 60]
@@ -475,7 +584,9 @@ def test_a_connection_lost_mid_upload_is_resumed_in_the_same_put(
     assert MiB <= resumed[0][1] < len(data)  # type: ignore[index]
 
 
-def test_a_replaced_host_key_is_refused(sshd: Sshd, sftp_mirror: Mirror) -> None:
+def test_a_replaced_host_key_is_refused(
+    sshd: Sshd, sftp_mirror: Mirror, client: str
+) -> None:
     sftp_mirror.put(PACK, b"before")
     sshd.stop()
     sshd.replace_host_key()
@@ -491,17 +602,17 @@ def test_a_replaced_host_key_is_refused(sshd: Sshd, sftp_mirror: Mirror) -> None
     assert sftp_mirror.files() == [PACK]
 
     with (
-        sftp_transport(sshd, sftp_mirror.root) as fresh,
+        sftp_transport(sshd, sftp_mirror.root, client) as fresh,
         pytest.raises(HostKeyError, match="pins"),
     ):
         fresh.list()
 
 
-def test_an_unknown_host_is_refused(sshd: Sshd, tmp_path: Path) -> None:
+def test_an_unknown_host_is_refused(sshd: Sshd, tmp_path: Path, client: str) -> None:
     root, _local = make_root(tmp_path)
     sshd.known_hosts.write_text("")
     with (
-        sftp_transport(sshd, root) as transport,
+        sftp_transport(sshd, root, client) as transport,
         pytest.raises(HostKeyError, match="does not list") as caught,
     ):
         transport.list()
@@ -509,32 +620,36 @@ def test_an_unknown_host_is_refused(sshd: Sshd, tmp_path: Path) -> None:
 
     sshd.known_hosts.unlink()
     with (
-        sftp_transport(sshd, root) as transport,
+        sftp_transport(sshd, root, client) as transport,
         pytest.raises(HostKeyError, match="known_hosts"),
     ):
         transport.list()
 
 
-def test_a_refused_key_says_where_to_add_it(sshd: Sshd, tmp_path: Path) -> None:
+def test_a_refused_key_says_where_to_add_it(
+    sshd: Sshd, tmp_path: Path, client: str
+) -> None:
     root, _local = make_root(tmp_path)
     sshd.authorized_keys.write_text("")
     with (
-        sftp_transport(sshd, root) as transport,
+        sftp_transport(sshd, root, client) as transport,
         pytest.raises(TransportError, match="authorized_keys") as caught,
     ):
         transport.list()
     assert not isinstance(caught.value, HostKeyError)
 
 
-def test_a_stalled_upload_is_cut_off(sshd: Sshd, tmp_path: Path) -> None:
+def test_a_stalled_upload_is_cut_off(sshd: Sshd, tmp_path: Path, client: str) -> None:
     root, local = make_root(tmp_path)
-    transport = sftp_transport(sshd, root, stall_timeout=0.5, retries=0)
+    transport = sftp_transport(sshd, root, client, stall_timeout=0.5, retries=0)
     mirror = Mirror(transport, root, local)
 
     frozen: list[int] = []
 
     def stall_after_a_block(count: int) -> None:
         if mirror.sent and not frozen:
+            # Writes are sent ahead of their answers: let the first block land.
+            wait_for_size(root / f"{PACK}.partial", MiB // 2)
             frozen.extend(sshd.session_pids())
             for pid in frozen:
                 os.kill(pid, signal.SIGSTOP)
@@ -547,7 +662,7 @@ def test_a_stalled_upload_is_cut_off(sshd: Sshd, tmp_path: Path) -> None:
             assert time.monotonic() - started < 10
     finally:
         _thaw(frozen)
-    again = sftp_transport(sshd, root)
+    again = sftp_transport(sshd, root, client)
     with again:
         assert again.list() == []
         # The next attempt resumes what the stalled one left.
@@ -563,10 +678,10 @@ def _thaw(pids: list[int]) -> None:
 
 
 def test_waiting_for_the_bandwidth_limiter_is_not_a_stall(
-    sshd: Sshd, tmp_path: Path
+    sshd: Sshd, tmp_path: Path, client: str
 ) -> None:
     root, local = make_root(tmp_path)
-    transport = sftp_transport(sshd, root, stall_timeout=0.5, retries=0)
+    transport = sftp_transport(sshd, root, client, stall_timeout=0.5, retries=0)
     mirror = Mirror(transport, root, local)
 
     def slow_limiter(count: int) -> None:
@@ -577,10 +692,14 @@ def test_waiting_for_the_bandwidth_limiter_is_not_a_stall(
         assert mirror.read(PACK) == payload(3 * MiB)
 
 
-def test_a_server_that_stops_reading_is_cut_off(sshd: Sshd, tmp_path: Path) -> None:
+def test_a_server_that_stops_reading_is_cut_off(
+    sshd: Sshd, tmp_path: Path, client: str
+) -> None:
     root, local = make_root(tmp_path)
     # A long socket timeout: only the stall watchdog can end this quickly.
-    transport = sftp_transport(sshd, root, timeout=60.0, stall_timeout=1.0, retries=0)
+    transport = sftp_transport(
+        sshd, root, client, timeout=60.0, stall_timeout=1.0, retries=0
+    )
     mirror = Mirror(transport, root, local)
     frozen: list[int] = []
 
@@ -604,9 +723,11 @@ def test_a_server_that_stops_reading_is_cut_off(sshd: Sshd, tmp_path: Path) -> N
     assert not (root / PACK).exists()
 
 
-def test_a_single_stall_is_resumed_in_the_same_put(sshd: Sshd, tmp_path: Path) -> None:
+def test_a_single_stall_is_resumed_in_the_same_put(
+    sshd: Sshd, tmp_path: Path, client: str
+) -> None:
     root, local = make_root(tmp_path)
-    transport = sftp_transport(sshd, root, stall_timeout=0.5, retries=2)
+    transport = sftp_transport(sshd, root, client, stall_timeout=0.5, retries=2)
     mirror = Mirror(transport, root, local)
     stalls = []
 
@@ -628,7 +749,7 @@ def test_a_single_stall_is_resumed_in_the_same_put(sshd: Sshd, tmp_path: Path) -
 
 
 def test_reconnects_with_backoff_until_the_server_is_back(
-    sshd: Sshd, tmp_path: Path
+    sshd: Sshd, tmp_path: Path, client: str
 ) -> None:
     root, local = make_root(tmp_path)
     sshd.stop()
@@ -641,7 +762,7 @@ def test_reconnects_with_backoff_until_the_server_is_back(
         time.sleep(seconds)
 
     transport = sftp_transport(
-        sshd, root, sleep=sleep, retries=6, backoff=0.1, backoff_max=0.3
+        sshd, root, client, sleep=sleep, retries=6, backoff=0.1, backoff_max=0.3
     )
     with transport:
         Mirror(transport, root, local).put(PACK, b"pack bytes")
@@ -649,11 +770,13 @@ def test_reconnects_with_backoff_until_the_server_is_back(
         assert b"".join(transport.get(PACK)) == b"pack bytes"
 
 
-def test_gives_up_when_the_server_stays_down(sshd: Sshd, tmp_path: Path) -> None:
+def test_gives_up_when_the_server_stays_down(
+    sshd: Sshd, tmp_path: Path, client: str
+) -> None:
     root, _local = make_root(tmp_path)
     sshd.stop()
     waits: list[float] = []
-    transport = sftp_transport(sshd, root, sleep=waits.append, retries=3)
+    transport = sftp_transport(sshd, root, client, sleep=waits.append, retries=3)
     with transport, pytest.raises(TransportError, match="after 4 attempts"):
         transport.size(PACK)
     assert waits == [0.05, 0.1, 0.2]

@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance import logs
 from appliance.children import die_with_parent
@@ -22,6 +22,9 @@ from appliance.errors import ApplianceError
 from appliance.replication.bandwidth import Limiter, parse_timetable
 from appliance.replication.replicator import Replicator, Settings
 from appliance.replication.transports import Transport, open_transport
+
+if TYPE_CHECKING:
+    from appliance.catalog.store import Catalog
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +79,7 @@ def run_replication(config: Config) -> None:
     """Replicate until SIGTERM (the child process's work)."""
     die_with_parent()
     logs.setup(config.get("logging.level"), config.get("logging.format"))
-    from appliance.catalog import replication
     from appliance.catalog.store import Catalog
-    from appliance.hsm.tiers import open_tiers
     from appliance.storage.lock import TierLock
 
     # One replicator per archive: a second one (a service restarted while
@@ -99,30 +100,52 @@ def run_replication(config: Config) -> None:
 
     catalog = Catalog(config.catalog_path, config.get("storage.catalog_max_size"))
     try:
-        try:
-            transport = open_mirror(config)
-        except ApplianceError as exc:
-            logger.error("cannot reach the mirror: %s", exc)
-            replication.set_mirror_mark(
-                catalog, "last_error", f"{time.time():.0f} {exc}"
-            )
-            stop.wait(_RETRY_START)
-            return
-        try:
-            replicator = Replicator(
-                catalog,
-                open_tiers(config),
-                transport,
-                config.data_dir / "spool" / "mirror",
-                settings(config),
-                throttle=bandwidth.acquire,
-            )
-            logger.info(
-                "replication to the %s mirror started", config.get("mirror.kind")
-            )
-            replicator.run(stop)
-        finally:
-            transport.close()
+        _replicate(config, catalog, stop, bandwidth)
     finally:
         catalog.close()
         lock.release()
+
+
+def open_mirrors(config: Config) -> tuple[Transport, Transport | None]:
+    """The transport for uploads, and one for read-backs (a second
+    connection, so that a pack is read back while the next one uploads)
+    when ``replication.verify_after_upload`` is on."""
+    transport = open_mirror(config)
+    if not config.get("replication.verify_after_upload"):
+        return transport, None
+    try:
+        return transport, open_mirror(config)
+    except BaseException:
+        transport.close()
+        raise
+
+
+def _replicate(
+    config: Config, catalog: Catalog, stop: threading.Event, bandwidth: Limiter
+) -> None:
+    from appliance.catalog import replication
+    from appliance.hsm.tiers import open_tiers
+
+    try:
+        transport, verifier = open_mirrors(config)
+    except ApplianceError as exc:
+        logger.error("cannot reach the mirror: %s", exc)
+        replication.set_mirror_mark(catalog, "last_error", f"{time.time():.0f} {exc}")
+        stop.wait(_RETRY_START)
+        return
+    try:
+        replicator = Replicator(
+            catalog,
+            open_tiers(config),
+            transport,
+            config.data_dir / "spool" / "mirror",
+            settings(config),
+            throttle=bandwidth.acquire,
+            verifier=verifier,
+        )
+        logger.info("replication to the %s mirror started", config.get("mirror.kind"))
+        replicator.run(stop)
+    finally:
+        transport.close()
+        if verifier is not None:
+            verifier.close()

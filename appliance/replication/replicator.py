@@ -12,14 +12,24 @@ For each batch (up to ``replication.batch_bytes``, or whatever waited
        off-site copy, take them off the queue, journal it
     5. upload the journal entries written since the last upload
 
+While one pack goes through 2 to 5, the next batch's pack is written in a
+thread of its own (zstd, SHA-256 and AES-GCM release the GIL); given a
+second connection to the mirror (``verifier``), step 3 of a pack runs in
+another thread while step 2 of the next one runs. At most
+``prepare_ahead`` packs wait in the spool written and not yet uploaded
+(:mod:`.spool`). Packs are recorded one at a time, in the order of their
+numbers.
+
 A crash anywhere before 4 leaves the instances queued: the next run sends
-them again in a new pack, and the earlier remote file, never recorded, is
-an orphan that counts for nothing. Remote names are pack ids and numbers,
-never UIDs or patient data; the mirror holds ciphertext only.
+the packs left whole in the spool first, in order, or else packs the
+instances again, and an earlier remote file never recorded is an orphan
+that counts for nothing. Remote names are pack ids and numbers, never UIDs
+or patient data; the mirror holds ciphertext only.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -43,7 +53,9 @@ from appliance.hsm.packing import LevelAttributes, instance_meta
 from appliance.hsm.recall import Recaller
 from appliance.hsm.tiers import ONLINE, Tiers
 from appliance.replication.audit import audit
-from appliance.storage import durable, sealed
+from appliance.replication.background import Background
+from appliance.replication.spool import Spool, SpooledPack
+from appliance.storage import sealed
 from appliance.storage.packs import PackReader, PackWriter
 from appliance.storage.packs.manifest import InstanceMeta
 from appliance.storage.streams import reader_over
@@ -52,6 +64,10 @@ logger = logging.getLogger(__name__)
 
 # Seconds between two shares of the rolling audit of the mirror.
 _AUDIT_EVERY = 3600.0
+# Queue entries read for a batch beyond those already packed (more are read
+# when the batch is not full with them), and the most ever read at once.
+_LOOK_AHEAD = 256
+_QUEUE_LIMIT = 100_000
 
 
 class Transport(Protocol):
@@ -69,6 +85,8 @@ class Transport(Protocol):
 
     def get(self, name: str) -> Any: ...
 
+    def connect(self) -> None: ...
+
 
 @dataclass
 class Settings:
@@ -80,6 +98,8 @@ class Settings:
     verify_after_upload: bool = True
     # The whole mirror is read back once in this many days (0: never).
     audit_days: float = 90.0
+    # Packs written ahead into the spool while another one uploads (0: none).
+    prepare_ahead: int = 1
 
 
 @dataclass
@@ -92,52 +112,16 @@ class Batch:
     seconds: float
 
 
-@dataclass
-class _Pending:
-    """A pack in the spool waiting to reach the mirror, and what it holds."""
+class _Stopped(Exception):
+    """The replicator was closed while it wrote a pack (not a failure)."""
 
-    path: Path
-    pack_id: str
-    size: int
-    sha256: str
-    members: dict[str, str]  # SOP Instance UID -> member name
-    checksums: dict[str, str]  # SOP Instance UID -> SHA-256 of its bytes
-    numbers: dict[str, list[int]]  # SOP Instance UID -> its queue entries
-    key_id: str | None = None  # the master key that wraps the pack's data key
 
-    def save(self) -> None:
-        note = {
-            "pack_id": self.pack_id,
-            "size": self.size,
-            "sha256": self.sha256,
-            "members": self.members,
-            "checksums": self.checksums,
-            "numbers": self.numbers,
-            "key_id": self.key_id,
-        }
-        temporary = self.path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(note))
-        durable.move_into_place(
-            temporary, self.path.with_suffix(".json"), self.path.parent
-        )
+class _Preparation(Background):
+    """A pack being written ahead, and the queue entries it takes."""
 
-    @classmethod
-    def load(cls, note: Path) -> _Pending | None:
-        path = note.with_suffix(".pack")
-        try:
-            data = json.loads(note.read_text())
-            if path.stat().st_size != data["size"]:
-                raise ValueError("the spooled pack is cut short")
-            return cls(path=path, **data)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            logger.warning("dropping the unfinished upload %s: %s", note.name, exc)
-            note.unlink(missing_ok=True)
-            path.unlink(missing_ok=True)
-            return None
-
-    def discard(self) -> None:
-        self.path.with_suffix(".json").unlink(missing_ok=True)
-        self.path.unlink(missing_ok=True)
+    def __init__(self, batch: list[Queued], work: Callable[[list[Queued]], object]):
+        self.numbers = {entry.number for entry in batch}
+        super().__init__(functools.partial(work, batch), "replication-pack")
 
 
 class Replicator:
@@ -152,6 +136,7 @@ class Replicator:
         settings: Settings | None = None,
         throttle: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.time,
+        verifier: Transport | None = None,
     ) -> None:
         if tiers.keys is None:
             raise StorageError(
@@ -160,110 +145,257 @@ class Replicator:
         self.catalog = catalog
         self.tiers = tiers
         self.transport = transport
+        # A second connection to the mirror for read-backs, which then run
+        # beside the next upload; without it they run before it.
+        self.verifier = verifier
         self.spool = spool
         self.settings = settings or Settings()
         self.throttle = throttle
         self.clock = clock
         self.recaller = Recaller(catalog, tiers)
         spool.mkdir(parents=True, exist_ok=True)
+        self._pending = Spool(spool / "pending")
+        self._pending.clean()
+        self._ahead: _Preparation | None = None
+        self._uploaded: set[str] = set()  # packs put on the mirror, unrecorded
+        self._stopping = threading.Event()
 
     # -- one step at a time -------------------------------------------------------
 
     def ready(self) -> list[Queued]:
         """The next batch, if it is due: full, or its oldest entry has waited
-        long enough; else nothing."""
-        batch: list[Queued] = []
-        total = 0
-        for entry in replication.queued(self.catalog, limit=100_000):
-            batch.append(entry)
-            total += entry.size
-            if total >= self.settings.batch_bytes:
-                return batch
+        long enough; else nothing. Entries already in a pack in the spool
+        (or being written into one) are not part of it."""
+        held = self._held()
+        wanted = len(held) + _LOOK_AHEAD
+        while True:
+            entries = replication.queued(self.catalog, limit=wanted)
+            batch, full = self._batch_of(entries, held)
+            if full or len(entries) < wanted or wanted >= _QUEUE_LIMIT:
+                break
+            # The batch needs more of the queue than was read: read more.
+            wanted = min(wanted * 4, _QUEUE_LIMIT)
+        if full:
+            return batch
         if batch and self.clock() - batch[0].time >= self.settings.batch_seconds:
             return batch
         return []
 
-    def send(self, batch: list[Queued]) -> Batch | None:
-        """Pack, upload, verify and record one batch; None when it held
-        nothing left to send.
+    def _batch_of(
+        self, entries: list[Queued], held: set[int]
+    ) -> tuple[list[Queued], bool]:
+        """The entries of a batch, oldest first, and whether it is full."""
+        batch: list[Queued] = []
+        total = 0
+        for entry in entries:
+            if entry.number in held:
+                continue
+            batch.append(entry)
+            total += entry.size
+            if total >= self.settings.batch_bytes:
+                return batch, True
+        return batch, False
 
-        A pack whose upload failed stays in the spool with what it holds
-        (``pending/``), and is sent again before any new batch: the
-        transport resumes it from the part the mirror already has.
+    def waiting(self) -> bool:
+        """Whether packs are written (or being written) for the mirror."""
+        return self._ahead is not None or not self._pending.empty()
+
+    def send(self, batch: list[Queued]) -> Batch | None:
+        """Upload, verify and record one pack: the oldest in the spool, or
+        else the pack of ``batch``; None when there was nothing to send.
+
+        Meanwhile, in other threads, the next due batch is packed into the
+        spool, and (with a verifier) this pack is read back while the next
+        one uploads. A pack whose upload failed stays in the spool with
+        what it holds (``pending/``) and is sent again before any other:
+        the transport resumes it from the part the mirror already has. A
+        pack that fails its read-back is dropped from the spool; its
+        instances stay queued and go in a new pack.
         """
         started = time.monotonic()
-        pending = self._pending()
-        if pending is None:
-            pending = self._prepare(batch)
-            if pending is None:
-                return None
+        pack = self._next_pack(batch)
+        if pack is None:
+            return None
+        self._prepare_ahead()
 
-        remote = f"packs/{pending.pack_id[-3:]}/{pending.pack_id}.pack"
-        self.transport.put(
-            remote, pending.path, pending.size, pending.sha256, throttle=self.throttle
-        )
+        remote = _remote_name(pack)
+        self._upload(pack)
         if self.settings.verify_after_upload:
-            self._verify_remote(remote, pending.pack_id)
-        self._record(pending, remote)
-        pending.discard()
+            self._verify(pack, remote)
+        self._record(pack, remote)
+        pack.discard()
+        self._uploaded.discard(pack.pack_id)
         self.send_journal()
 
         elapsed = time.monotonic() - started
         logger.info(
             "pack %s on the mirror: %d instances, %d bytes in %.1f s",
-            pending.pack_id,
-            len(pending.members),
-            pending.size,
+            pack.pack_id,
+            len(pack.members),
+            pack.size,
             elapsed,
         )
-        return Batch(pending.pack_id, len(pending.members), pending.size, elapsed)
+        return Batch(pack.pack_id, len(pack.members), pack.size, elapsed)
 
-    def _prepare(self, batch: list[Queued]) -> _Pending | None:
+    def close(self) -> None:
+        """Stop writing ahead: wait for the pack being written (it ends at
+        the next instance), which stays in the spool if it was finished."""
+        self._stopping.set()
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return
+        try:
+            ahead.finish()
+        except Exception as exc:
+            logger.info("the pack being written ahead was left: %s", exc)
+
+    def _next_pack(self, batch: list[Queued]) -> SpooledPack | None:
+        """The oldest pack in the spool; else the one being written ahead;
+        else the pack of ``batch``, written while the mirror's connections
+        open."""
+        if self._ahead is not None and self._ahead.done():
+            self._collect()
+        found = self._spooled_after("")
+        if found is not None:
+            return found
+        if self._ahead is None:
+            if not batch:
+                return None
+            self._ahead = _Preparation(batch, self._prepare)
+            self._connect()
+        self._collect()
+        return self._spooled_after("")
+
+    def _connect(self) -> None:
+        self.transport.connect()
+        if self.verifier is not None and self.settings.verify_after_upload:
+            self.verifier.connect()
+
+    def _spooled_after(self, pack_id: str) -> SpooledPack | None:
+        """The oldest pack in the spool numbered after ``pack_id``."""
+        for pack in self._pending.packs():
+            if pack.pack_id <= pack_id:
+                continue
+            if not replication.pack_is_recorded(self.catalog, pack.pack_id):
+                return pack
+            # A crash came between recording it and removing it.
+            pack.discard()
+        return None
+
+    def _collect(self) -> None:
+        """Wait for the pack being written ahead; raise what stopped it."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.finish()
+
+    def _prepare_ahead(self) -> None:
+        """Start writing the next due batch's pack, unless one is being
+        written or ``prepare_ahead`` packs wait in the spool unsent (the
+        one uploading now counts among them)."""
+        if self._ahead is not None:
+            return
+        unsent = [p for p in self._pending.packs() if p.pack_id not in self._uploaded]
+        if len(unsent) > self.settings.prepare_ahead:
+            return
+        batch = self.ready()
+        if batch:
+            self._ahead = _Preparation(batch, self._prepare)
+
+    def _upload(self, pack: SpooledPack) -> None:
+        if pack.pack_id in self._uploaded:
+            return  # while the pack before it was read back
+        self.transport.put(
+            _remote_name(pack),
+            pack.path,
+            pack.size,
+            pack.sha256,
+            throttle=self.throttle,
+        )
+        self._uploaded.add(pack.pack_id)
+
+    def _verify(self, pack: SpooledPack, remote: str) -> None:
+        """Read the pack back and check it; with a verifier, in a thread of
+        its own while the next pack in the spool uploads. A pack the mirror
+        does not give back whole is dropped from the spool."""
+        try:
+            if self.verifier is None:
+                self._verify_remote(self.transport, remote, pack.pack_id)
+                return
+            check = functools.partial(
+                self._verify_remote, self.verifier, remote, pack.pack_id
+            )
+            reading = Background(check, "replication-check")
+            self._upload_next(pack)
+            reading.finish()
+        except BaseException as exc:
+            # Put again next time (a put finds the file if it is whole), or
+            # dropped when the mirror gave back something else than was sent.
+            self._uploaded.discard(pack.pack_id)
+            if isinstance(exc, StorageError):
+                pack.discard()
+            raise
+
+    def _upload_next(self, current: SpooledPack) -> None:
+        """Upload the pack after ``current`` (waiting while it is written);
+        a failure is left for the ``send`` of that pack to meet again."""
+        try:
+            following = self._spooled_after(current.pack_id)
+            if following is None and self._ahead is not None:
+                self._collect()
+                following = self._spooled_after(current.pack_id)
+            if following is not None:
+                self._upload(following)
+                self._prepare_ahead()
+        except (ApplianceError, OSError) as exc:
+            logger.warning("the pack after %s waits: %s", current.pack_id, exc)
+
+    def _held(self) -> set[int]:
+        """Queue entries in a pack in the spool or being written."""
+        held: set[int] = set()
+        for pack in self._pending.packs():
+            held |= pack.queue_numbers()
+        if self._ahead is not None:
+            held |= self._ahead.numbers
+        return held
+
+    def _prepare(self, batch: list[Queued]) -> SpooledPack | None:
         """Write the pack of a batch into the spool, with a note of what it
-        holds; None when nothing of the batch is left to send."""
+        holds; None when nothing of the batch is left to send. Runs in the
+        replicator's thread or in the one writing ahead."""
         records, gone = self._records(batch)
         if gone:
             replication.drop_from_queue(self.catalog, gone)
         if not records:
             return None
         pack_id = copies.next_pack_id(self.catalog)
-        folder = self.spool / "pending"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{pack_id}.pack"
-        with tempfile.TemporaryDirectory(dir=self.spool) as staging:
-            summary, sources, key_id = self._write_pack(
-                path, pack_id, records, Path(staging)
+        written = self._pending.writing_path(pack_id)
+        try:
+            with tempfile.TemporaryDirectory(dir=self.spool) as staging:
+                summary, sources, key_id = self._write_pack(
+                    written, pack_id, records, Path(staging)
+                )
+            pack = SpooledPack(
+                path=self._pending.folder / f"{pack_id}.pack",
+                pack_id=pack_id,
+                size=summary.bytes_written,
+                sha256=summary.sha256,
+                members={
+                    e.sop_instance_uid: e.member for e in summary.manifest.instances
+                },
+                checksums={
+                    r.sop_instance_uid: r.sha256
+                    for r in records
+                    if r.sop_instance_uid in sources
+                },
+                numbers=_numbers(batch),
+                key_id=key_id,
             )
-        pending = _Pending(
-            path=path,
-            pack_id=pack_id,
-            size=summary.bytes_written,
-            sha256=summary.sha256,
-            members={e.sop_instance_uid: e.member for e in summary.manifest.instances},
-            checksums={
-                r.sop_instance_uid: r.sha256
-                for r in records
-                if r.sop_instance_uid in sources
-            },
-            numbers=_numbers(batch),
-            key_id=key_id,
-        )
-        pending.save()
-        return pending
+            self._pending.add(written, pack)
+        finally:
+            written.unlink(missing_ok=True)
+        return pack
 
-    def _pending(self) -> _Pending | None:
-        """A pack whose upload an earlier attempt did not finish."""
-        folder = self.spool / "pending"
-        for pack in folder.glob("*.pack"):
-            if not pack.with_suffix(".json").exists():
-                pack.unlink()  # written by a process that died before its note
-        for note in sorted(folder.glob("*.json")):
-            found = _Pending.load(note)
-            if found is not None:
-                return found
-        return None
-
-    def _record(self, pending: _Pending, remote: str) -> None:
+    def _record(self, pending: SpooledPack, remote: str) -> None:
         pack = PackRecord(
             pack_id=pending.pack_id,
             study_uid="",
@@ -346,13 +478,19 @@ class Replicator:
 
     def run(self, stop: threading.Event, idle: float = 1.0) -> None:
         """Replicate until ``stop`` is set; errors are logged and retried."""
+        try:
+            self._run(stop, idle)
+        finally:
+            self.close()
+
+    def _run(self, stop: threading.Event, idle: float) -> None:
         backoff = idle
         while not stop.is_set():
             try:
                 if self.snapshot_due():
                     self.send_snapshot()
                 batch = self.ready()
-                if batch:
+                if batch or self.waiting():
                     self.send(batch)
                     if backoff > idle:
                         replication.set_mirror_mark(self.catalog, "last_error", "")
@@ -395,19 +533,33 @@ class Replicator:
         self, path: Path, pack_id: str, records: list[InstanceRecord], folder: Path
     ) -> tuple[Any, set[str], str]:
         """Write the pack of the records whose bytes can be read now; what
-        was written, the instances in it, and the master key id."""
+        was written, the instances in it, and the master key id.
+
+        The pack writer checks every instance's SHA-256 as it reads it, so
+        online copies are not hashed beforehand. When one of them fails that
+        check (or cannot be read), the pack is written again, each online
+        copy checked first and another copy recalled in place of a bad one.
+        """
+        try:
+            return self._pack_records(path, pack_id, records, folder, check=False)
+        except StorageError as exc:  # a SourceMismatchError among others
+            logger.warning(
+                "pack %s: %s; writing it again, checking every online copy first",
+                pack_id,
+                exc,
+            )
+        return self._pack_records(path, pack_id, records, folder, check=True)
+
+    def _pack_records(
+        self,
+        path: Path,
+        pack_id: str,
+        records: list[InstanceRecord],
+        folder: Path,
+        check: bool,
+    ) -> tuple[Any, set[str], str]:
         assert self.tiers.keys is not None
-        levels = LevelAttributes(self.catalog)
-        items: list[tuple[InstanceMeta, Path]] = []
-        for record in records:
-            source = self._source(record, folder)
-            if source is None:
-                logger.warning(
-                    "instance %s cannot be read now; it stays queued",
-                    record.sop_instance_uid,
-                )
-                continue
-            items.append((instance_meta(record, levels), source))
+        items = self._items(records, folder, check)
         if not items:
             raise StorageError("no queued instance can be read now")
         key = self.tiers.keys.new_data_key()
@@ -415,19 +567,36 @@ class Replicator:
             writer = PackWriter(out, pack_id, None, key)
             writer.add_all(items)
             summary = writer.close()
-        return (
-            summary,
-            {meta.sop_instance_uid for meta, _path in items},
-            (key.master_key_id),
-        )
+        return summary, {meta.sop_instance_uid for meta, _ in items}, key.master_key_id
 
-    def _source(self, record: InstanceRecord, folder: Path) -> Path | None:
-        """The instance's stored bytes: its online file, or a copy taken out
-        of the nearest readable pack."""
+    def _items(
+        self, records: list[InstanceRecord], folder: Path, check: bool
+    ) -> list[tuple[InstanceMeta, Path]]:
+        """What the pack is written from: each record's meta and bytes."""
+        levels = LevelAttributes(self.catalog)
+        items: list[tuple[InstanceMeta, Path]] = []
+        for record in records:
+            if self._stopping.is_set():
+                raise _Stopped("replication is stopping; the pack was left")
+            source = self._source(record, folder, check)
+            if source is None:
+                logger.warning(
+                    "instance %s cannot be read now; it stays queued",
+                    record.sop_instance_uid,
+                )
+                continue
+            items.append((instance_meta(record, levels), source))
+        return items
+
+    def _source(self, record: InstanceRecord, folder: Path, check: bool) -> Path | None:
+        """The instance's stored bytes: its online file (hashed first if
+        ``check``), or a copy taken out of the nearest readable pack."""
         online = record.copy_on(ONLINE)
         if online is not None:
             path = self.tiers.online.path_of(online.location)
-            if _sha256_of(path) == record.sha256:
+            if check and _sha256_of(path) == record.sha256:
+                return path
+            if not check and path.is_file():
                 return path
             logger.error(
                 "the online copy of %s is missing or damaged; reading another copy",
@@ -436,9 +605,9 @@ class Replicator:
         staged = folder / f"{len(list(folder.iterdir()))}.dcm"
         return staged if self.recaller.copy_out(record, staged) else None
 
-    def _verify_remote(self, remote: str, pack_id: str) -> None:
+    def _verify_remote(self, transport: Transport, remote: str, pack_id: str) -> None:
         """Read the pack back from the mirror and check every instance."""
-        stream = reader_over(iter(self.transport.get(remote)))
+        stream = reader_over(iter(transport.get(remote)))
         try:
             report = PackReader(stream, self.tiers.keys).read_all()
         finally:
@@ -458,6 +627,11 @@ class Replicator:
             self.transport.put(
                 name, path, path.stat().st_size, digest, throttle=self.throttle
             )
+
+
+def _remote_name(pack: SpooledPack) -> str:
+    """Where a pack goes on the mirror: a folder per last three digits."""
+    return f"packs/{pack.pack_id[-3:]}/{pack.pack_id}.pack"
 
 
 def _numbers(batch: list[Queued]) -> dict[str, list[int]]:

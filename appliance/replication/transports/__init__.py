@@ -1,5 +1,5 @@
 """Transports to the off-site mirror: one interface, a folder and an SFTP
-backend.
+backend (through OpenSSH's ssh, or paramiko).
 
 ::
 
@@ -13,6 +13,7 @@ from appliance.replication.transports.base import ByteCallback, Transport
 from appliance.replication.transports.directory import DirectoryTransport
 from appliance.replication.transports.factory import KINDS, open_transport
 from appliance.replication.transports.names import is_valid_name, validate_name
+from appliance.replication.transports.openssh import OpensshTransport
 from appliance.replication.transports.settings import DirectorySettings, SftpSettings
 from appliance.replication.transports.sftp import SftpTransport
 
@@ -21,6 +22,7 @@ __all__ = [
     "ByteCallback",
     "DirectorySettings",
     "DirectoryTransport",
+    "OpensshTransport",
     "SftpSettings",
     "SftpTransport",
     "Transport",

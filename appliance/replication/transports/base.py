@@ -160,6 +160,11 @@ class Transport(ABC):
             hasher.update(chunk)
         return hasher.hexdigest()
 
+    def connect(self) -> None:  # noqa: B027 (optional: most mirrors need none)
+        """Open the connection now, if the mirror has one; otherwise the
+        first operation opens it. Lets a caller overlap the SSH handshake
+        with other work."""
+
     @abstractmethod
     def close(self) -> None:
         """Release the connection; the transport may not be used again."""

@@ -4,6 +4,7 @@ Every key has a unit and, unless it is required, a default::
 
     [mirror]
     kind = "sftp"                 # "directory" or "sftp"
+    client = "openssh"            # sftp: "openssh" (the ssh program) or "paramiko"
     path = "/mnt/mirror"          # directory: the mirror folder (must exist)
     host = "mirror.example.org"   # sftp: required
     port = 22
@@ -30,6 +31,8 @@ from typing import TypeVar
 
 from appliance.errors import ConfigError
 
+# The SFTP clients: OpenSSH's ssh as a child process, or paramiko in-process.
+CLIENTS = ("openssh", "paramiko")
 MIN_BLOCK_SIZE = 32 * 1024
 MAX_BLOCK_SIZE = 16 * 1024 * 1024
 
@@ -55,6 +58,7 @@ class SftpSettings:
     key_file: Path
     known_hosts: Path
     port: int = 22
+    client: str = "openssh"
     remote_path: str = "."
     timeout: float = 30.0
     stall_timeout: float = 120.0
@@ -72,6 +76,8 @@ class SftpSettings:
     def problems(self) -> list[tuple[str, str]]:
         """What is wrong with these values, as ``(key, message)``."""
         found = _block_size_problems(self.block_size)
+        if self.client not in CLIENTS:
+            found.append(("mirror.client", f"must be one of {', '.join(CLIENTS)}"))
         if not 0 < self.port < 65536:
             found.append(("mirror.port", f"{self.port} is not a TCP port"))
         for key in ("timeout", "stall_timeout", "backoff", "backoff_max"):

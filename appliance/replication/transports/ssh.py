@@ -17,6 +17,10 @@ from pathlib import Path
 import paramiko
 
 from appliance.errors import HostKeyError, TransportError
+from appliance.replication.transports.hostkeys import (
+    changed_key_message,
+    unknown_host_message,
+)
 from appliance.replication.transports.settings import SftpSettings
 
 logger = logging.getLogger(__name__)
@@ -64,13 +68,8 @@ class _RefuseUnknownHost(paramiko.MissingHostKeyPolicy):
     def missing_host_key(
         self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
     ) -> None:
-        raise HostKeyError(
-            f"the mirror {hostname} offered the {key.get_name()} host key "
-            f"{key.fingerprint}, which {self.known_hosts} does not list, so "
-            "nothing was sent. Check this fingerprint with the mirror's "
-            "administrator (ssh-keygen -lf on the mirror's host key file), "
-            f"then add the mirror's host key line to {self.known_hosts}"
-        )
+        offered = f"{key.get_name()} {key.fingerprint}"
+        raise HostKeyError(unknown_host_message(hostname, offered, self.known_hosts))
 
 
 def open_session(settings: SftpSettings) -> Session:
@@ -137,16 +136,10 @@ def _fast_transport(sock: object, **kwargs: object) -> paramiko.Transport:
 def _changed_key_message(
     settings: SftpSettings, exc: paramiko.BadHostKeyException
 ) -> str:
-    return (
-        f"the mirror {settings.host}:{settings.port} offered the "
-        f"{exc.key.get_name()} host key {exc.key.fingerprint}, but "
-        f"{settings.known_hosts} pins {exc.expected_key.get_name()} "
-        f"{exc.expected_key.fingerprint} for it. Nothing was sent. Either the "
-        "mirror was reinstalled or its key replaced, or someone is "
-        "intercepting the connection. If the change is expected, check the "
-        "new fingerprint with the mirror's administrator and replace the "
-        f"mirror's line in {settings.known_hosts}"
-    )
+    offered = f"{exc.key.get_name()} {exc.key.fingerprint}"
+    pinned = f"{exc.expected_key.get_name()} {exc.expected_key.fingerprint}"
+    host = f"{settings.host}:{settings.port}"
+    return changed_key_message(host, offered, pinned, settings.known_hosts)
 
 
 def _pin_host_keys(client: paramiko.SSHClient, known_hosts: Path) -> None:
