@@ -17,6 +17,7 @@ from appliance import (
     cli_keys,
     cli_prefetch,
     cli_replication,
+    cli_restore,
     cli_tiers,
     cli_volumes,
     logs,
@@ -269,6 +270,7 @@ for commands in (
     cli_volumes,
     cli_keys,
     cli_replication,
+    cli_restore,
     cli_prefetch,
     cli_hardware,
 ):

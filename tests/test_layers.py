@@ -61,6 +61,18 @@ FORBIDDEN = {
     "appliance.config": ("appliance.dicom", "appliance.catalog", "appliance.storage"),
     "appliance.hsm": ("appliance.dicom", "appliance.service", "appliance.cli"),
     "appliance.hsm.policy": ("appliance.",),
+    # A restore drives the catalog, the tiers and the mirror; nothing above.
+    "appliance.restore": ("appliance.dicom", "appliance.service", "appliance.cli"),
+    # HL7 is a protocol layer: it records nothing and knows no catalog.
+    "appliance.hl7": (
+        "appliance.catalog",
+        "appliance.storage",
+        "appliance.prefetch",
+        "appliance.dicom",
+        "appliance.service",
+        "appliance.cli",
+    ),
+    "appliance.prefetch": ("appliance.dicom", "appliance.service", "appliance.cli"),
     # Hardware checks and sizing read the host and the configuration only.
     "appliance.hardware": ("appliance.dicom", "appliance.service", "appliance.cli"),
     # Mirror transports move opaque, already encrypted files: no catalog, no

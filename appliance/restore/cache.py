@@ -1,0 +1,151 @@
+"""Packs fetched from the mirror, kept on local disk while they are needed,
+and the mirror seen as a pack tier so that recall can read them.
+
+A pack is fetched whole (the transport reads files from their start), so
+each is fetched once and kept until every instance it holds for the
+restore was tried; the oldest-used packs make room when the cache reaches
+its size. Files are named by pack id: ``<folder>/p-000000123.pack``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Collection, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from appliance.errors import StorageError
+from appliance.restore.mirror import Fetcher, Received, RemoteFile
+from appliance.storage.keys import DataKey, KeyStore
+from appliance.storage.packs import PackReader, PackSummary
+from appliance.storage.packs.manifest import InstanceMeta, check_pack_id
+from appliance.storage.packs.writer import Source
+
+logger = logging.getLogger(__name__)
+
+
+class PackCache:
+    """Whole packs from the mirror in a local folder, at most ``limit`` bytes
+    of them besides the one being fetched."""
+
+    def __init__(self, folder: Path, fetcher: Fetcher, limit: int) -> None:
+        self.folder = folder
+        self.fetcher = fetcher
+        self.limit = limit
+        folder.mkdir(parents=True, exist_ok=True)
+        for leftover in folder.glob(".*.part"):
+            leftover.unlink(missing_ok=True)
+        # pack id -> when last used; packs fetched by an earlier run count.
+        self._used = {path.stem: path.stat().st_mtime for path in self._files()}
+
+    def path_of(self, pack_id: str) -> Path:
+        return self.folder / f"{check_pack_id(pack_id)}.pack"
+
+    def holds(self, pack_id: str) -> bool:
+        return pack_id in self._used
+
+    def fetch(
+        self,
+        pack_id: str,
+        remote: RemoteFile,
+        sha256: str | None = None,
+        received: Received | None = None,
+        keep: Collection[str] = (),
+    ) -> Path:
+        """The local copy of a pack, fetched now unless the cache holds it.
+
+        A copy whose size or SHA-256 differs from what the catalog recorded
+        is kept all the same: each instance in it is checked when it is
+        extracted, so the undamaged ones can still be restored. Packs in
+        ``keep`` (the others a study needs) are not dropped to make room.
+        """
+        path = self.path_of(pack_id)
+        if pack_id not in self._used:
+            self._make_room(remote.size, set(keep))
+            fetched = self.fetcher.fetch(remote.name, path, received)
+            if fetched.size != remote.size or (sha256 and fetched.sha256 != sha256):
+                logger.warning(
+                    "pack %s read from the mirror differs from its record "
+                    "(%d bytes, SHA-256 %s...); its instances are checked one "
+                    "by one",
+                    pack_id,
+                    fetched.size,
+                    fetched.sha256[:16],
+                )
+        self._used[pack_id] = time.monotonic()
+        return path
+
+    def drop(self, pack_id: str) -> None:
+        """Remove a pack nobody needs any more."""
+        if self._used.pop(pack_id, None) is not None:
+            self.path_of(pack_id).unlink(missing_ok=True)
+
+    def drop_all(self, keep: Iterable[str] = ()) -> None:
+        kept = set(keep)
+        for pack_id in list(self._used):
+            if pack_id not in kept:
+                self.drop(pack_id)
+
+    def _make_room(self, size: int, keep: set[str]) -> None:
+        while self._bytes() + size > self.limit:
+            unpinned = [pack_id for pack_id in self._used if pack_id not in keep]
+            if not unpinned:
+                return
+            oldest = min(unpinned, key=self._used.__getitem__)
+            logger.info("restore cache full: pack %s dropped", oldest)
+            self.drop(oldest)
+
+    def _bytes(self) -> int:
+        return sum(self.path_of(pack_id).stat().st_size for pack_id in self._used)
+
+    def _files(self) -> list[Path]:
+        return [path for path in self.folder.glob("p-*.pack") if path.is_file()]
+
+
+class MirrorTier:
+    """The mirror as a pack tier for recall, read through the pack cache.
+
+    Only packs the cache holds can be read; the restore fetches them before
+    it recalls a study. Nothing is ever written to or removed from the
+    mirror here.
+    """
+
+    def __init__(self, cache: PackCache) -> None:
+        self.cache = cache
+
+    def write(
+        self,
+        pack_id: str,
+        items: Iterable[tuple[InstanceMeta, Source]],
+        study_uid: str,
+        key: DataKey | None,
+        keys: KeyStore | None = None,
+    ) -> tuple[str, PackSummary]:
+        raise StorageError("packs reach the mirror through replication only")
+
+    @contextmanager
+    def reader(
+        self,
+        location: str,
+        pack_id: str,
+        size: int,
+        sha256: str,
+        keys: KeyStore | None = None,
+    ) -> Iterator[PackReader]:
+        if not self.cache.holds(pack_id):
+            raise StorageError(f"pack {pack_id} could not be read from the mirror")
+        with PackReader.open(self.cache.path_of(pack_id), keys) as reader:
+            if reader.pack_id != pack_id:
+                raise StorageError(f"{location} holds pack {reader.pack_id}")
+            yield reader
+
+    def is_reachable(self, location: str) -> bool:
+        return True
+
+    def volume_of(self, location: str) -> str | None:
+        return None
+
+    def remove(self, location: str) -> None:
+        # The last verified copy may be this one: a restore never deletes it.
+        raise StorageError(f"a restore never removes {location} from the mirror")

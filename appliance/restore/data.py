@@ -1,0 +1,172 @@
+"""The second phase of a restore: the instances, back online.
+
+Studies are restored newest first (by study date, then by when they were
+received). For each, the packs holding its instances are fetched into the
+pack cache, then the study is recalled like any other: every instance is
+extracted, checked against the manifest and the catalog's SHA-256, written
+durably under a new online key, and the study's online copies are recorded
+in one transaction. A pack is dropped from the cache once every instance it
+holds for the restore was tried.
+
+Run again after an interruption, it skips the studies already online and
+removes the files the interrupted study left (:mod:`.staging`): nothing is
+restored twice. Instances keep their off-site copies and nothing is queued,
+so replication sends none of them again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from appliance.catalog import copies
+from appliance.catalog.records import InstanceRecord
+from appliance.catalog.replication import OFFSITE
+from appliance.catalog.store import Catalog
+from appliance.hsm.recall import Progress as RecallProgress
+from appliance.hsm.recall import Recaller
+from appliance.hsm.tiers import ONLINE, Tiers
+from appliance.restore.cache import MirrorTier, PackCache
+from appliance.restore.mirror import MirrorContents
+from appliance.restore.staging import NotedOnlineTier, StagingNote
+from appliance.storage.keys import KeyStore
+
+logger = logging.getLogger(__name__)
+
+# Called with (bytes restored so far, bytes to restore, what happens now).
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class Plan:
+    """The studies to restore, newest first, and what they need."""
+
+    studies: list[str] = field(default_factory=list)
+    instances: int = 0
+    bytes: int = 0
+    # pack id -> instances still to restore from it
+    packs: Counter[str] = field(default_factory=Counter)
+
+
+class DataRestore:
+    """Brings every instance that is not online back from the mirror."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        online_root: Path,
+        reserved_bytes: int,
+        keys: KeyStore,
+        cache: PackCache,
+        contents: MirrorContents,
+        state_folder: Path,
+    ) -> None:
+        self.catalog = catalog
+        self.cache = cache
+        self.contents = contents
+        self.note = StagingNote(state_folder / "staging")
+        self.online = NotedOnlineTier(online_root, reserved_bytes, self.note)
+        self.online.open()
+        tiers = Tiers(self.online, {OFFSITE: MirrorTier(cache)}, keys)
+        self.recaller = Recaller(catalog, tiers)
+
+    def plan(self) -> Plan:
+        """What is left to restore, after tidying an interrupted run."""
+        self.online.discard_incoming()
+        self.note.clean_up(self.catalog, self.online)
+        plan = Plan()
+        dates: dict[str, tuple[str, float]] = {}
+        with self.catalog.read() as txn:
+            for uid, _data in self.catalog.all_records(txn, "instances"):
+                record = self.catalog.instance(txn, uid)
+                if record is None or record.copy_on(ONLINE) is not None:
+                    continue
+                pack_id = _pack_of(record)
+                if pack_id is None:
+                    continue  # no verified copy on the mirror: reported
+                plan.instances += 1
+                plan.bytes += record.size
+                plan.packs[pack_id] += 1
+                if record.study_uid not in dates:
+                    study = self.catalog.get(txn, "studies", record.study_uid) or {}
+                    date = study.get("attrs", {}).get("StudyDate", "")
+                    dates[record.study_uid] = (date, study.get("received", 0.0))
+        plan.studies = sorted(dates, key=dates.__getitem__, reverse=True)
+        # Packs fetched by an earlier run that no instance needs any more.
+        self.cache.drop_all(keep=plan.packs)
+        return plan
+
+    def run(self, plan: Plan, progress: Progress | None = None) -> int:
+        """Restore the planned studies; the instances staged online."""
+        done_bytes = 0
+        staged = 0
+        for number, study_uid in enumerate(plan.studies, 1):
+            records = [
+                r
+                for r in copies.instances_of(self.catalog, study_uid)
+                if r.copy_on(ONLINE) is None
+            ]
+            size = sum(r.size for r in records)
+            what = f"study {number} of {len(plan.studies)}"
+            # Stop before a full disk makes recall take good packs for bad.
+            self.online.check_room(size)
+            self._fetch_packs(records)
+            self.note.begin(study_uid)
+            try:
+                result = self.recaller.recall(
+                    study_uid, _share(progress, done_bytes, size, plan.bytes, what)
+                )
+            finally:
+                self.note.close()
+            self.note.end()
+            staged += result.staged
+            done_bytes += size
+            self._forget_packs(records, plan)
+            if progress is not None:
+                progress(done_bytes, plan.bytes, what)
+        return staged
+
+    def _fetch_packs(self, records: list[InstanceRecord]) -> None:
+        """Fetch the packs the study's instances are in, if the mirror has them."""
+        needed = {p for r in records if (p := _pack_of(r))}
+        for pack_id in sorted(needed):
+            remote = self.contents.packs.get(pack_id)
+            if remote is None:
+                logger.error("pack %s is not on the mirror", pack_id)
+                continue
+            with self.catalog.read() as txn:
+                pack = self.catalog.get(txn, "packs", pack_id) or {}
+            self.cache.fetch(pack_id, remote, pack.get("sha256"), keep=needed)
+
+    def _forget_packs(self, records: list[InstanceRecord], plan: Plan) -> None:
+        """Count the study's instances as tried; drop packs done with."""
+        for record in records:
+            pack_id = _pack_of(record)
+            if pack_id is None:
+                continue
+            plan.packs[pack_id] -= 1
+            if plan.packs[pack_id] <= 0:
+                del plan.packs[pack_id]
+                self.cache.drop(pack_id)
+
+
+def _pack_of(record: InstanceRecord) -> str | None:
+    """The pack of the instance's verified off-site copy."""
+    copy = record.copy_on(OFFSITE)
+    return copy.location.partition("/")[0] if copy is not None else None
+
+
+def _share(
+    progress: Progress | None, base: int, size: int, total: int, what: str
+) -> RecallProgress | None:
+    """A recall's progress (instances of one study) as restore progress."""
+    if progress is None:
+        return None
+
+    def report(done: int, count: int) -> None:
+        progress(base + size * done // max(count, 1), total, what)
+
+    return report

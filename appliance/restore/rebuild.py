@@ -1,0 +1,114 @@
+"""The first phase of a restore: the catalog, rebuilt from the mirror.
+
+Steps, each leaving a state the next run continues from::
+
+    catalog already rebuilt and checked?        -> nothing to do
+    catalog.rebuilt checked, not moved yet?     -> move it into place
+    otherwise: refuse a catalog holding instances; then
+      work catalog (snapshot + journal, or manifests)   restore/work/
+      -> fresh catalog in catalog.rebuilt (export)
+      -> nothing queued, numbers after the mirror's (finish)
+      -> check -> mark checked -> move into place
+
+Anything unchecked left by an interrupted run is made again from the start.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from appliance.catalog.store import Catalog
+from appliance.restore import swap
+from appliance.restore.cache import PackCache
+from appliance.restore.check import check
+from appliance.restore.export import export, finish, mark_checked
+from appliance.restore.mirror import Fetcher, MirrorContents
+from appliance.restore.sources import Progress, Sources, WorkCatalog
+from appliance.storage.keys import KeyStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Rebuild:
+    """What the catalog was rebuilt from, and what the mirror could not give."""
+
+    note: dict[str, Any]
+    done_before: bool = False  # an earlier run had rebuilt it
+    set_aside: Path | None = None
+    lost: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def source(self) -> str:
+        return str(self.note.get("source", ""))
+
+
+def rebuild_catalog(
+    catalog_path: Path,
+    map_size: int,
+    work_folder: Path,
+    fetcher: Fetcher,
+    contents: MirrorContents,
+    keys: KeyStore,
+    cache: PackCache,
+    scan: bool = False,
+    progress: Progress | None = None,
+) -> Rebuild:
+    """Rebuild the catalog at ``catalog_path`` from the mirror, unless it
+    already was (see the module for the steps)."""
+    note = swap.note_of(catalog_path)
+    if note is not None:
+        logger.info("the catalog was rebuilt already, from %s", note.get("source"))
+        return Rebuild(note, done_before=True, lost=note.get("lost", []))
+    rebuilt = swap.rebuilt_path(catalog_path)
+    note = swap.note_of(rebuilt)
+    if note is None:
+        swap.refuse_unless_empty(catalog_path)
+        shutil.rmtree(rebuilt, ignore_errors=True)
+        shutil.rmtree(work_folder, ignore_errors=True)
+        work_folder.mkdir(parents=True)
+        sources = Sources(
+            fetcher, contents, keys, work_folder, cache, map_size, progress
+        )
+        work = sources.build(scan)
+        try:
+            note = _write(work, rebuilt, map_size, contents)
+        finally:
+            work.catalog.close()
+    aside = swap.move_into_place(rebuilt, catalog_path)
+    shutil.rmtree(work_folder, ignore_errors=True)
+    return Rebuild(note, set_aside=aside, lost=note.get("lost", []))
+
+
+def _write(
+    work: WorkCatalog, rebuilt: Path, map_size: int, contents: MirrorContents
+) -> dict[str, Any]:
+    """Export, finish, check and mark the rebuilt catalog; its note."""
+    final = Catalog(rebuilt, map_size)
+    try:
+        exported = export(work.catalog, final, contents)
+        last_journal = max(work.last_journal, contents.last_journal_number)
+        next_pack = max(work.next_pack, contents.highest_pack + 1)
+        finish(final, last_journal, next_pack)
+        check(final, contents, exported.instances)
+        note = {
+            "source": work.source,
+            "instances": exported.instances,
+            "lost": exported.lost,
+            "missing_packs": sorted(exported.missing),
+            "unreadable_packs": work.unreadable,
+        }
+        mark_checked(final, note)
+    finally:
+        final.close()
+    logger.info(
+        "catalog rebuilt from %s: %d instances; %d never reached the mirror",
+        work.source,
+        exported.instances,
+        len(exported.lost),
+    )
+    return note

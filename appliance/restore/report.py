@@ -1,0 +1,105 @@
+"""The final report of a restore: every instance restored, missing or
+corrupt, by UID, from the catalog as it stands.
+
+An instance is *restored* once it has a verified online copy. One that
+has none is *corrupt* when the mirror holds its pack but the pack failed to
+give it (recall then stopped counting that copy), *missing* when the pack
+is not on the mirror or the instance never reached it, and *waiting* when
+its pack was not tried yet (an interrupted run: run it again).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from appliance.catalog.replication import OFFSITE
+from appliance.catalog.store import Catalog
+from appliance.hsm.tiers import ONLINE
+from appliance.restore.mirror import MirrorContents
+from appliance.storage import durable
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """An instance that is not back online, and why."""
+
+    sop_instance_uid: str
+    study_uid: str
+    reason: str
+    pack_id: str = ""
+
+
+@dataclass
+class Report:
+    """What a restore achieved, instance by instance."""
+
+    source: str
+    restored: list[str] = field(default_factory=list)
+    missing: list[Problem] = field(default_factory=list)
+    corrupt: list[Problem] = field(default_factory=list)
+    waiting: list[Problem] = field(default_factory=list)
+    restored_bytes: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.corrupt or self.waiting)
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["ok"] = self.ok
+        return data
+
+    def save(self, folder: Path) -> Path:
+        """Write the report as JSON in ``folder``; its path."""
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        path = folder / f"report-{stamp}.json"
+        temporary = folder / f".{path.name}.tmp"
+        temporary.write_text(json.dumps(self.as_json(), indent=1) + "\n")
+        durable.move_into_place(temporary, path, folder)
+        return path
+
+
+def final_report(
+    catalog: Catalog, contents: MirrorContents, note: dict[str, Any]
+) -> Report:
+    """Classify every instance of the catalog, and those that never reached
+    the mirror (``note["lost"]``, from the rebuild)."""
+    report = Report(str(note.get("source", "")))
+    with catalog.read() as txn:
+        for uid, _data in catalog.all_records(txn, "instances"):
+            record = catalog.instance(txn, uid)
+            assert record is not None
+            if record.copy_on(ONLINE) is not None:
+                report.restored.append(uid)
+                report.restored_bytes += record.size
+                continue
+            offsite = next((c for c in record.copies if c.tier == OFFSITE), None)
+            if offsite is None:
+                report.missing.append(
+                    Problem(uid, record.study_uid, "no copy on the mirror")
+                )
+                continue
+            pack_id = offsite.location.partition("/")[0]
+            if offsite.verified:
+                problem = Problem(uid, record.study_uid, "not tried yet", pack_id)
+                report.waiting.append(problem)
+            elif pack_id in contents.packs:
+                problem = Problem(uid, record.study_uid, "damaged in its pack", pack_id)
+                report.corrupt.append(problem)
+            else:
+                problem = Problem(
+                    uid, record.study_uid, "its pack is not on the mirror", pack_id
+                )
+                report.missing.append(problem)
+    for lost in note.get("lost", []):
+        report.missing.append(
+            Problem(lost["sop_instance_uid"], lost["study"], "never reached the mirror")
+        )
+    return report

@@ -1,0 +1,218 @@
+"""Where a rebuilt catalog's content comes from: the latest catalog snapshot
+that opens and the journal after it, or, failing those, every pack's
+manifest.
+
+Either way the result is a *work* catalog, in a folder of its own: the
+state of the lost appliance as far as the mirror knows it. Packs on the
+mirror that the snapshot and journal do not mention (uploaded just before
+the disaster, before their journal segment) are read as in a scan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from appliance.catalog import replication
+from appliance.catalog.store import Catalog
+from appliance.errors import ApplianceError, StorageError, TransportError
+from appliance.restore.cache import PackCache
+from appliance.restore.mirror import Fetcher, MirrorContents, Snapshot, pack_number
+from appliance.restore.replay import merge_manifest, replay_journal
+from appliance.storage.keys import KeyStore
+from appliance.storage.packs import PackReader
+
+logger = logging.getLogger(__name__)
+
+# Called with (packs read so far, packs to read).
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class WorkCatalog:
+    """The lost appliance's catalog as rebuilt, and how it was found."""
+
+    catalog: Catalog
+    source: str
+    # The last journal entry the lost appliance wrote, as far as known.
+    last_journal: int = 0
+    # The next pack number the lost appliance would have used (0: unknown).
+    next_pack: int = 0
+    # Packs whose manifest could not be read: pack id -> why.
+    unreadable: dict[str, str] = field(default_factory=dict)
+
+
+class Sources:
+    """Builds the work catalog from what the mirror holds."""
+
+    def __init__(
+        self,
+        fetcher: Fetcher,
+        contents: MirrorContents,
+        keys: KeyStore,
+        folder: Path,
+        cache: PackCache,
+        map_size: int,
+        progress: Progress | None = None,
+    ) -> None:
+        self.fetcher = fetcher
+        self.contents = contents
+        self.keys = keys
+        self.folder = folder
+        self.cache = cache
+        self.map_size = map_size
+        self.progress = progress
+
+    def build(self, scan: bool) -> WorkCatalog:
+        """The work catalog: from the snapshot and journal unless ``scan``
+        or those are missing or damaged, else from the pack manifests."""
+        if not scan:
+            try:
+                return self._from_history()
+            except TransportError:
+                raise
+            except ApplianceError as exc:
+                logger.warning("%s; rebuilding from the pack manifests instead", exc)
+        work = WorkCatalog(self._empty_catalog(), "the manifests of every pack")
+        self._merge_packs(work, sorted(self.contents.packs, key=pack_number))
+        return work
+
+    # -- snapshot and journal --------------------------------------------------
+
+    def _from_history(self) -> WorkCatalog:
+        opened = self._latest_snapshot()
+        if opened is None and not self.contents.segments:
+            raise StorageError("the mirror holds no catalog snapshot and no journal")
+        if opened is None:
+            catalog, included, name = self._empty_catalog(), 0, ""
+        else:
+            catalog, snapshot = opened
+            included = replication.last_journal_number(catalog)
+            name = snapshot.file.name
+        try:
+            return self._replay(catalog, included, name)
+        except BaseException:
+            catalog.close()
+            raise
+
+    def _replay(self, catalog: Catalog, included: int, name: str) -> WorkCatalog:
+        """The journal after the snapshot, then the packs it does not name."""
+        entries = self._journal_after(included)
+        replay_journal(catalog, entries)
+        last = entries[-1]["seq"] if entries else included
+        journal = f"journal entries {included + 1} to {last}"
+        work = WorkCatalog(
+            catalog,
+            f"{name} and {journal}" if name else f"{journal} (no snapshot opened)",
+            last_journal=last,
+            next_pack=_next_pack(catalog),
+        )
+        unknown = [
+            pack_id
+            for pack_id in sorted(self.contents.packs, key=pack_number)
+            if not replication.pack_is_recorded(catalog, pack_id)
+        ]
+        if unknown:
+            logger.info("%d pack(s) on the mirror the journal lacks", len(unknown))
+            work.source += f", and {len(unknown)} pack(s) the journal lacks"
+            self._merge_packs(work, unknown)
+        return work
+
+    def _latest_snapshot(self) -> tuple[Catalog, Snapshot] | None:
+        """The newest snapshot that opens, as a writable work catalog."""
+        for snapshot in self.contents.snapshots:
+            folder = self._fresh_folder()
+            try:
+                self.fetcher.fetch_sealed(
+                    snapshot.file, folder / "data.mdb", self.keys, self.folder
+                )
+                catalog = Catalog(folder, self.map_size)
+            except TransportError:
+                raise
+            except ApplianceError as exc:
+                logger.warning("snapshot %s does not open: %s", snapshot.file.name, exc)
+                continue
+            logger.info("catalog snapshot %s opened", snapshot.file.name)
+            return catalog, snapshot
+        return None
+
+    def _journal_after(self, included: int) -> list[dict[str, Any]]:
+        """Entries after ``included`` up to the last on the mirror, in order;
+        StorageError if any of them cannot be read."""
+        wanted = self.contents.last_journal_number
+        found: dict[int, dict[str, Any]] = {}
+        for segment in self.contents.segments:
+            if segment.last <= included:
+                continue
+            text = self.folder / "segment"
+            try:
+                self.fetcher.fetch_sealed(segment.file, text, self.keys, self.folder)
+                lines = text.read_text(encoding="utf-8").splitlines()
+                for entry in map(json.loads, lines):
+                    if entry["seq"] > included:
+                        found[entry["seq"]] = entry
+            except TransportError:
+                raise
+            except (ApplianceError, ValueError, KeyError, OSError) as exc:
+                logger.warning("journal segment %s: %s", segment.file.name, exc)
+            finally:
+                text.unlink(missing_ok=True)
+        gaps = [n for n in range(included + 1, wanted + 1) if n not in found]
+        if gaps:
+            raise StorageError(
+                f"journal entries {gaps[0]} to {gaps[-1]} cannot be read from the "
+                f"mirror ({len(gaps)} missing after entry {included})"
+            )
+        return [found[number] for number in sorted(found)]
+
+    # -- manifests -------------------------------------------------------------
+
+    def _merge_packs(self, work: WorkCatalog, pack_ids: list[str]) -> None:
+        """Read each pack's manifest (the whole pack is fetched: it stays in
+        the cache for the data restore) and merge it, oldest first."""
+        for done, pack_id in enumerate(pack_ids):
+            if self.progress is not None:
+                self.progress(done, len(pack_ids))
+            remote = self.contents.packs[pack_id]
+            path = self.cache.fetch(pack_id, remote)
+            try:
+                with PackReader.open(path, self.keys) as reader:
+                    manifest = reader.manifest()
+                digest = _sha256_of(path)
+            except ApplianceError as exc:
+                logger.error("pack %s: manifest unreadable: %s", pack_id, exc)
+                work.unreadable[pack_id] = str(exc)
+                self.cache.drop(pack_id)
+                continue
+            merge_manifest(work.catalog, manifest, remote, digest)
+            work.next_pack = max(work.next_pack, pack_number(pack_id) + 1)
+        if self.progress is not None:
+            self.progress(len(pack_ids), len(pack_ids))
+
+    def _empty_catalog(self) -> Catalog:
+        return Catalog(self._fresh_folder(), self.map_size)
+
+    def _fresh_folder(self) -> Path:
+        folder = self.folder / "catalog"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        return folder
+
+
+def _next_pack(catalog: Catalog) -> int:
+    with catalog.read() as txn:
+        return int(txn.get(b"next_pack", b"1", db=catalog.db["meta"]))
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

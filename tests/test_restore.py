@@ -1,0 +1,450 @@
+"""``appliance restore --from mirror`` from a directory mirror: an archive
+stored and replicated, then lost, comes back on a new data directory with
+every instance byte for byte and the same C-FIND answers; from the
+snapshot and journal, or from the pack manifests alone; interrupted and
+run again; with a pack damaged or missing on the mirror."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+from appliance.catalog import replication
+from appliance.catalog.store import Catalog
+from appliance.errors import StorageError
+from appliance.hsm.tiers import Tiers
+from appliance.replication.replicator import Replicator, Settings
+from appliance.replication.transports.directory import DirectoryTransport
+from appliance.restore import swap
+from appliance.restore.cache import PackCache
+from appliance.restore.data import DataRestore
+from appliance.restore.mirror import Fetcher, survey
+from appliance.restore.rebuild import rebuild_catalog
+from appliance.restore.replay import replay_journal
+from appliance.storage.keys import KeyStore, key_store_path
+from appliance.storage.online import OnlineTier
+from appliance.storage.packs import PackReader
+from tests.restore_site import Origin, Restored, answers
+
+
+@pytest.fixture(scope="module")
+def disaster(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, dict[str, bytes], dict[str, list[str]], dict[str, list[str]]]:
+    """A mirror of an archive that is gone: 5 studies in 4 packs, a catalog
+    snapshot after the second pack, journal segments after every pack; an
+    instance replaced after it was replicated. Kept read-only: each test
+    restores from a copy."""
+    folder = tmp_path_factory.mktemp("disaster")
+    mirror = folder / "mirror"
+    mirror.mkdir()
+    origin = Origin(folder, DirectoryTransport(mirror), _mirror_settings(mirror))
+    studies: dict[str, list[str]] = {}
+    studies["ct-old"] = origin.store("ct-old", 3, study_date="20240105")
+    studies["mr-new"] = origin.store(
+        "mr-new", 2, study_date="20260301", modality="MR", patient_id="P2"
+    )
+    origin.replicate()
+    studies["ct-mid"] = origin.store("ct-mid", 4, study_date="20250610")
+    origin.replicate()
+    origin.replicator.send_snapshot()
+    studies["us-late"] = origin.store(
+        "us-late", 2, study_date="20251201", modality="US", patient_name="Roe^Max"
+    )
+    origin.replicate()
+    # The same instance sent again with other bytes (policy replace).
+    studies["ct-old"] += origin.store(
+        "ct-old", 1, study_date="20240105", pixel_bytes=4096
+    )
+    studies["cr-last"] = origin.store(
+        "cr-last", 2, study_date="20260302", modality="CR"
+    )
+    origin.replicate()
+    origin.escrow()
+    held, found = origin.lose()
+    shutil.rmtree(folder / "origin")
+    return folder, held, found, studies
+
+
+def _mirror_settings(mirror: Path) -> dict[str, object]:
+    return {"kind": "directory", "path": str(mirror)}
+
+
+@pytest.fixture
+def site(disaster, tmp_path: Path) -> Iterator[tuple[Restored, Path]]:
+    folder = disaster[0]
+    mirror = tmp_path / "mirror"
+    shutil.copytree(folder / "mirror", mirror)
+    yield Restored(tmp_path, _mirror_settings(mirror), folder / "escrow.txt"), mirror
+
+
+def test_restore_gives_back_every_instance_and_the_same_answers(disaster, site) -> None:
+    _folder, held, found, _studies = disaster
+    restored, mirror = site
+    before = sorted(p.relative_to(mirror) for p in mirror.rglob("*"))
+
+    done = restored.restore()
+
+    assert done.returncode == 0, done.stderr
+    assert "catalog/snapshot-" in done.stdout
+    assert restored.held() == (held, found)
+    assert len(restored.object_files()) == len(held)
+    report = restored.report()
+    assert sorted(report["restored"]) == sorted(held)
+    assert report["missing"] == report["corrupt"] == report["waiting"] == []
+    # The restore reads the mirror only.
+    assert sorted(p.relative_to(mirror) for p in mirror.rglob("*")) == before
+
+
+def test_after_a_restore_nothing_is_sent_again(site) -> None:
+    restored, mirror = site
+    assert restored.restore().returncode == 0
+    packs = sorted(mirror.glob("packs/*/*.pack"))
+
+    catalog = restored.catalog()
+    try:
+        assert replication.queue_state(catalog).instances == 0
+        online = OnlineTier(restored.config.online_path)
+        keys = KeyStore.load(key_store_path(restored.data_dir))
+        replicator = Replicator(
+            catalog,
+            Tiers(online, {}, keys),
+            DirectoryTransport(mirror),
+            restored.data_dir / "spool",
+            Settings(batch_seconds=0),
+        )
+        assert replicator.ready() == []
+        assert replicator.send([]) is None
+        # New journal segments and snapshots take names after the mirror's.
+        assert replicator.send_journal() == 0
+        replicator.send_snapshot()
+        replicator.close()
+    finally:
+        catalog.close()
+    assert sorted(mirror.glob("packs/*/*.pack")) == packs
+
+
+def test_a_second_run_restores_nothing_twice(disaster, site) -> None:
+    restored, _mirror = site
+    assert restored.restore().returncode == 0
+
+    again = restored.restore()
+
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "rebuilt by an earlier run" in again.stdout
+    assert len(restored.object_files()) == len(disaster[1])
+    assert restored.held() == (disaster[1], disaster[2])
+
+
+@pytest.mark.parametrize("remove", ["nothing", "snapshot", "snapshot and journal"])
+def test_scan_of_the_pack_manifests_gives_the_same_result(
+    disaster, site, remove: str
+) -> None:
+    _folder, held, found, _studies = disaster
+    restored, mirror = site
+    if remove != "nothing":
+        shutil.rmtree(mirror / "catalog")
+    if remove == "snapshot and journal":
+        shutil.rmtree(mirror / "journal")
+
+    done = restored.restore("--scan") if remove == "nothing" else restored.restore()
+
+    assert done.returncode == 0, done.stderr
+    expected = "journal entries 1 to" if remove == "snapshot" else "manifests"
+    assert expected in done.stdout
+    assert restored.held() == (held, found)
+
+
+def test_packs_the_journal_lacks_are_read(disaster, site) -> None:
+    """The last journal segment never reached the mirror: the last pack
+    is read as in a scan."""
+    restored, mirror = site
+    max(mirror.glob("journal/*")).unlink()
+
+    done = restored.restore()
+
+    assert done.returncode == 0, done.stderr
+    assert "1 pack(s) the journal lacks" in done.stdout
+    assert restored.held() == (disaster[1], disaster[2])
+
+
+def test_a_damaged_snapshot_falls_back_to_the_journal(disaster, site) -> None:
+    restored, mirror = site
+    (snapshot,) = mirror.glob("catalog/*")
+    data = bytearray(snapshot.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    snapshot.write_bytes(bytes(data))
+
+    done = restored.restore()
+
+    assert done.returncode == 0, done.stderr
+    assert "journal entries 1 to" in done.stdout
+    assert "no snapshot opened" in done.stdout
+    assert restored.held() == (disaster[1], disaster[2])
+
+
+def test_a_corrupted_pack_is_reported_by_uid(disaster, site) -> None:
+    _folder, held, _found, studies = disaster
+    restored, mirror = site
+    damaged = _damage_first_instance(mirror, restored, "p-000000003")
+
+    done = restored.restore()
+
+    assert done.returncode == 1
+    assert damaged in done.stderr
+    report = restored.report()
+    assert [p["sop_instance_uid"] for p in report["corrupt"]] == [damaged]
+    assert report["missing"] == report["waiting"] == []
+    got = restored.held()[0]
+    assert got == {uid: data for uid, data in held.items() if uid != damaged}
+    assert damaged in studies["us-late"] + studies["ct-old"]
+
+
+def test_a_missing_pack_is_reported_by_uid(disaster, site) -> None:
+    _folder, held, _found, studies = disaster
+    restored, mirror = site
+    (mirror / "packs" / "002" / "p-000000002.pack").unlink()
+
+    done = restored.restore()
+
+    assert done.returncode == 1
+    report = restored.report()
+    missing = {p["sop_instance_uid"] for p in report["missing"]}
+    assert missing == set(studies["ct-mid"])
+    assert all(uid in done.stderr for uid in missing)
+    assert set(restored.held()[0]) == set(held) - missing
+
+
+def test_a_restore_killed_half_way_continues(disaster, site) -> None:
+    """kill -9 while the second pack is read (slowly, under a rate cap),
+    then run again without the cap."""
+    restored, _mirror = site
+    command = [
+        sys.executable,
+        "-m",
+        "appliance",
+        "restore",
+        "--from",
+        "mirror",
+        "--rate",
+        "2KB",
+        "--config",
+        str(restored.config_path),
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not restored.object_files() and time.monotonic() < deadline:
+            assert process.poll() is None, "the restore ended before it was killed"
+            time.sleep(0.02)
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    assert restored.object_files()
+
+    done = restored.restore()
+
+    assert done.returncode == 0, done.stderr
+    assert restored.held() == (disaster[1], disaster[2])
+    assert len(restored.object_files()) == len(disaster[1])
+
+
+def test_files_of_a_study_cut_short_are_removed(disaster, site) -> None:
+    """A failure after a study's files are written, before they are
+    recorded: the next run removes them and restores the study once."""
+    restored, mirror = site
+    with (
+        mock.patch(
+            "appliance.hsm.recall.copies.add_copies", side_effect=OSError("power cut")
+        ),
+        pytest.raises(OSError),
+    ):
+        _restore_in_process(restored, mirror)
+    assert restored.object_files()  # written, never recorded
+
+    done = restored.restore()
+
+    assert done.returncode == 0, done.stderr
+    assert len(restored.object_files()) == len(disaster[1])
+    assert restored.held() == (disaster[1], disaster[2])
+
+
+def _restore_in_process(restored: Restored, mirror: Path) -> None:
+    """What the command line does, in this process."""
+    config = restored.config
+    transport = DirectoryTransport(mirror)
+    keys = KeyStore.load(key_store_path(config.data_dir))
+    fetcher = Fetcher(transport)
+    contents = survey(transport)
+    folder = config.data_dir / "restore"
+    cache = PackCache(folder / "packs", fetcher, 10**9)
+    rebuild_catalog(
+        config.catalog_path, 2**26, folder / "work", fetcher, contents, keys, cache
+    )
+    catalog = Catalog(config.catalog_path, 2**26)
+    try:
+        restorer = DataRestore(
+            catalog, config.online_path, 0, keys, cache, contents, folder
+        )
+        restorer.run(restorer.plan())
+    finally:
+        catalog.close()
+
+
+def test_an_archive_is_never_restored_over(site) -> None:
+    restored, _mirror = site
+    assert restored.restore().returncode == 0
+    catalog_path = restored.config.catalog_path
+    # The rebuilt mark gone: this is now an archive like any other.
+    catalog = Catalog(catalog_path, 2**26)
+    with catalog.env.begin(write=True, db=catalog.db["meta"]) as txn:
+        txn.delete(b"restore.rebuilt")
+    catalog.close()
+
+    done = restored.restore()
+
+    assert done.returncode == 1
+    assert "rebuilds an empty appliance only" in done.stderr
+    with pytest.raises(StorageError, match="empty appliance only"):
+        swap.refuse_unless_empty(catalog_path)
+
+
+def test_a_crash_between_the_renames_is_finished_by_the_next_run(
+    disaster, site
+) -> None:
+    """An empty catalog was there (set aside, kept); the crash comes before
+    the rebuilt one takes its name."""
+    restored, mirror = site
+    catalog_path = restored.config.catalog_path
+    Catalog(catalog_path, 2**26).close()
+    real_rename = Path.rename
+
+    def crash_on_the_second(self: Path, target: Path) -> Path:
+        if self == swap.rebuilt_path(catalog_path):
+            raise OSError("power cut")
+        return real_rename(self, target)
+
+    with (
+        mock.patch.object(Path, "rename", crash_on_the_second),
+        pytest.raises(OSError, match="power cut"),
+    ):
+        _restore_in_process(restored, mirror)
+    assert not catalog_path.exists()
+    assert swap.note_of(swap.rebuilt_path(catalog_path)) is not None
+
+    done = restored.restore()
+
+    assert done.returncode == 0, done.stderr
+    assert restored.held() == (disaster[1], disaster[2])
+    assert list(catalog_path.parent.glob("catalog.before-restore-*"))
+
+
+def test_without_the_master_keys_nothing_is_read(site, tmp_path: Path) -> None:
+    restored, _mirror = site
+    key_store_path(restored.data_dir).unlink()
+
+    done = restored.restore()
+
+    assert done.returncode == 1
+    assert "no key store" in done.stderr
+    assert not restored.config.catalog_path.exists()
+
+
+def _damage_first_instance(mirror: Path, restored: Restored, pack_id: str) -> str:
+    """Flip a byte in the first instance of a pack; its SOP Instance UID."""
+    path = mirror / "packs" / pack_id[-3:] / f"{pack_id}.pack"
+    keys = KeyStore.load(key_store_path(restored.data_dir))
+    with PackReader.open(path, keys) as reader:
+        entry = reader.manifest().instances[0]
+    data = bytearray(path.read_bytes())
+    data[entry.data_offset + 20] ^= 0x01
+    path.write_bytes(bytes(data))
+    return entry.sop_instance_uid
+
+
+def test_instances_that_never_reached_the_mirror_are_reported(
+    tmp_path: Path,
+) -> None:
+    """Stored, journalled, but the disaster came before their pack."""
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    origin = Origin(tmp_path, DirectoryTransport(mirror), _mirror_settings(mirror))
+    kept = origin.store("kept", 2)
+    origin.replicate()
+    late = origin.store("late", 1, study_date="20260401")
+    assert origin.replicator.send_journal() == 1
+    held, _found = origin.lose()
+    restored = Restored(tmp_path, _mirror_settings(mirror), origin.escrow())
+
+    done = restored.restore()
+
+    assert done.returncode == 1
+    assert late[0] in done.stderr and "never reached the mirror" in done.stderr
+    report = restored.report()
+    assert [p["sop_instance_uid"] for p in report["missing"]] == late
+    assert sorted(report["restored"]) == sorted(kept)
+    assert restored.held()[0] == {uid: held[uid] for uid in kept}
+
+
+def test_replaying_the_journal_again_changes_nothing(site, tmp_path: Path) -> None:
+    """Segments may overlap the snapshot or each other: an entry applied
+    twice leaves the catalog as it was."""
+    restored, mirror = site
+    transport = DirectoryTransport(mirror)
+    keys = KeyStore.load(key_store_path(restored.data_dir))
+    entries = []
+    for segment in survey(transport).segments:
+        text = tmp_path / "segment"
+        Fetcher(transport).fetch_sealed(segment.file, text, keys, tmp_path)
+        entries += [json.loads(line) for line in text.read_text().splitlines()]
+    catalog = Catalog(tmp_path / "work", 2**26)
+    try:
+        replay_journal(catalog, entries)
+        once = answers(catalog), _records(catalog)
+        replay_journal(catalog, entries[len(entries) // 2 :])
+        replay_journal(catalog, entries)
+        assert (answers(catalog), _records(catalog)) == once
+    finally:
+        catalog.close()
+    assert any(record["copies"] for record in once[1].values())
+
+
+def _records(catalog: Catalog) -> dict[str, dict]:
+    with catalog.read() as txn:
+        return dict(catalog.all_records(txn, "instances"))
+
+
+@pytest.mark.parametrize("rate", ["pause", "0", "fast"])
+def test_a_rate_that_cannot_restore_is_refused(site, rate: str) -> None:
+    restored, _mirror = site
+
+    done = restored.restore("--rate", rate)
+
+    assert done.returncode == 2
+    assert "--rate" in done.stderr
+
+
+def test_the_rate_cap_holds_the_restore_back(disaster, site) -> None:
+    """At a fifth of the packs' size per second, reading them takes at
+    least four seconds (one second's worth may go at once)."""
+    restored, mirror = site
+    rate = sum(path.stat().st_size for path in mirror.glob("packs/*/*")) / 5
+
+    started = time.monotonic()
+    done = restored.restore("--rate", f"{rate / 1000:.3f}KB")
+
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started >= 4.0
+    assert restored.held() == (disaster[1], disaster[2])
