@@ -39,6 +39,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import hl7
 from common import LOOPBACK, exit_on_sigterm, print_table
@@ -48,6 +49,7 @@ from query import SEED, fill
 from appliance import config as configuration
 from appliance.catalog.store import Catalog
 from appliance.hl7.listener import Listener, ListenerSettings, bind
+from appliance.hsm.recall import Recaller
 from appliance.prefetch.intake import Intake
 from appliance.prefetch.planner import Plan, Planner, _grouped
 
@@ -144,7 +146,9 @@ def plan_time(catalog: Catalog, now: float) -> tuple[float, list[Plan]]:
     # patient's latest studies, so that the model below has a full queue.
     overrides = {"prefetch.match": "any", "prefetch.max_prior_years": 30.0}
     config = configuration.load(None, overrides)
-    planner = Planner(catalog, recaller=None, config=config, clock=lambda: now)  # type: ignore[arg-type]
+    # plan() chooses and pins; it never recalls, so no tiers are needed.
+    no_recaller = cast(Recaller, None)
+    planner = Planner(catalog, no_recaller, config=config, clock=lambda: now)
     started = time.perf_counter()
     plans = planner.plan()
     return time.perf_counter() - started, plans

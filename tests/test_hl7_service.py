@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -61,7 +62,7 @@ def hl7_children(appliance: Appliance, port: int) -> list[int]:
     return found
 
 
-def wait_for(condition, timeout: float = 40.0) -> None:  # type: ignore[no-untyped-def]
+def wait_for(condition: Callable[[], object], timeout: float = 40.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
@@ -105,7 +106,9 @@ def test_the_listener_comes_back_after_its_process_dies(
     assert "hl7 process ended" in appliance.log()
 
 
-def test_a_taken_hl7_port_stops_the_start_with_a_reason(appliance_factory) -> None:  # type: ignore[no-untyped-def]
+def test_a_taken_hl7_port_stops_the_start_with_a_reason(
+    appliance_factory: Callable[..., Appliance],
+) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)

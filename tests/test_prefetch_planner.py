@@ -22,7 +22,7 @@ from appliance.hl7 import acks, messages
 from appliance.hsm import policy
 from appliance.hsm.jobs import MigrationJob
 from appliance.hsm.migrator import Migrator
-from appliance.hsm.recall import Recaller, RecallResult
+from appliance.hsm.recall import Progress, Recaller, RecallResult
 from appliance.hsm.tiers import Tiers
 from appliance.ingest import Ingest
 from appliance.prefetch import appointments, planner
@@ -67,7 +67,12 @@ class Spy(Recaller):
         super().__init__(catalog, tiers)
         self.asked: list[str] = []
 
-    def recall(self, study_uid, progress=None, why="") -> RecallResult:  # type: ignore[no-untyped-def,override]
+    def recall(
+        self,
+        study_uid: str,
+        progress: Progress | None = None,
+        why: str = "a study must be recalled",
+    ) -> RecallResult:
         self.asked.append(study_uid)
         return super().recall(study_uid, progress, why=why)
 

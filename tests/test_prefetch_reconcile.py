@@ -19,9 +19,11 @@ from appliance.storage.online import OnlineTier
 from tests.datasets import study_files, uid
 from tests.hl7_samples import orm, siu
 
+Site = tuple[Catalog, Ingest, Path]
+
 
 @pytest.fixture
-def site(tmp_path: Path) -> Iterator[tuple[Catalog, Ingest, Path]]:
+def site(tmp_path: Path) -> Iterator[Site]:
     catalog = Catalog(tmp_path / "catalog", map_size=2**26)
     online = OnlineTier(tmp_path / "online")
     online.open()
@@ -48,7 +50,7 @@ def book(catalog: Catalog, text: str) -> None:
     appointments.apply(catalog, messages.read(parsed), acks.accept(parsed))
 
 
-def test_without_appointments_nothing_is_queued(site) -> None:  # type: ignore[no-untyped-def]
+def test_without_appointments_nothing_is_queued(site: Site) -> None:
     catalog, ingest, folder = site
 
     receive(ingest, folder, "lonely", "PAT-1", "ACC1")
@@ -90,7 +92,7 @@ def test_wrong_patient_and_unscheduled_studies_are_flagged(
     }
 
 
-def test_the_mismatches_command_lists_and_forgets(site) -> None:  # type: ignore[no-untyped-def]
+def test_the_mismatches_command_lists_and_forgets(site: Site) -> None:
     catalog, ingest, folder = site
     book(catalog, orm(patient="PAT-A^^^", accession="ACC1"))
     stray = receive(ingest, folder, "stray", "PAT-Q", "ACC8")

@@ -494,7 +494,7 @@ def _one_per_pack(
     **settings: object,
 ) -> Replicator:
     """A replicator that puts each queued instance in a pack of its own."""
-    chosen = Settings(batch_bytes=1, batch_seconds=0, **settings)  # type: ignore[arg-type]
+    chosen = Settings(batch_bytes=1, batch_seconds=0, **settings)  # type: ignore
     return Replicator(
         site.catalog, site.tiers, transport, site.spool, chosen, verifier=verifier
     )

@@ -84,7 +84,8 @@ CHARSETS = {
 # F S T R E (separators), H N (highlight), Xhh (hex), .br and other
 # formatting, C and M (character sets): what python-hl7 undoes.
 _KNOWN_ESCAPE = re.compile(
-    r"^([FSTREHN]|X[0-9A-Fa-f]+|\.[a-z]{2}[-+]?[0-9]*|C[0-9A-Fa-f]{4}|M[0-9A-Fa-f]{4,6})$"
+    r"^([FSTREHN]|X[0-9A-Fa-f]+|\.[a-z]{2}[-+]?[0-9]*"
+    r"|C[0-9A-Fa-f]{4}|M[0-9A-Fa-f]{4,6})$"
 )
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # At least the day: an appointment needs one.
