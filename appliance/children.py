@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import multiprocessing
@@ -72,19 +73,25 @@ class ChildSupervisor:
         self._thread.start()
 
     def stop(self) -> None:
-        """Ask the child to finish its current step, then wait for it."""
+        """Ask the child to finish its current step, then wait for it.
+
+        Only the supervisor thread waits for the child: a second waiter
+        could find it reaped already and take it for alive."""
         self._stop.set()
         child = self._child
-        if child is not None and child.is_alive():
-            child.terminate()
-            child.join(self.stop_grace)
-            if child.is_alive():
-                logger.warning(
-                    "%s did not stop in %d s; killed", self.name, self.stop_grace
-                )
-                child.kill()
-                child.join()
+        if child is not None:
+            with contextlib.suppress(OSError, ValueError):
+                child.terminate()
         self._thread.join(self.stop_grace)
+        if self._thread.is_alive():
+            # The child the thread waits for now (one started just as the
+            # stop came, perhaps): killed.
+            logger.warning(
+                "%s did not stop in %d s; killed", self.name, self.stop_grace
+            )
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                self._child.kill()
+            self._thread.join()
 
     def _run(self) -> None:
         context = multiprocessing.get_context("spawn")
