@@ -34,7 +34,7 @@ from appliance.restore.replay import replay_journal
 from appliance.storage.keys import KeyStore, key_store_path
 from appliance.storage.online import OnlineTier
 from appliance.storage.packs import PackReader
-from tests.restore_site import Origin, Restored, answers
+from tests.restore_site import Origin, Restored, answers, appliance
 
 
 @pytest.fixture(scope="module")
@@ -448,3 +448,36 @@ def test_the_rate_cap_holds_the_restore_back(disaster, site) -> None:
     assert done.returncode == 0, done.stderr
     assert time.monotonic() - started >= 4.0
     assert restored.held() == (disaster[1], disaster[2])
+
+
+def test_with_the_wrong_master_keys_nothing_is_put_in_place(site) -> None:
+    restored, _mirror = site
+    right = key_store_path(restored.data_dir)
+    kept = right.with_name("right.keys")
+    right.rename(kept)
+    made = appliance("keys", "init", config=restored.config_path)
+    assert made.returncode == 0, made.stderr
+
+    wrong = restored.restore()
+    kept.replace(right)
+    again = restored.restore()
+
+    assert wrong.returncode == 1
+    assert "nothing on the mirror opens with the master keys" in wrong.stderr
+    assert again.returncode == 0, again.stderr
+    assert len(restored.report()["restored"]) > 0
+
+
+def test_a_pack_whose_manifest_cannot_be_read_fails_the_scan(disaster, site) -> None:
+    _folder, held, _found, studies = disaster
+    restored, mirror = site
+    pack = mirror / "packs" / "002" / "p-000000002.pack"
+    pack.write_bytes(pack.read_bytes()[:-5000])  # the manifest is at the end
+
+    done = restored.restore("--scan")
+
+    assert done.returncode == 1
+    report = restored.report()
+    (unreadable,) = [p for p in report["missing"] if p["pack_id"] == "p-000000002"]
+    assert unreadable["reason"].startswith("pack unreadable")
+    assert set(restored.held()[0]) == set(held) - set(studies["ct-mid"])

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.catalog.store import Catalog
+from appliance.errors import StorageError
 from appliance.restore import swap
 from appliance.restore.cache import PackCache
 from appliance.restore.check import check
@@ -76,12 +77,30 @@ def rebuild_catalog(
         )
         work = sources.build(scan)
         try:
+            _refuse_if_nothing_opened(work, contents)
             note = _write(work, rebuilt, map_size, contents)
         finally:
             work.catalog.close()
     aside = swap.move_into_place(rebuilt, catalog_path)
     shutil.rmtree(work_folder, ignore_errors=True)
     return Rebuild(note, set_aside=aside, lost=note.get("lost", []))
+
+
+def _refuse_if_nothing_opened(work: WorkCatalog, contents: MirrorContents) -> None:
+    """Stop before anything is put in place when the mirror holds packs but
+    the rebuilt catalog knows no instance: with the wrong master keys
+    nothing opens, and an empty catalog swapped in would look like a
+    restore that succeeded, and would stop the right one."""
+    if not contents.packs or work.catalog.counts().get("instances", 0):
+        return
+    unreadable = len(work.unreadable)
+    raise StorageError(
+        f"nothing on the mirror opens with the master keys in the key store "
+        f"({unreadable} of {len(contents.packs)} pack(s) unreadable, and no "
+        "catalog snapshot or journal): import the escrow copy of this "
+        "archive's keys (appliance keys import) and run the restore again; "
+        "nothing was put in place"
+    )
 
 
 def _write(

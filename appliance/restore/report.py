@@ -102,4 +102,10 @@ def final_report(
         report.missing.append(
             Problem(lost["sop_instance_uid"], lost["study"], "never reached the mirror")
         )
+    # A pack whose manifest cannot be read hides which instances it holds:
+    # unless the journal named them, they are not in the catalog at all, so
+    # the pack itself is reported, and the restore is not a success.
+    for pack_id, why in sorted(note.get("unreadable_packs", {}).items()):
+        reason = f"pack unreadable, the instances it holds are unknown: {why}"
+        report.missing.append(Problem("(unknown)", "(unknown)", reason, pack_id))
     return report
