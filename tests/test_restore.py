@@ -481,3 +481,31 @@ def test_a_pack_whose_manifest_cannot_be_read_fails_the_scan(disaster, site) -> 
     (unreadable,) = [p for p in report["missing"] if p["pack_id"] == "p-000000002"]
     assert unreadable["reason"].startswith("pack unreadable")
     assert set(restored.held()[0]) == set(held) - set(studies["ct-mid"])
+
+
+def test_instances_of_a_damaged_pack_are_queued_to_be_sent_again(
+    disaster, site
+) -> None:
+    _folder, held, _found, studies = disaster
+    restored, mirror = site
+    pack = mirror / "packs" / "002" / "p-000000002.pack"
+    data = bytearray(pack.read_bytes())
+    data[-1] ^= 0x01  # the tar's closing padding: every member intact
+    pack.write_bytes(bytes(data))
+
+    done = restored.restore()
+
+    assert done.returncode == 0, done.stderr
+    assert restored.held()[0] == held
+    catalog = restored.catalog()
+    try:
+        queued = {entry.sop_instance_uid for entry in replication.queued(catalog)}
+        with catalog.read() as txn:
+            offsite = [
+                catalog.instance(txn, uid).copy_on("offsite")  # type: ignore[union-attr]
+                for uid in studies["ct-mid"]
+            ]
+    finally:
+        catalog.close()
+    assert queued == set(studies["ct-mid"])
+    assert offsite == [None] * len(studies["ct-mid"])

@@ -38,6 +38,8 @@ class PackCache:
             leftover.unlink(missing_ok=True)
         # pack id -> when last used; packs fetched by an earlier run count.
         self._used = {path.stem: path.stat().st_mtime for path in self._files()}
+        # Packs fetched by this run whose bytes differ from their record.
+        self.damaged: set[str] = set()
 
     def path_of(self, pack_id: str) -> Path:
         return self.folder / f"{check_pack_id(pack_id)}.pack"
@@ -65,6 +67,7 @@ class PackCache:
             self._make_room(remote.size, set(keep))
             fetched = self.fetcher.fetch(remote.name, path, received)
             if fetched.size != remote.size or (sha256 and fetched.sha256 != sha256):
+                self.damaged.add(pack_id)
                 logger.warning(
                     "pack %s read from the mirror differs from its record "
                     "(%d bytes, SHA-256 %s...); its instances are checked one "

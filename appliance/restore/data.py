@@ -22,7 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.catalog import copies
+from appliance.catalog import copies, replication
+from appliance.catalog.copies import PackRecord
 from appliance.catalog.records import InstanceRecord
 from appliance.catalog.replication import OFFSITE
 from appliance.catalog.store import Catalog
@@ -124,6 +125,7 @@ class DataRestore:
             self.note.end()
             staged += result.staged
             done_bytes += size
+            self._send_again(records)
             self._forget_packs(records, plan)
             if progress is not None:
                 progress(done_bytes, plan.bytes, what)
@@ -140,6 +142,35 @@ class DataRestore:
             with self.catalog.read() as txn:
                 pack = self.catalog.get(txn, "packs", pack_id) or {}
             self.cache.fetch(pack_id, remote, pack.get("sha256"), keep=needed)
+
+    def _send_again(self, records: list[InstanceRecord]) -> None:
+        """Instances restored from a pack whose bytes on the mirror differ
+        from its record lose that off-site copy and are queued for the
+        mirror again: the copy is not what was verified, and would count
+        for min_copies until the rolling audit came round to it."""
+        by_pack: dict[str, list[str]] = {}
+        for record in records:
+            pack_id = _pack_of(record)
+            if pack_id in self.cache.damaged:
+                by_pack.setdefault(pack_id, []).append(record.sop_instance_uid)
+        for pack_id, uids in by_pack.items():
+            with self.catalog.read() as txn:
+                data = self.catalog.get(txn, "packs", pack_id)
+                back = [
+                    uid
+                    for uid in uids
+                    if (found := self.catalog.instance(txn, uid)) is not None
+                    and found.copy_on(ONLINE) is not None
+                ]
+            if data is None or not back:
+                continue
+            queued = replication.requeue(self.catalog, PackRecord.from_json(data), back)
+            logger.warning(
+                "pack %s on the mirror is damaged: %d instance(s) restored from "
+                "it are queued to be sent again",
+                pack_id,
+                queued,
+            )
 
     def _forget_packs(self, records: list[InstanceRecord], plan: Plan) -> None:
         """Count the study's instances as tried; drop packs done with."""
