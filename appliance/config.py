@@ -751,6 +751,40 @@ KEYS: tuple[Key, ...] = (
         "retrieval keep their share.",
         _number(0.1, 100000),
     ),
+    Key(
+        "restore",
+        "timetable",
+        "off",
+        "Bandwidth a restore reads the mirror with, by time of day, apart from "
+        'replication\'s: "07:00,5MB 19:00,100MB", off for no limit, pause to '
+        "read nothing (a retrieval of a study not yet restored still goes).",
+        check_timetable,
+    ),
+    Key(
+        "restore",
+        "cache_gb",
+        4.0,
+        "Local room, in GB, for packs fetched from the mirror by a restore "
+        "or a recall from the mirror.",
+        _number(0, 1_000_000),
+    ),
+    Key(
+        "restore",
+        "online_days",
+        0,
+        "A restore brings back online the studies at most this many days old "
+        "(by study date); older ones go where older_studies says. 0: every "
+        "study comes back online.",
+        _integer(0, 36500),
+    ),
+    Key(
+        "restore",
+        "older_studies",
+        "mirror",
+        "Where a restore leaves studies older than online_days: mirror (read "
+        "from it when asked for) or nearline (packed onto the nearline tier).",
+        _one_of(("mirror", "nearline")),
+    ),
     Key("logging", "level", "INFO", "Log level.", _one_of(LOG_LEVELS)),
     Key(
         "logging",
