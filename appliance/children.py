@@ -58,8 +58,12 @@ class ChildSupervisor:
         args: tuple[Any, ...],
         name: str,
         stop_grace: float = 30.0,
+        until_success: bool = False,
     ) -> None:
+        """With ``until_success``, a child that exits with status 0 has done
+        its work and is not started again."""
         self.target = target
+        self.until_success = until_success
         self.args = args
         self.name = name
         self.stop_grace = stop_grace
@@ -103,6 +107,9 @@ class ChildSupervisor:
             self._child.start()
             self._child.join()
             if self._stop.is_set():
+                return
+            if self.until_success and self._child.exitcode == 0:
+                logger.info("%s process finished its work", self.name)
                 return
             logger.error(
                 "%s process ended (exit code %s); starting it again",

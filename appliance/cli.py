@@ -135,6 +135,9 @@ def status(config_file: Path | None, data_dir: str | None, as_json: bool) -> Non
                 for tier in ("nearline", "offline")
             },
         }
+        restore = _restore_numbers(config)
+        if restore is not None:
+            report["restore"] = restore
         click.echo(json.dumps(report, indent=2))
         return
 
@@ -157,7 +160,33 @@ def status(config_file: Path | None, data_dir: str | None, as_json: bool) -> Non
             "-",
         )
     console.print(tiers)
+    if _restore_numbers(config) is not None:
+        click.echo(_restore_line(config))
     click.echo("studies, capacity and watermarks per tier: appliance tiers")
+
+
+def _restore_numbers(config: configuration.Config) -> dict[str, Any] | None:
+    """The running (or last) restore's numbers, if this appliance had one."""
+    from appliance.restore.progress import is_pending, read
+
+    folder = config.data_dir / "restore"
+    snapshot = read(folder)
+    if snapshot is None:
+        return None
+    numbers = snapshot.as_json()
+    numbers["pending"] = is_pending(folder)
+    numbers["seconds_left"] = snapshot.seconds_left
+    return numbers
+
+
+def _restore_line(config: configuration.Config) -> str:
+    from appliance.cli_restore import describe
+    from appliance.restore.progress import is_pending, read
+
+    folder = config.data_dir / "restore"
+    snapshot = read(folder)
+    assert snapshot is not None
+    return describe(snapshot, is_pending(folder))
 
 
 @main.command(name="import")

@@ -34,16 +34,15 @@ _MEGABYTES = re.compile(r"\d+(\.\d*)?")
 
 
 def register(main: click.Group, load: Loader) -> None:
-    """Add the ``restore`` command to ``main``."""
+    """Add the ``restore`` command (and ``restore status``) to ``main``."""
 
-    @main.command()
+    @main.group(invoke_without_command=True)
     @config_option
     @data_dir_option
     @click.option(
         "--from",
         "source",
         type=click.Choice(["mirror"]),
-        required=True,
         help="Where the archive comes back from: the configured mirror.",
     )
     @click.option(
@@ -53,36 +52,64 @@ def register(main: click.Group, load: Loader) -> None:
         "latest catalog snapshot and the journal.",
     )
     @click.option(
+        "--background",
+        is_flag=True,
+        help="Rebuild the catalog, then leave the data to the service: it "
+        "serves at once and restores the rest while it runs.",
+    )
+    @click.option(
         "--rate",
         help="Most bytes per second read from the mirror: a number of MB/s, "
-        "or 20MB, 500KB, 100Mbit; default no limit.",
+        "or 20MB, 500KB, 100Mbit; default restore.timetable.",
     )
     @click.option(
         "--cache-gb",
         type=click.FloatRange(min=0.0),
-        default=4.0,
-        show_default=True,
-        help="Local room, in GB, for packs fetched from the mirror.",
+        help="Local room, in GB, for packs fetched from the mirror; default "
+        "restore.cache_gb.",
     )
+    @click.pass_context
     def restore(
+        context: click.Context,
         config_file: Path | None,
         data_dir: str | None,
-        source: str,
+        source: str | None,
         scan: bool,
+        background: bool,
         rate: str | None,
-        cache_gb: float,
+        cache_gb: float | None,
     ) -> None:
         """Rebuild an empty appliance from the off-site mirror: the catalog
-        first, then every instance, newest studies first, each checked
-        against its SHA-256. Import the master keys first (appliance keys
-        import). Interrupted, run it again: it continues where it stopped.
-        Exits 1 when any instance is missing or corrupt."""
+        first, then every instance, patients expected soon first, then
+        newest studies first, each checked against its SHA-256. Import the
+        master keys first (appliance keys import). Interrupted, run it
+        again: it continues where it stopped. Exits 1 when any instance is
+        missing or corrupt."""
+        if context.invoked_subcommand is not None:
+            return
+        if source is None:
+            raise click.UsageError("say where from: --from mirror")
         config = load(config_file, {"storage.data_dir": data_dir})
         logs.setup("WARNING", config.get("logging.format"))
-        limit = _rate(rate)
+        timetable = _rate(rate) or config.get("restore.timetable")
+        room = config.get("restore.cache_gb") if cache_gb is None else cache_gb
         with _failures():
-            ok = _restore(config, scan, limit, int(cache_gb * 1e9))
+            ok = _restore(config, scan, background, timetable, int(room * 1e9))
         sys.exit(0 if ok else 1)
+
+    @restore.command("status")
+    @config_option
+    @data_dir_option
+    @click.option(
+        "--follow", is_flag=True, help="Show a progress bar until the restore ends."
+    )
+    def status(config_file: Path | None, data_dir: str | None, follow: bool) -> None:
+        """The restore's progress: studies and bytes left, rate, time left."""
+        config = load(config_file, {"storage.data_dir": data_dir})
+        folder = config.data_dir / "restore"
+        if follow:
+            _follow(folder)
+        click.echo(_status_text(folder))
 
 
 def _rate(text: str | None) -> str | None:
@@ -101,23 +128,25 @@ def _rate(text: str | None) -> str | None:
     return None if value is None else chosen
 
 
-def _restore(config: Config, scan: bool, rate: str | None, cache_bytes: int) -> bool:
-    """Both phases and the report; whether everything came back."""
+def _restore(
+    config: Config, scan: bool, background: bool, timetable: str, cache_bytes: int
+) -> bool:
+    """The catalog phase, then the data phase here or in the service;
+    whether everything came back (or, in the background, the catalog)."""
     from appliance.replication.bandwidth import Limiter, parse_timetable
     from appliance.replication.process import open_mirror
+    from appliance.restore import swap
     from appliance.restore.cache import PackCache
     from appliance.restore.mirror import Fetcher, survey
-    from appliance.restore.report import final_report
-    from appliance.storage.lock import claim_tier
+    from appliance.restore.progress import is_pending, mark_pending
     from appliance.storage.online import OnlineTier
 
     keys = _keys(config)
     OnlineTier(config.online_path).open()
-    # No appliance may serve this tier while it is restored.
-    lock = claim_tier(config.online_path, wait_for_workers=0.0)
     folder = config.data_dir / "restore"
+    lock = _claim(config, folder)
     folder.mkdir(parents=True, exist_ok=True)
-    limiter = Limiter(parse_timetable(rate)) if rate else None
+    limiter = Limiter(parse_timetable(timetable))
     try:
         with open_mirror(config) as transport:
             fetcher = Fetcher(transport, limiter)
@@ -126,19 +155,47 @@ def _restore(config: Config, scan: bool, rate: str | None, cache_bytes: int) -> 
                 click.echo("the mirror holds no pack: nothing to restore", err=True)
                 return False
             cache = PackCache(folder / "packs", fetcher, cache_bytes)
+            if swap.note_of(config.catalog_path) is None:
+                # Before the catalog goes into place: a run killed just
+                # after must still find the data phase to do.
+                mark_pending(folder, "mirror")
+            elif not is_pending(folder):
+                click.echo(
+                    "this appliance was restored already; see appliance restore status"
+                )
+                return True
             rebuild = _rebuild(config, scan, fetcher, contents, keys, cache)
+            if background:
+                _print_background(rebuild)
+                return True
             catalog = _catalog(config)
             try:
-                _restore_data(config, catalog, keys, cache, contents)
-                report = final_report(catalog, contents, rebuild.note)
+                report, path = _restore_data(config, catalog, keys, cache, contents)
             finally:
                 catalog.close()
     finally:
-        if limiter is not None:
-            limiter.close()
+        limiter.close()
         lock.release()
-    _print_report(report, report.save(folder))
-    return report.ok
+    _print_report(report, path)
+    return bool(report.ok)
+
+
+def _claim(config: Config, folder: Path) -> Any:
+    """Hold the online tier: no appliance may serve it while the catalog is
+    rebuilt, or restore it at the same time."""
+    from appliance.errors import StorageError
+    from appliance.restore.progress import is_pending
+    from appliance.storage.lock import claim_tier
+
+    try:
+        return claim_tier(config.online_path, wait_for_workers=0.0)
+    except StorageError:
+        if is_pending(folder):
+            raise StorageError(
+                "the service is running and restores in the background; follow "
+                "it with: appliance restore status --follow"
+            ) from None
+        raise
 
 
 def _keys(config: Config) -> Any:
@@ -184,28 +241,42 @@ def _rebuild(
 
 def _restore_data(
     config: Config, catalog: Any, keys: Any, cache: Any, contents: Any
-) -> None:
-    """The data phase, with a progress bar of bytes, rate and time left."""
-    from appliance.restore.data import DataRestore
+) -> tuple[Any, Path]:
+    """The data phase, with a progress bar of bytes, rate and time left; the
+    report (of what is done so far, when Ctrl-C stopped it) and its file."""
+    import signal
+    import threading
 
-    restorer = DataRestore(
-        catalog,
-        config.online_path,
-        config.get("storage.reserved_bytes"),
-        keys,
-        cache,
-        contents,
-        config.data_dir / "restore",
-    )
-    plan = restorer.plan()
-    with _transfer_bar() as bar:
-        task = bar.add_task("restoring", total=plan.bytes)
-        restorer.run(
-            plan,
-            lambda done, total, what: bar.update(
-                task, completed=done, description=f"restoring {what}"
-            ),
-        )
+    from appliance.restore.export import rebuilt_note
+    from appliance.restore.progress import Tracker
+    from appliance.restore.report import final_report
+    from appliance.restore.run import run_data_phase
+
+    stop = threading.Event()
+    interrupted = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        with _transfer_bar() as bar:
+            task = bar.add_task("restoring", total=None)
+
+            def shown(snapshot: Any) -> None:
+                bar.update(
+                    task,
+                    total=snapshot.bytes,
+                    completed=snapshot.bytes_done,
+                    description=f"restoring {snapshot.doing}".rstrip(),
+                )
+
+            tracker = Tracker(config.data_dir / "restore", "command", shown)
+            report = run_data_phase(
+                config, catalog, keys, cache, contents, tracker, stop.is_set
+            )
+    finally:
+        signal.signal(signal.SIGINT, interrupted)
+    if report is None:
+        click.echo("stopped: run the same command again to continue", err=True)
+        report = final_report(catalog, contents, rebuilt_note(catalog) or {})
+        return report, report.save(config.data_dir / "restore")
+    return report, Path(tracker.snapshot.report)
 
 
 def _transfer_bar() -> Progress:
@@ -218,6 +289,74 @@ def _transfer_bar() -> Progress:
         TimeRemainingColumn(),
         console=errors,
     )
+
+
+def _print_background(rebuild: Any) -> None:
+    click.echo(
+        "the data is restored by the service: start it (systemctl start "
+        "pacs-appliance, or appliance serve); it serves at once and restores "
+        "in the background; follow it with: appliance restore status --follow"
+    )
+
+
+def _status_text(folder: Path) -> str:
+    """The restore's numbers, as ``appliance restore status`` prints them."""
+    from appliance.restore.progress import is_pending, read
+
+    snapshot = read(folder)
+    pending = is_pending(folder)
+    if snapshot is None:
+        if pending:
+            return "restore: the catalog is back; the data waits for the service"
+        return "restore: none on this appliance"
+    lines = [describe(snapshot, pending)]
+    if snapshot.report:
+        lines.append(f"report: {snapshot.report}")
+    return "\n".join(lines)
+
+
+def describe(snapshot: Any, pending: bool) -> str:
+    """One line about a restore: shared with ``appliance status``."""
+    from appliance.terminal import duration
+
+    if snapshot.state == "done" and not pending:
+        return "restore: finished"
+    left = snapshot.bytes - snapshot.bytes_done
+    text = (
+        f"restore ({snapshot.runner}): {snapshot.state}, {snapshot.studies:,} "
+        f"studies ({snapshot.expected_studies:,} of patients expected soon), "
+        f"{size(snapshot.bytes_done)} of {size(snapshot.bytes)} done"
+    )
+    if snapshot.rate > 0:
+        text += f", {size(int(snapshot.rate))}/s"
+    seconds = snapshot.seconds_left
+    if seconds is not None:
+        text += f", about {duration(seconds)} left ({size(left)})"
+    if snapshot.left_on_mirror:
+        text += f"; {snapshot.left_on_mirror:,} old studies left on the mirror"
+    if snapshot.doing:
+        text += f"; {snapshot.doing}"
+    return text
+
+
+def _follow(folder: Path) -> None:
+    """A progress bar from the numbers the running restore writes."""
+    import time
+
+    from appliance.restore.progress import is_pending, read
+
+    with _transfer_bar() as bar:
+        task = bar.add_task("restoring", total=None)
+        while is_pending(folder):
+            snapshot = read(folder)
+            if snapshot is not None:
+                bar.update(
+                    task,
+                    total=snapshot.bytes or None,
+                    completed=snapshot.bytes_done,
+                    description=f"restoring {snapshot.doing}".rstrip(),
+                )
+            time.sleep(1.0)
 
 
 def _print_rebuild(rebuild: Any, scan: bool) -> None:

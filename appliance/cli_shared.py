@@ -42,8 +42,11 @@ def require_catalog(config: Config) -> None:
 
 
 @contextmanager
-def open_archive(config: Config, writer: bool = False) -> Iterator[tuple[Any, Any]]:
-    """The catalog and the opened tiers; exits with a message if they fail."""
+def open_archive(
+    config: Config, writer: bool = False, mirror: bool = False
+) -> Iterator[tuple[Any, Any]]:
+    """The catalog and the opened tiers (the mirror too, for recalls, with
+    ``mirror``); exits with a message if they fail."""
     from appliance.catalog.store import Catalog
     from appliance.hsm.tiers import open_tiers
 
@@ -54,7 +57,7 @@ def open_archive(config: Config, writer: bool = False) -> Iterator[tuple[Any, An
         click.echo(f"cannot open the catalog: {exc}", err=True)
         sys.exit(1)
     try:
-        opened = open_tiers(config, writer)
+        opened = open_tiers(config, writer, mirror)
     except ApplianceError as exc:
         catalog.close()
         click.echo(f"cannot open the tiers: {exc}", err=True)

@@ -110,13 +110,14 @@ def register(main: click.Group, load: Loader) -> None:
     def recall(
         config_file: Path | None, data_dir: str | None, study_uids: tuple[str, ...]
     ) -> None:
-        """Bring studies back online from nearline or offline volumes."""
+        """Bring studies back online from nearline, offline volumes or, when
+        no nearer copy is readable, the mirror."""
         config = load(config_file, {"storage.data_dir": data_dir})
         logs.setup("WARNING", config.get("logging.format"))
         from appliance.hsm.recall import Recaller
 
         incomplete = 0
-        with open_archive(config) as (catalog, opened):
+        with open_archive(config, mirror=True) as (catalog, opened):
             recaller = Recaller(catalog, opened)
             for uid in study_uids:
                 if not _is_study(catalog, uid):

@@ -37,6 +37,7 @@ from appliance.hsm.tiers import open_tiers
 from appliance.ingest import Ingest
 from appliance.prefetch.hl7_process import HL7Service
 from appliance.replication.supervisor import Supervisor
+from appliance.restore import process as restore_process
 from appliance.storage.lock import WORKERS_LOCK, TierLock, claim_tier
 from appliance.storage.online import OnlineTier
 
@@ -147,7 +148,7 @@ def _serve(config: Config, listener: socket.socket, hl7: HL7Service | None) -> i
         len(workers),
         config.data_dir,
     )
-    migrations = replication = None
+    migrations = replication = restore = None
     # The accept loop turns at least every half second; a loop that stops
     # turning withholds the watchdog heartbeat, and systemd restarts us.
     alive = notify.Liveness(max_age=_LOOP_STALLED)
@@ -157,6 +158,10 @@ def _serve(config: Config, listener: socket.socket, hl7: HL7Service | None) -> i
         if config.get("replication.enabled"):
             replication = Supervisor(config)
             replication.start()
+        if restore_process.wanted(config):
+            # The catalog is back: serve now, and restore the data meanwhile.
+            restore = restore_process.RestoreSupervisor(config)
+            restore.start()
         serving = f"serving DICOM on {host}:{port}"
         if hl7 is not None:
             hl7.start()
@@ -171,6 +176,8 @@ def _serve(config: Config, listener: socket.socket, hl7: HL7Service | None) -> i
             hl7.stop()
         if replication is not None:
             replication.stop()
+        if restore is not None:
+            restore.stop()
         if migrations is not None:
             # A running migration child is a daemon: it stops with us, and
             # its next run resumes (every step is idempotent).
@@ -334,7 +341,7 @@ def run_worker(
     logs.setup(config.get("logging.level"), config.get("logging.format"))
     configure_pynetdicom()
 
-    tiers = open_tiers(config)
+    tiers = open_tiers(config, mirror=True)
     online = tiers.online
     in_use = TierLock(config.online_path, WORKERS_LOCK)
     in_use.acquire(exclusive=False, wait=60)

@@ -35,3 +35,18 @@ def size(count: int) -> str:
             return f"{value:,.1f} {unit}" if unit != "B" else f"{count:,} B"
         value /= 1024
     return f"{count} B"
+
+
+def duration(seconds: float) -> str:
+    """A time span for people: 45 s, 12 min, 3 h 05 min, 2 d 4 h."""
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole} s"
+    minutes = whole // 60
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes:02d} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"

@@ -29,6 +29,7 @@ from appliance.restore import swap
 from appliance.restore.cache import PackCache
 from appliance.restore.data import DataRestore
 from appliance.restore.mirror import Fetcher, survey
+from appliance.restore.progress import mark_pending
 from appliance.restore.rebuild import rebuild_catalog
 from appliance.restore.replay import replay_journal
 from appliance.storage.keys import KeyStore, key_store_path
@@ -141,7 +142,7 @@ def test_a_second_run_restores_nothing_twice(disaster, site) -> None:
     again = restored.restore()
 
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "rebuilt by an earlier run" in again.stdout
+    assert "restored already" in again.stdout
     assert len(restored.object_files()) == len(disaster[1])
     assert restored.held() == (disaster[1], disaster[2])
 
@@ -290,6 +291,7 @@ def _restore_in_process(restored: Restored, mirror: Path) -> None:
     contents = survey(transport)
     folder = config.data_dir / "restore"
     cache = PackCache(folder / "packs", fetcher, 10**9)
+    mark_pending(folder, "mirror")
     rebuild_catalog(
         config.catalog_path, 2**26, folder / "work", fetcher, contents, keys, cache
     )

@@ -24,7 +24,7 @@ from appliance.catalog import copies, requests
 from appliance.catalog.copies import PackRecord
 from appliance.catalog.records import InstanceRecord
 from appliance.catalog.store import Catalog
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, TransportError
 from appliance.hsm.tiers import ONLINE, PackTier, Tiers
 from appliance.storage.packs import PackReader
 
@@ -234,6 +234,9 @@ class Recaller:
                         continue
                     staged[record.sop_instance_uid] = (key, record.sha256)
                     staged_one()
+        except TransportError as exc:
+            # The mirror could not be reached: nothing says the pack is bad.
+            result.problems.append(f"pack {pack_id}: {exc}")
         except ApplianceError as exc:
             result.problems.append(f"pack {pack_id}: {exc}")
             failed = [r.sop_instance_uid for r in records]

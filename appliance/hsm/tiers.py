@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 ONLINE = "online"
 NEARLINE = "nearline"
 OFFLINE = "offline"
+OFFSITE = "offsite"
 
 
 class PackTier(Protocol):
@@ -81,12 +82,14 @@ class Tiers:
         return self.packs.get(name)
 
 
-def open_tiers(config: Config, writer: bool = False) -> Tiers:
+def open_tiers(config: Config, writer: bool = False, mirror: bool = False) -> Tiers:
     """Every tier the configuration describes, opened, with the key store
     (made on first use: packs are always encrypted).
 
     ``writer`` is for the one process that writes packs, the holder of the
     migration lock: it also clears what a crashed writer left half-done.
+    ``mirror`` adds the off-site mirror as the farthest tier, for recalls
+    of what no nearer tier holds (it is connected to only then).
     """
     online = OnlineTier(config.online_path, config.get("storage.reserved_bytes"))
     online.open()
@@ -99,6 +102,17 @@ def open_tiers(config: Config, writer: bool = False) -> Tiers:
     offline = OfflineTier(library, config.data_dir / "spool")
     offline.open(writer)
     packs[OFFLINE] = offline
+    if mirror:
+        packs[OFFSITE] = _mirror_tier(config)
 
     keys = KeyStore.create_if_missing(key_store_path(config.data_dir))
     return Tiers(online, packs, keys)
+
+
+def _mirror_tier(config: Config) -> PackTier:
+    from appliance.hsm.mirror import MirrorRecallTier
+    from appliance.replication.process import open_mirror
+
+    return MirrorRecallTier(
+        lambda: open_mirror(config), config.data_dir / "restore" / "recall"
+    )

@@ -87,7 +87,8 @@ def run_prefetch(config: Config, files: list[Path]) -> None:
     try:
         if files:
             import_files(catalog, files)
-        tiers = open_tiers(config, writer=True)
+        # Priors a restore left on the mirror are prefetched from it.
+        tiers = open_tiers(config, writer=True, mirror=True)
         Planner(catalog, Recaller(catalog, tiers), config).run()
     finally:
         catalog.close()

@@ -54,6 +54,7 @@ from appliance.hsm.recall import Recaller
 from appliance.hsm.tiers import ONLINE, Tiers
 from appliance.replication.audit import audit
 from appliance.replication.background import Background
+from appliance.replication.names import pack_name
 from appliance.replication.spool import Spool, SpooledPack
 from appliance.storage import sealed
 from appliance.storage.packs import PackReader, PackWriter
@@ -218,7 +219,7 @@ class Replicator:
             return None
         self._prepare_ahead()
 
-        remote = _remote_name(pack)
+        remote = pack_name(pack.pack_id)
         self._upload(pack)
         if self.settings.verify_after_upload:
             self._verify(pack, remote)
@@ -305,7 +306,7 @@ class Replicator:
         if pack.pack_id in self._uploaded:
             return  # while the pack before it was read back
         self.transport.put(
-            _remote_name(pack),
+            pack_name(pack.pack_id),
             pack.path,
             pack.size,
             pack.sha256,
@@ -627,11 +628,6 @@ class Replicator:
             self.transport.put(
                 name, path, path.stat().st_size, digest, throttle=self.throttle
             )
-
-
-def _remote_name(pack: SpooledPack) -> str:
-    """Where a pack goes on the mirror: a folder per last three digits."""
-    return f"packs/{pack.pack_id[-3:]}/{pack.pack_id}.pack"
 
 
 def _numbers(batch: list[Queued]) -> dict[str, list[int]]:

@@ -1,12 +1,13 @@
 """The second phase of a restore: the instances, back online.
 
-Studies are restored newest first (by study date, then by when they were
-received). For each, the packs holding its instances are fetched into the
-pack cache, then the study is recalled like any other: every instance is
-extracted, checked against the manifest and the catalog's SHA-256, written
-durably under a new online key, and the study's online copies are recorded
-in one transaction. A pack is dropped from the cache once every instance it
-holds for the restore was tried.
+Studies are restored in the order of :mod:`.order` (patients expected
+soon first, then newest first), and some are left on the mirror or packed
+onto nearline as the configuration says. For each, the packs holding its
+instances are fetched into the pack cache, then the study is recalled like
+any other: every instance is extracted, checked against the manifest and
+the catalog's SHA-256, written durably under a new online key, and the
+study's online copies are recorded in one transaction. A pack is dropped
+from the cache once every instance it holds for the restore was tried.
 
 Run again after an interruption, it skips the studies already online and
 removes the files the interrupted study left (:mod:`.staging`): nothing is
@@ -29,9 +30,16 @@ from appliance.catalog.replication import OFFSITE
 from appliance.catalog.store import Catalog
 from appliance.hsm.recall import Progress as RecallProgress
 from appliance.hsm.recall import Recaller
-from appliance.hsm.tiers import ONLINE, Tiers
+from appliance.hsm.tiers import NEARLINE, ONLINE, Tiers
 from appliance.restore.cache import MirrorTier, PackCache
 from appliance.restore.mirror import MirrorContents
+from appliance.restore.order import (
+    MIRROR_TARGET,
+    StudyFacts,
+    facts_of,
+    order,
+    upcoming_patients,
+)
 from appliance.restore.staging import NotedOnlineTier, StagingNote
 from appliance.storage.keys import KeyStore
 
@@ -41,15 +49,26 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[int, int, str], None]
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where studies go (see :mod:`.order`)."""
+
+    online_days: int = 0
+    older_studies: str = MIRROR_TARGET
+
+
 @dataclass
 class Plan:
-    """The studies to restore, newest first, and what they need."""
+    """The studies to restore, first first, and what they need."""
 
     studies: list[str] = field(default_factory=list)
     instances: int = 0
     bytes: int = 0
     # pack id -> instances still to restore from it
     packs: Counter[str] = field(default_factory=Counter)
+    to_nearline: set[str] = field(default_factory=set)
+    left_on_mirror: list[str] = field(default_factory=list)
+    expected: int = 0  # studies of patients with an upcoming appointment
 
 
 class DataRestore:
@@ -64,8 +83,17 @@ class DataRestore:
         cache: PackCache,
         contents: MirrorContents,
         state_folder: Path,
+        placement: Placement | None = None,
+        to_nearline: Callable[[str], None] | None = None,
+        before_fetch: Callable[[], None] | None = None,
     ) -> None:
+        """``to_nearline`` moves a restored study to the nearline tier;
+        ``before_fetch`` is called before each study's packs are fetched
+        (a recall someone waits for goes first)."""
         self.catalog = catalog
+        self.placement = placement or Placement()
+        self.to_nearline = to_nearline
+        self.before_fetch = before_fetch
         self.cache = cache
         self.contents = contents
         self.note = StagingNote(state_folder / "staging")
@@ -78,58 +106,84 @@ class DataRestore:
         """What is left to restore, after tidying an interrupted run."""
         self.online.discard_incoming()
         self.note.clean_up(self.catalog, self.online)
-        plan = Plan()
-        dates: dict[str, tuple[str, float]] = {}
+        facts: dict[str, StudyFacts] = {}
+        needed: dict[str, list[InstanceRecord]] = {}
         with self.catalog.read() as txn:
             for uid, _data in self.catalog.all_records(txn, "instances"):
                 record = self.catalog.instance(txn, uid)
                 if record is None or record.copy_on(ONLINE) is not None:
                     continue
-                pack_id = _pack_of(record)
-                if pack_id is None:
+                if record.copy_on(NEARLINE) is not None:
+                    continue  # restored onto nearline by an earlier run
+                if _pack_of(record) is None:
                     continue  # no verified copy on the mirror: reported
+                needed.setdefault(record.study_uid, []).append(record)
+                if record.study_uid not in facts:
+                    study = self.catalog.get(txn, "studies", record.study_uid) or {}
+                    facts[record.study_uid] = facts_of(record.study_uid, study)
+        chosen = order(
+            list(facts.values()),
+            upcoming_patients(self.catalog),
+            self.placement.online_days,
+            self.placement.older_studies,
+        )
+        plan = Plan(
+            studies=chosen.studies,
+            to_nearline=chosen.to_nearline,
+            left_on_mirror=chosen.left_on_mirror,
+            expected=chosen.expected,
+        )
+        for study_uid in plan.studies:
+            for record in needed[study_uid]:
                 plan.instances += 1
                 plan.bytes += record.size
-                plan.packs[pack_id] += 1
-                if record.study_uid not in dates:
-                    study = self.catalog.get(txn, "studies", record.study_uid) or {}
-                    date = study.get("attrs", {}).get("StudyDate", "")
-                    dates[record.study_uid] = (date, study.get("received", 0.0))
-        plan.studies = sorted(dates, key=dates.__getitem__, reverse=True)
+                plan.packs[_pack_of(record) or ""] += 1
         # Packs fetched by an earlier run that no instance needs any more.
         self.cache.drop_all(keep=plan.packs)
         return plan
 
-    def run(self, plan: Plan, progress: Progress | None = None) -> int:
-        """Restore the planned studies; the instances staged online."""
+    def run(
+        self,
+        plan: Plan,
+        progress: Progress | None = None,
+        stopping: Callable[[], bool] = lambda: False,
+    ) -> int:
+        """Restore the planned studies until done or ``stopping()``; how
+        many studies were tried."""
         done_bytes = 0
-        staged = 0
+        tried = 0
         for number, study_uid in enumerate(plan.studies, 1):
+            if stopping():
+                break
             records = [
                 r
                 for r in copies.instances_of(self.catalog, study_uid)
-                if r.copy_on(ONLINE) is None
+                if r.copy_on(ONLINE) is None and r.copy_on(NEARLINE) is None
             ]
             size = sum(r.size for r in records)
             what = f"study {number} of {len(plan.studies)}"
             # Stop before a full disk makes recall take good packs for bad.
             self.online.check_room(size)
+            if self.before_fetch is not None:
+                self.before_fetch()
             self._fetch_packs(records)
             self.note.begin(study_uid)
             try:
-                result = self.recaller.recall(
+                self.recaller.recall(
                     study_uid, _share(progress, done_bytes, size, plan.bytes, what)
                 )
             finally:
                 self.note.close()
             self.note.end()
-            staged += result.staged
+            tried += 1
             done_bytes += size
             self._send_again(records)
             self._forget_packs(records, plan)
+            if study_uid in plan.to_nearline and self.to_nearline is not None:
+                self.to_nearline(study_uid)
             if progress is not None:
                 progress(done_bytes, plan.bytes, what)
-        return staged
+        return tried
 
     def _fetch_packs(self, records: list[InstanceRecord]) -> None:
         """Fetch the packs the study's instances are in, if the mirror has them."""

@@ -1,11 +1,14 @@
 """The final report of a restore: every instance restored, missing or
 corrupt, by UID, from the catalog as it stands.
 
-An instance is *restored* once it has a verified online copy. One that
-has none is *corrupt* when the mirror holds its pack but the pack failed to
-give it (recall then stopped counting that copy), *missing* when the pack
-is not on the mirror or the instance never reached it, and *waiting* when
-its pack was not tried yet (an interrupted run: run it again).
+An instance is *restored* once it has a verified online copy (or nearline
+copy, for a study the configuration sends there); it is *left on the
+mirror* when it belongs to an old study the configuration leaves there
+until asked for. One that has neither is *corrupt* when the mirror holds
+its pack but the pack failed to give it (recall then stopped counting that
+copy), *missing* when the pack is not on the mirror or the instance never
+reached it, and *waiting* when its pack was not tried yet (an interrupted
+run: run it again).
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from appliance.catalog.replication import OFFSITE
 from appliance.catalog.store import Catalog
-from appliance.hsm.tiers import ONLINE
+from appliance.hsm.tiers import NEARLINE, ONLINE
 from appliance.restore.mirror import MirrorContents
 from appliance.storage import durable
 
@@ -46,6 +50,7 @@ class Report:
     corrupt: list[Problem] = field(default_factory=list)
     waiting: list[Problem] = field(default_factory=list)
     restored_bytes: int = 0
+    left_on_mirror: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -67,16 +72,22 @@ class Report:
 
 
 def final_report(
-    catalog: Catalog, contents: MirrorContents, note: dict[str, Any]
+    catalog: Catalog,
+    contents: MirrorContents,
+    note: dict[str, Any],
+    left_on_mirror: Collection[str] = (),
 ) -> Report:
     """Classify every instance of the catalog, and those that never reached
-    the mirror (``note["lost"]``, from the rebuild)."""
+    the mirror (``note["lost"]``, from the rebuild); ``left_on_mirror``
+    are the studies left there on purpose."""
     report = Report(str(note.get("source", "")))
+    left = set(left_on_mirror)
     with catalog.read() as txn:
         for uid, _data in catalog.all_records(txn, "instances"):
             record = catalog.instance(txn, uid)
             assert record is not None
-            if record.copy_on(ONLINE) is not None:
+            local = record.copy_on(ONLINE) or record.copy_on(NEARLINE)
+            if local is not None:
                 report.restored.append(uid)
                 report.restored_bytes += record.size
                 continue
@@ -87,7 +98,9 @@ def final_report(
                 )
                 continue
             pack_id = offsite.location.partition("/")[0]
-            if offsite.verified:
+            if offsite.verified and record.study_uid in left:
+                report.left_on_mirror.append(uid)
+            elif offsite.verified:
                 problem = Problem(uid, record.study_uid, "not tried yet", pack_id)
                 report.waiting.append(problem)
             elif pack_id in contents.packs:
