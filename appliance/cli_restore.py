@@ -375,6 +375,11 @@ def _print_report(report: Any, path: Path) -> None:
         f"{size(report.restored_bytes)}; missing: {len(report.missing):,}; "
         f"corrupt: {len(report.corrupt):,}; not tried yet: {len(report.waiting):,}"
     )
+    if report.left_on_mirror:
+        click.echo(
+            f"left on the mirror until asked for: {len(report.left_on_mirror):,} "
+            "instance(s) of old studies (restore.online_days)"
+        )
     for kind, problems in (
         ("missing", report.missing),
         ("corrupt", report.corrupt),

@@ -201,3 +201,8 @@ def dcmtk(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         list(args), capture_output=True, text=True, timeout=timeout, env=env
     )
+
+
+# The lost archive and its mirror that every restore test starts from; at
+# the end, since that module needs what is above.
+from tests.restore_site import disaster, site  # noqa: E402, F401

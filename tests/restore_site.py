@@ -5,13 +5,16 @@ restore tests."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pydicom
+import pytest
 
 from appliance import config as configuration
 from appliance.catalog.query import LEVELS, Query, find
@@ -20,16 +23,23 @@ from appliance.hsm.tiers import Tiers
 from appliance.ingest import Ingest
 from appliance.replication.replicator import Replicator, Settings
 from appliance.replication.transports import Transport
+from appliance.replication.transports.directory import DirectoryTransport
 from appliance.storage.keys import KeyStore, key_store_path
 from appliance.storage.online import OnlineTier
 from tests.conftest import config_text
 from tests.datasets import study_files
 
 
-def write_config(path: Path, data_dir: Path, mirror: dict[str, object]) -> Path:
-    settings = {
+def write_config(
+    path: Path,
+    data_dir: Path,
+    mirror: dict[str, object],
+    more: dict[str, dict[str, object]] | None = None,
+) -> Path:
+    settings: dict[str, dict[str, object]] = {
         "storage": {"data_dir": str(data_dir), "reserved_bytes": 0},
         "mirror": mirror,
+        **(more or {}),
     }
     path.write_text(config_text(settings, []))
     return path
@@ -130,11 +140,15 @@ class Restored:
     folder: Path
     mirror_settings: dict[str, object]
     escrow: Path
+    settings: dict[str, dict[str, object]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.data_dir = self.folder / "restored"
         self.config_path = write_config(
-            self.folder / "restored.toml", self.data_dir, self.mirror_settings
+            self.folder / "restored.toml",
+            self.data_dir,
+            self.mirror_settings,
+            self.settings,
         )
         self.config = configuration.load(self.config_path)
         done = appliance("keys", "import", str(self.escrow), config=self.config_path)
@@ -163,3 +177,54 @@ class Restored:
     def report(self) -> dict[str, Any]:
         reports = sorted((self.data_dir / "restore").glob("report-*.json"))
         return dict(json.loads(reports[-1].read_text()))
+
+
+@pytest.fixture(scope="module")
+def disaster(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, dict[str, bytes], dict[str, list[str]], dict[str, list[str]]]:
+    """A mirror of an archive that is gone: 5 studies in 4 packs, a catalog
+    snapshot after the second pack, journal segments after every pack; an
+    instance replaced after it was replicated. Kept read-only: each test
+    restores from a copy."""
+    folder = tmp_path_factory.mktemp("disaster")
+    mirror = folder / "mirror"
+    mirror.mkdir()
+    origin = Origin(folder, DirectoryTransport(mirror), mirror_settings(mirror))
+    studies: dict[str, list[str]] = {}
+    studies["ct-old"] = origin.store("ct-old", 3, study_date="20240105")
+    studies["mr-new"] = origin.store(
+        "mr-new", 2, study_date="20260301", modality="MR", patient_id="P2"
+    )
+    origin.replicate()
+    studies["ct-mid"] = origin.store("ct-mid", 4, study_date="20250610")
+    origin.replicate()
+    origin.replicator.send_snapshot()
+    studies["us-late"] = origin.store(
+        "us-late", 2, study_date="20251201", modality="US", patient_name="Roe^Max"
+    )
+    origin.replicate()
+    # The same instance sent again with other bytes (policy replace).
+    studies["ct-old"] += origin.store(
+        "ct-old", 1, study_date="20240105", pixel_bytes=4096
+    )
+    studies["cr-last"] = origin.store(
+        "cr-last", 2, study_date="20260302", modality="CR"
+    )
+    origin.replicate()
+    origin.escrow()
+    held, found = origin.lose()
+    shutil.rmtree(folder / "origin")
+    return folder, held, found, studies
+
+
+def mirror_settings(mirror: Path) -> dict[str, object]:
+    return {"kind": "directory", "path": str(mirror)}
+
+
+@pytest.fixture
+def site(disaster, tmp_path: Path) -> Iterator[tuple[Restored, Path]]:
+    folder = disaster[0]
+    mirror = tmp_path / "mirror"
+    shutil.copytree(folder / "mirror", mirror)
+    yield Restored(tmp_path, mirror_settings(mirror), folder / "escrow.txt"), mirror

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
 
@@ -35,58 +34,7 @@ from appliance.restore.replay import replay_journal
 from appliance.storage.keys import KeyStore, key_store_path
 from appliance.storage.online import OnlineTier
 from appliance.storage.packs import PackReader
-from tests.restore_site import Origin, Restored, answers, appliance
-
-
-@pytest.fixture(scope="module")
-def disaster(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> tuple[Path, dict[str, bytes], dict[str, list[str]], dict[str, list[str]]]:
-    """A mirror of an archive that is gone: 5 studies in 4 packs, a catalog
-    snapshot after the second pack, journal segments after every pack; an
-    instance replaced after it was replicated. Kept read-only: each test
-    restores from a copy."""
-    folder = tmp_path_factory.mktemp("disaster")
-    mirror = folder / "mirror"
-    mirror.mkdir()
-    origin = Origin(folder, DirectoryTransport(mirror), _mirror_settings(mirror))
-    studies: dict[str, list[str]] = {}
-    studies["ct-old"] = origin.store("ct-old", 3, study_date="20240105")
-    studies["mr-new"] = origin.store(
-        "mr-new", 2, study_date="20260301", modality="MR", patient_id="P2"
-    )
-    origin.replicate()
-    studies["ct-mid"] = origin.store("ct-mid", 4, study_date="20250610")
-    origin.replicate()
-    origin.replicator.send_snapshot()
-    studies["us-late"] = origin.store(
-        "us-late", 2, study_date="20251201", modality="US", patient_name="Roe^Max"
-    )
-    origin.replicate()
-    # The same instance sent again with other bytes (policy replace).
-    studies["ct-old"] += origin.store(
-        "ct-old", 1, study_date="20240105", pixel_bytes=4096
-    )
-    studies["cr-last"] = origin.store(
-        "cr-last", 2, study_date="20260302", modality="CR"
-    )
-    origin.replicate()
-    origin.escrow()
-    held, found = origin.lose()
-    shutil.rmtree(folder / "origin")
-    return folder, held, found, studies
-
-
-def _mirror_settings(mirror: Path) -> dict[str, object]:
-    return {"kind": "directory", "path": str(mirror)}
-
-
-@pytest.fixture
-def site(disaster, tmp_path: Path) -> Iterator[tuple[Restored, Path]]:
-    folder = disaster[0]
-    mirror = tmp_path / "mirror"
-    shutil.copytree(folder / "mirror", mirror)
-    yield Restored(tmp_path, _mirror_settings(mirror), folder / "escrow.txt"), mirror
+from tests.restore_site import Origin, Restored, answers, appliance, mirror_settings
 
 
 def test_restore_gives_back_every_instance_and_the_same_answers(disaster, site) -> None:
@@ -382,13 +330,13 @@ def test_instances_that_never_reached_the_mirror_are_reported(
     """Stored, journalled, but the disaster came before their pack."""
     mirror = tmp_path / "mirror"
     mirror.mkdir()
-    origin = Origin(tmp_path, DirectoryTransport(mirror), _mirror_settings(mirror))
+    origin = Origin(tmp_path, DirectoryTransport(mirror), mirror_settings(mirror))
     kept = origin.store("kept", 2)
     origin.replicate()
     late = origin.store("late", 1, study_date="20260401")
     assert origin.replicator.send_journal() == 1
     held, _found = origin.lose()
-    restored = Restored(tmp_path, _mirror_settings(mirror), origin.escrow())
+    restored = Restored(tmp_path, mirror_settings(mirror), origin.escrow())
 
     done = restored.restore()
 

@@ -2,11 +2,12 @@
 
 Patients expected soon come first: the studies of every patient with an
 upcoming appointment, earliest appointment first, newest study first
-within it. Then every other study, newest first (by study date, then by
-when it was received). A study older than ``online_days`` (by study date,
-or when received if it has none) is left on the mirror until asked for, or
-packed onto the nearline tier, as the configuration says; ``online_days``
-0 brings every study back online.
+within it. Then every other study, newest first (by study date, or the
+day it was received when it has none, then by when it was received). A
+study older than ``online_days`` (by the same day) is left on the mirror
+until asked for, or packed onto the nearline tier, as the configuration
+says; ``online_days`` 0 brings every study back online. A study of a
+patient expected soon comes back online however old it is.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def order(
     result = Order()
 
     def newest_first(study: StudyFacts) -> tuple[str, float]:
-        return (study.study_date, study.received)
+        return (_day_of(study), study.received)
 
     soon = [s for s in facts if s.patient in expected]
     soon.sort(key=newest_first, reverse=True)
