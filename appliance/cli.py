@@ -167,12 +167,15 @@ def status(config_file: Path | None, data_dir: str | None, as_json: bool) -> Non
 
 def _restore_numbers(config: configuration.Config) -> dict[str, Any] | None:
     """The running (or last) restore's numbers, if this appliance had one."""
-    from appliance.restore.progress import is_pending, read
+    from appliance.restore.progress import Snapshot, is_pending, read
 
     folder = config.data_dir / "restore"
     snapshot = read(folder)
-    if snapshot is None:
+    if snapshot is None and not is_pending(folder):
         return None
+    if snapshot is None:
+        # The catalog is back; no data phase has written its numbers yet.
+        snapshot = Snapshot(state="starting")
     numbers = snapshot.as_json()
     numbers["pending"] = is_pending(folder)
     numbers["seconds_left"] = snapshot.seconds_left
@@ -180,13 +183,10 @@ def _restore_numbers(config: configuration.Config) -> dict[str, Any] | None:
 
 
 def _restore_line(config: configuration.Config) -> str:
-    from appliance.cli_restore import describe
-    from appliance.restore.progress import is_pending, read
+    from appliance.cli_restore import status_text as _restore_text
 
     folder = config.data_dir / "restore"
-    snapshot = read(folder)
-    assert snapshot is not None
-    return describe(snapshot, is_pending(folder))
+    return _restore_text(folder)
 
 
 @main.command(name="import")

@@ -91,10 +91,10 @@ def register(main: click.Group, load: Loader) -> None:
             raise click.UsageError("say where from: --from mirror")
         config = load(config_file, {"storage.data_dir": data_dir})
         logs.setup("WARNING", config.get("logging.format"))
-        timetable = _rate(rate) or config.get("restore.timetable")
+        chosen = _rate(rate)
         room = config.get("restore.cache_gb") if cache_gb is None else cache_gb
         with _failures():
-            ok = _restore(config, scan, background, timetable, int(room * 1e9))
+            ok = _restore(config, scan, background, chosen, int(room * 1e9))
         sys.exit(0 if ok else 1)
 
     @restore.command("status")
@@ -109,7 +109,7 @@ def register(main: click.Group, load: Loader) -> None:
         folder = config.data_dir / "restore"
         if follow:
             _follow(folder)
-        click.echo(_status_text(folder))
+        click.echo(status_text(folder))
 
 
 def _rate(text: str | None) -> str | None:
@@ -129,10 +129,14 @@ def _rate(text: str | None) -> str | None:
 
 
 def _restore(
-    config: Config, scan: bool, background: bool, timetable: str, cache_bytes: int
+    config: Config, scan: bool, background: bool, rate: str | None, cache_bytes: int
 ) -> bool:
     """The catalog phase, then the data phase here or in the service;
-    whether everything came back (or, in the background, the catalog)."""
+    whether everything came back (or, in the background, the catalog).
+
+    The catalog phase reads at full speed unless ``rate`` says otherwise:
+    nothing is served until it is over. The data phase keeps to ``rate``,
+    or else to ``restore.timetable``."""
     from appliance.replication.bandwidth import Limiter, parse_timetable
     from appliance.replication.process import open_mirror
     from appliance.restore import swap
@@ -146,7 +150,7 @@ def _restore(
     folder = config.data_dir / "restore"
     lock = _claim(config, folder)
     folder.mkdir(parents=True, exist_ok=True)
-    limiter = Limiter(parse_timetable(timetable))
+    limiter = Limiter(parse_timetable(rate or "off"))
     try:
         with open_mirror(config) as transport:
             fetcher = Fetcher(transport, limiter)
@@ -168,6 +172,10 @@ def _restore(
             if background:
                 _print_background(rebuild)
                 return True
+            if rate is None:
+                limiter.close()
+                limiter = Limiter(parse_timetable(config.get("restore.timetable")))
+                fetcher.limiter = limiter
             catalog = _catalog(config)
             try:
                 report, path = _restore_data(config, catalog, keys, cache, contents)
@@ -299,7 +307,7 @@ def _print_background(rebuild: Any) -> None:
     )
 
 
-def _status_text(folder: Path) -> str:
+def status_text(folder: Path) -> str:
     """The restore's numbers, as ``appliance restore status`` prints them."""
     from appliance.restore.progress import is_pending, read
 

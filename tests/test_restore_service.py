@@ -169,6 +169,70 @@ def test_an_archive_lost_and_restored_from_an_sftp_mirror(
     assert sorted(mirror_root.rglob("*.pack")) == packs
 
 
+def test_the_restored_appliance_serves_while_the_data_comes_back(
+    sshd: Sshd, tmp_path: Path, appliance_factory
+) -> None:
+    """The catalog first, then the service: it answers C-FIND for the whole
+    archive, stores new studies, and gives a study not restored yet at
+    once, from the mirror, while the background restore is held at
+    ``pause``; let go, the restore finishes in the background."""
+    mirror_root = tmp_path / "mirror"
+    mirror_root.mkdir()
+    settings = _settings(sshd, mirror_root)
+    lost = appliance_factory(settings, name="lost").start()
+    files: list[Path] = []
+    for label, date in (("bg-one", "20260105"), ("bg-two", "20260310")):
+        files += study_files(
+            tmp_path / label, label, 3, study_date=date, patient_id=f"PID-{label}"
+        )
+    assert set(client.store_files(lost.port, files).values()) == {0}
+    _wait_until_replicated(lost)
+    before = _answers(lost.port)
+    study_uids = sorted({row["StudyInstanceUID"] for row in before[0]})
+    sent = {_uid(path): client.dataset_bytes(path) for path in files}
+    escrow = tmp_path / "escrow.txt"
+    escrow.write_text(lost.cli("keys", "export").stdout)
+    lost.stop()
+    shutil.rmtree(lost.data_dir)
+
+    paused = {**settings, "restore": {"timetable": "pause"}}
+    new = appliance_factory(paused, name="new")
+    new.write_config()
+    new.cli("keys", "import", str(escrow))
+    done = new.cli("restore", "--from", "mirror", "--background", check=False)
+    assert done.returncode == 0, done.stderr
+    assert "restores in the background" in done.stdout
+    new.start()
+
+    assert _answers(new.port) == before
+    deadline = time.monotonic() + 30
+    while new.status()["restore"]["state"] != "restoring":
+        assert time.monotonic() < deadline, new.log()[-3000:]
+        time.sleep(0.2)
+    restore = new.status()["restore"]
+    assert restore["pending"] and restore["bytes_done"] == 0
+    assert restore["studies"] == 2 and restore["runner"] == "service"
+    later = study_files(tmp_path / "bg-new", "bg-new", 2, patient_id="PID-bg-new")
+    assert set(client.store_files(new.port, later).values()) == {0}
+    got = _get_all(new.port, study_uids[:1], files)
+    assert got == {uid: data for uid, data in sent.items() if uid in got}
+    assert len(got) == 3
+    assert "recalled: 3 instances staged online" in new.log()
+
+    new.stop()
+    new.settings = {**settings, "restore": {"timetable": "off"}}
+    new.start()
+    deadline = time.monotonic() + 60
+    while new.status()["restore"]["pending"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    restore = new.status()["restore"]
+    assert not restore["pending"] and restore["state"] == "done", new.log()[-3000:]
+    assert "finished" in new.cli("restore", "status").stdout
+    assert _get_all(new.port, study_uids, files) == sent
+    assert new.status()["instances"] == 8
+    assert "restore over: 8 instances restored and verified" in new.log()
+
+
 def _wait_for_snapshot(node: Appliance, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -16,13 +16,16 @@ import logging
 import signal
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance import logs
 from appliance.children import ChildSupervisor, die_with_parent
 from appliance.config import Config
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, LimiterClosed
 from appliance.restore.progress import is_pending
+
+if TYPE_CHECKING:
+    from appliance.replication.bandwidth import Limiter
 
 logger = logging.getLogger(__name__)
 
@@ -46,27 +49,32 @@ def wanted(config: Config) -> bool:
 
 def run_restore(config: Config) -> None:
     """Restore in the background until done or SIGTERM (the child's work)."""
+    from appliance.replication.bandwidth import Limiter, parse_timetable
+
     die_with_parent()
     logs.setup(config.get("logging.level"), config.get("logging.format"))
     stop = threading.Event()
+    limiter = Limiter(parse_timetable(config.get("restore.timetable")), sleep=stop.wait)
 
     def stopping(*_: Any) -> None:
         stop.set()
+        limiter.close()  # a wait for bandwidth ends at once
 
     signal.signal(signal.SIGTERM, stopping)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        done = _restore(config, stop)
+        done = _restore(config, stop, limiter)
+    except LimiterClosed:
+        done = False
     except ApplianceError as exc:
         logger.error("restore stopped: %s; it starts again shortly", exc)
         sys.exit(1)
     sys.exit(0 if done else 1)
 
 
-def _restore(config: Config, stop: threading.Event) -> bool:
+def _restore(config: Config, stop: threading.Event, limiter: Limiter) -> bool:
     from appliance.catalog.store import Catalog
     from appliance.hsm.mirror import wait_for_recalls
-    from appliance.replication.bandwidth import Limiter, parse_timetable
     from appliance.replication.process import open_mirror
     from appliance.restore.cache import PackCache
     from appliance.restore.export import rebuilt_note
@@ -80,7 +88,6 @@ def _restore(config: Config, stop: threading.Event) -> bool:
         return True
     tracker = Tracker(folder, "service")
     keys = KeyStore.load(key_store_path(config.data_dir))
-    limiter = Limiter(parse_timetable(config.get("restore.timetable")), sleep=stop.wait)
     catalog = Catalog(config.catalog_path, config.get("storage.catalog_max_size"))
     if rebuilt_note(catalog) is None:
         catalog.close()
@@ -110,6 +117,5 @@ def _restore(config: Config, stop: threading.Event) -> bool:
                 lambda: wait_for_recalls(recalls, stop.is_set),
             )
     finally:
-        limiter.close()
         catalog.close()
     return report is not None
