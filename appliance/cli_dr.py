@@ -75,7 +75,7 @@ def register(main: click.Group, load: Loader) -> None:
 
 
 def _drill(config: Config) -> bool:
-    from appliance.restore.drill_job import perform, summary
+    from appliance.restore.drill_job import perform
 
     with progress_bar() as bar:
         task = bar.add_task("restoring the sample", total=None)
@@ -89,8 +89,16 @@ def _drill(config: Config) -> bool:
             bar.stop()
             click.echo(f"restore drill did not run: {exc}", err=True)
             return False
-    click.echo(summary(result))
-    click.echo(f"sample: {', '.join(result.studies)}")
+    outcome = "passed" if result.ok else f"FAILED ({len(result.failures)} problems)"
+    click.echo(
+        f"restore drill {outcome}: {len(result.studies)} studies, "
+        f"{result.instances:,} instances, {size(result.bytes)} restored and "
+        f"verified in {_duration(result.seconds)} ({result.rate / 1e6:.1f} MB/s); "
+        f"{size(result.mirror_bytes)} read from the mirror"
+    )
+    click.echo("sample:")
+    for study_uid in result.studies:
+        click.echo(f"  {study_uid}")
     for failure in result.failures[:_SHOWN]:
         instance = failure.sop_instance_uid or "(whole pack)"
         click.echo(
@@ -167,6 +175,8 @@ def _print_objectives(waiting: Any, estimate: Any) -> None:
 
 def _duration(seconds: float) -> str:
     """Seconds for people: 4.2 s, 12 min 5 s, 3 h 20 min, 2 d 4 h."""
+    if seconds < 10:
+        return f"{seconds:.2f} s"
     if seconds < 60:
         return f"{seconds:.1f} s"
     whole = int(seconds)

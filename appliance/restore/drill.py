@@ -42,7 +42,7 @@ from appliance.catalog.records import (
 )
 from appliance.catalog.replication import OFFSITE
 from appliance.catalog.store import Catalog
-from appliance.errors import ApplianceError, DrillError, PackError
+from appliance.errors import DrillError, KeyStoreError, PackError, TransportError
 from appliance.restore.mirror import Fetcher, MirrorContents, RemoteFile
 from appliance.storage.keys import KeyStore
 from appliance.storage.packs import PackReader
@@ -185,10 +185,14 @@ class Drill:
             for study_uid in sample:
                 for record in _instances_in(self.catalog, txn, study_uid):
                     copy = record.copy_on(OFFSITE)
-                    pack_id = copy.location.partition("/")[0] if copy else ""
+                    if copy is None:
+                        # Replaced since the sample was drawn: queued for the
+                        # mirror, which the recovery point counts.
+                        continue
+                    pack_id = copy.location.partition("/")[0]
                     answers = _answers(self.catalog, txn, record)
                     expected.append(Expected(record, pack_id, answers))
-                    pack = self.catalog.get(txn, "packs", pack_id) if copy else None
+                    pack = self.catalog.get(txn, "packs", pack_id)
                     if pack is not None:
                         packs[pack_id] = PackExpected(pack["size"], pack["sha256"])
         return expected, packs
@@ -202,8 +206,12 @@ class Drill:
     ) -> None:
         """Fetch one pack, check it, and check the sample's instances in it."""
         remote = self.contents.packs.get(pack_id)
-        if not pack_id or remote is None or recorded is None:
-            why = _why_no_pack(pack_id, remote, recorded)
+        if remote is None or recorded is None:
+            why = (
+                f"pack {pack_id} is not on the mirror"
+                if remote is None
+                else f"the catalog has no record of pack {pack_id}"
+            )
             for item in items:
                 result.fail(item.record.study_uid, item.record.sop_instance_uid, why)
             return
@@ -211,7 +219,13 @@ class Drill:
         path = self.folder / f"{pack_id}.pack"
         try:
             self._make_room(remote, items)
-            fetched = self.fetcher.fetch(remote.name, path)
+            try:
+                fetched = self.fetcher.fetch(remote.name, path)
+            except TransportError as exc:
+                for item in items:
+                    uid = item.record.sop_instance_uid
+                    result.fail(item.record.study_uid, uid, f"pack {pack_id}: {exc}")
+                return
             result.mirror_bytes += fetched.size
             if (fetched.size, fetched.sha256) != (recorded.size, recorded.sha256):
                 # Each instance is still checked: the failures say which.
@@ -230,17 +244,17 @@ class Drill:
         self, path: Path, pack_id: str, items: list[Expected], result: DrillResult
     ) -> None:
         try:
-            with PackReader.open(path, self.keys) as reader:
-                for number, item in enumerate(items):
-                    self._check_instance(reader, number, item, result)
-        except ApplianceError as exc:
-            # The header, the manifest or the keys: nothing in it can be read.
+            reader = PackReader.open(path, self.keys)
+        except (PackError, KeyStoreError) as exc:
+            # A damaged header, or a master key the store lacks.
             for item in items:
-                result.fail(
-                    item.record.study_uid,
-                    item.record.sop_instance_uid,
-                    f"pack {pack_id} cannot be read: {exc}",
-                )
+                uid = item.record.sop_instance_uid
+                why = f"pack {pack_id} cannot be read: {exc}"
+                result.fail(item.record.study_uid, uid, why)
+            return
+        with reader:
+            for number, item in enumerate(items):
+                self._check_instance(reader, number, item, result)
 
     def _check_instance(
         self, reader: PackReader, number: int, item: Expected, result: DrillResult
@@ -304,16 +318,6 @@ def _answers(
         "series": dict(series.get("attrs", {})),
         "instance": dict(record.attributes),
     }
-
-
-def _why_no_pack(
-    pack_id: str, remote: RemoteFile | None, recorded: PackExpected | None
-) -> str:
-    if not pack_id:
-        return "no verified copy on the mirror any more"
-    if recorded is None:
-        return f"the catalog has no record of pack {pack_id}"
-    return f"pack {pack_id} is not on the mirror"
 
 
 def _size_and_sha256(path: Path) -> tuple[int, str]:
