@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,9 +21,12 @@ from appliance import config as configuration
 from appliance.errors import ConfigError
 from appliance.hsm import scheduler
 from appliance.replication.transports.directory import DirectoryTransport
-from appliance.restore import drill_job
+from appliance.restore import drill_job, drill_records
+from appliance.restore.drill import DrillResult
 from appliance.storage.keys import KeyStore, key_store_path
 from appliance.storage.packs import PackReader
+from tests.conftest import Appliance
+from tests.datasets import study_files, uid
 from tests.restore_site import Origin, appliance
 
 
@@ -62,8 +66,6 @@ def _with(origin: Origin, name: str, text: str) -> Path:
 
 
 def _study(label: str) -> str:
-    from tests.datasets import uid
-
     return uid("study", label)
 
 
@@ -187,6 +189,34 @@ def test_a_catalog_answer_that_differs_from_the_data_fails(origin: Origin) -> No
     assert len(record["failures"]) == 3
     # The values themselves are left out (they may name the patient).
     assert "19991231" not in done.stderr + json.dumps(record)
+
+
+def test_an_instance_whose_checksum_differs_from_the_catalog_fails(
+    origin: Origin,
+) -> None:
+    """The pack gives back intact bytes, but not the bytes the catalog
+    recorded for the instance."""
+    catalog = origin.catalog
+    with catalog.read() as txn:
+        [uid, *_] = [
+            key
+            for key, data in catalog.all_records(txn, "instances")
+            if data["study"] == _study("mr")
+        ]
+    with catalog.env.begin(write=True) as txn:
+        data = catalog.get(txn, "instances", uid)
+        assert data is not None
+        data["sha256"] = "0" * 64
+        catalog._put(txn, "instances", uid, data)
+
+    done = _drill(origin.config_path)
+
+    assert done.returncode == 1
+    assert f"instance {uid}: SHA-256 differs from the catalog's" in done.stderr
+    [record] = _records(origin)
+    assert [(f["study_uid"], f["sop_instance_uid"]) for f in record["failures"]] == [
+        (_study("mr"), uid)
+    ]
 
 
 def test_nothing_replicated_is_a_clear_message(tmp_path: Path) -> None:
@@ -317,3 +347,61 @@ def test_the_drill_keys_are_checked(tmp_path: Path) -> None:
     defaults = configuration.load()
     assert defaults.get("drills.schedule") == "0 4 1 * *"
     assert defaults.get("drills.studies") == 10
+
+
+def test_a_drill_runs_while_the_appliance_serves(
+    appliance_factory: Callable[..., Appliance], tmp_path: Path
+) -> None:
+    """No lock of the service's is taken; the service keeps serving and its
+    tiers do not change."""
+    node = appliance_factory(
+        {
+            "replication": {"batch_seconds": 1.0},
+            "migration": {"enabled": False},
+            "prefetch": {"enabled": False},
+        }
+    ).start()
+    for label in ("a", "b"):
+        study_files(tmp_path / "files" / label, label, 2)
+    node.cli("import", str(tmp_path / "files"))
+    _wait_until_replicated(node)
+    online = node.data_dir / "online"
+    before = _files(online / "objects")
+
+    done = node.cli("dr", "drill", check=False)
+
+    assert done.returncode == 0, done.stderr
+    assert "restore drill passed: 2 studies, 4 instances" in done.stdout
+    assert node.process is not None and node.process.poll() is None
+    assert _files(online / "objects") == before
+    assert node.cli("status", "--json").returncode == 0
+
+
+def _wait_until_replicated(node: Appliance, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = json.loads(node.cli("replication", "status", "--json").stdout)
+        if status["queued_instances"] == 0:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"still queued: {status}\n{node.log()[-3000:]}")
+
+
+def test_records_are_listed_in_time_order(tmp_path: Path) -> None:
+    stamp = 1_780_000_000.0
+    for started, failures in ((stamp, 0), (stamp, 1), (stamp - 60, 0)):
+        result = DrillResult(started, ["1.2.3"], instances=1, bytes=10, seconds=1.0)
+        if failures:
+            result.fail("1.2.3", "1.2.3.4", "SHA-256 differs from the catalog's")
+        drill_records.save(tmp_path, result)
+    (tmp_path / "drill-20000101T000000Z.json").write_text("not JSON")
+
+    found = drill_records.recent(tmp_path, 10)
+
+    assert [r.path.name for r in found] == [
+        "drill-20260528T202540Z.json",
+        "drill-20260528T202640Z.json",
+        "drill-20260528T202640Z-2.json",
+    ]
+    assert [(r.ok, r.failures) for r in found] == [(True, 0), (True, 0), (False, 1)]
+    assert drill_records.recent(tmp_path, 1) == found[-1:]

@@ -159,6 +159,10 @@ class Drill:
         result = DrillResult(time.time(), list(sample))
         expected, packs = self._expected(sample)
         result.instances = len(expected)
+        found = {item.record.study_uid for item in expected}
+        for study_uid in sample:
+            if study_uid not in found:  # deleted or replaced since it was drawn
+                result.fail(study_uid, "", "no instance left with an off-site copy")
         by_pack: dict[str, list[Expected]] = {}
         for item in expected:
             by_pack.setdefault(item.pack_id, []).append(item)
