@@ -24,12 +24,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+import lmdb
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from appliance.catalog.copies import all_study_copies
+from appliance.catalog.copies import _instances_of, all_study_copies
 from appliance.catalog.records import (
     INSTANCE_KEYWORDS,
     PATIENT_KEYWORDS,
@@ -187,7 +187,7 @@ class Drill:
         packs: dict[str, PackExpected] = {}
         with self.catalog.read() as txn:
             for study_uid in sample:
-                for record in _instances_in(self.catalog, txn, study_uid):
+                for record in _instances_of(self.catalog, txn, study_uid):
                     copy = record.copy_on(OFFSITE)
                     if copy is None:
                         # Replaced since the sample was drawn: queued for the
@@ -298,18 +298,8 @@ class Drill:
             )
 
 
-def _instances_in(catalog: Catalog, txn: Any, study_uid: str) -> list[InstanceRecord]:
-    found = []
-    for series_uid in catalog.index_values(txn, "idx.series.study", study_uid):
-        for uid in catalog.index_values(txn, "idx.instance.series", series_uid):
-            record = catalog.instance(txn, uid)
-            if record is not None:
-                found.append(record)
-    return sorted(found, key=lambda r: r.sop_instance_uid)
-
-
 def _answers(
-    catalog: Catalog, txn: Any, record: InstanceRecord
+    catalog: Catalog, txn: lmdb.Transaction, record: InstanceRecord
 ) -> dict[str, dict[str, str]]:
     """What the catalog holds for the instance and its series, study and
     patient: the values C-FIND answers with."""
