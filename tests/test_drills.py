@@ -146,7 +146,10 @@ def test_a_tampered_pack_fails_and_names_the_study(origin: Origin) -> None:
     assert "FAILED" in done.stdout
     damaged = entry.sop_instance_uid
     assert f"study {_study('us')}, instance {damaged}" in done.stderr
-    assert "pack p-000000002 on the mirror differs" in done.stderr
+    assert (
+        "pack p-000000002 on the mirror differs from its record: another SHA-256"
+        in done.stderr
+    )
     [record] = _records(origin)
     assert record["ok"] is False
     assert {f["study_uid"] for f in record["failures"]} == {_study("us")}

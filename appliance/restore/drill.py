@@ -233,11 +233,12 @@ class Drill:
             result.mirror_bytes += fetched.size
             if (fetched.size, fetched.sha256) != (recorded.size, recorded.sha256):
                 # Each instance is still checked: the failures say which.
-                why = (
-                    f"pack {pack_id} on the mirror differs from the catalog's "
-                    f"record ({fetched.size} bytes read, {recorded.size} recorded, "
-                    "or another SHA-256)"
+                how = (
+                    f"{fetched.size} bytes read, {recorded.size} recorded"
+                    if fetched.size != recorded.size
+                    else "another SHA-256"
                 )
+                why = f"pack {pack_id} on the mirror differs from its record: {how}"
                 for study_uid in sorted({i.record.study_uid for i in items}):
                     result.fail(study_uid, "", why)
             self._check_instances(path, pack_id, items, result)
