@@ -301,6 +301,16 @@ def test_the_scheduled_drill_logs_one_line(
     assert line.getMessage().startswith("restore drill passed: 3 studies")
     assert len(_records(origin)) == 1
 
+    [path] = sorted(origin.transport.root.glob("packs/*/p-000000002.pack"))
+    path.write_bytes(path.read_bytes()[:-4096])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="appliance.restore.drill_job"):
+        assert drill_job.scheduled_drill(config) is False
+    [line] = [r for r in caplog.records if r.name == "appliance.restore.drill_job"]
+    assert line.levelno == logging.ERROR
+    assert "restore drill FAILED" in line.getMessage()
+    assert f"first: study {_study('us')}" in line.getMessage()
+
 
 def test_the_service_schedules_the_drill_in_a_child(origin: Origin) -> None:
     path = _with(
