@@ -13,6 +13,7 @@ import click
 from rich.table import Table
 
 from appliance import (
+    cli_dr,
     cli_hardware,
     cli_keys,
     cli_prefetch,
@@ -300,6 +301,7 @@ for commands in (
     cli_keys,
     cli_replication,
     cli_restore,
+    cli_dr,
     cli_prefetch,
     cli_hardware,
 ):

@@ -170,6 +170,11 @@ def _crontab(value: Any) -> str | None:
     return None
 
 
+def _crontab_or_off(value: Any) -> str | None:
+    """A crontab line, or "" for never."""
+    return None if value == "" else _crontab(value)
+
+
 def _rule_name(value: Any) -> str | None:
     if not isinstance(value, str) or not RULE_NAME.fullmatch(value):
         return "must be 1 to 64 letters, digits, '-', '_' or '.'"
@@ -784,6 +789,22 @@ KEYS: tuple[Key, ...] = (
         "Where a restore leaves studies older than online_days: mirror (read "
         "from it when asked for) or nearline (packed onto the nearline tier).",
         _one_of(("mirror", "nearline")),
+    ),
+    Key(
+        "drills",
+        "schedule",
+        "0 4 1 * *",
+        "When the service runs a restore drill (appliance dr drill): a crontab "
+        'line in local time, "" for never. See docs/restore.md.',
+        _crontab_or_off,
+    ),
+    Key(
+        "drills",
+        "studies",
+        10,
+        "Studies a drill restores from the mirror and checks, picked at random "
+        "among those with a verified off-site copy.",
+        _integer(1, 100000),
     ),
     Key("logging", "level", "INFO", "Log level.", _one_of(LOG_LEVELS)),
     Key(

@@ -147,6 +147,11 @@ class LimiterClosed(ApplianceError):
     """
 
 
+class DrillError(ApplianceError):
+    """A restore drill cannot run: nothing replicated to sample, a mirror
+    that holds no pack, another drill running, no room for a pack."""
+
+
 class TransportError(ApplianceError):
     """The off-site mirror cannot be reached, read or written.
 

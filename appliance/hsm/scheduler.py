@@ -1,6 +1,6 @@
 """When background jobs run inside the service: the migration rules on their
 schedule, the watermarks every few minutes, the prefetch planner at its
-interval.
+interval, restore drills on theirs.
 
 Each run is a child process, so that compressing packs never slows the
 DICOM workers' share of the machine beyond the I/O rate cap, and so that a
@@ -29,13 +29,14 @@ MIGRATION_LOCK = "migration.lock"
 
 
 def start(config: Config) -> BackgroundScheduler | None:
-    """Start the migration and prefetch schedules, or None when both are
-    disabled."""
+    """Start the migration, prefetch and drill schedules, or None when all
+    are disabled."""
     migration = config.get("migration.enabled")
     prefetch = config.get("prefetch.enabled")
+    drills = bool(config.get("drills.schedule"))
     if not migration:
         logger.info("migration is disabled (migration.enabled = false)")
-    if not migration and not prefetch:
+    if not migration and not prefetch and not drills:
         return None
     # APScheduler logs every run at INFO; the runs log what they do.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
@@ -54,6 +55,10 @@ def start(config: Config) -> BackgroundScheduler | None:
             next_run_time=datetime.now(UTC) + timedelta(seconds=5),
         )
         logger.info("prefetch planned every %g s", config.get("prefetch.interval"))
+    if drills:
+        from appliance.restore import drill_job
+
+        drill_job.schedule(scheduler, config)
     scheduler.start()
     return scheduler
 
