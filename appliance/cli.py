@@ -13,6 +13,7 @@ import click
 from rich.table import Table
 
 from appliance import (
+    cli_export,
     cli_hardware,
     cli_keys,
     cli_prefetch,
@@ -273,5 +274,6 @@ for commands in (
     cli_restore,
     cli_prefetch,
     cli_hardware,
+    cli_export,
 ):
     commands.register(main, _load)
