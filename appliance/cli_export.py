@@ -118,7 +118,6 @@ def _export(
     from appliance.export.run import Exporter, select
     from appliance.export.sender import Sender, Timeouts
     from appliance.export.state import ExportState
-    from appliance.storage.lock import TierLock
 
     folder = config.data_dir / "exports" / destination.folder_name
     timeouts = Timeouts(
@@ -129,10 +128,6 @@ def _export(
     )
     with open_archive(config) as (catalog, tiers):
         state = ExportState(folder).open()
-        lock = TierLock(folder, "export.lock")
-        if not lock.acquire(exclusive=True):
-            state.close()
-            raise _busy(destination)
         try:
             selection = select(catalog, state, since)
             with _Bar() as bar:
@@ -146,16 +141,9 @@ def _export(
                 )
                 with _stopped_by_signals(exporter):
                     report = exporter.run(selection)
+            return report, report.save(folder)
         finally:
             state.close()
-            lock.release()
-    return report, report.save(folder)
-
-
-def _busy(destination: Any) -> ApplianceError:
-    from appliance.errors import ExportError
-
-    return ExportError(f"another export to {destination} is running")
 
 
 class _Bar:

@@ -549,3 +549,14 @@ def test_destinations_parse(text: str, expected: Destination) -> None:
 def test_malformed_destinations_say_why(text: str, why: str) -> None:
     with pytest.raises(ValueError, match=why):
         parse_destination(text)
+
+
+def test_one_export_per_destination_at_a_time(tmp_path: Path) -> None:
+    folder = tmp_path / "exports" / "PACS@host-104"
+    first = ExportState(folder).open()
+    try:
+        with pytest.raises(ExportError, match="another export"):
+            ExportState(folder).open()
+    finally:
+        first.close()
+    ExportState(folder).open().close()

@@ -2,7 +2,7 @@
 refused (with its status) and what was not sent, and why.
 
 Saved as JSON beside the destination's state, one file per run
-(``report-YYYYmmddTHHMMSS.json``); statuses are written in hex, 0xA700.
+(``report-YYYYmmddTHHMMSS.json``, in UTC); statuses are written in hex, 0xA700.
 """
 
 from __future__ import annotations
@@ -81,6 +81,12 @@ class Report:
         """Write the report as JSON in ``folder``; its path."""
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self.started))
         path = folder / f"report-{stamp}.json"
+        # Two runs within a second keep both reports (the export's lock
+        # keeps other runs out meanwhile).
+        number = 1
+        while path.exists():
+            number += 1
+            path = folder / f"report-{stamp}-{number}.json"
         temporary = folder / f".{path.name}.tmp"
         temporary.write_text(json.dumps(self.as_json(), indent=1) + "\n")
         durable.move_into_place(temporary, path, folder)

@@ -28,10 +28,12 @@ from typing import IO, Any
 
 from appliance.errors import ExportError, StorageError
 from appliance.storage import durable
+from appliance.storage.lock import TierLock
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.jsonl"
+LOCK_FILE = "export.lock"
 
 
 def is_accepted(status: int) -> bool:
@@ -64,29 +66,43 @@ class ExportState:
         self.path = folder / STATE_FILE
         self.answers: dict[str, Answer] = {}
         self._journal: IO[str] | None = None
+        self._lock = TierLock(folder, LOCK_FILE)
 
     def open(self) -> ExportState:
-        """Read the journal, write it anew without what a crash left, and
-        open it for appending."""
+        """Take the destination's lock (one run at a time), read the
+        journal, write it anew without what a crash left, and open it for
+        appending."""
         try:
             durable.make_directories(self.folder, self.folder.parent.parent)
+            self._take_lock()
+        except OSError as exc:
+            raise ExportError(f"cannot keep the export state: {exc}") from exc
+        try:
             if self.path.exists():
                 self.answers = _read(self.path)
             self._rewrite()
             # Open for the state's life: every answer is appended to it.
             self._journal = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
-        except OSError as exc:
-            raise ExportError(
-                f"cannot keep the export state {self.path}: {exc}"
-            ) from exc
-        except StorageError as exc:
+        except (OSError, StorageError) as exc:
+            self.close()
             raise ExportError(f"cannot keep the export state: {exc}") from exc
+        except ExportError:
+            self.close()
+            raise
         return self
 
     def close(self) -> None:
         if self._journal is not None:
             self._journal.close()
             self._journal = None
+        self._lock.release()
+
+    def _take_lock(self) -> None:
+        if not self._lock.acquire(exclusive=True):
+            raise ExportError(
+                f"another export to the same destination is running (it holds "
+                f"{self._lock.path})"
+            )
 
     def accepted(self, uid: str) -> bool:
         answer = self.answers.get(uid)
