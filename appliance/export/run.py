@@ -188,9 +188,8 @@ class Exporter:
         report: Report,
     ) -> None:
         ready = [r for r in records if r.copy_on(ONLINE) is not None]
-        self._not_online(
-            study_uid, [r for r in records if r not in ready], recalled, report
-        )
+        lacking = [r for r in records if r.copy_on(ONLINE) is None]
+        self._not_online(study_uid, lacking, recalled, report)
         by_pair: dict[Pair, list[InstanceRecord]] = {}
         for record in ready:
             by_pair.setdefault(_pair(record), []).append(record)
@@ -207,36 +206,39 @@ class Exporter:
         logger.info("study %s sent to %s", study_uid, self.sender.destination)
 
     def _send_one(self, link: Link, record: InstanceRecord, report: Report) -> None:
+        """Send one instance and record the answer; ExportError when the
+        association is lost."""
         uid = record.sop_instance_uid
         copy = record.copy_on(ONLINE)
         path = self.tiers.online.path_of(copy.location) if copy else None
         if path is None or not os.path.isfile(path):
             reason = "its online copy went away while the export ran; run again"
             report.not_sent.append(NotSent(record.study_uid, reason, uid))
-            return
-
-        if not link.accepts(_pair(record)):
+        elif not link.accepts(_pair(record)):
             sop_class, syntax = _pair(record)
             comment = (
                 f"the receiver rejected the presentation context for SOP class "
                 f"{sop_class} in transfer syntax {syntax}"
             )
             self._refused(record, SOP_CLASS_NOT_SUPPORTED, comment, report)
-            return
+        else:
+            status, comment = link.send(Path(path), uid)
+            self._answered(record, status, comment, report)
+        self.progress.answered(record.size)
 
-        status, comment = link.send(Path(path), uid)
+    def _answered(
+        self, record: InstanceRecord, status: int | None, comment: str, report: Report
+    ) -> None:
+        uid = record.sop_instance_uid
         if status is None:
             report.not_sent.append(NotSent(record.study_uid, comment, uid))
-            self.progress.answered(record.size)
-            return
-        if is_accepted(status):
+        elif is_accepted(status):
             self.state.record(uid, record.study_uid, status, record.size, comment)
             report.sent += 1
             report.sent_bytes += record.size
             report.warnings += status != 0
         else:
             self._refused(record, status, comment, report)
-        self.progress.answered(record.size)
 
     def _refused(
         self, record: InstanceRecord, status: int, comment: str, report: Report
@@ -244,7 +246,8 @@ class Exporter:
         uid = record.sop_instance_uid
         self.state.record(uid, record.study_uid, status, record.size, comment)
         report.refused.append(Refused(uid, record.study_uid, status, comment))
-        logger.warning(
+        # INFO: the report lists every refusal; the command prints them.
+        logger.info(
             "instance %s of study %s refused by %s: status %s %s",
             uid,
             record.study_uid,
