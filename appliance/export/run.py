@@ -112,6 +112,8 @@ class Exporter:
         self.migrator = Migrator(catalog, tiers, min_copies)
         self.progress: Progress = progress or _Unwatched()
         self._stop = ""
+        # SOP Instance UIDs this run sent, or listed as refused or not sent.
+        self._accounted: set[str] = set()
 
     def stop(self, why: str) -> None:
         """Stop after the instance being sent now (from a signal handler)."""
@@ -224,6 +226,7 @@ class Exporter:
         else:
             status, comment = link.send(Path(path), uid)
             self._answered(record, status, comment, report)
+        self._accounted.add(uid)
         self.progress.answered(record.size)
 
     def _answered(
@@ -266,6 +269,7 @@ class Exporter:
         """Instances the recall could not bring online, and why."""
         if not records:
             return
+        self._accounted.update(record.sop_instance_uid for record in records)
         if recalled is not None and recalled.waiting_for:
             volumes = list(recalled.waiting_for)
             reason = (
@@ -284,13 +288,12 @@ class Exporter:
     def _left_over(self, selection: Selection, position: int, report: Report) -> None:
         """What a stopped run did not reach, per study."""
         reason = "not reached before the export stopped; run it again"
-        listed = {entry.sop_instance_uid for entry in report.not_sent}
-        listed |= {entry.sop_instance_uid for entry in report.refused}
         left = 0
         for index, study in enumerate(selection.studies[position:]):
             uid = study.study_uid
             if index == 0:
-                count = sum(r.sop_instance_uid not in listed for r in self._unsent(uid))
+                unsent = self._unsent(uid)
+                count = sum(r.sop_instance_uid not in self._accounted for r in unsent)
             else:
                 count = study.instances - selection.accepted[uid]
             if count > 0:
