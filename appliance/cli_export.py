@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import re
 import signal
 import sys
 from collections.abc import Iterator
@@ -32,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 # UIDs printed per kind of problem; the report file lists them all.
 _SHOWN = 50
+_DASHED = re.compile(r"\d{4}-\d{2}-\d{2}")
+_DIGITS = re.compile(r"\d{8}")
 
 
 def register(main: click.Group, load: Loader) -> None:
@@ -91,11 +94,13 @@ def _since(text: str | None) -> float | None:
     """Seconds since the epoch at 00:00 local time of the day given."""
     if text is None:
         return None
-    for layout in ("%Y-%m-%d", "%Y%m%d"):
+    for layout, shape in (("%Y-%m-%d", _DASHED), ("%Y%m%d", _DIGITS)):
+        if not shape.fullmatch(text.strip()):
+            continue
         try:
             day = datetime.datetime.strptime(text.strip(), layout)
         except ValueError:
-            continue
+            break
         return day.timestamp()
     raise click.BadParameter(
         f"{text!r} is not a date as YYYY-MM-DD or YYYYMMDD", param_hint="--since"

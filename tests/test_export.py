@@ -30,6 +30,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from appliance.catalog.store import Catalog
 from appliance.errors import ExportError
 from appliance.export.destination import Destination, parse_destination
+from appliance.export.sender import chunks
 from appliance.export.state import ExportState
 from tests import datasets
 from tests import dicom_client as client
@@ -415,6 +416,20 @@ def test_a_malformed_destination_is_a_usage_error(archive: Archive, to: str) -> 
     _assert_clean(result)
 
 
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--since", "2024061"), ("--since", "2024-02-30"), ("--calling-ae", "A\\B")],
+)
+def test_a_malformed_date_or_calling_ae_is_a_usage_error(
+    archive: Archive, option: str, value: str
+) -> None:
+    result = archive.export("--to", "PACS@127.0.0.1:104", option, value)
+
+    assert result.returncode == 2
+    assert f"Invalid value for {option}" in result.stderr
+    _assert_clean(result)
+
+
 def test_a_receiver_that_is_down_is_named(archive: Archive) -> None:
     port = free_port()
 
@@ -560,3 +575,12 @@ def test_one_export_per_destination_at_a_time(tmp_path: Path) -> None:
     finally:
         first.close()
     ExportState(folder).open().close()
+
+
+def test_pairs_beyond_128_go_on_further_associations() -> None:
+    pairs = [(f"1.2.3.{n % 150}", f"1.2.840.10008.1.2.{n // 150}") for n in range(300)]
+
+    groups = chunks(pairs + pairs[:10])
+
+    assert [len(group) for group in groups] == [128, 128, 44]
+    assert sorted(pair for group in groups for pair in group) == sorted(set(pairs))

@@ -88,7 +88,10 @@ class Report:
             number += 1
             path = folder / f"report-{stamp}-{number}.json"
         temporary = folder / f".{path.name}.tmp"
-        temporary.write_text(json.dumps(self.as_json(), indent=1) + "\n")
+        try:
+            temporary.write_text(json.dumps(self.as_json(), indent=1) + "\n")
+        except OSError as exc:
+            raise durable.translate_os_error(exc, f"cannot write {path}") from exc
         durable.move_into_place(temporary, path, folder)
         return path
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -42,7 +43,7 @@ def is_accepted(status: int) -> bool:
     return status == 0x0000 or (status & 0xF000) == 0xB000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Answer:
     """What the receiver answered for one instance."""
 
@@ -149,7 +150,10 @@ def _read(path: Path) -> dict[str, Answer]:
         if not text.strip():
             continue
         try:
-            answer = Answer(**_fields(json.loads(text)))
+            fields = _fields(json.loads(text))
+            # A study's UID once in memory, however many instances it has.
+            fields["study"] = sys.intern(str(fields.get("study", "")))
+            answer = Answer(**fields)
         except (ValueError, TypeError) as exc:
             if number == len(lines):
                 logger.warning("export state %s: torn last line dropped", path)
