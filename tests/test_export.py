@@ -253,6 +253,7 @@ def test_every_instance_arrives_as_stored_with_a_recalled_study(
     report = _report(first)
     assert (report["sent"], report["refused"], report["not_sent"]) == (11, [], [])
     assert report["ok"] is True
+    assert "11/11 instances" in first.stderr  # the progress bar's last state
     # The recalled study went back below online once it was sent.
     assert archive.online_studies() == 3
     assert again.returncode == 0, again.stderr
