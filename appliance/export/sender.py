@@ -4,8 +4,8 @@ Each instance goes as the bytes of its stored file after the file meta, in
 the transfer syntax it was stored in (pynetdicom's chunked sending, as a
 C-MOVE does): nothing is decoded or re-encoded. The association proposes
 one presentation context per (SOP class, transfer syntax) pair the
-instances need, each with that one transfer syntax (PS3.7 D.3.3.2, PS3.8
-9.3.2.2), at most 128 per association (PS3.8 9.3.2.2.1).
+instances need, each with that one transfer syntax, at most 128 per
+association (context IDs are the odd numbers 1 to 255, PS3.8 9.3.2.2).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 MAX_CONTEXTS = 128
 # The C-STORE status reported for an instance whose SOP class, or stored
 # transfer syntax, the receiver rejected while the association was
-# negotiated: "Refused: SOP Class not supported" (PS3.7 C.5.x).
+# negotiated: "Refused: SOP Class not supported" (PS3.7 Annex C).
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 
 VERIFICATION = "1.2.840.10008.1.1"
