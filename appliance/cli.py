@@ -14,6 +14,7 @@ from rich.table import Table
 
 from appliance import (
     cli_dr,
+    cli_export,
     cli_hardware,
     cli_keys,
     cli_prefetch,
@@ -304,5 +305,6 @@ for commands in (
     cli_dr,
     cli_prefetch,
     cli_hardware,
+    cli_export,
 ):
     commands.register(main, _load)

@@ -24,6 +24,7 @@ module that called them, so that callers only need to know this vocabulary::
      |    +-- StalledTransferError a transfer made no progress for too long
      |    +-- MirrorConflictError  another file already holds the name on the mirror
      +-- LimiterClosed          the service stops while an upload waits
+     +-- ExportError            an export's receiver is unreachable, refuses or aborts
 """
 
 
@@ -180,4 +181,13 @@ class MirrorConflictError(TransportError):
 
     Files on the mirror are never rewritten in place: the upload is refused
     and the file on the mirror is left as it is.
+    """
+
+
+class ExportError(ApplianceError):
+    """An export cannot go on: its receiver cannot be reached, refuses the
+    association or aborts it, or the export's state cannot be kept.
+
+    What the receiver accepted before is recorded; the next run of the
+    export continues from there.
     """

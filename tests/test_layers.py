@@ -73,6 +73,8 @@ FORBIDDEN = {
         "appliance.cli",
     ),
     "appliance.prefetch": ("appliance.dicom", "appliance.service", "appliance.cli"),
+    # An export sends through the DICOM layer; nothing above it.
+    "appliance.export": ("appliance.service", "appliance.cli"),
     # Hardware checks and sizing read the host and the configuration only.
     "appliance.hardware": ("appliance.dicom", "appliance.service", "appliance.cli"),
     # Mirror transports move opaque, already encrypted files: no catalog, no

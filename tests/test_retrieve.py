@@ -4,7 +4,7 @@ DCMTK's getscu and movescu (with a DCMTK storescp as the destination) at
 every retrieve level; pynetdicom requesters that check the pending counts,
 the final status and the Failed SOP Instance UID List; destinations that
 refuse some instances, refuse all, are not listening, are slow (C-CANCEL)
-or are very fast (the reactor race that ``retrieve._tune_requestor``
+or are very fast (the reactor race that ``retrieve.tune_requestor``
 guards against); a requester that cannot take the stored transfer syntax;
 and an instance whose file went missing behind the appliance's back.
 

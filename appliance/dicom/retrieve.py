@@ -374,7 +374,7 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
         assoc = ae.associate(host, port, ae_title=ae_title)
         if not assoc.is_established:
             return None
-        _tune_requestor(assoc)
+        tune_requestor(assoc)
         return assoc
 
     # -- the loop shared by both -------------------------------------------
@@ -551,7 +551,7 @@ def _contexts_for(items: list[_Item]) -> list[PresentationContext]:
     return [build_context(sop, [syntax]) for sop, syntax in pairs[:_MAX_CONTEXTS]]
 
 
-def _tune_requestor(assoc: pynetdicom.association.Association) -> None:
+def tune_requestor(assoc: pynetdicom.association.Association) -> None:
     """Make an association we requested safe and fast for sub-operations.
 
     Things pynetdicom does not do on its own: set TCP_NODELAY (without it
