@@ -42,9 +42,10 @@ def register(main: click.Group, load: Loader) -> None:
     @click.option(
         "--from",
         "source",
-        type=click.Choice(["mirror"]),
+        type=click.Choice(["mirror", "volumes"]),
         required=True,
-        help="Where the archive comes back from: the configured mirror.",
+        help="Where the archive comes back from: the configured mirror, or "
+        "the offline volumes of the [volumes] library.",
     )
     @click.option(
         "--scan",
@@ -72,16 +73,22 @@ def register(main: click.Group, load: Loader) -> None:
         rate: str | None,
         cache_gb: float,
     ) -> None:
-        """Rebuild an empty appliance from the off-site mirror: the catalog
-        first, then every instance, newest studies first, each checked
-        against its SHA-256. Import the master keys first (appliance keys
-        import). Interrupted, run it again: it continues where it stopped.
+        """Rebuild an empty appliance from the off-site mirror (or the
+        offline volumes): the catalog first, then every instance, newest
+        studies first, each checked against its SHA-256. Import the master
+        keys first (appliance keys import). Interrupted, run it again: it
+        continues where it stopped.
         Exits 1 when any instance is missing or corrupt."""
         config = load(config_file, {"storage.data_dir": data_dir})
         logs.setup("WARNING", config.get("logging.format"))
         limit = _rate(rate)
         with _failures():
-            ok = _restore(config, scan, limit, int(cache_gb * 1e9))
+            if source == "volumes":
+                from appliance.cli_restore_volumes import restore_from_volumes
+
+                ok = restore_from_volumes(config)
+            else:
+                ok = _restore(config, scan, limit, int(cache_gb * 1e9))
         sys.exit(0 if ok else 1)
 
 

@@ -88,13 +88,17 @@ def rebuilt_before(catalog_path: Path) -> Rebuild | None:
 
 
 def write_checked(
-    work: WorkCatalog, rebuilt: Path, map_size: int, contents: MirrorContents
+    work: WorkCatalog,
+    rebuilt: Path,
+    map_size: int,
+    contents: MirrorContents,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the work catalog as a checked catalog at ``rebuilt`` (then
-    close the work catalog); its note."""
+    close the work catalog); its note, with ``extra`` added to it."""
     try:
         _refuse_if_nothing_opened(work, contents)
-        return _write(work, rebuilt, map_size, contents)
+        return _write(work, rebuilt, map_size, contents, extra or {})
     finally:
         work.catalog.close()
 
@@ -126,7 +130,11 @@ def _refuse_if_nothing_opened(work: WorkCatalog, contents: MirrorContents) -> No
 
 
 def _write(
-    work: WorkCatalog, rebuilt: Path, map_size: int, contents: MirrorContents
+    work: WorkCatalog,
+    rebuilt: Path,
+    map_size: int,
+    contents: MirrorContents,
+    extra: dict[str, Any],
 ) -> dict[str, Any]:
     """Export, finish, check and mark the rebuilt catalog; its note."""
     final = Catalog(rebuilt, map_size)
@@ -142,6 +150,7 @@ def _write(
             "lost": exported.lost,
             "missing_packs": sorted(exported.missing),
             "unreadable_packs": work.unreadable,
+            **extra,
         }
         mark_checked(final, note)
     finally:
