@@ -17,7 +17,7 @@ from appliance.catalog import copies, replication
 from appliance.catalog.copies import PackRecord
 from appliance.catalog.records import InstanceRecord, NewInstance, patient_key
 from appliance.catalog.replication import OFFSITE, Queued
-from appliance.catalog.store import Catalog
+from appliance.catalog.store import Catalog, Outcome
 from appliance.restore.mirror import RemoteFile, pack_number
 from appliance.storage.packs import Manifest, PackedInstance
 
@@ -69,8 +69,18 @@ def merge_manifest(
     """
     number = pack_number(manifest.pack_id)
     newer, older, moved = _sort_by_age(catalog, manifest.instances, number, tier)
-    catalog.record([_from_manifest(entry) for entry in newer], "replace")
-    catalog.record([_from_manifest(entry) for entry in older], "keep_first")
+    results = catalog.record([_from_manifest(entry) for entry in newer], "replace")
+    results += catalog.record([_from_manifest(entry) for entry in older], "keep_first")
+    for entry, result in zip([*newer, *older], results, strict=True):
+        if result.outcome is Outcome.INCONSISTENT:
+            # As at ingest: an instance that would show under the wrong study
+            # or patient is not recorded. Its copy in this pack stays unused.
+            logger.error(
+                "pack %s: instance %s not recorded: %s",
+                manifest.pack_id,
+                entry.sop_instance_uid,
+                result.reason,
+            )
     for pack_id, uids in moved.items():
         # The instance's copy moves to the newer pack: the same bytes, sent
         # again because the older pack was found damaged. (On volumes the
