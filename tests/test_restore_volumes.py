@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pydicom
 import pytest
@@ -19,9 +20,11 @@ import pytest
 from appliance import config as configuration
 from appliance.catalog import requests
 from appliance.catalog.store import Catalog
+from appliance.cli_restore_volumes import restore_from_volumes
 from appliance.hsm.migrator import Migrator
 from appliance.hsm.tiers import OFFLINE, open_tiers
 from appliance.ingest import Ingest
+from appliance.restore.sources import merge_pack_file
 from appliance.storage.keys import KeyStore, key_store_path
 from appliance.storage.offline import OfflineTier
 from appliance.storage.packs import PackReader
@@ -320,3 +323,57 @@ def _pack_file(site: Site, pack_id: str) -> Path:
             if location.pack_id == pack_id:
                 return next((site.volumes / volume / "packs").glob(f"*-{pack_id}-*"))
     raise AssertionError(f"no pack {pack_id}")
+
+
+def test_a_catalog_phase_cut_short_reads_only_the_volumes_left(
+    disaster: Disaster, site: Site
+) -> None:
+    """A failure while L2 is read: the next run reads L2 only."""
+    merged: list[str] = []
+
+    def merge(work: Any, pack_id: str, path: Path, remote: Any, *args: Any) -> bool:
+        if remote.name.startswith("L2/"):
+            raise OSError("power cut")
+        merged.append(remote.name)
+        return merge_pack_file(work, pack_id, path, remote, *args)
+
+    config = configuration.load(site.config_path)
+    with (
+        mock.patch("appliance.restore.volumes.merge_pack_file", side_effect=merge),
+        pytest.raises(OSError),
+    ):
+        restore_from_volumes(config)
+    assert merged == ["L1/1", "L1/2", "L1/3"]
+    assert not (site.data_dir / "catalog" / "data.mdb").exists()
+
+    merged.clear()
+    with mock.patch("appliance.restore.volumes.merge_pack_file") as counted:
+        counted.side_effect = merge_pack_file
+        assert restore_from_volumes(config)
+
+    assert [call.args[3].name for call in counted.call_args_list] == [
+        "L2/1",
+        "L2/2",
+        "L2/3",
+    ]
+    assert site.held() == (disaster.held, disaster.found)
+
+
+def test_files_of_a_study_cut_short_are_removed(disaster: Disaster, site: Site) -> None:
+    """A failure after a study's files are written, before they are
+    recorded: the next run removes them and restores the study once."""
+    config = configuration.load(site.config_path)
+    with (
+        mock.patch(
+            "appliance.hsm.recall.copies.add_copies", side_effect=OSError("power cut")
+        ),
+        pytest.raises(OSError),
+    ):
+        restore_from_volumes(config)
+    assert site.object_files()  # written, never recorded
+
+    done = site.restore()
+
+    assert done.returncode == 0, done.stderr
+    assert len(site.object_files()) == len(disaster.held)
+    assert site.held() == (disaster.held, disaster.found)

@@ -130,7 +130,11 @@ def rebuild_from_volumes(
             swap.refuse_unless_empty(catalog_path)
         shutil.rmtree(rebuilt, ignore_errors=True)
         reader = VolumeReader(library, keys, work_folder, map_size, progress)
-        read_now = reader.read_reachable()
+        try:
+            read_now = reader.read_reachable()
+        except BaseException:
+            reader.close()
+            raise
         if earlier is not None and not read_now:
             reader.close()
             return VolumeRebuild(earlier, reader.unread())
@@ -199,21 +203,28 @@ class VolumeReader:
         listed = self._list_unread()
         total = sum(len(packs) for packs in listed.values())
         done = 0
+        read = []
         for volume, packs in listed.items():
             merged = []
-            for location in packs:
-                self._report(done, total)
-                if self._merge(location):
-                    merged.append(asdict(location))
-                done += 1
+            try:
+                for location in packs:
+                    self._report(done, total)
+                    if self._merge(location):
+                        merged.append(asdict(location))
+                    done += 1
+            except VolumeNotReachable as exc:
+                # Taken out while it was read: read again once it is back.
+                logger.warning("volume %s left the library: %s", volume, exc)
+                continue
             self.state.packs[volume] = merged
             self.state.next_pack = self.work.next_pack
             self.state.save(self.folder)
+            read.append(volume)
             logger.info("volume %s read: %d pack(s)", volume, len(merged))
         self._report(total, total)
         volumes = ", ".join(self.state.packs) or "no volume"
         self.work.source = f"the manifests of the packs on {volumes}"
-        return list(listed)
+        return read
 
     def _list_unread(self) -> dict[str, list[PackLocation]]:
         """The packs of each reachable volume not read yet, by volume."""
