@@ -377,3 +377,21 @@ def test_files_of_a_study_cut_short_are_removed(disaster: Disaster, site: Site) 
     assert done.returncode == 0, done.stderr
     assert len(site.object_files()) == len(disaster.held)
     assert site.held() == (disaster.held, disaster.found)
+
+
+def test_with_the_wrong_master_keys_nothing_is_put_in_place(site: Site) -> None:
+    right = key_store_path(site.data_dir)
+    kept = right.with_name("right.keys")
+    right.rename(kept)
+    made = appliance("keys", "init", config=site.config_path)
+    assert made.returncode == 0, made.stderr
+
+    wrong = site.restore()
+    kept.replace(right)
+    again = site.restore()
+
+    assert wrong.returncode == 1
+    assert "nothing on the volumes opens with the master keys" in wrong.stderr
+    # Every volume is read again with the right keys.
+    assert again.returncode == 0, again.stderr
+    assert "the manifests of the packs on L1, L2" in again.stdout

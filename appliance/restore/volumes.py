@@ -139,11 +139,12 @@ def rebuild_from_volumes(
             reader.close()
             return VolumeRebuild(earlier, reader.unread())
         note = _write(reader, rebuilt, map_size, work_folder)
-    _put_in_place(rebuilt, catalog_path, map_size, online)
+    aside = _put_in_place(rebuilt, catalog_path, map_size, online)
     unread = list(note.get("volumes_unread", []))
     if not unread:
         shutil.rmtree(work_folder, ignore_errors=True)
-    return VolumeRebuild(Rebuild(note, lost=note.get("lost", [])), unread)
+    rebuild = Rebuild(note, set_aside=aside, lost=note.get("lost", []))
+    return VolumeRebuild(rebuild, unread)
 
 
 def _write(
@@ -300,12 +301,12 @@ class VolumeReader:
 
 def _put_in_place(
     rebuilt: Path, catalog_path: Path, map_size: int, online: OnlineTier
-) -> None:
-    """Move the checked catalog into place. One rebuilt by an earlier run
-    (from fewer volumes) gives way, its online copies carried over."""
+) -> Path | None:
+    """Move the checked catalog into place; where an empty catalog found
+    there was set aside. One rebuilt by an earlier run (from fewer
+    volumes) gives way, its online copies carried over."""
     if swap.note_of(catalog_path) is None:
-        swap.move_into_place(rebuilt, catalog_path)
-        return
+        return swap.move_into_place(rebuilt, catalog_path)
     _carry_over(catalog_path, rebuilt, map_size)
     superseded = catalog_path.with_name(catalog_path.name + _SUPERSEDED)
     shutil.rmtree(superseded, ignore_errors=True)
@@ -314,6 +315,7 @@ def _put_in_place(
     durable.fsync_directory(catalog_path.parent)
     logger.info("catalog rebuilt again, with the volumes loaded since")
     _drop_superseded(catalog_path, online)
+    return None
 
 
 def _carry_over(catalog_path: Path, rebuilt: Path, map_size: int) -> None:
