@@ -25,6 +25,7 @@ from appliance.hsm.migrator import Migrator
 from appliance.hsm.tiers import OFFLINE, open_tiers
 from appliance.ingest import Ingest
 from appliance.restore.sources import merge_pack_file
+from appliance.restore.volumedata import VolumeDataRestore
 from appliance.storage.keys import KeyStore, key_store_path
 from appliance.storage.offline import OfflineTier
 from appliance.storage.packs import PackReader
@@ -395,3 +396,43 @@ def test_with_the_wrong_master_keys_nothing_is_put_in_place(site: Site) -> None:
     # Every volume is read again with the right keys.
     assert again.returncode == 0, again.stderr
     assert "the manifests of the packs on L1, L2" in again.stdout
+
+
+def test_a_volume_taken_out_before_its_studies_come_back_is_waited_for(
+    disaster: Disaster, site: Site, tmp_path: Path
+) -> None:
+    """L2 read for the catalog, then shelved before the data phase: what
+    only L2 gives waits for it, asked for by name."""
+    plan = VolumeDataRestore.plan
+
+    def shelve_then_plan(restorer: VolumeDataRestore) -> Any:
+        shutil.move(site.volumes / "L2", tmp_path / "L2")
+        return plan(restorer)
+
+    config = configuration.load(site.config_path)
+    with mock.patch.object(VolumeDataRestore, "plan", shelve_then_plan):
+        assert not restore_from_volumes(config)
+
+    on_l2 = {u for u, c in disaster.offline.items() if c["location"].startswith("L2/")}
+    report = site.report()
+    assert {p["sop_instance_uid"] for p in report["waiting"]} == on_l2
+    assert {p["reason"] for p in report["waiting"]} == {
+        "waiting for volume L2 to be loaded"
+    }
+    assert set(report["restored"]) == set(disaster.held) - on_l2
+    catalog = site.catalog()
+    try:
+        assert [r.volume for r in requests.open_requests(catalog)] == ["L2"]
+    finally:
+        catalog.close()
+
+    shutil.move(tmp_path / "L2", site.volumes / "L2")
+    done = site.restore()
+
+    assert done.returncode == 0, done.stderr
+    assert site.held() == (disaster.held, disaster.found)
+    catalog = site.catalog()
+    try:
+        assert requests.open_requests(catalog) == []
+    finally:
+        catalog.close()

@@ -286,11 +286,11 @@ class VolumeReader:
             raise durable.translate_os_error(exc, f"cannot write {path}") from exc
         if size == location.size and digest.hexdigest() == location.sha256:
             return
-        why = (
-            f"{size} bytes read from volume {location.volume} (position "
-            f"{location.position}) that do not match its recorded size "
-            f"{location.size} and SHA-256"
-        )
+        where = f"volume {location.volume} (position {location.position})"
+        if size != location.size:
+            why = f"{size} bytes read from {where}, {location.size} recorded"
+        else:
+            why = f"its bytes on {where} do not match its recorded SHA-256"
         logger.warning("pack %s is damaged: %s", location.pack_id, why)
         self.state.damaged[location.pack_id] = why
 
