@@ -436,3 +436,23 @@ def test_a_volume_taken_out_before_its_studies_come_back_is_waited_for(
         assert requests.open_requests(catalog) == []
     finally:
         catalog.close()
+
+
+def test_a_volume_copied_to_another_gives_each_pack_once(
+    disaster: Disaster, site: Site
+) -> None:
+    """L1 copied to a volume labelled L3: the copy on L1 is used."""
+    shutil.copytree(site.volumes / "L1", site.volumes / "L3")
+    label = json.loads((site.volumes / "L3" / "VOLUME").read_text())
+    (site.volumes / "L3" / "VOLUME").write_text(json.dumps({**label, "label": "L3"}))
+
+    done = site.restore()
+
+    assert done.returncode == 0, done.stderr
+    assert "is on volume L1 and on L3" in done.stderr
+    assert site.held() == (disaster.held, disaster.found)
+    catalog = site.catalog()
+    try:
+        assert _offline_copies(catalog) == disaster.offline
+    finally:
+        catalog.close()
