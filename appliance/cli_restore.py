@@ -42,8 +42,9 @@ def register(main: click.Group, load: Loader) -> None:
     @click.option(
         "--from",
         "source",
-        type=click.Choice(["mirror"]),
-        help="Where the archive comes back from: the configured mirror.",
+        type=click.Choice(["mirror", "volumes"]),
+        help="Where the archive comes back from: the configured mirror, or "
+        "the offline volumes of the [volumes] library.",
     )
     @click.option(
         "--scan",
@@ -79,22 +80,32 @@ def register(main: click.Group, load: Loader) -> None:
         rate: str | None,
         cache_gb: float | None,
     ) -> None:
-        """Rebuild an empty appliance from the off-site mirror: the catalog
-        first, then every instance, patients expected soon first, then
-        newest studies first, each checked against its SHA-256. Import the
-        master keys first (appliance keys import). Interrupted, run it
-        again: it continues where it stopped. Exits 1 when any instance is
-        missing or corrupt."""
+        """Rebuild an empty appliance from the off-site mirror (or the
+        offline volumes): the catalog first, then every instance, patients
+        expected soon first, then newest studies first, each checked
+        against its SHA-256. Import the master keys first (appliance keys
+        import). Interrupted, run it again: it continues where it stopped.
+        Exits 1 when any instance is missing or corrupt."""
         if context.invoked_subcommand is not None:
             return
         if source is None:
-            raise click.UsageError("say where from: --from mirror")
+            raise click.UsageError("say where from: --from mirror or --from volumes")
         config = load(config_file, {"storage.data_dir": data_dir})
         logs.setup("WARNING", config.get("logging.format"))
         chosen = _rate(rate)
         room = config.get("restore.cache_gb") if cache_gb is None else cache_gb
         with _failures():
-            ok = _restore(config, scan, background, chosen, int(room * 1e9))
+            if source == "volumes":
+                from appliance.cli_restore_volumes import restore_from_volumes
+
+                if background or scan:
+                    raise click.UsageError(
+                        "--background and --scan are for --from mirror"
+                    )
+
+                ok = restore_from_volumes(config)
+            else:
+                ok = _restore(config, scan, background, chosen, int(room * 1e9))
         sys.exit(0 if ok else 1)
 
     @restore.command("status")

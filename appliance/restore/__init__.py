@@ -1,4 +1,6 @@
-"""Restore: rebuild the archive on a new appliance from the off-site mirror.
+"""Restore: rebuild the archive on a new appliance from the off-site mirror
+(or from the offline volumes: :mod:`.volumes` and :mod:`.volumedata` take
+the same two phases over the offline tier).
 
 Two phases, each safe to interrupt and run again:
 

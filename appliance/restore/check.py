@@ -1,10 +1,11 @@
 """The check a rebuilt catalog passes before it is moved into place.
 
 It recounts everything from the instance records: the counts kept on each
-patient, study and series, the catalog's totals, and the bytes of the
-off-site tier; every instance has exactly one off-site copy, in a pack the
-catalog records as holding it, and every verified one is in a pack that
-is on the mirror; nothing is queued or journalled. A pack of another size
+patient, study and series, the catalog's totals, and the bytes of the tier
+restored from (off-site, or offline for volumes); every instance has
+exactly one copy, on that tier, in a pack the catalog records as holding
+it, and every verified one is in a pack that is on the mirror (or on a
+volume read); nothing is queued or journalled. A pack of another size
 than recorded is damaged, not a fault of the catalog: the data restore
 checks each instance in it.
 """
@@ -15,7 +16,6 @@ import logging
 from collections import Counter
 
 from appliance.catalog import replication
-from appliance.catalog.replication import OFFSITE
 from appliance.catalog.store import Catalog
 from appliance.errors import CatalogError
 from appliance.restore.mirror import MirrorContents
@@ -45,33 +45,34 @@ def check(final: Catalog, contents: MirrorContents, expected: int) -> None:
 
 def _copies(final: Catalog, contents: MirrorContents) -> list[str]:
     problems = []
-    offsite_bytes = 0
+    tier = contents.tier
+    tier_bytes = 0
     with final.read() as txn:
         for uid, _data in final.all_records(txn, "instances"):
             record = final.instance(txn, uid)
             assert record is not None
-            offsite = [c for c in record.copies if c.tier == OFFSITE]
-            others = [c.tier for c in record.copies if c.tier != OFFSITE]
-            if len(offsite) != 1 or others:
+            mine = [c for c in record.copies if c.tier == tier]
+            others = [c.tier for c in record.copies if c.tier != tier]
+            if len(mine) != 1 or others:
                 problems.append(f"instance {uid} has copies {record.copies}")
                 continue
-            offsite_bytes += record.size
-            pack_id, _, member = offsite[0].location.partition("/")
+            tier_bytes += record.size
+            pack_id, _, member = mine[0].location.partition("/")
             pack = final.get(txn, "packs", pack_id)
             if pack is None or pack["members"].get(uid) != member:
                 problems.append(f"instance {uid}: pack {pack_id} does not list it")
                 continue
             remote = contents.packs.get(pack_id)
-            if offsite[0].verified and remote is None:
-                problems.append(f"pack {pack_id} of {uid} is not on the mirror")
+            if mine[0].verified and remote is None:
+                problems.append(f"pack {pack_id} of {uid} is not on {contents.where}")
             elif remote is not None and remote.size != pack["size"]:
                 # Damaged: the data restore checks each instance in it.
                 logger.warning(
-                    "pack %s on the mirror is not its recorded size", pack_id
+                    "pack %s on %s is not its recorded size", pack_id, contents.where
                 )
-        recorded = int(txn.get(b"bytes.offsite", b"0", db=final.db["meta"]))
-    if recorded != offsite_bytes:
-        problems.append(f"off-site bytes {recorded} recorded, {offsite_bytes} counted")
+        recorded = int(txn.get(f"bytes.{tier}".encode(), b"0", db=final.db["meta"]))
+    if recorded != tier_bytes:
+        problems.append(f"{tier} bytes {recorded} recorded, {tier_bytes} counted")
     return problems
 
 

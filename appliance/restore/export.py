@@ -1,11 +1,11 @@
 """The rebuilt catalog, written fresh from the work catalog: every instance
-the mirror holds, with its off-site copy only.
+the mirror (or the volumes) holds, with its copy there only.
 
 Instances go in through the catalog's one writer, study by study and in
 the order they were received, so that counts, indexes and the lists the
 C-FIND answers carry (modalities, SOP classes) come out as the lost
-appliance had them. Each instance's off-site copy is the newest pack that
-holds its bytes and is on the mirror.
+appliance had them. Each instance's copy is in the newest pack that holds
+its bytes and is on the mirror (or on a volume read).
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from typing import Any
 
 import lmdb
 
-from appliance.catalog import copies, replication
+from appliance.catalog import copies
 from appliance.catalog.copies import PackRecord
 from appliance.catalog.records import InstanceRecord, NewInstance
-from appliance.catalog.replication import OFFSITE, Queued
 from appliance.catalog.store import Catalog, Outcome
 from appliance.errors import CatalogError
 from appliance.restore.mirror import MirrorContents, pack_number
+from appliance.restore.replay import add_pack
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +46,12 @@ class Exported:
 
 
 def export(work: Catalog, final: Catalog, contents: MirrorContents) -> Exported:
-    """Write every instance with an off-site copy from ``work`` into the
-    empty ``final`` catalog, then the packs and their copies."""
+    """Write every instance with a copy on the tier of ``contents`` from
+    ``work`` into the empty ``final`` catalog, then the packs and copies."""
     result = Exported()
     with work.read() as txn:
         batch: list[NewInstance] = []
-        for item, has_copy in _instances(work, txn):
+        for item, has_copy in _instances(work, txn, contents.tier):
             if not has_copy:
                 uid = item.record.sop_instance_uid
                 result.lost.append(
@@ -66,17 +66,17 @@ def export(work: Catalog, final: Catalog, contents: MirrorContents) -> Exported:
         packs = [
             PackRecord.from_json(data)
             for _key, data in work.all_records(txn, "packs")
-            if data.get("tier") == OFFSITE
+            if data.get("tier") == contents.tier
         ]
     _add_packs(final, packs, contents, result)
     return result
 
 
 def _instances(
-    work: Catalog, txn: lmdb.Transaction
+    work: Catalog, txn: lmdb.Transaction, tier: str
 ) -> Iterator[tuple[NewInstance, bool]]:
     """Every instance of the work catalog, study by study in the order
-    received, and whether it has an off-site copy."""
+    received, and whether it has a copy on ``tier``."""
     for study_uid, study in work.all_records(txn, "studies"):
         patient = work.get(txn, "patients", study["patient"]) or {}
         senders = list(study.get("calling_aes", []))
@@ -86,7 +86,7 @@ def _instances(
         )
         for index, record in enumerate(records):
             series = work.get(txn, "series", record.series_uid) or {}
-            has_copy = any(c.tier == OFFSITE for c in record.copies)
+            has_copy = any(c.tier == tier for c in record.copies)
             record.copies = []
             # The writer lists a study's sending AEs as its instances come;
             # handing them out in order gives the study the same list.
@@ -123,43 +123,44 @@ def _add_packs(
     result: Exported,
 ) -> None:
     """Give each instance its copy in the newest pack that holds its bytes,
-    packs on the mirror first; copies in packs the mirror lacks are kept
-    but not counted as verified."""
+    packs on the mirror (or the volumes read) first; copies in packs not
+    there are kept but not counted as verified."""
     present = [p for p in packs if p.pack_id in contents.packs]
     absent = [p for p in packs if p.pack_id not in contents.packs]
-    for group, on_mirror in ((present, True), (absent, False)):
+    for group, found in ((present, True), (absent, False)):
         for pack in sorted(group, key=lambda p: pack_number(p.pack_id), reverse=True):
             checksums = _checksums(final, pack)
-            sent = [Queued(0, uid, 0, 0.0) for uid in checksums]
-            added = replication.mark_replicated(final, pack, sent, checksums)
-            if on_mirror or not added:
+            added = add_pack(final, pack, checksums)
+            if found or not added:
                 continue
-            uids = [uid for uid in checksums if _copy_in(final, uid, pack.pack_id)]
+            uids = [uid for uid in checksums if _copy_in(final, uid, pack)]
             copies.mark_unverified(final, pack.pack_id, uids)
             result.missing[pack.pack_id] = uids
             logger.error(
-                "pack %s is not on the mirror: %d instance(s) cannot be restored",
+                "pack %s is not on %s: %d instance(s) cannot be restored",
                 pack.pack_id,
+                contents.where,
                 len(uids),
             )
 
 
 def _checksums(final: Catalog, pack: PackRecord) -> dict[str, str]:
-    """The catalog's SHA-256 of the pack's members that still lack a copy."""
+    """The catalog's SHA-256 of the pack's members that still lack a copy
+    on its tier."""
     found = {}
     with final.read() as txn:
         for uid in pack.members:
             record = final.instance(txn, uid)
-            if record is not None and not any(c.tier == OFFSITE for c in record.copies):
+            if record is not None and record.copy_on(pack.tier) is None:
                 found[uid] = record.sha256
     return found
 
 
-def _copy_in(final: Catalog, uid: str, pack_id: str) -> bool:
+def _copy_in(final: Catalog, uid: str, pack: PackRecord) -> bool:
     with final.read() as txn:
         record = final.instance(txn, uid)
     return record is not None and any(
-        c.tier == OFFSITE and c.location.startswith(pack_id + "/")
+        c.tier == pack.tier and c.location.startswith(pack.pack_id + "/")
         for c in record.copies
     )
 

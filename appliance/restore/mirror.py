@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance.catalog.replication import OFFSITE
 from appliance.errors import StorageError
 from appliance.replication.bandwidth import Limiter
 from appliance.replication.transports import Transport
@@ -60,13 +61,22 @@ class Segment:
 
 @dataclass
 class MirrorContents:
-    """The snapshots, journal segments and packs found on the mirror."""
+    """The snapshots, journal segments and packs found on the mirror; or,
+    for a restore from offline volumes (``tier`` offline), the packs found
+    on the volumes, each named ``VOLUME/POSITION``."""
 
     snapshots: list[Snapshot] = field(default_factory=list)  # newest first
     segments: list[Segment] = field(default_factory=list)  # by first, last
     packs: dict[str, RemoteFile] = field(default_factory=dict)  # by pack id
     # The highest pack number on the mirror, unfinished uploads included.
     highest_pack: int = 0
+    # The tier whose copies the rebuilt catalog records.
+    tier: str = OFFSITE
+
+    @property
+    def where(self) -> str:
+        """Where the packs are, for messages."""
+        return "the mirror" if self.tier == OFFSITE else "the volumes"
 
     @property
     def last_journal_number(self) -> int:

@@ -61,10 +61,9 @@ def rebuild_catalog(
 ) -> Rebuild:
     """Rebuild the catalog at ``catalog_path`` from the mirror, unless it
     already was (see the module for the steps)."""
-    note = swap.note_of(catalog_path)
-    if note is not None:
-        logger.info("the catalog was rebuilt already, from %s", note.get("source"))
-        return Rebuild(note, done_before=True, lost=note.get("lost", []))
+    earlier = rebuilt_before(catalog_path)
+    if earlier is not None:
+        return earlier
     rebuilt = swap.rebuilt_path(catalog_path)
     note = swap.note_of(rebuilt)
     if note is None:
@@ -75,36 +74,67 @@ def rebuild_catalog(
         sources = Sources(
             fetcher, contents, keys, work_folder, cache, map_size, progress
         )
-        work = sources.build(scan)
-        try:
-            _refuse_if_nothing_opened(work, contents)
-            note = _write(work, rebuilt, map_size, contents)
-        finally:
-            work.catalog.close()
+        note = write_checked(sources.build(scan), rebuilt, map_size, contents)
+    return put_in_place(rebuilt, catalog_path, work_folder, note)
+
+
+def rebuilt_before(catalog_path: Path) -> Rebuild | None:
+    """What an earlier run rebuilt, if the catalog in place was rebuilt."""
+    note = swap.note_of(catalog_path)
+    if note is None:
+        return None
+    logger.info("the catalog was rebuilt already, from %s", note.get("source"))
+    return Rebuild(note, done_before=True, lost=note.get("lost", []))
+
+
+def write_checked(
+    work: WorkCatalog,
+    rebuilt: Path,
+    map_size: int,
+    contents: MirrorContents,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the work catalog as a checked catalog at ``rebuilt`` (then
+    close the work catalog); its note, with ``extra`` added to it."""
+    try:
+        _refuse_if_nothing_opened(work, contents)
+        return _write(work, rebuilt, map_size, contents, extra or {})
+    finally:
+        work.catalog.close()
+
+
+def put_in_place(
+    rebuilt: Path, catalog_path: Path, work_folder: Path, note: dict[str, Any]
+) -> Rebuild:
+    """Move the checked catalog into place; the work is no longer needed."""
     aside = swap.move_into_place(rebuilt, catalog_path)
     shutil.rmtree(work_folder, ignore_errors=True)
     return Rebuild(note, set_aside=aside, lost=note.get("lost", []))
 
 
 def _refuse_if_nothing_opened(work: WorkCatalog, contents: MirrorContents) -> None:
-    """Stop before anything is put in place when the mirror holds packs but
-    the rebuilt catalog knows no instance: with the wrong master keys
-    nothing opens, and an empty catalog swapped in would look like a
-    restore that succeeded, and would stop the right one."""
+    """Stop before anything is put in place when the mirror (or the volumes)
+    holds packs but the rebuilt catalog knows no instance: with the wrong
+    master keys nothing opens, and an empty catalog swapped in would look
+    like a restore that succeeded, and would stop the right one."""
     if not contents.packs or work.catalog.counts().get("instances", 0):
         return
     unreadable = len(work.unreadable)
     raise StorageError(
-        f"nothing on the mirror opens with the master keys in the key store "
-        f"({unreadable} of {len(contents.packs)} pack(s) unreadable, and no "
-        "catalog snapshot or journal): import the escrow copy of this "
+        f"nothing on {contents.where} opens with the master keys in the key "
+        f"store ({unreadable} of {len(contents.packs)} pack(s) unreadable, and "
+        "no catalog snapshot or journal): import the escrow copy of this "
         "archive's keys (appliance keys import) and run the restore again; "
         "nothing was put in place"
     )
 
 
 def _write(
-    work: WorkCatalog, rebuilt: Path, map_size: int, contents: MirrorContents
+    work: WorkCatalog,
+    rebuilt: Path,
+    map_size: int,
+    contents: MirrorContents,
+    extra: dict[str, Any],
 ) -> dict[str, Any]:
     """Export, finish, check and mark the rebuilt catalog; its note."""
     final = Catalog(rebuilt, map_size)
@@ -120,6 +150,7 @@ def _write(
             "lost": exported.lost,
             "missing_packs": sorted(exported.missing),
             "unreadable_packs": work.unreadable,
+            **extra,
         }
         mark_checked(final, note)
     finally:

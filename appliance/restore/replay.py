@@ -13,11 +13,11 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from appliance.catalog import replication
+from appliance.catalog import copies, replication
 from appliance.catalog.copies import PackRecord
 from appliance.catalog.records import InstanceRecord, NewInstance, patient_key
 from appliance.catalog.replication import OFFSITE, Queued
-from appliance.catalog.store import Catalog
+from appliance.catalog.store import Catalog, Outcome
 from appliance.restore.mirror import RemoteFile, pack_number
 from appliance.storage.packs import Manifest, PackedInstance
 
@@ -52,29 +52,47 @@ def replay_journal(catalog: Catalog, entries: Iterable[dict[str, Any]]) -> int:
 
 
 def merge_manifest(
-    catalog: Catalog, manifest: Manifest, remote: RemoteFile, sha256: str
+    catalog: Catalog,
+    manifest: Manifest,
+    remote: RemoteFile,
+    sha256: str,
+    tier: str = OFFSITE,
 ) -> int:
-    """Record the instances a pack's manifest lists and the pack itself,
-    with an off-site copy in it for each; the copies added.
+    """Record the instances a pack's manifest lists and the pack itself
+    (at ``remote``, on ``tier``), with a copy in it for each; the copies
+    added.
 
     A pack with a higher number was written later, so its bytes of an
     instance win over an earlier pack's; an earlier pack (an upload never
-    recorded, sent again since) adds only what the catalog lacks.
+    recorded, sent again since; a study copied to the volumes again) adds
+    only what the catalog lacks.
     """
     number = pack_number(manifest.pack_id)
-    newer, older, moved = _sort_by_age(catalog, manifest.instances, number)
-    catalog.record([_from_manifest(entry) for entry in newer], "replace")
-    catalog.record([_from_manifest(entry) for entry in older], "keep_first")
+    newer, older, moved = _sort_by_age(catalog, manifest.instances, number, tier)
+    results = catalog.record([_from_manifest(entry) for entry in newer], "replace")
+    results += catalog.record([_from_manifest(entry) for entry in older], "keep_first")
+    for entry, result in zip([*newer, *older], results, strict=True):
+        if result.outcome is Outcome.INCONSISTENT:
+            # As at ingest: an instance that would show under the wrong study
+            # or patient is not recorded. Its copy in this pack stays unused.
+            logger.error(
+                "pack %s: instance %s not recorded: %s",
+                manifest.pack_id,
+                entry.sop_instance_uid,
+                result.reason,
+            )
     for pack_id, uids in moved.items():
         # The instance's copy moves to the newer pack: the same bytes, sent
-        # again because the older pack was found damaged.
+        # again because the older pack was found damaged. (On volumes the
+        # older pack keeps its record; only the mirror has a queue.)
         old = _pack(catalog, pack_id)
-        if old is not None:
+        if old is not None and tier == OFFSITE:
             replication.requeue(catalog, old, uids)
     pack = PackRecord(
         pack_id=manifest.pack_id,
-        study_uid="",
-        tier=OFFSITE,
+        # A pack on a volume is filed under its study, as the migrator did.
+        study_uid=(manifest.study_uid or "") if tier != OFFSITE else "",
+        tier=tier,
         location=remote.name,
         size=remote.size,
         sha256=sha256,
@@ -82,7 +100,17 @@ def merge_manifest(
         key_id=manifest.encryption.master_key_id if manifest.encryption else None,
     )
     checksums = {e.sop_instance_uid: e.meta.sha256 for e in manifest.instances}
-    return _add_pack(catalog, pack, checksums)
+    return add_pack(catalog, pack, checksums)
+
+
+def add_pack(catalog: Catalog, pack: PackRecord, checksums: dict[str, str]) -> int:
+    """Record a pack and a copy in it for each instance it holds whose
+    SHA-256 (``checksums``) the catalog has and which has no copy on the
+    pack's tier yet; the copies added."""
+    if pack.tier != OFFSITE:
+        return copies.record_pack(catalog, pack, checksums)
+    sent = [Queued(0, uid, 0, 0.0) for uid in pack.members]
+    return replication.mark_replicated(catalog, pack, sent, checksums)
 
 
 def _record_stores(catalog: Catalog, entries: list[dict[str, Any]]) -> None:
@@ -124,7 +152,7 @@ def _from_manifest(entry: PackedInstance) -> NewInstance:
 
 
 def _sort_by_age(
-    catalog: Catalog, entries: Iterable[PackedInstance], number: int
+    catalog: Catalog, entries: Iterable[PackedInstance], number: int, tier: str
 ) -> tuple[list[PackedInstance], list[PackedInstance], dict[str, list[str]]]:
     """Split a pack's instances: those it holds the latest copy of, the
     rest; and, by pack, instances whose copy moves to this pack."""
@@ -133,7 +161,7 @@ def _sort_by_age(
     with catalog.read() as txn:
         for entry in entries:
             record = catalog.instance(txn, entry.sop_instance_uid)
-            copy = record.copy_on(OFFSITE) if record is not None else None
+            copy = record.copy_on(tier) if record is not None else None
             held = copy.location.partition("/")[0] if copy else None
             if held is None or pack_number(held) < number:
                 newer.append(entry)
@@ -161,18 +189,13 @@ def _replicated(catalog: Catalog, pack: PackRecord) -> None:
     # older bytes here. The export prefers a later pack holding it; with
     # none, the data restore finds the mismatch and reports the instance
     # corrupt, where "never reached the mirror" would be the truth.
-    _add_pack(catalog, pack, current)
+    add_pack(catalog, pack, current)
 
 
 def _offsite_lost(catalog: Catalog, pack_id: str, uids: list[str]) -> None:
     pack = _pack(catalog, pack_id)
     if pack is not None:
         replication.requeue(catalog, pack, uids)
-
-
-def _add_pack(catalog: Catalog, pack: PackRecord, checksums: dict[str, str]) -> int:
-    sent = [Queued(0, uid, 0, 0.0) for uid in pack.members]
-    return replication.mark_replicated(catalog, pack, sent, checksums)
 
 
 def _pack(catalog: Catalog, pack_id: str) -> PackRecord | None:

@@ -4,11 +4,11 @@ corrupt, by UID, from the catalog as it stands.
 An instance is *restored* once it has a verified online copy (or nearline
 copy, for a study the configuration sends there); it is *left on the
 mirror* when it belongs to an old study the configuration leaves there
-until asked for. One that has neither is *corrupt* when the mirror holds
-its pack but the pack failed to give it (recall then stopped counting that
-copy), *missing* when the pack is not on the mirror or the instance never
-reached it, and *waiting* when its pack was not tried yet (an interrupted
-run: run it again).
+until asked for. One that has neither is *corrupt* when the mirror (or a
+volume) holds its pack but the pack failed to give it (recall then stopped
+counting that copy), *missing* when the pack is not there or the instance
+never reached the mirror, and *waiting* when its pack was not tried yet
+(an interrupted run, or a volume on the shelf: run it again).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.catalog.replication import OFFSITE
 from appliance.catalog.store import Catalog
 from appliance.hsm.tiers import NEARLINE, ONLINE
 from appliance.restore.mirror import MirrorContents
@@ -82,6 +81,7 @@ def final_report(
     are the studies left there on purpose."""
     report = Report(str(note.get("source", "")))
     left = set(left_on_mirror)
+    tier, where = contents.tier, contents.where
     with catalog.read() as txn:
         for uid, _data in catalog.all_records(txn, "instances"):
             record = catalog.instance(txn, uid)
@@ -91,16 +91,15 @@ def final_report(
                 report.restored.append(uid)
                 report.restored_bytes += record.size
                 continue
-            offsite = next((c for c in record.copies if c.tier == OFFSITE), None)
-            if offsite is None:
-                report.missing.append(
-                    Problem(uid, record.study_uid, "no copy on the mirror")
-                )
+            held = next((c for c in record.copies if c.tier == tier), None)
+            if held is None:
+                problem = Problem(uid, record.study_uid, f"no copy on {where}")
+                report.missing.append(problem)
                 continue
-            pack_id = offsite.location.partition("/")[0]
-            if offsite.verified and record.study_uid in left:
+            pack_id = held.location.partition("/")[0]
+            if held.verified and record.study_uid in left:
                 report.left_on_mirror.append(uid)
-            elif offsite.verified:
+            elif held.verified:
                 problem = Problem(uid, record.study_uid, "not tried yet", pack_id)
                 report.waiting.append(problem)
             elif pack_id in contents.packs:
@@ -108,7 +107,7 @@ def final_report(
                 report.corrupt.append(problem)
             else:
                 problem = Problem(
-                    uid, record.study_uid, "its pack is not on the mirror", pack_id
+                    uid, record.study_uid, f"its pack is not on {where}", pack_id
                 )
                 report.missing.append(problem)
     for lost in note.get("lost", []):

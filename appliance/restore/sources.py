@@ -20,10 +20,17 @@ from pathlib import Path
 from typing import Any
 
 from appliance.catalog import replication
+from appliance.catalog.replication import OFFSITE
 from appliance.catalog.store import Catalog
 from appliance.errors import ApplianceError, StorageError, TransportError
 from appliance.restore.cache import PackCache
-from appliance.restore.mirror import Fetcher, MirrorContents, Snapshot, pack_number
+from appliance.restore.mirror import (
+    Fetcher,
+    MirrorContents,
+    RemoteFile,
+    Snapshot,
+    pack_number,
+)
 from appliance.restore.replay import merge_manifest, replay_journal
 from appliance.storage.keys import KeyStore
 from appliance.storage.packs import PackReader
@@ -181,17 +188,8 @@ class Sources:
                 self.progress(done, len(pack_ids))
             remote = self.contents.packs[pack_id]
             path = self.cache.fetch(pack_id, remote)
-            try:
-                with PackReader.open(path, self.keys) as reader:
-                    manifest = reader.manifest()
-                digest = _sha256_of(path)
-            except ApplianceError as exc:
-                logger.error("pack %s: manifest unreadable: %s", pack_id, exc)
-                work.unreadable[pack_id] = str(exc)
+            if not merge_pack_file(work, pack_id, path, remote, self.keys):
                 self.cache.drop(pack_id)
-                continue
-            merge_manifest(work.catalog, manifest, remote, digest)
-            work.next_pack = max(work.next_pack, pack_number(pack_id) + 1)
         if self.progress is not None:
             self.progress(len(pack_ids), len(pack_ids))
 
@@ -203,6 +201,34 @@ class Sources:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         return folder
+
+
+def merge_pack_file(
+    work: WorkCatalog,
+    pack_id: str,
+    path: Path,
+    remote: RemoteFile,
+    keys: KeyStore,
+    tier: str = OFFSITE,
+    sha256: str | None = None,
+) -> bool:
+    """Merge the manifest of the pack in the local file ``path`` into the
+    work catalog, its copies on ``tier``; whether it could be read (if not,
+    the pack is noted as unreadable). ``sha256`` is the pack's digest as
+    recorded where it is kept; by default that of the file."""
+    try:
+        with PackReader.open(path, keys) as reader:
+            manifest = reader.manifest()
+        if reader.pack_id != pack_id:
+            raise StorageError(f"the file holds pack {reader.pack_id}")
+        digest = sha256 or _sha256_of(path)
+    except ApplianceError as exc:
+        logger.error("pack %s: manifest unreadable: %s", pack_id, exc)
+        work.unreadable[pack_id] = str(exc)
+        return False
+    merge_manifest(work.catalog, manifest, remote, digest, tier)
+    work.next_pack = max(work.next_pack, pack_number(pack_id) + 1)
+    return True
 
 
 def _next_pack(catalog: Catalog) -> int:

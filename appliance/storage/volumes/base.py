@@ -108,12 +108,14 @@ class VolumeLibrary(ABC):
         """Append a pack, streamed from ``chunks``, to ``volume``."""
 
     @abstractmethod
-    def read_pack(self, location: PackLocation) -> Iterator[bytes]:
+    def read_pack(self, location: PackLocation, check: bool = True) -> Iterator[bytes]:
         """Stream a pack's bytes back; the digest is checked at the end.
 
         Reachability is checked when this is called, not on the first chunk.
         Consume the iterator to the end (or close it): a tape drive stays
-        busy until then.
+        busy until then. ``check=False`` gives the bytes as they are, for a
+        restore to salvage what a damaged pack still holds intact (each
+        instance in a pack has a checksum of its own).
         """
 
     @abstractmethod

@@ -170,7 +170,7 @@ class OpticalLibrary(VolumeLibrary):
         )
         return PackLocation(volume, position, pack_id, size, sha256)
 
-    def read_pack(self, location: PackLocation) -> Iterator[bytes]:
+    def read_pack(self, location: PackLocation, check: bool = True) -> Iterator[bytes]:
         image = self._image(location.volume)
         name = pack_file_name(location.position, location.pack_id, location.sha256)
         if name not in self.xorriso.list_files(image, "/packs"):
@@ -178,7 +178,8 @@ class OpticalLibrary(VolumeLibrary):
                 f"volume {location.volume} holds no pack {location.pack_id} at "
                 f"position {location.position}"
             )
-        return verified_stream(location, self._extracted(image, f"/packs/{name}"))
+        chunks = self._extracted(image, f"/packs/{name}")
+        return verified_stream(location, chunks) if check else chunks
 
     def list_packs(self, volume: str) -> list[PackLocation]:
         image = self._image(volume)

@@ -1,0 +1,133 @@
+"""Command line for ``appliance restore --from volumes``: the catalog from
+the packs on every offline volume, then every instance recalled."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import click
+
+from appliance.cli_restore import (
+    _catalog,
+    _keys,
+    _print_rebuild,
+    _print_report,
+    _transfer_bar,
+)
+from appliance.config import Config
+from appliance.terminal import progress_bar
+
+logger = logging.getLogger(__name__)
+
+_READ = "a restore from volumes must read the packs on it"
+
+
+def restore_from_volumes(config: Config) -> bool:
+    """Both phases and the report; whether everything came back."""
+    from appliance.restore.volumedata import final_volume_report
+    from appliance.storage.lock import claim_tier
+    from appliance.storage.online import OnlineTier
+    from appliance.storage.volumes import open_library
+
+    keys = _keys(config)
+    online = OnlineTier(config.online_path, config.get("storage.reserved_bytes"))
+    online.open()
+    # No appliance may serve this tier while it is restored.
+    lock = claim_tier(config.online_path, wait_for_workers=0.0)
+    folder = config.data_dir / "restore"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        # A restore never writes to a volume: nothing to recover there.
+        kind = config.get("volumes.kind")
+        library = open_library(kind, config.volume_settings(), recover=False)
+        if not library.list_volumes():
+            click.echo(
+                "the volume library holds no volume: nothing to restore", err=True
+            )
+            return False
+        outcome = _rebuild(config, library, keys, online)
+        catalog = _catalog(config)
+        try:
+            _ask_for(catalog, outcome.unread)
+            note = outcome.rebuild.note
+            waiting_for = _restore_data(config, catalog, keys, library, note)
+            report = final_volume_report(catalog, note, outcome.unread, library)
+        finally:
+            catalog.close()
+    finally:
+        lock.release()
+    _print_report(report, report.save(folder))
+    _print_wanted(config, outcome.unread + waiting_for)
+    return report.ok
+
+
+def _rebuild(config: Config, library: Any, keys: Any, online: Any) -> Any:
+    """The catalog phase, with a progress bar for the packs it reads."""
+    from appliance.restore.volumes import rebuild_from_volumes
+
+    with progress_bar() as bar:
+        task = bar.add_task("reading the volumes", total=None)
+        outcome = rebuild_from_volumes(
+            config.catalog_path,
+            config.get("storage.catalog_max_size"),
+            config.data_dir / "restore" / "work",
+            library,
+            keys,
+            online,
+            lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    _print_rebuild(outcome.rebuild, False)
+    return outcome
+
+
+def _restore_data(
+    config: Config, catalog: Any, keys: Any, library: Any, note: dict[str, Any]
+) -> list[str]:
+    """The data phase, with a progress bar of bytes, rate and time left; the
+    volumes on the shelf that it waited for."""
+    from appliance.restore.volumedata import VolumeDataRestore
+    from appliance.storage.offline import OfflineTier
+
+    offline = OfflineTier(library, config.data_dir / "spool", salvage=True)
+    offline.open()
+    restorer = VolumeDataRestore(
+        catalog,
+        config.online_path,
+        config.get("storage.reserved_bytes"),
+        keys,
+        offline,
+        config.data_dir / "restore",
+        set(note.get("damaged_packs", {})),
+    )
+    plan = restorer.plan()
+    with _transfer_bar() as bar:
+        task = bar.add_task("restoring", total=plan.bytes)
+        restorer.run(
+            plan,
+            lambda done, total, what: bar.update(
+                task, completed=done, description=f"restoring {what}"
+            ),
+        )
+    return restorer.waiting_for
+
+
+def _ask_for(catalog: Any, volumes: list[str]) -> None:
+    """An operator request for each volume whose packs were not read."""
+    from appliance.catalog import requests
+
+    for volume in volumes:
+        requests.request_volume(catalog, volume, _READ)
+
+
+def _print_wanted(config: Config, volumes: list[str]) -> None:
+    """Name every volume the restore waits for, and how to load it."""
+    where = ""
+    if config.get("volumes.kind") == "directory":
+        folder = config.volume_settings()["path"]
+        where = f" (a directory volume: its folder back in {folder})"
+    for volume in dict.fromkeys(volumes):
+        click.echo(
+            f"load volume {volume} into the library{where}, then run the restore again",
+            err=True,
+        )
