@@ -14,20 +14,15 @@ from typing import Any
 
 import click
 from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
     TaskID,
     TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
 )
 
 from appliance import logs
 from appliance.cli_shared import Loader, config_option, data_dir_option, open_archive
 from appliance.config import Config
 from appliance.errors import ApplianceError
-from appliance.terminal import errors, size
+from appliance.terminal import size, transfer_bar
 
 logger = logging.getLogger(__name__)
 
@@ -155,15 +150,7 @@ class _Bar:
     """The export's progress on stderr: instances, bytes, rate, time left."""
 
     def __init__(self) -> None:
-        self.progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.fields[instances]}"),
-            DownloadColumn(binary_units=True),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=errors,
-        )
+        self.progress = transfer_bar(TextColumn("{task.fields[instances]}"))
         self.task: TaskID | None = None
         self.total = 0
         self.done = 0

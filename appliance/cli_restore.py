@@ -12,19 +12,14 @@ from typing import Any
 
 import click
 from rich.progress import (
-    BarColumn,
-    DownloadColumn,
     Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
 )
 
 from appliance import logs
 from appliance.cli_shared import Loader, config_option, data_dir_option
 from appliance.config import Config
 from appliance.errors import ApplianceError, KeyStoreError, TransportError
-from appliance.terminal import errors, progress_bar, size
+from appliance.terminal import progress_bar, size, transfer_bar
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +156,7 @@ def _restore(
     folder = config.data_dir / "restore"
     lock = _claim(config, folder)
     folder.mkdir(parents=True, exist_ok=True)
-    limiter = Limiter(parse_timetable(rate or "off"))
+    limiter = Limiter(parse_timetable(rate or "off"), purpose="restore")
     try:
         with open_mirror(config) as transport:
             fetcher = Fetcher(transport, limiter)
@@ -185,7 +180,10 @@ def _restore(
                 return True
             if rate is None:
                 limiter.close()
-                limiter = Limiter(parse_timetable(config.get("restore.timetable")))
+                limiter = Limiter(
+                    parse_timetable(config.get("restore.timetable")),
+                    purpose="restore",
+                )
                 fetcher.limiter = limiter
             catalog = _catalog(config)
             try:
@@ -300,14 +298,7 @@ def _restore_data(
 
 def _transfer_bar() -> Progress:
     """Bytes restored, the rate and the time left, on stderr."""
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=errors,
-    )
+    return transfer_bar()
 
 
 def _print_background(rebuild: Any) -> None:

@@ -5,11 +5,15 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import (
     BarColumn,
+    DownloadColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TextColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 console = Console()
 # Progress bars and problems go to stderr, so that stdout stays parseable.
@@ -25,6 +29,29 @@ def progress_bar() -> Progress:
         TimeRemainingColumn(),
         console=errors,
     )
+
+
+def transfer_bar(*columns: ProgressColumn) -> Progress:
+    """A progress bar of bytes (in the units of :func:`size`), the rate and
+    the time left, on stderr; ``columns`` go after the description."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        *columns,
+        DownloadColumn(binary_units=True),
+        _RateColumn(),
+        TimeRemainingColumn(),
+        console=errors,
+    )
+
+
+class _RateColumn(ProgressColumn):
+    """Bytes per second in the units of :func:`size` (rich's own column
+    counts in powers of 1000, the rest of the appliance in 1024)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("?" if speed is None else f"{size(int(speed))}/s")
 
 
 def size(count: int) -> str:

@@ -636,6 +636,7 @@ class Limiter:
         override_path: Path | None = None,
         override_interval: float = 5.0,
         step: float = 1.0,
+        purpose: str = "replication",
     ) -> None:
         if burst_seconds <= 0 or override_interval <= 0 or step <= 0:
             raise ValueError("burst_seconds, override_interval and step must be > 0")
@@ -645,6 +646,7 @@ class Limiter:
         self._override_path = override_path
         self._override_interval = override_interval
         self._step = step
+        self._purpose = purpose  # what the log lines say the rate is for
 
         self._cond = threading.Condition()
         self._queue: deque[object] = deque()  # waiting requests, oldest first
@@ -794,7 +796,7 @@ class Limiter:
         changed = (rate, description) != (self._rate, self._description)
         if changed or not self._started:
             logger.info(
-                "replication bandwidth: %s (%s)", format_rate(rate), description
+                "%s bandwidth: %s (%s)", self._purpose, format_rate(rate), description
             )
             self._cond.notify_all()
         self._started = True

@@ -92,7 +92,7 @@ def _restore(
         raise DrillError(
             "restore.timetable pauses reading the mirror now; the drill did not run"
         )
-    limiter = Limiter(timetable)
+    limiter = Limiter(timetable, purpose="drill")
     try:
         with open_mirror(config) as transport:
             contents = survey(transport)

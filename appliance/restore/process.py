@@ -54,7 +54,11 @@ def run_restore(config: Config) -> None:
     die_with_parent()
     logs.setup(config.get("logging.level"), config.get("logging.format"))
     stop = threading.Event()
-    limiter = Limiter(parse_timetable(config.get("restore.timetable")), sleep=stop.wait)
+    limiter = Limiter(
+        parse_timetable(config.get("restore.timetable")),
+        sleep=stop.wait,
+        purpose="restore",
+    )
 
     def stopping(*_: Any) -> None:
         stop.set()
