@@ -19,19 +19,18 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from appliance.errors import StorageError
 from appliance.replication.names import pack_name
 from appliance.replication.transports import Transport
+from appliance.restore.cache import ReadOnlyMirror
 from appliance.restore.mirror import Fetcher
-from appliance.storage.keys import DataKey, KeyStore
+from appliance.storage.keys import KeyStore
 from appliance.storage.lock import TierLock
-from appliance.storage.packs import PackReader, PackSummary
-from appliance.storage.packs.manifest import InstanceMeta
-from appliance.storage.packs.writer import Source
+from appliance.storage.packs import PackReader
 
 logger = logging.getLogger(__name__)
 
@@ -41,22 +40,12 @@ _SCRATCH_PREFIX = "recall-"
 OpenTransport = Callable[[], Transport]
 
 
-class MirrorRecallTier:
+class MirrorRecallTier(ReadOnlyMirror):
     """Packs read from the mirror when a recall needs them."""
 
     def __init__(self, open_transport: OpenTransport, folder: Path) -> None:
         self.open_transport = open_transport
         self.folder = folder
-
-    def write(
-        self,
-        pack_id: str,
-        items: Iterable[tuple[InstanceMeta, Source]],
-        study_uid: str,
-        key: DataKey | None,
-        keys: KeyStore | None = None,
-    ) -> tuple[str, PackSummary]:
-        raise StorageError("packs reach the mirror through replication only")
 
     @contextmanager
     def reader(
@@ -80,16 +69,6 @@ class MirrorRecallTier:
                 yield reader
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-
-    def is_reachable(self, location: str) -> bool:
-        return True
-
-    def volume_of(self, location: str) -> str | None:
-        return None
-
-    def remove(self, location: str) -> None:
-        # The mirror is written and pruned by replication alone.
-        raise StorageError(f"a recall never removes {location} from the mirror")
 
     def _fetch(self, pack_id: str, size: int, sha256: str, scratch: Path) -> Path:
         """The pack fetched into ``scratch``, holding back a restore meanwhile."""

@@ -106,16 +106,10 @@ class PackCache:
         return [path for path in self.folder.glob("p-*.pack") if path.is_file()]
 
 
-class MirrorTier:
-    """The mirror as a pack tier for recall, read through the pack cache.
-
-    Only packs the cache holds can be read; the restore fetches them before
-    it recalls a study. Nothing is ever written to or removed from the
-    mirror here.
-    """
-
-    def __init__(self, cache: PackCache) -> None:
-        self.cache = cache
+class ReadOnlyMirror:
+    """What every view of the mirror as a pack tier shares: it is always
+    reachable, needs no volume, and is never written to or pruned here
+    (replication alone does that)."""
 
     def write(
         self,
@@ -126,6 +120,27 @@ class MirrorTier:
         keys: KeyStore | None = None,
     ) -> tuple[str, PackSummary]:
         raise StorageError("packs reach the mirror through replication only")
+
+    def is_reachable(self, location: str) -> bool:
+        return True
+
+    def volume_of(self, location: str) -> str | None:
+        return None
+
+    def remove(self, location: str) -> None:
+        # The last verified copy may be this one: never deleted from here.
+        raise StorageError(f"{location} is never removed from the mirror here")
+
+
+class MirrorTier(ReadOnlyMirror):
+    """The mirror as a pack tier for recall, read through the pack cache.
+
+    Only packs the cache holds can be read; the restore fetches them before
+    it recalls a study.
+    """
+
+    def __init__(self, cache: PackCache) -> None:
+        self.cache = cache
 
     @contextmanager
     def reader(
@@ -142,13 +157,3 @@ class MirrorTier:
             if reader.pack_id != pack_id:
                 raise StorageError(f"{location} holds pack {reader.pack_id}")
             yield reader
-
-    def is_reachable(self, location: str) -> bool:
-        return True
-
-    def volume_of(self, location: str) -> str | None:
-        return None
-
-    def remove(self, location: str) -> None:
-        # The last verified copy may be this one: a restore never deletes it.
-        raise StorageError(f"a restore never removes {location} from the mirror")

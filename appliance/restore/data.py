@@ -170,7 +170,8 @@ class DataRestore:
             self.note.begin(study_uid)
             try:
                 self.recaller.recall(
-                    study_uid, _share(progress, done_bytes, size, plan.bytes, what)
+                    study_uid,
+                    share_progress(progress, done_bytes, size, plan.bytes, what),
                 )
             finally:
                 self.note.close()
@@ -244,7 +245,7 @@ def _pack_of(record: InstanceRecord) -> str | None:
     return copy.location.partition("/")[0] if copy is not None else None
 
 
-def _share(
+def share_progress(
     progress: Progress | None, base: int, size: int, total: int, what: str
 ) -> RecallProgress | None:
     """A recall's progress (instances of one study) as restore progress."""

@@ -29,9 +29,9 @@ from typing import Any
 from appliance.catalog import copies
 from appliance.catalog.records import InstanceRecord
 from appliance.catalog.store import Catalog
-from appliance.hsm.recall import Progress as RecallProgress
 from appliance.hsm.recall import Recaller
 from appliance.hsm.tiers import OFFLINE, ONLINE, Tiers
+from appliance.restore.data import share_progress
 from appliance.restore.mirror import MirrorContents, RemoteFile
 from appliance.restore.report import Problem, Report, final_report
 from appliance.restore.staging import NotedOnlineTier, StagingNote
@@ -120,7 +120,7 @@ class VolumeDataRestore:
             try:
                 result = self.recaller.recall(
                     study_uid,
-                    _share(progress, done_bytes, size, plan.bytes, what),
+                    share_progress(progress, done_bytes, size, plan.bytes, what),
                     _WHY,
                 )
             finally:
@@ -176,19 +176,6 @@ class VolumeDataRestore:
                 pack_id,
                 changed,
             )
-
-
-def _share(
-    progress: Progress | None, base: int, size: int, total: int, what: str
-) -> RecallProgress | None:
-    """A recall's progress (instances of one study) as restore progress."""
-    if progress is None:
-        return None
-
-    def report(done: int, count: int) -> None:
-        progress(base + size * done // max(count, 1), total, what)
-
-    return report
 
 
 def final_volume_report(
