@@ -144,7 +144,7 @@ def _restore(
     nothing is served until it is over. The data phase keeps to ``rate``,
     or else to ``restore.timetable``."""
     from appliance.replication.bandwidth import Limiter, parse_timetable
-    from appliance.replication.process import open_mirror
+    from appliance.replication.process import mirror_place, open_mirror
     from appliance.restore import swap
     from appliance.restore.cache import PackCache
     from appliance.restore.mirror import Fetcher, survey
@@ -162,7 +162,12 @@ def _restore(
             fetcher = Fetcher(transport, limiter)
             contents = survey(transport)
             if not contents.packs:
-                click.echo("the mirror holds no pack: nothing to restore", err=True)
+                click.echo(
+                    f"the mirror ({mirror_place(config)}) holds no pack: nothing "
+                    "to restore; check that [mirror] names the mirror the lost "
+                    "appliance replicated to",
+                    err=True,
+                )
                 return False
             cache = PackCache(folder / "packs", fetcher, cache_bytes)
             if swap.note_of(config.catalog_path) is None:

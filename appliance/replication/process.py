@@ -56,6 +56,15 @@ def open_mirror(config: Config) -> Transport:
     return open_transport(config.get("mirror.kind"), mirror_settings(config))
 
 
+def mirror_place(config: Config) -> str:
+    """Where the configured mirror is, for messages: a folder or user@host."""
+    settings = config.mirror_settings()
+    if config.get("mirror.kind") == "directory":
+        return f"the folder {settings['path']}"
+    where = f"{settings['user']}@{settings['host']}:{settings['port']}"
+    return f"{where} {settings['remote_path']}"
+
+
 def limiter(config: Config, stop: threading.Event | None = None) -> Limiter:
     """The bandwidth limiter of the configured timetable and override."""
     sleep = stop.wait if stop is not None else None
