@@ -159,6 +159,38 @@ def test_a_corrupted_pack_is_reported_by_uid(disaster, site) -> None:
     assert damaged in studies["us-late"] + studies["ct-old"]
 
 
+def test_a_pack_cut_short_gives_the_instances_before_the_cut(
+    disaster, site
+) -> None:
+    """The manifest sits at a pack's end: cut off, the members before the
+    cut are taken out one by one and checked against the catalog."""
+    _folder, held, _found, _studies = disaster
+    restored, mirror = site
+    path = mirror / "packs" / "003" / "p-000000003.pack"
+    keys = KeyStore.load(key_store_path(restored.data_dir))
+    with PackReader.open(path, keys) as reader:
+        entries = reader.manifest().instances
+    assert len(entries) >= 2
+    # Cut in the middle of the last instance's member.
+    last = entries[-1]
+    cut = last.data_offset + last.compressed_size // 2
+    path.write_bytes(path.read_bytes()[:cut])
+    before = {e.sop_instance_uid for e in entries[:-1]}
+
+    done = restored.restore()
+
+    assert done.returncode == 1, done.stdout + done.stderr
+    report = restored.report()
+    assert [p["sop_instance_uid"] for p in report["corrupt"]] == [
+        last.sop_instance_uid
+    ]
+    got = restored.held()[0]
+    assert before <= set(got)
+    assert got == {
+        uid: data for uid, data in held.items() if uid != last.sop_instance_uid
+    }
+
+
 def test_a_missing_pack_is_reported_by_uid(disaster, site) -> None:
     _folder, held, _found, studies = disaster
     restored, mirror = site

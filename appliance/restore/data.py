@@ -28,6 +28,7 @@ from appliance.catalog.copies import PackRecord
 from appliance.catalog.records import InstanceRecord
 from appliance.catalog.replication import OFFSITE
 from appliance.catalog.store import Catalog
+from appliance.errors import ApplianceError
 from appliance.hsm.recall import Progress as RecallProgress
 from appliance.hsm.recall import Recaller
 from appliance.hsm.tiers import NEARLINE, ONLINE, Tiers
@@ -40,8 +41,10 @@ from appliance.restore.order import (
     order,
     upcoming_patients,
 )
+from appliance.restore.salvage import salvage
 from appliance.restore.staging import NotedOnlineTier, StagingNote
 from appliance.storage.keys import KeyStore
+from appliance.storage.packs import PackReader
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +94,7 @@ class DataRestore:
         ``before_fetch`` is called before each study's packs are fetched
         (a recall someone waits for goes first)."""
         self.catalog = catalog
+        self.keys = keys
         self.placement = placement or Placement()
         self.to_nearline = to_nearline
         self.before_fetch = before_fetch
@@ -173,6 +177,7 @@ class DataRestore:
                     study_uid,
                     share_progress(progress, done_bytes, size, plan.bytes, what),
                 )
+                self._salvage(study_uid, records)
             finally:
                 self.note.close()
             self.note.end()
@@ -197,6 +202,36 @@ class DataRestore:
             with self.catalog.read() as txn:
                 pack = self.catalog.get(txn, "packs", pack_id) or {}
             self.cache.fetch(pack_id, remote, pack.get("sha256"), keep=needed)
+
+    def _salvage(self, study_uid: str, records: list[InstanceRecord]) -> None:
+        """Instances recall could not give, taken out of their cached pack
+        member by member when its manifest is lost (a pack cut short)."""
+        online = {
+            r.sop_instance_uid
+            for r in copies.instances_of(self.catalog, study_uid)
+            if r.copy_on(ONLINE) is not None
+        }
+        by_pack: dict[str, list[InstanceRecord]] = {}
+        for record in records:
+            pack_id = _pack_of(record)
+            if pack_id and record.sop_instance_uid not in online:
+                by_pack.setdefault(pack_id, []).append(record)
+        for pack_id, left in by_pack.items():
+            if not self.cache.holds(pack_id) or not _manifest_lost(
+                self.cache.path_of(pack_id), self.keys
+            ):
+                continue
+            with self.catalog.read() as txn:
+                data = self.catalog.get(txn, "packs", pack_id)
+            if data is not None:
+                salvage(
+                    self.catalog,
+                    self.online,
+                    self.keys,
+                    self.cache.path_of(pack_id),
+                    PackRecord.from_json(data),
+                    left,
+                )
 
     def _send_again(self, records: list[InstanceRecord]) -> None:
         """Instances restored from a pack whose bytes on the mirror differ
@@ -237,6 +272,16 @@ class DataRestore:
             if plan.packs[pack_id] <= 0:
                 del plan.packs[pack_id]
                 self.cache.drop(pack_id)
+
+
+def _manifest_lost(path: Path, keys: KeyStore) -> bool:
+    """Whether the pack at ``path`` opens but its manifest cannot be read."""
+    try:
+        with PackReader.open(path, keys) as reader:
+            reader.manifest()
+    except ApplianceError:
+        return True
+    return False
 
 
 def _pack_of(record: InstanceRecord) -> str | None:
