@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,7 +85,10 @@ def archive(tmp_path: Path) -> Iterator[Archive]:
     directory = tmp_path / "node"
     directory.mkdir()
     peers = [{"ae_title": "DCMTK", "host": "127.0.0.1", "port": _port()}]
-    settings = {"migration": {"enabled": False, "min_copies": 1}}
+    settings = {
+        "migration": {"enabled": False, "min_copies": 1},
+        "replication": {"batch_seconds": 1.0},
+    }
     appliance = Appliance(directory, settings, peers)
     appliance.start()
     try:
@@ -191,6 +195,8 @@ def test_shelved_volume_asks_an_operator_then_succeeds(
     assert archive.cli("volumes", "label", "L00002", "--capacity", "1G").returncode == 0
     study, files = archive.store_study("shelved")
     archive.migrate("offline")
+    # The mirror holds the study too; a shelved volume is still waited for.
+    _wait_until_replicated(archive)
     shelf = tmp_path / "shelf"
     shelf.mkdir()
     (archive.volumes / "L00002").rename(shelf / "L00002")
@@ -213,6 +219,16 @@ def test_shelved_volume_asks_an_operator_then_succeeds(
     result = getscu(archive, study, tmp_path / "got")
     assert result.returncode == 0, result.stderr
     assert_same_data_sets(received_files(tmp_path / "got"), files)
+
+
+def _wait_until_replicated(archive: Archive, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = json.loads(archive.cli("replication", "status", "--json").stdout)
+        if status["queued_instances"] == 0:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"still queued: {status}")
 
 
 def test_volume_verify_reads_every_pack(archive: Archive) -> None:

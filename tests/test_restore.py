@@ -159,9 +159,7 @@ def test_a_corrupted_pack_is_reported_by_uid(disaster, site) -> None:
     assert damaged in studies["us-late"] + studies["ct-old"]
 
 
-def test_a_pack_cut_short_gives_the_instances_before_the_cut(
-    disaster, site
-) -> None:
+def test_a_pack_cut_short_gives_the_instances_before_the_cut(disaster, site) -> None:
     """The manifest sits at a pack's end: cut off, the members before the
     cut are taken out one by one and checked against the catalog."""
     _folder, held, _found, _studies = disaster
@@ -181,9 +179,7 @@ def test_a_pack_cut_short_gives_the_instances_before_the_cut(
 
     assert done.returncode == 1, done.stdout + done.stderr
     report = restored.report()
-    assert [p["sop_instance_uid"] for p in report["corrupt"]] == [
-        last.sop_instance_uid
-    ]
+    assert [p["sop_instance_uid"] for p in report["corrupt"]] == [last.sop_instance_uid]
     got = restored.held()[0]
     assert before <= set(got)
     assert got == {

@@ -4,7 +4,8 @@ When no nearer copy of an instance can be read (a restore is still under
 way, or a nearline pack was lost), a recall fetches the pack that holds it
 from the mirror into a scratch folder, reads it, and removes it. Nothing is
 kept between recalls: a recall reads each pack once, and the restore has
-its own cache.
+its own cache. An instance on a volume on the shelf is not read from the
+mirror: the operator is asked to load the volume, as without a mirror.
 
 A recall someone waits for goes before a restore in the background: while
 it fetches, it holds a shared lock that the restore waits on before it

@@ -25,7 +25,7 @@ from appliance.catalog.copies import PackRecord
 from appliance.catalog.records import InstanceRecord
 from appliance.catalog.store import Catalog
 from appliance.errors import ApplianceError, TransportError
-from appliance.hsm.tiers import ONLINE, PackTier, Tiers
+from appliance.hsm.tiers import OFFSITE, ONLINE, PackTier, Tiers
 from appliance.storage.packs import PackReader
 
 logger = logging.getLogger(__name__)
@@ -111,6 +111,10 @@ class Recaller:
         # not give is tried again from the next tier that holds it.
         for tier_name in self.tiers.packs:
             remaining = [r for r in wanted if r.sop_instance_uid not in staged]
+            if tier_name == OFFSITE:
+                # The mirror is for what no volume of ours holds: an instance
+                # on a shelved volume waits for the operator, as before.
+                remaining = [r for r in remaining if not self._on_shelf(r)]
             for pack, records in self._sources(remaining, tier_name).items():
                 self._stage_pack(pack, records, staged, result, staged_one)
 
@@ -194,6 +198,15 @@ class Recaller:
             elif found not in volumes:
                 volumes.append(found)
         return volumes
+
+    def _on_shelf(self, record: InstanceRecord) -> bool:
+        """Whether a tier of ours holds the instance in a pack that cannot
+        be read without a person (a volume on the shelf)."""
+        for tier_name, tier in self.tiers.packs.items():
+            pack = self._pack_of(record, tier_name)
+            if tier_name != OFFSITE and pack and not tier.is_reachable(pack.location):
+                return True
+        return False
 
     def _pack_of(self, record: InstanceRecord, tier_name: str) -> PackRecord | None:
         copy = record.copy_on(tier_name)
