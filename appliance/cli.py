@@ -20,6 +20,7 @@ from appliance import (
     cli_prefetch,
     cli_replication,
     cli_restore,
+    cli_scrub,
     cli_tiers,
     cli_volumes,
     logs,
@@ -306,5 +307,6 @@ for commands in (
     cli_prefetch,
     cli_hardware,
     cli_export,
+    cli_scrub,
 ):
     commands.register(main, _load)
