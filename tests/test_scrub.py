@@ -29,7 +29,7 @@ from appliance.replication.bandwidth import Limiter, parse_timetable
 from appliance.replication.replicator import Replicator, Settings
 from appliance.replication.transports.directory import DirectoryTransport
 from appliance.scrub import state
-from appliance.scrub.job import share
+from appliance.scrub.job import run_in_child, share
 from appliance.scrub.repair import Repairer
 from appliance.scrub.scrubber import Scrubber
 from tests.conftest import config_text
@@ -312,6 +312,33 @@ def test_a_killed_scrub_resumes_from_its_cursor(site: Site) -> None:
     assert f"online: {7 - saved.pass_checked} copies checked" in again.stdout
 
 
-def test_a_scheduled_run_checks_its_share(site: Site) -> None:
+def test_a_scheduled_run_checks_its_share_in_a_child(site: Site) -> None:
     # Hourly runs over 90 days: one copy each (at least one).
     assert share(site.config, site.catalog, "online") == 1
+    site.catalog.close()  # the child opens it, as in the service
+
+    assert run_in_child(site.config) == 0
+
+    saved = state.load(state.folder_of(site.config.data_dir))
+    assert saved.tier("online").pass_checked == 1
+    assert saved.tier("nearline").pass_checked == 1
+    assert saved.tier("online").cursor and not saved.tier("online").last_full_pass
+
+
+def test_a_damaged_copy_is_kept_until_another_replaces_it(site: Site) -> None:
+    [pack] = [p for p in copies.packs_of(site.catalog, PACKED) if p.tier == "nearline"]
+    first = sorted(pack.members)[0]
+    location = f"{pack.pack_id}/{pack.members[first]}"
+    assert copies.mark_unverified(site.catalog, pack.pack_id, [first]) == 1
+
+    # No other nearline copy of it: the pack and the copy stay listed.
+    assert copies.drop_replaced(site.catalog, pack.pack_id) is None
+    [record] = [r for r in site.records(PACKED) if r.sop_instance_uid == first]
+    assert [
+        (c.location, c.verified) for c in record.copies if c.tier == "nearline"
+    ] == [(location, False)]
+    assert site.where(PACKED)["nearline"] == 3
+
+    assert copies.set_copy_verified(site.catalog, first, "nearline", location, True)
+    assert site.where(PACKED)["nearline"] == 4
+    assert not copies.set_copy_verified(site.catalog, first, "nearline", "p-9/x", True)

@@ -215,6 +215,9 @@ class Scrubber:
             return
         report.checked += 1
         bad, problem = self._pack_problems(pack, held, report)
+        # A release may have forgotten the pack while it was read: only
+        # copies the catalog still counts are bad.
+        bad &= set(_held(self.catalog, pack))
         if not bad:
             return
         report.bad += 1
