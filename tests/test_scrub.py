@@ -243,6 +243,8 @@ def test_every_copy_damaged_raises_the_alarm_and_deletes_nothing(
     report = site.cli("scrub", "report")
     assert report.returncode == 1
     assert uid_ in report.stdout
+    assert json.loads(site.cli("status", "--json").stdout)["scrub"]["lost"] == 1
+    assert "ALARM: 1 instance(s) with no good copy" in site.cli("status").stdout
 
 
 def test_orphans_are_reported_and_left_in_place(site: Site) -> None:
