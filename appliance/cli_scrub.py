@@ -52,7 +52,7 @@ def register(main: click.Group, load: Loader) -> None:
     @click.option(
         "--tier",
         type=click.Choice(_TIER_CHOICES),
-        help="Only this tier (default: online, then nearline).",
+        help="Only this tier (default: online, nearline, then offline).",
     )
     @click.option("--study", "study_uid", help="Only this study's copies.")
     @click.pass_context
@@ -75,17 +75,10 @@ def register(main: click.Group, load: Loader) -> None:
                 verify, config_file=config_file, data_dir=data_dir, check_all=True
             )
             return
-        if tier == "offline":
-            click.echo(
-                "the scrub of offline volumes is not built yet; "
-                "appliance volumes verify reads a loaded volume's packs",
-                err=True,
-            )
-            sys.exit(2)
         config = load(config_file, {"storage.data_dir": data_dir})
         logs.setup("WARNING", config.get("logging.format"))
         require_catalog(config)
-        tiers = (tier,) if tier else ("online", "nearline")
+        tiers = (tier,) if tier else ("online", "nearline", "offline")
         sys.exit(_run(config, tiers, study_uid))
 
     @scrub.command()
@@ -150,7 +143,7 @@ def _status(config: Config) -> dict[str, Any]:
             packs = txn.stat(catalog.db["packs"])["entries"]
     finally:
         catalog.close()
-    totals = {"online": counts["instances"], "nearline": packs}
+    totals = {"online": counts["instances"], "nearline": packs, "offline": packs}
     tiers = {}
     for tier, total in totals.items():
         numbers = dict(vars(saved.tier(tier)))
@@ -160,6 +153,7 @@ def _status(config: Config) -> dict[str, Any]:
         "tiers": tiers,
         "lost": len(saved.lost),
         "orphans": {tier: len(found) for tier, found in saved.orphans.items()},
+        "waiting_for_volumes": sorted(set(saved.waiting.values())),
         "cycle_days": config.get("scrub.cycle_days"),
         "rate_mb_per_s": config.get("scrub.rate_mb_per_s"),
     }
@@ -186,6 +180,12 @@ def _print_status(numbers: dict[str, Any]) -> None:
         "no good copy; orphans: "
         + (", ".join(f"{n} on {t}" for t, n in numbers["orphans"].items()) or "none")
     )
+    if numbers["waiting_for_volumes"]:
+        click.echo(
+            "offline packs wait for volume(s) "
+            + ", ".join(numbers["waiting_for_volumes"])
+            + " to be loaded"
+        )
 
 
 def _when(seconds: float) -> str:

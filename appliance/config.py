@@ -810,17 +810,17 @@ KEYS: tuple[Key, ...] = (
         "scrub",
         "schedule",
         "20 * * * *",
-        "When the service runs a share of the scrub (every online file and "
-        'nearline pack read back and checked): a crontab line, "" for never. '
-        "See docs/scrub.md.",
+        "When the service runs a share of the scrub (every online file, "
+        "nearline pack and pack on a loaded volume read back and checked): a "
+        'crontab line, "" for never. See docs/scrub.md.',
         _crontab_or_off,
     ),
     Key(
         "scrub",
         "cycle_days",
         90,
-        "Days in which the scheduled runs read every online file and nearline "
-        "pack once; each run checks its share.",
+        "Days in which the scheduled runs read every copy once; each run "
+        "checks its share. A volume not read for this long is asked for.",
         _integer(1, 3650),
     ),
     Key(

@@ -19,7 +19,7 @@ import pydicom
 import pytest
 
 from appliance import config as configuration
-from appliance.catalog import copies
+from appliance.catalog import copies, requests
 from appliance.catalog.records import InstanceRecord
 from appliance.catalog.store import Catalog
 from appliance.hsm.migrator import Migrator
@@ -344,3 +344,45 @@ def test_a_damaged_copy_is_kept_until_another_replaces_it(site: Site) -> None:
     assert copies.set_copy_verified(site.catalog, first, "nearline", location, True)
     assert site.where(PACKED)["nearline"] == 4
     assert not copies.set_copy_verified(site.catalog, first, "nearline", "p-9/x", True)
+
+
+@pytest.fixture
+def volume(site: Site) -> Path:
+    """PACKED copied onto the volume L00001 of a directory library."""
+    site.tiers.packs["offline"].library.label("L00001", 10**9)
+    assert Migrator(site.catalog, site.tiers, 1).copy(PACKED, "offline").ok
+    return site.config.data_dir / "volumes" / "L00001"
+
+
+def test_a_damaged_pack_on_a_volume_is_written_again(site: Site, volume: Path) -> None:
+    [old] = list((volume / "packs").iterdir())
+    flip_byte(old, offset=old.stat().st_size // 2)
+
+    report = site.scrubber().run_tier("offline")
+
+    assert (report.bad, report.repaired) == (1, 1)
+    assert site.where(PACKED)["offline"] == 4
+    [pack] = [p for p in copies.packs_of(site.catalog, PACKED) if p.tier == "offline"]
+    assert pack.pack_id not in old.name
+    assert old.exists()  # a volume is written once
+    assert site.scrubber().run_tier("offline").bad == 0
+
+
+def test_a_shelved_volume_is_asked_for_and_checked_once_loaded(
+    site: Site, volume: Path
+) -> None:
+    shelf = volume.with_name("shelf")
+    volume.rename(shelf)
+    scrubber = site.scrubber()
+    scrubber.overdue = 0.0  # due at once
+
+    assert scrubber.run_tier("offline").checked == 0
+    assert [r.volume for r in requests.open_requests(site.catalog)] == ["L00001"]
+    assert set(scrubber.state.waiting.values()) == {"L00001"}
+
+    shelf.rename(volume)
+    report = site.scrubber().run_tier("offline")
+
+    assert report.checked >= 1 and report.bad == 0
+    saved = state.load(state.folder_of(site.config.data_dir))
+    assert not saved.waiting and "L00001" in saved.volumes

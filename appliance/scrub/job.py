@@ -58,7 +58,13 @@ def perform(
             catalog, opened, config.data_dir, config.get("migration.min_copies")
         )
         scrubber = Scrubber(
-            catalog, opened, state.folder_of(config.data_dir), repairer, limiter
+            catalog,
+            opened,
+            state.folder_of(config.data_dir),
+            repairer,
+            limiter,
+            # A volume not read within a cycle is asked for.
+            overdue=config.get("scrub.cycle_days") * 86400.0,
         )
         reports = []
         for tier in tiers:

@@ -3,10 +3,11 @@
 An online file is rebuilt from the nearest readable pack that holds the
 instance (nearline, offline, then the mirror), checked against the
 catalog's SHA-256 and size, and put back in place under its key. A bad
-nearline pack is replaced by a new pack of the study, written from the
-online copies (recalled first from offline or the mirror when the study is
-not online), read back and recorded like any migration; the old pack is
-deleted only once nothing counts it.
+nearline or offline pack is replaced by a new pack of the study on the
+same tier, written from the online copies (recalled first from another
+tier or the mirror when the study is not online), read back and recorded
+like any migration; the old pack is forgotten (and a nearline file
+deleted) only once nothing counts it.
 
 Nothing here deletes the last copy of anything: a copy that cannot be
 rebuilt stays where it is, marked unverified, for a person to look at.
@@ -24,7 +25,7 @@ from appliance.catalog.records import Copy, InstanceRecord
 from appliance.catalog.store import Catalog
 from appliance.hsm.migrator import Migrator, Outcome
 from appliance.hsm.recall import Recaller
-from appliance.hsm.tiers import NEARLINE, ONLINE, Tiers
+from appliance.hsm.tiers import ONLINE, Tiers
 from appliance.storage import durable
 from appliance.storage.lock import TierLock
 
@@ -77,26 +78,28 @@ class Repairer:
         logger.warning("online copy of instance %s repaired from %s", uid, source)
         return True
 
-    def nearline(self, pack: PackRecord, uids: list[str]) -> bool:
-        """Stop counting the pack's bad copies, pack the study anew onto
-        nearline; whether every instance has a verified nearline copy again."""
+    def pack(self, pack: PackRecord, uids: list[str]) -> bool:
+        """Stop counting the pack's bad copies, pack the study anew onto the
+        pack's tier; whether every instance has a verified copy there again."""
         copies.mark_unverified(self.catalog, pack.pack_id, uids)
         lock = TierLock(self.data_dir, WRITER_LOCK)
         if not lock.acquire(exclusive=True, wait=_WRITER_WAIT):
             logger.warning(
-                "nearline pack %s not repaired: a migration holds %s; the next "
+                "%s pack %s not repaired: a migration holds %s; the next "
                 "pass tries again",
+                pack.tier,
                 pack.pack_id,
                 WRITER_LOCK,
             )
             return False
         try:
-            source, copied = self._repack(pack.study_uid)
+            source, copied = self._repack(pack.study_uid, pack.tier)
         finally:
             lock.release()
         if not copied.ok:
             logger.error(
-                "nearline pack %s (study %s) cannot be repaired: %s",
+                "%s pack %s (study %s) cannot be repaired: %s",
+                pack.tier,
                 pack.pack_id,
                 pack.study_uid,
                 copied.problem,
@@ -105,10 +108,12 @@ class Repairer:
 
         replaced = copies.drop_replaced(self.catalog, pack.pack_id)
         if replaced is not None:
-            self.tiers.packs[NEARLINE].remove(replaced.location)
+            # A volume keeps it (written once); a disk frees its room.
+            self.tiers.packs[pack.tier].remove(replaced.location)
         logger.warning(
-            "nearline pack %s repaired: %d instance(s) of study %s packed again "
+            "%s pack %s repaired: %d instance(s) of study %s packed again "
             "into %s from %s",
+            pack.tier,
             pack.pack_id,
             copied.instances,
             pack.study_uid,
@@ -117,8 +122,8 @@ class Repairer:
         )
         return True
 
-    def _repack(self, study_uid: str) -> tuple[str, Outcome]:
-        """The study copied onto nearline again: (where from, the outcome)."""
+    def _repack(self, study_uid: str, tier: str) -> tuple[str, Outcome]:
+        """The study copied onto ``tier`` again: (where from, the outcome)."""
         migrator = Migrator(self.catalog, self.tiers, self.min_copies)
         with self.catalog.read() as txn:
             found = copies.study_copies(self.catalog, txn, study_uid)
@@ -126,13 +131,13 @@ class Repairer:
         source = "the online copies"
         if self.recaller.needs_recall(study_uid):
             recalled = self.recaller.recall(
-                study_uid, why="the scrub repairs a damaged nearline pack"
+                study_uid, why=f"the scrub repairs a damaged {tier} pack"
             )
-            source = "copies recalled from offline or the mirror"
+            source = "copies recalled from another tier or the mirror"
             if not recalled.ok:
                 problem = "; ".join(recalled.problems) or "the recall was incomplete"
-                return source, Outcome(study_uid, "copy", NEARLINE, problem=problem)
-        outcome = migrator.copy(study_uid, NEARLINE)
+                return source, Outcome(study_uid, "copy", tier, problem=problem)
+        outcome = migrator.copy(study_uid, tier)
         if outcome.ok and not was_online:
             # Leave the tiers as they were: the study was not online.
             migrator.release(study_uid, ONLINE)

@@ -21,24 +21,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.catalog import copies
+from appliance.catalog import copies, requests
 from appliance.catalog.copies import PackRecord
 from appliance.catalog.records import Copy, InstanceRecord
 from appliance.catalog.store import Catalog
-from appliance.errors import ApplianceError
-from appliance.hsm.tiers import NEARLINE, ONLINE, Tiers
+from appliance.errors import ApplianceError, VolumeNotReachable
+from appliance.hsm.tiers import NEARLINE, OFFLINE, ONLINE, Tiers
 from appliance.replication.bandwidth import Limiter
 from appliance.scrub import orphans, state
 from appliance.scrub.repair import Repairer
 from appliance.storage.nearline import NearlineTier
-from appliance.storage.packs import PackReader
+from appliance.storage.packs import PackReader, VerifyReport
 
 logger = logging.getLogger(__name__)
 
-TIERS = (ONLINE, NEARLINE)
+TIERS = (ONLINE, NEARLINE, OFFLINE)
 _CHUNK = 1 << 20
 _BATCH = 64
 _SAVE_EVERY = 1.0
+# A volume not read by the scrub for this long is asked for (90 days).
+OVERDUE_SECONDS = 90 * 86400.0
 
 # Called with (tier, copies checked in this run).
 Progress = Callable[[str, int], None]
@@ -68,6 +70,7 @@ class Scrubber:
         repairer: Repairer,
         limiter: Limiter | None = None,
         orphan_grace: float = orphans.GRACE_SECONDS,
+        overdue: float = OVERDUE_SECONDS,
     ) -> None:
         self.catalog = catalog
         self.tiers = tiers
@@ -75,6 +78,7 @@ class Scrubber:
         self.repairer = repairer
         self.limiter = limiter
         self.orphan_grace = orphan_grace
+        self.overdue = overdue
         self.state = state.load(folder)
         self._saved = time.monotonic()
 
@@ -89,6 +93,8 @@ class Scrubber:
         mine = self.state.tier(tier)
         if not mine.cursor and not mine.pass_checked:
             mine.pass_started = time.time()
+        if tier == OFFLINE:
+            self._check_loaded_since(report)
         database = "instances" if tier == ONLINE else "packs"
         while budget is None or report.checked < budget:
             keys = _keys_after(self.catalog, database, mine.cursor, _BATCH)
@@ -130,7 +136,7 @@ class Scrubber:
         if tier == ONLINE:
             self._check_instance(key, report)
         else:
-            self._check_pack(key, report)
+            self._check_pack(key, tier, report)
         mine = self.state.tier(tier)
         mine.checked += report.checked - before[0]
         mine.bad += report.bad - before[1]
@@ -155,6 +161,8 @@ class Scrubber:
             return orphans.online_orphans(
                 self.catalog, self.tiers.online, self.orphan_grace
             )
+        if tier != NEARLINE:
+            return []
         nearline = self._nearline()
         if nearline is None:
             return []
@@ -206,15 +214,20 @@ class Scrubber:
 
     # -- nearline -------------------------------------------------------------
 
-    def _check_pack(self, pack_id: str, report: PassReport) -> None:
+    def _check_pack(self, pack_id: str, tier: str, report: PassReport) -> None:
         pack = _pack(self.catalog, pack_id)
-        if pack is None or pack.tier != NEARLINE:
+        if pack is None or pack.tier != tier:
             return
         held = _held(self.catalog, pack)
         if not held:
             return
+        if tier == OFFLINE and not self._reachable(pack):
+            return
         report.checked += 1
-        bad, problem = self._pack_problems(pack, held, report)
+        if tier == OFFLINE:
+            bad, problem = self._offline_problems(pack, held, report)
+        else:
+            bad, problem = self._pack_problems(pack, held, report)
         # A release may have forgotten the pack while it was read: only
         # copies the catalog still counts are bad.
         bad &= set(_held(self.catalog, pack))
@@ -222,16 +235,17 @@ class Scrubber:
             return
         report.bad += 1
         logger.error(
-            "nearline pack %s (study %s) is bad: %s; %d instance(s) affected",
+            "%s pack %s (study %s) is bad: %s; %d instance(s) affected",
+            tier,
             pack.pack_id,
             pack.study_uid,
             problem,
             len(bad),
         )
-        if self.repairer.nearline(pack, sorted(bad)):
+        if self.repairer.pack(pack, sorted(bad)):
             report.repaired += 1
         for uid in bad:
-            self._note_if_lost(uid, f"nearline pack {pack.pack_id}: {problem}")
+            self._note_if_lost(uid, f"{tier} pack {pack.pack_id}: {problem}")
 
     def _pack_problems(
         self, pack: PackRecord, held: dict[str, InstanceRecord], report: PassReport
@@ -257,14 +271,72 @@ class Scrubber:
                 result = reader.read_all()
         except ApplianceError as exc:
             return set(held), f"cannot be opened: {exc}"
-        if result.manifest is None or result.problems:
-            return set(held), "; ".join(result.problems) or "no manifest"
-        bad = {c.sop_instance_uid for c in result.bad if c.sop_instance_uid in held}
-        listed = {e.sop_instance_uid: e.meta.sha256 for e in result.manifest.instances}
-        bad |= {uid for uid, r in held.items() if listed.get(uid) != r.sha256}
-        return bad, "instances damaged or differing from the catalog"
+        return _damaged_in(result, held)
+
+    # -- offline --------------------------------------------------------------
+
+    def _offline_problems(
+        self, pack: PackRecord, held: dict[str, InstanceRecord], report: PassReport
+    ) -> tuple[set[str], str]:
+        """The instances a pack on a volume fails to hold, and why; the
+        volume's library checks the pack's size and SHA-256 as it reads."""
+        offline = self.tiers.packs[OFFLINE]
+        # The reader copies the whole pack off the volume at once: its
+        # bytes are counted against the rate before.
+        self._take(pack.size)
+        report.bytes_read += pack.size
+        try:
+            with offline.reader(
+                pack.location, pack.pack_id, pack.size, pack.sha256, self.tiers.keys
+            ) as reader:
+                result = reader.read_all()
+        except VolumeNotReachable:
+            return set(), ""  # taken out meanwhile: checked another time
+        except ApplianceError as exc:
+            return set(held), f"cannot be read: {exc}"
+        self._volume_checked(pack)
+        return _damaged_in(result, held)
+
+    def _reachable(self, pack: PackRecord) -> bool:
+        """Whether the pack's volume is loaded; if not, the pack waits for
+        it, and a volume overdue for its check is asked for."""
+        offline = self.tiers.packs[OFFLINE]
+        volume = offline.volume_of(pack.location) or ""
+        if offline.is_reachable(pack.location):
+            self.state.waiting.pop(pack.pack_id, None)
+            return True
+        self.state.waiting[pack.pack_id] = volume
+        last = max(self.state.volumes.get(volume, 0.0), pack.verified)
+        if time.time() - last >= self.overdue:
+            requests.request_volume(
+                self.catalog, volume, "the scrub: the volume is overdue for its check"
+            )
+        return False
+
+    def _check_loaded_since(self, report: PassReport) -> None:
+        """Packs skipped because their volume was out, whose volume has
+        been loaded since (for whatever reason): checked now."""
+        offline = self.tiers.packs[OFFLINE]
+        for pack_id, volume in sorted(self.state.waiting.items()):
+            if offline.is_reachable(f"{volume}/0"):
+                self._check(OFFLINE, pack_id, report)
+                self.state.waiting.pop(pack_id, None)
+
+    def _volume_checked(self, pack: PackRecord) -> None:
+        volume = self.tiers.packs[OFFLINE].volume_of(pack.location)
+        if volume:
+            self.state.volumes[volume] = time.time()
 
     # -- shared ---------------------------------------------------------------
+
+    def _take(self, n_bytes: int) -> None:
+        """Wait until ``n_bytes`` may be read under the rate."""
+        if self.limiter is None:
+            return
+        while n_bytes > 0:
+            step = min(n_bytes, _CHUNK)
+            self.limiter.acquire(step)
+            n_bytes -= step
 
     def _hash(self, path: Path, report: PassReport) -> tuple[int, str]:
         """Size and SHA-256 of a file, read within the rate."""
@@ -330,6 +402,19 @@ def _keys_after(catalog: Catalog, database: str, after: str, limit: int) -> list
             if len(found) >= limit:
                 break
     return found
+
+
+def _damaged_in(
+    result: VerifyReport, held: dict[str, InstanceRecord]
+) -> tuple[set[str], str]:
+    """The held instances a pack read whole fails to give as the catalog
+    counts them, and why."""
+    if result.manifest is None or result.problems:
+        return set(held), "; ".join(result.problems) or "no manifest"
+    bad = {c.sop_instance_uid for c in result.bad if c.sop_instance_uid in held}
+    listed = {e.sop_instance_uid: e.meta.sha256 for e in result.manifest.instances}
+    bad |= {uid for uid, r in held.items() if listed.get(uid) != r.sha256}
+    return bad, "instances damaged or differing from the catalog"
 
 
 def _instance(catalog: Catalog, key: str) -> InstanceRecord | None:

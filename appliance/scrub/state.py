@@ -3,7 +3,8 @@
 Per tier: where the pass under way stopped (the catalog key last checked),
 when it began, when the last whole pass ended, and the counts of copies
 checked, found bad and repaired. Beside them, the instances left with no
-good copy and the orphans the last whole pass found. The file is replaced
+good copy, the orphans the last whole pass found, the offline packs
+waiting for their volume and when each volume was last read. The file is replaced
 durably (temp name, fsync, rename), so a killed scrub resumes from the
 last saved cursor and checks at most the copies since again.
 """
@@ -47,6 +48,10 @@ class ScrubState:
     lost: dict[str, str] = field(default_factory=dict)
     # tier -> paths, relative to the tier's root, no catalog entry names
     orphans: dict[str, list[str]] = field(default_factory=dict)
+    # pack ID -> the volume, not loaded when the pass came to the pack
+    waiting: dict[str, str] = field(default_factory=dict)
+    # volume -> when the scrub last read a pack on it
+    volumes: dict[str, float] = field(default_factory=dict)
 
     def tier(self, name: str) -> TierState:
         return self.tiers.setdefault(name, TierState())
@@ -60,6 +65,8 @@ class ScrubState:
             tiers={k: TierState(**v) for k, v in data.get("tiers", {}).items()},
             lost=dict(data.get("lost", {})),
             orphans={k: list(v) for k, v in data.get("orphans", {}).items()},
+            waiting=dict(data.get("waiting", {})),
+            volumes=dict(data.get("volumes", {})),
         )
 
 
