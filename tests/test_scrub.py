@@ -199,6 +199,18 @@ def test_a_deleted_nearline_pack_is_packed_again(site: Site) -> None:
     assert site.scrubber().run_tier("nearline").bad == 0
 
 
+def test_a_flipped_byte_in_a_nearline_pack_replaces_the_pack(site: Site) -> None:
+    old = site.nearline_pack(PACKED)
+    flip_byte(old, offset=old.stat().st_size // 2)
+
+    report = site.scrubber().run_tier("nearline")
+
+    assert (report.bad, report.repaired) == (1, 1)
+    assert not old.exists()  # nothing counts it any more
+    assert site.where(PACKED)["nearline"] == 4
+    assert site.scrubber().run_tier("nearline").bad == 0
+
+
 def test_a_lost_pack_of_a_study_not_online_is_rebuilt_from_the_mirror(
     site: Site,
 ) -> None:
@@ -386,3 +398,20 @@ def test_a_shelved_volume_is_asked_for_and_checked_once_loaded(
     assert report.checked >= 1 and report.bad == 0
     saved = state.load(state.folder_of(site.config.data_dir))
     assert not saved.waiting and "L00001" in saved.volumes
+
+
+def test_a_copy_marked_bad_that_reads_good_counts_again(site: Site) -> None:
+    [pack] = [p for p in copies.packs_of(site.catalog, PACKED) if p.tier == "nearline"]
+    copies.mark_unverified(site.catalog, pack.pack_id, sorted(pack.members)[:1])
+    record = site.records(MIRRORED)[0]
+    online = record.copy_on("online")
+    assert online is not None
+    uid_ = record.sop_instance_uid
+    copies.set_copy_verified(site.catalog, uid_, "online", online.location, False)
+    assert (site.where(PACKED)["nearline"], site.where(MIRRORED)["online"]) == (3, 2)
+
+    scrubber = site.scrubber()
+    assert scrubber.run_tier("online").bad == 0
+    assert scrubber.run_tier("nearline").bad == 0
+
+    assert (site.where(PACKED)["nearline"], site.where(MIRRORED)["online"]) == (4, 3)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from appliance.scrub import orphans, state
 from appliance.scrub.repair import Repairer
 from appliance.storage.nearline import NearlineTier
 from appliance.storage.packs import PackReader, VerifyReport
+from appliance.storage.streams import reader_over
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +183,8 @@ class Scrubber:
             report.checked += 1
             problem = self._online_problem(record, copy, report)
             if problem is None:
+                if not copy.verified:
+                    self._count_again(record, copy)
                 continue
             if not _still_there(self.catalog, record, copy):
                 continue  # released while it was read: nothing is wrong
@@ -223,14 +226,22 @@ class Scrubber:
             return
         if tier == OFFLINE and not self._reachable(pack):
             return
-        report.checked += 1
         if tier == OFFLINE:
-            bad, problem = self._offline_problems(pack, held, report)
+            found = self._offline_problems(pack, held, report)
         else:
-            bad, problem = self._pack_problems(pack, held, report)
+            found = self._pack_problems(pack, held, report)
+        if found is None:
+            return  # not read now: checked another time
+        report.checked += 1
+        bad, problem = found
         # A release may have forgotten the pack while it was read: only
         # copies the catalog still counts are bad.
-        bad &= set(_held(self.catalog, pack))
+        held = _held(self.catalog, pack)
+        bad &= set(held)
+        for uid, record in held.items():
+            copy = _copy_in(record, pack)
+            if uid not in bad and copy is not None and not copy.verified:
+                self._count_again(record, copy)
         if not bad:
             return
         report.bad += 1
@@ -249,35 +260,52 @@ class Scrubber:
 
     def _pack_problems(
         self, pack: PackRecord, held: dict[str, InstanceRecord], report: PassReport
-    ) -> tuple[set[str], str]:
-        """The instances the pack fails to hold, and why."""
+    ) -> tuple[set[str], str] | None:
+        """The instances a nearline pack fails to hold, and why: the file is
+        read once, within the rate, hashed whole while every member is
+        decoded and checked."""
         nearline = self._nearline()
         if nearline is None:
-            return set(), ""
-        path = nearline.path_of(pack.location)
+            return None
         try:
-            size, sha256 = self._hash(path, report)
+            handle = open(nearline.path_of(pack.location), "rb")  # noqa: SIM115
         except FileNotFoundError:
             return set(held), "the pack file is missing"
         except OSError as exc:
             return set(held), f"cannot be read: {exc}"
-        if size != pack.size or sha256 != pack.sha256:
-            return set(held), "its size or SHA-256 differs from its record"
+        digest = hashlib.sha256()
+        size = report.bytes_read
 
-        # The bytes are those recorded; read every member too, so that a
-        # pack recorded with damage, or a key lost since, is found as well.
+        def chunks() -> Iterator[bytes]:
+            with handle:
+                while chunk := handle.read(_CHUNK):
+                    self._take(len(chunk))
+                    digest.update(chunk)
+                    report.bytes_read += len(chunk)
+                    yield chunk
+
+        stream = reader_over(chunks())
         try:
-            with PackReader.open(path, self.tiers.keys) as reader:
-                result = reader.read_all()
-        except ApplianceError as exc:
-            return set(held), f"cannot be opened: {exc}"
-        return _damaged_in(result, held)
+            result = PackReader(stream, self.tiers.keys).read_all()
+            while stream.read(_CHUNK):
+                pass  # what follows the pack's end, for its checksum
+        except (ApplianceError, OSError) as exc:
+            return set(held), f"cannot be read: {exc}"
+        finally:
+            stream.close()
+        size = report.bytes_read - size
+
+        bad, problem = _damaged_in(result, held)
+        if (size, digest.hexdigest()) != (pack.size, pack.sha256):
+            # Not the pack that was recorded: replaced whole.
+            return set(held), problem if bad else "its bytes differ from its record"
+        return bad, problem
 
     # -- offline --------------------------------------------------------------
 
     def _offline_problems(
         self, pack: PackRecord, held: dict[str, InstanceRecord], report: PassReport
-    ) -> tuple[set[str], str]:
+    ) -> tuple[set[str], str] | None:
         """The instances a pack on a volume fails to hold, and why; the
         volume's library checks the pack's size and SHA-256 as it reads."""
         offline = self.tiers.packs[OFFLINE]
@@ -291,7 +319,7 @@ class Scrubber:
             ) as reader:
                 result = reader.read_all()
         except VolumeNotReachable:
-            return set(), ""  # taken out meanwhile: checked another time
+            return None  # taken out meanwhile
         except ApplianceError as exc:
             return set(held), f"cannot be read: {exc}"
         self._volume_checked(pack)
@@ -350,6 +378,21 @@ class Scrubber:
                 size += len(chunk)
                 report.bytes_read += len(chunk)
         return size, digest.hexdigest()
+
+    def _count_again(self, record: InstanceRecord, copy: Copy) -> None:
+        """A copy marked bad (by a recall that failed to read it, or an
+        earlier pass) that reads good now counts again, unless another
+        verified copy on its tier took its place."""
+        if record.copy_on(copy.tier) is not None:
+            return
+        uid = record.sop_instance_uid
+        if copies.set_copy_verified(self.catalog, uid, copy.tier, copy.location, True):
+            logger.info(
+                "%s copy of instance %s reads good again: counted as verified",
+                copy.tier,
+                uid,
+            )
+            self._note_if_lost(uid, "")
 
     def _note_if_lost(self, uid: str, problem: str) -> None:
         """List (or stop listing) an instance with no verified copy left."""
@@ -440,6 +483,11 @@ def _held(catalog: Catalog, pack: PackRecord) -> dict[str, InstanceRecord]:
             ):
                 held[uid] = record
     return held
+
+
+def _copy_in(record: InstanceRecord, pack: PackRecord) -> Copy | None:
+    prefix = pack.pack_id + "/"
+    return next((c for c in record.copies if c.location.startswith(prefix)), None)
 
 
 def _still_there(catalog: Catalog, record: InstanceRecord, copy: Copy) -> bool:
