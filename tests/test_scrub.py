@@ -34,6 +34,7 @@ from appliance.scrub.repair import Repairer
 from appliance.scrub.scrubber import Scrubber
 from tests.conftest import config_text
 from tests.datasets import study_files, uid
+from tests.dicom_client import store_files
 
 PACKED = uid("study", "packed")  # online, nearline and the mirror
 MIRRORED = uid("study", "mirrored")  # online and the mirror only
@@ -415,3 +416,37 @@ def test_a_copy_marked_bad_that_reads_good_counts_again(site: Site) -> None:
     assert scrubber.run_tier("nearline").bad == 0
 
     assert (site.where(PACKED)["nearline"], site.where(MIRRORED)["online"]) == (4, 3)
+
+
+def test_the_rate_holds_while_instances_are_stored(
+    appliance_factory, tmp_path: Path
+) -> None:
+    rate = 100_000  # bytes/s
+    app = appliance_factory(
+        settings={"scrub": {"rate_mb_per_s": rate / 1e6, "schedule": ""}}
+    ).start()
+    first = study_files(tmp_path / "first", "stream-a", 8, pixel_bytes=30000)
+    assert set(store_files(app.port, first).values()) == {0}
+    size = first[0].stat().st_size
+
+    started = time.monotonic()
+    command = ["scrub", "run", "--tier", "online", "--config", str(app.config_path)]
+    scrub = subprocess.Popen(
+        [sys.executable, "-m", "appliance", *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    second = study_files(tmp_path / "second", "stream-b", 8, pixel_bytes=30000)
+    statuses = store_files(app.port, second)
+    stored = time.monotonic() - started
+    out, err = scrub.communicate(timeout=120)
+    elapsed = time.monotonic() - started
+
+    assert set(statuses.values()) == {0} and scrub.returncode == 0, err
+    checked = int(out.split("online: ")[1].split(" copies")[0])
+    assert checked >= 8
+    # Stores go on at their own pace; the scrub keeps to the rate (one
+    # second of it may go at once), measured loosely.
+    assert stored < elapsed
+    assert elapsed >= (checked * size - rate) / rate * 0.8
