@@ -450,3 +450,18 @@ def test_the_rate_holds_while_instances_are_stored(
     # second of it may go at once), measured loosely.
     assert stored < elapsed
     assert elapsed >= (checked * size - rate) / rate * 0.8
+
+
+def test_scrub_run_of_one_study_leaves_the_cursor(site: Site) -> None:
+    record = site.records(PACKED)[3]
+    path = site.online_file(record)
+    flip_byte(path)
+
+    done = site.cli("scrub", "run", "--study", PACKED)
+
+    assert done.returncode == 0, done.stderr
+    assert "online: 4 copies checked" in done.stdout
+    assert "nearline: 1 copies checked" in done.stdout
+    assert path.read_bytes() == site.originals[record.sop_instance_uid]
+    saved = state.load(state.folder_of(site.config.data_dir)).tier("online")
+    assert (saved.cursor, saved.bad, saved.repaired) == ("", 1, 1)

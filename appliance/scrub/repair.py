@@ -25,14 +25,13 @@ from appliance.catalog.records import Copy, InstanceRecord
 from appliance.catalog.store import Catalog
 from appliance.hsm.migrator import Migrator, Outcome
 from appliance.hsm.recall import Recaller
+from appliance.hsm.scheduler import MIGRATION_LOCK
 from appliance.hsm.tiers import ONLINE, Tiers
 from appliance.storage import durable
 from appliance.storage.lock import TierLock
 
 logger = logging.getLogger(__name__)
 
-# The lock the one writer of packs holds (hsm/scheduler.py names it too).
-WRITER_LOCK = "migration.lock"
 # How long a repair of a pack waits for a migration under way to finish.
 _WRITER_WAIT = 600.0
 
@@ -82,14 +81,14 @@ class Repairer:
         """Stop counting the pack's bad copies, pack the study anew onto the
         pack's tier; whether every instance has a verified copy there again."""
         copies.mark_unverified(self.catalog, pack.pack_id, uids)
-        lock = TierLock(self.data_dir, WRITER_LOCK)
+        lock = TierLock(self.data_dir, MIGRATION_LOCK)
         if not lock.acquire(exclusive=True, wait=_WRITER_WAIT):
             logger.warning(
                 "%s pack %s not repaired: a migration holds %s; the next "
                 "pass tries again",
                 pack.tier,
                 pack.pack_id,
-                WRITER_LOCK,
+                MIGRATION_LOCK,
             )
             return False
         try:
