@@ -465,3 +465,24 @@ def test_scrub_run_of_one_study_leaves_the_cursor(site: Site) -> None:
     assert path.read_bytes() == site.originals[record.sop_instance_uid]
     saved = state.load(state.folder_of(site.config.data_dir)).tier("online")
     assert (saved.cursor, saved.bad, saved.repaired) == ("", 1, 1)
+
+
+def test_the_service_schedules_the_scrub(site: Site) -> None:
+    from appliance.hsm import scheduler
+
+    config = configuration.load(
+        site.config_path,
+        {
+            "migration.enabled": False,
+            "prefetch.enabled": False,
+            "drills.schedule": "",
+            "scrub.schedule": "5 * * * *",
+        },
+    )
+    started = scheduler.start(config)
+    assert started is not None
+    try:
+        [job] = started.get_jobs()
+        assert job.id == "scrub" and job.next_run_time.minute == 5
+    finally:
+        started.shutdown(wait=False)
