@@ -134,6 +134,9 @@ class Repairer:
             )
             source = "copies recalled from another tier or the mirror"
             if not recalled.ok:
+                # TODO: the study's other instances are not packed again
+                # either (the migrator packs whole studies); until the lost
+                # one is dealt with they keep only their copies elsewhere.
                 problem = "; ".join(recalled.problems) or "the recall was incomplete"
                 return source, Outcome(study_uid, "copy", tier, problem=problem)
         outcome = migrator.copy(study_uid, tier)
