@@ -20,6 +20,7 @@ from appliance import (
     cli_prefetch,
     cli_replication,
     cli_restore,
+    cli_scrub,
     cli_tiers,
     cli_volumes,
     logs,
@@ -140,6 +141,7 @@ def status(config_file: Path | None, data_dir: str | None, as_json: bool) -> Non
         restore = _restore_numbers(config)
         if restore is not None:
             report["restore"] = restore
+        report["scrub"] = _scrub_numbers(config)
         click.echo(json.dumps(report, indent=2))
         return
 
@@ -164,6 +166,11 @@ def status(config_file: Path | None, data_dir: str | None, as_json: bool) -> Non
     console.print(tiers)
     if _restore_numbers(config) is not None:
         click.echo(_restore_line(config))
+    lost = _scrub_numbers(config)["lost"]
+    if lost:
+        click.echo(
+            f"ALARM: {lost} instance(s) with no good copy left: appliance scrub report"
+        )
     click.echo("studies, capacity and watermarks per tier: appliance tiers")
 
 
@@ -182,6 +189,15 @@ def _restore_numbers(config: configuration.Config) -> dict[str, Any] | None:
     numbers["pending"] = is_pending(folder)
     numbers["seconds_left"] = snapshot.seconds_left
     return numbers
+
+
+def _scrub_numbers(config: configuration.Config) -> dict[str, int]:
+    """What the scrub found: instances with no good copy, orphans."""
+    from appliance.scrub import state
+
+    saved = state.load(state.folder_of(config.data_dir))
+    orphans = sum(len(found) for found in saved.orphans.values())
+    return {"lost": len(saved.lost), "orphans": orphans}
 
 
 def _restore_line(config: configuration.Config) -> str:
@@ -306,5 +322,6 @@ for commands in (
     cli_prefetch,
     cli_hardware,
     cli_export,
+    cli_scrub,
 ):
     commands.register(main, _load)

@@ -806,6 +806,31 @@ KEYS: tuple[Key, ...] = (
         "among those with a verified off-site copy.",
         _integer(1, 100000),
     ),
+    Key(
+        "scrub",
+        "schedule",
+        "20 * * * *",
+        "When the service runs a share of the scrub (every online file, "
+        "nearline pack and pack on a loaded volume read back and checked): a "
+        'crontab line, "" for never. See docs/scrub.md.',
+        _crontab_or_off,
+    ),
+    Key(
+        "scrub",
+        "cycle_days",
+        90,
+        "Days in which the scheduled runs read every copy once; each run "
+        "checks its share. A volume not read for this long is asked for.",
+        _integer(1, 3650),
+    ),
+    Key(
+        "scrub",
+        "rate_mb_per_s",
+        20.0,
+        "The scrub reads at most this many MB/s, so that ingest and retrieval "
+        "keep their share.",
+        _number(0.01, 100000),
+    ),
     Key("logging", "level", "INFO", "Log level.", _one_of(LOG_LEVELS)),
     Key(
         "logging",

@@ -318,3 +318,81 @@ def mark_unverified(catalog: Catalog, pack_id: str, uids: list[str]) -> int:
     except lmdb.Error as exc:
         raise CatalogError(f"cannot mark copies in {pack_id}: {exc}") from exc
     return changed
+
+
+def set_copy_verified(
+    catalog: Catalog, uid: str, tier: str, location: str, verified: bool
+) -> bool:
+    """Count (or stop counting) one copy of an instance as verified: the
+    scrub marks a damaged copy at once and again once it is repaired.
+    Whether the copy is still in the catalog."""
+    try:
+        with catalog.env.begin(write=True) as txn:
+            record = catalog.instance(txn, uid)
+            if record is None:
+                return False
+            mine = [
+                c for c in record.copies if (c.tier, c.location) == (tier, location)
+            ]
+            if not mine:
+                return False
+            study = catalog.get(txn, "studies", record.study_uid)
+            if study is not None:
+                count_copies(study, record, -1)
+            for copy in mine:
+                copy.verified = verified
+            if study is not None:
+                count_copies(study, record, +1)
+                catalog._put(txn, "studies", record.study_uid, study)
+            catalog._put(txn, "instances", uid, _with_key(record))
+            return True
+    except lmdb.Error as exc:
+        raise CatalogError(f"cannot mark the {tier} copy of {uid}: {exc}") from exc
+
+
+def drop_replaced(catalog: Catalog, pack_id: str) -> PackRecord | None:
+    """Forget the unverified copies ``pack_id`` holds of instances that
+    have another verified copy on the pack's tier (a new pack replaced
+    them); once the pack holds no copy at all, forget the pack too and
+    return it, for the caller to delete."""
+    try:
+        with catalog.env.begin(write=True) as txn:
+            data = catalog.get(txn, "packs", pack_id)
+            if data is None:
+                return None
+            pack = PackRecord.from_json(data)
+            holds = 0
+            for uid in pack.members:
+                holds += _drop_replaced_copy(catalog, txn, uid, pack)
+            if holds:
+                return None
+            txn.delete(encode_key(pack_id), db=catalog.db["packs"])
+            txn.delete(
+                encode_key(pack.study_uid),
+                encode_key(pack_id),
+                db=catalog.db["idx.pack.study"],
+            )
+            _add_meta(catalog, txn, f"packbytes.{pack.tier}", -pack.size)
+            return pack
+    except lmdb.Error as exc:
+        raise CatalogError(f"cannot forget pack {pack_id}: {exc}") from exc
+
+
+def _drop_replaced_copy(
+    catalog: Catalog, txn: lmdb.Transaction, uid: str, pack: PackRecord
+) -> int:
+    """Drop the instance's unverified copy in ``pack`` if another verified
+    copy on the tier replaces it; how many copies the pack still holds (0
+    or 1)."""
+    record = catalog.instance(txn, uid)
+    if record is None:
+        return 0
+    inside = [c for c in record.copies if c.location.startswith(pack.pack_id + "/")]
+    if not inside:
+        return 0
+    if any(c.verified for c in inside) or record.copy_on(pack.tier) is None:
+        return 1
+    record.copies = [c for c in record.copies if c not in inside]
+    catalog._put(txn, "instances", uid, _with_key(record))
+    _add_meta(catalog, txn, f"bytes.{pack.tier}", -record.size * len(inside))
+    return 0

@@ -139,6 +139,11 @@ class Recaller:
     def copy_out(self, record: InstanceRecord, destination: Path) -> bool:
         """Extract one instance from the nearest readable pack into
         ``destination`` (checked against the catalog); whether it worked."""
+        return self.copy_out_from(record, destination) is not None
+
+    def copy_out_from(self, record: InstanceRecord, destination: Path) -> str | None:
+        """Like :meth:`copy_out`; the pack it came from ("nearline pack
+        p-000000012"), or None when no pack gave it."""
         self._packs.clear()
         for tier_name, tier in self.tiers.packs.items():
             pack = self._pack_of(record, tier_name)
@@ -160,9 +165,9 @@ class Recaller:
                 )
                 continue
             if entry.meta.sha256 == record.sha256:
-                return True
+                return f"{tier_name} pack {pack.pack_id}"
             destination.unlink(missing_ok=True)
-        return False
+        return None
 
     # -- the steps --------------------------------------------------------------
 

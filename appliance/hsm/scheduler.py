@@ -1,6 +1,6 @@
 """When background jobs run inside the service: the migration rules on their
 schedule, the watermarks every few minutes, the prefetch planner at its
-interval, restore drills on theirs.
+interval, restore drills and the scrub on theirs.
 
 Each run is a child process, so that compressing packs never slows the
 DICOM workers' share of the machine beyond the I/O rate cap, and so that a
@@ -29,14 +29,15 @@ MIGRATION_LOCK = "migration.lock"
 
 
 def start(config: Config) -> BackgroundScheduler | None:
-    """Start the migration, prefetch and drill schedules, or None when all
-    are disabled."""
+    """Start the migration, prefetch, drill and scrub schedules, or None
+    when all are disabled."""
     migration = config.get("migration.enabled")
     prefetch = config.get("prefetch.enabled")
     drills = bool(config.get("drills.schedule"))
+    scrub = bool(config.get("scrub.schedule"))
     if not migration:
         logger.info("migration is disabled (migration.enabled = false)")
-    if not migration and not prefetch and not drills:
+    if not migration and not prefetch and not drills and not scrub:
         return None
     # APScheduler logs every run at INFO; the runs log what they do.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
@@ -59,6 +60,10 @@ def start(config: Config) -> BackgroundScheduler | None:
         from appliance.restore import drill_job
 
         drill_job.schedule(scheduler, config)
+    if scrub:
+        from appliance.scrub import job as scrub_job
+
+        scrub_job.schedule(scheduler, config)
     scheduler.start()
     return scheduler
 

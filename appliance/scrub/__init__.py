@@ -1,0 +1,2 @@
+"""The scrub: every copy on every tier read back in turn, damage repaired
+from another copy, orphans reported."""
