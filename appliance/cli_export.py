@@ -126,7 +126,7 @@ def _export(
         network=config.get("timeouts.network"),
         connect=config.get("timeouts.connect"),
     )
-    with open_archive(config) as (catalog, tiers):
+    with open_archive(config, mirror=True) as (catalog, tiers):
         state = ExportState(folder).open()
         try:
             selection = select(catalog, state, since)

@@ -127,10 +127,14 @@ def _rate(text: str | None) -> str | None:
     chosen = f"{text}MB" if _MEGABYTES.fullmatch(text) else text
     try:
         value = bandwidth.parse_rate(chosen)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--rate") from None
+    except ValueError:
+        value = 0
     if value == 0:
-        raise click.BadParameter("a restore cannot pause", param_hint="--rate")
+        raise click.BadParameter(
+            f"{text!r}: give a rate above 0: a number of MB/s, or 20MB, 500KB, "
+            "100Mbit (restore.timetable may pause the data phase)",
+            param_hint="--rate",
+        )
     return None if value is None else chosen
 
 
@@ -148,7 +152,7 @@ def _restore(
     from appliance.restore import swap
     from appliance.restore.cache import PackCache
     from appliance.restore.mirror import Fetcher, survey
-    from appliance.restore.progress import is_pending, mark_pending
+    from appliance.restore.progress import clear_pending, is_pending, mark_pending
     from appliance.storage.online import OnlineTier
 
     keys = _keys(config)
@@ -179,7 +183,13 @@ def _restore(
                     "this appliance was restored already; see appliance restore status"
                 )
                 return True
-            rebuild = _rebuild(config, scan, fetcher, contents, keys, cache)
+            try:
+                rebuild = _rebuild(config, scan, fetcher, contents, keys, cache)
+            except BaseException:
+                if swap.note_of(config.catalog_path) is None:
+                    # Nothing was put in place: no data phase waits.
+                    clear_pending(folder)
+                raise
             if background:
                 _print_background(rebuild)
                 return True
@@ -192,7 +202,9 @@ def _restore(
                 fetcher.limiter = limiter
             catalog = _catalog(config)
             try:
-                report, path = _restore_data(config, catalog, keys, cache, contents)
+                report, path = _restore_data(
+                    config, catalog, keys, cache, contents, limiter
+                )
             finally:
                 catalog.close()
     finally:
@@ -262,20 +274,32 @@ def _rebuild(
 
 
 def _restore_data(
-    config: Config, catalog: Any, keys: Any, cache: Any, contents: Any
+    config: Config,
+    catalog: Any,
+    keys: Any,
+    cache: Any,
+    contents: Any,
+    limiter: Any,
 ) -> tuple[Any, Path]:
     """The data phase, with a progress bar of bytes, rate and time left; the
     report (of what is done so far, when Ctrl-C stopped it) and its file."""
     import signal
     import threading
 
+    from appliance.errors import LimiterClosed
     from appliance.restore.export import rebuilt_note
     from appliance.restore.progress import Tracker
     from appliance.restore.report import final_report
     from appliance.restore.run import run_data_phase
 
     stop = threading.Event()
-    interrupted = signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    def interrupt(*_: Any) -> None:
+        stop.set()
+        limiter.close()  # a wait for bandwidth (a paused timetable) ends
+
+    interrupted = signal.signal(signal.SIGINT, interrupt)
+    report = None
     try:
         with _transfer_bar() as bar:
             task = bar.add_task("restoring", total=None)
@@ -289,9 +313,19 @@ def _restore_data(
                 )
 
             tracker = Tracker(config.data_dir / "restore", "command", shown)
-            report = run_data_phase(
-                config, catalog, keys, cache, contents, tracker, stop.is_set
-            )
+            try:
+                report = run_data_phase(
+                    config,
+                    catalog,
+                    keys,
+                    cache,
+                    contents,
+                    tracker,
+                    stop.is_set,
+                    limiter=limiter,
+                )
+            except LimiterClosed:
+                tracker.state("stopped", "run the restore again to continue")
     finally:
         signal.signal(signal.SIGINT, interrupted)
     if report is None:
@@ -336,16 +370,25 @@ def describe(snapshot: Any, pending: bool) -> str:
 
     if snapshot.state == "done" and not pending:
         return "restore: finished"
+    running = snapshot.state in ("starting", "restoring", "paused")
+    if running and not _alive(snapshot.pid):
+        snapshot.state = "stopped (its process is gone)"
+        snapshot.doing = (
+            "the service starts it again"
+            if snapshot.runner == "service"
+            else "run the restore again to continue"
+        )
+        running = False
     left = snapshot.bytes - snapshot.bytes_done
     text = (
         f"restore ({snapshot.runner}): {snapshot.state}, {snapshot.studies:,} "
         f"studies ({snapshot.expected_studies:,} of patients expected soon), "
         f"{size(snapshot.bytes_done)} of {size(snapshot.bytes)} done"
     )
-    if snapshot.rate > 0:
+    if snapshot.rate > 0 and running:
         text += f", {size(int(snapshot.rate))}/s"
     seconds = snapshot.seconds_left
-    if seconds is not None:
+    if seconds is not None and snapshot.state == "restoring":
         text += f", about {duration(seconds)} left ({size(left)})"
     if snapshot.left_on_mirror:
         text += f"; {snapshot.left_on_mirror:,} old studies left on the mirror"
@@ -354,12 +397,33 @@ def describe(snapshot: Any, pending: bool) -> str:
     return text
 
 
+def _alive(pid: int) -> bool:
+    import os
+
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _follow(folder: Path) -> None:
-    """A progress bar from the numbers the running restore writes."""
+    """A progress bar from the numbers the running restore writes (a line
+    every ten seconds when stderr is not a terminal)."""
     import time
 
     from appliance.restore.progress import is_pending, read
+    from appliance.terminal import errors
 
+    if not errors.is_terminal:
+        while is_pending(folder):
+            click.echo(status_text(folder), err=True)
+            time.sleep(10.0)
+        return
     with _transfer_bar() as bar:
         task = bar.add_task("restoring", total=None)
         while is_pending(folder):

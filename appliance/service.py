@@ -118,6 +118,7 @@ def serve(config: Config) -> int:
     hl7 = HL7Service(config) if config.get("hl7.enabled") else None
     claim = claim_tier(config.online_path, wait_for_workers=_STOP_GRACE + 10)
     try:
+        restore_process.refuse_half_restored(config)
         online.discard_incoming()
         Catalog(config.catalog_path, config.get("storage.catalog_max_size")).close()
         # Every tier opens (and the key store is made) before any worker

@@ -342,8 +342,8 @@ def test_an_empty_schedule_turns_the_drills_off(origin: Origin) -> None:
     path = _with(
         origin,
         "off.toml",
-        '[drills]\nschedule = ""\n[migration]\nenabled = false\n'
-        "[prefetch]\nenabled = false\n",
+        '[drills]\nschedule = ""\n[scrub]\nschedule = ""\n'
+        "[migration]\nenabled = false\n[prefetch]\nenabled = false\n",
     )
     assert scheduler.start(configuration.load(path)) is None
 

@@ -28,7 +28,8 @@ from appliance.restore import swap
 from appliance.restore.cache import PackCache
 from appliance.restore.data import DataRestore
 from appliance.restore.mirror import Fetcher, survey
-from appliance.restore.progress import mark_pending
+from appliance.restore.progress import is_pending, mark_pending
+from appliance.restore.progress import read as read_progress
 from appliance.restore.rebuild import rebuild_catalog
 from appliance.restore.replay import replay_journal
 from appliance.storage.keys import KeyStore, key_store_path
@@ -295,6 +296,7 @@ def test_an_archive_is_never_restored_over(site) -> None:
 
     assert done.returncode == 1
     assert "rebuilds an empty appliance only" in done.stderr
+    assert not is_pending(restored.data_dir / "restore")
     with pytest.raises(StorageError, match="empty appliance only"):
         swap.refuse_unless_empty(catalog_path)
 
@@ -437,13 +439,74 @@ def test_with_the_wrong_master_keys_nothing_is_put_in_place(site) -> None:
     assert made.returncode == 0, made.stderr
 
     wrong = restored.restore()
+    pending_after_wrong = is_pending(restored.data_dir / "restore")
     kept.replace(right)
     again = restored.restore()
 
     assert wrong.returncode == 1
     assert "nothing on the mirror opens with the master keys" in wrong.stderr
+    # Nothing waits for the service, which would serve an empty archive.
+    assert not pending_after_wrong
     assert again.returncode == 0, again.stderr
     assert len(restored.report()["restored"]) > 0
+
+
+_COMMAND = (sys.executable, "-m", "appliance")
+
+
+def test_the_service_does_not_start_on_a_restore_cut_short(site) -> None:
+    """Killed in its catalog phase, a restore leaves the data phase marked
+    and no catalog: serving would answer with an empty archive."""
+    restored, _mirror = site
+    mark_pending(restored.data_dir / "restore", "mirror")
+
+    started = subprocess.run(
+        [*_COMMAND, "serve", "--port", "0", "--config", str(restored.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert started.returncode == 1
+    assert "run appliance restore --from mirror again" in started.stderr
+
+
+def test_ctrl_c_in_a_paused_restore_writes_the_report(site) -> None:
+    """restore.timetable = pause holds the data phase; Ctrl-C still stops
+    it, with the report of what is done and exit 1; the next run goes on."""
+    restored, mirror = site
+    paused = Restored(
+        restored.folder,
+        mirror_settings(mirror),
+        restored.escrow,
+        {"restore": {"timetable": "pause"}},
+    )
+    process = subprocess.Popen(
+        [*_COMMAND, "restore", "--from", "mirror", "--config", str(paused.config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            snapshot = read_progress(paused.data_dir / "restore")
+            if snapshot is not None and snapshot.state == "paused":
+                break
+            time.sleep(0.2)
+        status = appliance("restore", "status", config=paused.config_path)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+    assert "paused by restore.timetable" in status.stdout
+    assert process.returncode == 1, err
+    assert "not tried yet" in out and "run the same command again" in err
+    assert paused.report()["waiting"]
+    # --rate stands in for the paused timetable.
+    assert paused.restore("--rate", "1000").returncode == 0
 
 
 def test_a_pack_whose_manifest_cannot_be_read_fails_the_scan(disaster, site) -> None:

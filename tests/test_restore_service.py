@@ -206,12 +206,13 @@ def test_the_restored_appliance_serves_while_the_data_comes_back(
 
     assert _answers(new.port) == before
     deadline = time.monotonic() + 30
-    while new.status()["restore"]["state"] != "restoring":
+    while new.status()["restore"]["state"] != "paused":
         assert time.monotonic() < deadline, new.log()[-3000:]
         time.sleep(0.2)
     restore = new.status()["restore"]
     assert restore["pending"] and restore["bytes_done"] == 0
     assert restore["studies"] == 2 and restore["runner"] == "service"
+    assert "paused by restore.timetable" in new.cli("restore", "status").stdout
     later = study_files(tmp_path / "bg-new", "bg-new", 2, patient_id="PID-bg-new")
     assert set(client.store_files(new.port, later).values()) == {0}
     got = _get_all(new.port, study_uids[:1], files)

@@ -168,6 +168,8 @@ class DataRestore:
             what = f"study {number} of {len(plan.studies)}"
             # Stop before a full disk makes recall take good packs for bad.
             self.online.check_room(size)
+            if progress is not None:
+                progress(done_bytes, plan.bytes, f"{what}: fetching its packs")
             if self.before_fetch is not None:
                 self.before_fetch()
             self._fetch_packs(records)

@@ -47,6 +47,18 @@ def wanted(config: Config) -> bool:
     return is_pending(config.data_dir / "restore")
 
 
+def refuse_half_restored(config: Config) -> None:
+    """Stop the service from starting on a restore cut short in its catalog
+    phase: it would serve (and replicate) an empty archive."""
+    from appliance.restore import swap
+
+    if wanted(config) and swap.note_of(config.catalog_path) is None:
+        raise ApplianceError(
+            "a restore from the mirror stopped before its catalog was in place: "
+            "run appliance restore --from mirror again before serving"
+        )
+
+
 def run_restore(config: Config) -> None:
     """Restore in the background until done or SIGTERM (the child's work)."""
     from appliance.replication.bandwidth import Limiter, parse_timetable
@@ -119,6 +131,7 @@ def _restore(config: Config, stop: threading.Event, limiter: Limiter) -> bool:
                 tracker,
                 stop.is_set,
                 lambda: wait_for_recalls(recalls, stop.is_set),
+                limiter=limiter,
             )
     finally:
         catalog.close()

@@ -52,7 +52,7 @@ def clear_pending(folder: Path) -> None:
 class Snapshot:
     """The numbers of a data phase at one moment."""
 
-    state: str = "starting"  # starting, restoring, waiting, done, stopped
+    state: str = "starting"  # starting, restoring, paused, done, stopped
     runner: str = ""  # "command" or "service"
     pid: int = 0
     started: float = 0.0
@@ -115,6 +115,7 @@ class Tracker:
         self.write(force=True)
 
     def advanced(self, done: int, doing: str) -> None:
+        self.snapshot.state = "restoring"
         self.snapshot.bytes_done = done
         self.snapshot.doing = doing
         now = time.monotonic()

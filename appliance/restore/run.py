@@ -18,6 +18,7 @@ from appliance.catalog.store import Catalog
 from appliance.config import Config
 from appliance.errors import StorageError
 from appliance.hsm.tiers import NEARLINE, ONLINE, Tiers
+from appliance.replication.bandwidth import Limiter
 from appliance.restore.cache import PackCache
 from appliance.restore.data import DataRestore, Placement, Plan
 from appliance.restore.export import rebuilt_note
@@ -52,10 +53,19 @@ def run_data_phase(
     stopping: Callable[[], bool] = lambda: False,
     before_fetch: Callable[[], None] | None = None,
     replan_every: float = REPLAN_EVERY,
+    limiter: Limiter | None = None,
 ) -> Report | None:
     """Restore until every planned study was tried; the final report, or
-    None when ``stopping()`` ended the run first."""
+    None when ``stopping()`` ended the run first. With ``limiter`` (the
+    rate packs are fetched at), a paused timetable is shown as such."""
     folder = restore_folder(config)
+
+    def fetching() -> None:
+        if limiter is not None:
+            _say_if_paused(limiter, tracker)
+        if before_fetch is not None:
+            before_fetch()
+
     restorer = DataRestore(
         catalog,
         config.online_path,
@@ -66,7 +76,7 @@ def run_data_phase(
         folder,
         placement(config),
         to_nearline=NearlineMover(config, catalog, keys).move,
-        before_fetch=before_fetch,
+        before_fetch=fetching,
     )
     while True:
         plan = restorer.plan()
@@ -138,6 +148,16 @@ class NearlineMover:
                     outcome.tier,
                     outcome.problem,
                 )
+
+
+def _say_if_paused(limiter: Limiter, tracker: Tracker) -> None:
+    """Show a paused timetable in the numbers, with when it ends."""
+    status = limiter.status()
+    if status["rate"] != 0.0:
+        return
+    until = status["until"] or ""
+    when = f" until {until[11:16]}" if len(until) >= 16 else ""
+    tracker.state("paused", f"paused by restore.timetable{when}")
 
 
 def _until(stopping: Callable[[], bool], deadline: float) -> Callable[[], bool]:

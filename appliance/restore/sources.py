@@ -113,7 +113,11 @@ class Sources:
         entries = self._journal_after(included)
         replay_journal(catalog, entries)
         last = entries[-1]["seq"] if entries else included
-        journal = f"journal entries {included + 1} to {last}"
+        journal = (
+            f"journal entries {included + 1} to {last}"
+            if last > included
+            else "no journal entry after it"
+        )
         work = WorkCatalog(
             catalog,
             f"{name} and {journal}" if name else f"{journal} (no snapshot opened)",
