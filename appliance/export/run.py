@@ -280,10 +280,17 @@ class Exporter:
                 NotSent(study_uid, reason, instances=len(records), volumes=volumes)
             )
             return
-        problems = "; ".join(recalled.problems) if recalled else ""
-        reason = f"not recalled: {problems or 'no readable copy'}"
+        # One reason per instance: the recall's problems name instances of
+        # the whole study, so each keeps those about itself.
+        problems = recalled.problems if recalled else []
+        uids = [r.sop_instance_uid for r in records]
+        general = [p for p in problems if not any(uid in p for uid in uids)]
         for record in records:
-            report.not_sent.append(NotSent(study_uid, reason, record.sop_instance_uid))
+            own = [p for p in problems if record.sop_instance_uid in p]
+            why = "; ".join(own + general) or "no readable copy"
+            report.not_sent.append(
+                NotSent(study_uid, f"not recalled: {why}", record.sop_instance_uid)
+            )
 
     def _left_over(self, selection: Selection, position: int, report: Report) -> None:
         """What a stopped run did not reach, per study."""
