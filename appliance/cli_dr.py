@@ -92,8 +92,9 @@ def _drill(config: Config) -> bool:
     outcome = "passed" if result.ok else f"FAILED ({len(result.failures)} problems)"
     click.echo(
         f"restore drill {outcome}: {len(result.studies)} studies, "
-        f"{result.instances:,} instances, {size(result.bytes)} restored and "
-        f"verified in {_duration(result.seconds)} ({result.rate / 1e6:.1f} MB/s); "
+        f"{result.instances:,} instances in the sample; {size(result.bytes)} "
+        f"restored and verified in {_duration(result.seconds)} "
+        f"({result.rate / 1e6:.1f} MB/s); "
         f"{size(result.mirror_bytes)} read from the mirror"
     )
     click.echo("sample:")

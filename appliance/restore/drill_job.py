@@ -126,7 +126,8 @@ def summary(result: DrillResult) -> str:
     outcome = "passed" if result.ok else f"FAILED ({len(result.failures)} problems)"
     return (
         f"restore drill {outcome}: {len(result.studies)} studies, "
-        f"{result.instances} instances, {result.bytes / 1e6:.1f} MB restored in "
+        f"{result.instances} instances in the sample, {result.bytes / 1e6:.1f} MB "
+        "restored and verified in "
         f"{result.seconds:.1f} s ({result.rate / 1e6:.1f} MB/s), "
         f"{result.mirror_bytes / 1e6:.1f} MB read from the mirror"
     )
