@@ -101,6 +101,9 @@ SEED = 11
 FIND_MIRROR_VERSION = 1
 STORE_THREADS = 8
 
+# The modules listed by cumulative time (the command line's wrappers are not).
+_OWN_MODULES = r"appliance/(restore|storage|catalog|replication|hsm)/"
+
 APPLIANCE_ROW = "appliance restore"
 SFTP_ROW = "sftp get -r"
 
@@ -170,6 +173,23 @@ def timed_run(command: list[str]) -> Timed:
     return Timed(wall, cpu, done.stdout + done.stderr)
 
 
+def under_cprofile(command: list[str], output: Path) -> list[str]:
+    """The same appliance command, run by this Python under cProfile."""
+    profiler = [sys.executable, "-m", "cProfile", "-o", str(output)]
+    return [*profiler, "-m", "appliance", *command[1:]]
+
+
+def print_profile(output: Path) -> None:
+    """The 15 functions with the most time of their own, and the 20 of the
+    appliance's own modules with the most cumulative time."""
+    for order, selection in (("tottime", []), ("cumulative", [_OWN_MODULES])):
+        print(f"by {order}, the main thread only:")
+        stream = io.StringIO()
+        stats = pstats.Stats(str(output), stream=stream)
+        stats.sort_stats(order).print_stats(*selection, 15 if not selection else 20)
+        print(stream.getvalue().split("\n", 6)[-1].rstrip())
+
+
 def remove_tree(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
@@ -228,9 +248,7 @@ def appliance_restore(
     config = new_appliance(work, "restored", mirror, remote)
     command = appliance_command("restore", "--from", "mirror", config=config)
     if profile is not None:
-        # The same command, run by this Python under cProfile.
-        profiler = [sys.executable, "-m", "cProfile", "-o", str(profile)]
-        command = [*profiler, "-m", "appliance", *command[1:]]
+        command = under_cprofile(command, profile)
     try:
         result = timed_run(command)
     finally:
@@ -332,12 +350,7 @@ def profile(work: Path, mirror: Mirror, remote: Path, count: int) -> None:
     output = work / "restore.prof"
     run = appliance_restore(work, mirror, remote, count, output)
     print(f"\nprofiled restore: {run.wall:.2f} s (cProfile slows it)")
-    for order in ("tottime", "cumulative"):
-        print(f"by {order}, the main thread only:")
-        stream = io.StringIO()
-        stats = pstats.Stats(str(output), stream=stream)
-        stats.sort_stats(order).print_stats(15)
-        print(stream.getvalue().split("\n", 6)[-1].rstrip())
+    print_profile(output)
 
 
 # -- time to the first C-FIND -----------------------------------------------------
@@ -434,9 +447,7 @@ def replicate_to_folder(archive: Archive, remote: Path, spool: Path) -> None:
     """Every queued instance in packs, the journal, then a catalog snapshot."""
     transport = DirectoryTransport(remote)
     chosen = Settings(batch_seconds=0.0, verify_after_upload=False)
-    replicator = Replicator(
-        archive.catalog, archive.tiers(), transport, spool, chosen
-    )
+    replicator = Replicator(archive.catalog, archive.tiers(), transport, spool, chosen)
     try:
         while (batch := replicator.ready()) or replicator.waiting():
             replicator.send(batch)
@@ -519,9 +530,10 @@ def first_find(args: argparse.Namespace, work: Path, mirror: Mirror) -> None:
     config = new_appliance(work, "served", mirror, remote)
     data_dir = work / "served"
 
-    catalog = timed_run(
-        appliance_command("restore", "--from", "mirror", "--background", config=config)
+    command = appliance_command(
+        "restore", "--from", "mirror", "--background", config=config
     )
+    catalog = timed_run(command)
     with Servers() as servers:
         port = free_port()
         started = time.perf_counter()
@@ -554,6 +566,23 @@ def first_find(args: argparse.Namespace, work: Path, mirror: Mirror) -> None:
     )
     print(f"catalog phase CPU: {catalog.cpu:.1f} s")
     print(f"time to the first C-FIND: {total:.2f} s ({verdict}, target < 10 s)")
+    if args.profile:
+        profile_catalog_phase(work, mirror, remote)
+
+
+def profile_catalog_phase(work: Path, mirror: Mirror, remote: Path) -> None:
+    """The catalog phase once more, under cProfile."""
+    config = new_appliance(work, "profiled", mirror, remote)
+    output = work / "catalog.prof"
+    command = appliance_command(
+        "restore", "--from", "mirror", "--background", config=config
+    )
+    try:
+        run = timed_run(under_cprofile(command, output))
+    finally:
+        remove_tree(work / "profiled")
+    print(f"\nprofiled catalog phase: {run.wall:.2f} s (cProfile slows it)")
+    print_profile(output)
 
 
 # -- the run ----------------------------------------------------------------------
