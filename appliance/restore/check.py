@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from typing import Any
 
 from appliance.catalog import replication
 from appliance.catalog.store import Catalog
@@ -43,10 +44,23 @@ def check(final: Catalog, contents: MirrorContents, expected: int) -> None:
         )
 
 
+def _warn_if_resized(
+    pack_id: str, pack: dict[str, Any] | None, contents: MirrorContents
+) -> None:
+    remote = contents.packs.get(pack_id)
+    if pack is not None and remote is not None and remote.size != pack["size"]:
+        # Damaged: the data restore checks each instance in it.
+        logger.warning(
+            "pack %s on %s is not its recorded size", pack_id, contents.where
+        )
+
+
 def _copies(final: Catalog, contents: MirrorContents) -> list[str]:
     problems = []
     tier = contents.tier
     tier_bytes = 0
+    # A pack record lists every member: read each once, not per instance.
+    packs: dict[str, dict[str, Any] | None] = {}
     with final.read() as txn:
         for uid, _data in final.all_records(txn, "instances"):
             record = final.instance(txn, uid)
@@ -58,18 +72,15 @@ def _copies(final: Catalog, contents: MirrorContents) -> list[str]:
                 continue
             tier_bytes += record.size
             pack_id, _, member = mine[0].location.partition("/")
-            pack = final.get(txn, "packs", pack_id)
+            if pack_id not in packs:
+                packs[pack_id] = final.get(txn, "packs", pack_id)
+                _warn_if_resized(pack_id, packs[pack_id], contents)
+            pack = packs[pack_id]
             if pack is None or pack["members"].get(uid) != member:
                 problems.append(f"instance {uid}: pack {pack_id} does not list it")
                 continue
-            remote = contents.packs.get(pack_id)
-            if mine[0].verified and remote is None:
+            if mine[0].verified and pack_id not in contents.packs:
                 problems.append(f"pack {pack_id} of {uid} is not on {contents.where}")
-            elif remote is not None and remote.size != pack["size"]:
-                # Damaged: the data restore checks each instance in it.
-                logger.warning(
-                    "pack %s on %s is not its recorded size", pack_id, contents.where
-                )
         recorded = int(txn.get(f"bytes.{tier}".encode(), b"0", db=final.db["meta"]))
     if recorded != tier_bytes:
         problems.append(f"{tier} bytes {recorded} recorded, {tier_bytes} counted")
