@@ -30,6 +30,19 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a process with this PID runs (ours or another user's)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def run_child(target: Callable[..., None], args: tuple[Any, ...], name: str) -> int:
     """Run ``target(*args)`` in a fresh child process (spawned: nothing of
     the listener's state is shared) and wait for it; its exit code, logged

@@ -165,7 +165,9 @@ def status(config_file: Path | None, data_dir: str | None, as_json: bool) -> Non
         )
     console.print(tiers)
     if _restore_numbers(config) is not None:
-        click.echo(_restore_line(config))
+        from appliance.cli_restore import status_text
+
+        click.echo(status_text(config.data_dir / "restore"))
     lost = _scrub_numbers(config)["lost"]
     if lost:
         click.echo(
@@ -198,13 +200,6 @@ def _scrub_numbers(config: configuration.Config) -> dict[str, int]:
     saved = state.load(state.folder_of(config.data_dir))
     orphans = sum(len(found) for found in saved.orphans.values())
     return {"lost": len(saved.lost), "orphans": orphans}
-
-
-def _restore_line(config: configuration.Config) -> str:
-    from appliance.cli_restore import status_text as _restore_text
-
-    folder = config.data_dir / "restore"
-    return _restore_text(folder)
 
 
 @main.command(name="import")

@@ -370,8 +370,10 @@ def describe(snapshot: Any, pending: bool) -> str:
 
     if snapshot.state == "done" and not pending:
         return "restore: finished"
+    from appliance.children import process_alive
+
     running = snapshot.state in ("starting", "restoring", "paused")
-    if running and not _alive(snapshot.pid):
+    if running and not process_alive(snapshot.pid):
         snapshot.state = "stopped (its process is gone)"
         snapshot.doing = (
             "the service starts it again"
@@ -395,20 +397,6 @@ def describe(snapshot: Any, pending: bool) -> str:
     if snapshot.doing:
         text += f"; {snapshot.doing}"
     return text
-
-
-def _alive(pid: int) -> bool:
-    import os
-
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _follow(folder: Path) -> None:

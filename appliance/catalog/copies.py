@@ -305,19 +305,31 @@ def mark_unverified(catalog: Catalog, pack_id: str, uids: list[str]) -> int:
                 ]
                 if not damaged:
                     continue
-                study = catalog.get(txn, "studies", record.study_uid)
-                if study is not None:
-                    count_copies(study, record, -1)
-                for copy in damaged:
-                    copy.verified = False
-                if study is not None:
-                    count_copies(study, record, +1)
-                    catalog._put(txn, "studies", record.study_uid, study)
-                catalog._put(txn, "instances", uid, _with_key(record))
+                _set_verified(catalog, txn, record, damaged, False)
                 changed += len(damaged)
     except lmdb.Error as exc:
         raise CatalogError(f"cannot mark copies in {pack_id}: {exc}") from exc
     return changed
+
+
+def _set_verified(
+    catalog: Catalog,
+    txn: lmdb.Transaction,
+    record: InstanceRecord,
+    chosen: list[Copy],
+    verified: bool,
+) -> None:
+    """Mark ``chosen`` copies of ``record`` in ``txn``, keeping the study's
+    per-tier counts in step."""
+    study = catalog.get(txn, "studies", record.study_uid)
+    if study is not None:
+        count_copies(study, record, -1)
+    for copy in chosen:
+        copy.verified = verified
+    if study is not None:
+        count_copies(study, record, +1)
+        catalog._put(txn, "studies", record.study_uid, study)
+    catalog._put(txn, "instances", record.sop_instance_uid, _with_key(record))
 
 
 def set_copy_verified(
@@ -336,15 +348,7 @@ def set_copy_verified(
             ]
             if not mine:
                 return False
-            study = catalog.get(txn, "studies", record.study_uid)
-            if study is not None:
-                count_copies(study, record, -1)
-            for copy in mine:
-                copy.verified = verified
-            if study is not None:
-                count_copies(study, record, +1)
-                catalog._put(txn, "studies", record.study_uid, study)
-            catalog._put(txn, "instances", uid, _with_key(record))
+            _set_verified(catalog, txn, record, mine, verified)
             return True
     except lmdb.Error as exc:
         raise CatalogError(f"cannot mark the {tier} copy of {uid}: {exc}") from exc

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from appliance.children import process_alive
 from appliance.errors import StorageError
 from appliance.replication.names import pack_name
 from appliance.replication.transports import Transport
@@ -122,15 +123,5 @@ def remove_abandoned(folder: Path) -> None:
     """Scratch folders of processes that died while they recalled."""
     for path in folder.glob(f"{_SCRATCH_PREFIX}*"):
         pid = path.name[len(_SCRATCH_PREFIX) :].partition("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
