@@ -1,5 +1,5 @@
-"""Command line for the scrub: ``appliance scrub status``, ``run`` and
-``report``."""
+"""Command line for the scrub: ``appliance scrub status``, ``run``,
+``report`` and ``adopt``."""
 
 from __future__ import annotations
 
@@ -96,10 +96,70 @@ def register(main: click.Group, load: Loader) -> None:
         for uid, problem in sorted(saved.lost.items()):
             click.echo(f"  {uid}: {problem}")
         for tier, found in sorted(saved.orphans.items()):
-            click.echo(f"{len(found)} orphan(s) on {tier} (kept; check by hand)")
+            click.echo(
+                f"{len(found)} orphan(s) on {tier} (kept; review, then "
+                "`appliance scrub adopt`)"
+            )
             for location in found:
                 click.echo(f"  {location}")
         sys.exit(1 if saved.lost else 0)
+
+    @scrub.command()
+    @config_option
+    @data_dir_option
+    @click.argument("locations", nargs=-1)
+    @click.option(
+        "--tier",
+        type=click.Choice(("online", "nearline")),
+        help="The tier the LOCATIONS are on (default: each is looked up).",
+    )
+    @click.option(
+        "--all", "adopt_all", is_flag=True, help="Every orphan the report lists."
+    )
+    def adopt(
+        config_file: Path | None,
+        data_dir: str | None,
+        locations: tuple[str, ...],
+        tier: str | None,
+        adopt_all: bool,
+    ) -> None:
+        """Bring orphans (as `appliance scrub report` lists them) into the
+        catalog once you have reviewed them. Online files are checked like a
+        C-STORE and recorded where they lie; nearline packs are read back
+        whole first. Nothing is moved or deleted. Exits 1 when an orphan
+        was refused."""
+        config = load(config_file, {"storage.data_dir": data_dir})
+        require_catalog(config)
+        from appliance.scrub import adopt as adoption
+
+        listed = adoption.listed_orphans(config, tier)
+        if adopt_all == bool(locations):
+            raise click.UsageError("name the orphans to adopt, or give --all")
+        wanted = listed if adopt_all else _which(listed, locations, tier)
+        if not wanted:
+            click.echo("no orphans listed; the scrub finds them at the end of a pass")
+            return
+        try:
+            done = adoption.adopt(config, wanted)
+        except ApplianceError as exc:
+            click.echo(f"nothing adopted: {exc}", err=True)
+            sys.exit(1)
+        for found in done:
+            click.echo(
+                f"{found.tier} {found.location}: {found.outcome}; {found.detail}"
+            )
+        refused = sum(found.outcome == adoption.REFUSED for found in done)
+        click.echo(f"{len(done) - refused} of {len(done)} orphan(s) dealt with")
+        sys.exit(1 if refused else 0)
+
+
+def _which(
+    listed: list[tuple[str, str]], locations: tuple[str, ...], tier: str | None
+) -> list[tuple[str, str]]:
+    """(tier, location) for each named orphan; one the report does not list
+    is passed on with the tier given (or online) and refused there."""
+    tier_of = {location: name for name, location in listed}
+    return [(tier_of.get(loc, tier or "online"), loc) for loc in locations]
 
 
 def _run(config: Config, tiers: tuple[str, ...], study_uid: str | None) -> int:

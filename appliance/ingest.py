@@ -210,7 +210,31 @@ class Ingest:
         finally:
             staged.unlink(missing_ok=True)
 
-    def _record_for(self, path: Path, parsed: _Parsed, size: int) -> InstanceRecord:
+    def record_in_place(self, key: str, source: str) -> StoreResult:
+        """Record the file already stored under ``key`` that no catalog entry
+        names (an orphan the scrub found), with the same checks as a store.
+
+        The file is neither moved nor removed, whatever the outcome: it was
+        durable before and stays so; only the catalog learns of it.
+        """
+        path = self.online.path_of(key)
+        uid = ""
+        try:
+            parsed = _parse(path)
+            uid = _check_identity(parsed)
+            record = self._record_for(path, parsed, path.stat().st_size, key)
+            result = self.committer.submit(_new_instance(record, parsed.dataset))
+            return self._answer(record, result, source)
+        except RejectedInstance as exc:
+            logger.warning("refused instance %s from %s: %s", uid, source, exc.reason)
+            return StoreResult(exc.status, None, uid, exc.reason)
+        except (ApplianceError, OSError) as exc:
+            logger.error("cannot record instance %s from %s: %s", uid, source, exc)
+            return StoreResult(PROCESSING_FAILURE, None, uid, str(exc))
+
+    def _record_for(
+        self, path: Path, parsed: _Parsed, size: int, key: str | None = None
+    ) -> InstanceRecord:
         dataset = parsed.dataset
         file_digest, content_digest = _digests(path, parsed.dataset_offset)
         patient = patient_key(
@@ -228,21 +252,14 @@ class Ingest:
             content_sha256=content_digest,
             received=time.time(),
             attributes=collect(dataset, INSTANCE_KEYWORDS),
-            copies=[Copy(TIER_NAME, self.online.new_key())],
+            copies=[Copy(TIER_NAME, key or self.online.new_key())],
         )
 
     def _commit(
         self, record: InstanceRecord, dataset: Dataset, source: str, calling_ae: str
     ) -> StoreResult:
-        item = NewInstance(
-            record=record,
-            patient=collect(dataset, PATIENT_KEYWORDS),
-            study=collect(dataset, STUDY_KEYWORDS),
-            series=collect(dataset, SERIES_KEYWORDS),
-            calling_ae=calling_ae,
-        )
         try:
-            result = self.committer.submit(item)
+            result = self.committer.submit(_new_instance(record, dataset, calling_ae))
         except Exception:
             # The record did not commit: the file just placed counts for nothing.
             self.online.remove(record.copies[0].location)
@@ -285,6 +302,18 @@ class Ingest:
                 source,
             )
         return StoreResult(SUCCESS, outcome, uid)
+
+
+def _new_instance(
+    record: InstanceRecord, dataset: Dataset, calling_ae: str = ""
+) -> NewInstance:
+    return NewInstance(
+        record=record,
+        patient=collect(dataset, PATIENT_KEYWORDS),
+        study=collect(dataset, STUDY_KEYWORDS),
+        series=collect(dataset, SERIES_KEYWORDS),
+        calling_ae=calling_ae,
+    )
 
 
 def _parse(path: Path) -> _Parsed:

@@ -32,6 +32,7 @@ from appliance.scrub import state
 from appliance.scrub.job import run_in_child, share
 from appliance.scrub.repair import Repairer
 from appliance.scrub.scrubber import Scrubber
+from appliance.storage.online import OnlineTier
 from tests.conftest import config_text
 from tests.datasets import study_files, uid
 from tests.dicom_client import store_files
@@ -486,3 +487,93 @@ def test_the_service_schedules_the_scrub(site: Site) -> None:
         assert job.id == "scrub" and job.next_run_time.minute == 5
     finally:
         started.shutdown(wait=False)
+
+
+def _orphan(path: Path) -> None:
+    """Old enough for the scrub to call ``path`` an orphan."""
+    hour_ago = time.time() - 7200
+    os.utime(path, (hour_ago, hour_ago))
+
+
+def _listed(site: Site) -> dict[str, list[str]]:
+    return state.load(state.folder_of(site.config.data_dir)).orphans
+
+
+def test_adopt_records_a_valid_online_orphan_where_it_lies(site: Site) -> None:
+    [lone] = study_files(site.folder / "lone", "lone", 1)
+    key = "cd" + "1" * 30
+    orphan = site.config.online_path / "objects" / "cd" / f"{key}.dcm"
+    orphan.parent.mkdir(exist_ok=True)
+    orphan.write_bytes(lone.read_bytes())
+    junk = site.config.online_path / "objects" / "ef" / ("ef" + "2" * 30 + ".dcm")
+    junk.parent.mkdir(exist_ok=True)
+    junk.write_bytes(b"not a DICOM file")
+    spare = site.config.online_path / "objects" / "aa" / ("aa" + "3" * 30 + ".dcm")
+    spare.parent.mkdir(exist_ok=True)
+    spare.write_bytes(site.online_file(site.records(MIRRORED)[0]).read_bytes())
+    for path in (orphan, junk, spare):
+        _orphan(path)
+    assert site.scrubber(grace=3600).run_tier("online").finished
+    assert len(_listed(site)["online"]) == 3
+
+    unnamed = site.cli("scrub", "adopt")
+    assert unnamed.returncode == 2 and "give --all" in unnamed.stderr
+    adopted = site.cli("scrub", "adopt", "--all")
+
+    assert adopted.returncode == 1, adopted.stdout + adopted.stderr
+    assert f"objects/cd/{key}.dcm: adopted" in adopted.stdout
+    assert "already archived" in adopted.stdout
+    assert "refused" in adopted.stdout and "2 of 3 orphan(s)" in adopted.stdout
+    sop = str(pydicom.dcmread(lone, stop_before_pixels=True).SOPInstanceUID)
+    with site.catalog.read() as txn:
+        record = site.catalog.instance(txn, sop)
+    assert record is not None and record.copies[0].location == key
+    assert orphan.read_bytes() == lone.read_bytes()
+    # Nothing moved or deleted; only the adopted file left the list.
+    assert junk.exists() and spare.exists()
+    assert sorted(_listed(site)["online"]) == sorted(
+        str(p.relative_to(site.config.online_path)) for p in (junk, spare)
+    )
+    assert site.scrubber(grace=3600).run_tier("online").bad == 0
+
+
+def test_adopt_records_a_nearline_pack_the_catalog_never_heard_of(
+    site: Site,
+) -> None:
+    # Another catalog (the same key store) packs a study this one lacks,
+    # as a catalog restored from an older snapshot would.
+    other = Catalog(site.folder / "other" / "catalog", 2**26)
+    online = OnlineTier(site.folder / "other" / "online")
+    online.open()
+    ingest = Ingest(other, online, "refuse")
+    lost = uid("study", "lost")
+    try:
+        files = study_files(site.folder / "lost", "lost", 2, pixel_bytes=5000)
+        assert all(ingest.import_file(path, "test").ok for path in files)
+        for _ in range(50):  # pack IDs this catalog has not used
+            copies.next_pack_id(other)
+        tiers = Tiers(online, site.tiers.packs, site.tiers.keys)
+        assert Migrator(other, tiers, 1).copy(lost, "nearline").ok
+        [pack] = copies.packs_of(other, lost)
+    finally:
+        ingest.close()
+        other.close()
+    pack_file = site.config.nearline_path / pack.location
+    copy = site.config.nearline_path / "packs" / "98" / "p-000000098.pack"
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    copy.write_bytes(site.nearline_pack(PACKED).read_bytes())
+    for path in (pack_file, copy):
+        _orphan(path)
+    assert site.scrubber(grace=3600).run_tier("nearline").finished
+
+    adopted = site.cli("scrub", "adopt", "--tier", "nearline", pack.location)
+    again = site.cli("scrub", "adopt", "packs/98/p-000000098.pack")
+
+    assert adopted.returncode == 0, adopted.stdout + adopted.stderr
+    assert "a copy of 2 of its 2 instance(s); 2 stored online" in adopted.stdout
+    assert site.where(lost) == {"online": 2, "nearline": 2}
+    assert again.returncode == 1 and "recorded at another location" in again.stdout
+    assert copy.exists() and _listed(site)["nearline"] == ["packs/98/p-000000098.pack"]
+    # The adopted pack now passes the scrub as a copy like any other.
+    report = site.scrubber(grace=3600).run_study(lost, "nearline")
+    assert (report.checked, report.bad) == (1, 0)
