@@ -50,6 +50,8 @@ _LOOP_STALLED = 30.0
 _STOP_GRACE = 30.0
 _QUICK_DEATH = 10
 _RESTART_DELAY = 10
+_MIN_OPEN_CONNECTIONS = 64
+_CROWDED_LOG_EVERY = 60.0
 
 
 @dataclass
@@ -103,6 +105,9 @@ class Load:
 
     def total_associations(self) -> int:
         return sum(self.associations[:])
+
+    def total_connections(self) -> int:
+        return sum(self.connections[:])
 
 
 def _add(counts: SynchronizedArray, index: int, delta: int) -> None:
@@ -216,19 +221,52 @@ def _accept_loop(
 ) -> None:
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)
+    # Connections that never become associations (a port scan, a stalled
+    # sender) each hold a file descriptor in a worker until the ARTIM timer
+    # runs out; beyond this many the listener closes new ones at once.
+    pending_limit = max(_MIN_OPEN_CONNECTIONS, 4 * config.get("node.max_associations"))
+    crowded = _Crowding(pending_limit)
     while not stop.is_set():
         alive.touch()
         if not selector.select(timeout=0.5):
             _restart_dead(workers, load, context, config, stop, alive.touch)
             continue
         try:
-            connection, _address = listener.accept()
+            connection, address = listener.accept()
         except OSError as exc:
             logger.warning("cannot accept a connection: %s", exc)
             continue
         with connection:
+            if load.total_connections() >= pending_limit:
+                crowded.refused(address)
+                continue
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             _hand_off(connection, workers, load)
+
+
+class _Crowding:
+    """Connections closed at once because too many are open: logged once a
+    minute with their count, not once each, so that a flood cannot fill the
+    log."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self.last_logged = -_CROWDED_LOG_EVERY
+
+    def refused(self, address: Any) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last_logged >= _CROWDED_LOG_EVERY:
+            logger.warning(
+                "%d connection(s) closed unanswered, the latest from %s: %d "
+                "connections are open already, the most the workers are given",
+                self.count,
+                address[0],
+                self.limit,
+            )
+            self.count = 0
+            self.last_logged = now
 
 
 def _hand_off(connection: socket.socket, workers: list[_Worker], load: Load) -> None:

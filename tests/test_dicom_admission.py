@@ -252,3 +252,53 @@ def test_garbage_on_an_open_association_aborts_it_with_one_line(
     assert "PDU type 0xA5" in lines[0]
     assert "pynetdicom" not in appliance.log()[start:]
     assert_still_serving(appliance)
+
+
+def test_a_pdu_longer_than_announced_aborts_with_one_line(
+    appliance: Appliance,
+) -> None:
+    """A P-DATA-TF that announces gigabytes is not read into memory."""
+    start = len(appliance.log())
+    with client.associate(appliance.port, [(client.Verification, [])]) as assoc:
+        assert assoc.is_established
+        assert assoc.dul.socket is not None
+        assert assoc.dul.socket.socket is not None
+        assoc.dul.socket.socket.sendall(b"\x04\x00\xff\xff\xff\xf0" + bytes(4096))
+        deadline = time.monotonic() + 10
+        while not assoc.is_aborted and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert assoc.is_aborted
+
+    lines = wait_for_lines(appliance, start, "more than the")
+    assert len(lines) == 1, lines
+    assert "aborting association with TESTCLIENT@127.0.0.1" in lines[0]
+    assert "PDU type 0x04 of 4294967280 bytes" in lines[0]
+    assert "pynetdicom" not in appliance.log()[start:]
+    assert_still_serving(appliance)
+
+
+def test_connections_beyond_the_limit_are_closed_at_once(
+    appliance: Appliance,
+) -> None:
+    """Four connections per association allowed (32 by default) may wait
+    for their request; more are closed unanswered, logged once."""
+    start = len(appliance.log())
+    limit = 4 * 32
+    opened = [connect(appliance)[0] for _ in range(limit)]
+    try:
+        extra = [connect(appliance)[0] for _ in range(3)]
+        for sock in extra:
+            data, waited = read_until_closed(sock, within=1.5)
+            assert data == b"" and waited < 1.5
+            sock.close()
+        lines = wait_for_lines(appliance, start, "closed unanswered")
+        assert len(lines) == 1, lines
+        assert f"{limit} connections are open already" in lines[0]
+    finally:
+        for sock in opened:
+            sock.close()
+    # Once the crowd has gone, associations are served again.
+    deadline = time.monotonic() + 10
+    while client.echo(appliance.port) != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert_still_serving(appliance)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from appliance.catalog.store import Catalog
 from appliance.config import Config
 from appliance.dicom import retrieve
 from appliance.dicom.access import AccessControl, Permissions
+from appliance.dicom.admission import MAX_REQUEST
 from appliance.hsm.recall import Recaller
 from appliance.ingest import Ingest
 from appliance.storage.online import OnlineTier
@@ -70,6 +72,11 @@ _REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 _REJECT_LIMIT = (0x02, 0x03, 0x02)
 # PDU types of the upper layer protocol: A-ASSOCIATE-RQ to A-ABORT (PS3.8 9.3).
 _PDU_TYPES = range(0x01, 0x08)
+_P_DATA = 0x04
+_HEADER_SIZE = 6  # PDU type, reserved, length (PS3.8 9.3.1)
+# The longest PDU other than P-DATA-TF read on an association: as long as
+# the longest A-ASSOCIATE-RQ admitted (an A-ASSOCIATE-AC is never longer).
+_OTHER_PDU_MAX = MAX_REQUEST
 
 
 def configure_pynetdicom() -> None:
@@ -149,6 +156,11 @@ def _guard_pdu_reading() -> None:
                 first,
             )
             dul.event_queue.put("Evt19")  # unrecognised PDU
+        elif too_long := _overlong(dul, connection):
+            logger.warning(
+                "aborting association with %s: %s", _peer_of(dul.assoc), too_long
+            )
+            dul.event_queue.put("Evt19")  # invalid PDU
         else:
             original(dul)
 
@@ -162,6 +174,32 @@ def _first_byte(connection: Any) -> int | None:
     except OSError:
         return None
     return data[0] if data else None
+
+
+def _overlong(dul: DULServiceProvider, connection: Any) -> str:
+    """Why the next PDU is longer than this end may be sent, or "".
+
+    pynetdicom would read a PDU of any announced length into memory, so a
+    peer announcing gigabytes could exhaust it. A P-DATA-TF may be as long
+    as the maximum this end announced (none when 0); the other PDUs on an
+    open association are a few bytes long.
+    """
+    try:
+        header = connection.recv(_HEADER_SIZE, socket.MSG_PEEK)
+    except OSError:
+        return ""
+    if len(header) < _HEADER_SIZE:
+        return ""  # the rest has not arrived; pynetdicom waits for it
+    pdu_type, _reserved, length = struct.unpack(">BBL", header)
+    assoc = dul.assoc
+    local = assoc.requestor if assoc.is_requestor else assoc.acceptor
+    limit = (local.maximum_length or 0) if pdu_type == _P_DATA else _OTHER_PDU_MAX
+    if limit and length > limit:
+        return (
+            f"PDU type 0x{pdu_type:02X} of {length} bytes, more than the "
+            f"{limit} this end accepts"
+        )
+    return ""
 
 
 def _discard_readable(dul: DULServiceProvider, connection: Any) -> None:
