@@ -424,6 +424,45 @@ KEYS: tuple[Key, ...] = (
         _ae_title_list,
     ),
     Key(
+        "commitment",
+        "require_offsite",
+        False,
+        "Storage commitment reports an instance committed only once its copy "
+        "on the off-site mirror is verified, too (not only its online copy).",
+        _boolean,
+    ),
+    Key(
+        "commitment",
+        "timeout",
+        3600.0,
+        "Seconds a commitment request waits for off-site copies (with "
+        "require_offsite); then instances still without one are reported failed.",
+        _seconds,
+    ),
+    Key(
+        "commitment",
+        "retry_initial",
+        10.0,
+        "Seconds before a report that could not be delivered is tried again; "
+        "the wait doubles after every failed attempt.",
+        _seconds,
+    ),
+    Key(
+        "commitment",
+        "retry_max",
+        600.0,
+        "Longest wait, in seconds, between two attempts to deliver a report.",
+        _seconds,
+    ),
+    Key(
+        "commitment",
+        "retention_days",
+        30,
+        "Days a commitment transaction is remembered (a repeated request is "
+        "answered with the same result) and an undelivered report is retried.",
+        _integer(1, 3650),
+    ),
+    Key(
         "volumes",
         "kind",
         "directory",
