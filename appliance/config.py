@@ -883,7 +883,10 @@ KEYS: tuple[Key, ...] = (
 PEER_KEYS: dict[str, tuple[Callable[[Any], str | None], str]] = {
     "ae_title": (_ae_title, "The peer's AE title."),
     "host": (_text, "Host name or address the peer connects from and listens on."),
-    "port": (_integer(1, 65535), "The peer's DICOM port (C-MOVE destination)."),
+    "port": (
+        _integer(1, 65535),
+        "The peer's DICOM port (C-MOVE destination, storage commitment reports).",
+    ),
 }
 
 
