@@ -8,6 +8,7 @@ that come on a new association.
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +21,12 @@ from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 
+from appliance.catalog import commitments
+from appliance.catalog.commitments import Transaction
+from appliance.catalog.store import Catalog
+from appliance.commitment.process import Reporter
+from appliance.config import Config, Peer
+from appliance.config import defaults as config_defaults
 from tests import dicom_client as client
 from tests.conftest import Appliance, free_port
 from tests.datasets import study_files
@@ -256,6 +263,27 @@ def test_unknown_instance_and_wrong_class_fail_with_their_reasons(
     assert report.failed() == {unknown: 0x0112, wrong_class: 0x0119}
 
 
+def test_an_instance_whose_online_file_is_gone_is_not_committed(
+    appliance: Appliance, requester: Requester, tmp_path: Path
+) -> None:
+    objects = appliance.data_dir / "online" / "objects"
+    before = set(objects.rglob("*.dcm"))
+    [kept, lost] = store(appliance, tmp_path, "file-gone", 2)
+    [first, second] = sorted(set(objects.rglob("*.dcm")) - before)
+    lost_file = first if _references(first) == lost else second
+    lost_file.unlink()
+
+    status = requester.request(
+        appliance.port, action_information(generate_uid(), [kept, lost])
+    )
+
+    assert status == 0x0000
+    report = requester.next_report()
+    assert report.event_type == 2
+    assert report.committed() == {kept}
+    assert report.failed() == {lost: 0x0110}
+
+
 def test_report_comes_on_a_new_association_when_the_requester_leaves(
     appliance: Appliance, requester: Requester, tmp_path: Path
 ) -> None:
@@ -428,3 +456,96 @@ def test_a_pending_report_survives_a_restart(appliance_factory, tmp_path: Path) 
         modality.no_report(wait=2.0)
     finally:
         modality.stop()
+
+
+# -- the commitment process and the catalog records, without a service ----------
+
+
+@pytest.fixture
+def reporting(tmp_path: Path) -> Iterator[tuple[Config, Catalog]]:
+    """A configuration whose only peer listens nowhere, and its catalog."""
+    values = config_defaults()
+    values["storage.data_dir"] = str(tmp_path / "data")
+    values["commitment.retry_initial"] = 5.0
+    values["commitment.retry_max"] = 12.0
+    values["commitment.retention_days"] = 1
+    settings = Config(values, peers=(Peer(MODALITY, "127.0.0.1", free_port()),))
+    catalog = Catalog(settings.catalog_path, 2**26)
+    yield settings, catalog
+    catalog.close()
+
+
+def _decided(received: float) -> Transaction:
+    reference = [CT_IMAGE, generate_uid()]
+    transaction = Transaction(generate_uid(), MODALITY, [reference], received)
+    transaction.decide([reference], [], deliver_after=0.0)
+    return transaction
+
+
+def test_an_unreachable_requester_is_tried_again_later_and_later(
+    reporting: tuple[Config, Catalog],
+) -> None:
+    settings, catalog = reporting
+    transaction = _decided(time.time())
+    commitments.open_transaction(catalog, transaction)
+    reporter = Reporter(settings, catalog)
+    waits = []
+    for _attempt in range(4):
+        started = time.time()
+        reporter.one_pass(threading.Event())
+        stored = commitments.get(catalog, transaction.uid)
+        assert stored is not None
+        waits.append(round(stored.deliver_after - started))
+        # Due again at once, as if the wait had passed.
+        commitments.update(catalog, transaction.uid, _due_now)
+
+    assert waits == [5, 10, 12, 12]
+    assert stored.attempts == 4
+    assert stored.state == commitments.DECIDED
+    assert "connection refused" in stored.last_error
+    assert [t.uid for t in commitments.pending(catalog)] == [transaction.uid]
+
+
+def _due_now(transaction: Transaction) -> bool:
+    transaction.deliver_after = 0.0
+    return True
+
+
+def test_a_report_undelivered_for_the_retention_time_is_given_up_then_forgotten(
+    reporting: tuple[Config, Catalog], caplog: pytest.LogCaptureFixture
+) -> None:
+    settings, catalog = reporting
+    old = _decided(time.time() - 2 * 86400)
+    recent = _decided(time.time())
+    recent.deliver_after = time.time() + 3600
+    for transaction in (old, recent):
+        commitments.open_transaction(catalog, transaction)
+
+    Reporter(settings, catalog).one_pass(threading.Event())
+
+    expired = commitments.get(catalog, old.uid)
+    assert expired is not None and expired.state == commitments.EXPIRED
+    assert f"storage commitment {old.uid}: report to MODALITY given up" in caplog.text
+    assert [t.uid for t in commitments.pending(catalog)] == [recent.uid]
+    assert commitments.prune(catalog, time.time() - 86400) == 1
+    assert commitments.get(catalog, old.uid) is None
+    assert commitments.get(catalog, recent.uid) is not None
+
+
+def test_a_transaction_uid_is_recorded_once(reporting: tuple[Config, Catalog]) -> None:
+    _settings, catalog = reporting
+    first = _decided(time.time())
+    first.state = commitments.REPORTED
+    commitments.open_transaction(catalog, first)
+    again = Transaction(first.uid, MODALITY, first.references, time.time())
+    other = Transaction(first.uid, MODALITY, [[CT_IMAGE, "1.2.3"]], time.time())
+
+    stored, new = commitments.open_transaction(catalog, again)
+    refused, new_too = commitments.open_transaction(catalog, other)
+
+    assert not new and not new_too
+    assert stored.requests == 2
+    assert stored.state == commitments.DECIDED  # its report is due again
+    assert stored.committed == first.committed
+    assert refused.references == first.references
+    assert commitments.get(catalog, first.uid).requests == 2  # type: ignore[union-attr]

@@ -73,6 +73,5 @@ def _send(config: Config, assoc: Association, report: Transaction) -> None:
 def _refusal(assoc: Association) -> str:
     if assoc.is_rejected:
         return "the peer rejected the association"
-    if assoc.is_aborted:
-        return "the peer aborted the association"
-    return "cannot connect"
+    # pynetdicom reports a refused or timed-out connection as an abort.
+    return "no association: connection refused, timed out or aborted"

@@ -148,13 +148,13 @@ class Reporter:
 
     def _retry_later(self, transaction: Transaction, error: str) -> None:
         attempts = transaction.attempts + 1
-        wait = min(self.retry_max, self.retry_initial * 2 ** max(0, attempts - 1))
+        wait = backoff(attempts, self.retry_initial, self.retry_max)
         commitments.mark_undelivered(
             self.catalog, transaction.uid, error, time.time() + wait
         )
         logger.warning(
             "storage commitment %s: report to %s not delivered (%s); "
-            "attempt %d, next in %.0f s",
+            "attempt %d, next in %.1f s",
             transaction.uid,
             transaction.caller,
             error,
@@ -185,3 +185,10 @@ class Reporter:
             return
         if dropped:
             logger.info("storage commitment: forgot %d old transaction(s)", dropped)
+
+
+def backoff(attempts: int, initial: float, longest: float) -> float:
+    """Seconds to wait after ``attempts`` failed deliveries: ``initial``
+    after the first, doubling after each further one, at most ``longest``."""
+    doublings = min(max(0, attempts - 1), 64)  # a month of retries stays finite
+    return float(min(longest, initial * 2**doublings))
