@@ -1101,6 +1101,7 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> C
     problems += _check_references(values, peers)
     problems += _check_watermarks(values)
     problems += _check_mirror(values)
+    problems += _check_commitment(values)
     problems += _check_ports(values)
     default = Config(values).default_prior_rule
     prior_rules, prior_problems = selection.parse_rules(
@@ -1139,6 +1140,16 @@ def _check_mirror(values: dict[str, Any]) -> list[tuple[str, str]]:
         for name in ("host", "user", "key_file", "known_hosts")
         if not values.get(f"mirror.{name}")
     ]
+
+
+def _check_commitment(values: dict[str, Any]) -> list[tuple[str, str]]:
+    """Without replication no off-site copy ever comes: every request would
+    wait for commitment.timeout and then fail."""
+    if values.get("commitment.require_offsite") and not values.get(
+        "replication.enabled"
+    ):
+        return [("commitment.require_offsite", "needs replication.enabled = true")]
+    return []
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -27,6 +27,8 @@ from appliance.catalog.store import Catalog
 from appliance.commitment.process import Reporter
 from appliance.config import Config, Peer
 from appliance.config import defaults as config_defaults
+from appliance.config import load as config_load
+from appliance.errors import ConfigError
 from tests import dicom_client as client
 from tests.conftest import Appliance, free_port
 from tests.datasets import study_files
@@ -549,3 +551,18 @@ def test_a_transaction_uid_is_recorded_once(reporting: tuple[Config, Catalog]) -
     assert stored.committed == first.committed
     assert refused.references == first.references
     assert commitments.get(catalog, first.uid).requests == 2  # type: ignore[union-attr]
+
+
+def test_require_offsite_needs_replication(tmp_path: Path) -> None:
+    path = tmp_path / "appliance.toml"
+    path.write_text(
+        "[commitment]\nrequire_offsite = true\n[replication]\nenabled = false\n"
+    )
+    with pytest.raises(ConfigError) as raised:
+        config_load(path)
+    assert [key for key, _why in raised.value.problems] == [
+        "commitment.require_offsite"
+    ]
+
+    path.write_text("[commitment]\nrequire_offsite = true\ntimeout = 600\n")
+    assert config_load(path).get("commitment.timeout") == 600
