@@ -4,7 +4,10 @@ One child process of the listener (started again if it dies) reads the
 pending transactions from the catalog about once a second. A transaction
 waiting for off-site copies is judged again until the copies are there or
 its deadline passes; a decided one whose report is due is sent on a new
-association to the requester's ``[[peers]]`` address. A failed attempt is
+association to the requester's ``[[peers]]`` address. A transaction a
+worker has just answered is left to that worker until its
+``deliver_after`` time (the worker judges it and tries the requester's own
+association first); past it, the worker is taken to have died. A failed attempt is
 tried again after ``commitment.retry_initial`` seconds, doubling up to
 ``commitment.retry_max``, until ``commitment.retention_days`` after the
 request; then the report is given up with an error line. Everything it
@@ -92,9 +95,11 @@ class Reporter:
             now = time.time()
             if now - transaction.received > self.retention:
                 self._give_up(transaction)
+            elif transaction.deliver_after > now:
+                continue  # a worker has it, or the next attempt is later
             elif transaction.state == commitments.WAITING:
                 self._judge_again(transaction, now)
-            elif transaction.deliver_after <= now:
+            else:
                 self._deliver(transaction)
 
     def _judge_again(self, transaction: Transaction, now: float) -> None:

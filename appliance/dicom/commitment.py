@@ -1,10 +1,10 @@
 """Storage Commitment Push Model SCP in a worker (PS3.4 J.3).
 
-The N-ACTION handler checks the request, judges every referenced instance
-and records the transaction in the catalog before it answers Success, so
-that an accepted request survives any crash. When the result is known at
-once, the report (N-EVENT-REPORT) follows on the requester's own
-association, right after the N-ACTION response: pynetdicom's reactor is
+The N-ACTION handler checks the request and records the transaction in
+the catalog before it answers Success, so that an accepted request
+survives any crash. Right after the answer the referenced instances are
+judged; when the result is known at once, the report (N-EVENT-REPORT)
+follows on the requester's own association: pynetdicom's reactor is
 still inside the service class then, so nothing else reads the messages
 that arrive meanwhile. A report that cannot go that way (the requester
 released the association, answered with a failure, did not answer), or a
@@ -75,7 +75,8 @@ class CommitmentService(StorageCommitmentServiceClass):
 
 
 class CommitmentSCP:
-    """The N-ACTION handler and the report on the requester's association."""
+    """The N-ACTION handler, and what follows its answer: judging the
+    instances and the report on the requester's association."""
 
     def __init__(self, node: Node) -> None:
         self.node = node
@@ -83,8 +84,9 @@ class CommitmentSCP:
         self.require_offsite: bool = config.get("commitment.require_offsite")
         self.timeout: float = config.get("commitment.timeout")
         self.dimse_timeout: float = config.get("timeouts.dimse")
-        # Association (by id) -> the transaction to report after the response.
-        self._due: dict[int, Transaction] = {}
+        # Association (by id) -> the transaction just answered, and whether
+        # it is new (to be judged) or repeated (its report to be sent again).
+        self._due: dict[int, tuple[Transaction, bool]] = {}
 
     def on_action(self, event: evt.Event) -> tuple[Dataset, None]:
         """Answer an N-ACTION (PS3.4 J.3.2): Success once the request is
@@ -93,7 +95,7 @@ class CommitmentSCP:
         caller = self.node.describe(assoc)
         try:
             request = self._read(event)
-            transaction = self._record(assoc, request, caller)
+            transaction, new = self._record(request, caller)
         except BadRequest as exc:
             logger.warning(
                 "storage commitment request from %s refused (0x%04X): %s",
@@ -105,8 +107,7 @@ class CommitmentSCP:
         except ApplianceError as exc:
             logger.error("storage commitment request from %s failed: %s", caller, exc)
             return _status(messages.PROCESSING_FAILURE, str(exc)), None
-        if transaction.state == commitments.DECIDED:
-            self._due[id(assoc)] = transaction
+        self._due[id(assoc)] = (transaction, new)
         return _status(messages.SUCCESS), None
 
     def _read(self, event: evt.Event) -> messages.Request:
@@ -134,11 +135,16 @@ class CommitmentSCP:
                 f"cannot decode the Action Information: {exc}",
             ) from exc
 
+    def _hold(self, now: float) -> float:
+        """Until when the commitment process leaves a transaction to the
+        worker that answered it (longer only if that worker died)."""
+        return now + self.dimse_timeout + _HOLD_MARGIN
+
     def _record(
-        self, assoc: Association, request: messages.Request, caller: str
-    ) -> Transaction:
-        """Judge the instances and record the transaction; a repeated
-        Transaction UID finds the first result instead."""
+        self, request: messages.Request, caller: str
+    ) -> tuple[Transaction, bool]:
+        """Record the request, to be judged once it is answered; a repeated
+        Transaction UID finds the first one instead."""
         now = time.time()
         calling_ae = caller.rsplit("@", 1)[0]
         transaction = Transaction(
@@ -147,72 +153,96 @@ class CommitmentSCP:
             request.references,
             received=now,
             deadline=now + self.timeout,
+            deliver_after=self._hold(now),
         )
-        node = self.node
-        findings = judge(
-            node.catalog, node.online, request.references, self.require_offsite
-        )
-        hold = now + self.dimse_timeout + _HOLD_MARGIN
-        settle(transaction, findings, now, deliver_after=hold)
-        stored, new = commitments.open_transaction(node.catalog, transaction)
+        stored, new = commitments.open_transaction(self.node.catalog, transaction)
         if new:
-            waiting = sum(f.state is State.WAITING for f in findings)
-            logger.info(
-                "storage commitment %s from %s: %d instance(s), %d committed, "
-                "%d failed, %d waiting for the mirror",
-                stored.uid,
-                caller,
-                len(findings),
-                len(stored.committed),
-                len(stored.failed),
-                waiting,
-            )
-        elif stored.references != request.references:
+            return stored, True
+        if stored.references != request.references:
             raise BadRequest(
                 messages.PROCESSING_FAILURE,
                 f"Transaction UID {stored.uid} was used for other instances",
             )
-        else:
-            logger.info(
-                "storage commitment %s from %s repeated (request %d): "
-                "answered with the first result, %s",
-                stored.uid,
-                caller,
-                stored.requests,
-                stored.state,
-            )
-        return stored
+        logger.info(
+            "storage commitment %s from %s repeated (request %d): "
+            "answered with the first result, %s",
+            stored.uid,
+            caller,
+            stored.requests,
+            stored.state,
+        )
+        return stored, False
 
     def report_due(self, assoc: Association, context: PresentationContext) -> None:
-        """Send the report of the N-ACTION just answered, if its result is
-        known, on the same association; else leave it to the commitment
-        process."""
-        transaction = self._due.pop(id(assoc), None)
-        if transaction is None:
+        """After the N-ACTION response: judge a new request and send the
+        report on the same association if its result is known; else leave
+        it to the commitment process."""
+        entry = self._due.pop(id(assoc), None)
+        if entry is None:
             return
+        transaction, new = entry
+        try:
+            if new:
+                transaction = self._judge(transaction, self.node.describe(assoc))
+            if transaction.state == commitments.DECIDED:
+                self._report(assoc, context, transaction)
+        except Exception:
+            # Recorded already: the commitment process finishes the work.
+            logger.exception("storage commitment %s failed", transaction.uid)
+
+    def _judge(self, transaction: Transaction, caller: str) -> Transaction:
+        node = self.node
+        findings = judge(
+            node.catalog, node.online, transaction.references, self.require_offsite
+        )
+        now = time.time()
+        decided = settle(transaction, findings, now, deliver_after=self._hold(now))
+
+        def record(stored: Transaction) -> bool:
+            if stored.state != commitments.WAITING:
+                return False
+            if decided:
+                stored.decide(
+                    transaction.committed, transaction.failed, transaction.deliver_after
+                )
+            else:
+                stored.deliver_after = 0.0  # the commitment process waits
+            return True
+
+        stored = commitments.update(node.catalog, transaction.uid, record)
+        logger.info(
+            "storage commitment %s from %s: %d instance(s), %d committed, "
+            "%d failed, %d waiting for the mirror",
+            transaction.uid,
+            caller,
+            len(findings),
+            len(transaction.committed),
+            len(transaction.failed),
+            sum(f.state is State.WAITING for f in findings),
+        )
+        return stored if stored is not None else transaction
+
+    def _report(
+        self, assoc: Association, context: PresentationContext, report: Transaction
+    ) -> None:
         catalog = self.node.catalog
         caller = self.node.describe(assoc)
-        kind = messages.event_type(transaction)
-        problem = self._send(assoc, context, transaction)
-        try:
-            if not problem:
-                commitments.mark_reported(catalog, transaction.uid, time.time())
-                logger.info(
-                    "storage commitment %s: report (event type %d) delivered "
-                    "to %s on its association",
-                    transaction.uid,
-                    kind,
-                    caller,
-                )
-                return
-            commitments.mark_undelivered(catalog, transaction.uid, problem, 0.0)
-        except ApplianceError as exc:
-            logger.error("storage commitment %s: %s", transaction.uid, exc)
+        problem = self._send(assoc, context, report)
+        if not problem:
+            commitments.mark_reported(catalog, report.uid, time.time())
+            logger.info(
+                "storage commitment %s: report (event type %d) delivered "
+                "to %s on its association",
+                report.uid,
+                messages.event_type(report),
+                caller,
+            )
             return
+        commitments.mark_undelivered(catalog, report.uid, problem, 0.0)
         logger.info(
             "storage commitment %s: report not delivered to %s on its "
             "association (%s); it goes on a new association",
-            transaction.uid,
+            report.uid,
             caller,
             problem,
         )
