@@ -19,7 +19,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
-from pynetdicom import AE, evt
+from pynetdicom import AE, build_role, evt
 
 from appliance.catalog import commitments
 from appliance.catalog.commitments import Transaction
@@ -109,6 +109,7 @@ class Requester:
         keep_open: bool = True,
         action_type: int = 1,
         instance: str = COMMITMENT_INSTANCE,
+        roles: list | None = None,
     ) -> int:
         """Send an N-ACTION; with ``keep_open``, wait on the association for
         the report before releasing. The N-ACTION status."""
@@ -125,7 +126,11 @@ class Requester:
 
         handlers = [(evt.EVT_N_EVENT_REPORT, on_report)] if keep_open else []
         assoc = ae.associate(
-            "127.0.0.1", appliance_port, ae_title="APPLIANCE", evt_handlers=handlers
+            "127.0.0.1",
+            appliance_port,
+            ae_title="APPLIANCE",
+            evt_handlers=handlers,
+            ext_neg=roles or [],
         )
         assert assoc.is_established
         try:
@@ -245,6 +250,21 @@ def test_all_stored_is_event_type_1_on_the_same_association(
     requester.no_report(wait=1.0)
 
 
+def test_a_requester_proposing_the_scu_role_gets_its_report_the_same_way(
+    appliance: Appliance, requester: Requester, tmp_path: Path
+) -> None:
+    stored = store(appliance, tmp_path, "with-roles", 1)
+    roles = [build_role(COMMITMENT, scu_role=True, scp_role=False)]
+
+    status = requester.request(
+        appliance.port, action_information(generate_uid(), stored), roles=roles
+    )
+
+    assert status == 0x0000
+    report = requester.next_report()
+    assert (report.how, report.event_type) == ("same", 1)
+
+
 def test_unknown_instance_and_wrong_class_fail_with_their_reasons(
     appliance: Appliance, requester: Requester, tmp_path: Path
 ) -> None:
@@ -304,6 +324,34 @@ def test_report_comes_on_a_new_association_when_the_requester_leaves(
     assert report.transaction_uid == transaction
     assert report.committed() == set(stored)
     wait_for_log(appliance, f"storage commitment {transaction}: report (event")
+
+
+def test_a_request_whose_worker_died_is_finished_by_the_commitment_process(
+    appliance: Appliance, requester: Requester, tmp_path: Path
+) -> None:
+    stored = store(appliance, tmp_path, "orphaned", 2)
+    now = time.time()
+    # As a worker leaves a request when it dies between its answer and the
+    # judging: recorded, not judged, its hold over.
+    orphaned = Transaction(
+        generate_uid(),
+        MODALITY,
+        [list(reference) for reference in stored],
+        received=now,
+        deadline=now + 3600,
+    )
+    catalog = Catalog(appliance.data_dir / "catalog")
+    try:
+        commitments.open_transaction(catalog, orphaned)
+    finally:
+        catalog.close()
+
+    report = requester.next_report()
+
+    assert report.how == "new"
+    assert report.transaction_uid == orphaned.uid
+    assert report.event_type == 1
+    assert report.committed() == set(stored)
 
 
 def test_repeated_transaction_uid_gets_the_first_result(
