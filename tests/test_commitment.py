@@ -144,7 +144,7 @@ class Requester:
             assoc.release()
         return int(status.Status)
 
-    def next_report(self, timeout: float = 30) -> Report:
+    def next_report(self, timeout: float = 60) -> Report:
         try:
             return self.reports.get(timeout=timeout)
         except queue.Empty:

@@ -69,8 +69,8 @@ class CommitmentService(StorageCommitmentServiceClass):
 
     def SCP(self, req: Any, context: PresentationContext) -> None:
         super().SCP(req, context)
-        if isinstance(req, N_ACTION):
-            node: Node = self.assoc.ae.node  # type: ignore[attr-defined]
+        node: Node | None = getattr(self.assoc.ae, "node", None)
+        if isinstance(req, N_ACTION) and node is not None:
             node.commitment.report_due(self.assoc, context)
 
 

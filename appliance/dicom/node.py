@@ -1,8 +1,9 @@
 """The DICOM node of one worker process: its AE, contexts and event handlers.
 
 Verification, Storage (every SOP class, private ones too, with every
-transfer syntax the requester proposes) and Query/Retrieve (Patient Root
-and Study Root: FIND, MOVE, GET). Each association gets one log line when
+transfer syntax the requester proposes), Query/Retrieve (Patient Root
+and Study Root: FIND, MOVE, GET) and Storage Commitment Push Model
+(``commitment.py``). Each association gets one log line when
 it ends, with the caller and what it did; failures get their own line.
 """
 
