@@ -494,6 +494,7 @@ def test_a_pending_report_survives_a_restart(appliance_factory, tmp_path: Path) 
     assert status == 0x0000
     wait_for_log(node, "attempt 2, next in")
     node.stop()
+    assert node.status()["commitment"] == {"pending_reports": 1}
 
     modality.listen()
     try:
@@ -504,6 +505,7 @@ def test_a_pending_report_survives_a_restart(appliance_factory, tmp_path: Path) 
         assert report.event_type == 1
         assert report.committed() == set(stored)
         modality.no_report(wait=2.0)
+        assert node.status()["commitment"] == {"pending_reports": 0}
     finally:
         modality.stop()
 

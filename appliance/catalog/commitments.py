@@ -131,6 +131,12 @@ def pending(catalog: Catalog) -> list[Transaction]:
     return sorted(found, key=lambda transaction: transaction.received)
 
 
+def pending_count(catalog: Catalog) -> int:
+    """How many transactions wait for their report to be delivered."""
+    with catalog.read() as txn:
+        return int(txn.stat(catalog.db["commitments.pending"])["entries"])
+
+
 def update(
     catalog: Catalog, uid: str, change: Callable[[Transaction], bool]
 ) -> Transaction | None:
