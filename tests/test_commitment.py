@@ -616,3 +616,17 @@ def test_require_offsite_needs_replication(tmp_path: Path) -> None:
 
     path.write_text("[commitment]\nrequire_offsite = true\ntimeout = 600\n")
     assert config_load(path).get("commitment.timeout") == 600
+
+
+def test_a_requester_not_reached_is_tried_once_per_pass(
+    reporting: tuple[Config, Catalog],
+) -> None:
+    settings, catalog = reporting
+    first, second = _decided(time.time()), _decided(time.time() + 1)
+    for transaction in (first, second):
+        commitments.open_transaction(catalog, transaction)
+
+    Reporter(settings, catalog).one_pass(threading.Event())
+
+    tried = [commitments.get(catalog, t.uid) for t in (first, second)]
+    assert [t.attempts for t in tried if t is not None] == [1, 0]

@@ -89,25 +89,31 @@ class Reporter:
             stop.wait(_POLL)
 
     def one_pass(self, stop: threading.Event) -> None:
+        # Requesters not reached in this pass: their other reports wait for
+        # the next one, instead of each waiting for a connection timeout.
+        unreached: set[str] = set()
         for transaction in commitments.pending(self.catalog):
             if stop.is_set():
                 return
             now = time.time()
             if now - transaction.received > self.retention:
                 self._give_up(transaction)
-            elif transaction.deliver_after > now:
+            elif transaction.deliver_after > now or transaction.caller in unreached:
                 continue  # a worker has it, or the next attempt is later
             elif transaction.state == commitments.WAITING:
-                self._judge_again(transaction, now)
-            else:
-                self._deliver(transaction)
+                if not self._judge_again(transaction, now):
+                    unreached.add(transaction.caller)
+            elif not self._deliver(transaction):
+                unreached.add(transaction.caller)
 
-    def _judge_again(self, transaction: Transaction, now: float) -> None:
+    def _judge_again(self, transaction: Transaction, now: float) -> bool:
+        """Judge a waiting transaction again, and deliver its report once it
+        is decided; False when that delivery failed."""
         findings = judge(
             self.catalog, self.online, transaction.references, self.require_offsite
         )
         if not settle(transaction, findings, now, deliver_after=now):
-            return
+            return True
 
         def decide(stored: Transaction) -> bool:
             if stored.state != commitments.WAITING:
@@ -123,9 +129,10 @@ class Reporter:
             len(transaction.committed),
             len(transaction.failed),
         )
-        self._deliver(transaction)
+        return self._deliver(transaction)
 
-    def _deliver(self, transaction: Transaction) -> None:
+    def _deliver(self, transaction: Transaction) -> bool:
+        """Send the report on a new association; whether it was delivered."""
         peer = self.config.peer(transaction.caller)
         try:
             if peer is None:
@@ -135,11 +142,11 @@ class Reporter:
             deliver(self.config, peer, transaction)
         except Undelivered as exc:
             self._retry_later(transaction, str(exc))
-            return
+            return False
         except Exception as exc:  # a report is never lost to a surprise
             logger.exception("storage commitment %s: delivery failed", transaction.uid)
             self._retry_later(transaction, f"{type(exc).__name__}: {exc}")
-            return
+            return False
         commitments.mark_reported(self.catalog, transaction.uid, time.time())
         logger.info(
             "storage commitment %s: report (event type %d) delivered to %s "
@@ -150,6 +157,7 @@ class Reporter:
             peer.host,
             peer.port,
         )
+        return True
 
     def _retry_later(self, transaction: Transaction, error: str) -> None:
         attempts = transaction.attempts + 1
