@@ -99,6 +99,7 @@ def serve(
 def status(config_file: Path | None, data_dir: str | None, as_json: bool) -> None:
     """Counts of patients, studies, series and instances, and tier usage."""
     config = _load(config_file, {"storage.data_dir": data_dir})
+    from appliance.catalog import commitments
     from appliance.catalog.store import Catalog
     from appliance.storage.online import OnlineTier
 
@@ -119,6 +120,7 @@ def status(config_file: Path | None, data_dir: str | None, as_json: bool) -> Non
         click.echo(str(exc), err=True)
         sys.exit(1)
     counts = catalog.counts()
+    reports = commitments.pending_count(catalog)
     catalog.close()
     online = OnlineTier(config.online_path)
     free = online.usage()[1] if config.online_path.exists() else 0
@@ -143,6 +145,7 @@ def status(config_file: Path | None, data_dir: str | None, as_json: bool) -> Non
         if restore is not None:
             report["restore"] = restore
         report["scrub"] = _scrub_numbers(config)
+        report["commitment"] = {"pending_reports": reports}
         click.echo(json.dumps(report, indent=2))
         return
 
@@ -174,6 +177,8 @@ def status(config_file: Path | None, data_dir: str | None, as_json: bool) -> Non
         click.echo(
             f"ALARM: {lost} instance(s) with no good copy left: appliance scrub report"
         )
+    if reports:
+        click.echo(f"storage commitment: {reports} report(s) not delivered yet")
     click.echo("studies, capacity and watermarks per tier: appliance tiers")
 
 

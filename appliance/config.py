@@ -425,6 +425,45 @@ KEYS: tuple[Key, ...] = (
         _ae_title_list,
     ),
     Key(
+        "commitment",
+        "require_offsite",
+        False,
+        "Storage commitment reports an instance committed only once its copy "
+        "on the off-site mirror is verified, too (not only its online copy).",
+        _boolean,
+    ),
+    Key(
+        "commitment",
+        "timeout",
+        3600.0,
+        "Seconds a commitment request waits for off-site copies (with "
+        "require_offsite); then instances still without one are reported failed.",
+        _seconds,
+    ),
+    Key(
+        "commitment",
+        "retry_initial",
+        10.0,
+        "Seconds before a report that could not be delivered is tried again; "
+        "the wait doubles after every failed attempt.",
+        _seconds,
+    ),
+    Key(
+        "commitment",
+        "retry_max",
+        600.0,
+        "Longest wait, in seconds, between two attempts to deliver a report.",
+        _seconds,
+    ),
+    Key(
+        "commitment",
+        "retention_days",
+        30,
+        "Days a commitment transaction is remembered (a repeated request is "
+        "answered with the same result) and an undelivered report is retried.",
+        _integer(1, 3650),
+    ),
+    Key(
         "volumes",
         "kind",
         "directory",
@@ -882,7 +921,10 @@ KEYS: tuple[Key, ...] = (
 PEER_KEYS: dict[str, tuple[Callable[[Any], str | None], str]] = {
     "ae_title": (_ae_title, "The peer's AE title."),
     "host": (_text, "Host name or address the peer connects from and listens on."),
-    "port": (_integer(1, 65535), "The peer's DICOM port (C-MOVE destination)."),
+    "port": (
+        _integer(1, 65535),
+        "The peer's DICOM port (C-MOVE destination, storage commitment reports).",
+    ),
 }
 
 
@@ -1097,6 +1139,7 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> C
     problems += _check_references(values, peers)
     problems += _check_watermarks(values)
     problems += _check_mirror(values)
+    problems += _check_commitment(values)
     problems += _check_ports(values)
     default = Config(values).default_prior_rule
     prior_rules, prior_problems = selection.parse_rules(
@@ -1143,6 +1186,16 @@ def _check_mirror(values: dict[str, Any]) -> list[tuple[str, str]]:
         for name in ("host", "user", "key_file", "known_hosts")
         if not values.get(f"mirror.{name}")
     ]
+
+
+def _check_commitment(values: dict[str, Any]) -> list[tuple[str, str]]:
+    """Without replication no off-site copy ever comes: every request would
+    wait for commitment.timeout and then fail."""
+    if values.get("commitment.require_offsite") and not values.get(
+        "replication.enabled"
+    ):
+        return [("commitment.require_offsite", "needs replication.enabled = true")]
+    return []
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

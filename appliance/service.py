@@ -27,6 +27,7 @@ from typing import Any
 from appliance import logs, notify
 from appliance.catalog.store import Catalog
 from appliance.children import die_with_parent
+from appliance.commitment.process import CommitmentSupervisor
 from appliance.config import Config
 from appliance.dicom.handoff import HandoffServer, send_connection
 from appliance.dicom.node import Node, configure_pynetdicom
@@ -164,13 +165,16 @@ def _serve(
         len(workers),
         config.data_dir,
     )
-    migrations = replication = restore = None
+    migrations = replication = restore = commitment = None
     # The accept loop turns at least every half second; a loop that stops
     # turning withholds the watchdog heartbeat, and systemd restarts us.
     alive = notify.Liveness(max_age=_LOOP_STALLED)
     heartbeat = notify.Heartbeat(alive)
     try:
         migrations = scheduler.start(config)
+        # Storage commitment reports that workers could not deliver.
+        commitment = CommitmentSupervisor(config)
+        commitment.start()
         if config.get("replication.enabled"):
             replication = Supervisor(config)
             replication.start()
@@ -199,6 +203,8 @@ def _serve(
             replication.stop()
         if restore is not None:
             restore.stop()
+        if commitment is not None:
+            commitment.stop()
         if migrations is not None:
             # A running migration child is a daemon: it stops with us, and
             # its next run resumes (every step is idempotent).

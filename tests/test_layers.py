@@ -76,6 +76,9 @@ FORBIDDEN = {
     # The HTTP server is a front end beside the DICOM node: it reuses the
     # node's query code, and nothing below imports it.
     "appliance.web": ("appliance.service", "appliance.cli"),
+    # Storage commitment judges and reports from the catalog and the tiers;
+    # the worker's N-ACTION handler (in the DICOM node) uses it, not the reverse.
+    "appliance.commitment": ("appliance.dicom", "appliance.service", "appliance.cli"),
     # An export sends through the DICOM layer; nothing above it.
     "appliance.export": ("appliance.service", "appliance.cli"),
     # Hardware checks and sizing read the host and the configuration only.

@@ -27,6 +27,9 @@ Named databases (keys and values are UTF-8; values are compact JSON)::
                          with the RIS's orders (only while there are any)
     mismatches           StudyInstanceUID -> why it matches no order
     hits                 prior | appointment start -> online when first retrieved?
+    commitments          Transaction UID -> a storage commitment request, its
+                         result and the delivery of its report
+    commitments.pending  Transaction UID -> "": those not reported yet
 
 A study record counts, per tier, the instances that have a verified copy
 there (``copies``), so that migration policies see where a study is
@@ -78,6 +81,8 @@ _DATABASES = (
     "arrivals",
     "mismatches",
     "hits",
+    "commitments",
+    "commitments.pending",
 )
 _INDEXES = (
     "idx.study.patient",

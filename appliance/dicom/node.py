@@ -1,8 +1,9 @@
 """The DICOM node of one worker process: its AE, contexts and event handlers.
 
 Verification, Storage (every SOP class, private ones too, with every
-transfer syntax the requester proposes) and Query/Retrieve (Patient Root
-and Study Root: FIND, MOVE, GET). Each association gets one log line when
+transfer syntax the requester proposes), Query/Retrieve (Patient Root
+and Study Root: FIND, MOVE, GET) and Storage Commitment Push Model
+(``commitment.py``). Each association gets one log line when
 it ends, with the caller and what it did; failures get their own line.
 """
 
@@ -22,6 +23,7 @@ from pydicom.uid import UID
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
+    DEFAULT_TRANSFER_SYNTAXES,
     StoragePresentationContexts,
     _config,
     evt,
@@ -32,7 +34,7 @@ from pynetdicom.dul import DULServiceProvider
 
 from appliance.catalog.store import Catalog
 from appliance.config import Config
-from appliance.dicom import retrieve
+from appliance.dicom import commitment, retrieve
 from appliance.dicom.access import AccessControl, Permissions
 from appliance.dicom.admission import MAX_REQUEST
 from appliance.hsm.recall import Recaller
@@ -42,6 +44,7 @@ from appliance.storage.online import OnlineTier
 logger = logging.getLogger(__name__)
 
 VERIFICATION = "1.2.840.10008.1.1"
+STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
 # Patient Root and Study Root Query/Retrieve: FIND, MOVE, GET (PS3.4 C.6).
 QUERY_RETRIEVE_CLASSES = (
     "1.2.840.10008.5.1.4.1.2.1.1",
@@ -91,6 +94,7 @@ def configure_pynetdicom() -> None:
     _config.LOG_HANDLER_LEVEL = "none"
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     retrieve.install()
+    commitment.install()
     _guard_message_decoding()
     _guard_pdu_reading()
 
@@ -271,6 +275,7 @@ class Node:
         self._total_associations = total_associations
         self._activity: dict[int, _Activity] = {}
         self._lock = threading.Lock()
+        self.commitment = commitment.CommitmentSCP(self)
 
     # -- the AE -------------------------------------------------------------
 
@@ -298,6 +303,14 @@ class Node:
                 scu_role=True,
                 scp_role=True,
             )
+        # Storage Commitment Push Model: the requester is the SCU, whose
+        # association also carries the report back (PS3.4 J.3).
+        ae.add_supported_context(
+            STORAGE_COMMITMENT,
+            DEFAULT_TRANSFER_SYNTAXES,
+            scu_role=True,
+            scp_role=False,
+        )
         return ae
 
     def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
@@ -307,6 +320,7 @@ class Node:
             (evt.EVT_CONN_CLOSE, self._on_closed_connection),
             (evt.EVT_C_ECHO, lambda event: 0x0000),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_N_ACTION, self.commitment.on_action),
         ]
 
     # -- associations -----------------------------------------------------------
@@ -321,6 +335,10 @@ class Node:
     def may_query(self, assoc: Association) -> bool:
         activity = self._activity.get(id(assoc))
         return bool(activity and activity.permissions and activity.permissions.query)
+
+    def may_store(self, assoc: Association) -> bool:
+        activity = self._activity.get(id(assoc))
+        return bool(activity and activity.permissions and activity.permissions.store)
 
     def count_query(self, assoc: Association) -> None:
         """Count a C-FIND for the association's closing log line."""

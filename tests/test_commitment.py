@@ -1,0 +1,632 @@
+"""Storage Commitment Push Model SCP against a real ``appliance serve``.
+
+The requester is pynetdicom: it sends the N-ACTION as SCU and runs its own
+SCP on a free loopback port, registered as a [[peers]] entry, for reports
+that come on a new association.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import generate_uid
+from pynetdicom import AE, build_role, evt
+
+from appliance.catalog import commitments
+from appliance.catalog.commitments import Transaction
+from appliance.catalog.store import Catalog
+from appliance.commitment.process import Reporter
+from appliance.config import Config, Peer
+from appliance.config import defaults as config_defaults
+from appliance.config import load as config_load
+from appliance.errors import ConfigError
+from tests import dicom_client as client
+from tests.conftest import Appliance, free_port
+from tests.datasets import study_files
+
+COMMITMENT = "1.2.840.10008.1.20.1"
+COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
+MODALITY = "MODALITY"
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
+QUICK_RETRIES = {"retry_initial": 0.2, "retry_max": 0.5}
+
+
+@dataclass
+class Report:
+    """One N-EVENT-REPORT the requester received."""
+
+    event_type: int
+    information: Dataset
+    # "same": on the association of the request; "new": on one the
+    # appliance opened.
+    how: str
+    calling_ae: str = ""
+
+    @property
+    def transaction_uid(self) -> str:
+        return str(self.information.TransactionUID)
+
+    def committed(self) -> set[tuple[str, str]]:
+        items = self.information.get("ReferencedSOPSequence", [])
+        return {_pair(item) for item in items}
+
+    def failed(self) -> dict[tuple[str, str], int]:
+        items = self.information.get("FailedSOPSequence", [])
+        return {_pair(item): int(item.FailureReason) for item in items}
+
+
+def _pair(item: Dataset) -> tuple[str, str]:
+    return str(item.ReferencedSOPClassUID), str(item.ReferencedSOPInstanceUID)
+
+
+class Requester:
+    """A modality asking for storage commitment, with its report SCP."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.reports: queue.Queue[Report] = queue.Queue()
+        self._server = None
+
+    @property
+    def peer(self) -> dict[str, object]:
+        return {"ae_title": MODALITY, "host": "127.0.0.1", "port": self.port}
+
+    def listen(self) -> None:
+        ae = AE(ae_title=MODALITY)
+        ae.add_supported_context(COMMITMENT, scu_role=False, scp_role=True)
+        self._server = ae.start_server(
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_new_association)],
+        )
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def _on_new_association(self, event: evt.Event) -> tuple[int, None]:
+        calling = event.assoc.requestor.ae_title.strip()
+        self.reports.put(
+            Report(event.event_type, event.event_information, "new", calling)
+        )
+        return 0x0000, None
+
+    def request(
+        self,
+        appliance_port: int,
+        information: Dataset,
+        keep_open: bool = True,
+        action_type: int = 1,
+        instance: str = COMMITMENT_INSTANCE,
+        roles: list | None = None,
+    ) -> int:
+        """Send an N-ACTION; with ``keep_open``, wait on the association for
+        the report before releasing. The N-ACTION status."""
+        ae = AE(ae_title=MODALITY)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        ae.add_requested_context(COMMITMENT)
+        got_report = []
+
+        def on_report(event: evt.Event) -> tuple[int, None]:
+            report = Report(event.event_type, event.event_information, "same")
+            got_report.append(report)
+            self.reports.put(report)
+            return 0x0000, None
+
+        handlers = [(evt.EVT_N_EVENT_REPORT, on_report)] if keep_open else []
+        assoc = ae.associate(
+            "127.0.0.1",
+            appliance_port,
+            ae_title="APPLIANCE",
+            evt_handlers=handlers,
+            ext_neg=roles or [],
+        )
+        assert assoc.is_established
+        try:
+            status, _reply = assoc.send_n_action(
+                information, action_type, COMMITMENT, instance
+            )
+            deadline = time.monotonic() + 30
+            while keep_open and not got_report and time.monotonic() < deadline:
+                time.sleep(0.02)
+        finally:
+            assoc.release()
+        return int(status.Status)
+
+    def next_report(self, timeout: float = 60) -> Report:
+        try:
+            return self.reports.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError("no storage commitment report arrived") from None
+
+    def no_report(self, wait: float) -> None:
+        try:
+            extra = self.reports.get(timeout=wait)
+        except queue.Empty:
+            return
+        raise AssertionError(f"unexpected report: {extra}")
+
+
+def action_information(
+    transaction_uid: str | None, references: list[tuple[str, str]]
+) -> Dataset:
+    information = Dataset()
+    if transaction_uid is not None:
+        information.TransactionUID = transaction_uid
+    items = []
+    for sop_class, uid in references:
+        item = Dataset()
+        item.ReferencedSOPClassUID = sop_class
+        item.ReferencedSOPInstanceUID = uid
+        items.append(item)
+    information.ReferencedSOPSequence = Sequence(items)
+    return information
+
+
+def store(appliance: Appliance, directory: Path, label: str, count: int) -> list:
+    """Store ``count`` new instances; their (SOP Class, SOP Instance) UIDs."""
+    files = study_files(directory / label, label, count, pixel_bytes=2_000)
+    assert set(client.store_files(appliance.port, files).values()) == {0}
+    return [_references(path) for path in files]
+
+
+def _references(path: Path) -> tuple[str, str]:
+    dataset = pydicom.dcmread(path, stop_before_pixels=True)
+    return str(dataset.SOPClassUID), str(dataset.SOPInstanceUID)
+
+
+def wait_for_log(appliance: Appliance, text: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in appliance.log():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{text!r} not in the log:\n{appliance.log()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def requester() -> Iterator[Requester]:
+    modality = Requester(free_port())
+    modality.listen()
+    yield modality
+    modality.stop()
+
+
+@pytest.fixture(scope="module")
+def appliance(
+    tmp_path_factory: pytest.TempPathFactory, requester: Requester
+) -> Iterator[Appliance]:
+    directory = tmp_path_factory.mktemp("commitment")
+    node = Appliance(
+        directory,
+        {
+            "migration": {"enabled": False},
+            "replication": {"enabled": False},
+            "commitment": QUICK_RETRIES,
+        },
+        peers=[requester.peer],
+    )
+    node.start()
+    yield node
+    node.stop()
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_reports(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    if "requester" in request.fixturenames:
+        modality = request.getfixturevalue("requester")
+        while not modality.reports.empty():
+            modality.reports.get_nowait()
+
+
+def test_all_stored_is_event_type_1_on_the_same_association(
+    appliance: Appliance, requester: Requester, tmp_path: Path
+) -> None:
+    stored = store(appliance, tmp_path, "all-stored", 3)
+    transaction = generate_uid()
+
+    status = requester.request(appliance.port, action_information(transaction, stored))
+
+    assert status == 0x0000
+    report = requester.next_report()
+    assert report.how == "same"
+    assert report.event_type == 1
+    assert report.transaction_uid == transaction
+    assert report.committed() == set(stored)
+    assert "FailedSOPSequence" not in report.information
+    assert report.information.RetrieveAETitle == "APPLIANCE"
+    requester.no_report(wait=1.0)
+
+
+def test_a_requester_proposing_the_scu_role_gets_its_report_the_same_way(
+    appliance: Appliance, requester: Requester, tmp_path: Path
+) -> None:
+    stored = store(appliance, tmp_path, "with-roles", 1)
+    roles = [build_role(COMMITMENT, scu_role=True, scp_role=False)]
+
+    status = requester.request(
+        appliance.port, action_information(generate_uid(), stored), roles=roles
+    )
+
+    assert status == 0x0000
+    report = requester.next_report()
+    assert (report.how, report.event_type) == ("same", 1)
+
+
+def test_unknown_instance_and_wrong_class_fail_with_their_reasons(
+    appliance: Appliance, requester: Requester, tmp_path: Path
+) -> None:
+    stored = store(appliance, tmp_path, "one-unknown", 3)
+    unknown = (CT_IMAGE, generate_uid())
+    wrong_class = (MR_IMAGE, stored[2][1])
+    references = [stored[0], unknown, stored[1], wrong_class]
+
+    status = requester.request(
+        appliance.port, action_information(generate_uid(), references)
+    )
+
+    assert status == 0x0000
+    report = requester.next_report()
+    assert report.how == "same"
+    assert report.event_type == 2
+    assert report.committed() == {stored[0], stored[1]}
+    assert report.failed() == {unknown: 0x0112, wrong_class: 0x0119}
+
+
+def test_an_instance_whose_online_file_is_gone_is_not_committed(
+    appliance: Appliance, requester: Requester, tmp_path: Path
+) -> None:
+    objects = appliance.data_dir / "online" / "objects"
+    before = set(objects.rglob("*.dcm"))
+    [kept, lost] = store(appliance, tmp_path, "file-gone", 2)
+    [first, second] = sorted(set(objects.rglob("*.dcm")) - before)
+    lost_file = first if _references(first) == lost else second
+    lost_file.unlink()
+
+    status = requester.request(
+        appliance.port, action_information(generate_uid(), [kept, lost])
+    )
+
+    assert status == 0x0000
+    report = requester.next_report()
+    assert report.event_type == 2
+    assert report.committed() == {kept}
+    assert report.failed() == {lost: 0x0110}
+
+
+def test_report_comes_on_a_new_association_when_the_requester_leaves(
+    appliance: Appliance, requester: Requester, tmp_path: Path
+) -> None:
+    stored = store(appliance, tmp_path, "left-at-once", 2)
+    transaction = generate_uid()
+
+    status = requester.request(
+        appliance.port, action_information(transaction, stored), keep_open=False
+    )
+
+    assert status == 0x0000
+    report = requester.next_report()
+    assert report.how == "new"
+    assert report.calling_ae == "APPLIANCE"
+    assert report.event_type == 1
+    assert report.transaction_uid == transaction
+    assert report.committed() == set(stored)
+    wait_for_log(appliance, f"storage commitment {transaction}: report (event")
+
+
+def test_a_request_whose_worker_died_is_finished_by_the_commitment_process(
+    appliance: Appliance, requester: Requester, tmp_path: Path
+) -> None:
+    stored = store(appliance, tmp_path, "orphaned", 2)
+    now = time.time()
+    # As a worker leaves a request when it dies between its answer and the
+    # judging: recorded, not judged, its hold over.
+    orphaned = Transaction(
+        generate_uid(),
+        MODALITY,
+        [list(reference) for reference in stored],
+        received=now,
+        deadline=now + 3600,
+    )
+    catalog = Catalog(appliance.data_dir / "catalog")
+    try:
+        commitments.open_transaction(catalog, orphaned)
+    finally:
+        catalog.close()
+
+    report = requester.next_report()
+
+    assert report.how == "new"
+    assert report.transaction_uid == orphaned.uid
+    assert report.event_type == 1
+    assert report.committed() == set(stored)
+
+
+def test_repeated_transaction_uid_gets_the_first_result(
+    appliance: Appliance, requester: Requester, tmp_path: Path
+) -> None:
+    stored = store(appliance, tmp_path, "repeat", 2)
+    later = study_files(tmp_path / "repeat-later", "repeat-later", 1)
+    late = _references(later[0])
+    transaction = generate_uid()
+    information = action_information(transaction, [*stored, late])
+
+    assert requester.request(appliance.port, information) == 0x0000
+    first = requester.next_report()
+    # Judged again, the request would now find every instance.
+    assert set(client.store_files(appliance.port, later).values()) == {0}
+    assert requester.request(appliance.port, information) == 0x0000
+    second = requester.next_report()
+
+    assert first.event_type == second.event_type == 2
+    assert first.failed() == second.failed() == {late: 0x0112}
+    assert first.committed() == second.committed() == set(stored)
+    log = appliance.log()
+    assert log.count(f"storage commitment {transaction} from") == 2
+    assert f"storage commitment {transaction} from MODALITY@" in log
+    assert "repeated (request 2)" in log
+
+
+def test_same_transaction_uid_for_other_instances_is_refused(
+    appliance: Appliance, requester: Requester, tmp_path: Path
+) -> None:
+    stored = store(appliance, tmp_path, "reused", 2)
+    transaction = generate_uid()
+    assert (
+        requester.request(appliance.port, action_information(transaction, stored[:1]))
+        == 0x0000
+    )
+    requester.next_report()
+
+    status = requester.request(
+        appliance.port, action_information(transaction, stored), keep_open=False
+    )
+
+    assert status == 0x0110
+    requester.no_report(wait=1.0)
+
+
+@pytest.mark.parametrize(
+    ("information", "action_type", "instance", "expected"),
+    [
+        (action_information(None, [(CT_IMAGE, "1.2.3")]), 1, None, 0x0115),
+        (action_information("1.2.x", [(CT_IMAGE, "1.2.3")]), 1, None, 0x0115),
+        (action_information("1.2.3.4", []), 1, None, 0x0115),
+        (action_information("1.2.3.5", [(CT_IMAGE, "")]), 1, None, 0x0115),
+        (action_information("1.2.3.6", [("", "1.2.3")]), 1, None, 0x0115),
+        (action_information("1.2.3.7", [(CT_IMAGE, "1.2.3")]), 2, None, 0x0123),
+        (action_information("1.2.3.8", [(CT_IMAGE, "1.2.3")]), 1, "1.2.3", 0x0112),
+    ],
+    ids=[
+        "no-transaction",
+        "bad-transaction",
+        "no-references",
+        "no-instance",
+        "no-class",
+        "action-type",
+        "instance",
+    ],
+)
+def test_malformed_requests_get_an_error_status_and_one_log_line(
+    appliance: Appliance,
+    requester: Requester,
+    information: Dataset,
+    action_type: int,
+    instance: str | None,
+    expected: int,
+) -> None:
+    before = appliance.log().count("storage commitment request from")
+
+    status = requester.request(
+        appliance.port,
+        information,
+        keep_open=False,
+        action_type=action_type,
+        instance=instance or COMMITMENT_INSTANCE,
+    )
+
+    assert status == expected
+    assert appliance.log().count("storage commitment request from") == before + 1
+    assert f"refused (0x{expected:04X})" in appliance.log()
+    assert client.echo(appliance.port) == 0x0000
+    requester.no_report(wait=0.2)
+
+
+def test_offsite_commitment_waits_for_replication(
+    appliance_factory, tmp_path: Path
+) -> None:
+    modality = Requester(free_port())
+    modality.listen()
+    try:
+        node = appliance_factory(
+            {
+                "migration": {"enabled": False},
+                "replication": {"batch_seconds": 1.0},
+                "commitment": {"require_offsite": True, **QUICK_RETRIES},
+            },
+            peers=[modality.peer],
+        ).start()
+        stored = store(node, tmp_path, "offsite", 3)
+        transaction = generate_uid()
+
+        status = modality.request(
+            node.port, action_information(transaction, stored), keep_open=False
+        )
+
+        assert status == 0x0000
+        report = modality.next_report(timeout=60)
+        assert report.how == "new"
+        assert report.event_type == 1
+        assert report.committed() == set(stored)
+        log = node.log()
+        assert "3 instance(s), 0 committed, 0 failed, 3 waiting" in log
+        assert f"{transaction}: decided after waiting for the mirror" in log
+    finally:
+        modality.stop()
+
+
+def test_a_pending_report_survives_a_restart(appliance_factory, tmp_path: Path) -> None:
+    # The requester's SCP is down: the report cannot be delivered yet.
+    modality = Requester(free_port())
+    settings = {
+        "migration": {"enabled": False},
+        "replication": {"enabled": False},
+        "commitment": QUICK_RETRIES,
+    }
+    node = appliance_factory(settings, peers=[modality.peer]).start()
+    stored = store(node, tmp_path, "restart", 2)
+    transaction = generate_uid()
+    status = modality.request(
+        node.port, action_information(transaction, stored), keep_open=False
+    )
+    assert status == 0x0000
+    wait_for_log(node, "attempt 2, next in")
+    node.stop()
+    assert node.status()["commitment"] == {"pending_reports": 1}
+
+    modality.listen()
+    try:
+        node.start()
+        report = modality.next_report()
+        assert report.how == "new"
+        assert report.transaction_uid == transaction
+        assert report.event_type == 1
+        assert report.committed() == set(stored)
+        modality.no_report(wait=2.0)
+        assert node.status()["commitment"] == {"pending_reports": 0}
+    finally:
+        modality.stop()
+
+
+# -- the commitment process and the catalog records, without a service ----------
+
+
+@pytest.fixture
+def reporting(tmp_path: Path) -> Iterator[tuple[Config, Catalog]]:
+    """A configuration whose only peer listens nowhere, and its catalog."""
+    values = config_defaults()
+    values["storage.data_dir"] = str(tmp_path / "data")
+    values["commitment.retry_initial"] = 5.0
+    values["commitment.retry_max"] = 12.0
+    values["commitment.retention_days"] = 1
+    settings = Config(values, peers=(Peer(MODALITY, "127.0.0.1", free_port()),))
+    catalog = Catalog(settings.catalog_path, 2**26)
+    yield settings, catalog
+    catalog.close()
+
+
+def _decided(received: float) -> Transaction:
+    reference = [CT_IMAGE, generate_uid()]
+    transaction = Transaction(generate_uid(), MODALITY, [reference], received)
+    transaction.decide([reference], [], deliver_after=0.0)
+    return transaction
+
+
+def test_an_unreachable_requester_is_tried_again_later_and_later(
+    reporting: tuple[Config, Catalog],
+) -> None:
+    settings, catalog = reporting
+    transaction = _decided(time.time())
+    commitments.open_transaction(catalog, transaction)
+    reporter = Reporter(settings, catalog)
+    waits = []
+    for _attempt in range(4):
+        started = time.time()
+        reporter.one_pass(threading.Event())
+        stored = commitments.get(catalog, transaction.uid)
+        assert stored is not None
+        waits.append(round(stored.deliver_after - started))
+        # Due again at once, as if the wait had passed.
+        commitments.update(catalog, transaction.uid, _due_now)
+
+    assert waits == [5, 10, 12, 12]
+    assert stored.attempts == 4
+    assert stored.state == commitments.DECIDED
+    assert "connection refused" in stored.last_error
+    assert [t.uid for t in commitments.pending(catalog)] == [transaction.uid]
+
+
+def _due_now(transaction: Transaction) -> bool:
+    transaction.deliver_after = 0.0
+    return True
+
+
+def test_a_report_undelivered_for_the_retention_time_is_given_up_then_forgotten(
+    reporting: tuple[Config, Catalog], caplog: pytest.LogCaptureFixture
+) -> None:
+    settings, catalog = reporting
+    old = _decided(time.time() - 2 * 86400)
+    recent = _decided(time.time())
+    recent.deliver_after = time.time() + 3600
+    for transaction in (old, recent):
+        commitments.open_transaction(catalog, transaction)
+
+    Reporter(settings, catalog).one_pass(threading.Event())
+
+    expired = commitments.get(catalog, old.uid)
+    assert expired is not None and expired.state == commitments.EXPIRED
+    assert f"storage commitment {old.uid}: report to MODALITY given up" in caplog.text
+    assert [t.uid for t in commitments.pending(catalog)] == [recent.uid]
+    assert commitments.prune(catalog, time.time() - 86400) == 1
+    assert commitments.get(catalog, old.uid) is None
+    assert commitments.get(catalog, recent.uid) is not None
+
+
+def test_a_transaction_uid_is_recorded_once(reporting: tuple[Config, Catalog]) -> None:
+    _settings, catalog = reporting
+    first = _decided(time.time())
+    first.state = commitments.REPORTED
+    commitments.open_transaction(catalog, first)
+    again = Transaction(first.uid, MODALITY, first.references, time.time())
+    other = Transaction(first.uid, MODALITY, [[CT_IMAGE, "1.2.3"]], time.time())
+
+    stored, new = commitments.open_transaction(catalog, again)
+    refused, new_too = commitments.open_transaction(catalog, other)
+
+    assert not new and not new_too
+    assert stored.requests == 2
+    assert stored.state == commitments.DECIDED  # its report is due again
+    assert stored.committed == first.committed
+    assert refused.references == first.references
+    assert commitments.get(catalog, first.uid).requests == 2  # type: ignore[union-attr]
+
+
+def test_require_offsite_needs_replication(tmp_path: Path) -> None:
+    path = tmp_path / "appliance.toml"
+    path.write_text(
+        "[commitment]\nrequire_offsite = true\n[replication]\nenabled = false\n"
+    )
+    with pytest.raises(ConfigError) as raised:
+        config_load(path)
+    assert [key for key, _why in raised.value.problems] == [
+        "commitment.require_offsite"
+    ]
+
+    path.write_text("[commitment]\nrequire_offsite = true\ntimeout = 600\n")
+    assert config_load(path).get("commitment.timeout") == 600
+
+
+def test_a_requester_not_reached_is_tried_once_per_pass(
+    reporting: tuple[Config, Catalog],
+) -> None:
+    settings, catalog = reporting
+    first, second = _decided(time.time()), _decided(time.time() + 1)
+    for transaction in (first, second):
+        commitments.open_transaction(catalog, transaction)
+
+    Reporter(settings, catalog).one_pass(threading.Event())
+
+    tried = [commitments.get(catalog, t.uid) for t in (first, second)]
+    assert [t.attempts for t in tried if t is not None] == [1, 0]
