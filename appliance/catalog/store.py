@@ -159,15 +159,41 @@ class Catalog:
             raise CatalogError(f"cannot open the catalog at {path}: {exc}") from exc
 
         if readonly:
-            self.db = {
-                name: self.env.open_db(name.encode(), create=False)
-                for name in (*_DATABASES, *_INDEXES)
-            }
+            self.db = self._open_existing(map_size)
         else:
             self.db = {name: self.env.open_db(name.encode()) for name in _DATABASES}
             for name in _INDEXES:
                 self.db[name] = self.env.open_db(name.encode(), dupsort=True)
         self._check_schema()
+
+    def _open_existing(self, map_size: int) -> dict[str, Any]:
+        """The databases of a catalog opened read-only. One written by an
+        older version lacks the databases added since: they are made (empty)
+        by opening it once for writing, as the service would at its start."""
+        names = (*_DATABASES, *_INDEXES)
+        try:
+            self.env.open_db(b"meta", create=False)
+        except lmdb.NotFoundError as exc:
+            raise CatalogError(f"{self.path} holds no catalog") from exc
+        try:
+            return {
+                name: self.env.open_db(name.encode(), create=False) for name in names
+            }
+        except lmdb.NotFoundError:
+            pass
+        self.env.close()
+        try:
+            Catalog(self.path, map_size).close()
+            self.env = self._open(self.path, map_size, readonly=True)
+            logger.info("catalog %s: databases added by this version made", self.path)
+            return {
+                name: self.env.open_db(name.encode(), create=False) for name in names
+            }
+        except (OSError, lmdb.Error, CatalogError) as exc:
+            raise CatalogError(
+                f"{self.path} was written by an older version and cannot be "
+                f"brought up to date ({exc}); start the service once on it"
+            ) from exc
 
     @staticmethod
     def _open(path: Path, map_size: int, readonly: bool) -> lmdb.Environment:
