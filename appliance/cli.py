@@ -13,6 +13,7 @@ import click
 from rich.table import Table
 
 from appliance import (
+    cli_audit,
     cli_dr,
     cli_export,
     cli_hardware,
@@ -318,5 +319,6 @@ for commands in (
     cli_hardware,
     cli_export,
     cli_scrub,
+    cli_audit,
 ):
     commands.register(main, _load)

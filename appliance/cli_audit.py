@@ -1,0 +1,118 @@
+"""Command line for the audit trail: ``appliance audit show``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from appliance.audit.log import AuditLog, Record
+from appliance.audit.messages import Summary, summarize
+from appliance.audit.trail import audit_folder
+from appliance.cli_shared import Loader, config_option, data_dir_option
+from appliance.terminal import console
+
+_OUTCOMES = {0: "success", 4: "minor failure", 8: "serious failure", 12: "major"}
+
+
+def register(main: click.Group, load: Loader) -> None:
+    """Add the ``audit`` commands to ``main``."""
+
+    @main.group(name="audit")
+    def audit() -> None:
+        """The audit trail: who stored, queried, retrieved or changed what."""
+
+    @audit.command()
+    @config_option
+    @data_dir_option
+    @click.option(
+        "--patient", "patient_id", help="Only records naming this patient ID."
+    )
+    @click.option(
+        "--since",
+        help="Only records from this time on: a date (2026-12-01, UTC) or a "
+        "date and time (2026-12-01T08:00:00Z).",
+    )
+    @click.option(
+        "--event",
+        "event_name",
+        help="Only this event, e.g. instances-stored, query, security-alert.",
+    )
+    @click.option("--json", "as_json", is_flag=True, help="One JSON object a line.")
+    def show(
+        config_file: Path | None,
+        data_dir: str | None,
+        patient_id: str | None,
+        since: str | None,
+        event_name: str | None,
+        as_json: bool,
+    ) -> None:
+        """List audit records, oldest first."""
+        config = load(config_file, {"storage.data_dir": data_dir})
+        start = _parse_since(since) if since else None
+        log = AuditLog(audit_folder(config))
+        chosen = _matching(log, patient_id, start, event_name)
+        if as_json:
+            for record, summary in chosen:
+                entry = {"name": record.event, **summary.as_json()}
+                click.echo(json.dumps(entry, ensure_ascii=False))
+            return
+        _print_table(list(chosen))
+
+
+def _parse_since(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(
+            "use a date such as 2026-12-01 or 2026-12-01T08:00:00Z",
+            param_hint="--since",
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _matching(
+    log: AuditLog,
+    patient_id: str | None,
+    start: datetime | None,
+    event_name: str | None,
+) -> Iterator[tuple[Record, Summary]]:
+    for record in log.records():
+        if event_name and record.event != event_name:
+            continue
+        if start and _time_of(record) < start:
+            continue
+        try:
+            summary = summarize(record.message)
+        except ValueError:
+            continue
+        if patient_id is not None and patient_id not in summary.patients:
+            continue
+        yield record, summary
+
+
+def _time_of(record: Record) -> datetime:
+    try:
+        return datetime.fromisoformat(record.time.replace("Z", "+00:00"))
+    except ValueError:
+        return datetime.min.replace(tzinfo=UTC)
+
+
+def _print_table(chosen: list[tuple[Record, Summary]]) -> None:
+    table = Table(title=f"Audit records: {len(chosen)}")
+    for column in ("time (UTC)", "event", "outcome", "user / AE", "patient", "study"):
+        table.add_column(column, overflow="fold")
+    for record, summary in chosen:
+        table.add_row(
+            summary.time.replace("T", " ").rstrip("Z"),
+            record.event,
+            _OUTCOMES.get(summary.outcome, str(summary.outcome)),
+            "\n".join(summary.users[:2]),
+            "\n".join(summary.patients),
+            "\n".join(summary.studies),
+        )
+    console.print(table)
