@@ -108,10 +108,10 @@ def _print_table(chosen: list[tuple[Record, Summary]]) -> None:
         table.add_column(column, overflow="fold")
     for record, summary in chosen:
         table.add_row(
-            summary.time.replace("T", " ").rstrip("Z"),
+            summary.time.replace("T", " ")[:19],
             record.event,
             _OUTCOMES.get(summary.outcome, str(summary.outcome)),
-            "\n".join(summary.users[:2]),
+            summary.users[0] if summary.users else "",
             "\n".join(summary.patients),
             "\n".join(summary.studies),
         )
