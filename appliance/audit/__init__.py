@@ -47,6 +47,7 @@ __all__ = [
     "security_alert",
     "study_copies_changed",
     "study_deleted",
+    "study_exported",
     "trail_of",
 ]
 
@@ -151,3 +152,20 @@ def study_copies_changed(
     trail.record(
         events.copies_changed(name, trail.ae_title, ref, action, description, outcome)
     )
+
+
+def study_exported(
+    target: Target,
+    catalog: Catalog,
+    study_uid: str,
+    destination: Peer,
+    failure: str = "",
+) -> None:
+    """A study sent to another archive by ``appliance export``."""
+    trail = trail_of(target)
+    if trail is None or not trail.enabled:
+        return
+    from appliance.audit.studies import study
+
+    ref = study(catalog, study_uid)
+    trail.record(events.exported(trail.ae_title, destination, ref, failure))
