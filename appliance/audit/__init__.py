@@ -44,6 +44,7 @@ __all__ = [
     "events",
     "patient_record_changed",
     "record",
+    "restore_finished",
     "security_alert",
     "study_copies_changed",
     "study_deleted",
@@ -169,3 +170,28 @@ def study_exported(
 
     ref = study(catalog, study_uid)
     trail.record(events.exported(trail.ae_title, destination, ref, failure))
+
+
+def restore_finished(
+    target: Target,
+    name: str,
+    source: str,
+    description: str,
+    failure: str = "",
+    catalog: Catalog | None = None,
+    study_uids: list[str] | None = None,
+) -> None:
+    """A restore (``name`` restore) or a restore drill (``name`` drill) ended;
+    the studies are named when given (a drill's sample, not a whole restore)."""
+    trail = trail_of(target)
+    if trail is None or not trail.enabled:
+        return
+    refs: list[StudyRef] = []
+    if catalog is not None and study_uids:
+        from appliance.audit.studies import study
+
+        refs = [study(catalog, uid) for uid in study_uids]
+    message = events.restore_activity(
+        name, trail.ae_title, source, description, refs, failure
+    )
+    trail.record(message)

@@ -214,7 +214,7 @@ def restore_activity(
 ) -> AuditMessage:
     """A restore (instances imported from the mirror or media, A.5.3.6) or a
     restore drill (instances read back and checked, A.5.3.3)."""
-    drill = name.startswith("drill")
+    drill = name == "drill"
     return AuditMessage(
         name=name,
         event_id=codes.INSTANCES_ACCESSED if drill else codes.IMPORT,
