@@ -42,6 +42,7 @@ __all__ = [
     "application_stopped",
     "codes",
     "events",
+    "instances_imported",
     "patient_record_changed",
     "record",
     "restore_finished",
@@ -195,3 +196,16 @@ def restore_finished(
         name, trail.ae_title, source, description, refs, failure
     )
     trail.record(message)
+
+
+def instances_imported(
+    target: Target, catalog: Catalog, sop_instance_uids: list[str], source: str
+) -> None:
+    """Files read in by ``appliance import``: one message per study."""
+    trail = trail_of(target)
+    if trail is None or not trail.enabled or not sop_instance_uids:
+        return
+    from appliance.audit.studies import studies_of_instances
+
+    for ref in studies_of_instances(catalog, sop_instance_uids):
+        trail.record(events.imported(trail.ae_title, source, ref))
