@@ -10,11 +10,13 @@ from pathlib import Path
 import click
 from rich.table import Table
 
+from appliance.audit import events
 from appliance.audit.log import AuditLog, Record
 from appliance.audit.messages import Summary, summarize
-from appliance.audit.trail import audit_folder
+from appliance.audit.sender import Position
+from appliance.audit.trail import Trail, audit_folder
 from appliance.cli_shared import Loader, config_option, data_dir_option
-from appliance.terminal import console
+from appliance.terminal import console, size
 
 _OUTCOMES = {0: "success", 4: "minor failure", 8: "serious failure", 12: "major"}
 
@@ -54,14 +56,37 @@ def register(main: click.Group, load: Loader) -> None:
         """List audit records, oldest first."""
         config = load(config_file, {"storage.data_dir": data_dir})
         start = _parse_since(since) if since else None
-        log = AuditLog(audit_folder(config))
-        chosen = _matching(log, patient_id, start, event_name)
+        trail = Trail.of(config)
+        chosen = list(_matching(trail.log, patient_id, start, event_name))
+        if trail.log.path.exists():
+            # Reading the audit log is itself audited (PS3.15 A.5.3.2).
+            used = events.audit_log_used(trail.ae_title, str(trail.log.path))
+            trail.record(used)
         if as_json:
             for record, summary in chosen:
                 entry = {"name": record.event, **summary.as_json()}
                 click.echo(json.dumps(entry, ensure_ascii=False))
             return
-        _print_table(list(chosen))
+        _print_table(chosen)
+
+    @audit.command()
+    @config_option
+    @data_dir_option
+    def status(config_file: Path | None, data_dir: str | None) -> None:
+        """Records in the audit log, how many were sent to the collector and
+        how many wait."""
+        config = load(config_file, {"storage.data_dir": data_dir})
+        log = AuditLog(audit_folder(config))
+        position = Position(log.folder)
+        waiting = sum(1 for _ in log.read_from(position.offset, 10**12))
+        transport = config.get("audit.syslog_transport")
+        click.echo(f"audit log: {log.path} ({size(log.size())})")
+        if transport == "off":
+            click.echo("syslog: off (audit.syslog_transport)")
+            return
+        where = f"{config.get('audit.syslog_host')} over {transport}"
+        click.echo(f"syslog: {position.sent} record(s) sent to {where}")
+        click.echo(f"waiting: {waiting} record(s)")
 
 
 def _parse_since(text: str) -> datetime:

@@ -5,6 +5,7 @@ collector was down and across a restart of the appliance."""
 from __future__ import annotations
 
 import json
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -157,15 +158,18 @@ def test_records_wait_for_the_collector_and_survive_a_restart(
             assert final == 0
         assert len(_show(appliance)) == 3  # kept while the collector is down
         assert collector.messages() == []
+        status = appliance.cli("audit", "status").stdout
+        assert "0 record(s) sent" in status
+        assert "waiting: 4 record(s)" in status  # audit show is recorded too
 
         collector.start()
-        assert len(collector.wait_for(3)) == 3
+        assert len(collector.wait_for(4)) == 4
         appliance.stop()
         appliance.start()
         dicom_client.find(appliance.port, _study_query(PatientID="NOBODY-3"))
-        got = collector.wait_for(6)
-        appliance.stop()
         got = collector.wait_for(7)
+        appliance.stop()
+        got = collector.wait_for(8)
     finally:
         collector.stop()
 
@@ -174,12 +178,14 @@ def test_records_wait_for_the_collector_and_survive_a_restart(
         ("110100", ["110120"]),
         ("110112", []),
         ("110112", []),
+        ("110101", []),
         ("110100", ["110121"]),
         ("110100", ["110120"]),
         ("110112", []),
         ("110100", ["110121"]),
     ]
-    assert [m.sequence for m in got] == list(range(1, 8))
+    assert [m.sequence for m in got] == list(range(1, 9))
+    assert len({ET.tostring(m.xml) for m in got}) == 8
     patients = [
         _objects(m, "2")[0].get("ParticipantObjectID")
         for m in got

@@ -53,6 +53,7 @@ STUDY_INSTANCE_UID = _dcm("110180", "Study Instance UID")
 SOP_CLASS_UID = _dcm("110181", "SOP Class UID")
 NODE_ID = _dcm("110182", "Node ID")
 PATIENT_NUMBER = Code("2", "RFC-3881", "Patient Number")
+URI = Code("12", "RFC-3881", "URI")
 
 # Audit Source Type Code (PS3.15 A.5.2, from RFC 3881): an application
 # server process.
@@ -73,4 +74,4 @@ IP_ADDRESS = "2"
 
 # ParticipantObjectTypeCode and ParticipantObjectTypeCodeRole (A.5.2.6).
 PERSON, SYSTEM_OBJECT = "1", "2"
-ROLE_PATIENT, ROLE_REPORT, ROLE_QUERY = "1", "3", "24"
+ROLE_PATIENT, ROLE_REPORT, ROLE_SECURITY_RESOURCE, ROLE_QUERY = "1", "3", "13", "24"

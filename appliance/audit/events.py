@@ -51,6 +51,24 @@ def application_activity(started: bool, ae_title: str) -> AuditMessage:
     )
 
 
+def audit_log_used(ae_title: str, log_path: str) -> AuditMessage:
+    """Someone read the audit log (A.5.3.2): ``appliance audit show``."""
+    log = ParticipantObject(
+        object_id=log_path,
+        id_type=codes.URI,
+        type_code=codes.SYSTEM_OBJECT,
+        role=codes.ROLE_SECURITY_RESOURCE,
+        name="audit log",
+    )
+    return AuditMessage(
+        name="audit-log-used",
+        event_id=codes.AUDIT_LOG_USED,
+        action=codes.READ,
+        participants=[_local_user(), _appliance(ae_title, False, codes.APPLICATION)],
+        objects=[log],
+    )
+
+
 def instances_stored(
     caller: Peer, ae_title: str, study: StudyRef | None, failure: str = ""
 ) -> AuditMessage:
@@ -274,7 +292,7 @@ def security_alert(
             object_id=peer.address or peer.ae_title,
             id_type=codes.NODE_ID,
             type_code=codes.SYSTEM_OBJECT,
-            role="13",  # Security Resource
+            role=codes.ROLE_SECURITY_RESOURCE,
             description=description,
         )
         objects.append(node)

@@ -112,6 +112,7 @@ class Sender:
         self._transport.close()
 
     def _run(self) -> None:
+        self._check_position()
         retry = FIRST_RETRY
         while True:
             records = self.log.read_from(self.position.offset, _BATCH)
@@ -132,6 +133,20 @@ class Sender:
                 continue
             retry = FIRST_RETRY
             self._note_up()
+
+    def _check_position(self) -> None:
+        """A log shorter than the saved offset was replaced by hand: send it
+        from the start rather than nothing at all."""
+        size = self.log.size()
+        if self.position.offset > size:
+            logger.error(
+                "audit: %s is shorter (%d bytes) than what was sent (%d); "
+                "sending it from the start",
+                self.log.path,
+                size,
+                self.position.offset,
+            )
+            self.position.offset = 0
 
     def _send(self, records: list[Record]) -> None:
         """Send ``records`` in order; the position follows each one sent and
