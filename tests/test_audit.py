@@ -285,3 +285,35 @@ def test_udp_delivery(tmp_path: Path) -> None:
     source = got[1].xml.find("AuditSourceIdentification")
     assert source is not None and source.get("AuditSourceID") == "ARCHIVE-1"
     assert codes.PATIENT_NUMBER.code == "2"
+
+
+def test_the_api_for_patient_changes_and_alerts(tmp_path: Path) -> None:
+    trail = Trail(tmp_path, "APPLIANCE")
+    ris = events.Peer("RIS", "192.0.2.3")
+    audit.patient_record_changed(
+        trail, codes.UPDATE, "PID-1", "Doe^Jane", "ADT^A08", source=ris
+    )
+    audit.patient_record_changed(
+        trail,
+        codes.UPDATE,
+        "PID-1",
+        description="ADT^A40",
+        other_patient_ids=["PID-OLD"],
+    )
+    audit.security_alert(trail, "TLS handshake failed", events.Peer("CT1", "::1"))
+    records = list(trail.log.records())
+    assert [r.event for r in records] == [
+        "patient-record",
+        "patient-record",
+        "security-alert",
+    ]
+    update, merge, alert = (summarize(r.message) for r in records)
+    assert (update.action, update.patients) == ("U", ["PID-1"])
+    assert update.users[0] == "RIS@192.0.2.3"
+    assert merge.patients == ["PID-1", "PID-OLD"]
+    assert alert.outcome == 4 and alert.users[0] == "CT1@::1"
+    root = ET.fromstring(records[2].message)
+    kind = root.find("EventIdentification/EventTypeCode")
+    assert kind is not None and kind.get("csd-code") == "110126"
+    point = root.find("ActiveParticipant[@UserID='CT1']")
+    assert point is not None and point.get("NetworkAccessPointTypeCode") == "2"
