@@ -317,3 +317,19 @@ def test_the_api_for_patient_changes_and_alerts(tmp_path: Path) -> None:
     assert kind is not None and kind.get("csd-code") == "110126"
     point = root.find("ActiveParticipant[@UserID='CT1']")
     assert point is not None and point.get("NetworkAccessPointTypeCode") == "2"
+
+
+def test_a_move_names_the_destination_and_the_requestor() -> None:
+    viewer = events.Peer("VIEWER", "192.0.2.20")
+    message = events.instances_retrieved(CALLER, "APPLIANCE", viewer, STUDY)
+    root = ET.fromstring(to_xml(message))
+    found = {}
+    for participant in root.findall("ActiveParticipant"):
+        role = participant.find("RoleIDCode")
+        code = role.get("csd-code") if role is not None else None
+        found[participant.get("UserID")] = (participant.get("UserIsRequestor"), code)
+    assert found == {
+        "APPLIANCE": ("false", "110153"),
+        "VIEWER": ("false", "110152"),
+        "MODALITY": ("true", None),
+    }
