@@ -16,7 +16,7 @@ from appliance.catalog.store import Catalog
 from appliance.hsm.migrator import Migrator
 from appliance.hsm.recall import Recaller
 from appliance.prefetch.intake import Intake
-from tests import test_scrub
+from tests import test_drills, test_scrub
 from tests.conftest import config_text
 from tests.datasets import study_files, uid
 from tests.hl7_samples import siu
@@ -25,6 +25,8 @@ from tests.test_scrub import PACKED, Site, flip_byte
 # The scrub tests' archive: two studies online, one packed on nearline,
 # both on a directory mirror.
 site = test_scrub.site
+# Three studies on a directory mirror, a fourth not replicated yet.
+origin = test_drills.origin
 
 
 def audit_records(data_dir: Path, event: str | None = None) -> list[Record]:
@@ -123,3 +125,17 @@ def test_an_hl7_sender_refused_again_and_again_is_an_alert(tmp_path: Path) -> No
     summary = summarize(alerts[0].message)
     assert "5 HL7 messages in a row refused from 192.0.2.9" in summary.description
     assert summary.outcome == 4
+
+
+def test_a_drill_names_its_sample(origin: test_drills.Origin) -> None:
+    done = test_drills._drill(origin.config_path, "--studies", "10")
+    assert done.returncode == 0, done.stderr
+
+    (drill,) = audit_records(origin.config.data_dir, "drill")
+    summary = summarize(drill.message)
+    assert sorted(summary.studies) == sorted(
+        uid("study", label) for label in ("ct", "mr", "us")
+    )
+    assert "P2" in summary.patients
+    assert summary.outcome == 0 and summary.action == "R"
+    assert "7 instance(s) of 3 studies" in summary.description
