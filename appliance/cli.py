@@ -13,6 +13,8 @@ import click
 from rich.table import Table
 
 from appliance import (
+    audit,
+    cli_audit,
     cli_dr,
     cli_export,
     cli_hardware,
@@ -233,6 +235,7 @@ def import_(
         sys.exit(1)
     ingest = Ingest(catalog, online, config.get("storage.duplicate_policy"))
     outcomes: Counter[str] = Counter()
+    imported: list[str] = []
     try:
         with progress_bar() as progress:
             task = progress.add_task("importing", total=len(files))
@@ -240,10 +243,13 @@ def import_(
                 result = ingest.import_file(path, "import")
                 if result.ok and result.outcome is not None:
                     outcomes[result.outcome.value] += 1
+                    imported.append(result.sop_instance_uid)
                 else:
                     refusals.append((path, result.reason))
                 progress.advance(task)
     finally:
+        source = ", ".join(str(path) for path in paths)
+        audit.instances_imported(config, catalog, imported, source)
         ingest.close()
         catalog.close()
 
@@ -325,5 +331,6 @@ for commands in (
     cli_export,
     cli_scrub,
     cli_web,
+    cli_audit,
 ):
     commands.register(main, _load)

@@ -34,6 +34,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 VOLUME_KINDS = ("directory", "tape", "optical")
 MIRROR_KINDS = ("directory", "sftp")
 MIRROR_CLIENTS = ("openssh", "paramiko")
+AUDIT_TRANSPORTS = ("off", "udp", "tls")
+AUDIT_FACILITIES = ("authpriv", "auth", "audit", *(f"local{n}" for n in range(8)))
 
 Check = Callable[[Any], str | None]
 
@@ -908,6 +910,76 @@ KEYS: tuple[Key, ...] = (
         "keep their share.",
         _number(0.01, 100000),
     ),
+    Key(
+        "audit",
+        "enabled",
+        True,
+        "Keep the audit trail: who stored, queried, retrieved, exported, "
+        "recalled, released or deleted what, in DICOM audit messages appended "
+        "to DATA_DIR/audit/audit.log (docs/audit.md).",
+        _boolean,
+    ),
+    Key(
+        "audit",
+        "syslog_transport",
+        "off",
+        "Also send each audit message to a syslog collector (an audit record "
+        "repository): off, udp (RFC 5426) or tls (RFC 5425).",
+        _one_of(AUDIT_TRANSPORTS),
+    ),
+    Key(
+        "audit",
+        "syslog_host",
+        "",
+        "The collector's host name or address; with tls, its certificate must name it.",
+        _text,
+    ),
+    Key(
+        "audit",
+        "syslog_port",
+        0,
+        "The collector's port; 0 for the usual one (514 for udp, 6514 for tls).",
+        _integer(0, 65535),
+    ),
+    Key(
+        "audit",
+        "ca_file",
+        "",
+        "tls: the CA certificate(s), PEM, the collector's certificate is "
+        "checked against.",
+        _text,
+    ),
+    Key(
+        "audit",
+        "certificate",
+        "",
+        "tls: the appliance's client certificate, PEM, for collectors that ask "
+        "for one; empty for none.",
+        _text,
+    ),
+    Key(
+        "audit",
+        "key",
+        "",
+        "tls: the private key of that certificate, PEM; empty if the "
+        "certificate file holds it.",
+        _text,
+    ),
+    Key(
+        "audit",
+        "source_id",
+        "",
+        "The AuditSourceID of every message; empty for node.ae_title.",
+        _text,
+    ),
+    Key(
+        "audit",
+        "facility",
+        "authpriv",
+        "The syslog facility: authpriv (10, as DICOM asks), auth, audit or "
+        "local0 to local7.",
+        _one_of(AUDIT_FACILITIES),
+    ),
     Key("logging", "level", "INFO", "Log level.", _one_of(LOG_LEVELS)),
     Key(
         "logging",
@@ -1141,6 +1213,7 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> C
     problems += _check_mirror(values)
     problems += _check_commitment(values)
     problems += _check_ports(values)
+    problems += _check_audit(values)
     default = Config(values).default_prior_rule
     prior_rules, prior_problems = selection.parse_rules(
         document.get("prior_rules"), default
@@ -1174,6 +1247,19 @@ def _check_ports(values: dict[str, Any]) -> list[tuple[str, str]]:
         values["hl7.port"] if values["hl7.enabled"] else None,
     ):
         problems.append(("web.port", "must differ from node.port and hl7.port"))
+    return problems
+
+
+def _check_audit(values: dict[str, Any]) -> list[tuple[str, str]]:
+    """A syslog collector needs its host; over TLS, a CA to check it with."""
+    transport = values.get("audit.syslog_transport")
+    problems = []
+    if transport in ("udp", "tls") and not values.get("audit.syslog_host"):
+        problems.append(("audit.syslog_host", f"is required for {transport}"))
+    if transport == "tls" and not values.get("audit.ca_file"):
+        problems.append(("audit.ca_file", "is required for tls"))
+    if values.get("audit.key") and not values.get("audit.certificate"):
+        problems.append(("audit.key", "needs audit.certificate"))
     return problems
 
 

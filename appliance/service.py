@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from multiprocessing.sharedctypes import SynchronizedArray
 from typing import Any
 
-from appliance import logs, notify
+from appliance import audit, logs, notify
+from appliance.audit import sender as audit_sender
 from appliance.catalog.store import Catalog
 from appliance.children import die_with_parent
 from appliance.commitment.process import CommitmentSupervisor
@@ -170,7 +171,13 @@ def _serve(
     # turning withholds the watchdog heartbeat, and systemd restarts us.
     alive = notify.Liveness(max_age=_LOOP_STALLED)
     heartbeat = notify.Heartbeat(alive)
+    # Audit messages go to the collector from this thread, never from the
+    # workers that serve associations.
+    audit_delivery = audit_sender.from_config(config)
     try:
+        if audit_delivery is not None:
+            audit_delivery.start()
+        audit.application_started(config)
         migrations = scheduler.start(config)
         # Storage commitment reports that workers could not deliver.
         commitment = CommitmentSupervisor(config)
@@ -210,6 +217,9 @@ def _serve(
             # its next run resumes (every step is idempotent).
             migrations.shutdown(wait=False)
         _stop_workers(workers)
+        audit.application_stopped(config)
+        if audit_delivery is not None:
+            audit_delivery.stop()
     logger.info("appliance stopped")
     return 0
 

@@ -23,6 +23,7 @@ from pynetdicom.dsutils import decode
 from pynetdicom.service_class import QueryRetrieveServiceClass
 
 from appliance import part10
+from appliance.audit import dicom as audit_dicom
 from appliance.catalog.query import Query, Row, find
 from appliance.catalog.records import text_of
 from appliance.catalog.store import Catalog
@@ -76,6 +77,7 @@ def serve(
             exc,
         )
         _respond(service, req, context, UNABLE_TO_PROCESS, None, "cannot decode")
+        _audit(node, service.assoc, req, syntax, None, "cannot decode")
         return
 
     answers = answer_find(
@@ -86,11 +88,32 @@ def serve(
         lambda: service.is_cancelled(message_id),
         syntax,
     )
+    failure = ""
     for status, encoded, comment in answers:
         if not service.assoc.is_established:
-            return
+            failure = "association ended before the last response"
+            break
         _respond(service, req, context, status, encoded, comment)
         _wait_until_sent(service.assoc)
+        if status not in (SUCCESS, PENDING, 0xFF01, CANCELLED):
+            failure = comment or f"status 0x{status:04X}"
+    _audit(node, service.assoc, req, syntax, identifier, failure)
+
+
+def _audit(
+    node: Node,
+    assoc: Association,
+    req: C_FIND,
+    syntax: UID,
+    identifier: Dataset | None,
+    failure: str,
+) -> None:
+    raw = req.Identifier.getvalue() if req.Identifier else b""
+    caller = audit_dicom.peer_of(assoc)
+    sop_class = str(req.AffectedSOPClassUID)
+    audit_dicom.query_answered(
+        node.audit, caller, sop_class, raw, str(syntax), identifier, failure
+    )
 
 
 def decode_identifier(req: C_FIND | C_GET | C_MOVE, syntax: UID) -> Dataset:

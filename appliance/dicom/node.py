@@ -14,7 +14,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 
+from appliance import audit
+from appliance.audit import dicom as audit_dicom
 from appliance.catalog.store import Catalog
 from appliance.config import Config
 from appliance.dicom import commitment, retrieve
@@ -244,6 +246,7 @@ class _Activity:
     refused: int = 0
     queries: int = 0
     logged: bool = False
+    stores: audit_dicom.StoreTally = field(default_factory=audit_dicom.StoreTally)
 
 
 class ApplianceAE(AE):
@@ -272,6 +275,7 @@ class Node:
         self.recaller = recaller
         self.ae_title: str = config.get("node.ae_title").strip()
         self.access = AccessControl(config)
+        self.audit = audit.Trail.of(config)
         self._total_associations = total_associations
         self._activity: dict[int, _Activity] = {}
         self._lock = threading.Lock()
@@ -361,6 +365,8 @@ class Node:
         if refusal is not None:
             message, reason = refusal
             logger.warning("association from %s rejected: %s", caller, message)
+            peer = audit_dicom.peer_of(assoc)
+            audit.security_alert(self.audit, f"association rejected: {message}", peer)
             self._reject(assoc, reason)
             return
         if not permissions.query:
@@ -428,6 +434,8 @@ class Node:
             activity.refused,
             activity.queries,
         )
+        peer = audit_dicom.peer_of(event.assoc)
+        activity.stores.report(self.audit, self.catalog, peer)
 
     # -- services -----------------------------------------------------------------
 
@@ -452,6 +460,7 @@ class Node:
             activity.stored += 1
         else:
             activity.refused += 1
+        activity.stores.add(result.sop_instance_uid, result.ok, result.reason)
         return _status(result.status, result.reason)
 
 

@@ -35,6 +35,8 @@ from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.service_class import QueryRetrieveServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
+from appliance import audit
+from appliance.audit import dicom as audit_dicom
 from appliance.catalog import pins
 from appliance.catalog.query import Query, find
 from appliance.catalog.records import text_of
@@ -192,9 +194,21 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
             logger.warning("retrieve from %s: nothing sent, %s", caller, reason)
             self._final(req, context, ALL_FAILED, counts, reason)
         elif isinstance(req, C_GET):
-            self._get(req, context, items, caller)
+            counts = self._get(req, context, items, caller)
         elif peer is not None:
-            self._move(req, context, items, caller, peer)
+            counts = self._move(req, context, items, caller, peer)
+        else:
+            return
+        destination = audit.Peer(peer.ae_title, peer.host) if peer else None
+        audit_dicom.retrieved(
+            self.node.audit,
+            self.node.catalog,
+            audit_dicom.peer_of(self.assoc),
+            destination,
+            items,
+            counts.failed_uids,
+            counts.remaining,
+        )
 
     def _destination(
         self, req: C_MOVE, context: PresentationContext, caller: str
@@ -308,7 +322,7 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
 
     def _get(
         self, req: C_GET, context: PresentationContext, items: list[_Item], caller: str
-    ) -> None:
+    ) -> _Counts:
         counts = self._run(req, context, items, self.assoc, originator=None)
         logger.info(
             "C-GET from %s: %d sent, %d failed, %d not attempted",
@@ -317,6 +331,7 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
             counts.failed,
             counts.remaining,
         )
+        return counts
 
     # -- C-MOVE: sub-operations on a new association to the destination --
 
@@ -327,10 +342,10 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
         items: list[_Item],
         caller: str,
         peer: Peer,
-    ) -> None:
+    ) -> _Counts:
         if not items:
             self._final(req, context, SUCCESS, _Counts(0))
-            return
+            return _Counts(0)
 
         store = self._associate(peer.host, peer.port, peer.ae_title, items)
         if store is None:
@@ -344,7 +359,7 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
                 peer.port,
             )
             self._final(req, context, ALL_FAILED, counts, "destination unreachable")
-            return
+            return counts
 
         try:
             counts = self._run(req, context, items, store, originator=req)
@@ -359,6 +374,7 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
             counts.failed,
             counts.remaining,
         )
+        return counts
 
     def _associate(
         self, host: str, port: int, ae_title: str, items: list[_Item]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from appliance import audit
 from appliance.catalog import copies
 from appliance.catalog.copies import StudyCopies
 from appliance.catalog.records import InstanceRecord
@@ -162,11 +163,23 @@ class Exporter:
             release = not was_online and recalled.staged > 0
         else:
             release = False
+        counted = report.sent, len(report.refused) + len(report.not_sent)
         try:
             self._send_study(uid, records, recalled, report)
         finally:
+            self._audit(uid, report, *counted)
             if release:
                 self.migrator.release(uid, ONLINE)
+
+    def _audit(self, study_uid: str, report: Report, sent: int, missed: int) -> None:
+        sent = report.sent - sent
+        missed = len(report.refused) + len(report.not_sent) - missed
+        if not sent and not missed:
+            return
+        target = self.sender.destination
+        failure = f"{missed} instance(s) refused or not sent" if missed else ""
+        peer = audit.Peer(target.ae_title, target.host)
+        audit.study_exported(self.tiers.audit, self.catalog, study_uid, peer, failure)
 
     def _unsent(self, study_uid: str) -> list[InstanceRecord]:
         return [

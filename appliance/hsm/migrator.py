@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance import audit
+from appliance.audit import codes
 from appliance.catalog import copies
 from appliance.catalog.copies import PackRecord
 from appliance.catalog.records import InstanceRecord
@@ -120,6 +122,14 @@ class Migrator:
         outcome.instances = len(result.removed)
         logger.info(
             "study %s released from %s: %d copies", study_uid, tier, outcome.instances
+        )
+        audit.study_copies_changed(
+            self.tiers.audit,
+            "study-released",
+            self.catalog,
+            study_uid,
+            codes.DELETE,
+            f"{outcome.instances} copies released from {tier}",
         )
         return outcome
 

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance import audit
+from appliance.audit import codes
 from appliance.catalog import copies, requests
 from appliance.catalog.copies import PackRecord
 from appliance.catalog.records import InstanceRecord
@@ -134,7 +136,23 @@ class Recaller:
             self.catalog.touch_studies({study_uid})
             requests.study_recalled(self.catalog, study_uid)
         self._log(result, len(wanted))
+        self._audit(result, len(wanted))
         return result
+
+    def _audit(self, result: RecallResult, wanted: int) -> None:
+        if not result.staged and result.ok:
+            return
+        description = f"{result.staged} of {wanted} instance(s) recalled online"
+        outcome = codes.SUCCESS if result.ok else codes.MINOR_FAILURE
+        audit.study_copies_changed(
+            self.tiers.audit,
+            "study-recalled",
+            self.catalog,
+            result.study_uid,
+            codes.CREATE,
+            description,
+            outcome,
+        )
 
     def copy_out(self, record: InstanceRecord, destination: Path) -> bool:
         """Extract one instance from the nearest readable pack into

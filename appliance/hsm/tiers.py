@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from appliance.audit.trail import Trail
 from appliance.config import Config
 from appliance.storage.keys import DataKey, KeyStore, key_store_path
 from appliance.storage.nearline import NearlineTier
@@ -77,6 +78,8 @@ class Tiers:
     online: OnlineTier
     packs: dict[str, PackTier] = field(default_factory=dict)
     keys: KeyStore | None = None
+    # Where recalls, releases and repairs of copies are recorded.
+    audit: Trail | None = None
 
     def pack_tier(self, name: str) -> PackTier | None:
         return self.packs.get(name)
@@ -106,7 +109,7 @@ def open_tiers(config: Config, writer: bool = False, mirror: bool = False) -> Ti
         packs[OFFSITE] = _mirror_tier(config)
 
     keys = KeyStore.create_if_missing(key_store_path(config.data_dir))
-    return Tiers(online, packs, keys)
+    return Tiers(online, packs, keys, Trail.of(config))
 
 
 def _mirror_tier(config: Config) -> PackTier:

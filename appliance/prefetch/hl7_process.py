@@ -65,6 +65,7 @@ def serve_hl7(config: Config, sock: socket.socket) -> None:
     """Serve HL7 until SIGTERM (the child process's work)."""
     die_with_parent()
     logs.setup(config.get("logging.level"), config.get("logging.format"))
+    from appliance.audit.trail import Trail
     from appliance.catalog.store import Catalog
     from appliance.hl7.listener import Listener
     from appliance.prefetch.intake import Intake
@@ -73,7 +74,8 @@ def serve_hl7(config: Config, sock: socket.socket) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     catalog = Catalog(config.catalog_path, config.get("storage.catalog_max_size"))
-    listener = Listener(sock, Intake(catalog), settings(config))
+    intake = Intake(catalog, Trail.of(config))
+    listener = Listener(sock, intake, settings(config))
     try:
         listener.start()
         host, port = listener.address

@@ -14,6 +14,8 @@ import logging
 
 import hl7
 
+from appliance.audit.offenders import RepeatedRefusals
+from appliance.audit.trail import Trail
 from appliance.catalog.store import Catalog
 from appliance.errors import CatalogError
 from appliance.hl7 import acks, messages
@@ -26,8 +28,10 @@ logger = logging.getLogger(__name__)
 class Intake:
     """Handles one message at a time; safe to call from several threads."""
 
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(self, catalog: Catalog, trail: Trail | None = None) -> None:
         self.catalog = catalog
+        # A sender whose messages keep being refused becomes a security alert.
+        self.refusals = RepeatedRefusals(trail, "HL7")
 
     def __call__(self, raw: bytes, peer: str) -> bytes:
         parsed: hl7.Message | None = None
@@ -36,8 +40,11 @@ class Intake:
             schedule = messages.read(parsed)
             digest = hashlib.sha256(raw).hexdigest()
             ack = acks.accept(parsed)
-            return appointments.apply(self.catalog, schedule, ack, digest)
+            answer = appointments.apply(self.catalog, schedule, ack, digest)
+            self.refusals.accepted(peer)
+            return answer
         except MessageError as error:
+            self.refusals.refused(peer, error.reason)
             logger.warning(
                 "HL7 from %s refused with %s: %s%s",
                 peer,

@@ -15,10 +15,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance import logs
+from appliance import audit, logs
+from appliance.audit import codes
 from appliance.children import die_with_parent
 from appliance.config import Config
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, HostKeyError
 from appliance.replication.bandwidth import Limiter, parse_timetable
 from appliance.replication.replicator import Replicator, Settings
 from appliance.replication.transports import Transport, open_transport
@@ -139,6 +140,8 @@ def _replicate(
         transport, verifier = open_mirrors(config)
     except ApplianceError as exc:
         logger.error("cannot reach the mirror: %s", exc)
+        if isinstance(exc, HostKeyError):
+            _alert_host_key(config, str(exc))
         replication.set_mirror_mark(catalog, "last_error", f"{time.time():.0f} {exc}")
         stop.wait(_RETRY_START)
         return
@@ -158,3 +161,18 @@ def _replicate(
         transport.close()
         if verifier is not None:
             verifier.close()
+
+
+_alerted = ""
+
+
+def _alert_host_key(config: Config, problem: str) -> None:
+    """One security alert per distinct host key problem, not one per retry."""
+    global _alerted
+    if problem == _alerted:
+        return
+    _alerted = problem
+    mirror = audit.Peer("", config.get("mirror.host"))
+    audit.security_alert(
+        config, f"mirror host key: {problem}", mirror, outcome=codes.SERIOUS_FAILURE
+    )

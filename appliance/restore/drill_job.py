@@ -20,7 +20,7 @@ from pathlib import Path
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 
-from appliance import logs
+from appliance import audit, logs
 from appliance.catalog.store import Catalog
 from appliance.children import die_with_parent, run_child
 from appliance.config import Config
@@ -70,6 +70,16 @@ def perform(
         try:
             sample = choose_sample(catalog, studies, chance or random.SystemRandom())
             result = _restore(config, catalog, keys, scratch, sample, progress)
+            audit.restore_finished(
+                config,
+                "drill",
+                "mirror",
+                f"{result.instances} instance(s) of {len(result.studies)} "
+                "studies restored from the mirror and checked",
+                f"{len(result.failures)} problem(s)" if result.failures else "",
+                catalog,
+                result.studies,
+            )
         finally:
             catalog.close()
             shutil.rmtree(scratch, ignore_errors=True)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from appliance import audit
 from appliance.catalog.store import Catalog
 from appliance.config import Config
 from appliance.errors import StorageError
@@ -103,6 +104,14 @@ def run_data_phase(
     tracker.snapshot.report = str(path)
     tracker.state("done")
     _log_report(report, path)
+    problems = len(report.missing) + len(report.corrupt) + len(report.waiting)
+    audit.restore_finished(
+        config,
+        "restore",
+        report.source,
+        f"{len(report.restored)} instance(s) restored",
+        f"{problems} instance(s) missing, corrupt or waiting" if problems else "",
+    )
     return report
 
 

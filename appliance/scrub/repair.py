@@ -19,6 +19,8 @@ import hashlib
 import logging
 from pathlib import Path
 
+from appliance import audit
+from appliance.audit import codes
 from appliance.catalog import copies
 from appliance.catalog.copies import PackRecord
 from appliance.catalog.records import Copy, InstanceRecord
@@ -69,12 +71,15 @@ class Repairer:
                 uid,
                 record.study_uid,
             )
+            what = f"online copy of instance {uid} bad; no other copy could be read"
+            self._audit(record.study_uid, what, codes.SERIOUS_FAILURE)
             return False
         durable.move_into_place(temp, path, online.root)
         if not copies.set_copy_verified(self.catalog, uid, ONLINE, copy.location, True):
             online.remove(copy.location)  # released while it was rebuilt
             return False
         logger.warning("online copy of instance %s repaired from %s", uid, source)
+        self._audit(record.study_uid, f"online copy of {uid} repaired from {source}")
         return True
 
     def pack(self, pack: PackRecord, uids: list[str]) -> bool:
@@ -103,6 +108,10 @@ class Repairer:
                 pack.study_uid,
                 copied.problem,
             )
+            what = (
+                f"{pack.tier} pack {pack.pack_id} bad, not repaired: {copied.problem}"
+            )
+            self._audit(pack.study_uid, what, codes.SERIOUS_FAILURE)
             return False
 
         replaced = copies.drop_replaced(self.catalog, pack.pack_id)
@@ -119,7 +128,25 @@ class Repairer:
             copied.pack_id or "(none needed)",
             source,
         )
+        what = (
+            f"{pack.tier} pack {pack.pack_id} repaired: {copied.instances} "
+            f"instance(s) packed again into {copied.pack_id or '-'} from {source}"
+        )
+        self._audit(pack.study_uid, what)
         return True
+
+    def _audit(self, study_uid: str, what: str, outcome: int = codes.SUCCESS) -> None:
+        """Say what was repaired from where, or what could not be."""
+        name = "copy-repaired" if outcome == codes.SUCCESS else "copy-not-repaired"
+        audit.study_copies_changed(
+            self.tiers.audit,
+            name,
+            self.catalog,
+            study_uid,
+            codes.UPDATE,
+            what,
+            outcome,
+        )
 
     def _repack(self, study_uid: str, tier: str) -> tuple[str, Outcome]:
         """The study copied onto ``tier`` again: (where from, the outcome)."""

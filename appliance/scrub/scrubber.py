@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance import audit
+from appliance.audit import codes
 from appliance.catalog import copies, requests
 from appliance.catalog.copies import PackRecord
 from appliance.catalog.records import Copy, InstanceRecord
@@ -401,6 +403,16 @@ class Scrubber:
         if record is None or any(c.verified for c in record.copies):
             self.state.lost.pop(uid, None)
             return
+        if uid not in self.state.lost:
+            audit.study_copies_changed(
+                self.tiers.audit,
+                "copies-lost",
+                self.catalog,
+                record.study_uid,
+                codes.READ,
+                f"instance {uid} has no good copy left ({problem})",
+                codes.SERIOUS_FAILURE,
+            )
         self.state.lost[uid] = problem
         logger.error(
             "instance %s of study %s has no good copy left (%s); kept in the "
