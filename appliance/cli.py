@@ -17,6 +17,7 @@ from appliance import (
     cli_export,
     cli_hardware,
     cli_keys,
+    cli_metrics,
     cli_prefetch,
     cli_replication,
     cli_restore,
@@ -318,5 +319,6 @@ for commands in (
     cli_hardware,
     cli_export,
     cli_scrub,
+    cli_metrics,
 ):
     commands.register(main, _load)

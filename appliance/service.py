@@ -35,6 +35,7 @@ from appliance.hsm import scheduler
 from appliance.hsm.recall import Recaller
 from appliance.hsm.tiers import open_tiers
 from appliance.ingest import Ingest
+from appliance.metrics import folder as metrics_folder
 from appliance.prefetch.hl7_process import HL7Service
 from appliance.replication.supervisor import Supervisor
 from appliance.restore import process as restore_process
@@ -124,6 +125,8 @@ def serve(config: Config) -> int:
         # Every tier opens (and the key store is made) before any worker
         # needs them, so that a wrong tier path stops the start with a reason.
         open_tiers(config)
+        # Before any child starts: each reads the folder's name at its start.
+        metrics_folder.prepare(config.data_dir)
         return _serve(config, listener, hl7)
     finally:
         listener.close()
@@ -277,6 +280,7 @@ def _restart_dead(
             )
         worker.channel.close()
         load.reset(worker.index)
+        metrics_folder.process_died(worker.process.pid)
         # What the dead worker was receiving will never be answered.
         OnlineTier(config.online_path).discard_incoming(worker.index)
         workers[position] = _start_worker(context, config, worker.index, load, waiting)

@@ -35,6 +35,7 @@ from appliance.dicom import retrieve
 from appliance.dicom.access import AccessControl, Permissions
 from appliance.hsm.recall import Recaller
 from appliance.ingest import Ingest
+from appliance.metrics import events
 from appliance.storage.online import OnlineTier
 
 logger = logging.getLogger(__name__)
@@ -202,6 +203,8 @@ class _Activity:
     refused: int = 0
     queries: int = 0
     logged: bool = False
+    accepted: bool = False
+    aborted: bool = False
 
 
 class ApplianceAE(AE):
@@ -266,6 +269,8 @@ class Node:
         return [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, lambda event: events.association("rejected")),
+            (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_closed_connection),
             (evt.EVT_C_ECHO, lambda event: 0x0000),
             (evt.EVT_C_STORE, self._on_store),
@@ -339,6 +344,7 @@ class Node:
         """Send A-ASSOCIATE-RJ; the rejection was logged, so no closing line."""
         with self._lock:
             self._activity.pop(id(assoc), None)
+        events.association("rejected")
         assoc.acse.send_reject(*reason)
         # As pynetdicom does for its own rejections: wait until the
         # A-ASSOCIATE-RJ is out before the connection is closed.
@@ -347,6 +353,10 @@ class Node:
     def _on_accepted(self, event: evt.Event) -> None:
         """Say which presentation contexts were refused: the usual reason a
         modality cannot send a kind of object."""
+        activity = self._activity.get(id(event.assoc))
+        if activity is not None:
+            activity.accepted = True
+            events.association("accepted")
         rejected = event.assoc.rejected_contexts
         if not rejected:
             return
@@ -365,6 +375,9 @@ class Node:
             activity = self._activity.pop(id(event.assoc), None)
         if activity is None:
             return
+        events.association_closed(activity.accepted)
+        if activity.aborted:
+            events.association("aborted")
         logger.info(
             "association from %s closed: %d stored, %d refused, %d queries",
             activity.caller,
@@ -372,6 +385,13 @@ class Node:
             activity.refused,
             activity.queries,
         )
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        # pynetdicom may signal one abort twice (sent, then seen by its
+        # reactor): it is counted once, when the connection closes.
+        activity = self._activity.get(id(event.assoc))
+        if activity is not None:
+            activity.aborted = True
 
     # -- services -----------------------------------------------------------------
 
