@@ -35,6 +35,7 @@ from appliance.hsm import scheduler
 from appliance.hsm.recall import Recaller
 from appliance.hsm.tiers import open_tiers
 from appliance.ingest import Ingest
+from appliance.metrics import events as metrics_events
 from appliance.metrics import folder as metrics_folder
 from appliance.prefetch.hl7_process import HL7Service
 from appliance.replication.supervisor import Supervisor
@@ -344,6 +345,7 @@ def run_worker(
     """Serve the associations handed over ``channel`` until SIGTERM."""
     die_with_parent()
     logs.setup(config.get("logging.level"), config.get("logging.format"))
+    metrics_events.start()
     configure_pynetdicom()
 
     tiers = open_tiers(config, mirror=True)

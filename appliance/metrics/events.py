@@ -179,6 +179,13 @@ def _label(value: str, allowed: tuple[str, ...]) -> str:
 # -- what the sites call -------------------------------------------------------
 
 
+def start() -> None:
+    """Make this process's metrics now, so that they show (at 0) before
+    the first event: a restarted worker's open associations read 0, not
+    nothing."""
+    _metrics()
+
+
 def store_outcome(status: int, stored_new: bool) -> str:
     """The outcome label of a store answered with ``status``; ``stored_new``:
     the catalog recorded an instance it did not have."""
