@@ -263,6 +263,16 @@ def test_state_files_and_requests_are_read_at_each_scrape(tmp_path):
     assert _value(samples, "appliance_drill_last_success") == 0
     assert _value(samples, "appliance_drill_last_failures") == 1
     assert _value(samples, "appliance_restore_pending") == 1
+    assert _value(samples, "appliance_state_unreadable", part="drills") == 0
+
+    # A part that does not read is said so; the others are still there.
+    record = next((config.data_dir / "drills").glob("drill-*.json"))
+    record.write_text(record.read_text().replace("2025-12-05T", "Friday "))
+    samples = _samples(exposition(config)[0].decode())
+    assert _value(samples, "appliance_state_unreadable", part="drills") == 1
+    assert _value(samples, "appliance_drill_last_success") is None
+    assert _value(samples, "appliance_state_unreadable", part="scrub") == 0
+    assert _value(samples, "appliance_scrub_instances_without_good_copy") == 3
 
 
 def test_prefetch_readiness_counts_as_prefetch_status():

@@ -10,10 +10,11 @@ command line never disagree.
 from __future__ import annotations
 
 import calendar
+import functools
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -38,6 +39,7 @@ PACK_TIERS = ("nearline", "offline", "offsite")
 RESTORE_STATES = ("starting", "restoring", "paused", "done", "stopped")
 
 Metric = GaugeMetricFamily | CounterMetricFamily
+Part = Callable[[], Iterable[Metric]]
 
 
 class _StudyCounts:
@@ -87,21 +89,53 @@ class StateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         catalog = self.catalog or self._open()
-        available = GaugeMetricFamily(
+        yield _gauge(
             "appliance_catalog_available",
             "1 when the catalog could be read for this scrape; 0 leaves out "
             "every metric that comes from it.",
-            value=float(catalog is not None),
+            float(catalog is not None),
         )
-        yield available
-        if catalog is not None:
-            try:
-                yield from self._from_catalog(catalog)
-            finally:
-                if catalog is not self.catalog:
-                    catalog.close()
-        yield from self._drills()
-        yield from self._restore()
+        unreadable: dict[str, float] = {}
+        try:
+            for part, metrics in self._parts(catalog):
+                try:
+                    found = list(metrics())
+                except Exception as exc:
+                    # One part that does not read must not cost the others.
+                    logger.warning("metrics: cannot read the %s: %s", part, exc)
+                    unreadable[part] = 1.0
+                    continue
+                unreadable[part] = 0.0
+                yield from found
+        finally:
+            if catalog is not None and catalog is not self.catalog:
+                catalog.close()
+        yield _by_label(
+            "appliance_state_unreadable",
+            "1 for each part of the state that could not be read for this "
+            "scrape (the log says why).",
+            "part",
+            unreadable,
+        )
+
+    def _parts(self, catalog: Catalog | None) -> list[tuple[str, Part]]:
+        parts: list[tuple[str, Part]] = [
+            ("drills", self._drills),
+            ("restore", self._restore),
+        ]
+        if catalog is None:
+            return parts
+        counts = functools.lru_cache(maxsize=1)(catalog.counts)
+        config = self.config
+        return [
+            ("catalog", lambda: [_records(counts())]),
+            ("tiers", lambda: _tiers(config, catalog, counts())),
+            ("replication", lambda: _replication(catalog)),
+            ("requests", lambda: [_operator_requests(catalog)]),
+            ("prefetch", lambda: _prefetch(catalog)),
+            ("scrub", lambda: _scrub(config, catalog, counts())),
+            *parts,
+        ]
 
     def _open(self) -> Catalog | None:
         path = self.config.catalog_path
@@ -114,20 +148,6 @@ class StateCollector(Collector):
         except ApplianceError as exc:
             logger.warning("metrics: cannot open the catalog: %s", exc)
             return None
-
-    def _from_catalog(self, catalog: Catalog) -> Iterator[Metric]:
-        counts = catalog.counts()
-        yield _by_label(
-            "appliance_catalog_records",
-            "Patients, studies, series and instances in the catalog.",
-            "level",
-            {level: counts[level] for level in LEVELS},
-        )
-        yield from _tiers(self.config, catalog, counts)
-        yield from _replication(catalog)
-        yield _operator_requests(catalog)
-        yield from _prefetch(catalog)
-        yield from _scrub(self.config, catalog, counts)
 
     def _drills(self) -> Iterator[Metric]:
         found = drill_records.recent(drills_folder(self.config), 1)
@@ -197,6 +217,15 @@ class StateCollector(Collector):
                 "Seconds the restore's data phase needs still, at its rate.",
                 left,
             )
+
+
+def _records(counts: dict[str, int]) -> Metric:
+    return _by_label(
+        "appliance_catalog_records",
+        "Patients, studies, series and instances in the catalog.",
+        "level",
+        {level: counts[level] for level in LEVELS},
+    )
 
 
 def _tiers(
