@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -33,6 +34,7 @@ from tests import dicom_client as client
 from tests.conftest import Appliance
 from tests.datasets import study_files, uid
 from tests.test_crash import _workers
+from tests.test_recall_dicom import Archive
 
 PATIENT_ID = "METRICS-0042"
 PATIENT_NAME = "Metric^Mary"
@@ -46,7 +48,14 @@ def _samples(text: str) -> list[Sample]:
 
 
 def _scrape(appliance: Appliance) -> list[Sample]:
-    return _samples(appliance.cli("metrics").stdout)
+    """What GET /metrics would answer now (``appliance metrics`` prints the
+    same: see the test of labels)."""
+    body, _content_type = exposition(configuration.load(appliance.config_path))
+    return _samples(body.decode())
+
+
+def _names(samples: list[Sample]) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
+    return {(s.name, tuple(sorted(s.labels.items()))) for s in samples}
 
 
 def _value(samples: list[Sample], name: str, **labels: str) -> float | None:
@@ -97,15 +106,27 @@ def test_counts_and_state_match_what_was_done(appliance_factory, tmp_path):
     assert len(received) == 3
     with client.associate(appliance.port, [(client.Verification, [])], called="WRONG"):
         pass
+    with client.associate(appliance.port, [(client.Verification, [])]) as assoc:
+        assoc.abort()
+    with socket.create_connection(("127.0.0.1", appliance.port), timeout=30) as raw:
+        raw.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+        while raw.recv(4096):
+            pass
 
+    associations = "appliance_dicom_associations_total"
+    _wait_for(
+        lambda: _value(_scrape(appliance), associations, outcome="aborted") == 1,
+        "the aborted association to close",
+    )
     samples = _scrape(appliance)
+    assert _value(samples, "appliance_dicom_connections_refused_total") == 1
     received_total = "appliance_instances_received_total"
     assert _value(samples, received_total, outcome="stored") == 3
     assert _value(samples, received_total, outcome="duplicate") == 1
     assert _value(samples, received_total, outcome="rejected") is None
-    associations = "appliance_dicom_associations_total"
-    assert _value(samples, associations, outcome="accepted") == 3
+    assert _value(samples, associations, outcome="accepted") == 4
     assert _value(samples, associations, outcome="rejected") == 1
+    assert _value(samples, associations, outcome="aborted") == 1
     requests_count = "appliance_dicom_request_duration_seconds_count"
     assert _value(samples, requests_count, operation="find") == 1
     assert _value(samples, requests_count, operation="get") == 1
@@ -138,6 +159,7 @@ def test_no_label_holds_a_uid_or_patient_data(appliance_factory, tmp_path):
     client.find(appliance.port, client.study_identifier(PatientID=PATIENT_ID))
 
     text = appliance.cli("metrics").stdout
+    assert _names(_samples(text)) == _names(_scrape(appliance))
     families = list(text_string_to_metric_families(text))
     assert families
     values = {v for f in families for s in f.samples for v in s.labels.values()}
@@ -227,6 +249,32 @@ def test_replication_queue_and_lag_before_and_after(appliance_factory, tmp_path)
         samples, "appliance_tier_pack_bytes", tier="offsite"
     )
     assert (_value(samples, uploaded, kind="journal") or 0) > 0
+
+
+def test_a_recall_by_c_get_is_timed_by_its_source(appliance_factory, tmp_path):
+    settings = {**QUIET, "migration": {"enabled": False, "min_copies": 1}}
+    appliance = appliance_factory(settings).start()
+    archive = Archive(appliance, tmp_path)
+    study, files = archive.store_study("recalled", 3)
+    archive.migrate("nearline")
+
+    samples = _scrape(appliance)
+    assert _value(samples, "appliance_tier_studies", tier="online") == 0
+    assert _value(samples, "appliance_tier_studies", tier="nearline") == 1
+    assert _value(samples, "appliance_tier_pack_bytes", tier="nearline") > 0
+    assert _value(samples, "appliance_recall_duration_seconds_count") is None
+
+    received, _ = client.get(
+        appliance.port,
+        client.study_identifier(StudyInstanceUID=study),
+        client.storage_contexts_for(files),
+    )
+    assert len(received) == 3
+    samples = _scrape(appliance)
+    recalls = "appliance_recall_duration_seconds_count"
+    assert _value(samples, recalls, source="nearline") == 1
+    assert _value(samples, recalls, source="offsite") is None
+    assert _value(samples, "appliance_tier_studies", tier="online") == 1
 
 
 def test_state_files_and_requests_are_read_at_each_scrape(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,7 +205,6 @@ class _Activity:
     queries: int = 0
     logged: bool = False
     accepted: bool = False
-    aborted: bool = False
 
 
 class ApplianceAE(AE):
@@ -235,6 +235,7 @@ class Node:
         self.access = AccessControl(config)
         self._total_associations = total_associations
         self._activity: dict[int, _Activity] = {}
+        self._aborted: weakref.WeakSet[Association] = weakref.WeakSet()
         self._lock = threading.Lock()
 
     # -- the AE -------------------------------------------------------------
@@ -376,8 +377,6 @@ class Node:
         if activity is None:
             return
         events.association_closed(activity.accepted)
-        if activity.aborted:
-            events.association("aborted")
         logger.info(
             "association from %s closed: %d stored, %d refused, %d queries",
             activity.caller,
@@ -388,10 +387,12 @@ class Node:
 
     def _on_aborted(self, event: evt.Event) -> None:
         # pynetdicom may signal one abort twice (sent, then seen by its
-        # reactor): it is counted once, when the connection closes.
-        activity = self._activity.get(id(event.assoc))
-        if activity is not None:
-            activity.aborted = True
+        # reactor), and after the connection closed: counted once here.
+        with self._lock:
+            if event.assoc in self._aborted:
+                return
+            self._aborted.add(event.assoc)
+        events.association("aborted")
 
     # -- services -----------------------------------------------------------------
 
