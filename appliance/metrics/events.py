@@ -19,9 +19,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from appliance.metrics.folder import ENVIRONMENT
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter, Gauge, Histogram
 
 logger = logging.getLogger(__name__)
 
@@ -63,13 +66,13 @@ _SUCCESS = 0x0000
 
 @dataclass
 class _Metrics:
-    received: Any
-    associations: Any
-    associations_open: Any
-    connections_refused: Any
-    requests: Any
-    recalls: Any
-    uploaded: Any
+    received: Counter
+    associations: Counter
+    associations_open: Gauge
+    connections_refused: Counter
+    requests: Histogram
+    recalls: Histogram
+    uploaded: Counter
 
 
 class _State:
