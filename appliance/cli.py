@@ -19,6 +19,7 @@ from appliance import (
     cli_export,
     cli_hardware,
     cli_keys,
+    cli_metrics,
     cli_prefetch,
     cli_replication,
     cli_restore,
@@ -332,5 +333,6 @@ for commands in (
     cli_scrub,
     cli_web,
     cli_audit,
+    cli_metrics,
 ):
     commands.register(main, _load)

@@ -13,7 +13,6 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from appliance.catalog import pins
 from appliance.catalog.store import Catalog
 from appliance.cli_shared import (
     Loader,
@@ -23,11 +22,9 @@ from appliance.cli_shared import (
 )
 from appliance.config import Config
 from appliance.errors import CatalogError
-from appliance.prefetch import appointments, listfile, planner, reconcile
+from appliance.prefetch import appointments, listfile, readiness, reconcile
 
 _DAY = 86400.0
-# The prefetch hit rate is counted over this many days.
-_HIT_RATE_DAYS = 30
 
 
 def register(main: click.Group, load: Loader) -> None:
@@ -137,7 +134,7 @@ def register(main: click.Group, load: Loader) -> None:
 def _status(config: Config) -> dict[str, Any]:
     """The last planner run's plans with their appointments, and counts."""
     if not config.catalog_path.exists():
-        hits = {"days": _HIT_RATE_DAYS, "online": 0, "retrieved": 0}
+        hits = {"days": readiness.HIT_RATE_DAYS, "online": 0, "retrieved": 0}
         return {
             "appointments": [],
             "hit_rate": hits,
@@ -149,17 +146,13 @@ def _status(config: Config) -> dict[str, Any]:
         config.catalog_path, config.get("storage.catalog_max_size"), readonly=True
     )
     try:
-        plans = planner.recorded_plans(catalog)
-        known = {a.appointment_id: a for a in appointments.appointments(catalog)}
-        online, retrieved = pins.hit_rate(catalog, time.time() - _HIT_RATE_DAYS * _DAY)
+        active = readiness.active_plans(catalog)
+        online, retrieved = readiness.hit_rate(catalog, time.time())
     finally:
         catalog.close()
-    hits = {"days": _HIT_RATE_DAYS, "online": online, "retrieved": retrieved}
+    hits = {"days": readiness.HIT_RATE_DAYS, "online": online, "retrieved": retrieved}
     rows = []
-    for plan in sorted(plans.values(), key=lambda p: p.start):
-        appointment = known.get(plan.appointment_id)
-        if appointment is None or not appointment.active:
-            continue
+    for plan, appointment in active:
         row = plan.as_json()
         row["state"] = appointment.state
         row["patients"] = [[p.patient_id, p.issuer] for p in appointment.patients]
@@ -169,13 +162,13 @@ def _status(config: Config) -> dict[str, Any]:
         )
         row["procedure_code"] = appointment.procedure_code
         rows.append(row)
-    states = [prior["state"] for row in rows for prior in row["priors"]]
+    counted = readiness.tally([plan for plan, _appointment in active])
     return {
         "appointments": rows,
         "hit_rate": hits,
-        "ready": sum(all(p["state"] == "online" for p in r["priors"]) for r in rows),
-        "late": states.count(planner.LATE),
-        "waiting": states.count(planner.WAITING),
+        "ready": counted.ready,
+        "late": counted.late,
+        "waiting": counted.waiting,
     }
 
 

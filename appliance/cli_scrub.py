@@ -203,7 +203,7 @@ def _status(config: Config) -> dict[str, Any]:
             packs = txn.stat(catalog.db["packs"])["entries"]
     finally:
         catalog.close()
-    totals = {"online": counts["instances"], "nearline": packs, "offline": packs}
+    totals = state.pass_sizes(counts["instances"], packs)
     tiers = {}
     for tier, total in totals.items():
         numbers = dict(vars(saved.tier(tier)))

@@ -44,6 +44,7 @@ from appliance.errors import (
     RejectedInstance,
     StorageError,
 )
+from appliance.metrics import events
 from appliance.storage.durable import translate_os_error
 from appliance.storage.online import TIER_NAME, OnlineTier
 
@@ -170,6 +171,15 @@ class Ingest:
         outcome ``received`` is consumed (moved, or left for the caller to
         delete).
         """
+        result = self._store_received(received, source, calling_ae)
+        events.instance_received(
+            events.store_outcome(result.status, result.outcome is Outcome.STORED)
+        )
+        return result
+
+    def _store_received(
+        self, received: Path, source: str, calling_ae: str
+    ) -> StoreResult:
         uid = ""
         try:
             parsed = _parse(received)

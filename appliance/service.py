@@ -37,6 +37,8 @@ from appliance.hsm import scheduler
 from appliance.hsm.recall import Recaller
 from appliance.hsm.tiers import open_tiers
 from appliance.ingest import Ingest
+from appliance.metrics import events as metrics_events
+from appliance.metrics import folder as metrics_folder
 from appliance.prefetch.hl7_process import HL7Service
 from appliance.replication.supervisor import Supervisor
 from appliance.restore import process as restore_process
@@ -134,6 +136,8 @@ def serve(config: Config) -> int:
         # Every tier opens (and the key store is made) before any worker
         # needs them, so that a wrong tier path stops the start with a reason.
         open_tiers(config)
+        # Before any child starts: each reads the folder's name at its start.
+        metrics_folder.prepare(config.data_dir)
         return _serve(config, listener, hl7, web)
     finally:
         listener.close()
@@ -346,6 +350,7 @@ def _restart_dead(
             )
         worker.channel.close()
         load.reset(worker.index)
+        metrics_folder.process_died(worker.process.pid)
         # What the dead worker was receiving will never be answered.
         OnlineTier(config.online_path).discard_incoming(worker.index)
         workers[position] = _start_worker(context, config, worker.index, load, waiting)
@@ -409,6 +414,7 @@ def run_worker(
     """Serve the associations handed over ``channel`` until SIGTERM."""
     die_with_parent()
     logs.setup(config.get("logging.level"), config.get("logging.format"))
+    metrics_events.start()
     configure_pynetdicom()
 
     tiers = open_tiers(config, mirror=True)

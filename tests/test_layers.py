@@ -79,6 +79,14 @@ FORBIDDEN = {
     # Storage commitment judges and reports from the catalog and the tiers;
     # the worker's N-ACTION handler (in the DICOM node) uses it, not the reverse.
     "appliance.commitment": ("appliance.dicom", "appliance.service", "appliance.cli"),
+    # Metrics are counted from the DICOM node, ingest, recall and
+    # replication, and read from the catalog and state files: nothing above.
+    "appliance.metrics": (
+        "appliance.dicom",
+        "appliance.service",
+        "appliance.cli",
+        "appliance.ingest",
+    ),
     # An export sends through the DICOM layer; nothing above it.
     "appliance.export": ("appliance.service", "appliance.cli"),
     # Hardware checks and sizing read the host and the configuration only.
@@ -158,6 +166,21 @@ def test_the_bandwidth_limiter_stands_alone():
         name
         for name in ours
         if any(name == a or name.startswith(a + ".") for a in BANDWIDTH_IMPORTS)
+    }
+    assert ours == allowed, sorted(ours - allowed)
+
+
+# What the sites that count events load with them: no catalog, no tiers.
+EVENTS_IMPORTS = ("appliance.errors", "appliance.metrics.folder")
+
+
+def test_counting_events_loads_nothing_of_the_appliance():
+    path = PACKAGE / "metrics" / "events.py"
+    ours = {name for name in _imports(path) if name.split(".")[0] == "appliance"}
+    allowed = {
+        name
+        for name in ours
+        if any(name == a or name.startswith(a + ".") for a in EVENTS_IMPORTS)
     }
     assert ours == allowed, sorted(ours - allowed)
 

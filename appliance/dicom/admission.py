@@ -34,6 +34,8 @@ import struct
 import time
 from typing import NoReturn
 
+from appliance.metrics import events
+
 logger = logging.getLogger(__name__)
 
 A_ASSOCIATE_RQ = 0x01
@@ -79,6 +81,7 @@ def admit(sock: socket.socket, peer: str, artim: float) -> bytes | None:
         return None
     except _Refused as refusal:
         logger.warning("connection from %s closed: %s", peer, refusal.reason)
+        events.connection_refused()
         _refuse(sock, refusal.abort, time.monotonic() + artim)
         return None
     sock.settimeout(timeout)

@@ -13,6 +13,7 @@ import logging
 import socket
 import struct
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ from appliance.dicom.access import AccessControl, Permissions
 from appliance.dicom.admission import MAX_REQUEST
 from appliance.hsm.recall import Recaller
 from appliance.ingest import Ingest
+from appliance.metrics import events
 from appliance.storage.online import OnlineTier
 
 logger = logging.getLogger(__name__)
@@ -247,6 +249,7 @@ class _Activity:
     queries: int = 0
     logged: bool = False
     stores: audit_dicom.StoreTally = field(default_factory=audit_dicom.StoreTally)
+    accepted: bool = False
 
 
 class ApplianceAE(AE):
@@ -278,6 +281,7 @@ class Node:
         self.audit = audit.Trail.of(config)
         self._total_associations = total_associations
         self._activity: dict[int, _Activity] = {}
+        self._aborted: weakref.WeakSet[Association] = weakref.WeakSet()
         self._lock = threading.Lock()
         self.commitment = commitment.CommitmentSCP(self)
 
@@ -321,6 +325,8 @@ class Node:
         return [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, lambda event: events.association("rejected")),
+            (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_closed_connection),
             (evt.EVT_C_ECHO, lambda event: 0x0000),
             (evt.EVT_C_STORE, self._on_store),
@@ -401,6 +407,7 @@ class Node:
         """Send A-ASSOCIATE-RJ; the rejection was logged, so no closing line."""
         with self._lock:
             self._activity.pop(id(assoc), None)
+        events.association("rejected")
         assoc.acse.send_reject(*reason)
         # As pynetdicom does for its own rejections: wait until the
         # A-ASSOCIATE-RJ is out before the connection is closed.
@@ -409,6 +416,10 @@ class Node:
     def _on_accepted(self, event: evt.Event) -> None:
         """Say which presentation contexts were refused: the usual reason a
         modality cannot send a kind of object."""
+        activity = self._activity.get(id(event.assoc))
+        if activity is not None:
+            activity.accepted = True
+            events.association("accepted")
         rejected = event.assoc.rejected_contexts
         if not rejected:
             return
@@ -427,6 +438,7 @@ class Node:
             activity = self._activity.pop(id(event.assoc), None)
         if activity is None:
             return
+        events.association_closed(activity.accepted)
         logger.info(
             "association from %s closed: %d stored, %d refused, %d queries",
             activity.caller,
@@ -436,6 +448,15 @@ class Node:
         )
         peer = audit_dicom.peer_of(event.assoc)
         activity.stores.report(self.audit, self.catalog, peer)
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        # pynetdicom may signal one abort twice (sent, then seen by its
+        # reactor), and after the connection closed: counted once here.
+        with self._lock:
+            if event.assoc in self._aborted:
+                return
+            self._aborted.add(event.assoc)
+        events.association("aborted")
 
     # -- services -----------------------------------------------------------------
 

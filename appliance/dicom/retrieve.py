@@ -44,6 +44,7 @@ from appliance.config import Peer
 from appliance.dicom.find import decode_identifier, levels_of
 from appliance.dicom.find import serve as serve_find
 from appliance.dicom.handoff import QuickAckSocket
+from appliance.metrics import events
 from appliance.storage.online import TIER_NAME
 
 if TYPE_CHECKING:
@@ -142,9 +143,11 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
 
     def SCP(self, req: Any, context: PresentationContext) -> None:
         if isinstance(req, C_GET | C_MOVE):
-            self._retrieve(req, context)
+            with events.timed("get" if isinstance(req, C_GET) else "move"):
+                self._retrieve(req, context)
         elif isinstance(req, C_FIND):
-            serve_find(self, self.node, req, context)
+            with events.timed("find"):
+                serve_find(self, self.node, req, context)
         else:
             super().SCP(req, context)
 

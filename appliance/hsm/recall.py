@@ -15,6 +15,7 @@ for each of them.
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from appliance.catalog.records import InstanceRecord
 from appliance.catalog.store import Catalog
 from appliance.errors import ApplianceError, TransportError
 from appliance.hsm.tiers import OFFSITE, ONLINE, PackTier, Tiers
+from appliance.metrics import events
 from appliance.storage.packs import PackReader
 
 logger = logging.getLogger(__name__)
@@ -104,6 +106,7 @@ class Recaller:
             return result
 
         staged: dict[str, tuple[str, str]] = {}
+        started, source = time.monotonic(), ""
 
         def staged_one() -> None:
             if progress is not None:
@@ -117,8 +120,10 @@ class Recaller:
                 # The mirror is for what no volume of ours holds: an instance
                 # on a shelved volume waits for the operator, as before.
                 remaining = [r for r in remaining if not self._on_shelf(r)]
+            before = len(staged)
             for pack, records in self._sources(remaining, tier_name).items():
                 self._stage_pack(pack, records, staged, result, staged_one)
+            source = tier_name if len(staged) > before else source
 
         unused = copies.add_copies(self.catalog, ONLINE, staged)
         for _tier, key in unused:
@@ -137,6 +142,8 @@ class Recaller:
             requests.study_recalled(self.catalog, study_uid)
         self._log(result, len(wanted))
         self._audit(result, len(wanted))
+        if result.staged:
+            events.recall_finished(source, time.monotonic() - started)
         return result
 
     def _audit(self, result: RecallResult, wanted: int) -> None:

@@ -52,6 +52,7 @@ from appliance.errors import ApplianceError, StorageError
 from appliance.hsm.packing import LevelAttributes, instance_meta
 from appliance.hsm.recall import Recaller
 from appliance.hsm.tiers import ONLINE, Tiers
+from appliance.metrics import events
 from appliance.replication.audit import audit
 from appliance.replication.background import Background
 from appliance.replication.names import pack_name
@@ -312,6 +313,7 @@ class Replicator:
             pack.sha256,
             throttle=self.throttle,
         )
+        events.uploaded("pack", pack.size)
         self._uploaded.add(pack.pack_id)
 
     def _verify(self, pack: SpooledPack, remote: str) -> None:
@@ -424,7 +426,7 @@ class Replicator:
         last = entries[-1]["seq"]
         name = f"journal/{first + 1:012d}-{last:012d}"
         data = "\n".join(_json(entry) for entry in entries).encode()
-        self._upload_sealed(name, io.BytesIO(data))
+        self._upload_sealed(name, io.BytesIO(data), "journal")
         replication.set_mirror_mark(self.catalog, "journal_sent", last)
         return len(entries)
 
@@ -438,7 +440,7 @@ class Replicator:
         with tempfile.TemporaryDirectory(dir=self.spool) as folder:
             self.catalog.env.copy(folder, compact=True)
             with open(Path(folder) / "data.mdb", "rb") as copy:
-                self._upload_sealed(name, copy)
+                self._upload_sealed(name, copy, "snapshot")
         replication.set_mirror_mark(self.catalog, "snapshot_time", int(self.clock()))
         replication.set_mirror_mark(self.catalog, "snapshot_seq", number)
         # Entries both in the snapshot and sent as segments live on the
@@ -619,15 +621,15 @@ class Replicator:
                 f"{report.describe()}"
             )
 
-    def _upload_sealed(self, name: str, source: BinaryIO) -> None:
+    def _upload_sealed(self, name: str, source: BinaryIO, kind: str) -> None:
         assert self.tiers.keys is not None
         with tempfile.TemporaryDirectory(dir=self.spool) as folder:
             path = Path(folder) / "sealed"
             with open(path, "wb") as out:
                 digest = sealed.seal(source, out, name, self.tiers.keys)
-            self.transport.put(
-                name, path, path.stat().st_size, digest, throttle=self.throttle
-            )
+            size = path.stat().st_size
+            self.transport.put(name, path, size, digest, throttle=self.throttle)
+        events.uploaded(kind, size)
 
 
 def _numbers(batch: list[Queued]) -> dict[str, list[int]]:

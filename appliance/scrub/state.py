@@ -70,6 +70,12 @@ class ScrubState:
         )
 
 
+def pass_sizes(instances: int, packs: int) -> dict[str, int]:
+    """Roughly what a whole pass of each tier reads: every instance online;
+    every pack (of any tier: the catalog counts packs only in all) below."""
+    return {"online": instances, "nearline": packs, "offline": packs}
+
+
 def folder_of(data_dir: Path) -> Path:
     return data_dir / "scrub"
 
