@@ -146,14 +146,18 @@ def test_restart_gives_the_same_answers(appliance_factory, tmp_path):
 
 
 def _workers(listener: psutil.Process) -> list[psutil.Process]:
-    """The worker processes: the children that hold the online tier's
+    """The DICOM worker processes: the children that hold the online tier's
     workers.lock (not the replication process, nor multiprocessing's
-    resource tracker)."""
+    resource tracker) and listen on no port (the web server's child holds
+    the lock too, for STOW-RS)."""
     found = []
     for child in listener.children():
         try:
             held = {Path(f.path).name for f in child.open_files()}
-            if "workers.lock" in held and child.is_running():
+            listening = any(
+                c.status == psutil.CONN_LISTEN for c in child.net_connections("tcp")
+            )
+            if "workers.lock" in held and not listening and child.is_running():
                 found.append(child)
         except psutil.Error:
             continue
