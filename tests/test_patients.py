@@ -23,6 +23,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -140,19 +141,16 @@ class Site:
         return send_hl7(self.hl7_port, text)
 
     def studies(self, **keys: str) -> list[Dataset]:
-        identifier = client.study_identifier(
-            "STUDY", PatientName="", PatientBirthDate="", PatientSex="", **keys
-        )
-        identifier.StudyInstanceUID = identifier.get("StudyInstanceUID", "")
-        identifier.PatientID = identifier.get("PatientID", "")
+        wanted = {"PatientName": "", "PatientBirthDate": "", "PatientSex": ""}
+        wanted |= {"PatientID": "", "StudyInstanceUID": "", **keys}
+        identifier = client.study_identifier("STUDY", **wanted)
         found, status = client.find(self.appliance.port, identifier)
         assert status == 0x0000
         return found
 
     def patients(self, **keys: str) -> list[Dataset]:
-        identifier = client.study_identifier(
-            "PATIENT", PatientName="", NumberOfPatientRelatedStudies="", **keys
-        )
+        wanted = {"PatientName": "", "NumberOfPatientRelatedStudies": ""}
+        identifier = client.study_identifier("PATIENT", **(wanted | keys))
         identifier.PatientID = identifier.get("PatientID", "")
         found, status = client.find(
             self.appliance.port, identifier, client.PATIENT_FIND
@@ -162,7 +160,9 @@ class Site:
 
     def get_study(self, study_uid: str) -> dict[str, Dataset]:
         identifier = client.study_identifier("STUDY", StudyInstanceUID=study_uid)
-        received, responses = client.get(self.appliance.port, identifier, [(CT, [])])
+        received, responses = client.get(
+            self.appliance.port, identifier, [(CT, [ExplicitVRLittleEndian])]
+        )
         assert int(responses[-1].Status) == 0x0000
         return {uid: _decode(raw) for uid, raw in received.items()}
 
@@ -183,6 +183,14 @@ class Site:
         finally:
             catalog.close()
         return found
+
+
+def _data_set(part10: bytes) -> bytes:
+    """The bytes of a Part 10 file after its file meta."""
+    handle = BytesIO(part10)
+    pydicom.filereader.read_preamble(handle, False)
+    pydicom.filereader._read_file_meta_info(handle)
+    return handle.read()
 
 
 def _decode(raw: bytes) -> Dataset:
@@ -227,8 +235,11 @@ def test_an_update_changes_the_answers_and_what_is_sent_not_the_files(
     alma = site.store("alma", 2, patient_id=ALMA, patient_name="Testperson^Alma")
     bruno = site.store("bruno", 1, patient_id=BRUNO, patient_name="Sample^Bruno")
     stored = site.online_files()
-    assert stored == {
-        str(pydicom.dcmread(p).SOPInstanceUID): p.read_bytes() for p in alma + bruno
+    # The online files hold the data sets as sent (their file meta is the
+    # appliance's own).
+    assert {uid: _data_set(raw) for uid, raw in stored.items()} == {
+        str(pydicom.dcmread(p).SOPInstanceUID): client.dataset_bytes(p)
+        for p in alma + bruno
     }
 
     ack = site.hl7(adt("A08", "U1", f"{ALMA}^^^^MR", "Newname^Alma^B", "19700202", "F"))
@@ -257,11 +268,13 @@ def test_an_update_changes_the_answers_and_what_is_sent_not_the_files(
     assert resent.StudyDate == original.StudyDate
 
     # An unchanged patient's instances go out as they were stored.
-    (bruno_sent,) = client.get(
+    received, responses = client.get(
         site.appliance.port,
         client.study_identifier("STUDY", StudyInstanceUID=study_of(bruno)),
-        [(CT, [])],
-    )[0].values()
+        [(CT, [ExplicitVRLittleEndian])],
+    )
+    assert int(responses[-1].Status) == 0x0000
+    (bruno_sent,) = received.values()
     assert bruno_sent == client.dataset_bytes(bruno[0])
 
     with Destination(site.destination_port) as destination:
@@ -293,7 +306,7 @@ def test_a_merge_moves_the_studies_and_keeps_the_old_id_as_a_pointer(
     (patient,) = site.patients(PatientID=ALMA)
     assert patient.NumberOfPatientRelatedStudies == 2
     assert site.studies(PatientName="Sample*") == []
-    assert {s.PatientName for s in site.studies(PatientID=ALMA)} == {"Testperson^Alma"}
+    assert {str(s.PatientName) for s in site.studies(PatientID=ALMA)} == {"Testperson^Alma"}
     # The RIS sends the merge again: the same answer, nothing more.
     assert site.hl7(merge) == ack
 
@@ -304,14 +317,14 @@ def test_a_merge_moves_the_studies_and_keeps_the_old_id_as_a_pointer(
     (late_sent,) = site.get_study(study_of(late)).values()
     assert (late_sent.PatientID, late_sent.PatientName) == (ALMA, "Testperson^Alma")
     on_disk = site.online_files()[str(late_sent.SOPInstanceUID)]
-    assert on_disk == late[0].read_bytes()
+    assert _data_set(on_disk) == client.dataset_bytes(late[0])
 
     # Registration using the retired ID again is answered AE.
     refused = site.hl7(adt("A08", "U2", f"{BRUNO}^^^^MR", "Other^Name"))
     assert msa(refused)[1] == "AE"
     assert "retired" in msa(refused)[3]
     assert err(refused)[3].startswith("204^")
-    assert {s.PatientName for s in site.studies(PatientID=ALMA)} == {"Testperson^Alma"}
+    assert {str(s.PatientName) for s in site.studies(PatientID=ALMA)} == {"Testperson^Alma"}
 
     # A47: the survivor gets a new identifier; the pointers follow.
     ack = site.hl7(adt("A47", "C1", "PAT-A9^^^^MR", mrg=f"{ALMA}^^^^MR"))
