@@ -29,10 +29,10 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from appliance import config as configuration
 from appliance.catalog import patients, replication
+from appliance.catalog.coercion import coerce, coerced_bytes
 from appliance.catalog.query import Query, find
 from appliance.catalog.records import patient_key
 from appliance.catalog.store import Catalog, merged_into
-from appliance.dicom.coercion import coerce, coerced_bytes
 from appliance.ingest import Ingest
 from appliance.prefetch.intake import Intake
 from appliance.replication.transports.directory import DirectoryTransport
@@ -41,6 +41,7 @@ from tests import datasets
 from tests import dicom_client as client
 from tests.conftest import Appliance, free_port
 from tests.restore_site import Origin, Restored, answers, mirror_settings
+from tests.restore_site import appliance as run_appliance
 
 CT = datasets.CT_IMAGE_STORAGE
 ALMA = "PAT-A1"  # Testperson^Alma
@@ -306,7 +307,9 @@ def test_a_merge_moves_the_studies_and_keeps_the_old_id_as_a_pointer(
     (patient,) = site.patients(PatientID=ALMA)
     assert patient.NumberOfPatientRelatedStudies == 2
     assert site.studies(PatientName="Sample*") == []
-    assert {str(s.PatientName) for s in site.studies(PatientID=ALMA)} == {"Testperson^Alma"}
+    assert {str(s.PatientName) for s in site.studies(PatientID=ALMA)} == {
+        "Testperson^Alma"
+    }
     # The RIS sends the merge again: the same answer, nothing more.
     assert site.hl7(merge) == ack
 
@@ -324,7 +327,9 @@ def test_a_merge_moves_the_studies_and_keeps_the_old_id_as_a_pointer(
     assert msa(refused)[1] == "AE"
     assert "retired" in msa(refused)[3]
     assert err(refused)[3].startswith("204^")
-    assert {str(s.PatientName) for s in site.studies(PatientID=ALMA)} == {"Testperson^Alma"}
+    assert {str(s.PatientName) for s in site.studies(PatientID=ALMA)} == {
+        "Testperson^Alma"
+    }
 
     # A47: the survivor gets a new identifier; the pointers follow.
     ack = site.hl7(adt("A47", "C1", "PAT-A9^^^^MR", mrg=f"{ALMA}^^^^MR"))
@@ -363,6 +368,7 @@ def test_bad_adt_messages_change_nothing(site: Site) -> None:
     assert msa(unsupported)[1] == "AR" and "A01" in msa(unsupported)[3]
     assert msa(taken)[1] == "AE" and err(taken)[3].startswith("205^")
     assert msa(itself)[1] == "AE" and "same" in msa(itself)[3]
+    assert err(itself)[3].startswith("205^")
     assert msa(bad_date)[1] == "AE" and "PID-7" in msa(bad_date)[3]
     assert site.studies() == before
     assert site.online_files() == files
@@ -555,3 +561,30 @@ def test_journal_entries_name_the_change(local: Local) -> None:
     assert changes[0]["attrs"]["PatientName"] == "Newname^Alma"
     assert changes[1]["merged"] == patient_key(ALMA, "")
     assert changes[1]["into"] == patient_key("PAT-A9", "")
+
+
+def test_a_restore_drill_after_a_merge_compares_what_would_be_sent(
+    tmp_path: Path,
+) -> None:
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    origin = Origin(tmp_path, DirectoryTransport(mirror), mirror_settings(mirror))
+    intake = Intake(origin.catalog)
+    origin.store("alma", 2, patient_id=ALMA, patient_name="Testperson^Alma")
+    origin.store("bruno", 1, patient_id=BRUNO, patient_name="Sample^Bruno")
+    origin.replicate()
+    for text in (
+        adt("A08", "D1", ALMA, "Newname^Alma"),
+        adt("A40", "D2", ALMA, mrg=BRUNO),
+    ):
+        assert b"MSA|AA|" in intake(text.encode(), "test")
+
+    try:
+        done = run_appliance(
+            "dr", "drill", "--studies", "10", config=origin.config_path
+        )
+    finally:
+        origin.lose()
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "restore drill passed: 2 studies, 3 instances" in done.stdout

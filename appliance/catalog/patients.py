@@ -121,13 +121,17 @@ def merge(
         survivor[0] == retired[0] and "" in (survivor[1], retired[1])
     ):
         raise PatientRecordError(
-            "MRG-1 and PID-3 name the same patient identifier", "MRG^1^1"
+            "MRG-1 and PID-3 name the same patient identifier",
+            "MRG^1^1",
+            unknown=False,
         )
     new_key, held = _survivor_key(catalog, txn, survivor)
     old_key = find(catalog, txn, *retired, "MRG^1^1") or patient_key(*retired)
     if old_key == new_key:
         raise PatientRecordError(
-            "MRG-1 and PID-3 name the same patient in the catalog", "MRG^1^1"
+            "MRG-1 and PID-3 name the same patient in the catalog",
+            "MRG^1^1",
+            unknown=False,
         )
     if _is_retired(catalog, txn, old_key):
         pointer = catalog.get(txn, MERGED, old_key) or {}

@@ -37,11 +37,11 @@ from pynetdicom.service_class import QueryRetrieveServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
 from appliance.catalog import pins
+from appliance.catalog.coercion import coerce
 from appliance.catalog.patients import is_corrected
 from appliance.catalog.query import Query, find
 from appliance.catalog.records import text_of
 from appliance.config import Peer
-from appliance.dicom.coercion import coerce
 from appliance.dicom.find import decode_identifier, levels_of
 from appliance.dicom.find import serve as serve_find
 from appliance.dicom.handoff import QuickAckSocket

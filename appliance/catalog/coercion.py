@@ -38,6 +38,12 @@ def coerce(stored: Path | bytes, patient: dict[str, Any] | None) -> Dataset | No
     assert patient is not None
     source = BytesIO(stored) if isinstance(stored, bytes) else stored
     dataset = pydicom.dcmread(source)
+    return dataset if apply(dataset, patient) else None
+
+
+def apply(dataset: Dataset, patient: dict[str, Any]) -> bool:
+    """Set the patient attributes of ``dataset`` to those of the catalog's
+    record ``patient`` (of a corrected patient); whether any changed."""
     wanted = {keyword: patient["attrs"].get(keyword) for keyword in MANAGED}
     differing = {
         keyword: value
@@ -45,11 +51,11 @@ def coerce(stored: Path | bytes, patient: dict[str, Any] | None) -> Dataset | No
         if text_of(dataset, keyword) != value
     }
     if not differing:
-        return None
+        return False
     _make_room(dataset, differing)
     for keyword, value in differing.items():
         _set(dataset, keyword, value)
-    return dataset
+    return True
 
 
 def coerced_bytes(stored: bytes, patient: dict[str, Any] | None) -> bytes:
