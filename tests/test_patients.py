@@ -343,7 +343,7 @@ def test_a_merge_moves_the_studies_and_keeps_the_old_id_as_a_pointer(
     site.store("later", 1, patient_id=BRUNO, patient_name="Sample^Bruno")
     assert len(site.studies(PatientID="PAT-A9")) == 4
     log = site.appliance.log()
-    assert "ADT^A40 control ID M1" in log and "merged, 1 studies" in log
+    assert "ADT^A40 control ID M1" in log and "merged, 1 study" in log
     assert BRUNO not in log and "Sample" not in log
 
 

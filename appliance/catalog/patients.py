@@ -308,7 +308,6 @@ def _apply_update(
     append_journal(
         catalog, txn, {"op": UPDATE_OP, "patient": key, "attrs": patient["attrs"]}
     )
-    # Audit: the patient record was updated (the audit trail hooks in here).
     return Change("updated", key, ref, studies=studies)
 
 
@@ -349,7 +348,6 @@ def _apply_merge(
     _set_attributes(catalog, txn, new, kept, moved, old_names)
     _point(catalog, txn, old_key, new_key, event)
     _journal_merge(catalog, txn, old_key, new_key, new["attrs"], event)
-    # Audit: the patient records were merged (the audit trail hooks in here).
     return len(moved)
 
 

@@ -256,13 +256,17 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
     def _items(self, query: Query) -> list[_Item]:
         catalog = self.node.catalog
         items = []
+        # Patient records, read once per patient: the corrected ones
+        # (registration changed them) are sent coerced.
+        corrected: dict[str, dict[str, Any] | None] = {}
         for row in find(catalog, query, lambda: False):
             uid = row["SOPInstanceUID"] or ""
             with catalog.read() as txn:
                 record = catalog.instance(txn, uid)
-                patient = (
-                    catalog.get(txn, "patients", record.patient) if record else None
-                )
+                if record is not None and record.patient not in corrected:
+                    patient = catalog.get(txn, "patients", record.patient)
+                    found = patient if is_corrected(patient) else None
+                    corrected[record.patient] = found
             if record is None:
                 continue
             copy = record.copy_on(TIER_NAME)
@@ -274,7 +278,7 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
                     transfer_syntax=record.transfer_syntax,
                     study_uid=record.study_uid,
                     path=path,
-                    patient=patient if is_corrected(patient) else None,
+                    patient=corrected[record.patient],
                 )
             )
         return items

@@ -50,7 +50,12 @@ def handle(catalog: Catalog, parsed: hl7.Message, raw: bytes, peer: str) -> byte
     sent = remember(catalog, seen, acks.accept(parsed), digest, change)
     if outcome:
         done = outcome[0]
-        moved = f", {done.studies} studies" if done.studies else ""
+        # The audit trail's call site for patient changes, after the commit:
+        # action "updated" is a patient record updated (A08, A31); "merged"
+        # and "identifier changed" are patient records merged (A40, A47),
+        # done.merged into done.patient (catalog keys). Others changed nothing.
+        plural = "study" if done.studies == 1 else "studies"
+        moved = f", {done.studies} {plural}" if done.studies else ""
         logger.info(
             "HL7 %s control ID %s from %s: %s %s%s",
             message.message_type,
