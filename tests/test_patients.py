@@ -36,6 +36,7 @@ from appliance.catalog.store import Catalog, merged_into
 from appliance.ingest import Ingest
 from appliance.prefetch.intake import Intake
 from appliance.replication.transports.directory import DirectoryTransport
+from appliance.restore.replay import replay_journal
 from appliance.storage.online import OnlineTier
 from tests import datasets
 from tests import dicom_client as client
@@ -588,3 +589,43 @@ def test_a_restore_drill_after_a_merge_compares_what_would_be_sent(
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "restore drill passed: 2 studies, 3 instances" in done.stdout
+
+
+def test_hl7_names_dates_and_nulls_become_dicom_values(local: Local) -> None:
+    study = local.store("alma", ALMA, patient_name="Testperson^Alma")
+    name = "Newname&Mrs^Alma^Beth^Jr^Dr"
+
+    first = local.hl7(adt("A31", "H1", f"{ALMA}~PAT-X^^^OTHER", name, "19700203", "A"))
+    cleared = local.hl7(adt("A08", "H2", ALMA, birth='""', sex="U"))
+
+    assert msa(first)[1] == msa(cleared)[1] == "AA"
+    rows = list(find(local.catalog, Query("STUDY", {"PatientID": ALMA}), _never))
+    assert [r["StudyInstanceUID"] for r in rows] == [study]
+    (row,) = rows
+    assert row["PatientName"] == "Newname^Alma^Beth^Dr^Jr"
+    assert row["OtherPatientIDs"] == "PAT-X"
+    assert row["PatientBirthDate"] is None and row["PatientSex"] is None
+
+
+def test_replaying_patient_changes_again_changes_nothing(local: Local) -> None:
+    local.store("alma", ALMA, patient_name="Testperson^Alma")
+    local.store("bruno", BRUNO, patient_name="Sample^Bruno")
+    local.hl7(adt("A08", "P1", ALMA, "Newname^Alma"))
+    local.hl7(adt("A40", "P2", ALMA, mrg=BRUNO))
+    local.hl7(adt("A47", "P3", "PAT-A9", mrg=ALMA))
+    before = answers(local.catalog)
+    entries = list(replication.journal_after(local.catalog, 0))
+    last = replication.last_journal_number(local.catalog)
+
+    replay_journal(local.catalog, entries)
+
+    assert answers(local.catalog) == before
+    assert replication.last_journal_number(local.catalog) == last
+    with local.catalog.read() as txn:
+        for old in (ALMA, BRUNO):
+            pointer = merged_into(local.catalog, txn, patient_key(old, ""))
+            assert pointer == patient_key("PAT-A9", "")
+
+
+def _never() -> bool:
+    return False

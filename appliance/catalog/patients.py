@@ -183,11 +183,13 @@ def replay(catalog: Catalog, entry: dict[str, Any]) -> None:
 def _merged_already(
     catalog: Catalog, txn: lmdb.Transaction, entry: dict[str, Any]
 ) -> bool:
-    pointer = catalog.get(txn, MERGED, entry["merged"])
+    """Whether the catalog holds this merge already: the retired key is a
+    pointer (to the survivor, or to whom a later merge moved it on) and no
+    patient record."""
+    merged = entry["merged"]
     return (
-        pointer is not None
-        and pointer.get("into") == entry["into"]
-        and catalog.get(txn, "patients", entry["merged"]) is None
+        catalog.get(txn, MERGED, merged) is not None
+        and catalog.get(txn, "patients", merged) is None
     )
 
 
