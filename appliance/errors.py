@@ -19,6 +19,7 @@ module that called them, so that callers only need to know this vocabulary::
      +-- KeyStoreError          the master keys are missing, unsafe or unreadable
      |    +-- MissingKeyError      a pack needs a master key the store lacks
      +-- RejectedInstance       an instance is refused (bad or conflicting)
+ +-- PatientRecordError     a patient update or merge names no usable patient
      +-- TransportError         the off-site mirror cannot be reached, read or written
      |    +-- HostKeyError         the mirror's host key is unknown or has changed
      |    +-- StalledTransferError a transfer made no progress for too long
@@ -139,6 +140,19 @@ class RejectedInstance(ApplianceError):
         self.status = status
         self.reason = reason
         super().__init__(reason)
+
+
+class PatientRecordError(ApplianceError):
+    """A patient update or merge cannot be applied as asked: it names a
+    retired (merged) identifier, one held under several issuers, or one that
+    another patient holds already. ``unknown`` tells "no such usable
+    identifier" from "the identifier is taken"; ``location`` is the HL7
+    field at fault (e.g. ``MRG^1^1``). Messages carry no patient data."""
+
+    def __init__(self, message: str, location: str, unknown: bool = True) -> None:
+        super().__init__(message)
+        self.location = location
+        self.unknown = unknown
 
 
 class LimiterClosed(ApplianceError):

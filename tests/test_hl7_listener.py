@@ -143,7 +143,7 @@ def test_garbage_split_bytes_and_two_in_one_write(listener: Listener) -> None:
 def test_bad_messages_get_ar_or_ae_with_err_and_change_nothing(
     listener: Listener, catalog: Catalog, caplog: pytest.LogCaptureFixture
 ) -> None:
-    unknown = siu(control_id="B1").replace("SIU^S12^SIU_S12", "ADT^A08^ADT_A01")
+    unknown = siu(control_id="B1").replace("SIU^S12^SIU_S12", "MDM^T02^MDM_T02")
     no_patient = siu(control_id="B2", patient="")
 
     with caplog.at_level(logging.WARNING, logger="appliance.prefetch.intake"):

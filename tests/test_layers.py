@@ -87,6 +87,13 @@ FORBIDDEN = {
         "appliance.cli",
         "appliance.ingest",
     ),
+    # Patient updates and merges: HL7 in, catalog changes out.
+    "appliance.patients": (
+        "appliance.dicom",
+        "appliance.storage",
+        "appliance.service",
+        "appliance.cli",
+    ),
     # An export sends through the DICOM layer; nothing above it.
     "appliance.export": ("appliance.service", "appliance.cli"),
     # Hardware checks and sizing read the host and the configuration only.

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from appliance import config as configuration
-from appliance.catalog import copies, pins, requests
+from appliance.catalog import copies, patients, pins, requests
 from appliance.catalog.store import Catalog
 from appliance.hl7 import acks, messages
 from appliance.hsm import policy
@@ -399,3 +399,19 @@ def test_the_watermark_does_not_release_pinned_priors(
     assert mr in released
     assert site.studies["ct-old"] not in released
     assert site.studies["ct-recent"] not in released
+
+
+def test_an_appointment_under_a_merged_id_gets_the_survivors_priors(
+    site: Site,
+) -> None:
+    with site.catalog.env.begin(write=True) as txn:
+        patients.merge(site.catalog, txn, ("PAT-NEW", ""), (PATIENT, ""), {}, "A40")
+    site.book("M1", "APT1", NOW + DAY)
+    running, _ = site.planner()
+
+    (plan,) = running.run()
+
+    assert [p.study_uid for p in plan.priors] == [
+        site.studies["ct-recent"],
+        site.studies["ct-old"],
+    ]

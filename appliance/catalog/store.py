@@ -4,6 +4,7 @@ Named databases (keys and values are UTF-8; values are compact JSON)::
 
     meta                 schema_version, bytes.<tier> totals, next pack number
     patients             PatientID NUL IssuerOfPatientID -> attributes, counts
+    merged               a retired patient key -> the key it was merged into
     studies              StudyInstanceUID  -> attributes, patient, counts
     series               SeriesInstanceUID -> attributes, study, count
     instances            SOPInstanceUID    -> InstanceRecord (copies, checksums)
@@ -67,6 +68,7 @@ _MAX_KEY = 400
 _DATABASES = (
     "meta",
     "patients",
+    "merged",
     "studies",
     "series",
     "instances",
@@ -84,6 +86,8 @@ _DATABASES = (
     "commitments",
     "commitments.pending",
 )
+# Added after schema version 1 was fixed: created when the catalog is
+# opened for writing, possibly missing when it is opened read-only.
 _INDEXES = (
     "idx.study.patient",
     "idx.study.accession",
@@ -211,6 +215,10 @@ class Catalog:
             # A catalog on read-only media (or without write permission on
             # its lock file) can still be read, without reader registration.
             return lmdb.open(str(path), lock=False, **options)
+
+    def has(self, db: str) -> bool:
+        """Whether the catalog holds database ``db``."""
+        return db in self.db
 
     def close(self) -> None:
         self.env.close()
@@ -354,6 +362,7 @@ class _Writer:
         existing = self.catalog.instance(self.txn, record.sop_instance_uid)
         if existing is not None:
             return self._resolve_duplicate(existing, item, policy)
+        self._follow_merge(item)
         conflict = self._hierarchy_conflict(record)
         if conflict:
             new_copies = [(c.tier, c.location) for c in record.copies]
@@ -369,6 +378,21 @@ class _Writer:
         self._add_bytes(record, +1)
         self._journal_and_queue("store", item)
         return RecordResult(Outcome.STORED, [])
+
+    def _follow_merge(self, item: NewInstance) -> None:
+        """File an instance that names a retired patient (merged, or its
+        identifier changed) under the patient it belongs to now; its stored
+        bytes keep what the modality sent."""
+        survivor = merged_into(self.catalog, self.txn, item.record.patient)
+        if survivor is None:
+            return
+        item.record.patient = survivor
+        patient_id, _, issuer = survivor.partition("\x00")
+        attrs = {**item.patient, "PatientID": patient_id}
+        attrs.pop("IssuerOfPatientID", None)
+        if issuer:
+            attrs["IssuerOfPatientID"] = issuer
+        item.patient = attrs
 
     def _hierarchy_conflict(self, record: InstanceRecord) -> str:
         """Why the instance does not fit the patient/study/series tree, or ''."""
@@ -496,8 +520,12 @@ class _Writer:
         study_date = item.study.get("StudyDate")
         if study_date:
             self._index("idx.study.date", study_date.replace(".", "")[:8], uid)
-        for name in name_index_keys(item.patient.get("PatientName")):
-            self._index("idx.study.name", name, uid)
+        # The patient's name as the catalog holds it, which an update from
+        # the RIS may have corrected since this instance was made.
+        patient = self.catalog._get(self.txn, "patients", record.patient) or {}
+        name = patient.get("attrs", item.patient).get("PatientName")
+        for group in name_index_keys(name):
+            self._index("idx.study.name", group, uid)
         return {
             "key": uid,
             "attrs": item.study,
@@ -563,6 +591,58 @@ def peek(path: Path) -> Iterator[Catalog]:
             yield catalog
         finally:
             catalog.close()
+
+
+def merged_into(catalog: Catalog, txn: lmdb.Transaction, key: str) -> str | None:
+    """The patient key that retired patient ``key`` now lives under, or None.
+
+    The pointer of ``key`` itself counts first. Failing that, an ID without
+    an issuer follows the one pointer filed under that ID when no other
+    patient holds it, and an ID with an issuer follows the pointer filed
+    without one: issuers are never mixed when both sides name one.
+    """
+    if not catalog.has("merged"):
+        return None
+    found = _pointer(catalog, txn, key)
+    if found is None:
+        patient_id, _, issuer = key.partition("\x00")
+        if issuer:
+            found = _pointer(catalog, txn, f"{patient_id}\x00")
+        else:
+            holders = keys_with_id(catalog, txn, "patients", patient_id)
+            retired = keys_with_id(catalog, txn, "merged", patient_id)
+            if not holders and len(retired) == 1:
+                found = _pointer(catalog, txn, retired[0])
+    return found
+
+
+def _pointer(catalog: Catalog, txn: lmdb.Transaction, key: str) -> str | None:
+    # Pointers always name a live patient (a merge re-points those naming
+    # the patient it retires), so one step is enough; a few more guard
+    # against a catalog written otherwise.
+    target = None
+    for _ in range(8):
+        data = catalog._get(txn, "merged", key)
+        if data is None:
+            break
+        target = key = str(data["into"])
+    return target
+
+
+def keys_with_id(
+    catalog: Catalog, txn: lmdb.Transaction, db: str, patient_id: str
+) -> list[str]:
+    """The patient keys in ``db`` (patients or merged) with that PatientID,
+    whatever their issuer."""
+    start = encode_key(patient_id + "\x00")
+    found = []
+    cursor = txn.cursor(db=catalog.db[db])
+    if cursor.set_range(start):
+        for raw_key in cursor.iternext(keys=True, values=False):
+            if not bytes(raw_key).startswith(start):
+                break
+            found.append(_decode(raw_key))
+    return found
 
 
 def sequence_key(number: int) -> bytes:

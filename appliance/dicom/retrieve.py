@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import pynetdicom.association
 import pynetdicom.dimse_messages
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, _config
 from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE
 from pynetdicom.dsutils import encode
@@ -38,6 +39,8 @@ from pynetdicom.sop_class import uid_to_service_class
 from appliance import audit
 from appliance.audit import dicom as audit_dicom
 from appliance.catalog import pins
+from appliance.catalog.coercion import coerce
+from appliance.catalog.patients import is_corrected
 from appliance.catalog.query import Query, find
 from appliance.catalog.records import text_of
 from appliance.config import Peer
@@ -80,6 +83,9 @@ class _Item:
     transfer_syntax: str
     study_uid: str
     path: Path | None
+    # The catalog's record of a corrected patient (coerced when sent);
+    # None sends the stored bytes as they are.
+    patient: dict[str, Any] | None = None
 
 
 @dataclass
@@ -267,10 +273,17 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
     def _items(self, query: Query) -> list[_Item]:
         catalog = self.node.catalog
         items = []
+        # Patient records, read once per patient: the corrected ones
+        # (registration changed them) are sent coerced.
+        corrected: dict[str, dict[str, Any] | None] = {}
         for row in find(catalog, query, lambda: False):
             uid = row["SOPInstanceUID"] or ""
             with catalog.read() as txn:
                 record = catalog.instance(txn, uid)
+                if record is not None and record.patient not in corrected:
+                    patient = catalog.get(txn, "patients", record.patient)
+                    found = patient if is_corrected(patient) else None
+                    corrected[record.patient] = found
             if record is None:
                 continue
             copy = record.copy_on(TIER_NAME)
@@ -282,6 +295,7 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
                     transfer_syntax=record.transfer_syntax,
                     study_uid=record.study_uid,
                     path=path,
+                    patient=corrected[record.patient],
                 )
             )
         return items
@@ -440,16 +454,23 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
             return None
         message_id = (int(req.MessageID or 0) + index + 1) % 65536 or 1
         try:
+            sent = _what_to_send(item, item.path)
             if originator is None:
-                response = store.send_c_store(item.path, msg_id=message_id)
+                response = store.send_c_store(sent, msg_id=message_id)
             else:
                 response = store.send_c_store(
-                    item.path,
+                    sent,
                     msg_id=message_id,
                     originator_aet=self.assoc.requestor.ae_title,
                     originator_id=originator.MessageID,
                 )
-        except (ValueError, AttributeError, OSError, RuntimeError) as exc:
+        except (
+            ValueError,
+            AttributeError,
+            OSError,
+            RuntimeError,
+            InvalidDicomError,
+        ) as exc:
             logger.warning(
                 "C-STORE sub-operation for %s failed: %s", item.sop_instance_uid, exc
             )
@@ -519,6 +540,15 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
             identifier = Dataset()
             identifier.FailedSOPInstanceUIDList = counts.failed_uids
         self._respond(req, context, status, counts, comment, identifier)
+
+
+def _what_to_send(item: _Item, path: Path) -> Path | Dataset:
+    """The stored file as it is, or, for a patient registration corrected,
+    the instance with the catalog's patient attributes (the file stays)."""
+    if item.patient is None:
+        return path
+    coerced = coerce(path, item.patient)
+    return path if coerced is None else coerced
 
 
 def _query(identifier: Dataset, sop_class: str) -> Query:

@@ -40,6 +40,8 @@ DATA_TYPE_ERROR = "102"
 UNSUPPORTED_MESSAGE_TYPE = "200"
 UNSUPPORTED_EVENT_CODE = "201"
 SEGMENT_SEQUENCE_ERROR = "100"
+UNKNOWN_KEY_IDENTIFIER = "204"
+DUPLICATE_KEY_IDENTIFIER = "205"
 APPLICATION_INTERNAL_ERROR = "207"
 
 ERROR_TEXT = {
@@ -48,6 +50,8 @@ ERROR_TEXT = {
     DATA_TYPE_ERROR: "Data type error",
     UNSUPPORTED_MESSAGE_TYPE: "Unsupported message type",
     UNSUPPORTED_EVENT_CODE: "Unsupported event code",
+    UNKNOWN_KEY_IDENTIFIER: "Unknown key identifier",
+    DUPLICATE_KEY_IDENTIFIER: "Duplicate key identifier",
     APPLICATION_INTERNAL_ERROR: "Application internal error",
 }
 
@@ -210,19 +214,16 @@ def _check_escapes(text: str) -> None:
 def read(message: hl7.Message) -> ScheduleMessage:
     """The appointment a parsed message is about, or MessageError."""
     kind, event = _message_type(message)
-    header = {
-        "control_id": _identifier(_field(message, "MSH", 10), "MSH^1^10"),
-        "sender": "^".join((_field(message, "MSH", 3), _field(message, "MSH", 4))),
+    control_id, sender = header(message)
+    header_fields = {
+        "control_id": control_id,
+        "sender": sender,
         "message_type": f"{kind}^{event}",
     }
-    if not header["control_id"]:
-        raise MessageError(
-            "AR", REQUIRED_FIELD_MISSING, "MSH^1^10", "no message control ID (MSH-10)"
-        )
     if kind == "SIU":
-        return _read_schedule(message, event, header)
+        return _read_schedule(message, event, header_fields)
     if (kind, event) in ORDER_MESSAGES:
-        return _read_order(message, header)
+        return _read_order(message, header_fields)
     if kind in ("SIU", "ORM", "OMI"):
         raise MessageError(
             "AR",
@@ -234,8 +235,19 @@ def read(message: hl7.Message) -> ScheduleMessage:
         "AR",
         UNSUPPORTED_MESSAGE_TYPE,
         "MSH^1^9^1^1",
-        f"message type {kind}^{event} is not handled (SIU, ORM^O01, OMI^O23 are)",
+        f"message type {kind}^{event} is not handled (SIU, ORM^O01, OMI^O23, ADT are)",
     )
+
+
+def header(message: hl7.Message) -> tuple[str, str]:
+    """The message control ID (MSH-10) and the sender (MSH-3 ^ MSH-4), or
+    MessageError (AR) when there is no control ID."""
+    control_id = _identifier(_field(message, "MSH", 10), "MSH^1^10")
+    if not control_id:
+        raise MessageError(
+            "AR", REQUIRED_FIELD_MISSING, "MSH^1^10", "no message control ID (MSH-10)"
+        )
+    return control_id, "^".join((_field(message, "MSH", 3), _field(message, "MSH", 4)))
 
 
 def _message_type(message: hl7.Message) -> tuple[str, str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -74,6 +75,32 @@ def apply(
     durable transaction; the ACK to send. A message seen before returns the
     ACK sent for it then, and changes nothing; ``fingerprint`` (a digest of
     its bytes) tells a resend from another message under a reused ID."""
+    seen = Seen(message.sender, message.control_id, message.message_type)
+    return remember(
+        catalog, seen, ack, fingerprint, lambda txn: _change(catalog, txn, message)
+    )
+
+
+@dataclass(frozen=True)
+class Seen:
+    """Who sent a message, under which control ID, and of which type."""
+
+    sender: str
+    control_id: str
+    message_type: str
+
+
+def remember(
+    catalog: Catalog,
+    message: Seen,
+    ack: bytes,
+    fingerprint: str,
+    change: Callable[[lmdb.Transaction], None],
+) -> bytes:
+    """Make ``change`` and remember ``ack`` as the answer to ``message`` in
+    one durable transaction; the ACK to send (the one sent before, with no
+    change, for a message seen before). Whatever ``change`` raises undoes
+    both."""
     seen_key = f"{message.sender}|{message.control_id}"
     try:
         with catalog.env.begin(write=True) as txn:
@@ -81,7 +108,7 @@ def apply(
             if seen is not None:
                 _log_resend(message, seen.get("fingerprint", ""), fingerprint)
                 return base64.b64decode(seen["ack"])
-            _change(catalog, txn, message)
+            change(txn)
             answer = {
                 "ack": base64.b64encode(ack).decode(),
                 "time": time.time(),
@@ -93,7 +120,7 @@ def apply(
     return ack
 
 
-def _log_resend(message: ScheduleMessage, before: str, now: str) -> None:
+def _log_resend(message: Seen, before: str, now: str) -> None:
     if before and now and before != now:
         logger.warning(
             "HL7 %s control ID %s from %s was used before for another message; "

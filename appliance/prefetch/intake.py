@@ -1,4 +1,5 @@
-"""From an HL7 message to a recorded appointment and the ACK to send.
+"""From an HL7 message to a recorded appointment and the ACK to send (ADT
+messages, patient updates and merges, go to :mod:`appliance.patients.intake`).
 
 The ACK says AA only after the appointment is committed to the catalog. A
 message the appliance cannot use gets AR (not a message it takes) or AE
@@ -18,8 +19,9 @@ from appliance.audit.offenders import RepeatedRefusals
 from appliance.audit.trail import Trail
 from appliance.catalog.store import Catalog
 from appliance.errors import CatalogError
-from appliance.hl7 import acks, messages
+from appliance.hl7 import acks, adt, messages
 from appliance.hl7.messages import APPLICATION_INTERNAL_ERROR, MessageError
+from appliance.patients import intake as patient_intake
 from appliance.prefetch import appointments
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,8 @@ class Intake:
         parsed: hl7.Message | None = None
         try:
             parsed = messages.parse(raw)
+            if adt.is_adt(parsed):
+                return patient_intake.handle(self.catalog, parsed, raw, peer)
             schedule = messages.read(parsed)
             digest = hashlib.sha256(raw).hexdigest()
             ack = acks.accept(parsed)
@@ -55,7 +59,7 @@ class Intake:
             return acks.refuse(parsed, error)
         except CatalogError as exc:
             logger.error("HL7 from %s not recorded%s: %s", peer, _which(parsed), exc)
-            return acks.refuse(parsed, _internal("the appointment could not be saved"))
+            return acks.refuse(parsed, _internal("the change could not be saved"))
         except Exception as exc:  # a message no rule above foresaw
             logger.error(
                 "HL7 from %s could not be read%s: %r", peer, _which(parsed), exc

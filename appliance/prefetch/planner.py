@@ -34,7 +34,7 @@ import lmdb
 
 from appliance.catalog import copies, pins
 from appliance.catalog.records import patient_key
-from appliance.catalog.store import Catalog
+from appliance.catalog.store import Catalog, merged_into
 from appliance.config import Config
 from appliance.errors import CatalogError
 from appliance.hsm.recall import Recaller
@@ -166,6 +166,8 @@ class Planner:
         with self.catalog.read() as txn:
             for patient in appointment.patients:
                 key = patient_key(patient.patient_id, patient.issuer)
+                # An appointment booked under an identifier merged since.
+                key = merged_into(self.catalog, txn, key) or key
                 for uid in self.catalog.index_values(txn, "idx.study.patient", key):
                     candidate = self._candidate(txn, uid)
                     if candidate is not None:

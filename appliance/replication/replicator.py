@@ -499,6 +499,11 @@ class Replicator:
                         replication.set_mirror_mark(self.catalog, "last_error", "")
                     backoff = idle
                     continue
+                if not replication.queued(self.catalog, limit=1):
+                    # A change without instances (a patient merged, say)
+                    # goes to the mirror on its own; the others go after
+                    # the pack of their instances.
+                    self.send_journal()
                 if self.audit_due():
                     self.audit_some()
             except (ApplianceError, OSError) as exc:

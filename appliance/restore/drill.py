@@ -24,12 +24,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from appliance.catalog import coercion
 from appliance.catalog.copies import _instances_of, all_study_copies
+from appliance.catalog.patients import is_corrected
 from appliance.catalog.records import (
     INSTANCE_KEYWORDS,
     PATIENT_KEYWORDS,
@@ -110,6 +113,9 @@ class Expected:
     pack_id: str
     # What the catalog answers at each level: level -> keyword -> text.
     answers: dict[str, dict[str, str]]
+    # The patient's record when registration corrected it: the restored
+    # data set is compared as it would be sent, coerced.
+    patient: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -195,7 +201,9 @@ class Drill:
                         continue
                     pack_id = copy.location.partition("/")[0]
                     answers = _answers(self.catalog, txn, record)
-                    expected.append(Expected(record, pack_id, answers))
+                    patient = self.catalog.get(txn, "patients", record.patient)
+                    corrected = patient if is_corrected(patient) else None
+                    expected.append(Expected(record, pack_id, answers, corrected))
                     pack = self.catalog.get(txn, "packs", pack_id)
                     if pack is not None:
                         packs[pack_id] = PackExpected(pack["size"], pack["sha256"])
@@ -332,6 +340,8 @@ def _differences(path: Path, item: Expected) -> list[str]:
         dataset = pydicom.dcmread(path, stop_before_pixels=True)
     except (InvalidDicomError, OSError, ValueError) as exc:
         return [f"restored bytes do not read as DICOM: {exc}"]
+    if item.patient is not None:
+        coercion.apply(dataset, item.patient)
     record = item.record
     problems = []
     for level, keywords in _LEVELS:

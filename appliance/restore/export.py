@@ -19,7 +19,7 @@ from typing import Any
 
 import lmdb
 
-from appliance.catalog import copies
+from appliance.catalog import copies, patients
 from appliance.catalog.copies import PackRecord
 from appliance.catalog.records import InstanceRecord, NewInstance
 from appliance.catalog.store import Catalog, Outcome
@@ -69,6 +69,9 @@ def export(work: Catalog, final: Catalog, contents: MirrorContents) -> Exported:
             if data.get("tier") == contents.tier
         ]
     _add_packs(final, packs, contents, result)
+    # Instances were written with their patients' corrected attributes;
+    # the pointers of merged patients and the corrections' marks follow.
+    patients.carry_over(work, final)
     return result
 
 

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from appliance.catalog import copies, replication
+from appliance.catalog import copies, patients, replication
 from appliance.catalog.copies import PackRecord
 from appliance.catalog.records import InstanceRecord, NewInstance, patient_key
 from appliance.catalog.replication import OFFSITE, Queued
@@ -43,6 +43,10 @@ def replay_journal(catalog: Catalog, entries: Iterable[dict[str, Any]]) -> int:
             _replicated(catalog, PackRecord.from_json(entry["pack"]))
         elif op == "offsite-lost":
             _offsite_lost(catalog, entry["pack"], list(entry["uids"]))
+        elif op in patients.JOURNAL_OPS:
+            # A patient update or merge, applied in the order it was made:
+            # instances journaled after it find the survivor's pointer.
+            patients.replay(catalog, entry)
         else:
             logger.warning("journal entry %s: unknown change %r skipped", entry, op)
             continue

@@ -1,0 +1,90 @@
+"""From an ADT message to a changed patient record and the ACK to send.
+
+The ACK says AA only after the change and its journal entry are committed.
+A message that names a retired (merged) identifier, an identifier held
+under several issuers, or an A47 whose new identifier another patient
+holds, gets AE with an ERR segment (HL7 table 0357: 204 unknown key
+identifier, 205 duplicate key identifier) and changes nothing. A message
+the RIS sends again (same sender and control ID) gets the ACK sent for it
+before, as appointments do.
+
+One log line per message, naming the patient by an opaque reference only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import hl7
+import lmdb
+
+from appliance.catalog import patients
+from appliance.catalog.store import Catalog
+from appliance.errors import PatientRecordError
+from appliance.hl7 import acks, adt
+from appliance.hl7.adt import PatientMessage
+from appliance.hl7.messages import (
+    DUPLICATE_KEY_IDENTIFIER,
+    UNKNOWN_KEY_IDENTIFIER,
+    MessageError,
+    header,
+)
+from appliance.prefetch.appointments import Seen, remember
+
+logger = logging.getLogger(__name__)
+
+
+def handle(catalog: Catalog, parsed: hl7.Message, raw: bytes, peer: str) -> bytes:
+    """Apply one parsed ADT message; its ACK. Raises MessageError for a
+    message that cannot be applied, and CatalogError when the catalog
+    fails (the caller answers both)."""
+    message = adt.read(parsed, *header(parsed))
+    digest = hashlib.sha256(raw).hexdigest()
+    outcome: list[patients.Change] = []
+
+    def change(txn: lmdb.Transaction) -> None:
+        outcome.append(_apply(catalog, txn, message))
+
+    seen = Seen(message.sender, message.control_id, message.message_type)
+    sent = remember(catalog, seen, acks.accept(parsed), digest, change)
+    if outcome:
+        done = outcome[0]
+        # The audit trail's call site for patient changes, after the commit:
+        # action "updated" is a patient record updated (A08, A31); "merged"
+        # and "identifier changed" are patient records merged (A40, A47),
+        # done.merged into done.patient (catalog keys). Others changed nothing.
+        plural = "study" if done.studies == 1 else "studies"
+        moved = f", {done.studies} {plural}" if done.studies else ""
+        logger.info(
+            "HL7 %s control ID %s from %s: %s %s%s",
+            message.message_type,
+            message.control_id,
+            peer,
+            done.reference,
+            done.action,
+            moved,
+        )
+    return sent
+
+
+def _apply(
+    catalog: Catalog, txn: lmdb.Transaction, message: PatientMessage
+) -> patients.Change:
+    identifiers = [(i.patient_id, i.issuer) for i in message.identifiers]
+    try:
+        if message.action == adt.UPDATE:
+            return patients.update(catalog, txn, identifiers, message.demographics)
+        assert message.prior is not None
+        return patients.merge(
+            catalog,
+            txn,
+            identifiers[0],
+            (message.prior.patient_id, message.prior.issuer),
+            message.demographics,
+            message.message_type.partition("^")[2],
+            identifier_change=message.action == adt.CHANGE_ID,
+        )
+    except PatientRecordError as exc:
+        code = UNKNOWN_KEY_IDENTIFIER if exc.unknown else DUPLICATE_KEY_IDENTIFIER
+        raise MessageError("AE", code, exc.location, str(exc)) from exc
