@@ -12,6 +12,7 @@ mirror. All patients, names and IDs are made up.
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -346,6 +347,17 @@ def test_a_merge_moves_the_studies_and_keeps_the_old_id_as_a_pointer(
     log = site.appliance.log()
     assert "ADT^A40 control ID M1" in log and "merged, 1 study" in log
     assert BRUNO not in log and "Sample" not in log
+
+    # Each change left one audit record, sent again messages none.
+    shown = site.appliance.cli("audit", "show", "--patient", ALMA, "--json")
+    changes = [
+        json.loads(line)
+        for line in shown.stdout.splitlines()
+        if "patient record" in line
+    ]
+    assert len(changes) == 2, shown.stdout
+    assert "ADT^A40: patient record merged" in json.dumps(changes[0])
+    assert BRUNO in json.dumps(changes[0])
 
 
 def test_bad_adt_messages_change_nothing(site: Site) -> None:

@@ -19,6 +19,9 @@ import logging
 import hl7
 import lmdb
 
+from appliance import audit
+from appliance.audit import codes
+from appliance.audit.trail import Trail
 from appliance.catalog import patients
 from appliance.catalog.store import Catalog
 from appliance.errors import PatientRecordError
@@ -34,11 +37,22 @@ from appliance.prefetch.appointments import Seen, remember
 
 logger = logging.getLogger(__name__)
 
+# What a change did (patients.Change.action), for the audit trail.
+_UPDATED = "updated"
+_MERGED = "merged"
+_IDENTIFIER_CHANGED = "identifier changed"
 
-def handle(catalog: Catalog, parsed: hl7.Message, raw: bytes, peer: str) -> bytes:
+
+def handle(
+    catalog: Catalog,
+    parsed: hl7.Message,
+    raw: bytes,
+    peer: str,
+    trail: Trail | None = None,
+) -> bytes:
     """Apply one parsed ADT message; its ACK. Raises MessageError for a
     message that cannot be applied, and CatalogError when the catalog
-    fails (the caller answers both)."""
+    fails (the caller answers both). A change is recorded in ``trail``."""
     message = adt.read(parsed, *header(parsed))
     digest = hashlib.sha256(raw).hexdigest()
     outcome: list[patients.Change] = []
@@ -50,10 +64,7 @@ def handle(catalog: Catalog, parsed: hl7.Message, raw: bytes, peer: str) -> byte
     sent = remember(catalog, seen, acks.accept(parsed), digest, change)
     if outcome:
         done = outcome[0]
-        # The audit trail's call site for patient changes, after the commit:
-        # action "updated" is a patient record updated (A08, A31); "merged"
-        # and "identifier changed" are patient records merged (A40, A47),
-        # done.merged into done.patient (catalog keys). Others changed nothing.
+        _audit(trail, done, message, peer)
         plural = "study" if done.studies == 1 else "studies"
         moved = f", {done.studies} {plural}" if done.studies else ""
         logger.info(
@@ -66,6 +77,25 @@ def handle(catalog: Catalog, parsed: hl7.Message, raw: bytes, peer: str) -> byte
             moved,
         )
     return sent
+
+
+def _audit(
+    trail: Trail | None, done: patients.Change, message: PatientMessage, peer: str
+) -> None:
+    """Record a patient record updated (A08, A31) or merged (A40, A47), after
+    the commit; a message that changed nothing leaves no record."""
+    if done.action not in (_UPDATED, _MERGED, _IDENTIFIER_CHANGED):
+        return
+    patient_id = done.patient.partition("\x00")[0]
+    merged = [done.merged.partition("\x00")[0]] if done.merged else None
+    audit.patient_record_changed(
+        trail,
+        codes.UPDATE,
+        patient_id,
+        description=f"HL7 {message.message_type}: patient record {done.action}",
+        source=audit.Peer("", peer),
+        other_patient_ids=merged,
+    )
 
 
 def _apply(

@@ -32,6 +32,7 @@ class Intake:
 
     def __init__(self, catalog: Catalog, trail: Trail | None = None) -> None:
         self.catalog = catalog
+        self.trail = trail
         # A sender whose messages keep being refused becomes a security alert.
         self.refusals = RepeatedRefusals(trail, "HL7")
 
@@ -40,7 +41,9 @@ class Intake:
         try:
             parsed = messages.parse(raw)
             if adt.is_adt(parsed):
-                return patient_intake.handle(self.catalog, parsed, raw, peer)
+                return patient_intake.handle(
+                    self.catalog, parsed, raw, peer, self.trail
+                )
             schedule = messages.read(parsed)
             digest = hashlib.sha256(raw).hexdigest()
             ack = acks.accept(parsed)
