@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute
 
+from appliance.errors import OutOfSpaceError
 from appliance.web import multipart, qido, stow
 from appliance.web.accounts import OPERATOR, VIEWER
 from appliance.web.archive import Archive, Located, NotFound, NotOnline
@@ -232,6 +233,12 @@ async def _store(request: Request, study: str | None) -> Response:
         return problem(400, "the Content-Type names no boundary")
 
     archive = archive_of(request)
+    length = request.headers.get("content-length", "")
+    try:
+        # The body is spooled to the online tier: it must not eat the reserve.
+        archive.online.check_room(2 * int(length) if length.isdigit() else 0)
+    except OutOfSpaceError as exc:
+        return problem(507, f"{exc}; nothing was stored")
     body = archive.incoming / f"{secrets.token_hex(16)}.body"
     try:
         await _spool(request, body)

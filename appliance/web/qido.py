@@ -8,17 +8,18 @@ implementation of them.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 
-from appliance.catalog.query import find
+from appliance.catalog.query import Row, find
 from appliance.catalog.records import (
     COMPUTED_KEYWORDS,
     INSTANCE_KEYWORDS,
@@ -138,10 +139,12 @@ def run(catalog: Catalog, search: Search) -> list[dict[str, Any]]:
         query = query_from_identifier(identifier, STUDY_ROOT_FIND)
     except ValueError as exc:
         raise BadSearch(str(exc)) from exc
-    rows = find(catalog, query, lambda: False)
     stop = None if search.limit is None else search.offset + search.limit
-    page = itertools.islice(rows, search.offset, stop)
-    return [row_object(search.returned, row) for row in page]
+    # Closed here, in this thread: the search holds a read transaction.
+    found = cast(Generator[Row, None, None], find(catalog, query, lambda: False))
+    with contextlib.closing(found) as rows:
+        page = itertools.islice(rows, search.offset, stop)
+        return [row_object(search.returned, row) for row in page]
 
 
 def _identifier(search: Search) -> Dataset:
