@@ -350,6 +350,20 @@ def test_stow_into_a_study_refuses_instances_of_another(searchable: Site) -> Non
     assert int(answer.FailedSOPSequence[0].FailureReason) == 0xA900
 
 
+def test_a_viewer_cannot_store(searchable: Site) -> None:
+    made = instance(uid("web", "viewer"), uid("web-series", "viewer"), 1)
+    dataset = pydicom.dcmread(write(made, searchable.appliance.directory / "v"))
+    with pytest.raises(requests.HTTPError) as raised:
+        web_client(searchable, VIEWER).store_instances([dataset])
+    assert raised.value.response.status_code == 403
+    assert (
+        web_client(searchable, VIEWER).search_for_studies(
+            search_filters={"StudyInstanceUID": uid("web", "viewer")}
+        )
+        == []
+    )
+
+
 def test_the_access_log_holds_no_names_or_uids(searchable: Site) -> None:
     client = web_client(searchable, VIEWER)
     client.search_for_studies(search_filters={"PatientName": "Doe^Jane"})
