@@ -167,9 +167,17 @@ async def located(request: Request, names: tuple[str, ...]) -> list[Located] | R
     except ValueError as exc:
         return problem(400, str(exc))
     study, more = found[0], [*found[1:], None, None]
+    return await fetch(request, study, more[0], more[1])
+
+
+async def fetch(
+    request: Request, study: str, series: str | None, instance: str | None
+) -> list[Located] | Response:
+    """The online instances of the UIDs, recalled if need be; or the error
+    response (404, 503)."""
     try:
         return await run_in_threadpool(
-            archive_of(request).retrieve, study, more[0], more[1]
+            archive_of(request).retrieve, study, series, instance
         )
     except NotFound as exc:
         return problem(404, str(exc))

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import logging
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute
 
 from appliance.web import multipart
 from appliance.web.accounts import VIEWER
-from appliance.web.archive import NotFound, NotOnline
 from appliance.web.auth import problem, route
-from appliance.web.dicomweb import RETRY_AFTER, archive_of
+from appliance.web.dicomweb import fetch
 
 logger = logging.getLogger(__name__)
 
@@ -39,15 +37,9 @@ async def wado(request: Request) -> Response:
     if any(c in value for value in (study, series, instance) for c in "*?\\"):
         return problem(400, "a UID cannot hold * ? or \\")
 
-    try:
-        items = await run_in_threadpool(
-            archive_of(request).retrieve, study, series, instance
-        )
-    except NotFound as exc:
-        return problem(404, str(exc))
-    except NotOnline as exc:
-        headers = {"Retry-After": str(RETRY_AFTER)} if exc.volumes else None
-        return problem(503, str(exc), headers)
+    items = await fetch(request, study, series, instance)
+    if isinstance(items, Response):
+        return items
     item = items[0]
     wanted = params.get("transferSyntax")
     if wanted and wanted != item.transfer_syntax:
