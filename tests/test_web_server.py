@@ -4,11 +4,19 @@ the access log, configuration checks and the OpenAPI description."""
 from __future__ import annotations
 
 import base64
+import datetime
+import ipaddress
+import ssl
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from appliance import config
 from appliance.errors import ConfigError
@@ -183,3 +191,62 @@ def test_config_check_reports_a_name_listed_twice(tmp_path):
     path.write_text(entry.format("0" * 64) + entry.format("1" * 64))
     with pytest.raises(ConfigError, match=r"entry 1 \('a'\): the name is listed twice"):
         config.load(path)
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made here for the test."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "web.pem", folder / "web.key"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_tls_serves_https_with_the_configured_certificate(appliance_factory, tmp_path):
+    cert_path, key_path = _self_signed(tmp_path)
+    tls = {"tls_certificate": str(cert_path), "tls_key": str(key_path)}
+    site = web_site.start(appliance_factory, {"web": tls})
+    url = f"https://127.0.0.1:{site.appliance.web_port}"
+    trusted = ssl.create_default_context(cafile=str(cert_path))
+    with httpx.Client(base_url=url, verify=trusted, auth=VIEWER, timeout=60) as client:
+        assert client.get("/health").status_code == 200
+        assert client.get("/openapi.json").status_code == 200
+    assert f"HTTP listening on https://127.0.0.1:{site.appliance.web_port}" in (
+        site.appliance.log()
+    )
+
+
+def test_an_unreadable_certificate_stops_the_start(appliance_factory, tmp_path):
+    broken = tmp_path / "broken.pem"
+    broken.write_text("not a certificate\n")
+    appliance = appliance_factory({"web": {"tls_certificate": str(broken)}})
+    appliance.write_config()
+    result = appliance.cli("serve", check=False)
+    assert result.returncode == 1
+    assert "cannot use the TLS certificate" in result.stderr
+    assert "web.tls_certificate" in result.stderr

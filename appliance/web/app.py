@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 ROUTE_MODULES = (
     "appliance.web.health",
     "appliance.web.openapi",
+    "appliance.web.dicomweb",
+    "appliance.web.wado_uri",
 )
 
 

@@ -168,6 +168,59 @@ PATHS: dict[str, dict[str, Any]] = {
 }
 
 
+_STUDY = "/studies/{study}"
+_SERIES = _STUDY + "/series/{series}"
+_INSTANCE = _SERIES + "/instances/{instance}"
+
+PATHS.update(
+    {
+        "/studies": {**_search("studies"), "post": _store()},
+        _STUDY: _retrieve("study", "study", store=True),
+        _STUDY + "/metadata": _metadata("study", "study"),
+        _STUDY + "/series": _search("the series of a study", "study"),
+        _STUDY + "/instances": _search("the instances of a study", "study"),
+        _SERIES: _retrieve("series", "study", "series"),
+        _SERIES + "/metadata": _metadata("series", "study", "series"),
+        _SERIES + "/instances": _search("the instances of a series", "study", "series"),
+        _INSTANCE: _retrieve("instance", "study", "series", "instance"),
+        _INSTANCE + "/metadata": _metadata("instance", "study", "series", "instance"),
+        "/series": _search("series"),
+        "/instances": _search("instances"),
+        "/wado": {
+            "get": {
+                "summary": "WADO-URI: one instance as stored (PS3.18 9)",
+                "tags": ["DICOMweb"],
+                "x-role": VIEWER,
+                "parameters": [
+                    {
+                        "name": name,
+                        "in": "query",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    }
+                    for name in ("requestType", "studyUID", "seriesUID", "objectUID")
+                ]
+                + [
+                    {"name": name, "in": "query", "schema": {"type": "string"}}
+                    for name in ("contentType", "transferSyntax")
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The Part 10 file",
+                        "content": {"application/dicom": {}},
+                    },
+                    "400": _ERROR,
+                    "404": _ERROR,
+                    "406": _ERROR,
+                    "503": _ERROR,
+                    **_REFUSALS,
+                },
+            }
+        },
+    }
+)
+
+
 def document() -> dict[str, Any]:
     """The whole OpenAPI document."""
     return {

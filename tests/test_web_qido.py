@@ -1,0 +1,57 @@
+"""QIDO-RS parameters to C-FIND identifiers: keywords and tags, return keys
+per level, paging values, and what is refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from appliance.web import qido
+
+
+def test_keywords_and_tags_name_the_same_key() -> None:
+    by_keyword = qido.parse(qido.STUDY, [("PatientName", "Doe*")], {})
+    by_tag = qido.parse(qido.STUDY, [("00100010", "Doe*")], {})
+    assert by_keyword.keys == by_tag.keys == {"PatientName": "Doe*"}
+
+
+def test_a_repeated_key_is_a_list_of_values() -> None:
+    search = qido.parse(qido.STUDY, [("PatientID", "A"), ("PatientID", "B")], {})
+    assert search.keys == {"PatientID": "A\\B"}
+
+
+def test_return_keys_per_level_and_includefield() -> None:
+    studies = qido.parse(qido.STUDY, [("includefield", "StudyDescription")], {})
+    assert "StudyDescription" in studies.returned
+    assert "PatientName" in studies.returned
+    assert "Modality" not in studies.returned
+
+    within = qido.parse(qido.SERIES, [], {"StudyInstanceUID": "1.2"})
+    assert within.keys == {"StudyInstanceUID": "1.2"}
+    assert "PatientName" not in within.returned
+    everywhere = qido.parse(qido.SERIES, [], {})
+    assert "PatientName" in everywhere.returned
+
+    everything = qido.parse(qido.IMAGE, [("includefield", "all")], {})
+    assert {"ImageType", "ContentDate"} <= set(everything.returned)
+
+
+def test_paging_values() -> None:
+    search = qido.parse(qido.STUDY, [("limit", "10"), ("offset", "20")], {})
+    assert (search.limit, search.offset) == (10, 20)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("NotAKeyword", "x", "not a DICOM attribute"),
+        ("limit", "ten", "whole number"),
+        ("offset", "-1", "whole number"),
+        ("ReferencedStudySequence", "x", "sequence"),
+        ("00081110.00081150", "1.2", "inside sequences"),
+    ],
+)
+def test_what_cannot_be_searched_is_refused(
+    name: str, value: str, message: str
+) -> None:
+    with pytest.raises(qido.BadSearch, match=message):
+        qido.parse(qido.STUDY, [(name, value)], {})
