@@ -29,6 +29,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 
+from appliance import tls
 from appliance.catalog.store import Catalog
 from appliance.config import Config
 from appliance.dicom import retrieve
@@ -301,7 +302,9 @@ class Node:
         with self._lock:
             self._activity[id(assoc)] = _Activity(caller, permissions)
 
-        refusal = self._refusal(request, permissions)
+        wrapper = assoc.dul.socket
+        connection = wrapper.socket if wrapper is not None else None
+        refusal = self._refusal(request, permissions, connection)
         if refusal is not None:
             message, reason = refusal
             logger.warning("association from %s rejected: %s", caller, message)
@@ -315,12 +318,18 @@ class Node:
             ]
 
     def _refusal(
-        self, request: Any, permissions: Permissions
+        self, request: Any, permissions: Permissions, connection: Any
     ) -> tuple[str, tuple[int, int, int]] | None:
         """Why an association request is rejected, and the A-ASSOCIATE-RJ
         result, source and reason to send (PS3.8 9.3.4), or None."""
         if not permissions.anything:
             return "caller not allowed", _REJECT_CALLING_AE
+        calling = str(request.calling_ae_title)
+        unbound = tls.binding_problem(self.config.peer(calling), connection)
+        if unbound is not None:
+            # An AE title bound to a certificate is only as good as the
+            # certificate: without it, the title is not recognised.
+            return unbound, _REJECT_CALLING_AE
         called = str(request.called_ae_title).strip()
         if self.config.get("node.check_called_ae_title") and called != self.ae_title:
             message = f"it calls AE title {called!r}, this is {self.ae_title!r}"
