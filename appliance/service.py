@@ -135,7 +135,7 @@ def serve(config: Config) -> int:
         if secure is not None:
             secure.close()
         if hl7 is not None:
-            hl7.sock.close()
+            hl7.close()
         claim.release()
 
 
@@ -181,6 +181,8 @@ def _serve(
         if hl7 is not None:
             hl7.start()
             serving += ", HL7 on {}:{}".format(*hl7.address)
+            if hl7.secure_address is not None:
+                serving += ", HL7 over TLS on {}:{}".format(*hl7.secure_address)
         notify.ready(serving)
         heartbeat.start()
         listeners = [listener] if secure is None else [listener, secure]
