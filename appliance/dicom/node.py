@@ -162,6 +162,10 @@ def _first_byte(connection: Any) -> int | None:
         data = connection.recv(1, socket.MSG_PEEK)
     except OSError:
         return None
+    except ValueError:
+        # A TLS socket of an association we requested cannot peek; its
+        # PDUs are read as pynetdicom reads them.
+        return None
     return data[0] if data else None
 
 
