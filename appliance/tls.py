@@ -86,9 +86,27 @@ def client_context(config: Config, peer: Peer | None) -> ssl.SSLContext | None:
     if peer is None or not peer.tls:
         return None
     context = _profile(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+    context.sslsocket_class = _ClientSocket
     context.load_verify_locations(cafile=_path(config, "tls.ca_file"))
     context.load_cert_chain(_path(config, "tls.certificate"), _path(config, "tls.key"))
     return context
+
+
+class _ClientSocket(ssl.SSLSocket):
+    """A client-side TLS socket that logs a failed handshake in one line,
+    with the peer and the reason (pynetdicom only says that it failed)."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except (OSError, ValueError) as exc:
+            try:
+                host, port = self.getpeername()[:2]
+                peer = f"{host}:{port}"
+            except OSError:
+                peer = "a peer"
+            logger.warning("TLS handshake with %s failed: %s", peer, failure(exc))
+            raise
 
 
 def client_args(config: Config, peer: Peer | None) -> tuple[ssl.SSLContext, str] | None:
@@ -165,6 +183,8 @@ def describe(connection: Any) -> str:
 
 def failure(exc: BaseException) -> str:
     """A TLS failure in a few words, for its one log line."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"{exc.reason}: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError):
         return exc.reason or exc.strerror or str(exc)
     if isinstance(exc, TimeoutError | socket.timeout):

@@ -16,6 +16,7 @@ import re
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,7 +28,14 @@ import pytest
 from appliance.hl7.framing import frame
 from tests import dicom_client as client
 from tests.certificates import Authority, Issued
-from tests.conftest import TEST_FILES, Appliance, dcmtk, free_port, require_dcmtk
+from tests.conftest import (
+    TEST_FILES,
+    Appliance,
+    config_text,
+    dcmtk,
+    free_port,
+    require_dcmtk,
+)
 from tests.hl7_samples import siu
 
 CT_FILE = TEST_FILES / "CT_small.dcm"
@@ -182,10 +190,10 @@ def _handshake(port: int, pki: Pki, setup: Callable[[ssl.SSLContext], None]) -> 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.load_verify_locations(cafile=str(pki.ca.certificate))
     setup(context)
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-        with context.wrap_socket(raw, server_hostname="127.0.0.1") as secured:
-            assert secured.compression() is None
-            return str(secured.version())
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with raw, context.wrap_socket(raw, server_hostname="127.0.0.1") as secured:
+        assert secured.compression() is None
+        return str(secured.version())
 
 
 # -- DICOM over TLS ---------------------------------------------------------------
@@ -289,9 +297,7 @@ def test_verify_clients_refuses_clients_without_a_certificate_of_the_ca(
     since = len(strict_node.appliance.log())
     anonymous = storescu(strict_node.tls_port, _tls_options(pki, None))
     foreign = storescu(strict_node.tls_port, _tls_options(pki, pki.rogue_ct1))
-    wait_for(
-        lambda: len(_lines(strict_node.new_log(since), "TLS handshake")) >= 2
-    )
+    wait_for(lambda: len(_lines(strict_node.new_log(since), "TLS handshake")) >= 2)
     valid = storescu(strict_node.tls_port, _tls_options(pki, pki.ct1))
 
     assert not _stored(anonymous)
@@ -417,6 +423,10 @@ def test_c_move_refuses_a_destination_with_a_certificate_of_another_ca(
     assert list(tmp_path.iterdir()) == []
     log = open_node.new_log(since)
     assert len(_lines(log, "cannot associate with DEST .* over TLS")) == 1
+    failed = _lines(log, "TLS handshake with 127.0.0.1:")
+    assert len(failed) == 1
+    assert "CERTIFICATE_VERIFY_FAILED" in failed[0]
+    assert "Traceback" not in log
 
 
 # -- HL7 over TLS -----------------------------------------------------------------
@@ -428,14 +438,14 @@ def test_an_hl7_message_over_mllp_tls_is_acknowledged(
     wait_for(lambda: "HL7 (MLLP over TLS) listening" in open_node.appliance.log())
     context = ssl.create_default_context(cafile=str(pki.ca.certificate))
     message = siu(control_id="TLS1").encode()
-    with socket.create_connection(("127.0.0.1", open_node.hl7_tls_port), 10) as raw:
-        with context.wrap_socket(raw, server_hostname="127.0.0.1") as secured:
-            secured.sendall(frame(message))
-            answer = b""
-            while not answer.endswith(b"\x1c\r"):
-                chunk = secured.recv(4096)
-                assert chunk, "the connection closed before the ACK"
-                answer += chunk
+    raw = socket.create_connection(("127.0.0.1", open_node.hl7_tls_port), 10)
+    with raw, context.wrap_socket(raw, server_hostname="127.0.0.1") as secured:
+        secured.sendall(frame(message))
+        answer = b""
+        while not answer.endswith(b"\x1c\r"):
+            chunk = secured.recv(4096)
+            assert chunk, "the connection closed before the ACK"
+            answer += chunk
 
     segments = answer.strip(b"\x0b\x1c\r").decode().split("\r")
     msa = next(s for s in segments if s.startswith("MSA|")).split("|")
@@ -454,3 +464,44 @@ def test_a_plain_client_on_the_hl7_tls_port_is_logged_once(open_node: Node) -> N
 
     wait_for(lambda: "HL7 TLS handshake with" in open_node.new_log(since))
     assert len(_lines(open_node.new_log(since), "HL7 TLS handshake with")) == 1
+
+
+# -- appliance config check -------------------------------------------------------
+
+
+def _check(tmp_path: Path, tls: dict[str, object]) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "appliance.toml"
+    path.write_text(config_text({"tls": {"enabled": True, **tls}}, []))
+    return subprocess.run(
+        [sys.executable, "-m", "appliance", "config", "check", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_config_check_names_each_certificate_problem(pki: Pki, tmp_path: Path) -> None:
+    expired = pki.ca.issue("OLD", days=-1)
+    good = {
+        "certificate": str(pki.server.certificate),
+        "key": str(pki.server.key),
+        "ca_file": str(pki.ca.certificate),
+        "verify_clients": True,
+    }
+
+    assert _check(tmp_path, good).returncode == 0
+    missing = _check(tmp_path, {**good, "ca_file": str(tmp_path / "none.pem")})
+    mismatch = _check(tmp_path, {**good, "key": str(pki.ct1.key)})
+    swapped = _check(tmp_path, {**good, "certificate": str(pki.server.key)})
+    old = _check(tmp_path, {**good, "certificate": str(expired.certificate),
+                            "key": str(expired.key)})  # fmt: skip
+    unset = _check(tmp_path, {"verify_clients": True})
+
+    assert f"tls.ca_file: {tmp_path / 'none.pem'} does not exist" in missing.stderr
+    assert "tls.key: does not match the key of tls.certificate" in mismatch.stderr
+    assert "holds no PEM certificate" in swapped.stderr
+    assert "tls.certificate: the certificate expired on" in old.stderr
+    for name in ("tls.certificate", "tls.key", "tls.ca_file"):
+        assert f"{name}: is required by" in unset.stderr
+    for result in (missing, mismatch, swapped, old, unset):
+        assert result.returncode == 1

@@ -84,6 +84,10 @@ def configure_pynetdicom() -> None:
     _config.LOG_RESPONSE_IDENTIFIERS = False
     _config.LOG_HANDLER_LEVEL = "none"
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # A failed connection to a peer is logged in one line by whoever asked
+    # for it (C-MOVE, appliance.tls); pynetdicom's lines and traceback
+    # would only repeat it.
+    logging.getLogger("pynetdicom.transport").setLevel(logging.CRITICAL)
     retrieve.install()
     _guard_message_decoding()
     _guard_pdu_reading()
