@@ -286,7 +286,7 @@ KEYS: tuple[Key, ...] = (
         "timeouts",
         "association",
         30.0,
-        "Seconds to wait for association request, accept or release.",
+        "Seconds to wait for a TLS handshake, association request, accept or release.",
         _seconds,
     ),
     Key(
