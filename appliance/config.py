@@ -1203,7 +1203,8 @@ def _check_tls(values: dict[str, Any], peers: list[Peer]) -> list[tuple[str, str
     """What TLS needs that is missing; the files themselves are checked by
     appliance.tls.file_problems (``appliance config check`` and serve)."""
     problems = []
-    users = [name for name in ("tls.enabled", "hl7.tls") if values[name]]
+    users = ["tls.enabled"] if values["tls.enabled"] else []
+    users += ["hl7.tls"] if values["hl7.enabled"] and values["hl7.tls"] else []
     users += [f"peer {p.ae_title} (tls = true)" for p in peers if p.tls]
     if users:
         for name in ("tls.certificate", "tls.key"):

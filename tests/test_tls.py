@@ -25,6 +25,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from appliance import config, tls
+from appliance.errors import ConfigError
 from appliance.hl7.framing import frame
 from tests import dicom_client as client
 from tests.certificates import Authority, Issued
@@ -141,7 +143,9 @@ def strict_node(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     """Every TLS client must show a certificate from the hospital's CA."""
     node = Node(Appliance(tmp_path_factory.mktemp("strict"), {}), free_port())
     node.appliance.settings = {
-        "tls": _tls_settings(pki, node.tls_port, verify_clients=True)
+        "tls": _tls_settings(pki, node.tls_port, verify_clients=True),
+        # Short, for the test of a client that never says hello.
+        "timeouts": {"association": 5.0},
     }
     with _running(node.appliance):
         yield node
@@ -158,11 +162,11 @@ def _tls_options(pki: Pki, identity: Issued | None) -> list[str]:
 
 
 def storescu(
-    port: int, tls: list[str], calling: str = "STORESCU", path: Path = CT_FILE
+    port: int, options: list[str], calling: str = "STORESCU", path: Path = CT_FILE
 ) -> subprocess.CompletedProcess[str]:
     require_dcmtk()
     return dcmtk(
-        "storescu", "-v", *tls, "-aet", calling, "-aec", "APPLIANCE",
+        "storescu", "-v", *options, "-aet", calling, "-aec", "APPLIANCE",
         "127.0.0.1", str(port), str(path),
     )  # fmt: skip
 
@@ -307,6 +311,22 @@ def test_verify_clients_refuses_clients_without_a_certificate_of_the_ca(
     assert len(failures) == 2
     assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in failures[0].upper()
     assert "CERTIFICATE_VERIFY_FAILED" in failures[1].upper()
+
+
+def test_a_silent_client_holds_up_no_one_and_is_cut_off(
+    strict_node: Node, pki: Pki
+) -> None:
+    since = len(strict_node.appliance.log())
+    with socket.create_connection(("127.0.0.1", strict_node.tls_port)) as silent:
+        served = storescu(strict_node.tls_port, _tls_options(pki, pki.ws9))
+        wait_for(lambda: "TLS handshake with" in strict_node.new_log(since))
+        silent.settimeout(10)
+        closed = silent.recv(1) == b""
+
+    assert _stored(served), served.stderr
+    assert closed
+    (cut_off,) = _lines(strict_node.new_log(since), "TLS handshake with")
+    assert "no complete handshake within timeouts.association" in cut_off
 
 
 def test_an_ae_title_bound_to_a_certificate_needs_that_certificate(
@@ -469,18 +489,16 @@ def test_a_plain_client_on_the_hl7_tls_port_is_logged_once(open_node: Node) -> N
 # -- appliance config check -------------------------------------------------------
 
 
-def _check(tmp_path: Path, tls: dict[str, object]) -> subprocess.CompletedProcess[str]:
+def _file_problems(tmp_path: Path, tls_keys: dict[str, object]) -> str:
     path = tmp_path / "appliance.toml"
-    path.write_text(config_text({"tls": {"enabled": True, **tls}}, []))
-    return subprocess.run(
-        [sys.executable, "-m", "appliance", "config", "check", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    path.write_text(config_text({"tls": {"enabled": True, **tls_keys}}, []))
+    found = tls.file_problems(config.load(path))
+    return "\n".join(f"{key}: {message}" for key, message in found)
 
 
-def test_config_check_names_each_certificate_problem(pki: Pki, tmp_path: Path) -> None:
+def test_certificate_problems_are_named_with_their_key(
+    pki: Pki, tmp_path: Path
+) -> None:
     expired = pki.ca.issue("OLD", days=-1)
     good = {
         "certificate": str(pki.server.certificate),
@@ -489,19 +507,62 @@ def test_config_check_names_each_certificate_problem(pki: Pki, tmp_path: Path) -
         "verify_clients": True,
     }
 
-    assert _check(tmp_path, good).returncode == 0
-    missing = _check(tmp_path, {**good, "ca_file": str(tmp_path / "none.pem")})
-    mismatch = _check(tmp_path, {**good, "key": str(pki.ct1.key)})
-    swapped = _check(tmp_path, {**good, "certificate": str(pki.server.key)})
-    old = _check(tmp_path, {**good, "certificate": str(expired.certificate),
-                            "key": str(expired.key)})  # fmt: skip
-    unset = _check(tmp_path, {"verify_clients": True})
+    assert _file_problems(tmp_path, good) == ""
+    missing = _file_problems(tmp_path, {**good, "ca_file": str(tmp_path / "x.pem")})
+    mismatch = _file_problems(tmp_path, {**good, "key": str(pki.ct1.key)})
+    swapped = _file_problems(tmp_path, {**good, "certificate": str(pki.server.key)})
+    old = _file_problems(tmp_path, {**good, "certificate": str(expired.certificate),
+                                    "key": str(expired.key)})  # fmt: skip
 
-    assert f"tls.ca_file: {tmp_path / 'none.pem'} does not exist" in missing.stderr
-    assert "tls.key: does not match the key of tls.certificate" in mismatch.stderr
-    assert "holds no PEM certificate" in swapped.stderr
-    assert "tls.certificate: the certificate expired on" in old.stderr
+    assert missing == f"tls.ca_file: {tmp_path / 'x.pem'} does not exist"
+    assert mismatch == "tls.key: does not match the key of tls.certificate"
+    assert swapped.startswith("tls.certificate: ")
+    assert swapped.endswith("holds no PEM certificate")
+    assert old.startswith("tls.certificate: the certificate expired on")
+
+
+def test_config_check_reads_the_certificate_files(pki: Pki, tmp_path: Path) -> None:
+    path = tmp_path / "appliance.toml"
+    keys = {"enabled": True, "certificate": str(pki.server.certificate),
+            "key": str(pki.ct1.key)}  # fmt: skip
+    path.write_text(config_text({"tls": keys}, []))
+    checked = subprocess.run(
+        [sys.executable, "-m", "appliance", "config", "check", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert checked.returncode == 1
+    assert "tls.key: does not match the key of tls.certificate" in checked.stderr
+    assert "1 error(s)" in checked.stderr
+
+
+def test_tls_keys_that_need_each_other(pki: Pki, tmp_path: Path) -> None:
+    files = {
+        "certificate": str(pki.server.certificate),
+        "key": str(pki.server.key),
+    }
+    bound = {"ae_title": "CT1", "host": "h", "port": 104, "certificate_cn": "CT1"}
+    path = tmp_path / "appliance.toml"
+
+    def problems(settings: dict[str, dict[str, object]], peers: list[dict]) -> str:
+        path.write_text(config_text(settings, peers))
+        with pytest.raises(ConfigError) as raised:
+            config.load(path)
+        return str(raised.value)
+
+    same_port = problems({"tls": {"enabled": True, "port": 11112, **files}}, [])
+    unbindable = problems({"tls": {"ca_file": str(pki.ca.certificate)}}, [bound])
+    bad_fingerprint = problems(
+        {}, [{**bound, "certificate_cn": "", "certificate_sha256": "12:AB"}]
+    )
+    untrusting = problems({"tls": files}, [{**bound, "tls": True}])
+    unset = problems({"tls": {"verify_clients": True, "enabled": True}}, [])
+
+    assert "tls.port: must differ from node.port (11112)" in same_port
+    assert "binds a certificate, which only tls.enabled can check" in unbindable
+    assert "certificate_sha256: must be a SHA-256 fingerprint" in bad_fingerprint
+    assert "tls.ca_file: is required by peer CT1" in untrusting
     for name in ("tls.certificate", "tls.key", "tls.ca_file"):
-        assert f"{name}: is required by" in unset.stderr
-    for result in (missing, mismatch, swapped, old, unset):
-        assert result.returncode == 1
+        assert f"{name}: is required by" in unset
