@@ -566,3 +566,23 @@ def test_tls_keys_that_need_each_other(pki: Pki, tmp_path: Path) -> None:
     assert "tls.ca_file: is required by peer CT1" in untrusting
     for name in ("tls.certificate", "tls.key", "tls.ca_file"):
         assert f"{name}: is required by" in unset
+
+
+def test_export_to_a_peer_over_tls(
+    open_node: Node, pki: Pki, to_move: Path, tmp_path: Path
+) -> None:
+    received = tmp_path / "received"
+    received.mkdir()
+    target = f"DEST@127.0.0.1:{open_node.destination_port}"
+    with storescp_tls(
+        open_node.destination_port, pki.destination, pki.ca.certificate, received
+    ):
+        exported = open_node.appliance.cli("export", "--to", target, check=False)
+
+    assert exported.returncode == 0, exported.stderr
+    sent = re.search(r"(\d+) instance\(s\) sent", exported.stdout)
+    assert sent is not None, exported.stdout
+    files = list(received.iterdir())
+    assert int(sent.group(1)) == len(files)
+    uids = {pydicom.dcmread(path).SOPInstanceUID for path in files}
+    assert pydicom.dcmread(to_move).SOPInstanceUID in uids
