@@ -166,8 +166,8 @@ def start_tls(
     connection: HandedOverSocket, context: ssl.SSLContext, peer: str, timeout: float
 ) -> HandedOverTLSSocket | None:
     """The connection after a server-side TLS handshake within ``timeout``
-    seconds; None when the handshake failed (logged, connection closed)."""
-    context.sslsocket_class = HandedOverTLSSocket
+    seconds; None when the handshake failed (logged, connection closed).
+    ``context`` makes HandedOverTLSSocket sockets (see HandoffServer)."""
     previous = connection.gettimeout()
     try:
         secured = context.wrap_socket(
@@ -245,6 +245,8 @@ class HandoffServer(ThreadedAssociationServer):
     ) -> None:
         self._channel = channel
         self._tls_context = tls_context
+        if tls_context is not None:
+            tls_context.sslsocket_class = HandedOverTLSSocket
         self._artim = artim
         self._on_admit = on_admit
         self._on_close = on_close
