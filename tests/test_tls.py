@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
+import shutil
 import socket
 import ssl
 import subprocess
@@ -251,6 +252,37 @@ def test_tls_13_is_negotiated_and_12_only_with_ecdhe_aead(
 
     wait_for(lambda: len(refusals()) == 3)
     assert len(_lines(open_node.new_log(since), "TLS handshake with")) == 3
+
+
+def test_renegotiation_is_refused(open_node: Node, pki: Pki) -> None:
+    """OpenSSL 3 refuses a client's renegotiation unless told otherwise; the
+    appliance also sets OP_NO_RENEGOTIATION, for OpenSSL builds that allow
+    it. This checks the outcome, whichever of the two gives it."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl missing; apt-get install openssl")
+    command = ["openssl", "s_client", "-tls1_2", "-CAfile", str(pki.ca.certificate),
+               "-connect", f"127.0.0.1:{open_node.tls_port}"]  # fmt: skip
+    with subprocess.Popen(
+        command,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as s_client:
+        assert s_client.stdin is not None and s_client.stdout is not None
+        # "R" asks s_client to renegotiate; stdin stays open until it has
+        # the answer, since its end would close the connection first.
+        s_client.stdin.write("R\n")
+        s_client.stdin.flush()
+        try:
+            s_client.wait(timeout=60)
+        finally:
+            s_client.kill()
+        output = s_client.stdout.read()
+
+    assert "Verify return code: 0 (ok)" in output
+    assert "RENEGOTIATING" in output
+    assert "no renegotiation" in output
 
 
 # Python warns that it deprecates TLS 1.1: that is the point of this client.
