@@ -31,6 +31,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from appliance.config import Config, Peer
+from appliance.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -81,20 +82,28 @@ def client_context(config: Config, peer: Peer | None) -> ssl.SSLContext | None:
 
     The peer's certificate must be signed by a CA in tls.ca_file and name
     the peer's host (its address or DNS name); the appliance presents its
-    own certificate, for peers that verify their clients.
+    own certificate, for peers that verify their clients. ConfigError when
+    the files cannot be loaded.
     """
     if peer is None or not peer.tls:
         return None
     context = _profile(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
     context.sslsocket_class = _ClientSocket
-    context.load_verify_locations(cafile=_path(config, "tls.ca_file"))
-    context.load_cert_chain(_path(config, "tls.certificate"), _path(config, "tls.key"))
+    try:
+        context.load_verify_locations(cafile=_path(config, "tls.ca_file"))
+        context.load_cert_chain(
+            _path(config, "tls.certificate"), _path(config, "tls.key")
+        )
+    except OSError as exc:
+        message = f"cannot load tls.certificate, tls.key or tls.ca_file: {failure(exc)}"
+        raise ConfigError([("tls", message)]) from exc
     return context
 
 
 class _ClientSocket(ssl.SSLSocket):
     """A client-side TLS socket that logs a failed handshake in one line,
-    with the peer and the reason (pynetdicom only says that it failed)."""
+    with the peer and the reason (pynetdicom's own lines are turned off:
+    see appliance.dicom.node.configure_pynetdicom)."""
 
     def do_handshake(self, block: bool = False) -> None:
         try:

@@ -618,3 +618,16 @@ def test_export_to_a_peer_over_tls(
     assert int(sent.group(1)) == len(files)
     uids = {pydicom.dcmread(path).SOPInstanceUID for path in files}
     assert pydicom.dcmread(to_move).SOPInstanceUID in uids
+
+
+def test_a_peer_context_names_files_it_cannot_load(pki: Pki, tmp_path: Path) -> None:
+    path = tmp_path / "appliance.toml"
+    keys = {"certificate": str(pki.server.certificate), "key": str(pki.server.key),
+            "ca_file": str(tmp_path / "gone.pem")}  # fmt: skip
+    peer = {"ae_title": "DEST", "host": "127.0.0.1", "port": 2762, "tls": True}
+    path.write_text(config_text({"tls": keys}, [peer]))
+    loaded = config.load(path)
+
+    assert tls.client_context(loaded, None) is None
+    with pytest.raises(ConfigError, match=r"cannot load tls\.certificate"):
+        tls.client_context(loaded, loaded.peer("DEST"))

@@ -44,6 +44,7 @@ from appliance.config import Peer
 from appliance.dicom.find import decode_identifier, levels_of
 from appliance.dicom.find import serve as serve_find
 from appliance.dicom.handoff import QuickAckSocket
+from appliance.errors import ConfigError
 from appliance.storage.online import TIER_NAME
 
 if TYPE_CHECKING:
@@ -374,8 +375,12 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
         ae.network_timeout = timeouts.get("timeouts.network")
         ae.connection_timeout = timeouts.get("timeouts.connect")
         ae.requested_contexts = contexts
-        # Over TLS when the peer is configured so (appliance.tls).
-        tls_args = tls.client_args(self.node.config, peer)
+        try:
+            # Over TLS when the peer is configured so (appliance.tls).
+            tls_args = tls.client_args(self.node.config, peer)
+        except ConfigError as exc:
+            logger.error("C-MOVE to %s: %s", peer.ae_title, exc.problems[0][1])
+            return None
         assoc = ae.associate(
             peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args
         )
