@@ -28,6 +28,7 @@ from appliance import (
     cli_volumes,
     cli_web,
     logs,
+    tls,
 )
 from appliance import config as configuration
 from appliance.cli_shared import config_option, data_dir_option
@@ -304,7 +305,11 @@ def config_group() -> None:
 def check(config_file: Path) -> None:
     """Report every error in CONFIG_FILE, with its key and what is allowed."""
     try:
-        configuration.load(config_file)
+        loaded = configuration.load(config_file)
+        # The certificate, key and CA files, when TLS is in use.
+        problems = tls.file_problems(loaded)
+        if problems:
+            raise ConfigError(problems)
     except ConfigError as exc:
         _print_problems(exc)
         click.echo(f"{len(exc.problems)} error(s) in {config_file}", err=True)

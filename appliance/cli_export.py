@@ -111,6 +111,17 @@ def _calling_ae(text: str) -> str:
     return text.strip()
 
 
+def _tls_args(config: Config, destination: Any) -> Any:
+    """TLS when the destination is a [[peers]] entry (same AE title and
+    port) configured ``tls = true``."""
+    from appliance import tls
+
+    peer = config.peer(destination.ae_title)
+    if peer is None or peer.port != destination.port:
+        return None
+    return tls.client_args(config, peer)
+
+
 def _export(
     config: Config, destination: Any, calling: str, since: float | None
 ) -> tuple[Any, Path]:
@@ -135,7 +146,9 @@ def _export(
                     catalog,
                     tiers,
                     state,
-                    Sender(destination, calling, timeouts),
+                    Sender(
+                        destination, calling, timeouts, _tls_args(config, destination)
+                    ),
                     config.get("migration.min_copies"),
                     bar,
                 )

@@ -125,6 +125,16 @@ def _ip_address(value: Any) -> str | None:
     return None
 
 
+def _fingerprint(value: Any) -> str | None:
+    """A SHA-256 fingerprint: 64 hex digits, colons allowed; or "" for none."""
+    if not isinstance(value, str):
+        return "must be a string"
+    digits = value.replace(":", "")
+    if value and not re.fullmatch(r"[0-9A-Fa-f]{64}", digits):
+        return "must be a SHA-256 fingerprint: 64 hex digits, colons allowed"
+    return None
+
+
 def _ae_title_list(value: Any) -> str | None:
     if not isinstance(value, list):
         return "must be a list of AE titles"
@@ -279,7 +289,7 @@ KEYS: tuple[Key, ...] = (
         "timeouts",
         "association",
         30.0,
-        "Seconds to wait for association request, accept or release.",
+        "Seconds to wait for a TLS handshake, association request, accept or release.",
         _seconds,
     ),
     Key(
@@ -464,6 +474,47 @@ KEYS: tuple[Key, ...] = (
         "Days a commitment transaction is remembered (a repeated request is "
         "answered with the same result) and an undelivered report is retried.",
         _integer(1, 3650),
+    ),
+    Key(
+        "tls",
+        "enabled",
+        False,
+        "Serve DICOM over TLS on tls.port as well as plain DICOM on node.port "
+        "(BCP 195: TLS 1.2 or 1.3; docs/tls.md).",
+        _boolean,
+    ),
+    Key("tls", "port", 2762, "DICOM over TLS listener TCP port.", _integer(1, 65535)),
+    Key(
+        "tls",
+        "certificate",
+        "",
+        "PEM file with the appliance's certificate (then any intermediate "
+        "certificates); needed by tls.enabled, hl7.tls and peers with tls = true.",
+        _text,
+    ),
+    Key(
+        "tls",
+        "key",
+        "",
+        "PEM file with the certificate's private key, unencrypted; readable by "
+        "the appliance's user only.",
+        _text,
+    ),
+    Key(
+        "tls",
+        "ca_file",
+        "",
+        "PEM file with the CA certificates that peers' certificates are "
+        "verified against: clients when verify_clients is on or their AE title "
+        "is bound to a certificate, and peers the appliance connects to.",
+        _text,
+    ),
+    Key(
+        "tls",
+        "verify_clients",
+        False,
+        "Refuse TLS clients without a certificate signed by a CA in tls.ca_file.",
+        _boolean,
     ),
     Key(
         "volumes",
@@ -703,6 +754,21 @@ KEYS: tuple[Key, ...] = (
         _ip_address,
     ),
     Key("hl7", "port", 2575, "HL7 (MLLP) listener TCP port.", _integer(1, 65535)),
+    Key(
+        "hl7",
+        "tls",
+        False,
+        "Serve MLLP over TLS on hl7.tls_port as well, with the [tls] "
+        "certificate, key, ca_file and verify_clients.",
+        _boolean,
+    ),
+    Key(
+        "hl7",
+        "tls_port",
+        2576,
+        "HL7 (MLLP over TLS) listener TCP port.",
+        _integer(1, 65535),
+    ),
     Key(
         "hl7",
         "max_message_bytes",
@@ -999,6 +1065,28 @@ PEER_KEYS: dict[str, tuple[Callable[[Any], str | None], str]] = {
     ),
 }
 
+# Peer keys that may be left out, with their defaults.
+PEER_OPTIONAL_KEYS: dict[str, tuple[Check, str, Any]] = {
+    "tls": (
+        _boolean,
+        "Connect to the peer over TLS (port is then its TLS port); its "
+        "certificate must be signed by a CA in tls.ca_file and name its host.",
+        False,
+    ),
+    "certificate_cn": (
+        _text,
+        "Bind the AE title to a certificate: associations from it must come "
+        "over TLS with a certificate of this subject common name.",
+        "",
+    ),
+    "certificate_sha256": (
+        _fingerprint,
+        "The same binding by the certificate's SHA-256 fingerprint (hex, "
+        "colons allowed).",
+        "",
+    ),
+}
+
 
 RULE_KEYS: dict[str, tuple[Check, str]] = {
     "name": (_rule_name, "Shown in logs and dry runs; unique among the rules."),
@@ -1093,6 +1181,14 @@ class Peer:
     ae_title: str
     host: str
     port: int
+    tls: bool = False
+    # Binding of the AE title to a certificate; empty when not bound.
+    certificate_cn: str = ""
+    certificate_sha256: str = ""
+
+    @property
+    def bound_to_certificate(self) -> bool:
+        return bool(self.certificate_cn or self.certificate_sha256)
 
 
 @dataclass(frozen=True)
@@ -1177,6 +1273,10 @@ class Config:
         value = self.values["prefetch.watch_folder"]
         return self._resolve(value) if value else None
 
+    def file_path(self, key: str) -> Path:
+        """The file a path key names, relative paths resolved."""
+        return self._resolve(self.values[key])
+
     def _tier_path(self, key: str, default_name: str) -> Path:
         value = self.values[key]
         if value:
@@ -1214,6 +1314,7 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> C
     problems += _check_commitment(values)
     problems += _check_ports(values)
     problems += _check_audit(values)
+    problems += _check_tls(values, peers)
     default = Config(values).default_prior_rule
     prior_rules, prior_problems = selection.parse_rules(
         document.get("prior_rules"), default
@@ -1236,17 +1337,21 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> C
 
 
 def _check_ports(values: dict[str, Any]) -> list[tuple[str, str]]:
-    """The HL7 listener and the HTTP server cannot share the DICOM port."""
+    """No two listeners share a port."""
+    ports = [("node.port", values["node.port"])]
+    if values["tls.enabled"]:
+        ports.append(("tls.port", values["tls.port"]))
+    if values["hl7.enabled"]:
+        ports.append(("hl7.port", values["hl7.port"]))
+        if values["hl7.tls"]:
+            ports.append(("hl7.tls_port", values["hl7.tls_port"]))
+    if values["web.enabled"]:
+        ports.append(("web.port", values["web.port"]))
     problems = []
-    if values["hl7.enabled"] and values["hl7.port"] == values["node.port"]:
-        problems.append(
-            ("hl7.port", f"must differ from node.port ({values['node.port']})")
-        )
-    if values["web.enabled"] and values["web.port"] in (
-        values["node.port"],
-        values["hl7.port"] if values["hl7.enabled"] else None,
-    ):
-        problems.append(("web.port", "must differ from node.port and hl7.port"))
+    for index, (name, port) in enumerate(ports):
+        for other, other_port in ports[:index]:
+            if port == other_port:
+                problems.append((name, f"must differ from {other} ({port})"))
     return problems
 
 
@@ -1260,6 +1365,29 @@ def _check_audit(values: dict[str, Any]) -> list[tuple[str, str]]:
         problems.append(("audit.ca_file", "is required for tls"))
     if values.get("audit.key") and not values.get("audit.certificate"):
         problems.append(("audit.key", "needs audit.certificate"))
+    return problems
+
+
+def _check_tls(values: dict[str, Any], peers: list[Peer]) -> list[tuple[str, str]]:
+    """What TLS needs that is missing; the files themselves are checked by
+    appliance.tls.file_problems (``appliance config check`` and serve)."""
+    problems = []
+    users = ["tls.enabled"] if values["tls.enabled"] else []
+    users += ["hl7.tls"] if values["hl7.enabled"] and values["hl7.tls"] else []
+    users += [f"peer {p.ae_title} (tls = true)" for p in peers if p.tls]
+    if users:
+        for name in ("tls.certificate", "tls.key"):
+            if not values[name]:
+                problems.append((name, f"is required by {', '.join(users)}"))
+    verifiers = ["tls.verify_clients"] if values["tls.verify_clients"] else []
+    verifiers += [f"peer {p.ae_title}" for p in peers if p.tls]
+    verifiers += [f"peer {p.ae_title}" for p in peers if p.bound_to_certificate]
+    if verifiers and not values["tls.ca_file"]:
+        problems.append(("tls.ca_file", f"is required by {', '.join(verifiers)}"))
+    for peer in peers:
+        if peer.bound_to_certificate and not values["tls.enabled"]:
+            message = "binds a certificate, which only tls.enabled can check"
+            problems.append((f"peer {peer.ae_title}", message))
     return problems
 
 
@@ -1352,7 +1480,18 @@ def _parse_peers(raw: Any) -> tuple[list[Peer], list[tuple[str, str]]]:
         if entry_problems:
             problems += entry_problems
             continue
-        peers.append(Peer(entry["ae_title"].strip(), entry["host"], int(entry["port"])))
+        optional = {
+            name: entry.get(name, default)
+            for name, (_check, _help, default) in PEER_OPTIONAL_KEYS.items()
+        }
+        peers.append(
+            Peer(
+                entry["ae_title"].strip(),
+                entry["host"],
+                int(entry["port"]),
+                **optional,
+            )
+        )
 
     seen: set[str] = set()
     for peer in peers:
@@ -1365,8 +1504,12 @@ def _parse_peers(raw: Any) -> tuple[list[Peer], list[tuple[str, str]]]:
 def _peer_problems(where: str, entry: dict[str, Any]) -> list[tuple[str, str]]:
     problems = []
     for name in entry:
-        if name not in PEER_KEYS:
+        if name not in PEER_KEYS and name not in PEER_OPTIONAL_KEYS:
             problems.append((f"{where}.{name}", "unknown key"))
+    for name, (check, _help, _default) in PEER_OPTIONAL_KEYS.items():
+        problem = check(entry[name]) if name in entry else None
+        if problem:
+            problems.append((f"{where}.{name}", f"{problem} (got {entry[name]!r})"))
     for name, (check, _help) in PEER_KEYS.items():
         if name not in entry:
             problems.append((f"{where}.{name}", "is required"))
@@ -1536,6 +1679,9 @@ def example() -> str:
     lines += ["# access.storage and access.query name. Repeat the table per peer."]
     for name, (_check, help_text) in PEER_KEYS.items():
         lines.append(f"# {name}: {help_text}")
+    for name, (_check, help_text, default) in PEER_OPTIONAL_KEYS.items():
+        text = f"{name}: {help_text} Default: {toml_value(default)}."
+        lines += [f"# {line}" for line in _wrap(text)]
     lines += ["# [[peers]]", '# ae_title = "WORKSTATION1"', '# host = "127.0.0.1"']
     lines.append("# port = 11113")
     lines += _example_prefetch_tables()

@@ -1,6 +1,7 @@
 """The running appliance: a listener process and its DICOM worker processes.
 
-The listener binds the DICOM port, accepts connections, sets TCP_NODELAY
+The listener binds the DICOM port (and the DICOM over TLS port when
+tls.enabled), accepts connections, sets TCP_NODELAY
 (so that senders that leave Nagle's algorithm on are not held back by
 delayed ACKs) and hands each connection to the worker with the fewest open
 connections. Workers each open the catalog and the online tier and serve
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from multiprocessing.sharedctypes import SynchronizedArray
 from typing import Any
 
-from appliance import audit, logs, notify
+from appliance import audit, logs, notify, tls
 from appliance.audit import sender as audit_sender
 from appliance.catalog.store import Catalog
 from appliance.children import die_with_parent
@@ -32,7 +33,7 @@ from appliance.commitment.process import CommitmentSupervisor
 from appliance.config import Config
 from appliance.dicom.handoff import HandoffServer, send_connection
 from appliance.dicom.node import Node, configure_pynetdicom
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, ConfigError
 from appliance.hsm import scheduler
 from appliance.hsm.recall import Recaller
 from appliance.hsm.tiers import open_tiers
@@ -124,7 +125,11 @@ def serve(config: Config) -> int:
     """Run the appliance until SIGTERM or SIGINT; returns the exit status."""
     online = OnlineTier(config.online_path, config.get("storage.reserved_bytes"))
     online.open()
+    problems = tls.file_problems(config)
+    if problems:
+        raise ConfigError(problems)
     listener = _listen(config)
+    secure = _listen(config, "tls.port") if config.get("tls.enabled") else None
     hl7 = HL7Service(config) if config.get("hl7.enabled") else None
     claim = claim_tier(config.online_path, wait_for_workers=_STOP_GRACE + 10)
     web = None
@@ -138,11 +143,13 @@ def serve(config: Config) -> int:
         open_tiers(config)
         # Before any child starts: each reads the folder's name at its start.
         metrics_folder.prepare(config.data_dir)
-        return _serve(config, listener, hl7, web)
+        return _serve(config, listener, secure, hl7, web)
     finally:
         listener.close()
+        if secure is not None:
+            secure.close()
         if hl7 is not None:
-            hl7.sock.close()
+            hl7.close()
         if web is not None:
             web.sock.close()
         claim.release()
@@ -151,6 +158,7 @@ def serve(config: Config) -> int:
 def _serve(
     config: Config,
     listener: socket.socket,
+    secure: socket.socket | None,
     hl7: HL7Service | None,
     web: WebService | None = None,
 ) -> int:
@@ -194,15 +202,20 @@ def _serve(
             restore = restore_process.RestoreSupervisor(config)
             restore.start()
         serving = f"serving DICOM on {host}:{port}"
+        if secure is not None:
+            serving += ", DICOM over TLS on {}:{}".format(*secure.getsockname())
         if hl7 is not None:
             hl7.start()
             serving += ", HL7 on {}:{}".format(*hl7.address)
+            if hl7.secure_address is not None:
+                serving += ", HL7 over TLS on {}:{}".format(*hl7.secure_address)
         if web is not None:
             web.start()
             serving += ", HTTP on {}:{}".format(*web.address)
         notify.ready(serving)
         heartbeat.start()
-        _accept_loop(listener, workers, load, stop, context, config, alive)
+        listeners = [listener] if secure is None else [listener, secure]
+        _accept_loop(listeners, workers, load, stop, context, config, alive)
     finally:
         notify.stopping("finishing open associations")
         heartbeat.stop()
@@ -228,9 +241,9 @@ def _serve(
     return 0
 
 
-def _listen(config: Config) -> socket.socket:
+def _listen(config: Config, port_key: str = "node.port") -> socket.socket:
     address = config.get("node.bind_address")
-    port = config.get("node.port")
+    port = config.get(port_key)
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -239,14 +252,14 @@ def _listen(config: Config) -> socket.socket:
     except OSError as exc:
         listener.close()
         raise ApplianceError(
-            f"cannot listen on {address}:{port}: {exc.strerror}"
+            f"cannot listen on {address}:{port}: {exc.strerror} ({port_key})"
         ) from exc
     listener.listen(128)
     return listener
 
 
 def _accept_loop(
-    listener: socket.socket,
+    listeners: list[socket.socket],
     workers: list[_Worker],
     load: Load,
     stop: threading.Event,
@@ -254,8 +267,11 @@ def _accept_loop(
     config: Config,
     alive: notify.Liveness,
 ) -> None:
+    """Accept on ``listeners`` (the plain port first, then the TLS port) and
+    hand each connection over; TLS handshakes happen in the workers."""
     selector = selectors.DefaultSelector()
-    selector.register(listener, selectors.EVENT_READ)
+    for position, listener in enumerate(listeners):
+        selector.register(listener, selectors.EVENT_READ, data=position > 0)
     # Connections that never become associations (a port scan, a stalled
     # sender) each hold a file descriptor in a worker until the ARTIM timer
     # runs out; beyond this many the listener closes new ones at once.
@@ -263,20 +279,22 @@ def _accept_loop(
     crowded = _Crowding(pending_limit)
     while not stop.is_set():
         alive.touch()
-        if not selector.select(timeout=0.5):
+        ready = selector.select(timeout=0.5)
+        if not ready:
             _restart_dead(workers, load, context, config, stop, alive.touch)
             continue
-        try:
-            connection, address = listener.accept()
-        except OSError as exc:
-            logger.warning("cannot accept a connection: %s", exc)
-            continue
-        with connection:
-            if load.total_connections() >= pending_limit:
-                crowded.refused(address)
+        for key, _events in ready:
+            try:
+                connection, address = key.fileobj.accept()  # type: ignore[union-attr]
+            except OSError as exc:
+                logger.warning("cannot accept a connection: %s", exc)
                 continue
-            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _hand_off(connection, workers, load)
+            with connection:
+                if load.total_connections() >= pending_limit:
+                    crowded.refused(address)
+                    continue
+                connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                _hand_off(connection, workers, load, secure=key.data)
 
 
 class _Crowding:
@@ -304,14 +322,16 @@ class _Crowding:
             self.last_logged = now
 
 
-def _hand_off(connection: socket.socket, workers: list[_Worker], load: Load) -> None:
+def _hand_off(
+    connection: socket.socket, workers: list[_Worker], load: Load, secure: bool
+) -> None:
     alive = [w for w in workers if w.process.is_alive()]
     if not alive:
         logger.error("no worker is running; connection dropped")
         return
     chosen = load.hand_to_least_busy(alive)
     try:
-        send_connection(chosen.channel, connection)
+        send_connection(chosen.channel, connection, secure)
     except OSError as exc:
         logger.error("cannot hand a connection to worker %d: %s", chosen.index, exc)
         load.closed(chosen.index, admitted=False)
@@ -443,6 +463,7 @@ def run_worker(
         # The listener counted each connection when it handed it over.
         on_admit=functools.partial(load.admitted, index),
         on_close=functools.partial(load.closed, index),
+        tls_context=tls.server_context(config) if config.get("tls.enabled") else None,
     )
     ae._servers.append(server)  # so that AE.shutdown() also stops this server
 

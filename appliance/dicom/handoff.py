@@ -7,7 +7,12 @@ the worker, :class:`HandoffServer` is a pynetdicom association server whose
 "listening socket" is that Unix socket.
 
 Message on the channel: one datagram whose payload is the peer address as
-JSON (``["host", port]``) and whose ancillary data carries the descriptor.
+JSON (``["host", port]``, with a third item ``"tls"`` for a connection to
+the TLS port) and whose ancillary data carries the descriptor.
+
+A TLS connection has its handshake done in the worker, in the connection's
+own thread and within the ARTIM timer, so that a slow or broken client
+holds neither the listener nor other connections (see :mod:`appliance.tls`).
 
 A handed-over connection first has its A-ASSOCIATE-RQ read (see
 :mod:`appliance.dicom.admission`); only then does pynetdicom see it, and
@@ -22,12 +27,14 @@ import contextlib
 import json
 import logging
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Any
 
 from pynetdicom import evt
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
+from appliance import tls
 from appliance.dicom.admission import admit
 
 logger = logging.getLogger(__name__)
@@ -65,15 +72,22 @@ class QuickAckSocket(socket.socket):
             self.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
 
 
-def send_connection(channel: socket.socket, connection: socket.socket) -> None:
-    """Hand an accepted TCP connection to the worker at the end of ``channel``."""
+def send_connection(
+    channel: socket.socket, connection: socket.socket, secure: bool = False
+) -> None:
+    """Hand an accepted TCP connection to the worker at the end of ``channel``;
+    ``secure``: it came to the TLS port."""
     address = connection.getpeername()[:2]
-    payload = json.dumps(list(address)).encode()
+    payload = json.dumps([*address, "tls"] if secure else list(address)).encode()
     socket.send_fds(channel, [payload], [connection.fileno()])
 
 
-class HandedOverSocket(QuickAckSocket):
-    """A connection handed over by the listener, which counted it open."""
+class _Replaying:
+    """What both kinds of handed-over connection share: counting, and
+    reading again the bytes admission read.
+
+    A mixin for a socket class; ``super()`` is that socket class.
+    """
 
     # Called once when the connection's A-ASSOCIATE-RQ is admitted.
     on_admit: Callable[[], None] | None = None
@@ -98,7 +112,7 @@ class HandedOverSocket(QuickAckSocket):
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         if not self._replay:
-            return super().recv(bufsize, flags)
+            return bytes(super().recv(bufsize, flags))  # type: ignore[misc]
         data = self._replay[:bufsize]
         if not flags & socket.MSG_PEEK:
             self._replay = self._replay[bufsize:]
@@ -106,16 +120,77 @@ class HandedOverSocket(QuickAckSocket):
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         if not self._replay:
-            return super().recv_into(buffer, nbytes, flags)
+            return int(super().recv_into(buffer, nbytes, flags))  # type: ignore[misc]
         data = self.recv(nbytes or len(buffer), flags)
         buffer[: len(data)] = data
         return len(data)
 
     def close(self) -> None:
-        super().close()
+        super().close()  # type: ignore[misc]
         report, self.on_close = self.on_close, None
         if report is not None:
             report(self.admitted)
+
+
+class HandedOverSocket(_Replaying, QuickAckSocket):
+    """A connection handed over by the listener, which counted it open."""
+
+    # Set by the worker for a connection that came to the TLS port.
+    secure = False
+
+
+class HandedOverTLSSocket(_Replaying, ssl.SSLSocket):  # type: ignore[misc]
+    """A handed-over connection after its TLS handshake, server side.
+
+    TLS records cannot be peeked at, and pynetdicom's reading peeks at the
+    first byte of each PDU (see :mod:`appliance.dicom.node`): a peek here
+    reads, and keeps the bytes to be read again.
+    """
+
+    def pending(self) -> int:
+        # Bytes replayed first, then those OpenSSL has decrypted already.
+        return len(self._replay) + ssl.SSLSocket.pending(self)
+
+    def recv(self, bufsize: int = 1024, flags: int = 0) -> bytes:
+        if flags & socket.MSG_PEEK and not self._replay:
+            self._replay = super().recv(bufsize)
+            return self._replay
+        data = super().recv(bufsize, flags)
+        # As QuickAckSocket does, for the same senders.
+        with contextlib.suppress(OSError):
+            self.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        return data
+
+
+def start_tls(
+    connection: HandedOverSocket, context: ssl.SSLContext, peer: str, timeout: float
+) -> HandedOverTLSSocket | None:
+    """The connection after a server-side TLS handshake within ``timeout``
+    seconds; None when the handshake failed (logged, connection closed).
+    ``context`` makes HandedOverTLSSocket sockets (see HandoffServer)."""
+    previous = connection.gettimeout()
+    try:
+        secured = context.wrap_socket(
+            connection, server_side=True, do_handshake_on_connect=False
+        )
+    except OSError as exc:
+        logger.warning("TLS connection from %s failed: %s", peer, tls.failure(exc))
+        connection.close()
+        return None
+    assert isinstance(secured, HandedOverTLSSocket)
+    # The plain socket object is detached: the TLS one reports the close.
+    secured.on_admit, secured.on_close = connection.on_admit, connection.on_close
+    connection.on_close = None
+    try:
+        secured.settimeout(timeout)
+        secured.do_handshake()
+    except (OSError, ValueError) as exc:
+        logger.warning("TLS handshake with %s failed: %s", peer, tls.failure(exc))
+        secured.close()
+        return None
+    secured.settimeout(previous)
+    logger.debug("TLS connection from %s: %s", peer, tls.describe(secured))
+    return secured
 
 
 class _ReplayingSocket(AssociationSocket):
@@ -128,7 +203,7 @@ class _ReplayingSocket(AssociationSocket):
     @property
     def ready(self) -> bool:
         connection = self.socket
-        if isinstance(connection, HandedOverSocket) and connection.pending():
+        if isinstance(connection, _Replaying) and connection.pending():
             return True
         return bool(super().ready)
 
@@ -136,7 +211,7 @@ class _ReplayingSocket(AssociationSocket):
 def _replay_admitted_request(event: evt.Event) -> None:
     """Let the new association's reactor see the request admission read."""
     wrapper = event.assoc.dul.socket
-    if wrapper is not None and isinstance(wrapper.socket, HandedOverSocket):
+    if wrapper is not None and isinstance(wrapper.socket, _Replaying):
         # Same object layout; only ``ready`` changes.
         wrapper.__class__ = _ReplayingSocket
 
@@ -145,8 +220,10 @@ class HandoffServer(ThreadedAssociationServer):
     """An association server fed by a channel instead of a listening socket.
 
     ``artim`` is the ARTIM timer in seconds: how long a connection may take
-    to send its A-ASSOCIATE-RQ. ``on_admit`` and ``on_close`` are called as
-    :class:`HandedOverSocket` describes.
+    to send its A-ASSOCIATE-RQ (and, before that, to finish its TLS
+    handshake). ``on_admit`` and ``on_close`` are called as
+    :class:`HandedOverSocket` describes. ``tls_context`` serves the
+    connections that came to the TLS port; None when TLS is off.
     """
 
     # A connection still waiting for its request must not hold up the
@@ -164,8 +241,12 @@ class HandoffServer(ThreadedAssociationServer):
         artim: float,
         on_admit: Callable[[], None] = lambda: None,
         on_close: Callable[[bool], None] = lambda admitted: None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self._channel = channel
+        self._tls_context = tls_context
+        if tls_context is not None:
+            tls_context.sslsocket_class = HandedOverTLSSocket
         self._artim = artim
         self._on_admit = on_admit
         self._on_close = on_close
@@ -192,7 +273,8 @@ class HandoffServer(ThreadedAssociationServer):
         connection.on_admit = self._on_admit
         connection.on_close = self._on_close
         connection.settimeout(self.ae.network_timeout)
-        host, port = json.loads(payload)
+        host, port, *kind = json.loads(payload)
+        connection.secure = kind == ["tls"]
         return connection, (host, int(port))
 
     def finish_request(self, request: Any, client_address: Any) -> None:
@@ -201,7 +283,17 @@ class HandoffServer(ThreadedAssociationServer):
         Runs in the connection's own thread, so waiting blocks nobody else.
         """
         host, port = client_address
-        admitted = admit(request, f"{host}:{port}", self._artim)
+        peer = f"{host}:{port}"
+        if request.secure:
+            if self._tls_context is None:
+                # The listener hands these over only when TLS is on.
+                logger.error("TLS connection from %s: TLS is off here", peer)
+                request.close()
+                return
+            request = start_tls(request, self._tls_context, peer, self._artim)
+            if request is None:
+                return
+        admitted = admit(request, peer, self._artim)
         if admitted is None:
             return
         request.admit(admitted)

@@ -33,7 +33,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 
-from appliance import audit
+from appliance import audit, tls
 from appliance.audit import dicom as audit_dicom
 from appliance.catalog.store import Catalog
 from appliance.config import Config
@@ -97,6 +97,10 @@ def configure_pynetdicom() -> None:
     _config.LOG_RESPONSE_IDENTIFIERS = False
     _config.LOG_HANDLER_LEVEL = "none"
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # A failed connection to a peer is logged in one line by whoever asked
+    # for it (C-MOVE, appliance.tls); pynetdicom's lines and traceback
+    # would only repeat it.
+    logging.getLogger("pynetdicom.transport").setLevel(logging.CRITICAL)
     retrieve.install()
     commitment.install()
     _guard_message_decoding()
@@ -180,6 +184,10 @@ def _first_byte(connection: Any) -> int | None:
     try:
         data = connection.recv(1, socket.MSG_PEEK)
     except OSError:
+        return None
+    except ValueError:
+        # A TLS socket of an association we requested cannot peek; its
+        # PDUs are read as pynetdicom reads them.
         return None
     return data[0] if data else None
 
@@ -367,7 +375,9 @@ class Node:
         with self._lock:
             self._activity[id(assoc)] = _Activity(caller, permissions)
 
-        refusal = self._refusal(request, permissions)
+        wrapper = assoc.dul.socket
+        connection = wrapper.socket if wrapper is not None else None
+        refusal = self._refusal(request, permissions, connection)
         if refusal is not None:
             message, reason = refusal
             logger.warning("association from %s rejected: %s", caller, message)
@@ -383,12 +393,18 @@ class Node:
             ]
 
     def _refusal(
-        self, request: Any, permissions: Permissions
+        self, request: Any, permissions: Permissions, connection: Any
     ) -> tuple[str, tuple[int, int, int]] | None:
         """Why an association request is rejected, and the A-ASSOCIATE-RJ
         result, source and reason to send (PS3.8 9.3.4), or None."""
         if not permissions.anything:
             return "caller not allowed", _REJECT_CALLING_AE
+        calling = str(request.calling_ae_title)
+        unbound = tls.binding_problem(self.config.peer(calling), connection)
+        if unbound is not None:
+            # An AE title bound to a certificate is only as good as the
+            # certificate: without it, the title is not recognised.
+            return unbound, _REJECT_CALLING_AE
         called = str(request.called_ae_title).strip()
         if self.config.get("node.check_called_ae_title") and called != self.ae_title:
             message = f"it calls AE title {called!r}, this is {self.ae_title!r}"

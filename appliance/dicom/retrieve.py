@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.service_class import QueryRetrieveServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
-from appliance import audit
+from appliance import audit, tls
 from appliance.audit import dicom as audit_dicom
 from appliance.catalog import pins
 from appliance.catalog.coercion import coerce
@@ -47,6 +48,7 @@ from appliance.config import Peer
 from appliance.dicom.find import decode_identifier, levels_of
 from appliance.dicom.find import serve as serve_find
 from appliance.dicom.handoff import QuickAckSocket
+from appliance.errors import ConfigError
 from appliance.metrics import events
 from appliance.storage.online import TIER_NAME
 
@@ -364,16 +366,17 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
             self._final(req, context, SUCCESS, _Counts(0))
             return _Counts(0)
 
-        store = self._associate(peer.host, peer.port, peer.ae_title, items)
+        store = self._associate(peer, items)
         if store is None:
             counts = _Counts(0, failed=len(items))
             counts.failed_uids = [item.sop_instance_uid for item in items]
             logger.warning(
-                "C-MOVE from %s: cannot associate with %s at %s:%d",
+                "C-MOVE from %s: cannot associate with %s at %s:%d%s",
                 caller,
                 peer.ae_title,
                 peer.host,
                 peer.port,
+                " over TLS" if peer.tls else "",
             )
             self._final(req, context, ALL_FAILED, counts, "destination unreachable")
             return counts
@@ -394,7 +397,7 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
         return counts
 
     def _associate(
-        self, host: str, port: int, ae_title: str, items: list[_Item]
+        self, peer: Peer, items: list[_Item]
     ) -> pynetdicom.association.Association | None:
         contexts = _contexts_for(items)
         ae = AE(ae_title=self.node.ae_title)
@@ -404,7 +407,15 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
         ae.network_timeout = timeouts.get("timeouts.network")
         ae.connection_timeout = timeouts.get("timeouts.connect")
         ae.requested_contexts = contexts
-        assoc = ae.associate(host, port, ae_title=ae_title)
+        try:
+            # Over TLS when the peer is configured so (appliance.tls).
+            tls_args = tls.client_args(self.node.config, peer)
+        except ConfigError as exc:
+            logger.error("C-MOVE to %s: %s", peer.ae_title, exc.problems[0][1])
+            return None
+        assoc = ae.associate(
+            peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args
+        )
         if not assoc.is_established:
             return None
         tune_requestor(assoc)
@@ -617,7 +628,9 @@ def tune_requestor(assoc: pynetdicom.association.Association) -> None:
     sock = assoc.dul.socket.socket if assoc.dul.socket else None
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # Same object layout; only recv and recv_into change.
+    if sock is not None and not isinstance(sock, ssl.SSLSocket):
+        # Same object layout; only recv and recv_into change. (A TLS socket
+        # reads through OpenSSL, which these would bypass.)
         sock.__class__ = QuickAckSocket
 
     serve: Callable[[Any, int], None] = assoc._serve_request

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,14 +102,20 @@ class Link:
 
 
 class Sender:
-    """Opens associations from ``calling_ae`` to ``destination``."""
+    """Opens associations from ``calling_ae`` to ``destination``; over TLS
+    with ``tls_args`` (pynetdicom's: a client context and the host name)."""
 
     def __init__(
-        self, destination: Destination, calling_ae: str, timeouts: Timeouts
+        self,
+        destination: Destination,
+        calling_ae: str,
+        timeouts: Timeouts,
+        tls_args: tuple[ssl.SSLContext, str] | None = None,
     ) -> None:
         self.destination = destination
         self.calling_ae = calling_ae
         self.timeouts = timeouts
+        self.tls_args = tls_args
         # Stored files go as their bytes, never decoded and re-encoded.
         _config.STORE_SEND_CHUNKED_DATASET = True
 
@@ -155,7 +162,9 @@ class Sender:
         ae.connection_timeout = self.timeouts.connect
         ae.requested_contexts = [build_context(sop, [ts]) for sop, ts in pairs]
         target = self.destination
-        assoc = ae.associate(target.host, target.port, ae_title=target.ae_title)
+        assoc = ae.associate(
+            target.host, target.port, ae_title=target.ae_title, tls_args=self.tls_args
+        )
         if assoc.is_established or _all_contexts_rejected(assoc):
             return assoc
         raise ExportError(self._refusal(assoc))

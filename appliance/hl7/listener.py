@@ -10,6 +10,10 @@ reconnect when they have something to send, and a half-open connection
 would otherwise hold its slot for ever. Noise between frames and frames over
 ``max_message_bytes`` are logged once per connection and per kind, not per
 byte.
+
+Over TLS (MLLP on a port of its own), the listener accepts connections
+itself and completes each handshake within ``handshake_timeout`` before the
+connection counts; a failed handshake gets one WARNING line with the peer.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,17 +47,26 @@ class ListenerSettings:
     max_message_bytes: int = 1024 * 1024
     idle_timeout: float = 300.0
     max_connections: int = 64
+    handshake_timeout: float = 30.0
 
 
 class Listener:
-    """Serves MLLP on a bound, listening socket until :meth:`stop`."""
+    """Serves MLLP on a bound, listening socket until :meth:`stop`; over TLS
+    with ``tls_context`` (a server-side context)."""
 
     def __init__(
-        self, sock: socket.socket, handler: Handler, settings: ListenerSettings
+        self,
+        sock: socket.socket,
+        handler: Handler,
+        settings: ListenerSettings,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.sock = sock
         self.handler = handler
         self.settings = settings
+        self.tls_context = tls_context
+        # TLS connections still in their handshake, to cancel at the stop.
+        self._handshakes: set[asyncio.Task[None]] = set()
         self._loop = asyncio.new_event_loop()
         self._stopped: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._run, name="hl7", daemon=True)
@@ -83,6 +97,9 @@ class Listener:
 
     async def _serve(self) -> None:
         self._stopped = asyncio.Event()
+        if self.tls_context is not None:
+            await self._serve_tls(self.tls_context)
+            return
         server = await asyncio.start_server(self._connection, sock=self.sock)
         self._ready.set()
         async with server:
@@ -90,6 +107,51 @@ class Listener:
             server.close()
             await self._close_connections()
             await server.wait_closed()
+
+    async def _serve_tls(self, context: ssl.SSLContext) -> None:
+        """Accept here rather than in asyncio's server, which drops failed
+        handshakes without a word."""
+        assert self._stopped is not None
+        accepting = self._loop.create_task(self._accept_tls(context))
+        self._ready.set()
+        await self._stopped.wait()
+        accepting.cancel()
+        for task in list(self._handshakes):
+            task.cancel()
+        await asyncio.gather(accepting, *self._handshakes, return_exceptions=True)
+        await self._close_connections()
+
+    async def _accept_tls(self, context: ssl.SSLContext) -> None:
+        while True:
+            try:
+                connection, address = await self._loop.sock_accept(self.sock)
+            except OSError as exc:
+                logger.warning("HL7: cannot accept a TLS connection: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            task = self._loop.create_task(self._handshake(context, connection, address))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(
+        self, context: ssl.SSLContext, connection: socket.socket, address: object
+    ) -> None:
+        peer = _describe(address)
+        reader = asyncio.StreamReader(loop=self._loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=self._loop)
+        try:
+            transport, _ = await self._loop.connect_accepted_socket(
+                lambda: protocol,
+                connection,
+                ssl=context,
+                ssl_handshake_timeout=self.settings.handshake_timeout,
+            )
+        except (OSError, ssl.SSLError) as exc:
+            logger.warning("HL7 TLS handshake with %s failed: %s", peer, _reason(exc))
+            connection.close()
+            return
+        writer = asyncio.StreamWriter(transport, protocol, reader, self._loop)
+        await self._connection(reader, writer)
 
     async def _close_connections(self) -> None:
         """Cut every connection: an unanswered message is sent again by the
@@ -227,6 +289,12 @@ def bind(address: str, port: int) -> socket.socket:
         raise
     sock.setblocking(False)
     return sock
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return exc.reason
+    return str(exc) or type(exc).__name__
 
 
 def _describe(peer: object) -> str:

@@ -15,7 +15,7 @@ import signal
 import socket
 import threading
 
-from appliance import logs
+from appliance import logs, tls
 from appliance.children import ChildSupervisor, die_with_parent
 from appliance.config import Config
 from appliance.errors import ApplianceError
@@ -29,23 +29,25 @@ def settings(config: Config) -> ListenerSettings:
         max_message_bytes=config.get("hl7.max_message_bytes"),
         idle_timeout=config.get("hl7.idle_timeout"),
         max_connections=config.get("hl7.max_connections"),
+        handshake_timeout=config.get("timeouts.association"),
     )
 
 
 class HL7Service:
-    """The bound HL7 port and the supervised child that serves it."""
+    """The bound HL7 port (and MLLP over TLS port, with hl7.tls) and the
+    supervised child that serves them."""
 
     def __init__(self, config: Config) -> None:
-        address, port = config.get("hl7.bind_address"), config.get("hl7.port")
-        try:
-            self.sock = bind(address, port)
-        except OSError as exc:
-            raise ApplianceError(
-                f"cannot listen for HL7 on {address}:{port}: {exc.strerror} "
-                "(hl7.bind_address, hl7.port)"
-            ) from exc
+        self.sock = _bind(config, "hl7.port")
+        self.secure_sock: socket.socket | None = None
+        if config.get("hl7.tls"):
+            try:
+                self.secure_sock = _bind(config, "hl7.tls_port")
+            except ApplianceError:
+                self.sock.close()
+                raise
         self.supervisor = ChildSupervisor(
-            serve_hl7, (config, self.sock), "hl7", stop_grace=10.0
+            serve_hl7, (config, self.sock, self.secure_sock), "hl7", stop_grace=10.0
         )
 
     @property
@@ -53,15 +55,40 @@ class HL7Service:
         host, port = self.sock.getsockname()[:2]
         return host, port
 
+    @property
+    def secure_address(self) -> tuple[str, int] | None:
+        if self.secure_sock is None:
+            return None
+        host, port = self.secure_sock.getsockname()[:2]
+        return host, port
+
     def start(self) -> None:
         self.supervisor.start()
 
     def stop(self) -> None:
         self.supervisor.stop()
+        self.close()
+
+    def close(self) -> None:
         self.sock.close()
+        if self.secure_sock is not None:
+            self.secure_sock.close()
 
 
-def serve_hl7(config: Config, sock: socket.socket) -> None:
+def _bind(config: Config, port_key: str) -> socket.socket:
+    address, port = config.get("hl7.bind_address"), config.get(port_key)
+    try:
+        return bind(address, port)
+    except OSError as exc:
+        raise ApplianceError(
+            f"cannot listen for HL7 on {address}:{port}: {exc.strerror} "
+            f"(hl7.bind_address, {port_key})"
+        ) from exc
+
+
+def serve_hl7(
+    config: Config, sock: socket.socket, secure_sock: socket.socket | None = None
+) -> None:
     """Serve HL7 until SIGTERM (the child process's work)."""
     die_with_parent()
     logs.setup(config.get("logging.level"), config.get("logging.format"))
@@ -75,12 +102,18 @@ def serve_hl7(config: Config, sock: socket.socket) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     catalog = Catalog(config.catalog_path, config.get("storage.catalog_max_size"))
     intake = Intake(catalog, Trail.of(config))
-    listener = Listener(sock, intake, settings(config))
+    listeners = [Listener(sock, intake, settings(config))]
+    if secure_sock is not None:
+        context = tls.server_context(config)
+        listeners.append(Listener(secure_sock, intake, settings(config), context))
     try:
-        listener.start()
-        host, port = listener.address
-        logger.info("HL7 (MLLP) listening on %s:%d", host, port)
+        for listener in listeners:
+            listener.start()
+            host, port = listener.address
+            over = " over TLS" if listener.tls_context else ""
+            logger.info("HL7 (MLLP%s) listening on %s:%d", over, host, port)
         stop.wait()
     finally:
-        listener.stop()
+        for listener in listeners:
+            listener.stop()
         catalog.close()
