@@ -13,7 +13,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from appliance.catalog import pins
+from appliance import overview
 from appliance.catalog.store import Catalog
 from appliance.cli_shared import (
     Loader,
@@ -23,11 +23,9 @@ from appliance.cli_shared import (
 )
 from appliance.config import Config
 from appliance.errors import CatalogError
-from appliance.prefetch import appointments, listfile, planner, reconcile
+from appliance.prefetch import appointments, listfile, reconcile
 
 _DAY = 86400.0
-# The prefetch hit rate is counted over this many days.
-_HIT_RATE_DAYS = 30
 
 
 def register(main: click.Group, load: Loader) -> None:
@@ -137,46 +135,14 @@ def register(main: click.Group, load: Loader) -> None:
 def _status(config: Config) -> dict[str, Any]:
     """The last planner run's plans with their appointments, and counts."""
     if not config.catalog_path.exists():
-        hits = {"days": _HIT_RATE_DAYS, "online": 0, "retrieved": 0}
-        return {
-            "appointments": [],
-            "hit_rate": hits,
-            "ready": 0,
-            "late": 0,
-            "waiting": 0,
-        }
+        return overview.empty_prefetch_status()
     catalog = Catalog(
         config.catalog_path, config.get("storage.catalog_max_size"), readonly=True
     )
     try:
-        plans = planner.recorded_plans(catalog)
-        known = {a.appointment_id: a for a in appointments.appointments(catalog)}
-        online, retrieved = pins.hit_rate(catalog, time.time() - _HIT_RATE_DAYS * _DAY)
+        return overview.prefetch_status(config, catalog)
     finally:
         catalog.close()
-    hits = {"days": _HIT_RATE_DAYS, "online": online, "retrieved": retrieved}
-    rows = []
-    for plan in sorted(plans.values(), key=lambda p: p.start):
-        appointment = known.get(plan.appointment_id)
-        if appointment is None or not appointment.active:
-            continue
-        row = plan.as_json()
-        row["state"] = appointment.state
-        row["patients"] = [[p.patient_id, p.issuer] for p in appointment.patients]
-        known_procedure = config.procedures.get(appointment.procedure_code)
-        row["modality"] = appointment.modality or (
-            known_procedure.modality if known_procedure else ""
-        )
-        row["procedure_code"] = appointment.procedure_code
-        rows.append(row)
-    states = [prior["state"] for row in rows for prior in row["priors"]]
-    return {
-        "appointments": rows,
-        "hit_rate": hits,
-        "ready": sum(all(p["state"] == "online" for p in r["priors"]) for r in rows),
-        "late": states.count(planner.LATE),
-        "waiting": states.count(planner.WAITING),
-    }
 
 
 def _print_status(report: dict[str, Any]) -> None:

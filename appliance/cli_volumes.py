@@ -13,7 +13,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from appliance import logs
+from appliance import actions, logs
 from appliance.cli_shared import (
     Loader,
     config_option,
@@ -97,23 +97,10 @@ def register(main: click.Group, load: Loader) -> None:
         waiting for it run now."""
         config = load(config_file, {"storage.data_dir": data_dir})
         logs.setup("WARNING", config.get("logging.format"))
-        from appliance.catalog import requests
         from appliance.hsm.recall import Recaller
 
         with open_archive(config) as (catalog, opened), _clear_errors(label):
-            library = opened.packs["offline"].library
-            _known_volume(library, label)
-            if hasattr(library, "load"):
-                library.load(label)
-            if not library.is_reachable(label):
-                folder = config.volume_settings()["path"]
-                click.echo(
-                    f"volume {label} is not reachable yet: put it in the library "
-                    f"(for a directory library, its folder back under {folder})",
-                    err=True,
-                )
-                sys.exit(1)
-            waiting = requests.close_volume_requests(catalog, label)
+            waiting = actions.mark_loaded(config, catalog, opened, label)
             recaller = Recaller(catalog, opened)
             incomplete = sum(not recall_one(recaller, uid) for uid in waiting)
         click.echo(f"volume {label} loaded; {len(waiting)} waiting study(ies) recalled")
@@ -128,10 +115,7 @@ def register(main: click.Group, load: Loader) -> None:
         config = load(config_file, {"storage.data_dir": data_dir})
         library = _library(config)
         with _clear_errors(label):
-            _known_volume(library, label)
-            if hasattr(library, "unload") and library.is_reachable(label):
-                library.unload()
-            reachable = library.is_reachable(label)
+            reachable = actions.mark_unloaded(library, label)
         click.echo(
             f"volume {label}: {'still reachable' if reachable else 'on the shelf'}"
         )
@@ -192,7 +176,7 @@ def register(main: click.Group, load: Loader) -> None:
         config = load(config_file, {"storage.data_dir": data_dir})
         library = _library(config)
         with _clear_errors(label):
-            _known_volume(library, label)
+            actions.known_volume(library, label)
             if hasattr(library, "finalise"):
                 library.finalise(label)
             elif hasattr(library, "unload") and library.is_reachable(label):
@@ -206,11 +190,6 @@ def register(main: click.Group, load: Loader) -> None:
             f"volume {label} is ready to leave ({where}): its packs are "
             "encrypted; the master keys must be escrowed separately"
         )
-
-
-def _known_volume(library: Any, label: str) -> None:
-    if label not in {v.label for v in library.list_volumes()}:
-        raise ValueError(f"no volume {label!r} is labelled in this library")
 
 
 def _recorded_on(catalog: Any, label: str) -> set[str]:
