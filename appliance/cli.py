@@ -82,7 +82,7 @@ def serve(
             "node.workers": workers,
         },
     )
-    logs.setup(config.get("logging.level"), config.get("logging.format"))
+    logs.setup_service(config)
     from appliance import service
 
     try:

@@ -13,7 +13,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from appliance import actions, logs
+from appliance import actions, logs, overview
 from appliance.cli_shared import (
     Loader,
     config_option,
@@ -50,18 +50,17 @@ def register(main: click.Group, load: Loader) -> None:
             table.add_column(
                 column, justify="left" if column in ("label", "state") else "right"
             )
-        for info in library.list_volumes():
-            state = "loaded" if info.reachable else "on the shelf"
-            if info.full:
+        for row in overview.volume_rows(library):
+            state = "loaded" if row["reachable"] else "on the shelf"
+            if row["full"]:
                 state += ", full"
-            packs = len(library.list_packs(info.label)) if info.reachable else None
             table.add_row(
-                info.label,
+                row["label"],
                 state,
-                size(info.capacity),
-                size(info.used),
-                size(info.free),
-                "?" if packs is None else str(packs),
+                size(row["capacity_bytes"]),
+                size(row["used_bytes"]),
+                size(row["free_bytes"]),
+                "?" if row["packs"] is None else str(row["packs"]),
             )
         console.print(table)
 

@@ -213,3 +213,99 @@ def dr_report(config: Config, catalog: Catalog, last: int) -> tuple[Any, Any, An
 def operator_requests(catalog: Catalog) -> list[requests.OperatorRequest]:
     """Open operator requests, oldest first."""
     return requests.open_requests(catalog)
+
+
+def volume_rows(library: Any) -> list[dict[str, Any]]:
+    """Every labelled volume: reachable or on the shelf, room, packs (None
+    when on the shelf): what ``appliance volumes list`` prints."""
+    rows = []
+    for info in library.list_volumes():
+        packs = len(library.list_packs(info.label)) if info.reachable else None
+        rows.append(
+            {
+                "label": info.label,
+                "reachable": info.reachable,
+                "full": info.full,
+                "capacity_bytes": info.capacity,
+                "used_bytes": info.used,
+                "free_bytes": info.free,
+                "packs": packs,
+            }
+        )
+    return rows
+
+
+def request_rows(catalog: Catalog) -> list[dict[str, Any]]:
+    """Open operator requests, oldest first, each with its sentence."""
+    rows = []
+    for request in operator_requests(catalog):
+        row = request.as_json()
+        row.pop("key", None)
+        row["description"] = request.describe()
+        rows.append(row)
+    return rows
+
+
+def full_status(config: Config, catalog: Catalog, opened: Any) -> dict[str, Any]:
+    """:func:`archive_status` with every tier's watermarks and the queues:
+    the mirror's, the recalls waiting for a volume, the prefetch's and the
+    restore's (what the admin API's status answers)."""
+    report = archive_status(config, catalog)
+    report["watermarks"] = tier_rows(config, catalog, opened)
+    mirror = replication_status(config, catalog)
+    waiting = operator_requests(catalog)
+    prefetch = prefetch_status(config, catalog)
+    report["queues"] = {
+        "replication": {
+            "instances": mirror["queued_instances"],
+            "bytes": mirror["queued_bytes"],
+            "recovery_point_seconds": mirror["recovery_point_seconds"],
+        },
+        "recall": {
+            "volume_requests": len(waiting),
+            "studies_waiting": sum(len(request.studies) for request in waiting),
+        },
+        "prefetch": {
+            "appointments": len(prefetch["appointments"]),
+            "ready": prefetch["ready"],
+            "waiting": prefetch["waiting"],
+            "late": prefetch["late"],
+        },
+        "restore": report.get("restore"),
+    }
+    return report
+
+
+def dr_json(config: Config, catalog: Catalog, last: int) -> dict[str, Any]:
+    """:func:`dr_report` as one JSON object."""
+    drills, waiting, estimate = dr_report(config, catalog, last)
+    return {
+        "drills": [drill_json(drill) for drill in drills],
+        "recovery_point": {
+            "instances": waiting.instances,
+            "bytes": waiting.bytes,
+            "oldest": waiting.oldest,
+            "seconds": round(waiting.recovery_point_age, 1),
+        },
+        "full_restore": {
+            "seconds": estimate.seconds,
+            "bytes": estimate.bytes,
+            "basis": estimate.basis,
+        },
+    }
+
+
+def drill_json(drill: Any) -> dict[str, Any]:
+    """One drill record as JSON: its numbers and its file's name."""
+    return {
+        "date": drill.date,
+        "ok": drill.ok,
+        "studies": drill.studies,
+        "instances": drill.instances,
+        "bytes": drill.bytes,
+        "mirror_bytes": drill.mirror_bytes,
+        "seconds": drill.seconds,
+        "rate": drill.rate,
+        "failures": drill.failures,
+        "record": drill.path.name,
+    }

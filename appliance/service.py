@@ -392,7 +392,7 @@ def run_worker(
 ) -> None:
     """Serve the associations handed over ``channel`` until SIGTERM."""
     die_with_parent()
-    logs.setup(config.get("logging.level"), config.get("logging.format"))
+    logs.setup_service(config)
     configure_pynetdicom()
 
     tiers = open_tiers(config, mirror=True)

@@ -64,7 +64,7 @@ class HL7Service:
 def serve_hl7(config: Config, sock: socket.socket) -> None:
     """Serve HL7 until SIGTERM (the child process's work)."""
     die_with_parent()
-    logs.setup(config.get("logging.level"), config.get("logging.format"))
+    logs.setup_service(config)
     from appliance.catalog.store import Catalog
     from appliance.hl7.listener import Listener
     from appliance.prefetch.intake import Intake

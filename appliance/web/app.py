@@ -20,6 +20,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 
 from appliance.config import Config
+from appliance.web import history
 from appliance.web.access_log import AccessLog
 from appliance.web.accounts import parse_accounts
 from appliance.web.archive import Archive
@@ -30,6 +31,8 @@ logger = logging.getLogger(__name__)
 ROUTE_MODULES = (
     "appliance.web.health",
     "appliance.web.openapi",
+    "appliance.web.admin",
+    "appliance.web.dashboard",
 )
 
 
@@ -55,7 +58,8 @@ def build_app(config: Config) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.archive = Archive(config)
         try:
-            yield
+            with history.sampling(app.state.archive.catalog, config.data_dir):
+                yield
         finally:
             app.state.archive.close()
 
