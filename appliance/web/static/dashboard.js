@@ -152,7 +152,9 @@ function drawBars(chartId, hours, key, label) {
   });
   svgNode(chart, "line", { class: "axis", x1: 0, x2: width,
     y1: height - bottom, y2: height - bottom });
-  svgNode(chart, "text", { x: 0, y: 10 }, "max " + label(most));
+  const peak = Math.max(...hours.map((h) => h[key]));
+  svgNode(chart, "text", { x: 0, y: 10 },
+    peak ? "highest " + label(peak) : "nothing in these 24 hours");
 }
 
 // -- the sections ------------------------------------------------------------
@@ -263,6 +265,7 @@ function showPrefetch(report) {
   const body = rows("appointments");
   const today = report.appointments.filter((a) => isToday(a.start));
   $("no-appointments").hidden = today.length > 0;
+  $("appointments").hidden = today.length === 0;
   for (const appointment of today) {
     const tr = document.createElement("tr");
     const online = appointment.priors.filter((p) => p.state === "online").length;
@@ -296,6 +299,7 @@ function showDrill(found) {
 function showErrors(found) {
   const body = rows("errors");
   $("no-errors").hidden = found.errors.length > 0;
+  $("errors").hidden = found.errors.length === 0;
   for (const entry of found.errors.slice().reverse()) {
     const tr = document.createElement("tr");
     cell(tr, entry.time.replace("T", " ").slice(0, 19));
