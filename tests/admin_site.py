@@ -59,12 +59,16 @@ class AdminSite(Site):
         return self.appliance.data_dir / "volumes"
 
 
-def start_admin_site(directory: Path) -> Iterator[AdminSite]:
+def start_admin_site(
+    directory: Path, more: dict[str, dict[str, object]] | None = None
+) -> Iterator[AdminSite]:
     settings: dict[str, dict[str, object]] = {
         "web": {"accounts": accounts()},
         "migration": {"enabled": False, "min_copies": 1},
         "replication": {"batch_seconds": 1.0},
     }
+    for section, keys in (more or {}).items():
+        settings.setdefault(section, {}).update(keys)
     appliance = Appliance(directory, settings)
     appliance.start()
     try:

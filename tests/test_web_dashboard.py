@@ -14,12 +14,15 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests import dicom_client
 from tests.admin_site import AdminSite, start_admin_site
+from tests.datasets import study_files
 from tests.web_site import OPERATOR
 
 CHROMIUM = "/usr/bin/chromium"
@@ -28,7 +31,9 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdminSite]:
-    yield from start_admin_site(tmp_path_factory.mktemp("dashboard"))
+    # The prefetch planner runs as often as it may, for today's appointments.
+    more: dict[str, dict[str, object]] = {"prefetch": {"interval": 10.0}}
+    yield from start_admin_site(tmp_path_factory.mktemp("dashboard"), more)
 
 
 @pytest.fixture
@@ -77,20 +82,45 @@ def wait_for(check: Callable[[], Any], what: str, timeout: float = 60) -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def text_of(driver: Any, element_id: str) -> str:
-    from selenium.webdriver.common.by import By
+# Read in one script each: the page replaces its rows on every refresh,
+# which would leave element references taken one by one stale.
 
-    return str(driver.find_element(By.ID, element_id).text)
+
+def text_of(driver: Any, element_id: str) -> str:
+    script = "return document.getElementById(arguments[0]).textContent"
+    return str(driver.execute_script(script, element_id))
 
 
 def rows_of(driver: Any, table_id: str) -> list[str]:
+    script = (
+        "return Array.from(document.querySelectorAll"
+        "('#' + arguments[0] + ' tbody tr')).map((row) => row.id)"
+    )
+    return list(driver.execute_script(script, table_id))
+
+
+def cells_of(driver: Any, selector: str) -> list[list[str]]:
+    script = (
+        "return Array.from(document.querySelectorAll(arguments[0])).map("
+        "(row) => Array.from(row.cells).map((cell) => cell.textContent))"
+    )
+    return list(driver.execute_script(script, selector))
+
+
+def click(driver: Any, selector: str, label: str) -> None:
+    """Click a button as a person would, again if a refresh replaced it."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
-    table = driver.find_element(By.ID, table_id)
-    return [
-        row.get_attribute("id")
-        for row in table.find_elements(By.CSS_SELECTOR, "tbody tr")
-    ]
+    for _attempt in range(5):
+        try:
+            button = driver.find_element(By.CSS_SELECTOR, selector)
+            assert button.text == label
+            button.click()
+            return
+        except StaleElementReferenceException:
+            continue
+    raise AssertionError(f"{selector} kept being replaced")
 
 
 def requested_urls(driver: Any) -> list[str]:
@@ -145,8 +175,7 @@ def test_the_dashboard_shows_the_api_and_marks_a_volume_loaded(
     assert rows_of(browser, "volumes") == [
         f"volume-{volume['label']}" for volume in volumes["volumes"]
     ]
-    row = browser.find_element(By.ID, "volume-WEB001")
-    assert row.find_element(By.CLASS_NAME, "state").text == "on the shelf"
+    assert cells_of(browser, "#volume-WEB001")[0][1] == "on the shelf"
     bars = browser.find_elements(By.CSS_SELECTOR, "#tier-chart rect.used")
     assert {bar.get_attribute("data-tier") for bar in bars} == {
         row["tier"] for row in status["watermarks"] if row["capacity_bytes"]
@@ -154,9 +183,7 @@ def test_the_dashboard_shows_the_api_and_marks_a_volume_loaded(
 
     # The operator puts the volume back and says so with the button.
     (shelf / "WEB001").rename(site.volumes / "WEB001")
-    button = browser.find_element(By.CSS_SELECTOR, "#request-WEB001 button")
-    assert button.text == "Loaded"
-    button.click()
+    click(browser, "#request-WEB001 button", "Loaded")
     wait_for(
         lambda: "request-WEB001" not in rows_of(browser, "requests"),
         "the request to leave the page",
@@ -170,8 +197,10 @@ def test_the_dashboard_shows_the_api_and_marks_a_volume_loaded(
     assert "WEB001" not in {request["volume"] for request in after["requests"]}
     assert {v["label"]: v["reachable"] for v in after["volumes"]}["WEB001"] is True
     assert recalled["queues"]["recall"]["studies_waiting"] == 0
-    state = browser.find_element(By.CSS_SELECTOR, "#volume-WEB001 .state").text
-    assert state == "loaded"
+    wait_for(
+        lambda: cells_of(browser, "#volume-WEB001")[0][1] == "loaded",
+        "the volume shown loaded",
+    )
 
     severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert severe == []
@@ -179,3 +208,48 @@ def test_the_dashboard_shows_the_api_and_marks_a_volume_loaded(
     assert urls, "the performance log recorded no request"
     outside = [url for url in urls if not url.startswith(site.url + "/")]
     assert outside == []
+
+
+def test_todays_appointments_show_their_priors_readiness(
+    site: AdminSite, browser: Any, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    start = datetime.now() + timedelta(minutes=30)
+    if start.date() != datetime.now().date():
+        pytest.skip("too close to midnight for an appointment later today")
+    folder = tmp_path / "prior"
+    files = study_files(folder, "prior", 1, patient_id="PREFETCH-7", modality="MR")
+    assert set(dicom_client.store_files(site.appliance.port, files).values()) == {0}
+    listed = tmp_path / "today.csv"
+    listed.write_text(
+        "patient_id,appointment_time,modality,accession\n"
+        f"PREFETCH-7,{start:%Y-%m-%d %H:%M},MR,ACC-WEB-7\n"
+    )
+    imported = site.cli("prefetch", "import", str(listed))
+    assert imported.returncode == 0, imported.stderr
+
+    def planned() -> dict[str, Any] | None:
+        with site.client(OPERATOR) as client:
+            report = client.get("/api/prefetch").json()
+        return report if report["appointments"] else None
+
+    report = wait_for(planned, "the planner's next run")
+    assert "patients" not in report["appointments"][0]
+    log_in(browser, OPERATOR)
+    browser.get(site.url + "/")
+    wait_for(
+        lambda: browser.find_element(By.TAG_NAME, "body").get_attribute("data-loaded"),
+        "the dashboard's first refresh",
+    )
+    screenshot(browser, tmp_path, "appointments")
+
+    rows = cells_of(browser, "#appointments tbody tr")
+    cells = rows[0]
+    priors = report["appointments"][0]["priors"]
+    online = sum(prior["state"] == "online" for prior in priors)
+    assert len(rows) == 1
+    assert cells[:3] == [f"{start:%H:%M}", "MR", f"{online} of {len(priors)}"]
+    assert online == len(priors) == 1
+    assert cells[3] == "ready"
+    assert "PREFETCH-7" not in browser.page_source
