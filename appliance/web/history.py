@@ -115,7 +115,12 @@ class Sampler:
         self._thread = threading.Thread(target=self._run, name="history", daemon=True)
 
     def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            # The dashboard's rate charts stay empty; the server still serves.
+            logger.warning("no history for the dashboard in %s: %s", self.path, exc)
+            return
         self._thread.start()
 
     def stop(self) -> None:
