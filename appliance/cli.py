@@ -28,6 +28,7 @@ from appliance import (
     cli_volumes,
     cli_web,
     logs,
+    overview,
     tls,
 )
 from appliance import config as configuration
@@ -36,7 +37,6 @@ from appliance.errors import ApplianceError, ConfigError
 from appliance.terminal import console, progress_bar, size
 
 logger = logging.getLogger(__name__)
-_LEVELS = ("patients", "studies", "series", "instances")
 
 
 def _load(config_file: Path | None, overrides: dict[str, Any]) -> configuration.Config:
@@ -86,7 +86,7 @@ def serve(
             "node.workers": workers,
         },
     )
-    logs.setup(config.get("logging.level"), config.get("logging.format"))
+    logs.setup_service(config)
     from appliance import service
 
     try:
@@ -103,9 +103,7 @@ def serve(
 def status(config_file: Path | None, data_dir: str | None, as_json: bool) -> None:
     """Counts of patients, studies, series and instances, and tier usage."""
     config = _load(config_file, {"storage.data_dir": data_dir})
-    from appliance.catalog import commitments
     from appliance.catalog.store import Catalog
-    from appliance.storage.online import OnlineTier
 
     if not config.catalog_path.exists():
         click.echo(
@@ -123,93 +121,48 @@ def status(config_file: Path | None, data_dir: str | None, as_json: bool) -> Non
     except ApplianceError as exc:
         click.echo(str(exc), err=True)
         sys.exit(1)
-    counts = catalog.counts()
-    reports = commitments.pending_count(catalog)
-    catalog.close()
-    online = OnlineTier(config.online_path)
-    free = online.usage()[1] if config.online_path.exists() else 0
+    try:
+        report = overview.archive_status(config, catalog)
+    finally:
+        catalog.close()
 
     if as_json:
-        report: dict[str, Any] = {name: counts[name] for name in _LEVELS}
-        report["tiers"] = {
-            "online": {
-                "path": str(config.online_path),
-                "instance_bytes": counts.get("bytes.online", 0),
-                "free_bytes": free,
-            },
-            **{
-                tier: {
-                    "instance_bytes": counts.get(f"bytes.{tier}", 0),
-                    "pack_bytes": counts.get(f"packbytes.{tier}", 0),
-                }
-                for tier in ("nearline", "offline")
-            },
-        }
-        restore = _restore_numbers(config)
-        if restore is not None:
-            report["restore"] = restore
-        report["scrub"] = _scrub_numbers(config)
-        report["commitment"] = {"pending_reports": reports}
         click.echo(json.dumps(report, indent=2))
         return
 
     table = Table(title="Archive")
     table.add_column("what")
     table.add_column("count", justify="right")
-    for name in _LEVELS:
-        table.add_row(name, f"{counts[name]:,}")
+    for name in overview.LEVELS:
+        table.add_row(name, f"{report[name]:,}")
     console.print(table)
 
     tiers = Table(title="Tiers")
     for column in ("tier", "instance bytes", "pack bytes", "file system free"):
         tiers.add_column(column, justify="left" if column == "tier" else "right")
-    tiers.add_row("online", size(counts.get("bytes.online", 0)), "-", size(free))
+    online = report["tiers"]["online"]
+    tiers.add_row(
+        "online", size(online["instance_bytes"]), "-", size(online["free_bytes"])
+    )
     for tier in ("nearline", "offline"):
+        numbers = report["tiers"][tier]
         tiers.add_row(
-            tier,
-            size(counts.get(f"bytes.{tier}", 0)),
-            size(counts.get(f"packbytes.{tier}", 0)),
-            "-",
+            tier, size(numbers["instance_bytes"]), size(numbers["pack_bytes"]), "-"
         )
     console.print(tiers)
-    if _restore_numbers(config) is not None:
+    if "restore" in report:
         from appliance.cli_restore import status_text
 
         click.echo(status_text(config.data_dir / "restore"))
-    lost = _scrub_numbers(config)["lost"]
+    lost = report["scrub"]["lost"]
     if lost:
         click.echo(
             f"ALARM: {lost} instance(s) with no good copy left: appliance scrub report"
         )
+    reports = report["commitment"]["pending_reports"]
     if reports:
         click.echo(f"storage commitment: {reports} report(s) not delivered yet")
     click.echo("studies, capacity and watermarks per tier: appliance tiers")
-
-
-def _restore_numbers(config: configuration.Config) -> dict[str, Any] | None:
-    """The running (or last) restore's numbers, if this appliance had one."""
-    from appliance.restore.progress import Snapshot, is_pending, read
-
-    folder = config.data_dir / "restore"
-    snapshot = read(folder)
-    if snapshot is None and not is_pending(folder):
-        return None
-    if snapshot is None:
-        # The catalog is back; no data phase has written its numbers yet.
-        snapshot = Snapshot(state="starting")
-    numbers = snapshot.as_json()
-    numbers["pending"] = is_pending(folder)
-    numbers["seconds_left"] = snapshot.seconds_left
-    return numbers
-
-
-def _scrub_numbers(config: configuration.Config) -> dict[str, int]:
-    """What the scrub found: instances with no good copy, orphans."""
-    from appliance.scrub import state
-
-    saved = state.load(state.folder_of(config.data_dir))
-    orphans = sum(len(found) for found in saved.orphans.values())
-    return {"lost": len(saved.lost), "orphans": orphans}
 
 
 @main.command(name="import")

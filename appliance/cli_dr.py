@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import logging
 import sys
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import click
 from rich.table import Table
 
-from appliance import logs
+from appliance import logs, overview
 from appliance.cli_shared import Loader, config_option, data_dir_option, require_catalog
 from appliance.config import Config
 from appliance.errors import ApplianceError
@@ -114,11 +113,7 @@ def _drill(config: Config) -> bool:
 
 def _report(config: Config, last: int) -> None:
     from appliance.catalog.store import Catalog
-    from appliance.restore import drill_records, objectives
-    from appliance.restore.drill_job import drills_folder
 
-    drills = drill_records.recent(drills_folder(config), last)
-    _print_drills(drills)
     try:
         catalog = Catalog(
             config.catalog_path, config.get("storage.catalog_max_size"), readonly=True
@@ -127,12 +122,10 @@ def _report(config: Config, last: int) -> None:
         click.echo(f"cannot open the catalog: {exc}", err=True)
         sys.exit(1)
     try:
-        waiting = objectives.recovery_point(catalog)
-        estimate = objectives.full_restore(
-            catalog, config.get("restore.timetable"), drills, datetime.now()
-        )
+        drills, waiting, estimate = overview.dr_report(config, catalog, last)
     finally:
         catalog.close()
+    _print_drills(drills)
     _print_objectives(waiting, estimate)
 
 

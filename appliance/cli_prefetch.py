@@ -13,6 +13,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from appliance import overview
 from appliance.catalog.store import Catalog
 from appliance.cli_shared import (
     Loader,
@@ -22,7 +23,7 @@ from appliance.cli_shared import (
 )
 from appliance.config import Config
 from appliance.errors import CatalogError
-from appliance.prefetch import appointments, listfile, readiness, reconcile
+from appliance.prefetch import appointments, listfile, reconcile
 
 _DAY = 86400.0
 
@@ -134,42 +135,14 @@ def register(main: click.Group, load: Loader) -> None:
 def _status(config: Config) -> dict[str, Any]:
     """The last planner run's plans with their appointments, and counts."""
     if not config.catalog_path.exists():
-        hits = {"days": readiness.HIT_RATE_DAYS, "online": 0, "retrieved": 0}
-        return {
-            "appointments": [],
-            "hit_rate": hits,
-            "ready": 0,
-            "late": 0,
-            "waiting": 0,
-        }
+        return overview.empty_prefetch_status()
     catalog = Catalog(
         config.catalog_path, config.get("storage.catalog_max_size"), readonly=True
     )
     try:
-        active = readiness.active_plans(catalog)
-        online, retrieved = readiness.hit_rate(catalog, time.time())
+        return overview.prefetch_status(config, catalog)
     finally:
         catalog.close()
-    hits = {"days": readiness.HIT_RATE_DAYS, "online": online, "retrieved": retrieved}
-    rows = []
-    for plan, appointment in active:
-        row = plan.as_json()
-        row["state"] = appointment.state
-        row["patients"] = [[p.patient_id, p.issuer] for p in appointment.patients]
-        known_procedure = config.procedures.get(appointment.procedure_code)
-        row["modality"] = appointment.modality or (
-            known_procedure.modality if known_procedure else ""
-        )
-        row["procedure_code"] = appointment.procedure_code
-        rows.append(row)
-    counted = readiness.tally([plan for plan, _appointment in active])
-    return {
-        "appointments": rows,
-        "hit_rate": hits,
-        "ready": counted.ready,
-        "late": counted.late,
-        "waiting": counted.waiting,
-    }
 
 
 def _print_status(report: dict[str, Any]) -> None:

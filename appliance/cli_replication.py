@@ -9,13 +9,12 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import click
 
-from appliance import logs
+from appliance import actions, logs, overview
 from appliance.cli_shared import (
     Loader,
     config_option,
@@ -27,9 +26,6 @@ from appliance.errors import ApplianceError, TransportError
 from appliance.terminal import progress_bar, size
 
 logger = logging.getLogger(__name__)
-
-# A year: a longer override is a mistake, not a plan.
-_LONGEST_OVERRIDE_HOURS = 24 * 366
 
 
 def register(main: click.Group, load: Loader) -> None:
@@ -112,79 +108,21 @@ def register(main: click.Group, load: Loader) -> None:
         """Change the rate now: e.g. 5MB, off (no limit), pause, or
         timetable (back to the configured timetable)."""
         config = load(config_file, {"storage.data_dir": data_dir})
-        from appliance.replication import bandwidth
-        from appliance.replication.process import override_path
-
-        path = override_path(config)
-        if hours is not None and not 0 < hours <= _LONGEST_OVERRIDE_HOURS:
-            raise click.BadParameter(
-                f"--for takes hours, more than 0 and at most {_LONGEST_OVERRIDE_HOURS}"
-            )
-        if rate == "timetable":
-            if hours is not None:
-                raise click.BadParameter("the timetable takes no --for")
-            bandwidth.clear_override(path)
-            click.echo("the timetable is in force again")
-            return
         try:
-            value = bandwidth.parse_rate(rate)
+            click.echo(actions.set_replication_rate(config, rate, hours))
         except ValueError as exc:
             raise click.BadParameter(str(exc)) from None
-        until = datetime.now().astimezone() + timedelta(hours=hours) if hours else None
-        bandwidth.write_override(path, value, until)
-        click.echo(
-            f"mirror rate {bandwidth.format_rate(value)}"
-            + (f" until {until:%Y-%m-%d %H:%M}" if until else " until changed")
-            + " (the replicator picks it up within seconds)"
-        )
 
 
 def _status(config: Config) -> dict[str, Any]:
     require_catalog(config)
-    from appliance.catalog import replication
     from appliance.catalog.store import Catalog
-    from appliance.replication import bandwidth
-    from appliance.replication.process import override_path
 
     catalog = Catalog(config.catalog_path, config.get("storage.catalog_max_size"))
     try:
-        state = replication.queue_state(catalog)
-        counts = catalog.counts()
-        snapshot_time = replication.mirror_mark(catalog, "snapshot_time")
-        journal_sent = replication.mirror_mark(catalog, "journal_sent")
-        last_error = replication.mirror_note(catalog, "last_error")
+        return overview.replication_status(config, catalog)
     finally:
         catalog.close()
-
-    timetable = bandwidth.parse_timetable(config.get("replication.timetable"))
-    now = datetime.now().astimezone()
-    try:
-        override = bandwidth.read_override(override_path(config))
-    except (ValueError, ApplianceError) as exc:
-        logger.warning("the rate override is unreadable and ignored: %s", exc)
-        override = None
-    if override is not None and override.active(now):
-        in_force = override.description
-    else:
-        in_force = timetable.slot_at(now).description
-    return {
-        "mirror": config.get("mirror.kind"),
-        "queued_instances": state.instances,
-        "queued_bytes": state.bytes,
-        "recovery_point_seconds": round(state.recovery_point_age, 1),
-        "offsite_instance_bytes": counts.get("bytes.offsite", 0),
-        "offsite_pack_bytes": counts.get("packbytes.offsite", 0),
-        "rate": in_force,
-        "last_snapshot": (
-            datetime.fromtimestamp(snapshot_time)
-            .astimezone()
-            .isoformat(timespec="seconds")
-            if snapshot_time
-            else None
-        ),
-        "journal_entries_sent": journal_sent,
-        "last_error": last_error or None,
-    }
 
 
 def _print_status(report: dict[str, Any]) -> None:

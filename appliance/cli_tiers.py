@@ -18,7 +18,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from appliance import logs
+from appliance import actions, logs, overview
 from appliance.cli_shared import (
     Loader,
     config_option,
@@ -30,8 +30,6 @@ from appliance.config import Config
 from appliance.terminal import console, progress_bar, size
 
 logger = logging.getLogger(__name__)
-
-_TIER_ORDER = ("online", "nearline", "offline")
 
 
 def register(main: click.Group, load: Loader) -> None:
@@ -45,7 +43,7 @@ def register(main: click.Group, load: Loader) -> None:
         """Usage, capacity, watermarks and studies of every tier."""
         config = load(config_file, {"storage.data_dir": data_dir})
         with open_archive(config) as (catalog, opened):
-            rows = _tier_rows(config, catalog, opened)
+            rows = overview.tier_rows(config, catalog, opened)
         if as_json:
             click.echo(json.dumps(rows, indent=2))
             return
@@ -120,7 +118,7 @@ def register(main: click.Group, load: Loader) -> None:
         with open_archive(config, mirror=True) as (catalog, opened):
             recaller = Recaller(catalog, opened)
             for uid in study_uids:
-                if not _is_study(catalog, uid):
+                if not actions.is_study(catalog, uid):
                     click.echo(f"{uid!r}: no such study in the catalog", err=True)
                     incomplete += 1
                     continue
@@ -128,60 +126,14 @@ def register(main: click.Group, load: Loader) -> None:
         sys.exit(1 if incomplete else 0)
 
 
-def _is_study(catalog: Any, uid: str) -> bool:
-    from appliance.catalog import copies
-
-    if not uid.strip():
-        return False
-    with catalog.read() as txn:
-        return copies.study_copies(catalog, txn, uid) is not None
-
-
 @contextmanager
 def _migration_lock(config: Config) -> Iterator[None]:
-    from appliance.hsm.scheduler import MIGRATION_LOCK
-    from appliance.storage.lock import TierLock
-
-    lock = TierLock(config.data_dir, MIGRATION_LOCK)
-    if not lock.acquire(exclusive=True, wait=0):
-        click.echo(
-            "a migration is already running (the service's or another)", err=True
-        )
-        sys.exit(1)
     try:
-        yield
-    finally:
-        lock.release()
-
-
-def _tier_rows(config: Config, catalog: Any, opened: Any) -> list[dict[str, Any]]:
-    from appliance.catalog import copies
-
-    counts = catalog.counts()
-    studies = {tier: 0 for tier in _TIER_ORDER}
-    for study in copies.all_study_copies(catalog):
-        for tier in _TIER_ORDER:
-            studies[tier] += study.complete_on(tier)
-
-    from appliance.hsm.jobs import MigrationJob
-
-    job = MigrationJob(catalog, opened, config)
-    rows = []
-    for tier in _TIER_ORDER:
-        usage = job.usage(tier)
-        rows.append(
-            {
-                "tier": tier,
-                "studies": studies[tier],
-                "instance_bytes": counts.get(f"bytes.{tier}", 0),
-                "pack_bytes": counts.get(f"packbytes.{tier}", 0),
-                "used_bytes": usage.used if usage else None,
-                "capacity_bytes": usage.capacity if usage else None,
-                "high_watermark": usage.high if usage else None,
-                "low_watermark": usage.low if usage else None,
-            }
-        )
-    return rows
+        with actions.migration_lock(config):
+            yield
+    except actions.MigrationRunning as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
 
 
 def _print_tiers(rows: list[dict[str, Any]]) -> None:

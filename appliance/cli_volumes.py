@@ -13,7 +13,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from appliance import logs
+from appliance import actions, logs, overview
 from appliance.cli_shared import (
     Loader,
     config_option,
@@ -50,18 +50,17 @@ def register(main: click.Group, load: Loader) -> None:
             table.add_column(
                 column, justify="left" if column in ("label", "state") else "right"
             )
-        for info in library.list_volumes():
-            state = "loaded" if info.reachable else "on the shelf"
-            if info.full:
+        for row in overview.volume_rows(library):
+            state = "loaded" if row["reachable"] else "on the shelf"
+            if row["full"]:
                 state += ", full"
-            packs = len(library.list_packs(info.label)) if info.reachable else None
             table.add_row(
-                info.label,
+                row["label"],
                 state,
-                size(info.capacity),
-                size(info.used),
-                size(info.free),
-                "?" if packs is None else str(packs),
+                size(row["capacity_bytes"]),
+                size(row["used_bytes"]),
+                size(row["free_bytes"]),
+                "?" if row["packs"] is None else str(row["packs"]),
             )
         console.print(table)
 
@@ -97,23 +96,10 @@ def register(main: click.Group, load: Loader) -> None:
         waiting for it run now."""
         config = load(config_file, {"storage.data_dir": data_dir})
         logs.setup("WARNING", config.get("logging.format"))
-        from appliance.catalog import requests
         from appliance.hsm.recall import Recaller
 
         with open_archive(config) as (catalog, opened), _clear_errors(label):
-            library = opened.packs["offline"].library
-            _known_volume(library, label)
-            if hasattr(library, "load"):
-                library.load(label)
-            if not library.is_reachable(label):
-                folder = config.volume_settings()["path"]
-                click.echo(
-                    f"volume {label} is not reachable yet: put it in the library "
-                    f"(for a directory library, its folder back under {folder})",
-                    err=True,
-                )
-                sys.exit(1)
-            waiting = requests.close_volume_requests(catalog, label)
+            waiting = actions.mark_loaded(config, catalog, opened, label)
             recaller = Recaller(catalog, opened)
             incomplete = sum(not recall_one(recaller, uid) for uid in waiting)
         click.echo(f"volume {label} loaded; {len(waiting)} waiting study(ies) recalled")
@@ -128,10 +114,7 @@ def register(main: click.Group, load: Loader) -> None:
         config = load(config_file, {"storage.data_dir": data_dir})
         library = _library(config)
         with _clear_errors(label):
-            _known_volume(library, label)
-            if hasattr(library, "unload") and library.is_reachable(label):
-                library.unload()
-            reachable = library.is_reachable(label)
+            reachable = actions.mark_unloaded(library, label)
         click.echo(
             f"volume {label}: {'still reachable' if reachable else 'on the shelf'}"
         )
@@ -192,7 +175,7 @@ def register(main: click.Group, load: Loader) -> None:
         config = load(config_file, {"storage.data_dir": data_dir})
         library = _library(config)
         with _clear_errors(label):
-            _known_volume(library, label)
+            actions.known_volume(library, label)
             if hasattr(library, "finalise"):
                 library.finalise(label)
             elif hasattr(library, "unload") and library.is_reachable(label):
@@ -206,11 +189,6 @@ def register(main: click.Group, load: Loader) -> None:
             f"volume {label} is ready to leave ({where}): its packs are "
             "encrypted; the master keys must be escrowed separately"
         )
-
-
-def _known_volume(library: Any, label: str) -> None:
-    if label not in {v.label for v in library.list_volumes()}:
-        raise ValueError(f"no volume {label!r} is labelled in this library")
 
 
 def _recorded_on(catalog: Any, label: str) -> set[str]:

@@ -6,6 +6,13 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from appliance import error_log
+
+if TYPE_CHECKING:
+    from appliance.config import Config
 
 
 class JsonFormatter(logging.Formatter):
@@ -25,8 +32,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def setup(level: str = "INFO", style: str = "text") -> None:
-    """Send every log record of the appliance to standard error."""
+def setup(level: str = "INFO", style: str = "text", errors: Path | None = None) -> None:
+    """Send every log record of the appliance to standard error, and its
+    warnings and errors to the ``errors`` file too when one is given."""
     handler = logging.StreamHandler(sys.stderr)
     if style == "json":
         handler.setFormatter(JsonFormatter())
@@ -39,3 +47,20 @@ def setup(level: str = "INFO", style: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    if errors is not None:
+        try:
+            root.addHandler(error_log.ErrorFileHandler(errors))
+        except OSError as exc:
+            logging.getLogger(__name__).warning(
+                "recent errors are not kept in %s: %s", errors, exc
+            )
+
+
+def setup_service(config: Config) -> None:
+    """:func:`setup` for a process of the running service: the configured
+    level and format, and the errors file the admin API reads."""
+    setup(
+        config.get("logging.level"),
+        config.get("logging.format"),
+        error_log.path_of(config.data_dir),
+    )

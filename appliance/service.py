@@ -433,7 +433,7 @@ def run_worker(
 ) -> None:
     """Serve the associations handed over ``channel`` until SIGTERM."""
     die_with_parent()
-    logs.setup(config.get("logging.level"), config.get("logging.format"))
+    logs.setup_service(config)
     metrics_events.start()
     configure_pynetdicom()
 

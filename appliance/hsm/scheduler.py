@@ -118,7 +118,7 @@ def run_in_child(config: Config, watermarks_only: bool) -> int:
 def run_migration(config: Config, watermarks_only: bool) -> None:
     """Plan and carry out one migration (the child process's work)."""
     die_with_parent()
-    logs.setup(config.get("logging.level"), config.get("logging.format"))
+    logs.setup_service(config)
     from appliance.catalog.store import Catalog
     from appliance.hsm.jobs import MigrationJob
     from appliance.hsm.tiers import open_tiers

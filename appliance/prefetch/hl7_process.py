@@ -91,7 +91,7 @@ def serve_hl7(
 ) -> None:
     """Serve HL7 until SIGTERM (the child process's work)."""
     die_with_parent()
-    logs.setup(config.get("logging.level"), config.get("logging.format"))
+    logs.setup_service(config)
     from appliance.audit.trail import Trail
     from appliance.catalog.store import Catalog
     from appliance.hl7.listener import Listener

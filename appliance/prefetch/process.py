@@ -71,7 +71,7 @@ def run_in_child(config: Config, files: list[Path] | None = None) -> int:
 def run_prefetch(config: Config, files: list[Path]) -> None:
     """Import ``files``, then plan, pin and recall (the child's work)."""
     die_with_parent()
-    logs.setup(config.get("logging.level"), config.get("logging.format"))
+    logs.setup_service(config)
     from appliance.catalog.store import Catalog
     from appliance.hsm.recall import Recaller
     from appliance.hsm.tiers import open_tiers

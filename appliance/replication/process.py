@@ -88,7 +88,7 @@ def settings(config: Config) -> Settings:
 def run_replication(config: Config) -> None:
     """Replicate until SIGTERM (the child process's work)."""
     die_with_parent()
-    logs.setup(config.get("logging.level"), config.get("logging.format"))
+    logs.setup_service(config)
     from appliance.catalog.store import Catalog
     from appliance.storage.lock import TierLock
 

@@ -189,7 +189,7 @@ def scheduled_drill(config: Config) -> bool:
 def _child(config: Config) -> None:
     """The child process's work: the drill, with the service's logging."""
     die_with_parent()
-    logs.setup(config.get("logging.level"), config.get("logging.format"))
+    logs.setup_service(config)
     # The per-instance warnings would bury the one line that matters.
     logging.getLogger("appliance.restore.drill").setLevel(logging.ERROR)
     logging.getLogger("appliance.restore.mirror").setLevel(logging.WARNING)

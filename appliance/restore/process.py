@@ -64,7 +64,7 @@ def run_restore(config: Config) -> None:
     from appliance.replication.bandwidth import Limiter, parse_timetable
 
     die_with_parent()
-    logs.setup(config.get("logging.level"), config.get("logging.format"))
+    logs.setup_service(config)
     stop = threading.Event()
     limiter = Limiter(
         parse_timetable(config.get("restore.timetable")),

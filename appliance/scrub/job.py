@@ -128,7 +128,7 @@ def run_in_child(config: Config) -> int:
 def run_scheduled(config: Config) -> None:
     """The child's work: each tier's share of the cycle."""
     die_with_parent()
-    logs.setup(config.get("logging.level"), config.get("logging.format"))
+    logs.setup_service(config)
     try:
         perform(config, shares=True)
     except ScrubBusy:

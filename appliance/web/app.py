@@ -20,6 +20,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 
 from appliance.config import Config
+from appliance.web import history
 from appliance.web.access_log import AccessLog
 from appliance.web.accounts import parse_accounts
 from appliance.web.archive import Archive
@@ -32,6 +33,8 @@ ROUTE_MODULES = (
     "appliance.web.openapi",
     "appliance.web.dicomweb",
     "appliance.web.wado_uri",
+    "appliance.web.admin",
+    "appliance.web.dashboard",
 )
 
 
@@ -57,7 +60,8 @@ def build_app(config: Config) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.archive = Archive(config)
         try:
-            yield
+            with history.sampling(app.state.archive.catalog, config.data_dir):
+                yield
         finally:
             app.state.archive.close()
 

@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 
+from appliance.web import admin_openapi
 from appliance.web.accounts import VIEWER
 from appliance.web.auth import route
 
@@ -166,6 +167,8 @@ PATHS: dict[str, dict[str, Any]] = {
         }
     },
 }
+
+PATHS.update(admin_openapi.PATHS)
 
 
 _STUDY = "/studies/{study}"

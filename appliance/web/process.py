@@ -96,7 +96,7 @@ class _Server(uvicorn.Server):
 def serve_web(config: Config, sock: socket.socket) -> None:
     """Serve HTTP on the bound socket until SIGTERM (the child's work)."""
     die_with_parent()
-    logs.setup(config.get("logging.level"), config.get("logging.format"))
+    logs.setup_service(config)
     from appliance.web.app import build_app
 
     certificate = config.get("web.tls_certificate")
