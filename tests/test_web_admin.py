@@ -5,6 +5,7 @@ the errors file's bounds."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Iterator
@@ -111,6 +112,11 @@ def test_replication_rate_changes_as_the_command_does(site):
     assert set(seen["recovery_point"]) == {"instances", "bytes", "oldest", "seconds"}
     assert "basis" in seen["full_restore"]
     assert "operator action by uploader: replication rate" in site.appliance.log()
+    shown = site.cli("audit", "show", "--event", "operator-action", "--json")
+    actions = [json.loads(line) for line in shown.stdout.splitlines()]
+    said = [a["description"] for a in actions]
+    assert any("replication rate: mirror rate 5 MB/s" in d for d in said), said
+    assert all("uploader@127.0.0.1" in a["users"] for a in actions)
 
 
 def test_migration_dry_run_plans_as_the_command_does(site):

@@ -43,6 +43,7 @@ __all__ = [
     "codes",
     "events",
     "instances_imported",
+    "operator_action",
     "patient_record_changed",
     "record",
     "restore_finished",
@@ -92,6 +93,18 @@ def security_alert(
     if trail is not None:
         trail.record(
             events.security_alert(trail.ae_title, description, peer, kind, outcome)
+        )
+
+
+def operator_action(
+    target: Target, account: str, address: str, action: str, detail: str
+) -> None:
+    """An operator's action through the admin API, by ``account`` from
+    ``address``."""
+    trail = trail_of(target)
+    if trail is not None:
+        trail.record(
+            events.operator_action(trail.ae_title, account, address, action, detail)
         )
 
 

@@ -308,6 +308,30 @@ def security_alert(
     )
 
 
+def operator_action(
+    ae_title: str, account: str, address: str, action: str, detail: str
+) -> AuditMessage:
+    """An operator's action through the admin API (a volume marked loaded,
+    the mirror's rate changed...): a restricted function used, by whom and
+    from where. ``detail`` names volumes, rates or UIDs, never a patient."""
+    user = Participant(
+        user_id=account,
+        requestor=True,
+        role=None,
+        network_access_point=address,
+    )
+    return AuditMessage(
+        name="operator-action",
+        event_id=codes.SECURITY_ALERT,
+        action=codes.EXECUTE,
+        outcome=codes.SUCCESS,
+        event_types=[codes.RESTRICTED_FUNCTION],
+        outcome_description=f"{action}: {detail}",
+        participants=[_appliance(ae_title, False, codes.APPLICATION), user],
+        objects=[],
+    )
+
+
 # -- participants and objects ---------------------------------------------------
 
 

@@ -25,7 +25,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 
-from appliance import actions, error_log, overview
+from appliance import actions, audit, error_log, overview
+from appliance.audit.trail import Trail
 from appliance.config import Config
 from appliance.errors import ApplianceError, VolumeNotReachable
 from appliance.hsm.recall import Recaller, RecallResult
@@ -43,11 +44,16 @@ _MOST = 500
 
 
 def _audited(request: Request, action: str, detail: str) -> None:
-    """Record who did what. The one place an operator action is recorded,
-    so that an audit trail can be hooked in here; ``detail`` names volumes,
-    rates or UIDs, never a patient."""
+    """Record who did what, in the log and the audit trail; ``detail``
+    names volumes, rates or UIDs, never a patient."""
     account = getattr(request.state, "account", "-")
     logger.info("operator action by %s: %s (%s)", account, action, detail)
+    address = request.client.host if request.client else ""
+    audit.operator_action(_trail(request), str(account), address, action, detail)
+
+
+def _trail(request: Request) -> Trail | None:
+    return _archive(request).tiers.audit
 
 
 def _archive(request: Request) -> Archive:
