@@ -31,6 +31,7 @@ from appliance.restore import drill_records, progress
 from appliance.restore.drill import DrillResult, Failure
 from appliance.scrub import state as scrub_state
 from tests import dicom_client as client
+from tests import web_site
 from tests.conftest import Appliance
 from tests.datasets import study_files, uid
 from tests.test_crash import _workers
@@ -392,3 +393,28 @@ def test_a_process_counts_only_with_the_folder_set_before_the_import(tmp_path, e
             _value(samples, "appliance_replication_uploaded_bytes_total", kind="pack")
             == 1000
         )
+
+
+def test_get_metrics_answers_viewers_with_what_the_command_prints(
+    appliance_factory, tmp_path
+):
+    site = web_site.start(appliance_factory, QUIET)
+    files = _files(tmp_path, "http", 2)
+    assert set(client.store_files(site.appliance.port, files).values()) == {0}
+
+    with site.client(web_site.VIEWER) as viewer:
+        scraped = viewer.get("/metrics")
+    with site.client() as anonymous:
+        refused = anonymous.get("/metrics")
+    with site.client() as token:
+        bearer = token.get(
+            "/metrics", headers={"Authorization": f"Bearer {web_site.VIEWER_TOKEN}"}
+        )
+
+    assert scraped.status_code == 200, scraped.text
+    assert scraped.headers["content-type"].startswith("text/plain")
+    assert refused.status_code == 401 and bearer.status_code == 200
+    samples = _samples(scraped.text)
+    assert _names(samples) == _names(_samples(site.appliance.cli("metrics").stdout))
+    received = "appliance_instances_received_total"
+    assert _value(samples, received, outcome="stored") == 2

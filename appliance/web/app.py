@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 ROUTE_MODULES = (
     "appliance.web.health",
     "appliance.web.openapi",
+    "appliance.web.scrape",
     "appliance.web.dicomweb",
     "appliance.web.wado_uri",
     "appliance.web.admin",

@@ -158,6 +158,18 @@ PATHS: dict[str, dict[str, Any]] = {
             "responses": {"200": {"description": '{"status": "ok"}'}},
         }
     },
+    "/metrics": {
+        "get": {
+            "summary": "Prometheus metrics: counters of the service and the "
+            "archive's state now (docs/metrics.md)",
+            "tags": ["service"],
+            "x-role": VIEWER,
+            "responses": {
+                "200": {"description": "Prometheus text exposition format"},
+                **_REFUSALS,
+            },
+        }
+    },
     "/openapi.json": {
         "get": {
             "summary": "This description",
