@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
+import httpx
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
@@ -39,7 +40,7 @@ from appliance.prefetch.intake import Intake
 from appliance.replication.transports.directory import DirectoryTransport
 from appliance.restore.replay import replay_journal
 from appliance.storage.online import OnlineTier
-from tests import datasets
+from tests import datasets, web_site
 from tests import dicom_client as client
 from tests.conftest import Appliance, free_port
 from tests.restore_site import Origin, Restored, answers, mirror_settings
@@ -204,10 +205,12 @@ def _decode(raw: bytes) -> Dataset:
 def site(appliance_factory, tmp_path: Path) -> Site:  # type: ignore[no-untyped-def]
     hl7_port, destination_port = free_port(), free_port()
     peers = [{"ae_title": "PYDEST", "host": "127.0.0.1", "port": destination_port}]
-    appliance = appliance_factory(
-        {"hl7": {"enabled": True, "port": hl7_port}, "prefetch": {"enabled": False}},
-        peers,
-    ).start()
+    settings = {
+        "hl7": {"enabled": True, "port": hl7_port},
+        "prefetch": {"enabled": False},
+        "web": {"accounts": web_site.accounts()},
+    }
+    appliance = appliance_factory(settings, peers).start()
     wait_for(lambda: "HL7 (MLLP) listening on" in appliance.log())
     return Site(appliance, hl7_port, destination_port, tmp_path / "source")
 
@@ -227,6 +230,14 @@ def uids_of(paths: list[Path]) -> set[str]:
 
 def study_of(paths: list[Path]) -> str:
     return str(pydicom.dcmread(paths[0]).StudyInstanceUID)
+
+
+def multipart_parts(response: httpx.Response) -> list[bytes]:
+    """The parts of a multipart/related answer."""
+    assert response.status_code == 200, response.text
+    boundary = response.headers["content-type"].split("boundary=")[1].strip('"')
+    chunks = response.content.split(f"--{boundary}".encode())[1:-1]
+    return [chunk.split(b"\r\n\r\n", 1)[1][:-2] for chunk in chunks]
 
 
 # -- over the network ------------------------------------------------------------
@@ -286,6 +297,36 @@ def test_an_update_changes_the_answers_and_what_is_sent_not_the_files(
     assert int(responses[-1].Status) == 0x0000
     moved = [_decode(raw) for raw in destination.received.values()]
     assert [d.PatientName for d in moved] == ["Newname^Alma^B"] * 2
+
+    # Web access carries the corrected attributes too; the other patient's
+    # instance goes out byte for byte.
+    web = web_site.Site(site.appliance)
+    with web.client(web_site.VIEWER) as http:
+        studies = f"/studies/{study_of(alma)}"
+        wado = http.get(studies, headers={"Accept": "multipart/related"})
+        metadata = http.get(f"{studies}/metadata").json()
+        one = pydicom.dcmread(alma[0])
+        uri = http.get(
+            "/wado",
+            params={
+                "requestType": "WADO",
+                "studyUID": study_of(alma),
+                "seriesUID": str(one.SeriesInstanceUID),
+                "objectUID": str(one.SOPInstanceUID),
+            },
+        )
+        unchanged = http.get(
+            f"/studies/{study_of(bruno)}", headers={"Accept": "multipart/related"}
+        )
+    wado_parts = multipart_parts(wado)
+    assert len(wado_parts) == 2
+    for part in [*wado_parts, uri.content]:
+        dataset = pydicom.dcmread(BytesIO(part))
+        assert (dataset.PatientName, dataset.PatientSex) == ("Newname^Alma^B", "F")
+    assert {m["00100010"]["Value"][0]["Alphabetic"] for m in metadata} == {
+        "Newname^Alma^B"
+    }
+    assert multipart_parts(unchanged) == [stored[next(iter(uids_of(bruno)))]]
 
     assert site.online_files() == stored
     log = site.appliance.log()

@@ -16,16 +16,33 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import lmdb
 import pydicom
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 
 from appliance.catalog.patients import MANAGED, is_corrected
 from appliance.catalog.records import text_of
+from appliance.catalog.store import Catalog
 
 logger = logging.getLogger(__name__)
 
 _UTF8 = "ISO_IR 192"
+
+
+class CorrectedPatients:
+    """The catalog records of corrected patients, read once per patient for
+    one retrieval: None for a patient whose instances go as stored."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self._read: dict[str, dict[str, Any] | None] = {}
+
+    def record(self, txn: lmdb.Transaction, patient_key: str) -> dict[str, Any] | None:
+        if patient_key not in self._read:
+            patient = self.catalog.get(txn, "patients", patient_key)
+            self._read[patient_key] = patient if is_corrected(patient) else None
+        return self._read[patient_key]
 
 
 def coerce(stored: Path | bytes, patient: dict[str, Any] | None) -> Dataset | None:

@@ -40,8 +40,7 @@ from pynetdicom.sop_class import uid_to_service_class
 from appliance import audit, tls
 from appliance.audit import dicom as audit_dicom
 from appliance.catalog import pins
-from appliance.catalog.coercion import coerce
-from appliance.catalog.patients import is_corrected
+from appliance.catalog.coercion import CorrectedPatients, coerce
 from appliance.catalog.query import Query, find
 from appliance.catalog.records import text_of
 from appliance.config import Peer
@@ -275,17 +274,13 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
     def _items(self, query: Query) -> list[_Item]:
         catalog = self.node.catalog
         items = []
-        # Patient records, read once per patient: the corrected ones
-        # (registration changed them) are sent coerced.
-        corrected: dict[str, dict[str, Any] | None] = {}
+        # Instances of patients registration corrected are sent coerced.
+        corrected = CorrectedPatients(catalog)
         for row in find(catalog, query, lambda: False):
             uid = row["SOPInstanceUID"] or ""
             with catalog.read() as txn:
                 record = catalog.instance(txn, uid)
-                if record is not None and record.patient not in corrected:
-                    patient = catalog.get(txn, "patients", record.patient)
-                    found = patient if is_corrected(patient) else None
-                    corrected[record.patient] = found
+                patient = corrected.record(txn, record.patient) if record else None
             if record is None:
                 continue
             copy = record.copy_on(TIER_NAME)
@@ -297,7 +292,7 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
                     transfer_syntax=record.transfer_syntax,
                     study_uid=record.study_uid,
                     path=path,
-                    patient=corrected[record.patient],
+                    patient=patient,
                 )
             )
         return items

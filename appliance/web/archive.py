@@ -12,8 +12,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from appliance.catalog import pins
+from appliance.catalog.coercion import CorrectedPatients, coerced_bytes
 from appliance.catalog.query import Query, find
 from appliance.catalog.store import Catalog
 from appliance.config import Config
@@ -54,6 +56,16 @@ class Located:
     series_uid: str
     transfer_syntax: str
     path: Path | None
+    # The catalog's record of the patient when registration corrected it:
+    # the instance is sent with its attributes (coerced), never as stored.
+    patient: dict[str, Any] | None = None
+
+
+def sent_bytes(item: Located) -> bytes:
+    """The Part 10 bytes to send of an online instance of a corrected
+    patient: the stored file with the catalog's patient attributes."""
+    assert item.path is not None
+    return coerced_bytes(item.path.read_bytes(), item.patient)
 
 
 class Archive:
@@ -93,10 +105,12 @@ class Archive:
         if instance is not None:
             keys["SOPInstanceUID"] = instance
         found = []
+        corrected = CorrectedPatients(self.catalog)
         for row in find(self.catalog, Query("IMAGE", keys), lambda: False):
             uid = row.get("SOPInstanceUID") or ""
             with self.catalog.read() as txn:
                 record = self.catalog.instance(txn, uid)
+                patient = corrected.record(txn, record.patient) if record else None
             if record is None:
                 continue
             copy = record.copy_on(TIER_NAME)
@@ -108,6 +122,7 @@ class Archive:
                     series_uid=record.series_uid,
                     transfer_syntax=record.transfer_syntax,
                     path=self.online.path_of(copy.location) if copy else None,
+                    patient=patient,
                 )
             )
         return found

@@ -7,9 +7,11 @@ the catalog and never become file names.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from starlette.routing import BaseRoute
 from appliance.errors import OutOfSpaceError
 from appliance.web import multipart, qido, stow
 from appliance.web.accounts import OPERATOR, VIEWER
-from appliance.web.archive import Archive, Located, NotFound, NotOnline
+from appliance.web.archive import Archive, Located, NotFound, NotOnline, sent_bytes
 from appliance.web.auth import problem, route
 from appliance.web.metadata import metadata_of
 
@@ -142,7 +144,7 @@ async def _retrieve(request: Request, names: tuple[str, ...]) -> Response:
     if isinstance(items, Response):
         return items
     boundary = multipart.new_boundary()
-    parts = [(_part_type(item), _path(item)) for item in items]
+    parts = [(_part_type(item), _source(item)) for item in items]
     return StreamingResponse(
         multipart.stream_files(parts, boundary),
         media_type=(
@@ -155,7 +157,9 @@ async def _metadata(request: Request, names: tuple[str, ...]) -> Response:
     items = await located(request, names)
     if isinstance(items, Response):
         return items
-    body = await run_in_threadpool(metadata_of, [_path(item) for item in items])
+    body = await run_in_threadpool(
+        metadata_of, [(_path(item), item.patient) for item in items]
+    )
     return JSONResponse(body, media_type=DICOM_JSON)
 
 
@@ -203,6 +207,14 @@ def accepts_dicom(accept: str) -> bool:
 
 def _part_type(item: Located) -> str:
     return f"application/dicom; transfer-syntax={item.transfer_syntax}"
+
+
+def _source(item: Located) -> Path | Callable[[], bytes]:
+    """The stored file, or for a patient registration corrected, the
+    function that makes the coerced copy to send."""
+    if item.patient is None:
+        return _path(item)
+    return functools.partial(sent_bytes, item)
 
 
 def _path(item: Located) -> Path:

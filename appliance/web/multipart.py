@@ -12,7 +12,7 @@ import logging
 import mmap
 import re
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,17 +120,21 @@ def new_boundary() -> str:
 
 
 async def stream_files(
-    parts: list[tuple[str, Path]],
+    parts: list[tuple[str, Path | Callable[[], bytes]]],
     boundary: str,
 ) -> AsyncIterator[bytes]:
-    """The body of a multipart/related response with each file as a part
-    (``parts``: Content-Type and file), read off the event loop."""
-    for content_type, path in parts:
+    """The body of a multipart/related response with a part for each file,
+    or each function that makes a part's bytes (``parts``: Content-Type and
+    source), read or made off the event loop, one part at a time."""
+    for content_type, source in parts:
         yield (f"--{boundary}\r\nContent-Type: {content_type}\r\n\r\n").encode(
             "latin-1"
         )
-        async for chunk in stream_file(path):
-            yield chunk
+        if isinstance(source, Path):
+            async for chunk in stream_file(source):
+                yield chunk
+        else:
+            yield await run_in_threadpool(source)
         yield b"\r\n"
     yield f"--{boundary}--\r\n".encode("latin-1")
 

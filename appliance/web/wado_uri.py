@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import logging
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute
 
 from appliance.web import multipart
 from appliance.web.accounts import VIEWER
+from appliance.web.archive import sent_bytes
 from appliance.web.auth import problem, route
 from appliance.web.dicomweb import fetch
 
@@ -49,6 +51,9 @@ async def wado(request: Request) -> Response:
             "it is not converted",
         )
     assert item.path is not None
+    if item.patient is not None:
+        coerced = await run_in_threadpool(sent_bytes, item)
+        return Response(coerced, media_type="application/dicom")
     return StreamingResponse(
         multipart.stream_file(item.path), media_type="application/dicom"
     )
