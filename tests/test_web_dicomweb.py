@@ -5,6 +5,7 @@ client library would not send (garbage bodies, wrong credentials)."""
 from __future__ import annotations
 
 import io
+import json
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -387,3 +388,28 @@ def _instance_count(site: Site) -> int:
     """Files on the online tier (read from disk, not asked of the server)."""
     objects = site.appliance.data_dir / "online" / "objects"
     return sum(1 for path in objects.rglob("*.dcm"))
+
+
+def test_stores_searches_and_retrievals_are_audited_with_the_account(
+    searchable: Site,
+) -> None:
+    client = web_client(searchable, VIEWER)
+    client.search_for_studies(search_filters={"PatientID": "PID-003"})
+    study = uid("web", "s3")
+    wado_rs_bytes(searchable, f"{searchable.url}/studies/{study}")
+
+    def records(event: str) -> list[dict[str, Any]]:
+        shown = searchable.appliance.cli("audit", "show", "--event", event, "--json")
+        return [json.loads(line) for line in shown.stdout.splitlines()]
+
+    stored = [r for r in records("instances-stored") if study in r["studies"]]
+    queries = [r for r in records("query") if r["patients"] == ["PID-003"]]
+    sent = [r for r in records("instances-retrieved") if study in r["studies"]]
+    assert len(stored) == 1 and len(queries) == 1 and len(sent) == 1, (
+        stored,
+        queries,
+        sent,
+    )
+    assert "uploader@127.0.0.1" in stored[0]["users"]
+    assert "reader@127.0.0.1" in queries[0]["users"]
+    assert "reader@127.0.0.1" in sent[0]["users"]

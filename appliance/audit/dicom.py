@@ -22,9 +22,14 @@ _WILDCARDS = set("*?\\")
 
 
 class RetrievedItem(Protocol):
-    sop_instance_uid: str
-    sop_class_uid: str
-    study_uid: str
+    @property
+    def sop_instance_uid(self) -> str: ...
+
+    @property
+    def sop_class_uid(self) -> str: ...
+
+    @property
+    def study_uid(self) -> str: ...
 
 
 def peer_of(assoc: Any) -> Peer:

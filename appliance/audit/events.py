@@ -21,6 +21,8 @@ class Peer:
 
     ae_title: str
     address: str = ""
+    # A person's account (the HTTP server's), not an AE title.
+    account: bool = False
 
 
 @dataclass
@@ -349,7 +351,9 @@ def _peer(peer: Peer, requestor: bool, role: Code | None) -> Participant:
         user_id=peer.ae_title or "?",
         requestor=requestor,
         role=role,
-        alternative_user_id=f"AETITLE={peer.ae_title}" if peer.ae_title else "",
+        alternative_user_id=(
+            f"AETITLE={peer.ae_title}" if peer.ae_title and not peer.account else ""
+        ),
         network_access_point=peer.address,
     )
 

@@ -276,6 +276,8 @@ class Catalog:
         return self.env.begin(write=False, buffers=False)
 
     def _get(self, txn: lmdb.Transaction, db: str, key: str) -> dict[str, Any] | None:
+        if not key:
+            return None  # LMDB has no empty keys: a missing UID names nothing
         raw = txn.get(encode_key(key), db=self.db[db])
         return None if raw is None else json.loads(bytes(raw))
 

@@ -20,6 +20,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute
 
+from appliance.audit.dicom import query_answered, retrieved
+from appliance.audit.events import Peer
+from appliance.dicom.find import STUDY_ROOT_FIND
 from appliance.errors import OutOfSpaceError
 from appliance.web import multipart, qido, stow
 from appliance.web.accounts import OPERATOR, VIEWER
@@ -98,12 +101,38 @@ async def _search(request: Request, level: str, names: tuple[str, ...]) -> Respo
         results = await run_in_threadpool(qido.run, archive_of(request).catalog, search)
     except ValueError as exc:
         return problem(400, f"cannot search: {exc}")
+    await run_in_threadpool(_audit_search, request, search)
     headers = {}
     if search.fuzzy:
         headers["Warning"] = '299 pacs-appliance "fuzzymatching is not supported"'
     if not results:
         return Response(status_code=204, headers=headers)
     return JSONResponse(results, media_type=DICOM_JSON, headers=headers)
+
+
+def _audit_search(request: Request, search: qido.Search) -> None:
+    """A search, recorded as a C-FIND would be, with the URL's query."""
+    trail = archive_of(request).tiers.audit
+    if trail is not None:
+        query = str(request.url.query).encode()
+        identifier = qido.identifier_of(search)
+        caller = caller_of(request)
+        query_answered(trail, caller, STUDY_ROOT_FIND, query, "", identifier)
+
+
+def caller_of(request: Request) -> Peer:
+    """The account that asked, and from where, for the audit trail."""
+    address = request.client.host if request.client else ""
+    return Peer(str(request.state.account), address, account=True)
+
+
+def audit_retrieval(request: Request, items: list[Located]) -> None:
+    """Instances sent (or their metadata), recorded as a C-GET's would be."""
+    archive = archive_of(request)
+    if archive.tiers.audit is not None:
+        retrieved(
+            archive.tiers.audit, archive.catalog, caller_of(request), None, items, [], 0
+        )
 
 
 # -- WADO-RS --------------------------------------------------------------------
@@ -143,6 +172,7 @@ async def _retrieve(request: Request, names: tuple[str, ...]) -> Response:
     items = await located(request, names)
     if isinstance(items, Response):
         return items
+    await run_in_threadpool(audit_retrieval, request, items)
     boundary = multipart.new_boundary()
     parts = [(_part_type(item), _source(item)) for item in items]
     return StreamingResponse(
@@ -160,6 +190,7 @@ async def _metadata(request: Request, names: tuple[str, ...]) -> Response:
     body = await run_in_threadpool(
         metadata_of, [(_path(item), item.patient) for item in items]
     )
+    await run_in_threadpool(audit_retrieval, request, items)
     return JSONResponse(body, media_type=DICOM_JSON)
 
 
@@ -297,6 +328,7 @@ async def _store_parts(
         study,
         source,
         base_url(request),
+        caller_of(request),
     )
     headers = {}
     if answer.reasons:

@@ -134,7 +134,7 @@ def parse(
 
 def run(catalog: Catalog, search: Search) -> list[dict[str, Any]]:
     """The page of results the search asks for, as DICOM JSON objects."""
-    identifier = _identifier(search)
+    identifier = identifier_of(search)
     try:
         query = query_from_identifier(identifier, STUDY_ROOT_FIND)
     except ValueError as exc:
@@ -147,7 +147,7 @@ def run(catalog: Catalog, search: Search) -> list[dict[str, Any]]:
         return [row_object(search.returned, row) for row in page]
 
 
-def _identifier(search: Search) -> Dataset:
+def identifier_of(search: Search) -> Dataset:
     """The C-FIND identifier of the search: every return key empty, every
     matching key with its value (PS3.4 C.4.1.1.3.1)."""
     identifier = Dataset()

@@ -17,6 +17,8 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 
+from appliance.audit.dicom import StoreTally
+from appliance.audit.events import Peer
 from appliance.catalog.records import text_of
 from appliance.ingest import DOES_NOT_MATCH_SOP_CLASS
 from appliance.web.archive import Archive
@@ -34,23 +36,33 @@ class StoreAnswer:
 
 
 def store_parts(
-    archive: Archive, parts: list[Path], study: str | None, source: str, base: str
+    archive: Archive,
+    parts: list[Path],
+    study: str | None,
+    source: str,
+    base: str,
+    caller: Peer | None = None,
 ) -> StoreAnswer:
     """Store each part file (consumed whatever happens); ``study`` is the
-    study the URL names, if any; ``base`` the URL RetrieveURLs start with."""
+    study the URL names, if any; ``base`` the URL RetrieveURLs start with.
+    What was stored and refused is audited as ``caller``'s."""
     referenced: list[Dataset] = []
     failed: list[Dataset] = []
     reasons: list[str] = []
+    tally = StoreTally()
     for number, path in enumerate(parts, start=1):
         try:
             item, reason = _store_one(archive, path, study, source, base)
         finally:
             path.unlink(missing_ok=True)
+        tally.add(str(item.ReferencedSOPInstanceUID), reason is None, reason or "")
         if reason is None:
             referenced.append(item)
         else:
             failed.append(item)
             reasons.append(f"instance {number}: {reason}")
+    if archive.tiers.audit is not None and caller is not None:
+        tally.report(archive.tiers.audit, archive.catalog, caller)
 
     stored = Dataset()
     if study is not None and referenced:

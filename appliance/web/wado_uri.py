@@ -15,7 +15,7 @@ from appliance.web import multipart
 from appliance.web.accounts import VIEWER
 from appliance.web.archive import sent_bytes
 from appliance.web.auth import problem, route
-from appliance.web.dicomweb import fetch
+from appliance.web.dicomweb import audit_retrieval, fetch
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ async def wado(request: Request) -> Response:
             "it is not converted",
         )
     assert item.path is not None
+    await run_in_threadpool(audit_retrieval, request, [item])
     if item.patient is not None:
         coerced = await run_in_threadpool(sent_bytes, item)
         return Response(coerced, media_type="application/dicom")
