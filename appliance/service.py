@@ -464,6 +464,7 @@ def run_worker(
         on_admit=functools.partial(load.admitted, index),
         on_close=functools.partial(load.closed, index),
         tls_context=tls.server_context(config) if config.get("tls.enabled") else None,
+        on_tls_failure=node.tls_failed,
     )
     ae._servers.append(server)  # so that AE.shutdown() also stops this server
 

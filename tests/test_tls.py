@@ -319,6 +319,7 @@ def test_a_plain_client_on_the_tls_port_fails_and_the_service_stays_up(
     assert plain.returncode != 0
     assert len(_lines(open_node.new_log(since), "TLS handshake with")) == 1
     assert secured.returncode == 0, secured.stderr
+    assert "TLS handshake failed" in _alerts(open_node)
     assert client.echo(open_node.appliance.port) == 0x0000
     assert open_node.appliance.process is not None
     assert open_node.appliance.process.poll() is None
@@ -516,6 +517,13 @@ def test_a_plain_client_on_the_hl7_tls_port_is_logged_once(open_node: Node) -> N
 
     wait_for(lambda: "HL7 TLS handshake with" in open_node.new_log(since))
     assert len(_lines(open_node.new_log(since), "HL7 TLS handshake with")) == 1
+    assert "HL7 TLS handshake failed" in _alerts(open_node)
+
+
+def _alerts(node: Node) -> str:
+    """The security alerts of the audit trail, as ``audit show`` prints them."""
+    shown = node.appliance.cli("audit", "show", "--event", "security-alert", "--json")
+    return shown.stdout
 
 
 # -- appliance config check -------------------------------------------------------

@@ -24,6 +24,7 @@ new ones.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import socket
@@ -163,11 +164,16 @@ class HandedOverTLSSocket(_Replaying, ssl.SSLSocket):  # type: ignore[misc]
 
 
 def start_tls(
-    connection: HandedOverSocket, context: ssl.SSLContext, peer: str, timeout: float
+    connection: HandedOverSocket,
+    context: ssl.SSLContext,
+    peer: str,
+    timeout: float,
+    failed: Callable[[str], None] = lambda reason: None,
 ) -> HandedOverTLSSocket | None:
     """The connection after a server-side TLS handshake within ``timeout``
-    seconds; None when the handshake failed (logged, connection closed).
-    ``context`` makes HandedOverTLSSocket sockets (see HandoffServer)."""
+    seconds; None when the handshake failed (logged, connection closed, and
+    ``failed`` told why). ``context`` makes HandedOverTLSSocket sockets
+    (see HandoffServer)."""
     previous = connection.gettimeout()
     try:
         secured = context.wrap_socket(
@@ -175,6 +181,7 @@ def start_tls(
         )
     except OSError as exc:
         logger.warning("TLS connection from %s failed: %s", peer, tls.failure(exc))
+        failed(tls.failure(exc))
         connection.close()
         return None
     assert isinstance(secured, HandedOverTLSSocket)
@@ -186,6 +193,7 @@ def start_tls(
         secured.do_handshake()
     except (OSError, ValueError) as exc:
         logger.warning("TLS handshake with %s failed: %s", peer, tls.failure(exc))
+        failed(tls.failure(exc))
         secured.close()
         return None
     secured.settimeout(previous)
@@ -242,8 +250,10 @@ class HandoffServer(ThreadedAssociationServer):
         on_admit: Callable[[], None] = lambda: None,
         on_close: Callable[[bool], None] = lambda admitted: None,
         tls_context: ssl.SSLContext | None = None,
+        on_tls_failure: Callable[[str, str], None] = lambda host, reason: None,
     ) -> None:
         self._channel = channel
+        self._on_tls_failure = on_tls_failure
         self._tls_context = tls_context
         if tls_context is not None:
             tls_context.sslsocket_class = HandedOverTLSSocket
@@ -290,7 +300,8 @@ class HandoffServer(ThreadedAssociationServer):
                 logger.error("TLS connection from %s: TLS is off here", peer)
                 request.close()
                 return
-            request = start_tls(request, self._tls_context, peer, self._artim)
+            failed = functools.partial(self._on_tls_failure, host)
+            request = start_tls(request, self._tls_context, peer, self._artim, failed)
             if request is None:
                 return
         admitted = admit(request, peer, self._artim)

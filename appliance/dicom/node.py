@@ -343,6 +343,12 @@ class Node:
 
     # -- associations -----------------------------------------------------------
 
+    def tls_failed(self, host: str, reason: str) -> None:
+        """A TLS handshake on the DICOM port failed: a security alert."""
+        audit.security_alert(
+            self.audit, f"TLS handshake failed: {reason}", audit.Peer("", host)
+        )
+
     def describe(self, assoc: Association) -> str:
         requestor = assoc.requestor
         title = requestor.ae_title

@@ -60,9 +60,11 @@ class Listener:
         handler: Handler,
         settings: ListenerSettings,
         tls_context: ssl.SSLContext | None = None,
+        on_tls_failure: Callable[[str, str], None] = lambda peer, reason: None,
     ) -> None:
         self.sock = sock
         self.handler = handler
+        self.on_tls_failure = on_tls_failure
         self.settings = settings
         self.tls_context = tls_context
         # TLS connections still in their handshake, to cancel at the stop.
@@ -148,6 +150,7 @@ class Listener:
             )
         except (OSError, ssl.SSLError) as exc:
             logger.warning("HL7 TLS handshake with %s failed: %s", peer, _reason(exc))
+            self.on_tls_failure(peer, _reason(exc))
             connection.close()
             return
         writer = asyncio.StreamWriter(transport, protocol, reader, self._loop)

@@ -105,7 +105,9 @@ def serve_hl7(
     listeners = [Listener(sock, intake, settings(config))]
     if secure_sock is not None:
         context = tls.server_context(config)
-        listeners.append(Listener(secure_sock, intake, settings(config), context))
+        listeners.append(
+            Listener(secure_sock, intake, settings(config), context, intake.tls_failed)
+        )
     try:
         for listener in listeners:
             listener.start()

@@ -15,6 +15,7 @@ import logging
 
 import hl7
 
+from appliance import audit
 from appliance.audit.offenders import RepeatedRefusals
 from appliance.audit.trail import Trail
 from appliance.catalog.store import Catalog
@@ -35,6 +36,13 @@ class Intake:
         self.trail = trail
         # A sender whose messages keep being refused becomes a security alert.
         self.refusals = RepeatedRefusals(trail, "HL7")
+
+    def tls_failed(self, peer: str, reason: str) -> None:
+        """A TLS handshake on the HL7 port failed: a security alert."""
+        host = peer.rsplit(":", 1)[0]
+        audit.security_alert(
+            self.trail, f"HL7 TLS handshake failed: {reason}", audit.Peer("", host)
+        )
 
     def __call__(self, raw: bytes, peer: str) -> bytes:
         parsed: hl7.Message | None = None
