@@ -13,10 +13,12 @@ import logging
 from pynetdicom import AE, build_role
 from pynetdicom.association import Association
 
+from appliance import tls
 from appliance.catalog.commitments import Transaction
 from appliance.commitment import messages
 from appliance.commitment.messages import STORAGE_COMMITMENT
 from appliance.config import Config, Peer
+from appliance.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +40,19 @@ def deliver(config: Config, peer: Peer, report: Transaction) -> None:
     ae.connection_timeout = config.get("timeouts.connect")
     ae.add_requested_context(STORAGE_COMMITMENT, _TRANSFER_SYNTAXES)
     role = build_role(STORAGE_COMMITMENT, scu_role=False, scp_role=True)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, ext_neg=[role])
+    try:
+        # Over TLS when the requester is configured so (appliance.tls).
+        tls_args = tls.client_args(config, peer)
+    except ConfigError as exc:
+        ae.shutdown()
+        raise Undelivered(f"cannot use TLS to {peer.ae_title}: {exc}") from exc
+    assoc = ae.associate(
+        peer.host,
+        peer.port,
+        ae_title=peer.ae_title,
+        ext_neg=[role],
+        tls_args=tls_args,
+    )
     if not assoc.is_established:
         raise Undelivered(_refusal(assoc))
     try:
