@@ -202,7 +202,9 @@ def _overlong(dul: DULServiceProvider, connection: Any) -> str:
     """
     try:
         header = connection.recv(_HEADER_SIZE, socket.MSG_PEEK)
-    except OSError:
+    except (OSError, ValueError):
+        # ValueError: a TLS socket of an association we requested cannot
+        # peek; its PDUs are read as pynetdicom reads them.
         return ""
     if len(header) < _HEADER_SIZE:
         return ""  # the rest has not arrived; pynetdicom waits for it
