@@ -539,12 +539,14 @@ def test_a_pending_report_survives_a_restart(appliance_factory, tmp_path: Path) 
 @dataclass(frozen=True)
 class Certificates:
     """The hospital's CA and the certificates it issued to the appliance and
-    the requester; the requester's certificate again from a CA nobody trusts."""
+    the requester; the requester's certificate again from a CA nobody trusts,
+    and one of the hospital's that names another host."""
 
     ca: Path
     appliance: Issued
     requester: Issued
     rogue_requester: Issued
+    elsewhere: Issued
 
 
 @pytest.fixture(scope="module")
@@ -560,6 +562,7 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
         hospital.issue("APPLIANCE", hosts),
         hospital.issue(MODALITY, hosts),
         rogue.issue(MODALITY, hosts),
+        hospital.issue("ELSEWHERE", ("localhost", "10.1.2.30")),
     )
 
 
@@ -671,8 +674,20 @@ def test_a_requester_with_a_certificate_of_another_ca_gets_no_report(
         modality.stop()
 
 
+@pytest.mark.parametrize(
+    ("wrong", "reason"),
+    [
+        ("rogue_requester", "unable to get local issuer certificate"),
+        ("elsewhere", "IP address mismatch"),
+    ],
+    ids=["other-ca", "other-host"],
+)
 def test_a_report_refused_over_tls_is_delivered_once_the_certificate_is_right(
-    certificates: Certificates, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    certificates: Certificates,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    wrong: str,
+    reason: str,
 ) -> None:
     modality = Requester(free_port())
     values = config_defaults()
@@ -686,7 +701,7 @@ def test_a_report_refused_over_tls_is_delivered_once_the_certificate_is_right(
     commitments.open_transaction(catalog, transaction)
     reporter = Reporter(settings, catalog)
     try:
-        modality.listen(requester_tls(certificates.rogue_requester, certificates.ca))
+        modality.listen(requester_tls(getattr(certificates, wrong), certificates.ca))
         reporter.one_pass(threading.Event())
         modality.stop()
         pending = commitments.get(catalog, transaction.uid)
@@ -706,6 +721,7 @@ def test_a_report_refused_over_tls_is_delivered_once_the_certificate_is_right(
     assert "no association" in pending.last_error
     assert len(handshakes) == 1
     assert "CERTIFICATE_VERIFY_FAILED" in handshakes[0].getMessage()
+    assert reason in handshakes[0].getMessage()
     assert (report.tls_version, report.event_type) == ("TLSv1.3", 1)
     assert report.transaction_uid == transaction.uid
     assert delivered is not None and delivered.state == commitments.REPORTED
