@@ -2,17 +2,20 @@
 
 The requester is pynetdicom: it sends the N-ACTION as SCU and runs its own
 SCP on a free loopback port, registered as a [[peers]] entry, for reports
-that come on a new association.
+that come on a new association (over TLS when the appliance's peer entry
+says ``tls = true``).
 """
 
 from __future__ import annotations
 
 import queue
+import ssl
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -20,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 from pynetdicom import AE, build_role, evt
+from pynetdicom.association import Association
 
 from appliance.catalog import commitments
 from appliance.catalog.commitments import Transaction
@@ -30,6 +34,7 @@ from appliance.config import defaults as config_defaults
 from appliance.config import load as config_load
 from appliance.errors import ConfigError
 from tests import dicom_client as client
+from tests.certificates import Authority, Issued
 from tests.conftest import Appliance, free_port
 from tests.datasets import study_files
 
@@ -51,6 +56,10 @@ class Report:
     # appliance opened.
     how: str
     calling_ae: str = ""
+    # The TLS version of the association that brought it; "" without TLS.
+    tls_version: str = ""
+    # The common name of the certificate the appliance presented.
+    client_certificate: str = ""
 
     @property
     def transaction_uid(self) -> str:
@@ -81,13 +90,15 @@ class Requester:
     def peer(self) -> dict[str, object]:
         return {"ae_title": MODALITY, "host": "127.0.0.1", "port": self.port}
 
-    def listen(self) -> None:
+    def listen(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        """Accept report associations; over TLS only, with ``ssl_context``."""
         ae = AE(ae_title=MODALITY)
         ae.add_supported_context(COMMITMENT, scu_role=False, scp_role=True)
         self._server = ae.start_server(
             ("127.0.0.1", self.port),
             block=False,
             evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_new_association)],
+            ssl_context=ssl_context,
         )
 
     def stop(self) -> None:
@@ -97,9 +108,9 @@ class Requester:
 
     def _on_new_association(self, event: evt.Event) -> tuple[int, None]:
         calling = event.assoc.requestor.ae_title.strip()
-        self.reports.put(
-            Report(event.event_type, event.event_information, "new", calling)
-        )
+        report = Report(event.event_type, event.event_information, "new", calling)
+        report.tls_version, report.client_certificate = _tls_of(event.assoc)
+        self.reports.put(report)
         return 0x0000, None
 
     def request(
@@ -156,6 +167,18 @@ class Requester:
         except queue.Empty:
             return
         raise AssertionError(f"unexpected report: {extra}")
+
+
+def _tls_of(assoc: Association) -> tuple[str, str]:
+    """The TLS version of an association and the common name of the
+    certificate its requester showed; empty strings without TLS."""
+    connection = assoc.dul.socket.socket if assoc.dul.socket else None
+    if not isinstance(connection, ssl.SSLSocket):
+        return "", ""
+    details: dict[str, Any] = dict(connection.getpeercert() or {})
+    subject = details.get("subject", ())
+    names = [value for rdn in subject for key, value in rdn if key == "commonName"]
+    return str(connection.version()), ",".join(names)
 
 
 def action_information(
@@ -508,6 +531,200 @@ def test_a_pending_report_survives_a_restart(appliance_factory, tmp_path: Path) 
         assert node.status()["commitment"] == {"pending_reports": 0}
     finally:
         modality.stop()
+
+
+# -- reports over TLS to a requester configured tls = true ----------------------
+
+
+@dataclass(frozen=True)
+class Certificates:
+    """The hospital's CA and the certificates it issued to the appliance and
+    the requester; the requester's certificate again from a CA nobody trusts,
+    and one of the hospital's that names another host."""
+
+    ca: Path
+    appliance: Issued
+    requester: Issued
+    rogue_requester: Issued
+    elsewhere: Issued
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    folder = tmp_path_factory.mktemp("pki")
+    hospital = Authority(folder, "hospital")
+    rogue = Authority(folder, "rogue")
+    # The appliance checks that the requester's certificate names the host
+    # of its peer entry, 127.0.0.1.
+    hosts = ("127.0.0.1", "localhost")
+    return Certificates(
+        hospital.certificate,
+        hospital.issue("APPLIANCE", hosts),
+        hospital.issue(MODALITY, hosts),
+        rogue.issue(MODALITY, hosts),
+        hospital.issue("ELSEWHERE", ("localhost", "10.1.2.30")),
+    )
+
+
+def requester_tls(identity: Issued, ca: Path) -> ssl.SSLContext:
+    """The server side of the requester's report SCP: it shows ``identity``
+    and wants a client certificate from ``ca``, as a careful modality does."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(identity.certificate, identity.key)
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cafile=ca)
+    return context
+
+
+def tls_settings(certificates: Certificates) -> dict[str, object]:
+    """The [tls] keys an appliance needs to reach peers over TLS; its own TLS
+    port stays off (requests come on the plain port)."""
+    return {
+        "certificate": str(certificates.appliance.certificate),
+        "key": str(certificates.appliance.key),
+        "ca_file": str(certificates.ca),
+    }
+
+
+def start_tls_appliance(
+    appliance_factory, certificates: Certificates, modality: Requester, retry: dict
+) -> Appliance:
+    settings = {
+        "migration": {"enabled": False},
+        "replication": {"enabled": False},
+        "commitment": retry,
+        "tls": tls_settings(certificates),
+    }
+    peers = [{**modality.peer, "tls": True}]
+    node: Appliance = appliance_factory(settings, peers=peers).start()
+    return node
+
+
+def _lines(text: str, part: str) -> list[str]:
+    return [line for line in text.splitlines() if part in line]
+
+
+def test_a_report_on_a_new_association_goes_over_tls(
+    appliance_factory, certificates: Certificates, tmp_path: Path
+) -> None:
+    modality = Requester(free_port())
+    modality.listen(requester_tls(certificates.requester, certificates.ca))
+    try:
+        node = start_tls_appliance(
+            appliance_factory, certificates, modality, QUICK_RETRIES
+        )
+        stored = store(node, tmp_path, "over-tls", 2)
+        transaction = generate_uid()
+
+        status = modality.request(
+            node.port, action_information(transaction, stored), keep_open=False
+        )
+
+        assert status == 0x0000
+        report = modality.next_report()
+        assert report.how == "new"
+        assert report.tls_version == "TLSv1.3"
+        assert report.client_certificate == "APPLIANCE"
+        assert report.event_type == 1
+        assert report.transaction_uid == transaction
+        assert report.committed() == set(stored)
+        wait_for_log(
+            node,
+            f"storage commitment {transaction}: report (event type 1) delivered "
+            f"to MODALITY at 127.0.0.1:{modality.port} on a new association",
+        )
+        assert "TLS handshake with" not in node.log()
+    finally:
+        modality.stop()
+
+
+def test_a_requester_with_a_certificate_of_another_ca_gets_no_report(
+    appliance_factory, certificates: Certificates, tmp_path: Path
+) -> None:
+    modality = Requester(free_port())
+    modality.listen(requester_tls(certificates.rogue_requester, certificates.ca))
+    try:
+        # One attempt within the test: the next one is due in ten minutes.
+        retry = {"retry_initial": 600.0, "retry_max": 600.0}
+        node = start_tls_appliance(appliance_factory, certificates, modality, retry)
+        stored = store(node, tmp_path, "rogue", 1)
+        transaction = generate_uid()
+
+        status = modality.request(
+            node.port, action_information(transaction, stored), keep_open=False
+        )
+
+        assert status == 0x0000
+        wait_for_log(node, f"{transaction}: report to MODALITY not delivered")
+        modality.no_report(wait=0.5)
+        log = node.log()
+        (handshake,) = _lines(log, "TLS handshake with")
+        assert f"TLS handshake with 127.0.0.1:{modality.port} failed" in handshake
+        assert "CERTIFICATE_VERIFY_FAILED" in handshake
+        (undelivered,) = _lines(log, f"{transaction}: report to MODALITY not")
+        # Attempt 1 was on the requester's own association, gone at once.
+        assert "attempt 2, next in 600.0 s" in undelivered
+        # pynetdicom's own lines and tracebacks stay out of the log.
+        assert "TCP Initialisation Error" not in log
+        assert "Traceback" not in log
+        assert node.status()["commitment"] == {"pending_reports": 1}
+        assert client.echo(node.port) == 0x0000
+        assert node.process is not None and node.process.poll() is None
+    finally:
+        modality.stop()
+
+
+@pytest.mark.parametrize(
+    ("wrong", "reason"),
+    [
+        ("rogue_requester", "unable to get local issuer certificate"),
+        ("elsewhere", "IP address mismatch"),
+    ],
+    ids=["other-ca", "other-host"],
+)
+def test_a_report_refused_over_tls_is_delivered_once_the_certificate_is_right(
+    certificates: Certificates,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    wrong: str,
+    reason: str,
+) -> None:
+    modality = Requester(free_port())
+    values = config_defaults()
+    values["storage.data_dir"] = str(tmp_path / "data")
+    values.update({f"tls.{key}": value for key, value in
+                   tls_settings(certificates).items()})  # fmt: skip
+    peer = Peer(MODALITY, "127.0.0.1", modality.port, tls=True)
+    settings = Config(values, peers=(peer,))
+    catalog = Catalog(settings.catalog_path, 2**26)
+    transaction = _decided(time.time())
+    commitments.open_transaction(catalog, transaction)
+    reporter = Reporter(settings, catalog)
+    try:
+        modality.listen(requester_tls(getattr(certificates, wrong), certificates.ca))
+        reporter.one_pass(threading.Event())
+        modality.stop()
+        pending = commitments.get(catalog, transaction.uid)
+        handshakes = [r for r in caplog.records if r.name == "appliance.tls"]
+
+        modality.listen(requester_tls(certificates.requester, certificates.ca))
+        commitments.update(catalog, transaction.uid, _due_now)
+        reporter.one_pass(threading.Event())
+        report = modality.next_report()
+        delivered = commitments.get(catalog, transaction.uid)
+    finally:
+        modality.stop()
+        catalog.close()
+
+    assert pending is not None
+    assert (pending.state, pending.attempts) == (commitments.DECIDED, 1)
+    assert "no association" in pending.last_error
+    assert len(handshakes) == 1
+    assert "CERTIFICATE_VERIFY_FAILED" in handshakes[0].getMessage()
+    assert reason in handshakes[0].getMessage()
+    assert (report.tls_version, report.event_type) == ("TLSv1.3", 1)
+    assert report.transaction_uid == transaction.uid
+    assert delivered is not None and delivered.state == commitments.REPORTED
 
 
 # -- the commitment process and the catalog records, without a service ----------
