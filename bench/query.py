@@ -236,12 +236,13 @@ def make_queries(
         expected = truth.studies_by_surname[surname]
         queries.append(Query("name_prefix", {"PatientName": f"{surname}*"}, expected))
 
-        queries.append(_date_query(truth, span_days, rng))
+        queries.append(date_query(truth, span_days, rng))
     rng.shuffle(queries)
     return queries
 
 
-def _date_query(truth: Truth, span_days: int, rng: random.Random) -> Query:
+def date_query(truth: Truth, span_days: int, rng: random.Random) -> Query:
+    """A StudyDate range of ``span_days`` days, starting on a random day."""
     first = FIRST_DAY + datetime.timedelta(days=rng.randrange(DAYS - span_days))
     days = [first + datetime.timedelta(days=n) for n in range(span_days)]
     dates = [day.strftime("%Y%m%d") for day in days]
