@@ -23,6 +23,7 @@ from appliance import (
     cli_scrub,
     cli_tiers,
     cli_volumes,
+    cli_web,
     logs,
 )
 from appliance import config as configuration
@@ -318,5 +319,6 @@ for commands in (
     cli_hardware,
     cli_export,
     cli_scrub,
+    cli_web,
 ):
     commands.register(main, _load)

@@ -24,6 +24,7 @@ from appliance.errors import ConfigError
 from appliance.hsm import policy
 from appliance.prefetch import selection
 from appliance.replication.bandwidth import check_timetable
+from appliance.web.accounts import ACCOUNT_KEYS, check_accounts
 
 logger = logging.getLogger(__name__)
 
@@ -683,6 +684,43 @@ KEYS: tuple[Key, ...] = (
         _integer(1, 10000),
     ),
     Key(
+        "web",
+        "enabled",
+        True,
+        "Serve HTTP: DICOMweb (docs/web.md) and a health check.",
+        _boolean,
+    ),
+    Key(
+        "web",
+        "bind_address",
+        "127.0.0.1",
+        "Address the HTTP server binds to; 0.0.0.0 for every IPv4 address.",
+        _ip_address,
+    ),
+    Key("web", "port", 8080, "HTTP server TCP port.", _integer(1, 65535)),
+    Key(
+        "web",
+        "tls_certificate",
+        "",
+        "PEM certificate chain for HTTPS; empty serves plain HTTP.",
+        _text,
+    ),
+    Key(
+        "web",
+        "tls_key",
+        "",
+        "PEM private key of tls_certificate (empty: it is in that file).",
+        _text,
+    ),
+    Key(
+        "web",
+        "accounts",
+        [],
+        "Who may call the HTTP server: [[web.accounts]] tables (below); "
+        "with none, everything but /health is refused.",
+        check_accounts,
+    ),
+    Key(
         "prefetch",
         "enabled",
         True,
@@ -1082,10 +1120,18 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> C
 
 
 def _check_ports(values: dict[str, Any]) -> list[tuple[str, str]]:
-    """The HL7 listener cannot share the DICOM port."""
+    """The HL7 listener and the HTTP server cannot share the DICOM port."""
+    problems = []
     if values["hl7.enabled"] and values["hl7.port"] == values["node.port"]:
-        return [("hl7.port", f"must differ from node.port ({values['node.port']})")]
-    return []
+        problems.append(
+            ("hl7.port", f"must differ from node.port ({values['node.port']})")
+        )
+    if values["web.enabled"] and values["web.port"] in (
+        values["node.port"],
+        values["hl7.port"] if values["hl7.enabled"] else None,
+    ):
+        problems.append(("web.port", "must differ from node.port and hl7.port"))
+    return problems
 
 
 def _check_mirror(values: dict[str, Any]) -> list[tuple[str, str]]:
@@ -1143,6 +1189,9 @@ def _set_value(
     if isinstance(key.default, float) and isinstance(value, int):
         value = float(value)
     problem = key.check(value)
+    if problem and key.check is check_accounts:
+        # Tables: the problem names the entry; repeating them adds nothing.
+        return [(dotted, problem)]
     if problem:
         return [(dotted, f"{problem} (got {value!r})")]
     values[dotted] = value
@@ -1351,6 +1400,7 @@ def example() -> str:
     lines += ["# [[peers]]", '# ae_title = "WORKSTATION1"', '# host = "127.0.0.1"']
     lines.append("# port = 11113")
     lines += _example_prefetch_tables()
+    lines += _example_accounts()
     return "\n".join(lines) + "\n"
 
 
@@ -1378,6 +1428,23 @@ def _example_prefetch_tables() -> list[str]:
         '# code = "CTHEAD"',
         '# modality = "CT"',
         '# body_part = "HEAD"',
+    ]
+    return lines
+
+
+def _example_accounts() -> list[str]:
+    lines = [
+        "",
+        "# Web accounts (docs/web.md): delete accounts = [] under [web] and",
+        "# repeat the table per account.",
+    ]
+    for name, help_text in ACCOUNT_KEYS.items():
+        lines += [f"# {line}" for line in _wrap(f"{name}: {help_text}")]
+    lines += [
+        "# [[web.accounts]]",
+        '# name = "reading-room"',
+        '# role = "viewer"',
+        '# password_hash = "scrypt$n=16384,r=8,p=1$..."',
     ]
     return lines
 
@@ -1419,4 +1486,7 @@ def toml_value(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        pairs = (f"{name} = {toml_value(v)}" for name, v in value.items())
+        return "{" + ", ".join(pairs) + "}"
     return repr(value)

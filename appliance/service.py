@@ -40,6 +40,7 @@ from appliance.replication.supervisor import Supervisor
 from appliance.restore import process as restore_process
 from appliance.storage.lock import WORKERS_LOCK, TierLock, claim_tier
 from appliance.storage.online import OnlineTier
+from appliance.web.process import WebService
 
 logger = logging.getLogger(__name__)
 
@@ -117,22 +118,31 @@ def serve(config: Config) -> int:
     listener = _listen(config)
     hl7 = HL7Service(config) if config.get("hl7.enabled") else None
     claim = claim_tier(config.online_path, wait_for_workers=_STOP_GRACE + 10)
+    web = None
     try:
+        web = WebService(config) if config.get("web.enabled") else None
         restore_process.refuse_half_restored(config)
         online.discard_incoming()
         Catalog(config.catalog_path, config.get("storage.catalog_max_size")).close()
         # Every tier opens (and the key store is made) before any worker
         # needs them, so that a wrong tier path stops the start with a reason.
         open_tiers(config)
-        return _serve(config, listener, hl7)
+        return _serve(config, listener, hl7, web)
     finally:
         listener.close()
         if hl7 is not None:
             hl7.sock.close()
+        if web is not None:
+            web.sock.close()
         claim.release()
 
 
-def _serve(config: Config, listener: socket.socket, hl7: HL7Service | None) -> int:
+def _serve(
+    config: Config,
+    listener: socket.socket,
+    hl7: HL7Service | None,
+    web: WebService | None = None,
+) -> int:
     context = multiprocessing.get_context("spawn")
     load = Load.shared(context, config.workers)
     workers = [_start_worker(context, config, i, load) for i in range(config.workers)]
@@ -167,6 +177,9 @@ def _serve(config: Config, listener: socket.socket, hl7: HL7Service | None) -> i
         if hl7 is not None:
             hl7.start()
             serving += ", HL7 on {}:{}".format(*hl7.address)
+        if web is not None:
+            web.start()
+            serving += ", HTTP on {}:{}".format(*web.address)
         notify.ready(serving)
         heartbeat.start()
         _accept_loop(listener, workers, load, stop, context, config, alive)
@@ -175,6 +188,8 @@ def _serve(config: Config, listener: socket.socket, hl7: HL7Service | None) -> i
         heartbeat.stop()
         if hl7 is not None:
             hl7.stop()
+        if web is not None:
+            web.stop()
         if replication is not None:
             replication.stop()
         if restore is not None:

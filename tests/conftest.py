@@ -56,6 +56,8 @@ class Appliance:
     ) -> None:
         self.directory = directory
         self.port = free_port()
+        # Tests run side by side: none may take the HTTP default, 8080.
+        self.web_port = free_port()
         self.ae_title = "APPLIANCE"
         self.config_path = directory / "appliance.toml"
         self.data_dir = directory / "data"
@@ -69,6 +71,7 @@ class Appliance:
     def write_config(self) -> None:
         settings: dict[str, dict[str, object]] = {
             "node": {"port": self.port, "workers": self.workers},
+            "web": {"port": self.web_port},
             "storage": {"data_dir": str(self.data_dir), "reserved_bytes": 0},
         }
         for section, keys in self.settings.items():

@@ -39,6 +39,8 @@ def write_config(
     settings: dict[str, dict[str, object]] = {
         "storage": {"data_dir": str(data_dir), "reserved_bytes": 0},
         "mirror": mirror,
+        # Tests run side by side: none may take the HTTP default, 8080.
+        "web": {"enabled": False},
         **(more or {}),
     }
     path.write_text(config_text(settings, []))

@@ -73,6 +73,9 @@ FORBIDDEN = {
         "appliance.cli",
     ),
     "appliance.prefetch": ("appliance.dicom", "appliance.service", "appliance.cli"),
+    # The HTTP server is a front end beside the DICOM node: it reuses the
+    # node's query code, and nothing below imports it.
+    "appliance.web": ("appliance.service", "appliance.cli"),
     # An export sends through the DICOM layer; nothing above it.
     "appliance.export": ("appliance.service", "appliance.cli"),
     # Hardware checks and sizing read the host and the configuration only.

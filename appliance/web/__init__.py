@@ -1,0 +1,1 @@
+"""The HTTP server: DICOMweb, authentication, and the routes others add."""

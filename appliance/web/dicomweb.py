@@ -1,0 +1,328 @@
+"""DICOMweb routes: QIDO-RS, WADO-RS and STOW-RS (PS3.18 10.4 to 10.6).
+
+Every catalog, file and recall step runs in the thread pool; the event
+loop only moves bytes. UIDs in the path are data: they are looked up in
+the catalog and never become file names.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from pathlib import Path
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute
+
+from appliance.web import multipart, qido, stow
+from appliance.web.accounts import OPERATOR, VIEWER
+from appliance.web.archive import Archive, Located, NotFound, NotOnline
+from appliance.web.auth import problem, route
+from appliance.web.metadata import metadata_of
+
+logger = logging.getLogger(__name__)
+
+DICOM_JSON = "application/dicom+json"
+# Seconds a client is asked to wait for an operator to load a volume.
+RETRY_AFTER = 300
+# At most this many failure reasons go into Warning headers.
+_REASONS_SHOWN = 20
+# A UID in a path: anything but the wildcards and list separator of C-FIND,
+# which would turn one study into a search.
+_PATH_UID = re.compile(r"^[^*?\\/]{1,64}$")
+
+
+def archive_of(request: Request) -> Archive:
+    archive: Archive = request.app.state.archive
+    return archive
+
+
+def base_url(request: Request) -> str:
+    return str(request.base_url).rstrip("/")
+
+
+def uids(request: Request, *names: str) -> list[str]:
+    """The path's UIDs; ValueError when one could be taken for a pattern."""
+    found = []
+    for name in names:
+        value = request.path_params[name]
+        if not _PATH_UID.match(value):
+            raise ValueError(f"{name} is not a UID")
+        found.append(value)
+    return found
+
+
+# -- QIDO-RS --------------------------------------------------------------------
+
+
+async def search_studies(request: Request) -> Response:
+    return await _search(request, qido.STUDY, ())
+
+
+async def search_series(request: Request) -> Response:
+    return await _search(request, qido.SERIES, ())
+
+
+async def search_study_series(request: Request) -> Response:
+    return await _search(request, qido.SERIES, ("study",))
+
+
+async def search_instances(request: Request) -> Response:
+    return await _search(request, qido.IMAGE, ())
+
+
+async def search_study_instances(request: Request) -> Response:
+    return await _search(request, qido.IMAGE, ("study",))
+
+
+async def search_series_instances(request: Request) -> Response:
+    return await _search(request, qido.IMAGE, ("study", "series"))
+
+
+_WITHIN_KEYS = {"study": "StudyInstanceUID", "series": "SeriesInstanceUID"}
+
+
+async def _search(request: Request, level: str, names: tuple[str, ...]) -> Response:
+    try:
+        within = dict(
+            zip((_WITHIN_KEYS[n] for n in names), uids(request, *names), strict=True)
+        )
+        search = qido.parse(level, request.query_params.multi_items(), within)
+        results = await run_in_threadpool(qido.run, archive_of(request).catalog, search)
+    except ValueError as exc:
+        return problem(400, f"cannot search: {exc}")
+    headers = {}
+    if search.fuzzy:
+        headers["Warning"] = '299 pacs-appliance "fuzzymatching is not supported"'
+    if not results:
+        return Response(status_code=204, headers=headers)
+    return JSONResponse(results, media_type=DICOM_JSON, headers=headers)
+
+
+# -- WADO-RS --------------------------------------------------------------------
+
+
+async def retrieve_study(request: Request) -> Response:
+    return await _retrieve(request, ("study",))
+
+
+async def retrieve_series(request: Request) -> Response:
+    return await _retrieve(request, ("study", "series"))
+
+
+async def retrieve_instance(request: Request) -> Response:
+    return await _retrieve(request, ("study", "series", "instance"))
+
+
+async def study_metadata(request: Request) -> Response:
+    return await _metadata(request, ("study",))
+
+
+async def series_metadata(request: Request) -> Response:
+    return await _metadata(request, ("study", "series"))
+
+
+async def instance_metadata(request: Request) -> Response:
+    return await _metadata(request, ("study", "series", "instance"))
+
+
+async def _retrieve(request: Request, names: tuple[str, ...]) -> Response:
+    if not accepts_dicom(request.headers.get("accept", "")):
+        return problem(
+            406,
+            'only multipart/related; type="application/dicom" is offered: '
+            "the instances as they were stored",
+        )
+    items = await located(request, names)
+    if isinstance(items, Response):
+        return items
+    boundary = multipart.new_boundary()
+    parts = [(_part_type(item), _path(item)) for item in items]
+    return StreamingResponse(
+        multipart.stream_files(parts, boundary),
+        media_type=(
+            f'multipart/related; type="application/dicom"; boundary={boundary}'
+        ),
+    )
+
+
+async def _metadata(request: Request, names: tuple[str, ...]) -> Response:
+    items = await located(request, names)
+    if isinstance(items, Response):
+        return items
+    body = await run_in_threadpool(metadata_of, [_path(item) for item in items])
+    return JSONResponse(body, media_type=DICOM_JSON)
+
+
+async def located(request: Request, names: tuple[str, ...]) -> list[Located] | Response:
+    """The online instances the path names, recalled if need be; or the
+    error response (400, 404, 503)."""
+    try:
+        found = uids(request, *names)
+    except ValueError as exc:
+        return problem(400, str(exc))
+    study, more = found[0], [*found[1:], None, None]
+    try:
+        return await run_in_threadpool(
+            archive_of(request).retrieve, study, more[0], more[1]
+        )
+    except NotFound as exc:
+        return problem(404, str(exc))
+    except NotOnline as exc:
+        headers = {"Retry-After": str(RETRY_AFTER)} if exc.volumes else None
+        return problem(503, str(exc), headers)
+
+
+def accepts_dicom(accept: str) -> bool:
+    """Whether an Accept header admits the stored Part 10 files."""
+    if not accept.strip():
+        return True
+    for item in accept.split(","):
+        media_type = multipart.MediaType.parse(item)
+        if media_type.type in ("*/*", "multipart/*", "application/dicom"):
+            return True
+        if media_type.type == "multipart/related":
+            wanted = media_type.parameters.get("type", "application/dicom").lower()
+            if wanted == "application/dicom":
+                return True
+    return False
+
+
+def _part_type(item: Located) -> str:
+    return f"application/dicom; transfer-syntax={item.transfer_syntax}"
+
+
+def _path(item: Located) -> Path:
+    # Archive.retrieve returns only instances that are online.
+    assert item.path is not None
+    return item.path
+
+
+# -- STOW-RS --------------------------------------------------------------------
+
+
+async def store_instances(request: Request) -> Response:
+    return await _store(request, None)
+
+
+async def store_study_instances(request: Request) -> Response:
+    try:
+        (study,) = uids(request, "study")
+    except ValueError as exc:
+        return problem(400, str(exc))
+    return await _store(request, study)
+
+
+async def _store(request: Request, study: str | None) -> Response:
+    media_type = multipart.MediaType.parse(request.headers.get("content-type", ""))
+    if media_type.type != "multipart/related":
+        return problem(
+            415, 'send multipart/related; type="application/dicom" (PS3.18 10.5)'
+        )
+    if media_type.parameters.get("type", "application/dicom").lower() != (
+        "application/dicom"
+    ):
+        return problem(415, "only application/dicom parts are stored")
+    boundary = media_type.parameters.get("boundary", "")
+    if not boundary:
+        return problem(400, "the Content-Type names no boundary")
+
+    archive = archive_of(request)
+    body = archive.incoming / f"{secrets.token_hex(16)}.body"
+    try:
+        await _spool(request, body)
+        parts = await run_in_threadpool(
+            multipart.split, body, boundary, archive.incoming
+        )
+    except multipart.BadMultipart as exc:
+        return problem(400, f"malformed multipart body: {exc}; nothing was stored")
+    finally:
+        await run_in_threadpool(_remove, body)
+    return await _store_parts(request, archive, parts, study)
+
+
+async def _store_parts(
+    request: Request,
+    archive: Archive,
+    parts: list[tuple[multipart.MediaType, Path]],
+    study: str | None,
+) -> Response:
+    wrong = [
+        f"part {number} is {media_type.type}"
+        for number, (media_type, _path) in enumerate(parts, start=1)
+        if media_type.type != "application/dicom"
+    ]
+    if wrong or not parts:
+        for _media_type, path in parts:
+            await run_in_threadpool(_remove, path)
+        reason = ", ".join(wrong) + ", not application/dicom" if wrong else "no part"
+        return problem(400, f"{reason}; nothing was stored")
+
+    source = f"DICOMweb account {request.state.account}"
+    answer = await run_in_threadpool(
+        stow.store_parts,
+        archive,
+        [path for _media_type, path in parts],
+        study,
+        source,
+        base_url(request),
+    )
+    headers = {}
+    if answer.reasons:
+        shown = answer.reasons[:_REASONS_SHOWN]
+        headers["Warning"] = ", ".join(
+            f'299 pacs-appliance "{_quoted(reason)}"' for reason in shown
+        )
+    return JSONResponse(
+        answer.body, status_code=answer.status, media_type=DICOM_JSON, headers=headers
+    )
+
+
+async def _spool(request: Request, body: Path) -> None:
+    """Write the request body to ``body`` as it arrives."""
+    handle = await run_in_threadpool(open, body, "wb")
+    try:
+        async for chunk in request.stream():
+            if chunk:
+                await run_in_threadpool(handle.write, chunk)
+    finally:
+        await run_in_threadpool(handle.close)
+
+
+def _remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+def _quoted(text: str) -> str:
+    # A header value is Latin-1 without line breaks or unescaped quotes.
+    cleaned = " ".join(text.split()).replace("\\", "\\\\").replace('"', '\\"')
+    return cleaned.encode("latin-1", "replace").decode("latin-1")
+
+
+def _routes() -> list[Any]:
+    study = "/studies/{study}"
+    series = study + "/series/{series}"
+    instance = series + "/instances/{instance}"
+    return [
+        route("/studies", search_studies, VIEWER),
+        route("/studies", store_instances, OPERATOR, methods=("POST",)),
+        route(study, retrieve_study, VIEWER),
+        route(study, store_study_instances, OPERATOR, methods=("POST",)),
+        route(study + "/metadata", study_metadata, VIEWER),
+        route(study + "/series", search_study_series, VIEWER),
+        route(study + "/instances", search_study_instances, VIEWER),
+        route(series, retrieve_series, VIEWER),
+        route(series + "/metadata", series_metadata, VIEWER),
+        route(series + "/instances", search_series_instances, VIEWER),
+        route(instance, retrieve_instance, VIEWER),
+        route(instance + "/metadata", instance_metadata, VIEWER),
+        route("/series", search_series, VIEWER),
+        route("/instances", search_instances, VIEWER),
+    ]
+
+
+ROUTES: list[BaseRoute] = _routes()

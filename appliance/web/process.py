@@ -1,0 +1,117 @@
+"""The HTTP server as a child process of the service.
+
+As for HL7, the listener process binds the port itself before it tells
+systemd it is ready, so that a port in use, a wrong address or an
+unreadable certificate stops the start with a reason; a supervised child
+serves the bound socket with uvicorn and an archive handle of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import ssl
+from types import FrameType
+
+import uvicorn
+
+from appliance import logs
+from appliance.children import ChildSupervisor, die_with_parent
+from appliance.config import Config
+from appliance.errors import ApplianceError
+
+logger = logging.getLogger(__name__)
+
+# Seconds open requests get to finish when the service stops.
+_STOP_GRACE = 10
+
+
+class WebService:
+    """The bound HTTP port and the supervised child that serves it."""
+
+    def __init__(self, config: Config) -> None:
+        _check_tls(config)
+        self.sock = bind(config.get("web.bind_address"), config.get("web.port"))
+        self.scheme = "https" if config.get("web.tls_certificate") else "http"
+        self.supervisor = ChildSupervisor(
+            serve_web, (config, self.sock), "web", stop_grace=_STOP_GRACE + 5
+        )
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.sock.getsockname()[:2]
+        return host, port
+
+    def start(self) -> None:
+        self.supervisor.start()
+
+    def stop(self) -> None:
+        self.supervisor.stop()
+        self.sock.close()
+
+
+def bind(address: str, port: int) -> socket.socket:
+    """A listening TCP socket; ApplianceError naming the keys if it cannot be."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((address, port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise ApplianceError(
+            f"cannot listen for HTTP on {address}:{port}: {exc.strerror} "
+            "(web.bind_address, web.port)"
+        ) from exc
+    return sock
+
+
+def _check_tls(config: Config) -> None:
+    certificate = config.get("web.tls_certificate")
+    key = config.get("web.tls_key")
+    if not certificate:
+        return
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            certificate, key or None
+        )
+    except (OSError, ssl.SSLError) as exc:
+        raise ApplianceError(
+            f"cannot use the TLS certificate {certificate} and key {key or '-'}: "
+            f"{exc} (web.tls_certificate, web.tls_key)"
+        ) from exc
+
+
+class _Server(uvicorn.Server):
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Ctrl-C reaches the whole process group; the listener stops this
+        # child with SIGTERM once it has stopped accepting DICOM.
+        if sig == signal.SIGINT:
+            return
+        super().handle_exit(sig, frame)
+
+
+def serve_web(config: Config, sock: socket.socket) -> None:
+    """Serve HTTP on the bound socket until SIGTERM (the child's work)."""
+    die_with_parent()
+    logs.setup(config.get("logging.level"), config.get("logging.format"))
+    from appliance.web.app import build_app
+
+    certificate = config.get("web.tls_certificate")
+    settings = uvicorn.Config(
+        build_app(config),
+        log_config=None,
+        # The appliance's own access log names routes, never paths.
+        access_log=False,
+        server_header=False,
+        ssl_certfile=certificate or None,
+        ssl_keyfile=config.get("web.tls_key") or None,
+        timeout_graceful_shutdown=_STOP_GRACE,
+        lifespan="on",
+    )
+    host, port = sock.getsockname()[:2]
+    scheme = "https" if certificate else "http"
+    logger.info("HTTP listening on %s://%s:%d", scheme, host, port)
+    _Server(settings).run(sockets=[sock])

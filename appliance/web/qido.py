@@ -1,0 +1,214 @@
+"""QIDO-RS searches (PS3.18 10.6) as C-FIND queries.
+
+The query parameters become a C-FIND identifier, which the DICOM node's
+own code turns into a catalog query: the matching rules (wildcards, date
+ranges, person names, UID lists) are those of C-FIND, not a second
+implementation of them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.datadict import keyword_for_tag
+from pydicom.dataset import Dataset
+
+from appliance.catalog.query import find
+from appliance.catalog.records import (
+    COMPUTED_KEYWORDS,
+    INSTANCE_KEYWORDS,
+    PATIENT_KEYWORDS,
+    SERIES_KEYWORDS,
+    STUDY_KEYWORDS,
+)
+from appliance.catalog.store import Catalog
+from appliance.dicom.find import STUDY_ROOT_FIND, query_from_identifier
+from appliance.web.dicom_json import row_object, tag_of, vr_of
+
+logger = logging.getLogger(__name__)
+
+STUDY, SERIES, IMAGE = "STUDY", "SERIES", "IMAGE"
+
+# What each level answers when includefield does not ask for more
+# (PS3.18 10.6.3.3, tables 10.6.3-3 to 10.6.3-5), among what the catalog keeps.
+_STUDY_RETURN = [
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ModalitiesInStudy",
+    "ReferringPhysicianName",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyID",
+    "NumberOfStudyRelatedSeries",
+    "NumberOfStudyRelatedInstances",
+]
+_SERIES_RETURN = [
+    "Modality",
+    "SeriesDescription",
+    "SeriesNumber",
+    "SeriesInstanceUID",
+    "NumberOfSeriesRelatedInstances",
+    "PerformedProcedureStepStartDate",
+    "PerformedProcedureStepStartTime",
+]
+_INSTANCE_RETURN = [
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "InstanceNumber",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "NumberOfFrames",
+    "AvailableTransferSyntaxUID",
+]
+# Every keyword the catalog answers at each level: includefield=all.
+_ALL = {
+    STUDY: [
+        *PATIENT_KEYWORDS,
+        *STUDY_KEYWORDS,
+        *COMPUTED_KEYWORDS["STUDY"],
+    ],
+    SERIES: [*SERIES_KEYWORDS, *COMPUTED_KEYWORDS["SERIES"]],
+    IMAGE: [*INSTANCE_KEYWORDS, *COMPUTED_KEYWORDS["IMAGE"]],
+}
+_CONTROL = {"limit", "offset", "includefield", "fuzzymatching"}
+_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
+_NUMERIC_VRS = {"US", "UL", "SS", "SL", "SV", "UV"}
+_FLOAT_VRS = {"FL", "FD"}
+
+
+class BadSearch(ValueError):
+    """The search's parameters cannot be understood (answered 400)."""
+
+
+@dataclass
+class Search:
+    """One QIDO-RS request: its level, keys, return keys and paging."""
+
+    level: str
+    keys: dict[str, str] = field(default_factory=dict)
+    returned: list[str] = field(default_factory=list)
+    limit: int | None = None
+    offset: int = 0
+    fuzzy: bool = False
+
+
+def parse(
+    level: str,
+    params: Iterable[tuple[str, str]],
+    within: dict[str, str],
+) -> Search:
+    """The search the query parameters ask for; ``within`` holds the UIDs
+    of the path (/studies/{study}/series: the study). Raises BadSearch."""
+    search = Search(level)
+    includes: list[str] = []
+    for name, value in params:
+        if name == "includefield":
+            includes += [item.strip() for item in value.split(",") if item.strip()]
+        elif name == "limit":
+            search.limit = _count(name, value)
+        elif name == "offset":
+            search.offset = _count(name, value)
+        elif name == "fuzzymatching":
+            search.fuzzy = value.strip().lower() == "true"
+        else:
+            keyword = _keyword(name)
+            if keyword in search.keys:
+                search.keys[keyword] += "\\" + value
+            else:
+                search.keys[keyword] = value
+    search.keys.update(within)
+    search.returned = _returned(level, bool(within), includes, search.keys)
+    return search
+
+
+def run(catalog: Catalog, search: Search) -> list[dict[str, Any]]:
+    """The page of results the search asks for, as DICOM JSON objects."""
+    identifier = _identifier(search)
+    try:
+        query = query_from_identifier(identifier, STUDY_ROOT_FIND)
+    except ValueError as exc:
+        raise BadSearch(str(exc)) from exc
+    rows = find(catalog, query, lambda: False)
+    stop = None if search.limit is None else search.offset + search.limit
+    page = itertools.islice(rows, search.offset, stop)
+    return [row_object(search.returned, row) for row in page]
+
+
+def _identifier(search: Search) -> Dataset:
+    """The C-FIND identifier of the search: every return key empty, every
+    matching key with its value (PS3.4 C.4.1.1.3.1)."""
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = search.level
+    for keyword in search.returned:
+        identifier.add_new(tag_of(keyword), vr_of(keyword), None)
+    for keyword, text in search.keys.items():
+        vr = vr_of(keyword)
+        identifier.add_new(tag_of(keyword), vr, _value(keyword, vr, text))
+    return identifier
+
+
+def _value(keyword: str, vr: str, text: str) -> Any:
+    if vr == "SQ":
+        raise BadSearch(
+            f"{keyword} is a sequence: searching in sequences is not supported"
+        )
+    if vr not in _NUMERIC_VRS | _FLOAT_VRS or not text:
+        return text
+    kind = float if vr in _FLOAT_VRS else int
+    try:
+        values = [kind(part) for part in text.split("\\")]
+    except ValueError:
+        raise BadSearch(f"{keyword} takes numbers, not {text!r}") from None
+    return values if len(values) > 1 else values[0]
+
+
+def _returned(
+    level: str, nested: bool, includes: list[str], keys: dict[str, str]
+) -> list[str]:
+    if level == STUDY:
+        base = list(_STUDY_RETURN)
+    elif level == SERIES:
+        base = [*_SERIES_RETURN, "StudyInstanceUID"]
+        if not nested:
+            base += _STUDY_RETURN
+    else:
+        base = [*_INSTANCE_RETURN, "StudyInstanceUID", "SeriesInstanceUID"]
+        if not nested:
+            base += _STUDY_RETURN + _SERIES_RETURN
+    for item in includes:
+        if item.lower() == "all":
+            base += _ALL[level]
+        else:
+            base.append(_keyword(item))
+    base += list(keys)
+    return list(dict.fromkeys(base))
+
+
+def _keyword(name: str) -> str:
+    """The keyword a parameter names, by keyword or by tag (PS3.18 8.3.4.1)."""
+    if "." in name:
+        raise BadSearch(f"{name!r}: keys inside sequences are not supported")
+    keyword = keyword_for_tag(int(name, 16)) if _TAG.match(name) else name
+    try:
+        tag_of(keyword)
+    except ValueError:
+        raise BadSearch(f"{name!r} is not a DICOM attribute keyword or tag") from None
+    if vr_of(keyword) == "SQ":
+        raise BadSearch(f"{keyword} is a sequence: not a search key")
+    return keyword
+
+
+def _count(name: str, value: str) -> int:
+    if not value.isdigit():
+        raise BadSearch(f"{name} must be a whole number, not {value!r}")
+    return int(value)

@@ -1,0 +1,123 @@
+"""STOW-RS (PS3.18 10.5): each part of a request stored as a C-STORE is.
+
+Every part goes through :class:`appliance.ingest.Ingest`, the one path by
+which instances enter the archive, so the durability rules (bytes flushed
+and renamed, catalog record committed, only then success) and the
+duplicate policy are those of C-STORE. The answer is the store response
+module of PS3.18 10.5.3.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from appliance.catalog.records import text_of
+from appliance.ingest import DOES_NOT_MATCH_SOP_CLASS
+from appliance.web.archive import Archive
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StoreAnswer:
+    """The HTTP status, the response body and the failure reasons."""
+
+    status: int
+    body: dict[str, Any]
+    reasons: list[str] = field(default_factory=list)
+
+
+def store_parts(
+    archive: Archive, parts: list[Path], study: str | None, source: str, base: str
+) -> StoreAnswer:
+    """Store each part file (consumed whatever happens); ``study`` is the
+    study the URL names, if any; ``base`` the URL RetrieveURLs start with."""
+    referenced: list[Dataset] = []
+    failed: list[Dataset] = []
+    reasons: list[str] = []
+    for number, path in enumerate(parts, start=1):
+        try:
+            item, reason = _store_one(archive, path, study, source, base)
+        finally:
+            path.unlink(missing_ok=True)
+        if reason is None:
+            referenced.append(item)
+        else:
+            failed.append(item)
+            reasons.append(f"instance {number}: {reason}")
+
+    stored = Dataset()
+    if study is not None and referenced:
+        stored.RetrieveURL = f"{base}/studies/{study}"
+    if referenced:
+        stored.ReferencedSOPSequence = referenced
+    if failed:
+        stored.FailedSOPSequence = failed
+    # PS3.18 10.5.3: 200 all stored, 202 some, 409 none.
+    status = 200 if not failed else 409 if not referenced else 202
+    logger.info(
+        "STOW-RS from %s: %d instance(s) stored, %d refused",
+        source,
+        len(referenced),
+        len(failed),
+    )
+    return StoreAnswer(status, stored.to_json_dict(), reasons)
+
+
+def _store_one(
+    archive: Archive, path: Path, study: str | None, source: str, base: str
+) -> tuple[Dataset, str | None]:
+    sop_class, sop_instance = _announced(path)
+    item = Dataset()
+    item.ReferencedSOPClassUID = sop_class
+    item.ReferencedSOPInstanceUID = sop_instance
+
+    if study is not None:
+        found = _study_of(path)
+        if found is not None and found != study:
+            item.FailureReason = DOES_NOT_MATCH_SOP_CLASS
+            return item, "the instance belongs to another study than the URL names"
+
+    result = archive.ingest.store_received(path, source)
+    if result.sop_instance_uid and result.sop_instance_uid != "(unknown)":
+        item.ReferencedSOPInstanceUID = result.sop_instance_uid
+    if not result.ok:
+        item.FailureReason = result.status
+        return item, result.reason or f"status 0x{result.status:04X}"
+    with archive.catalog.read() as txn:
+        record = archive.catalog.instance(txn, result.sop_instance_uid)
+    if record is not None:
+        item.RetrieveURL = (
+            f"{base}/studies/{record.study_uid}/series/{record.series_uid}"
+            f"/instances/{record.sop_instance_uid}"
+        )
+    return item, None
+
+
+def _announced(path: Path) -> tuple[str, str]:
+    """The SOP Class and Instance UIDs the part's file meta announces."""
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+    except Exception:
+        return "", ""
+    return (
+        text_of(meta, "MediaStorageSOPClassUID") or "",
+        text_of(meta, "MediaStorageSOPInstanceUID") or "",
+    )
+
+
+def _study_of(path: Path) -> str | None:
+    try:
+        dataset = pydicom.dcmread(
+            path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]
+        )
+    except Exception:
+        # Ingest refuses what cannot be read, with the reason.
+        return None
+    return text_of(dataset, "StudyInstanceUID")

@@ -1,0 +1,65 @@
+"""WADO-URI (PS3.18 9): one instance by its three UIDs in the query string,
+for viewers older than DICOMweb. Only contentType=application/dicom is
+offered: the instance exactly as stored."""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import BaseRoute
+
+from appliance.web import multipart
+from appliance.web.accounts import VIEWER
+from appliance.web.archive import NotFound, NotOnline
+from appliance.web.auth import problem, route
+from appliance.web.dicomweb import RETRY_AFTER, archive_of
+
+logger = logging.getLogger(__name__)
+
+_UID_PARAMETERS = ("studyUID", "seriesUID", "objectUID")
+
+
+async def wado(request: Request) -> Response:
+    """GET /wado?requestType=WADO&studyUID=..&seriesUID=..&objectUID=.."""
+    params = request.query_params
+    if params.get("requestType") != "WADO":
+        return problem(400, "requestType must be WADO")
+    missing = [name for name in _UID_PARAMETERS if not params.get(name)]
+    if missing:
+        return problem(400, f"missing {', '.join(missing)}")
+    content_type = params.get("contentType", "application/dicom")
+    if multipart.MediaType.parse(content_type).type != "application/dicom":
+        return problem(
+            406, "only contentType=application/dicom is offered (no rendering)"
+        )
+    study, series, instance = (params[name] for name in _UID_PARAMETERS)
+    if any(c in value for value in (study, series, instance) for c in "*?\\"):
+        return problem(400, "a UID cannot hold * ? or \\")
+
+    try:
+        items = await run_in_threadpool(
+            archive_of(request).retrieve, study, series, instance
+        )
+    except NotFound as exc:
+        return problem(404, str(exc))
+    except NotOnline as exc:
+        headers = {"Retry-After": str(RETRY_AFTER)} if exc.volumes else None
+        return problem(503, str(exc), headers)
+    item = items[0]
+    wanted = params.get("transferSyntax")
+    if wanted and wanted != item.transfer_syntax:
+        return problem(
+            406,
+            f"the instance is stored in transfer syntax {item.transfer_syntax}; "
+            "it is not converted",
+        )
+    assert item.path is not None
+    return StreamingResponse(
+        multipart.stream_file(item.path), media_type="application/dicom"
+    )
+
+
+ROUTES: list[BaseRoute] = [route("/wado", wado, VIEWER)]
