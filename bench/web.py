@@ -51,6 +51,7 @@ import threading
 import time
 import urllib.parse
 from collections import defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,13 +94,16 @@ from retrieve import Target, store, study_uid_of
 
 from appliance.catalog.records import NewInstance
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 WADO_INSTANCES = 200
 LIMIT = 25
 LIMIT_SPAN_DAYS = 30
 UPLOAD_THREADS = 4
 ACCOUNT = ("bench", "made-up-bench-password")
-DICOMWEB_ROOT = "/dicom-web/"
+# The appliance serves DICOMweb at the root of its HTTP server; Orthanc's
+# plugin at the root it is given.
+APPLIANCE_ROOT = "/"
+ORTHANC_ROOT = "/dicom-web/"
 # What a worklist of studies shows; the same list is asked of both servers.
 INCLUDE_FIELDS = (
     "PatientName",
@@ -152,7 +156,6 @@ class Retrieval:
     seconds: list[float] = field(default_factory=list)
     received: list[int] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
-    exact_files: int = 0
 
 
 # -- the cached catalog ---------------------------------------------------------
@@ -232,12 +235,15 @@ def upload_to_orthanc(folder: Path, studies: int) -> None:
         raise SystemExit(f"Orthanc holds {held} of {studies} instances")
 
 
-def _post_all(url: str, items: Any) -> None:
+def _post_all(url: str, items: Iterator[NewInstance]) -> None:
     lock = threading.Lock()
+    # Set when the main thread gives up (an error, Ctrl-C, SIGTERM), so that
+    # the pool's threads stop instead of uploading the rest first.
+    stop = threading.Event()
 
     def post_some() -> None:
         with requests.Session() as session:
-            while True:
+            while not stop.is_set():
                 with lock:
                     item = next(items, None)
                 if item is None:
@@ -246,8 +252,12 @@ def _post_all(url: str, items: Any) -> None:
                 answer.raise_for_status()
 
     with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
-        for done in [pool.submit(post_some) for _ in range(UPLOAD_THREADS)]:
-            done.result()
+        running = [pool.submit(post_some) for _ in range(UPLOAD_THREADS)]
+        try:
+            for done in running:
+                done.result()
+        finally:
+            stop.set()
 
 
 def truth_of(studies: int) -> Truth:
@@ -290,7 +300,7 @@ def start_web_appliance(servers: Servers, cache: Path, work: Path) -> Web:
     dicom = Target("appliance", "APPLIANCE", free_port())
     server = start_appliance(servers, data_dir, dicom.port, config)
     wait_for_port(server, http_port)
-    return Web("appliance", f"http://{LOOPBACK}:{http_port}{DICOMWEB_ROOT}", dicom)
+    return Web("appliance", f"http://{LOOPBACK}:{http_port}{APPLIANCE_ROOT}", dicom)
 
 
 def start_web_orthanc(servers: Servers, cache: Path, work: Path) -> Web:
@@ -305,13 +315,13 @@ def start_web_orthanc(servers: Servers, cache: Path, work: Path) -> Web:
         "StorageDirectory": str(folder / "storage"),
         "IndexDirectory": str(folder / "index"),
         "Plugins": [str(orthanc_dicomweb_plugin())],
-        "DicomWeb": {"Enable": True, "Root": DICOMWEB_ROOT},
+        "DicomWeb": {"Enable": True, "Root": ORTHANC_ROOT},
         "AuthenticationEnabled": True,
         "RegisteredUsers": {ACCOUNT[0]: ACCOUNT[1]},
     }
     dicom = Target("orthanc", "ORTHANC", free_port())
     _server, http_port = start_orthanc(servers, folder, dicom.port, settings=settings)
-    return Web("orthanc", f"http://{LOOPBACK}:{http_port}{DICOMWEB_ROOT}", dicom)
+    return Web("orthanc", f"http://{LOOPBACK}:{http_port}{ORTHANC_ROOT}", dicom)
 
 
 def new_session() -> requests.Session:
@@ -501,14 +511,12 @@ def _check_retrieval(
         return
     parts = multipart_parts(answer.headers.get("Content-Type", ""), body)
     result.received.append(sum(len(part) for part in parts))
-    same, exact = 0, 0
+    same = 0
     for part in parts:
         meta = pydicom.dcmread(io.BytesIO(part), stop_before_pixels=True)
         original = sent.get(str(meta.SOPInstanceUID), b"")
         if original and data_set_bytes(part) == data_set_bytes(original):
             same += 1
-        exact += part == original
-    result.exact_files = exact
     if len(parts) != len(sent) or same != len(sent):
         result.problems.append(
             f"round {round_}: {len(parts)} parts, {same} of {len(sent)} "
@@ -567,7 +575,7 @@ def print_retrievals(results: dict[str, Retrieval], size: int) -> None:
         for name, r in results.items()
     }
     headers = ["server", "rounds", "median s", "MB/s", "MB received", "MB sent"]
-    headers += ["exact files", "appl/orthanc"]
+    headers.append("appl/orthanc")
     rows = []
     for name, result in results.items():
         ratio = ""
@@ -581,14 +589,12 @@ def print_retrievals(results: dict[str, Retrieval], size: int) -> None:
                 f"{rates[name]:.1f}",
                 f"{statistics.median(result.received) / 1e6:.1f}",
                 f"{size / 1e6:.1f}",
-                f"{result.exact_files}/{WADO_INSTANCES}",
                 ratio,
             ]
         )
     print()
     print_table(headers, rows)
     print("MB/s: the median round's; appl/orthanc: the appliance's over Orthanc's")
-    print("exact files: parts identical to the file sent, File Meta included")
     for name, result in results.items():
         for problem in result.problems:
             print(f"! {name}: {problem}")
