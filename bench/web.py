@@ -184,29 +184,33 @@ def instance_file(item: NewInstance) -> bytes:
 
 
 def cached_catalog(studies: int, orthanc: bool) -> Path:
-    """The cache folder of ``studies`` studies, built first if incomplete."""
+    """The cache folder of ``studies`` studies: the appliance's catalog, and
+    Orthanc's storage if ``orthanc``, each built first if not complete."""
     folder = cache_folder(studies)
-    if (folder / "complete.json").exists():
-        print(f"the {studies}-study catalog is cached in {folder}: not built")
-        return folder
+    if (folder / "catalog.json").exists():
+        print(f"appliance catalog of {studies} studies: cached in {folder}")
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        started = time.perf_counter()
+        fill(folder / "catalog", studies)
+        _built(folder / "catalog.json", studies, time.perf_counter() - started)
+
     if not orthanc:
-        raise SystemExit(f"no complete cache in {folder}: building it needs Orthanc")
-
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    started = time.perf_counter()
-    fill(folder / "catalog", studies)
-    filled = time.perf_counter() - started
-    print(f"appliance catalog: {studies} studies recorded in {filled:.0f} s")
-
-    started = time.perf_counter()
-    upload_to_orthanc(folder, studies)
-    uploaded = time.perf_counter() - started
-    print(f"orthanc: {studies} studies uploaded in {uploaded:.0f} s")
-    print(f"cached in {folder}")
-    built = {"studies": studies, "catalog_s": filled, "orthanc_s": uploaded}
-    (folder / "complete.json").write_text(json.dumps(built))
+        return folder
+    if (folder / "orthanc.json").exists():
+        print(f"Orthanc's {studies} studies: cached in {folder}")
+    else:
+        shutil.rmtree(folder / "orthanc", ignore_errors=True)
+        started = time.perf_counter()
+        upload_to_orthanc(folder, studies)
+        _built(folder / "orthanc.json", studies, time.perf_counter() - started)
     return folder
+
+
+def _built(marker: Path, studies: int, seconds: float) -> None:
+    print(f"{marker.stem}: {studies} studies recorded in {seconds:.0f} s, cached")
+    marker.write_text(json.dumps({"studies": studies, "seconds": seconds}))
 
 
 def upload_to_orthanc(folder: Path, studies: int) -> None:
