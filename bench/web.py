@@ -43,6 +43,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -118,6 +119,9 @@ INCLUDE_FIELDS = (
     "NumberOfStudyRelatedInstances",
 )
 STUDY_UID_TAG = "0020000D"
+_ACCESS_LINE = re.compile(
+    r"appliance\.web\.access\S*: GET /studies \d{3} \S+ ([0-9.]+) s$", re.MULTILINE
+)
 INCLUDE_TAGS = [f"{tag_for_keyword(keyword):08X}" for keyword in INCLUDE_FIELDS]
 WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
@@ -147,6 +151,8 @@ class Search:
     times: list[float] = field(default_factory=list)
     matches: list[int] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    # The server's own time per search, from its access log (the appliance).
+    own: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -431,6 +437,22 @@ def _value(element: dict[str, Any] | None) -> list[str] | None:
     return [str(value) for value in values] or None
 
 
+def add_own_times(log: str, searches: list[Query], kinds: dict[str, Search]) -> None:
+    """The appliance's own time for each search, from its access log: from
+    the request's arrival until the answer is handed to the socket. The
+    searches are the only requests logged as ``GET /studies``, in order."""
+    seconds = [float(value) for value in _ACCESS_LINE.findall(log)]
+    if len(seconds) != len(searches):
+        print(
+            f"appliance access log: {len(seconds)} searches logged, "
+            f"{len(searches)} sent; its own times are left out"
+        )
+        return
+    for position, (search, value) in enumerate(zip(searches, seconds, strict=True)):
+        if position >= WARM_UP:
+            kinds[search.kind].own.append(value * 1000)
+
+
 # -- WADO-RS --------------------------------------------------------------------
 
 
@@ -539,7 +561,7 @@ def print_searches(results: dict[str, dict[str, Search]]) -> None:
         for kind, search in kinds.items()
     }
     headers = ["search", "server", "n", "matches (mean)", "median ms", "p95 ms"]
-    headers += ["max ms", "appl/orthanc"]
+    headers += ["max ms", "own ms", "appl/orthanc"]
     rows = []
     for kind in sorted({kind for kinds in results.values() for kind in kinds}):
         for name, kinds in results.items():
@@ -557,11 +579,13 @@ def print_searches(results: dict[str, dict[str, Search]]) -> None:
                     f"{medians[(name, kind)]:.1f}",
                     f"{percentile(search.times, 0.95):.1f}",
                     f"{max(search.times):.1f}",
+                    f"{statistics.median(search.own):.1f}" if search.own else "",
                     ratio,
                 ]
             )
     print()
     print_table(headers, rows)
+    print("own ms: the median of the server's own times, from its access log")
     print("appl/orthanc: the appliance's median over Orthanc's (below 1: faster)")
     for name, kinds in results.items():
         for kind, search in sorted(kinds.items()):
@@ -641,6 +665,7 @@ def run(args: argparse.Namespace, targets: list[str], root: Path) -> None:
         appliance = [s for s in servers.running if s.name == "appliance"]
         for server in appliance:
             servers.stop(server)
+            add_own_times(server.log_text(), searches, searched["appliance"])
     print_searches(searched)
     print_retrievals(retrieved, size)
     troubled = any(r.problems for r in retrieved.values()) or any(
