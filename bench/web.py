@@ -395,7 +395,12 @@ def run_searches(
                 result.matches.append(len(answer.studies))
         if "limit" not in search.keys:
             differences += _compare(search, answers)
-    print(f"QIDO-RS: {len(searches)} searches against {len(webs)} server(s)")
+    wrong = sum(len(r.problems) for kinds in results.values() for r in kinds.values())
+    print(
+        f"QIDO-RS: {len(searches)} searches against {len(webs)} server(s): "
+        f"{wrong} answer(s) with a wrong status or count, "
+        f"{len(differences)} difference(s) between the servers"
+    )
     for line in differences[:5]:
         print(f"  ! {line}")
     if len(differences) > 5:
@@ -521,6 +526,8 @@ def run_retrievals(
             result = results[web.name]
             result.seconds.append(seconds)
             _check_retrieval(answer, body, sent, result, round_ + 1)
+    wrong = sum(len(result.problems) for result in results.values())
+    print(f"WADO-RS: {rounds} round(s) per server, {wrong} with a problem")
     return results
 
 
