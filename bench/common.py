@@ -222,11 +222,13 @@ def start_orthanc(
     dicom_port: int,
     modalities: dict[str, int] | None = None,
     nodelay: bool = False,
+    settings: dict[str, object] | None = None,
 ) -> tuple[Server, int]:
     """Orthanc with its own config and storage in ``work_dir``; (server, http).
 
     Orthanc's DICOM server is DCMTK's: with ``nodelay`` it gets TCP_NODELAY=1
     in its environment, as the DCMTK tools do; by default it runs as packaged.
+    ``settings`` override or add configuration keys (plugins, storage folders).
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     http_port = free_port()
@@ -251,6 +253,7 @@ def start_orthanc(
         "MaximumPduLength": ORTHANC_MAX_PDU,
         "SaveJobs": False,
     }
+    config.update(settings or {})
     config_path = work_dir / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2))
     binary = orthanc_binary() or "Orthanc"
@@ -259,6 +262,12 @@ def start_orthanc(
     wait_for_port(server, dicom_port)
     wait_for_port(server, http_port)
     return server, http_port
+
+
+def orthanc_dicomweb_plugin() -> Path | None:
+    """Orthanc's DICOMweb plugin (Debian's ``orthanc-dicomweb``), or None."""
+    plugin = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+    return plugin if plugin.exists() else None
 
 
 def orthanc_instance_count(http_port: int) -> int:

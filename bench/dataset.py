@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import random
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,6 @@ from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
     SecondaryCaptureImageStorage,
-    generate_uid,
 )
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
@@ -84,8 +84,14 @@ def made_up_name(rng: random.Random) -> str:
 
 
 def uid(*parts: object) -> str:
-    """A UID (2.25 form) that the same ``parts`` always give."""
-    return str(generate_uid(prefix=None, entropy_srcs=[str(p) for p in parts]))
+    """A UID (2.25 form, PS3.5 B.2) that the same ``parts`` always give.
+
+    A name-based UUID: pydicom's ``generate_uid`` ignores its entropy
+    sources when given no prefix and returns a random UUID, which made the
+    sets differ from one run (and one cache) to the next.
+    """
+    name = "/".join(str(part) for part in parts)
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}"
 
 
 def folder_for(kind: str, count: int, seed: int = SEED) -> Path:

@@ -40,6 +40,7 @@ import subprocess
 import tempfile
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,18 +166,23 @@ def new_instance(rng: random.Random, patient: Patient, index: int) -> NewInstanc
     )
 
 
-def fill(catalog_path: Path, studies: int) -> Truth:
-    """Record ``studies`` one-instance studies, in batches of one transaction."""
+def made_up_studies(studies: int) -> Iterator[NewInstance]:
+    """The ``studies`` one-instance studies that :func:`fill` records, in order:
+    the same seed always gives the same studies."""
     rng = random.Random(SEED)
     patients = make_patients(rng, max(1, studies * 2 // 5))
+    for index in range(studies):
+        yield new_instance(rng, rng.choice(patients), index)
+
+
+def fill(catalog_path: Path, studies: int) -> Truth:
+    """Record ``studies`` one-instance studies, in batches of one transaction."""
     truth = Truth()
     catalog = Catalog(catalog_path)
     try:
         batch: list[NewInstance] = []
-        for index in range(studies):
-            patient = rng.choice(patients)
-            item = new_instance(rng, patient, index)
-            _remember(truth, item)
+        for item in made_up_studies(studies):
+            remember(truth, item)
             batch.append(item)
             if len(batch) == BATCH:
                 _record(catalog, batch)
@@ -188,7 +194,8 @@ def fill(catalog_path: Path, studies: int) -> Truth:
     return truth
 
 
-def _remember(truth: Truth, item: NewInstance) -> None:
+def remember(truth: Truth, item: NewInstance) -> None:
+    """Count ``item``'s study under its patient, surname and date."""
     truth.studies_by_patient[item.patient["PatientID"]] += 1
     truth.studies_by_surname[item.patient["PatientName"].split("^")[0]] += 1
     truth.studies_by_date[item.study["StudyDate"]] += 1
@@ -229,12 +236,13 @@ def make_queries(
         expected = truth.studies_by_surname[surname]
         queries.append(Query("name_prefix", {"PatientName": f"{surname}*"}, expected))
 
-        queries.append(_date_query(truth, span_days, rng))
+        queries.append(date_query(truth, span_days, rng))
     rng.shuffle(queries)
     return queries
 
 
-def _date_query(truth: Truth, span_days: int, rng: random.Random) -> Query:
+def date_query(truth: Truth, span_days: int, rng: random.Random) -> Query:
+    """A StudyDate range of ``span_days`` days, starting on a random day."""
     first = FIRST_DAY + datetime.timedelta(days=rng.randrange(DAYS - span_days))
     days = [first + datetime.timedelta(days=n) for n in range(span_days)]
     dates = [day.strftime("%Y%m%d") for day in days]
