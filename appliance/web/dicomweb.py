@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute
 
@@ -298,6 +298,15 @@ async def _store(request: Request, study: str | None) -> Response:
         )
     except multipart.BadMultipart as exc:
         return problem(400, f"malformed multipart body: {exc}; nothing was stored")
+    except ClientDisconnect:
+        # The caller hung up (or its framing broke) before the body ended:
+        # no one reads the answer, but the log says what happened in a line.
+        logger.warning(
+            "STOW-RS from DICOMweb account %s: the connection ended before "
+            "the body did; nothing was stored",
+            request.state.account,
+        )
+        return problem(400, "the body ended early; nothing was stored")
     finally:
         await run_in_threadpool(_remove, body)
     return await _store_parts(request, archive, parts, study)
