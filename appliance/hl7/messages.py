@@ -203,12 +203,21 @@ def _check_escapes(text: str) -> None:
     )
     for found in re.finditer(pattern, body):
         if not _KNOWN_ESCAPE.match(found.group(1)):
+            # Named by its field, never quoted: the value may be a name.
+            where = _field_at(text, 8 + found.start())
             raise MessageError(
-                "AE",
-                DATA_TYPE_ERROR,
-                "",
-                f"unknown escape sequence {found.group(0)!r}",
+                "AE", DATA_TYPE_ERROR, where, f"unknown escape sequence in {where}"
             )
+
+
+def _field_at(text: str, offset: int) -> str:
+    """The ERR-2 location (segment^repetition^field) of ``offset``."""
+    start = text.rfind("\r", 0, offset) + 1
+    segment = text[start : start + 3]
+    repetition = sum(1 for line in text[:start].split("\r") if line[:3] == segment) + 1
+    field = text.count(text[3:4], start, offset)
+    # MSH-1 is the field separator itself: MSH's fields count from there.
+    return f"{segment}^{repetition}^{field + 1 if segment == 'MSH' else field}"
 
 
 def read(message: hl7.Message) -> ScheduleMessage:
