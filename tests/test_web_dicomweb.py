@@ -288,6 +288,18 @@ def test_wado_rs_study_series_metadata_and_wado_uri(searchable: Site) -> None:
     assert answer.content == files[0].read_bytes()
 
 
+def test_metadata_is_json_or_406(searchable: Site) -> None:
+    url = f"/studies/{uid('web', 's1')}/metadata"
+    with searchable.client(VIEWER) as http:
+        xml = http.get(url, headers={"Accept": "application/dicom+xml"})
+        both = http.get(
+            url, headers={"Accept": "application/dicom+xml, application/dicom+json"}
+        )
+    assert xml.status_code == 406
+    assert both.status_code == 200
+    assert both.headers["content-type"].startswith("application/dicom+json")
+
+
 def test_unknown_study_is_404(searchable: Site) -> None:
     with searchable.client(VIEWER) as http:
         assert http.get("/studies/1.2.3.4.5.404").status_code == 404

@@ -184,6 +184,10 @@ async def _retrieve(request: Request, names: tuple[str, ...]) -> Response:
 
 
 async def _metadata(request: Request, names: tuple[str, ...]) -> Response:
+    if not accepts_json(request.headers.get("accept", "")):
+        # PS3.18 8.7: a client asking for XML only must not get JSON as if
+        # it were what it asked for.
+        return problem(406, "only application/dicom+json metadata is offered")
     items = await located(request, names)
     if isinstance(items, Response):
         return items
@@ -234,6 +238,16 @@ def accepts_dicom(accept: str) -> bool:
             if wanted == "application/dicom":
                 return True
     return False
+
+
+def accepts_json(accept: str) -> bool:
+    """Whether an Accept header admits metadata as DICOM JSON."""
+    if not accept.strip():
+        return True
+    admitted = {"*/*", "application/*", "application/json", DICOM_JSON}
+    return any(
+        multipart.MediaType.parse(item).type in admitted for item in accept.split(",")
+    )
 
 
 def _part_type(item: Located) -> str:
