@@ -236,3 +236,12 @@ def test_an_unknown_escape_is_named_by_its_field_not_quoted() -> None:
     assert raised.value.error_code == "102"
     assert raised.value.location == "PID^1^5"
     assert raised.value.reason == "unknown escape sequence in PID^1^5"
+    # The ACK is built from the header alone: the sender can match it.
+    header = raised.value.header
+    assert header is not None
+    control_id = str(header["MSH.F10"])
+    assert control_id
+    ack = acks.refuse(header, raised.value).decode()
+    assert f"\rMSA|AE|{control_id}|" in ack
+    assert "\rERR||PID^1^5|102^" in ack
+    assert "Hidden" not in ack
