@@ -235,7 +235,7 @@ def test_an_unknown_escape_is_named_by_its_field_not_quoted() -> None:
         read(text)
     assert raised.value.error_code == "102"
     assert raised.value.location == "PID^1^5"
-    assert raised.value.reason == "unknown escape sequence in PID^1^5"
+    assert raised.value.reason == "unknown escape sequence in PID-5"
     # The ACK is built from the header alone: the sender can match it.
     header = raised.value.header
     assert header is not None

@@ -223,8 +223,12 @@ def _check_escapes(text: str) -> None:
         if not _KNOWN_ESCAPE.match(found.group(1)):
             # Named by its field, never quoted: the value may be a name.
             where = _field_at(text, 8 + found.start())
+            segment, _repetition, field = where.split("^")
             raise MessageError(
-                "AE", DATA_TYPE_ERROR, where, f"unknown escape sequence in {where}"
+                "AE",
+                DATA_TYPE_ERROR,
+                where,
+                f"unknown escape sequence in {segment}-{field}",
             )
 
 
