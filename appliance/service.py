@@ -213,6 +213,7 @@ def _serve(
             web.start()
             serving += ", HTTP on {}:{}".format(*web.address)
         notify.ready(serving)
+        logger.info("ready: %s", serving)
         heartbeat.start()
         listeners = [listener] if secure is None else [listener, secure]
         _accept_loop(listeners, workers, load, stop, context, config, alive)

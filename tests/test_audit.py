@@ -312,6 +312,7 @@ def test_the_api_for_patient_changes_and_alerts(tmp_path: Path) -> None:
     assert update.users[0] == "RIS@192.0.2.3"
     assert merge.patients == ["PID-1", "PID-OLD"]
     assert alert.outcome == 4 and alert.users[0] == "CT1@::1"
+    assert alert.description == "TLS handshake failed"
     root = ET.fromstring(records[2].message)
     kind = root.find("EventIdentification/EventTypeCode")
     assert kind is not None and kind.get("csd-code") == "110126"

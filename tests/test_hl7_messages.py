@@ -226,3 +226,22 @@ def test_a_header_without_a_message_type_still_gets_an_ack() -> None:
 
     assert "\rMSA|AR|C-NO9|" in ack
     assert "\rERR||MSH^1^9|101^" in ack
+
+
+def test_an_unknown_escape_is_named_by_its_field_not_quoted() -> None:
+    text = siu().replace("Testperson^Alma", "Testperson\\Hidden\\x^Alma")
+    assert "Hidden" in text
+    with pytest.raises(MessageError) as raised:
+        read(text)
+    assert raised.value.error_code == "102"
+    assert raised.value.location == "PID^1^5"
+    assert raised.value.reason == "unknown escape sequence in PID-5"
+    # The ACK is built from the header alone: the sender can match it.
+    header = raised.value.header
+    assert header is not None
+    control_id = str(header["MSH.F10"])
+    assert control_id
+    ack = acks.refuse(header, raised.value).decode()
+    assert f"\rMSA|AE|{control_id}|" in ack
+    assert "\rERR||PID^1^5|102^" in ack
+    assert "Hidden" not in ack

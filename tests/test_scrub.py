@@ -267,8 +267,14 @@ def test_orphans_are_reported_and_left_in_place(site: Site) -> None:
     orphan_pack = site.config.nearline_path / "packs" / "99" / "p-000000099.pack"
     orphan_pack.parent.mkdir(parents=True, exist_ok=True)
     orphan_pack.write_bytes(site.nearline_pack(PACKED).read_bytes())
+    # A copy of a recorded instance's file, put in the wrong folder by hand.
+    recorded = sorted((site.config.online_path / "objects").glob("??/*.dcm"))[0]
+    elsewhere = "ff" if recorded.parent.name != "ff" else "fe"
+    misplaced = site.config.online_path / "objects" / elsewhere / recorded.name
+    misplaced.parent.mkdir(exist_ok=True)
+    misplaced.write_bytes(recorded.read_bytes())
     hour_ago = time.time() - 7200
-    for path in (stray, orphan_pack):
+    for path in (stray, orphan_pack, misplaced):
         os.utime(path, (hour_ago, hour_ago))
 
     scrubber = site.scrubber(grace=3600)
@@ -276,9 +282,13 @@ def test_orphans_are_reported_and_left_in_place(site: Site) -> None:
     assert scrubber.run_tier("nearline").finished
 
     found = state.load(state.folder_of(site.config.data_dir)).orphans
-    assert found["online"] == [str(stray.relative_to(site.config.online_path))]
+    assert found["online"] == sorted(
+        str(path.relative_to(site.config.online_path)) for path in (stray, misplaced)
+    )
     assert found["nearline"] == ["packs/99/p-000000099.pack"]
-    assert stray.exists() and orphan_pack.exists()
+    assert stray.exists() and orphan_pack.exists() and misplaced.exists()
+    # Gone before the other tests' passes: they expect the stray only.
+    misplaced.unlink()
 
 
 def test_the_rate_cap_holds(site: Site) -> None:

@@ -45,6 +45,10 @@ def test_ready_heartbeat_and_stopping(
 
     assert "READY=1" in messages
     assert any(m.startswith("STATUS=serving DICOM on 127.0.0.1:") for m in messages)
+    # The log says what systemd's status says: every address, HTTP's too.
+    serving = next(m for m in messages if m.startswith("STATUS=serving"))
+    assert f"ready: {serving.removeprefix('STATUS=')}" in appliance.log()
+    assert ", HTTP on 127.0.0.1:" in serving
     assert messages.count("WATCHDOG=1") >= 3
     assert "STOPPING=1" in messages
     assert messages.index("READY=1") < messages.index("WATCHDOG=1")

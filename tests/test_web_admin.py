@@ -144,6 +144,20 @@ def test_recall_refuses_what_is_not_a_study(site):
     assert missing.status_code == 400
 
 
+def test_a_body_nested_deep_or_too_large_is_refused(site):
+    deep = b'{"study_uid": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
+    with site.client(OPERATOR) as client:
+        nested = client.post("/api/recall", content=deep, headers=JSON)
+        large = client.post(
+            "/api/recall", content=b" " * (1 << 20) + b"{}", headers=JSON
+        )
+        assert client.get("/health").status_code == 200
+    assert nested.status_code == 400
+    assert nested.json()["error"] == "the body is not JSON"
+    assert large.status_code == 413
+    assert "RecursionError" not in site.appliance.log()
+
+
 def test_an_unknown_volume_is_404(site):
     with site.client(OPERATOR) as client:
         answer = client.post("/api/volumes/NOSUCH/loaded", json={})

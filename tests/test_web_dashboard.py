@@ -23,7 +23,7 @@ import pytest
 from tests import dicom_client
 from tests.admin_site import AdminSite, start_admin_site
 from tests.datasets import study_files
-from tests.web_site import OPERATOR
+from tests.web_site import OPERATOR, VIEWER
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -253,3 +253,23 @@ def test_todays_appointments_show_their_priors_readiness(
     assert online == len(priors) == 1
     assert cells[3] == "ready"
     assert "PREFETCH-7" not in browser.page_source
+
+
+def test_the_dashboard_opened_with_credentials_in_its_url_loads(
+    site: AdminSite, browser: Any
+) -> None:
+    """http://name:password@host/ logs in too: the page's API calls must not
+    be resolved against a URL that holds credentials (fetch refuses those)."""
+    from selenium.webdriver.common.by import By
+
+    with site.client(VIEWER) as client:
+        status = client.get("/api/status").json()
+    host = site.url.removeprefix("http://")
+    browser.get(f"http://{VIEWER[0]}:{VIEWER[1]}@{host}/")
+    wait_for(
+        lambda: browser.find_element(By.TAG_NAME, "body").get_attribute("data-loaded"),
+        "the dashboard's first refresh",
+    )
+    assert "credentials" not in text_of(browser, "message")
+    shown = text_of(browser, "count-studies").replace(",", "")
+    assert shown == str(status["studies"])

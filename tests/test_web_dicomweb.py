@@ -4,8 +4,11 @@ client library would not send (garbage bodies, wrong credentials)."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
+import socket
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -285,6 +288,18 @@ def test_wado_rs_study_series_metadata_and_wado_uri(searchable: Site) -> None:
     assert answer.content == files[0].read_bytes()
 
 
+def test_metadata_is_json_or_406(searchable: Site) -> None:
+    url = f"/studies/{uid('web', 's1')}/metadata"
+    with searchable.client(VIEWER) as http:
+        xml = http.get(url, headers={"Accept": "application/dicom+xml"})
+        both = http.get(
+            url, headers={"Accept": "application/dicom+xml, application/dicom+json"}
+        )
+    assert xml.status_code == 406
+    assert both.status_code == 200
+    assert both.headers["content-type"].startswith("application/dicom+json")
+
+
 def test_unknown_study_is_404(searchable: Site) -> None:
     with searchable.client(VIEWER) as http:
         assert http.get("/studies/1.2.3.4.5.404").status_code == 404
@@ -338,6 +353,36 @@ def test_garbage_is_refused_and_nothing_is_stored(
     assert message in answer.json()["error"]
     assert _instance_count(searchable) == before
     assert incoming_files(searchable.appliance.data_dir / "online") == []
+
+
+def test_a_caller_hanging_up_mid_body_is_one_log_line(searchable: Site) -> None:
+    """A body shorter than its Content-Length, then the connection closed:
+    nothing stored, one WARNING line, no traceback, the server still up."""
+    before = _instance_count(searchable)
+    pair = base64.b64encode(":".join(OPERATOR).encode()).decode()
+    head = (
+        "POST /studies HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Basic {pair}\r\n"
+        'Content-Type: multipart/related; type="application/dicom"; boundary=XYZ\r\n'
+        "Content-Length: 1000000\r\n\r\n"
+    )
+    port = searchable.appliance.web_port
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head.encode() + b"--XYZ\r\nContent-Type: application/dicom\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        sock.recv(4096)  # whatever the server does, it ends the connection
+    ended = "the connection ended before the body did; nothing was stored"
+    deadline = time.monotonic() + 30
+    while ended not in searchable.appliance.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log = searchable.appliance.log()
+    assert log.count(ended) == 1
+    assert "Exception in ASGI application" not in log
+    assert "POST /studies 500" not in log
+    assert _instance_count(searchable) == before
+    assert incoming_files(searchable.appliance.data_dir / "online") == []
+    with searchable.client() as http:
+        assert http.get("/health").status_code == 200
 
 
 def test_stow_into_a_study_refuses_instances_of_another(searchable: Site) -> None:

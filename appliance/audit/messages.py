@@ -280,4 +280,6 @@ def _description(root: ET.Element, event: ET.Element) -> str:
     parts = [event.findtext("EventOutcomeDescription") or ""]
     for item in root.findall("ParticipantObjectIdentification"):
         parts.append(item.findtext("ParticipantObjectDescription") or "")
-    return "; ".join(part for part in parts if part)
+    # A security alert says the same in its outcome and its node object:
+    # shown once.
+    return "; ".join(part for part in dict.fromkeys(parts) if part)

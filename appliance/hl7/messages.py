@@ -109,6 +109,9 @@ class MessageError(Exception):
         self.error_code = error_code  # HL7 table 0357
         self.location = location  # e.g. "PID^1^3", "" when none
         self.reason = reason
+        # The message's MSH alone, when the whole could not be parsed: the
+        # ACK still echoes its control ID.
+        self.header: hl7.Message | None = None
 
 
 @dataclass(frozen=True)
@@ -182,13 +185,28 @@ def _charset(raw: bytes) -> str:
 def parse(raw: bytes) -> hl7.Message:
     """The message parsed by python-hl7, or MessageError (AR or AE)."""
     text = normalise(raw)
-    _check_escapes(text)
+    try:
+        _check_escapes(text)
+    except MessageError as error:
+        error.header = _header_alone(text)
+        raise
     try:
         return hl7.parse(text)
     except Exception as exc:  # python-hl7 raises plain errors on bad input
         raise MessageError(
             "AR", SEGMENT_SEQUENCE_ERROR, "", f"not an HL7 v2 message: {exc}"
         ) from exc
+
+
+def _header_alone(text: str) -> hl7.Message | None:
+    header = text.split("\r", 1)[0]
+    if not header.startswith("MSH"):
+        return None
+    try:
+        _check_escapes(header)
+        return hl7.parse(header)
+    except Exception:  # a header as damaged as the rest: answered bare
+        return None
 
 
 def _check_escapes(text: str) -> None:
@@ -203,12 +221,25 @@ def _check_escapes(text: str) -> None:
     )
     for found in re.finditer(pattern, body):
         if not _KNOWN_ESCAPE.match(found.group(1)):
+            # Named by its field, never quoted: the value may be a name.
+            where = _field_at(text, 8 + found.start())
+            segment, _repetition, field = where.split("^")
             raise MessageError(
                 "AE",
                 DATA_TYPE_ERROR,
-                "",
-                f"unknown escape sequence {found.group(0)!r}",
+                where,
+                f"unknown escape sequence in {segment}-{field}",
             )
+
+
+def _field_at(text: str, offset: int) -> str:
+    """The ERR-2 location (segment^repetition^field) of ``offset``."""
+    start = text.rfind("\r", 0, offset) + 1
+    segment = text[start : start + 3]
+    repetition = sum(1 for line in text[:start].split("\r") if line[:3] == segment) + 1
+    field = text.count(text[3:4], start, offset)
+    # MSH-1 is the field separator itself: MSH's fields count from there.
+    return f"{segment}^{repetition}^{field + 1 if segment == 'MSH' else field}"
 
 
 def read(message: hl7.Message) -> ScheduleMessage:

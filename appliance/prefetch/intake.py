@@ -59,6 +59,7 @@ class Intake:
             self.refusals.accepted(peer)
             return answer
         except MessageError as error:
+            parsed = parsed or error.header
             self.refusals.refused(peer, error.reason)
             logger.warning(
                 "HL7 from %s refused with %s: %s%s",

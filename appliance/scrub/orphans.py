@@ -37,8 +37,14 @@ def online_orphans(
     return [
         str(path.relative_to(online.root))
         for path in sorted(online.objects.glob("??/*.dcm"))
-        if path.stem not in known and _old(path, grace)
+        if _unnamed(path, known) and _old(path, grace)
     ]
+
+
+def _unnamed(path: Path, known: set[str]) -> bool:
+    # A key's file lies in the folder of its first two digits: a copy of a
+    # known file in another folder is named by no entry either.
+    return path.stem not in known or path.parent.name != path.stem[:2]
 
 
 def nearline_orphans(

@@ -163,14 +163,24 @@ async def rates(request: Request) -> Response:
 # -- operator actions -------------------------------------------------------------
 
 
+# Every action's body is a few dozen bytes; a larger one is not read whole.
+_LARGEST_BODY = 64 * 1024
+
+
 async def _body(request: Request) -> dict[str, Any] | Response:
     """The JSON object an action is sent, or the error answer."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "application/json":
         return problem(415, "send a JSON object with Content-Type: application/json")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > _LARGEST_BODY:
+            return problem(413, f"an action's body is at most {_LARGEST_BODY} bytes")
     try:
-        body = json.loads(await request.body() or b"{}")
-    except ValueError:
+        body = json.loads(bytes(raw) or b"{}")
+    except (ValueError, RecursionError):
+        # RecursionError: arrays or objects nested thousands deep.
         return problem(400, "the body is not JSON")
     if not isinstance(body, dict):
         return problem(400, "the body must be a JSON object")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute
 
@@ -184,6 +184,10 @@ async def _retrieve(request: Request, names: tuple[str, ...]) -> Response:
 
 
 async def _metadata(request: Request, names: tuple[str, ...]) -> Response:
+    if not accepts_json(request.headers.get("accept", "")):
+        # PS3.18 8.7: a client asking for XML only must not get JSON as if
+        # it were what it asked for.
+        return problem(406, "only application/dicom+json metadata is offered")
     items = await located(request, names)
     if isinstance(items, Response):
         return items
@@ -234,6 +238,16 @@ def accepts_dicom(accept: str) -> bool:
             if wanted == "application/dicom":
                 return True
     return False
+
+
+def accepts_json(accept: str) -> bool:
+    """Whether an Accept header admits metadata as DICOM JSON."""
+    if not accept.strip():
+        return True
+    admitted = {"*/*", "application/*", "application/json", DICOM_JSON}
+    return any(
+        multipart.MediaType.parse(item).type in admitted for item in accept.split(",")
+    )
 
 
 def _part_type(item: Located) -> str:
@@ -298,6 +312,15 @@ async def _store(request: Request, study: str | None) -> Response:
         )
     except multipart.BadMultipart as exc:
         return problem(400, f"malformed multipart body: {exc}; nothing was stored")
+    except ClientDisconnect:
+        # The caller hung up (or its framing broke) before the body ended:
+        # no one reads the answer, but the log says what happened in a line.
+        logger.warning(
+            "STOW-RS from DICOMweb account %s: the connection ended before "
+            "the body did; nothing was stored",
+            request.state.account,
+        )
+        return problem(400, "the body ended early; nothing was stored")
     finally:
         await run_in_threadpool(_remove, body)
     return await _store_parts(request, archive, parts, study)

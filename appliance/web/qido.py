@@ -202,6 +202,9 @@ def _keyword(name: str) -> str:
     if "." in name:
         raise BadSearch(f"{name!r}: keys inside sequences are not supported")
     keyword = keyword_for_tag(int(name, 16)) if _TAG.match(name) else name
+    if not keyword:
+        # A private or unknown tag: no keyword, nothing the catalog holds.
+        raise BadSearch(f"{name!r} is not a DICOM attribute keyword or tag")
     try:
         tag_of(keyword)
     except ValueError:
@@ -212,6 +215,8 @@ def _keyword(name: str) -> str:
 
 
 def _count(name: str, value: str) -> int:
-    if not value.isdigit():
+    # ASCII digits only (str.isdigit also takes '²'), and few enough for a
+    # slice of the results to start or stop at (and for int() to read).
+    if not (value.isascii() and value.isdigit()) or len(value) > 18:
         raise BadSearch(f"{name} must be a whole number, not {value!r}")
     return int(value)

@@ -72,7 +72,11 @@ function svgNode(parent, name, attributes, content) {
 }
 
 async function api(path, options) {
-  const answer = await fetch(path, Object.assign({ cache: "no-store" }, options));
+  // Opened as http://name:password@host/, the page's own URL holds the
+  // credentials and fetch refuses any URL resolved against it; the origin
+  // never holds them, and the browser still sends the login it has.
+  const url = new URL(path, window.location.origin);
+  const answer = await fetch(url, Object.assign({ cache: "no-store" }, options));
   let body = null;
   try { body = await answer.json(); } catch (e) { body = null; }
   if (!answer.ok) {
