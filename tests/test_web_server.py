@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import datetime
 import ipaddress
+import json
 import ssl
 import subprocess
 import sys
@@ -58,6 +59,15 @@ def test_a_wrong_password_or_token_gets_401(site):
         assert client.get("/openapi.json", headers=bad).status_code == 401
         garbled = {"Authorization": "Basic %%%"}
         assert client.get("/openapi.json", headers=garbled).status_code == 401
+
+    # Each refusal is in the audit trail, with the name given, never the
+    # password or token.
+    shown = site.appliance.cli("audit", "show", "--event", "login-refused", "--json")
+    refused = [json.loads(line) for line in shown.stdout.splitlines()]
+    users = [record["users"][0] for record in refused]
+    assert f"{VIEWER[0]}@127.0.0.1" in users and "nobody@127.0.0.1" in users
+    assert len(refused) >= 4
+    assert "not-the-password" not in shown.stdout and "not-a-token" not in shown.stdout
 
 
 def test_password_and_token_let_in(site):

@@ -43,6 +43,7 @@ __all__ = [
     "codes",
     "events",
     "instances_imported",
+    "login_refused",
     "operator_action",
     "patient_record_changed",
     "record",
@@ -94,6 +95,13 @@ def security_alert(
         trail.record(
             events.security_alert(trail.ae_title, description, peer, kind, outcome)
         )
+
+
+def login_refused(target: Target, user: str, address: str) -> None:
+    """Credentials the HTTP server refused, naming ``user`` (or none)."""
+    trail = trail_of(target)
+    if trail is not None:
+        trail.record(events.login_refused(trail.ae_title, user, address))
 
 
 def operator_action(

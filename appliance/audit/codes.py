@@ -31,10 +31,12 @@ IMPORT = _dcm("110107", "Import")
 PATIENT_RECORD = _dcm("110110", "Patient Record")
 QUERY = _dcm("110112", "Query")
 SECURITY_ALERT = _dcm("110113", "Security Alert")
+USER_AUTHENTICATION = _dcm("110114", "User Authentication")
 
 # Audit Event Type Code, PS3.16 CID 401.
 APPLICATION_START = _dcm("110120", "Application Start")
 APPLICATION_STOP = _dcm("110121", "Application Stop")
+LOGIN = _dcm("110122", "Login")
 NODE_AUTHENTICATION = _dcm("110126", "Node Authentication")
 SOFTWARE_CONFIGURATION = _dcm("110131", "Software Configuration")
 RESTRICTED_FUNCTION = _dcm("110132", "Use of Restricted Function")

@@ -334,6 +334,24 @@ def operator_action(
     )
 
 
+def login_refused(ae_title: str, user: str, address: str) -> AuditMessage:
+    """Credentials the HTTP server refused: who they named (or "-") and
+    from where; a run of them is someone guessing passwords."""
+    person = Participant(
+        user_id=user or "-", requestor=True, network_access_point=address
+    )
+    return AuditMessage(
+        name="login-refused",
+        event_id=codes.USER_AUTHENTICATION,
+        action=codes.EXECUTE,
+        outcome=codes.MINOR_FAILURE,
+        event_types=[codes.LOGIN],
+        outcome_description="wrong user name, password or token",
+        participants=[person, _appliance(ae_title, False, codes.APPLICATION)],
+        objects=[],
+    )
+
+
 # -- participants and objects ---------------------------------------------------
 
 

@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from appliance import audit
 from appliance.web.accounts import (
     Account,
     verify_password,
@@ -117,6 +118,8 @@ def _guard(endpoint: Endpoint, role: str) -> Endpoint:
         account = None
         if header:
             account = await run_in_threadpool(authenticator.account_for, header)
+        if account is None and header:
+            await run_in_threadpool(_refused, request, header)
         if account is None:
             return unauthorised("credentials required" if not header else None)
         request.state.account = account.name
@@ -127,6 +130,28 @@ def _guard(endpoint: Endpoint, role: str) -> Endpoint:
     guarded.__name__ = endpoint.__name__
     guarded.__doc__ = endpoint.__doc__
     return guarded
+
+
+def _refused(request: Request, header: str) -> None:
+    """Wrong credentials: a record in the audit trail, naming the user a
+    Basic header gave (never the password or token)."""
+    archive = getattr(request.app.state, "archive", None)
+    if archive is None:
+        return
+    address = request.client.host if request.client else ""
+    audit.login_refused(archive.tiers.audit, basic_user(header), address)
+
+
+def basic_user(header: str) -> str:
+    """The user name of an HTTP Basic header, or "" (a token, or garbage)."""
+    scheme, _, credentials = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return ""
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return ""
+    return decoded.partition(":")[0][:64]
 
 
 def unauthorised(message: str | None) -> Response:
