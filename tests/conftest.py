@@ -71,7 +71,9 @@ class Appliance:
     def write_config(self) -> None:
         settings: dict[str, dict[str, object]] = {
             "node": {"port": self.port, "workers": self.workers},
-            "web": {"port": self.web_port},
+            # The HTTP server starts only for tests that configure it: each
+            # web child costs a process start and its stop.
+            "web": {"port": self.web_port, "enabled": "web" in self.settings},
             "storage": {"data_dir": str(self.data_dir), "reserved_bytes": 0},
         }
         for section, keys in self.settings.items():

@@ -23,7 +23,7 @@ def test_ready_heartbeat_and_stopping(
     monkeypatch.setenv("WATCHDOG_USEC", "1000000")  # a beat every 0.5 s
     directory = tmp_path / "node"
     directory.mkdir()
-    appliance = Appliance(directory, {"replication": {"enabled": False}})
+    appliance = Appliance(directory, {"replication": {"enabled": False}, "web": {}})
     messages: list[str] = []
     try:
         appliance.start()

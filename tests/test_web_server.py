@@ -124,7 +124,7 @@ def test_the_openapi_description_covers_every_route(site):
 
 def test_a_port_in_use_stops_the_start_with_a_reason(appliance_factory):
     first = web_site.start(appliance_factory)
-    second = appliance_factory(name="second")
+    second = appliance_factory({"web": {}}, name="second")
     second.web_port = first.appliance.web_port
     second.write_config()
     result = second.cli("serve", check=False)
@@ -133,7 +133,7 @@ def test_a_port_in_use_stops_the_start_with_a_reason(appliance_factory):
 
 
 def test_without_accounts_only_health_answers(appliance_factory):
-    appliance = appliance_factory().start()
+    appliance = appliance_factory({"web": {}}).start()
     url = f"http://127.0.0.1:{appliance.web_port}"
     with httpx.Client(base_url=url, timeout=60) as client:
         assert client.get("/health").status_code == 200
