@@ -50,7 +50,8 @@ def test_message_has_the_required_elements() -> None:
         "DCM",
     )
     participants = root.findall("ActiveParticipant")
-    roles = [p.find("RoleIDCode").get("csd-code") for p in participants]  # type: ignore[union-attr]
+    codes = [p.find("RoleIDCode") for p in participants]
+    roles = [code.get("csd-code") for code in codes if code is not None]
     assert roles == ["110153", "110152"]
     assert participants[0].get("UserIsRequestor") == "true"
     assert participants[0].get("NetworkAccessPointID") == "127.0.0.1"

@@ -16,7 +16,9 @@ from tests.datasets import CT_IMAGE_STORAGE, study_files, uid
 from tests.syslog_receiver import Syslog, TlsCollector, make_certificates
 
 
-def _tls_settings(tmp_path: Path, collector_port: int, certs) -> dict:  # type: ignore[no-untyped-def]
+def _tls_settings(  # type: ignore[no-untyped-def]
+    tmp_path: Path, collector_port: int, certs
+) -> dict:
     return {
         "audit": {
             "syslog_transport": "tls",
@@ -52,7 +54,8 @@ def _objects(message: Syslog, id_type: str) -> list:  # type: ignore[type-arg]
     return [
         item
         for item in message.xml.findall("ParticipantObjectIdentification")
-        if item.find("ParticipantObjectIDTypeCode").get("csd-code") == id_type  # type: ignore[union-attr]
+        if (code := item.find("ParticipantObjectIDTypeCode")) is not None
+        and code.get("csd-code") == id_type
     ]
 
 

@@ -48,7 +48,9 @@ class Site:
         return httpx.Client(base_url=self.url, auth=auth, timeout=60, verify=_TLS)
 
 
-def start(factory, settings: dict | None = None, **more) -> Site:  # type: ignore[no-untyped-def]
+def start(  # type: ignore[no-untyped-def]
+    factory, settings: dict | None = None, **more
+) -> Site:
     """An appliance with the two test accounts (and ``settings``) started."""
     merged: dict[str, dict[str, object]] = {"web": {"accounts": accounts()}}
     for section, keys in (settings or {}).items():

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 
+import lmdb
+
 from appliance.audit.events import StudyRef
 from appliance.catalog import copies
 from appliance.catalog.store import Catalog
@@ -51,13 +53,13 @@ def study(catalog: Catalog, study_uid: str) -> StudyRef:
     return ref
 
 
-def _describe(catalog: Catalog, txn: object, study_uid: str) -> StudyRef:
+def _describe(catalog: Catalog, txn: lmdb.Transaction, study_uid: str) -> StudyRef:
     ref = StudyRef(study_uid)
-    record = catalog.get(txn, "studies", study_uid)  # type: ignore[arg-type]
+    record = catalog.get(txn, "studies", study_uid)
     if record is None:
         return ref
     ref.accession = record.get("attrs", {}).get("AccessionNumber", "")
-    patient = catalog.get(txn, "patients", record.get("patient", ""))  # type: ignore[arg-type]
+    patient = catalog.get(txn, "patients", str(record.get("patient", "")))
     if patient is not None:
         attributes = patient.get("attrs", {})
         ref.patient_id = attributes.get("PatientID", "")
