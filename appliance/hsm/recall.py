@@ -17,7 +17,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor, wait
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,9 +61,13 @@ class RecallResult:
 class Recaller:
     """Stages studies from pack tiers onto the online tier."""
 
-    def __init__(self, catalog: Catalog, tiers: Tiers) -> None:
+    def __init__(self, catalog: Catalog, tiers: Tiers, threads: int = 1) -> None:
+        """With ``threads`` above 1, that many instances of a pack are
+        extracted at once: decoding, hashing and the wait for each file's
+        fsync overlap (a restore from the mirror uses it)."""
         self.catalog = catalog
         self.tiers = tiers
+        self.threads = threads
         self._packs: dict[str, PackRecord | None] = {}
 
     def needs_recall(self, study_uid: str) -> bool:
@@ -114,16 +120,17 @@ class Recaller:
 
         # Tier by tier, nearest first: what a damaged or missing pack could
         # not give is tried again from the next tier that holds it.
-        for tier_name in self.tiers.packs:
-            remaining = [r for r in wanted if r.sop_instance_uid not in staged]
-            if tier_name == OFFSITE:
-                # The mirror is for what no volume of ours holds: an instance
-                # on a shelved volume waits for the operator, as before.
-                remaining = [r for r in remaining if not self._on_shelf(r)]
-            before = len(staged)
-            for pack, records in self._sources(remaining, tier_name).items():
-                self._stage_pack(pack, records, staged, result, staged_one)
-            source = tier_name if len(staged) > before else source
+        with extraction_pool(self.threads) as pool:
+            for tier_name in self.tiers.packs:
+                remaining = [r for r in wanted if r.sop_instance_uid not in staged]
+                if tier_name == OFFSITE:
+                    # The mirror is for what no volume of ours holds: an
+                    # instance on a shelved volume waits for the operator.
+                    remaining = [r for r in remaining if not self._on_shelf(r)]
+                before = len(staged)
+                for pack, records in self._sources(remaining, tier_name).items():
+                    self._stage_pack(pack, records, staged, result, staged_one, pool)
+                source = tier_name if len(staged) > before else source
 
         unused = copies.add_copies(self.catalog, ONLINE, staged)
         for _tier, key in unused:
@@ -258,6 +265,7 @@ class Recaller:
         staged: dict[str, tuple[str, str]],
         result: RecallResult,
         staged_one: Callable[[], None],
+        pool: Executor | None = None,
     ) -> None:
         pack = self._pack(pack_id)
         tier: PackTier | None = self.tiers.pack_tier(pack.tier) if pack else None
@@ -265,12 +273,15 @@ class Recaller:
             result.problems.append(f"pack {pack_id} is not readable here")
             return
         try:
-            with tier.reader(
-                pack.location, pack.pack_id, pack.size, pack.sha256, self.tiers.keys
-            ) as reader:
-                for record in records:
-                    key = self._extract(reader, record, pack_id, result)
+            with (
+                tier.reader(
+                    pack.location, pack.pack_id, pack.size, pack.sha256, self.tiers.keys
+                ) as reader,
+                closing(self._extracted(reader, records, pack_id, pool)) as extracted,
+            ):
+                for record, key, problem in extracted:
                     if key is None:
+                        result.problems.append(problem or "")
                         result.damaged.setdefault(pack_id, []).append(
                             record.sop_instance_uid
                         )
@@ -287,32 +298,60 @@ class Recaller:
                 uid for uid in failed if uid not in staged
             )
 
-    def _extract(
+    def _extracted(
         self,
         reader: PackReader,
-        record: InstanceRecord,
+        records: list[InstanceRecord],
         pack_id: str,
-        result: RecallResult,
-    ) -> str | None:
-        """Extract one instance to a new online key; the key, or None."""
+        pool: Executor | None,
+    ) -> Generator[tuple[InstanceRecord, str | None, str | None], None, None]:
+        """Extract each instance to a new online key: (record, its key or
+        None, the problem), in the order of ``records``."""
         online = self.tiers.online
-        key = online.new_key()
+        if pool is None:
+            for record in records:
+                key = online.new_key()
+                problem = self._extract(reader, record, key, pack_id)
+                yield record, (None if problem else key), problem
+            return
+        # Keys are made here, in order: the tier may note each one before
+        # its file is written.
+        keyed = [(record, online.new_key()) for record in records]
+        futures = [
+            pool.submit(self._extract, reader, record, key, pack_id)
+            for record, key in keyed
+        ]
+        try:
+            for (record, key), future in zip(keyed, futures, strict=True):
+                problem = future.result()
+                yield record, (None if problem else key), problem
+        finally:
+            # Nothing may still write once the pack is closed, or once the
+            # caller has stopped on an error: the rest are waited for.
+            for future in futures:
+                future.cancel()
+            wait(futures)
+
+    def _extract(
+        self, reader: PackReader, record: InstanceRecord, key: str, pack_id: str
+    ) -> str | None:
+        """Extract one instance durably under ``key``; None, or the problem
+        (the file is then removed)."""
+        online = self.tiers.online
         try:
             entry = reader.extract_to(
                 record.sop_instance_uid, online.path_of(key), online.root
             )
         except ApplianceError as exc:
-            result.problems.append(str(exc))
-            return None
+            return str(exc)
         if entry.meta.sha256 != record.sha256:
             # The pack holds other bytes than the catalog counts.
             online.remove(key)
-            result.problems.append(
+            return (
                 f"pack {pack_id} holds other bytes for {record.sop_instance_uid} "
                 "than the catalog"
             )
-            return None
-        return key
+        return None
 
     def _stop_counting_damaged(self, result: RecallResult) -> None:
         """A copy that failed to give its instance no longer counts as
@@ -352,3 +391,13 @@ class Recaller:
             "; ".join(result.problems)
             or f"waiting for volume(s) {waiting} to be loaded",
         )
+
+
+@contextmanager
+def extraction_pool(threads: int) -> Iterator[Executor | None]:
+    """Worker threads for one recall's extraction; None for one thread."""
+    if threads <= 1:
+        yield None
+        return
+    with ThreadPoolExecutor(threads, "recall-extract") as pool:
+        yield pool

@@ -24,6 +24,7 @@ import hashlib
 import io
 import logging
 import secrets
+import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -91,6 +92,8 @@ class PackReader:
         self._owned: BinaryIO | None = None
         self._manifest: Manifest | None = None
         self._streamed = False
+        # Held while the source is read (it has one position).
+        self._lock = threading.Lock()
         self.pack_id = _UNKNOWN
         self.header, self.header_sha256 = self._read_header()
         self.pack_id = self.header.pack_id
@@ -136,6 +139,10 @@ class PackReader:
 
     def manifest(self) -> Manifest:
         """The pack's manifest, checked (see the module for how it is found)."""
+        with self._lock:
+            return self._manifest_now()
+
+    def _manifest_now(self) -> Manifest:
         if self._manifest is None:
             if self._input.seekable:
                 self._manifest = self._locate_manifest()
@@ -149,8 +156,33 @@ class PackReader:
         ``instance`` is a SOP Instance UID or a manifest entry. Bytes reach
         ``out`` before the last checks pass: on DamagedPackError discard
         what was written. :meth:`extract_to` does that for files.
+
+        Several threads may extract from one reader at once: the pack is
+        read by one at a time, and members up to 8 MiB are decrypted,
+        decompressed and hashed outside that lock.
         """
         entry = self._entry(instance)
+        with self._lock:
+            member = self._member_of(entry)
+            streamed = member.size > _DECODE_AHEAD_MAX
+            if streamed:
+                opened, problem = self._open_instance(
+                    member, self._input.read_exact, out
+                )
+            else:
+                data = self._input.read_exact(member.size)
+        if not streamed:
+            # Decoded without the lock: other threads read on meanwhile.
+            opened, problem = self._open_instance(member, io.BytesIO(data).read, out)
+        if opened is not None:
+            problem = compare(entry, member, opened)
+        if problem:
+            raise self._damaged(entry.member, problem, entry.sop_instance_uid)
+        return entry
+
+    def _member_of(self, entry: PackedInstance) -> Member:
+        """The tar member the manifest entry names, checked, with the
+        reader at its data."""
         self._input.seek(entry.header_offset)
         try:
             member = self._next_member()
@@ -165,13 +197,7 @@ class PackReader:
             raise self._damaged(
                 entry.member, "its tar header differs from the manifest"
             )
-
-        opened, problem = self._open_instance(member, self._input.read_exact, out)
-        if opened is not None:
-            problem = compare(entry, member, opened)
-        if problem:
-            raise self._damaged(entry.member, problem, entry.sop_instance_uid)
-        return entry
+        return member
 
     def extract_to(
         self,
