@@ -10,6 +10,7 @@ its size. Files are named by pack id: ``<folder>/p-000000123.pack``.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
@@ -27,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 class PackCache:
     """Whole packs from the mirror in a local folder, at most ``limit`` bytes
-    of them besides the one being fetched."""
+    of them besides the one being fetched. One thread may fetch while
+    another reads and drops packs."""
 
     def __init__(self, folder: Path, fetcher: Fetcher, limit: int) -> None:
         self.folder = folder
@@ -40,6 +42,8 @@ class PackCache:
         self._used = {path.stem: path.stat().st_mtime for path in self._files()}
         # Packs fetched by this run whose bytes differ from their record.
         self.damaged: set[str] = set()
+        # The restore fetches in one thread and drops packs in another.
+        self._lock = threading.RLock()
 
     def path_of(self, pack_id: str) -> Path:
         return self.folder / f"{check_pack_id(pack_id)}.pack"
@@ -63,8 +67,11 @@ class PackCache:
         ``keep`` (the others a study needs) are not dropped to make room.
         """
         path = self.path_of(pack_id)
-        if pack_id not in self._used:
-            self._make_room(remote.size, set(keep))
+        with self._lock:
+            held = pack_id in self._used
+            if not held:
+                self._make_room(remote.size, set(keep))
+        if not held:
             fetched = self.fetcher.fetch(remote.name, path, received)
             if fetched.size != remote.size or (sha256 and fetched.sha256 != sha256):
                 self.damaged.add(pack_id)
@@ -76,19 +83,22 @@ class PackCache:
                     fetched.size,
                     fetched.sha256[:16],
                 )
-        self._used[pack_id] = time.monotonic()
+        with self._lock:
+            self._used[pack_id] = time.monotonic()
         return path
 
     def drop(self, pack_id: str) -> None:
         """Remove a pack nobody needs any more."""
-        if self._used.pop(pack_id, None) is not None:
-            self.path_of(pack_id).unlink(missing_ok=True)
+        with self._lock:
+            if self._used.pop(pack_id, None) is not None:
+                self.path_of(pack_id).unlink(missing_ok=True)
 
     def drop_all(self, keep: Iterable[str] = ()) -> None:
         kept = set(keep)
-        for pack_id in list(self._used):
-            if pack_id not in kept:
-                self.drop(pack_id)
+        with self._lock:
+            for pack_id in list(self._used):
+                if pack_id not in kept:
+                    self.drop(pack_id)
 
     def _make_room(self, size: int, keep: set[str]) -> None:
         while self._bytes() + size > self.limit:

@@ -18,6 +18,7 @@ so replication sends none of them again.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,8 +33,9 @@ from appliance.errors import ApplianceError
 from appliance.hsm.recall import Progress as RecallProgress
 from appliance.hsm.recall import Recaller
 from appliance.hsm.tiers import NEARLINE, ONLINE, Tiers
+from appliance.restore.ahead import FetchAhead, FetchJob, abandon_if
 from appliance.restore.cache import MirrorTier, PackCache
-from appliance.restore.mirror import MirrorContents
+from appliance.restore.mirror import MirrorContents, Received
 from appliance.restore.order import (
     MIRROR_TARGET,
     StudyFacts,
@@ -50,6 +52,11 @@ logger = logging.getLogger(__name__)
 
 # Called with (bytes restored so far, bytes to restore, what happens now).
 Progress = Callable[[int, int, str], None]
+
+# Instances of a pack extracted at once. Decoding takes the cores there
+# are; most of the rest is the wait for each file's fsync, and the disk
+# serves several of those in one journal commit.
+EXTRACT_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -104,7 +111,8 @@ class DataRestore:
         self.online = NotedOnlineTier(online_root, reserved_bytes, self.note)
         self.online.open()
         tiers = Tiers(self.online, {OFFSITE: MirrorTier(cache)}, keys)
-        self.recaller = Recaller(catalog, tiers)
+        self.recaller = Recaller(catalog, tiers, EXTRACT_THREADS)
+        self._fetch_hook = threading.Lock()
 
     def plan(self) -> Plan:
         """What is left to restore, after tidying an interrupted run."""
@@ -153,26 +161,41 @@ class DataRestore:
         stopping: Callable[[], bool] = lambda: False,
     ) -> int:
         """Restore the planned studies until done or ``stopping()``; how
-        many studies were tried."""
+        many studies were tried. The next study's packs are fetched while
+        a study is extracted (:mod:`.ahead`)."""
+        ahead = FetchAhead()
+        try:
+            return self._run(plan, ahead, progress, stopping)
+        finally:
+            ahead.close()
+
+    def _run(
+        self,
+        plan: Plan,
+        ahead: FetchAhead,
+        progress: Progress | None,
+        stopping: Callable[[], bool],
+    ) -> int:
         done_bytes = 0
         tried = 0
         for number, study_uid in enumerate(plan.studies, 1):
             if stopping():
                 break
-            records = [
-                r
-                for r in copies.instances_of(self.catalog, study_uid)
-                if r.copy_on(ONLINE) is None and r.copy_on(NEARLINE) is None
-            ]
+            records = self._missing(study_uid)
             size = sum(r.size for r in records)
             what = f"study {number} of {len(plan.studies)}"
             # Stop before a full disk makes recall take good packs for bad.
             self.online.check_room(size)
             if progress is not None:
                 progress(done_bytes, plan.bytes, f"{what}: fetching its packs")
-            if self.before_fetch is not None:
-                self.before_fetch()
-            self._fetch_packs(records)
+            self._before_fetch()
+            needed = _packs_of(records)
+            ahead.ask(study_uid, self._fetch_job(needed, needed))
+            ahead.wait(study_uid)
+            if number < len(plan.studies):
+                following = plan.studies[number]
+                later = _packs_of(self._missing(following))
+                ahead.ask(following, self._fetch_job(later, needed | later))
             self.note.begin(study_uid)
             try:
                 self.recaller.recall(
@@ -193,9 +216,35 @@ class DataRestore:
                 progress(done_bytes, plan.bytes, what)
         return tried
 
-    def _fetch_packs(self, records: list[InstanceRecord]) -> None:
+    def _missing(self, study_uid: str) -> list[InstanceRecord]:
+        """The study's instances neither online nor on nearline."""
+        return [
+            r
+            for r in copies.instances_of(self.catalog, study_uid)
+            if r.copy_on(ONLINE) is None and r.copy_on(NEARLINE) is None
+        ]
+
+    def _before_fetch(self) -> None:
+        # Called from both threads; one at a time (it may take a lock file).
+        if self.before_fetch is not None:
+            with self._fetch_hook:
+                self.before_fetch()
+
+    def _fetch_job(self, needed: set[str], keep: set[str]) -> FetchJob:
+        """A fetch of the packs in ``needed`` that makes room in the cache
+        without dropping those in ``keep`` (being read, or about to be)."""
+
+        def job(abandoned: Callable[[], bool]) -> None:
+            if not all(self.cache.holds(pack_id) for pack_id in needed):
+                self._before_fetch()
+            self._fetch_packs(needed, keep, abandon_if(abandoned))
+
+        return job
+
+    def _fetch_packs(
+        self, needed: set[str], keep: set[str], received: Received
+    ) -> None:
         """Fetch the packs the study's instances are in, if the mirror has them."""
-        needed = {p for r in records if (p := _pack_of(r))}
         for pack_id in sorted(needed):
             remote = self.contents.packs.get(pack_id)
             if remote is None:
@@ -203,7 +252,7 @@ class DataRestore:
                 continue
             with self.catalog.read() as txn:
                 pack = self.catalog.get(txn, "packs", pack_id) or {}
-            self.cache.fetch(pack_id, remote, pack.get("sha256"), keep=needed)
+            self.cache.fetch(pack_id, remote, pack.get("sha256"), received, keep)
 
     def _salvage(self, study_uid: str, records: list[InstanceRecord]) -> None:
         """Instances recall could not give, taken out of their cached pack
@@ -274,6 +323,10 @@ class DataRestore:
             if plan.packs[pack_id] <= 0:
                 del plan.packs[pack_id]
                 self.cache.drop(pack_id)
+
+
+def _packs_of(records: list[InstanceRecord]) -> set[str]:
+    return {p for r in records if (p := _pack_of(r))}
 
 
 def _manifest_lost(path: Path, keys: KeyStore) -> bool:

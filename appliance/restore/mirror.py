@@ -145,9 +145,10 @@ class Fetcher:
         temporary = destination.with_name(f".{destination.name}.part")
         digest = hashlib.sha256()
         size = 0
+        chunks = self.transport.get(name)
         try:
             with open(temporary, "wb") as out:
-                for chunk in self.transport.get(name):
+                for chunk in chunks:
                     if self.limiter is not None:
                         self.limiter.acquire(len(chunk))
                     out.write(chunk)
@@ -159,6 +160,11 @@ class Fetcher:
         except OSError as exc:
             raise durable.translate_os_error(exc, f"cannot write {temporary}") from exc
         finally:
+            # A download given up midway ends here, in this thread: the
+            # connection is free for the next one at once.
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
             temporary.unlink(missing_ok=True)
         return Fetched(destination, size, digest.hexdigest())
 

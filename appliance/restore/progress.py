@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -97,6 +98,7 @@ class Tracker:
     snapshot: Snapshot = field(init=False)
     _samples: deque[tuple[float, int]] = field(default_factory=deque)
     _written: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         now = time.time()
@@ -133,6 +135,11 @@ class Tracker:
         self.write(force=True)
 
     def write(self, force: bool = False) -> None:
+        # The thread that fetches packs says "paused" while another restores.
+        with self._lock:
+            self._write(force)
+
+    def _write(self, force: bool) -> None:
         if self.shown is not None:
             self.shown(self.snapshot)
         if not force and time.monotonic() - self._written < _WRITE_EVERY:
