@@ -55,7 +55,7 @@ class Rebuilt:
         self.online_path = config.online_path
         self.catalog_path = config.catalog_path
 
-    def run(self) -> None:
+    def run(self, before_fetch: Any = None) -> None:
         catalog = Catalog(self.catalog_path, 2**26)
         try:
             restorer = DataRestore(
@@ -66,6 +66,7 @@ class Rebuilt:
                 self.cache,
                 self.contents,
                 self.folder,
+                before_fetch=before_fetch,
             )
             restorer.run(restorer.plan())
         finally:
@@ -159,6 +160,35 @@ def test_a_failed_fetch_ahead_stops_the_restore_at_its_study(disaster, site) -> 
     complete = [uid for uid, (online, count) in studies.items() if online == count]
     assert 1 <= len(complete) < len(studies)
     _finishes_on_the_next_run(restored, disaster)
+
+
+def test_recalls_go_before_each_pack_fetched_ahead(disaster, site) -> None:
+    """The hook that waits for recalls runs in the fetch thread before
+    every pack it fetches, and the restore still ends complete."""
+    restored, mirror = site
+    rebuilt = Rebuilt(restored, mirror)
+    real_fetch = Fetcher.fetch
+    events: list[tuple[str, str]] = []
+
+    def fetch(self: Fetcher, name: str, *args: Any, **kwargs: Any) -> Any:
+        events.append(("fetch", threading.current_thread().name))
+        return real_fetch(self, name, *args, **kwargs)
+
+    def before_fetch() -> None:
+        events.append(("recalls", threading.current_thread().name))
+
+    with mock.patch.object(Fetcher, "fetch", fetch):
+        rebuilt.run(before_fetch)
+
+    in_thread = [kind for kind, name in events if name.startswith("restore-fetch")]
+    fetches = in_thread.count("fetch")
+    assert fetches == len(rebuilt.contents.packs)
+    assert all(
+        in_thread[i - 1] == "recalls"
+        for i, kind in enumerate(in_thread)
+        if kind == "fetch"
+    )
+    assert restored.held() == (disaster[1], disaster[2])
 
 
 def test_closing_cuts_off_a_fetch_under_way(tmp_path: Path) -> None:

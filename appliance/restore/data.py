@@ -98,8 +98,9 @@ class DataRestore:
         before_fetch: Callable[[], None] | None = None,
     ) -> None:
         """``to_nearline`` moves a restored study to the nearline tier;
-        ``before_fetch`` is called before each study's packs are fetched
-        (a recall someone waits for goes first)."""
+        ``before_fetch`` is called before each study's packs are waited
+        for, and before each pack is fetched, in the fetch thread (a
+        recall someone waits for goes first)."""
         self.catalog = catalog
         self.keys = keys
         self.placement = placement or Placement()
@@ -235,8 +236,6 @@ class DataRestore:
         without dropping those in ``keep`` (being read, or about to be)."""
 
         def job(abandoned: Callable[[], bool]) -> None:
-            if not all(self.cache.holds(pack_id) for pack_id in needed):
-                self._before_fetch()
             self._fetch_packs(needed, keep, abandon_if(abandoned))
 
         return job
@@ -244,12 +243,15 @@ class DataRestore:
     def _fetch_packs(
         self, needed: set[str], keep: set[str], received: Received
     ) -> None:
-        """Fetch the packs the study's instances are in, if the mirror has them."""
+        """Fetch the packs the study's instances are in, if the mirror has
+        them; a recall someone waits for goes before each pack."""
         for pack_id in sorted(needed):
             remote = self.contents.packs.get(pack_id)
             if remote is None:
                 logger.error("pack %s is not on the mirror", pack_id)
                 continue
+            if not self.cache.holds(pack_id):
+                self._before_fetch()
             with self.catalog.read() as txn:
                 pack = self.catalog.get(txn, "packs", pack_id) or {}
             self.cache.fetch(pack_id, remote, pack.get("sha256"), received, keep)
