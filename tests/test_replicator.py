@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import io
 import itertools
+import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +22,12 @@ import pytest
 
 from appliance.catalog import copies, replication
 from appliance.catalog.store import Catalog
-from appliance.errors import ApplianceError, HostKeyError, TransportError
+from appliance.errors import (
+    ApplianceError,
+    HostKeyError,
+    LimiterClosed,
+    TransportError,
+)
 from appliance.hsm.migrator import Migrator
 from appliance.hsm.tiers import Tiers
 from appliance.ingest import Ingest
@@ -780,3 +787,101 @@ def test_a_batch_reads_as_much_of_the_queue_as_it_needs(site: Site) -> None:
         assert replicator.ready() == []  # not full, and young
         replicator.clock = lambda: time.time() + 3601
         assert len(replicator.ready()) == 7
+
+
+# -- pause and stop ---------------------------------------------------------------
+
+
+class CountingMirror(FlakyMirror):
+    """A directory mirror that counts the connections asked of it."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.connects = 0
+
+    def connect(self) -> None:
+        self.connects += 1
+        super().connect()
+
+
+def test_while_paused_the_replicator_does_not_touch_the_mirror(site: Site) -> None:
+    site.store("paused", 3)
+    mirror = CountingMirror(site.mirror)
+    stop = threading.Event()
+    looks = itertools.count(1)
+
+    def paused() -> bool:
+        if next(looks) >= 5:
+            stop.set()
+        return True
+
+    replicator = Replicator(
+        site.catalog,
+        site.tiers,
+        mirror,
+        site.spool,
+        Settings(batch_seconds=0, audit_days=1 / 24),
+        paused=paused,
+    )
+    replicator.run(stop, idle=0.001)
+
+    assert mirror.connects == 0
+    assert mirror.puts == [] and mirror.gets == []
+    assert site.remote_files() == []
+    assert replication.queue_state(site.catalog).instances == 3
+
+
+def test_the_replicator_sends_once_the_pause_ends(site: Site) -> None:
+    site.store("resumed", 2)
+    mirror = CountingMirror(site.mirror)
+    stop = threading.Event()
+    looks = itertools.count(1)
+
+    def paused() -> bool:
+        look = next(looks)
+        if replication.queue_state(site.catalog).instances == 0:
+            stop.set()
+        return look <= 3
+
+    replicator = Replicator(
+        site.catalog,
+        site.tiers,
+        mirror,
+        site.spool,
+        Settings(batch_seconds=0),
+        paused=paused,
+    )
+    replicator.run(stop, idle=0.001)
+
+    assert mirror.connects >= 1
+    assert len(mirror.puts) == 1
+    assert replication.queue_state(site.catalog).instances == 0
+
+
+def test_a_stop_during_a_wait_for_bandwidth_logs_no_error(
+    site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    site.store("stopping", 2)
+    stop = threading.Event()
+
+    def throttle(n_bytes: int) -> None:
+        # What the replication process does on SIGTERM: stop, then close
+        # the limiter, which ends the upload's wait for bandwidth.
+        stop.set()
+        raise LimiterClosed("the bandwidth limiter is closed")
+
+    replicator = Replicator(
+        site.catalog,
+        site.tiers,
+        DirectoryTransport(site.mirror),
+        site.spool,
+        Settings(batch_seconds=0),
+        throttle=throttle,
+    )
+    with caplog.at_level(logging.INFO, logger="appliance.replication"):
+        replicator.run(stop, idle=0.001)
+
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("replication stopped" in r.getMessage() for r in caplog.records)
+    assert replication.queue_state(site.catalog).instances == 2
+    assert replication.mirror_note(site.catalog, "last_error") == ""
