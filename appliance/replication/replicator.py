@@ -55,6 +55,7 @@ from appliance.hsm.tiers import ONLINE, Tiers
 from appliance.metrics import events
 from appliance.replication.audit import audit
 from appliance.replication.background import Background
+from appliance.replication.identity import check_mirror
 from appliance.replication.names import pack_name
 from appliance.replication.spool import Spool, SpooledPack
 from appliance.storage import sealed
@@ -67,6 +68,9 @@ logger = logging.getLogger(__name__)
 
 # Seconds between two shares of the rolling audit of the mirror.
 _AUDIT_EVERY = 3600.0
+# Seconds between two checks that the mirror is this archive's (a disk may
+# be swapped while the service runs).
+_IDENTITY_EVERY = 300.0
 # Queue entries read for a batch beyond those already packed (more are read
 # when the batch is not full with them), and the most ever read at once.
 _LOOK_AHEAD = 256
@@ -167,6 +171,7 @@ class Replicator:
         self._pending.clean()
         self._ahead: _Preparation | None = None
         self._uploaded: set[str] = set()  # packs put on the mirror, unrecorded
+        self._identity_due = -math.inf
         self._stopping = threading.Event()
 
     # -- one step at a time -------------------------------------------------------
@@ -226,6 +231,7 @@ class Replicator:
         if pack is None:
             return None
         self._prepare_ahead()
+        self.check_mirror()
 
         remote = pack_name(pack.pack_id)
         self._upload(pack)
@@ -430,6 +436,7 @@ class Replicator:
         entries = list(replication.journal_after(self.catalog, first))
         if not entries:
             return 0
+        self.check_mirror()
         last = entries[-1]["seq"]
         name = f"journal/{first + 1:012d}-{last:012d}"
         data = "\n".join(_json(entry) for entry in entries).encode()
@@ -440,6 +447,7 @@ class Replicator:
     def send_snapshot(self) -> str:
         """Upload a compacted copy of the whole catalog, named by the last
         journal entry it contains; its remote name."""
+        self.check_mirror()
         number = replication.last_journal_number(self.catalog)
         # The time makes each attempt's name new: a snapshot sent again
         # after a crash is sealed with another key, so its bytes differ.
@@ -475,6 +483,8 @@ class Replicator:
     def audit_some(self) -> None:
         """Read back the share of the mirror's packs that keeps the whole
         mirror checked every ``audit_days``: the packs checked longest ago."""
+        # A swapped mirror would seem to have lost every pack.
+        self.check_mirror()
         packs = len(replication.offsite_packs(self.catalog))
         share = math.ceil(packs * _AUDIT_EVERY / (self.settings.audit_days * 86400))
         if share:
@@ -485,6 +495,16 @@ class Replicator:
                 report.damaged,
             )
         replication.set_mirror_mark(self.catalog, "audit_time", int(self.clock()))
+
+    def check_mirror(self) -> None:
+        """Raise ForeignMirrorError unless the mirror is this archive's
+        (:mod:`.identity`); looked at again every few minutes."""
+        now = time.monotonic()
+        if now < self._identity_due:
+            return
+        assert self.tiers.keys is not None
+        check_mirror(self.catalog, self.transport, self.tiers.keys, self.spool)
+        self._identity_due = now + _IDENTITY_EVERY
 
     def run(self, stop: threading.Event, idle: float = 1.0) -> None:
         """Replicate until ``stop`` is set; errors are logged and retried."""
