@@ -10,7 +10,8 @@ For each batch (up to ``replication.batch_bytes``, or whatever waited
     3. read it back from the mirror and check every instance
     4. in one catalog transaction: record the pack, give every instance an
        off-site copy, take them off the queue, journal it
-    5. upload the journal entries written since the last upload
+    5. upload the journal entries written since the last upload (in a run
+       of packs, after the last one, or once a minute)
 
 While one pack goes through 2 to 5, the next batch's pack is written in a
 thread of its own (zstd, SHA-256 and AES-GCM release the GIL); given a
@@ -71,6 +72,8 @@ _AUDIT_EVERY = 3600.0
 # Seconds between two checks that the mirror is this archive's (a disk may
 # be swapped while the service runs).
 _IDENTITY_EVERY = 300.0
+# Seconds the journal may wait on the mirror while packs follow each other.
+_JOURNAL_EVERY = 60.0
 # Queue entries read for a batch beyond those already packed (more are read
 # when the batch is not full with them), and the most ever read at once.
 _LOOK_AHEAD = 256
@@ -172,6 +175,7 @@ class Replicator:
         self._ahead: _Preparation | None = None
         self._uploaded: set[str] = set()  # packs put on the mirror, unrecorded
         self._identity_due = -math.inf
+        self._journal_sent = time.monotonic()
         self._stopping = threading.Event()
 
     # -- one step at a time -------------------------------------------------------
@@ -240,7 +244,10 @@ class Replicator:
         self._record(pack, remote)
         pack.discard()
         self._uploaded.discard(pack.pack_id)
-        self.send_journal()
+        if not self.waiting() or self._journal_due():
+            # In a run of packs, the journal goes after the last one (or
+            # every minute): each upload of it is a pause for the link.
+            self.send_journal()
 
         elapsed = time.monotonic() - started
         logger.info(
@@ -442,7 +449,11 @@ class Replicator:
         data = "\n".join(_json(entry) for entry in entries).encode()
         self._upload_sealed(name, io.BytesIO(data), "journal")
         replication.set_mirror_mark(self.catalog, "journal_sent", last)
+        self._journal_sent = time.monotonic()
         return len(entries)
+
+    def _journal_due(self) -> bool:
+        return time.monotonic() - self._journal_sent >= _JOURNAL_EVERY
 
     def send_snapshot(self) -> str:
         """Upload a compacted copy of the whole catalog, named by the last
