@@ -12,7 +12,8 @@ In every round (``--rounds``, 2), on the same instances, it times:
 - the appliance: a ``Replicator`` over the SFTP transport that
   ``mirror.client`` picks (``--client``; the shipped default unless given),
   no throttle, batches of 64 MB, the next pack written while one uploads
-  (``--prepare-ahead``, the default 1; 0 writes no pack ahead),
+  (``--prepare-ahead``, the default 1; 0 writes no pack ahead), zstd at
+  ``--level`` (``replication.compression_level``, the default 3),
   calling ``ready()`` and ``send()`` until nothing is left, once with
   ``verify_after_upload`` off and once on (every pack read back over a
   second SFTP connection and checked, as the replication process does).
@@ -34,7 +35,7 @@ read-back (pack writing runs beside the other two unless
 the same packs with and without encryption, without uploading.
 
 Usage: ``.venv/bin/python bench/replicate.py [--scale 0.5] [--rounds 2]
-[--client openssh|paramiko] [--prepare-ahead 1]``
+[--client openssh|paramiko] [--prepare-ahead 1] [--level 3]``
 """
 
 from __future__ import annotations
