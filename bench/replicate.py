@@ -420,6 +420,9 @@ class CountingTransport:
     def get(self, name: str) -> Any:
         return self.inner.get(name)
 
+    def size(self, name: str) -> int | None:
+        return self.inner.size(name)
+
     def connect(self) -> None:
         self.inner.connect()
 
