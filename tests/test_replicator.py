@@ -1083,3 +1083,15 @@ def test_a_rebuilt_catalog_takes_the_id_of_its_mirror(
         )
     finally:
         _close(other)
+
+
+def test_the_mirror_packs_use_the_configured_zstd_level(site: Site) -> None:
+    site.store("level", 2)
+    replicator = site.replicator(compression_level=1)
+
+    replicator.send(replicator.ready())
+
+    [pack] = site.mirror.glob("packs/*/*.pack")
+    with PackReader.open(pack, site.tiers.keys) as reader:
+        assert reader.manifest().compression_level == 1
+    assert _offsite_bytes(site) == site.originals
