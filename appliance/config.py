@@ -739,6 +739,14 @@ KEYS: tuple[Key, ...] = (
         _integer(0, 3650),
     ),
     Key(
+        "replication",
+        "compression_level",
+        3,
+        "zstd level of the packs sent to the mirror, 1 to 19: 1 takes less "
+        "CPU, higher levels make fewer bytes for a slow link.",
+        _integer(1, 19),
+    ),
+    Key(
         "hl7",
         "enabled",
         False,

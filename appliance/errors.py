@@ -24,6 +24,7 @@ module that called them, so that callers only need to know this vocabulary::
      |    +-- HostKeyError         the mirror's host key is unknown or has changed
      |    +-- StalledTransferError a transfer made no progress for too long
      |    +-- MirrorConflictError  another file already holds the name on the mirror
+     |    +-- ForeignMirrorError   the mirror holds another archive than this one
      +-- LimiterClosed          the service stops while an upload waits
      +-- ExportError            an export's receiver is unreachable, refuses or aborts
 """
@@ -196,6 +197,12 @@ class MirrorConflictError(TransportError):
     Files on the mirror are never rewritten in place: the upload is refused
     and the file on the mirror is left as it is.
     """
+
+
+class ForeignMirrorError(TransportError):
+    """The mirror is not this archive's: its identity marker names another
+    archive or was written with other master keys, or it is not the mirror
+    replicated to so far. Nothing is sent to it."""
 
 
 class ExportError(ApplianceError):

@@ -12,7 +12,8 @@ In every round (``--rounds``, 2), on the same instances, it times:
 - the appliance: a ``Replicator`` over the SFTP transport that
   ``mirror.client`` picks (``--client``; the shipped default unless given),
   no throttle, batches of 64 MB, the next pack written while one uploads
-  (``--prepare-ahead``, the default 1; 0 writes no pack ahead),
+  (``--prepare-ahead``, the default 1; 0 writes no pack ahead), zstd at
+  ``--level`` (``replication.compression_level``, the default 3),
   calling ``ready()`` and ``send()`` until nothing is left, once with
   ``verify_after_upload`` off and once on (every pack read back over a
   second SFTP connection and checked, as the replication process does).
@@ -34,7 +35,7 @@ read-back (pack writing runs beside the other two unless
 the same packs with and without encryption, without uploading.
 
 Usage: ``.venv/bin/python bench/replicate.py [--scale 0.5] [--rounds 2]
-[--client openssh|paramiko] [--prepare-ahead 1]``
+[--client openssh|paramiko] [--prepare-ahead 1] [--level 3]``
 """
 
 from __future__ import annotations
@@ -419,6 +420,9 @@ class CountingTransport:
     def get(self, name: str) -> Any:
         return self.inner.get(name)
 
+    def size(self, name: str) -> int | None:
+        return self.inner.size(name)
+
     def connect(self) -> None:
         self.inner.connect()
 
@@ -462,10 +466,12 @@ class TimedReplicator(Replicator):
 
 @dataclass
 class Choices:
-    """How the appliance runs: its SFTP client and how far it packs ahead."""
+    """How the appliance runs: its SFTP client, how far it packs ahead,
+    the zstd level of its packs."""
 
     client: str
     prepare_ahead: int
+    level: int
 
 
 def appliance_run(
@@ -482,6 +488,7 @@ def appliance_run(
                 batch_seconds=0.0,
                 verify_after_upload=verify,
                 prepare_ahead=how.prepare_ahead,
+                compression_level=how.level,
             )
             return replicate_all(archive, settings, chosen, count, root / "spool")
     finally:
@@ -522,7 +529,7 @@ def replicate_all(
     return Run(total, transport.sent, steps, transport.cipher)
 
 
-def pack_writing(archive: Archive, spool: Path, encrypted: bool) -> Timing:
+def pack_writing(archive: Archive, spool: Path, encrypted: bool, level: int) -> Timing:
     """The packs of the queue, cut as the replicator cuts it, written into
     a spool file as ``Replicator._write_pack`` writes them; no upload."""
     spool.mkdir(exist_ok=True)
@@ -535,7 +542,7 @@ def pack_writing(archive: Archive, spool: Path, encrypted: bool) -> Timing:
         items = [(instance_meta(r, levels), archive.online_file(r)) for r in records]
         key = archive.keys.new_data_key() if encrypted else None
         with open(path, "wb") as out:
-            writer = PackWriter(out, f"p-{number:09d}", None, key)
+            writer = PackWriter(out, f"p-{number:09d}", None, key, level=level)
             writer.add_all(items)
             writer.close()
         total += clock.timing()
@@ -637,7 +644,7 @@ def measure_rounds(setup: Setup, rounds: int, megabytes: float) -> dict[str, lis
     return runs
 
 
-def prepare(paths: list[Path], master: Path) -> dict[str, Timing]:
+def prepare(paths: list[Path], master: Path, level: int) -> dict[str, Timing]:
     """Import the set into the master archive; time writing its packs
     without uploading, unencrypted and encrypted."""
     with open_archive(master) as archive:
@@ -646,8 +653,8 @@ def prepare(paths: list[Path], master: Path) -> dict[str, Timing]:
         print(f"  imported in {time.perf_counter() - started:.1f} s (not timed)")
         spool = master.parent / "spool"
         packing = {
-            "unencrypted": pack_writing(archive, spool, encrypted=False),
-            "encrypted": pack_writing(archive, spool, encrypted=True),
+            "unencrypted": pack_writing(archive, spool, False, level),
+            "encrypted": pack_writing(archive, spool, True, level),
         }
         shutil.rmtree(spool)
     return packing
@@ -657,11 +664,14 @@ def run(args: argparse.Namespace, work: Path) -> None:
     paths = replication_set(args.scale)
     megabytes = total_bytes(paths) / 1e6
     print(f"replicate: {len(paths)} instances, {megabytes:.0f} MB")
-    how = Choices(args.client, args.prepare_ahead)
-    print(f"appliance: client {how.client}, prepare_ahead {how.prepare_ahead}")
+    how = Choices(args.client, args.prepare_ahead, args.level)
+    print(
+        f"appliance: client {how.client}, prepare_ahead {how.prepare_ahead}, "
+        f"zstd level {how.level}"
+    )
     print("load average at the start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
-    packing = prepare(paths, work / "master")
+    packing = prepare(paths, work / "master", how.level)
     started = time.perf_counter()
     root = folder_for("ct", len(paths))
     tars = reference_tars(paths, root, work / "tars")
@@ -770,6 +780,9 @@ def main() -> None:
     parser.add_argument("--client", choices=CLIENTS, default=SftpSettings.client)
     parser.add_argument(
         "--prepare-ahead", type=int, default=Settings.prepare_ahead, metavar="N"
+    )
+    parser.add_argument(
+        "--level", type=int, default=Settings.compression_level, metavar="N"
     )
     args = parser.parse_args()
     if args.rounds < 1:

@@ -823,3 +823,13 @@ def test_an_override_that_cannot_be_written_is_a_storage_error(tmp_path):
 def test_clearing_a_missing_override_does_nothing(tmp_path):
     clear_override(tmp_path / "absent" / "override.json")
     clear_override(tmp_path / "override.json")
+
+
+def test_paused_says_whether_the_rate_in_force_is_pause():
+    clock = FakeClock(at("mon", "18:30"))
+    limiter = limiter_for("07:00,pause 19:00,2MB", clock)
+
+    assert limiter.paused()
+    clock.sleep(3600)  # 19:30: 2 MB/s
+    assert not limiter.paused()
+    assert not limiter_for("off", clock).paused()

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import io
 import itertools
+import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +22,13 @@ import pytest
 
 from appliance.catalog import copies, replication
 from appliance.catalog.store import Catalog
-from appliance.errors import ApplianceError, HostKeyError, TransportError
+from appliance.errors import (
+    ApplianceError,
+    ForeignMirrorError,
+    HostKeyError,
+    LimiterClosed,
+    TransportError,
+)
 from appliance.hsm.migrator import Migrator
 from appliance.hsm.tiers import Tiers
 from appliance.ingest import Ingest
@@ -780,3 +788,310 @@ def test_a_batch_reads_as_much_of_the_queue_as_it_needs(site: Site) -> None:
         assert replicator.ready() == []  # not full, and young
         replicator.clock = lambda: time.time() + 3601
         assert len(replicator.ready()) == 7
+
+
+# -- pause and stop ---------------------------------------------------------------
+
+
+class CountingMirror(FlakyMirror):
+    """A directory mirror that counts the connections asked of it."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.connects = 0
+
+    def connect(self) -> None:
+        self.connects += 1
+        super().connect()
+
+
+def test_while_paused_the_replicator_does_not_touch_the_mirror(site: Site) -> None:
+    site.store("paused", 3)
+    mirror = CountingMirror(site.mirror)
+    stop = threading.Event()
+    looks = itertools.count(1)
+
+    def paused() -> bool:
+        if next(looks) >= 5:
+            stop.set()
+        return True
+
+    replicator = Replicator(
+        site.catalog,
+        site.tiers,
+        mirror,
+        site.spool,
+        Settings(batch_seconds=0, audit_days=1 / 24),
+        paused=paused,
+    )
+    replicator.run(stop, idle=0.001)
+
+    assert mirror.connects == 0
+    assert mirror.puts == [] and mirror.gets == []
+    assert site.remote_files() == []
+    assert replication.queue_state(site.catalog).instances == 3
+
+
+def test_the_replicator_sends_once_the_pause_ends(site: Site) -> None:
+    site.store("resumed", 2)
+    mirror = CountingMirror(site.mirror)
+    stop = threading.Event()
+    looks = itertools.count(1)
+
+    def paused() -> bool:
+        look = next(looks)
+        if replication.queue_state(site.catalog).instances == 0:
+            stop.set()
+        return look <= 3
+
+    replicator = Replicator(
+        site.catalog,
+        site.tiers,
+        mirror,
+        site.spool,
+        Settings(batch_seconds=0),
+        paused=paused,
+    )
+    replicator.run(stop, idle=0.001)
+
+    assert mirror.connects >= 1
+    assert len(mirror.puts) == 1
+    assert replication.queue_state(site.catalog).instances == 0
+
+
+def test_a_stop_during_a_wait_for_bandwidth_logs_no_error(
+    site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    site.store("stopping", 2)
+    stop = threading.Event()
+
+    def throttle(n_bytes: int) -> None:
+        # What the replication process does on SIGTERM: stop, then close
+        # the limiter, which ends the upload's wait for bandwidth.
+        stop.set()
+        raise LimiterClosed("the bandwidth limiter is closed")
+
+    replicator = Replicator(
+        site.catalog,
+        site.tiers,
+        DirectoryTransport(site.mirror),
+        site.spool,
+        Settings(batch_seconds=0),
+        throttle=throttle,
+    )
+    with caplog.at_level(logging.INFO, logger="appliance.replication"):
+        replicator.run(stop, idle=0.001)
+
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("replication stopped" in r.getMessage() for r in caplog.records)
+    assert replication.queue_state(site.catalog).instances == 2
+    assert replication.mirror_note(site.catalog, "last_error") == ""
+
+
+def _damage_one_member(pack: Path, keys: KeyStore) -> str:
+    """Flip a byte inside the second instance's member; its UID."""
+    with PackReader.open(pack, keys) as reader:
+        entry = reader.manifest().instances[1]
+    data = bytearray(pack.read_bytes())
+    data[entry.data_offset + entry.member_size // 2] ^= 0x01
+    pack.write_bytes(bytes(data))
+    return entry.sop_instance_uid
+
+
+def test_a_partly_damaged_pack_is_reported_and_queued_again_once(site: Site) -> None:
+    from appliance.replication.audit import audit
+
+    site.store("partly", 3)
+    replicator = site.replicator()
+    replicator.send(replicator.ready())
+    [pack] = site.mirror.glob("packs/*/*.pack")
+    damaged = _damage_one_member(pack, site.tiers.keys)
+
+    first = audit(site.catalog, replicator.transport, site.tiers.keys, None)
+    second = audit(site.catalog, replicator.transport, site.tiers.keys, None)
+
+    assert (first.damaged, first.queued_again) == (1, 1)
+    assert damaged in "\n".join(first.bad)
+    assert (second.checked, second.damaged, second.queued_again) == (1, 0, 0)
+    assert [e.sop_instance_uid for e in replication.queued(site.catalog)] == [damaged]
+    [record] = replication.offsite_packs(site.catalog)
+    assert record.lost == [damaged]
+
+    # The lost instance goes in a new pack; the two others keep their copy.
+    replicator.send(replicator.ready())
+    assert replication.queue_state(site.catalog).instances == 0
+    with site.catalog.read() as txn:
+        for uid_ in site.originals:
+            record = site.catalog.instance(txn, uid_)
+            [offsite] = [c for c in record.copies if c.tier == "offsite"]
+            assert offsite.location.startswith(
+                "p-000000002/" if uid_ == damaged else "p-000000001/"
+            )
+    third = audit(site.catalog, replicator.transport, site.tiers.keys, None)
+    assert (third.checked, third.damaged) == (2, 0)
+
+
+def test_new_damage_in_a_partly_lost_pack_is_reported(site: Site) -> None:
+    from appliance.replication.audit import audit
+
+    site.store("again", 3)
+    replicator = site.replicator()
+    replicator.send(replicator.ready())
+    [pack] = site.mirror.glob("packs/*/*.pack")
+    _damage_one_member(pack, site.tiers.keys)
+    audit(site.catalog, replicator.transport, site.tiers.keys, None)
+    with PackReader.open(pack, site.tiers.keys) as reader:
+        entry = reader.manifest().instances[2]
+    data = bytearray(pack.read_bytes())
+    data[entry.data_offset + 40] ^= 0x01
+    pack.write_bytes(bytes(data))
+
+    report = audit(site.catalog, replicator.transport, site.tiers.keys, None)
+
+    assert (report.damaged, report.queued_again) == (1, 1)
+    assert entry.sop_instance_uid in "\n".join(report.bad)
+    assert replication.queue_state(site.catalog).instances == 2
+
+
+# -- the mirror's identity ---------------------------------------------------------
+
+
+def _other_site(tmp_path: Path, keys: KeyStore | None = None) -> Site:
+    """A second archive (its own catalog, and keys unless given) whose
+    mirror folder is ``tmp_path / "mirror"``, as the first site's is."""
+    root = tmp_path / "other"
+    catalog = Catalog(root / "catalog", map_size=2**26)
+    online = OnlineTier(root / "online")
+    online.open()
+    keys = keys or KeyStore.create_if_missing(root / "keys" / "master.keys")
+    ingest = Ingest(catalog, online, "refuse")
+    tiers = Tiers(online, {}, keys)
+    return Site(catalog, tiers, tmp_path / "mirror", root / "spool", {}, ingest)
+
+
+def _close(other: Site) -> None:
+    other.ingest.close()
+    other.catalog.close()
+
+
+def test_the_first_replication_marks_the_mirror_and_later_ones_agree(
+    site: Site,
+) -> None:
+    site.store("marked", 2)
+    replicator = site.replicator()
+    replicator.send(replicator.ready())
+    site.store("marked-more", 2)
+    again = site.replicator()  # a restarted replication process
+
+    again.send(again.ready())
+
+    assert (site.mirror / "mirror" / "identity").is_file()
+    assert replication.mirror_note(site.catalog, "archive_id")
+    assert replication.queue_state(site.catalog).instances == 0
+
+
+def test_a_mirror_written_with_another_master_key_is_refused(
+    site: Site, tmp_path: Path
+) -> None:
+    other = _other_site(tmp_path)
+    try:
+        other.store("theirs", 2)
+        theirs = other.replicator()
+        theirs.send(theirs.ready())
+    finally:
+        _close(other)
+    before = site.remote_files()
+    site.store("mine", 2)
+    replicator = site.replicator()
+
+    with pytest.raises(ForeignMirrorError, match="another master key"):
+        replicator.send(replicator.ready())
+
+    assert site.remote_files() == before
+    assert replication.queue_state(site.catalog).instances == 2
+
+
+def test_a_mirror_of_another_archive_with_the_same_keys_is_refused(
+    site: Site, tmp_path: Path
+) -> None:
+    site.store("mine", 2)
+    replicator = site.replicator()
+    replicator.send(replicator.ready())
+    other = _other_site(tmp_path, keys=site.tiers.keys)
+    try:
+        other.store("theirs", 2)
+        # The other archive's own id, as if it had replicated elsewhere.
+        replication.set_mirror_mark(other.catalog, "archive_id", "another-archive")
+        theirs = other.replicator()
+        with pytest.raises(ForeignMirrorError, match="another archive"):
+            theirs.send(theirs.ready())
+        assert replication.queue_state(other.catalog).instances == 2
+    finally:
+        _close(other)
+
+
+def test_a_swapped_empty_mirror_is_refused(site: Site, tmp_path: Path) -> None:
+    site.store("swapped", 2)
+    replicator = site.replicator()
+    replicator.send(replicator.ready())
+    site.store("later", 2)
+    fresh = tmp_path / "fresh-disk"
+    fresh.mkdir()
+    swapped = Replicator(
+        site.catalog,
+        site.tiers,
+        DirectoryTransport(fresh),
+        site.spool,
+        Settings(batch_seconds=0),
+    )
+
+    with pytest.raises(ForeignMirrorError, match="not the mirror replicated to"):
+        swapped.send(swapped.ready())
+
+    assert not any(p.is_file() for p in fresh.rglob("*"))
+    assert replication.queue_state(site.catalog).instances == 2
+
+
+def test_a_mirror_replicated_to_before_the_marker_existed_gets_one(
+    site: Site,
+) -> None:
+    site.store("older", 2)
+    replicator = site.replicator()
+    replicator.send(replicator.ready())
+    (site.mirror / "mirror" / "identity").unlink()
+    site.store("newer", 2)
+    again = site.replicator()
+
+    again.send(again.ready())
+
+    assert (site.mirror / "mirror" / "identity").is_file()
+    assert replication.queue_state(site.catalog).instances == 0
+
+
+def test_a_rebuilt_catalog_takes_the_id_of_its_mirror(
+    site: Site, tmp_path: Path
+) -> None:
+    site.store("rebuilt", 2)
+    replicator = site.replicator()
+    replicator.send(replicator.ready())
+    other = _other_site(tmp_path, keys=site.tiers.keys)  # keys from the escrow
+    try:
+        theirs = other.replicator()
+        theirs.check_mirror()
+        assert replication.mirror_note(other.catalog, "archive_id") == (
+            replication.mirror_note(site.catalog, "archive_id")
+        )
+    finally:
+        _close(other)
+
+
+def test_the_mirror_packs_use_the_configured_zstd_level(site: Site) -> None:
+    site.store("level", 2)
+    replicator = site.replicator(compression_level=1)
+
+    replicator.send(replicator.ready())
+
+    [pack] = site.mirror.glob("packs/*/*.pack")
+    with PackReader.open(pack, site.tiers.keys) as reader:
+        assert reader.manifest().compression_level == 1
+    assert _offsite_bytes(site) == site.originals

@@ -39,6 +39,9 @@ class PackRecord:
     created: float = field(default_factory=time.time)
     verified: float = field(default_factory=time.time)
     key_id: str | None = None
+    # Members found damaged on the mirror, whose instances were queued
+    # again (by SOP Instance UID): an audit does not report them twice.
+    lost: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)

@@ -215,17 +215,33 @@ def requeue(catalog: Catalog, pack: PackRecord, uids: list[str]) -> int:
                     db=catalog.db["replication"],
                 )
                 queued_again += 1
-            if set(uids) >= set(pack.members):
-                # Nothing counts on this pack any more: forget it, so that
-                # later audits do not report it again.
-                txn.delete(encode_key(pack.pack_id), db=catalog.db["packs"])
-                _add_meta(catalog, txn, f"packbytes.{OFFSITE}", -pack.size)
+            _note_lost(catalog, txn, pack, uids)
             append_journal(
                 catalog, txn, {"op": "offsite-lost", "pack": pack.pack_id, "uids": uids}
             )
     except lmdb.Error as exc:
         raise CatalogError(f"cannot queue again from {pack.pack_id}: {exc}") from exc
     return queued_again
+
+
+def _note_lost(
+    catalog: Catalog, txn: lmdb.Transaction, pack: PackRecord, uids: list[str]
+) -> None:
+    """Note in the pack's record which of its members were lost; forget
+    the pack once none is left, so that later audits do not report it
+    again. A partly lost pack counts as just checked: the audit goes on to
+    the others before it reads this one again."""
+    data = catalog.get(txn, "packs", pack.pack_id)
+    if data is None:
+        return
+    lost = set(data.get("lost", [])) | set(uids)
+    if lost >= set(pack.members):
+        txn.delete(encode_key(pack.pack_id), db=catalog.db["packs"])
+        _add_meta(catalog, txn, f"packbytes.{OFFSITE}", -pack.size)
+        return
+    data["lost"] = sorted(lost)
+    data["verified"] = time.time()
+    catalog._put(txn, "packs", pack.pack_id, data)
 
 
 def _remove_copy(

@@ -22,6 +22,7 @@ from appliance.catalog.store import Catalog
 from appliance.errors import ApplianceError, TransportError
 from appliance.storage.keys import KeyStore
 from appliance.storage.packs import PackReader
+from appliance.storage.packs.report import VerifyReport
 from appliance.storage.streams import reader_over
 
 logger = logging.getLogger(__name__)
@@ -107,10 +108,24 @@ def _check(pack: PackRecord, transport: Any, keys: KeyStore | None) -> list[str]
         return [f"cannot be opened: {exc}"]
     finally:
         stream.close()
+    if pack.lost:
+        return _still_counted(result, pack.lost)
     problems = list(result.problems) + [check.describe() for check in result.bad]
     if not problems and digest.hexdigest() != pack.sha256:
         problems.append("its bytes differ from the pack that was sent")
     return problems
+
+
+def _still_counted(result: VerifyReport, lost: list[str]) -> list[str]:
+    """What is wrong with the members of a partly lost pack that still
+    count. The damage found before was reported and its instances queued
+    again; the file is known to differ from what was sent. An instance
+    that cannot be checked any more (no manifest) is new damage."""
+    if result.manifest is None:
+        return list(result.problems) + [check.describe() for check in result.bad]
+    return [
+        check.describe() for check in result.bad if check.sop_instance_uid not in lost
+    ]
 
 
 def _whole_pack(problems: list[str]) -> bool:
@@ -122,4 +137,4 @@ def _named(problems: list[str], pack: PackRecord) -> list[str]:
     """The instances a problem names; every instance when none is named
     (a damaged manifest puts the whole pack in doubt)."""
     named = [uid for uid in pack.members if any(uid in line for line in problems)]
-    return named or list(pack.members)
+    return named or [uid for uid in pack.members if uid not in pack.lost]

@@ -683,6 +683,12 @@ class Limiter:
         finally:
             self._leave(ticket)
 
+    def paused(self) -> bool:
+        """Whether the rate in force now is "pause" (nothing may be sent)."""
+        with self._cond:
+            self._refresh(self._clock())
+            return self._rate == 0
+
     def close(self) -> None:
         """Refuse further requests and wake the waiting ones (shutdown)."""
         with self._cond:

@@ -82,6 +82,7 @@ def settings(config: Config) -> Settings:
         snapshot_seconds=config.get("replication.snapshot_interval"),
         verify_after_upload=config.get("replication.verify_after_upload"),
         audit_days=config.get("replication.audit_days"),
+        compression_level=config.get("replication.compression_level"),
     )
 
 
@@ -154,6 +155,7 @@ def _replicate(
             settings(config),
             throttle=bandwidth.acquire,
             verifier=verifier,
+            paused=bandwidth.paused,
         )
         logger.info("replication to the %s mirror started", config.get("mirror.kind"))
         replicator.run(stop)

@@ -10,7 +10,8 @@ For each batch (up to ``replication.batch_bytes``, or whatever waited
     3. read it back from the mirror and check every instance
     4. in one catalog transaction: record the pack, give every instance an
        off-site copy, take them off the queue, journal it
-    5. upload the journal entries written since the last upload
+    5. upload the journal entries written since the last upload (in a run
+       of packs, after the last one, or once a minute)
 
 While one pack goes through 2 to 5, the next batch's pack is written in a
 thread of its own (zstd, SHA-256 and AES-GCM release the GIL); given a
@@ -55,17 +56,24 @@ from appliance.hsm.tiers import ONLINE, Tiers
 from appliance.metrics import events
 from appliance.replication.audit import audit
 from appliance.replication.background import Background
+from appliance.replication.identity import check_mirror
 from appliance.replication.names import pack_name
 from appliance.replication.spool import Spool, SpooledPack
 from appliance.storage import sealed
 from appliance.storage.packs import PackReader, PackWriter
 from appliance.storage.packs.manifest import InstanceMeta
+from appliance.storage.packs.writer import DEFAULT_LEVEL
 from appliance.storage.streams import reader_over
 
 logger = logging.getLogger(__name__)
 
 # Seconds between two shares of the rolling audit of the mirror.
 _AUDIT_EVERY = 3600.0
+# Seconds between two checks that the mirror is this archive's (a disk may
+# be swapped while the service runs).
+_IDENTITY_EVERY = 300.0
+# Seconds the journal may wait on the mirror while packs follow each other.
+_JOURNAL_EVERY = 60.0
 # Queue entries read for a batch beyond those already packed (more are read
 # when the batch is not full with them), and the most ever read at once.
 _LOOK_AHEAD = 256
@@ -87,6 +95,8 @@ class Transport(Protocol):
 
     def get(self, name: str) -> Any: ...
 
+    def size(self, name: str) -> int | None: ...
+
     def connect(self) -> None: ...
 
 
@@ -102,6 +112,8 @@ class Settings:
     audit_days: float = 90.0
     # Packs written ahead into the spool while another one uploads (0: none).
     prepare_ahead: int = 1
+    # zstd level of the mirror's packs: 1 costs less CPU, 3 fewer bytes.
+    compression_level: int = DEFAULT_LEVEL
 
 
 @dataclass
@@ -139,6 +151,7 @@ class Replicator:
         throttle: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.time,
         verifier: Transport | None = None,
+        paused: Callable[[], bool] | None = None,
     ) -> None:
         if tiers.keys is None:
             raise StorageError(
@@ -153,6 +166,9 @@ class Replicator:
         self.spool = spool
         self.settings = settings or Settings()
         self.throttle = throttle
+        # Whether the bandwidth in force is "pause": then :meth:`run` does
+        # not even connect to the mirror.
+        self.paused = paused
         self.clock = clock
         self.recaller = Recaller(catalog, tiers)
         spool.mkdir(parents=True, exist_ok=True)
@@ -160,6 +176,8 @@ class Replicator:
         self._pending.clean()
         self._ahead: _Preparation | None = None
         self._uploaded: set[str] = set()  # packs put on the mirror, unrecorded
+        self._identity_due = -math.inf
+        self._journal_sent = time.monotonic()
         self._stopping = threading.Event()
 
     # -- one step at a time -------------------------------------------------------
@@ -219,6 +237,7 @@ class Replicator:
         if pack is None:
             return None
         self._prepare_ahead()
+        self.check_mirror()
 
         remote = pack_name(pack.pack_id)
         self._upload(pack)
@@ -227,7 +246,10 @@ class Replicator:
         self._record(pack, remote)
         pack.discard()
         self._uploaded.discard(pack.pack_id)
-        self.send_journal()
+        if not self.waiting() or self._journal_due():
+            # In a run of packs, the journal goes after the last one (or
+            # every minute): each upload of it is a pause for the link.
+            self.send_journal()
 
         elapsed = time.monotonic() - started
         logger.info(
@@ -423,16 +445,22 @@ class Replicator:
         entries = list(replication.journal_after(self.catalog, first))
         if not entries:
             return 0
+        self.check_mirror()
         last = entries[-1]["seq"]
         name = f"journal/{first + 1:012d}-{last:012d}"
         data = "\n".join(_json(entry) for entry in entries).encode()
         self._upload_sealed(name, io.BytesIO(data), "journal")
         replication.set_mirror_mark(self.catalog, "journal_sent", last)
+        self._journal_sent = time.monotonic()
         return len(entries)
+
+    def _journal_due(self) -> bool:
+        return time.monotonic() - self._journal_sent >= _JOURNAL_EVERY
 
     def send_snapshot(self) -> str:
         """Upload a compacted copy of the whole catalog, named by the last
         journal entry it contains; its remote name."""
+        self.check_mirror()
         number = replication.last_journal_number(self.catalog)
         # The time makes each attempt's name new: a snapshot sent again
         # after a crash is sealed with another key, so its bytes differ.
@@ -468,6 +496,8 @@ class Replicator:
     def audit_some(self) -> None:
         """Read back the share of the mirror's packs that keeps the whole
         mirror checked every ``audit_days``: the packs checked longest ago."""
+        # A swapped mirror would seem to have lost every pack.
+        self.check_mirror()
         packs = len(replication.offsite_packs(self.catalog))
         share = math.ceil(packs * _AUDIT_EVERY / (self.settings.audit_days * 86400))
         if share:
@@ -479,6 +509,16 @@ class Replicator:
             )
         replication.set_mirror_mark(self.catalog, "audit_time", int(self.clock()))
 
+    def check_mirror(self) -> None:
+        """Raise ForeignMirrorError unless the mirror is this archive's
+        (:mod:`.identity`); looked at again every few minutes."""
+        now = time.monotonic()
+        if now < self._identity_due:
+            return
+        assert self.tiers.keys is not None
+        check_mirror(self.catalog, self.transport, self.tiers.keys, self.spool)
+        self._identity_due = now + _IDENTITY_EVERY
+
     def run(self, stop: threading.Event, idle: float = 1.0) -> None:
         """Replicate until ``stop`` is set; errors are logged and retried."""
         try:
@@ -489,6 +529,9 @@ class Replicator:
     def _run(self, stop: threading.Event, idle: float) -> None:
         backoff = idle
         while not stop.is_set():
+            if self.paused is not None and self.paused():
+                stop.wait(idle)
+                continue
             try:
                 if self.snapshot_due():
                     self.send_snapshot()
@@ -507,6 +550,11 @@ class Replicator:
                 if self.audit_due():
                     self.audit_some()
             except (ApplianceError, OSError) as exc:
+                if stop.is_set():
+                    # Stopping ends a wait for bandwidth (LimiterClosed) or
+                    # cuts a transfer: nothing failed, and nothing counted.
+                    logger.info("replication stopped: %s", exc)
+                    return
                 logger.error("replication: %s; retrying in %.0f s", exc, backoff)
                 replication.set_mirror_mark(
                     self.catalog, "last_error", f"{time.time():.0f} {exc}"
@@ -572,7 +620,8 @@ class Replicator:
             raise StorageError("no queued instance can be read now")
         key = self.tiers.keys.new_data_key()
         with open(path, "wb") as out:
-            writer = PackWriter(out, pack_id, None, key)
+            level = self.settings.compression_level
+            writer = PackWriter(out, pack_id, None, key, level=level)
             writer.add_all(items)
             summary = writer.close()
         return summary, {meta.sop_instance_uid for meta, _ in items}, key.master_key_id

@@ -20,6 +20,7 @@ provisional until :func:`open_member` returns.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -70,14 +71,23 @@ class Sealed:
     member_size: int
     compressed_size: int
 
-    def write_to(self, write: Callable[[bytes], object]) -> None:
+    def write_to(self, write: Callable[[bytes | memoryview], object]) -> None:
         """Hand the member's bytes to ``write`` in chunks."""
+        if isinstance(self.data, io.BytesIO):
+            # Held in memory: handed over as they are, without a copy.
+            with self.data.getbuffer() as view:
+                for start in range(0, len(view), CHUNK):
+                    write(view[start : start + CHUNK])
+            return
         self.data.seek(0)
         while chunk := self.data.read(CHUNK):
             write(chunk)
 
     def close(self) -> None:
-        self.data.close()
+        # A failed write may still hold a view of the bytes (in its
+        # traceback): the buffer is then freed with the last view.
+        with contextlib.suppress(BufferError):
+            self.data.close()
 
 
 def seal_source(
@@ -95,10 +105,16 @@ def seal_source(
     its SHA-256 differs from ``sha256``.
     """
     reader = _HashingReader(source, size)
-    # Handed to the caller inside Sealed, which closes it.
-    spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115
-        max_size=SPOOL_IN_MEMORY, dir=str(spool_dir) if spool_dir else None
-    )
+    # Handed to the caller inside Sealed, which closes it. zstd never makes
+    # a frame much larger than its input, so a small instance stays in
+    # memory, where its bytes are written out without another copy.
+    spool: IO[bytes]
+    if size + size // 64 + OVERHEAD + 1024 <= SPOOL_IN_MEMORY:
+        spool = io.BytesIO()
+    else:
+        spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115
+            max_size=SPOOL_IN_MEMORY, dir=str(spool_dir) if spool_dir else None
+        )
     sink = _SealingSink(spool, key, aad)
     try:
         _, written = compressor.copy_stream(

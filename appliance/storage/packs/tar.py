@@ -190,7 +190,19 @@ class RecordWriter:
         """Append ``data`` to the stream."""
         self._digest.update(data)
         self.offset += len(data)
-        self._pending += data
+        if self._write_size or len(self._pending) + len(data) < self.record_size:
+            self._pending += data
+        else:
+            # A file takes whole records straight from ``data``; only the
+            # rest waits (one copy fewer of every member's bytes).
+            view = memoryview(data)
+            fill = -len(self._pending) % self.record_size
+            self._pending += view[:fill]
+            self._emit(len(self._pending))
+            rest = view[fill:]
+            whole = len(rest) - len(rest) % self.record_size
+            self._write_through(rest[:whole])
+            self._pending += rest[whole:]
         if len(self._pending) >= self.record_size:
             self._emit(len(self._pending) - len(self._pending) % self.record_size)
 
@@ -208,6 +220,13 @@ class RecordWriter:
         except OSError as exc:
             raise durable.translate_os_error(exc, "cannot write the pack") from exc
         return self._digest.hexdigest()
+
+    def _write_through(self, view: memoryview) -> None:
+        try:
+            if view:
+                self._out.write(view)
+        except OSError as exc:
+            raise durable.translate_os_error(exc, "cannot write the pack") from exc
 
     def _emit(self, length: int) -> None:
         view = memoryview(self._pending)

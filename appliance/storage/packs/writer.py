@@ -329,7 +329,10 @@ class PackWriter:
         return entry
 
     def _write_member(
-        self, name: str, size: int, body: Callable[[Callable[[bytes], None]], None]
+        self,
+        name: str,
+        size: int,
+        body: Callable[[Callable[[bytes | memoryview], None]], None],
     ) -> Member:
         """Header, ``body`` (which must write exactly ``size`` bytes), padding."""
         header_offset = self._out.offset

@@ -1,0 +1,124 @@
+"""The mirror's identity marker: which archive a mirror holds.
+
+Each archive has an id of its own, a random UUID kept in the catalog
+(``mirror.archive_id`` in ``meta``, made on first use, carried over by the
+catalog snapshots). The first replication to a mirror writes it there as a
+sealed file (:mod:`appliance.storage.sealed`, under the current master
+key)::
+
+    mirror/identity    {"archive": "<uuid>", "created": <unix time>}
+
+Before it sends anything, the replicator reads the marker back. A marker
+that does not open with the appliance's master keys (a mirror written with
+another key store), or that names another archive, stops replication with
+:class:`ForeignMirrorError`: packs of two archives never mix on one
+mirror. A mirror without a marker gets one, unless the catalog has packs
+recorded there and the mirror holds none of them: that is another disk or
+server than the one replicated to so far (a swapped disk, a wiped or
+re-pointed mirror), and is refused too.
+
+A catalog without an id (one rebuilt from the mirror's journal or packs)
+takes the id of a marker that opens with its keys.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from appliance.catalog import replication
+from appliance.catalog.store import Catalog
+from appliance.errors import ForeignMirrorError, KeyStoreError, StorageError
+from appliance.storage import sealed
+from appliance.storage.keys import KeyStore
+from appliance.storage.streams import reader_over
+
+logger = logging.getLogger(__name__)
+
+MARKER = "mirror/identity"
+# Recorded packs looked for on a mirror that has no marker.
+_PACKS_LOOKED_FOR = 3
+
+
+def check_mirror(catalog: Catalog, transport: Any, keys: KeyStore, spool: Path) -> str:
+    """Make sure the mirror is this archive's, writing its marker if it has
+    none; the archive id. Raises ForeignMirrorError when it is not."""
+    mine = replication.mirror_note(catalog, "archive_id")
+    if transport.size(MARKER) is None:
+        return _mark(catalog, transport, keys, spool, mine)
+    theirs = _read_marker(transport, keys)
+    if not mine:
+        replication.set_mirror_mark(catalog, "archive_id", theirs)
+        logger.info("mirror: this catalog takes the mirror's archive id %s", theirs)
+        return theirs
+    if theirs != mine:
+        raise ForeignMirrorError(
+            f"the mirror holds another archive (id {theirs}; this appliance's "
+            f"is {mine}): nothing is sent to it. Point mirror settings at "
+            "this appliance's mirror, or give this appliance an empty one"
+        )
+    return mine
+
+
+def _mark(
+    catalog: Catalog, transport: Any, keys: KeyStore, spool: Path, mine: str
+) -> str:
+    """Write the marker on a mirror that has none, if it may be this
+    archive's mirror."""
+    recorded = replication.offsite_packs(catalog)
+    if recorded and not _holds_any(transport, recorded):
+        raise ForeignMirrorError(
+            f"the mirror has no identity marker and none of the {len(recorded)} "
+            "pack(s) recorded as sent to it: it is not the mirror replicated to "
+            "so far (another disk or server?). Nothing is sent to it; put the "
+            "mirror back, or see docs/replication.md (A new mirror)"
+        )
+    if not mine:
+        mine = str(uuid.uuid4())
+        replication.set_mirror_mark(catalog, "archive_id", mine)
+    data = json.dumps({"archive": mine, "created": int(time.time())}).encode()
+    with tempfile.TemporaryDirectory(dir=spool) as folder:
+        path = Path(folder) / "identity"
+        with open(path, "wb") as out:
+            digest = sealed.seal(io.BytesIO(data), out, MARKER, keys)
+        transport.put(MARKER, path, path.stat().st_size, digest)
+    logger.info("mirror: identity marker written (archive %s)", mine)
+    return mine
+
+
+def _holds_any(transport: Any, recorded: list[Any]) -> bool:
+    """Whether the mirror holds one of the newest recorded packs whole."""
+    newest = sorted(recorded, key=lambda pack: pack.pack_id)[-_PACKS_LOOKED_FOR:]
+    return any(transport.size(pack.location) == pack.size for pack in newest)
+
+
+def _read_marker(transport: Any, keys: KeyStore) -> str:
+    """The archive id the mirror's marker names."""
+    stream = reader_over(iter(transport.get(MARKER)))
+    out = io.BytesIO()
+    try:
+        sealed.open_sealed(stream, MARKER, keys, out)
+        archive = json.loads(out.getvalue())["archive"]
+    except KeyStoreError as exc:
+        raise ForeignMirrorError(
+            "the mirror was written with another master key (its identity "
+            f"marker does not open: {exc}): it holds another archive, or this "
+            "appliance's keys were not imported from its escrow. Nothing is "
+            "sent to it"
+        ) from exc
+    except (StorageError, ValueError, KeyError, TypeError) as exc:
+        raise ForeignMirrorError(
+            f"the mirror's identity marker {MARKER} is damaged ({exc}): "
+            "nothing is sent to it until it is checked"
+        ) from exc
+    finally:
+        stream.close()
+    if not isinstance(archive, str) or not archive:
+        raise ForeignMirrorError(f"the mirror's identity marker {MARKER} is damaged")
+    return archive
