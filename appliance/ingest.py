@@ -259,9 +259,9 @@ class Ingest:
             text_of(dataset, "IssuerOfPatientID") or "",
         )
         return InstanceRecord(
-            sop_instance_uid=str(dataset.SOPInstanceUID).rstrip("\x00 "),
-            series_uid=str(dataset.SeriesInstanceUID).rstrip("\x00 "),
-            study_uid=str(dataset.StudyInstanceUID).rstrip("\x00 "),
+            sop_instance_uid=text_of(dataset, "SOPInstanceUID") or "",
+            series_uid=text_of(dataset, "SeriesInstanceUID") or "",
+            study_uid=text_of(dataset, "StudyInstanceUID") or "",
             patient=patient,
             transfer_syntax=parsed.transfer_syntax,
             size=size,
