@@ -38,7 +38,7 @@ from appliance import audit, tls
 from appliance.audit import dicom as audit_dicom
 from appliance.catalog.store import Catalog
 from appliance.config import Config
-from appliance.dicom import commitment, responses, retrieve
+from appliance.dicom import commitment, filemeta, responses, retrieve
 from appliance.dicom.access import AccessControl, Permissions
 from appliance.dicom.admission import MAX_REQUEST
 from appliance.hsm.recall import Recaller
@@ -107,6 +107,7 @@ def configure_pynetdicom() -> None:
     _guard_message_decoding()
     _guard_pdu_reading()
     _send_store_responses_directly()
+    filemeta.install()
 
 
 def _guard_message_decoding() -> None:
