@@ -16,6 +16,10 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+# Replication, migration, restore and the other background work yield the
+# CPU to receiving and serving: a modality waiting for its C-STORE response
+# or a workstation waiting for images goes first.
+BACKGROUND_NICENESS = 10
 
 
 def die_with_parent() -> None:
@@ -43,10 +47,26 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def run_child(target: Callable[..., None], args: tuple[Any, ...], name: str) -> int:
+def run_in_background(target: Callable[..., None], args: tuple[Any, ...]) -> None:
+    """``target(*args)`` at the background work's lower CPU priority."""
+    try:
+        os.nice(BACKGROUND_NICENESS)
+    except OSError as exc:
+        logger.debug("cannot lower this process's priority: %s", exc)
+    target(*args)
+
+
+def run_child(
+    target: Callable[..., None],
+    args: tuple[Any, ...],
+    name: str,
+    background: bool = False,
+) -> int:
     """Run ``target(*args)`` in a fresh child process (spawned: nothing of
     the listener's state is shared) and wait for it; its exit code, logged
-    when not 0."""
+    when not 0. ``background``: at the lower priority of background work."""
+    if background:
+        target, args = run_in_background, (target, args)
     context = multiprocessing.get_context("spawn")
     child = context.Process(target=target, args=args, name=name, daemon=True)
     child.start()
@@ -72,9 +92,13 @@ class ChildSupervisor:
         name: str,
         stop_grace: float = 30.0,
         until_success: bool = False,
+        background: bool = False,
     ) -> None:
         """With ``until_success``, a child that exits with status 0 has done
-        its work and is not started again."""
+        its work and is not started again; ``background``: the child runs at
+        the lower priority of background work."""
+        if background:
+            target, args = run_in_background, (target, args)
         self.target = target
         self.until_success = until_success
         self.args = args

@@ -17,7 +17,7 @@ import re
 import shutil
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +45,7 @@ from appliance.errors import (
     StorageError,
 )
 from appliance.metrics import events
-from appliance.storage.durable import translate_os_error
+from appliance.storage.durable import fsync_file, translate_os_error
 from appliance.storage.online import TIER_NAME, OnlineTier
 
 logger = logging.getLogger(__name__)
@@ -157,8 +157,13 @@ class Ingest:
         self.catalog = catalog
         self.online = online
         self.committer = GroupCommitter(catalog, duplicate_policy)
+        # Flushing a received file waits on the disk while its checks and
+        # checksums want the CPU: a pool thread does the first while the
+        # association's own thread does the second.
+        self._flusher = ThreadPoolExecutor(thread_name_prefix="flush")
 
     def close(self) -> None:
+        self._flusher.shutdown()
         self.committer.close()
 
     def store_received(
@@ -181,6 +186,7 @@ class Ingest:
         self, received: Path, source: str, calling_ae: str
     ) -> StoreResult:
         uid = ""
+        flushed = self._flusher.submit(fsync_file, received)
         try:
             parsed = _parse(received)
             uid = parsed.sop_instance_uid
@@ -188,7 +194,8 @@ class Ingest:
             size = received.stat().st_size
             self.online.check_room(size)
             record = self._record_for(received, parsed, size)
-            self.online.adopt(received, record.copies[0].location)
+            _wait_for(flushed, received)
+            self.online.adopt(received, record.copies[0].location, flushed=True)
             return self._commit(record, parsed.dataset, source, calling_ae)
         except RejectedInstance as exc:
             uid = uid or _announced_uid(received)
@@ -252,9 +259,9 @@ class Ingest:
             text_of(dataset, "IssuerOfPatientID") or "",
         )
         return InstanceRecord(
-            sop_instance_uid=str(dataset.SOPInstanceUID).rstrip("\x00 "),
-            series_uid=str(dataset.SeriesInstanceUID).rstrip("\x00 "),
-            study_uid=str(dataset.StudyInstanceUID).rstrip("\x00 "),
+            sop_instance_uid=text_of(dataset, "SOPInstanceUID") or "",
+            series_uid=text_of(dataset, "SeriesInstanceUID") or "",
+            study_uid=text_of(dataset, "StudyInstanceUID") or "",
             patient=patient,
             transfer_syntax=parsed.transfer_syntax,
             size=size,
@@ -312,6 +319,14 @@ class Ingest:
                 source,
             )
         return StoreResult(SUCCESS, outcome, uid)
+
+
+def _wait_for(flushed: Future[None], path: Path) -> None:
+    """Wait until ``path`` is on stable storage; its flush's error is ours."""
+    try:
+        flushed.result()
+    except OSError as exc:
+        raise translate_os_error(exc, f"cannot flush {path}") from exc
 
 
 def _new_instance(

@@ -1,15 +1,18 @@
 """The child supervisor: a child that stops on SIGTERM is not reported as
-killed; one that ignores it is killed after the grace period."""
+killed; one that ignores it is killed after the grace period. Background
+children run at a lower CPU priority."""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
-from appliance.children import ChildSupervisor
+from appliance.children import BACKGROUND_NICENESS, ChildSupervisor, run_child
 
 
 def obedient() -> None:
@@ -62,3 +65,38 @@ def test_a_child_that_ignores_sigterm_is_killed_after_the_grace(
         "stubborn did not stop in 1 s; killed"
     ]
     assert supervisor._child.exitcode == -signal.SIGKILL
+
+
+def report_niceness(path: str) -> None:
+    with open(path, "w") as handle:
+        handle.write(str(os.nice(0)))
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_background_children_yield_the_cpu(tmp_path: Path, background: bool) -> None:
+    reported = tmp_path / "niceness"
+
+    exit_code = run_child(
+        report_niceness, (str(reported),), "niceness", background=background
+    )
+
+    assert exit_code == 0
+    ours = os.nice(0)
+    expected = min(ours + BACKGROUND_NICENESS, 19) if background else ours
+    assert int(reported.read_text()) == expected
+
+
+def test_a_background_supervised_child_yields_the_cpu(tmp_path: Path) -> None:
+    reported = tmp_path / "niceness"
+    supervisor = ChildSupervisor(
+        report_niceness,
+        (str(reported),),
+        "niceness",
+        until_success=True,
+        background=True,
+    )
+
+    supervisor.start()
+    supervisor._thread.join(30)
+
+    assert int(reported.read_text()) == min(os.nice(0) + BACKGROUND_NICENESS, 19)

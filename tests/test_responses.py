@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom.dimse_messages import C_FIND_RSP
-from pynetdicom.dimse_primitives import C_FIND
+from pynetdicom.dimse_messages import C_FIND_RSP, C_STORE_RSP
+from pynetdicom.dimse_primitives import C_FIND, C_STORE
 from pynetdicom.dsutils import encode
 
 from appliance.dicom import responses
@@ -177,6 +177,29 @@ def test_command_set_equals_pynetdicom(
     message.primitive_to_message(primitive)
 
     ours = command_set(STUDY_FIND, 7, status, has_identifier, comment)
+
+    assert ours == encode(message.command_set, True, True)
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "sop_instance", "message_id"),
+    [
+        ("1.2.840.10008.5.1.4.1.1.2", "1.2.826.0.1.3680043.8.498.1", 1),
+        ("1.2.840.10008.5.1.4.1.1.7", "1.2.3.44", 65535),
+    ],
+)
+def test_store_command_set_equals_pynetdicom(
+    sop_class: str, sop_instance: str, message_id: int
+) -> None:
+    primitive = C_STORE()
+    primitive.MessageIDBeingRespondedTo = message_id
+    primitive.AffectedSOPClassUID = sop_class
+    primitive.AffectedSOPInstanceUID = sop_instance
+    primitive.Status = 0x0000
+    message = C_STORE_RSP()
+    message.primitive_to_message(primitive)
+
+    ours = responses.store_command_set(sop_class, message_id, 0x0000, sop_instance)
 
     assert ours == encode(message.command_set, True, True)
 

@@ -11,11 +11,14 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+
+from appliance.catalog import rawtext
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +101,15 @@ COMPUTED_KEYWORDS = {
 
 def text_of(dataset: Dataset, keyword: str | int) -> str | None:
     """The element's value as decoded text, or None when absent or empty."""
-    element = dataset.get(keyword)
-    if element is None:
+    tag = _tag_of(keyword) if isinstance(keyword, str) else keyword
+    if tag is None or tag not in dataset:
         return None
+    raw = dataset.get_item(tag)
+    if isinstance(raw, RawDataElement):
+        found = rawtext.text(dataset, raw)
+        if found is not rawtext.UNDECIDED:
+            return cast(str | None, found)
+    element = dataset[tag]
     value = element if not hasattr(element, "value") else element.value
     if value is None or value == "":
         return None
@@ -130,6 +139,12 @@ def collect(dataset: Dataset, keywords: tuple[str, ...]) -> dict[str, str]:
         if text is not None:
             found[keyword] = text
     return found
+
+
+@functools.cache
+def _tag_of(keyword: str) -> int | None:
+    tag = tag_for_keyword(keyword)
+    return None if tag is None else int(tag)
 
 
 @functools.cache

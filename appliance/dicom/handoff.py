@@ -30,7 +30,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom import evt
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
@@ -157,10 +157,18 @@ class HandedOverTLSSocket(_Replaying, ssl.SSLSocket):  # type: ignore[misc]
             self._replay = super().recv(bufsize)
             return self._replay
         data = super().recv(bufsize, flags)
+        self._acknowledge_now()
+        return data
+
+    def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
+        count = super().recv_into(buffer, nbytes or 0, flags)
+        self._acknowledge_now()
+        return count
+
+    def _acknowledge_now(self) -> None:
         # As QuickAckSocket does, for the same senders.
         with contextlib.suppress(OSError):
             self.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-        return data
 
 
 def start_tls(
@@ -214,6 +222,26 @@ class _ReplayingSocket(AssociationSocket):
         if isinstance(connection, _Replaying) and connection.pending():
             return True
         return bool(super().ready)
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        """``nr_bytes`` from the connection, fewer only if it closes.
+
+        pynetdicom reads 4 KiB at a time: 64 reads for a 256 KiB PDU, each
+        also re-arming TCP_QUICKACK. Reading into one buffer takes whatever
+        the kernel holds at each call, a few reads per PDU.
+        """
+        connection = cast(socket.socket, self.socket)
+        buffer = bytearray(nr_bytes)
+        filled = 0
+        with memoryview(buffer) as view:
+            while filled < nr_bytes:
+                with view[filled:] as rest:
+                    count = connection.recv_into(rest)
+                if not count:
+                    break
+                filled += count
+        del buffer[filled:]
+        return buffer
 
 
 def _replay_admitted_request(event: evt.Event) -> None:

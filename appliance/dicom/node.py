@@ -31,13 +31,14 @@ from pynetdicom import (
 )
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 
 from appliance import audit, tls
 from appliance.audit import dicom as audit_dicom
 from appliance.catalog.store import Catalog
 from appliance.config import Config
-from appliance.dicom import commitment, retrieve
+from appliance.dicom import commitment, filemeta, responses, retrieve
 from appliance.dicom.access import AccessControl, Permissions
 from appliance.dicom.admission import MAX_REQUEST
 from appliance.hsm.recall import Recaller
@@ -105,6 +106,8 @@ def configure_pynetdicom() -> None:
     commitment.install()
     _guard_message_decoding()
     _guard_pdu_reading()
+    _send_store_responses_directly()
+    filemeta.install()
 
 
 def _guard_message_decoding() -> None:
@@ -177,6 +180,49 @@ def _guard_pdu_reading() -> None:
             original(dul)
 
     setattr(DULServiceProvider, "_read_pdu_data", read_pdu_data)  # noqa: B010
+
+
+def _send_store_responses_directly() -> None:
+    """Encode the plain C-STORE-RSP (Success, nothing optional) here.
+
+    Every received instance is answered by one; pynetdicom would build it
+    as a pydicom Dataset and pass it through pydicom's writer, which costs
+    a tenth of receiving a whole CT image. Anything else, and any message
+    someone listens to (EVT_DIMSE_SENT), goes through pynetdicom.
+    """
+    original = DIMSEServiceProvider.send_msg
+
+    def send_msg(
+        provider: DIMSEServiceProvider, primitive: Any, context_id: int
+    ) -> None:
+        if not _plain_store_response(primitive) or provider.assoc.get_handlers(
+            evt.EVT_DIMSE_SENT
+        ):
+            original(provider, primitive, context_id)
+            return
+        command = responses.store_command_set(
+            primitive.AffectedSOPClassUID,
+            primitive.MessageIDBeingRespondedTo,
+            primitive.Status,
+            primitive.AffectedSOPInstanceUID,
+        )
+        maximum = provider.maximum_pdu_size
+        for pdata in responses.p_data(context_id, command, None, maximum):
+            provider.dul.send_pdu(pdata)
+
+    setattr(DIMSEServiceProvider, "send_msg", send_msg)  # noqa: B010
+
+
+def _plain_store_response(primitive: Any) -> bool:
+    return (
+        type(primitive) is C_STORE
+        and primitive.MessageIDBeingRespondedTo is not None
+        and primitive.Status == 0x0000
+        and primitive.ErrorComment is None
+        and primitive.OffendingElement is None
+        and bool(primitive.AffectedSOPClassUID)
+        and bool(primitive.AffectedSOPInstanceUID)
+    )
 
 
 def _first_byte(connection: Any) -> int | None:

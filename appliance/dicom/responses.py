@@ -1,9 +1,11 @@
-"""C-FIND responses encoded straight to bytes, ready for the network.
+"""C-FIND and C-STORE responses encoded straight to bytes, ready for the
+network.
 
 A query can have thousands of matches, and each response is a short run of
 text elements. Building a pydicom Dataset for its identifier and another
 for its command set, and passing both through pydicom's writer, costs more
-than finding the matches; so this module writes the responses itself.
+than finding the matches; so this module writes the responses itself. The
+same holds for the C-STORE-RSP that answers every received instance.
 
 The command set of a C-FIND-RSP (PS3.7 9.3.2.2) is always Implicit VR
 Little Endian (PS3.7 6.3.1). Identifiers are written here in the common
@@ -53,6 +55,7 @@ _FLOAT_VRS = frozenset(["FL", "FD"])
 
 
 _C_FIND_RSP = 0x8020
+_C_STORE_RSP = 0x8001
 _DATA_SET_PRESENT = 0x0001  # any value but 0x0101 (PS3.7 E.1)
 _NO_DATA_SET = 0x0101
 # PDV message control header (PS3.8 E.2): bit 0 command, bit 1 last fragment.
@@ -189,6 +192,27 @@ def command_set(
 
     group_length = _implicit(0x00000000, struct.pack("<I", len(body)))
     return group_length + body
+
+
+def store_command_set(
+    sop_class_uid: str, message_id: int, status: int, sop_instance_uid: str
+) -> bytes:
+    """The C-STORE-RSP command set (PS3.7 9.3.1.2) without optional
+    elements, Implicit VR Little Endian."""
+    body = _implicit(0x00000002, _uid_value(sop_class_uid))
+    body += _implicit(0x00000100, struct.pack("<H", _C_STORE_RSP))
+    body += _implicit(0x00000120, struct.pack("<H", message_id))
+    body += _implicit(0x00000800, struct.pack("<H", _NO_DATA_SET))
+    body += _implicit(0x00000900, struct.pack("<H", status))
+    body += _implicit(0x00001000, _uid_value(sop_instance_uid))
+
+    group_length = _implicit(0x00000000, struct.pack("<I", len(body)))
+    return group_length + body
+
+
+def _uid_value(uid: str) -> bytes:
+    value = uid.encode("ascii")
+    return value + b"\x00" * (len(value) % 2)
 
 
 def _implicit(tag: int, value: bytes) -> bytes:

@@ -112,7 +112,9 @@ def check_watermarks(config: Config) -> None:
 
 def run_in_child(config: Config, watermarks_only: bool) -> int:
     """Run one migration in a child process; its exit code."""
-    return run_child(run_migration, (config, watermarks_only), "migration")
+    return run_child(
+        run_migration, (config, watermarks_only), "migration", background=True
+    )
 
 
 def run_migration(config: Config, watermarks_only: bool) -> None:

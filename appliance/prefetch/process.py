@@ -65,7 +65,7 @@ def _due(config: Config) -> bool:
 
 def run_in_child(config: Config, files: list[Path] | None = None) -> int:
     """Run the prefetch work once in a child process; its exit code."""
-    return run_child(run_prefetch, (config, files or []), "prefetch")
+    return run_child(run_prefetch, (config, files or []), "prefetch", background=True)
 
 
 def run_prefetch(config: Config, files: list[Path]) -> None:

@@ -18,4 +18,6 @@ class Supervisor(ChildSupervisor):
     """Runs the replication child process until :meth:`stop`."""
 
     def __init__(self, config: Config) -> None:
-        super().__init__(run_replication, (config,), "replication", _STOP_GRACE)
+        super().__init__(
+            run_replication, (config,), "replication", _STOP_GRACE, background=True
+        )

@@ -161,7 +161,7 @@ def schedule(scheduler: BackgroundScheduler, config: Config) -> None:
 
 def run_in_child(config: Config) -> int:
     """Run one scheduled drill in a child process; its exit code."""
-    return run_child(_child, (config,), "drill")
+    return run_child(_child, (config,), "drill", background=True)
 
 
 def scheduled_drill(config: Config) -> bool:

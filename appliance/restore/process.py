@@ -38,7 +38,12 @@ class RestoreSupervisor(ChildSupervisor):
 
     def __init__(self, config: Config) -> None:
         super().__init__(
-            run_restore, (config,), "restore", _STOP_GRACE, until_success=True
+            run_restore,
+            (config,),
+            "restore",
+            _STOP_GRACE,
+            until_success=True,
+            background=True,
         )
 
 

@@ -122,7 +122,7 @@ def schedule(scheduler: BackgroundScheduler, config: Config) -> None:
 
 def run_in_child(config: Config) -> int:
     """One scheduled run in a child process; its exit code."""
-    return run_child(run_scheduled, (config,), "scrub")
+    return run_child(run_scheduled, (config,), "scrub", background=True)
 
 
 def run_scheduled(config: Config) -> None:

@@ -51,14 +51,18 @@ def make_directories(path: Path, stop: Path) -> None:
         fsync_directory(directory.parent)
 
 
-def move_into_place(source: Path, destination: Path, root: Path) -> None:
+def move_into_place(
+    source: Path, destination: Path, root: Path, flushed: bool = False
+) -> None:
     """Flush ``source`` and rename it to ``destination`` durably.
 
     Both must be on the same file system (under ``root``). On return the
-    file's bytes and its new name are on stable storage.
+    file's bytes and its new name are on stable storage. ``flushed``: the
+    caller has already flushed ``source`` with :func:`fsync_file`.
     """
     try:
-        fsync_file(source)
+        if not flushed:
+            fsync_file(source)
         if not destination.parent.is_dir():
             make_directories(destination.parent, root)
         os.rename(source, destination)

@@ -103,10 +103,11 @@ class OnlineTier:
                 f"{self.reserved_bytes} are reserved"
             )
 
-    def adopt(self, received: Path, key: str) -> Path:
-        """Move a fully received file in ``incoming/`` durably under ``key``."""
+    def adopt(self, received: Path, key: str, flushed: bool = False) -> Path:
+        """Move a fully received file in ``incoming/`` durably under ``key``;
+        ``flushed``: its bytes are already on stable storage."""
         destination = self.path_of(key)
-        durable.move_into_place(received, destination, self.root)
+        durable.move_into_place(received, destination, self.root, flushed)
         return destination
 
     def remove(self, key: str) -> None:
