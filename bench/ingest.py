@@ -53,6 +53,8 @@ from appliance.catalog.store import Catalog
 SETS = {"ct": 4000, "small": 5000}
 ASSOCIATIONS = (1, 4)
 CALLED_AE = {"appliance": "APPLIANCE", "pynetdicom": "STORESCP", "orthanc": "ORTHANC"}
+APPLIANCE_CORE = "appl-core"
+APPLIANCES = ("appliance", APPLIANCE_CORE)
 NODELAY_TOLERANCE = 0.15
 _LOG_PROBLEM = re.compile(r" (WARNING|ERROR|CRITICAL) |Traceback")
 
@@ -134,12 +136,24 @@ def send(
     return seconds, problems
 
 
-def run_appliance(work: Path, files: list[Path], assocs: int, nodelay: bool) -> Run:
-    """One run against a fresh ``appliance serve``."""
+def run_appliance(
+    work: Path,
+    files: list[Path],
+    assocs: int,
+    nodelay: bool,
+    target: str = "appliance",
+    settings: str = "",
+) -> Run:
+    """One run against a fresh ``appliance serve`` with ``settings`` (TOML)
+    over its defaults."""
     port = free_port()
     data_dir = work / "appliance-data"
+    config = None
+    if settings:
+        config = work / "appliance.toml"
+        config.write_text(settings)
     with Servers() as servers:
-        server = start_appliance(servers, data_dir, port)
+        server = start_appliance(servers, data_dir, port, config)
         seconds, problems = send(files, port, "APPLIANCE", assocs, nodelay, work)
         servers.stop(server)
     catalog = Catalog(data_dir / "catalog")
@@ -148,12 +162,12 @@ def run_appliance(work: Path, files: list[Path], assocs: int, nodelay: bool) -> 
     problems += [
         line for line in server.log_text().splitlines() if _LOG_PROBLEM.search(line)
     ]
-    run = _run("appliance", files, assocs, nodelay, seconds, stored, problems)
+    run = _run(target, files, assocs, nodelay, seconds, stored, problems)
     if problems or stored != len(files):
         label = (
-            f"appliance-{run.set_name}-x{assocs}-{'nodelay' if nodelay else 'default'}"
+            f"{target}-{run.set_name}-x{assocs}-{'nodelay' if nodelay else 'default'}"
         )
-        print(f"  appliance log kept in {keep_log(server, label)}")
+        print(f"  {target} log kept in {keep_log(server, label)}")
     return run
 
 
@@ -207,6 +221,14 @@ def _run(
 Runner = Callable[[Path, list[Path], int, bool], Run]
 RUNNERS: dict[str, Runner] = {
     "appliance": run_appliance,
+    # The archive core alone: receiving, checking, storing, cataloguing, as
+    # pynetdicom's storescp and Orthanc do, without the default mirror (a
+    # folder on the same disk) taking its copies meanwhile.
+    APPLIANCE_CORE: partial(
+        run_appliance,
+        target=APPLIANCE_CORE,
+        settings="[replication]\nenabled = false\n",
+    ),
     "pynetdicom": run_pynetdicom,
     "orthanc": run_orthanc,
 }
@@ -257,7 +279,7 @@ def print_results(runs: list[Run]) -> None:
     rows = []
     for run in sorted(runs, key=lambda r: (r.set_name, r.associations, r.nodelay)):
         ratios = ["", ""]
-        if run.target == "appliance" and run.ok:
+        if run.target in APPLIANCES and run.ok:
             for position, other in enumerate(("pynetdicom", "orthanc")):
                 theirs = rates.get((other, *_key(run)))
                 ratios[position] = f"{run.per_second / theirs:.2f}" if theirs else "-"
@@ -279,25 +301,27 @@ def print_results(runs: list[Run]) -> None:
 
 def print_nodelay_check(runs: list[Run]) -> None:
     """Whether the appliance's rate with and without TCP_NODELAY is within 15%."""
-    if not any(run.target == "appliance" for run in runs):
-        return
+    for target in APPLIANCES:
+        if any(run.target == target for run in runs):
+            _print_nodelay_check(target, runs)
+
+
+def _print_nodelay_check(target: str, runs: list[Run]) -> None:
     print()
     mine = {
-        _key(run): run.per_second
-        for run in runs
-        if run.target == "appliance" and run.ok
+        _key(run): run.per_second for run in runs if run.target == target and run.ok
     }
     for set_name in SETS:
         for assocs in ASSOCIATIONS:
             with_it = mine.get((set_name, assocs, True))
             without = mine.get((set_name, assocs, False))
             if not with_it or not without:
-                print(f"appliance {set_name} x{assocs}: not compared, a run failed")
+                print(f"{target} {set_name} x{assocs}: not compared, a run failed")
                 continue
             gap = abs(with_it - without) / max(with_it, without)
             verdict = "within" if gap <= NODELAY_TOLERANCE else "NOT within"
             print(
-                f"appliance {set_name} x{assocs}: {with_it:.1f} inst/s with "
+                f"{target} {set_name} x{assocs}: {with_it:.1f} inst/s with "
                 f"TCP_NODELAY=1, {without:.1f} without: {gap:.0%} apart, "
                 f"{verdict} {NODELAY_TOLERANCE:.0%}"
             )
