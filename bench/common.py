@@ -142,6 +142,42 @@ def wait_for_text(server: Server, text: str, timeout: float = 90.0) -> None:
     raise RuntimeError(f"{server.name} did not log {text!r} in {timeout} s")
 
 
+def wait_until_settled(
+    pid: int, quiet: float = 0.05, timeout: float = 60.0, period: float = 1.0
+) -> None:
+    """Wait until process ``pid`` and its descendants together use less than
+    ``quiet`` of a core over ``period`` seconds: a server whose children
+    are still starting (imports, opening the catalog) would take their CPU
+    out of the measurement."""
+    deadline = time.monotonic() + timeout
+    before = _tree_cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(period)
+        now = _tree_cpu_seconds(pid)
+        if now - before < quiet * period:
+            return
+        before = now
+    print(f"  (pid {pid} still busy after {timeout:.0f} s; measuring anyway)")
+
+
+def _tree_cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of ``pid`` and its descendants (Linux)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    waiting = [pid]
+    while waiting:
+        current = waiting.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+            for task in Path(f"/proc/{current}/task").iterdir():
+                children = (task / "children").read_text().split()
+                waiting += [int(child) for child in children]
+        except (OSError, IndexError, ValueError):
+            continue  # it ended meanwhile
+    return total
+
+
 # -- the servers ------------------------------------------------------------------
 
 
@@ -152,7 +188,8 @@ def start_appliance(
     config: Path | None = None,
     ae_title: str = "APPLIANCE",
 ) -> Server:
-    """``appliance serve`` on ``data_dir``, ready once it logs "listening on"."""
+    """``appliance serve`` on ``data_dir``, ready once it logs "listening on"
+    and its children have finished starting."""
     command = [str(APPLIANCE), "serve", "--data-dir", str(data_dir)]
     command += ["--port", str(port), "--ae-title", ae_title]
     if config is not None:
@@ -160,6 +197,7 @@ def start_appliance(
     log = data_dir.parent / f"{data_dir.name}.log"
     server = servers.start("appliance", command, log)
     wait_for_text(server, "listening on")
+    wait_until_settled(server.process.pid)
     return server
 
 
