@@ -41,6 +41,9 @@ from appliance.dicom.admission import admit
 logger = logging.getLogger(__name__)
 
 _MAX_PAYLOAD = 512
+# Bytes a PDU read starts with: more than the longest P-DATA-TF most peers
+# send (node.max_pdu_size is 256 KiB by default).
+_FIRST_BUFFER = 1 << 20
 
 
 class QuickAckSocket(socket.socket):
@@ -231,15 +234,18 @@ class _ReplayingSocket(AssociationSocket):
         the kernel holds at each call, a few reads per PDU.
         """
         connection = cast(socket.socket, self.socket)
-        buffer = bytearray(nr_bytes)
+        # The length comes from the peer: the buffer grows with the bytes
+        # that arrive, so that announcing gigabytes takes no memory.
+        buffer = bytearray(min(nr_bytes, _FIRST_BUFFER))
         filled = 0
-        with memoryview(buffer) as view:
-            while filled < nr_bytes:
-                with view[filled:] as rest:
-                    count = connection.recv_into(rest)
-                if not count:
-                    break
-                filled += count
+        while filled < nr_bytes:
+            if filled == len(buffer):
+                buffer.extend(bytes(min(filled, nr_bytes - filled)))
+            with memoryview(buffer) as view, view[filled:] as rest:
+                count = connection.recv_into(rest)
+            if not count:
+                break
+            filled += count
         del buffer[filled:]
         return buffer
 
