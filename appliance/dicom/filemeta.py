@@ -32,7 +32,10 @@ class FileMeta:
     transfer_syntax: str
 
     def encoded(self) -> bytes:
-        """The file meta group, group length first."""
+        """The file meta group, group length first; ValueError when a UID
+        is empty."""
+        if not (self.sop_class_uid and self.sop_instance_uid and self.transfer_syntax):
+            raise ValueError("a file meta UID is empty")
         body = _element(0x0001, b"OB", _VERSION)
         body += _element(0x0002, b"UI", _uid(self.sop_class_uid))
         body += _element(0x0003, b"UI", _uid(self.sop_instance_uid))
@@ -60,9 +63,11 @@ def _write(fp: BinaryIO, file_meta: Any, enforce_standard: bool = True) -> None:
         try:
             fp.write(file_meta.encoded())
             return
-        except UnicodeEncodeError:
-            # A request with UIDs that are not even ASCII: written as
-            # pydicom writes it, for the checks of the data set to refuse.
+        except (UnicodeEncodeError, ValueError):
+            # A request with UIDs that are not even ASCII, or empty: left
+            # to pydicom, which writes the first (for the checks of the
+            # data set to judge) and refuses the second, so that the
+            # association is aborted rather than the request left unanswered.
             file_meta = create_file_meta(
                 sop_class_uid=UID(file_meta.sop_class_uid),
                 sop_instance_uid=UID(file_meta.sop_instance_uid),

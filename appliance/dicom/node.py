@@ -222,6 +222,10 @@ def _plain_store_response(primitive: Any) -> bool:
         and primitive.OffendingElement is None
         and bool(primitive.AffectedSOPClassUID)
         and bool(primitive.AffectedSOPInstanceUID)
+        # A sender's UID that is not even ASCII (stored as it is) is
+        # answered as pydicom encodes it.
+        and str(primitive.AffectedSOPClassUID).isascii()
+        and str(primitive.AffectedSOPInstanceUID).isascii()
     )
 
 
