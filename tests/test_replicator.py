@@ -1074,15 +1074,52 @@ def test_a_rebuilt_catalog_takes_the_id_of_its_mirror(
     site.store("rebuilt", 2)
     replicator = site.replicator()
     replicator.send(replicator.ready())
-    other = _other_site(tmp_path, keys=site.tiers.keys)  # keys from the escrow
+    # A catalog rebuilt from the mirror's journal: the same packs recorded,
+    # no archive id.
+    rebuilt_path = tmp_path / "rebuilt-catalog"
+    rebuilt_path.mkdir()
+    site.catalog.env.copy(str(rebuilt_path))
+    rebuilt = Catalog(rebuilt_path, map_size=2**26)
     try:
-        theirs = other.replicator()
-        theirs.check_mirror()
-        assert replication.mirror_note(other.catalog, "archive_id") == (
+        with rebuilt.env.begin(write=True, db=rebuilt.db["meta"]) as txn:
+            txn.delete(b"mirror.archive_id")
+        again = Replicator(
+            rebuilt,
+            site.tiers,
+            DirectoryTransport(site.mirror),
+            tmp_path / "rebuilt-spool",
+            Settings(batch_seconds=0),
+        )
+
+        again.check_mirror()
+
+        assert replication.mirror_note(rebuilt, "archive_id") == (
             replication.mirror_note(site.catalog, "archive_id")
         )
     finally:
+        rebuilt.close()
+
+
+def test_a_new_appliance_with_the_escrowed_keys_does_not_join_the_mirror(
+    site: Site, tmp_path: Path
+) -> None:
+    site.store("theirs", 2)
+    replicator = site.replicator()
+    replicator.send(replicator.ready())
+    before = site.remote_files()
+    other = _other_site(tmp_path, keys=site.tiers.keys)  # keys from the escrow
+    try:
+        other.store("new", 2)
+        theirs = other.replicator()
+
+        with pytest.raises(ForeignMirrorError, match="restore --from mirror"):
+            theirs.send(theirs.ready())
+
+        assert not replication.mirror_note(other.catalog, "archive_id")
+        assert replication.queue_state(other.catalog).instances == 2
+    finally:
         _close(other)
+    assert site.remote_files() == before
 
 
 def test_the_mirror_packs_use_the_configured_zstd_level(site: Site) -> None:

@@ -18,7 +18,9 @@ server than the one replicated to so far (a swapped disk, a wiped or
 re-pointed mirror), and is refused too.
 
 A catalog without an id (one rebuilt from the mirror's journal or packs)
-takes the id of a marker that opens with its keys.
+takes the id of a marker that opens with its keys, if the mirror holds
+the packs the catalog records there; a catalog that records none (a new
+appliance given another archive's escrowed keys) is refused.
 """
 
 from __future__ import annotations
@@ -54,9 +56,7 @@ def check_mirror(catalog: Catalog, transport: Any, keys: KeyStore, spool: Path) 
         return _mark(catalog, transport, keys, spool, mine)
     theirs = _read_marker(transport, keys)
     if not mine:
-        replication.set_mirror_mark(catalog, "archive_id", theirs)
-        logger.info("mirror: this catalog takes the mirror's archive id %s", theirs)
-        return theirs
+        return _adopt(catalog, transport, theirs)
     if theirs != mine:
         raise ForeignMirrorError(
             f"the mirror holds another archive (id {theirs}; this appliance's "
@@ -90,6 +90,24 @@ def _mark(
         transport.put(MARKER, path, path.stat().st_size, digest)
     logger.info("mirror: identity marker written (archive %s)", mine)
     return mine
+
+
+def _adopt(catalog: Catalog, transport: Any, theirs: str) -> str:
+    """Take the id of the marked mirror a catalog without one was rebuilt
+    from: one whose recorded packs are on it. A catalog that records none
+    (a new appliance given another's escrowed keys) would join that
+    archive and mix its packs and snapshots into it: refused."""
+    recorded = replication.offsite_packs(catalog)
+    if not recorded or not _holds_any(transport, recorded):
+        raise ForeignMirrorError(
+            f"the mirror holds archive {theirs} and this catalog records none "
+            "of its packs: nothing is sent to it. To rebuild that archive "
+            "here, run 'appliance restore --from mirror'; to start a new "
+            "archive, give this appliance an empty mirror"
+        )
+    replication.set_mirror_mark(catalog, "archive_id", theirs)
+    logger.info("mirror: this catalog takes the mirror's archive id %s", theirs)
+    return theirs
 
 
 def _holds_any(transport: Any, recorded: list[Any]) -> bool:
