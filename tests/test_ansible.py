@@ -284,12 +284,15 @@ def test_installed_appliance_runs_and_accepts_its_configuration(
     site, _, _ = installed
     program = site.path("/opt/pacs-appliance/.venv/bin/appliance")
     config = site.path("/etc/pacs-appliance/appliance.toml")
+    # As on the host: not the checkout a test run may have on its PYTHONPATH.
+    host = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
     checked = subprocess.run(
         [str(program), "config", "check", str(config)],
         capture_output=True,
         text=True,
         cwd=site.folder,
+        env=host,
         timeout=60,
         check=False,
     )
@@ -303,8 +306,7 @@ def test_installed_appliance_runs_and_accepts_its_configuration(
         {"ae_title": "READING1", "host": "127.0.0.1", "port": 11113}
     ]
     assert [rule["name"] for rule in rendered["rules"]] == ["copy-to-nearline"]
-    # The installed code is a copy: the checkout is not on its path (nor,
-    # as on the host, on a PYTHONPATH the test run may have set).
+    # The installed code is a copy: the checkout is not on its path.
     where = subprocess.run(
         [
             str(program.with_name("python")),
@@ -314,7 +316,7 @@ def test_installed_appliance_runs_and_accepts_its_configuration(
         capture_output=True,
         text=True,
         cwd=site.folder,
-        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        env=host,
         timeout=60,
         check=True,
     )
@@ -325,6 +327,7 @@ def test_installed_appliance_runs_and_accepts_its_configuration(
         capture_output=True,
         text=True,
         cwd=site.folder,
+        env=host,
         timeout=60,
         check=True,
     )
