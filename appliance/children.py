@@ -105,6 +105,10 @@ class ChildSupervisor:
         self.name = name
         self.stop_grace = stop_grace
         self._stop = threading.Event()
+        # Held while a child is made and started: a stop then finds either
+        # no child (and none starts after it) or a started one, never a
+        # process object that has no process yet.
+        self._starting = threading.Lock()
         self._child: Any = None
         self._thread = threading.Thread(
             target=self._run, name=f"{name}-supervisor", daemon=True
@@ -118,8 +122,9 @@ class ChildSupervisor:
 
         Only the supervisor thread waits for the child: a second waiter
         could find it reaped already and take it for alive."""
-        self._stop.set()
-        child = self._child
+        with self._starting:
+            self._stop.set()
+            child = self._child
         if child is not None:
             with contextlib.suppress(OSError, ValueError):
                 child.terminate()
@@ -136,12 +141,16 @@ class ChildSupervisor:
 
     def _run(self) -> None:
         context = multiprocessing.get_context("spawn")
-        while not self._stop.is_set():
-            started = time.monotonic()
-            self._child = context.Process(
-                target=self.target, args=self.args, name=self.name
-            )
-            self._child.start()
+        while True:
+            with self._starting:
+                if self._stop.is_set():
+                    return
+                started = time.monotonic()
+                child = context.Process(
+                    target=self.target, args=self.args, name=self.name
+                )
+                child.start()
+                self._child = child
             self._child.join()
             if self._stop.is_set():
                 return

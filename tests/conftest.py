@@ -176,6 +176,19 @@ def config_text(settings: dict[str, dict[str, object]], peers: list[dict]) -> st
 @pytest.fixture
 def appliance_factory(tmp_path: Path) -> Iterator[type]:
     """Make appliances for one test; all are stopped afterwards."""
+    yield from _appliances(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def module_appliance_factory(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[type]:
+    """Make appliances shared by a module's tests, for tests that do not
+    change what the others read; all are stopped after the module."""
+    yield from _appliances(tmp_path_factory.mktemp("shared"))
+
+
+def _appliances(tmp_path: Path) -> Iterator[type]:
     started: list[Appliance] = []
 
     def make(

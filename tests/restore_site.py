@@ -181,14 +181,14 @@ class Restored:
         return dict(json.loads(reports[-1].read_text()))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def disaster(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[Path, dict[str, bytes], dict[str, list[str]], dict[str, list[str]]]:
     """A mirror of an archive that is gone: 5 studies in 4 packs, a catalog
     snapshot after the second pack, journal segments after every pack; an
     instance replaced after it was replicated. Kept read-only: each test
-    restores from a copy."""
+    restores from a copy, so that the session's modules share it."""
     folder = tmp_path_factory.mktemp("disaster")
     mirror = folder / "mirror"
     mirror.mkdir()

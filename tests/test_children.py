@@ -19,8 +19,9 @@ def obedient() -> None:
     time.sleep(60)
 
 
-def stubborn() -> None:
+def stubborn(ready: str) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    Path(ready).touch()
     time.sleep(60)
 
 
@@ -52,11 +53,17 @@ def test_a_child_that_stops_on_sigterm_is_not_reported_killed(
 
 
 def test_a_child_that_ignores_sigterm_is_killed_after_the_grace(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
-    supervisor = ChildSupervisor(stubborn, (), "stubborn", stop_grace=1.0)
+    ready = tmp_path / "ignoring"
+    supervisor = ChildSupervisor(stubborn, (str(ready),), "stubborn", stop_grace=1.0)
     supervisor.start()
     running(supervisor)
+    # A loaded machine can take longer than the pause in running() to get
+    # the child to its signal handler.
+    deadline = time.monotonic() + 60
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
     with caplog.at_level(logging.WARNING, logger="appliance.children"):
         supervisor.stop()
@@ -100,3 +107,18 @@ def test_a_background_supervised_child_yields_the_cpu(tmp_path: Path) -> None:
     supervisor._thread.join(30)
 
     assert int(reported.read_text()) == min(os.nice(0) + BACKGROUND_NICENESS, 19)
+
+
+def test_a_stop_while_the_child_starts_stops_it() -> None:
+    # Stopped at once: the supervisor thread is making or starting the
+    # child meanwhile, or has not begun; whichever, no child outlives it.
+    for attempt in range(5):
+        supervisor = ChildSupervisor(obedient, (), f"quick-{attempt}", 10.0)
+        supervisor.start()
+        time.sleep(0.01 * attempt)
+
+        supervisor.stop()
+
+        assert not supervisor._thread.is_alive()
+        child = supervisor._child
+        assert child is None or child.exitcode == -signal.SIGTERM

@@ -13,13 +13,21 @@ import subprocess
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
 import pytest
 
 from tests import dicom_client as client
-from tests.conftest import PYDICOM_DATA, dcmtk, free_port, incoming_files, require_dcmtk
+from tests.conftest import (
+    PYDICOM_DATA,
+    Appliance,
+    dcmtk,
+    free_port,
+    incoming_files,
+    require_dcmtk,
+)
 
 # pydicom reads these without complaint although their last element is cut
 # short; pydicom's own tests use them as truncated files.
@@ -126,17 +134,44 @@ def expected_outcomes(order: list[Path]) -> tuple[dict[Path, bool], dict[str, Pa
     return accepted, kept
 
 
-@pytest.fixture
-def stored(appliance):
-    """All sendable sample files stored over the network, and the oracle."""
-    paths = [path for path in sample_files() if sendable(path)]
-    statuses = client.store_files(appliance.port, paths)
-    accepted, kept = expected_outcomes(list(statuses))
-    return appliance, statuses, accepted, kept
+@dataclass
+class Stored:
+    """An appliance holding every sendable sample file, and the oracle."""
+
+    appliance: Appliance
+    statuses: dict[Path, int | None]
+    accepted: dict[Path, bool]
+    kept: dict[str, Path]
+    # The C-MOVE destination the appliance knows, for a storescp to take.
+    move_port: int
 
 
-def test_valid_files_stored_and_broken_ones_refused(stored) -> None:
-    appliance, statuses, accepted, kept = stored
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stored]:
+    """All sendable sample files stored over the network once for the
+    module's tests, which only read them back."""
+    move_port = free_port()
+    directory = tmp_path_factory.mktemp("samples")
+    appliance = Appliance(
+        directory, peers=[{"ae_title": "DEST", "host": "127.0.0.1", "port": move_port}]
+    )
+    appliance.start()
+    try:
+        paths = [path for path in sample_files() if sendable(path)]
+        statuses = client.store_files(appliance.port, paths)
+        accepted, kept = expected_outcomes(list(statuses))
+        yield Stored(appliance, statuses, accepted, kept, move_port)
+    finally:
+        appliance.stop()
+
+
+def test_valid_files_stored_and_broken_ones_refused(stored: Stored) -> None:
+    appliance, statuses, accepted, kept = (
+        stored.appliance,
+        stored.statuses,
+        stored.accepted,
+        stored.kept,
+    )
     assert len(statuses) > 150
     wrong = {
         path.name: hex(status) if status is not None else None
@@ -159,8 +194,8 @@ def test_valid_files_stored_and_broken_ones_refused(stored) -> None:
     assert not incoming_files(appliance.data_dir / "online")
 
 
-def test_valid_files_come_back_byte_identical_by_c_get(stored) -> None:
-    appliance, _statuses, _accepted, kept = stored
+def test_valid_files_come_back_byte_identical_by_c_get(stored: Stored) -> None:
+    appliance, kept = stored.appliance, stored.kept
     storage = client.storage_contexts_for(list(kept.values()))
     studies = {
         str(read(path, stop_before_pixels=True).StudyInstanceUID)
@@ -179,18 +214,12 @@ def test_valid_files_come_back_byte_identical_by_c_get(stored) -> None:
 
 
 def test_valid_files_come_back_byte_identical_by_c_move(
-    appliance_factory, tmp_path: Path
+    stored: Stored, tmp_path: Path
 ) -> None:
     require_dcmtk()
-    port = free_port()
+    appliance, kept, port = stored.appliance, stored.kept, stored.move_port
     received_dir = tmp_path / "received"
     received_dir.mkdir()
-    appliance = appliance_factory(
-        peers=[{"ae_title": "DEST", "host": "127.0.0.1", "port": port}]
-    ).start()
-    paths = [path for path in sample_files() if sendable(path)]
-    statuses = client.store_files(appliance.port, paths)
-    _accepted, kept = expected_outcomes(list(statuses))
 
     # storescp +B writes the data set exactly as it arrived.
     receiver = subprocess.Popen(

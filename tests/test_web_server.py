@@ -29,9 +29,10 @@ from tests import web_site
 from tests.web_site import VIEWER, VIEWER_TOKEN
 
 
-@pytest.fixture
-def site(appliance_factory):
-    return web_site.start(appliance_factory)
+@pytest.fixture(scope="module")
+def site(module_appliance_factory):
+    # Shared: its tests only read, and each looks for its own calls.
+    return web_site.start(module_appliance_factory)
 
 
 def test_health_needs_no_credentials(site):
