@@ -1,11 +1,13 @@
 """The rebuilt catalog, written fresh from the work catalog: every instance
 the mirror (or the volumes) holds, with its copy there only.
 
-Instances go in through the catalog's one writer, study by study and in
-the order they were received, so that counts, indexes and the lists the
-C-FIND answers carry (modalities, SOP classes) come out as the lost
-appliance had them. Each instance's copy is in the newest pack that holds
-its bytes and is on the mirror (or on a volume read).
+Instances go in study by study and in the order they were received, so
+that counts, indexes and the lists the C-FIND answers carry (modalities,
+SOP classes) come out as the lost appliance had them. They are loaded in
+bulk (``catalog/bulk.py``): the same records the catalog's writer would
+make, without the journal entry and queue entry per instance that
+:func:`finish` would drop. Each instance's copy is in the newest pack that
+holds its bytes and is on the mirror (or on a volume read).
 """
 
 from __future__ import annotations
@@ -19,19 +21,18 @@ from typing import Any
 
 import lmdb
 
-from appliance.catalog import copies, patients
+from appliance.catalog import patients
+from appliance.catalog.bulk import BulkLoad
 from appliance.catalog.copies import PackRecord
 from appliance.catalog.records import InstanceRecord, NewInstance
 from appliance.catalog.store import Catalog, Outcome
 from appliance.errors import CatalogError
 from appliance.restore.mirror import MirrorContents, pack_number
-from appliance.restore.replay import add_pack
 
 logger = logging.getLogger(__name__)
 
 # Meta key of a rebuilt catalog: where it came from, what was lost.
 REBUILT = b"restore.rebuilt"
-_BATCH = 2000
 
 
 @dataclass
@@ -49,8 +50,8 @@ def export(work: Catalog, final: Catalog, contents: MirrorContents) -> Exported:
     """Write every instance with a copy on the tier of ``contents`` from
     ``work`` into the empty ``final`` catalog, then the packs and copies."""
     result = Exported()
+    load = BulkLoad(final)
     with work.read() as txn:
-        batch: list[NewInstance] = []
         for item, has_copy in _instances(work, txn, contents.tier):
             if not has_copy:
                 uid = item.record.sop_instance_uid
@@ -58,17 +59,14 @@ def export(work: Catalog, final: Catalog, contents: MirrorContents) -> Exported:
                     {"sop_instance_uid": uid, "study": item.record.study_uid}
                 )
                 continue
-            batch.append(item)
-            if len(batch) >= _BATCH:
-                result.instances += _record(final, batch)
-                batch = []
-        result.instances += _record(final, batch)
+            result.instances += load.add(item) is Outcome.STORED
         packs = [
             PackRecord.from_json(data)
             for _key, data in work.all_records(txn, "packs")
             if data.get("tier") == contents.tier
         ]
-    _add_packs(final, packs, contents, result)
+    _add_packs(load, packs, contents, result)
+    load.commit()
     # Instances were written with their patients' corrected attributes;
     # the pointers of merged patients and the corrections' marks follow.
     patients.carry_over(work, final)
@@ -87,8 +85,13 @@ def _instances(
             _records_of(work, txn, study_uid),
             key=lambda r: (r.received, r.sop_instance_uid),
         )
+        series_of: dict[str, dict[str, Any]] = {}
         for index, record in enumerate(records):
-            series = work.get(txn, "series", record.series_uid) or {}
+            if record.series_uid not in series_of:
+                series_of[record.series_uid] = (
+                    work.get(txn, "series", record.series_uid) or {}
+                )
+            series = series_of[record.series_uid]
             has_copy = any(c.tier == tier for c in record.copies)
             record.copies = []
             # The writer lists a study's sending AEs as its instances come;
@@ -114,13 +117,8 @@ def _records_of(
                 yield record
 
 
-def _record(final: Catalog, batch: list[NewInstance]) -> int:
-    results = final.record(batch, "keep_first")
-    return sum(1 for result in results if result.outcome is Outcome.STORED)
-
-
 def _add_packs(
-    final: Catalog,
+    load: BulkLoad,
     packs: list[PackRecord],
     contents: MirrorContents,
     result: Exported,
@@ -132,12 +130,12 @@ def _add_packs(
     absent = [p for p in packs if p.pack_id not in contents.packs]
     for group, found in ((present, True), (absent, False)):
         for pack in sorted(group, key=lambda p: pack_number(p.pack_id), reverse=True):
-            checksums = _checksums(final, pack)
-            added = add_pack(final, pack, checksums)
+            checksums = load.missing_copies(pack)
+            added = load.add_pack(pack, checksums)
             if found or not added:
                 continue
-            uids = [uid for uid in checksums if _copy_in(final, uid, pack)]
-            copies.mark_unverified(final, pack.pack_id, uids)
+            uids = load.copies_in(pack, checksums)
+            load.mark_unverified(pack.pack_id, uids)
             result.missing[pack.pack_id] = uids
             logger.error(
                 "pack %s is not on %s: %d instance(s) cannot be restored",
@@ -147,27 +145,6 @@ def _add_packs(
             )
 
 
-def _checksums(final: Catalog, pack: PackRecord) -> dict[str, str]:
-    """The catalog's SHA-256 of the pack's members that still lack a copy
-    on its tier."""
-    found = {}
-    with final.read() as txn:
-        for uid in pack.members:
-            record = final.instance(txn, uid)
-            if record is not None and record.copy_on(pack.tier) is None:
-                found[uid] = record.sha256
-    return found
-
-
-def _copy_in(final: Catalog, uid: str, pack: PackRecord) -> bool:
-    with final.read() as txn:
-        record = final.instance(txn, uid)
-    return record is not None and any(
-        c.tier == pack.tier and c.location.startswith(pack.pack_id + "/")
-        for c in record.copies
-    )
-
-
 def finish(final: Catalog, last_journal: int, next_pack: int) -> None:
     """Leave the rebuilt catalog ready to replicate again: nothing queued,
     no journal, numbers that continue after the mirror's, so that nothing
@@ -175,7 +152,8 @@ def finish(final: Catalog, last_journal: int, next_pack: int) -> None:
     meta = final.db["meta"]
     try:
         with final.env.begin(write=True) as txn:
-            # The writer queued and journalled every instance it recorded.
+            # The bulk load queues and journals nothing; whatever another
+            # way of writing it left there goes.
             txn.drop(final.db["replication"], delete=False)
             txn.drop(final.db["journal"], delete=False)
             txn.put(b"journal.next", str(last_journal + 1).encode(), db=meta)

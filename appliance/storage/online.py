@@ -43,8 +43,16 @@ class OnlineTier:
             self.root.mkdir(parents=True, exist_ok=True)
             durable.make_directories(self.incoming, self.root)
             durable.make_directories(self.objects, self.root)
+            made = False
             for index in range(256):
-                durable.make_directories(self.objects / f"{index:02x}", self.root)
+                folder = self.objects / f"{index:02x}"
+                if not folder.is_dir():
+                    folder.mkdir(exist_ok=True)
+                    made = True
+            # One flush of their parent keeps all the new names, as a flush
+            # after each would, for one disk write instead of 256.
+            if made:
+                durable.fsync_directory(self.objects)
         except OSError as exc:
             raise durable.translate_os_error(exc, f"cannot open {self.root}") from exc
 
