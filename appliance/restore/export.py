@@ -78,8 +78,13 @@ def _instances(
 ) -> Iterator[tuple[NewInstance, bool]]:
     """Every instance of the work catalog, study by study in the order
     received, and whether it has a copy on ``tier``."""
+    # A patient's attributes, read once for all of its studies.
+    patients_read: dict[str, dict[str, str]] = {}
     for study_uid, study in work.all_records(txn, "studies"):
-        patient = work.get(txn, "patients", study["patient"]) or {}
+        key = study["patient"]
+        if key not in patients_read:
+            patient = work.get(txn, "patients", key) or {}
+            patients_read[key] = patient.get("attrs", {})
         senders = list(study.get("calling_aes", []))
         records = sorted(
             _records_of(work, txn, study_uid),
@@ -99,7 +104,7 @@ def _instances(
             sender = senders[min(index, len(senders) - 1)] if senders else ""
             item = NewInstance(
                 record,
-                dict(patient.get("attrs", {})),
+                dict(patients_read[key]),
                 dict(study["attrs"]),
                 dict(series.get("attrs", {})),
                 sender,
