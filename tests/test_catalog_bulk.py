@@ -54,6 +54,9 @@ def _instances(rng: random.Random, count: int) -> list[NewInstance]:
             received=1_700_000_000 + n + rng.random(),
             attributes={"SOPClassUID": rng.choice(("1.2.3.4", "1.2.3.5"))},
         )
+        if rng.random() < 0.05:
+            # Longer than LMDB keys may be: filed under its hash.
+            record.sop_instance_uid += "." + "9" * 420
         patient = {"PatientID": patient_id, "PatientName": rng.choice(NAMES)}
         if issuer:
             patient["IssuerOfPatientID"] = issuer

@@ -28,6 +28,7 @@ from appliance.catalog.copies import PackRecord
 from appliance.catalog.records import Copy, InstanceRecord, NewInstance
 from appliance.catalog.replication import OFFSITE
 from appliance.catalog.store import (
+    _MAX_KEY,
     Catalog,
     Outcome,
     _with_key,
@@ -304,8 +305,7 @@ class BulkLoad:
             txn.put(key.encode(), str(value).encode(), db=meta)
 
     def _index(self, index: str, key: str, value: str) -> None:
-        pairs = self.indexes.setdefault(index, set())
-        pairs.add((encode_key(key), encode_key(value)))
+        self.indexes.setdefault(index, set()).add((_key(key), _key(value)))
 
     def _add_total(self, key: str, amount: int) -> None:
         self.totals[key] = self.totals.get(key, 0) + amount
@@ -321,9 +321,15 @@ def _refuse_unless_empty(catalog: Catalog) -> None:
         )
 
 
+def _key(text: str) -> bytes:
+    """As ``encode_key``, the common case without a further call."""
+    raw = text.encode("utf-8", "surrogateescape")
+    return raw if len(raw) <= _MAX_KEY else encode_key(text)
+
+
 def _values(records: dict[str, Any]) -> Iterator[tuple[bytes, bytes]]:
     """(key, value) pairs of records by key, in the order LMDB keeps them."""
-    keyed = sorted((encode_key(key), key) for key in records)
+    keyed = sorted((_key(key), key) for key in records)
     for raw, key in keyed:
         yield raw, _encode(records[key]).encode()
 
