@@ -59,6 +59,11 @@ _EMPTY = (
 class BulkLoad:
     """Instances, then packs, held in memory until :meth:`commit`."""
 
+    # TODO: everything is held in memory until the commit, about 2 KB per
+    # instance: some 20 GB for an archive of ten million instances, more
+    # than a small appliance has. Large catalogs need the instance records
+    # written in a second pass (only checksums, sizes and copies kept).
+
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
         _refuse_unless_empty(catalog)
