@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import random
 import tempfile
+import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -283,3 +285,65 @@ def test_copies_handed_in_are_counted(tmp_path: Path) -> None:
     finally:
         written.close()
         loaded.close()
+
+
+def _study_instances(count: int, studies: int) -> Iterator[NewInstance]:
+    """``count`` made-up instances spread over a fixed number of studies,
+    made one at a time so that only the load holds anything."""
+    for n in range(count):
+        study = f"1.2.826.0.1.3680043.9.7.{n % studies}"
+        series = f"{study}.{n % 3}"
+        record = InstanceRecord(
+            sop_instance_uid=f"{series}.{n}",
+            series_uid=series,
+            study_uid=study,
+            patient=patient_key(f"P{n % studies:04d}", ""),
+            transfer_syntax="1.2.840.10008.1.2.1",
+            size=1000 + n,
+            sha256=f"{n:064x}",
+            content_sha256=f"{n:064x}",
+            received=1_700_000_000 + n,
+            attributes={"SOPClassUID": "1.2.3.4", "InstanceNumber": str(n)},
+        )
+        patient = {"PatientID": f"P{n % studies:04d}", "PatientName": "DOE^JANE"}
+        yield NewInstance(record, patient, {"StudyDate": "20240105"}, {})
+
+
+def _load_peak(tmp_path: Path, count: int) -> int:
+    """The most memory a bulk load of ``count`` instances in 10 studies,
+    with a pack on the mirror per 50 of them, held at once."""
+    catalog = Catalog(tmp_path / f"peak-{count}", 2**30)
+    tracemalloc.start()
+    try:
+        load = BulkLoad(catalog)
+        for item in _study_instances(count, 10):
+            assert load.add(item) is Outcome.STORED
+        for first in range(0, count, 50):
+            members = {
+                f"1.2.826.0.1.3680043.9.7.{n % 10}.{n % 3}.{n}": f"m{n}"
+                for n in range(first, min(count, first + 50))
+            }
+            pack = PackRecord(
+                f"p-{first:09d}", "", OFFSITE, "packs", 1, "0" * 64, members
+            )
+            assert load.add_pack(pack, load.missing_copies(pack)) == len(members)
+        load.commit()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        catalog.close()
+
+
+def test_a_bulk_load_holds_no_more_for_more_instances(tmp_path: Path) -> None:
+    """Four times the instances in as many studies: the load's memory
+    (LMDB's own pages aside, which it writes out past a bound) barely
+    grows, where holding each instance would take four times as much."""
+    small = _load_peak(tmp_path, 2000)
+    large = _load_peak(tmp_path, 8000)
+    assert large < 1.3 * small, (small, large)
+
+    catalog = Catalog(tmp_path / "peak-8000", 2**30)
+    try:
+        assert catalog.counts()["instances"] == 8000
+    finally:
+        catalog.close()

@@ -1,6 +1,6 @@
 """Loading an empty catalog in bulk: what the catalog's writer and the
-copy recording would write, worked out in memory and written in one
-transaction, without a journal entry or a queue entry per instance.
+copy recording would write, in one transaction, without a journal entry
+or a queue entry per instance.
 
 A rebuilt catalog is written this way (``restore/export.py``): it starts
 empty, nobody else writes to it, it is thrown away unless it passes its
@@ -31,6 +31,7 @@ from appliance.catalog.store import (
     _MAX_KEY,
     Catalog,
     Outcome,
+    _loads,
     _with_key,
     count_copies,
     encode_key,
@@ -57,12 +58,16 @@ _EMPTY = (
 
 
 class BulkLoad:
-    """Instances, then packs, held in memory until :meth:`commit`."""
+    """Instances, then packs, written as they come in one write transaction
+    that :meth:`commit` ends.
 
-    # TODO: everything is held in memory until the commit, about 2 KB per
-    # instance: some 20 GB for an archive of ten million instances, more
-    # than a small appliance has. Large catalogs need the instance records
-    # written in a second pass (only checksums, sizes and copies kept).
+    What is kept in memory is what a study, series or patient needs: their
+    records and index keys, written at the commit in key order. Instance
+    and pack records go straight into the transaction, where the copies
+    found later are read back from; LMDB writes the pages of a large
+    transaction out to the file as it goes, so the memory a load takes
+    grows with the number of studies, not with the number of instances.
+    """
 
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
@@ -70,19 +75,22 @@ class BulkLoad:
         self.patients: dict[str, dict[str, Any]] = {}
         self.studies: dict[str, dict[str, Any]] = {}
         self.series: dict[str, dict[str, Any]] = {}
-        self.instances: dict[str, InstanceRecord] = {}
-        self.packs: dict[str, PackRecord] = {}
         self.indexes: dict[str, set[tuple[bytes, bytes]]] = {}
         self.totals: dict[str, int] = {}
         # How many times the writer would have queued an instance.
         self.queued = 0
+        self.packs = 0
+        # The members of the pack last looked at, read once for the calls
+        # that follow on the same pack.
+        self._recent: dict[str, InstanceRecord | None] = {}
+        self._txn: lmdb.Transaction | None = catalog.env.begin(write=True)
 
     # -- instances -------------------------------------------------------
 
     def add(self, item: NewInstance) -> Outcome:
         """Record one instance as ``Catalog.record(..., "keep_first")`` would."""
         record = item.record
-        existing = self.instances.get(record.sop_instance_uid)
+        existing = self._instance(record.sop_instance_uid)
         if existing is not None:
             if existing.content_sha256 == record.content_sha256:
                 return Outcome.IDENTICAL
@@ -94,8 +102,13 @@ class BulkLoad:
         self._add_study(item)
         self._add_series(item)
         copies = [Copy(c.tier, c.location, c.verified) for c in record.copies]
-        self.instances[record.sop_instance_uid] = _copy_of(record, copies)
-        self._index("idx.instance.series", record.series_uid, record.sop_instance_uid)
+        self._put_instance(_copy_of(record, copies))
+        # One entry per instance: written now rather than kept.
+        self._put(
+            "idx.instance.series",
+            _key(record.series_uid),
+            _key(record.sop_instance_uid),
+        )
         for copy in copies:
             self._add_total(f"bytes.{copy.tier}", record.size)
         self.queued += 1
@@ -185,20 +198,24 @@ class BulkLoad:
     def missing_copies(self, pack: PackRecord) -> dict[str, str]:
         """SHA-256 by SOP Instance UID of the pack's members recorded here
         that have no verified copy on the pack's tier yet."""
-        found = {}
-        for uid in pack.members:
-            record = self.instances.get(uid)
-            if record is not None and record.copy_on(pack.tier) is None:
-                found[uid] = record.sha256
-        return found
+        self._recent = {uid: self._instance(uid) for uid in pack.members}
+        return {
+            uid: record.sha256
+            for uid, record in self._recent.items()
+            if record is not None and record.copy_on(pack.tier) is None
+        }
 
     def add_pack(self, pack: PackRecord, checksums: dict[str, str]) -> int:
         """Record a pack and a copy in it for each member whose SHA-256
         (``checksums``) matches and that has no verified copy on the tier,
         as ``mark_replicated`` (the mirror) or ``record_pack`` (volumes)
         would; the copies added."""
-        known = pack.pack_id in self.packs
-        self.packs[pack.pack_id] = pack
+        raw_id = _key(pack.pack_id)
+        txn = self._writing()
+        known = txn.get(raw_id, db=self.catalog.db["packs"]) is not None
+        self._put("packs", raw_id, _encode(pack.as_json()).encode())
+        if not known:
+            self.packs += 1
         if pack.tier != OFFSITE:
             self._index("idx.pack.study", pack.study_uid, pack.pack_id)
         added = 0
@@ -211,7 +228,7 @@ class BulkLoad:
         return added
 
     def _add_copy(self, uid: str, sha256: str | None, tier: str, where: str) -> bool:
-        record = self.instances.get(uid)
+        record = self._instance(uid)
         if record is None or record.sha256 != sha256:
             return False
         if record.copy_on(tier) is not None:
@@ -220,6 +237,7 @@ class BulkLoad:
         count_copies(study, record, -1)
         record.copies.append(Copy(tier, where, verified=True))
         count_copies(study, record, +1)
+        self._put_instance(record)
         self._add_total(f"bytes.{tier}", record.size)
         return True
 
@@ -229,7 +247,7 @@ class BulkLoad:
         return [
             uid
             for uid in uids
-            if (record := self.instances.get(uid)) is not None
+            if (record := self._instance(uid)) is not None
             and any(
                 c.tier == pack.tier and c.location.startswith(prefix)
                 for c in record.copies
@@ -241,7 +259,7 @@ class BulkLoad:
         ``uids`` stay listed but are not counted; how many changed."""
         changed = 0
         for uid in uids:
-            record = self.instances.get(uid)
+            record = self._instance(uid)
             if record is None:
                 continue
             damaged = [
@@ -256,38 +274,76 @@ class BulkLoad:
             for copy in damaged:
                 copy.verified = False
             count_copies(study, record, +1)
+            self._put_instance(record)
             changed += len(damaged)
         return changed
 
     # -- writing -----------------------------------------------------------
 
     def commit(self) -> None:
-        """Write everything in one transaction, each database in key order."""
+        """Write the patients, studies, series and indexes, each database in
+        key order, and the totals; then end the transaction."""
+        txn = self._writing()
         try:
-            with self.catalog.env.begin(write=True) as txn:
-                self._put_all(txn, "patients", _values(self.patients))
-                self._put_all(txn, "studies", _values(self.studies))
-                self._put_all(txn, "series", _values(self.series))
-                instances = {k: _with_key(r) for k, r in self.instances.items()}
-                self._put_all(txn, "instances", _values(instances))
-                packs = {k: p.as_json() for k, p in self.packs.items()}
-                self._put_all(txn, "packs", _values(packs))
-                for index, pairs in self.indexes.items():
-                    self._put_all(txn, index, sorted(pairs))
-                self._put_meta(txn)
+            self._put_all(txn, "patients", _values(self.patients))
+            self._put_all(txn, "studies", _values(self.studies))
+            self._put_all(txn, "series", _values(self.series))
+            for index, pairs in self.indexes.items():
+                self._put_all(txn, index, sorted(pairs))
+            self._put_meta(txn)
+            txn.commit()
         except lmdb.MapFullError as exc:
             raise CatalogError(
                 "the catalog is full; raise storage.catalog_max_size"
             ) from exc
         except lmdb.Error as exc:
             raise CatalogError(f"cannot write the catalog: {exc}") from exc
+        finally:
+            self.abort()
         logger.info(
             "catalog %s loaded: %d instances in %d studies, %d packs",
             self.catalog.path,
-            len(self.instances),
+            self.queued,
             len(self.studies),
-            len(self.packs),
+            self.packs,
         )
+
+    def abort(self) -> None:
+        """Drop what was written (nothing, once committed)."""
+        txn, self._txn = self._txn, None
+        self._recent = {}
+        if txn is not None:
+            txn.abort()
+
+    def _writing(self) -> lmdb.Transaction:
+        if self._txn is None:
+            raise CatalogError(f"the bulk load of {self.catalog.path} has ended")
+        return self._txn
+
+    def _instance(self, uid: str) -> InstanceRecord | None:
+        if uid in self._recent:
+            return self._recent[uid]
+        raw = self._writing().get(_key(uid), db=self.catalog.db["instances"])
+        return None if raw is None else InstanceRecord.from_json(uid, _loads(raw))
+
+    def _put_instance(self, record: InstanceRecord) -> None:
+        uid = record.sop_instance_uid
+        self._put("instances", _key(uid), _encode(_with_key(record)).encode())
+        if uid in self._recent:
+            self._recent[uid] = record
+
+    def _put(self, db: str, key: bytes, value: bytes) -> None:
+        """One pair, wherever it goes: instances come in no key order."""
+        try:
+            self._writing().put(key, value, db=self.catalog.db[db])
+        except lmdb.MapFullError as exc:
+            self.abort()
+            raise CatalogError(
+                "the catalog is full; raise storage.catalog_max_size"
+            ) from exc
+        except lmdb.Error as exc:
+            self.abort()
+            raise CatalogError(f"cannot write the catalog: {exc}") from exc
 
     def _put_all(
         self, txn: lmdb.Transaction, db: str, pairs: Iterable[tuple[bytes, bytes]]

@@ -16,7 +16,7 @@ import gc
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,26 +72,46 @@ def _collector_paused() -> Iterator[None]:
 def _export(work: Catalog, final: Catalog, contents: MirrorContents) -> Exported:
     result = Exported()
     load = BulkLoad(final)
-    with work.read() as txn:
-        for item, has_copy in _instances(work, txn, contents.tier):
-            if not has_copy:
-                uid = item.record.sop_instance_uid
-                result.lost.append(
-                    {"sop_instance_uid": uid, "study": item.record.study_uid}
-                )
-                continue
-            result.instances += load.add(item) is Outcome.STORED
-        packs = [
-            PackRecord.from_json(data)
-            for _key, data in work.all_records(txn, "packs")
-            if data.get("tier") == contents.tier
-        ]
-    _add_packs(load, packs, contents, result)
-    load.commit()
+    try:
+        with work.read() as txn:
+            for item, has_copy in _instances(work, txn, contents.tier):
+                if not has_copy:
+                    uid = item.record.sop_instance_uid
+                    result.lost.append(
+                        {"sop_instance_uid": uid, "study": item.record.study_uid}
+                    )
+                    continue
+                result.instances += load.add(item) is Outcome.STORED
+            ids = _pack_ids(work, txn, contents.tier)
+            _add_packs(load, ids, _pack_reader(work, txn), contents, result)
+        load.commit()
+    finally:
+        load.abort()
     # Instances were written with their patients' corrected attributes;
     # the pointers of merged patients and the corrections' marks follow.
     patients.carry_over(work, final)
     return result
+
+
+def _pack_ids(work: Catalog, txn: lmdb.Transaction, tier: str) -> list[str]:
+    """The packs on ``tier``, newest first."""
+    found = [
+        key for key, data in work.all_records(txn, "packs") if data.get("tier") == tier
+    ]
+    return sorted(found, key=pack_number, reverse=True)
+
+
+def _pack_reader(work: Catalog, txn: lmdb.Transaction) -> Callable[[str], PackRecord]:
+    """Packs read when their turn comes: the member lists of all packs
+    together are as long as the archive, and are not kept."""
+
+    def read(pack_id: str) -> PackRecord:
+        data = work.get(txn, "packs", pack_id)
+        if data is None:
+            raise CatalogError(f"pack {pack_id} is not in the work catalog")
+        return PackRecord.from_json(data)
+
+    return read
 
 
 def _instances(
@@ -145,17 +165,18 @@ def _records_of(
 
 def _add_packs(
     load: BulkLoad,
-    packs: list[PackRecord],
+    ids: list[str],
+    read: Callable[[str], PackRecord],
     contents: MirrorContents,
     result: Exported,
 ) -> None:
     """Give each instance its copy in the newest pack that holds its bytes,
     packs on the mirror (or the volumes read) first; copies in packs not
     there are kept but not counted as verified."""
-    present = [p for p in packs if p.pack_id in contents.packs]
-    absent = [p for p in packs if p.pack_id not in contents.packs]
+    present = [i for i in ids if i in contents.packs]
+    absent = [i for i in ids if i not in contents.packs]
     for group, found in ((present, True), (absent, False)):
-        for pack in sorted(group, key=lambda p: pack_number(p.pack_id), reverse=True):
+        for pack in map(read, group):
             checksums = load.missing_copies(pack)
             added = load.add_pack(pack, checksums)
             if found or not added:
