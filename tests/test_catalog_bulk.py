@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from appliance.catalog import copies
-from appliance.catalog.bulk import BulkLoad
+from appliance.catalog.bulk import HELD, BulkLoad
 from appliance.catalog.copies import PackRecord
 from appliance.catalog.records import Copy, InstanceRecord, NewInstance, patient_key
 from appliance.catalog.replication import OFFSITE, Queued, mark_replicated
@@ -157,9 +157,13 @@ def _by_writer(
 
 
 def _by_bulk(
-    catalog: Catalog, items: list[NewInstance], packs: list[PackRecord], seed: int
+    catalog: Catalog,
+    items: list[NewInstance],
+    packs: list[PackRecord],
+    seed: int,
+    held: int = HELD,
 ) -> list[Outcome]:
-    load = BulkLoad(catalog)
+    load = BulkLoad(catalog, held)
     outcomes = [load.add(item) for item in _fresh(items)]
     rng = random.Random(seed)
     for pack in packs:
@@ -203,7 +207,7 @@ def _contents(catalog: Catalog) -> dict[str, list[tuple[bytes, bytes]]]:
     return found
 
 
-def _compare(tmp_path: Path, seed: int, count: int) -> None:
+def _compare(tmp_path: Path, seed: int, count: int, held: int = HELD) -> None:
     rng = random.Random(seed)
     items = _instances(rng, count)
     packs = _packs(rng, items)
@@ -213,7 +217,7 @@ def _compare(tmp_path: Path, seed: int, count: int) -> None:
     loaded = Catalog(folder / "bulk", MAP_SIZE)
     try:
         expected = _by_writer(written, items, packs, seed)
-        assert _by_bulk(loaded, items, packs, seed) == expected
+        assert _by_bulk(loaded, items, packs, seed, held) == expected
         want, got = _contents(written), _contents(loaded)
         for name in want:
             assert got[name] == want[name], name
@@ -228,16 +232,29 @@ def test_a_bulk_load_writes_what_the_writer_writes(tmp_path: Path, seed: int) ->
     _compare(tmp_path, seed, 120)
 
 
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("held", [4, 9])
+def test_patients_studies_and_series_let_go_come_back_as_they_were(
+    tmp_path: Path, seed: int, held: int
+) -> None:
+    """Held a few at a time, the others written and read back as needed."""
+    _compare(tmp_path, seed, 150, held)
+
+
 @settings(
     max_examples=25,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
-@given(seed=st.integers(0, 2**32), count=st.integers(0, 40))
+@given(
+    seed=st.integers(0, 2**32),
+    count=st.integers(0, 40),
+    held=st.sampled_from((4, 7, HELD)),
+)
 def test_any_generated_catalog_loads_as_written(
-    tmp_path: Path, seed: int, count: int
+    tmp_path: Path, seed: int, count: int, held: int
 ) -> None:
-    _compare(tmp_path, seed, count)
+    _compare(tmp_path, seed, count, held)
 
 
 def test_the_generated_data_covers_every_case(tmp_path: Path) -> None:
@@ -310,17 +327,18 @@ def _study_instances(count: int, studies: int) -> Iterator[NewInstance]:
 
 
 def _load_peak(tmp_path: Path, count: int) -> int:
-    """The most memory a bulk load of ``count`` instances in 10 studies,
+    """The most memory a bulk load of ``count`` instances, five to a study,
     with a pack on the mirror per 50 of them, held at once."""
     catalog = Catalog(tmp_path / f"peak-{count}", 2**30)
+    studies = count // 5
     tracemalloc.start()
     try:
-        load = BulkLoad(catalog)
-        for item in _study_instances(count, 10):
+        load = BulkLoad(catalog, held=100)
+        for item in _study_instances(count, studies):
             assert load.add(item) is Outcome.STORED
         for first in range(0, count, 50):
             members = {
-                f"1.2.826.0.1.3680043.9.7.{n % 10}.{n % 3}.{n}": f"m{n}"
+                f"1.2.826.0.1.3680043.9.7.{n % studies}.{n % 3}.{n}": f"m{n}"
                 for n in range(first, min(count, first + 50))
             }
             pack = PackRecord(
@@ -334,16 +352,19 @@ def _load_peak(tmp_path: Path, count: int) -> int:
         catalog.close()
 
 
-def test_a_bulk_load_holds_no_more_for_more_instances(tmp_path: Path) -> None:
-    """Four times the instances in as many studies: the load's memory
-    (LMDB's own pages aside, which it writes out past a bound) barely
-    grows, where holding each instance would take four times as much."""
+def test_a_bulk_load_holds_no_more_for_a_larger_archive(tmp_path: Path) -> None:
+    """Four times the instances in four times the studies: the load's
+    memory (LMDB's own pages aside, which it writes out past a bound)
+    barely grows, where holding each instance or study would take four
+    times as much."""
     small = _load_peak(tmp_path, 2000)
     large = _load_peak(tmp_path, 8000)
     assert large < 1.3 * small, (small, large)
 
     catalog = Catalog(tmp_path / "peak-8000", 2**30)
     try:
-        assert catalog.counts()["instances"] == 8000
+        counts = catalog.counts()
     finally:
         catalog.close()
+    assert (counts["instances"], counts["studies"]) == (8000, 1600)
+    assert counts["bytes.offsite"] == sum(range(1000, 9000))

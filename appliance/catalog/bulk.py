@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any
 
 import lmdb
@@ -41,6 +42,11 @@ from appliance.errors import CatalogError
 
 logger = logging.getLogger(__name__)
 
+# Patients, studies and series a load holds in memory at most: about
+# 1 KB each with the test's made-up attributes, some 40 MB, whatever the
+# size of the archive.
+HELD = 40_000
+
 # One encoder for every value: the catalog's compact JSON, as Catalog._put
 # writes it, without building an encoder per value.
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -61,24 +67,28 @@ class BulkLoad:
     """Instances, then packs, written as they come in one write transaction
     that :meth:`commit` ends.
 
-    What is kept in memory is what a study, series or patient needs: their
-    records and index keys, written at the commit in key order. Instance
-    and pack records go straight into the transaction, where the copies
-    found later are read back from; LMDB writes the pages of a large
-    transaction out to the file as it goes, so the memory a load takes
-    grows with the number of studies, not with the number of instances.
+    Instance and pack records and index entries go straight into the
+    transaction; the copies packs give are read back from it. Patients,
+    studies and series change with every instance and copy: the ``held``
+    most recently used stay in memory, the others wait in the transaction
+    until needed again. LMDB writes the pages of a large transaction out to
+    the file as it goes, so that a load takes the same memory whatever the
+    size of the archive.
     """
 
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(self, catalog: Catalog, held: int = HELD) -> None:
+        if held < 4:
+            # One instance touches three at once: they must stay held.
+            raise ValueError(f"held must be 4 or more, not {held}")
         self.catalog = catalog
         _refuse_unless_empty(catalog)
-        self.patients: dict[str, dict[str, Any]] = {}
-        self.studies: dict[str, dict[str, Any]] = {}
-        self.series: dict[str, dict[str, Any]] = {}
-        self.indexes: dict[str, set[tuple[bytes, bytes]]] = {}
+        self.held = held
+        # (database, key) -> record, least recently used first.
+        self._levels: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
         self.totals: dict[str, int] = {}
         # How many times the writer would have queued an instance.
         self.queued = 0
+        self.studies = 0
         self.packs = 0
         # The members of the pack last looked at, read once for the calls
         # that follow on the same pack.
@@ -95,53 +105,79 @@ class BulkLoad:
             if existing.content_sha256 == record.content_sha256:
                 return Outcome.IDENTICAL
             return Outcome.KEPT_FIRST
-        if self._conflicts(record):
+        series = self._level("series", record.series_uid)
+        if series is not None and series["study"] != record.study_uid:
+            return Outcome.INCONSISTENT
+        study = self._level("studies", record.study_uid)
+        if study is not None and study["patient"] != record.patient:
             return Outcome.INCONSISTENT
 
-        self._add_patient(item)
-        self._add_study(item)
-        self._add_series(item)
+        patient = self._add_patient(item, study is None, series is None)
+        if study is None:
+            study = self._new_study(item, patient)
+        self._add_to_study(item, study, series is None)
+        if series is None:
+            series = self._new_series(item)
+        series["instances"] += 1
         copies = [Copy(c.tier, c.location, c.verified) for c in record.copies]
         self._put_instance(_copy_of(record, copies))
-        # One entry per instance: written now rather than kept.
-        self._put(
-            "idx.instance.series",
-            _key(record.series_uid),
-            _key(record.sop_instance_uid),
-        )
+        self._index("idx.instance.series", record.series_uid, record.sop_instance_uid)
         for copy in copies:
             self._add_total(f"bytes.{copy.tier}", record.size)
         self.queued += 1
         return Outcome.STORED
 
-    def _conflicts(self, record: InstanceRecord) -> bool:
-        """The writer's hierarchy check: a series under another study, or a
-        study under another patient."""
-        series = self.series.get(record.series_uid)
-        if series is not None and series["study"] != record.study_uid:
-            return True
-        study = self.studies.get(record.study_uid)
-        return study is not None and study["patient"] != record.patient
-
-    def _add_patient(self, item: NewInstance) -> None:
+    def _add_patient(
+        self, item: NewInstance, new_study: bool, new_series: bool
+    ) -> dict[str, Any]:
         record = item.record
-        patient = self.patients.get(record.patient)
+        patient = self._level("patients", record.patient)
         if patient is None:
             patient = {"key": record.patient, "attrs": dict(item.patient)}
             patient.update(studies=0, series=0, instances=0)
             for name in name_index_keys(item.patient.get("PatientName")):
                 self._index("idx.patient.name", name, record.patient)
-            self.patients[record.patient] = patient
-        patient["studies"] += record.study_uid not in self.studies
-        patient["series"] += record.series_uid not in self.series
+            self._hold("patients", record.patient, patient)
+        patient["studies"] += new_study
+        patient["series"] += new_series
         patient["instances"] += 1
+        return patient
 
-    def _add_study(self, item: NewInstance) -> None:
+    def _new_study(self, item: NewInstance, patient: dict[str, Any]) -> dict[str, Any]:
         record = item.record
-        study = self.studies.get(record.study_uid)
-        if study is None:
-            study = self.studies[record.study_uid] = self._new_study(item)
-        study["series"] += record.series_uid not in self.series
+        uid = record.study_uid
+        self._index("idx.study.patient", record.patient, uid)
+        accession = item.study.get("AccessionNumber")
+        if accession:
+            self._index("idx.study.accession", accession, uid)
+        study_date = item.study.get("StudyDate")
+        if study_date:
+            self._index("idx.study.date", study_date.replace(".", "")[:8], uid)
+        # The name the patient record holds: that of its first instance.
+        for group in name_index_keys(patient["attrs"].get("PatientName")):
+            self._index("idx.study.name", group, uid)
+        study = {
+            "key": uid,
+            "attrs": dict(item.study),
+            "patient": record.patient,
+            "series": 0,
+            "instances": 0,
+            "bytes": 0,
+            "modalities": [],
+            "sop_classes": [],
+            "received": record.received,
+            "last_access": record.received,
+            "copies": {},
+        }
+        self.studies += 1
+        self._hold("studies", uid, study)
+        return study
+
+    def _add_to_study(
+        self, item: NewInstance, study: dict[str, Any], new_series: bool
+    ) -> None:
+        record = item.record
+        study["series"] += new_series
         study["instances"] += 1
         study["bytes"] += record.size
         count_copies(study, record, +1)
@@ -155,43 +191,13 @@ class BulkLoad:
         if item.calling_ae and item.calling_ae not in senders:
             senders.append(item.calling_ae)
 
-    def _new_study(self, item: NewInstance) -> dict[str, Any]:
+    def _new_series(self, item: NewInstance) -> dict[str, Any]:
         record = item.record
-        uid = record.study_uid
-        self._index("idx.study.patient", record.patient, uid)
-        accession = item.study.get("AccessionNumber")
-        if accession:
-            self._index("idx.study.accession", accession, uid)
-        study_date = item.study.get("StudyDate")
-        if study_date:
-            self._index("idx.study.date", study_date.replace(".", "")[:8], uid)
-        # The name the patient record holds: that of its first instance.
-        name = self.patients[record.patient]["attrs"].get("PatientName")
-        for group in name_index_keys(name):
-            self._index("idx.study.name", group, uid)
-        return {
-            "key": uid,
-            "attrs": dict(item.study),
-            "patient": record.patient,
-            "series": 0,
-            "instances": 0,
-            "bytes": 0,
-            "modalities": [],
-            "sop_classes": [],
-            "received": record.received,
-            "last_access": record.received,
-            "copies": {},
-        }
-
-    def _add_series(self, item: NewInstance) -> None:
-        record = item.record
-        series = self.series.get(record.series_uid)
-        if series is None:
-            series = {"key": record.series_uid, "attrs": dict(item.series)}
-            series.update(study=record.study_uid, instances=0)
-            self._index("idx.series.study", record.study_uid, record.series_uid)
-            self.series[record.series_uid] = series
-        series["instances"] += 1
+        series: dict[str, Any] = {"key": record.series_uid}
+        series.update(attrs=dict(item.series), study=record.study_uid, instances=0)
+        self._index("idx.series.study", record.study_uid, record.series_uid)
+        self._hold("series", record.series_uid, series)
+        return series
 
     # -- packs and copies --------------------------------------------------
 
@@ -233,7 +239,7 @@ class BulkLoad:
             return False
         if record.copy_on(tier) is not None:
             return False
-        study = self.studies[record.study_uid]
+        study = self._study_of(record)
         count_copies(study, record, -1)
         record.copies.append(Copy(tier, where, verified=True))
         count_copies(study, record, +1)
@@ -269,7 +275,7 @@ class BulkLoad:
             ]
             if not damaged:
                 continue
-            study = self.studies[record.study_uid]
+            study = self._study_of(record)
             count_copies(study, record, -1)
             for copy in damaged:
                 copy.verified = False
@@ -281,15 +287,12 @@ class BulkLoad:
     # -- writing -----------------------------------------------------------
 
     def commit(self) -> None:
-        """Write the patients, studies, series and indexes, each database in
-        key order, and the totals; then end the transaction."""
+        """Write the patients, studies and series still held and the totals;
+        then end the transaction."""
         txn = self._writing()
         try:
-            self._put_all(txn, "patients", _values(self.patients))
-            self._put_all(txn, "studies", _values(self.studies))
-            self._put_all(txn, "series", _values(self.series))
-            for index, pairs in self.indexes.items():
-                self._put_all(txn, index, sorted(pairs))
+            while self._levels:
+                self._let_go()
             self._put_meta(txn)
             txn.commit()
         except lmdb.MapFullError as exc:
@@ -304,7 +307,7 @@ class BulkLoad:
             "catalog %s loaded: %d instances in %d studies, %d packs",
             self.catalog.path,
             self.queued,
-            len(self.studies),
+            self.studies,
             self.packs,
         )
 
@@ -312,6 +315,7 @@ class BulkLoad:
         """Drop what was written (nothing, once committed)."""
         txn, self._txn = self._txn, None
         self._recent = {}
+        self._levels.clear()
         if txn is not None:
             txn.abort()
 
@@ -345,15 +349,35 @@ class BulkLoad:
             self.abort()
             raise CatalogError(f"cannot write the catalog: {exc}") from exc
 
-    def _put_all(
-        self, txn: lmdb.Transaction, db: str, pairs: Iterable[tuple[bytes, bytes]]
-    ) -> None:
-        cursor = txn.cursor(db=self.catalog.db[db])
-        # In key order, so that LMDB appends instead of searching; a pair
-        # out of order is refused, not written elsewhere.
-        consumed, added = cursor.putmulti(pairs, append=True)
-        if consumed != added:
-            raise CatalogError(f"{db}: {consumed - added} record(s) not written")
+    def _level(self, db: str, key: str) -> dict[str, Any] | None:
+        """The patient, study or series record ``key``, held from now on."""
+        record = self._levels.get((db, key))
+        if record is not None:
+            self._levels.move_to_end((db, key))
+            return record
+        raw = self._writing().get(_key(key), db=self.catalog.db[db])
+        if raw is None:
+            return None
+        record = _loads(raw)
+        self._hold(db, key, record)
+        return record
+
+    def _hold(self, db: str, key: str, record: dict[str, Any]) -> None:
+        self._levels[(db, key)] = record
+        # The least recently used goes: never one of the three an instance
+        # has just touched, which come last.
+        while len(self._levels) > self.held:
+            self._let_go()
+
+    def _let_go(self) -> None:
+        (db, key), record = self._levels.popitem(last=False)
+        self._put(db, _key(key), _encode(record).encode())
+
+    def _study_of(self, record: InstanceRecord) -> dict[str, Any]:
+        study = self._level("studies", record.study_uid)
+        if study is None:
+            raise CatalogError(f"study {record.study_uid} was not loaded")
+        return study
 
     def _put_meta(self, txn: lmdb.Transaction) -> None:
         meta = self.catalog.db["meta"]
@@ -366,7 +390,8 @@ class BulkLoad:
             txn.put(key.encode(), str(value).encode(), db=meta)
 
     def _index(self, index: str, key: str, value: str) -> None:
-        self.indexes.setdefault(index, set()).add((_key(key), _key(value)))
+        # Indexes allow duplicates: the same pair again adds nothing.
+        self._put(index, _key(key), _key(value))
 
     def _add_total(self, key: str, amount: int) -> None:
         self.totals[key] = self.totals.get(key, 0) + amount
@@ -386,13 +411,6 @@ def _key(text: str) -> bytes:
     """As ``encode_key``, the common case without a further call."""
     raw = text.encode("utf-8", "surrogateescape")
     return raw if len(raw) <= _MAX_KEY else encode_key(text)
-
-
-def _values(records: dict[str, Any]) -> Iterator[tuple[bytes, bytes]]:
-    """(key, value) pairs of records by key, in the order LMDB keeps them."""
-    keyed = sorted((_key(key), key) for key in records)
-    for raw, key in keyed:
-        yield raw, _encode(records[key]).encode()
 
 
 def _copy_of(record: InstanceRecord, copies: list[Copy]) -> InstanceRecord:
