@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 # Meta key of a rebuilt catalog: where it came from, what was lost.
 REBUILT = b"restore.rebuilt"
+# Patients whose attributes the export keeps at once, about 1 KB each.
+_PATIENTS_READ = 20_000
 
 
 @dataclass
@@ -119,11 +121,15 @@ def _instances(
 ) -> Iterator[tuple[NewInstance, bool]]:
     """Every instance of the work catalog, study by study in the order
     received, and whether it has a copy on ``tier``."""
-    # A patient's attributes, read once for all of its studies.
+    # A patient's attributes, read once for all of its studies as long as
+    # they are among the last few thousand read: every patient would grow
+    # with the archive.
     patients_read: dict[str, dict[str, str]] = {}
     for study_uid, study in work.all_records(txn, "studies"):
         key = study["patient"]
         if key not in patients_read:
+            if len(patients_read) >= _PATIENTS_READ:
+                patients_read.clear()
             patient = work.get(txn, "patients", key) or {}
             patients_read[key] = patient.get("attrs", {})
         senders = list(study.get("calling_aes", []))
