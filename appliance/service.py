@@ -164,7 +164,7 @@ def _serve(
 ) -> int:
     context = multiprocessing.get_context("spawn")
     load = Load.shared(context, config.workers)
-    workers = [_start_worker(context, config, i, load) for i in range(config.workers)]
+    workers = _start_workers(context, config, load)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -377,6 +377,13 @@ def _restart_dead(
         workers[position] = _start_worker(context, config, worker.index, load, waiting)
 
 
+def _start_workers(context: Any, config: Config, load: Load) -> list[_Worker]:
+    """Start every worker at once: each spends its start importing and
+    opening in its own process, so that the starts overlap."""
+    started = [_launch(context, config, i, load) for i in range(config.workers)]
+    return [_ready(index, *launched) for index, launched in enumerate(started)]
+
+
 def _start_worker(
     context: Any,
     config: Config,
@@ -386,6 +393,13 @@ def _start_worker(
 ) -> _Worker:
     """Start worker ``index``; ``waiting`` is called while it starts (the
     listener is busy, not hung: it keeps the watchdog heartbeat going)."""
+    return _ready(index, *_launch(context, config, index, load), waiting)
+
+
+def _launch(
+    context: Any, config: Config, index: int, load: Load
+) -> tuple[Any, socket.socket, Any]:
+    """Worker ``index``'s process, started; its channel and ready event."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     ready = context.Event()
     process = context.Process(
@@ -396,6 +410,17 @@ def _start_worker(
     )
     process.start()
     theirs.close()
+    return process, ours, ready
+
+
+def _ready(
+    index: int,
+    process: Any,
+    ours: socket.socket,
+    ready: Any,
+    waiting: Callable[[], None] = lambda: None,
+) -> _Worker:
+    """Wait until a started worker serves (60 s at most)."""
     deadline = time.monotonic() + 60
     while not ready.wait(timeout=0.1):
         waiting()

@@ -331,6 +331,35 @@ def test_a_crash_between_the_renames_is_finished_by_the_next_run(
     assert list(catalog_path.parent.glob("catalog.before-restore-*"))
 
 
+@pytest.mark.parametrize(
+    "where",
+    [
+        "appliance.catalog.bulk.BulkLoad._put_meta",  # inside its transaction
+        # Instances written into the open transaction, their copies not yet.
+        "appliance.catalog.bulk.BulkLoad.add_pack",
+        "appliance.restore.rebuild.check",  # written, not checked yet
+    ],
+)
+def test_a_crash_while_the_catalog_is_loaded_starts_it_again(
+    disaster, site, where: str
+) -> None:
+    restored, mirror = site
+    catalog_path = restored.config.catalog_path
+
+    with (
+        mock.patch(where, side_effect=OSError("power cut")),
+        pytest.raises(OSError, match="power cut"),
+    ):
+        _restore_in_process(restored, mirror)
+    assert swap.note_of(swap.rebuilt_path(catalog_path)) is None
+    assert not catalog_path.exists()
+
+    done = restored.restore()
+
+    assert done.returncode == 0, done.stderr
+    assert restored.held() == (disaster[1], disaster[2])
+
+
 def test_without_the_master_keys_nothing_is_read(site, tmp_path: Path) -> None:
     restored, _mirror = site
     key_store_path(restored.data_dir).unlink()

@@ -205,8 +205,10 @@ def carry_over(work: Catalog, final: Catalog) -> int:
                     final._put(txn, MERGED, key, data)
                     pointers += 1
             for key, data in work.all_records(source, "patients"):
+                if "corrected" not in data:
+                    continue
                 patient = final.get(txn, "patients", key)
-                if patient is not None and "corrected" in data:
+                if patient is not None:
                     patient["corrected"] = data["corrected"]
                     final._put(txn, "patients", key, patient)
             secret = source.get(_REFERENCE_KEY, db=work.db["meta"])

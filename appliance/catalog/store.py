@@ -135,6 +135,12 @@ def _decode(raw: bytes | memoryview) -> str:
     return bytes(raw).decode("utf-8", "surrogateescape")
 
 
+def _loads(raw: bytes | memoryview) -> Any:
+    """A stored JSON value. Values are always UTF-8: decoding them here
+    spares json.loads guessing the encoding of every one."""
+    return json.loads(bytes(raw).decode("utf-8", "surrogatepass"))
+
+
 def fold_name(group: str) -> str:
     """A person-name group as the name indexes file it: upper case, no padding."""
     return group.strip().rstrip("^").upper()
@@ -279,7 +285,7 @@ class Catalog:
         if not key:
             return None  # LMDB has no empty keys: a missing UID names nothing
         raw = txn.get(encode_key(key), db=self.db[db])
-        return None if raw is None else json.loads(bytes(raw))
+        return None if raw is None else _loads(raw)
 
     def _put(self, txn: lmdb.Transaction, db: str, key: str, value: Any) -> None:
         data = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
@@ -335,7 +341,7 @@ class Catalog:
     ) -> Iterator[tuple[str, dict[str, Any]]]:
         """Every (key, record) of a main database, in key order."""
         for key, raw in txn.cursor(db=self.db[db]):
-            record = json.loads(bytes(raw))
+            record = _loads(raw)
             yield record.get("key", _decode(key)), record
 
     def counts(self) -> dict[str, int]:

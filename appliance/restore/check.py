@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
+import lmdb
+
 from appliance.catalog import replication
+from appliance.catalog.records import InstanceRecord
 from appliance.catalog.store import Catalog
 from appliance.errors import CatalogError
 from appliance.restore.mirror import MirrorContents
@@ -29,7 +33,11 @@ _SHOWN = 10
 
 def check(final: Catalog, contents: MirrorContents, expected: int) -> None:
     """Raise CatalogError listing what is wrong with the rebuilt catalog."""
-    problems = _copies(final, contents) + _counts(final, expected)
+    counted = _Counted()
+    # One read of every instance serves both checks.
+    with final.read() as txn:
+        problems = _copies(final, txn, contents, counted)
+        problems += _counts(final, txn, counted, expected)
     if replication.queue_state(final).instances:
         problems.append("instances are queued for the mirror")
     if next(replication.journal_after(final, 0), None) is not None:
@@ -44,6 +52,15 @@ def check(final: Catalog, contents: MirrorContents, expected: int) -> None:
         )
 
 
+@dataclass
+class _Counted:
+    """Instances found under each study, series and patient."""
+
+    studies: Counter[str] = field(default_factory=Counter)
+    series: Counter[str] = field(default_factory=Counter)
+    patients: Counter[str] = field(default_factory=Counter)
+
+
 def _warn_if_resized(
     pack_id: str, pack: dict[str, Any] | None, contents: MirrorContents
 ) -> None:
@@ -55,66 +72,66 @@ def _warn_if_resized(
         )
 
 
-def _copies(final: Catalog, contents: MirrorContents) -> list[str]:
+def _copies(
+    final: Catalog,
+    txn: lmdb.Transaction,
+    contents: MirrorContents,
+    counted: _Counted,
+) -> list[str]:
     problems = []
     tier = contents.tier
     tier_bytes = 0
     # A pack record lists every member: read each once, not per instance.
     packs: dict[str, dict[str, Any] | None] = {}
-    with final.read() as txn:
-        for uid, _data in final.all_records(txn, "instances"):
-            record = final.instance(txn, uid)
-            assert record is not None
-            mine = [c for c in record.copies if c.tier == tier]
-            others = [c.tier for c in record.copies if c.tier != tier]
-            if len(mine) != 1 or others:
-                problems.append(f"instance {uid} has copies {record.copies}")
-                continue
-            tier_bytes += record.size
-            pack_id, _, member = mine[0].location.partition("/")
-            if pack_id not in packs:
-                packs[pack_id] = final.get(txn, "packs", pack_id)
-                _warn_if_resized(pack_id, packs[pack_id], contents)
-            pack = packs[pack_id]
-            if pack is None or pack["members"].get(uid) != member:
-                problems.append(f"instance {uid}: pack {pack_id} does not list it")
-                continue
-            if mine[0].verified and pack_id not in contents.packs:
-                problems.append(f"pack {pack_id} of {uid} is not on {contents.where}")
-        recorded = int(txn.get(f"bytes.{tier}".encode(), b"0", db=final.db["meta"]))
+    for uid, data in final.all_records(txn, "instances"):
+        counted.studies[data["study"]] += 1
+        counted.series[data["series"]] += 1
+        counted.patients[data["patient"]] += 1
+        record = InstanceRecord.from_json(uid, data)
+        mine = [c for c in record.copies if c.tier == tier]
+        others = [c.tier for c in record.copies if c.tier != tier]
+        if len(mine) != 1 or others:
+            problems.append(f"instance {uid} has copies {record.copies}")
+            continue
+        tier_bytes += record.size
+        pack_id, _, member = mine[0].location.partition("/")
+        if pack_id not in packs:
+            packs[pack_id] = final.get(txn, "packs", pack_id)
+            _warn_if_resized(pack_id, packs[pack_id], contents)
+        pack = packs[pack_id]
+        if pack is None or pack["members"].get(uid) != member:
+            problems.append(f"instance {uid}: pack {pack_id} does not list it")
+            continue
+        if mine[0].verified and pack_id not in contents.packs:
+            problems.append(f"pack {pack_id} of {uid} is not on {contents.where}")
+    recorded = int(txn.get(f"bytes.{tier}".encode(), b"0", db=final.db["meta"]))
     if recorded != tier_bytes:
         problems.append(f"{tier} bytes {recorded} recorded, {tier_bytes} counted")
     return problems
 
 
-def _counts(final: Catalog, expected: int) -> list[str]:
+def _counts(
+    final: Catalog, txn: lmdb.Transaction, counted: _Counted, expected: int
+) -> list[str]:
     """Each level's counts against the instances found under it."""
     problems = []
-    per_study: Counter[str] = Counter()
-    per_series: Counter[str] = Counter()
-    per_patient: Counter[str] = Counter()
-    with final.read() as txn:
-        for _uid, data in final.all_records(txn, "instances"):
-            per_study[data["study"]] += 1
-            per_series[data["series"]] += 1
-            per_patient[data["patient"]] += 1
-        for level, counted in (
-            ("studies", per_study),
-            ("series", per_series),
-            ("patients", per_patient),
-        ):
-            for key, record in final.all_records(txn, level):
-                if record["instances"] != counted.get(key, 0):
-                    problems.append(
-                        f"{level} {key!r} counts {record['instances']} instances, "
-                        f"{counted.get(key, 0)} found"
-                    )
+    for level, found_under in (
+        ("studies", counted.studies),
+        ("series", counted.series),
+        ("patients", counted.patients),
+    ):
+        for key, record in final.all_records(txn, level):
+            if record["instances"] != found_under.get(key, 0):
+                problems.append(
+                    f"{level} {key!r} counts {record['instances']} instances, "
+                    f"{found_under.get(key, 0)} found"
+                )
     totals = final.counts()
     found = {
-        "instances": sum(per_study.values()),
-        "studies": len(per_study),
-        "series": len(per_series),
-        "patients": len(per_patient),
+        "instances": sum(counted.studies.values()),
+        "studies": len(counted.studies),
+        "series": len(counted.series),
+        "patients": len(counted.patients),
     }
     for name, number in found.items():
         if totals[name] != number:

@@ -1,37 +1,42 @@
 """The rebuilt catalog, written fresh from the work catalog: every instance
 the mirror (or the volumes) holds, with its copy there only.
 
-Instances go in through the catalog's one writer, study by study and in
-the order they were received, so that counts, indexes and the lists the
-C-FIND answers carry (modalities, SOP classes) come out as the lost
-appliance had them. Each instance's copy is in the newest pack that holds
-its bytes and is on the mirror (or on a volume read).
+Instances go in study by study and in the order they were received, so
+that counts, indexes and the lists the C-FIND answers carry (modalities,
+SOP classes) come out as the lost appliance had them. They are loaded in
+bulk (``catalog/bulk.py``): the same records the catalog's writer would
+make, without the journal entry and queue entry per instance that
+:func:`finish` would drop. Each instance's copy is in the newest pack that
+holds its bytes and is on the mirror (or on a volume read).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import lmdb
 
-from appliance.catalog import copies, patients
+from appliance.catalog import patients
+from appliance.catalog.bulk import BulkLoad
 from appliance.catalog.copies import PackRecord
 from appliance.catalog.records import InstanceRecord, NewInstance
 from appliance.catalog.store import Catalog, Outcome
 from appliance.errors import CatalogError
 from appliance.restore.mirror import MirrorContents, pack_number
-from appliance.restore.replay import add_pack
 
 logger = logging.getLogger(__name__)
 
 # Meta key of a rebuilt catalog: where it came from, what was lost.
 REBUILT = b"restore.rebuilt"
-_BATCH = 2000
+# Patients whose attributes the export keeps at once, about 1 KB each.
+_PATIENTS_READ = 20_000
 
 
 @dataclass
@@ -48,31 +53,67 @@ class Exported:
 def export(work: Catalog, final: Catalog, contents: MirrorContents) -> Exported:
     """Write every instance with a copy on the tier of ``contents`` from
     ``work`` into the empty ``final`` catalog, then the packs and copies."""
+    # The load holds a few small objects per instance until it commits, and
+    # none of them in a cycle: the cyclic collector would walk them again
+    # and again, for nothing.
+    with _collector_paused():
+        return _export(work, final, contents)
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _export(work: Catalog, final: Catalog, contents: MirrorContents) -> Exported:
     result = Exported()
-    with work.read() as txn:
-        batch: list[NewInstance] = []
-        for item, has_copy in _instances(work, txn, contents.tier):
-            if not has_copy:
-                uid = item.record.sop_instance_uid
-                result.lost.append(
-                    {"sop_instance_uid": uid, "study": item.record.study_uid}
-                )
-                continue
-            batch.append(item)
-            if len(batch) >= _BATCH:
-                result.instances += _record(final, batch)
-                batch = []
-        result.instances += _record(final, batch)
-        packs = [
-            PackRecord.from_json(data)
-            for _key, data in work.all_records(txn, "packs")
-            if data.get("tier") == contents.tier
-        ]
-    _add_packs(final, packs, contents, result)
+    load = BulkLoad(final)
+    try:
+        with work.read() as txn:
+            for item, has_copy in _instances(work, txn, contents.tier):
+                if not has_copy:
+                    uid = item.record.sop_instance_uid
+                    result.lost.append(
+                        {"sop_instance_uid": uid, "study": item.record.study_uid}
+                    )
+                    continue
+                result.instances += load.add(item) is Outcome.STORED
+            ids = _pack_ids(work, txn, contents.tier)
+            _add_packs(load, ids, _pack_reader(work, txn), contents, result)
+        load.commit()
+    finally:
+        load.abort()
     # Instances were written with their patients' corrected attributes;
     # the pointers of merged patients and the corrections' marks follow.
     patients.carry_over(work, final)
     return result
+
+
+def _pack_ids(work: Catalog, txn: lmdb.Transaction, tier: str) -> list[str]:
+    """The packs on ``tier``, newest first."""
+    found = [
+        key for key, data in work.all_records(txn, "packs") if data.get("tier") == tier
+    ]
+    return sorted(found, key=pack_number, reverse=True)
+
+
+def _pack_reader(work: Catalog, txn: lmdb.Transaction) -> Callable[[str], PackRecord]:
+    """Packs read when their turn comes: the member lists of all packs
+    together are as long as the archive, and are not kept."""
+
+    def read(pack_id: str) -> PackRecord:
+        data = work.get(txn, "packs", pack_id)
+        if data is None:
+            raise CatalogError(f"pack {pack_id} is not in the work catalog")
+        return PackRecord.from_json(data)
+
+    return read
 
 
 def _instances(
@@ -80,15 +121,29 @@ def _instances(
 ) -> Iterator[tuple[NewInstance, bool]]:
     """Every instance of the work catalog, study by study in the order
     received, and whether it has a copy on ``tier``."""
+    # A patient's attributes, read once for all of its studies as long as
+    # they are among the last few thousand read: every patient would grow
+    # with the archive.
+    patients_read: dict[str, dict[str, str]] = {}
     for study_uid, study in work.all_records(txn, "studies"):
-        patient = work.get(txn, "patients", study["patient"]) or {}
+        key = study["patient"]
+        if key not in patients_read:
+            if len(patients_read) >= _PATIENTS_READ:
+                patients_read.clear()
+            patient = work.get(txn, "patients", key) or {}
+            patients_read[key] = patient.get("attrs", {})
         senders = list(study.get("calling_aes", []))
         records = sorted(
             _records_of(work, txn, study_uid),
             key=lambda r: (r.received, r.sop_instance_uid),
         )
+        series_of: dict[str, dict[str, Any]] = {}
         for index, record in enumerate(records):
-            series = work.get(txn, "series", record.series_uid) or {}
+            if record.series_uid not in series_of:
+                series_of[record.series_uid] = (
+                    work.get(txn, "series", record.series_uid) or {}
+                )
+            series = series_of[record.series_uid]
             has_copy = any(c.tier == tier for c in record.copies)
             record.copies = []
             # The writer lists a study's sending AEs as its instances come;
@@ -96,7 +151,7 @@ def _instances(
             sender = senders[min(index, len(senders) - 1)] if senders else ""
             item = NewInstance(
                 record,
-                dict(patient.get("attrs", {})),
+                dict(patients_read[key]),
                 dict(study["attrs"]),
                 dict(series.get("attrs", {})),
                 sender,
@@ -114,30 +169,26 @@ def _records_of(
                 yield record
 
 
-def _record(final: Catalog, batch: list[NewInstance]) -> int:
-    results = final.record(batch, "keep_first")
-    return sum(1 for result in results if result.outcome is Outcome.STORED)
-
-
 def _add_packs(
-    final: Catalog,
-    packs: list[PackRecord],
+    load: BulkLoad,
+    ids: list[str],
+    read: Callable[[str], PackRecord],
     contents: MirrorContents,
     result: Exported,
 ) -> None:
     """Give each instance its copy in the newest pack that holds its bytes,
     packs on the mirror (or the volumes read) first; copies in packs not
     there are kept but not counted as verified."""
-    present = [p for p in packs if p.pack_id in contents.packs]
-    absent = [p for p in packs if p.pack_id not in contents.packs]
+    present = [i for i in ids if i in contents.packs]
+    absent = [i for i in ids if i not in contents.packs]
     for group, found in ((present, True), (absent, False)):
-        for pack in sorted(group, key=lambda p: pack_number(p.pack_id), reverse=True):
-            checksums = _checksums(final, pack)
-            added = add_pack(final, pack, checksums)
+        for pack in map(read, group):
+            checksums = load.missing_copies(pack)
+            added = load.add_pack(pack, checksums)
             if found or not added:
                 continue
-            uids = [uid for uid in checksums if _copy_in(final, uid, pack)]
-            copies.mark_unverified(final, pack.pack_id, uids)
+            uids = load.copies_in(pack, checksums)
+            load.mark_unverified(pack.pack_id, uids)
             result.missing[pack.pack_id] = uids
             logger.error(
                 "pack %s is not on %s: %d instance(s) cannot be restored",
@@ -147,27 +198,6 @@ def _add_packs(
             )
 
 
-def _checksums(final: Catalog, pack: PackRecord) -> dict[str, str]:
-    """The catalog's SHA-256 of the pack's members that still lack a copy
-    on its tier."""
-    found = {}
-    with final.read() as txn:
-        for uid in pack.members:
-            record = final.instance(txn, uid)
-            if record is not None and record.copy_on(pack.tier) is None:
-                found[uid] = record.sha256
-    return found
-
-
-def _copy_in(final: Catalog, uid: str, pack: PackRecord) -> bool:
-    with final.read() as txn:
-        record = final.instance(txn, uid)
-    return record is not None and any(
-        c.tier == pack.tier and c.location.startswith(pack.pack_id + "/")
-        for c in record.copies
-    )
-
-
 def finish(final: Catalog, last_journal: int, next_pack: int) -> None:
     """Leave the rebuilt catalog ready to replicate again: nothing queued,
     no journal, numbers that continue after the mirror's, so that nothing
@@ -175,7 +205,8 @@ def finish(final: Catalog, last_journal: int, next_pack: int) -> None:
     meta = final.db["meta"]
     try:
         with final.env.begin(write=True) as txn:
-            # The writer queued and journalled every instance it recorded.
+            # The bulk load queues and journals nothing; whatever another
+            # way of writing it left there goes.
             txn.drop(final.db["replication"], delete=False)
             txn.drop(final.db["journal"], delete=False)
             txn.put(b"journal.next", str(last_journal + 1).encode(), db=meta)
