@@ -35,6 +35,7 @@ from appliance.catalog.store import (
     _loads,
     _with_key,
     count_copies,
+    count_in_study,
     encode_key,
     name_index_keys,
 )
@@ -115,7 +116,7 @@ class BulkLoad:
         patient = self._add_patient(item, study is None, series is None)
         if study is None:
             study = self._new_study(item, patient)
-        self._add_to_study(item, study, series is None)
+        count_in_study(study, item, series is None)
         if series is None:
             series = self._new_series(item)
         series["instances"] += 1
@@ -172,24 +173,6 @@ class BulkLoad:
         self.studies += 1
         self._hold("studies", uid, study)
         return study
-
-    def _add_to_study(
-        self, item: NewInstance, study: dict[str, Any], new_series: bool
-    ) -> None:
-        record = item.record
-        study["series"] += new_series
-        study["instances"] += 1
-        study["bytes"] += record.size
-        count_copies(study, record, +1)
-        modality = item.series.get("Modality")
-        if modality and modality not in study["modalities"]:
-            study["modalities"].append(modality)
-        sop_class = record.attributes.get("SOPClassUID")
-        if sop_class and sop_class not in study["sop_classes"]:
-            study["sop_classes"].append(sop_class)
-        senders = study.setdefault("calling_aes", [])
-        if item.calling_ae and item.calling_ae not in senders:
-            senders.append(item.calling_ae)
 
     def _new_series(self, item: NewInstance) -> dict[str, Any]:
         record = item.record

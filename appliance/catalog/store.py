@@ -502,19 +502,7 @@ class _Writer:
         if study is None:
             study = self._new_study(item)
         is_new_series = self.catalog._get(self.txn, "series", record.series_uid)
-        study["series"] += is_new_series is None
-        study["instances"] += 1
-        study["bytes"] += record.size
-        count_copies(study, record, +1)
-        modality = item.series.get("Modality")
-        if modality and modality not in study["modalities"]:
-            study["modalities"].append(modality)
-        sop_class = record.attributes.get("SOPClassUID")
-        if sop_class and sop_class not in study["sop_classes"]:
-            study["sop_classes"].append(sop_class)
-        senders = study.setdefault("calling_aes", [])
-        if item.calling_ae and item.calling_ae not in senders:
-            senders.append(item.calling_ae)
+        count_in_study(study, item, is_new_series is None)
         self.catalog._put(self.txn, "studies", record.study_uid, study)
 
     def _new_study(self, item: NewInstance) -> dict[str, Any]:
@@ -675,6 +663,25 @@ def append_journal(
     data = json.dumps(entry, separators=(",", ":"), ensure_ascii=False)
     txn.put(sequence_key(number), data.encode(), db=catalog.db["journal"])
     return number
+
+
+def count_in_study(study: dict[str, Any], item: NewInstance, new_series: bool) -> None:
+    """Count a new instance in its study's record: series, instances, bytes,
+    copies per tier, modalities, SOP classes and sending AE titles."""
+    record = item.record
+    study["series"] += new_series
+    study["instances"] += 1
+    study["bytes"] += record.size
+    count_copies(study, record, +1)
+    modality = item.series.get("Modality")
+    if modality and modality not in study["modalities"]:
+        study["modalities"].append(modality)
+    sop_class = record.attributes.get("SOPClassUID")
+    if sop_class and sop_class not in study["sop_classes"]:
+        study["sop_classes"].append(sop_class)
+    senders = study.setdefault("calling_aes", [])
+    if item.calling_ae and item.calling_ae not in senders:
+        senders.append(item.calling_ae)
 
 
 def count_copies(study: dict[str, Any], record: InstanceRecord, sign: int) -> None:
