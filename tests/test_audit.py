@@ -15,7 +15,7 @@ from appliance.audit import codes, events
 from appliance.audit.log import AuditLog
 from appliance.audit.messages import summarize, to_xml
 from appliance.audit.sender import Sender
-from appliance.audit.syslog import FACILITIES, Destination
+from appliance.audit.syslog import FACILITIES, Destination, TlsSender
 from appliance.audit.trail import Trail
 from appliance.errors import ConfigError
 from tests.syslog_receiver import TlsCollector, UdpCollector, make_certificates
@@ -217,6 +217,36 @@ def test_tls_queue_survives_a_down_collector_and_a_restart(
     assert first.pri == 10 * 8 + 4  # authpriv, warning: a security alert
     assert (first.app, first.msgid) == ("pacs-appliance", "DICOM+RFC3881")
     assert first.event_id == "110113"
+
+
+def test_tls_keeps_its_connection_through_the_collectors_session_tickets(
+    certs,  # type: ignore[no-untyped-def]
+) -> None:
+    # A TLS 1.3 collector sends session tickets after the handshake: bytes
+    # to read that are not the collector closing. Taking them for a close
+    # and reconnecting threw away the connection with its unread messages.
+    collector = TlsCollector(certs).start()
+    sender = TlsSender(_tls(collector.port, certs))
+    try:
+        sender.send(b"first")
+        time.sleep(0.5)  # the tickets arrive meanwhile
+
+        assert sender.connected
+        sender.send(b"second")
+        deadline = time.monotonic() + 10
+        while len(collector.frames) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert collector.frames == [b"first", b"second"]
+        assert len(collector._connections) == 1
+
+        collector.stop()
+        deadline = time.monotonic() + 10
+        while sender.connected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not sender.connected
+    finally:
+        sender.close()
+        collector.stop()
 
 
 def test_tls_refuses_a_collector_the_ca_did_not_sign(

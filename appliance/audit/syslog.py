@@ -150,17 +150,34 @@ class TlsSender:
     def connected(self) -> bool:
         """Connected, and the collector has not closed its side.
 
-        A collector never sends anything (RFC 5425), so anything readable
-        means it closed the connection or is closing it: sending into it
-        would lose what is written.
+        A collector sends no messages (RFC 5425), but TLS itself may: a
+        TLS 1.3 server sends session tickets after the handshake. Readable
+        bytes that TLS takes in are those; anything else (the end of the
+        connection, an alert, data) means the collector closed it or is
+        closing it, and sending into it would lose what is written.
         """
         if self._sock is None:
             return False
         readable, _, _ = select.select([self._sock], [], [], 0)
-        if readable:
+        if readable and not self._only_tls_records():
             self.close()
             return False
         return True
+
+    def _only_tls_records(self) -> bool:
+        """Whether what there was to read was TLS's own records only."""
+        assert self._sock is not None
+        self._sock.setblocking(False)
+        try:
+            self._sock.recv(1)
+        except ssl.SSLWantReadError:
+            return True
+        except (OSError, ssl.SSLError):
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                self._sock.settimeout(self.destination.timeout)
+        return False
 
     def send(self, message: bytes) -> None:
         if self._sock is None:
