@@ -21,6 +21,7 @@ import json
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 import lmdb
@@ -38,6 +39,7 @@ from appliance.catalog.store import (
     count_in_study,
     encode_key,
     name_index_keys,
+    new_study,
 )
 from appliance.errors import CatalogError
 
@@ -121,7 +123,9 @@ class BulkLoad:
             series = self._new_series(item)
         series["instances"] += 1
         copies = [Copy(c.tier, c.location, c.verified) for c in record.copies]
-        self._put_instance(_copy_of(record, copies))
+        self._put_instance(
+            replace(record, attributes=dict(record.attributes), copies=copies)
+        )
         self._index("idx.instance.series", record.series_uid, record.sop_instance_uid)
         for copy in copies:
             self._add_total(f"bytes.{copy.tier}", record.size)
@@ -157,19 +161,7 @@ class BulkLoad:
         # The name the patient record holds: that of its first instance.
         for group in name_index_keys(patient["attrs"].get("PatientName")):
             self._index("idx.study.name", group, uid)
-        study = {
-            "key": uid,
-            "attrs": dict(item.study),
-            "patient": record.patient,
-            "series": 0,
-            "instances": 0,
-            "bytes": 0,
-            "modalities": [],
-            "sop_classes": [],
-            "received": record.received,
-            "last_access": record.received,
-            "copies": {},
-        }
+        study = new_study(item, dict(item.study))
         self.studies += 1
         self._hold("studies", uid, study)
         return study
@@ -394,19 +386,3 @@ def _key(text: str) -> bytes:
     """As ``encode_key``, the common case without a further call."""
     raw = text.encode("utf-8", "surrogateescape")
     return raw if len(raw) <= _MAX_KEY else encode_key(text)
-
-
-def _copy_of(record: InstanceRecord, copies: list[Copy]) -> InstanceRecord:
-    return InstanceRecord(
-        sop_instance_uid=record.sop_instance_uid,
-        series_uid=record.series_uid,
-        study_uid=record.study_uid,
-        patient=record.patient,
-        transfer_syntax=record.transfer_syntax,
-        size=record.size,
-        sha256=record.sha256,
-        content_sha256=record.content_sha256,
-        received=record.received,
-        attributes=dict(record.attributes),
-        copies=copies,
-    )

@@ -522,19 +522,7 @@ class _Writer:
         name = patient.get("attrs", item.patient).get("PatientName")
         for group in name_index_keys(name):
             self._index("idx.study.name", group, uid)
-        return {
-            "key": uid,
-            "attrs": item.study,
-            "patient": record.patient,
-            "series": 0,
-            "instances": 0,
-            "bytes": 0,
-            "modalities": [],
-            "sop_classes": [],
-            "received": record.received,
-            "last_access": record.received,
-            "copies": {},
-        }
+        return new_study(item, item.study)
 
     def _note_arrival(self, study_uid: str) -> None:
         """Queue a new study for comparison with the RIS's orders, on sites
@@ -663,6 +651,25 @@ def append_journal(
     data = json.dumps(entry, separators=(",", ":"), ensure_ascii=False)
     txn.put(sequence_key(number), data.encode(), db=catalog.db["journal"])
     return number
+
+
+def new_study(item: NewInstance, attributes: dict[str, str]) -> dict[str, Any]:
+    """The record of a study its first instance, ``item``, starts; nothing
+    counted in it yet (see :func:`count_in_study`)."""
+    record = item.record
+    return {
+        "key": record.study_uid,
+        "attrs": attributes,
+        "patient": record.patient,
+        "series": 0,
+        "instances": 0,
+        "bytes": 0,
+        "modalities": [],
+        "sop_classes": [],
+        "received": record.received,
+        "last_access": record.received,
+        "copies": {},
+    }
 
 
 def count_in_study(study: dict[str, Any], item: NewInstance, new_series: bool) -> None:
