@@ -17,7 +17,6 @@ start rather than followed.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -26,6 +25,7 @@ from typing import Any
 
 import lmdb
 
+from appliance.catalog import codec
 from appliance.catalog.copies import PackRecord
 from appliance.catalog.records import Copy, InstanceRecord, NewInstance
 from appliance.catalog.replication import OFFSITE
@@ -33,7 +33,6 @@ from appliance.catalog.store import (
     _MAX_KEY,
     Catalog,
     Outcome,
-    _loads,
     _with_key,
     count_copies,
     count_in_study,
@@ -50,9 +49,6 @@ logger = logging.getLogger(__name__)
 # size of the archive.
 HELD = 40_000
 
-# One encoder for every value: the catalog's compact JSON, as Catalog._put
-# writes it, without building an encoder per value.
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 # Databases that must be empty for a bulk load to give what the writer would.
 _EMPTY = (
@@ -194,7 +190,7 @@ class BulkLoad:
         raw_id = _key(pack.pack_id)
         txn = self._writing()
         known = txn.get(raw_id, db=self.catalog.db["packs"]) is not None
-        self._put("packs", raw_id, _encode(pack.as_json()).encode())
+        self._put("packs", raw_id, codec.dumps(pack.as_json()))
         if not known:
             self.packs += 1
         if pack.tier != OFFSITE:
@@ -303,11 +299,11 @@ class BulkLoad:
         if uid in self._recent:
             return self._recent[uid]
         raw = self._writing().get(_key(uid), db=self.catalog.db["instances"])
-        return None if raw is None else InstanceRecord.from_json(uid, _loads(raw))
+        return None if raw is None else InstanceRecord.from_json(uid, codec.loads(raw))
 
     def _put_instance(self, record: InstanceRecord) -> None:
         uid = record.sop_instance_uid
-        self._put("instances", _key(uid), _encode(_with_key(record)).encode())
+        self._put("instances", _key(uid), codec.dumps(_with_key(record)))
         if uid in self._recent:
             self._recent[uid] = record
 
@@ -333,7 +329,7 @@ class BulkLoad:
         raw = self._writing().get(_key(key), db=self.catalog.db[db])
         if raw is None:
             return None
-        record = _loads(raw)
+        record = codec.loads(raw)
         self._hold(db, key, record)
         return record
 
@@ -346,7 +342,7 @@ class BulkLoad:
 
     def _let_go(self) -> None:
         (db, key), record = self._levels.popitem(last=False)
-        self._put(db, _key(key), _encode(record).encode())
+        self._put(db, _key(key), codec.dumps(record))
 
     def _study_of(self, record: InstanceRecord) -> dict[str, Any]:
         study = self._level("studies", record.study_uid)

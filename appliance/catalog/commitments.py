@@ -23,6 +23,7 @@ from typing import Any
 
 import lmdb
 
+from appliance.catalog import codec
 from appliance.catalog.store import Catalog, encode_key
 from appliance.errors import CatalogError
 
@@ -102,7 +103,7 @@ def open_transaction(catalog: Catalog, new: Transaction) -> tuple[Transaction, b
             if raw is None:
                 _put(catalog, txn, new)
                 return new, True
-            found = Transaction.from_json(json.loads(bytes(raw)))
+            found = Transaction.from_json(codec.loads(raw))
             if found.references != new.references:
                 return found, False
             found.requests += 1
@@ -117,7 +118,7 @@ def open_transaction(catalog: Catalog, new: Transaction) -> tuple[Transaction, b
 def get(catalog: Catalog, uid: str) -> Transaction | None:
     with catalog.read() as txn:
         raw = txn.get(encode_key(uid), db=catalog.db["commitments"])
-    return None if raw is None else Transaction.from_json(json.loads(bytes(raw)))
+    return None if raw is None else Transaction.from_json(codec.loads(raw))
 
 
 def pending(catalog: Catalog) -> list[Transaction]:
@@ -127,7 +128,7 @@ def pending(catalog: Catalog) -> list[Transaction]:
         for key, _value in txn.cursor(db=catalog.db["commitments.pending"]):
             raw = txn.get(key, db=catalog.db["commitments"])
             if raw is not None:
-                found.append(Transaction.from_json(json.loads(bytes(raw))))
+                found.append(Transaction.from_json(codec.loads(raw)))
     return sorted(found, key=lambda transaction: transaction.received)
 
 
@@ -148,7 +149,7 @@ def update(
             raw = txn.get(encode_key(uid), db=catalog.db["commitments"])
             if raw is None:
                 return None
-            transaction = Transaction.from_json(json.loads(bytes(raw)))
+            transaction = Transaction.from_json(codec.loads(raw))
             if change(transaction):
                 _put(catalog, txn, transaction)
             return transaction
@@ -164,7 +165,7 @@ def prune(catalog: Catalog, received_before: float) -> int:
             old = [
                 bytes(key)
                 for key, raw in txn.cursor()
-                if _closed_before(json.loads(bytes(raw)), received_before)
+                if _closed_before(codec.loads(raw), received_before)
             ]
             for key in old:
                 txn.delete(key)

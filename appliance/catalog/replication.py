@@ -9,7 +9,6 @@ instant, either queued or on the mirror.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from typing import Any
 
 import lmdb
 
+from appliance.catalog import codec
 from appliance.catalog.copies import PackRecord, _add_copy, _add_meta
 from appliance.catalog.store import (
     Catalog,
@@ -64,7 +64,7 @@ def queued(catalog: Catalog, limit: int | None = None) -> list[Queued]:
     found = []
     with catalog.read() as txn:
         for key, raw in txn.cursor(db=catalog.db["replication"]):
-            data = json.loads(bytes(raw))
+            data = codec.loads(raw)
             found.append(
                 Queued(
                     int.from_bytes(key, "big"), data["uid"], data["size"], data["time"]
@@ -80,7 +80,7 @@ def queue_state(catalog: Catalog) -> QueueState:
     count, size, oldest = 0, 0, None
     with catalog.read() as txn:
         for _key, raw in txn.cursor(db=catalog.db["replication"]):
-            data = json.loads(bytes(raw))
+            data = codec.loads(raw)
             count += 1
             size += data["size"]
             oldest = data["time"] if oldest is None else min(oldest, data["time"])
@@ -133,7 +133,7 @@ def journal_after(catalog: Catalog, number: int) -> Iterator[dict[str, Any]]:
         if not cursor.set_range(sequence_key(number + 1)):
             return
         for _key, raw in cursor:
-            yield json.loads(bytes(raw))
+            yield codec.loads(raw)
 
 
 def mirror_mark(catalog: Catalog, name: str) -> int:
@@ -211,7 +211,7 @@ def requeue(catalog: Catalog, pack: PackRecord, uids: list[str]) -> int:
                 entry = {"uid": uid, "size": record.size, "time": record.received}
                 txn.put(
                     sequence_key(number),
-                    json.dumps(entry, ensure_ascii=False).encode(),
+                    codec.dumps(entry),
                     db=catalog.db["replication"],
                 )
                 queued_again += 1

@@ -43,7 +43,6 @@ same environment and each change of state is one write transaction.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import threading
 import time
@@ -56,6 +55,7 @@ from typing import Any
 
 import lmdb
 
+from appliance.catalog import codec
 from appliance.catalog.records import InstanceRecord, NewInstance
 from appliance.errors import CatalogError, SchemaVersionError
 
@@ -133,12 +133,6 @@ def encode_key(text: str) -> bytes:
 
 def _decode(raw: bytes | memoryview) -> str:
     return bytes(raw).decode("utf-8", "surrogateescape")
-
-
-def _loads(raw: bytes | memoryview) -> Any:
-    """A stored JSON value. Values are always UTF-8: decoding them here
-    spares json.loads guessing the encoding of every one."""
-    return json.loads(bytes(raw).decode("utf-8", "surrogatepass"))
 
 
 def fold_name(group: str) -> str:
@@ -285,11 +279,10 @@ class Catalog:
         if not key:
             return None  # LMDB has no empty keys: a missing UID names nothing
         raw = txn.get(encode_key(key), db=self.db[db])
-        return None if raw is None else _loads(raw)
+        return None if raw is None else codec.loads(raw)
 
     def _put(self, txn: lmdb.Transaction, db: str, key: str, value: Any) -> None:
-        data = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-        txn.put(encode_key(key), data.encode(), db=self.db[db])
+        txn.put(encode_key(key), codec.dumps(value), db=self.db[db])
 
     def get(self, txn: lmdb.Transaction, db: str, key: str) -> dict[str, Any] | None:
         """One record of ``patients``, ``studies`` or ``series`` by key."""
@@ -341,7 +334,7 @@ class Catalog:
     ) -> Iterator[tuple[str, dict[str, Any]]]:
         """Every (key, record) of a main database, in key order."""
         for key, raw in txn.cursor(db=self.db[db]):
-            record = _loads(raw)
+            record = codec.loads(raw)
             yield record.get("key", _decode(key)), record
 
     def counts(self) -> dict[str, int]:
@@ -460,7 +453,7 @@ class _Writer:
         queued["time"] = record.received
         self.txn.put(
             sequence_key(number),
-            json.dumps(queued, ensure_ascii=False).encode(),
+            codec.dumps(queued),
             db=self.catalog.db["replication"],
         )
 
@@ -648,8 +641,7 @@ def append_journal(
     """Add a change to the journal (what the mirror needs to replay it)."""
     number = next_number(catalog, txn, "journal.next")
     entry = {"seq": number, "time": time.time(), **entry}
-    data = json.dumps(entry, separators=(",", ":"), ensure_ascii=False)
-    txn.put(sequence_key(number), data.encode(), db=catalog.db["journal"])
+    txn.put(sequence_key(number), codec.dumps(entry), db=catalog.db["journal"])
     return number
 
 
