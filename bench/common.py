@@ -187,9 +187,10 @@ def start_appliance(
     port: int,
     config: Path | None = None,
     ae_title: str = "APPLIANCE",
+    settle: bool = True,
 ) -> Server:
     """``appliance serve`` on ``data_dir``, ready once it logs "listening on"
-    and its children have finished starting."""
+    and (with ``settle``) its children have finished starting."""
     command = [str(APPLIANCE), "serve", "--data-dir", str(data_dir)]
     command += ["--port", str(port), "--ae-title", ae_title]
     if config is not None:
@@ -197,7 +198,8 @@ def start_appliance(
     log = data_dir.parent / f"{data_dir.name}.log"
     server = servers.start("appliance", command, log)
     wait_for_text(server, "listening on")
-    wait_until_settled(server.process.pid)
+    if settle:
+        wait_until_settled(server.process.pid)
     return server
 
 

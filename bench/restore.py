@@ -544,7 +544,9 @@ def first_find(args: argparse.Namespace, work: Path, mirror: Mirror) -> None:
     with Servers() as servers:
         port = free_port()
         started = time.perf_counter()
-        start_appliance(servers, data_dir, port, config)
+        # Not until its children settle: the background restore it starts
+        # goes on through the query, as it would.
+        start_appliance(servers, data_dir, port, config, settle=False)
         listening = time.perf_counter() - started
         matches, final = find_patient(port, truth.patient_id)
         answered = time.perf_counter() - started

@@ -196,9 +196,12 @@ class BulkLoad:
         if pack.tier != OFFSITE:
             self._index("idx.pack.study", pack.study_uid, pack.pack_id)
         added = 0
-        for uid, member in pack.members.items():
-            location = f"{pack.pack_id}/{member}"
-            added += self._add_copy(uid, checksums.get(uid), pack.tier, location)
+        for uid, sha256 in checksums.items():
+            # Only members get a copy; the others have none to match.
+            member = pack.members.get(uid)
+            if member is not None:
+                location = f"{pack.pack_id}/{member}"
+                added += self._add_copy(uid, sha256, pack.tier, location)
         # The mirror's side counts a pack recorded again once; volumes' twice.
         if pack.tier != OFFSITE or not known:
             self._add_total(f"packbytes.{pack.tier}", pack.size)

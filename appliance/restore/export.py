@@ -16,7 +16,7 @@ import gc
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,8 +26,8 @@ import lmdb
 from appliance.catalog import patients
 from appliance.catalog.bulk import BulkLoad
 from appliance.catalog.copies import PackRecord
-from appliance.catalog.records import InstanceRecord, NewInstance
-from appliance.catalog.store import Catalog, Outcome
+from appliance.catalog.records import Copy, InstanceRecord, NewInstance
+from appliance.catalog.store import Catalog, Outcome, encode_key
 from appliance.errors import CatalogError
 from appliance.restore.mirror import MirrorContents, pack_number
 
@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 # Meta key of a rebuilt catalog: where it came from, what was lost.
 REBUILT = b"restore.rebuilt"
+# The work catalog's scratch database of where each copy goes.
+_PLACES = b"restore.copies"
 # Patients whose attributes the export keeps at once, about 1 KB each.
 _PATIENTS_READ = 20_000
 
@@ -73,47 +75,95 @@ def _collector_paused() -> Iterator[None]:
 
 def _export(work: Catalog, final: Catalog, contents: MirrorContents) -> Exported:
     result = Exported()
+    places = _copy_places(work, contents)
     load = BulkLoad(final)
     try:
         with work.read() as txn:
             for item, has_copy in _instances(work, txn, contents.tier):
+                record = item.record
                 if not has_copy:
-                    uid = item.record.sop_instance_uid
+                    uid = record.sop_instance_uid
                     result.lost.append(
-                        {"sop_instance_uid": uid, "study": item.record.study_uid}
+                        {"sop_instance_uid": uid, "study": record.study_uid}
                     )
                     continue
-                result.instances += load.add(item) is Outcome.STORED
-            ids = _pack_ids(work, txn, contents.tier)
-            _add_packs(load, ids, _pack_reader(work, txn), contents, result)
+                place = txn.get(encode_key(record.sop_instance_uid), db=places)
+                if place is not None:
+                    record.copies = [_copy(contents.tier, place)]
+                if load.add(item) is not Outcome.STORED:
+                    continue
+                result.instances += 1
+                if place is not None and not record.copies[0].verified:
+                    pack_id = record.copies[0].location.partition("/")[0]
+                    result.missing.setdefault(pack_id, []).append(
+                        record.sop_instance_uid
+                    )
+            for pack_id in _pack_ids(work, txn, contents):
+                load.add_pack(_pack(work, txn, pack_id), {})
         load.commit()
     finally:
         load.abort()
+    for pack_id, uids in result.missing.items():
+        logger.error(
+            "pack %s is not on %s: %d instance(s) cannot be restored",
+            pack_id,
+            contents.where,
+            len(uids),
+        )
     # Instances were written with their patients' corrected attributes;
     # the pointers of merged patients and the corrections' marks follow.
     patients.carry_over(work, final)
     return result
 
 
-def _pack_ids(work: Catalog, txn: lmdb.Transaction, tier: str) -> list[str]:
-    """The packs on ``tier``, newest first."""
+def _copy_places(work: Catalog, contents: MirrorContents) -> Any:
+    """Where each instance's copy goes, in a scratch database of the work
+    catalog (as long as the archive, so not in memory): the newest pack on
+    the mirror (or the volumes read) that holds it, failing that the newest
+    pack that is not there, its copy then not verified. Values are ``1``
+    (verified) or ``0`` and the copy's location."""
+    places = work.env.open_db(_PLACES)
+    try:
+        with work.env.begin(write=True) as txn:
+            txn.drop(places, delete=False)
+            for pack_id in _pack_ids(work, txn, contents):
+                flag = b"1" if pack_id in contents.packs else b"0"
+                pack = _pack(work, txn, pack_id)
+                for uid, member in pack.members.items():
+                    where = flag + f"{pack_id}/{member}".encode()
+                    # The first pack to name an instance is the one it keeps.
+                    txn.put(encode_key(uid), where, db=places, overwrite=False)
+    except lmdb.Error as exc:
+        raise CatalogError(f"cannot sort the copies out: {exc}") from exc
+    return places
+
+
+def _copy(tier: str, place: bytes | memoryview) -> Copy:
+    raw = bytes(place)
+    return Copy(tier, raw[1:].decode(), verified=raw[:1] == b"1")
+
+
+def _pack_ids(
+    work: Catalog, txn: lmdb.Transaction, contents: MirrorContents
+) -> list[str]:
+    """The packs on the tier of ``contents``: those there newest first,
+    then those not there newest first."""
     found = [
-        key for key, data in work.all_records(txn, "packs") if data.get("tier") == tier
+        key
+        for key, data in work.all_records(txn, "packs")
+        if data.get("tier") == contents.tier
     ]
-    return sorted(found, key=pack_number, reverse=True)
+    newest_first = sorted(found, key=pack_number, reverse=True)
+    return sorted(newest_first, key=lambda pack_id: pack_id not in contents.packs)
 
 
-def _pack_reader(work: Catalog, txn: lmdb.Transaction) -> Callable[[str], PackRecord]:
-    """Packs read when their turn comes: the member lists of all packs
+def _pack(work: Catalog, txn: lmdb.Transaction, pack_id: str) -> PackRecord:
+    """A pack read when its turn comes: the member lists of all packs
     together are as long as the archive, and are not kept."""
-
-    def read(pack_id: str) -> PackRecord:
-        data = work.get(txn, "packs", pack_id)
-        if data is None:
-            raise CatalogError(f"pack {pack_id} is not in the work catalog")
-        return PackRecord.from_json(data)
-
-    return read
+    data = work.get(txn, "packs", pack_id)
+    if data is None:
+        raise CatalogError(f"pack {pack_id} is not in the work catalog")
+    return PackRecord.from_json(data)
 
 
 def _instances(
@@ -167,35 +217,6 @@ def _records_of(
             record = work.instance(txn, uid)
             if record is not None:
                 yield record
-
-
-def _add_packs(
-    load: BulkLoad,
-    ids: list[str],
-    read: Callable[[str], PackRecord],
-    contents: MirrorContents,
-    result: Exported,
-) -> None:
-    """Give each instance its copy in the newest pack that holds its bytes,
-    packs on the mirror (or the volumes read) first; copies in packs not
-    there are kept but not counted as verified."""
-    present = [i for i in ids if i in contents.packs]
-    absent = [i for i in ids if i not in contents.packs]
-    for group, found in ((present, True), (absent, False)):
-        for pack in map(read, group):
-            checksums = load.missing_copies(pack)
-            added = load.add_pack(pack, checksums)
-            if found or not added:
-                continue
-            uids = load.copies_in(pack, checksums)
-            load.mark_unverified(pack.pack_id, uids)
-            result.missing[pack.pack_id] = uids
-            logger.error(
-                "pack %s is not on %s: %d instance(s) cannot be restored",
-                pack.pack_id,
-                contents.where,
-                len(uids),
-            )
 
 
 def finish(final: Catalog, last_journal: int, next_pack: int) -> None:
