@@ -94,6 +94,7 @@ _MATCHED = {
 }
 _MATCHED[SERIES] = {*_MATCHED[STUDY], *SERIES_KEYWORDS, *COMPUTED_KEYWORDS["SERIES"]}
 _MATCHED[IMAGE] = {*_MATCHED[SERIES], *INSTANCE_KEYWORDS, *COMPUTED_KEYWORDS["IMAGE"]}
+_LEVEL_WORDS = {STUDY: "study", SERIES: "series", IMAGE: "instance"}
 # Matching options of PS3.18 8.3.4 this server does not offer, and what it
 # does instead when one is asked for.
 _OPTIONS = {
@@ -166,7 +167,8 @@ def warnings(search: Search) -> list[str]:
     if search.ignored:
         names = ", ".join(dict.fromkeys(search.ignored))
         texts.append(
-            f"not matched at the {search.level.lower()} level, so ignored: {names}"
+            f"not matched at the {_LEVEL_WORDS[search.level]} level, so ignored: "
+            + names
         )
     return texts
 
