@@ -836,6 +836,45 @@ KEYS: tuple[Key, ...] = (
         check_accounts,
     ),
     Key(
+        "web",
+        "max_stow_bytes",
+        4 * 2**30,
+        "Largest STOW-RS request body, in bytes; a larger one is answered 413 "
+        "before it is read, and nothing of it is stored.",
+        _integer(4096, 2**44),
+    ),
+    Key(
+        "web",
+        "login_failures",
+        5,
+        "Failed logins of one user name from one address, within login_window, "
+        "that lock that pair out (429 with Retry-After).",
+        _integer(1, 1000),
+    ),
+    Key(
+        "web",
+        "login_address_failures",
+        20,
+        "Failed logins from one address, whatever the user names, within "
+        "login_window, that lock that address out.",
+        _integer(1, 100000),
+    ),
+    Key(
+        "web",
+        "login_window",
+        300.0,
+        "Seconds over which failed logins are counted.",
+        _at_least_seconds(1.0),
+    ),
+    Key(
+        "web",
+        "login_lock_max",
+        900.0,
+        "Longest lock, in seconds: the first lasts a minute (or this, if "
+        "shorter), each further one of the same pair or address twice as long.",
+        _at_least_seconds(1.0),
+    ),
+    Key(
         "prefetch",
         "enabled",
         True,

@@ -59,3 +59,35 @@ def test_what_cannot_be_searched_is_refused(
 ) -> None:
     with pytest.raises(qido.BadSearch, match=message):
         qido.parse(qido.STUDY, [(name, value)], {})
+
+
+def test_keys_not_matched_at_the_level_are_left_out_and_named() -> None:
+    search = qido.parse(
+        qido.STUDY,
+        [("PatientID", "A"), ("Modality", "CT"), ("00180015", "HEAD")],
+        {},
+    )
+    assert search.keys == {"PatientID": "A"}
+    assert search.ignored == ["Modality", "00180015"]
+    (text,) = qido.warnings(search)
+    assert "study level" in text and "Modality, 00180015" in text
+    # An empty value asks for the attribute back, not for a match.
+    returned = qido.parse(qido.STUDY, [("Modality", "")], {})
+    assert returned.ignored == [] and "Modality" in returned.returned
+    # Where the catalog holds it, the same key is matched.
+    series = qido.parse(qido.SERIES, [("Modality", "CT")], {})
+    assert series.keys == {"Modality": "CT"} and qido.warnings(series) == []
+
+
+def test_matching_options_not_offered_are_named_when_asked_for() -> None:
+    asked = [
+        ("fuzzymatching", "true"),
+        ("emptyvaluematching", "TRUE"),
+        ("multiplevaluematching", "false"),
+    ]
+    search = qido.parse(qido.STUDY, asked, {})
+    assert search.options == ["fuzzymatching", "emptyvaluematching"]
+    texts = qido.warnings(search)
+    assert [text.split("=")[0] for text in texts] == search.options
+    with pytest.raises(qido.BadSearch, match="true or false"):
+        qido.parse(qido.STUDY, [("fuzzymatching", "yes")], {})

@@ -97,11 +97,12 @@ def security_alert(
         )
 
 
-def login_refused(target: Target, user: str, address: str) -> None:
-    """Credentials the HTTP server refused, naming ``user`` (or none)."""
+def login_refused(target: Target, user: str, address: str, reason: str = "") -> None:
+    """Credentials the HTTP server refused, naming ``user`` (or none);
+    ``reason`` when it is not that they were wrong (a lock)."""
     trail = trail_of(target)
     if trail is not None:
-        trail.record(events.login_refused(trail.ae_title, user, address))
+        trail.record(events.login_refused(trail.ae_title, user, address, reason))
 
 
 def operator_action(

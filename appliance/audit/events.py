@@ -334,9 +334,12 @@ def operator_action(
     )
 
 
-def login_refused(ae_title: str, user: str, address: str) -> AuditMessage:
+def login_refused(
+    ae_title: str, user: str, address: str, reason: str = ""
+) -> AuditMessage:
     """Credentials the HTTP server refused: who they named (or "-") and
-    from where; a run of them is someone guessing passwords."""
+    from where; a run of them is someone guessing passwords. ``reason``
+    replaces the default description (a lock that begins)."""
     person = Participant(
         user_id=user or "-", requestor=True, network_access_point=address
     )
@@ -346,7 +349,7 @@ def login_refused(ae_title: str, user: str, address: str) -> AuditMessage:
         action=codes.EXECUTE,
         outcome=codes.MINOR_FAILURE,
         event_types=[codes.LOGIN],
-        outcome_description="wrong user name, password or token",
+        outcome_description=reason or "wrong user name, password or token",
         participants=[person, _appliance(ae_title, False, codes.APPLICATION)],
         objects=[],
     )

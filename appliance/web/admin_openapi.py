@@ -10,6 +10,7 @@ from appliance.web.accounts import OPERATOR, VIEWER
 _REFUSALS = {
     "401": {"description": "No or wrong credentials"},
     "403": {"description": "The account's role is too low"},
+    "429": {"description": "Too many failed logins; Retry-After says when"},
 }
 _ERROR = {
     "description": "The error, in a JSON object's error member",

@@ -25,6 +25,7 @@ from appliance.web.access_log import AccessLog
 from appliance.web.accounts import parse_accounts
 from appliance.web.archive import Archive
 from appliance.web.auth import Authenticator, problem
+from appliance.web.throttle import LoginThrottle
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,15 @@ def build_app(config: Config) -> Starlette:
         lifespan=lifespan,
     )
     app.state.config = config
-    app.state.authenticator = Authenticator(accounts)
+    app.state.authenticator = Authenticator(
+        accounts,
+        LoginThrottle(
+            config.get("web.login_failures"),
+            config.get("web.login_address_failures"),
+            config.get("web.login_window"),
+            config.get("web.login_lock_max"),
+        ),
+    )
     return app
 
 

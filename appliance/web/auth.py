@@ -29,6 +29,7 @@ from appliance.web.accounts import (
     verify_token,
     verify_unknown,
 )
+from appliance.web.throttle import Lock, LoginThrottle
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +46,11 @@ _REMEMBERED = 256
 class Authenticator:
     """Checks the Authorization header of a request against the accounts."""
 
-    def __init__(self, accounts: list[Account]) -> None:
+    def __init__(
+        self, accounts: list[Account], throttle: LoginThrottle | None = None
+    ) -> None:
         self.by_name = {account.name: account for account in accounts}
+        self.throttle = throttle or LoginThrottle()
         self._remembered: dict[bytes, str] = {}
         self._lock = threading.Lock()
 
@@ -113,13 +117,10 @@ def role_of(made: Any) -> str:
 
 def _guard(endpoint: Endpoint, role: str) -> Endpoint:
     async def guarded(request: Request) -> Response:
-        authenticator: Authenticator = request.app.state.authenticator
         header = request.headers.get("authorization", "")
-        account = None
-        if header:
-            account = await run_in_threadpool(authenticator.account_for, header)
-        if account is None and header:
-            await run_in_threadpool(_refused, request, header)
+        account = await _login(request, header) if header else None
+        if isinstance(account, Response):
+            return account
         if account is None:
             return unauthorised("credentials required" if not header else None)
         request.state.account = account.name
@@ -132,14 +133,58 @@ def _guard(endpoint: Endpoint, role: str) -> Endpoint:
     return guarded
 
 
-def _refused(request: Request, header: str) -> None:
+async def _login(request: Request, header: str) -> Account | Response | None:
+    """The account the credentials name; None when they are wrong; or the
+    429 answer while their user name and address, or the address, is
+    locked (:mod:`appliance.web.throttle`), checking nothing then: not
+    even credentials found right before, or a guesser could tell the right
+    password by the answer."""
+    authenticator: Authenticator = request.app.state.authenticator
+    throttle = authenticator.throttle
+    address = request.client.host if request.client else ""
+    user = basic_user(header)
+    wait = throttle.wait(address, user)
+    if wait:
+        return problem(
+            429,
+            f"too many failed logins; try again in {wait} s",
+            {"Retry-After": str(wait)},
+        )
+    account = await run_in_threadpool(authenticator.account_for, header)
+    if account is not None:
+        throttle.succeeded(address, user)
+        return account
+    locks = throttle.failed(address, user)
+    await run_in_threadpool(_refused, request, user, address, locks)
+    return None
+
+
+def _refused(request: Request, user: str, address: str, locks: list[Lock]) -> None:
     """Wrong credentials: a record in the audit trail, naming the user a
-    Basic header gave (never the password or token)."""
+    Basic header gave (never the password or token); and a log line and a
+    record for each lock they begin."""
+    for lock in locks:
+        who = f"user {lock.user!r} from" if lock.user is not None else "any user from"
+        logger.warning(
+            "web login locked for %d s: %s %s, after %d failed logins in %d s",
+            lock.seconds,
+            who,
+            lock.address or "-",
+            lock.failures,
+            request.app.state.authenticator.throttle.window,
+        )
     archive = getattr(request.app.state, "archive", None)
     if archive is None:
         return
-    address = request.client.host if request.client else ""
-    audit.login_refused(archive.tiers.audit, basic_user(header), address)
+    audit.login_refused(archive.tiers.audit, user, address)
+    for lock in locks:
+        audit.login_refused(
+            archive.tiers.audit,
+            lock.user or "",
+            address,
+            f"login locked for {lock.seconds:.0f} s after {lock.failures} "
+            "failed logins",
+        )
 
 
 def basic_user(header: str) -> str:

@@ -40,6 +40,7 @@ _REASONS_SHOWN = 20
 # A UID in a path: anything but the wildcards and list separator of C-FIND,
 # which would turn one study into a search.
 _PATH_UID = re.compile(r"^[^*?\\/]{1,64}$")
+_AGENT_JUNK = re.compile(r"[^A-Za-z0-9.:\[\]_-]")
 
 
 def archive_of(request: Request) -> Archive:
@@ -102,12 +103,27 @@ async def _search(request: Request, level: str, names: tuple[str, ...]) -> Respo
     except ValueError as exc:
         return problem(400, f"cannot search: {exc}")
     await run_in_threadpool(_audit_search, request, search)
-    headers = {}
-    if search.fuzzy:
-        headers["Warning"] = '299 pacs-appliance "fuzzymatching is not supported"'
+    headers = _search_warnings(request, search)
     if not results:
         return Response(status_code=204, headers=headers)
     return JSONResponse(results, media_type=DICOM_JSON, headers=headers)
+
+
+def _search_warnings(request: Request, search: qido.Search) -> dict[str, str]:
+    """The Warning header naming what the search left undone (PS3.18
+    8.3.4): code 299 and, as agent, the service (its host and port)."""
+    texts = qido.warnings(search)
+    if not texts:
+        return {}
+    logger.info(
+        "QIDO-RS from DICOMweb account %s: not supported, so not done: %s",
+        request.state.account,
+        "; ".join(texts),
+    )
+    # The Host header names the service as the caller reached it; only
+    # what a host and port may hold goes into the header.
+    agent = _AGENT_JUNK.sub("", request.url.netloc) or "pacs-appliance"
+    return {"Warning": ", ".join(f'299 {agent} "{_quoted(text)}"' for text in texts)}
 
 
 def _audit_search(request: Request, search: qido.Search) -> None:
@@ -299,6 +315,9 @@ async def _store(request: Request, study: str | None) -> Response:
 
     archive = archive_of(request)
     length = request.headers.get("content-length", "")
+    limit: int = request.app.state.config.get("web.max_stow_bytes")
+    if length.isdigit() and int(length) > limit:
+        return _too_large(request, limit)
     try:
         # The body is spooled to the online tier: it must not eat the reserve.
         archive.online.check_room(2 * int(length) if length.isdigit() else 0)
@@ -306,7 +325,8 @@ async def _store(request: Request, study: str | None) -> Response:
         return problem(507, f"{exc}; nothing was stored")
     body = archive.incoming / f"{secrets.token_hex(16)}.body"
     try:
-        await _spool(request, body)
+        if not await _spool(request, body, limit):
+            return _too_large(request, limit)
         parts = await run_in_threadpool(
             multipart.split, body, boundary, archive.incoming
         )
@@ -364,15 +384,40 @@ async def _store_parts(
     )
 
 
-async def _spool(request: Request, body: Path) -> None:
-    """Write the request body to ``body`` as it arrives."""
+async def _spool(request: Request, body: Path, limit: int) -> bool:
+    """Write the request body to ``body`` as it arrives; False, having
+    stopped reading, once it is longer than ``limit`` bytes (a chunked body
+    announces no length)."""
+    written = 0
     handle = await run_in_threadpool(open, body, "wb")
     try:
         async for chunk in request.stream():
+            written += len(chunk)
+            if written > limit:
+                return False
             if chunk:
                 await run_in_threadpool(handle.write, chunk)
     finally:
         await run_in_threadpool(handle.close)
+    return True
+
+
+def _too_large(request: Request, limit: int) -> Response:
+    """413 for a body over ``web.max_stow_bytes``; the connection is closed
+    after the answer, so that the rest of the body is never read."""
+    logger.warning(
+        "STOW-RS from DICOMweb account %s refused: the body is longer than "
+        "web.max_stow_bytes (%d bytes); nothing was stored",
+        request.state.account,
+        limit,
+    )
+    return problem(
+        413,
+        f"the body is longer than the {limit} bytes this server takes in one "
+        "request (web.max_stow_bytes); send fewer instances per request; "
+        "nothing was stored",
+        {"Connection": "close"},
+    )
 
 
 def _remove(path: Path) -> None:

@@ -31,6 +31,11 @@ _ERROR = {
 _REFUSALS = {
     "401": {"description": "No or wrong credentials"},
     "403": {"description": "The account's role is too low"},
+    "429": {
+        "description": "Too many failed logins from this address (for this "
+        "user name): Retry-After says when to try again",
+        **_ERROR,
+    },
 }
 _DICOM_JSON = {
     "content": {
@@ -66,7 +71,16 @@ _QIDO_PARAMETERS = [
     {"name": "includefield", "in": "query", "schema": {"type": "string"}},
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 0}},
     {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
-    {"name": "fuzzymatching", "in": "query", "schema": {"type": "boolean"}},
+    *(
+        {
+            "name": name,
+            "in": "query",
+            "description": "Not supported: true is answered with a Warning "
+            "header (299) saying so.",
+            "schema": {"type": "boolean"},
+        }
+        for name in ("fuzzymatching", "emptyvaluematching", "multiplevaluematching")
+    ),
 ]
 
 
@@ -143,6 +157,11 @@ def _store(*names: str) -> dict[str, Any]:
             "202": {"description": "Some instances failed", **_DICOM_JSON},
             "409": {"description": "No instance was stored", **_DICOM_JSON},
             "400": _ERROR,
+            "413": {
+                "description": "The body is longer than web.max_stow_bytes; "
+                "nothing was stored",
+                **_ERROR,
+            },
             "415": _ERROR,
             **_REFUSALS,
         },

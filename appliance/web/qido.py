@@ -81,7 +81,27 @@ _ALL = {
     SERIES: [*SERIES_KEYWORDS, *COMPUTED_KEYWORDS["SERIES"]],
     IMAGE: [*INSTANCE_KEYWORDS, *COMPUTED_KEYWORDS["IMAGE"]],
 }
-_CONTROL = {"limit", "offset", "includefield", "fuzzymatching"}
+# Keys the catalog can match at each level (a row of a level joins its
+# parents): a key outside these would be ignored by the search, so it is
+# left out of it and named in a Warning header instead (PS3.18 8.3.4).
+_MATCHED = {
+    STUDY: {
+        *PATIENT_KEYWORDS,
+        *COMPUTED_KEYWORDS["PATIENT"],
+        *STUDY_KEYWORDS,
+        *COMPUTED_KEYWORDS["STUDY"],
+    },
+}
+_MATCHED[SERIES] = {*_MATCHED[STUDY], *SERIES_KEYWORDS, *COMPUTED_KEYWORDS["SERIES"]}
+_MATCHED[IMAGE] = {*_MATCHED[SERIES], *INSTANCE_KEYWORDS, *COMPUTED_KEYWORDS["IMAGE"]}
+_LEVEL_WORDS = {STUDY: "study", SERIES: "series", IMAGE: "instance"}
+# Matching options of PS3.18 8.3.4 this server does not offer, and what it
+# does instead when one is asked for.
+_OPTIONS = {
+    "fuzzymatching": "person names were matched literally",
+    "emptyvaluematching": "an empty value matched anything, as in C-FIND",
+    "multiplevaluematching": "each key was matched as C-FIND matches it",
+}
 _TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 _NUMERIC_VRS = {"US", "UL", "SS", "SL", "SV", "UV"}
 _FLOAT_VRS = {"FL", "FD"}
@@ -100,7 +120,10 @@ class Search:
     returned: list[str] = field(default_factory=list)
     limit: int | None = None
     offset: int = 0
-    fuzzy: bool = False
+    # Matching options asked for but not offered, and keys left out of the
+    # search (as the caller named them): each is named in a Warning header.
+    options: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
 
 
 def parse(
@@ -119,17 +142,35 @@ def parse(
             search.limit = _count(name, value)
         elif name == "offset":
             search.offset = _count(name, value)
-        elif name == "fuzzymatching":
-            search.fuzzy = value.strip().lower() == "true"
+        elif name in _OPTIONS:
+            if _flag(name, value):
+                search.options.append(name)
         else:
             keyword = _keyword(name)
-            if keyword in search.keys:
+            if value and keyword not in _MATCHED[level]:
+                search.ignored.append(name)
+            elif keyword in search.keys:
                 search.keys[keyword] += "\\" + value
             else:
                 search.keys[keyword] = value
     search.keys.update(within)
     search.returned = _returned(level, bool(within), includes, search.keys)
     return search
+
+
+def warnings(search: Search) -> list[str]:
+    """What the search did not do of what it was asked: one text for each
+    matching option not offered, one for the keys it left out."""
+    texts = [
+        f"{name}=true is not supported: {_OPTIONS[name]}" for name in search.options
+    ]
+    if search.ignored:
+        names = ", ".join(dict.fromkeys(search.ignored))
+        texts.append(
+            f"not matched at the {_LEVEL_WORDS[search.level]} level, so ignored: "
+            + names
+        )
+    return texts
 
 
 def run(catalog: Catalog, search: Search) -> list[dict[str, Any]]:
@@ -212,6 +253,13 @@ def _keyword(name: str) -> str:
     if vr_of(keyword) == "SQ":
         raise BadSearch(f"{keyword} is a sequence: not a search key")
     return keyword
+
+
+def _flag(name: str, value: str) -> bool:
+    text = value.strip().lower()
+    if text not in ("true", "false"):
+        raise BadSearch(f"{name} must be true or false, not {value!r}")
+    return text == "true"
 
 
 def _count(name: str, value: str) -> int:
