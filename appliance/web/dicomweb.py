@@ -11,7 +11,7 @@ import functools
 import logging
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ DICOM_JSON = "application/dicom+json"
 RETRY_AFTER = 300
 # At most this many failure reasons go into Warning headers.
 _REASONS_SHOWN = 20
+# What is read and dropped of a refused STOW-RS body before the answer.
+_DRAINED = 1 << 20
 # A UID in a path: anything but the wildcards and list separator of C-FIND,
 # which would turn one study into a search.
 _PATH_UID = re.compile(r"^[^*?\\/]{1,64}$")
@@ -391,9 +393,11 @@ async def _spool(request: Request, body: Path, limit: int) -> bool:
     written = 0
     handle = await run_in_threadpool(open, body, "wb")
     try:
-        async for chunk in request.stream():
+        chunks = request.stream()
+        async for chunk in chunks:
             written += len(chunk)
             if written > limit:
+                await _drain(chunks)
                 return False
             if chunk:
                 await run_in_threadpool(handle.write, chunk)
@@ -402,9 +406,23 @@ async def _spool(request: Request, body: Path, limit: int) -> bool:
     return True
 
 
+async def _drain(chunks: AsyncIterator[bytes]) -> None:
+    """Read and drop what is left of a refused body, up to ``_DRAINED``
+    bytes: a connection closed with bytes unread is reset, and the reset
+    can destroy the answer before the client reads it."""
+    drained = 0
+    try:
+        async for chunk in chunks:
+            drained += len(chunk)
+            if drained > _DRAINED:
+                return
+    except ClientDisconnect:
+        return
+
+
 def _too_large(request: Request, limit: int) -> Response:
     """413 for a body over ``web.max_stow_bytes``; the connection is closed
-    after the answer, so that the rest of the body is never read."""
+    after the answer, so that no more of the body is read."""
     logger.warning(
         "STOW-RS from DICOMweb account %s refused: the body is longer than "
         "web.max_stow_bytes (%d bytes); nothing was stored",
