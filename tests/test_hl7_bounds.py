@@ -126,6 +126,7 @@ def test_oversize_and_malformed_fields_of_every_kind_change_nothing(
         "ORC^1^2": orm(control_id="M5", order="O" * 65),
         "SCH^1^1": siu(control_id="M6", appointment="S" * 65),
         "MSH^1^10": siu(control_id="C" * 200),
+        "MSH^1^3": siu(control_id="M8").replace("|RIS|", "|" + "R" * 228 + "|"),
     }
 
     answers = {where: answer(site.send(text)) for where, text in cases.items()}

@@ -15,8 +15,10 @@ characters as DICOM counts them:
 | IPC-2, OBR-19 | RequestedProcedureID | SH | 16 |
 | IPC-5, OBR-24 | Modality | CS | 16 |
 
-The message control ID (MSH-10) is kept too, to answer a message sent
-again: at most 199 characters, the length later HL7 versions give it.
+The message control ID (MSH-10) and the sender (MSH-3, MSH-4) are kept
+too, to answer a message sent again: MSH-10 at most 199 characters, the
+length later HL7 versions give it, MSH-3 and MSH-4 (HD) 227 each, the
+length HL7 v2.5 gives them.
 
 A longer value is never cut short (a cut ID matches another patient): the
 message is answered AE. HL7 v2.5 table 0357 has no code for a length, so
@@ -32,6 +34,7 @@ LONG_STRING = 64  # LO
 SHORT_STRING = 16  # SH
 CODE_STRING = 16  # CS
 CONTROL_ID = 199
+APPLICATION = 227  # HD, whole (MSH-3, MSH-4)
 
 
 def too_long(value: str, limit: int, location: str) -> str:

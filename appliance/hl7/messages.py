@@ -278,6 +278,11 @@ def header(message: hl7.Message) -> tuple[str, str]:
     MessageError (AR) when there is no control ID."""
     control_id = _identifier(_field(message, "MSH", 10), "MSH^1^10")
     _bounded(control_id, bounds.CONTROL_ID, "MSH^1^10")
+    msh = message.segment("MSH")
+    for position in (3, 4):
+        # Echoed in the ACK, which is kept to answer a resend.
+        whole = str(msh(position)) if len(msh) > position else ""
+        _bounded(whole, bounds.APPLICATION, f"MSH^1^{position}")
     if not control_id:
         raise MessageError(
             "AR", REQUIRED_FIELD_MISSING, "MSH^1^10", "no message control ID (MSH-10)"
