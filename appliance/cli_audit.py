@@ -78,9 +78,15 @@ def register(main: click.Group, load: Loader) -> None:
         config = load(config_file, {"storage.data_dir": data_dir})
         log = AuditLog(audit_folder(config))
         position = Position(log.folder)
-        waiting = sum(1 for _ in log.read_from(position.offset, 10**12))
+        unsent = log.read_from(position.offset, 10**12, position.segment)
+        waiting = sum(1 for _ in unsent)
         transport = config.get("audit.syslog_transport")
         click.echo(f"audit log: {log.path} ({size(log.size())})")
+        rotated = log.rotated()
+        if rotated:
+            kept = size(sum(path.stat().st_size for path in rotated))
+            oldest = rotated[0].name
+            click.echo(f"rotated: {len(rotated)} file(s) ({kept}), {oldest} on")
         if transport == "off":
             click.echo("syslog: off (audit.syslog_transport)")
             return

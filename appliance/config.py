@@ -1093,6 +1093,24 @@ KEYS: tuple[Key, ...] = (
         "local0 to local7.",
         _one_of(AUDIT_FACILITIES),
     ),
+    Key(
+        "audit",
+        "rotate_bytes",
+        64 * 1024 * 1024,
+        "Bytes: a record that would take audit.log past this size starts a "
+        "new one, the old file renamed audit.log.N (N growing; docs/audit.md); "
+        "0 never rotates.",
+        _integer(0, 1 << 40),
+    ),
+    Key(
+        "audit",
+        "keep_files",
+        0,
+        "Rotated audit files kept, the newest; older ones are removed (never "
+        "one the syslog sender has not sent). 0 keeps all of them, as an "
+        "audit trail kept for years needs.",
+        _integer(0, 1000000),
+    ),
     Key("logging", "level", "INFO", "Log level.", _one_of(LOG_LEVELS)),
     Key(
         "logging",

@@ -2,11 +2,14 @@
 from a thread of the service process, never from a request path.
 
 The log is the queue. ``sent.json`` next to it says how far the sender got
-(the byte offset after the last record sent, and how many were sent); it is
-written durably after every batch, so a stop and a start send nothing
-twice and skip nothing. A crash between sending a batch and saving the
-offset sends that batch again after the restart: delivery is exactly once
-across clean restarts and at least once across a crash.
+(the number of the log file and the byte offset in it after the last record
+sent, and how many were sent); it is written durably after every batch, so
+a stop and a start send nothing twice and skip nothing. A crash between
+sending a batch and saving the offset sends that batch again after the
+restart: delivery is exactly once across clean restarts and at least once
+across a crash. A rotation of the log renames the file the sender is in
+without changing its number, so the sender finishes it and goes on in the
+next; a rotated file it has not sent whole is never removed.
 
 While the collector cannot be reached, records wait in the log and the
 sender retries with a backoff from 1 s up to ``MAX_RETRY`` seconds. Over
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from appliance.audit.log import AuditLog, Record
+from appliance.audit.rotation import SENT_NAME
 from appliance.audit.syslog import (
     DEFAULT_PORTS,
     FACILITIES,
@@ -44,7 +48,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-STATE_NAME = "sent.json"
+STATE_NAME = SENT_NAME
 FIRST_RETRY = 1.0
 MAX_RETRY = 10.0
 _BATCH = 100
@@ -52,15 +56,19 @@ _POLL = 0.5
 
 
 class Position:
-    """How far the sender got: a byte offset in the log and a count."""
+    """How far the sender got: a log file number, a byte offset in it and
+    a count."""
 
     def __init__(self, folder: Path) -> None:
         self.path = folder / STATE_NAME
+        self.segment = 1
         self.offset = 0
         self.sent = 0
         try:
             saved = json.loads(self.path.read_text())
             self.offset, self.sent = int(saved["offset"]), int(saved["sent"])
+            # Saved before the log was rotated: the first file.
+            self.segment = int(saved.get("segment", 1))
         except FileNotFoundError:
             pass
         except (ValueError, KeyError, TypeError) as exc:
@@ -71,7 +79,8 @@ class Position:
 
     def save(self) -> None:
         temporary = self.path.with_suffix(".tmp")
-        temporary.write_text(json.dumps({"offset": self.offset, "sent": self.sent}))
+        saved = {"segment": self.segment, "offset": self.offset, "sent": self.sent}
+        temporary.write_text(json.dumps(saved))
         move_into_place(temporary, self.path, self.path.parent)
 
 
@@ -100,6 +109,9 @@ class Sender:
 
     def start(self) -> None:
         self.log.folder.mkdir(parents=True, exist_ok=True)
+        if not self.position.path.exists():
+            # From now on a rotated file not sent yet is kept (keep_files).
+            self.position.save()
         self._thread.start()
 
     def stop(self, drain: float = 5.0) -> None:
@@ -115,7 +127,8 @@ class Sender:
         self._check_position()
         retry = FIRST_RETRY
         while True:
-            records = self.log.read_from(self.position.offset, _BATCH)
+            position = self.position
+            records = self.log.read_from(position.offset, _BATCH, position.segment)
             if not records:
                 if self._draining:
                     return
@@ -135,10 +148,22 @@ class Sender:
             self._note_up()
 
     def _check_position(self) -> None:
-        """A log shorter than the saved offset was replaced by hand: send it
-        from the start rather than nothing at all."""
+        """A log shorter than the saved offset, or numbered below the saved
+        file, was replaced by hand: send it from the start rather than
+        nothing at all."""
+        live = self.log.live_number()
+        if self.position.segment > live:
+            logger.error(
+                "audit: %s is file %d, below the file sent from (%d); "
+                "sending the log from the start",
+                self.log.path,
+                live,
+                self.position.segment,
+            )
+            self.position.segment, self.position.offset = 1, 0
+            return
         size = self.log.size()
-        if self.position.offset > size:
+        if self.position.segment == live and self.position.offset > size:
             logger.error(
                 "audit: %s is shorter (%d bytes) than what was sent (%d); "
                 "sending it from the start",
@@ -151,7 +176,7 @@ class Sender:
     def _send(self, records: list[Record]) -> None:
         """Send ``records`` in order; the position follows each one sent and
         is saved once for the batch, also when the batch breaks off."""
-        start = self.position.offset
+        start = (self.position.segment, self.position.offset)
         try:
             for record in records:
                 if not self._transport.connected:
@@ -169,10 +194,11 @@ class Sender:
                         exc,
                         self.log.path,
                     )
+                self.position.segment = record.segment
                 self.position.offset = record.end
                 self.position.sent += 1
         finally:
-            if self.position.offset != start:
+            if (self.position.segment, self.position.offset) != start:
                 self.position.save()
 
     def _note_down(self, exc: Exception) -> None:

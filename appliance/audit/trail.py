@@ -26,9 +26,15 @@ class Trail:
     """Records audit messages in the local audit log (when enabled)."""
 
     def __init__(
-        self, folder: Path, ae_title: str, source_id: str = "", enabled: bool = True
+        self,
+        folder: Path,
+        ae_title: str,
+        source_id: str = "",
+        enabled: bool = True,
+        rotate_bytes: int = 0,
+        keep_files: int = 0,
     ) -> None:
-        self.log = AuditLog(folder)
+        self.log = AuditLog(folder, rotate_bytes, keep_files)
         self.ae_title = ae_title
         self.source_id = source_id or ae_title
         self.enabled = enabled
@@ -41,6 +47,8 @@ class Trail:
             config.get("node.ae_title").strip(),
             config.get("audit.source_id").strip(),
             config.get("audit.enabled"),
+            config.get("audit.rotate_bytes"),
+            config.get("audit.keep_files"),
         )
 
     def record(self, message: AuditMessage) -> None:

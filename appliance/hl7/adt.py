@@ -5,7 +5,7 @@ Accepted, with what the archive does:
 | event | meaning | identifiers | attributes |
 | --- | --- | --- | --- |
 | A08, A31 | update patient information | PID-3 (every repetition) | PID-5, 7, 8 |
-| A40 | merge patient: MRG-1 into PID-3 | PID-3 first repetition, MRG-1 | PID-5, 7, 8 |
+| A40 | merge patient: MRG-1 into PID-3 (each pair) | PID-3 first, MRG-1 | PID-5, 7, 8 |
 | A47 | change patient identifier list | PID-3 first repetition, MRG-1 | PID-5, 7, 8 |
 
 Other ADT events get AR. An identifier is CX component 1, its issuer the
@@ -15,7 +15,14 @@ middle^suffix^prefix) as PatientName family^given^middle^prefix^suffix,
 PID-7 as PatientBirthDate, PID-8 as PatientSex (F, M; O, A, N as O; U as
 unknown), and for A08/A31 the further PID-3 repetitions as OtherPatientIDs.
 An empty field leaves the attribute as it is; ``""`` (HL7's null) clears it.
-Only the first PID and MRG of a message are read.
+Every value is held to the length of the DICOM attribute it becomes
+(:mod:`appliance.hl7.bounds`); a longer one is refused, never cut.
+
+An A40 (message structure ADT_A39) may carry several patients to merge,
+each a PID followed by its MRG: every pair is read, in order, and a message
+with one pair wrong (or a PID without its MRG) is refused whole, the ERR
+naming the pair by its segment sequence (``MRG^2^1`` for the second MRG).
+The other events read the first PID and MRG only.
 """
 
 from __future__ import annotations
@@ -27,12 +34,15 @@ from dataclasses import dataclass, field
 
 import hl7
 
+from appliance.hl7 import bounds
 from appliance.hl7.messages import (
     DATA_TYPE_ERROR,
     REQUIRED_FIELD_MISSING,
+    SEGMENT_SEQUENCE_ERROR,
     UNSUPPORTED_EVENT_CODE,
     MessageError,
     PatientIdentifier,
+    _bounded,
     _identifier,
     _require_segment,
     _value,
@@ -48,6 +58,19 @@ EVENTS = {"A08": UPDATE, "A31": UPDATE, "A40": MERGE, "A47": CHANGE_ID}
 _NULL = '""'
 _SEX = {"F": "F", "M": "M", "O": "O", "A": "O", "N": "O", "U": None}
 _DATE = re.compile(r"^(\d{4})(\d{2})(\d{2})")
+# DICOM PN and LO: no control character but ESC (PS3.5 section 6.1.3).
+_CONTROL = re.compile(r"[\x00-\x1a\x1c-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class PatientChange:
+    """One patient a message is about: for an A40, one PID/MRG pair."""
+
+    number: int  # the segment sequence of its PID (and MRG), from 1
+    identifiers: tuple[PatientIdentifier, ...]  # PID-3
+    prior: PatientIdentifier | None = None  # MRG-1 (merge, change-id)
+    # DICOM keyword -> new value, None to clear; absent: unchanged.
+    demographics: dict[str, str | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -58,10 +81,7 @@ class PatientMessage:
     sender: str  # MSH-3 and MSH-4, to tell senders' control IDs apart
     message_type: str  # e.g. "ADT^A40"
     action: str  # update, merge or change-id
-    identifiers: tuple[PatientIdentifier, ...]  # PID-3
-    prior: PatientIdentifier | None = None  # MRG-1 (merge, change-id)
-    # DICOM keyword -> new value, None to clear; absent: unchanged.
-    demographics: dict[str, str | None] = field(default_factory=dict)
+    changes: tuple[PatientChange, ...]  # one; an A40 one per PID/MRG pair
 
 
 def is_adt(message: hl7.Message) -> bool:
@@ -80,93 +100,144 @@ def read(message: hl7.Message, control_id: str, sender: str) -> PatientMessage:
         )
     action = EVENTS[event]
     _require_segment(message, "PID")
-    identifiers = _identifiers(message, "PID", 3)
-    if not identifiers:
-        raise MessageError(
-            "AE", REQUIRED_FIELD_MISSING, "PID^1^3", "no patient identifier (PID-3)"
-        )
-    prior = None
-    if action != UPDATE:
-        _require_segment(message, "MRG")
-        merged = _identifiers(message, "MRG", 1)
-        if not merged:
-            raise MessageError(
-                "AE",
-                REQUIRED_FIELD_MISSING,
-                "MRG^1^1",
-                "no prior patient identifier (MRG-1) to merge or change",
-            )
-        prior = merged[0]
-    demographics = _demographics(message)
-    if action == UPDATE and len(identifiers) > 1:
-        others = [i.patient_id for i in identifiers[1:]]
-        demographics["OtherPatientIDs"] = "\\".join(others)
+    pairs = _merge_pairs(message) if event == "A40" else 1
+    changes = tuple(_change(message, action, n) for n in range(1, pairs + 1))
     return PatientMessage(
         control_id=control_id,
         sender=sender,
         message_type=f"ADT^{event}",
         action=action,
-        identifiers=identifiers,
-        prior=prior,
-        demographics=demographics,
+        changes=changes,
     )
 
 
+def _merge_pairs(message: hl7.Message) -> int:
+    """How many PID/MRG pairs an A40 carries, or MessageError when a PID
+    has no MRG after it (before the next PID) or an MRG no PID before it."""
+    pids = merges = 0
+    for segment in message:
+        name = str(segment[0])
+        if name == "PID":
+            if pids > merges:
+                break
+            pids += 1
+        elif name == "MRG":
+            if merges == pids:
+                raise MessageError(
+                    "AE",
+                    SEGMENT_SEQUENCE_ERROR,
+                    f"MRG^{merges + 1}",
+                    f"MRG {merges + 1} has no PID before it",
+                )
+            merges += 1
+    if pids > merges:
+        raise MessageError(
+            "AE",
+            SEGMENT_SEQUENCE_ERROR,
+            f"PID^{merges + 1}",
+            f"PID {merges + 1} has no MRG after it (an A40 carries PID/MRG pairs)",
+        )
+    return pids
+
+
+def _change(message: hl7.Message, action: str, number: int) -> PatientChange:
+    """The change the ``number``-th PID (and MRG) asks for."""
+    identifiers = _identifiers(message, "PID", 3, number)
+    if not identifiers:
+        raise MessageError(
+            "AE",
+            REQUIRED_FIELD_MISSING,
+            f"PID^{number}^3",
+            "no patient identifier (PID-3)",
+        )
+    prior = None
+    if action != UPDATE:
+        _require_segment(message, "MRG")
+        merged = _identifiers(message, "MRG", 1, number)
+        if not merged:
+            raise MessageError(
+                "AE",
+                REQUIRED_FIELD_MISSING,
+                f"MRG^{number}^1",
+                "no prior patient identifier (MRG-1) to merge or change",
+            )
+        prior = merged[0]
+    demographics = _demographics(message, number)
+    if action == UPDATE and len(identifiers) > 1:
+        others = [i.patient_id for i in identifiers[1:]]
+        demographics["OtherPatientIDs"] = "\\".join(others)
+    return PatientChange(number, identifiers, prior, demographics)
+
+
 def _identifiers(
-    message: hl7.Message, segment: str, position: int
+    message: hl7.Message, segment: str, position: int, number: int = 1
 ) -> tuple[PatientIdentifier, ...]:
-    """Every identifier (CX) of a repeating field, in order, once each."""
+    """Every identifier (CX) of a repeating field of the ``number``-th such
+    segment, in order, once each."""
     try:
-        found_segment = message.segment(segment)
+        found_segment = message.segments(segment)[number - 1]
         repetitions = (
             len(found_segment(position)) if len(found_segment) > position else 0
         )
     except (KeyError, IndexError):
         return ()
-    location = f"{segment}^1^{position}"
+    location = f"{segment}^{number}^{position}"
     found = []
     for repetition in range(1, repetitions + 1):
-        value = _value(message, segment, position, 1, repetition)
-        patient_id = _identifier(value, location)
+        value = _value(message, segment, position, 1, repetition, number)
+        patient_id = _kept(value, location)
         if patient_id and patient_id != _NULL:
-            issuer = _value(message, segment, position, 4, repetition)
-            found.append(PatientIdentifier(patient_id, _identifier(issuer, location)))
+            issuer = _value(message, segment, position, 4, repetition, number)
+            found.append(PatientIdentifier(patient_id, _kept(issuer, location)))
     return tuple(dict.fromkeys(found))
 
 
-def _demographics(message: hl7.Message) -> dict[str, str | None]:
+def _kept(value: str, location: str) -> str:
+    """An identifier or issuer (LO), checked."""
+    return _bounded(_identifier(value, location), bounds.LONG_STRING, location)
+
+
+def _demographics(message: hl7.Message, number: int) -> dict[str, str | None]:
     found: dict[str, str | None] = {}
-    name = _name(message)
+    name = _name(message, number)
     if name != "":
         found["PatientName"] = name
-    birth = _value(message, "PID", 7)
+    birth = _value(message, "PID", 7, occurrence=number)
     if birth:
-        found["PatientBirthDate"] = None if birth == _NULL else _birth_date(birth)
-    sex = _value(message, "PID", 8).upper()
+        found["PatientBirthDate"] = (
+            None if birth == _NULL else _birth_date(birth, number)
+        )
+    sex = _value(message, "PID", 8, occurrence=number).upper()
     if sex:
         if sex != _NULL and sex not in _SEX:
             raise MessageError(
-                "AE", DATA_TYPE_ERROR, "PID^1^8", "PID-8 is not a sex of table 0001"
+                "AE",
+                DATA_TYPE_ERROR,
+                f"PID^{number}^8",
+                "PID-8 is not a sex of table 0001",
             )
         found["PatientSex"] = None if sex == _NULL else _SEX[sex]
     return found
 
 
-def _name(message: hl7.Message) -> str | None:
+def _name(message: hl7.Message, number: int) -> str | None:
     """PID-5 as a DICOM person name; '' when absent, None for HL7 null."""
-    family = _value_or_empty(message, "PID.F5.R1.C1.S1")
+    family = _value_or_empty(message, f"PID{number}.F5.R1.C1.S1")
     if family == _NULL:
         return None
-    parts = [family] + [_value(message, "PID", 5, c) for c in (2, 3, 5, 4)]
+    location = f"PID^{number}^5"
+    parts = [family] + [
+        _value(message, "PID", 5, c, occurrence=number) for c in (2, 3, 5, 4)
+    ]
     for part in parts:
-        if "^" in part or "=" in part or "\\" in part:
+        if "^" in part or "=" in part or "\\" in part or _CONTROL.search(part):
             raise MessageError(
                 "AE",
                 DATA_TYPE_ERROR,
-                "PID^1^5",
+                location,
                 "PID-5 holds a character a DICOM person name cannot",
             )
-    return "^".join(parts).rstrip("^")
+    return _bounded("^".join(parts).rstrip("^"), bounds.PERSON_NAME, location)
 
 
 def _value_or_empty(message: hl7.Message, key: str) -> str:
@@ -176,12 +247,15 @@ def _value_or_empty(message: hl7.Message, key: str) -> str:
         return ""
 
 
-def _birth_date(value: str) -> str:
+def _birth_date(value: str, number: int) -> str:
     match = _DATE.match(value)
     if match is not None:
         year, month, day = (int(part) for part in match.groups())
         if 1 <= month <= 12 and 1 <= day <= calendar.monthrange(year, month)[1]:
             return value[:8]
     raise MessageError(
-        "AE", DATA_TYPE_ERROR, "PID^1^7", "PID-7 is not a date of birth (YYYYMMDD)"
+        "AE",
+        DATA_TYPE_ERROR,
+        f"PID^{number}^7",
+        "PID-7 is not a date of birth (YYYYMMDD)",
     )

@@ -17,9 +17,10 @@ Where a value can come from several fields, the first one present wins:
 | requested procedure ID | (none) | IPC-2, OBR-19 |
 | appointment key | SCH-1, SCH-2 (placer, filler ID) | ORC-2, ORC-3 (order numbers) |
 
-Problems are raised as :class:`MessageError` with the HL7 error code
-(table 0357), the location and an AR (not accepted at all) or AE (accepted
-as HL7 but not processable) acknowledgement code.
+Every value kept is held to the length of the DICOM attribute it becomes
+(:mod:`appliance.hl7.bounds`). Problems are raised as :class:`MessageError`
+with the HL7 error code (table 0357), the location and an AR (not accepted
+at all) or AE (accepted as HL7 but not processable) acknowledgement code.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import time
 from dataclasses import dataclass
 
 import hl7
+
+from appliance.hl7 import bounds
 
 logger = logging.getLogger(__name__)
 
@@ -274,6 +277,12 @@ def header(message: hl7.Message) -> tuple[str, str]:
     """The message control ID (MSH-10) and the sender (MSH-3 ^ MSH-4), or
     MessageError (AR) when there is no control ID."""
     control_id = _identifier(_field(message, "MSH", 10), "MSH^1^10")
+    _bounded(control_id, bounds.CONTROL_ID, "MSH^1^10")
+    msh = message.segment("MSH")
+    for position in (3, 4):
+        # Echoed in the ACK, which is kept to answer a resend.
+        whole = str(msh(position)) if len(msh) > position else ""
+        _bounded(whole, bounds.APPLICATION, f"MSH^1^{position}")
     if not control_id:
         raise MessageError(
             "AR", REQUIRED_FIELD_MISSING, "MSH^1^10", "no message control ID (MSH-10)"
@@ -303,7 +312,7 @@ def _read_schedule(
         )
     action, state = SIU_EVENTS[event]
     _require_segment(message, "SCH")
-    key = _identifier(_value(message, "SCH", 1) or _value(message, "SCH", 2), "SCH^1^1")
+    key = _key(message, ("SCH", 1), ("SCH", 2))
     if not key:
         raise MessageError(
             "AE",
@@ -341,7 +350,7 @@ def _read_order(message: hl7.Message, header: dict[str, str]) -> ScheduleMessage
             "(NW, XO, CA, DC, SC are)",
         )
     action, state = ORDER_CONTROLS[control]
-    key = _identifier(_value(message, "ORC", 2) or _value(message, "ORC", 3), "ORC^1^2")
+    key = _key(message, ("ORC", 2), ("ORC", 3))
     if not key:
         raise MessageError(
             "AE",
@@ -387,21 +396,39 @@ def _finish(
             "no appointment time (TQ1-7, SCH-11.4, AIS-4, ORC-7.4 or OBR-27.4)",
         )
     segment, position = procedure
+    where = f"{segment}^1^{position}"
+    code = _value(message, segment, position, component=1)
+    text = _value(message, segment, position, component=2)
     return ScheduleMessage(
         action=action,
         state=state,
         appointment_id=appointment_id,
         patients=patients,
         start=start,
-        procedure_code=_value(message, segment, position, component=1),
-        procedure_text=_value(message, segment, position, component=2),
-        modality=_first_value(message, modality_fields).upper(),
-        accession=_identifier(_first_value(message, accession_fields), "OBR^1^18"),
-        requested_procedure_id=_identifier(
-            _first_value(message, requested_fields), "OBR^1^19"
-        ),
+        procedure_code=_bounded(code, bounds.LONG_STRING, where),
+        procedure_text=_bounded(text, bounds.LONG_STRING, where),
+        modality=_kept(message, modality_fields, bounds.CODE_STRING).upper(),
+        accession=_kept(message, accession_fields, bounds.SHORT_STRING),
+        requested_procedure_id=_kept(message, requested_fields, bounds.SHORT_STRING),
         **header,
     )
+
+
+def _key(message: hl7.Message, *places: tuple[str, int]) -> str:
+    """The appointment's key: the first of ``places`` (placer, filler) with
+    a value."""
+    return _kept(message, places, bounds.LONG_STRING)
+
+
+def _kept(message: hl7.Message, places: tuple[tuple[str, int], ...], limit: int) -> str:
+    """The first of ``places`` with a value, checked as an identifier and
+    for its length; "" when none has one."""
+    for segment, position in places:
+        value = _value(message, segment, position)
+        if value:
+            location = f"{segment}^1^{position}"
+            return _bounded(_identifier(value, location), limit, location)
+    return ""
 
 
 def _patients(message: hl7.Message) -> tuple[PatientIdentifier, ...]:
@@ -413,6 +440,8 @@ def _patients(message: hl7.Message) -> tuple[PatientIdentifier, ...]:
         patient_id = _identifier(_value(message, "PID", 3, 1, repetition), "PID^1^3")
         if patient_id:
             issuer = _identifier(_value(message, "PID", 3, 4, repetition), "PID^1^3")
+            for value in (patient_id, issuer):
+                _bounded(value, bounds.LONG_STRING, "PID^1^3")
             found.append(PatientIdentifier(patient_id, issuer))
     if not found:
         raise MessageError(
@@ -490,14 +519,6 @@ def _require_segment(message: hl7.Message, name: str) -> None:
         ) from exc
 
 
-def _first_value(message: hl7.Message, places: tuple[tuple[str, int], ...]) -> str:
-    for segment, position in places:
-        value = _value(message, segment, position)
-        if value:
-            return value
-    return ""
-
-
 def _field(message: hl7.Message, segment: str, position: int) -> str:
     return _value(message, segment, position)
 
@@ -508,16 +529,28 @@ def _value(
     position: int,
     component: int = 1,
     repetition: int = 1,
+    occurrence: int = 1,
 ) -> str:
-    """One component of a field of the first such segment; "" when any part
-    of it is absent. python-hl7's accessor numbers MSH's fields as the
-    standard does, and undoes escape sequences (so no second pass here)."""
-    key = f"{segment}.F{position}.R{repetition}.C{component}"
+    """One component of a field of the ``occurrence``-th such segment
+    (the first by default); "" when any part of it is absent. python-hl7's
+    accessor numbers MSH's fields as the standard does, and undoes escape
+    sequences (so no second pass here)."""
+    number = str(occurrence) if occurrence > 1 else ""
+    key = f"{segment}{number}.F{position}.R{repetition}.C{component}"
     try:
         raw = message[key]
     except (KeyError, IndexError):
         return ""
     return str(raw).strip()
+
+
+def _bounded(value: str, limit: int, location: str) -> str:
+    """``value``, or MessageError (AE) when it is longer than ``limit``
+    characters (see :mod:`appliance.hl7.bounds`)."""
+    reason = bounds.too_long(value, limit, location)
+    if reason:
+        raise MessageError("AE", DATA_TYPE_ERROR, location, reason)
+    return value
 
 
 def _identifier(value: str, location: str) -> str:

@@ -1,6 +1,9 @@
 """From an ADT message to a changed patient record and the ACK to send.
 
 The ACK says AA only after the change and its journal entry are committed.
+An A40 with several PID/MRG pairs makes every merge, in order, in the one
+transaction that also remembers the ACK: all of them or, when one pair is
+refused, none (the ERR names that pair's segments, ``MRG^2^1``).
 A message that names a retired (merged) identifier, an identifier held
 under several issuers, or an A47 whose new identifier another patient
 holds, gets AE with an ERR segment (HL7 table 0357: 204 unknown key
@@ -8,7 +11,7 @@ identifier, 205 duplicate key identifier) and changes nothing. A message
 the RIS sends again (same sender and control ID) gets the ACK sent for it
 before, as appointments do.
 
-One log line per message, naming the patient by an opaque reference only.
+One log line per message, naming the patients by opaque references only.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from appliance.catalog import patients
 from appliance.catalog.store import Catalog
 from appliance.errors import PatientRecordError
 from appliance.hl7 import acks, adt
-from appliance.hl7.adt import PatientMessage
+from appliance.hl7.adt import PatientChange, PatientMessage
 from appliance.hl7.messages import (
     DUPLICATE_KEY_IDENTIFIER,
     UNKNOWN_KEY_IDENTIFIER,
@@ -58,25 +61,28 @@ def handle(
     outcome: list[patients.Change] = []
 
     def change(txn: lmdb.Transaction) -> None:
-        outcome.append(_apply(catalog, txn, message))
+        for each in message.changes:
+            outcome.append(_apply(catalog, txn, message, each))
 
     seen = Seen(message.sender, message.control_id, message.message_type)
     sent = remember(catalog, seen, acks.accept(parsed), digest, change)
-    if outcome:
-        done = outcome[0]
+    for done in outcome:
         _audit(trail, done, message, peer)
-        plural = "study" if done.studies == 1 else "studies"
-        moved = f", {done.studies} {plural}" if done.studies else ""
+    if outcome:
         logger.info(
-            "HL7 %s control ID %s from %s: %s %s%s",
+            "HL7 %s control ID %s from %s: %s",
             message.message_type,
             message.control_id,
             peer,
-            done.reference,
-            done.action,
-            moved,
+            "; ".join(_described(done) for done in outcome),
         )
     return sent
+
+
+def _described(done: patients.Change) -> str:
+    plural = "study" if done.studies == 1 else "studies"
+    moved = f", {done.studies} {plural}" if done.studies else ""
+    return f"{done.reference} {done.action}{moved}"
 
 
 def _audit(
@@ -99,22 +105,39 @@ def _audit(
 
 
 def _apply(
-    catalog: Catalog, txn: lmdb.Transaction, message: PatientMessage
+    catalog: Catalog,
+    txn: lmdb.Transaction,
+    message: PatientMessage,
+    change: PatientChange,
 ) -> patients.Change:
-    identifiers = [(i.patient_id, i.issuer) for i in message.identifiers]
+    identifiers = [(i.patient_id, i.issuer) for i in change.identifiers]
     try:
         if message.action == adt.UPDATE:
-            return patients.update(catalog, txn, identifiers, message.demographics)
-        assert message.prior is not None
+            return patients.update(catalog, txn, identifiers, change.demographics)
+        assert change.prior is not None
         return patients.merge(
             catalog,
             txn,
             identifiers[0],
-            (message.prior.patient_id, message.prior.issuer),
-            message.demographics,
+            (change.prior.patient_id, change.prior.issuer),
+            change.demographics,
             message.message_type.partition("^")[2],
             identifier_change=message.action == adt.CHANGE_ID,
         )
     except PatientRecordError as exc:
         code = UNKNOWN_KEY_IDENTIFIER if exc.unknown else DUPLICATE_KEY_IDENTIFIER
-        raise MessageError("AE", code, exc.location, str(exc)) from exc
+        location = _of_pair(exc.location, change.number)
+        raise MessageError("AE", code, location, _in_pair(str(exc), change)) from exc
+
+
+def _of_pair(location: str, number: int) -> str:
+    """``location`` (``MRG^1^1``: the catalog names the fields of a message
+    with one pair) in the ``number``-th PID/MRG pair."""
+    parts = location.split("^")
+    if len(parts) >= 2:
+        parts[1] = str(number)
+    return "^".join(parts)
+
+
+def _in_pair(reason: str, change: PatientChange) -> str:
+    return reason if change.number == 1 else f"pair {change.number}: {reason}"
