@@ -135,7 +135,20 @@ class Requester:
             self.reports.put(report)
             return 0x0000, None
 
-        handlers = [(evt.EVT_N_EVENT_REPORT, on_report)] if keep_open else []
+        answered = threading.Event()
+
+        def on_data_sent(event: evt.Event) -> None:
+            # The first P-DATA after the report is our answer to it: only
+            # then may the release go, or pynetdicom's own state machine
+            # refuses to send the answer once the release has started.
+            if got_report and event.data[:1] == b"\x04":
+                answered.set()
+
+        handlers = (
+            [(evt.EVT_N_EVENT_REPORT, on_report), (evt.EVT_DATA_SENT, on_data_sent)]
+            if keep_open
+            else []
+        )
         assoc = ae.associate(
             "127.0.0.1",
             appliance_port,
@@ -148,9 +161,8 @@ class Requester:
             status, _reply = assoc.send_n_action(
                 information, action_type, COMMITMENT, instance
             )
-            deadline = time.monotonic() + 30
-            while keep_open and not got_report and time.monotonic() < deadline:
-                time.sleep(0.02)
+            if keep_open:
+                answered.wait(timeout=30)
         finally:
             assoc.release()
         return int(status.Status)
