@@ -253,3 +253,37 @@ def test_a_mirror_folder_that_cannot_be_written_is_a_refusal() -> None:
     )
     assert kind_of(_raised(OSError(errno.EROFS, "Read-only file system"))) == REFUSED
     assert kind_of(_raised(OSError(errno.ENOENT, "No such file"))) == FAILING
+
+
+def test_a_missing_mirror_folder_is_said_once_across_process_starts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from appliance.catalog.store import Catalog
+    from appliance.replication import process
+
+    missing = tmp_path / "unmounted" / "mirror"
+    config = load(
+        None,
+        {
+            "storage.data_dir": str(tmp_path / "data"),
+            "mirror.kind": "directory",
+            "mirror.path": str(missing),
+        },
+    )
+    catalog = Catalog(config.catalog_path, map_size=2**26)
+    stop = threading.Event()
+    stop.set()  # no wait before the process would end
+    try:
+        # Each call is what one replication process does before it ends
+        # (its supervisor starts another one).
+        for _ in range(3):
+            process._replicate(config, catalog, stop, process.limiter(config, stop))
+        status = overview.replication_status(config, catalog)
+    finally:
+        catalog.close()
+
+    [error] = _lines(caplog, logging.ERROR)()
+    assert str(missing) in error.getMessage()
+    assert status["state"] == FAILING
+    assert status["summary"].startswith("stopped since ")
+    assert "retrying" in status["summary"] and str(missing) in status["summary"]
