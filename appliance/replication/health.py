@@ -168,11 +168,10 @@ class Health:
 
 def describe(trouble: Trouble) -> str:
     """The state in words, for the status commands."""
+    since = _when(trouble.since)
     if trouble.kind == REFUSED:
-        return f"stopped: the mirror refuses us since {_when(trouble.since)}: " + (
-            trouble.cause
-        )
-    return f"stopped since {_when(trouble.since)}, retrying: {trouble.cause}"
+        return f"stopped: the mirror refuses us since {since}: {trouble.cause}"
+    return f"stopped since {since}, retrying: {trouble.cause}"
 
 
 def _prefix(kind: str) -> str:
