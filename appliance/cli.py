@@ -159,6 +159,7 @@ def status(config_file: Path | None, data_dir: str | None, as_json: bool) -> Non
         click.echo(
             f"ALARM: {lost} instance(s) with no good copy left: appliance scrub report"
         )
+    click.echo(f"mirror: {report['replication']['summary']}")
     reports = report["commitment"]["pending_reports"]
     if reports:
         click.echo(f"storage commitment: {reports} report(s) not delivered yet")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,7 +39,7 @@ def register(main: click.Group, load: Loader) -> None:
     @data_dir_option
     @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
     def status(config_file: Path | None, data_dir: str | None, as_json: bool) -> None:
-        """Queue, recovery point, rate in force, last snapshot, last error."""
+        """State (and what stops replication), queue, recovery point, rate."""
         config = load(config_file, {"storage.data_dir": data_dir})
         report = _status(config)
         if as_json:
@@ -126,26 +125,29 @@ def _status(config: Config) -> dict[str, Any]:
 
 
 def _print_status(report: dict[str, Any]) -> None:
-    age = report["recovery_point_seconds"]
     click.echo(f"mirror:          {report['mirror']}")
+    click.echo(f"state:           {report['summary']}")
     click.echo(
         f"waiting:         {report['queued_instances']:,} instances, "
         f"{size(report['queued_bytes'])}"
     )
-    click.echo(
-        "recovery point:  "
-        + ("up to date" if not report["queued_instances"] else f"{age:,.0f} s behind")
-    )
+    click.echo(f"recovery point:  {_recovery_point(report)}")
     click.echo(
         f"on the mirror:   {size(report['offsite_instance_bytes'])} of instances in "
         f"{size(report['offsite_pack_bytes'])} of packs"
     )
     click.echo(f"rate:            {report['rate']}")
     click.echo(f"last snapshot:   {report['last_snapshot'] or 'none yet'}")
-    if report["last_error"]:
-        stamp, _, message = report["last_error"].partition(" ")
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(stamp)))
-        click.echo(f"last error:      {when} {message}")
+
+
+def _recovery_point(report: dict[str, Any]) -> str:
+    """The recovery point; "up to date" only when nothing waits and
+    replication works."""
+    if report["queued_instances"]:
+        return f"{report['recovery_point_seconds']:,.0f} s behind"
+    if report["state"] == "up to date":
+        return "up to date"
+    return "no instance waits"
 
 
 @contextmanager

@@ -22,6 +22,7 @@ module that called them, so that callers only need to know this vocabulary::
  +-- PatientRecordError     a patient update or merge names no usable patient
      +-- TransportError         the off-site mirror cannot be reached, read or written
      |    +-- HostKeyError         the mirror's host key is unknown or has changed
+     |    +-- LoginRefusedError    the mirror refuses the appliance's login key
      |    +-- StalledTransferError a transfer made no progress for too long
      |    +-- MirrorConflictError  another file already holds the name on the mirror
      |    +-- ForeignMirrorError   the mirror holds another archive than this one
@@ -181,6 +182,13 @@ class HostKeyError(TransportError):
 
     Nothing was sent: the connection is refused before authentication. The
     message says which key was offered and what to do about it.
+    """
+
+
+class LoginRefusedError(TransportError):
+    """The mirror refused to log the appliance in with its key.
+
+    Nothing was sent; the message says which key to authorize on the mirror.
     """
 
 

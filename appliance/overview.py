@@ -54,7 +54,18 @@ def archive_status(config: Config, catalog: Catalog) -> dict[str, Any]:
         report["restore"] = restore
     report["scrub"] = scrub_numbers(config)
     report["commitment"] = {"pending_reports": commitments.pending_count(catalog)}
+    report["replication"] = mirror_state(config, catalog)
     return report
+
+
+def mirror_state(config: Config, catalog: Catalog) -> dict[str, str]:
+    """The ``state`` and ``summary`` of :func:`replication_status` alone,
+    without counting the queue."""
+    from appliance.replication import health
+
+    waiting = len(replication.queued(catalog, limit=1))
+    paused = _rate_in_force(config)[1]
+    return _mirror_state(config, health.read_trouble(catalog), paused, waiting)
 
 
 def restore_numbers(config: Config) -> dict[str, Any] | None:
@@ -114,16 +125,69 @@ def tier_rows(config: Config, catalog: Catalog, opened: Any) -> list[dict[str, A
 
 
 def replication_status(config: Config, catalog: Catalog) -> dict[str, Any]:
-    """Queue, recovery point, rate in force, last snapshot and last error
-    of the mirror (what ``appliance replication status --json`` prints)."""
-    from appliance.replication import bandwidth
-    from appliance.replication.process import override_path
+    """State, queue, recovery point, rate in force, last snapshot and the
+    cause that stops replication, if one does (what ``appliance
+    replication status --json`` prints).
+
+    ``state`` is ``refused`` (the mirror refuses us), ``failing`` (a round
+    failed and is tried again), ``paused`` (the rate in force), ``sending``
+    (instances wait), ``up to date``, or ``off`` (``replication.enabled``
+    is false); ``summary`` says it in words.
+    """
+    from appliance.replication import health
 
     state = replication.queue_state(catalog)
     counts = catalog.counts()
     snapshot_time = replication.mirror_mark(catalog, "snapshot_time")
     journal_sent = replication.mirror_mark(catalog, "journal_sent")
-    last_error = replication.mirror_note(catalog, "last_error")
+    trouble = health.read_trouble(catalog)
+    in_force, paused = _rate_in_force(config)
+    return {
+        "mirror": config.get("mirror.kind"),
+        **_mirror_state(config, trouble, paused, state.instances),
+        "queued_instances": state.instances,
+        "queued_bytes": state.bytes,
+        "recovery_point_seconds": round(state.recovery_point_age, 1),
+        "offsite_instance_bytes": counts.get("bytes.offsite", 0),
+        "offsite_pack_bytes": counts.get("packbytes.offsite", 0),
+        "rate": in_force,
+        "last_snapshot": _iso(snapshot_time) if snapshot_time else None,
+        "journal_entries_sent": journal_sent,
+        "trouble": (
+            {
+                "kind": trouble.kind,
+                "cause": trouble.cause,
+                "since": _iso(trouble.since),
+            }
+            if trouble
+            else None
+        ),
+        "last_error": trouble.cause if trouble else None,
+    }
+
+
+def _mirror_state(
+    config: Config, trouble: Any, paused: bool, waiting: int
+) -> dict[str, str]:
+    """``state`` and ``summary`` of :func:`replication_status`: never "up to
+    date" while instances wait or replication is stopped."""
+    from appliance.replication import health
+
+    if not config.get("replication.enabled"):
+        return {"state": "off", "summary": "off (replication.enabled = false)"}
+    if trouble is not None:
+        return {"state": trouble.kind, "summary": health.describe(trouble)}
+    if paused:
+        return {"state": "paused", "summary": "paused by the rate in force"}
+    if waiting:
+        return {"state": "sending", "summary": "sending"}
+    return {"state": "up to date", "summary": "up to date"}
+
+
+def _rate_in_force(config: Config) -> tuple[str, bool]:
+    """The mirror's rate in force now, in words, and whether it is pause."""
+    from appliance.replication import bandwidth
+    from appliance.replication.process import override_path
 
     timetable = bandwidth.parse_timetable(config.get("replication.timetable"))
     now = datetime.now().astimezone()
@@ -133,27 +197,13 @@ def replication_status(config: Config, catalog: Catalog) -> dict[str, Any]:
         logger.warning("the rate override is unreadable and ignored: %s", exc)
         override = None
     if override is not None and override.active(now):
-        in_force = override.description
-    else:
-        in_force = timetable.slot_at(now).description
-    return {
-        "mirror": config.get("mirror.kind"),
-        "queued_instances": state.instances,
-        "queued_bytes": state.bytes,
-        "recovery_point_seconds": round(state.recovery_point_age, 1),
-        "offsite_instance_bytes": counts.get("bytes.offsite", 0),
-        "offsite_pack_bytes": counts.get("packbytes.offsite", 0),
-        "rate": in_force,
-        "last_snapshot": (
-            datetime.fromtimestamp(snapshot_time)
-            .astimezone()
-            .isoformat(timespec="seconds")
-            if snapshot_time
-            else None
-        ),
-        "journal_entries_sent": journal_sent,
-        "last_error": last_error or None,
-    }
+        return override.description, override.rate == 0
+    slot = timetable.slot_at(now)
+    return slot.description, slot.rate == 0
+
+
+def _iso(stamp: float) -> str:
+    return datetime.fromtimestamp(stamp).astimezone().isoformat(timespec="seconds")
 
 
 def empty_prefetch_status() -> dict[str, Any]:
@@ -250,6 +300,8 @@ def full_status(config: Config, catalog: Catalog, opened: Any) -> dict[str, Any]
     prefetch = prefetch_status(config, catalog)
     report["queues"] = {
         "replication": {
+            "state": mirror["state"],
+            "summary": mirror["summary"],
             "instances": mirror["queued_instances"],
             "bytes": mirror["queued_bytes"],
             "recovery_point_seconds": mirror["recovery_point_seconds"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -188,3 +189,62 @@ def test_the_rate_changes_at_runtime_and_comes_back(appliance: Appliance) -> Non
     assert "5 MB/s" not in _status(appliance)["rate"]
     refused = _cli(appliance, "replication", "rate", "5 parsecs")
     assert refused.returncode == 2
+
+
+def test_a_refusing_mirror_is_said_once_shown_and_left_behind(tmp_path: Path) -> None:
+    shared = tmp_path / "shared-mirror"
+    shared.mkdir()
+    settings = {
+        **SETTINGS,
+        "mirror": {"kind": "directory", "path": str(shared)},
+        "logging": {"level": "DEBUG"},
+    }
+    first = Appliance(_folder(tmp_path, "first"), settings).start()
+    try:
+        _store(first, tmp_path, "first-archive", 2)
+        _wait_until_replicated(first)
+    finally:
+        first.stop()
+    # A second appliance pointed at the first one's mirror: refused.
+    second = Appliance(_folder(tmp_path, "second"), settings).start()
+    try:
+        _store(second, tmp_path, "second-archive", 3)
+        _wait_for_log(second, "replication: still stopped", times=3)
+        refused = _status(second)
+        printed = _cli(second, "replication", "status").stdout
+        overview = _cli(second, "status").stdout
+
+        # The administrator empties the mirror, its identity marker last.
+        for folder in ("packs", "journal", "catalog"):
+            shutil.rmtree(shared / folder, ignore_errors=True)
+        (shared / "mirror" / "identity").unlink()
+        _wait_until_replicated(second, timeout=120)
+        _wait_for_log(second, "replication resumed")
+        resumed = _status(second)
+        log = second.log()
+    finally:
+        second.stop()
+
+    assert refused["state"] == "refused" and refused["queued_instances"] == 3
+    assert "another master key" in refused["trouble"]["cause"]
+    assert "state:           stopped: the mirror refuses us since" in printed
+    assert "another master key" in printed and "up to date" not in printed
+    assert "mirror: stopped: the mirror refuses us since" in overview
+    errors = [line for line in log.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "the mirror refuses us" in errors[0], errors
+    assert log.count("replication resumed") == 1
+    assert resumed["state"] == "up to date" and resumed["trouble"] is None
+    assert resumed["queued_instances"] == 0
+
+
+def _folder(tmp_path: Path, name: str) -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    return folder
+
+
+def _wait_for_log(appliance: Appliance, text: str, times: int = 1) -> None:
+    deadline = time.monotonic() + 120
+    while appliance.log().count(text) < times:
+        assert time.monotonic() < deadline, appliance.log()[-3000:]
+        time.sleep(0.2)

@@ -8,10 +8,10 @@ timetable (and the runtime override file), the tiers and the keys.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import threading
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,7 @@ from appliance.children import die_with_parent
 from appliance.config import Config
 from appliance.errors import ApplianceError, HostKeyError
 from appliance.replication.bandwidth import Limiter, parse_timetable
+from appliance.replication.health import Health
 from appliance.replication.replicator import Replicator, Settings
 from appliance.replication.transports import Transport, open_transport
 
@@ -134,16 +135,15 @@ def open_mirrors(config: Config) -> tuple[Transport, Transport | None]:
 def _replicate(
     config: Config, catalog: Catalog, stop: threading.Event, bandwidth: Limiter
 ) -> None:
-    from appliance.catalog import replication
     from appliance.hsm.tiers import open_tiers
 
+    # Kept in the catalog: a process started again after a failure to
+    # open the mirror does not log the same cause once more.
+    health = Health(catalog, alert=functools.partial(_alert_host_key, config))
     try:
         transport, verifier = open_mirrors(config)
     except ApplianceError as exc:
-        logger.error("cannot reach the mirror: %s", exc)
-        if isinstance(exc, HostKeyError):
-            _alert_host_key(config, str(exc))
-        replication.set_mirror_mark(catalog, "last_error", f"{time.time():.0f} {exc}")
+        health.failed(exc)
         stop.wait(_RETRY_START)
         return
     try:
@@ -156,6 +156,7 @@ def _replicate(
             throttle=bandwidth.acquire,
             verifier=verifier,
             paused=bandwidth.paused,
+            health=health,
         )
         logger.info("replication to the %s mirror started", config.get("mirror.kind"))
         replicator.run(stop)
@@ -165,15 +166,11 @@ def _replicate(
             verifier.close()
 
 
-_alerted = ""
-
-
-def _alert_host_key(config: Config, problem: str) -> None:
-    """One security alert per distinct host key problem, not one per retry."""
-    global _alerted
-    if problem == _alerted:
+def _alert_host_key(config: Config, problem: BaseException) -> None:
+    """A security alert for a new host key problem (:class:`Health` calls
+    this once per cause, not once per retry)."""
+    if not isinstance(problem, HostKeyError):
         return
-    _alerted = problem
     mirror = audit.Peer("", config.get("mirror.host"))
     audit.security_alert(
         config, f"mirror host key: {problem}", mirror, outcome=codes.SERIOUS_FAILURE

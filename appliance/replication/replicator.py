@@ -56,6 +56,7 @@ from appliance.hsm.tiers import ONLINE, Tiers
 from appliance.metrics import events
 from appliance.replication.audit import audit
 from appliance.replication.background import Background
+from appliance.replication.health import Health
 from appliance.replication.identity import check_mirror
 from appliance.replication.names import pack_name
 from appliance.replication.spool import Spool, SpooledPack
@@ -72,6 +73,8 @@ _AUDIT_EVERY = 3600.0
 # Seconds between two checks that the mirror is this archive's (a disk may
 # be swapped while the service runs).
 _IDENTITY_EVERY = 300.0
+# The longest wait before a failed round is tried again, in seconds.
+_BACKOFF_MAX = 300.0
 # Seconds the journal may wait on the mirror while packs follow each other.
 _JOURNAL_EVERY = 60.0
 # Queue entries read for a batch beyond those already packed (more are read
@@ -152,6 +155,7 @@ class Replicator:
         clock: Callable[[], float] = time.time,
         verifier: Transport | None = None,
         paused: Callable[[], bool] | None = None,
+        health: Health | None = None,
     ) -> None:
         if tiers.keys is None:
             raise StorageError(
@@ -170,6 +174,8 @@ class Replicator:
         # not even connect to the mirror.
         self.paused = paused
         self.clock = clock
+        # Failures logged once per cause, and the cause kept for the status.
+        self.health = health or Health(catalog, clock)
         self.recaller = Recaller(catalog, tiers)
         spool.mkdir(parents=True, exist_ok=True)
         self._pending = Spool(spool / "pending")
@@ -520,7 +526,8 @@ class Replicator:
         self._identity_due = now + _IDENTITY_EVERY
 
     def run(self, stop: threading.Event, idle: float = 1.0) -> None:
-        """Replicate until ``stop`` is set; errors are logged and retried."""
+        """Replicate until ``stop`` is set; a failed round is tried again
+        with backoff, its cause logged once (:mod:`.health`)."""
         try:
             self._run(stop, idle)
         finally:
@@ -533,36 +540,49 @@ class Replicator:
                 stop.wait(idle)
                 continue
             try:
-                if self.snapshot_due():
-                    self.send_snapshot()
-                batch = self.ready()
-                if batch or self.waiting():
-                    self.send(batch)
-                    if backoff > idle:
-                        replication.set_mirror_mark(self.catalog, "last_error", "")
-                    backoff = idle
-                    continue
-                if not replication.queued(self.catalog, limit=1):
-                    # A change without instances (a patient merged, say)
-                    # goes to the mirror on its own; the others go after
-                    # the pack of their instances.
-                    self.send_journal()
-                if self.audit_due():
-                    self.audit_some()
+                more = self._round()
+                self._recovered()
             except (ApplianceError, OSError) as exc:
                 if stop.is_set():
                     # Stopping ends a wait for bandwidth (LimiterClosed) or
                     # cuts a transfer: nothing failed, and nothing counted.
                     logger.info("replication stopped: %s", exc)
                     return
-                logger.error("replication: %s; retrying in %.0f s", exc, backoff)
-                replication.set_mirror_mark(
-                    self.catalog, "last_error", f"{time.time():.0f} {exc}"
-                )
+                self.health.failed(exc)
                 stop.wait(backoff)
-                backoff = min(backoff * 2, 300.0)
+                backoff = min(backoff * 2, _BACKOFF_MAX)
                 continue
-            stop.wait(idle)
+            backoff = idle
+            if not more:
+                stop.wait(idle)
+
+    def _round(self) -> bool:
+        """The snapshot if due, then a pack, or else the journal and the
+        audit's share; whether packs wait (the next round starts at once)."""
+        if self.snapshot_due():
+            self.send_snapshot()
+        batch = self.ready()
+        if batch or self.waiting():
+            self.send(batch)
+            return True
+        if not replication.queued(self.catalog, limit=1):
+            # A change without instances (a patient merged, say) goes to
+            # the mirror on its own; the others go after the pack of their
+            # instances.
+            self.send_journal()
+        if self.audit_due():
+            self.audit_some()
+        return False
+
+    def _recovered(self) -> None:
+        """After a round without failure, if failures were recorded: make
+        sure the mirror answers and is ours (a round may have had nothing
+        to send), then say that replication works again."""
+        if self.health.trouble is None:
+            return
+        self._identity_due = -math.inf
+        self.check_mirror()
+        self.health.worked()
 
     # -- the steps --------------------------------------------------------------
 

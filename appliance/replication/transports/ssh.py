@@ -16,7 +16,7 @@ from pathlib import Path
 
 import paramiko
 
-from appliance.errors import HostKeyError, TransportError
+from appliance.errors import HostKeyError, LoginRefusedError, TransportError
 from appliance.replication.transports.hostkeys import (
     changed_key_message,
     unknown_host_message,
@@ -113,7 +113,7 @@ def _connect(
     except paramiko.BadHostKeyException as exc:
         raise HostKeyError(_changed_key_message(settings, exc)) from exc
     except paramiko.AuthenticationException as exc:
-        raise TransportError(
+        raise LoginRefusedError(
             f"the mirror {settings.where} refused the key {settings.key_file}: "
             "add its public half to the authorized_keys of that user on the "
             f"mirror ({exc})"

@@ -37,7 +37,7 @@ import threading
 from pathlib import Path
 from typing import IO
 
-from appliance.errors import HostKeyError, TransportError
+from appliance.errors import HostKeyError, LoginRefusedError, TransportError
 from appliance.replication.transports.hostkeys import (
     changed_key_message,
     unknown_host_message,
@@ -264,7 +264,7 @@ def _explain(text: str, offered: str, settings: SftpSettings) -> TransportError 
     if "host key is known for" in text or "Host key verification failed" in text:
         return HostKeyError(unknown_host_message(host, offered, settings.known_hosts))
     if "Permission denied (" in text:
-        return TransportError(
+        return LoginRefusedError(
             f"the mirror {settings.where} refused the key {settings.key_file}: "
             "add its public half to the authorized_keys of that user on the "
             f"mirror ({_last_line(text)})"

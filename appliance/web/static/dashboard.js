@@ -190,8 +190,10 @@ function showStatus(status) {
 
 function showReplication(mirror) {
   const point = mirror.recovery_point;
-  text("recovery-point", point.instances ?
-    duration(point.seconds) + " behind" : "up to date");
+  // "up to date" only when nothing waits and the mirror takes what is sent.
+  text("recovery-point", point.instances ? duration(point.seconds) + " behind" :
+    mirror.state === "up to date" ? "up to date" : "no instance waits");
+  text("mirror-state", mirror.summary);
   text("mirror-queued",
     grouped(point.instances) + " instances, " + size(point.bytes));
   text("mirror-rate", mirror.rate);
@@ -200,7 +202,6 @@ function showReplication(mirror) {
   text("full-restore", restore.seconds === null ? "unknown" :
     "about " + duration(restore.seconds));
   $("full-restore").title = restore.basis;
-  text("mirror-error", mirror.last_error || "none");
 }
 
 function actionButton(label, path, volume) {
