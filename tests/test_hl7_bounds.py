@@ -9,22 +9,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import hl7
 import pytest
-from hl7.client import MLLPClient
 
 from appliance.catalog.query import Query, find
-from appliance.catalog.store import Catalog
-from appliance.hl7.listener import Listener, ListenerSettings, bind
-from appliance.ingest import Ingest
+from appliance.hl7.listener import ListenerSettings
 from appliance.prefetch import appointments
-from appliance.prefetch.intake import Intake
-from appliance.storage.online import OnlineTier
-from tests import datasets
 from tests.hl7_samples import orm, siu
+from tests.hl7_site import Hl7Site, running
 
 ALMA = "PAT-A1"
 REFUSALS = "appliance.prefetch.intake"
@@ -39,29 +33,7 @@ def adt(event: str, control_id: str, pid3: str, name: str = "") -> str:
     )
 
 
-@dataclass
-class Site:
-    catalog: Catalog
-    listener: Listener
-    ingest: Ingest
-    folder: Path
-
-    def store(self, label: str, patient_id: str, name: str) -> str:
-        study = datasets.uid("study", label)
-        dataset = datasets.instance(
-            study, datasets.uid("series", label), 1, patient_id=patient_id
-        )
-        dataset.PatientName = name
-        path = datasets.write(dataset, self.folder / label)
-        assert self.ingest.import_file(path, "test").ok
-        return study
-
-    def send(self, text: str) -> hl7.Message:
-        """One message over MLLP with python-hl7's client; the parsed ACK."""
-        host, port = self.listener.address
-        with MLLPClient(host, port) as client:
-            return hl7.parse(client.send_message(text).decode())
-
+class Site(Hl7Site):
     def names(self, patient_id: str) -> list[str]:
         query = Query("STUDY", {"PatientID": patient_id})
         return [str(r["PatientName"]) for r in find(self.catalog, query, _never)]
@@ -69,19 +41,9 @@ class Site:
 
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[Site]:
-    catalog = Catalog(tmp_path / "catalog", map_size=2**26)
-    online = OnlineTier(tmp_path / "online")
-    online.open()
-    ingest = Ingest(catalog, online, "replace")
     settings = ListenerSettings(max_message_bytes=8192, idle_timeout=5.0)
-    listener = Listener(bind("127.0.0.1", 0), Intake(catalog), settings)
-    listener.start()
-    try:
-        yield Site(catalog, listener, ingest, tmp_path / "files")
-    finally:
-        listener.stop()
-        ingest.close()
-        catalog.close()
+    with running(tmp_path, settings, Site) as found:
+        yield found
 
 
 def answer(ack: hl7.Message) -> tuple[str, str, str]:

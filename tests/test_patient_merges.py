@@ -8,22 +8,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import hl7
 import pytest
-from hl7.client import MLLPClient
 
 from appliance.catalog import replication
 from appliance.catalog.query import Query, find
 from appliance.catalog.records import patient_key
-from appliance.catalog.store import Catalog, merged_into
-from appliance.hl7.listener import Listener, ListenerSettings, bind
-from appliance.ingest import Ingest
-from appliance.prefetch.intake import Intake
-from appliance.storage.online import OnlineTier
-from tests import datasets
+from appliance.catalog.store import merged_into
+from appliance.hl7.listener import ListenerSettings
+from tests.hl7_site import Hl7Site, running
 
 
 def a40(control_id: str, *pairs: tuple[str, str]) -> str:
@@ -39,27 +34,7 @@ def a40(control_id: str, *pairs: tuple[str, str]) -> str:
     return "\r".join(segments) + "\r"
 
 
-@dataclass
-class Site:
-    catalog: Catalog
-    listener: Listener
-    ingest: Ingest
-    folder: Path
-
-    def store(self, patient_id: str) -> str:
-        study = datasets.uid("study", patient_id)
-        dataset = datasets.instance(
-            study, datasets.uid("series", patient_id), 1, patient_id=patient_id
-        )
-        path = datasets.write(dataset, self.folder / patient_id)
-        assert self.ingest.import_file(path, "test").ok
-        return study
-
-    def send(self, text: str) -> hl7.Message:
-        host, port = self.listener.address
-        with MLLPClient(host, port) as client:
-            return hl7.parse(client.send_message(text).decode())
-
+class Site(Hl7Site):
     def studies(self) -> dict[str, str]:
         """StudyInstanceUID -> the PatientID it is filed under."""
         rows = find(self.catalog, Query("STUDY", {"PatientID": "*"}), _never)
@@ -76,19 +51,9 @@ class Site:
 
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[Site]:
-    catalog = Catalog(tmp_path / "catalog", map_size=2**26)
-    online = OnlineTier(tmp_path / "online")
-    online.open()
-    ingest = Ingest(catalog, online, "replace")
     settings = ListenerSettings(idle_timeout=5.0)
-    listener = Listener(bind("127.0.0.1", 0), Intake(catalog), settings)
-    listener.start()
-    try:
-        yield Site(catalog, listener, ingest, tmp_path / "files")
-    finally:
-        listener.stop()
-        ingest.close()
-        catalog.close()
+    with running(tmp_path, settings, Site) as found:
+        yield found
 
 
 def key(patient_id: str) -> str:

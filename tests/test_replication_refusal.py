@@ -31,11 +31,10 @@ from appliance.replication.transports.directory import DirectoryTransport
 from tests.sshd import Sshd
 from tests.test_replicator import (
     Site,
-    _close,
-    _other_site,
     _sftp_replicator,
     _wait_for,
     built_site,
+    mirror_of_another_archive,
 )
 
 Records = Callable[[], list[logging.LogRecord]]
@@ -87,17 +86,6 @@ def _retries(caplog: pytest.LogCaptureFixture) -> Records:
     return _lines(caplog, logging.DEBUG, "still stopped")
 
 
-def _mark_the_mirror_as_another_archives(site: Site, tmp_path: Path) -> None:
-    """Another archive (its own master key) replicates to the mirror first."""
-    other = _other_site(tmp_path)
-    try:
-        other.store("theirs", 2)
-        theirs = other.replicator()
-        theirs.send(theirs.ready())
-    finally:
-        _close(other)
-
-
 def _empty_the_mirror(site: Site) -> None:
     """What the administrator does: the other archive's files go, its
     identity marker last (a refused round reads nothing else)."""
@@ -109,7 +97,7 @@ def _empty_the_mirror(site: Site) -> None:
 def test_a_mirror_of_another_archive_is_logged_once_shown_and_resumed(
     site: Site, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    _mark_the_mirror_as_another_archives(site, tmp_path)
+    mirror_of_another_archive(tmp_path)
     site.store("mine", 3)
     config = _config(site)
     errors = _lines(caplog, logging.ERROR)
@@ -150,7 +138,7 @@ def test_a_mirror_of_another_archive_is_logged_once_shown_and_resumed(
 def test_with_nothing_queued_a_refusing_mirror_is_not_up_to_date(
     site: Site, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    _mark_the_mirror_as_another_archives(site, tmp_path)
+    mirror_of_another_archive(tmp_path)
     config = _config(site)
     caplog.set_level(logging.DEBUG, logger="appliance.replication")
 
@@ -168,7 +156,7 @@ def test_with_nothing_queued_a_refusing_mirror_is_not_up_to_date(
 def test_the_same_cause_is_recalled_once_an_hour(
     site: Site, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    _mark_the_mirror_as_another_archives(site, tmp_path)
+    mirror_of_another_archive(tmp_path)
     site.store("hourly", 1)
     offset = [0.0]
     replicator = Replicator(

@@ -980,6 +980,18 @@ def _close(other: Site) -> None:
     other.catalog.close()
 
 
+def mirror_of_another_archive(tmp_path: Path) -> None:
+    """Another archive (its own master key) replicates into the mirror
+    folder ``tmp_path / "mirror"`` first."""
+    other = _other_site(tmp_path)
+    try:
+        other.store("theirs", 2)
+        theirs = other.replicator()
+        theirs.send(theirs.ready())
+    finally:
+        _close(other)
+
+
 def test_the_first_replication_marks_the_mirror_and_later_ones_agree(
     site: Site,
 ) -> None:
@@ -999,13 +1011,7 @@ def test_the_first_replication_marks_the_mirror_and_later_ones_agree(
 def test_a_mirror_written_with_another_master_key_is_refused(
     site: Site, tmp_path: Path
 ) -> None:
-    other = _other_site(tmp_path)
-    try:
-        other.store("theirs", 2)
-        theirs = other.replicator()
-        theirs.send(theirs.ready())
-    finally:
-        _close(other)
+    mirror_of_another_archive(tmp_path)
     before = site.remote_files()
     site.store("mine", 2)
     replicator = site.replicator()
