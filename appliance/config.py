@@ -1141,7 +1141,8 @@ PEER_OPTIONAL_KEYS: dict[str, tuple[Check, str, Any]] = {
     "certificate_cn": (
         _text,
         "Bind the AE title to a certificate: associations from it must come "
-        "over TLS with a certificate of this subject common name.",
+        "over TLS with a certificate of this subject common name, and with "
+        "tls = true the peer must present it when the appliance connects.",
         "",
     ),
     "certificate_sha256": (

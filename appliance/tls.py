@@ -13,7 +13,7 @@ listeners (:func:`server_context`) and for associations the appliance opens
 to a peer configured ``tls = true`` (:func:`client_context`). A peer's AE
 title may be bound to its certificate (``certificate_cn`` or
 ``certificate_sha256``); :func:`binding_problem` says whether a connection
-carries that certificate.
+carries that certificate, whichever side opened it.
 """
 
 from __future__ import annotations
@@ -80,14 +80,17 @@ def client_context(config: Config, peer: Peer | None) -> ssl.SSLContext | None:
     """The context for an association to ``peer``; None when the peer is
     not configured ``tls = true`` (or is not a configured peer at all).
 
-    The peer's certificate must be signed by a CA in tls.ca_file and name
-    the peer's host (its address or DNS name); the appliance presents its
+    The peer's certificate must be signed by a CA in tls.ca_file, name
+    the peer's host (its address or DNS name) and, when the peer is bound
+    to a certificate, be that certificate; the appliance presents its
     own certificate, for peers that verify their clients. ConfigError when
     the files cannot be loaded.
     """
     if peer is None or not peer.tls:
         return None
-    context = _profile(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+    context = _PeerContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.peer = peer
+    _profile(context)
     context.sslsocket_class = _ClientSocket
     try:
         context.load_verify_locations(cafile=_path(config, "tls.ca_file"))
@@ -100,22 +103,53 @@ def client_context(config: Config, peer: Peer | None) -> ssl.SSLContext | None:
     return context
 
 
+class _PeerContext(ssl.SSLContext):
+    """A client context for connections to one configured peer."""
+
+    peer: Peer | None = None
+
+
+class CertificateNotBound(ssl.SSLError):
+    """The peer's certificate is valid but not the one its AE title is
+    bound to. An OSError, as a failed handshake is, so that pynetdicom
+    reports the connection as failed and closes it."""
+
+
 class _ClientSocket(ssl.SSLSocket):
     """A client-side TLS socket that logs a failed handshake in one line,
     with the peer and the reason (pynetdicom's own lines are turned off:
-    see appliance.dicom.node.configure_pynetdicom)."""
+    see appliance.dicom.node.configure_pynetdicom).
+
+    A peer bound to a certificate (``certificate_cn``, ``certificate_sha256``)
+    must present that one, as it must when it calls the appliance: the
+    handshake fails otherwise, before any PDU is sent.
+    """
 
     def do_handshake(self, block: bool = False) -> None:
         try:
             super().do_handshake(block)
         except (OSError, ValueError) as exc:
-            try:
-                host, port = self.getpeername()[:2]
-                peer = f"{host}:{port}"
-            except OSError:
-                peer = "a peer"
-            logger.warning("TLS handshake with %s failed: %s", peer, failure(exc))
+            logger.warning(
+                "TLS handshake with %s failed: %s", self._address(), failure(exc)
+            )
             raise
+        peer = getattr(self.context, "peer", None)
+        problem = binding_problem(peer, self)
+        if problem and peer is not None:
+            logger.warning(
+                "TLS connection to %s at %s refused: %s",
+                peer.ae_title,
+                self._address(),
+                problem,
+            )
+            raise CertificateNotBound(problem)
+
+    def _address(self) -> str:
+        try:
+            host, port = self.getpeername()[:2]
+        except OSError:
+            return "a peer"
+        return f"{host}:{port}"
 
 
 def client_args(config: Config, peer: Peer | None) -> tuple[ssl.SSLContext, str] | None:
@@ -136,7 +170,8 @@ def _path(config: Config, key: str) -> str:
 def binding_problem(peer: Peer | None, connection: Any) -> str | None:
     """Why an association on ``connection`` may not use ``peer``'s AE title,
     or None. Only AE titles bound to a certificate are checked; such a
-    title must come over TLS with a verified certificate that matches."""
+    title must come over TLS with a verified certificate that matches.
+    The same holds for a connection the appliance opens to the peer."""
     if peer is None or not peer.bound_to_certificate:
         return None
     if not isinstance(connection, ssl.SSLSocket):
@@ -153,12 +188,11 @@ def binding_problem(peer: Peer | None, connection: Any) -> str | None:
             f"AE title {peer.ae_title} is bound to certificate CN "
             f"{peer.certificate_cn!r}; the certificate is for {sent}"
         )
-    if peer.certificate_sha256 and fingerprint(der) != _normalised(
-        peer.certificate_sha256
-    ):
+    expected = _normalised(peer.certificate_sha256)
+    if expected and fingerprint(der) != expected:
         return (
-            f"AE title {peer.ae_title} is bound to another certificate "
-            f"(SHA-256 {fingerprint(der)} was sent)"
+            f"AE title {peer.ae_title} is bound to the certificate of SHA-256 "
+            f"{expected}; the certificate sent has SHA-256 {fingerprint(der)}"
         )
     return None
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import ssl
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +63,7 @@ def associate(
     called: str = "APPLIANCE",
     handlers: list | None = None,
     roles: list | None = None,
+    tls_args: tuple[ssl.SSLContext, str] | None = None,
 ) -> Iterator[Association]:
     ae = AE(ae_title=ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
@@ -72,6 +76,7 @@ def associate(
         ae_title=called,
         evt_handlers=handlers or [],
         ext_neg=roles or [],
+        tls_args=tls_args,
     )
     try:
         yield assoc
@@ -191,6 +196,25 @@ def move(
             if status:
                 responses.append(status)
     return responses
+
+
+def send_a_byte_at_a_time(sock: socket.socket, data: bytes) -> None:
+    """Send ``data`` on an association's connection, each byte in a TCP
+    segment (or TLS record) of its own, with a pause for the appliance to
+    read it before the next comes."""
+    if not isinstance(sock, ssl.SSLSocket):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for byte in data:
+        sock.sendall(bytes([byte]))
+        time.sleep(0.05)
+
+
+def wait_until_aborted(assoc: Association, within: float = 10) -> bool:
+    """Whether the appliance aborts ``assoc`` within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not assoc.is_aborted and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return bool(assoc.is_aborted)
 
 
 def storage_contexts_for(paths: list[Path]) -> list[tuple[str, list[str]]]:

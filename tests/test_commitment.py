@@ -552,13 +552,15 @@ def test_a_pending_report_survives_a_restart(appliance_factory, tmp_path: Path) 
 class Certificates:
     """The hospital's CA and the certificates it issued to the appliance and
     the requester; the requester's certificate again from a CA nobody trusts,
-    and one of the hospital's that names another host."""
+    one of the hospital's that names another host, and one of the
+    hospital's for the requester's host but of another common name."""
 
     ca: Path
     appliance: Issued
     requester: Issued
     rogue_requester: Issued
     elsewhere: Issued
+    impostor: Issued
 
 
 @pytest.fixture(scope="module")
@@ -575,6 +577,7 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
         hospital.issue(MODALITY, hosts),
         rogue.issue(MODALITY, hosts),
         hospital.issue("ELSEWHERE", ("localhost", "10.1.2.30")),
+        hospital.issue("IMPOSTOR", hosts),
     )
 
 
@@ -735,6 +738,49 @@ def test_a_report_refused_over_tls_is_delivered_once_the_certificate_is_right(
     assert "CERTIFICATE_VERIFY_FAILED" in handshakes[0].getMessage()
     assert reason in handshakes[0].getMessage()
     assert (report.tls_version, report.event_type) == ("TLSv1.3", 1)
+    assert report.transaction_uid == transaction.uid
+    assert delivered is not None and delivered.state == commitments.REPORTED
+
+
+def test_a_report_to_a_requester_bound_to_a_certificate_needs_that_certificate(
+    certificates: Certificates, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    modality = Requester(free_port())
+    values = config_defaults()
+    values["storage.data_dir"] = str(tmp_path / "data")
+    values.update({f"tls.{key}": value for key, value in
+                   tls_settings(certificates).items()})  # fmt: skip
+    peer = Peer(MODALITY, "127.0.0.1", modality.port, tls=True, certificate_cn=MODALITY)
+    settings = Config(values, peers=(peer,))
+    catalog = Catalog(settings.catalog_path, 2**26)
+    transaction = _decided(time.time())
+    commitments.open_transaction(catalog, transaction)
+    reporter = Reporter(settings, catalog)
+    try:
+        modality.listen(requester_tls(certificates.impostor, certificates.ca))
+        reporter.one_pass(threading.Event())
+        modality.stop()
+        pending = commitments.get(catalog, transaction.uid)
+        refusals = [r.getMessage() for r in caplog.records if r.name == "appliance.tls"]
+        nothing_reported = modality.reports.empty()
+
+        modality.listen(requester_tls(certificates.requester, certificates.ca))
+        commitments.update(catalog, transaction.uid, _due_now)
+        reporter.one_pass(threading.Event())
+        report = modality.next_report()
+        delivered = commitments.get(catalog, transaction.uid)
+    finally:
+        modality.stop()
+        catalog.close()
+
+    assert nothing_reported
+    assert pending is not None
+    assert (pending.state, pending.attempts) == (commitments.DECIDED, 1)
+    assert refusals == [
+        f"TLS connection to {MODALITY} at 127.0.0.1:{modality.port} refused: "
+        f"AE title {MODALITY} is bound to certificate CN '{MODALITY}'; "
+        "the certificate is for IMPOSTOR"
+    ]
     assert report.transaction_uid == transaction.uid
     assert delivered is not None and delivered.state == commitments.REPORTED
 

@@ -277,6 +277,28 @@ def test_a_pdu_longer_than_announced_aborts_with_one_line(
     assert_still_serving(appliance)
 
 
+def test_a_pdu_header_sent_a_byte_at_a_time_is_checked_too(
+    appliance: Appliance,
+) -> None:
+    """The length is checked when the header has arrived, in however many
+    pieces: the appliance does not wait for the body it announces."""
+    start = len(appliance.log())
+    with client.associate(appliance.port, [(client.Verification, [])]) as assoc:
+        assert assoc.is_established
+        assert assoc.dul.socket is not None
+        assert assoc.dul.socket.socket is not None
+        header = b"\x04\x00\x40\x00\x00\x00"  # a P-DATA-TF of 1 GiB
+        client.send_a_byte_at_a_time(assoc.dul.socket.socket, header)
+        assert client.wait_until_aborted(assoc)
+
+    lines = wait_for_lines(appliance, start, "more than the")
+    assert len(lines) == 1, lines
+    assert "aborting association with TESTCLIENT@127.0.0.1" in lines[0]
+    assert "PDU type 0x04 of 1073741824 bytes" in lines[0]
+    assert "pynetdicom" not in appliance.log()[start:]
+    assert_still_serving(appliance)
+
+
 def test_connections_beyond_the_limit_are_closed_at_once(
     appliance: Appliance,
 ) -> None:

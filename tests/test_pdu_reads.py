@@ -1,18 +1,30 @@
 """A PDU read on a handed-over connection returns the bytes sent, and takes
-memory only for the bytes that arrived, whatever length the peer announced."""
+memory only for the bytes that arrived, whatever length the peer announced;
+on an association the appliance requests, over TLS, a PDU announcing more
+than it accepts is refused before its body is read."""
 
 from __future__ import annotations
 
+import logging
 import queue
 import socket
+import ssl
 import threading
 import tracemalloc
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from pynetdicom import AE, evt
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ASSOCIATE_AC
+from pynetdicom.sop_class import Verification
 
+from appliance.dicom import node
 from appliance.dicom.handoff import _ReplayingSocket
+from tests import dicom_client as client
+from tests.certificates import Authority
 
 MIB = 1 << 20
 
@@ -75,3 +87,58 @@ def test_an_announced_gigabyte_takes_no_gigabyte(
     thread.join()
     assert received == b"x" * 100
     assert peak < 4 * MIB
+
+
+def test_a_peer_we_called_over_tls_announcing_too_long_a_pdu_is_aborted(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """As requester (C-MOVE sub-operations, export) over TLS, the appliance
+    checks the header it reads, here sent a byte at a time, as it does on
+    associations it accepts."""
+    # The appliance's PDU reading, for this test only.
+    original = DULServiceProvider._read_pdu_data
+    monkeypatch.setattr(DULServiceProvider, "_read_pdu_data", original)
+    node._guard_pdu_reading()
+    authority = Authority(tmp_path, "pdu")
+    identity = authority.issue("DEST", ("127.0.0.1",))
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(identity.certificate, identity.key)
+    client_context = ssl.create_default_context(cafile=str(authority.certificate))
+
+    def announce_a_gibibyte(event: evt.Event) -> None:
+        # Once the association is accepted: a P-DATA-TF of 1 GiB.
+        if isinstance(event.pdu, A_ASSOCIATE_AC):
+            header = b"\x04\x00\x40\x00\x00\x00"
+            client.send_a_byte_at_a_time(event.assoc.dul.socket.socket, header)
+
+    acceptor = AE(ae_title="DEST")
+    acceptor.add_supported_context(Verification)
+    server = acceptor.start_server(
+        ("127.0.0.1", 0),
+        block=False,
+        ssl_context=server_context,
+        evt_handlers=[(evt.EVT_PDU_SENT, announce_a_gibibyte)],
+    )
+    requestor = AE(ae_title="APPLIANCE")
+    requestor.add_requested_context(Verification)
+    requestor.acse_timeout = requestor.network_timeout = 30
+    caplog.set_level(logging.WARNING, logger="appliance.dicom.node")
+    try:
+        assoc = requestor.associate(
+            "127.0.0.1",
+            server.server_address[1],
+            ae_title="DEST",
+            tls_args=(client_context, "127.0.0.1"),
+        )
+        assert assoc.is_established
+        assert client.wait_until_aborted(assoc)
+    finally:
+        server.shutdown()
+
+    lines = [r.getMessage() for r in caplog.records if "more than" in r.getMessage()]
+    assert lines == [
+        "aborting association with DEST@127.0.0.1: PDU type 0x04 of 1073741824 "
+        "bytes, more than the 16382 this end accepts"
+    ]

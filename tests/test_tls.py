@@ -18,6 +18,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -57,6 +58,9 @@ class Pki:
     ws9: Issued
     rogue_ct1: Issued
     rogue_destination: Issued
+    # From the hospital's CA, for the destination's address, but not the
+    # certificate BOUND and PINNED are bound to.
+    impostor: Issued
 
 
 @dataclass
@@ -65,6 +69,7 @@ class Node:
     tls_port: int
     hl7_tls_port: int = 0
     destination_port: int = 0
+    bound_port: int = 0
 
     def new_log(self, since: int) -> str:
         return self.appliance.log()[since:]
@@ -83,6 +88,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         ws9=ca.issue("WS9"),
         rogue_ct1=rogue.issue("CT1"),
         rogue_destination=rogue.issue("DEST", ("127.0.0.1",)),
+        impostor=ca.issue("WS7", ("127.0.0.1",)),
     )
 
 
@@ -108,11 +114,13 @@ def _running(appliance: Appliance) -> Iterator[Appliance]:
 @pytest.fixture(scope="module")
 def open_node(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     """Clients need no certificate, except as CT1 (bound by common name) and
-    MR1 (bound by WS9's fingerprint); HL7 over TLS too; DEST and ROGUE are
-    C-MOVE destinations over TLS."""
+    MR1 (bound by WS9's fingerprint); HL7 over TLS too; DEST is a C-MOVE
+    destination over TLS, and so are BOUND (bound to DEST's certificate by
+    common name) and PINNED (by fingerprint), which share a port."""
     node = Node(Appliance(tmp_path_factory.mktemp("open"), {}), free_port())
     node.hl7_tls_port = free_port()
     node.destination_port = free_port()
+    node.bound_port = free_port()
     hl7 = {"enabled": True, "port": free_port(), "tls": True}
     node.appliance.settings = {
         "tls": _tls_settings(pki, node.tls_port, verify_clients=False),
@@ -120,6 +128,8 @@ def open_node(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[No
         "prefetch": {"enabled": False},
     }
     fingerprint = hashlib.sha256(pki.ws9.der).hexdigest().upper()
+    destination = hashlib.sha256(pki.destination.der).hexdigest().upper()
+    bound = {"host": "127.0.0.1", "port": node.bound_port, "tls": True}
     node.appliance.peers = [
         {"ae_title": "CT1", "host": "127.0.0.1", "port": 104, "certificate_cn": "CT1"},
         {
@@ -134,6 +144,8 @@ def open_node(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[No
             "port": node.destination_port,
             "tls": True,
         },
+        {**bound, "ae_title": "BOUND", "certificate_cn": "DEST"},
+        {**bound, "ae_title": "PINNED", "certificate_sha256": destination},
     ]
     with _running(node.appliance):
         yield node
@@ -433,10 +445,12 @@ def to_move(open_node: Node, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _move_study(node: Node, path: Path) -> subprocess.CompletedProcess[str]:
+def _move_study(
+    node: Node, path: Path, destination: str = "DEST"
+) -> subprocess.CompletedProcess[str]:
     study = str(pydicom.dcmread(path).StudyInstanceUID)
     return dcmtk(
-        "movescu", "-v", "-S", "-aec", "APPLIANCE", "-aem", "DEST",
+        "movescu", "-v", "-S", "-aec", "APPLIANCE", "-aem", destination,
         "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
         "127.0.0.1", str(node.appliance.port),
     )  # fmt: skip
@@ -480,6 +494,128 @@ def test_c_move_refuses_a_destination_with_a_certificate_of_another_ca(
     assert len(failed) == 1
     assert "CERTIFICATE_VERIFY_FAILED" in failed[0]
     assert "Traceback" not in log
+
+
+@contextlib.contextmanager
+def tls_listener(port: int, identity: Issued) -> Iterator[list[bytes]]:
+    """A TLS server presenting ``identity`` on ``port``. Once the block
+    ends, the list holds what each client that completed the handshake sent
+    after it (a connection that never starts TLS leaves nothing)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(identity.certificate, identity.key)
+    received: list[bytes] = []
+    done = threading.Event()
+
+    def converse(connection: socket.socket) -> None:
+        # The client closing at any point ends the conversation.
+        with connection, contextlib.suppress(OSError):
+            connection.settimeout(30)
+            with context.wrap_socket(connection, server_side=True) as secured:
+                received.append(b"")
+                index = len(received) - 1
+                while chunk := secured.recv(65536):
+                    received[index] += chunk
+
+    def serve(listener: socket.socket) -> None:
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                converse(listener.accept()[0])
+
+    with socket.create_server(("127.0.0.1", port)) as listener:
+        listener.settimeout(0.1)
+        thread = threading.Thread(target=serve, args=(listener,))
+        thread.start()
+        try:
+            yield received
+        finally:
+            done.set()
+            thread.join(timeout=60)
+
+
+BINDINGS = {
+    "BOUND": "is bound to certificate CN 'DEST'; the certificate is for WS7",
+    "PINNED": "is bound to the certificate of SHA-256 ",
+}
+
+
+@pytest.mark.parametrize("destination", list(BINDINGS))
+def test_c_move_to_a_bound_destination_needs_its_certificate(
+    open_node: Node, pki: Pki, to_move: Path, tmp_path: Path, destination: str
+) -> None:
+    received = tmp_path / "received"
+    received.mkdir()
+    with storescp_tls(
+        open_node.bound_port, pki.destination, pki.ca.certificate, received
+    ):
+        moved = _move_study(open_node, to_move, destination)
+    since = len(open_node.appliance.log())
+    study = str(pydicom.dcmread(to_move).StudyInstanceUID)
+    identifier = client.study_identifier(StudyInstanceUID=study)
+    with tls_listener(open_node.bound_port, pki.impostor) as sent:
+        refused = client.move(open_node.appliance.port, identifier, destination)
+
+    assert "Received Final Move Response (Success)" in moved.stderr, moved.stderr
+    assert len(list(received.iterdir())) == 1
+    assert [int(response.Status) for response in refused] == [0xA702]
+    assert refused[0].NumberOfFailedSuboperations == 1
+    assert sent == [b""], "a PDU was sent to the wrong certificate"
+    log = open_node.new_log(since)
+    where = f"{destination} at 127.0.0.1:{open_node.bound_port}"
+    (line,) = _lines(log, f"TLS connection to {where} refused")
+    assert f"AE title {destination} {BINDINGS[destination]}" in line
+    assert len(_lines(log, f"cannot associate with {destination} .* over TLS")) == 1
+    assert not _lines(log, "TLS handshake with")
+    assert "Traceback" not in log
+
+
+def test_export_to_a_bound_peer_refuses_another_certificate(
+    open_node: Node, pki: Pki, to_move: Path
+) -> None:
+    target = f"BOUND@127.0.0.1:{open_node.bound_port}"
+    with tls_listener(open_node.bound_port, pki.impostor) as sent:
+        exported = open_node.appliance.cli("export", "--to", target, check=False)
+
+    assert exported.returncode != 0
+    assert sent == [b""], "a PDU was sent to the wrong certificate"
+
+
+# -- PDU lengths over TLS ------------------------------------------------------
+
+
+@pytest.mark.parametrize("a_byte_at_a_time", [False, True], ids=["whole", "split"])
+def test_a_pdu_longer_than_announced_over_tls_aborts_with_one_line(
+    open_node: Node, pki: Pki, a_byte_at_a_time: bool
+) -> None:
+    context = ssl.create_default_context(cafile=str(pki.ca.certificate))
+    since = len(open_node.appliance.log())
+    header = b"\x04\x00\xff\xff\xff\xf0"
+    with client.associate(
+        open_node.tls_port,
+        [(client.Verification, [])],
+        tls_args=(context, "127.0.0.1"),
+    ) as assoc:
+        assert assoc.is_established
+        assert assoc.dul.socket is not None
+        connection = assoc.dul.socket.socket
+        assert isinstance(connection, ssl.SSLSocket)
+        if a_byte_at_a_time:
+            client.send_a_byte_at_a_time(connection, header)
+        else:
+            connection.sendall(header + bytes(4096))
+        assert client.wait_until_aborted(assoc)
+
+    wait_for(lambda: "more than the" in open_node.new_log(since))
+    log = open_node.new_log(since)
+    (line,) = _lines(log, "more than the")
+    assert "aborting association with TESTCLIENT@127.0.0.1" in line
+    assert "PDU type 0x04 of 4294967280 bytes" in line
+    assert "pynetdicom" not in log
+    with client.associate(
+        open_node.tls_port,
+        [(client.Verification, [])],
+        tls_args=(context, "127.0.0.1"),
+    ) as assoc:
+        assert int(assoc.send_c_echo().Status) == 0x0000
 
 
 # -- HL7 over TLS -----------------------------------------------------------------

@@ -144,21 +144,13 @@ class HandedOverSocket(_Replaying, QuickAckSocket):
 
 
 class HandedOverTLSSocket(_Replaying, ssl.SSLSocket):  # type: ignore[misc]
-    """A handed-over connection after its TLS handshake, server side.
-
-    TLS records cannot be peeked at, and pynetdicom's reading peeks at the
-    first byte of each PDU (see :mod:`appliance.dicom.node`): a peek here
-    reads, and keeps the bytes to be read again.
-    """
+    """A handed-over connection after its TLS handshake, server side."""
 
     def pending(self) -> int:
         # Bytes replayed first, then those OpenSSL has decrypted already.
         return len(self._replay) + ssl.SSLSocket.pending(self)
 
     def recv(self, bufsize: int = 1024, flags: int = 0) -> bytes:
-        if flags & socket.MSG_PEEK and not self._replay:
-            self._replay = super().recv(bufsize)
-            return self._replay
         data = super().recv(bufsize, flags)
         self._acknowledge_now()
         return data

@@ -10,7 +10,6 @@ it ends, with the caller and what it did; failures get their own line.
 from __future__ import annotations
 
 import logging
-import socket
 import struct
 import threading
 import weakref
@@ -33,6 +32,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.transport import AssociationSocket
 
 from appliance import audit, tls
 from appliance.audit import dicom as audit_dicom
@@ -146,38 +146,30 @@ def _guard_message_decoding() -> None:
 
 
 def _guard_pdu_reading() -> None:
-    """Abort an association on bytes that are no PDU with one log line.
+    """Read every PDU here, its header checked before its body is read.
 
-    pynetdicom reads such bytes six at a time, with an error line and an
-    A-ABORT for every six (PS3.8 action AA-7), until none are left. Here the
-    first unrecognised PDU type is logged once, with the peer, and the
-    association is aborted as the state table says (AA-8); what the peer
-    sends after that, while the connection waits to be closed (state Sta13),
-    is discarded unread. Before an association exists, admission has
-    already turned such bytes away.
+    pynetdicom reads a PDU of any announced length into memory, so a peer
+    announcing gigabytes could exhaust it; and it reads bytes that are no
+    PDU six at a time, with an error line and an A-ABORT for every six
+    (PS3.8 action AA-7). Here the header is read whole, however it arrives
+    and over TLS too; an unrecognised PDU type, or a PDU longer than this
+    end accepts, is logged once with the peer and the association aborted
+    as the state table says (AA-8), its body unread. What the peer sends
+    after that, while the connection waits to be closed (state Sta13), is
+    discarded unread. Before an association exists, admission has already
+    turned such bytes away.
     """
     original = DULServiceProvider._read_pdu_data
 
     def read_pdu_data(dul: DULServiceProvider) -> None:
-        connection = dul.socket.socket if dul.socket else None
-        if connection is None:
+        wrapper = dul.socket
+        connection = wrapper.socket if wrapper else None
+        if wrapper is None or connection is None:
             original(dul)
         elif dul.state_machine.current_state == "Sta13":
             _discard_readable(dul, connection)
-        elif (first := _first_byte(connection)) not in (None, *_PDU_TYPES):
-            logger.warning(
-                "aborting association with %s: not DICOM (PDU type 0x%02X)",
-                _peer_of(dul.assoc),
-                first,
-            )
-            dul.event_queue.put("Evt19")  # unrecognised PDU
-        elif too_long := _overlong(dul, connection):
-            logger.warning(
-                "aborting association with %s: %s", _peer_of(dul.assoc), too_long
-            )
-            dul.event_queue.put("Evt19")  # invalid PDU
         else:
-            original(dul)
+            _read_pdu(dul, wrapper)
 
     setattr(DULServiceProvider, "_read_pdu_data", read_pdu_data)  # noqa: B010
 
@@ -229,35 +221,73 @@ def _plain_store_response(primitive: Any) -> bool:
     )
 
 
-def _first_byte(connection: Any) -> int | None:
-    """The next byte the peer sent, left unread; None at the end or on error."""
+def _read_pdu(dul: DULServiceProvider, wrapper: AssociationSocket) -> None:
+    """Read one PDU and put its event for the state machine (PS3.8 9.2)."""
     try:
-        data = connection.recv(1, socket.MSG_PEEK)
-    except OSError:
-        return None
-    except ValueError:
-        # A TLS socket of an association we requested cannot peek; its
-        # PDUs are read as pynetdicom reads them.
-        return None
-    return data[0] if data else None
-
-
-def _overlong(dul: DULServiceProvider, connection: Any) -> str:
-    """Why the next PDU is longer than this end may be sent, or "".
-
-    pynetdicom would read a PDU of any announced length into memory, so a
-    peer announcing gigabytes could exhaust it. A P-DATA-TF may be as long
-    as the maximum this end announced (none when 0); the other PDUs on an
-    open association are a few bytes long.
-    """
+        header = _read_header(dul, wrapper)
+        if header is None:
+            return
+        length = int.from_bytes(header[2:_HEADER_SIZE], "big")
+        body = wrapper.recv(length) if length else bytearray()
+    except OSError as exc:
+        logger.debug("connection with %s lost: %s", _peer_of(dul.assoc), exc)
+        dul.event_queue.put("Evt17")  # transport connection closed
+        return
+    if len(body) < length:
+        dul.event_queue.put("Evt17")  # closed within the PDU
+        return
     try:
-        header = connection.recv(_HEADER_SIZE, socket.MSG_PEEK)
-    except (OSError, ValueError):
-        # ValueError: a TLS socket of an association we requested cannot
-        # peek; its PDUs are read as pynetdicom reads them.
-        return ""
+        pdu, event = dul._decode_pdu(header + body)
+    except Exception as exc:
+        logger.warning(
+            "aborting association with %s: undecodable PDU type 0x%02X (%s: %s)",
+            _peer_of(dul.assoc),
+            header[0],
+            type(exc).__name__,
+            exc,
+        )
+        dul.event_queue.put("Evt19")  # invalid PDU
+        return
+    dul.event_queue.put(event)
+    dul._recv_pdu.put(pdu)
+
+
+def _read_header(
+    dul: DULServiceProvider, wrapper: AssociationSocket
+) -> bytearray | None:
+    """The next PDU's six-byte header, read in as many pieces as it comes;
+    None, with the event put, when it is no PDU's, is longer than this end
+    accepts, or the connection closes first. The type byte is checked
+    before the rest is waited for."""
+    header = wrapper.recv(1)
+    if header and header[0] not in _PDU_TYPES:
+        logger.warning(
+            "aborting association with %s: not DICOM (PDU type 0x%02X)",
+            _peer_of(dul.assoc),
+            header[0],
+        )
+        dul.event_queue.put("Evt19")  # unrecognised PDU
+        return None
+    if header:
+        header += wrapper.recv(_HEADER_SIZE - 1)
     if len(header) < _HEADER_SIZE:
-        return ""  # the rest has not arrived; pynetdicom waits for it
+        dul.event_queue.put("Evt17")  # closed within the header
+        return None
+    if too_long := _overlong(dul, header):
+        logger.warning(
+            "aborting association with %s: %s", _peer_of(dul.assoc), too_long
+        )
+        dul.event_queue.put("Evt19")  # invalid PDU
+        return None
+    return header
+
+
+def _overlong(dul: DULServiceProvider, header: bytearray) -> str:
+    """Why the PDU ``header`` announces is longer than this end accepts, or "".
+
+    A P-DATA-TF may be as long as the maximum this end announced (none
+    when 0); the other PDUs on an open association are a few bytes long.
+    """
     pdu_type, _reserved, length = struct.unpack(">BBL", header)
     assoc = dul.assoc
     local = assoc.requestor if assoc.is_requestor else assoc.acceptor
