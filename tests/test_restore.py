@@ -20,7 +20,7 @@ import pytest
 
 from appliance.catalog import replication
 from appliance.catalog.store import Catalog
-from appliance.errors import StorageError
+from appliance.errors import CatalogError, StorageError
 from appliance.hsm.tiers import Tiers
 from appliance.replication.replicator import Replicator, Settings
 from appliance.replication.transports.directory import DirectoryTransport
@@ -334,9 +334,9 @@ def test_a_crash_between_the_renames_is_finished_by_the_next_run(
 @pytest.mark.parametrize(
     "where",
     [
-        "appliance.catalog.bulk.BulkLoad._put_meta",  # inside its transaction
-        # Instances written into the open transaction, their copies not yet.
-        "appliance.catalog.bulk.BulkLoad.add_pack",
+        "appliance.restore.adopt._meta",  # inside its transaction
+        # Some of the copied catalog's studies rewritten, not all.
+        "appliance.restore.adopt._study_again",
         "appliance.restore.rebuild.check",  # written, not checked yet
     ],
 )
@@ -353,6 +353,44 @@ def test_a_crash_while_the_catalog_is_loaded_starts_it_again(
         _restore_in_process(restored, mirror)
     assert swap.note_of(swap.rebuilt_path(catalog_path)) is None
     assert not catalog_path.exists()
+
+    done = restored.restore()
+
+    assert done.returncode == 0, done.stderr
+    assert restored.held() == (disaster[1], disaster[2])
+
+
+@pytest.mark.parametrize(
+    "crash",
+    [
+        None,
+        "appliance.catalog.bulk.BulkLoad._put_meta",  # inside its transaction
+        # Instances written into the open transaction, their copies not yet.
+        "appliance.catalog.bulk.BulkLoad.add_pack",
+    ],
+)
+def test_a_copy_that_cannot_be_used_is_written_anew(
+    disaster, site, crash: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A copy of the work catalog that fails (its check, here made to fail)
+    gives way to one whose every record is written anew; a crash while
+    that one is written starts the whole rebuild again."""
+    restored, mirror = site
+    catalog_path = restored.config.catalog_path
+    refused = CatalogError("made to fail for the test")
+
+    with mock.patch("appliance.restore.adopt._rewrite", side_effect=refused):
+        if crash is None:
+            _restore_in_process(restored, mirror)
+        else:
+            with (
+                mock.patch(crash, side_effect=OSError("power cut")),
+                pytest.raises(OSError, match="power cut"),
+            ):
+                _restore_in_process(restored, mirror)
+            assert swap.note_of(swap.rebuilt_path(catalog_path)) is None
+            assert not catalog_path.exists()
+    assert "writing every record anew instead" in caplog.text
 
     done = restored.restore()
 

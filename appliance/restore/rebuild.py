@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from appliance.catalog.store import Catalog
-from appliance.errors import StorageError
+from appliance.errors import CatalogError, StorageError
 from appliance.restore import swap
+from appliance.restore.adopt import adopt
 from appliance.restore.cache import PackCache
 from appliance.restore.check import check
-from appliance.restore.export import export, finish, mark_checked
+from appliance.restore.export import Exported, export, finish, mark_checked
 from appliance.restore.mirror import Fetcher, MirrorContents
 from appliance.restore.sources import Progress, Sources, WorkCatalog
 from appliance.storage.keys import KeyStore
@@ -136,10 +137,40 @@ def _write(
     contents: MirrorContents,
     extra: dict[str, Any],
 ) -> dict[str, Any]:
-    """Export, finish, check and mark the rebuilt catalog; its note."""
+    """Make, finish, check and mark the rebuilt catalog; its note.
+
+    It is made from a copy of the work catalog; should that copy fail its
+    check (a work catalog whose own counts or records were wrong, which a
+    copy keeps), it is made again by writing every record anew, which
+    counts everything from the instances themselves."""
+    try:
+        final, exported = adopt(work.catalog, rebuilt, map_size, contents)
+        return _finished(work, final, exported, contents, extra)
+    except CatalogError as exc:
+        logger.warning(
+            "the rebuilt catalog copied from the work catalog cannot be used "
+            "(%s); writing every record anew instead",
+            exc,
+        )
+    shutil.rmtree(rebuilt, ignore_errors=True)
     final = Catalog(rebuilt, map_size)
     try:
         exported = export(work.catalog, final, contents)
+    except BaseException:
+        final.close()
+        raise
+    return _finished(work, final, exported, contents, extra)
+
+
+def _finished(
+    work: WorkCatalog,
+    final: Catalog,
+    exported: Exported,
+    contents: MirrorContents,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """Finish, check and mark ``final`` (then close it); its note."""
+    try:
         last_journal = max(work.last_journal, contents.last_journal_number)
         next_pack = max(work.next_pack, contents.highest_pack + 1)
         finish(final, last_journal, next_pack)

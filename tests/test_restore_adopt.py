@@ -1,0 +1,97 @@
+"""A rebuilt catalog made from a copy of the work catalog holds, database by
+database and byte for byte, what the bulk export writes from it: generated
+work catalogs (written by the catalog's writer, with duplicates, instances
+that do not fit the tree, packs on the mirror and on volumes, overlapping,
+some missing, some copies unverified) restored from the mirror and from
+volumes, with instances, series, studies and patients that never reached
+the tier and must go."""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from appliance.catalog.records import Copy
+from appliance.catalog.replication import OFFSITE
+from appliance.catalog.store import Catalog
+from appliance.restore.adopt import adopt
+from appliance.restore.check import check
+from appliance.restore.export import Exported, export, finish
+from appliance.restore.mirror import MirrorContents, RemoteFile
+from tests.test_catalog_bulk import _by_writer, _instances, _packs
+
+MAP_SIZE = 2**28
+
+
+def _contents(catalog: Catalog) -> dict[str, list[tuple[bytes, bytes]]]:
+    found = {}
+    with catalog.env.begin() as txn:
+        for name, db in catalog.db.items():
+            found[name] = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=db)]
+        # The named databases themselves: nothing left over.
+        found[""] = [(bytes(k), b"") for k, _ in txn.cursor()]
+    return found
+
+
+def _work(
+    folder: Path, seed: int, count: int, tier: str
+) -> tuple[Catalog, MirrorContents]:
+    rng = random.Random(seed)
+    items = _instances(rng, count)
+    for n, item in enumerate(items):
+        # As on the lost appliance: each instance has its online copy.
+        item.record.copies = [Copy("online", f"{n % 256:02x}/{n}.dcm")]
+    packs = _packs(rng, items)
+    work = Catalog(folder / "work", MAP_SIZE)
+    _by_writer(work, items, packs, seed)
+    # Most packs of the tier are there; the others were lost with it.
+    there = {
+        pack.pack_id: RemoteFile(pack.location, pack.size)
+        for pack in packs
+        if pack.tier == tier and rng.random() < 0.8
+    }
+    return work, MirrorContents(packs=there, highest_pack=len(packs), tier=tier)
+
+
+def _exported(
+    exported: Exported,
+) -> tuple[int, list[dict[str, str]], dict[str, list[str]]]:
+    return exported.instances, exported.lost, exported.missing
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("tier", [OFFSITE, "offline"])
+def test_a_copied_work_catalog_is_what_the_bulk_export_writes(
+    tmp_path: Path, seed: int, tier: str
+) -> None:
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))
+    work, contents = _work(folder, seed, 150, tier)
+    bulk = Catalog(folder / "bulk", MAP_SIZE)
+    try:
+        by_bulk = export(work, bulk, contents)
+        finish(bulk, 7, 99)
+        adopted, by_adopt = adopt(work, folder / "adopted", MAP_SIZE, contents)
+        try:
+            finish(adopted, 7, 99)
+            assert _exported(by_adopt) == _exported(by_bulk)
+            assert by_bulk.lost, "the generated catalog loses nothing"
+            want, got = _contents(bulk), _contents(adopted)
+            for name in want:
+                assert got[name] == want[name], name
+            # Both pass the check a rebuilt catalog must pass, or both fail.
+            outcomes = []
+            for catalog in (bulk, adopted):
+                try:
+                    check(catalog, contents, by_bulk.instances)
+                    outcomes.append("passed")
+                except Exception as exc:
+                    outcomes.append(type(exc).__name__)
+            assert outcomes[0] == outcomes[1]
+        finally:
+            adopted.close()
+    finally:
+        bulk.close()
+        work.close()
