@@ -116,6 +116,8 @@ def write_config(path: Path, data_dir: Path, mirror: Mirror, remote: Path) -> Pa
     settings = mirror.settings(remote, SftpSettings.client)
     sections = {
         "storage": {"data_dir": str(data_dir), "reserved_bytes": 0},
+        # A port of its own: another appliance may have the default.
+        "web": {"port": free_port()},
         "mirror": {
             "kind": "sftp",
             "host": settings.host,
