@@ -27,9 +27,9 @@ check, the rebuild falls back to that export, which recounts everything.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ import lmdb
 
 from appliance.catalog import codec
 from appliance.catalog.patients import _REFERENCE_KEY
-from appliance.catalog.records import NewInstance
+from appliance.catalog.records import InstanceRecord, NewInstance
 from appliance.catalog.replication import OFFSITE
 from appliance.catalog.store import (
     Catalog,
@@ -50,12 +50,10 @@ from appliance.catalog.store import (
 )
 from appliance.errors import CatalogError
 from appliance.restore.export import (
+    _PATIENTS_READ,
     Exported,
     _copy,
     _copy_places,
-    _instances,
-    _pack,
-    _pack_ids,
 )
 from appliance.restore.mirror import MirrorContents
 
@@ -128,10 +126,7 @@ def _rewrite(
         with work.read() as source, final.env.begin(write=True) as txn:
             _drop_the_rest(final, txn)
             pack_bytes = _packs(work, source, final, txn, contents)
-            items = _instances(work, source, tier)
-            for _study, group in itertools.groupby(
-                items, key=lambda pair: pair[0].record.study_uid
-            ):
+            for group in _studies(work, source, tier):
                 _study_again(
                     final, txn, list(group), source, places, tier, result, totals
                 )
@@ -166,26 +161,22 @@ def _packs(
     txn: lmdb.Transaction,
     contents: MirrorContents,
 ) -> int | None:
-    """Keep the packs on the tier restored from, drop the others; their
-    bytes (None when there is none)."""
+    """Keep the packs on the tier restored from (their records as they are),
+    drop the others; their bytes (None when there is none)."""
     packs = final.db["packs"]
-    kept = _pack_ids(work, source, contents)
-    wanted = set(kept)
-    for pack_id, _data in work.all_records(source, "packs"):
-        if pack_id not in wanted:
-            txn.delete(encode_key(pack_id), db=packs)
     total = None
-    for pack_id in kept:
-        pack = _pack(work, source, pack_id)
-        txn.put(encode_key(pack_id), codec.dumps(pack.as_json()), db=packs)
-        if pack.tier != OFFSITE:
+    for pack_id, data in work.all_records(source, "packs"):
+        if data.get("tier") != contents.tier:
+            txn.delete(encode_key(pack_id), db=packs)
+            continue
+        if contents.tier != OFFSITE:
             txn.put(
-                encode_key(pack.study_uid),
+                encode_key(data["study_uid"]),
                 encode_key(pack_id),
                 db=final.db["idx.pack.study"],
                 dupdata=True,
             )
-        total = (total or 0) + pack.size
+        total = (total or 0) + data["size"]
     return total
 
 
@@ -344,3 +335,58 @@ def _held(txn: lmdb.Transaction, key: bytes, db: Any) -> dict[str, Any]:
         raise CatalogError(f"the work catalog lacks the record {key!r}")
     record: dict[str, Any] = codec.loads(raw)
     return record
+
+
+def _studies(
+    work: Catalog, txn: lmdb.Transaction, tier: str
+) -> Iterator[list[tuple[NewInstance, bool]]]:
+    """Every study's instances, in the order received, and whether each has
+    a copy on ``tier``: what :func:`appliance.restore.export._instances`
+    gives, read with one cursor per index instead of one per lookup."""
+    db = work.db
+    series_of_study = txn.cursor(db=db["idx.series.study"])
+    instances_of_series = txn.cursor(db=db["idx.instance.series"])
+    # A patient's attributes, read once for all of its studies as long as
+    # they are among the last few thousand read.
+    patients_read: dict[bytes, dict[str, str]] = {}
+    for study_key, raw_study in txn.cursor(db=db["studies"]):
+        study = codec.loads(raw_study)
+        patient_key = encode_key(study["patient"])
+        if patient_key not in patients_read:
+            if len(patients_read) >= _PATIENTS_READ:
+                patients_read.clear()
+            raw_patient = txn.get(patient_key, db=db["patients"])
+            patient = codec.loads(raw_patient) if raw_patient is not None else {}
+            patients_read[patient_key] = patient.get("attrs", {})
+        rows = []
+        if series_of_study.set_key(study_key):
+            for series_key in series_of_study.iternext_dup():
+                raw_series = txn.get(series_key, db=db["series"])
+                series = codec.loads(raw_series) if raw_series is not None else {}
+                if not instances_of_series.set_key(series_key):
+                    continue
+                for uid_key in instances_of_series.iternext_dup():
+                    raw = txn.get(uid_key, db=db["instances"])
+                    if raw is not None:
+                        data = codec.loads(raw)
+                        rows.append((data, series.get("attrs", {})))
+        if not rows:
+            continue
+        rows.sort(key=lambda row: (row[0]["received"], row[0]["key"]))
+        senders = list(study.get("calling_aes", []))
+        group = []
+        for index, (data, series_attrs) in enumerate(rows):
+            record = InstanceRecord.from_json(data["key"], data)
+            has_copy = any(c.tier == tier for c in record.copies)
+            record.copies = []
+            # As the export hands them out: the study's sending AEs in order.
+            sender = senders[min(index, len(senders) - 1)] if senders else ""
+            item = NewInstance(
+                record,
+                dict(patients_read[patient_key]),
+                dict(study["attrs"]),
+                dict(series_attrs),
+                sender,
+            )
+            group.append((item, has_copy))
+        yield group
