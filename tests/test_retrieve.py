@@ -598,6 +598,11 @@ def test_c_get_without_a_context_for_the_stored_syntax(archive: Archive) -> None
         assert received[_sop_uid(path)] == client.dataset_bytes(path)
     log = archive.log_since(start)
     assert all(f"C-STORE sub-operation for {uid}" in log for uid in explicit)
+    # One line each, a warning: the peer declined a syntax, the archive is
+    # not at fault; pynetdicom's own error line is not repeated.
+    refusals = [line for line in log.splitlines() if "No presentation" in line]
+    assert len(refusals) == len(explicit)
+    assert all(" WARNING appliance.dicom.retrieve" in line for line in refusals)
 
 
 def test_c_get_with_no_usable_context_fails_all(archive: Archive) -> None:

@@ -16,6 +16,7 @@ be decoded.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import socket
 import ssl
@@ -140,6 +141,20 @@ def install() -> None:
     pynetdicom.dimse_messages._MSG_TO_PRIMITVE["C_MOVE"] = MoveRequest
     # Send stored files as raw bytes, never decoded and re-encoded.
     _config.STORE_SEND_CHUNKED_DATASET = True
+    logging.getLogger("pynetdicom.association").addFilter(_said_by_the_sub_operation)
+
+
+# Set while a sub-operation's C-STORE is sent: what goes wrong there is
+# logged once, by the sub-operation, with the instance's UID.
+_SENDING = contextvars.ContextVar("sending_sub_operation", default=False)
+
+
+def _said_by_the_sub_operation(record: logging.LogRecord) -> bool:
+    """Drop pynetdicom's own error line for a C-STORE it refuses to send for
+    want of an accepted presentation context: it raises, and the
+    sub-operation logs the failure as a warning of its own (a peer that
+    declined a transfer syntax is not an error of the archive's)."""
+    return not (_SENDING.get() and record.getMessage().startswith("No presentation"))
 
 
 class QueryRetrieveService(QueryRetrieveServiceClass):
@@ -459,6 +474,7 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
             logger.warning("instance %s has no online copy", item.sop_instance_uid)
             return None
         message_id = (int(req.MessageID or 0) + index + 1) % 65536 or 1
+        sending = _SENDING.set(True)
         try:
             sent = _what_to_send(item, item.path)
             if originator is None:
@@ -481,6 +497,8 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
                 "C-STORE sub-operation for %s failed: %s", item.sop_instance_uid, exc
             )
             return None
+        finally:
+            _SENDING.reset(sending)
         if "Status" not in response:
             logger.warning(
                 "C-STORE sub-operation for %s: no response from %s",
