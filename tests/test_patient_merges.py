@@ -111,6 +111,8 @@ def test_an_invalid_second_pair_refuses_the_whole_message(site: Site) -> None:
     assert location(same) == "MRG^2^1" and "pair 2" in str(same["MSA.F3"])
     assert str(same["ERR.F3.R1.C1"]) == "205"
     assert location(empty) == "MRG^2^1" and "MRG-1" in str(empty["MSA.F3"])
+    # Every refusal of a pair after the first says which pair it is.
+    assert str(empty["MSA.F3"]).startswith("pair 2: ")
     assert location(retired) == "MRG^2^1"
     assert str(retired["ERR.F3.R1.C1"]) == "204"
     assert location(unpaired) == "PID^1"

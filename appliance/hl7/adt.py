@@ -101,7 +101,7 @@ def read(message: hl7.Message, control_id: str, sender: str) -> PatientMessage:
     action = EVENTS[event]
     _require_segment(message, "PID")
     pairs = _merge_pairs(message) if event == "A40" else 1
-    changes = tuple(_change(message, action, n) for n in range(1, pairs + 1))
+    changes = tuple(_change_of_pair(message, action, n) for n in range(1, pairs + 1))
     return PatientMessage(
         control_id=control_id,
         sender=sender,
@@ -109,6 +109,21 @@ def read(message: hl7.Message, control_id: str, sender: str) -> PatientMessage:
         action=action,
         changes=changes,
     )
+
+
+def _change_of_pair(message: hl7.Message, action: str, number: int) -> PatientChange:
+    """The ``number``-th change; what is wrong with a pair after the first
+    is said to be in that pair, as the catalog's refusals are."""
+    try:
+        return _change(message, action, number)
+    except MessageError as exc:
+        if number == 1 or exc.reason.startswith("pair "):
+            raise
+        refused = MessageError(
+            exc.ack_code, exc.error_code, exc.location, f"pair {number}: {exc.reason}"
+        )
+        refused.header = exc.header
+        raise refused from exc
 
 
 def _merge_pairs(message: hl7.Message) -> int:
