@@ -5,12 +5,16 @@ mirror."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from appliance.catalog.copies import PackRecord
 from appliance.catalog.records import Copy, InstanceRecord, NewInstance, patient_key
 from appliance.catalog.replication import OFFSITE, Queued, mark_replicated
 from appliance.catalog.store import Catalog
+from appliance.errors import CatalogError
 from appliance.restore.check import check
 from appliance.restore.export import export, finish
 from appliance.restore.mirror import MirrorContents, RemoteFile
@@ -85,4 +89,89 @@ def test_each_instance_keeps_the_newest_copy_the_mirror_holds(tmp_path: Path) ->
         assert study is not None and study["copies"] == {OFFSITE: 3}
     finally:
         work.close()
+        final.close()
+
+
+def _rebuilt(tmp_path: Path) -> tuple[Catalog, MirrorContents, int]:
+    """A rebuilt catalog of four instances in packs 1 and 2, both there."""
+    work = Catalog(tmp_path / "work", MAP_SIZE)
+    final = Catalog(tmp_path / "final", MAP_SIZE)
+    try:
+        work.record([_item(name) for name in "abcd"], "keep_first")
+        _replicated(work, 1, "ab")
+        _replicated(work, 2, "cd")
+        on_mirror = {f"p-{n:09d}": RemoteFile(f"packs/{n}", 1000) for n in (1, 2)}
+        contents = MirrorContents(packs=on_mirror, highest_pack=2)
+        exported = export(work, final, contents)
+        finish(final, 0, 3)
+    finally:
+        work.close()
+    return final, contents, exported.instances
+
+
+def _change(
+    catalog: Catalog, db: str, key: str, change: Callable[[dict], None]
+) -> None:
+    with catalog.env.begin(write=True) as txn:
+        record = catalog.get(txn, db, key)
+        assert record is not None
+        change(record)
+        catalog._put(txn, db, key, record)
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        (
+            lambda c: _change(
+                c,
+                "instances",
+                f"{STUDY}.1.a",
+                lambda r: r["copies"].append(dict(r["copies"][0], tier="online")),
+            ),
+            "has copies",
+        ),
+        (
+            lambda c: _change(
+                c,
+                "instances",
+                f"{STUDY}.1.a",
+                lambda r: r["copies"][0].update(location="p-000000002/0000000"),
+            ),
+            "does not list it",
+        ),
+        (
+            lambda c: _change(c, "studies", STUDY, lambda r: r.update(instances=5)),
+            "counts 5 instances, 4 found",
+        ),
+        (
+            lambda c: _change(
+                c, "patients", "EXPORT01\x00", lambda r: r.update(instances=1)
+            ),
+            "counts 1 instances, 4 found",
+        ),
+    ],
+)
+def test_the_check_finds_what_is_wrong(
+    tmp_path: Path, damage: Callable[[Catalog], None], said: str
+) -> None:
+    final, contents, instances = _rebuilt(tmp_path)
+    try:
+        check(final, contents, instances)
+        damage(final)
+        with pytest.raises(CatalogError, match=said):
+            check(final, contents, instances)
+    finally:
+        final.close()
+
+
+def test_the_check_finds_a_verified_copy_in_a_pack_not_there(tmp_path: Path) -> None:
+    final, contents, instances = _rebuilt(tmp_path)
+    try:
+        contents.packs.pop("p-000000002")
+        with pytest.raises(
+            CatalogError, match=r"p-000000002 of .* is not on the mirror"
+        ):
+            check(final, contents, instances)
+    finally:
         final.close()

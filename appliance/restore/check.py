@@ -20,7 +20,6 @@ from typing import Any
 import lmdb
 
 from appliance.catalog import replication
-from appliance.catalog.records import InstanceRecord
 from appliance.catalog.store import Catalog
 from appliance.errors import CatalogError
 from appliance.restore.mirror import MirrorContents
@@ -87,14 +86,15 @@ def _copies(
         counted.studies[data["study"]] += 1
         counted.series[data["series"]] += 1
         counted.patients[data["patient"]] += 1
-        record = InstanceRecord.from_json(uid, data)
-        mine = [c for c in record.copies if c.tier == tier]
-        others = [c.tier for c in record.copies if c.tier != tier]
-        if len(mine) != 1 or others:
-            problems.append(f"instance {uid} has copies {record.copies}")
+        # The stored form read as it is: this runs once per instance of
+        # the archive, while a restore's first C-FIND waits.
+        copies = data["copies"]
+        mine = [c for c in copies if c["tier"] == tier]
+        if len(mine) != 1 or len(copies) != 1:
+            problems.append(f"instance {uid} has copies {copies}")
             continue
-        tier_bytes += record.size
-        pack_id, _, member = mine[0].location.partition("/")
+        tier_bytes += data["size"]
+        pack_id, _, member = mine[0]["location"].partition("/")
         if pack_id not in packs:
             packs[pack_id] = final.get(txn, "packs", pack_id)
             _warn_if_resized(pack_id, packs[pack_id], contents)
@@ -102,7 +102,7 @@ def _copies(
         if pack is None or pack["members"].get(uid) != member:
             problems.append(f"instance {uid}: pack {pack_id} does not list it")
             continue
-        if mine[0].verified and pack_id not in contents.packs:
+        if mine[0]["verified"] and pack_id not in contents.packs:
             problems.append(f"pack {pack_id} of {uid} is not on {contents.where}")
     recorded = int(txn.get(f"bytes.{tier}".encode(), b"0", db=final.db["meta"]))
     if recorded != tier_bytes:
