@@ -9,7 +9,9 @@ The mirrors are real: a directory mirror, and OpenSSH's sshd on loopback.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
+import os
 import shutil
 import threading
 import time
@@ -30,6 +32,7 @@ from appliance.replication.transports import directory
 from appliance.replication.transports.directory import DirectoryTransport
 from tests.sshd import Sshd
 from tests.test_replicator import (
+    CountingMirror,
     Site,
     _sftp_replicator,
     _wait_for,
@@ -222,6 +225,202 @@ def test_a_changed_host_key_then_a_refused_login_then_resumed(
     assert [type(alert) for alert in alerts] == [HostKeyError, LoginRefusedError]
     assert len(_lines(caplog, logging.INFO, "replication resumed")()) == 1
     assert len(errors()) == 2
+    assert replication.queue_state(site.catalog).instances == 0
+
+
+# -- with nothing to send -----------------------------------------------------------
+
+
+def _idle_replicator(site: Site, root: Path, **settings: object) -> Replicator:
+    chosen = Settings(batch_seconds=0, **settings)  # type: ignore[arg-type]
+    return Replicator(
+        site.catalog, site.tiers, DirectoryTransport(root), site.spool, chosen
+    )
+
+
+def _until_nothing_is_due(site: Site, replicator: Replicator) -> None:
+    """Run the replicator until what was stored is on the mirror and the
+    catalog snapshot and the audit's share are done: then nothing is due
+    for hours, and only the look at the mirror can find a refusal."""
+    with _running(replicator):
+        _wait_for(
+            lambda: (
+                replication.queue_state(site.catalog).instances == 0
+                and replication.mirror_mark(site.catalog, "audit_time") > 0
+            )
+        )
+
+
+def _point(disk: Path, folder: Path) -> None:
+    """Point the mirror's path at ``folder`` in one step (a disk swapped
+    under its mount point)."""
+    link = disk.with_name(disk.name + ".new")
+    link.symlink_to(folder, target_is_directory=True)
+    os.replace(link, disk)
+
+
+def _swapped_mirror(site: Site, tmp_path: Path) -> tuple[Path, Path]:
+    """This archive replicated to the folder the path ``disk`` points at,
+    then that path points at a folder of another archive (its own master
+    key); ``disk`` and this archive's folder."""
+    ours, disk = tmp_path / "ours", tmp_path / "disk"
+    ours.mkdir()
+    _point(disk, ours)
+    site.store("before", 2)
+    _until_nothing_is_due(site, _idle_replicator(site, disk))
+    mirror_of_another_archive(tmp_path)
+    _point(disk, site.mirror)
+    return disk, ours
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
+
+
+def test_started_idle_at_another_archive_s_mirror_it_is_refused_and_resumes(
+    site: Site, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    disk, ours = _swapped_mirror(site, tmp_path)
+    theirs = _files(site.mirror)
+    config = _config(site)
+    errors = _lines(caplog, logging.ERROR)
+    caplog.set_level(logging.DEBUG, logger="appliance.replication")
+
+    # The replication process starts with nothing queued and nothing due.
+    with _running(_idle_replicator(site, disk)):
+        _wait_for(lambda: len(_retries(caplog)()) >= 2)
+        refused = overview.replication_status(config, site.catalog)
+        _point(disk, ours)  # the administrator puts this archive's mirror back
+        _wait_for(lambda: health.read_trouble(site.catalog) is None)
+        after = overview.replication_status(config, site.catalog)
+
+    [error] = errors()
+    assert error.getMessage().startswith("replication stopped: the mirror refuses us")
+    assert "another master key" in error.getMessage()
+    assert refused["state"] == REFUSED
+    assert refused["summary"].startswith("stopped: the mirror refuses us since ")
+    assert refused["queued_instances"] == 0
+    assert _files(site.mirror) == theirs  # nothing was written to it
+    [resumed] = _lines(caplog, logging.INFO, "replication resumed")()
+    assert "another master key" in resumed.getMessage()
+    assert (after["state"], after["summary"], after["trouble"]) == (
+        "up to date",
+        "up to date",
+        None,
+    )
+    assert len(errors()) == 1
+
+
+def test_a_mirror_swapped_while_idle_is_refused_at_the_next_look(
+    site: Site, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ours, disk = tmp_path / "ours", tmp_path / "disk"
+    ours.mkdir()
+    _point(disk, ours)
+    mirror_of_another_archive(tmp_path)
+    site.store("idle", 2)
+    config = _config(site)
+    errors = _lines(caplog, logging.ERROR)
+    caplog.set_level(logging.DEBUG, logger="appliance.replication")
+
+    # A look at the mirror every 50 ms in place of every 5 minutes.
+    with _running(_idle_replicator(site, disk, identity_seconds=0.05)):
+        _wait_for(lambda: replication.mirror_mark(site.catalog, "audit_time") > 0)
+        before = overview.replication_status(config, site.catalog)
+        _point(disk, site.mirror)
+        _wait_for(lambda: len(_retries(caplog)()) >= 2)
+        refused = overview.replication_status(config, site.catalog)
+        _point(disk, ours)
+        _wait_for(lambda: health.read_trouble(site.catalog) is None)
+        after = overview.replication_status(config, site.catalog)
+
+    assert before["state"] == after["state"] == "up to date"
+    assert refused["state"] == REFUSED
+    assert "another master key" in refused["summary"]
+    [error] = errors()
+    assert "the mirror refuses us" in error.getMessage()
+    assert len(_lines(caplog, logging.INFO, "replication resumed")()) == 1
+
+
+def test_an_idle_replicator_looks_at_the_mirror_once_a_period(site: Site) -> None:
+    site.replicator().check_mirror()  # the mirror gets its marker
+    mirror = CountingMirror(site.mirror)
+    stop = threading.Event()
+    looks = itertools.count(1)
+
+    def paused() -> bool:
+        if next(looks) >= 200:
+            stop.set()
+        return False
+
+    replicator = Replicator(
+        site.catalog,
+        site.tiers,
+        mirror,
+        site.spool,
+        Settings(batch_seconds=0, audit_days=0),
+        paused=paused,
+    )
+    replicator.run(stop, idle=0.001)
+
+    # 200 idle rounds (a snapshot among them), one look at the marker.
+    assert mirror.gets == ["mirror/identity"]
+    assert replication.mirror_mark(site.catalog, "snapshot_time") > 0
+
+
+def test_while_paused_an_idle_replicator_does_not_look_at_the_mirror(
+    site: Site,
+) -> None:
+    mirror = CountingMirror(site.mirror)
+    stop = threading.Event()
+    looks = itertools.count(1)
+
+    def paused() -> bool:
+        if next(looks) >= 5:
+            stop.set()
+        return True
+
+    replicator = Replicator(
+        site.catalog, site.tiers, mirror, site.spool, Settings(), paused=paused
+    )
+    replicator.run(stop, idle=0.001)
+
+    assert (mirror.connects, mirror.gets) == (0, [])
+    assert site.remote_files() == []
+
+
+def test_idle_at_a_mirror_with_a_changed_host_key_it_is_refused_and_resumes(
+    site: Site, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    site.store("sftp-idle", 1)
+    server = Sshd(tmp_path / "sshd")
+    errors = _lines(caplog, logging.ERROR)
+    caplog.set_level(logging.DEBUG, logger="appliance.replication")
+
+    with server:
+        first = _sftp_replicator(site, server)
+        _until_nothing_is_due(site, first)
+        first.transport.close()
+    server.replace_host_key()  # the mirror is installed again
+    with server:
+        # The replication process starts with nothing queued and nothing due.
+        replicator = _sftp_replicator(site, server)
+        with _running(replicator):
+            _wait_for(lambda: len(_retries(caplog)()) >= 2, timeout=60)
+            refused = health.read_trouble(site.catalog)
+            server.write_known_hosts()  # the administrator pins the new key
+            _wait_for(lambda: health.read_trouble(site.catalog) is None, timeout=60)
+        replicator.transport.close()
+
+    assert refused is not None and refused.kind == REFUSED
+    assert "host key" in refused.cause
+    [error] = errors()
+    assert "host key" in error.getMessage()
+    assert len(_lines(caplog, logging.INFO, "replication resumed")()) == 1
     assert replication.queue_state(site.catalog).instances == 0
 
 

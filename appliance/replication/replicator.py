@@ -70,9 +70,6 @@ logger = logging.getLogger(__name__)
 
 # Seconds between two shares of the rolling audit of the mirror.
 _AUDIT_EVERY = 3600.0
-# Seconds between two checks that the mirror is this archive's (a disk may
-# be swapped while the service runs).
-_IDENTITY_EVERY = 300.0
 # The longest wait before a failed round is tried again, in seconds.
 _BACKOFF_MAX = 300.0
 # Seconds the journal may wait on the mirror while packs follow each other.
@@ -117,6 +114,9 @@ class Settings:
     prepare_ahead: int = 1
     # zstd level of the mirror's packs: 1 costs less CPU, 3 fewer bytes.
     compression_level: int = DEFAULT_LEVEL
+    # Seconds between two checks that the mirror is this archive's (a disk
+    # may be swapped while the service runs), also while nothing is sent.
+    identity_seconds: float = 300.0
 
 
 @dataclass
@@ -517,13 +517,13 @@ class Replicator:
 
     def check_mirror(self) -> None:
         """Raise ForeignMirrorError unless the mirror is this archive's
-        (:mod:`.identity`); looked at again every few minutes."""
+        (:mod:`.identity`); looked at again every ``identity_seconds``."""
         now = time.monotonic()
         if now < self._identity_due:
             return
         assert self.tiers.keys is not None
         check_mirror(self.catalog, self.transport, self.tiers.keys, self.spool)
-        self._identity_due = now + _IDENTITY_EVERY
+        self._identity_due = now + self.settings.identity_seconds
 
     def run(self, stop: threading.Event, idle: float = 1.0) -> None:
         """Replicate until ``stop`` is set; a failed round is tried again
@@ -557,14 +557,19 @@ class Replicator:
                 stop.wait(idle)
 
     def _round(self) -> bool:
-        """The snapshot if due, then a pack, or else the journal and the
-        audit's share; whether packs wait (the next round starts at once)."""
+        """The snapshot if due, then a pack, or else the check of the
+        mirror (when due), the journal and the audit's share; whether packs
+        wait (the next round starts at once)."""
         if self.snapshot_due():
             self.send_snapshot()
         batch = self.ready()
         if batch or self.waiting():
             self.send(batch)
             return True
+        # Nothing to send: the mirror is still looked at (its connection,
+        # host key, login and identity), so that one that refuses us is
+        # shown as stopped and not as up to date while the queue is empty.
+        self.check_mirror()
         if not replication.queued(self.catalog, limit=1):
             # A change without instances (a patient merged, say) goes to
             # the mirror on its own; the others go after the pack of their
