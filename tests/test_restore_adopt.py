@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from appliance.catalog import codec
 from appliance.catalog.records import Copy
 from appliance.catalog.replication import OFFSITE
 from appliance.catalog.store import Catalog
+from appliance.prefetch.appointments import Seen, remember
 from appliance.restore.adopt import adopt
 from appliance.restore.check import check
 from appliance.restore.export import Exported, export, finish
@@ -36,9 +38,34 @@ def _contents(catalog: Catalog) -> dict[str, list[tuple[bytes, bytes]]]:
     return found
 
 
+def _answers(work: Catalog, rng: random.Random) -> set[bytes]:
+    """ACKs remembered as the HL7 intake remembers them, some of them as
+    kept before the message type was (the ACK's MSH-9 tells it then); the
+    keys of those a restore keeps."""
+    events = [("ADT", "A08"), ("ADT", "A40"), ("SIU", "S12"), ("ORM", "O01")]
+    kept = set()
+    for n in range(rng.randint(5, 40)):
+        kind, event = rng.choice(events)
+        control_id = f"C{n:04d}"
+        ack = (
+            f"MSH|^~\\&|PACS|H|RIS|H|20261205||ACK^{event}^ACK|A{n}|P|2.5\r"
+            f"MSA|AA|{control_id}"
+        ).encode()
+        seen = Seen(f"RIS^H{n % 3}", control_id, f"{kind}^{event}")
+        remember(work, seen, ack, f"digest-{n}", lambda txn: None)
+        if kind == "ADT":
+            kept.add(f"{seen.sender}|{control_id}".encode())
+    with work.env.begin(write=True) as txn:
+        for key, data in list(work.all_records(txn, "hl7")):
+            if rng.random() < 0.3:
+                del data["type"]
+                txn.put(key.encode(), codec.dumps(data), db=work.db["hl7"])
+    return kept
+
+
 def _work(
     folder: Path, seed: int, count: int, tier: str
-) -> tuple[Catalog, MirrorContents]:
+) -> tuple[Catalog, MirrorContents, set[bytes]]:
     rng = random.Random(seed)
     items = _instances(rng, count)
     for n, item in enumerate(items):
@@ -47,13 +74,15 @@ def _work(
     packs = _packs(rng, items)
     work = Catalog(folder / "work", MAP_SIZE)
     _by_writer(work, items, packs, seed)
+    answered = _answers(work, rng)
     # Most packs of the tier are there; the others were lost with it.
     there = {
         pack.pack_id: RemoteFile(pack.location, pack.size)
         for pack in packs
         if pack.tier == tier and rng.random() < 0.8
     }
-    return work, MirrorContents(packs=there, highest_pack=len(packs), tier=tier)
+    contents = MirrorContents(packs=there, highest_pack=len(packs), tier=tier)
+    return work, contents, answered
 
 
 def _exported(
@@ -68,7 +97,7 @@ def test_a_copied_work_catalog_is_what_the_bulk_export_writes(
     tmp_path: Path, seed: int, tier: str
 ) -> None:
     folder = Path(tempfile.mkdtemp(dir=tmp_path))
-    work, contents = _work(folder, seed, 150, tier)
+    work, contents, answered = _work(folder, seed, 150, tier)
     bulk = Catalog(folder / "bulk", MAP_SIZE)
     try:
         by_bulk = export(work, bulk, contents)
@@ -81,6 +110,7 @@ def test_a_copied_work_catalog_is_what_the_bulk_export_writes(
             want, got = _contents(bulk), _contents(adopted)
             for name in want:
                 assert got[name] == want[name], name
+            assert {key for key, _ in got["hl7"]} == answered
             # Both pass the check a rebuilt catalog must pass, or both fail.
             outcomes = []
             for catalog in (bulk, adopted):

@@ -31,6 +31,7 @@ from typing import Any
 
 import lmdb
 
+from appliance.catalog import answers
 from appliance.catalog.records import patient_key
 from appliance.catalog.store import (
     Catalog,
@@ -157,10 +158,13 @@ def merge(
 
 
 def replay(catalog: Catalog, entry: dict[str, Any]) -> None:
-    """Apply a journal entry of this module again (a restore). Idempotent:
-    an entry whose change the catalog holds already changes nothing."""
+    """Apply a journal entry of this module again (a restore), and keep the
+    ACK it carries for its message (the last entry of a message does).
+    Idempotent: an entry whose change the catalog holds already changes
+    nothing."""
     try:
         with catalog.env.begin(write=True) as txn:
+            answers.replay(catalog, txn, entry)
             if entry["op"] == UPDATE_OP:
                 if catalog.get(txn, "patients", entry["patient"]) is not None:
                     _apply_update(

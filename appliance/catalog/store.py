@@ -22,6 +22,7 @@ Named databases (keys and values are UTF-8; values are compact JSON)::
     idx.pack.study       StudyInstanceUID -> pack ID              (duplicates)
     appointments         appointment ID -> what the RIS said about it
     hl7                  sender | control ID -> the ACK sent for that message
+                         (kept by a restore for ADT: catalog/answers.py)
     pins                 StudyInstanceUID -> pinned online until, and why
     prefetch             appointment ID -> its priors and their state
     arrivals             number -> StudyInstanceUID: new studies to compare

@@ -10,12 +10,12 @@ Every message applied is remembered by its sender and control ID together
 with the ACK sent for it, in the same transaction as the change: a message
 the RIS sends again (it never saw our ACK) gets the same ACK and changes
 nothing, and a crash before the commit leaves neither, so the RIS's resend
-is applied then.
+is applied then. How the ACKs are kept, and which survive a restore:
+:mod:`appliance.catalog.answers`.
 """
 
 from __future__ import annotations
 
-import base64
 import logging
 import time
 from collections.abc import Callable
@@ -24,6 +24,7 @@ from typing import Any
 
 import lmdb
 
+from appliance.catalog import answers
 from appliance.catalog.store import Catalog
 from appliance.errors import CatalogError
 from appliance.hl7.messages import BOOK, CANCEL, PatientIdentifier, ScheduleMessage
@@ -31,7 +32,6 @@ from appliance.hl7.messages import BOOK, CANCEL, PatientIdentifier, ScheduleMess
 logger = logging.getLogger(__name__)
 
 APPOINTMENTS = "appointments"
-MESSAGES = "hl7"
 
 
 @dataclass
@@ -104,17 +104,16 @@ def remember(
     seen_key = f"{message.sender}|{message.control_id}"
     try:
         with catalog.env.begin(write=True) as txn:
-            seen = catalog.get(txn, MESSAGES, seen_key)
+            seen = answers.recall(catalog, txn, seen_key)
             if seen is not None:
                 _log_resend(message, seen.get("fingerprint", ""), fingerprint)
-                return base64.b64decode(seen["ack"])
+                return answers.ack_of(seen)
+            since = answers.journal_mark(catalog, txn)
             change(txn)
-            answer = {
-                "ack": base64.b64encode(ack).decode(),
-                "time": time.time(),
-                "fingerprint": fingerprint,
-            }
-            catalog._put(txn, MESSAGES, seen_key, answer)
+            answer = answers.answer(ack, fingerprint, message.message_type)
+            # With the change's journal entry, if it wrote one: a restore
+            # that brings the change back brings its answer back too.
+            answers.remember(catalog, txn, seen_key, answer, since)
     except lmdb.Error as exc:
         raise CatalogError(f"cannot record HL7 {message.control_id}: {exc}") from exc
     return ack

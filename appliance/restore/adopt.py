@@ -15,6 +15,9 @@ pages, compacted) and only what differs is rewritten:
 - instances that never reached the mirror (or the volumes): taken out, with
   their series, studies and patients when nothing is left of those, and
   the counts and index entries that name them;
+- the ACKs remembered for HL7 messages: those of patient changes kept,
+  those of appointments and orders dropped with them
+  (:mod:`appliance.catalog.answers`);
 - the packs of other tiers, the queue, the journal, the RIS's orders and
   everything else that belonged to the lost appliance's own state: dropped;
   ``meta`` keeps only the schema version and the patient reference key,
@@ -36,7 +39,7 @@ from typing import Any
 
 import lmdb
 
-from appliance.catalog import codec
+from appliance.catalog import answers, codec
 from appliance.catalog.patients import _REFERENCE_KEY
 from appliance.catalog.records import InstanceRecord, NewInstance
 from appliance.catalog.replication import OFFSITE
@@ -64,6 +67,7 @@ _KEPT = {
     "meta",
     "patients",
     "merged",
+    "hl7",
     "studies",
     "series",
     "instances",
@@ -125,6 +129,7 @@ def _rewrite(
     try:
         with work.read() as source, final.env.begin(write=True) as txn:
             _drop_the_rest(final, txn)
+            answers.drop_unrestored(final, txn)
             pack_bytes = _packs(work, source, final, txn, contents)
             for group in _studies(work, source, tier):
                 _study_again(

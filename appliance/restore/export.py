@@ -23,7 +23,7 @@ from typing import Any
 
 import lmdb
 
-from appliance.catalog import patients
+from appliance.catalog import answers, patients
 from appliance.catalog.bulk import BulkLoad
 from appliance.catalog.copies import PackRecord
 from appliance.catalog.records import Copy, InstanceRecord, NewInstance
@@ -111,8 +111,10 @@ def _export(work: Catalog, final: Catalog, contents: MirrorContents) -> Exported
             len(uids),
         )
     # Instances were written with their patients' corrected attributes;
-    # the pointers of merged patients and the corrections' marks follow.
+    # the pointers of merged patients and the corrections' marks follow,
+    # and the ACKs of the messages that made those changes.
     patients.carry_over(work, final)
+    answers.carry_over(work, final)
     return result
 
 
