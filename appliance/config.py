@@ -793,6 +793,15 @@ KEYS: tuple[Key, ...] = (
     ),
     Key(
         "hl7",
+        "ack_days",
+        30.0,
+        "Days the ACK sent for an applied message is kept, so that the same "
+        "message sent again gets the same answer and is not applied twice; "
+        "older ones are deleted once a day.",
+        _number(1.0, 3650.0),
+    ),
+    Key(
+        "hl7",
         "max_connections",
         64,
         "Connections served at once; more are closed at once.",

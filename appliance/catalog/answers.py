@@ -37,8 +37,9 @@ _JOURNAL_NEXT = b"journal.next"
 # Message types whose changes a restore brings back.
 _RESTORED = ("ADT",)
 
-# TODO: nothing prunes the answers: the database grows by some 300 bytes
-# per message for good, and a restore reads every one of them.
+# Answers looked at per write transaction while pruning: a long one would
+# hold back every other writer of the catalog (C-STOREs among them).
+_PRUNED_AT_ONCE = 1000
 
 
 def recall(catalog: Catalog, txn: lmdb.Transaction, key: str) -> dict[str, Any] | None:
@@ -122,6 +123,45 @@ def _type_acknowledged(ack: str) -> str:
     except (ValueError, IndexError):
         return ""
     return "ADT^" + event if event[:1] == "A" else "?^" + event
+
+
+def prune(catalog: Catalog, older_than: float) -> int:
+    """Delete the answers kept since before ``older_than`` (a time): a
+    resend comes within minutes or hours, and the database would otherwise
+    grow by some 300 bytes per message for good; how many were deleted.
+    A few short transactions rather than one long one."""
+    deleted = 0
+    start = b""
+    while True:
+        try:
+            with catalog.env.begin(write=True) as txn:
+                start, dropped = _prune_some(catalog, txn, start, older_than)
+        except lmdb.Error as exc:
+            raise CatalogError(f"cannot prune the HL7 answers: {exc}") from exc
+        deleted += dropped
+        if not start:
+            return deleted
+
+
+def _prune_some(
+    catalog: Catalog, txn: lmdb.Transaction, start: bytes, older_than: float
+) -> tuple[bytes, int]:
+    """Look at up to ``_PRUNED_AT_ONCE`` answers from key ``start`` on;
+    the key to go on from (b"" at the end) and how many were deleted."""
+    cursor = txn.cursor(db=catalog.db[DATABASE])
+    found = cursor.set_range(start) if start else cursor.first()
+    dropped = 0
+    for _ in range(_PRUNED_AT_ONCE):
+        if not found:
+            return b"", dropped
+        if codec.loads(cursor.value()).get("time", 0.0) < older_than:
+            # delete() moves the cursor on to the next record, if any.
+            cursor.delete()
+            found = bool(cursor.key())
+            dropped += 1
+        else:
+            found = cursor.next()
+    return (bytes(cursor.key()) if found else b""), dropped
 
 
 def drop_unrestored(catalog: Catalog, txn: lmdb.Transaction) -> int:

@@ -14,6 +14,8 @@ import logging
 import signal
 import socket
 import threading
+import time
+from typing import TYPE_CHECKING
 
 from appliance import logs, tls
 from appliance.children import ChildSupervisor, die_with_parent
@@ -21,7 +23,13 @@ from appliance.config import Config
 from appliance.errors import ApplianceError
 from appliance.hl7.listener import ListenerSettings, bind
 
+if TYPE_CHECKING:
+    from appliance.catalog.store import Catalog
+
 logger = logging.getLogger(__name__)
+
+# Seconds between two prunings of the ACKs kept for resent messages.
+_PRUNE_EVERY = 86_400.0
 
 
 def settings(config: Config) -> ListenerSettings:
@@ -114,8 +122,26 @@ def serve_hl7(
             host, port = listener.address
             over = " over TLS" if listener.tls_context else ""
             logger.info("HL7 (MLLP%s) listening on %s:%d", over, host, port)
-        stop.wait()
+        keep_for = config.get("hl7.ack_days") * 86_400
+        while True:
+            prune_answers(catalog, time.time() - keep_for)
+            if stop.wait(_PRUNE_EVERY):
+                break
     finally:
         for listener in listeners:
             listener.stop()
         catalog.close()
+
+
+def prune_answers(catalog: Catalog, older_than: float) -> None:
+    """Delete the ACKs kept since before ``older_than``; a failure is
+    logged and tried again at the next pruning."""
+    from appliance.catalog import answers
+
+    try:
+        deleted = answers.prune(catalog, older_than)
+    except ApplianceError as exc:
+        logger.error("cannot delete old HL7 answers: %s", exc)
+        return
+    if deleted:
+        logger.info("%d HL7 answer(s) older than hl7.ack_days deleted", deleted)
