@@ -89,7 +89,7 @@ _DATABASES = (
 )
 # Added after schema version 1 was fixed: created when the catalog is
 # opened for writing, possibly missing when it is opened read-only.
-_INDEXES = (
+INDEXES = (
     "idx.study.patient",
     "idx.study.accession",
     "idx.study.date",
@@ -167,7 +167,7 @@ class Catalog:
             self.db = self._open_existing(map_size)
         else:
             self.db = {name: self.env.open_db(name.encode()) for name in _DATABASES}
-            for name in _INDEXES:
+            for name in INDEXES:
                 self.db[name] = self.env.open_db(name.encode(), dupsort=True)
         self._check_schema()
 
@@ -175,7 +175,7 @@ class Catalog:
         """The databases of a catalog opened read-only. One written by an
         older version lacks the databases added since: they are made (empty)
         by opening it once for writing, as the service would at its start."""
-        names = (*_DATABASES, *_INDEXES)
+        names = (*_DATABASES, *INDEXES)
         try:
             self.env.open_db(b"meta", create=False)
         except lmdb.NotFoundError as exc:
@@ -204,7 +204,7 @@ class Catalog:
     def _open(path: Path, map_size: int, readonly: bool) -> lmdb.Environment:
         options: dict[str, Any] = {
             "map_size": map_size,
-            "max_dbs": len(_DATABASES) + len(_INDEXES) + 8,
+            "max_dbs": len(_DATABASES) + len(INDEXES) + 8,
             "max_readers": 512,
             "readonly": readonly,
         }

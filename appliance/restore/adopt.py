@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,9 +40,10 @@ import lmdb
 
 from appliance.catalog import answers, codec
 from appliance.catalog.patients import _REFERENCE_KEY
-from appliance.catalog.records import InstanceRecord, NewInstance
+from appliance.catalog.records import NewInstance
 from appliance.catalog.replication import OFFSITE
 from appliance.catalog.store import (
+    INDEXES,
     Catalog,
     _with_key,
     count_in_study,
@@ -52,33 +52,23 @@ from appliance.catalog.store import (
     new_study,
 )
 from appliance.errors import CatalogError
-from appliance.restore.export import (
-    _PATIENTS_READ,
-    Exported,
-    _copy,
-    _copy_places,
-)
+from appliance.restore.export import Exported, _copy, _copy_places, _studies
 from appliance.restore.mirror import MirrorContents
 
 logger = logging.getLogger(__name__)
 
-# What the rebuilt catalog carries over from the work catalog as it is.
+# What the rebuilt catalog carries over from the work catalog as it is:
+# the records and their indexes (a study's packs on volumes indexed again).
 _KEPT = {
     "meta",
     "patients",
     "merged",
-    "hl7",
     "studies",
     "series",
     "instances",
     "packs",
-    "idx.study.patient",
-    "idx.study.accession",
-    "idx.study.date",
-    "idx.study.name",
-    "idx.patient.name",
-    "idx.series.study",
-    "idx.instance.series",
+    answers.DATABASE,
+    *(index for index in INDEXES if index != "idx.pack.study"),
 }
 # Kept in ``meta``; the rest is written again.
 _META_KEPT = (b"schema_version", _REFERENCE_KEY)
@@ -340,58 +330,3 @@ def _held(txn: lmdb.Transaction, key: bytes, db: Any) -> dict[str, Any]:
         raise CatalogError(f"the work catalog lacks the record {key!r}")
     record: dict[str, Any] = codec.loads(raw)
     return record
-
-
-def _studies(
-    work: Catalog, txn: lmdb.Transaction, tier: str
-) -> Iterator[list[tuple[NewInstance, bool]]]:
-    """Every study's instances, in the order received, and whether each has
-    a copy on ``tier``: what :func:`appliance.restore.export._instances`
-    gives, read with one cursor per index instead of one per lookup."""
-    db = work.db
-    series_of_study = txn.cursor(db=db["idx.series.study"])
-    instances_of_series = txn.cursor(db=db["idx.instance.series"])
-    # A patient's attributes, read once for all of its studies as long as
-    # they are among the last few thousand read.
-    patients_read: dict[bytes, dict[str, str]] = {}
-    for study_key, raw_study in txn.cursor(db=db["studies"]):
-        study = codec.loads(raw_study)
-        patient_key = encode_key(study["patient"])
-        if patient_key not in patients_read:
-            if len(patients_read) >= _PATIENTS_READ:
-                patients_read.clear()
-            raw_patient = txn.get(patient_key, db=db["patients"])
-            patient = codec.loads(raw_patient) if raw_patient is not None else {}
-            patients_read[patient_key] = patient.get("attrs", {})
-        rows = []
-        if series_of_study.set_key(study_key):
-            for series_key in series_of_study.iternext_dup():
-                raw_series = txn.get(series_key, db=db["series"])
-                series = codec.loads(raw_series) if raw_series is not None else {}
-                if not instances_of_series.set_key(series_key):
-                    continue
-                for uid_key in instances_of_series.iternext_dup():
-                    raw = txn.get(uid_key, db=db["instances"])
-                    if raw is not None:
-                        data = codec.loads(raw)
-                        rows.append((data, series.get("attrs", {})))
-        if not rows:
-            continue
-        rows.sort(key=lambda row: (row[0]["received"], row[0]["key"]))
-        senders = list(study.get("calling_aes", []))
-        group = []
-        for index, (data, series_attrs) in enumerate(rows):
-            record = InstanceRecord.from_json(data["key"], data)
-            has_copy = any(c.tier == tier for c in record.copies)
-            record.copies = []
-            # As the export hands them out: the study's sending AEs in order.
-            sender = senders[min(index, len(senders) - 1)] if senders else ""
-            item = NewInstance(
-                record,
-                dict(patients_read[patient_key]),
-                dict(study["attrs"]),
-                dict(series_attrs),
-                sender,
-            )
-            group.append((item, has_copy))
-        yield group

@@ -23,7 +23,7 @@ from typing import Any
 
 import lmdb
 
-from appliance.catalog import answers, patients
+from appliance.catalog import answers, codec, patients
 from appliance.catalog.bulk import BulkLoad
 from appliance.catalog.copies import PackRecord
 from appliance.catalog.records import Copy, InstanceRecord, NewInstance
@@ -79,7 +79,9 @@ def _export(work: Catalog, final: Catalog, contents: MirrorContents) -> Exported
     load = BulkLoad(final)
     try:
         with work.read() as txn:
-            for item, has_copy in _instances(work, txn, contents.tier):
+            groups = _studies(work, txn, contents.tier)
+            items = (pair for group in groups for pair in group)
+            for item, has_copy in items:
                 record = item.record
                 if not has_copy:
                     uid = record.sop_instance_uid
@@ -168,34 +170,46 @@ def _pack(work: Catalog, txn: lmdb.Transaction, pack_id: str) -> PackRecord:
     return PackRecord.from_json(data)
 
 
-def _instances(
+def _studies(
     work: Catalog, txn: lmdb.Transaction, tier: str
-) -> Iterator[tuple[NewInstance, bool]]:
-    """Every instance of the work catalog, study by study in the order
-    received, and whether it has a copy on ``tier``."""
+) -> Iterator[list[tuple[NewInstance, bool]]]:
+    """Every study's instances of the work catalog, in the order received,
+    and whether each has a copy on ``tier``; read with one cursor per
+    index."""
+    db = work.db
+    series_of_study = txn.cursor(db=db["idx.series.study"])
+    instances_of_series = txn.cursor(db=db["idx.instance.series"])
     # A patient's attributes, read once for all of its studies as long as
     # they are among the last few thousand read: every patient would grow
     # with the archive.
-    patients_read: dict[str, dict[str, str]] = {}
-    for study_uid, study in work.all_records(txn, "studies"):
-        key = study["patient"]
-        if key not in patients_read:
+    patients_read: dict[bytes, dict[str, str]] = {}
+    for study_key, raw_study in txn.cursor(db=db["studies"]):
+        study = codec.loads(raw_study)
+        patient_key = encode_key(study["patient"])
+        if patient_key not in patients_read:
             if len(patients_read) >= _PATIENTS_READ:
                 patients_read.clear()
-            patient = work.get(txn, "patients", key) or {}
-            patients_read[key] = patient.get("attrs", {})
+            raw_patient = txn.get(patient_key, db=db["patients"])
+            patient = codec.loads(raw_patient) if raw_patient is not None else {}
+            patients_read[patient_key] = patient.get("attrs", {})
+        rows = []
+        if series_of_study.set_key(study_key):
+            for series_key in series_of_study.iternext_dup():
+                raw_series = txn.get(series_key, db=db["series"])
+                series = codec.loads(raw_series) if raw_series is not None else {}
+                if not instances_of_series.set_key(series_key):
+                    continue
+                for uid_key in instances_of_series.iternext_dup():
+                    raw = txn.get(uid_key, db=db["instances"])
+                    if raw is not None:
+                        rows.append((codec.loads(raw), series.get("attrs", {})))
+        if not rows:
+            continue
+        rows.sort(key=lambda row: (row[0]["received"], row[0]["key"]))
         senders = list(study.get("calling_aes", []))
-        records = sorted(
-            _records_of(work, txn, study_uid),
-            key=lambda r: (r.received, r.sop_instance_uid),
-        )
-        series_of: dict[str, dict[str, Any]] = {}
-        for index, record in enumerate(records):
-            if record.series_uid not in series_of:
-                series_of[record.series_uid] = (
-                    work.get(txn, "series", record.series_uid) or {}
-                )
-            series = series_of[record.series_uid]
+        group = []
+        for index, (data, series_attrs) in enumerate(rows):
+            record = InstanceRecord.from_json(data["key"], data)
             has_copy = any(c.tier == tier for c in record.copies)
             record.copies = []
             # The writer lists a study's sending AEs as its instances come;
@@ -203,22 +217,13 @@ def _instances(
             sender = senders[min(index, len(senders) - 1)] if senders else ""
             item = NewInstance(
                 record,
-                dict(patients_read[key]),
+                dict(patients_read[patient_key]),
                 dict(study["attrs"]),
-                dict(series.get("attrs", {})),
+                dict(series_attrs),
                 sender,
             )
-            yield item, has_copy
-
-
-def _records_of(
-    work: Catalog, txn: lmdb.Transaction, study_uid: str
-) -> Iterator[InstanceRecord]:
-    for series_uid in work.index_values(txn, "idx.series.study", study_uid):
-        for uid in work.index_values(txn, "idx.instance.series", series_uid):
-            record = work.instance(txn, uid)
-            if record is not None:
-                yield record
+            group.append((item, has_copy))
+        yield group
 
 
 def finish(final: Catalog, last_journal: int, next_pack: int) -> None:
