@@ -24,6 +24,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu import P_DATA_TF
 
 from appliance.catalog import commitments
 from appliance.catalog.commitments import Transaction
@@ -127,28 +128,37 @@ class Requester:
         ae = AE(ae_title=MODALITY)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
         ae.add_requested_context(COMMITMENT)
-        got_report = []
+        # pynetdicom's release() counts an association thread that is still
+        # in a request's handler as paused: the handler's answer could then
+        # follow the A-RELEASE-RQ, which pynetdicom's state machine refuses
+        # with an exception in its thread. So a report is released after
+        # only once its answer has gone out, and a requester that leaves at
+        # once holds any report that crosses its release until the release
+        # is done (its answer then goes nowhere).
+        seen: list[Report] = []
+        answered = threading.Event()
+        released = threading.Event()
 
         def on_report(event: evt.Event) -> tuple[int, None]:
             report = Report(event.event_type, event.event_information, "same")
-            got_report.append(report)
+            seen.append(report)
             self.reports.put(report)
             return 0x0000, None
 
-        answered = threading.Event()
-
-        def on_data_sent(event: evt.Event) -> None:
-            # The first P-DATA after the report is our answer to it: only
-            # then may the release go, or pynetdicom's own state machine
-            # refuses to send the answer once the release has started.
-            if got_report and event.data[:1] == b"\x04":
+        def on_pdu_sent(event: evt.Event) -> None:
+            if seen and isinstance(event.pdu, P_DATA_TF):
                 answered.set()
 
-        handlers = (
-            [(evt.EVT_N_EVENT_REPORT, on_report), (evt.EVT_DATA_SENT, on_data_sent)]
-            if keep_open
-            else []
-        )
+        def on_report_while_leaving(_event: evt.Event) -> tuple[int, None]:
+            released.wait(timeout=60)
+            return 0x0110, None  # what pynetdicom answers without a handler
+
+        handlers: list = [(evt.EVT_N_EVENT_REPORT, on_report_while_leaving)]
+        if keep_open:
+            handlers = [
+                (evt.EVT_N_EVENT_REPORT, on_report),
+                (evt.EVT_PDU_SENT, on_pdu_sent),
+            ]
         assoc = ae.associate(
             "127.0.0.1",
             appliance_port,
@@ -165,6 +175,7 @@ class Requester:
                 answered.wait(timeout=30)
         finally:
             assoc.release()
+            released.set()
         return int(status.Status)
 
     def next_report(self, timeout: float = 60) -> Report:

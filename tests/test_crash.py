@@ -18,13 +18,30 @@ from tests.conftest import incoming_files
 
 
 def _sender(
-    port: int, paths: list[Path], acknowledged: list[Path], stop: threading.Event
-):
-    """Store files one association at a time until told to stop or killed."""
-    for start in range(0, len(paths), 20):
+    port: int,
+    folder: Path,
+    written: list[Path],
+    acknowledged: list[Path],
+    stop: threading.Event,
+) -> None:
+    """Store up to 300 instances of one study, one association per 20, until
+    told to stop or killed. Each 20 are written just before they are sent:
+    the kill lands after a few of them, and writing every file up front
+    took a third of the test's time."""
+    study, series = (
+        datasets.uid("study", folder.name),
+        datasets.uid("series", folder.name),
+    )
+    for start in range(0, 300, 20):
         if stop.is_set():
             return
-        chunk = paths[start : start + 20]
+        chunk = [
+            datasets.write(
+                datasets.instance(study, series, number, pixel_bytes=20000), folder
+            )
+            for number in range(start + 1, start + 21)
+        ]
+        written += chunk
         try:
             statuses = client.store_files(port, chunk)
         except Exception:
@@ -43,17 +60,15 @@ def _instances_in_catalog(port: int) -> set[str]:
 
 def test_kill_9_during_stores_loses_nothing_acknowledged(appliance_factory, tmp_path):
     appliance = appliance_factory(workers=2).start()
-    senders = [
-        datasets.study_files(tmp_path / f"s{n}", f"crash-{n}", 300, pixel_bytes=20000)
-        for n in range(3)
-    ]
+    written: list[Path] = []
     acknowledged: list[Path] = []
     stop = threading.Event()
     threads = [
         threading.Thread(
-            target=_sender, args=(appliance.port, paths, acknowledged, stop)
+            target=_sender,
+            args=(appliance.port, tmp_path / f"crash-{n}", written, acknowledged, stop),
         )
-        for paths in senders
+        for n in range(3)
     ]
     for thread in threads:
         thread.start()
@@ -69,7 +84,7 @@ def test_kill_9_during_stores_loses_nothing_acknowledged(appliance_factory, tmp_
         thread.join(timeout=60)
     assert len(acknowledged) >= 40
     # The kill must have landed in the middle of the stream.
-    assert len(acknowledged) < sum(len(paths) for paths in senders)
+    assert len(acknowledged) < 3 * 300
 
     appliance.start()
     present = _instances_in_catalog(appliance.port)
@@ -80,9 +95,7 @@ def test_kill_9_during_stores_loses_nothing_acknowledged(appliance_factory, tmp_
 
     # Everything counted is intact: fetch it all back and compare bytes.
     by_uid = {
-        str(client.file_meta(path).MediaStorageSOPInstanceUID): path
-        for paths in senders
-        for path in paths
+        str(client.file_meta(path).MediaStorageSOPInstanceUID): path for path in written
     }
     identifier = client.study_identifier(
         "IMAGE", SOPInstanceUID="\\".join(sorted(present))
