@@ -49,7 +49,7 @@ from appliance.catalog.copies import PackRecord
 from appliance.catalog.records import InstanceRecord
 from appliance.catalog.replication import OFFSITE, Queued
 from appliance.catalog.store import Catalog
-from appliance.errors import ApplianceError, StorageError
+from appliance.errors import ApplianceError, LimiterClosed, StorageError
 from appliance.hsm.packing import LevelAttributes, instance_meta
 from appliance.hsm.recall import Recaller
 from appliance.hsm.tiers import ONLINE, Tiers
@@ -377,6 +377,9 @@ class Replicator:
             if following is not None:
                 self._upload(following)
                 self._prepare_ahead()
+        except LimiterClosed:
+            # The service is stopping: the pack goes at the next start.
+            logger.debug("the pack after %s waits for the next start", current.pack_id)
         except (ApplianceError, OSError) as exc:
             logger.warning("the pack after %s waits: %s", current.pack_id, exc)
 
