@@ -122,9 +122,7 @@ def _rewrite(
             answers.drop_unrestored(final, txn)
             pack_bytes = _packs(work, source, final, txn, contents)
             for group in _studies(work, source, tier):
-                _study_again(
-                    final, txn, list(group), source, places, tier, result, totals
-                )
+                _study_again(final, txn, group, source, places, tier, result, totals)
             _patients_again(final, txn, totals)
             _meta(final, txn, tier, totals, pack_bytes)
     except lmdb.MapFullError as exc:
