@@ -84,6 +84,10 @@ class ChildSupervisor:
 
     # A child that dies sooner than this after its start waits before the next.
     young = 10.0
+    # Seconds a child ended by SIGTERM waits for the service's own stop (the
+    # service stops its children one after another) before its end is taken
+    # for a failure.
+    stop_follows = 10.0
 
     def __init__(
         self,
@@ -153,6 +157,12 @@ class ChildSupervisor:
                 self._child = child
             self._child.join()
             if self._stop.is_set():
+                return
+            if self._child.exitcode == -signal.SIGTERM and self._stop.wait(
+                self.stop_follows
+            ):
+                # The whole service was sent SIGTERM (kill on the process
+                # group): the child heard it first, the stop is under way.
                 return
             if self.until_success and self._child.exitcode == 0:
                 logger.info("%s process finished its work", self.name)

@@ -52,6 +52,49 @@ def test_a_child_that_stops_on_sigterm_is_not_reported_killed(
     assert supervisor._child.exitcode == -signal.SIGTERM
 
 
+def test_a_sigterm_to_the_whole_service_is_no_failure_of_the_child(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``kill`` on the process group: the child hears SIGTERM before the
+    service has stopped its supervisor. Its end is no failure, and it is
+    not started again."""
+    supervisor = ChildSupervisor(obedient, (), "grouped", stop_grace=10.0)
+    supervisor.start()
+    running(supervisor)
+    first = supervisor._child
+
+    with caplog.at_level(logging.INFO, logger="appliance.children"):
+        os.kill(first.pid, signal.SIGTERM)
+        time.sleep(0.5)  # the service's own stop comes a little later
+        supervisor.stop()
+
+    assert supervisor._child is first
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_child_sent_sigterm_alone_is_started_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    supervisor = ChildSupervisor(obedient, (), "alone", stop_grace=10.0)
+    supervisor.young = supervisor.stop_follows = 0.5
+    supervisor.start()
+    running(supervisor)
+    first = supervisor._child
+
+    with caplog.at_level(logging.ERROR, logger="appliance.children"):
+        os.kill(first.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while supervisor._child is first and time.monotonic() < deadline:
+            time.sleep(0.05)
+        running(supervisor)
+        supervisor.stop()
+
+    assert supervisor._child is not first
+    assert [r.message for r in caplog.records] == [
+        f"alone process ended (exit code {-signal.SIGTERM}); starting it again"
+    ]
+
+
 def test_a_child_that_ignores_sigterm_is_killed_after_the_grace(
     caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
