@@ -5,21 +5,21 @@ or a queue entry per instance.
 A rebuilt catalog is written this way (``restore/export.py``): it starts
 empty, nobody else writes to it, it is thrown away unless it passes its
 check, and its journal and queue would be dropped afterwards anyway.
-Everything it ends with (records, counts, indexes, copies, the ``meta``
-totals and counters) is what :meth:`Catalog.record` followed by
+Instances come with their copies (the export chooses each one's pack
+first), packs after them. Everything it ends with (records, counts,
+indexes, copies, the ``meta`` totals and counters) is what
+:meth:`Catalog.record` of the same instances followed by
 :func:`~appliance.catalog.replication.mark_replicated` (packs on the
 mirror) or :func:`~appliance.catalog.copies.record_pack` (packs on
-volumes) and :func:`~appliance.catalog.copies.mark_unverified` would have
-left, a test compares the two. Rules that only matter in a catalog that
-holds something (merged patients, the RIS's orders) are refused at the
-start rather than followed.
+volumes), with no copy to add, would have left; a test compares the two.
+Rules that only matter in a catalog that holds something (merged
+patients, the RIS's orders) are refused at the start rather than followed.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -34,7 +34,6 @@ from appliance.catalog.store import (
     Catalog,
     Outcome,
     _with_key,
-    count_copies,
     count_in_study,
     encode_key,
     name_index_keys,
@@ -89,9 +88,6 @@ class BulkLoad:
         self.queued = 0
         self.studies = 0
         self.packs = 0
-        # The members of the pack last looked at, read once for the calls
-        # that follow on the same pack.
-        self._recent: dict[str, InstanceRecord | None] = {}
         self._txn: lmdb.Transaction | None = catalog.env.begin(write=True)
 
     # -- instances -------------------------------------------------------
@@ -172,21 +168,10 @@ class BulkLoad:
 
     # -- packs and copies --------------------------------------------------
 
-    def missing_copies(self, pack: PackRecord) -> dict[str, str]:
-        """SHA-256 by SOP Instance UID of the pack's members recorded here
-        that have no verified copy on the pack's tier yet."""
-        self._recent = {uid: self._instance(uid) for uid in pack.members}
-        return {
-            uid: record.sha256
-            for uid, record in self._recent.items()
-            if record is not None and record.copy_on(pack.tier) is None
-        }
-
-    def add_pack(self, pack: PackRecord, checksums: dict[str, str]) -> int:
-        """Record a pack and a copy in it for each member whose SHA-256
-        (``checksums``) matches and that has no verified copy on the tier,
-        as ``mark_replicated`` (the mirror) or ``record_pack`` (volumes)
-        would; the copies added."""
+    def add_pack(self, pack: PackRecord) -> None:
+        """Record a pack, as ``mark_replicated`` (the mirror) or
+        ``record_pack`` (volumes) would with no copy to add: the copies it
+        holds came with their instances."""
         raw_id = _key(pack.pack_id)
         txn = self._writing()
         known = txn.get(raw_id, db=self.catalog.db["packs"]) is not None
@@ -195,68 +180,9 @@ class BulkLoad:
             self.packs += 1
         if pack.tier != OFFSITE:
             self._index("idx.pack.study", pack.study_uid, pack.pack_id)
-        added = 0
-        for uid, sha256 in checksums.items():
-            # Only members get a copy; the others have none to match.
-            member = pack.members.get(uid)
-            if member is not None:
-                location = f"{pack.pack_id}/{member}"
-                added += self._add_copy(uid, sha256, pack.tier, location)
         # The mirror's side counts a pack recorded again once; volumes' twice.
         if pack.tier != OFFSITE or not known:
             self._add_total(f"packbytes.{pack.tier}", pack.size)
-        return added
-
-    def _add_copy(self, uid: str, sha256: str | None, tier: str, where: str) -> bool:
-        record = self._instance(uid)
-        if record is None or record.sha256 != sha256:
-            return False
-        if record.copy_on(tier) is not None:
-            return False
-        study = self._study_of(record)
-        count_copies(study, record, -1)
-        record.copies.append(Copy(tier, where, verified=True))
-        count_copies(study, record, +1)
-        self._put_instance(record)
-        self._add_total(f"bytes.{tier}", record.size)
-        return True
-
-    def copies_in(self, pack: PackRecord, uids: Iterable[str]) -> list[str]:
-        """Those of ``uids`` that have a copy (verified or not) in ``pack``."""
-        prefix = pack.pack_id + "/"
-        return [
-            uid
-            for uid in uids
-            if (record := self._instance(uid)) is not None
-            and any(
-                c.tier == pack.tier and c.location.startswith(prefix)
-                for c in record.copies
-            )
-        ]
-
-    def mark_unverified(self, pack_id: str, uids: list[str]) -> int:
-        """As ``copies.mark_unverified``: the copies ``pack_id`` holds for
-        ``uids`` stay listed but are not counted; how many changed."""
-        changed = 0
-        for uid in uids:
-            record = self._instance(uid)
-            if record is None:
-                continue
-            damaged = [
-                c
-                for c in record.copies
-                if c.verified and c.location.startswith(pack_id + "/")
-            ]
-            if not damaged:
-                continue
-            study = self._study_of(record)
-            count_copies(study, record, -1)
-            for copy in damaged:
-                copy.verified = False
-            count_copies(study, record, +1)
-            self._put_instance(record)
-            changed += len(damaged)
-        return changed
 
     # -- writing -----------------------------------------------------------
 
@@ -288,7 +214,6 @@ class BulkLoad:
     def abort(self) -> None:
         """Drop what was written (nothing, once committed)."""
         txn, self._txn = self._txn, None
-        self._recent = {}
         self._levels.clear()
         if txn is not None:
             txn.abort()
@@ -299,16 +224,12 @@ class BulkLoad:
         return self._txn
 
     def _instance(self, uid: str) -> InstanceRecord | None:
-        if uid in self._recent:
-            return self._recent[uid]
         raw = self._writing().get(_key(uid), db=self.catalog.db["instances"])
         return None if raw is None else InstanceRecord.from_json(uid, codec.loads(raw))
 
     def _put_instance(self, record: InstanceRecord) -> None:
         uid = record.sop_instance_uid
         self._put("instances", _key(uid), codec.dumps(_with_key(record)))
-        if uid in self._recent:
-            self._recent[uid] = record
 
     def _put(self, db: str, key: bytes, value: bytes) -> None:
         """One pair, wherever it goes: instances come in no key order."""
@@ -346,12 +267,6 @@ class BulkLoad:
     def _let_go(self) -> None:
         (db, key), record = self._levels.popitem(last=False)
         self._put(db, _key(key), codec.dumps(record))
-
-    def _study_of(self, record: InstanceRecord) -> dict[str, Any]:
-        study = self._level("studies", record.study_uid)
-        if study is None:
-            raise CatalogError(f"study {record.study_uid} was not loaded")
-        return study
 
     def _put_meta(self, txn: lmdb.Transaction) -> None:
         meta = self.catalog.db["meta"]

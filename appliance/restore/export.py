@@ -101,7 +101,7 @@ def _export(work: Catalog, final: Catalog, contents: MirrorContents) -> Exported
                         record.sop_instance_uid
                     )
             for pack_id in _pack_ids(work, txn, contents):
-                load.add_pack(_pack(work, txn, pack_id), {})
+                load.add_pack(_pack(work, txn, pack_id))
         load.commit()
     finally:
         load.abort()
