@@ -335,8 +335,8 @@ def test_a_crash_between_the_renames_is_finished_by_the_next_run(
     "where",
     [
         "appliance.restore.adopt._meta",  # inside its transaction
-        # Some of the copied catalog's studies rewritten, not all.
-        "appliance.restore.adopt._study_again",
+        # The copied catalog's instances rewritten, its studies not yet.
+        "appliance.restore.adopt._studies_again",
         "appliance.restore.rebuild.check",  # written, not checked yet
     ],
 )

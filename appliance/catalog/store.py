@@ -152,14 +152,21 @@ class Catalog:
     """Patients, studies, series and instances, with their copies and indexes."""
 
     def __init__(
-        self, path: Path, map_size: int = 64 * 2**30, readonly: bool = False
+        self,
+        path: Path,
+        map_size: int = 64 * 2**30,
+        readonly: bool = False,
+        durable: bool = True,
     ) -> None:
+        """Open (or make) the catalog at ``path``. One opened not ``durable``
+        commits without flushing: for scratch catalogs that are made again
+        from the start after a crash, or flushed by their owner."""
         self.path = path
         self.readonly = readonly
         try:
             if not readonly:
                 path.mkdir(parents=True, exist_ok=True)
-            self.env = self._open(path, map_size, readonly)
+            self.env = self._open(path, map_size, readonly, durable)
         except (OSError, lmdb.Error) as exc:
             raise CatalogError(f"cannot open the catalog at {path}: {exc}") from exc
 
@@ -201,12 +208,16 @@ class Catalog:
             ) from exc
 
     @staticmethod
-    def _open(path: Path, map_size: int, readonly: bool) -> lmdb.Environment:
+    def _open(
+        path: Path, map_size: int, readonly: bool, durable: bool = True
+    ) -> lmdb.Environment:
         options: dict[str, Any] = {
             "map_size": map_size,
             "max_dbs": len(_DATABASES) + len(INDEXES) + 8,
             "max_readers": 512,
             "readonly": readonly,
+            "sync": durable,
+            "metasync": durable,
         }
         try:
             return lmdb.open(str(path), **options)

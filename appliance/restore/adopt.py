@@ -40,7 +40,7 @@ import lmdb
 
 from appliance.catalog import answers, codec
 from appliance.catalog.patients import _REFERENCE_KEY
-from appliance.catalog.records import NewInstance
+from appliance.catalog.records import InstanceRecord, NewInstance
 from appliance.catalog.replication import OFFSITE
 from appliance.catalog.store import (
     INDEXES,
@@ -52,7 +52,14 @@ from appliance.catalog.store import (
     new_study,
 )
 from appliance.errors import CatalogError
-from appliance.restore.export import Exported, _copy, _copy_places, _studies
+from appliance.restore.export import (
+    Exported,
+    StudyReader,
+    collector_paused,
+    copy_at,
+    copy_places,
+    tell_missing,
+)
 from appliance.restore.mirror import MirrorContents
 
 logger = logging.getLogger(__name__)
@@ -70,6 +77,18 @@ _KEPT = {
     answers.DATABASE,
     *(index for index in INDEXES if index != "idx.pack.study"),
 }
+# The fields of records as this version's writer lays them out: a record
+# in this form is kept as it is, bar what a rebuild changes in it.
+_INSTANCE_FIELDS = [
+    *_with_key(InstanceRecord("", "", "", "", "", 0, "", "", 0.0, {})),
+]
+_STUDY_FIELDS = [
+    *new_study(
+        NewInstance(InstanceRecord("", "", "", "", "", 0, "", "", 0.0, {}), {}, {}, {}),
+        {},
+    ),
+    "calling_aes",
+]
 # Kept in ``meta``; the rest is written again.
 _META_KEPT = (b"schema_version", _REFERENCE_KEY)
 
@@ -79,13 +98,17 @@ def adopt(
 ) -> tuple[Catalog, Exported]:
     """Copy ``work`` to the empty folder ``rebuilt`` and make the copy the
     rebuilt catalog; the catalog, open, and what it holds."""
-    places = _copy_places(work, contents)
+    places = copy_places(work, contents)
     rebuilt.mkdir(parents=True, exist_ok=True)
     try:
-        work.env.copy(str(rebuilt), compact=True)
-    except lmdb.Error as exc:
+        # Into the page cache, where LMDB's own copy would write past it
+        # and wait for the disk: the rebuilt catalog is flushed whole
+        # before it is marked checked.
+        with open(rebuilt / "data.mdb", "xb") as copy:
+            work.env.copyfd(copy.fileno(), compact=True)
+    except (OSError, lmdb.Error) as exc:
         raise CatalogError(f"cannot copy the work catalog: {exc}") from exc
-    final = Catalog(rebuilt, map_size)
+    final = Catalog(rebuilt, map_size, durable=False)
     try:
         exported = _rewrite(work, final, contents, places)
     except BaseException:
@@ -108,6 +131,12 @@ class _Totals:
     tier_bytes: int | None = None  # None: no instance has a copy
     stored: int = 0
     patients: dict[str, _Dropped] = field(default_factory=dict)
+    # Studies whose record cannot be kept with only its copies counted
+    # again: one of their instances never reached the tier, or one was
+    # recorded in another form than this version's writer gives.
+    recount: set[str] = field(default_factory=set)
+    # Instances of each study without a verified copy on the tier.
+    unverified: Counter[str] = field(default_factory=Counter)
 
 
 def _rewrite(
@@ -117,12 +146,16 @@ def _rewrite(
     totals = _Totals()
     tier = contents.tier
     try:
-        with work.read() as source, final.env.begin(write=True) as txn:
+        with (
+            collector_paused(),
+            work.read() as source,
+            final.env.begin(write=True) as txn,
+        ):
             _drop_the_rest(final, txn)
             answers.drop_unrestored(final, txn)
             pack_bytes = _packs(work, source, final, txn, contents)
-            for group in _studies(work, source, tier):
-                _study_again(final, txn, group, source, places, tier, result, totals)
+            _instances_again(work, source, final, txn, places, tier, result, totals)
+            _studies_again(work, source, final, txn, places, tier, result, totals)
             _patients_again(final, txn, totals)
             _meta(final, txn, tier, totals, pack_bytes)
     except lmdb.MapFullError as exc:
@@ -132,6 +165,7 @@ def _rewrite(
     except lmdb.Error as exc:
         raise CatalogError(f"cannot write the rebuilt catalog: {exc}") from exc
     result.instances = totals.stored
+    tell_missing(result, contents)
     return result
 
 
@@ -173,6 +207,73 @@ def _packs(
     return total
 
 
+def _instances_again(
+    work: Catalog,
+    source: lmdb.Transaction,
+    final: Catalog,
+    txn: lmdb.Transaction,
+    places: Any,
+    tier: str,
+    result: Exported,
+    totals: _Totals,
+) -> None:
+    """Every instance that reached the tier with its copy there, in one pass
+    in key order; those that did not are left for their study's recount,
+    which takes them out."""
+    instances = final.db["instances"]
+    for key, raw in source.cursor(db=work.db["instances"]):
+        data = codec.loads(raw)
+        study_uid = data["study"]
+        if not any(copy["tier"] == tier for copy in data["copies"]):
+            totals.recount.add(study_uid)
+            continue
+        if list(data) != _INSTANCE_FIELDS:
+            # Written by another version: made again as this one writes it.
+            data = _with_key(InstanceRecord.from_json(data["key"], data))
+            totals.recount.add(study_uid)
+        place = source.get(key, db=places)
+        data["copies"] = [] if place is None else [copy_at(tier, place).as_json()]
+        txn.put(key, codec.dumps(data), db=instances)
+        totals.stored += 1
+        if place is None:
+            totals.unverified[study_uid] += 1
+            continue
+        totals.tier_bytes = (totals.tier_bytes or 0) + data["size"]
+        if not data["copies"][0]["verified"]:
+            totals.unverified[study_uid] += 1
+            pack_id = data["copies"][0]["location"].partition("/")[0]
+            result.missing.setdefault(pack_id, []).append(data["key"])
+
+
+def _studies_again(
+    work: Catalog,
+    source: lmdb.Transaction,
+    final: Catalog,
+    txn: lmdb.Transaction,
+    places: Any,
+    tier: str,
+    result: Exported,
+    totals: _Totals,
+) -> None:
+    """Every study's record: as it is with its copies counted again, or
+    counted again from its instances where :func:`_instances_again` left it
+    to be."""
+    studies = final.db["studies"]
+    reader = StudyReader(work, source, tier)
+    for key, raw in source.cursor(db=work.db["studies"]):
+        study = codec.loads(raw)
+        if study["key"] in totals.recount or list(study) != _STUDY_FIELDS:
+            group = reader.group(bytes(key), study)
+            if group:
+                _study_again(final, txn, group, source, places, tier, result, totals)
+            continue
+        verified = study["instances"] - totals.unverified[study["key"]]
+        study["copies"] = {tier: verified} if verified > 0 else {}
+        # As the writer starts a study's record from its first instance.
+        study["last_access"] = study["received"]
+        txn.put(key, codec.dumps(study), db=studies)
+
+
 def _study_again(
     final: Catalog,
     txn: lmdb.Transaction,
@@ -183,30 +284,22 @@ def _study_again(
     result: Exported,
     totals: _Totals,
 ) -> None:
-    """One study's instances (in the order received) with their copies, the
-    study counted again, and what never reached the tier taken out."""
+    """One study counted again from its instances (in the order received),
+    with what never reached the tier taken out; its instances that did
+    were written already."""
     survivors = []
     lost = []
     for item, has_copy in group:
         record = item.record
-        uid = record.sop_instance_uid
         if not has_copy:
+            uid = record.sop_instance_uid
             result.lost.append({"sop_instance_uid": uid, "study": record.study_uid})
             lost.append(item)
             continue
-        place = source.get(encode_key(uid), db=places)
+        place = source.get(encode_key(record.sop_instance_uid), db=places)
         if place is not None:
-            record.copies = [_copy(tier, place)]
-        txn.put(
-            encode_key(uid), codec.dumps(_with_key(record)), db=final.db["instances"]
-        )
+            record.copies = [copy_at(tier, place)]
         survivors.append(item)
-        totals.stored += 1
-        if record.copies:
-            totals.tier_bytes = (totals.tier_bytes or 0) + record.size
-            if not record.copies[0].verified:
-                pack_id = record.copies[0].location.partition("/")[0]
-                result.missing.setdefault(pack_id, []).append(uid)
     study_uid = group[0][0].record.study_uid
     if survivors:
         txn.put(

@@ -58,12 +58,12 @@ def export(work: Catalog, final: Catalog, contents: MirrorContents) -> Exported:
     # The load holds a few small objects per instance until it commits, and
     # none of them in a cycle: the cyclic collector would walk them again
     # and again, for nothing.
-    with _collector_paused():
+    with collector_paused():
         return _export(work, final, contents)
 
 
 @contextmanager
-def _collector_paused() -> Iterator[None]:
+def collector_paused() -> Iterator[None]:
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -75,11 +75,11 @@ def _collector_paused() -> Iterator[None]:
 
 def _export(work: Catalog, final: Catalog, contents: MirrorContents) -> Exported:
     result = Exported()
-    places = _copy_places(work, contents)
+    places = copy_places(work, contents)
     load = BulkLoad(final)
     try:
         with work.read() as txn:
-            groups = _studies(work, txn, contents.tier)
+            groups = studies(work, txn, contents.tier)
             items = (pair for group in groups for pair in group)
             for item, has_copy in items:
                 record = item.record
@@ -91,7 +91,7 @@ def _export(work: Catalog, final: Catalog, contents: MirrorContents) -> Exported
                     continue
                 place = txn.get(encode_key(record.sop_instance_uid), db=places)
                 if place is not None:
-                    record.copies = [_copy(contents.tier, place)]
+                    record.copies = [copy_at(contents.tier, place)]
                 if load.add(item) is not Outcome.STORED:
                     continue
                 result.instances += 1
@@ -105,13 +105,7 @@ def _export(work: Catalog, final: Catalog, contents: MirrorContents) -> Exported
         load.commit()
     finally:
         load.abort()
-    for pack_id, uids in result.missing.items():
-        logger.error(
-            "pack %s is not on %s: %d instance(s) cannot be restored",
-            pack_id,
-            contents.where,
-            len(uids),
-        )
+    tell_missing(result, contents)
     # Instances were written with their patients' corrected attributes;
     # the pointers of merged patients and the corrections' marks follow,
     # and the ACKs of the messages that made those changes.
@@ -120,7 +114,22 @@ def _export(work: Catalog, final: Catalog, contents: MirrorContents) -> Exported
     return result
 
 
-def _copy_places(work: Catalog, contents: MirrorContents) -> Any:
+def tell_missing(result: Exported, contents: MirrorContents) -> None:
+    """Sort the instances of each pack that is not there (a pack at a time,
+    by UID, whatever order they were read in) and log each pack."""
+    result.missing = {
+        pack_id: sorted(result.missing[pack_id]) for pack_id in sorted(result.missing)
+    }
+    for pack_id, uids in result.missing.items():
+        logger.error(
+            "pack %s is not on %s: %d instance(s) cannot be restored",
+            pack_id,
+            contents.where,
+            len(uids),
+        )
+
+
+def copy_places(work: Catalog, contents: MirrorContents) -> Any:
     """Where each instance's copy goes, in a scratch database of the work
     catalog (as long as the archive, so not in memory): the newest pack on
     the mirror (or the volumes read) that holds it, failing that the newest
@@ -142,7 +151,7 @@ def _copy_places(work: Catalog, contents: MirrorContents) -> Any:
     return places
 
 
-def _copy(tier: str, place: bytes | memoryview) -> Copy:
+def copy_at(tier: str, place: bytes | memoryview) -> Copy:
     raw = bytes(place)
     return Copy(tier, raw[1:].decode(), verified=raw[:1] == b"1")
 
@@ -170,60 +179,83 @@ def _pack(work: Catalog, txn: lmdb.Transaction, pack_id: str) -> PackRecord:
     return PackRecord.from_json(data)
 
 
-def _studies(
-    work: Catalog, txn: lmdb.Transaction, tier: str
-) -> Iterator[list[tuple[NewInstance, bool]]]:
-    """Every study's instances of the work catalog, in the order received,
-    and whether each has a copy on ``tier``; read with one cursor per
-    index."""
-    db = work.db
-    series_of_study = txn.cursor(db=db["idx.series.study"])
-    instances_of_series = txn.cursor(db=db["idx.instance.series"])
-    # A patient's attributes, read once for all of its studies as long as
-    # they are among the last few thousand read: every patient would grow
-    # with the archive.
-    patients_read: dict[bytes, dict[str, str]] = {}
-    for study_key, raw_study in txn.cursor(db=db["studies"]):
-        study = codec.loads(raw_study)
-        patient_key = encode_key(study["patient"])
-        if patient_key not in patients_read:
-            if len(patients_read) >= _PATIENTS_READ:
-                patients_read.clear()
-            raw_patient = txn.get(patient_key, db=db["patients"])
-            patient = codec.loads(raw_patient) if raw_patient is not None else {}
-            patients_read[patient_key] = patient.get("attrs", {})
-        rows = []
-        if series_of_study.set_key(study_key):
-            for series_key in series_of_study.iternext_dup():
-                raw_series = txn.get(series_key, db=db["series"])
-                series = codec.loads(raw_series) if raw_series is not None else {}
-                if not instances_of_series.set_key(series_key):
-                    continue
-                for uid_key in instances_of_series.iternext_dup():
-                    raw = txn.get(uid_key, db=db["instances"])
-                    if raw is not None:
-                        rows.append((codec.loads(raw), series.get("attrs", {})))
+class StudyReader:
+    """A study's instances as the work catalog holds them, in the order
+    received, each with whether it has a copy on ``tier``; read with one
+    cursor per index."""
+
+    def __init__(self, work: Catalog, txn: lmdb.Transaction, tier: str) -> None:
+        self.work = work
+        self.txn = txn
+        self.tier = tier
+        self._series_of_study = txn.cursor(db=work.db["idx.series.study"])
+        self._instances_of_series = txn.cursor(db=work.db["idx.instance.series"])
+        # A patient's attributes, read once for all of its studies as long
+        # as they are among the last few thousand read: every patient would
+        # grow with the archive.
+        self._patients_read: dict[bytes, dict[str, str]] = {}
+
+    def group(
+        self, study_key: bytes, study: dict[str, Any]
+    ) -> list[tuple[NewInstance, bool]]:
+        """The instances of the study whose record is ``study``."""
+        rows = self._rows(study_key)
         if not rows:
-            continue
+            return []
         rows.sort(key=lambda row: (row[0]["received"], row[0]["key"]))
+        patient = self._patient(encode_key(study["patient"]))
         senders = list(study.get("calling_aes", []))
         group = []
         for index, (data, series_attrs) in enumerate(rows):
             record = InstanceRecord.from_json(data["key"], data)
-            has_copy = any(c.tier == tier for c in record.copies)
+            has_copy = any(c.tier == self.tier for c in record.copies)
             record.copies = []
             # The writer lists a study's sending AEs as its instances come;
             # handing them out in order gives the study the same list.
             sender = senders[min(index, len(senders) - 1)] if senders else ""
             item = NewInstance(
-                record,
-                dict(patients_read[patient_key]),
-                dict(study["attrs"]),
-                dict(series_attrs),
-                sender,
+                record, dict(patient), dict(study["attrs"]), dict(series_attrs), sender
             )
             group.append((item, has_copy))
-        yield group
+        return group
+
+    def _rows(self, study_key: bytes) -> list[tuple[dict[str, Any], dict[str, str]]]:
+        """Each instance's stored record, with its series' attributes."""
+        db = self.work.db
+        rows: list[tuple[dict[str, Any], dict[str, str]]] = []
+        if not self._series_of_study.set_key(study_key):
+            return rows
+        for series_key in self._series_of_study.iternext_dup():
+            raw_series = self.txn.get(series_key, db=db["series"])
+            series = codec.loads(raw_series) if raw_series is not None else {}
+            if not self._instances_of_series.set_key(series_key):
+                continue
+            for uid_key in self._instances_of_series.iternext_dup():
+                raw = self.txn.get(uid_key, db=db["instances"])
+                if raw is not None:
+                    rows.append((codec.loads(raw), series.get("attrs", {})))
+        return rows
+
+    def _patient(self, patient_key: bytes) -> dict[str, str]:
+        if patient_key not in self._patients_read:
+            if len(self._patients_read) >= _PATIENTS_READ:
+                self._patients_read.clear()
+            raw = self.txn.get(patient_key, db=self.work.db["patients"])
+            patient = codec.loads(raw) if raw is not None else {}
+            self._patients_read[patient_key] = patient.get("attrs", {})
+        return self._patients_read[patient_key]
+
+
+def studies(
+    work: Catalog, txn: lmdb.Transaction, tier: str
+) -> Iterator[list[tuple[NewInstance, bool]]]:
+    """Every study's instances of the work catalog (see :class:`StudyReader`),
+    studies without any left out."""
+    reader = StudyReader(work, txn, tier)
+    for study_key, raw_study in txn.cursor(db=work.db["studies"]):
+        group = reader.group(bytes(study_key), codec.loads(raw_study))
+        if group:
+            yield group
 
 
 def finish(final: Catalog, last_journal: int, next_pack: int) -> None:

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ from appliance.restore.check import check
 from appliance.restore.export import Exported, export, finish, mark_checked
 from appliance.restore.mirror import Fetcher, MirrorContents
 from appliance.restore.sources import Progress, Sources, WorkCatalog
+from appliance.storage import durable
 from appliance.storage.keys import KeyStore
 
 logger = logging.getLogger(__name__)
@@ -113,6 +117,26 @@ def put_in_place(
     return Rebuild(note, set_aside=aside, lost=note.get("lost", []))
 
 
+@contextmanager
+def flushed(folder: Path) -> Iterator[None]:
+    """Flush the catalog in ``folder`` (its file and the folder) in a thread
+    while the block runs; leave once it is done, raising what it raised."""
+    with ThreadPoolExecutor(1, thread_name_prefix="catalog-flush") as pool:
+        flushing = pool.submit(_flush, folder)
+        try:
+            yield
+        finally:
+            flushing.result()
+
+
+def _flush(folder: Path) -> None:
+    try:
+        durable.fsync_file(folder / "data.mdb")
+        durable.fsync_directory(folder)
+    except OSError as exc:
+        raise durable.translate_os_error(exc, f"cannot flush {folder}") from exc
+
+
 def _refuse_if_nothing_opened(work: WorkCatalog, contents: MirrorContents) -> None:
     """Stop before anything is put in place when the mirror (or the volumes)
     holds packs but the rebuilt catalog knows no instance: with the wrong
@@ -145,7 +169,7 @@ def _write(
     counts everything from the instances themselves."""
     try:
         final, exported = adopt(work.catalog, rebuilt, map_size, contents)
-        return _finished(work, final, exported, contents, extra)
+        return _finished(work, final, exported, contents, extra, map_size)
     except CatalogError as exc:
         logger.warning(
             "the rebuilt catalog copied from the work catalog cannot be used "
@@ -153,13 +177,13 @@ def _write(
             exc,
         )
     shutil.rmtree(rebuilt, ignore_errors=True)
-    final = Catalog(rebuilt, map_size)
+    final = Catalog(rebuilt, map_size, durable=False)
     try:
         exported = export(work.catalog, final, contents)
     except BaseException:
         final.close()
         raise
-    return _finished(work, final, exported, contents, extra)
+    return _finished(work, final, exported, contents, extra, map_size)
 
 
 def _finished(
@@ -168,13 +192,19 @@ def _finished(
     exported: Exported,
     contents: MirrorContents,
     extra: dict[str, Any],
+    map_size: int,
 ) -> dict[str, Any]:
-    """Finish, check and mark ``final`` (then close it); its note."""
+    """Finish, check and mark ``final``, written without flushing (then
+    close it); its note."""
     try:
         last_journal = max(work.last_journal, contents.last_journal_number)
         next_pack = max(work.next_pack, contents.highest_pack + 1)
         finish(final, last_journal, next_pack)
-        check(final, contents, exported.instances)
+        # Its pages go to the disk while it is checked; the mark follows
+        # once they are there, so that a crash can leave a catalog marked
+        # checked only whole.
+        with flushed(final.path):
+            check(final, contents, exported.instances)
         note = {
             "source": work.source,
             "instances": exported.instances,
@@ -183,9 +213,13 @@ def _finished(
             "unreadable_packs": work.unreadable,
             **extra,
         }
-        mark_checked(final, note)
     finally:
         final.close()
+    checked = Catalog(final.path, map_size)
+    try:
+        mark_checked(checked, note)
+    finally:
+        checked.close()
     logger.info(
         "catalog rebuilt from %s: %d instances; %d never reached the mirror",
         work.source,

@@ -143,7 +143,7 @@ class Sources:
                 self.fetcher.fetch_sealed(
                     snapshot.file, folder / "data.mdb", self.keys, self.folder
                 )
-                catalog = Catalog(folder, self.map_size)
+                catalog = Catalog(folder, self.map_size, durable=False)
             except TransportError:
                 raise
             except ApplianceError as exc:
@@ -198,8 +198,11 @@ class Sources:
             self.progress(len(pack_ids), len(pack_ids))
 
     def _empty_catalog(self) -> Catalog:
-        return Catalog(self._fresh_folder(), self.map_size)
+        return Catalog(self._fresh_folder(), self.map_size, durable=False)
 
+    # The work catalog is made again from the start by any run that finds
+    # no checked rebuilt catalog (see ``rebuild``): nothing in it needs to
+    # outlive a crash, so its commits are not flushed.
     def _fresh_folder(self) -> Path:
         folder = self.folder / "catalog"
         shutil.rmtree(folder, ignore_errors=True)
