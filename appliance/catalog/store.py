@@ -347,7 +347,8 @@ class Catalog:
         """Every (key, record) of a main database, in key order."""
         for key, raw in txn.cursor(db=self.db[db]):
             record = codec.loads(raw)
-            yield record.get("key", _decode(key)), record
+            text = record.get("key")
+            yield _decode(key) if text is None else text, record
 
     def counts(self) -> dict[str, int]:
         """Numbers of patients, studies, series and instances; bytes of
