@@ -11,39 +11,32 @@ or SIGINT stops accepting, lets open associations finish, then exits.
 
 from __future__ import annotations
 
-import functools
 import logging
 import multiprocessing
 import selectors
 import signal
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.sharedctypes import SynchronizedArray
 from typing import Any
 
-from appliance import audit, logs, notify, tls
+from appliance import audit, notify, tls
 from appliance.audit import sender as audit_sender
 from appliance.catalog.store import Catalog
-from appliance.children import die_with_parent
 from appliance.commitment.process import CommitmentSupervisor
 from appliance.config import Config
-from appliance.dicom.handoff import HandoffServer, send_connection
-from appliance.dicom.node import Node, configure_pynetdicom
+from appliance.dicom.handoff import send_connection
+from appliance.dicom.worker import STOP_GRACE, Load, run_worker
 from appliance.errors import ApplianceError, ConfigError
 from appliance.hsm import scheduler
-from appliance.hsm.recall import Recaller
 from appliance.hsm.tiers import open_tiers
-from appliance.ingest import Ingest
-from appliance.metrics import events as metrics_events
 from appliance.metrics import folder as metrics_folder
 from appliance.prefetch.hl7_process import HL7Service
 from appliance.replication.supervisor import Supervisor
 from appliance.restore import process as restore_process
-from appliance.storage.lock import WORKERS_LOCK, TierLock, claim_tier
+from appliance.storage.lock import claim_tier
 from appliance.storage.online import OnlineTier
 from appliance.web.process import WebService
 
@@ -53,7 +46,6 @@ logger = logging.getLogger(__name__)
 # as hung (it turns at least twice a second).
 _LOOP_STALLED = 30.0
 
-_STOP_GRACE = 30.0
 _QUICK_DEATH = 10
 _RESTART_DELAY = 10
 _MIN_OPEN_CONNECTIONS = 64
@@ -70,57 +62,6 @@ class _Worker:
     restart_at: float = 0.0
 
 
-@dataclass
-class Load:
-    """What each worker holds, counted in memory shared by all processes.
-
-    ``connections``: connections handed to the worker and not yet closed;
-    the listener hands the next one to the worker with the fewest.
-    ``associations``: those of them whose A-ASSOCIATE-RQ was admitted. Only
-    these count against node.max_associations, so that connections that
-    never send a whole request cannot keep real associations out.
-    """
-
-    connections: SynchronizedArray
-    associations: SynchronizedArray
-
-    @classmethod
-    def shared(cls, context: Any, workers: int) -> Load:
-        return cls(context.Array("i", workers), context.Array("i", workers))
-
-    def hand_to_least_busy(self, workers: list[_Worker]) -> _Worker:
-        """The worker with the fewest connections, counted one more."""
-        with self.connections.get_lock():
-            chosen = min(workers, key=lambda w: self.connections[w.index])
-            self.connections[chosen.index] += 1
-        return chosen
-
-    def admitted(self, index: int) -> None:
-        _add(self.associations, index, 1)
-
-    def closed(self, index: int, admitted: bool) -> None:
-        _add(self.connections, index, -1)
-        if admitted:
-            _add(self.associations, index, -1)
-
-    def reset(self, index: int) -> None:
-        """Forget what a dead worker held."""
-        for counts in (self.connections, self.associations):
-            with counts.get_lock():
-                counts[index] = 0
-
-    def total_associations(self) -> int:
-        return sum(self.associations[:])
-
-    def total_connections(self) -> int:
-        return sum(self.connections[:])
-
-
-def _add(counts: SynchronizedArray, index: int, delta: int) -> None:
-    with counts.get_lock():
-        counts[index] = max(0, counts[index] + delta)
-
-
 def serve(config: Config) -> int:
     """Run the appliance until SIGTERM or SIGINT; returns the exit status."""
     online = OnlineTier(config.online_path, config.get("storage.reserved_bytes"))
@@ -131,7 +72,7 @@ def serve(config: Config) -> int:
     listener = _listen(config)
     secure = _listen(config, "tls.port") if config.get("tls.enabled") else None
     hl7 = HL7Service(config) if config.get("hl7.enabled") else None
-    claim = claim_tier(config.online_path, wait_for_workers=_STOP_GRACE + 10)
+    claim = claim_tier(config.online_path, wait_for_workers=STOP_GRACE + 10)
     web = None
     try:
         web = WebService(config) if config.get("web.enabled") else None
@@ -437,7 +378,7 @@ def _stop_workers(workers: list[_Worker]) -> None:
     for worker in workers:
         if worker.process.is_alive():
             worker.process.terminate()
-    deadline = time.monotonic() + _STOP_GRACE + 5
+    deadline = time.monotonic() + STOP_GRACE + 5
     for worker in workers:
         worker.process.join(max(0.1, deadline - time.monotonic()))
         if worker.process.is_alive():
@@ -445,83 +386,3 @@ def _stop_workers(workers: list[_Worker]) -> None:
             worker.process.kill()
             worker.process.join()
         worker.channel.close()
-
-
-# -- the worker process -----------------------------------------------------------
-
-
-def run_worker(
-    config: Config,
-    index: int,
-    channel: socket.socket,
-    load: Load,
-    ready: Any,
-) -> None:
-    """Serve the associations handed over ``channel`` until SIGTERM."""
-    die_with_parent()
-    logs.setup_service(config)
-    metrics_events.start()
-    configure_pynetdicom()
-
-    tiers = open_tiers(config, mirror=True)
-    online = tiers.online
-    in_use = TierLock(config.online_path, WORKERS_LOCK)
-    in_use.acquire(exclusive=False, wait=60)
-    # pynetdicom writes incoming data sets to the process's temporary
-    # directory; keeping it on the online tier's file system makes storing
-    # a rename instead of a copy.
-    tempfile.tempdir = str(online.incoming_for(index))
-    catalog = Catalog(config.catalog_path, config.get("storage.catalog_max_size"))
-    ingest = Ingest(catalog, online, config.get("storage.duplicate_policy"))
-
-    recaller = Recaller(catalog, tiers)
-    node = Node(config, catalog, online, ingest, load.total_associations, recaller)
-    ae = node.application_entity()
-    address = (config.get("node.bind_address"), config.get("node.port"))
-    server = HandoffServer(
-        ae,
-        channel,
-        address,
-        node.ae_title,
-        ae.supported_contexts,
-        node.handlers(),
-        artim=config.get("timeouts.association"),
-        # The listener counted each connection when it handed it over.
-        on_admit=functools.partial(load.admitted, index),
-        on_close=functools.partial(load.closed, index),
-        tls_context=tls.server_context(config) if config.get("tls.enabled") else None,
-        on_tls_failure=node.tls_failed,
-    )
-    ae._servers.append(server)  # so that AE.shutdown() also stops this server
-
-    def stop(*_: Any) -> None:
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    ready.set()
-    try:
-        server.serve_forever(poll_interval=0.5)
-    finally:
-        _finish_associations(server)
-        ingest.close()
-        catalog.close()
-        in_use.release()
-
-
-def _finish_associations(server: HandoffServer) -> None:
-    """Give open associations time to finish, then abort what is left."""
-    if server.active_associations:
-        logger.info(
-            "stopping: waiting up to %d s for %d open association(s)",
-            _STOP_GRACE,
-            len(server.active_associations),
-        )
-    deadline = time.monotonic() + _STOP_GRACE
-    while server.active_associations and time.monotonic() < deadline:
-        time.sleep(0.1)
-    left = server.active_associations
-    if left:
-        logger.warning("stopping: aborting %d association(s) still open", len(left))
-    for assoc in left:
-        assoc.abort()
