@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import service
+from appliance.dicom import worker
 from appliance.replication import supervisor
 
 UNIT_DIR = Path(__file__).parents[1] / "systemd"
@@ -136,7 +136,7 @@ def test_the_stop_timeout_covers_the_service_own_grace_periods() -> None:
     keys = unit_keys(UNIT_DIR / "pacs-appliance.service")
     stop = seconds(keys["TimeoutStopSec"][-1])
     # The listener stops replication, then gives workers their grace (+5 s).
-    needed = supervisor._STOP_GRACE + service._STOP_GRACE + 5
+    needed = supervisor._STOP_GRACE + worker.STOP_GRACE + 5
     assert stop >= needed + 10, f"TimeoutStopSec={stop}s, the service needs {needed}s"
     watchdog = seconds(keys["WatchdogSec"][-1])
     assert watchdog >= 30
