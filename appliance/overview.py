@@ -20,6 +20,7 @@ from appliance.catalog.store import Catalog
 from appliance.config import Config
 from appliance.errors import ApplianceError
 from appliance.prefetch import readiness
+from appliance.storage.lock import serving
 from appliance.storage.online import OnlineTier
 
 logger = logging.getLogger(__name__)
@@ -130,9 +131,10 @@ def replication_status(config: Config, catalog: Catalog) -> dict[str, Any]:
     replication status --json`` prints).
 
     ``state`` is ``refused`` (the mirror refuses us), ``failing`` (a round
-    failed and is tried again), ``paused`` (the rate in force), ``sending``
-    (instances wait), ``up to date``, or ``off`` (``replication.enabled``
-    is false); ``summary`` says it in words.
+    failed and is tried again), ``not running`` (instances wait and the
+    service that sends them is not running), ``paused`` (the rate in force),
+    ``sending`` (instances wait), ``up to date``, or ``off``
+    (``replication.enabled`` is false); ``summary`` says it in words.
     """
     from appliance.replication import health
 
@@ -177,6 +179,11 @@ def _mirror_state(
         return {"state": "off", "summary": "off (replication.enabled = false)"}
     if trouble is not None:
         return {"state": trouble.kind, "summary": health.describe(trouble)}
+    if waiting and not serving(config.online_path):
+        return {
+            "state": "not running",
+            "summary": "not sending: the service is not running",
+        }
     if paused:
         return {"state": "paused", "summary": "paused by the rate in force"}
     if waiting:

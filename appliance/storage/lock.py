@@ -80,3 +80,21 @@ def claim_tier(root: Path, wait_for_workers: float) -> TierLock:
             )
     workers.release()
     return serve
+
+
+def serving(root: Path) -> bool:
+    """Whether an appliance serves the tier at ``root`` now (its listener
+    holds ``serve.lock``). Asked with a shared lock taken and let go at
+    once, on a descriptor opened for reading: any user who may read the
+    tier may ask, and nothing is created."""
+    try:
+        fd = os.open(root / SERVE_LOCK, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
