@@ -3,6 +3,7 @@ cut, with noise between frames skipped and oversized frames refused."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -67,7 +68,20 @@ def test_an_oversized_frame_is_refused_and_the_next_one_read() -> None:
     first = reader.feed(big[:30])
     second = reader.feed(big[30:] + frame(b"MSH|ok"))
 
-    assert first.messages == [] and first.oversized == 0
-    assert second.oversized == 1
+    assert first.messages == [] and first.oversized == []
+    assert second.oversized == [b""]  # its first segment never ended
     assert second.messages == [b"MSH|ok"]
+    assert reader.pending == 0
+
+
+@pytest.mark.parametrize("end", [b"\r", b"\n", b"\r\n"])
+@pytest.mark.parametrize("cut", [5, 25, 40, 200])
+def test_an_oversized_frame_keeps_its_first_segment(end: bytes, cut: int) -> None:
+    reader = FrameReader(max_message_bytes=30)
+    header = b"MSH|^~\\&|RIS|H|PACS|H|20261205||ADT^A08|C1|P|2.5"
+    big = frame(header + end + b"PID|" + b"y" * 300 + end)
+
+    received = [reader.feed(big[:cut]), reader.feed(big[cut:])]
+
+    assert [r.oversized for r in received] == [[], [header]]
     assert reader.pending == 0

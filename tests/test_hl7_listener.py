@@ -168,8 +168,23 @@ def test_an_oversized_message_is_refused_and_the_connection_goes_on(
 
     acks = converse(listener, huge, normal, answers=2)
 
-    assert msa(acks[0])[1] == "AR" and "longer than 4096 bytes" in acks[0]
+    assert msa(acks[0])[1:3] == ["AR", "H1"] and "longer than 4096 bytes" in acks[0]
+    # Answered from the application and facility it was sent to, as others.
+    assert acks[0].startswith("MSH|^~\\&|PACS|CITYHOSP|RIS|CITYHOSP|")
+    assert "|207^Application internal error^HL70357|" in acks[0]
     assert msa(acks[1])[1:3] == ["AA", "H2"]
+
+
+def test_an_oversized_message_without_a_readable_header_is_still_answered(
+    listener: Listener,
+) -> None:
+    # Its first segment does not end within the bytes kept of it.
+    huge = frame(b"MSH|" + b"x" * 9000 + b"\r")
+
+    [ack] = converse(listener, huge, answers=1)
+
+    assert msa(ack)[1:3] == ["AR", ""] and "longer than 4096 bytes" in ack
+    assert ack.startswith("MSH|^~\\&|PACS_APPLIANCE|")
 
 
 def test_an_idle_connection_is_closed(listener: Listener) -> None:

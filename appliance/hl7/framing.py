@@ -9,7 +9,9 @@ the appliance:
 - a start block inside an unfinished frame starts the frame again: the
   sender gave up on the first one;
 - a frame longer than the size cap is dropped whole, up to its end block,
-  and reported, so that one huge message cannot exhaust memory.
+  and reported, so that one huge message cannot exhaust memory; only its
+  first segment (the MSH, up to a few KB) is kept, so that the refusal can
+  be addressed to its sender and echo its control ID.
 
 python-hl7's stream reader expects the start block as the very first byte
 and drops the buffer otherwise, which loses the message after any noise;
@@ -23,6 +25,8 @@ from dataclasses import dataclass, field
 
 START_BLOCK = 0x0B
 END_BLOCK = b"\x1c\x0d"
+# The most of a dropped frame kept: its MSH segment, when it ends by then.
+HEADER_KEPT = 4096
 
 
 def frame(message: bytes) -> bytes:
@@ -36,7 +40,9 @@ class Received:
 
     messages: list[bytes] = field(default_factory=list)
     skipped_bytes: int = 0
-    oversized: int = 0
+    # The first segment of each message over the cap (b"" when it did not
+    # end within HEADER_KEPT bytes).
+    oversized: list[bytes] = field(default_factory=list)
 
 
 class FrameReader:
@@ -47,6 +53,7 @@ class FrameReader:
         self._buffer = bytearray()
         self._in_frame = False
         self._discarding = False  # inside a frame that is over the cap
+        self._start = bytearray()  # the frame's first HEADER_KEPT bytes
 
     @property
     def pending(self) -> int:
@@ -66,6 +73,7 @@ class FrameReader:
                 # abandoned it. Its bytes count as skipped.
                 received.skipped_bytes += len(self._buffer) + 1
             self._buffer.clear()
+            self._start.clear()
             self._in_frame = True
             self._discarding = False
             chunk = chunk[1:]
@@ -79,6 +87,8 @@ class FrameReader:
         # last byte already held.
         held = len(self._buffer)
         self._buffer += chunk
+        if len(self._start) < HEADER_KEPT:
+            self._start += chunk[: HEADER_KEPT - len(self._start)]
         end = self._buffer.find(END_BLOCK, max(0, held - 1))
         if end != -1:
             message = bytes(self._buffer[:end])
@@ -86,7 +96,8 @@ class FrameReader:
             # (the caller cut the chunk there) belongs to no frame.
             received.skipped_bytes += len(self._buffer) - end - len(END_BLOCK)
             if self._discarding or len(message) > self.max_message_bytes:
-                received.oversized += 1
+                start = bytes(self._start)
+                received.oversized.append(_first_segment(start.split(END_BLOCK)[0]))
             else:
                 received.messages.append(message)
             self._buffer.clear()
@@ -97,6 +108,14 @@ class FrameReader:
             # Keep only enough to see the end block arrive.
             self._discarding = True
             del self._buffer[:-1]
+
+
+def _first_segment(message: bytes) -> bytes:
+    """The first segment of ``message`` if it ends within HEADER_KEPT bytes."""
+    # Some senders end segments with LF (or CR LF) instead of CR.
+    ends = [message.find(mark, 0, HEADER_KEPT) for mark in (b"\r", b"\n")]
+    found = [end for end in ends if end != -1]
+    return message[: min(found)] if found else b""
 
 
 def _split_keeping_start(data: bytes) -> list[bytes]:

@@ -30,8 +30,8 @@ from appliance.hl7 import acks
 from appliance.hl7.framing import FrameReader, Received, frame
 from appliance.hl7.messages import (
     APPLICATION_INTERNAL_ERROR,
-    SEGMENT_SEQUENCE_ERROR,
     MessageError,
+    header_alone,
 )
 
 logger = logging.getLogger(__name__)
@@ -269,14 +269,17 @@ class Listener:
 
     def _refusals(self, received: Received) -> list[bytes]:
         """An AR for each message too large to read: its sender waits for
-        an answer, though its control ID is unknown."""
+        an answer, addressed from its MSH as far as that could be kept."""
         error = MessageError(
             "AR",
-            SEGMENT_SEQUENCE_ERROR,
+            APPLICATION_INTERNAL_ERROR,
             "",
             f"message longer than {self.settings.max_message_bytes} bytes",
         )
-        return [acks.refuse(None, error) for _ in range(received.oversized)]
+        return [
+            acks.refuse(header_alone(kept.decode("utf-8", "replace")), error)
+            for kept in received.oversized
+        ]
 
 
 def bind(address: str, port: int) -> socket.socket:

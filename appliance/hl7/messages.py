@@ -191,7 +191,7 @@ def parse(raw: bytes) -> hl7.Message:
     try:
         _check_escapes(text)
     except MessageError as error:
-        error.header = _header_alone(text)
+        error.header = header_alone(text)
         raise
     try:
         return hl7.parse(text)
@@ -201,7 +201,10 @@ def parse(raw: bytes) -> hl7.Message:
         ) from exc
 
 
-def _header_alone(text: str) -> hl7.Message | None:
+def header_alone(text: str) -> hl7.Message | None:
+    """The first segment of ``text`` parsed alone if it is an MSH that
+    parses, else None: what an answer to a message refused whole can be
+    addressed from."""
     header = text.split("\r", 1)[0]
     if not header.startswith("MSH"):
         return None
