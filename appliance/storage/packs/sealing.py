@@ -117,13 +117,7 @@ def seal_source(
         )
     sink = _SealingSink(spool, key, aad)
     try:
-        _, written = compressor.copy_stream(
-            cast(IO[bytes], reader),
-            cast(IO[bytes], sink),
-            size=size,
-            read_size=CHUNK,
-            write_size=CHUNK,
-        )
+        written = _compress(compressor, reader, size, sink)
         reader.check_end(sha256)
         sink.finish()
     except zstandard.ZstdError as exc:
@@ -134,6 +128,23 @@ def seal_source(
         spool.close()
         raise
     return Sealed(spool, sink.written, written)
+
+
+def _compress(
+    compressor: zstandard.ZstdCompressor,
+    reader: _HashingReader,
+    size: int,
+    sink: _SealingSink,
+) -> int:
+    """One zstd frame of ``size`` bytes read from ``reader`` into ``sink``;
+    the frame's size. Chunk by chunk through a compression object, whose
+    calls let other threads run: ``copy_stream`` holds the GIL while it
+    compresses, and packs are written by several threads at once."""
+    stream = compressor.compressobj(size=size)
+    written = 0
+    while chunk := reader.read(CHUNK):
+        written += sink.write_frame(stream.compress(chunk))
+    return written + sink.write_frame(stream.flush())
 
 
 def seal_bytes(
@@ -167,6 +178,10 @@ class _SealingSink:
     def write(self, data: bytes) -> int:
         self._emit(self._encryptor.update(data) if self._encryptor else data)
         return len(data)
+
+    def write_frame(self, data: bytes) -> int:
+        """Write a piece of the frame (nothing when empty); its length."""
+        return self.write(data) if data else 0
 
     def finish(self) -> None:
         """End the member: the GCM tag, when encrypted."""

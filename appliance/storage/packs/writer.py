@@ -165,8 +165,12 @@ class PackWriter:
 
         Worker threads read, hash, compress and encrypt the next sources
         (zstd, SHA-256 and AES release the GIL) while this thread writes
-        finished members in order. The first error stops it, as :meth:`add` would: the
-        instances before it are in the pack, those after it are not.
+        finished members in order. Up to twice ``threads`` instances are
+        handed out ahead, so that a thread done before the oldest one is
+        written finds the next at once (each held sealed until written: in
+        memory up to 64 MB, beyond in a temporary file). The first error
+        stops it, as :meth:`add` would: the instances before it are in the
+        pack, those after it are not.
         """
         entries: list[PackedInstance] = []
         queued: deque[tuple[InstanceMeta, str, Future[sealing.Sealed]]] = deque()
@@ -187,7 +191,7 @@ class PackWriter:
                     name = instance_member(number, self.encrypted)
                     future = pool.submit(self._seal_source, meta, source, name)
                     queued.append((meta, name, future))
-                    entries += self._write_queued(queued, keep=threads)
+                    entries += self._write_queued(queued, keep=2 * threads)
                 entries += self._write_queued(queued, keep=0)
             finally:
                 _discard(queued)
