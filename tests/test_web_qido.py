@@ -91,3 +91,22 @@ def test_matching_options_not_offered_are_named_when_asked_for() -> None:
     assert [text.split("=")[0] for text in texts] == search.options
     with pytest.raises(qido.BadSearch, match="true or false"):
         qido.parse(qido.STUDY, [("fuzzymatching", "yes")], {})
+
+
+@pytest.mark.parametrize(
+    "name, values",
+    [
+        ("fuzzymatching", ("true", "false")),
+        ("fuzzymatching", ("true", "true")),
+        ("limit", ("10", "20")),
+        ("offset", ("0", "5")),
+    ],
+)
+def test_a_setting_given_twice_is_refused(name: str, values: tuple[str, str]) -> None:
+    asked = [(name, value) for value in values]
+    with pytest.raises(qido.BadSearch, match=f"{name} is given more than once"):
+        qido.parse(qido.STUDY, asked, {})
+    # Keys and includefield may repeat: their values add up.
+    repeated = [("Modality", "CT"), ("Modality", "MR"), ("includefield", "all")]
+    search = qido.parse(qido.SERIES, [*repeated, ("includefield", "all")], {})
+    assert search.keys == {"Modality": "CT\\MR"}

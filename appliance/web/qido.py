@@ -102,6 +102,8 @@ _OPTIONS = {
     "emptyvaluematching": "an empty value matched anything, as in C-FIND",
     "multiplevaluematching": "each key was matched as C-FIND matches it",
 }
+# Parameters that take one value: given twice, the search is refused.
+_SINGLE = {"limit", "offset", *_OPTIONS}
 _TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 _NUMERIC_VRS = {"US", "UL", "SS", "SL", "SV", "UV"}
 _FLOAT_VRS = {"FL", "FD"}
@@ -135,7 +137,12 @@ def parse(
     of the path (/studies/{study}/series: the study). Raises BadSearch."""
     search = Search(level)
     includes: list[str] = []
+    seen: set[str] = set()
     for name, value in params:
+        if name in _SINGLE and name in seen:
+            # Two values of a setting: which one was meant cannot be told.
+            raise BadSearch(f"{name} is given more than once")
+        seen.add(name)
         if name == "includefield":
             includes += [item.strip() for item in value.split(",") if item.strip()]
         elif name == "limit":
