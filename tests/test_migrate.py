@@ -3,6 +3,7 @@ release it from online, and bring it back byte for byte."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import subprocess
 from collections.abc import Iterator
@@ -17,7 +18,8 @@ from pydicom.data import get_testdata_file
 
 from appliance.catalog import copies, requests
 from appliance.catalog.store import Catalog
-from appliance.errors import VolumeFull
+from appliance.errors import StorageError, VolumeFull
+from appliance.hsm import recall as recall_module
 from appliance.hsm.migrator import Migrator
 from appliance.hsm.recall import Recaller
 from appliance.hsm.tiers import Tiers
@@ -147,6 +149,49 @@ def test_move_then_recall_gives_the_same_bytes(archive: Archive) -> None:
     assert archive.where() == {"online": 6, "nearline": 6}
     assert archive.online_bytes() == archive.originals
     assert not archive.recaller().needs_recall(STUDY)
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_recalled_files_are_flushed_before_the_catalog_counts_them(
+    archive: Archive, threads: int
+) -> None:
+    archive.migrator().move(STUDY, "online", "nearline")
+    flushed: list[Path] = []
+    counted_after: list[int] = []
+    real_add = copies.add_copies
+
+    def add_copies(*args: object) -> object:
+        counted_after.append(len(flushed))
+        return real_add(*args)  # type: ignore[arg-type]
+
+    with (
+        mock.patch.object(recall_module, "fsync_file", flushed.append),
+        mock.patch.object(recall_module, "fsync_directory", flushed.append),
+        mock.patch.object(recall_module.copies, "add_copies", add_copies),
+    ):
+        result = Recaller(archive.catalog, archive.tiers(), threads).recall(STUDY)
+
+    assert result.ok and result.staged == 6
+    files = {p for p in archive.online.objects.rglob("*.dcm")}
+    assert len(files) == 6 and set(flushed) == files | {p.parent for p in files}
+    assert counted_after == [len(flushed)]
+
+
+def test_a_recall_whose_files_cannot_be_flushed_counts_none(
+    archive: Archive,
+) -> None:
+    archive.migrator().move(STUDY, "online", "nearline")
+
+    def broken(path: Path) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    with (
+        mock.patch.object(recall_module, "fsync_file", broken),
+        pytest.raises(StorageError, match="cannot flush the recalled files"),
+    ):
+        archive.recaller().recall(STUDY)
+
+    assert archive.where() == {"nearline": 6}
 
 
 def test_recall_reports_progress(archive: Archive) -> None:

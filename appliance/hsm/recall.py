@@ -32,6 +32,7 @@ from appliance.catalog.store import Catalog
 from appliance.errors import ApplianceError, TransportError
 from appliance.hsm.tiers import OFFSITE, ONLINE, PackTier, Tiers
 from appliance.metrics import events
+from appliance.storage.durable import fsync_directory, fsync_file, translate_os_error
 from appliance.storage.packs import PackReader
 
 logger = logging.getLogger(__name__)
@@ -131,6 +132,9 @@ class Recaller:
                 for pack, records in self._sources(remaining, tier_name).items():
                     self._stage_pack(pack, records, staged, result, staged_one, pool)
                 source = tier_name if len(staged) > before else source
+            # Extracted without a flush each: the files and their folders
+            # are flushed together here, before the catalog counts them.
+            self._flush(staged, pool)
 
         unused = copies.add_copies(self.catalog, ONLINE, staged)
         for _tier, key in unused:
@@ -340,7 +344,7 @@ class Recaller:
         online = self.tiers.online
         try:
             entry = reader.extract_to(
-                record.sop_instance_uid, online.path_of(key), online.root
+                record.sop_instance_uid, online.path_of(key), online.root, flush=False
             )
         except ApplianceError as exc:
             return str(exc)
@@ -352,6 +356,24 @@ class Recaller:
                 "than the catalog"
             )
         return None
+
+    def _flush(self, staged: dict[str, tuple[str, str]], pool: Executor | None) -> None:
+        """Put the staged files and then their folders on stable storage,
+        several at a time with a pool: flushes that wait together share the
+        file system journal's commits, and a folder's new names are written
+        once for all of its files."""
+        online = self.tiers.online
+        files = [online.path_of(key) for key, _sha256 in staged.values()]
+        folders = sorted({path.parent for path in files})
+        try:
+            for batch, flush in ((files, fsync_file), (folders, fsync_directory)):
+                if pool is None:
+                    for path in batch:
+                        flush(path)
+                else:
+                    list(pool.map(flush, batch))
+        except OSError as exc:
+            raise translate_os_error(exc, "cannot flush the recalled files") from exc
 
     def _stop_counting_damaged(self, result: RecallResult) -> None:
         """A copy that failed to give its instance no longer counts as

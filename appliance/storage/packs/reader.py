@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import io
 import logging
+import os
 import secrets
 import threading
 from collections import deque
@@ -204,15 +205,21 @@ class PackReader:
         instance: str | PackedInstance,
         destination: Path,
         root: Path | None = None,
+        flush: bool = True,
     ) -> PackedInstance:
-        """Extract one instance into a file, durably, only once it checks out."""
+        """Extract one instance into a file, only once it checks out; durably
+        unless ``flush`` is false (the caller then flushes the file and its
+        folder before anything relies on it)."""
         stop = root or destination.parent
         temp = destination.with_name(f".{destination.name}.{secrets.token_hex(4)}.tmp")
         try:
             durable.make_directories(destination.parent, stop)
             with open(temp, "xb") as out:
                 entry = self.extract(instance, out)
-            durable.move_into_place(temp, destination, stop)
+            if flush:
+                durable.move_into_place(temp, destination, stop)
+            else:
+                os.rename(temp, destination)
         except OSError as exc:
             raise durable.translate_os_error(
                 exc, f"cannot write {destination}"
