@@ -336,7 +336,7 @@ def test_a_crash_between_the_renames_is_finished_by_the_next_run(
     [
         "appliance.restore.adopt._meta",  # inside its transaction
         # The copied catalog's instances rewritten, its studies not yet.
-        "appliance.restore.adopt._studies_again",
+        "appliance.restore.adopt._Pass.studies",
         "appliance.restore.rebuild.check",  # written, not checked yet
     ],
 )

@@ -154,8 +154,9 @@ def _rewrite(
             _drop_the_rest(final, txn)
             answers.drop_unrestored(final, txn)
             pack_bytes = _packs(work, source, final, txn, contents)
-            _instances_again(work, source, final, txn, places, tier, result, totals)
-            _studies_again(work, source, final, txn, places, tier, result, totals)
+            passes = _Pass(work, source, final, txn, places, tier, result, totals)
+            passes.instances()
+            passes.studies()
             _patients_again(final, txn, totals)
             _meta(final, txn, tier, totals, pack_bytes)
     except lmdb.MapFullError as exc:
@@ -207,108 +208,97 @@ def _packs(
     return total
 
 
-def _instances_again(
-    work: Catalog,
-    source: lmdb.Transaction,
-    final: Catalog,
-    txn: lmdb.Transaction,
-    places: Any,
-    tier: str,
-    result: Exported,
-    totals: _Totals,
-) -> None:
-    """Every instance that reached the tier with its copy there, in one pass
-    in key order; those that did not are left for their study's recount,
-    which takes them out."""
-    instances = final.db["instances"]
-    for key, raw in source.cursor(db=work.db["instances"]):
-        data = codec.loads(raw)
-        study_uid = data["study"]
-        if not any(copy["tier"] == tier for copy in data["copies"]):
-            totals.recount.add(study_uid)
-            continue
-        if list(data) != _INSTANCE_FIELDS:
-            # Written by another version: made again as this one writes it.
-            data = _with_key(InstanceRecord.from_json(data["key"], data))
-            totals.recount.add(study_uid)
-        place = source.get(key, db=places)
-        data["copies"] = [] if place is None else [copy_at(tier, place).as_json()]
-        txn.put(key, codec.dumps(data), db=instances)
-        totals.stored += 1
-        if place is None:
-            totals.unverified[study_uid] += 1
-            continue
-        totals.tier_bytes = (totals.tier_bytes or 0) + data["size"]
-        if not data["copies"][0]["verified"]:
-            totals.unverified[study_uid] += 1
-            pack_id = data["copies"][0]["location"].partition("/")[0]
-            result.missing.setdefault(pack_id, []).append(data["key"])
+@dataclass
+class _Pass:
+    """What the passes over the work catalog read from and write to."""
 
+    work: Catalog
+    source: lmdb.Transaction  # reads the work catalog
+    final: Catalog
+    txn: lmdb.Transaction  # writes the rebuilt catalog
+    places: Any
+    tier: str
+    result: Exported
+    totals: _Totals
 
-def _studies_again(
-    work: Catalog,
-    source: lmdb.Transaction,
-    final: Catalog,
-    txn: lmdb.Transaction,
-    places: Any,
-    tier: str,
-    result: Exported,
-    totals: _Totals,
-) -> None:
-    """Every study's record: as it is with its copies counted again, or
-    counted again from its instances where :func:`_instances_again` left it
-    to be."""
-    studies = final.db["studies"]
-    reader = StudyReader(work, source, tier)
-    for key, raw in source.cursor(db=work.db["studies"]):
-        study = codec.loads(raw)
-        if study["key"] in totals.recount or list(study) != _STUDY_FIELDS:
-            group = reader.group(bytes(key), study)
-            if group:
-                _study_again(final, txn, group, source, places, tier, result, totals)
-            continue
-        verified = study["instances"] - totals.unverified[study["key"]]
-        study["copies"] = {tier: verified} if verified > 0 else {}
-        # As the writer starts a study's record from its first instance.
-        study["last_access"] = study["received"]
-        txn.put(key, codec.dumps(study), db=studies)
+    def instances(self) -> None:
+        """Every instance that reached the tier with its copy there, in one
+        pass in key order; those that did not are left for their study's
+        recount, which takes them out."""
+        totals = self.totals
+        instances = self.final.db["instances"]
+        for key, raw in self.source.cursor(db=self.work.db["instances"]):
+            data = codec.loads(raw)
+            study_uid = data["study"]
+            if not any(copy["tier"] == self.tier for copy in data["copies"]):
+                totals.recount.add(study_uid)
+                continue
+            if list(data) != _INSTANCE_FIELDS:
+                # Written by another version: made again as this one writes it.
+                data = _with_key(InstanceRecord.from_json(data["key"], data))
+                totals.recount.add(study_uid)
+            place = self.source.get(key, db=self.places)
+            copy = None if place is None else copy_at(self.tier, place)
+            data["copies"] = [] if copy is None else [copy.as_json()]
+            self.txn.put(key, codec.dumps(data), db=instances)
+            totals.stored += 1
+            if copy is None or not copy.verified:
+                totals.unverified[study_uid] += 1
+            if copy is None:
+                continue
+            totals.tier_bytes = (totals.tier_bytes or 0) + data["size"]
+            if not copy.verified:
+                pack_id = copy.location.partition("/")[0]
+                self.result.missing.setdefault(pack_id, []).append(data["key"])
 
+    def studies(self) -> None:
+        """Every study's record: as it is with its copies counted again, or
+        counted again from its instances where :meth:`instances` left it to
+        be."""
+        studies = self.final.db["studies"]
+        reader = StudyReader(self.work, self.source, self.tier)
+        for key, raw in self.source.cursor(db=self.work.db["studies"]):
+            study = codec.loads(raw)
+            uid = study["key"]
+            if uid in self.totals.recount or list(study) != _STUDY_FIELDS:
+                group = reader.group(bytes(key), study)
+                if group:
+                    self._study_again(group)
+                continue
+            verified = study["instances"] - self.totals.unverified[uid]
+            study["copies"] = {self.tier: verified} if verified > 0 else {}
+            # As the writer starts a study's record from its first instance.
+            study["last_access"] = study["received"]
+            self.txn.put(key, codec.dumps(study), db=studies)
 
-def _study_again(
-    final: Catalog,
-    txn: lmdb.Transaction,
-    group: list[tuple[NewInstance, bool]],
-    source: lmdb.Transaction,
-    places: Any,
-    tier: str,
-    result: Exported,
-    totals: _Totals,
-) -> None:
-    """One study counted again from its instances (in the order received),
-    with what never reached the tier taken out; its instances that did
-    were written already."""
-    survivors = []
-    lost = []
-    for item, has_copy in group:
-        record = item.record
-        if not has_copy:
+    def _study_again(self, group: list[tuple[NewInstance, bool]]) -> None:
+        """One study counted again from its instances (in the order
+        received), with what never reached the tier taken out; its
+        instances that did were written already."""
+        survivors = []
+        lost = []
+        for item, has_copy in group:
+            record = item.record
             uid = record.sop_instance_uid
-            result.lost.append({"sop_instance_uid": uid, "study": record.study_uid})
-            lost.append(item)
-            continue
-        place = source.get(encode_key(record.sop_instance_uid), db=places)
-        if place is not None:
-            record.copies = [copy_at(tier, place)]
-        survivors.append(item)
-    study_uid = group[0][0].record.study_uid
-    if survivors:
-        txn.put(
-            encode_key(study_uid),
-            codec.dumps(_counted(survivors)),
-            db=final.db["studies"],
-        )
-    if lost:
-        _take_out(final, txn, study_uid, survivors, lost, totals)
+            if not has_copy:
+                self.result.lost.append(
+                    {"sop_instance_uid": uid, "study": record.study_uid}
+                )
+                lost.append(item)
+                continue
+            place = self.source.get(encode_key(uid), db=self.places)
+            if place is not None:
+                record.copies = [copy_at(self.tier, place)]
+            survivors.append(item)
+        study_uid = group[0][0].record.study_uid
+        if survivors:
+            self.txn.put(
+                encode_key(study_uid),
+                codec.dumps(_counted(survivors)),
+                db=self.final.db["studies"],
+            )
+        if lost:
+            _take_out(self.final, self.txn, study_uid, survivors, lost, self.totals)
 
 
 def _counted(survivors: list[NewInstance]) -> dict[str, object]:
