@@ -268,6 +268,8 @@ def check(config_file: Path) -> None:
         _print_problems(exc)
         click.echo(f"{len(exc.problems)} error(s) in {config_file}", err=True)
         sys.exit(1)
+    for caveat in tls.unchecked_bindings(loaded):
+        click.echo(f"warning: {caveat}", err=True)
     click.echo(f"{config_file}: OK")
 
 

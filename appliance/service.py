@@ -69,6 +69,8 @@ def serve(config: Config) -> int:
     problems = tls.file_problems(config)
     if problems:
         raise ConfigError(problems)
+    for caveat in tls.unchecked_bindings(config):
+        logger.warning("%s", caveat)
     listener = _listen(config)
     secure = _listen(config, "tls.port") if config.get("tls.enabled") else None
     hl7 = HL7Service(config) if config.get("hl7.enabled") else None

@@ -238,6 +238,19 @@ def failure(exc: BaseException) -> str:
 # -- checking the files ------------------------------------------------------------
 
 
+def unchecked_bindings(config: Config) -> list[str]:
+    """One caveat for each peer bound to a certificate that the appliance
+    connects to without TLS: its binding holds for associations it opens,
+    but nothing checks who answers when the appliance calls it."""
+    return [
+        f"peer {peer.ae_title} is bound to a certificate, but tls = false: "
+        "connections the appliance makes to it are not checked (set tls = "
+        "true, with its TLS port, to check them)"
+        for peer in config.peers
+        if peer.bound_to_certificate and not peer.tls
+    ]
+
+
 def file_problems(config: Config) -> list[tuple[str, str]]:
     """What is wrong with the configured certificate, key and CA file, as
     ``(key, message)``: missing or unreadable files, a file that holds no

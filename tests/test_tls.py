@@ -398,6 +398,33 @@ def test_an_ae_title_bound_to_a_certificate_needs_that_certificate(
     assert "came without TLS" in rejected[3]
 
 
+def test_bound_peers_the_appliance_calls_without_tls_are_warned_of(
+    open_node: Node,
+) -> None:
+    # CT1 and MR1 are bound, but called without TLS; BOUND and PINNED use it.
+    caveat = "is bound to a certificate, but tls = false"
+    logged = _lines(open_node.appliance.log(), caveat)
+    checked = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "appliance",
+            "config",
+            "check",
+            str(open_node.appliance.config_path),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+    assert [line.split("peer ")[1].split()[0] for line in logged] == ["CT1", "MR1"]
+    assert all("WARNING" in line for line in logged)
+    assert checked.returncode == 0, checked.stderr
+    warned = [line for line in checked.stderr.splitlines() if caveat in line]
+    assert [line.split("peer ")[1].split()[0] for line in warned] == ["CT1", "MR1"]
+
+
 # -- C-MOVE to a destination over TLS ------------------------------------------
 
 
