@@ -122,6 +122,8 @@ def rebuild_from_volumes(
     _drop_superseded(catalog_path, online)
     earlier = rebuilt_before(catalog_path)
     if earlier is not None and not earlier.note.get("volumes_unread"):
+        # A run killed once the catalog was in place left the work.
+        shutil.rmtree(work_folder, ignore_errors=True)
         return VolumeRebuild(earlier)
     rebuilt = swap.rebuilt_path(catalog_path)
     note = swap.note_of(rebuilt)

@@ -1,0 +1,172 @@
+"""The catalog phase of a restore killed (SIGKILL, no cleanup) at chosen
+points, then run again: the second run completes, and the catalog answers
+as the lost appliance's did, every instance once. Also what earlier runs
+or the mirror may leave behind: a work folder or a rebuilt catalog cut
+short, a catalog snapshot that does not open."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from appliance.catalog.store import Catalog
+from appliance.restore import swap
+from appliance.restore.rebuild import partial_path
+from tests.restore_site import Restored
+
+# LMDB's page, the system's: the first two of its file are its meta pages.
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+# Runs ``appliance ARGS...`` with TARGET patched to kill the process with
+# SIGKILL (no ``finally``, no flush) just before or just after its Nth
+# call. "cut" truncates the file it is given half way first, as a copy
+# killed while it writes leaves it.
+_KILLER = """
+import os, pkgutil, signal, sys
+from pathlib import Path
+from unittest import mock
+
+target, when, nth, *args = sys.argv[1:]
+real = pkgutil.resolve_name(target)
+calls = 0
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def patched(*a, **k):
+    global calls
+    calls += 1
+    if calls == int(nth) and when == "cut":
+        data = Path(a[0]) / "data.mdb"
+        os.truncate(data, data.stat().st_size // 2)
+        die()
+    if calls == int(nth) and when == "before":
+        die()
+    result = real(*a, **k)
+    if calls == int(nth) and when == "after":
+        die()
+    return result
+
+with mock.patch(target, patched):
+    sys.argv = ["appliance", *args]
+    from appliance.cli import main
+    main()
+"""
+
+
+def _killed(
+    config: Path, target: str, when: str, nth: int = 1, *options: str
+) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-c", _KILLER, target, when, str(nth)]
+    command += ["restore", "--from", "mirror", *options, "--config", str(config)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def _assert_whole(restored: Restored, disaster) -> None:
+    """Run again: it completes with the lost appliance's answers, and each
+    instance restored once."""
+    done = restored.restore()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert restored.held() == (disaster[1], disaster[2])
+    assert len(restored.object_files()) == len(disaster[1])
+    catalog_path = restored.config.catalog_path
+    assert not swap.rebuilt_path(catalog_path).exists()
+    assert not partial_path(swap.rebuilt_path(catalog_path)).exists()
+    assert not (restored.data_dir / "restore" / "work").exists()
+
+
+@pytest.mark.parametrize(
+    ("target", "when"),
+    [
+        # The work catalog written (not flushed), nothing rebuilt yet.
+        ("appliance.restore.sources.Sources.build", "after"),
+        # Where each copy goes sorted out, in the work catalog.
+        ("appliance.restore.adopt.copy_places", "after"),
+        # The copy of the work catalog killed half way through.
+        ("appliance.restore.adopt.Catalog", "cut"),
+        # Copied whole, not rewritten yet.
+        ("appliance.restore.adopt.Catalog", "after"),
+        # Inside the rewrite's transaction, studies not written yet.
+        ("appliance.restore.adopt._studies_again", "before"),
+        # The rewrite committed, not finished.
+        ("appliance.restore.adopt._rewrite", "after"),
+        ("appliance.restore.rebuild.finish", "after"),
+        # The flush begun, or done, while the check runs.
+        ("appliance.restore.rebuild._flush", "before"),
+        ("appliance.restore.rebuild._flush", "after"),
+        ("appliance.restore.rebuild.check", "after"),
+        # Checked and flushed, not marked yet; then marked, not moved.
+        ("appliance.restore.rebuild.mark_checked", "before"),
+        ("appliance.restore.rebuild.mark_checked", "after"),
+        # In place, the work folder not removed yet.
+        ("appliance.restore.rebuild.swap.move_into_place", "after"),
+    ],
+)
+def test_a_kill_in_the_catalog_phase(disaster, site, target: str, when: str) -> None:
+    restored, _mirror = site
+
+    killed = _killed(restored.config_path, target, when)
+
+    assert killed.returncode == -9, killed.stderr
+    _assert_whole(restored, disaster)
+
+
+def test_a_kill_between_the_renames(disaster, site) -> None:
+    """An empty catalog in place is set aside, then the kill comes before
+    the rebuilt one takes its name (renames: the checked catalog to
+    catalog.rebuilt, the empty one aside, catalog.rebuilt into place)."""
+    restored, _mirror = site
+    catalog_path = restored.config.catalog_path
+    Catalog(catalog_path, 2**26).close()
+
+    killed = _killed(restored.config_path, "pathlib.Path.rename", "after", 2)
+
+    assert killed.returncode == -9, killed.stderr
+    assert not catalog_path.exists()
+    assert swap.note_of(swap.rebuilt_path(catalog_path)) is not None
+    _assert_whole(restored, disaster)
+    assert list(catalog_path.parent.glob("catalog.before-restore-*"))
+
+
+@pytest.mark.parametrize(
+    ("target", "when", "nth"),
+    [
+        # The second pack's manifest merged.
+        ("appliance.restore.sources.merge_pack_file", "after", 2),
+        ("appliance.restore.adopt.Catalog", "cut", 1),
+        ("appliance.restore.rebuild.mark_checked", "after", 1),
+    ],
+)
+def test_a_kill_in_a_scan(disaster, site, target: str, when: str, nth: int) -> None:
+    restored, _mirror = site
+
+    killed = _killed(restored.config_path, target, when, nth, "--scan")
+
+    assert killed.returncode == -9, killed.stderr
+    _assert_whole(restored, disaster)
+
+
+def test_a_rebuilt_catalog_cut_short_by_a_power_cut_is_made_again(
+    disaster, site
+) -> None:
+    """Checked but not marked, and its pages, written without flushing,
+    lost to a power cut (zeros but for the meta pages): it is never opened,
+    made again from the start; catalog.rebuilt holds a whole catalog only."""
+    restored, _mirror = site
+    rebuilt = swap.rebuilt_path(restored.config.catalog_path)
+
+    killed = _killed(restored.config_path, "appliance.restore.rebuild.check", "after")
+
+    assert killed.returncode == -9
+    assert not rebuilt.exists()
+    data = partial_path(rebuilt) / "data.mdb"
+    size = data.stat().st_size
+    with open(data, "r+b") as lost:
+        lost.seek(2 * _PAGE)
+        lost.write(bytes(size - 2 * _PAGE))
+    _assert_whole(restored, disaster)
+    assert not partial_path(rebuilt).exists()
