@@ -6,7 +6,9 @@ short, a catalog snapshot that does not open."""
 
 from __future__ import annotations
 
+import io
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,11 @@ import pytest
 from appliance.catalog.store import Catalog
 from appliance.restore import swap
 from appliance.restore.rebuild import partial_path
-from tests.restore_site import Restored
+from appliance.storage import sealed
+from appliance.storage.keys import KeyStore, key_store_path
+from tests import test_restore_volumes as volume_tests
+from tests.restore_site import Restored, appliance
+from tests.test_restore_volumes import Disaster, Site, _write_config
 
 # LMDB's page, the system's: the first two of its file are its meta pages.
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -59,10 +65,15 @@ with mock.patch(target, patched):
 
 
 def _killed(
-    config: Path, target: str, when: str, nth: int = 1, *options: str
+    config: Path,
+    target: str,
+    when: str,
+    nth: int = 1,
+    *options: str,
+    source: str = "mirror",
 ) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-c", _KILLER, target, when, str(nth)]
-    command += ["restore", "--from", "mirror", *options, "--config", str(config)]
+    command += ["restore", "--from", source, *options, "--config", str(config)]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
@@ -170,3 +181,115 @@ def test_a_rebuilt_catalog_cut_short_by_a_power_cut_is_made_again(
         lost.write(bytes(size - 2 * _PAGE))
     _assert_whole(restored, disaster)
     assert not partial_path(rebuilt).exists()
+
+
+@pytest.mark.parametrize("damage", ["cut short", "another key", "not a catalog"])
+def test_a_snapshot_that_does_not_open_falls_back_to_the_journal(
+    disaster, site, tmp_path: Path, damage: str
+) -> None:
+    restored, mirror = site
+    (snapshot,) = mirror.glob("catalog/snapshot-*")
+    name = f"catalog/{snapshot.name}"
+    if damage == "cut short":
+        os.truncate(snapshot, snapshot.stat().st_size // 2)
+    else:
+        keys = KeyStore.load(key_store_path(restored.data_dir))
+        plain = io.BytesIO()
+        with open(snapshot, "rb") as source:
+            sealed.open_sealed(source, name, keys, plain)
+        if damage == "another key":
+            keys = KeyStore.create_if_missing(tmp_path / "other.keys")
+        else:
+            plain = io.BytesIO(b"PACS" * (len(plain.getvalue()) // 4))
+        plain.seek(0)
+        with open(snapshot, "wb") as out:
+            sealed.seal(plain, out, name, keys)
+
+    done = restored.restore()
+
+    assert done.returncode == 0, done.stderr
+    assert f"snapshot {name} does not open" in done.stderr
+    assert "no snapshot opened" in done.stdout
+    assert restored.held() == (disaster[1], disaster[2])
+
+
+# The lost appliance of the volume tests, under a name of its own here.
+volumes_disaster = volume_tests.disaster
+
+
+@pytest.fixture
+def volumes_site(volumes_disaster: Disaster, tmp_path: Path) -> Site:
+    """A new appliance with the lost one's volume library (a copy)."""
+    data_dir = tmp_path / "restored"
+    origin = volumes_disaster.folder / "origin" / "volumes"
+    shutil.copytree(origin, data_dir / "volumes")
+    config_path = _write_config(tmp_path / "restored.toml", data_dir)
+    escrow = str(volumes_disaster.folder / "escrow.txt")
+    done = appliance("keys", "import", escrow, config=config_path)
+    assert done.returncode == 0, done.stderr
+    return Site(data_dir, config_path)
+
+
+def _assert_volumes_whole(site: Site, disaster: Disaster) -> None:
+    done = site.restore()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert site.held() == (disaster.held, disaster.found)
+    assert len(site.object_files()) == len(disaster.held)
+    rebuilt = swap.rebuilt_path(site.data_dir / "catalog")
+    assert not rebuilt.exists() and not partial_path(rebuilt).exists()
+    assert not (site.data_dir / "restore" / "work").exists()
+
+
+@pytest.mark.parametrize(
+    ("target", "when", "nth"),
+    [
+        # The first pack of L2 merged: L1 is noted read, L2 not.
+        ("appliance.restore.volumes.merge_pack_file", "after", 4),
+        ("appliance.restore.adopt.Catalog", "cut", 1),
+        ("appliance.restore.rebuild.mark_checked", "after", 1),
+        ("appliance.restore.volumes.swap.move_into_place", "after", 1),
+    ],
+)
+def test_a_kill_in_the_catalog_phase_from_volumes(
+    volumes_disaster: Disaster,
+    volumes_site: Site,
+    target: str,
+    when: str,
+    nth: int,
+) -> None:
+    config = volumes_site.config_path
+
+    killed = _killed(config, target, when, nth, source="volumes")
+
+    assert killed.returncode == -9, killed.stderr
+    _assert_volumes_whole(volumes_site, volumes_disaster)
+
+
+@pytest.mark.parametrize(
+    ("target", "when", "nth"),
+    [
+        ("appliance.restore.adopt.Catalog", "cut", 1),
+        ("appliance.restore.volumes._carry_over", "after", 1),
+        # The earlier catalog set aside, the new one not in its place.
+        ("pathlib.Path.rename", "after", 2),
+    ],
+)
+def test_a_kill_when_a_volume_loaded_later_is_read(
+    volumes_disaster: Disaster,
+    volumes_site: Site,
+    tmp_path: Path,
+    target: str,
+    when: str,
+    nth: int,
+) -> None:
+    """A first run without L2 (on the shelf) restores what L1 holds; the
+    run once L2 is back is killed while it rebuilds the catalog."""
+    shutil.move(volumes_site.volumes / "L2", tmp_path / "L2")
+    assert volumes_site.restore().returncode == 1
+    shutil.move(tmp_path / "L2", volumes_site.volumes / "L2")
+    config = volumes_site.config_path
+
+    killed = _killed(config, target, when, nth, source="volumes")
+
+    assert killed.returncode == -9, killed.stderr
+    _assert_volumes_whole(volumes_site, volumes_disaster)
