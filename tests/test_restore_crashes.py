@@ -312,3 +312,21 @@ def test_what_earlier_runs_left_is_made_again_from_volumes(
     shutil.rmtree(volumes_site.data_dir / "restore" / "work" / "catalog")
 
     _assert_volumes_whole(volumes_site, volumes_disaster)
+
+
+def test_a_gap_in_the_journal_falls_back_to_the_manifests(disaster, site) -> None:
+    """No snapshot opens, and a journal segment is cut short: the journal
+    cannot be replayed whole, every pack's manifest is read instead."""
+    restored, mirror = site
+    (snapshot,) = mirror.glob("catalog/snapshot-*")
+    snapshot.unlink()
+    segment = sorted(mirror.glob("journal/*"))[1]
+    os.truncate(segment, segment.stat().st_size - 1)
+
+    done = restored.restore()
+
+    assert done.returncode == 0, done.stderr
+    assert f"journal segment journal/{segment.name}" in done.stderr
+    assert "rebuilding from the pack manifests instead" in done.stderr
+    assert "the manifests of every pack" in done.stdout
+    assert restored.held() == (disaster[1], disaster[2])
