@@ -330,3 +330,21 @@ def test_a_gap_in_the_journal_falls_back_to_the_manifests(disaster, site) -> Non
     assert "rebuilding from the pack manifests instead" in done.stderr
     assert "the manifests of every pack" in done.stdout
     assert restored.held() == (disaster[1], disaster[2])
+
+
+def test_a_pack_cut_short_in_the_cache_is_fetched_again(disaster, site) -> None:
+    """A scan killed once it has packs in the cache, and the first of them
+    cut short on the disk (as a power cut leaves a file not flushed): the
+    next run fetches it again rather than lose what its manifest lists."""
+    restored, _mirror = site
+    target = "appliance.restore.sources.merge_pack_file"
+    killed = _killed(restored.config_path, target, "after", 2, "--scan")
+    assert killed.returncode == -9, killed.stderr
+    first = restored.data_dir / "restore" / "packs" / "p-000000001.pack"
+    os.truncate(first, first.stat().st_size // 3)
+
+    done = restored.restore("--scan")
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "pack p-000000001 in the restore cache holds" in done.stderr
+    assert restored.held() == (disaster[1], disaster[2])
