@@ -40,6 +40,8 @@ class PackCache:
             leftover.unlink(missing_ok=True)
         # pack id -> when last used; packs fetched by an earlier run count.
         self._used = {path.stem: path.stat().st_mtime for path in self._files()}
+        # Those not compared with the mirror's listing yet.
+        self._earlier = set(self._used)
         # Packs fetched by this run whose bytes differ from their record.
         self.damaged: set[str] = set()
         # The restore fetches in one thread and drops packs in another.
@@ -68,11 +70,13 @@ class PackCache:
         """
         path = self.path_of(pack_id)
         with self._lock:
+            self._drop_if_cut_short(pack_id, remote)
             held = pack_id in self._used
             if not held:
                 self._make_room(remote.size, set(keep))
         if not held:
-            fetched = self.fetcher.fetch(remote.name, path, received)
+            # Kept for the next run: it must be whole after a power cut.
+            fetched = self.fetcher.fetch(remote.name, path, received, flush=True)
             if fetched.size != remote.size or (sha256 and fetched.sha256 != sha256):
                 self.damaged.add(pack_id)
                 logger.warning(
@@ -86,6 +90,24 @@ class PackCache:
         with self._lock:
             self._used[pack_id] = time.monotonic()
         return path
+
+    def _drop_if_cut_short(self, pack_id: str, remote: RemoteFile) -> None:
+        """Drop a pack an earlier run fetched that is not the size the
+        mirror lists: cut short on the disk (by a power cut, before packs
+        were flushed), it would lose every instance after the cut."""
+        if pack_id not in self._earlier or pack_id not in self._used:
+            return
+        self._earlier.discard(pack_id)
+        size = self.path_of(pack_id).stat().st_size
+        if size != remote.size:
+            logger.warning(
+                "pack %s in the restore cache holds %d bytes, the mirror %d: "
+                "fetched again",
+                pack_id,
+                size,
+                remote.size,
+            )
+            self.drop(pack_id)
 
     def drop(self, pack_id: str) -> None:
         """Remove a pack nobody needs any more."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -135,9 +136,14 @@ class Fetcher:
         self.limiter = limiter
 
     def fetch(
-        self, name: str, destination: Path, received: Received | None = None
+        self,
+        name: str,
+        destination: Path,
+        received: Received | None = None,
+        flush: bool = False,
     ) -> Fetched:
-        """Fetch ``name`` into ``destination`` (through a temporary name).
+        """Fetch ``name`` into ``destination`` (through a temporary name),
+        with ``flush``, on the disk before it takes that name.
 
         Raises TransportError when the mirror cannot be read; the caller
         compares size and SHA-256 with what it expects.
@@ -156,6 +162,9 @@ class Fetcher:
                     size += len(chunk)
                     if received is not None:
                         received(len(chunk))
+                if flush:
+                    out.flush()
+                    os.fsync(out.fileno())
             temporary.replace(destination)
         except OSError as exc:
             raise durable.translate_os_error(exc, f"cannot write {temporary}") from exc

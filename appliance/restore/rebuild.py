@@ -6,11 +6,15 @@ Steps, each leaving a state the next run continues from::
     catalog.rebuilt checked, not moved yet?     -> move it into place
     otherwise: refuse a catalog holding instances; then
       work catalog (snapshot + journal, or manifests)   restore/work/
-      -> fresh catalog in catalog.rebuilt (export)
+      -> fresh catalog in catalog.rebuilt.partial (copy, or export)
       -> nothing queued, numbers after the mirror's (finish)
-      -> check -> mark checked -> move into place
+      -> check -> mark checked -> rename to catalog.rebuilt
+      -> move into place
 
 Anything unchecked left by an interrupted run is made again from the start.
+It is never opened: written without flushing until it is checked, a copy
+killed half way or a power cut leaves it cut short or with pages of
+zeros, which LMDB would read past its end (SIGBUS) or refuse as corrupt.
 """
 
 from __future__ import annotations
@@ -68,6 +72,8 @@ def rebuild_catalog(
     already was (see the module for the steps)."""
     earlier = rebuilt_before(catalog_path)
     if earlier is not None:
+        # A run killed once the catalog was in place left the work.
+        shutil.rmtree(work_folder, ignore_errors=True)
         return earlier
     rebuilt = swap.rebuilt_path(catalog_path)
     note = swap.note_of(rebuilt)
@@ -99,13 +105,25 @@ def write_checked(
     contents: MirrorContents,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write the work catalog as a checked catalog at ``rebuilt`` (then
-    close the work catalog); its note, with ``extra`` added to it."""
+    """Write the work catalog as a checked catalog at ``rebuilt``, which
+    must not exist (then close the work catalog); its note, with ``extra``
+    added to it. It is written beside it and takes its name once marked
+    checked: ``rebuilt`` holds a whole catalog or nothing."""
+    partial = partial_path(rebuilt)
+    shutil.rmtree(partial, ignore_errors=True)
     try:
         _refuse_if_nothing_opened(work, contents)
-        return _write(work, rebuilt, map_size, contents, extra or {})
+        note = _write(work, partial, map_size, contents, extra or {})
     finally:
         work.catalog.close()
+    partial.rename(rebuilt)
+    durable.fsync_directory(rebuilt.parent)
+    return note
+
+
+def partial_path(rebuilt: Path) -> Path:
+    """Where the rebuilt catalog is written until it is marked checked."""
+    return rebuilt.with_name(rebuilt.name + ".partial")
 
 
 def put_in_place(

@@ -1,8 +1,9 @@
 """Moving a checked, rebuilt catalog into place.
 
 The rebuilt catalog is written in a folder beside the catalog's
-(``catalog.rebuilt``) and renamed to the catalog's name only once it passed
-its check, which it records in itself. A catalog already there is set
+(``catalog.rebuilt.partial``, renamed ``catalog.rebuilt`` once it passed
+its check, which it records in itself) and renamed to the catalog's name
+only then. A catalog already there is set
 aside (``catalog.before-restore-TIME``), never deleted, and only if it
 holds no instance: a restore never replaces an archive. A crash between
 the two renames leaves no catalog and a checked one beside it: the next

@@ -122,6 +122,8 @@ def rebuild_from_volumes(
     _drop_superseded(catalog_path, online)
     earlier = rebuilt_before(catalog_path)
     if earlier is not None and not earlier.note.get("volumes_unread"):
+        # A run killed once the catalog was in place left the work.
+        shutil.rmtree(work_folder, ignore_errors=True)
         return VolumeRebuild(earlier)
     rebuilt = swap.rebuilt_path(catalog_path)
     note = swap.note_of(rebuilt)
@@ -131,11 +133,13 @@ def rebuild_from_volumes(
         shutil.rmtree(rebuilt, ignore_errors=True)
         reader = VolumeReader(library, keys, work_folder, map_size, progress)
         try:
-            read_now = reader.read_reachable()
+            reader.read_reachable()
         except BaseException:
             reader.close()
             raise
-        if earlier is not None and not read_now:
+        # Not only those read now: a run stopped before its catalog was
+        # in place leaves volumes read that only the work catalog holds.
+        if earlier is not None and not _newer(earlier, reader):
             reader.close()
             return VolumeRebuild(earlier, reader.unread())
         note = _write(reader, rebuilt, map_size, work_folder)
@@ -145,6 +149,11 @@ def rebuild_from_volumes(
         shutil.rmtree(work_folder, ignore_errors=True)
     rebuild = Rebuild(note, set_aside=aside, lost=note.get("lost", []))
     return VolumeRebuild(rebuild, unread)
+
+
+def _newer(earlier: Rebuild, reader: VolumeReader) -> bool:
+    """Whether the work catalog holds volumes the earlier catalog lacks."""
+    return bool(set(reader.state.packs) - set(earlier.note.get("volumes_read", [])))
 
 
 def _write(
@@ -306,7 +315,10 @@ def _put_in_place(
     there was set aside. One rebuilt by an earlier run (from fewer
     volumes) gives way, its online copies carried over."""
     if swap.note_of(catalog_path) is None:
-        return swap.move_into_place(rebuilt, catalog_path)
+        aside = swap.move_into_place(rebuilt, catalog_path)
+        # A run killed between the renames below left the earlier one.
+        _drop_superseded(catalog_path, online)
+        return aside
     _carry_over(catalog_path, rebuilt, map_size)
     superseded = catalog_path.with_name(catalog_path.name + _SUPERSEDED)
     shutil.rmtree(superseded, ignore_errors=True)
