@@ -98,7 +98,7 @@ def _assert_whole(restored: Restored, disaster, *options: str) -> None:
         # The copy of the work catalog killed half way through.
         ("appliance.restore.adopt.Catalog", "cut"),
         # Inside the rewrite's transaction, studies not written yet.
-        ("appliance.restore.adopt._studies_again", "before"),
+        ("appliance.restore.adopt._Pass.studies", "before"),
         # While the check runs, as the flush begins.
         ("appliance.restore.rebuild._flush", "before"),
         # Checked and flushed, not marked yet; then marked, not renamed
