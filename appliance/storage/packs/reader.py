@@ -140,6 +140,11 @@ class PackReader:
 
     def manifest(self) -> Manifest:
         """The pack's manifest, checked (see the module for how it is found)."""
+        found = self._manifest
+        if found is not None:
+            # Once read it never changes: threads extracting at once look
+            # their instances up in it without waiting for the one reading.
+            return found
         with self._lock:
             return self._manifest_now()
 
