@@ -91,6 +91,10 @@ def serving(root: Path) -> bool:
         fd = os.open(root / SERVE_LOCK, os.O_RDONLY)
     except FileNotFoundError:
         return False
+    except OSError:
+        # Not ours to read (another user's status command): taken to
+        # serve, as the status said before it could tell.
+        return True
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
