@@ -34,15 +34,33 @@ def frame(message: bytes) -> bytes:
     return bytes([START_BLOCK]) + message + END_BLOCK
 
 
+@dataclass(frozen=True)
+class Frame:
+    """One frame read to its end: its message or, for a message over the
+    cap, only its first segment (b"" when that did not end within
+    HEADER_KEPT bytes)."""
+
+    data: bytes
+    oversized: bool = False
+
+
 @dataclass
 class Received:
-    """What one ``feed`` found: whole messages, and what was thrown away."""
+    """What one ``feed`` found: whole frames in the order they came (each
+    needs its answer in that order), and how much was thrown away."""
 
-    messages: list[bytes] = field(default_factory=list)
+    frames: list[Frame] = field(default_factory=list)
     skipped_bytes: int = 0
-    # The first segment of each message over the cap (b"" when it did not
-    # end within HEADER_KEPT bytes).
-    oversized: list[bytes] = field(default_factory=list)
+
+    @property
+    def messages(self) -> list[bytes]:
+        """The messages within the cap."""
+        return [found.data for found in self.frames if not found.oversized]
+
+    @property
+    def oversized(self) -> list[bytes]:
+        """The first segment of each message over the cap."""
+        return [found.data for found in self.frames if found.oversized]
 
 
 class FrameReader:
@@ -96,10 +114,10 @@ class FrameReader:
             # (the caller cut the chunk there) belongs to no frame.
             received.skipped_bytes += len(self._buffer) - end - len(END_BLOCK)
             if self._discarding or len(message) > self.max_message_bytes:
-                start = bytes(self._start)
-                received.oversized.append(_first_segment(start.split(END_BLOCK)[0]))
+                header = _first_segment(bytes(self._start).split(END_BLOCK)[0])
+                received.frames.append(Frame(header, oversized=True))
             else:
-                received.messages.append(message)
+                received.frames.append(Frame(message))
             self._buffer.clear()
             self._in_frame = False
             self._discarding = False

@@ -228,12 +228,15 @@ class Listener:
             elif frame_deadline is None or received.messages:
                 frame_deadline = self._loop.time() + self.settings.idle_timeout
             self._note_problems(peer, received, noted)
-            for answer in self._refusals(received):
-                writer.write(frame(answer))
-            for message in received.messages:
-                answer = await self._loop.run_in_executor(
-                    None, self._answer, message, peer
-                )
+            # In the messages' order, refusals too: a sender that sends
+            # several before reading pairs each ACK with its message so.
+            for found in received.frames:
+                if found.oversized:
+                    answer = self._refusal(found.data)
+                else:
+                    answer = await self._loop.run_in_executor(
+                        None, self._answer, found.data, peer
+                    )
                 writer.write(frame(answer))
             await writer.drain()
 
@@ -267,19 +270,16 @@ class Listener:
                 self.settings.max_message_bytes,
             )
 
-    def _refusals(self, received: Received) -> list[bytes]:
-        """An AR for each message too large to read: its sender waits for
-        an answer, addressed from its MSH as far as that could be kept."""
+    def _refusal(self, kept: bytes) -> bytes:
+        """The AR for a message too large to read: its sender waits for an
+        answer, addressed from its MSH (``kept``) as far as that was kept."""
         error = MessageError(
             "AR",
             APPLICATION_INTERNAL_ERROR,
             "",
             f"message longer than {self.settings.max_message_bytes} bytes",
         )
-        return [
-            acks.refuse(header_alone(kept.decode("utf-8", "replace")), error)
-            for kept in received.oversized
-        ]
+        return acks.refuse(header_alone(kept.decode("utf-8", "replace")), error)
 
 
 def bind(address: str, port: int) -> socket.socket:
