@@ -7,11 +7,14 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import hl7
 import pytest
 
 from appliance.catalog.store import Catalog
+from appliance.hl7 import acks
 from appliance.hl7.framing import FrameReader, frame
 from appliance.hl7.listener import Listener, ListenerSettings, bind
+from appliance.hl7.messages import DATA_TYPE_ERROR, MessageError
 from appliance.prefetch.intake import Intake
 from tests.hl7_samples import siu
 
@@ -63,3 +66,49 @@ def test_acks_follow_the_messages_order_when_oversized_ones_are_mixed_in(
     answers = control_ids(listener, payload, answers=4)
 
     assert answers == ["AA|M1", "AR|M2", "AA|M3", "AR|M4"]
+
+
+def test_a_message_of_exactly_the_cap_is_read_when_its_end_block_is_split() -> None:
+    # Whether a message fits must not depend on where TCP cuts the bytes.
+    message = b"MSH|^~\\&|RIS|CITYHOSP|PACS|CITYHOSP|||ADT^A08|C1|P|2.5\r"
+    message += b"NTE|" + b"x" * (100 - len(message) - 5) + b"\r"
+    assert len(message) == 100
+    reader = FrameReader(max_message_bytes=100)
+
+    first = reader.feed(b"\x0b" + message + b"\x1c")
+    second = reader.feed(b"\x0d")
+
+    assert first.frames == [] and second.oversized == []
+    assert second.messages == [message]
+
+
+def test_a_refusal_uses_the_field_separator_of_the_message(listener: Listener) -> None:
+    # MSH-1 may be any character: an MSA-3 or ERR written with "|" after an
+    # MSH written with "#" makes the sender read MSA-2 (the control ID it
+    # matches the answer with) as "H1|message longer...".
+    text = siu(control_id="H1").replace("|", "#") + "NTE#" + "x" * 5000 + "\r"
+    reader = FrameReader(max_message_bytes=1 << 20)
+    with socket.create_connection(listener.address, timeout=10) as sock:
+        sock.sendall(frame(text.encode()))
+        found: list[bytes] = []
+        while not found:
+            data = sock.recv(65536)
+            assert data, "the connection closed without an answer"
+            found += reader.feed(data).messages
+
+    segments = found[0].decode().split("\r")
+    msa = next(s for s in segments if s.startswith("MSA"))
+    err = next(s for s in segments if s.startswith("ERR"))
+    assert msa.split("#")[:3] == ["MSA", "AR", "H1"] and "|" not in msa
+    assert err.split("#")[3] == "207^Application internal error^HL70357"
+
+
+def test_an_error_location_uses_the_component_separator_of_the_message() -> None:
+    # MSH-2 is "$~\\&": components are parted by $.
+    text = siu(control_id="C7").replace("^", "$")
+    error = MessageError("AE", DATA_TYPE_ERROR, "PID^1^3", "a bad identifier")
+
+    ack = acks.refuse(hl7.parse(text), error).decode()
+
+    err = next(s for s in ack.split("\r") if s.startswith("ERR"))
+    assert err.split("|")[2:4] == ["PID$1$3", "102$Data type error$HL70357"]

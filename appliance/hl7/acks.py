@@ -36,14 +36,22 @@ def refuse(message: hl7.Message | None, error: MessageError) -> bytes:
         # sender still gets its answer, echoing what it sent as MSH-10.
         return _encode_text(_bare_ack(error, _control_id(message)))
     reason = message.escape(error.reason)
-    # MSA is the ACK's last segment: the reason becomes its third field.
-    text = f"{str(ack).rstrip(chr(13))}|{reason}\r{_err_segment(error, reason)}"
+    # The ACK keeps the message's separators (MSH-1, MSH-2), which need not
+    # be | and ^. MSA is its last segment: the reason becomes its third field.
+    field, component = message.separators[1], message.separators[3]
+    err = _err_segment(error, reason, field, component)
+    text = f"{str(ack).rstrip(chr(13))}{field}{reason}\r{err}"
     return _encode_text(text)
 
 
-def _err_segment(error: MessageError, escaped_reason: str) -> str:
-    code = f"{error.error_code}^{ERROR_TEXT[error.error_code]}^HL70357"
-    return f"ERR||{error.location}|{code}|E||||{escaped_reason}"
+def _err_segment(
+    error: MessageError, escaped_reason: str, field: str = "|", component: str = "^"
+) -> str:
+    parts = (str(error.error_code), ERROR_TEXT[error.error_code], "HL70357")
+    code = component.join(parts)
+    # Locations are written with ^ between segment, repetition and field.
+    location = error.location.replace("^", component)
+    return field.join(("ERR", "", location, code, "E", "", "", "", escaped_reason))
 
 
 def _control_id(message: hl7.Message) -> str:

@@ -122,7 +122,9 @@ class FrameReader:
             self._in_frame = False
             self._discarding = False
             return
-        if len(self._buffer) > self.max_message_bytes:
+        # One byte over the cap may be the first of an end block whose
+        # second is still to come: the message itself may be within it.
+        if len(self._buffer) > self.max_message_bytes + 1:
             # Keep only enough to see the end block arrive.
             self._discarding = True
             del self._buffer[:-1]
