@@ -4,6 +4,7 @@ each test failed before its fix. All names and IDs are made up."""
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -112,3 +113,39 @@ def test_an_error_location_uses_the_component_separator_of_the_message() -> None
 
     err = next(s for s in ack.split("\r") if s.startswith("ERR"))
     assert err.split("|")[2:4] == ["PID$1$3", "102$Data type error$HL70357"]
+
+
+def test_a_message_after_an_oversized_one_gets_its_own_idle_timeout(
+    tmp_path: Path,
+) -> None:
+    # A message must arrive whole within idle_timeout of its first byte,
+    # not of the first byte of the refused message before it.
+    catalog = Catalog(tmp_path / "catalog", map_size=2**26)
+    settings = ListenerSettings(max_message_bytes=4096, idle_timeout=3.0)
+    running = Listener(bind("127.0.0.1", 0), Intake(catalog), settings)
+    running.start()
+    huge = frame(siu(control_id="H1").encode() + b"NTE|" + b"x" * 6000 + b"\r")
+    normal = frame(siu(control_id="N1").encode())
+    reader = FrameReader(max_message_bytes=1 << 20)
+    found: list[bytes] = []
+    try:
+        with socket.create_connection(running.address, timeout=10) as sock:
+            for start in range(0, 4000, 1000):  # 1.5 s of the refused one
+                sock.sendall(huge[start : start + 1000])
+                time.sleep(0.5)
+            sock.sendall(huge[4000:] + normal[:20])  # the next one begins
+            time.sleep(1.5)  # past 3 s from the first, 1.5 s from its own
+            sock.sendall(normal[20:])
+            while len(found) < 2:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                found += reader.feed(data).messages
+    finally:
+        running.stop()
+        catalog.close()
+
+    assert [answer.split(b"\r")[1][:9] for answer in found] == [
+        b"MSA|AR|H1",
+        b"MSA|AA|N1",
+    ]

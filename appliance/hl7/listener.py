@@ -225,7 +225,7 @@ class Listener:
             received = frames.feed(data)
             if not frames.pending:
                 frame_deadline = None
-            elif frame_deadline is None or received.messages:
+            elif frame_deadline is None or received.frames:
                 frame_deadline = self._loop.time() + self.settings.idle_timeout
             self._note_problems(peer, received, noted)
             # In the messages' order, refusals too: a sender that sends
