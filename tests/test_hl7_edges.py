@@ -1,5 +1,7 @@
-"""Faults found by trying the day's changes as a new administrator would:
-each test failed before its fix. All names and IDs are made up."""
+"""MLLP at its edges: answers in the order of the messages when one over
+the size cap comes among others, a message of exactly the cap whose end
+block is split, answers in the message's own separators, and the idle
+timeout of a message that follows a refused one. Made-up names and IDs."""
 
 from __future__ import annotations
 
