@@ -38,6 +38,7 @@ from appliance.catalog.store import (
     encode_key,
     name_index_keys,
     new_study,
+    write_errors,
 )
 from appliance.errors import CatalogError
 
@@ -191,16 +192,11 @@ class BulkLoad:
         then end the transaction."""
         txn = self._writing()
         try:
-            while self._levels:
-                self._let_go()
-            self._put_meta(txn)
-            txn.commit()
-        except lmdb.MapFullError as exc:
-            raise CatalogError(
-                "the catalog is full; raise storage.catalog_max_size"
-            ) from exc
-        except lmdb.Error as exc:
-            raise CatalogError(f"cannot write the catalog: {exc}") from exc
+            with write_errors("cannot write the catalog"):
+                while self._levels:
+                    self._let_go()
+                self._put_meta(txn)
+                txn.commit()
         finally:
             self.abort()
         logger.info(
@@ -234,15 +230,11 @@ class BulkLoad:
     def _put(self, db: str, key: bytes, value: bytes) -> None:
         """One pair, wherever it goes: instances come in no key order."""
         try:
-            self._writing().put(key, value, db=self.catalog.db[db])
-        except lmdb.MapFullError as exc:
+            with write_errors("cannot write the catalog"):
+                self._writing().put(key, value, db=self.catalog.db[db])
+        except CatalogError:
             self.abort()
-            raise CatalogError(
-                "the catalog is full; raise storage.catalog_max_size"
-            ) from exc
-        except lmdb.Error as exc:
-            self.abort()
-            raise CatalogError(f"cannot write the catalog: {exc}") from exc
+            raise
 
     def _level(self, db: str, key: str) -> dict[str, Any] | None:
         """The patient, study or series record ``key``, held from now on."""

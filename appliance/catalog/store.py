@@ -124,6 +124,20 @@ class RecordResult:
     reason: str = ""
 
 
+@contextmanager
+def write_errors(what: str) -> Iterator[None]:
+    """LMDB's errors while writing, as CatalogError: a full map says which
+    setting to raise; any other is ``what`` and LMDB's reason."""
+    try:
+        yield
+    except lmdb.MapFullError as exc:
+        raise CatalogError(
+            "the catalog is full; raise storage.catalog_max_size"
+        ) from exc
+    except lmdb.Error as exc:
+        raise CatalogError(f"{what}: {exc}") from exc
+
+
 def encode_key(text: str) -> bytes:
     """An LMDB key for ``text``; overlong values (non-conformant UIDs) hashed."""
     raw = text.encode("utf-8", "surrogateescape")
@@ -260,16 +274,12 @@ class Catalog:
         the write transaction, so that two associations storing the same
         instance at once end with one record.
         """
-        try:
-            with self.env.begin(write=True) as txn:
-                writer = _Writer(self, txn)
-                return [writer.add(item, duplicate_policy) for item in batch]
-        except lmdb.MapFullError as exc:
-            raise CatalogError(
-                "the catalog is full; raise storage.catalog_max_size"
-            ) from exc
-        except lmdb.Error as exc:
-            raise CatalogError(f"cannot write the catalog: {exc}") from exc
+        with (
+            write_errors("cannot write the catalog"),
+            self.env.begin(write=True) as txn,
+        ):
+            writer = _Writer(self, txn)
+            return [writer.add(item, duplicate_policy) for item in batch]
 
     def touch_studies(self, study_uids: set[str]) -> None:
         """Set the last-access time of studies (a retrieve happened)."""

@@ -50,6 +50,7 @@ from appliance.catalog.store import (
     encode_key,
     name_index_keys,
     new_study,
+    write_errors,
 )
 from appliance.errors import CatalogError
 from appliance.restore.export import (
@@ -145,26 +146,20 @@ def _rewrite(
     result = Exported()
     totals = _Totals()
     tier = contents.tier
-    try:
-        with (
-            collector_paused(),
-            work.read() as source,
-            final.env.begin(write=True) as txn,
-        ):
-            _drop_the_rest(final, txn)
-            answers.drop_unrestored(final, txn)
-            pack_bytes = _packs(work, source, final, txn, contents)
-            passes = _Pass(work, source, final, txn, places, tier, result, totals)
-            passes.instances()
-            passes.studies()
-            _patients_again(final, txn, totals)
-            _meta(final, txn, tier, totals, pack_bytes)
-    except lmdb.MapFullError as exc:
-        raise CatalogError(
-            "the catalog is full; raise storage.catalog_max_size"
-        ) from exc
-    except lmdb.Error as exc:
-        raise CatalogError(f"cannot write the rebuilt catalog: {exc}") from exc
+    with (
+        write_errors("cannot write the rebuilt catalog"),
+        collector_paused(),
+        work.read() as source,
+        final.env.begin(write=True) as txn,
+    ):
+        _drop_the_rest(final, txn)
+        answers.drop_unrestored(final, txn)
+        pack_bytes = _packs(work, source, final, txn, contents)
+        passes = _Pass(work, source, final, txn, places, tier, result, totals)
+        passes.instances()
+        passes.studies()
+        _patients_again(final, txn, totals)
+        _meta(final, txn, tier, totals, pack_bytes)
     result.instances = totals.stored
     tell_missing(result, contents)
     return result
