@@ -245,3 +245,17 @@ def test_an_unknown_escape_is_named_by_its_field_not_quoted() -> None:
     assert f"\rMSA|AE|{control_id}|" in ack
     assert "\rERR||PID^1^5|102^" in ack
     assert "Hidden" not in ack
+
+
+def test_escape_sequences_end_at_the_messages_own_field_separator() -> None:
+    # A lone escape character at the end of two fields is no sequence,
+    # whichever character separates the fields.
+    text = (
+        siu()
+        .replace("Testperson^Alma", "Testperson\\^Alma")
+        .replace("||19700101|F", "||19700101|F\\")
+    )
+
+    for separator in ("|", "#"):
+        booked = read(text.replace("|", separator))
+        assert booked.appointment_id == "appointment:APT1001"

@@ -222,9 +222,9 @@ def _check_escapes(text: str) -> None:
     if not escape or escape.isalnum():
         return
     body = text[8:]
-    pattern = (
-        re.escape(escape) + r"([^" + re.escape(escape) + r"\r|]*)" + re.escape(escape)
-    )
+    # A sequence ends where its field does: the message's own separator.
+    stops = re.escape(escape + "\r" + text[3:4])
+    pattern = re.escape(escape) + "([^" + stops + "]*)" + re.escape(escape)
     for found in re.finditer(pattern, body):
         if not _KNOWN_ESCAPE.match(found.group(1)):
             # Named by its field, never quoted: the value may be a name.
