@@ -40,9 +40,9 @@ class DirectoryTransport(Transport):
     disk fails this check instead of filling the system disk below it.
     """
 
-    # TODO: a bare mount point passes the check while its disk is unmounted,
-    # so packs would fill the system disk below it and miss the real mirror;
-    # a marker file written when the mirror is set up would catch that.
+    # A bare mount point passes this check while its disk is unmounted; the
+    # replicator's identity check (replication/identity.py) then refuses
+    # it, as a mirror with no marker and none of the packs sent so far.
 
     def __init__(self, root: Path, block_size: int = BLOCK_SIZE) -> None:
         if not root.is_dir():
