@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import subprocess
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,6 +176,32 @@ def test_recalled_files_are_flushed_before_the_catalog_counts_them(
     files = {p for p in archive.online.objects.rglob("*.dcm")}
     assert len(files) == 6 and set(flushed) == files | {p.parent for p in files}
     assert counted_after == [len(flushed)]
+
+
+def test_recalls_under_kept_threads_share_one_set_of_threads(
+    archive: Archive,
+) -> None:
+    recaller = Recaller(archive.catalog, archive.tiers(), 3)
+    workers: set[threading.Thread] = set()
+    real_flush = recall_module.fsync_file
+
+    def flush(path: Path) -> None:
+        workers.add(threading.current_thread())
+        real_flush(path)
+
+    with mock.patch.object(recall_module, "fsync_file", flush):
+        with recaller.kept_threads():
+            for _ in range(3):
+                archive.migrator().move(STUDY, "online", "nearline")
+                assert recaller.recall(STUDY).staged == 6
+        kept = set(workers)
+        archive.migrator().move(STUDY, "online", "nearline")
+        assert recaller.recall(STUDY).staged == 6
+
+    assert 1 <= len(kept) <= 3
+    assert all(not thread.is_alive() for thread in kept)
+    # Outside the block a recall starts threads of its own again.
+    assert workers - kept
 
 
 def test_a_recall_whose_files_cannot_be_flushed_counts_none(

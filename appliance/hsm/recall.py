@@ -70,6 +70,23 @@ class Recaller:
         self.tiers = tiers
         self.threads = threads
         self._packs: dict[str, PackRecord | None] = {}
+        self._kept: Executor | None = None
+
+    @contextmanager
+    def kept_threads(self) -> Iterator[None]:
+        """Keep one set of extraction threads for all the recalls made while
+        the block runs, from one thread: a restore recalls study after study,
+        and starting the threads anew for each costs it more than the
+        extraction of a small study gains from them."""
+        if self.threads <= 1 or self._kept is not None:
+            yield
+            return
+        with extraction_pool(self.threads) as pool:
+            self._kept = pool
+            try:
+                yield
+            finally:
+                self._kept = None
 
     def needs_recall(self, study_uid: str) -> bool:
         """Some instance of the study has no online copy."""
@@ -121,7 +138,7 @@ class Recaller:
 
         # Tier by tier, nearest first: what a damaged or missing pack could
         # not give is tried again from the next tier that holds it.
-        with extraction_pool(self.threads) as pool:
+        with self._extraction_pool() as pool:
             for tier_name in self.tiers.packs:
                 remaining = [r for r in wanted if r.sop_instance_uid not in staged]
                 if tier_name == OFFSITE:
@@ -156,6 +173,14 @@ class Recaller:
         if result.staged:
             events.recall_finished(source, time.monotonic() - started)
         return result
+
+    @contextmanager
+    def _extraction_pool(self) -> Iterator[Executor | None]:
+        if self._kept is not None:
+            yield self._kept
+            return
+        with extraction_pool(self.threads) as pool:
+            yield pool
 
     def _audit(self, result: RecallResult, wanted: int) -> None:
         if not result.staged and result.ok:

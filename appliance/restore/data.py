@@ -166,7 +166,8 @@ class DataRestore:
         a study is extracted (:mod:`.ahead`)."""
         ahead = FetchAhead()
         try:
-            return self._run(plan, ahead, progress, stopping)
+            with self.recaller.kept_threads():
+                return self._run(plan, ahead, progress, stopping)
         finally:
             ahead.close()
 
