@@ -742,6 +742,52 @@ def _pack_of(name: str) -> str:
     return name.rsplit("/", 1)[1].removesuffix(".pack")
 
 
+def test_stopping_while_the_next_pack_uploads_beside_a_read_back_leaves_it_spooled(
+    site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    site.store("stop-beside", 2)
+    mirror, reader = FlakyMirror(site.mirror), FlakyMirror(site.mirror)
+    uploading: list[str] = []
+    real_put = mirror.put
+
+    def put(name, *args, **kwargs):
+        uploading.append(name)
+        real_put(name, *args, **kwargs)
+
+    def throttle(n_bytes: int) -> None:
+        # The service stops while the second pack waits for bandwidth.
+        if uploading[-1].endswith("p-000000002.pack"):
+            raise LimiterClosed("the bandwidth limiter is closed")
+
+    mirror.put = put  # type: ignore[method-assign]
+    chosen = Settings(batch_bytes=1, batch_seconds=0)
+    replicator = Replicator(
+        site.catalog,
+        site.tiers,
+        mirror,
+        site.spool,
+        chosen,
+        throttle=throttle,
+        verifier=reader,
+    )
+    with caplog.at_level(logging.DEBUG, logger="appliance.replication"):
+        first = replicator.send(replicator.ready())
+    replicator.close()
+
+    assert first is not None and first.pack_id == "p-000000001"
+    assert _recorded_in_journal(site) == ["p-000000001"]
+    assert not (site.mirror / "packs/002/p-000000002.pack").exists()
+    assert "p-000000002.json" in _spooled(site)
+    assert any("waits for the next start" in r.getMessage() for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+    # The next start sends it, once.
+    again = FlakyMirror(site.mirror)
+    sent = _send_everything(_one_per_pack(site, again))
+    assert sent == ["p-000000002"]
+    _assert_each_instance_offsite_once(site)
+
+
 def test_a_damaged_read_back_drops_the_pack_and_packs_its_instances_again(
     site: Site,
 ) -> None:
