@@ -470,6 +470,54 @@ def test_replaying_the_journal_again_changes_nothing(site, tmp_path: Path) -> No
     assert any(record["copies"] for record in once[1].values())
 
 
+def test_an_instance_replaced_while_its_pack_was_on_the_way_gets_no_copy_there(
+    site, tmp_path: Path
+) -> None:
+    """The journal says which bytes each pack holds: an instance whose new
+    bytes were journaled before its pack was recorded does not count the
+    pack's older bytes as its copy."""
+    restored, mirror = site
+    transport = DirectoryTransport(mirror)
+    keys = KeyStore.load(key_store_path(restored.data_dir))
+    entries = []
+    for segment in survey(transport).segments:
+        text = tmp_path / "segment"
+        Fetcher(transport).fetch_sealed(segment.file, text, keys, tmp_path)
+        entries += [json.loads(line) for line in text.read_text().splitlines()]
+    at = next(n for n, e in enumerate(entries) if e["op"] == "replicated")
+    replicated = entries[at]
+    uid = sorted(replicated["pack"]["members"])[0]
+    assert replicated["sha256"][uid]
+    stored = next(
+        e
+        for e in entries[:at]
+        if e["op"] in ("store", "replace") and e["instance"]["key"] == uid
+    )
+    # The same instance stored again, with other bytes, before the record.
+    again = json.loads(json.dumps(stored))
+    again["op"] = "replace"
+    again["instance"]["sha256"] = again["instance"]["content_sha256"] = "0" * 64
+    catalog = Catalog(tmp_path / "work", 2**26)
+    try:
+        replay_journal(catalog, [*entries[:at], again, *entries[at:]])
+        records = _records(catalog)
+    finally:
+        catalog.close()
+
+    pack_id = replicated["pack"]["pack_id"]
+    in_pack = {
+        member: [c for c in records[member]["copies"] if c["tier"] == "offsite"]
+        for member in replicated["pack"]["members"]
+    }
+    later = [c["location"] for c in in_pack.pop(uid)]
+    assert not any(location.startswith(pack_id) for location in later)
+    # The pack's other instances keep their copies in it.
+    assert any(
+        copies and copies[0]["location"].startswith(pack_id)
+        for copies in in_pack.values()
+    )
+
+
 def _records(catalog: Catalog) -> dict[str, dict]:
     with catalog.read() as txn:
         return dict(catalog.all_records(txn, "instances"))

@@ -109,10 +109,15 @@ def mark_replicated(
                 txn.delete(sequence_key(entry.number), db=catalog.db["replication"])
             if not known:
                 _add_meta(catalog, txn, f"packbytes.{OFFSITE}", pack.size)
+                # With the bytes each instance has in the pack: one replaced
+                # while its pack was on the way has no copy there to restore.
+                sent_sha256 = {
+                    uid: sha256[uid] for uid in pack.members if uid in sha256
+                }
                 append_journal(
                     catalog,
                     txn,
-                    {"op": "replicated", "pack": pack.as_json()},
+                    {"op": "replicated", "pack": pack.as_json(), "sha256": sent_sha256},
                 )
             return added
     except lmdb.Error as exc:

@@ -40,7 +40,9 @@ def replay_journal(catalog: Catalog, entries: Iterable[dict[str, Any]]) -> int:
         if op in _STORES:
             run.append(entry)
         elif op == "replicated":
-            _replicated(catalog, PackRecord.from_json(entry["pack"]))
+            _replicated(
+                catalog, PackRecord.from_json(entry["pack"]), entry.get("sha256")
+            )
         elif op == "offsite-lost":
             _offsite_lost(catalog, entry["pack"], list(entry["uids"]))
         elif op in patients.JOURNAL_OPS:
@@ -177,23 +179,26 @@ def _sort_by_age(
     return newer, older, moved
 
 
-def _replicated(catalog: Catalog, pack: PackRecord) -> None:
+def _replicated(
+    catalog: Catalog, pack: PackRecord, sent: dict[str, str] | None
+) -> None:
     """A pack verified on the mirror: copies for the instances it holds
-    that have none yet, as the lost appliance recorded them."""
+    that have none yet, as the lost appliance recorded them. ``sent`` is
+    the SHA-256 of each instance's bytes in the pack: an instance replaced
+    while its pack was on the way gets no copy there, and counts as never
+    having reached the mirror unless a later pack holds its new bytes."""
     if pack.tier != OFFSITE:
         return
-    with catalog.read() as txn:
-        current = {
-            uid: record.sha256
-            for uid in pack.members
-            if (record := catalog.instance(txn, uid)) is not None
-        }
-    # TODO: the journal entry does not carry the pack's checksums, so an
-    # instance replaced while its pack was on the way gets a copy of its
-    # older bytes here. The export prefers a later pack holding it; with
-    # none, the data restore finds the mismatch and reports the instance
-    # corrupt, where "never reached the mirror" would be the truth.
-    add_pack(catalog, pack, current)
+    if sent is None:
+        # An entry journaled before they were: the catalog's bytes are taken
+        # for the pack's, and a mismatch shows when the data is restored.
+        with catalog.read() as txn:
+            sent = {
+                uid: record.sha256
+                for uid in pack.members
+                if (record := catalog.instance(txn, uid)) is not None
+            }
+    add_pack(catalog, pack, sent)
 
 
 def _offsite_lost(catalog: Catalog, pack_id: str, uids: list[str]) -> None:
