@@ -17,6 +17,7 @@ import pytest
 
 from appliance import service
 from appliance.catalog import copies
+from appliance.catalog.records import InstanceRecord
 from appliance.catalog.store import Catalog
 from appliance.config import Config, load
 from appliance.hsm import recall as recall_module
@@ -29,6 +30,7 @@ from appliance.ingest import Ingest
 from appliance.storage.keys import KeyStore, key_store_path
 from appliance.storage.nearline import NearlineTier
 from appliance.storage.online import OnlineTier
+from appliance.storage.packs import PackReader
 from tests.datasets import study_files, uid
 
 STUDY = uid("study", "noted")
@@ -157,23 +159,26 @@ def _killed(archive: Archive, where: str) -> None:
 
 
 def test_a_recall_killed_before_its_transaction_leaves_nothing(
-    archive: Archive,
+    archive: Archive, caplog: pytest.LogCaptureFixture
 ) -> None:
-    kept = archive.files()
-    assert kept == archive.counted() and len(kept) == INSTANCES
+    kept = {path: path.read_bytes() for path in archive.files()}
+    assert set(kept) == archive.counted() and len(kept) == INSTANCES
 
     _killed(archive, "before-record")
 
-    strays = archive.files() - kept
+    strays = archive.files() - set(kept)
     assert len(strays) == INSTANCES  # extracted and flushed, never recorded
     [note] = archive.notes()
     assert note.name.split("-")[0].isdigit()
 
-    _as_the_service_starts(archive)
+    with caplog.at_level("INFO", logger=recall_notes.__name__):
+        _as_the_service_starts(archive)
 
-    assert archive.files() == kept == archive.counted()
+    assert archive.files() == set(kept) == archive.counted()
+    assert {path: path.read_bytes() for path in kept} == kept
     assert not archive.notes()
-    assert all(p.read_bytes() for p in kept)
+    [logged] = [r.getMessage() for r in caplog.records]
+    assert f"removed {INSTANCES} file(s)" in logged and STUDY in logged
 
     result = Recaller(archive.catalog, archive.tiers()).recall(STUDY)
 
@@ -258,7 +263,13 @@ def test_each_key_is_noted_on_disk_before_its_file_is_written(
     real_fsync = os.fsync
     checked: list[str] = []
 
-    def extract(self: Recaller, reader, record, key: str, pack_id: str):  # type: ignore[no-untyped-def]
+    def extract(
+        self: Recaller,
+        reader: PackReader,
+        record: InstanceRecord,
+        key: str,
+        pack_id: str,
+    ) -> str | None:
         [note] = archive.notes()
         assert key in note.read_text().splitlines()
         assert synced, "the note was not flushed"
