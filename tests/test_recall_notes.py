@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
@@ -31,6 +31,7 @@ from appliance.storage.keys import KeyStore, key_store_path
 from appliance.storage.nearline import NearlineTier
 from appliance.storage.online import OnlineTier
 from appliance.storage.packs import PackReader
+from tests.conftest import Appliance
 from tests.datasets import study_files, uid
 
 STUDY = uid("study", "noted")
@@ -101,11 +102,8 @@ class Archive:
         return sorted(recall_notes.folder_of(self.online).glob("*.note"))
 
 
-@pytest.fixture
-def archive(tmp_path: Path) -> Iterator[Archive]:
+def _make_archive(config_path: Path) -> Archive:
     """Two studies stored online; STUDY moved to nearline (a real pack)."""
-    config_path = tmp_path / "appliance.toml"
-    config_path.write_text(CONFIG.format(data_dir=tmp_path / "data"))
     config = load(config_path)
     catalog = Catalog(config.catalog_path, config.get("storage.catalog_max_size"))
     online = OnlineTier(config.online_path)
@@ -116,15 +114,23 @@ def archive(tmp_path: Path) -> Iterator[Archive]:
     ingest = Ingest(catalog, online, "refuse")
     try:
         for label in ("noted", "kept"):
-            files = study_files(tmp_path / label, label, INSTANCES, pixel_bytes=8000)
-            for path in files:
+            folder = config_path.parent / label
+            for path in study_files(folder, label, INSTANCES, pixel_bytes=8000):
                 assert ingest.import_file(path, "test").ok
     finally:
         ingest.close()
     found = Archive(config_path, config, catalog, online, nearline, keys)
+    moved = Migrator(catalog, found.tiers(), 1).move(STUDY, "online", "nearline")
+    assert all(outcome.ok for outcome in moved)
+    return found
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Iterator[Archive]:
+    config_path = tmp_path / "appliance.toml"
+    config_path.write_text(CONFIG.format(data_dir=tmp_path / "data"))
+    found = _make_archive(config_path)
     try:
-        moved = Migrator(catalog, found.tiers(), 1).move(STUDY, "online", "nearline")
-        assert all(outcome.ok for outcome in moved)
         yield found
     finally:
         found.catalog.close()
@@ -337,3 +343,27 @@ def test_a_note_removed_between_its_making_and_its_lock_is_made_again(
     assert note.path.name != raced[0]
     note.end()
     assert not archive.notes()
+
+
+def test_the_service_removes_what_a_killed_recall_left_before_it_listens(
+    appliance_factory: Callable[[], Appliance],
+) -> None:
+    node = appliance_factory()
+    node.write_config()
+    archive = _make_archive(node.config_path)
+    try:
+        kept = archive.files()
+        _killed(archive, "before-record")
+        assert len(archive.files() - kept) == INSTANCES
+    finally:
+        archive.catalog.close()
+
+    node.start()
+
+    assert archive.files() == kept
+    assert not archive.notes()
+    log = node.log()
+    cleaned = log.index(
+        f"removed {INSTANCES} file(s) an interrupted recall of study {STUDY}"
+    )
+    assert cleaned < log.index("listening on")
