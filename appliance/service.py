@@ -30,7 +30,7 @@ from appliance.config import Config
 from appliance.dicom.handoff import send_connection
 from appliance.dicom.worker import STOP_GRACE, Load, run_worker
 from appliance.errors import ApplianceError, ConfigError
-from appliance.hsm import scheduler
+from appliance.hsm import recall_notes, scheduler
 from appliance.hsm.tiers import open_tiers
 from appliance.metrics import folder as metrics_folder
 from appliance.prefetch.hl7_process import HL7Service
@@ -80,7 +80,7 @@ def serve(config: Config) -> int:
         web = WebService(config) if config.get("web.enabled") else None
         restore_process.refuse_half_restored(config)
         online.discard_incoming()
-        Catalog(config.catalog_path, config.get("storage.catalog_max_size")).close()
+        clean_up_recalls(config, online)
         # Every tier opens (and the key store is made) before any worker
         # needs them, so that a wrong tier path stops the start with a reason.
         open_tiers(config)
@@ -96,6 +96,16 @@ def serve(config: Config) -> int:
         if web is not None:
             web.sock.close()
         claim.release()
+
+
+def clean_up_recalls(config: Config, online: OnlineTier) -> None:
+    """Before any worker recalls: remove the files of recalls killed
+    before their copies were recorded (the catalog opens here first)."""
+    catalog = Catalog(config.catalog_path, config.get("storage.catalog_max_size"))
+    try:
+        recall_notes.clean_up_or_warn(catalog, online)
+    finally:
+        catalog.close()
 
 
 def _serve(

@@ -10,6 +10,10 @@ release them again when the tier fills up.
 An instance whose only copies are on volumes nobody has loaded stays
 where it is; the result names those volumes, and an operator request asks
 for each of them.
+
+The keys of each pack's files are noted on stable storage before any of
+them is written (:mod:`.recall_notes`): the files of a recall killed
+before its transaction are removed by the next clean-up.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from appliance.catalog.copies import PackRecord
 from appliance.catalog.records import InstanceRecord
 from appliance.catalog.store import Catalog
 from appliance.errors import ApplianceError, TransportError
+from appliance.hsm import recall_notes
+from appliance.hsm.recall_notes import RecallNote
 from appliance.hsm.tiers import OFFSITE, ONLINE, PackTier, Tiers
 from appliance.metrics import events
 from appliance.storage.durable import fsync_directory, fsync_file, translate_os_error
@@ -128,34 +134,29 @@ class Recaller:
         ]
         if not wanted:
             return result
+        # What recalls that died (or failed) before recording their copies
+        # left online goes first; a recall in progress keeps its note.
+        recall_notes.clean_up_or_warn(self.catalog, self.tiers.online)
 
         staged: dict[str, tuple[str, str]] = {}
-        started, source = time.monotonic(), ""
+        started = time.monotonic()
+        note = RecallNote(self.tiers.online, study_uid)
 
         def staged_one() -> None:
             if progress is not None:
                 progress(len(staged), len(wanted))
 
-        # Tier by tier, nearest first: what a damaged or missing pack could
-        # not give is tried again from the next tier that holds it.
-        with self._extraction_pool() as pool:
-            for tier_name in self.tiers.packs:
-                remaining = [r for r in wanted if r.sop_instance_uid not in staged]
-                if tier_name == OFFSITE:
-                    # The mirror is for what no volume of ours holds: an
-                    # instance on a shelved volume waits for the operator.
-                    remaining = [r for r in remaining if not self._on_shelf(r)]
-                before = len(staged)
-                for pack, records in self._sources(remaining, tier_name).items():
-                    self._stage_pack(pack, records, staged, result, staged_one, pool)
-                source = tier_name if len(staged) > before else source
-            # Extracted without a flush each: the files and their folders
-            # are flushed together here, before the catalog counts them.
-            self._flush(staged, pool)
-
-        unused = copies.add_copies(self.catalog, ONLINE, staged)
-        for _tier, key in unused:
-            self.tiers.online.remove(key)
+        try:
+            source = self._stage_all(wanted, staged, result, staged_one, note)
+            unused = copies.add_copies(self.catalog, ONLINE, staged)
+            for _tier, key in unused:
+                self.tiers.online.remove(key)
+        except BaseException:
+            # Whether the copies were recorded is the catalog's to say: the
+            # next clean-up removes the noted files it does not count.
+            note.close()
+            raise
+        note.end()
         result.staged = len(staged) - len(unused)
         result.missing = [
             r.sop_instance_uid for r in wanted if r.sop_instance_uid not in staged
@@ -181,6 +182,37 @@ class Recaller:
             return
         with extraction_pool(self.threads) as pool:
             yield pool
+
+    def _stage_all(
+        self,
+        wanted: list[InstanceRecord],
+        staged: dict[str, tuple[str, str]],
+        result: RecallResult,
+        staged_one: Callable[[], None],
+        note: RecallNote,
+    ) -> str:
+        """Extract and flush what each tier can give; the tier that gave
+        the last of them ("" if none)."""
+        source = ""
+        # Tier by tier, nearest first: what a damaged or missing pack could
+        # not give is tried again from the next tier that holds it.
+        with self._extraction_pool() as pool:
+            for tier_name in self.tiers.packs:
+                remaining = [r for r in wanted if r.sop_instance_uid not in staged]
+                if tier_name == OFFSITE:
+                    # The mirror is for what no volume of ours holds: an
+                    # instance on a shelved volume waits for the operator.
+                    remaining = [r for r in remaining if not self._on_shelf(r)]
+                before = len(staged)
+                for pack, records in self._sources(remaining, tier_name).items():
+                    self._stage_pack(
+                        pack, records, staged, result, staged_one, note, pool
+                    )
+                source = tier_name if len(staged) > before else source
+            # Extracted without a flush each: the files and their folders
+            # are flushed together here, before the catalog counts them.
+            self._flush(staged, pool)
+        return source
 
     def _audit(self, result: RecallResult, wanted: int) -> None:
         if not result.staged and result.ok:
@@ -294,6 +326,7 @@ class Recaller:
         staged: dict[str, tuple[str, str]],
         result: RecallResult,
         staged_one: Callable[[], None],
+        note: RecallNote,
         pool: Executor | None = None,
     ) -> None:
         pack = self._pack(pack_id)
@@ -301,12 +334,19 @@ class Recaller:
         if pack is None or tier is None:
             result.problems.append(f"pack {pack_id} is not readable here")
             return
+        # Keys are made here, in order (the restore's tier notes each one
+        # too), and are on stable storage before any of their files exists.
+        # A note that cannot be written stops the recall: it says nothing
+        # of the pack.
+        online = self.tiers.online
+        keyed = [(record, online.new_key()) for record in records]
+        note.add([key for _record, key in keyed])
         try:
             with (
                 tier.reader(
                     pack.location, pack.pack_id, pack.size, pack.sha256, self.tiers.keys
                 ) as reader,
-                closing(self._extracted(reader, records, pack_id, pool)) as extracted,
+                closing(self._extracted(reader, keyed, pack_id, pool)) as extracted,
             ):
                 for record, key, problem in extracted:
                     if key is None:
@@ -330,22 +370,17 @@ class Recaller:
     def _extracted(
         self,
         reader: PackReader,
-        records: list[InstanceRecord],
+        keyed: list[tuple[InstanceRecord, str]],
         pack_id: str,
         pool: Executor | None,
     ) -> Generator[tuple[InstanceRecord, str | None, str | None], None, None]:
-        """Extract each instance to a new online key: (record, its key or
-        None, the problem), in the order of ``records``."""
-        online = self.tiers.online
+        """Extract each instance to its new online key: (record, the key or
+        None, the problem), in the order of ``keyed``."""
         if pool is None:
-            for record in records:
-                key = online.new_key()
+            for record, key in keyed:
                 problem = self._extract(reader, record, key, pack_id)
                 yield record, (None if problem else key), problem
             return
-        # Keys are made here, in order: the tier may note each one before
-        # its file is written.
-        keyed = [(record, online.new_key()) for record in records]
         futures = [
             pool.submit(self._extract, reader, record, key, pack_id)
             for record, key in keyed

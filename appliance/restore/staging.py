@@ -11,9 +11,11 @@ then each key before its file is written::
     ...
 
 At the next start, keys of the noted study that the catalog does not
-count are removed. Keys are flushed to the note one by one, not synced:
-a power cut (rather than a killed process) may leave an unnoted file,
-which counts for nothing and only takes room.
+count are removed (the same test as for every recall's own note,
+:mod:`appliance.hsm.recall_notes`). This note also covers the files a
+salvage writes outside the recall. Keys are flushed to it one by one, not
+synced: a power cut may leave a salvaged file unnoted, which counts for
+nothing and only takes room (a recall's own keys are synced to its note).
 """
 
 from __future__ import annotations
@@ -22,9 +24,8 @@ import logging
 from pathlib import Path
 from typing import TextIO
 
-from appliance.catalog import copies
 from appliance.catalog.store import Catalog
-from appliance.hsm.tiers import ONLINE
+from appliance.hsm.recall_notes import remove_uncounted
 from appliance.storage import durable
 from appliance.storage.online import OnlineTier
 
@@ -73,16 +74,8 @@ class StagingNote:
         removed = 0
         if lines and lines[0].startswith(_STUDY):
             study_uid = lines[0][len(_STUDY) :]
-            counted = {
-                copy.location
-                for record in copies.instances_of(catalog, study_uid)
-                for copy in record.copies
-                if copy.tier == ONLINE
-            }
-            for key in lines[1:]:
-                if key and key not in counted and online.path_of(key).exists():
-                    online.remove(key)
-                    removed += 1
+            keys = [key for key in lines[1:] if key]
+            removed = remove_uncounted(catalog, online, study_uid, keys)
         if removed:
             logger.info("removed %d file(s) an interrupted restore left", removed)
         self.end()

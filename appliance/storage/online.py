@@ -9,6 +9,8 @@ Layout under the tier's root::
                            ab are its first two digits (256 folders, made
                            when the tier is opened, so that storing never
                            has to create and flush a new folder)
+    recalls/PID-X.note     the keys each recall in progress is writing, for
+                           the clean-up after a killed one (hsm.recall_notes)
 
 A file under ``objects/`` counts as a copy only once the catalog records it.
 """
