@@ -450,14 +450,7 @@ def test_instances_that_never_reached_the_mirror_are_reported(
 def test_replaying_the_journal_again_changes_nothing(site, tmp_path: Path) -> None:
     """Segments may overlap the snapshot or each other: an entry applied
     twice leaves the catalog as it was."""
-    restored, mirror = site
-    transport = DirectoryTransport(mirror)
-    keys = KeyStore.load(key_store_path(restored.data_dir))
-    entries = []
-    for segment in survey(transport).segments:
-        text = tmp_path / "segment"
-        Fetcher(transport).fetch_sealed(segment.file, text, keys, tmp_path)
-        entries += [json.loads(line) for line in text.read_text().splitlines()]
+    entries = _journal_entries(*site, tmp_path)
     catalog = Catalog(tmp_path / "work", 2**26)
     try:
         replay_journal(catalog, entries)
@@ -476,14 +469,7 @@ def test_an_instance_replaced_while_its_pack_was_on_the_way_gets_no_copy_there(
     """The journal says which bytes each pack holds: an instance whose new
     bytes were journaled before its pack was recorded does not count the
     pack's older bytes as its copy."""
-    restored, mirror = site
-    transport = DirectoryTransport(mirror)
-    keys = KeyStore.load(key_store_path(restored.data_dir))
-    entries = []
-    for segment in survey(transport).segments:
-        text = tmp_path / "segment"
-        Fetcher(transport).fetch_sealed(segment.file, text, keys, tmp_path)
-        entries += [json.loads(line) for line in text.read_text().splitlines()]
+    entries = _journal_entries(*site, tmp_path)
     at = next(n for n, e in enumerate(entries) if e["op"] == "replicated")
     replicated = entries[at]
     uid = sorted(replicated["pack"]["members"])[0]
@@ -516,6 +502,18 @@ def test_an_instance_replaced_while_its_pack_was_on_the_way_gets_no_copy_there(
         copies and copies[0]["location"].startswith(pack_id)
         for copies in in_pack.values()
     )
+
+
+def _journal_entries(restored: Restored, mirror: Path, tmp_path: Path) -> list[dict]:
+    """Every entry of the journal segments on the mirror, in order."""
+    transport = DirectoryTransport(mirror)
+    keys = KeyStore.load(key_store_path(restored.data_dir))
+    entries = []
+    for segment in survey(transport).segments:
+        text = tmp_path / "segment"
+        Fetcher(transport).fetch_sealed(segment.file, text, keys, tmp_path)
+        entries += [json.loads(line) for line in text.read_text().splitlines()]
+    return entries
 
 
 def _records(catalog: Catalog) -> dict[str, dict]:
