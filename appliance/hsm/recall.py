@@ -197,21 +197,28 @@ class Recaller:
         # Tier by tier, nearest first: what a damaged or missing pack could
         # not give is tried again from the next tier that holds it.
         with self._extraction_pool() as pool:
-            for tier_name in self.tiers.packs:
-                remaining = [r for r in wanted if r.sop_instance_uid not in staged]
-                if tier_name == OFFSITE:
-                    # The mirror is for what no volume of ours holds: an
-                    # instance on a shelved volume waits for the operator.
-                    remaining = [r for r in remaining if not self._on_shelf(r)]
-                before = len(staged)
-                for pack, records in self._sources(remaining, tier_name).items():
-                    self._stage_pack(
-                        pack, records, staged, result, staged_one, note, pool
-                    )
-                source = tier_name if len(staged) > before else source
-            # Extracted without a flush each: the files and their folders
-            # are flushed together here, before the catalog counts them.
-            self._flush(staged, pool)
+            try:
+                for tier_name in self.tiers.packs:
+                    remaining = [r for r in wanted if r.sop_instance_uid not in staged]
+                    if tier_name == OFFSITE:
+                        # The mirror is for what no volume of ours holds: an
+                        # instance on a shelved volume waits for the operator.
+                        remaining = [r for r in remaining if not self._on_shelf(r)]
+                    before = len(staged)
+                    for pack, records in self._sources(remaining, tier_name).items():
+                        self._stage_pack(
+                            pack, records, staged, result, staged_one, note, pool
+                        )
+                    source = tier_name if len(staged) > before else source
+                # Each file was flushed where it was extracted; their folders'
+                # new names are flushed here, once for all of a folder's files,
+                # before the catalog counts them.
+                self._flush_folders(staged, pool)
+            except (OSError, _NotFlushed) as exc:
+                error = exc.error if isinstance(exc, _NotFlushed) else exc
+                raise translate_os_error(
+                    error, "cannot flush the recalled files"
+                ) from error
         return source
 
     def _audit(self, result: RecallResult, wanted: int) -> None:
@@ -415,25 +422,28 @@ class Recaller:
                 f"pack {pack_id} holds other bytes for {record.sop_instance_uid} "
                 "than the catalog"
             )
+        # Flushed here, by the thread that wrote it, while the others go on
+        # decoding: the disk writes overlap the work, where flushing a whole
+        # study at the end left the disk idle until then and the CPU after.
+        try:
+            fsync_file(online.path_of(key))
+        except OSError as exc:
+            raise _NotFlushed(exc) from exc
         return None
 
-    def _flush(self, staged: dict[str, tuple[str, str]], pool: Executor | None) -> None:
-        """Put the staged files and then their folders on stable storage,
-        several at a time with a pool: flushes that wait together share the
-        file system journal's commits, and a folder's new names are written
-        once for all of its files."""
+    def _flush_folders(
+        self, staged: dict[str, tuple[str, str]], pool: Executor | None
+    ) -> None:
+        """Put the staged files' folders on stable storage, several at a
+        time with a pool (flushes that wait together share the file
+        system journal's commits)."""
         online = self.tiers.online
-        files = [online.path_of(key) for key, _sha256 in staged.values()]
-        folders = sorted({path.parent for path in files})
-        try:
-            for batch, flush in ((files, fsync_file), (folders, fsync_directory)):
-                if pool is None:
-                    for path in batch:
-                        flush(path)
-                else:
-                    list(pool.map(flush, batch))
-        except OSError as exc:
-            raise translate_os_error(exc, "cannot flush the recalled files") from exc
+        folders = sorted({online.path_of(key).parent for key, _ in staged.values()})
+        if pool is None:
+            for folder in folders:
+                fsync_directory(folder)
+        else:
+            list(pool.map(fsync_directory, folders))
 
     def _stop_counting_damaged(self, result: RecallResult) -> None:
         """A copy that failed to give its instance no longer counts as
@@ -473,6 +483,15 @@ class Recaller:
             "; ".join(result.problems)
             or f"waiting for volume(s) {waiting} to be loaded",
         )
+
+
+class _NotFlushed(Exception):
+    """The disk would not flush an extracted file: the recall stops, and the
+    pack it came from is not to blame (unlike the errors of extracting)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 @contextmanager
