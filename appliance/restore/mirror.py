@@ -18,6 +18,7 @@ import logging
 import os
 import re
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,7 +154,10 @@ class Fetcher:
         size = 0
         chunks = self.transport.get(name)
         try:
-            with open(temporary, "wb") as out:
+            with (
+                open(temporary, "wb") as out,
+                durable.flushed_ahead(out.fileno()) if flush else nullcontext(),
+            ):
                 for chunk in chunks:
                     if self.limiter is not None:
                         self.limiter.acquire(len(chunk))

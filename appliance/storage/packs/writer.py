@@ -401,7 +401,7 @@ def write_pack_file(
     temp = destination.with_name(f".{destination.name}.{secrets.token_hex(4)}.partial")
     try:
         durable.make_directories(destination.parent, stop)
-        with open(temp, "xb") as out:
+        with open(temp, "xb") as out, durable.flushed_ahead(out.fileno()):
             writer = PackWriter(out, pack_id, study_uid, key, level, record_size)
             writer.add_all(items, threads)
             summary = writer.close()
