@@ -10,6 +10,7 @@ after checking that the name is free.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -21,6 +22,7 @@ from typing import BinaryIO
 from appliance.errors import StorageError, TransportError
 from appliance.replication.transports.base import BLOCK_SIZE, RemoteWriter, Transport
 from appliance.storage.durable import (
+    flushed_ahead,
     fsync_directory,
     make_directories,
     move_into_place,
@@ -163,10 +165,13 @@ class _FileWriter(RemoteWriter):
     def __init__(self, fd: int, offset: int, path: str) -> None:
         self._path = path
         self._file = open(fd, "wb", closefd=True)  # noqa: SIM115 closed by commit
+        # A pack goes to the mirror disk while it arrives, not all at commit.
+        self._ahead = contextlib.ExitStack()
         try:
             # Anything after the offset is from an attempt that is not kept.
             self._file.truncate(offset)
             self._file.seek(offset)
+            self._ahead.enter_context(flushed_ahead(fd))
         except OSError as exc:
             self.discard()
             raise _error(exc, f"cannot write {path}") from exc
@@ -178,6 +183,7 @@ class _FileWriter(RemoteWriter):
             raise _error(exc, f"cannot write {self._path}") from exc
 
     def commit(self) -> None:
+        self._ahead.close()
         try:
             self._file.flush()
             os.fsync(self._file.fileno())
@@ -186,6 +192,7 @@ class _FileWriter(RemoteWriter):
             raise _error(exc, f"cannot write {self._path}") from exc
 
     def discard(self) -> None:
+        self._ahead.close()
         try:
             self._file.close()
         except OSError:
