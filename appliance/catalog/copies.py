@@ -106,12 +106,12 @@ def record_pack(catalog: Catalog, pack: PackRecord, sha256: dict[str, str]) -> i
                 db=catalog.db["idx.pack.study"],
                 dupdata=True,
             )
+            adder = CopyAdder(catalog, txn)
             added = 0
             for uid, member in pack.members.items():
                 location = f"{pack.pack_id}/{member}"
-                added += _add_copy(
-                    catalog, txn, uid, sha256.get(uid), pack.tier, location
-                )
+                added += adder.add(uid, sha256.get(uid), pack.tier, location)
+            adder.finish()
             _add_meta(catalog, txn, f"packbytes.{pack.tier}", pack.size)
             return added
     except lmdb.Error as exc:
@@ -128,9 +128,11 @@ def add_copies(
     unused: list[tuple[str, str]] = []
     try:
         with catalog.env.begin(write=True) as txn:
+            adder = CopyAdder(catalog, txn)
             for uid, (location, sha256) in copies.items():
-                if not _add_copy(catalog, txn, uid, sha256, tier, location):
+                if not adder.add(uid, sha256, tier, location):
                     unused.append((tier, location))
+            adder.finish()
     except lmdb.Error as exc:
         raise CatalogError(f"cannot record copies on {tier}: {exc}") from exc
     return unused
@@ -216,31 +218,53 @@ def _instances_of(
                 yield record
 
 
-def _add_copy(
-    catalog: Catalog,
-    txn: lmdb.Transaction,
-    uid: str,
-    sha256: str | None,
-    tier: str,
-    location: str,
-) -> bool:
-    record = catalog.instance(txn, uid)
-    if record is None or record.sha256 != sha256:
-        # Removed or replaced since the copy was made: it copies nothing.
-        return False
-    if record.copy_on(tier) is not None:
-        return False
+class CopyAdder:
+    """Verified copies added in one transaction. A study's record and the
+    tier's byte total are read once and written once at :meth:`finish`,
+    however many instances gain a copy: a pack of a study's 200 instances
+    decoded and wrote its study record 200 times."""
 
-    study = catalog.get(txn, "studies", record.study_uid)
-    if study is not None:
-        count_copies(study, record, -1)
-    record.copies.append(Copy(tier, location, verified=True))
-    if study is not None:
-        count_copies(study, record, +1)
-        catalog._put(txn, "studies", record.study_uid, study)
-    catalog._put(txn, "instances", uid, _with_key(record))
-    _add_meta(catalog, txn, f"bytes.{tier}", record.size)
-    return True
+    def __init__(self, catalog: Catalog, txn: lmdb.Transaction) -> None:
+        self.catalog = catalog
+        self.txn = txn
+        self._studies: dict[str, dict[str, Any] | None] = {}
+        self._bytes: dict[str, int] = {}
+
+    def add(self, uid: str, sha256: str | None, tier: str, location: str) -> bool:
+        """Whether the instance gained the copy (not if it was removed or
+        replaced since the copy was made, or has one on ``tier``)."""
+        record = self.catalog.instance(self.txn, uid)
+        if record is None or record.sha256 != sha256:
+            # Removed or replaced since the copy was made: it copies nothing.
+            return False
+        if record.copy_on(tier) is not None:
+            return False
+
+        study = self._study(record.study_uid)
+        if study is not None:
+            count_copies(study, record, -1)
+        record.copies.append(Copy(tier, location, verified=True))
+        if study is not None:
+            count_copies(study, record, +1)
+        self.catalog._put(self.txn, "instances", uid, _with_key(record))
+        key = f"bytes.{tier}"
+        self._bytes[key] = self._bytes.get(key, 0) + record.size
+        return True
+
+    def finish(self) -> None:
+        """Write the studies and totals the copies changed."""
+        for study_uid, study in self._studies.items():
+            if study is not None:
+                self.catalog._put(self.txn, "studies", study_uid, study)
+        for key, amount in self._bytes.items():
+            _add_meta(self.catalog, self.txn, key, amount)
+        self._studies.clear()
+        self._bytes.clear()
+
+    def _study(self, study_uid: str) -> dict[str, Any] | None:
+        if study_uid not in self._studies:
+            self._studies[study_uid] = self.catalog.get(self.txn, "studies", study_uid)
+        return self._studies[study_uid]
 
 
 def _remove_copies(

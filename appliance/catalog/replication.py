@@ -18,7 +18,7 @@ from typing import Any
 import lmdb
 
 from appliance.catalog import codec
-from appliance.catalog.copies import PackRecord, _add_copy, _add_meta
+from appliance.catalog.copies import CopyAdder, PackRecord, _add_meta
 from appliance.catalog.store import (
     Catalog,
     _with_key,
@@ -97,16 +97,16 @@ def mark_replicated(
             # Recorded already (a crash after the commit): count it once.
             known = catalog.get(txn, "packs", pack.pack_id) is not None
             catalog._put(txn, "packs", pack.pack_id, pack.as_json())
+            adder = CopyAdder(catalog, txn)
             added = 0
             for entry in sent:
                 uid = entry.sop_instance_uid
                 member = pack.members.get(uid)
                 if member is not None:
                     location = f"{pack.pack_id}/{member}"
-                    added += _add_copy(
-                        catalog, txn, uid, sha256.get(uid), OFFSITE, location
-                    )
+                    added += adder.add(uid, sha256.get(uid), OFFSITE, location)
                 txn.delete(sequence_key(entry.number), db=catalog.db["replication"])
+            adder.finish()
             if not known:
                 _add_meta(catalog, txn, f"packbytes.{OFFSITE}", pack.size)
                 # With the bytes each instance has in the pack: one replaced
