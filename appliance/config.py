@@ -1381,7 +1381,8 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> C
     values, peers, problems = _validate(document)
     rules, rule_problems = _parse_rules(document.get("rules"))
     for dotted, value in (overrides or {}).items():
-        values[dotted] = value
+        # Command-line options get the checks of the keys they stand for.
+        problems += _set_value(values, dotted, value)
     problems += rule_problems
     problems += _check_references(values, peers)
     problems += _check_watermarks(values)
