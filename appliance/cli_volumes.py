@@ -1,5 +1,5 @@
 """Command line for the offline tier's volumes: ``appliance volumes list |
-label | loaded | unloaded | requests | verify | export``."""
+label | loaded | unloaded | scan | requests | verify | export``."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def register(main: click.Group, load: Loader) -> None:
 
     @main.group()
     def volumes() -> None:
-        """Offline volumes: list, label, loaded/unloaded, requests, verify, export."""
+        """Offline volumes: list, label, loaded/unloaded, scan, requests, verify,
+        export."""
 
     @volumes.command(name="list")
     @config_option
@@ -118,6 +119,28 @@ def register(main: click.Group, load: Loader) -> None:
         click.echo(
             f"volume {label}: {'still reachable' if reachable else 'on the shelf'}"
         )
+
+    @volumes.command()
+    @config_option
+    @data_dir_option
+    @click.argument("label")
+    def scan(config_file: Path | None, data_dir: str | None, label: str) -> None:
+        """Read a whole tape written by an appliance and register it with its
+        packs: a tape this library does not know (its volumes.state_path
+        lost, or another appliance's). Takes as long as reading the tape."""
+        config = load(config_file, {"storage.data_dir": data_dir})
+        library = _library(config)
+        if not hasattr(library, "scan"):
+            click.echo(
+                f"a {config.get('volumes.kind')} library finds its volumes by "
+                f"itself: put the volume in {config.volume_settings()['path']}",
+                err=True,
+            )
+            sys.exit(1)
+        click.echo(f"reading volume {label} to its end...")
+        with _clear_errors(label):
+            packs = library.scan(label)
+        click.echo(f"volume {label}: {len(packs)} pack(s) registered")
 
     @volumes.command(name="requests")
     @config_option
