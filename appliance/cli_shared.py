@@ -3,7 +3,9 @@ recalling a study with a progress bar."""
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +28,24 @@ config_option = click.option(
 data_dir_option = click.option(
     "--data-dir", help="Directory for all data (storage.data_dir)."
 )
+
+
+@contextmanager
+def interruptible() -> Iterator[threading.Event]:
+    """An event that Ctrl-C sets, for a loop to stop after the item in
+    flight and report what it did; a second Ctrl-C stops at once."""
+    interrupted = threading.Event()
+    previous = signal.getsignal(signal.SIGINT)
+
+    def interrupt(_number: int, _frame: Any) -> None:
+        interrupted.set()
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def require_catalog(config: Config) -> None:
