@@ -94,6 +94,9 @@ def recall_one(recaller: Any, uid: str) -> bool:
         result = recaller.recall(
             uid, lambda done, total: progress.update(task, completed=done, total=total)
         )
+    if result.ok and not result.staged:
+        click.echo(f"{uid}: already online, nothing to recall")
+        return True
     if result.ok:
         click.echo(f"{uid}: {result.staged} instance(s) staged online")
         return True
