@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 # No single medium holds more; a larger figure is a typing mistake.
 _LARGEST_VOLUME = 10**15
+# Nor less: a smaller figure is a unit left out ("2" for 2T), and a volume
+# is labelled once.
+_SMALLEST_VOLUME = 10**6
 
 
 def register(main: click.Group, load: Loader) -> None:
@@ -256,6 +259,9 @@ def _parse_size(text: str) -> int:
         value = int(float(number) * factor)
     except (ValueError, OverflowError):
         raise click.BadParameter(f"{text!r} is not a size such as 800G") from None
-    if not 0 < value <= _LARGEST_VOLUME:
-        raise click.BadParameter("the capacity must be more than 0 and at most 1000T")
+    if not _SMALLEST_VOLUME <= value <= _LARGEST_VOLUME:
+        raise click.BadParameter(
+            f"the capacity must be at least 1M and at most 1000T (got {text!r}; "
+            "give its unit: K, M, G or T)"
+        )
     return value
