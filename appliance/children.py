@@ -158,14 +158,15 @@ class ChildSupervisor:
             self._child.join()
             if self._stop.is_set():
                 return
-            if self._child.exitcode == -signal.SIGTERM and self._stop.wait(
-                self.stop_follows
-            ):
-                # The whole service was sent SIGTERM (kill on the process
-                # group): the child heard it first, the stop is under way.
-                return
             if self.until_success and self._child.exitcode == 0:
                 logger.info("%s process finished its work", self.name)
+                return
+            # Killed by SIGTERM, or (children that catch it) finished the
+            # step and exited 0.
+            stopped = self._child.exitcode in (0, -signal.SIGTERM)
+            if stopped and self._stop.wait(self.stop_follows):
+                # The whole service was sent SIGTERM (kill on the process
+                # group): the child heard it first, the stop is under way.
                 return
             logger.error(
                 "%s process ended (exit code %s); starting it again",

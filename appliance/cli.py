@@ -32,7 +32,7 @@ from appliance import (
     tls,
 )
 from appliance import config as configuration
-from appliance.cli_shared import config_option, data_dir_option
+from appliance.cli_shared import config_option, data_dir_option, interruptible
 from appliance.errors import ApplianceError, ConfigError
 from appliance.terminal import console, progress_bar, size
 
@@ -192,25 +192,37 @@ def import_(
     ingest = Ingest(catalog, online, config.get("storage.duplicate_policy"))
     outcomes: Counter[str] = Counter()
     imported: list[str] = []
-    try:
-        with progress_bar() as progress:
-            task = progress.add_task("importing", total=len(files))
-            for path in files:
-                result = ingest.import_file(path, "import")
-                if result.ok and result.outcome is not None:
-                    outcomes[result.outcome.value] += 1
-                    imported.append(result.sop_instance_uid)
-                else:
-                    refusals.append((path, result.reason))
-                progress.advance(task)
-    finally:
-        source = ", ".join(str(path) for path in paths)
-        audit.instances_imported(config, catalog, imported, source)
-        ingest.close()
-        catalog.close()
+    read = 0
+    with interruptible() as interrupted:
+        try:
+            with progress_bar() as progress:
+                task = progress.add_task("importing", total=len(files))
+                for path in files:
+                    if interrupted.is_set():
+                        break
+                    result = ingest.import_file(path, "import")
+                    if result.ok and result.outcome is not None:
+                        outcomes[result.outcome.value] += 1
+                        imported.append(result.sop_instance_uid)
+                    else:
+                        refusals.append((path, result.reason))
+                    read += 1
+                    progress.advance(task)
+        finally:
+            source = ", ".join(str(path) for path in paths)
+            audit.instances_imported(config, catalog, imported, source)
+            ingest.close()
+            catalog.close()
 
     outcomes["refused"] = len(refusals)
-    _print_import_summary(len(files), outcomes, refusals)
+    _print_import_summary(read, outcomes, refusals)
+    if interrupted.is_set():
+        click.echo(
+            f"interrupted after {read} of {len(files)} file(s): run the same "
+            "command again to import the rest",
+            err=True,
+        )
+        sys.exit(130)
     sys.exit(1 if refusals else 0)
 
 

@@ -78,6 +78,9 @@ def register(main: click.Group, load: Loader) -> None:
         config = load(config_file, {"storage.data_dir": data_dir})
         logs.setup("WARNING", config.get("logging.format"))
         require_catalog(config)
+        if study_uid is not None and not _is_study(config, study_uid):
+            click.echo(f"{study_uid!r}: no such study in the catalog", err=True)
+            sys.exit(1)
         tiers = (tier,) if tier else ("online", "nearline", "offline")
         sys.exit(_run(config, tiers, study_uid))
 
@@ -160,6 +163,19 @@ def _which(
     is passed on with the tier given (or online) and refused there."""
     tier_of = {location: name for name, location in listed}
     return [(tier_of.get(loc, tier or "online"), loc) for loc in locations]
+
+
+def _is_study(config: Config, uid: str) -> bool:
+    from appliance.actions import is_study
+    from appliance.catalog.store import Catalog
+
+    catalog = Catalog(
+        config.catalog_path, config.get("storage.catalog_max_size"), readonly=True
+    )
+    try:
+        return is_study(catalog, uid)
+    finally:
+        catalog.close()
 
 
 def _run(config: Config, tiers: tuple[str, ...], study_uid: str | None) -> int:

@@ -3,7 +3,9 @@ recalling a study with a progress bar."""
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +28,24 @@ config_option = click.option(
 data_dir_option = click.option(
     "--data-dir", help="Directory for all data (storage.data_dir)."
 )
+
+
+@contextmanager
+def interruptible() -> Iterator[threading.Event]:
+    """An event that Ctrl-C sets, for a loop to stop after the item in
+    flight and report what it did; a second Ctrl-C stops at once."""
+    interrupted = threading.Event()
+    previous = signal.getsignal(signal.SIGINT)
+
+    def interrupt(_number: int, _frame: Any) -> None:
+        interrupted.set()
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def require_catalog(config: Config) -> None:
@@ -74,6 +94,9 @@ def recall_one(recaller: Any, uid: str) -> bool:
         result = recaller.recall(
             uid, lambda done, total: progress.update(task, completed=done, total=total)
         )
+    if result.ok and not result.staged:
+        click.echo(f"{uid}: already online, nothing to recall")
+        return True
     if result.ok:
         click.echo(f"{uid}: {result.staged} instance(s) staged online")
         return True

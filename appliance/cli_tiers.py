@@ -23,6 +23,7 @@ from appliance.cli_shared import (
     Loader,
     config_option,
     data_dir_option,
+    interruptible,
     open_archive,
     recall_one,
 )
@@ -114,15 +115,30 @@ def register(main: click.Group, load: Loader) -> None:
         logs.setup("WARNING", config.get("logging.format"))
         from appliance.hsm.recall import Recaller
 
-        incomplete = 0
-        with open_archive(config, mirror=True) as (catalog, opened):
+        incomplete = done = 0
+        with (
+            open_archive(config, mirror=True) as (catalog, opened),
+            interruptible() as interrupted,
+        ):
             recaller = Recaller(catalog, opened)
             for uid in study_uids:
+                # Ctrl-C lets the study in flight finish: its files are
+                # written before the catalog counts them.
+                if interrupted.is_set():
+                    break
+                done += 1
                 if not actions.is_study(catalog, uid):
                     click.echo(f"{uid!r}: no such study in the catalog", err=True)
                     incomplete += 1
                     continue
                 incomplete += not recall_one(recaller, uid)
+        if interrupted.is_set():
+            click.echo(
+                f"interrupted: {done} of {len(study_uids)} study(ies) done; run "
+                "the same command again for the rest",
+                err=True,
+            )
+            sys.exit(130)
         sys.exit(1 if incomplete else 0)
 
 

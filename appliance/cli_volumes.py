@@ -1,5 +1,5 @@
 """Command line for the offline tier's volumes: ``appliance volumes list |
-label | loaded | unloaded | requests | verify | export``."""
+label | loaded | unloaded | scan | requests | verify | export``."""
 
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 # No single medium holds more; a larger figure is a typing mistake.
 _LARGEST_VOLUME = 10**15
+# Nor less: a smaller figure is a unit left out ("2" for 2T), and a volume
+# is labelled once.
+_SMALLEST_VOLUME = 10**6
 
 
 def register(main: click.Group, load: Loader) -> None:
@@ -36,7 +39,8 @@ def register(main: click.Group, load: Loader) -> None:
 
     @main.group()
     def volumes() -> None:
-        """Offline volumes: list, label, loaded/unloaded, requests, verify, export."""
+        """Offline volumes: list, label, loaded/unloaded, scan, requests, verify,
+        export."""
 
     @volumes.command(name="list")
     @config_option
@@ -118,6 +122,28 @@ def register(main: click.Group, load: Loader) -> None:
         click.echo(
             f"volume {label}: {'still reachable' if reachable else 'on the shelf'}"
         )
+
+    @volumes.command()
+    @config_option
+    @data_dir_option
+    @click.argument("label")
+    def scan(config_file: Path | None, data_dir: str | None, label: str) -> None:
+        """Read a whole tape written by an appliance and register it with its
+        packs: a tape this library does not know (its volumes.state_path
+        lost, or another appliance's). Takes as long as reading the tape."""
+        config = load(config_file, {"storage.data_dir": data_dir})
+        library = _library(config)
+        if not hasattr(library, "scan"):
+            click.echo(
+                f"a {config.get('volumes.kind')} library finds its volumes by "
+                f"itself: put the volume in {config.volume_settings()['path']}",
+                err=True,
+            )
+            sys.exit(1)
+        click.echo(f"reading volume {label} to its end...")
+        with _clear_errors(label):
+            packs = library.scan(label)
+        click.echo(f"volume {label}: {len(packs)} pack(s) registered")
 
     @volumes.command(name="requests")
     @config_option
@@ -233,6 +259,9 @@ def _parse_size(text: str) -> int:
         value = int(float(number) * factor)
     except (ValueError, OverflowError):
         raise click.BadParameter(f"{text!r} is not a size such as 800G") from None
-    if not 0 < value <= _LARGEST_VOLUME:
-        raise click.BadParameter("the capacity must be more than 0 and at most 1000T")
+    if not _SMALLEST_VOLUME <= value <= _LARGEST_VOLUME:
+        raise click.BadParameter(
+            f"the capacity must be at least 1M and at most 1000T (got {text!r}; "
+            "give its unit: K, M, G or T)"
+        )
     return value

@@ -1381,7 +1381,8 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> C
     values, peers, problems = _validate(document)
     rules, rule_problems = _parse_rules(document.get("rules"))
     for dotted, value in (overrides or {}).items():
-        values[dotted] = value
+        # Command-line options get the checks of the keys they stand for.
+        problems += _set_value(values, dotted, value)
     problems += rule_problems
     problems += _check_references(values, peers)
     problems += _check_watermarks(values)
@@ -1390,6 +1391,7 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> C
     problems += _check_ports(values)
     problems += _check_audit(values)
     problems += _check_tls(values, peers)
+    problems += _check_home_folders(values)
     default = Config(values).default_prior_rule
     prior_rules, prior_problems = selection.parse_rules(
         document.get("prior_rules"), default
@@ -1427,6 +1429,22 @@ def _check_ports(values: dict[str, Any]) -> list[tuple[str, str]]:
         for other, other_port in ports[:index]:
             if port == other_port:
                 problems.append((name, f"must differ from {other} ({port})"))
+    return problems
+
+
+def _check_home_folders(values: dict[str, Any]) -> list[tuple[str, str]]:
+    """A path such as ~name/data must name a user of this host; otherwise
+    the command that first uses the path would stop with a traceback."""
+    problems = []
+    for dotted, value in values.items():
+        if not isinstance(value, str) or not value.startswith("~"):
+            continue
+        try:
+            Path(value).expanduser()
+        except RuntimeError:
+            user = value.split("/", 1)[0]
+            message = f"{user} is not a user of this host, so it has no home folder"
+            problems.append((dotted, f"{message} (got {value!r})"))
     return problems
 
 
@@ -1489,12 +1507,20 @@ def _check_commitment(values: dict[str, Any]) -> list[tuple[str, str]]:
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        with open(path, "rb") as handle:
-            return tomllib.load(handle)
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError([("(file)", f"{path} does not exist")]) from None
     except OSError as exc:
         raise ConfigError([("(file)", f"cannot read {path}: {exc}")]) from exc
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as exc:
+        # An editor that saved the file in Latin-1 or UTF-16, say.
+        line = data[: exc.start].count(b"\n") + 1
+        message = f"{path} is not UTF-8 text (line {line}): save it as UTF-8"
+        raise ConfigError([("(file)", message)]) from exc
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([("(file)", f"{path} is not valid TOML: {exc}")]) from exc
 

@@ -36,7 +36,7 @@ from appliance.metrics import folder as metrics_folder
 from appliance.prefetch.hl7_process import HL7Service
 from appliance.replication.supervisor import Supervisor
 from appliance.restore import process as restore_process
-from appliance.storage.lock import claim_tier
+from appliance.storage.lock import claim_catalog, claim_tier
 from appliance.storage.online import OnlineTier
 from appliance.web.process import WebService
 
@@ -76,10 +76,15 @@ def serve(config: Config) -> int:
     hl7 = HL7Service(config) if config.get("hl7.enabled") else None
     claim = claim_tier(config.online_path, wait_for_workers=STOP_GRACE + 10)
     web = None
+    catalog_claim = None
     try:
         web = WebService(config) if config.get("web.enabled") else None
         restore_process.refuse_half_restored(config)
         online.discard_incoming()
+        # The catalog's folder is made, then claimed for this service alone,
+        # before what killed recalls left in the online tier is cleaned.
+        Catalog(config.catalog_path, config.get("storage.catalog_max_size")).close()
+        catalog_claim = claim_catalog(config.catalog_path)
         clean_up_recalls(config, online)
         # Every tier opens (and the key store is made) before any worker
         # needs them, so that a wrong tier path stops the start with a reason.
@@ -95,6 +100,8 @@ def serve(config: Config) -> int:
             hl7.close()
         if web is not None:
             web.sock.close()
+        if catalog_claim is not None:
+            catalog_claim.release()
         claim.release()
 
 

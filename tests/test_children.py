@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -69,6 +70,32 @@ def test_a_sigterm_to_the_whole_service_is_no_failure_of_the_child(
         supervisor.stop()
 
     assert supervisor._child is first
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def graceful() -> None:
+    """Stops on SIGTERM with exit code 0, as replication and commitment do."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait(60)
+
+
+def test_a_graceful_child_in_a_stopping_service_is_no_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The same with a child that finishes its step and exits 0 on SIGTERM."""
+    supervisor = ChildSupervisor(graceful, (), "graceful", stop_grace=10.0)
+    supervisor.start()
+    running(supervisor)
+    first = supervisor._child
+
+    with caplog.at_level(logging.INFO, logger="appliance.children"):
+        os.kill(first.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        supervisor.stop()
+
+    assert supervisor._child is first
+    assert first.exitcode == 0
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 

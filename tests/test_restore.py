@@ -35,6 +35,7 @@ from appliance.restore.replay import replay_journal
 from appliance.storage.keys import KeyStore, key_store_path
 from appliance.storage.online import OnlineTier
 from appliance.storage.packs import PackReader
+from tests.conftest import free_port
 from tests.restore_site import Origin, Restored, answers, appliance, mirror_settings
 
 
@@ -576,7 +577,14 @@ def test_the_service_does_not_start_on_a_restore_cut_short(site) -> None:
     mark_pending(restored.data_dir / "restore", "mirror")
 
     started = subprocess.run(
-        [*_COMMAND, "serve", "--port", "0", "--config", str(restored.config_path)],
+        [
+            *_COMMAND,
+            "serve",
+            "--port",
+            str(free_port()),
+            "--config",
+            str(restored.config_path),
+        ],
         capture_output=True,
         text=True,
         timeout=60,

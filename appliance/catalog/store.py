@@ -181,6 +181,11 @@ class Catalog:
             if not readonly:
                 path.mkdir(parents=True, exist_ok=True)
             self.env = self._open(path, map_size, readonly, durable)
+        except FileExistsError as exc:
+            # catalog_path (or the data folder) names a file.
+            raise CatalogError(
+                f"cannot open the catalog at {path}: {path} is a file, not a folder"
+            ) from exc
         except (OSError, lmdb.Error) as exc:
             raise CatalogError(f"cannot open the catalog at {path}: {exc}") from exc
 

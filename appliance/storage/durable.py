@@ -112,4 +112,7 @@ def translate_os_error(exc: OSError, what: str) -> StorageError:
     """Turn an OSError into the appliance's storage error vocabulary."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return OutOfSpaceError(f"{what}: no space left on the device")
+    if exc.errno == errno.EEXIST and exc.filename and not os.path.isdir(exc.filename):
+        # A folder setting that names a file: "File exists" would not say so.
+        return StorageError(f"{what}: {exc.filename} is a file, not a folder")
     return StorageError(f"{what}: {exc.strerror or exc}")

@@ -1,4 +1,4 @@
-"""One running appliance per online tier.
+"""One running appliance per online tier (and per catalog).
 
 Two files in the tier's root, locked with flock (released by the kernel
 when a process dies, however it dies):
@@ -80,6 +80,23 @@ def claim_tier(root: Path, wait_for_workers: float) -> TierLock:
             )
     workers.release()
     return serve
+
+
+def claim_catalog(folder: Path) -> TierLock:
+    """Make this listener the only one using the catalog in ``folder``.
+
+    Two appliances with online tiers of their own but one catalog (a
+    configuration copied with its storage.catalog_path) would each take
+    the instances the other stored for missing. Raises StorageError when
+    another appliance uses it."""
+    lock = TierLock(folder, SERVE_LOCK)
+    if not lock.acquire(exclusive=True):
+        raise StorageError(
+            f"another appliance already serves the catalog at {folder} (it "
+            f"holds {lock.path}); stop it, or give this one its own "
+            "storage.catalog_path"
+        )
+    return lock
 
 
 def serving(root: Path) -> bool:

@@ -10,11 +10,12 @@ Layout under the library folder ``PATH``::
           000001-p-000123-<sha256>.pack    one file per pack (packfiles.py)
         incoming/              packs being received; never counted
 
-A volume is *reachable* when ``PATH/LABEL/VOLUME`` exists. It goes *on the
-shelf* when its folder leaves ``PATH`` (moved elsewhere, or its LTFS tape
-unmounted) and comes back when the folder is put back or the tape mounted
-there again. Its capacity is the one written in ``VOLUME`` at labelling;
-the file system's own free space limits it too.
+A volume is *reachable* when ``PATH/LABEL/VOLUME`` exists, names LABEL, and
+``PATH/LABEL/packs`` is there. It goes *on the shelf* when its folder
+leaves ``PATH`` (moved elsewhere, or its LTFS tape unmounted) and comes
+back when the folder is put back or the tape mounted there again. Its
+capacity is the one written in ``VOLUME`` at labelling; the file system's
+own free space limits it too.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ logger = logging.getLogger(__name__)
 
 LABEL_FILE = "VOLUME"
 LABEL_FORMAT = "pacs-appliance volume 1"
+# What _problem says of a volume whose folder is simply not there.
+_ABSENT = "absent"
 
 
 class DirectoryLibrary(VolumeLibrary):
@@ -109,7 +112,7 @@ class DirectoryLibrary(VolumeLibrary):
         return self._info(record)
 
     def is_reachable(self, volume: str) -> bool:
-        return (self.path / check_label(volume) / LABEL_FILE).is_file()
+        return _problem(self.path / check_label(volume), volume) is None
 
     def free_bytes(self, volume: str) -> int:
         info = self._info(self._record(volume))
@@ -164,10 +167,16 @@ class DirectoryLibrary(VolumeLibrary):
     def list_packs(self, volume: str) -> list[PackLocation]:
         folder = self._folder(volume)
         found = []
-        for path in (folder / "packs").iterdir():
-            location = location_from_name(volume, path.name, path.stat().st_size)
-            if location is not None:
-                found.append(location)
+        try:
+            for path in (folder / "packs").iterdir():
+                location = location_from_name(volume, path.name, path.stat().st_size)
+                if location is not None:
+                    found.append(location)
+        except OSError as exc:
+            # Taken away while being listed: the volume is gone, not broken.
+            raise VolumeNotReachable(
+                f"volume {volume}: cannot list its packs: {exc}"
+            ) from exc
         return sorted(found, key=lambda location: location.position)
 
     def _receive(
@@ -190,11 +199,14 @@ class DirectoryLibrary(VolumeLibrary):
         """The folder of a reachable volume; VolumeNotReachable if shelved."""
         record = self._record(volume)
         folder = self.path / record.label
-        if not (folder / LABEL_FILE).is_file():
+        problem = _problem(folder, record.label)
+        if problem == _ABSENT:
             raise VolumeNotReachable(
                 f"volume {volume} is on the shelf: put its folder back as "
                 f"{folder} (or mount its tape there)"
             )
+        if problem:
+            raise VolumeNotReachable(f"volume {volume} cannot be used: {problem}")
         return folder
 
     def _record(self, volume: str) -> VolumeRecord:
@@ -241,7 +253,12 @@ class DirectoryLibrary(VolumeLibrary):
 
     def _info(self, record: VolumeRecord) -> VolumeInfo:
         folder = self.path / record.label
-        if not (folder / LABEL_FILE).is_file():
+        problem = _problem(folder, record.label)
+        if problem:
+            if problem != _ABSENT:
+                logger.warning(
+                    "directory volume %s cannot be used: %s", record.label, problem
+                )
             return VolumeInfo(record.label, record.capacity, record.used, False)
 
         return VolumeInfo(record.label, record.capacity, self._used(folder), True)
@@ -255,3 +272,32 @@ class DirectoryLibrary(VolumeLibrary):
         for leftover in self.path.glob("*/incoming/*.part"):
             leftover.unlink(missing_ok=True)
             logger.info("directory volumes: removed half-received %s", leftover)
+
+
+def _problem(folder: Path, volume: str) -> str | None:
+    """Why ``folder`` cannot serve as volume ``volume`` now: _ABSENT when it
+    is not there (on the shelf), a sentence when it is there but wrong;
+    None when it is ready.
+
+    The label file is read each time: the folder under a volume's name is
+    whatever a person last put there, and another volume's folder (swapped
+    on the way back from the vault, or the wrong LTFS tape mounted) must
+    neither be read as this one nor take its packs."""
+    try:
+        fields = json.loads((folder / LABEL_FILE).read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return _ABSENT
+    except (OSError, ValueError) as exc:
+        return f"its label file {folder / LABEL_FILE} is unreadable: {exc}"
+    named = fields.get("label") if isinstance(fields, dict) else None
+    if named != volume:
+        return (
+            f"{folder} holds volume {named}, not {volume}: put that folder back "
+            f"under its own name and {volume}'s folder here"
+        )
+    if not (folder / "packs").is_dir():
+        return (
+            f"{folder} has no packs folder: the folder is damaged or was not "
+            "copied back whole"
+        )
+    return None

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import VolumeError, VolumeFull, VolumeNotReachable
+from appliance.storage import durable
 from appliance.storage.volumes import tapeformat
 from appliance.storage.volumes.base import (
     PackLocation,
@@ -74,7 +75,10 @@ class TapeLibrary(VolumeLibrary):
         self.record_size = record_size
         self.read_size = max(record_size, MIN_READ_SIZE)
         self.load_timeout = load_timeout
-        state_path.mkdir(parents=True, exist_ok=True)
+        try:
+            state_path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise durable.translate_os_error(exc, f"cannot open {state_path}") from exc
         self.registry = Registry(state_path / "registry")
         # The label last read from the tape now in the drive; forgotten
         # whenever the changer moves a cartridge.

@@ -1,0 +1,37 @@
+"""``appliance volumes label --capacity``: a figure without its unit ("2"
+meant as 2T) would label a volume of 2 bytes, which takes no pack and
+cannot be labelled again; it is refused, and nothing is labelled."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def volumes(*args: str, folder: Path) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "appliance", "volumes", *args]
+    command += ["--data-dir", str(folder / "data")]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("capacity", ["2", "800", "999999", "0.5M"])
+def test_a_capacity_below_a_megabyte_is_refused(tmp_path: Path, capacity) -> None:
+    labelled = volumes("label", "L00001", "--capacity", capacity, folder=tmp_path)
+    listed = volumes("list", folder=tmp_path)
+
+    assert labelled.returncode == 2
+    assert "at least 1M" in labelled.stderr
+    assert "L00001" not in listed.stdout
+
+
+@pytest.mark.parametrize(
+    ("capacity", "shown"), [("1M", "976.6 KiB"), ("2T", "1.8 TiB")]
+)
+def test_a_capacity_with_its_unit_is_taken(tmp_path: Path, capacity, shown) -> None:
+    labelled = volumes("label", "L00002", "--capacity", capacity, folder=tmp_path)
+
+    assert labelled.returncode == 0, labelled.stderr
+    assert f"volume L00002 labelled, {shown} for packs" in labelled.stdout
