@@ -73,21 +73,27 @@ def test_a_sigterm_to_the_whole_service_is_no_failure_of_the_child(
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-def graceful() -> None:
-    """Stops on SIGTERM with exit code 0, as replication and commitment do."""
+def graceful(ready: str) -> None:
+    """Stops on SIGTERM with exit code 0, as replication and commitment do;
+    ``ready`` is made once it listens for it."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    Path(ready).touch()
     stop.wait(60)
 
 
 def test_a_graceful_child_in_a_stopping_service_is_no_failure(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     """The same with a child that finishes its step and exits 0 on SIGTERM."""
-    supervisor = ChildSupervisor(graceful, (), "graceful", stop_grace=10.0)
+    ready = tmp_path / "ready"
+    supervisor = ChildSupervisor(graceful, (str(ready),), "graceful", stop_grace=10.0)
     supervisor.start()
     running(supervisor)
     first = supervisor._child
+    deadline = time.monotonic() + 30
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
     with caplog.at_level(logging.INFO, logger="appliance.children"):
         os.kill(first.pid, signal.SIGTERM)
