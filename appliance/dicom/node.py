@@ -38,7 +38,7 @@ from appliance import audit, tls
 from appliance.audit import dicom as audit_dicom
 from appliance.catalog.store import Catalog
 from appliance.config import Config
-from appliance.dicom import commitment, filemeta, responses, retrieve
+from appliance.dicom import commitment, filemeta, fragments, responses, retrieve
 from appliance.dicom.access import AccessControl, Permissions
 from appliance.dicom.admission import MAX_REQUEST
 from appliance.hsm.recall import Recaller
@@ -116,11 +116,21 @@ def _guard_message_decoding() -> None:
     thread (which leaves the association hanging).
 
     Seen with a C-STORE request that lacks its Affected SOP Class UID, and
-    with a full online tier.
+    with a full online tier. Fragments out of their order are aborted the
+    same way, before pynetdicom reads them (``fragments.py``).
     """
     original = DIMSEServiceProvider.receive_primitive
 
     def receive_primitive(provider: DIMSEServiceProvider, primitive: Any) -> None:
+        pdvs = getattr(primitive, "presentation_data_value_list", [])
+        if wrong := fragments.out_of_order(provider.message, pdvs):
+            discard_partial_message(provider)
+            logger.warning(
+                "aborting association with %s: %s", _peer_of(provider.assoc), wrong
+            )
+            # A-P-ABORT, reason 'unexpected PDU parameter' (PS3.8 9.3.8).
+            provider.assoc.acse.send_ap_abort(0x05)
+            return
         try:
             original(provider, primitive)
         except OSError as exc:
