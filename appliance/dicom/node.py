@@ -73,6 +73,7 @@ NON_PATIENT_STORAGE_CLASSES = (
     "1.2.840.10008.5.1.4.1.1.201.1",  # Inventory Storage
 )
 NOT_AUTHORISED = 0x0124
+CANNOT_UNDERSTAND = 0xC000
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4.
 _REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 _REJECT_NO_REASON = (0x01, 0x01, 0x01)
@@ -577,6 +578,12 @@ class Node:
     def _on_store(self, event: evt.Event) -> Dataset:
         activity = self._activity.get(id(event.assoc))
         caller = activity.caller if activity else self.describe(event.assoc)
+        if event.dataset_path is None:
+            # Its command said no data set follows (PS3.7 9.3.1.1 needs one).
+            logger.warning("C-STORE from %s refused: no data set", caller)
+            if activity is not None:
+                activity.refused += 1
+            return _status(CANNOT_UNDERSTAND, "no data set")
         path = Path(event.dataset_path)
         if (
             activity is None
