@@ -449,6 +449,12 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
             status = self._send_one(store, item, req, index, originator)
             counts.remaining -= 1
             _count(counts, status, item)
+            ended = next((a for a in (self.assoc, store) if _ended(a)), None)
+            if ended is not None:
+                self._lost(ended, items, counts)
+                if ended is self.assoc:
+                    return counts  # no one is left to answer
+                break
             if counts.remaining:
                 self._respond(req, context, PENDING, counts)
 
@@ -461,6 +467,34 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
         comment = self._waiting if final != SUCCESS else None
         self._final(req, context, final, counts, comment)
         return counts
+
+    def _lost(
+        self,
+        ended: pynetdicom.association.Association,
+        items: list[_Item],
+        counts: _Counts,
+    ) -> None:
+        """Count the instances left unsent by an association that ended as
+        failed (a final response has no Remaining count), and say so once."""
+        done = len(items) - counts.remaining
+        left = items[done:]
+        counts.failed += len(left)
+        counts.failed_uids += [item.sop_instance_uid for item in left]
+        counts.remaining = 0
+        which = (
+            "its association"
+            if ended is self.assoc
+            else f"the association with {ended.acceptor.ae_title}"
+        )
+        logger.warning(
+            "retrieve from %s: %s ended after %d of %d sub-operations; "
+            "%d not sent, counted as failed",
+            self.node.describe(self.assoc),
+            which,
+            done,
+            len(items),
+            len(left),
+        )
 
     def _send_one(
         self,
@@ -493,13 +527,18 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
             RuntimeError,
             InvalidDicomError,
         ) as exc:
-            logger.warning(
-                "C-STORE sub-operation for %s failed: %s", item.sop_instance_uid, exc
-            )
+            if not _ended(store):  # else the loop says once what ended
+                logger.warning(
+                    "C-STORE sub-operation for %s failed: %s",
+                    item.sop_instance_uid,
+                    exc,
+                )
             return None
         finally:
             _SENDING.reset(sending)
         if "Status" not in response:
+            if _ended(store):
+                return None
             logger.warning(
                 "C-STORE sub-operation for %s: no response from %s",
                 item.sop_instance_uid,
@@ -597,6 +636,18 @@ def _query(identifier: Dataset, sop_class: str) -> Query:
     if level == "PATIENT":
         keys["IssuerOfPatientID"] = text_of(identifier, "IssuerOfPatientID")
     return Query(level="IMAGE", keys=keys)
+
+
+def _ended(assoc: pynetdicom.association.Association) -> bool:
+    """Whether ``assoc`` can carry no more messages: released, aborted by
+    either end, or its connection lost. An A-ABORT or a lost connection
+    waits in the DUL's queue until the association's reactor sees it, and
+    on the requester's association that reactor is the thread running this
+    retrieve: sending on regardless would wait out the DIMSE timeout for
+    every instance left."""
+    return (
+        not assoc.is_established or assoc.acse.is_aborted() or not assoc.dul.is_alive()
+    )
 
 
 def _count(counts: _Counts, status: int | None, item: _Item) -> None:
