@@ -1,4 +1,5 @@
-"""The order of a DIMSE message's fragments as they arrive (PS3.8 E.2).
+"""DIMSE message fragments: their order as they arrive, and the shortest
+PDU that can carry one (PS3.8 9.3.5, E.2).
 
 A message is sent as the fragments of its command set, the last one marked
 so, then, when the command announces a data set, the fragments of that data
@@ -17,6 +18,17 @@ from pynetdicom.dimse_messages import DIMSEMessage
 # Message Control Header bits (PS3.8 E.2).
 _COMMAND = 0x01
 _LAST = 0x02
+# A presentation data value item: its length (4 bytes), presentation
+# context ID and message control header (1 each), one byte of the message.
+_SHORTEST_PDU = 7
+
+
+def too_short(maximum: int | None) -> str:
+    """Why a peer's Maximum Length Received leaves no room for a single byte
+    of a message (0 means no limit), or ""."""
+    if maximum is None or maximum == 0 or maximum >= _SHORTEST_PDU:
+        return ""
+    return f"it takes PDUs of at most {maximum} bytes, too short for any message"
 
 
 def out_of_order(message: DIMSEMessage | None, pdvs: list[tuple[int, bytes]]) -> str:

@@ -513,6 +513,8 @@ class Node:
             # PS3.8 9.3.2.2: every proposed context names a transfer syntax.
             message = "a presentation context proposes no transfer syntax"
             return message, _REJECT_NO_REASON
+        if short := fragments.too_short(request.maximum_length_received):
+            return short, _REJECT_NO_REASON
         limit = self.config.get("node.max_associations")
         if self._total_associations() > limit:
             return f"{limit} associations already open", _REJECT_LIMIT

@@ -45,6 +45,7 @@ from appliance.catalog.coercion import CorrectedPatients, coerce
 from appliance.catalog.query import Query, find
 from appliance.catalog.records import text_of
 from appliance.config import Peer
+from appliance.dicom import fragments
 from appliance.dicom.find import decode_identifier, levels_of
 from appliance.dicom.find import serve as serve_find
 from appliance.dicom.handoff import QuickAckSocket
@@ -376,17 +377,18 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
             self._final(req, context, SUCCESS, _Counts(0))
             return _Counts(0)
 
-        store = self._associate(peer, items)
+        store, why = self._associate(peer, items)
         if store is None:
             counts = _Counts(0, failed=len(items))
             counts.failed_uids = [item.sop_instance_uid for item in items]
             logger.warning(
-                "C-MOVE from %s: cannot associate with %s at %s:%d%s",
+                "C-MOVE from %s: cannot associate with %s at %s:%d%s%s",
                 caller,
                 peer.ae_title,
                 peer.host,
                 peer.port,
                 " over TLS" if peer.tls else "",
+                f": {why}" if why else "",
             )
             self._final(req, context, ALL_FAILED, counts, "destination unreachable")
             return counts
@@ -408,7 +410,9 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
 
     def _associate(
         self, peer: Peer, items: list[_Item]
-    ) -> pynetdicom.association.Association | None:
+    ) -> tuple[pynetdicom.association.Association | None, str]:
+        """The association with the destination, or None and why (when it
+        is not already logged)."""
         contexts = _contexts_for(items)
         ae = AE(ae_title=self.node.ae_title)
         timeouts = self.node.config
@@ -422,14 +426,17 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
             tls_args = tls.client_args(self.node.config, peer)
         except ConfigError as exc:
             logger.error("C-MOVE to %s: %s", peer.ae_title, exc.problems[0][1])
-            return None
+            return None, ""
         assoc = ae.associate(
             peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args
         )
         if not assoc.is_established:
-            return None
+            return None, ""
+        if short := fragments.too_short(assoc.acceptor.maximum_length):
+            assoc.abort()
+            return None, short
         tune_requestor(assoc)
-        return assoc
+        return assoc, ""
 
     # -- the loop shared by both -------------------------------------------
 
