@@ -30,6 +30,7 @@ from pynetdicom import (
 )
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket
@@ -103,6 +104,10 @@ def configure_pynetdicom() -> None:
     # for it (C-MOVE, appliance.tls); pynetdicom's lines and traceback
     # would only repeat it.
     logging.getLogger("pynetdicom.transport").setLevel(logging.CRITICAL)
+    # What is wrong with a UID is said once with the peer: by ingest for a
+    # stored instance, by the guard below for a message that cannot be
+    # decoded. pynetdicom says it once more, twice for some, without the peer.
+    logging.getLogger("pynetdicom.utils").setLevel(logging.CRITICAL)
     retrieve.install()
     commitment.install()
     _guard_message_decoding()
@@ -116,11 +121,19 @@ def _guard_message_decoding() -> None:
     or written, instead of letting the exception end pynetdicom's network
     thread (which leaves the association hanging).
 
-    Seen with a C-STORE request that lacks its Affected SOP Class UID, and
+    Seen with a C-STORE request that lacks its Affected SOP Class UID, with
+    one whose Affected SOP Instance UID is longer than 64 characters, and
     with a full online tier. Fragments out of their order are aborted the
     same way, before pynetdicom reads them (``fragments.py``).
     """
     original = DIMSEServiceProvider.receive_primitive
+    to_primitive = DIMSEMessage.message_to_primitive
+
+    def message_to_primitive(message: DIMSEMessage) -> Any:
+        try:
+            return to_primitive(message)
+        except Exception as exc:
+            raise _Undecodable(f"{type(exc).__name__}: {exc}") from exc
 
     def receive_primitive(provider: DIMSEServiceProvider, primitive: Any) -> None:
         pdvs = getattr(primitive, "presentation_data_value_list", [])
@@ -140,12 +153,14 @@ def _guard_message_decoding() -> None:
             # was stored, and the sender gets an abort, not a success.
             discard_partial_message(provider)
             logger.error("aborting association: cannot receive a data set: %s", exc)
-        except Exception as exc:
+        except (Exception, _Undecodable) as exc:
             discard_partial_message(provider)
             logger.warning(
-                "aborting association: undecodable DIMSE message (%s: %s)",
-                type(exc).__name__,
-                exc,
+                "aborting association with %s: undecodable DIMSE message (%s)",
+                _peer_of(provider.assoc),
+                exc
+                if isinstance(exc, _Undecodable)
+                else f"{type(exc).__name__}: {exc}",
             )
         else:
             return
@@ -154,6 +169,15 @@ def _guard_message_decoding() -> None:
 
     # The wrapper takes any primitive; pynetdicom's signature names P_DATA.
     setattr(DIMSEServiceProvider, "receive_primitive", receive_primitive)  # noqa: B010
+    setattr(DIMSEMessage, "message_to_primitive", message_to_primitive)  # noqa: B010
+
+
+class _Undecodable(BaseException):
+    """A received message that pynetdicom cannot make its primitive of.
+
+    Not an Exception, so that it passes pynetdicom's own handler, which
+    would log an error and a traceback, to the guard that logs one line.
+    """
 
 
 def _guard_pdu_reading() -> None:
