@@ -39,6 +39,7 @@ PENDING = 0xFF00
 CANCELLED = 0xFE00
 IDENTIFIER_DOES_NOT_MATCH = 0xA900
 UNABLE_TO_PROCESS = 0xC000
+NOT_AUTHORISED = 0x0124
 
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
@@ -67,6 +68,18 @@ def serve(
     """Answer one C-FIND request on its association (PS3.4 C.4.1.3)."""
     syntax = context.transfer_syntax[0]
     message_id = int(req.MessageID or 0)
+    if not node.may_query(service.assoc):
+        # A caller that may only store has no Query/Retrieve context, but
+        # pynetdicom serves a request by the SOP class it names, on any
+        # context the caller has.
+        logger.warning(
+            "C-FIND from %s refused: caller not allowed to query",
+            node.describe(service.assoc),
+        )
+        comment = "not authorised to query"
+        _respond(service, req, context, NOT_AUTHORISED, None, comment)
+        _audit(node, service.assoc, req, syntax, None, comment)
+        return
     node.count_query(service.assoc)
     try:
         identifier = decode_identifier(req, syntax)

@@ -181,6 +181,10 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
     def _retrieve(self, req: C_GET | C_MOVE, context: PresentationContext) -> None:
         caller = self.node.describe(self.assoc)
         if not self.node.may_query(self.assoc):
+            # Reached on a storage context: see find.serve.
+            logger.warning(
+                "retrieve from %s refused: caller not allowed to retrieve", caller
+            )
             self._final(req, context, 0x0124, None, "not authorised to retrieve")
             return
         peer = None
