@@ -100,6 +100,7 @@ def serve(
         node.ae_title,
         lambda: service.is_cancelled(message_id),
         syntax,
+        caller=node.describe(service.assoc),
     )
     failure = ""
     for status, encoded, comment in answers:
@@ -217,19 +218,23 @@ def answer_find(
     is_cancelled: Callable[[], bool],
     syntax: UID,
     combined_datetime: bool = False,
+    caller: str = "?",
 ) -> Iterator[Answer]:
     """Yield the responses to a C-FIND: pending ones with their identifier
-    encoded in ``syntax``, then the final status (PS3.4 C.4.1.1.4)."""
+    encoded in ``syntax``, then the final status (PS3.4 C.4.1.1.4).
+    ``caller`` names the requester in the log line of a refusal."""
     is_cancelled = _latched(is_cancelled)
     try:
         query = query_from_identifier(identifier, sop_class)
         query.combined_datetime = combined_datetime
     except ValueError as exc:
-        logger.warning("C-FIND refused: %s", exc)
+        logger.warning("C-FIND from %s refused: %s", caller, exc)
         yield IDENTIFIER_DOES_NOT_MATCH, None, str(exc)
         return
     except Exception as exc:  # pydicom could not decode an element's bytes
-        logger.warning("C-FIND refused: cannot decode the identifier: %s", exc)
+        logger.warning(
+            "C-FIND from %s refused: cannot decode the identifier: %s", caller, exc
+        )
         yield UNABLE_TO_PROCESS, None, "cannot decode the identifier"
         return
 
