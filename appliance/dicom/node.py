@@ -87,6 +87,9 @@ _HEADER_SIZE = 6  # PDU type, reserved, length (PS3.8 9.3.1)
 # The longest PDU other than P-DATA-TF read on an association: as long as
 # the longest A-ASSOCIATE-RQ admitted (an A-ASSOCIATE-AC is never longer).
 _OTHER_PDU_MAX = MAX_REQUEST
+# What pynetdicom logs when it aborts an association for timeouts.network.
+_IDLE_MESSAGE = "Network timeout reached"
+_went_idle: weakref.WeakSet[Association] = weakref.WeakSet()
 
 
 def configure_pynetdicom() -> None:
@@ -108,12 +111,27 @@ def configure_pynetdicom() -> None:
     # stored instance, by the guard below for a message that cannot be
     # decoded. pynetdicom says it once more, twice for some, without the peer.
     logging.getLogger("pynetdicom.utils").setLevel(logging.CRITICAL)
+    # An association left idle is closed with one line of the node's own,
+    # which names the peer (Node._on_closed_connection).
+    logging.getLogger("pynetdicom.association").addFilter(_not_the_idle_line)
     retrieve.install()
     commitment.install()
     _guard_message_decoding()
     _guard_pdu_reading()
     _send_store_responses_directly()
     filemeta.install()
+
+
+def _not_the_idle_line(record: logging.LogRecord) -> bool:
+    """Drop pynetdicom's line for an idle association, noting the
+    association: the line is logged by its own thread, just before the
+    abort that closes it."""
+    if record.getMessage() != _IDLE_MESSAGE:
+        return True
+    thread = threading.current_thread()
+    if isinstance(thread, Association):
+        _went_idle.add(thread)
+    return False
 
 
 def _guard_message_decoding() -> None:
@@ -580,9 +598,11 @@ class Node:
         if activity is None:
             return
         events.association_closed(activity.accepted)
+        idle = event.assoc in _went_idle
         logger.info(
-            "association from %s closed: %d stored, %d refused, %d queries",
+            "association from %s closed%s: %d stored, %d refused, %d queries",
             activity.caller,
+            " after it was idle (timeouts.network)" if idle else "",
             activity.stored,
             activity.refused,
             activity.queries,
