@@ -117,8 +117,9 @@ def read_file_meta(path: Path) -> tuple[int, str]:
     The meta group ends at the first element of another group, as readers
     do, rather than trusting the group length (0002,0000).
 
-    Raise StructureError when the prefix is missing, the meta is cut short or
-    badly encoded, or it has no Transfer Syntax UID (0002,0010).  OSError
+    Raise StructureError when the prefix is missing, the meta is cut short,
+    badly encoded or followed by another, or it has no Transfer Syntax UID
+    (0002,0010).  OSError
     from opening or reading the file is not translated.
     """
     with path.open("rb") as file:
@@ -144,15 +145,29 @@ def _check_prefix(file: BinaryIO) -> None:
 
 
 def _walk_meta(file: BinaryIO, size: int) -> tuple[int, str | None]:
-    """Walk the group 0002 elements; return (end offset, transfer syntax)."""
+    """Walk the group 0002 elements; return (end offset, transfer syntax).
+
+    Their tags must ascend (PS3.5 7.1): a tag again or back means a second
+    file meta, e.g. a sender's that came with its data set, which readers
+    would merge into the first.
+    """
     offset = _PREAMBLE_AND_PREFIX
     syntax = None
+    previous = -1
     while offset < size:
         head = file.read(8)
         if len(head) >= 2 and struct.unpack_from("<H", head)[0] != 0x0002:
             break
 
         tag, length, header = _meta_header(file, head, offset)
+        if tag <= previous:
+            raise StructureError(
+                "a file meta element (group 0002) again after the file meta: "
+                "a second file meta in the data set",
+                offset,
+                tag,
+            )
+        previous = tag
         if length > size - offset - header:
             raise StructureError(
                 f"the file meta is cut short: value length {length} runs past "

@@ -768,7 +768,9 @@ def test_bad_request_is_refused_and_logged(
     assert int(status.Status) in FAILURES
     assert status.ErrorComment
     assert found is None
-    assert len(wait_for_problems(archive.appliance, offset)) == 1
+    problems = wait_for_problems(archive.appliance, offset)
+    assert len(problems) == 1
+    assert f"C-FIND from {client.CLIENT_AE}@127.0.0.1 refused" in problems[0]
     assert_still_serving(archive)
 
 
@@ -818,6 +820,7 @@ def test_undecodable_identifier_is_refused_and_logged(archive: Archive) -> None:
     problems = wait_for_problems(archive.appliance, offset)
     assert len(problems) == 1
     assert "cannot decode" in problems[0]
+    assert f"from {client.CLIENT_AE}@127.0.0.1" in problems[0]
     assert_still_serving(archive)
 
 

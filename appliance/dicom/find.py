@@ -39,6 +39,7 @@ PENDING = 0xFF00
 CANCELLED = 0xFE00
 IDENTIFIER_DOES_NOT_MATCH = 0xA900
 UNABLE_TO_PROCESS = 0xC000
+NOT_AUTHORISED = 0x0124
 
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
@@ -67,6 +68,18 @@ def serve(
     """Answer one C-FIND request on its association (PS3.4 C.4.1.3)."""
     syntax = context.transfer_syntax[0]
     message_id = int(req.MessageID or 0)
+    if not node.may_query(service.assoc):
+        # A caller that may only store has no Query/Retrieve context, but
+        # pynetdicom serves a request by the SOP class it names, on any
+        # context the caller has.
+        logger.warning(
+            "C-FIND from %s refused: caller not allowed to query",
+            node.describe(service.assoc),
+        )
+        comment = "not authorised to query"
+        _respond(service, req, context, NOT_AUTHORISED, None, comment)
+        _audit(node, service.assoc, req, syntax, None, comment)
+        return
     node.count_query(service.assoc)
     try:
         identifier = decode_identifier(req, syntax)
@@ -87,6 +100,7 @@ def serve(
         node.ae_title,
         lambda: service.is_cancelled(message_id),
         syntax,
+        caller=node.describe(service.assoc),
     )
     failure = ""
     for status, encoded, comment in answers:
@@ -204,19 +218,23 @@ def answer_find(
     is_cancelled: Callable[[], bool],
     syntax: UID,
     combined_datetime: bool = False,
+    caller: str = "?",
 ) -> Iterator[Answer]:
     """Yield the responses to a C-FIND: pending ones with their identifier
-    encoded in ``syntax``, then the final status (PS3.4 C.4.1.1.4)."""
+    encoded in ``syntax``, then the final status (PS3.4 C.4.1.1.4).
+    ``caller`` names the requester in the log line of a refusal."""
     is_cancelled = _latched(is_cancelled)
     try:
         query = query_from_identifier(identifier, sop_class)
         query.combined_datetime = combined_datetime
     except ValueError as exc:
-        logger.warning("C-FIND refused: %s", exc)
+        logger.warning("C-FIND from %s refused: %s", caller, exc)
         yield IDENTIFIER_DOES_NOT_MATCH, None, str(exc)
         return
     except Exception as exc:  # pydicom could not decode an element's bytes
-        logger.warning("C-FIND refused: cannot decode the identifier: %s", exc)
+        logger.warning(
+            "C-FIND from %s refused: cannot decode the identifier: %s", caller, exc
+        )
         yield UNABLE_TO_PROCESS, None, "cannot decode the identifier"
         return
 

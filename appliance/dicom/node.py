@@ -30,6 +30,7 @@ from pynetdicom import (
 )
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket
@@ -38,7 +39,7 @@ from appliance import audit, tls
 from appliance.audit import dicom as audit_dicom
 from appliance.catalog.store import Catalog
 from appliance.config import Config
-from appliance.dicom import commitment, filemeta, responses, retrieve
+from appliance.dicom import commitment, filemeta, fragments, responses, retrieve
 from appliance.dicom.access import AccessControl, Permissions
 from appliance.dicom.admission import MAX_REQUEST
 from appliance.hsm.recall import Recaller
@@ -73,6 +74,7 @@ NON_PATIENT_STORAGE_CLASSES = (
     "1.2.840.10008.5.1.4.1.1.201.1",  # Inventory Storage
 )
 NOT_AUTHORISED = 0x0124
+CANNOT_UNDERSTAND = 0xC000
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4.
 _REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 _REJECT_NO_REASON = (0x01, 0x01, 0x01)
@@ -85,6 +87,9 @@ _HEADER_SIZE = 6  # PDU type, reserved, length (PS3.8 9.3.1)
 # The longest PDU other than P-DATA-TF read on an association: as long as
 # the longest A-ASSOCIATE-RQ admitted (an A-ASSOCIATE-AC is never longer).
 _OTHER_PDU_MAX = MAX_REQUEST
+# What pynetdicom logs when it aborts an association for timeouts.network.
+_IDLE_MESSAGE = "Network timeout reached"
+_went_idle: weakref.WeakSet[Association] = weakref.WeakSet()
 
 
 def configure_pynetdicom() -> None:
@@ -102,6 +107,13 @@ def configure_pynetdicom() -> None:
     # for it (C-MOVE, appliance.tls); pynetdicom's lines and traceback
     # would only repeat it.
     logging.getLogger("pynetdicom.transport").setLevel(logging.CRITICAL)
+    # What is wrong with a UID is said once with the peer: by ingest for a
+    # stored instance, by the guard below for a message that cannot be
+    # decoded. pynetdicom says it once more, twice for some, without the peer.
+    logging.getLogger("pynetdicom.utils").setLevel(logging.CRITICAL)
+    # An association left idle is closed with one line of the node's own,
+    # which names the peer (Node._on_closed_connection).
+    logging.getLogger("pynetdicom.association").addFilter(_not_the_idle_line)
     retrieve.install()
     commitment.install()
     _guard_message_decoding()
@@ -110,17 +122,47 @@ def configure_pynetdicom() -> None:
     filemeta.install()
 
 
+def _not_the_idle_line(record: logging.LogRecord) -> bool:
+    """Drop pynetdicom's line for an idle association, noting the
+    association: the line is logged by its own thread, just before the
+    abort that closes it."""
+    if record.getMessage() != _IDLE_MESSAGE:
+        return True
+    thread = threading.current_thread()
+    if isinstance(thread, Association):
+        _went_idle.add(thread)
+    return False
+
+
 def _guard_message_decoding() -> None:
     """Abort an association whose incoming DIMSE message cannot be decoded
     or written, instead of letting the exception end pynetdicom's network
     thread (which leaves the association hanging).
 
-    Seen with a C-STORE request that lacks its Affected SOP Class UID, and
-    with a full online tier.
+    Seen with a C-STORE request that lacks its Affected SOP Class UID, with
+    one whose Affected SOP Instance UID is longer than 64 characters, and
+    with a full online tier. Fragments out of their order are aborted the
+    same way, before pynetdicom reads them (``fragments.py``).
     """
     original = DIMSEServiceProvider.receive_primitive
+    to_primitive = DIMSEMessage.message_to_primitive
+
+    def message_to_primitive(message: DIMSEMessage) -> Any:
+        try:
+            return to_primitive(message)
+        except Exception as exc:
+            raise _Undecodable(f"{type(exc).__name__}: {exc}") from exc
 
     def receive_primitive(provider: DIMSEServiceProvider, primitive: Any) -> None:
+        pdvs = getattr(primitive, "presentation_data_value_list", [])
+        if wrong := fragments.out_of_order(provider.message, pdvs):
+            discard_partial_message(provider)
+            logger.warning(
+                "aborting association with %s: %s", _peer_of(provider.assoc), wrong
+            )
+            # A-P-ABORT, reason 'unexpected PDU parameter' (PS3.8 9.3.8).
+            provider.assoc.acse.send_ap_abort(0x05)
+            return
         try:
             original(provider, primitive)
         except OSError as exc:
@@ -129,12 +171,14 @@ def _guard_message_decoding() -> None:
             # was stored, and the sender gets an abort, not a success.
             discard_partial_message(provider)
             logger.error("aborting association: cannot receive a data set: %s", exc)
-        except Exception as exc:
+        except (Exception, _Undecodable) as exc:
             discard_partial_message(provider)
             logger.warning(
-                "aborting association: undecodable DIMSE message (%s: %s)",
-                type(exc).__name__,
-                exc,
+                "aborting association with %s: undecodable DIMSE message (%s)",
+                _peer_of(provider.assoc),
+                exc
+                if isinstance(exc, _Undecodable)
+                else f"{type(exc).__name__}: {exc}",
             )
         else:
             return
@@ -143,6 +187,15 @@ def _guard_message_decoding() -> None:
 
     # The wrapper takes any primitive; pynetdicom's signature names P_DATA.
     setattr(DIMSEServiceProvider, "receive_primitive", receive_primitive)  # noqa: B010
+    setattr(DIMSEMessage, "message_to_primitive", message_to_primitive)  # noqa: B010
+
+
+class _Undecodable(BaseException):
+    """A received message that pynetdicom cannot make its primitive of.
+
+    Not an Exception, so that it passes pynetdicom's own handler, which
+    would log an error and a traceback, to the guard that logs one line.
+    """
 
 
 def _guard_pdu_reading() -> None:
@@ -502,6 +555,8 @@ class Node:
             # PS3.8 9.3.2.2: every proposed context names a transfer syntax.
             message = "a presentation context proposes no transfer syntax"
             return message, _REJECT_NO_REASON
+        if short := fragments.too_short(request.maximum_length_received):
+            return short, _REJECT_NO_REASON
         limit = self.config.get("node.max_associations")
         if self._total_associations() > limit:
             return f"{limit} associations already open", _REJECT_LIMIT
@@ -543,9 +598,11 @@ class Node:
         if activity is None:
             return
         events.association_closed(activity.accepted)
+        idle = event.assoc in _went_idle
         logger.info(
-            "association from %s closed: %d stored, %d refused, %d queries",
+            "association from %s closed%s: %d stored, %d refused, %d queries",
             activity.caller,
+            " after it was idle (timeouts.network)" if idle else "",
             activity.stored,
             activity.refused,
             activity.queries,
@@ -567,6 +624,12 @@ class Node:
     def _on_store(self, event: evt.Event) -> Dataset:
         activity = self._activity.get(id(event.assoc))
         caller = activity.caller if activity else self.describe(event.assoc)
+        if event.dataset_path is None:
+            # Its command said no data set follows (PS3.7 9.3.1.1 needs one).
+            logger.warning("C-STORE from %s refused: no data set", caller)
+            if activity is not None:
+                activity.refused += 1
+            return _status(CANNOT_UNDERSTAND, "no data set")
         path = Path(event.dataset_path)
         if (
             activity is None

@@ -45,6 +45,7 @@ from appliance.catalog.coercion import CorrectedPatients, coerce
 from appliance.catalog.query import Query, find
 from appliance.catalog.records import text_of
 from appliance.config import Peer
+from appliance.dicom import fragments
 from appliance.dicom.find import decode_identifier, levels_of
 from appliance.dicom.find import serve as serve_find
 from appliance.dicom.handoff import QuickAckSocket
@@ -180,6 +181,10 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
     def _retrieve(self, req: C_GET | C_MOVE, context: PresentationContext) -> None:
         caller = self.node.describe(self.assoc)
         if not self.node.may_query(self.assoc):
+            # Reached on a storage context: see find.serve.
+            logger.warning(
+                "retrieve from %s refused: caller not allowed to retrieve", caller
+            )
             self._final(req, context, 0x0124, None, "not authorised to retrieve")
             return
         peer = None
@@ -376,17 +381,18 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
             self._final(req, context, SUCCESS, _Counts(0))
             return _Counts(0)
 
-        store = self._associate(peer, items)
+        store, why = self._associate(peer, items)
         if store is None:
             counts = _Counts(0, failed=len(items))
             counts.failed_uids = [item.sop_instance_uid for item in items]
             logger.warning(
-                "C-MOVE from %s: cannot associate with %s at %s:%d%s",
+                "C-MOVE from %s: cannot associate with %s at %s:%d%s%s",
                 caller,
                 peer.ae_title,
                 peer.host,
                 peer.port,
                 " over TLS" if peer.tls else "",
+                f": {why}" if why else "",
             )
             self._final(req, context, ALL_FAILED, counts, "destination unreachable")
             return counts
@@ -408,7 +414,9 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
 
     def _associate(
         self, peer: Peer, items: list[_Item]
-    ) -> pynetdicom.association.Association | None:
+    ) -> tuple[pynetdicom.association.Association | None, str]:
+        """The association with the destination, or None and why (when it
+        is not already logged)."""
         contexts = _contexts_for(items)
         ae = AE(ae_title=self.node.ae_title)
         timeouts = self.node.config
@@ -422,14 +430,17 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
             tls_args = tls.client_args(self.node.config, peer)
         except ConfigError as exc:
             logger.error("C-MOVE to %s: %s", peer.ae_title, exc.problems[0][1])
-            return None
+            return None, ""
         assoc = ae.associate(
             peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args
         )
         if not assoc.is_established:
-            return None
+            return None, ""
+        if short := fragments.too_short(assoc.acceptor.maximum_length):
+            assoc.abort()
+            return None, short
         tune_requestor(assoc)
-        return assoc
+        return assoc, ""
 
     # -- the loop shared by both -------------------------------------------
 
@@ -449,6 +460,12 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
             status = self._send_one(store, item, req, index, originator)
             counts.remaining -= 1
             _count(counts, status, item)
+            ended = next((a for a in (self.assoc, store) if _ended(a)), None)
+            if ended is not None:
+                self._lost(ended, items, counts)
+                if ended is self.assoc:
+                    return counts  # no one is left to answer
+                break
             if counts.remaining:
                 self._respond(req, context, PENDING, counts)
 
@@ -461,6 +478,34 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
         comment = self._waiting if final != SUCCESS else None
         self._final(req, context, final, counts, comment)
         return counts
+
+    def _lost(
+        self,
+        ended: pynetdicom.association.Association,
+        items: list[_Item],
+        counts: _Counts,
+    ) -> None:
+        """Count the instances left unsent by an association that ended as
+        failed (a final response has no Remaining count), and say so once."""
+        done = len(items) - counts.remaining
+        left = items[done:]
+        counts.failed += len(left)
+        counts.failed_uids += [item.sop_instance_uid for item in left]
+        counts.remaining = 0
+        which = (
+            "its association"
+            if ended is self.assoc
+            else f"the association with {ended.acceptor.ae_title}"
+        )
+        logger.warning(
+            "retrieve from %s: %s ended after %d of %d sub-operations; "
+            "%d not sent, counted as failed",
+            self.node.describe(self.assoc),
+            which,
+            done,
+            len(items),
+            len(left),
+        )
 
     def _send_one(
         self,
@@ -493,13 +538,18 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
             RuntimeError,
             InvalidDicomError,
         ) as exc:
-            logger.warning(
-                "C-STORE sub-operation for %s failed: %s", item.sop_instance_uid, exc
-            )
+            if not _ended(store):  # else the loop says once what ended
+                logger.warning(
+                    "C-STORE sub-operation for %s failed: %s",
+                    item.sop_instance_uid,
+                    exc,
+                )
             return None
         finally:
             _SENDING.reset(sending)
         if "Status" not in response:
+            if _ended(store):
+                return None
             logger.warning(
                 "C-STORE sub-operation for %s: no response from %s",
                 item.sop_instance_uid,
@@ -597,6 +647,18 @@ def _query(identifier: Dataset, sop_class: str) -> Query:
     if level == "PATIENT":
         keys["IssuerOfPatientID"] = text_of(identifier, "IssuerOfPatientID")
     return Query(level="IMAGE", keys=keys)
+
+
+def _ended(assoc: pynetdicom.association.Association) -> bool:
+    """Whether ``assoc`` can carry no more messages: released, aborted by
+    either end, or its connection lost. An A-ABORT or a lost connection
+    waits in the DUL's queue until the association's reactor sees it, and
+    on the requester's association that reactor is the thread running this
+    retrieve: sending on regardless would wait out the DIMSE timeout for
+    every instance left."""
+    return (
+        not assoc.is_established or assoc.acse.is_aborted() or not assoc.dul.is_alive()
+    )
 
 
 def _count(counts: _Counts, status: int | None, item: _Item) -> None:

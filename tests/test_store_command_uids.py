@@ -1,0 +1,68 @@
+"""Non-conformant UIDs in the C-STORE command itself, sent byte by byte.
+
+A UID with letters is stored as it is, with the one WARNING line of the
+archive's own (which names the UID); pynetdicom's two lines about the
+same UID, without the peer, are not logged. A UID longer than 64
+characters cannot be decoded into pynetdicom's request: the association
+is aborted with one WARNING line naming the peer, where pynetdicom logged
+an error, a traceback and two more lines.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests import dicom_client as client
+from tests.conftest import Appliance, incoming_files
+from tests.test_store_wire import A_ABORT, SUCCESS, data_set, send_store
+
+
+@pytest.fixture(scope="module")
+def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
+    root = tmp_path_factory.mktemp("command-uids")
+    node = Appliance(root / "appliance", {"replication": {"enabled": False}})
+    node.directory.mkdir()
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+def _problems(appliance: Appliance, start: int) -> list[str]:
+    """Log lines since ``start`` but the association's closing line, once
+    that line is there."""
+    deadline = time.monotonic() + 20
+    while "association from WIRE" not in appliance.log()[start:]:
+        assert time.monotonic() < deadline, appliance.log()[start:]
+        time.sleep(0.05)
+    log = appliance.log()[start:]
+    assert "Traceback" not in log
+    return [line for line in log.splitlines() if " INFO " not in line]
+
+
+def test_a_uid_with_letters_is_stored_with_one_line(appliance: Appliance) -> None:
+    uid = f"1.2.826.0.1.3680043.8.498.{int(time.time())}.abc"
+    start = len(appliance.log())
+    assert send_store(appliance.port, uid.encode(), [data_set(uid)]) == SUCCESS
+    problems = _problems(appliance, start)
+    assert len(problems) == 1, problems
+    assert "non-conformant SOPInstanceUID" in problems[0]
+
+
+def test_a_uid_longer_than_64_characters_aborts_with_one_line(
+    appliance: Appliance,
+) -> None:
+    uid = f"1.2.826.0.1.3680043.8.498.{int(time.time())}." + "1" * 50
+    assert len(uid) > 64
+    start = len(appliance.log())
+    assert send_store(appliance.port, uid.encode(), [data_set(uid)]) == A_ABORT
+    problems = _problems(appliance, start)
+    assert len(problems) == 1, problems
+    assert "aborting association with WIRE@127.0.0.1" in problems[0]
+    assert "Affected SOP Instance UID" in problems[0]
+    assert incoming_files(appliance.data_dir / "online") == []
+    assert client.echo(appliance.port) == 0
