@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 # UIDs printed per kind of problem; the report file lists them all.
 _SHOWN = 50
 _MEGABYTES = re.compile(r"\d+(\.\d*)?")
+# How a restore names itself in the online tier's lock.
+RESTORE_HOLDER = "appliance restore"
 
 
 def register(main: click.Group, load: Loader) -> None:
@@ -219,12 +221,13 @@ def _claim(config: Config, folder: Path) -> Any:
     rebuilt, or restore it at the same time."""
     from appliance.errors import StorageError
     from appliance.restore.progress import is_pending
-    from appliance.storage.lock import claim_tier
+    from appliance.storage.lock import claim_tier, holder_of
 
     try:
-        return claim_tier(config.online_path, wait_for_workers=0.0)
+        return claim_tier(config.online_path, 0.0, holder=RESTORE_HOLDER)
     except StorageError:
-        if is_pending(folder):
+        # The service writes no name in the lock; another restore does.
+        if is_pending(folder) and not holder_of(config.online_path):
             raise StorageError(
                 "the service is running and restores in the background; follow "
                 "it with: appliance restore status --follow"
