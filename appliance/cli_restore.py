@@ -18,7 +18,12 @@ from rich.progress import (
 from appliance import logs
 from appliance.cli_shared import Loader, config_option, data_dir_option
 from appliance.config import Config
-from appliance.errors import ApplianceError, KeyStoreError, TransportError
+from appliance.errors import (
+    ApplianceError,
+    KeyStoreError,
+    OutOfSpaceError,
+    TransportError,
+)
 from appliance.terminal import progress_bar, size, transfer_bar
 
 logger = logging.getLogger(__name__)
@@ -477,6 +482,13 @@ def _failures() -> Iterator[None]:
     except TransportError as exc:
         click.echo(
             f"cannot read the mirror: {exc}; run the restore again to continue",
+            err=True,
+        )
+        sys.exit(1)
+    except OutOfSpaceError as exc:
+        click.echo(
+            f"restore stopped: {exc}; make room on the online tier (or lower "
+            "storage.reserved_bytes), then run the restore again to continue",
             err=True,
         )
         sys.exit(1)
