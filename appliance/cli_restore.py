@@ -495,3 +495,8 @@ def _failures() -> Iterator[None]:
     except ApplianceError as exc:
         click.echo(f"restore stopped: {exc}", err=True)
         sys.exit(1)
+    except KeyboardInterrupt:
+        # The data phase handles Ctrl-C itself, with a report; before it
+        # (the catalog phase) nothing unchecked was put in place.
+        click.echo("stopped: run the same command again to continue", err=True)
+        sys.exit(1)
