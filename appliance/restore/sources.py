@@ -23,6 +23,7 @@ from appliance.catalog import replication
 from appliance.catalog.replication import OFFSITE
 from appliance.catalog.store import Catalog
 from appliance.errors import ApplianceError, StorageError, TransportError
+from appliance.replication.identity import marker_archive
 from appliance.restore.cache import PackCache
 from appliance.restore.mirror import (
     Fetcher,
@@ -136,7 +137,11 @@ class Sources:
         return work
 
     def _latest_snapshot(self) -> tuple[Catalog, Snapshot] | None:
-        """The newest snapshot that opens, as a writable work catalog."""
+        """The newest snapshot that opens and is of the mirror's archive,
+        as a writable work catalog."""
+        archive = ""
+        if self.contents.snapshots:
+            archive = marker_archive(self.fetcher.transport, self.keys)
         for snapshot in self.contents.snapshots:
             folder = self._fresh_folder()
             try:
@@ -148,6 +153,19 @@ class Sources:
                 raise
             except ApplianceError as exc:
                 logger.warning("snapshot %s does not open: %s", snapshot.file.name, exc)
+                continue
+            # Another archive's snapshot opens when its keys were imported
+            # too: its packs and journal numbers are not this mirror's.
+            theirs = replication.mirror_note(catalog, "archive_id")
+            if archive and theirs and theirs != archive:
+                logger.warning(
+                    "snapshot %s is of another archive (%s; the mirror's "
+                    "identity marker names %s): left aside",
+                    snapshot.file.name,
+                    theirs,
+                    archive,
+                )
+                catalog.close()
                 continue
             logger.info("catalog snapshot %s opened", snapshot.file.name)
             return catalog, snapshot
