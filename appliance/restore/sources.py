@@ -183,15 +183,16 @@ class Sources:
             try:
                 self.fetcher.fetch_sealed(segment.file, text, self.keys, self.folder)
                 lines = text.read_text(encoding="utf-8").splitlines()
-                for entry in map(json.loads, lines):
-                    if entry["seq"] > included:
-                        found[entry["seq"]] = entry
+                read = [e for e in map(json.loads, lines) if e["seq"] > included]
             except TransportError:
                 raise
             except (ApplianceError, ValueError, KeyError, OSError) as exc:
                 logger.warning("journal segment %s: %s", segment.file.name, exc)
+                continue
             finally:
                 text.unlink(missing_ok=True)
+            for entry in read:
+                _take(found, entry, segment.file.name)
         gaps = [n for n in range(included + 1, wanted + 1) if n not in found]
         if gaps:
             raise StorageError(
@@ -254,6 +255,22 @@ def merge_pack_file(
     merge_manifest(work.catalog, manifest, remote, digest, tier)
     work.next_pack = max(work.next_pack, pack_number(pack_id) + 1)
     return True
+
+
+def _take(found: dict[int, dict[str, Any]], entry: dict[str, Any], name: str) -> None:
+    """Add a journal entry; segments may overlap, with the same entries.
+
+    An entry that differs from the one already found under its number is
+    another history (a segment of another archive, whose keys opened it):
+    the journal cannot say which is this archive's, the manifests can.
+    """
+    number = entry["seq"]
+    if found.get(number, entry) != entry:
+        raise StorageError(
+            f"journal entry {number} in segment {name} differs from the one "
+            "another segment holds (a segment of another archive?)"
+        )
+    found[number] = entry
 
 
 def _next_pack(catalog: Catalog) -> int:
