@@ -64,17 +64,37 @@ def register(main: click.Group, load: Loader) -> None:
         config_file: Path | None, data_dir: str | None, escrow_file: Path
     ) -> None:
         """Add the master keys of an escrow file (disaster recovery)."""
-        from appliance.storage.keys import import_escrow, key_store_path
+        from appliance.storage.keys import (
+            import_escrow,
+            key_store_path,
+            parse_escrow,
+        )
 
         config = load(config_file, {"storage.data_dir": data_dir})
         try:
-            store = import_escrow(
-                key_store_path(config.data_dir), escrow_file.read_text()
-            )
-        except (ApplianceError, OSError, UnicodeDecodeError) as exc:
+            text = escrow_file.read_text(encoding="utf-8")
+            store = import_escrow(key_store_path(config.data_dir), text)
+        except UnicodeDecodeError:
+            click.echo(f"cannot import {escrow_file}: not an escrow text", err=True)
+            sys.exit(1)
+        except OSError as exc:
+            click.echo(f"cannot import {escrow_file}: {exc.strerror}", err=True)
+            sys.exit(1)
+        except ApplianceError as exc:
             click.echo(f"cannot import {escrow_file}: {exc}", err=True)
             sys.exit(1)
         click.echo(f"{len(store.keys)} master key(s); current {store.current_id}")
+        escrowed = {key.key_id for key in parse_escrow(text)[0]}
+        if store.current_id not in escrowed:
+            # Started before the import (it made a key), or another escrow
+            # came first: new packs would go under a key no escrow holds.
+            click.echo(
+                f"the current key stays {store.current_id}, which {escrow_file} "
+                "does not hold: new packs and catalog snapshots are encrypted "
+                "under it. Export the keys again (appliance keys export) and "
+                f"keep that text in the escrow in place of {escrow_file}.",
+                err=True,
+            )
 
     @keys.command()
     @config_option

@@ -18,7 +18,12 @@ from rich.progress import (
 from appliance import logs
 from appliance.cli_shared import Loader, config_option, data_dir_option
 from appliance.config import Config
-from appliance.errors import ApplianceError, KeyStoreError, TransportError
+from appliance.errors import (
+    ApplianceError,
+    KeyStoreError,
+    OutOfSpaceError,
+    TransportError,
+)
 from appliance.terminal import progress_bar, size, transfer_bar
 
 logger = logging.getLogger(__name__)
@@ -26,6 +31,8 @@ logger = logging.getLogger(__name__)
 # UIDs printed per kind of problem; the report file lists them all.
 _SHOWN = 50
 _MEGABYTES = re.compile(r"\d+(\.\d*)?")
+# How a restore names itself in the online tier's lock.
+RESTORE_HOLDER = "appliance restore"
 
 
 def register(main: click.Group, load: Loader) -> None:
@@ -219,12 +226,13 @@ def _claim(config: Config, folder: Path) -> Any:
     rebuilt, or restore it at the same time."""
     from appliance.errors import StorageError
     from appliance.restore.progress import is_pending
-    from appliance.storage.lock import claim_tier
+    from appliance.storage.lock import claim_tier, holder_of
 
     try:
-        return claim_tier(config.online_path, wait_for_workers=0.0)
+        return claim_tier(config.online_path, 0.0, holder=RESTORE_HOLDER)
     except StorageError:
-        if is_pending(folder):
+        # The service writes no name in the lock; another restore does.
+        if is_pending(folder) and not holder_of(config.online_path):
             raise StorageError(
                 "the service is running and restores in the background; follow "
                 "it with: appliance restore status --follow"
@@ -477,6 +485,18 @@ def _failures() -> Iterator[None]:
             err=True,
         )
         sys.exit(1)
+    except OutOfSpaceError as exc:
+        click.echo(
+            f"restore stopped: {exc}; make room on the online tier (or lower "
+            "storage.reserved_bytes), then run the restore again to continue",
+            err=True,
+        )
+        sys.exit(1)
     except ApplianceError as exc:
         click.echo(f"restore stopped: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        # The data phase handles Ctrl-C itself, with a report; before it
+        # (the catalog phase) nothing unchecked was put in place.
+        click.echo("stopped: run the same command again to continue", err=True)
         sys.exit(1)

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from appliance.cli_restore import (
+    RESTORE_HOLDER,
     _catalog,
     _keys,
     _print_rebuild,
@@ -34,7 +35,7 @@ def restore_from_volumes(config: Config) -> bool:
     online = OnlineTier(config.online_path, config.get("storage.reserved_bytes"))
     online.open()
     # No appliance may serve this tier while it is restored.
-    lock = claim_tier(config.online_path, wait_for_workers=0.0)
+    lock = claim_tier(config.online_path, 0.0, holder=RESTORE_HOLDER)
     folder = config.data_dir / "restore"
     folder.mkdir(parents=True, exist_ok=True)
     try:

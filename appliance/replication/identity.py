@@ -110,6 +110,18 @@ def _adopt(catalog: Catalog, transport: Any, theirs: str) -> str:
     return theirs
 
 
+def marker_archive(transport: Any, keys: KeyStore) -> str:
+    """The archive id the mirror's marker names; empty when it has none, or
+    none that opens with ``keys`` (a restore then has nothing to compare)."""
+    if transport.size(MARKER) is None:
+        return ""
+    try:
+        return _read_marker(transport, keys)
+    except ForeignMirrorError as exc:
+        logger.warning("mirror: %s", exc)
+        return ""
+
+
 def _holds_any(transport: Any, recorded: list[Any]) -> bool:
     """Whether the mirror holds one of the newest recorded packs whole."""
     newest = sorted(recorded, key=lambda pack: pack.pack_id)[-_PACKS_LOOKED_FOR:]

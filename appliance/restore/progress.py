@@ -99,6 +99,7 @@ class Tracker:
     _samples: deque[tuple[float, int]] = field(default_factory=deque)
     _written: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _late: threading.Timer | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         now = time.time()
@@ -142,8 +143,13 @@ class Tracker:
     def _write(self, force: bool) -> None:
         if self.shown is not None:
             self.shown(self.snapshot)
-        if not force and time.monotonic() - self._written < _WRITE_EVERY:
+        wait = self._written + _WRITE_EVERY - time.monotonic()
+        if not force and wait > 0:
+            self._write_later(wait)
             return
+        self._save()
+
+    def _save(self) -> None:
         self.snapshot.updated = time.time()
         try:
             _write(self.folder / PROGRESS, self.snapshot.as_json())
@@ -151,6 +157,20 @@ class Tracker:
             # The numbers are for people; the restore goes on without them.
             logger.warning("cannot write the restore's progress: %s", exc)
         self._written = time.monotonic()
+
+    def _write_later(self, wait: float) -> None:
+        """Write the numbers held back once ``wait`` is over: the next
+        change may be a long fetch away, and the file would show the
+        numbers from before the last ones meanwhile."""
+        if self._late is None:
+            self._late = threading.Timer(wait, self._write_held_back)
+            self._late.daemon = True
+            self._late.start()
+
+    def _write_held_back(self) -> None:
+        with self._lock:
+            self._late = None
+            self._save()
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:

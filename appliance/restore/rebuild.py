@@ -163,12 +163,19 @@ def _refuse_if_nothing_opened(work: WorkCatalog, contents: MirrorContents) -> No
     if not contents.packs or work.catalog.counts().get("instances", 0):
         return
     unreadable = len(work.unreadable)
+    sealed = len(contents.snapshots) + len(contents.segments)
+    others = (
+        f"{len(contents.snapshots)} catalog snapshot(s) and "
+        f"{len(contents.segments)} journal segment(s) that do not open"
+        if sealed
+        else "no catalog snapshot or journal"
+    )
     raise StorageError(
         f"nothing on {contents.where} opens with the master keys in the key "
         f"store ({unreadable} of {len(contents.packs)} pack(s) unreadable, and "
-        "no catalog snapshot or journal): import the escrow copy of this "
-        "archive's keys (appliance keys import) and run the restore again; "
-        "nothing was put in place"
+        f"{others}): import the escrow copy of this archive's keys "
+        "(appliance keys import) and run the restore again; nothing was put "
+        "in place"
     )
 
 

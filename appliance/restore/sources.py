@@ -23,6 +23,7 @@ from appliance.catalog import replication
 from appliance.catalog.replication import OFFSITE
 from appliance.catalog.store import Catalog
 from appliance.errors import ApplianceError, StorageError, TransportError
+from appliance.replication.identity import marker_archive
 from appliance.restore.cache import PackCache
 from appliance.restore.mirror import (
     Fetcher,
@@ -136,7 +137,11 @@ class Sources:
         return work
 
     def _latest_snapshot(self) -> tuple[Catalog, Snapshot] | None:
-        """The newest snapshot that opens, as a writable work catalog."""
+        """The newest snapshot that opens and is of the mirror's archive,
+        as a writable work catalog."""
+        archive = ""
+        if self.contents.snapshots:
+            archive = marker_archive(self.fetcher.transport, self.keys)
         for snapshot in self.contents.snapshots:
             folder = self._fresh_folder()
             try:
@@ -148,6 +153,19 @@ class Sources:
                 raise
             except ApplianceError as exc:
                 logger.warning("snapshot %s does not open: %s", snapshot.file.name, exc)
+                continue
+            # Another archive's snapshot opens when its keys were imported
+            # too: its packs and journal numbers are not this mirror's.
+            theirs = replication.mirror_note(catalog, "archive_id")
+            if archive and theirs and theirs != archive:
+                logger.warning(
+                    "snapshot %s is of another archive (%s; the mirror's "
+                    "identity marker names %s): left aside",
+                    snapshot.file.name,
+                    theirs,
+                    archive,
+                )
+                catalog.close()
                 continue
             logger.info("catalog snapshot %s opened", snapshot.file.name)
             return catalog, snapshot
@@ -165,15 +183,16 @@ class Sources:
             try:
                 self.fetcher.fetch_sealed(segment.file, text, self.keys, self.folder)
                 lines = text.read_text(encoding="utf-8").splitlines()
-                for entry in map(json.loads, lines):
-                    if entry["seq"] > included:
-                        found[entry["seq"]] = entry
+                read = [e for e in map(json.loads, lines) if e["seq"] > included]
             except TransportError:
                 raise
             except (ApplianceError, ValueError, KeyError, OSError) as exc:
                 logger.warning("journal segment %s: %s", segment.file.name, exc)
+                continue
             finally:
                 text.unlink(missing_ok=True)
+            for entry in read:
+                _take(found, entry, segment.file.name)
         gaps = [n for n in range(included + 1, wanted + 1) if n not in found]
         if gaps:
             raise StorageError(
@@ -236,6 +255,22 @@ def merge_pack_file(
     merge_manifest(work.catalog, manifest, remote, digest, tier)
     work.next_pack = max(work.next_pack, pack_number(pack_id) + 1)
     return True
+
+
+def _take(found: dict[int, dict[str, Any]], entry: dict[str, Any], name: str) -> None:
+    """Add a journal entry; segments may overlap, with the same entries.
+
+    An entry that differs from the one already found under its number is
+    another history (a segment of another archive, whose keys opened it):
+    the journal cannot say which is this archive's, the manifests can.
+    """
+    number = entry["seq"]
+    if found.get(number, entry) != entry:
+        raise StorageError(
+            f"journal entry {number} in segment {name} differs from the one "
+            "another segment holds (a segment of another archive?)"
+        )
+    found[number] = entry
 
 
 def _next_pack(catalog: Catalog) -> int:

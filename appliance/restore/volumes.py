@@ -255,7 +255,7 @@ class VolumeReader:
         pack read from another volume already is not)."""
         pack_id = location.pack_id
         elsewhere = self.state.knows(pack_id)
-        if elsewhere is not None:
+        if elsewhere is not None and self._same_as_read(location, elsewhere):
             logger.warning(
                 "pack %s is on volume %s and on %s: the copy on %s is used",
                 pack_id,
@@ -263,6 +263,18 @@ class VolumeReader:
                 location.volume,
                 elsewhere,
             )
+            return False
+        if elsewhere is not None:
+            # Not a copy: another pack under its number, as a volume of
+            # another archive holds. Its instances are unknown, and what
+            # this archive's volume held is not here: the report says so.
+            why = (
+                f"volume {location.volume} holds other bytes under the number "
+                f"of pack {pack_id} of volume {elsewhere}: is it this "
+                "archive's volume?"
+            )
+            logger.error("pack %s: %s", pack_id, why)
+            self.work.unreadable[f"{pack_id} on {location.volume}"] = why
             return False
         path = self.folder / "pack.spool"
         try:
@@ -279,6 +291,14 @@ class VolumeReader:
         finally:
             path.unlink(missing_ok=True)
         return True
+
+    def _same_as_read(self, location: PackLocation, volume: str) -> bool:
+        """Whether ``location`` holds the bytes of the pack of its number
+        read from ``volume``: a copy of the same pack."""
+        read = [p for p in self.state.packs[volume] if p["pack_id"] == location.pack_id]
+        return any(
+            (p["size"], p["sha256"]) == (location.size, location.sha256) for p in read
+        )
 
     def _read_whole(self, location: PackLocation, path: Path) -> None:
         """Copy a pack from its volume as it is; note it when its bytes

@@ -4,7 +4,10 @@ Two files in the tier's root, locked with flock (released by the kernel
 when a process dies, however it dies):
 
     serve.lock    held exclusively by the listener for its whole life; a
-                  second ``appliance serve`` on the same tier stops at once
+                  second ``appliance serve`` on the same tier stops at once.
+                  Also by ``appliance restore``, which writes so in it
+                  (``appliance restore (pid N)``), so that whoever is
+                  refused is told who holds it
     workers.lock  held shared by every worker process; a new listener waits
                   for the workers of a previous run (which may still be
                   finishing associations) before it clears ``incoming/``
@@ -50,24 +53,38 @@ class TierLock:
             self._fd = fd
             return True
 
+    def note(self, text: str) -> None:
+        """Write ``text`` in the held lock file, for those it keeps out."""
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, text.encode("utf-8"), 0)
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
 
 
-def claim_tier(root: Path, wait_for_workers: float) -> TierLock:
-    """Make this process the only listener serving the tier at ``root``.
+def claim_tier(root: Path, wait_for_workers: float, holder: str = "") -> TierLock:
+    """Make this process the only listener serving the tier at ``root``;
+    ``holder`` names a process that holds it without serving (a restore).
 
     Raises StorageError when another appliance serves it, or when workers of
     an earlier run are still busy after ``wait_for_workers`` seconds.
     """
     serve = TierLock(root, SERVE_LOCK)
     if not serve.acquire(exclusive=True):
+        other = holder_of(root)
+        if other:
+            raise StorageError(
+                f"{other} is using {root} (it holds {serve.path}): wait for "
+                "it to end, or stop it, first"
+            )
         raise StorageError(
             f"another appliance is already serving {root} (it holds "
             f"{serve.path}); stop it first"
         )
+    serve.note(f"{holder} (pid {os.getpid()})" if holder else "")
 
     workers = TierLock(root, WORKERS_LOCK)
     if not workers.acquire(exclusive=True, wait=0.0):
@@ -97,6 +114,15 @@ def claim_catalog(folder: Path) -> TierLock:
             "storage.catalog_path"
         )
     return lock
+
+
+def holder_of(root: Path) -> str:
+    """What the process holding ``serve.lock`` wrote in it: empty for the
+    service, which writes nothing."""
+    try:
+        return (root / SERVE_LOCK).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 def serving(root: Path) -> bool:

@@ -101,8 +101,8 @@ class OnlineTier:
         free = shutil.disk_usage(self.root).free
         if free - size < self.reserved_bytes:
             raise OutOfSpaceError(
-                f"online tier {self.root} has {free} bytes free, "
-                f"{self.reserved_bytes} are reserved"
+                f"no room for {size} bytes more: online tier {self.root} has "
+                f"{free} bytes free, {self.reserved_bytes} are reserved"
             )
 
     def adopt(self, received: Path, key: str, flushed: bool = False) -> Path:

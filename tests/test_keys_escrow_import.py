@@ -1,0 +1,85 @@
+"""``appliance keys import`` as a disaster-recovery team runs it: what it
+says when the key store already had a current key of its own (the service
+was started before the import, or another escrow was imported first), and
+when the file given is no escrow text at all."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from appliance.storage.keys import KeyStore, MasterKey, key_store_path
+
+_COMMAND = (sys.executable, "-m", "appliance")
+
+
+def keys(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*_COMMAND, "keys", *args, "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def escrow_of_another_archive(tmp_path: Path) -> tuple[Path, str]:
+    """An escrow text, and the id of its current key."""
+    key = MasterKey.generate()
+    store = KeyStore(tmp_path / "lost" / "master.keys", {key.key_id: key}, key.key_id)
+    path = tmp_path / "escrow.txt"
+    path.write_text(store.export_escrow())
+    return path, key.key_id
+
+
+def test_importing_into_a_new_store_takes_the_escrows_current_key(
+    tmp_path: Path,
+) -> None:
+    escrow, escrowed = escrow_of_another_archive(tmp_path)
+
+    done = keys(tmp_path / "data", "import", str(escrow))
+
+    assert done.returncode == 0, done.stderr
+    assert f"current {escrowed}" in done.stdout
+    assert "export" not in done.stdout + done.stderr
+
+
+def test_a_current_key_the_escrow_lacks_is_named_with_what_to_do(
+    tmp_path: Path,
+) -> None:
+    """New packs go under the store's own current key: an escrow without
+    it could not read them after the next disaster."""
+    data_dir = tmp_path / "data"
+    made = keys(data_dir, "init")
+    assert made.returncode == 0, made.stderr
+    own = KeyStore.load(key_store_path(data_dir)).current_id
+    escrow, _escrowed = escrow_of_another_archive(tmp_path)
+
+    done = keys(data_dir, "import", str(escrow))
+
+    assert done.returncode == 0, done.stderr
+    assert KeyStore.load(key_store_path(data_dir)).current_id == own
+    warning = done.stderr
+    assert own in warning and str(escrow) in warning
+    assert "appliance keys export" in warning
+
+
+def test_a_file_that_is_not_text_is_refused_plainly(tmp_path: Path) -> None:
+    binary = tmp_path / "escrow.bin"
+    binary.write_bytes(bytes(range(256)))
+
+    done = keys(tmp_path / "data", "import", str(binary))
+
+    assert done.returncode == 1
+    assert "not an escrow text" in done.stderr
+    assert "codec" not in done.stderr
+
+
+def test_a_missing_file_is_named_without_errno(tmp_path: Path) -> None:
+    missing = tmp_path / "escrow.txt"
+
+    done = keys(tmp_path / "data", "import", str(missing))
+
+    assert done.returncode == 1
+    assert str(missing) in done.stderr and "no such file" in done.stderr.lower()
+    assert "Errno" not in done.stderr
