@@ -25,6 +25,21 @@ TEST_FILES = PYDICOM_DATA / "test_files"
 DCMTK_TOOLS = ("echoscu", "storescu", "findscu", "movescu", "getscu", "storescp")
 
 
+@contextlib.contextmanager
+def started(
+    directory: Path, settings: dict[str, dict[str, object]] | None = None
+) -> Iterator[Appliance]:
+    """An appliance in ``directory`` (made here) with ``settings`` over the
+    archive core's (replication off), running while the block runs."""
+    node = Appliance(directory, {"replication": {"enabled": False}, **(settings or {})})
+    node.directory.mkdir()
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
 def incoming_files(online_root: Path) -> list[Path]:
     """Files left in an online tier's incoming/ folders (should be none)."""
     return [path for path in (online_root / "incoming").rglob("*") if path.is_file()]

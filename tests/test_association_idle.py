@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests import dicom_client as client
-from tests.conftest import Appliance
+from tests.conftest import Appliance, started
 from tests.test_store_wire import associate_rq, read_pdu
 
 A_ASSOCIATE_AC = 0x02
@@ -24,14 +24,8 @@ A_ABORT = 0x07
 @pytest.fixture(scope="module")
 def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
     root = tmp_path_factory.mktemp("idle")
-    settings = {"replication": {"enabled": False}, "timeouts": {"network": 1.0}}
-    node = Appliance(root / "appliance", settings)
-    node.directory.mkdir()
-    node.start()
-    try:
+    with started(root / "appliance", {"timeouts": {"network": 1.0}}) as node:
         yield node
-    finally:
-        node.stop()
 
 
 def test_an_idle_association_is_aborted_with_one_line(appliance: Appliance) -> None:

@@ -16,20 +16,15 @@ from collections.abc import Iterator
 import pytest
 
 from tests import dicom_client as client
-from tests.conftest import Appliance, incoming_files
+from tests.conftest import Appliance, incoming_files, started
 from tests.test_store_wire import A_ABORT, SUCCESS, data_set, send_store
 
 
 @pytest.fixture(scope="module")
 def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
     root = tmp_path_factory.mktemp("command-uids")
-    node = Appliance(root / "appliance", {"replication": {"enabled": False}})
-    node.directory.mkdir()
-    node.start()
-    try:
+    with started(root / "appliance") as node:
         yield node
-    finally:
-        node.stop()
 
 
 def _problems(appliance: Appliance, start: int) -> list[str]:

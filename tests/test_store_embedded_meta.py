@@ -23,7 +23,7 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian
 
 from tests import dicom_client as client
-from tests.conftest import Appliance, incoming_files
+from tests.conftest import Appliance, incoming_files, started
 from tests.test_store_wire import CT_STORAGE, data_set, send_store
 
 CANNOT_UNDERSTAND = 0xC000
@@ -32,13 +32,8 @@ CANNOT_UNDERSTAND = 0xC000
 @pytest.fixture(scope="module")
 def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
     root = tmp_path_factory.mktemp("embedded-meta")
-    node = Appliance(root / "appliance", {"replication": {"enabled": False}})
-    node.directory.mkdir()
-    node.start()
-    try:
+    with started(root / "appliance") as node:
         yield node
-    finally:
-        node.stop()
 
 
 def _with_file_meta(uid: str, meta_uid: str, syntax: str) -> bytes:

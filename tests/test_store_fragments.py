@@ -19,9 +19,10 @@ from collections.abc import Iterator
 import pytest
 
 from tests import dicom_client as client
-from tests.conftest import Appliance, incoming_files
+from tests.conftest import Appliance, incoming_files, started
 from tests.test_store_wire import (
     A_ABORT,
+    _uid_for,
     associate_rq,
     data_set,
     p_data,
@@ -43,17 +44,8 @@ WITH_DATA_SET = struct.pack("<HHIH", 0x0000, 0x0800, 2, 0x0001)
 @pytest.fixture(scope="module")
 def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
     root = tmp_path_factory.mktemp("store-fragments")
-    node = Appliance(root / "appliance", {"replication": {"enabled": False}})
-    node.directory.mkdir()
-    node.start()
-    try:
+    with started(root / "appliance") as node:
         yield node
-    finally:
-        node.stop()
-
-
-def _uid_for(name: str) -> str:
-    return f"1.2.826.0.1.3680043.8.498.{int(time.time())}.{name}"
 
 
 def _send(appliance: Appliance, pdus: list[bytes]) -> tuple[int, bytes]:

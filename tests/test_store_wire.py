@@ -24,7 +24,7 @@ from pynetdicom.dsutils import create_file_meta
 
 from appliance.dicom import filemeta
 from tests import dicom_client as client
-from tests.conftest import TEST_FILES, Appliance, incoming_files
+from tests.conftest import TEST_FILES, Appliance, incoming_files, started
 
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 SUCCESS = 0x0000
@@ -142,13 +142,8 @@ def pydicom_file(instance_uid: str, data: bytes) -> bytes:
 @pytest.fixture(scope="module")
 def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
     root = tmp_path_factory.mktemp("store-wire")
-    node = Appliance(root / "appliance", {"replication": {"enabled": False}})
-    node.directory.mkdir()
-    node.start()
-    try:
+    with started(root / "appliance") as node:
         yield node
-    finally:
-        node.stop()
 
 
 def _uid_for(name: str) -> str:
