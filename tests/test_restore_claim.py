@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from appliance.restore.progress import read as read_progress
+from tests.conftest import free_port
 from tests.restore_site import Restored, mirror_settings
 
 _COMMAND = (sys.executable, "-m", "appliance")
@@ -60,7 +61,14 @@ def test_a_service_started_during_a_restore_is_told_that_a_restore_runs(
     paused: Restored,
 ) -> None:
     started = subprocess.run(
-        [*_COMMAND, "serve", "--port", "0", "--config", str(paused.config_path)],
+        [
+            *_COMMAND,
+            "serve",
+            "--port",
+            str(free_port()),
+            "--config",
+            str(paused.config_path),
+        ],
         capture_output=True,
         text=True,
         timeout=60,

@@ -45,7 +45,7 @@ def test_ctrl_c_in_the_catalog_phase_says_to_run_it_again(disaster, site) -> Non
         if process.poll() is None:
             process.kill()
 
-    assert process.returncode == 1
+    assert process.returncode == 1, err
     assert "Aborted" not in err and "Traceback" not in err
     assert "run the same command again" in err
     assert not restored.config.catalog_path.exists() or not any(
