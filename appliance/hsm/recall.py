@@ -43,6 +43,8 @@ from appliance.storage.packs import PackReader
 
 logger = logging.getLogger(__name__)
 
+_NOT_FLUSHED = "cannot flush the recalled files"
+
 # Called with (instances staged so far, instances to stage).
 Progress = Callable[[int, int], None]
 
@@ -210,15 +212,12 @@ class Recaller:
                             pack, records, staged, result, staged_one, note, pool
                         )
                     source = tier_name if len(staged) > before else source
-                # Each file was flushed where it was extracted; their folders'
-                # new names are flushed here, once for all of a folder's files,
-                # before the catalog counts them.
-                self._flush_folders(staged, pool)
-            except (OSError, _NotFlushed) as exc:
-                error = exc.error if isinstance(exc, _NotFlushed) else exc
-                raise translate_os_error(
-                    error, "cannot flush the recalled files"
-                ) from error
+            except _NotFlushed as exc:
+                raise translate_os_error(exc.error, _NOT_FLUSHED) from exc.error
+            # Each file was flushed where it was extracted; their folders'
+            # new names are flushed here, once for all of a folder's files,
+            # before the catalog counts them.
+            self._flush_folders(staged, pool)
         return source
 
     def _audit(self, result: RecallResult, wanted: int) -> None:
@@ -439,11 +438,14 @@ class Recaller:
         system journal's commits)."""
         online = self.tiers.online
         folders = sorted({online.path_of(key).parent for key, _ in staged.values()})
-        if pool is None:
-            for folder in folders:
-                fsync_directory(folder)
-        else:
-            list(pool.map(fsync_directory, folders))
+        try:
+            if pool is None:
+                for folder in folders:
+                    fsync_directory(folder)
+            else:
+                list(pool.map(fsync_directory, folders))
+        except OSError as exc:
+            raise translate_os_error(exc, _NOT_FLUSHED) from exc
 
     def _stop_counting_damaged(self, result: RecallResult) -> None:
         """A copy that failed to give its instance no longer counts as
