@@ -32,7 +32,12 @@ from appliance import (
     tls,
 )
 from appliance import config as configuration
-from appliance.cli_shared import config_option, data_dir_option, interruptible
+from appliance.cli_shared import (
+    config_option,
+    data_dir_option,
+    exit_interrupted,
+    interruptible,
+)
 from appliance.errors import ApplianceError, ConfigError
 from appliance.terminal import console, progress_bar, size
 
@@ -217,12 +222,7 @@ def import_(
     outcomes["refused"] = len(refusals)
     _print_import_summary(read, outcomes, refusals)
     if interrupted.is_set():
-        click.echo(
-            f"interrupted after {read} of {len(files)} file(s): run the same "
-            "command again to import the rest",
-            err=True,
-        )
-        sys.exit(130)
+        exit_interrupted(read, len(files), "file(s)")
     sys.exit(1 if refusals else 0)
 
 

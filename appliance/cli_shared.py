@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -28,6 +28,16 @@ config_option = click.option(
 data_dir_option = click.option(
     "--data-dir", help="Directory for all data (storage.data_dir)."
 )
+
+
+def exit_interrupted(done: int, total: int, items: str) -> NoReturn:
+    """Say how far a loop that Ctrl-C stopped got; exit 130 (128 + SIGINT)."""
+    click.echo(
+        f"interrupted: {done} of {total} {items} done; run the same command "
+        "again for the rest",
+        err=True,
+    )
+    sys.exit(130)
 
 
 @contextmanager

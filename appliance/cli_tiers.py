@@ -23,6 +23,7 @@ from appliance.cli_shared import (
     Loader,
     config_option,
     data_dir_option,
+    exit_interrupted,
     interruptible,
     open_archive,
     recall_one,
@@ -133,12 +134,7 @@ def register(main: click.Group, load: Loader) -> None:
                     continue
                 incomplete += not recall_one(recaller, uid)
         if interrupted.is_set():
-            click.echo(
-                f"interrupted: {done} of {len(study_uids)} study(ies) done; run "
-                "the same command again for the rest",
-                err=True,
-            )
-            sys.exit(130)
+            exit_interrupted(done, len(study_uids), "study(ies)")
         sys.exit(1 if incomplete else 0)
 
 

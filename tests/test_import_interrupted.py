@@ -53,7 +53,7 @@ def test_ctrl_c_finishes_the_file_in_flight_and_says_how_far(tmp_path: Path) -> 
     assert first.returncode == 130, first.stderr
     assert "Traceback" not in first.stderr
     assert "3 file(s) read: 3 stored" in first.stdout
-    assert "interrupted after 3 of 6 file(s)" in first.stderr
+    assert "interrupted: 3 of 6 file(s) done" in first.stderr
     assert '"instances": 3' in status.stdout
     assert again.returncode == 0, again.stderr
     assert "6 file(s) read: 3 stored, 3 already there" in again.stdout
