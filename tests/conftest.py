@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pydicom
 import pytest
 
 from appliance.config import toml_value
+from tests.ports import free_port
 
 PYDICOM_DATA = Path(pydicom.__file__).parent / "data"
 TEST_FILES = PYDICOM_DATA / "test_files"
@@ -43,12 +43,6 @@ def started(
 def incoming_files(online_root: Path) -> list[Path]:
     """Files left in an online tier's incoming/ folders (should be none)."""
     return [path for path in (online_root / "incoming").rglob("*") if path.is_file()]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def require_dcmtk() -> None:

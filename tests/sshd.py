@@ -24,6 +24,8 @@ from types import TracebackType
 import psutil
 import pytest
 
+from tests.ports import free_port
+
 SSHD = Path("/usr/sbin/sshd")
 # sshd run as root insists on its privilege separation folder.
 PRIVSEP_FOLDER = Path("/run/sshd")
@@ -36,12 +38,6 @@ def require_sshd() -> None:
             f"OpenSSH server missing ({SSHD} or ssh-keygen); "
             "apt-get install openssh-server"
         )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def generate_key(path: Path) -> None:

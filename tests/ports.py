@@ -1,0 +1,72 @@
+"""Free loopback ports for the servers the tests start.
+
+Asking the kernel for port 0 and closing the socket gives a port that is
+free now, but the kernel may hand the same one out again at the next ask:
+a test that takes two ports (an appliance's DICOM and HL7 ports, say) could
+be given one twice, and two pytest-xdist workers could draw the same one.
+So each worker takes ports from its own block below the kernel's ephemeral
+range (which starts at 32768 by default), going round it in turn and
+skipping any that something holds or that it handed out lately; outside
+xdist the kernel picks, and this process never hands a port out twice.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+from collections import deque
+
+_FIRST_BLOCK = 20000
+_BLOCK_SIZE = 1000
+_MOST_WORKERS = 12
+# A port handed out this many ports ago belongs to a test long finished, or
+# to a server still holding it, which the bind check below sees.
+_RECENT = 300
+_handed_out: set[int] = set()
+_recent: deque[int] = deque(maxlen=_RECENT)
+_turn = itertools.count()
+
+
+def _worker_index() -> int | None:
+    """This xdist worker's number (``gw2`` is 2), or None outside xdist."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if name.startswith("gw") and name[2:].isdigit():
+        return int(name[2:]) % _MOST_WORKERS
+    return None
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _kernel_pick() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def free_port() -> int:
+    """A loopback TCP port that is free now and that this process (or,
+    under xdist, any other worker) has not handed out before."""
+    worker = _worker_index()
+    if worker is None:
+        for _ in range(1000):
+            port = _kernel_pick()
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
+        raise RuntimeError("the kernel keeps offering ports handed out before")
+
+    start = _FIRST_BLOCK + worker * _BLOCK_SIZE
+    for _ in range(_BLOCK_SIZE):
+        port = start + next(_turn) % _BLOCK_SIZE
+        if port not in _recent and _bindable(port):
+            _recent.append(port)
+            return port
+    raise RuntimeError(f"no free loopback port in {start}..{start + _BLOCK_SIZE - 1}")
