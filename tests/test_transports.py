@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
 
+import paramiko
 import pytest
+from paramiko.sftp import CMD_EXTENDED
 
 from appliance.errors import (
     ConfigError,
@@ -499,6 +501,48 @@ def test_the_openssh_client_flushes_before_renaming_and_ends_its_ssh(
     transport.close()
     assert flushed == [True]
     assert process.poll() is not None  # ssh ended with the transport
+
+
+def test_the_paramiko_client_flushes_before_renaming(
+    shared_sshd: Sshd, tmp_path: Path
+) -> None:
+    root, local = make_root(tmp_path)
+    transport = sftp_transport(shared_sshd, root, "paramiko")
+    flushed: list[str] = []
+    real_request = paramiko.SFTPClient._request
+
+    def request(client: paramiko.SFTPClient, kind: int, *fields: object) -> object:
+        if kind == CMD_EXTENDED and fields[0] == "fsync@openssh.com":
+            # The partial file is flushed, and not yet renamed.
+            assert (root / f"{PACK}.partial").exists() and not (root / PACK).exists()
+            flushed.append(str(fields[0]))
+        return real_request(client, kind, *fields)
+
+    with mock.patch.object(paramiko.SFTPClient, "_request", request):
+        Mirror(transport, root, local).put(PACK, payload(MiB))
+    transport.close()
+    # The real server answered OK: an "unsupported" or failed flush raises.
+    assert flushed == ["fsync@openssh.com"]
+    assert (root / PACK).read_bytes() == payload(MiB)
+
+
+def test_a_failed_flush_is_not_committed(shared_sshd: Sshd, tmp_path: Path) -> None:
+    root, local = make_root(tmp_path)
+    transport = sftp_transport(shared_sshd, root, "paramiko")
+    real_request = paramiko.SFTPClient._request
+
+    def request(client: paramiko.SFTPClient, kind: int, *fields: object) -> object:
+        if kind == CMD_EXTENDED and fields[0] == "fsync@openssh.com":
+            raise OSError("Failure")
+        return real_request(client, kind, *fields)
+
+    with (
+        mock.patch.object(paramiko.SFTPClient, "_request", request),
+        pytest.raises(TransportError, match="Failure"),
+    ):
+        Mirror(transport, root, local).put(PACK, payload(MiB))
+    transport.close()
+    assert not (root / PACK).exists()
 
 
 def test_key_files_in_a_folder_with_a_space(shared_sshd: Sshd, tmp_path: Path) -> None:

@@ -6,6 +6,12 @@ one through OpenSSH's ``ssh`` (:mod:`.openssh`, ``mirror.client =
 "openssh"``, the default) moves the same files several times faster, with
 less CPU, and is preferred where ``ssh`` is installed.
 
+Before the rename a written file is flushed to the mirror's disk with
+OpenSSH's ``fsync@openssh.com`` extension, as the other client does.
+paramiko has no call for it, so the request goes through the client's
+generic request path; a server without the extension answers "unsupported"
+and the file is renamed unflushed, as there is no other way to flush it.
+
 Renames use plain SFTP ``rename``, which OpenSSH's server performs with a
 hard link: it never replaces an existing file. Servers whose rename would
 replace are covered by a check just before it.
@@ -19,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import paramiko
+from paramiko.sftp import CMD_EXTENDED
 
 from appliance.errors import TransportError
 from appliance.replication.transports.base import RemoteWriter
@@ -149,19 +156,30 @@ class _PipelinedWriter(RemoteWriter):
         self._held = data[cut:]
 
     def commit(self) -> None:
-        # TODO: paramiko has no call for fsync@openssh.com, so the file is
-        # renamed into place unflushed; a mirror that loses power just after
-        # may lose a pack already counted as an off-site copy (the rolling
-        # audit finds it and queues its instances again). The openssh
-        # client flushes.
         self._file.set_pipelined(False)
         if self._held:
             self._file.write(self._held)
             self._held = b""
+        _flush(self._file)
         self._file.close()
 
     def discard(self) -> None:
         _close_quietly(self._file)
+
+
+def _flush(file: paramiko.SFTPFile) -> None:
+    """Ask the server to flush the open file to its disk.
+
+    Any failure but "unsupported" is raised: the upload is not committed
+    and is tried again, rather than counted while the mirror's disk may
+    not hold it.
+    """
+    try:
+        file.sftp._request(CMD_EXTENDED, "fsync@openssh.com", file.handle)
+    except OSError as exc:
+        if "unsupported" not in str(exc).lower():
+            raise
+        logger.debug("mirror: the server cannot flush files (no fsync)")
 
 
 def _close_quietly(file: paramiko.SFTPFile) -> None:
