@@ -33,6 +33,7 @@ from appliance.scrub.job import run_in_child, share
 from appliance.scrub.repair import Repairer
 from appliance.scrub.scrubber import Scrubber
 from appliance.storage.online import OnlineTier
+from appliance.storage.packs import PackReader
 from tests.conftest import config_text
 from tests.datasets import study_files, uid
 from tests.dicom_client import store_files
@@ -225,6 +226,29 @@ def test_a_lost_pack_of_a_study_not_online_is_rebuilt_from_the_mirror(
     # Packed again from copies recalled from the mirror; online freed again.
     assert site.where(PACKED) == {"nearline": 4, "offsite": 4}
     assert site.scrubber().run_tier("nearline").bad == 0
+
+
+def test_a_lost_pack_is_packed_again_from_what_the_mirror_still_gives(
+    site: Site, caplog
+) -> None:
+    assert Migrator(site.catalog, site.tiers, 1).release(PACKED, "online").ok
+    site.nearline_pack(PACKED).unlink()
+    [mirrored] = (site.folder / "mirror").rglob("*.pack")
+    with PackReader.open(mirrored, site.tiers.keys) as reader:
+        entries = reader.manifest().instances
+    [first, *_] = [e for e in entries if e.meta.study_uid == PACKED]
+    flip_byte(mirrored, offset=first.data_offset + 20)
+
+    with caplog.at_level(logging.ERROR):
+        report = site.scrubber().run_tier("nearline")
+
+    # The instances the mirror could give are on nearline again; the one it
+    # could not keeps only its damaged copies, and the alarm says so.
+    assert report.repaired == 0
+    assert site.where(PACKED)["nearline"] == 3
+    assert site.where(PACKED).get("online", 0) == 0
+    assert "cannot be repaired" in caplog.text
+    assert "3 instance(s) packed again" in caplog.text
 
 
 def test_every_copy_damaged_raises_the_alarm_and_deletes_nothing(

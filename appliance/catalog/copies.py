@@ -140,13 +140,15 @@ def add_copies(
 
 def release(catalog: Catalog, study_uid: str, tier: str, min_copies: int) -> Release:
     """Remove the study's copies on ``tier`` from the catalog, if every
-    instance keeps at least ``min_copies`` (and never fewer than one) other
-    verified copies; all or nothing."""
+    instance with a copy there keeps at least ``min_copies`` (and never
+    fewer than one) other verified copies; all or nothing."""
     keep = max(1, min_copies)
     try:
         with catalog.env.begin(write=True) as txn:
             records = list(_instances_of(catalog, txn, study_uid))
             for record in records:
+                if not any(c.tier == tier for c in record.copies):
+                    continue  # loses nothing here, however few copies it has
                 others = [c for c in record.copies if c.tier != tier and c.verified]
                 if len(others) < keep:
                     return Release(

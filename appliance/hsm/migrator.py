@@ -61,8 +61,14 @@ class Migrator:
         self.tiers = tiers
         self.min_copies = min_copies
 
-    def copy(self, study_uid: str, tier: str) -> Outcome:
-        """Copy the study's instances that ``tier`` lacks into a new pack."""
+    def copy(self, study_uid: str, tier: str, online_only: bool = False) -> Outcome:
+        """Copy the study's instances that ``tier`` lacks into a new pack.
+
+        Normally all or nothing: a study with instances that are not online
+        is left for a recall. With ``online_only`` (a repair, after a recall
+        that could not bring everything back) the online ones are packed
+        anyway, and the outcome names the rest as its problem.
+        """
         outcome = Outcome(study_uid, "copy", tier)
         target = self.tiers.pack_tier(tier)
         if target is None:
@@ -76,15 +82,20 @@ class Migrator:
         if not wanted:
             return outcome
         readable = [r for r in wanted if r.copy_on(ONLINE)]
-        if len(readable) < len(wanted):
+        unreadable = len(wanted) - len(readable)
+        if unreadable and not (online_only and readable):
             outcome.problem = (
-                f"{len(wanted) - len(readable)} instance(s) have no online copy "
-                "to pack; recall the study first"
+                f"{unreadable} instance(s) have no online copy to pack; recall "
+                "the study first"
             )
             return outcome
 
         try:
             self._pack(study_uid, readable, tier, target, outcome)
+            if unreadable:
+                outcome.problem = (
+                    f"{unreadable} instance(s) have no online copy and were not packed"
+                )
         except ApplianceError as exc:
             outcome.problem = str(exc)
         if outcome.ok:

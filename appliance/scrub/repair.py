@@ -101,15 +101,23 @@ class Repairer:
         finally:
             lock.release()
         if not copied.ok:
+            again = (
+                f"; {copied.instances} instance(s) packed again into "
+                f"{copied.pack_id} from {source}"
+                if copied.instances
+                else ""
+            )
             logger.error(
-                "%s pack %s (study %s) cannot be repaired: %s",
+                "%s pack %s (study %s) cannot be repaired: %s%s",
                 pack.tier,
                 pack.pack_id,
                 pack.study_uid,
                 copied.problem,
+                again,
             )
             what = (
-                f"{pack.tier} pack {pack.pack_id} bad, not repaired: {copied.problem}"
+                f"{pack.tier} pack {pack.pack_id} bad, not repaired: "
+                f"{copied.problem}{again}"
             )
             self._audit(pack.study_uid, what, codes.SERIOUS_FAILURE)
             return False
@@ -161,11 +169,16 @@ class Repairer:
             )
             source = "copies recalled from another tier or the mirror"
             if not recalled.ok:
-                # TODO: the study's other instances are not packed again
-                # either (the migrator packs whole studies); until the lost
-                # one is dealt with they keep only their copies elsewhere.
+                # What came back is packed all the same: the instances that
+                # could be read get their copy on the tier back, and only
+                # those that could not are left for a person.
                 problem = "; ".join(recalled.problems) or "the recall was incomplete"
-                return source, Outcome(study_uid, "copy", tier, problem=problem)
+                partial = migrator.copy(study_uid, tier, online_only=True)
+                if partial.problem:
+                    partial.problem = f"{problem}; {partial.problem}"
+                if partial.instances and not was_online:
+                    migrator.release(study_uid, ONLINE)
+                return source, partial
         outcome = migrator.copy(study_uid, tier)
         if outcome.ok and not was_online:
             # Leave the tiers as they were: the study was not online.
