@@ -311,6 +311,8 @@ def test_orphans_are_reported_and_left_in_place(site: Site) -> None:
     )
     assert found["nearline"] == ["packs/99/p-000000099.pack"]
     assert stray.exists() and orphan_pack.exists() and misplaced.exists()
+    # The keys sorted on disk for the search are gone with it.
+    assert not (state.folder_of(site.config.data_dir) / "online-keys").exists()
     # Gone before the other tests' passes: they expect the stray only.
     misplaced.unlink()
 

@@ -162,7 +162,10 @@ class Scrubber:
     def _orphans(self, tier: str) -> list[str]:
         if tier == ONLINE:
             return orphans.online_orphans(
-                self.catalog, self.tiers.online, self.orphan_grace
+                self.catalog,
+                self.tiers.online,
+                self.folder / "online-keys",
+                self.orphan_grace,
             )
         if tier != NEARLINE:
             return []
