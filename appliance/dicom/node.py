@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -39,7 +39,14 @@ from appliance import audit, tls
 from appliance.audit import dicom as audit_dicom
 from appliance.catalog.store import Catalog
 from appliance.config import Config
-from appliance.dicom import commitment, filemeta, fragments, responses, retrieve
+from appliance.dicom import (
+    commitment,
+    filemeta,
+    fragments,
+    responses,
+    retrieve,
+    store_request,
+)
 from appliance.dicom.access import AccessControl, Permissions
 from appliance.dicom.admission import MAX_REQUEST
 from appliance.hsm.recall import Recaller
@@ -641,15 +648,36 @@ class Node:
                 "C-STORE from %s refused: caller not allowed to store", caller
             )
             return _status(NOT_AUTHORISED, "not authorised to store")
+        request, context = cast(C_STORE, event.request), event.context
+        sop_class = str(request.AffectedSOPClassUID or "")
+        wrong = store_request.context_mismatch(
+            context.context_id, context.abstract_syntax, sop_class
+        )
+        if wrong:
+            path.unlink(missing_ok=True)
+            uid = str(request.AffectedSOPInstanceUID or "(unknown)")
+            return self._refuse_on_context(activity, uid, wrong)
 
         calling_ae = str(event.assoc.requestor.ae_title).strip()
-        result = self.ingest.store_received(path, caller, calling_ae)
+        result = self.ingest.store_received(path, caller, calling_ae, valid_uids=True)
         if result.ok:
             activity.stored += 1
         else:
             activity.refused += 1
         activity.stores.add(result.sop_instance_uid, result.ok, result.reason)
         return _status(result.status, result.reason)
+
+    def _refuse_on_context(self, activity: _Activity, uid: str, wrong: str) -> Dataset:
+        """Answer a C-STORE whose SOP class is not its presentation
+        context's, with one log line; nothing was stored."""
+        logger.warning(
+            "C-STORE of instance %s from %s refused: %s", uid, activity.caller, wrong
+        )
+        activity.refused += 1
+        activity.stores.add(uid, False, store_request.SOP_CLASS_COMMENT)
+        status = store_request.SOP_CLASS_NOT_SUPPORTED
+        events.instance_received(events.store_outcome(status, False))
+        return _status(status, store_request.SOP_CLASS_COMMENT)
 
 
 def _name_of(uid: str) -> str:
