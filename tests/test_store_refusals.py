@@ -8,14 +8,20 @@ on the same association is, and the service stays up:
 * 0x0122 (SOP class not supported): the request names a storage SOP class
   on a presentation context negotiated for another abstract syntax;
 * 0xA900 (data set does not match SOP class): the data set's SOP Class or
-  SOP Instance UID differs from the request's.
+  SOP Instance UID differs from the request's, or its Study or Series
+  Instance UID is not a valid UID;
+* 0x0117 (invalid SOP instance): the SOP Instance UID is not a valid UID,
+  longer than 64 characters (which pynetdicom cannot even decode into its
+  request) or with letters.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from io import BytesIO
+from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
@@ -26,14 +32,17 @@ from pynetdicom.dsutils import encode
 
 from tests import datasets
 from tests import dicom_client as client
-from tests.conftest import Appliance, incoming_files, started
+from tests.conftest import Appliance, dcmtk, incoming_files, require_dcmtk, started
 
 CT = datasets.CT_IMAGE_STORAGE
 MR = "1.2.840.10008.5.1.4.1.1.4"
 VERIFICATION = "1.2.840.10008.1.1"
 SOP_CLASS_NOT_SUPPORTED = 0x0122
+INVALID_SOP_INSTANCE = 0x0117
 DOES_NOT_MATCH = 0xA900
 CONTEXTS = [(uid, [ExplicitVRLittleEndian]) for uid in (CT, MR, VERIFICATION)]
+# Over 64 characters, and otherwise a valid UID.
+LONG_UID = datasets.ROOT + "4" * 45
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +208,73 @@ def test_a_data_set_of_another_sop_instance_than_the_request_is_refused(
     assert "SOP Instance UID" in answer.ErrorComment
     assert len(problems) == 1, problems
     assert announced in problems[0]
+
+
+INVALID_UIDS = {
+    "instance over 64": ("SOPInstanceUID", LONG_UID, INVALID_SOP_INSTANCE, "64"),
+    "instance with letters": (
+        "SOPInstanceUID",
+        datasets.ROOT + "12.abc",
+        INVALID_SOP_INSTANCE,
+        "not a valid UID",
+    ),
+    "study over 64": ("StudyInstanceUID", LONG_UID, DOES_NOT_MATCH, "64"),
+    "series with a leading zero": (
+        "SeriesInstanceUID",
+        datasets.ROOT + "12.034",
+        DOES_NOT_MATCH,
+        "not a valid UID",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(INVALID_UIDS), ids=list(INVALID_UIDS))
+def test_an_invalid_uid_is_refused_with_a_status(
+    appliance: Appliance, case: str
+) -> None:
+    keyword, value, status, why = INVALID_UIDS[case]
+    bad = instance(f"invalid-{case.replace(' ', '-')}", **{keyword: value})
+    answer, problems = refused_then_next_stored(appliance, bad, CT)
+
+    assert answer.Status == status
+    assert answer.ErrorComment.startswith(keyword)
+    assert why in answer.ErrorComment
+    assert len(problems) == 1, problems
+    assert "refused instance" in problems[0] and value in problems[0]
+
+
+def test_storescu_gets_a_status_for_an_overlong_uid_and_sends_on(
+    appliance: Appliance, tmp_path: Path
+) -> None:
+    """DCMTK's storescu cuts the UID to 64 characters in its command; the
+    data set's UID is judged first, so the answer names what to correct."""
+    require_dcmtk()
+    bad = instance("storescu-long", SOPInstanceUID=LONG_UID)
+    good = instance("storescu-next")
+    paths = [str(datasets.write(dataset, tmp_path)) for dataset in (bad, good)]
+    files = object_files(appliance)
+    start = len(appliance.log())
+
+    result = dcmtk(
+        "storescu",
+        "-d",
+        "--no-halt",
+        "-aec",
+        appliance.ae_title,
+        "127.0.0.1",
+        str(appliance.port),
+        *paths,
+    )
+    output = result.stdout + result.stderr
+    statuses = re.findall(r"DIMSE Status\s*:\s*(0x[0-9a-fA-F]{4})", output)
+    assert [int(status, 16) for status in statuses] == [INVALID_SOP_INSTANCE, 0]
+    assert output.count("Association Accepted") == 1
+
+    problems = problems_since(appliance, start, "STORESCU")
+    assert len(problems) == 1, problems
+    assert f"SOPInstanceUID is {len(LONG_UID)} characters long" in problems[0]
+    assert found(appliance, "storescu-long") == []
+    assert found(appliance, "storescu-next") == [str(good.SOPInstanceUID)]
+    assert len(object_files(appliance) - files) == 1
+    assert incoming_files(appliance.data_dir / "online") == []
+    assert client.echo(appliance.port) == 0x0000

@@ -123,6 +123,7 @@ def configure_pynetdicom() -> None:
     logging.getLogger("pynetdicom.association").addFilter(_not_the_idle_line)
     retrieve.install()
     commitment.install()
+    store_request.install()
     _guard_message_decoding()
     _guard_pdu_reading()
     _send_store_responses_directly()
@@ -147,9 +148,11 @@ def _guard_message_decoding() -> None:
     thread (which leaves the association hanging).
 
     Seen with a C-STORE request that lacks its Affected SOP Class UID, with
-    one whose Affected SOP Instance UID is longer than 64 characters, and
-    with a full online tier. Fragments out of their order are aborted the
-    same way, before pynetdicom reads them (``fragments.py``).
+    one whose Affected SOP Class UID is longer than 64 characters, and with
+    a full online tier. (An overlong Affected SOP Instance UID is decoded
+    without it and answered with a status: ``store_request.py``.)
+    Fragments out of their order are aborted the same way, before
+    pynetdicom reads them (``fragments.py``).
     """
     original = DIMSEServiceProvider.receive_primitive
     to_primitive = DIMSEMessage.message_to_primitive
@@ -274,8 +277,8 @@ def _plain_store_response(primitive: Any) -> bool:
         and primitive.OffendingElement is None
         and bool(primitive.AffectedSOPClassUID)
         and bool(primitive.AffectedSOPInstanceUID)
-        # A sender's UID that is not even ASCII (stored as it is) is
-        # answered as pydicom encodes it.
+        # A sender's UID that is not even ASCII is answered as pydicom
+        # encodes it.
         and str(primitive.AffectedSOPClassUID).isascii()
         and str(primitive.AffectedSOPInstanceUID).isascii()
     )
