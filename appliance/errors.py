@@ -135,7 +135,8 @@ class RejectedInstance(ApplianceError):
 
     Statuses (PS3.4 B.2.3 and PS3.7 C): 0xA900 the data set does not match
     its SOP class or lacks a required UID, 0xC000 it cannot be parsed,
-    0x0111 a different instance already holds this SOP Instance UID.
+    0x0111 a different instance already holds this SOP Instance UID,
+    0x0117 its SOP Instance UID is not a valid UID.
     """
 
     def __init__(self, status: int, reason: str) -> None:

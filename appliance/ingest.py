@@ -57,6 +57,9 @@ DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 DUPLICATE_INSTANCE = 0x0111
 PROCESSING_FAILURE = 0x0110
+# PS3.7 9.1.1.1.9 h: the SOP Instance UID breaks the UID construction rules.
+INVALID_SOP_INSTANCE = 0x0117
+_MAX_UID = 64  # characters (PS3.5 9.1)
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _READ_CHUNK = 1 << 20
@@ -167,30 +170,37 @@ class Ingest:
         self.committer.close()
 
     def store_received(
-        self, received: Path, source: str, calling_ae: str = ""
+        self,
+        received: Path,
+        source: str,
+        calling_ae: str = "",
+        *,
+        valid_uids: bool = False,
     ) -> StoreResult:
         """Store a Part 10 file that sits in the online tier's ``incoming/``.
 
         For a C-STORE, the file meta holds the request's Affected SOP Class
-        and Instance UIDs; they must agree with the data set. On every
-        outcome ``received`` is consumed (moved, or left for the caller to
-        delete).
+        and Instance UIDs; they must agree with the data set. With
+        ``valid_uids``, an instance whose SOP Instance, Study or Series
+        Instance UID is not a valid UID is refused; without, it is stored
+        with a warning. On every outcome ``received`` is consumed (moved, or
+        left for the caller to delete).
         """
-        result = self._store_received(received, source, calling_ae)
+        result = self._store_received(received, source, calling_ae, valid_uids)
         events.instance_received(
             events.store_outcome(result.status, result.outcome is Outcome.STORED)
         )
         return result
 
     def _store_received(
-        self, received: Path, source: str, calling_ae: str
+        self, received: Path, source: str, calling_ae: str, valid_uids: bool
     ) -> StoreResult:
         uid = ""
         flushed = self._flusher.submit(fsync_file, received)
         try:
             parsed = _parse(received)
             uid = parsed.sop_instance_uid
-            uid = _check_identity(parsed)
+            uid = _check_identity(parsed, valid_uids)
             size = received.stat().st_size
             self.online.check_room(size)
             record = self._record_for(received, parsed, size)
@@ -378,10 +388,15 @@ def _announced_uid(path: Path) -> str:
     return text_of(meta, "MediaStorageSOPInstanceUID") or "(unknown)"
 
 
-def _check_identity(parsed: _Parsed) -> str:
+def _check_identity(parsed: _Parsed, valid_uids: bool = False) -> str:
     """Refuse instances without their UIDs, or whose UIDs differ from the ones
     announced in the file meta (PS3.10 7.1) or the C-STORE request (PS3.4
-    B.2.1); warn about non-conformant UIDs."""
+    B.2.1); refuse (``valid_uids``) or warn about non-conformant UIDs.
+
+    Invalid UIDs are judged before the announced ones are compared: a
+    sender may cut an overlong UID to 64 characters in its request (DCMTK
+    does), and the UID is what the sender has to correct.
+    """
     dataset = parsed.dataset
     missing = [
         keyword
@@ -398,6 +413,25 @@ def _check_identity(parsed: _Parsed) -> str:
             DOES_NOT_MATCH_SOP_CLASS, "missing " + ", ".join(missing)
         )
 
+    invalid = _invalid_uids(dataset)
+    if invalid and valid_uids:
+        keyword, value, wrong = invalid[0]
+        raise RejectedInstance(_uid_status(keyword), f"{keyword} {wrong}: {value}")
+    uid = _check_announced(parsed)
+    for keyword, value, _wrong in invalid:
+        logger.warning(
+            "instance %r has a non-conformant %s %r; stored as it is",
+            uid,
+            keyword,
+            value,
+        )
+    return uid
+
+
+def _check_announced(parsed: _Parsed) -> str:
+    """The data set's SOP Instance UID, once it and its SOP Class UID are
+    found to be the ones announced."""
+    dataset = parsed.dataset
     uid = text_of(dataset, "SOPInstanceUID") or ""
     if uid != parsed.sop_instance_uid:
         raise RejectedInstance(
@@ -412,17 +446,40 @@ def _check_identity(parsed: _Parsed) -> str:
             f"the data set's SOP Class UID {sop_class} differs from the announced "
             f"{parsed.sop_class_uid}",
         )
+    return uid
 
+
+def _invalid_uids(dataset: Dataset) -> list[tuple[str, str, str]]:
+    """The keyword, value and fault of each of the instance's SOP Instance,
+    Study and Series Instance UIDs that is not a valid UID."""
+    found = []
     for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         value = text_of(dataset, keyword) or ""
-        if len(value) > 64 or not _UID.match(value):
-            logger.warning(
-                "instance %r has a non-conformant %s %r; stored as it is",
-                uid,
-                keyword,
-                value,
-            )
-    return uid
+        if wrong := _uid_problem(value):
+            found.append((keyword, value, wrong))
+    return found
+
+
+def _uid_problem(value: str) -> str:
+    """What breaks the UID rules of PS3.5 9.1 in ``value``, or ""."""
+    if len(value) > _MAX_UID:
+        return f"is {len(value)} characters long, over {_MAX_UID}"
+    if not _UID.match(value):
+        return "is not a valid UID"
+    return ""
+
+
+def _uid_status(keyword: str) -> int:
+    """The C-STORE status for an invalid UID of ``keyword``.
+
+    The standard has a status of its own for the SOP Instance UID (PS3.7
+    9.1.1.1.9 h); a Study or Series Instance UID that is no UID makes a
+    data set that does not match its SOP class, whose IOD requires one
+    (PS3.4 B.2.3, 0xA900).
+    """
+    if keyword == "SOPInstanceUID":
+        return INVALID_SOP_INSTANCE
+    return DOES_NOT_MATCH_SOP_CLASS
 
 
 def _digests(path: Path, dataset_offset: int) -> tuple[str, str]:

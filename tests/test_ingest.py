@@ -3,6 +3,7 @@ schema version, and what a failure between steps leaves behind."""
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 
@@ -94,6 +95,36 @@ def test_uid_longer_than_64_characters_is_kept_and_findable(archive, tmp_path):
         )
     )
     assert [row["SOPInstanceUID"] for row in rows] == [long_uid]
+
+
+@pytest.mark.parametrize("odd_uid", ["1.2.3.abc", "../../../etc/passwd", "1.2.03.4"])
+def test_non_conformant_uids_are_kept_on_import_under_safe_file_names(
+    archive, tmp_path, odd_uid
+):
+    """Import keeps what an old archive holds (C-STORE refuses it, see
+    test_store); the file name comes from the catalog, never from the UID."""
+    with datasets.unvalidated():
+        dataset = datasets.instance(
+            datasets.uid("study", "odd"),
+            datasets.uid("series", "odd"),
+            1,
+            sop_instance_uid=odd_uid,
+        )
+        path = datasets.write(dataset, tmp_path / "odd")
+    result = _import(archive, path)
+    assert result.ok and result.sop_instance_uid == odd_uid
+
+    rows = list(
+        find(
+            archive.catalog, Query("IMAGE", {"SOPInstanceUID": odd_uid}), lambda: False
+        )
+    )
+    assert [row["SOPInstanceUID"] for row in rows] == [odd_uid]
+    files = list(archive.online.objects.rglob("*.dcm"))
+    assert len(files) == 1
+    assert files[0].is_relative_to(archive.online.objects)
+    assert re.fullmatch(r"[0-9a-f]{32}\.dcm", files[0].name)
+    assert not list(tmp_path.rglob("passwd"))
 
 
 def test_same_instance_from_many_threads_is_recorded_once(archive, tmp_path):

@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -39,7 +39,14 @@ from appliance import audit, tls
 from appliance.audit import dicom as audit_dicom
 from appliance.catalog.store import Catalog
 from appliance.config import Config
-from appliance.dicom import commitment, filemeta, fragments, responses, retrieve
+from appliance.dicom import (
+    commitment,
+    filemeta,
+    fragments,
+    responses,
+    retrieve,
+    store_request,
+)
 from appliance.dicom.access import AccessControl, Permissions
 from appliance.dicom.admission import MAX_REQUEST
 from appliance.hsm.recall import Recaller
@@ -116,6 +123,7 @@ def configure_pynetdicom() -> None:
     logging.getLogger("pynetdicom.association").addFilter(_not_the_idle_line)
     retrieve.install()
     commitment.install()
+    store_request.install()
     _guard_message_decoding()
     _guard_pdu_reading()
     _send_store_responses_directly()
@@ -140,9 +148,11 @@ def _guard_message_decoding() -> None:
     thread (which leaves the association hanging).
 
     Seen with a C-STORE request that lacks its Affected SOP Class UID, with
-    one whose Affected SOP Instance UID is longer than 64 characters, and
-    with a full online tier. Fragments out of their order are aborted the
-    same way, before pynetdicom reads them (``fragments.py``).
+    one whose Affected SOP Class UID is longer than 64 characters, and with
+    a full online tier. (An overlong Affected SOP Instance UID is decoded
+    without it and answered with a status: ``store_request.py``.)
+    Fragments out of their order are aborted the same way, before
+    pynetdicom reads them (``fragments.py``).
     """
     original = DIMSEServiceProvider.receive_primitive
     to_primitive = DIMSEMessage.message_to_primitive
@@ -267,8 +277,8 @@ def _plain_store_response(primitive: Any) -> bool:
         and primitive.OffendingElement is None
         and bool(primitive.AffectedSOPClassUID)
         and bool(primitive.AffectedSOPInstanceUID)
-        # A sender's UID that is not even ASCII (stored as it is) is
-        # answered as pydicom encodes it.
+        # A sender's UID that is not even ASCII is answered as pydicom
+        # encodes it.
         and str(primitive.AffectedSOPClassUID).isascii()
         and str(primitive.AffectedSOPInstanceUID).isascii()
     )
@@ -641,15 +651,36 @@ class Node:
                 "C-STORE from %s refused: caller not allowed to store", caller
             )
             return _status(NOT_AUTHORISED, "not authorised to store")
+        request, context = cast(C_STORE, event.request), event.context
+        sop_class = str(request.AffectedSOPClassUID or "")
+        wrong = store_request.context_mismatch(
+            context.context_id, context.abstract_syntax, sop_class
+        )
+        if wrong:
+            path.unlink(missing_ok=True)
+            uid = str(request.AffectedSOPInstanceUID or "(unknown)")
+            return self._refuse_on_context(activity, uid, wrong)
 
         calling_ae = str(event.assoc.requestor.ae_title).strip()
-        result = self.ingest.store_received(path, caller, calling_ae)
+        result = self.ingest.store_received(path, caller, calling_ae, valid_uids=True)
         if result.ok:
             activity.stored += 1
         else:
             activity.refused += 1
         activity.stores.add(result.sop_instance_uid, result.ok, result.reason)
         return _status(result.status, result.reason)
+
+    def _refuse_on_context(self, activity: _Activity, uid: str, wrong: str) -> Dataset:
+        """Answer a C-STORE whose SOP class is not its presentation
+        context's, with one log line; nothing was stored."""
+        logger.warning(
+            "C-STORE of instance %s from %s refused: %s", uid, activity.caller, wrong
+        )
+        activity.refused += 1
+        activity.stores.add(uid, False, store_request.SOP_CLASS_COMMENT)
+        status = store_request.SOP_CLASS_NOT_SUPPORTED
+        events.instance_received(events.store_outcome(status, False))
+        return _status(status, store_request.SOP_CLASS_COMMENT)
 
 
 def _name_of(uid: str) -> str:
