@@ -175,32 +175,34 @@ class Ingest:
         source: str,
         calling_ae: str = "",
         *,
-        valid_uids: bool = False,
+        refuse_long_uids: bool = False,
     ) -> StoreResult:
         """Store a Part 10 file that sits in the online tier's ``incoming/``.
 
         For a C-STORE, the file meta holds the request's Affected SOP Class
         and Instance UIDs; they must agree with the data set. With
-        ``valid_uids``, an instance whose SOP Instance, Study or Series
-        Instance UID is not a valid UID is refused; without, it is stored
-        with a warning. On every outcome ``received`` is consumed (moved, or
+        ``refuse_long_uids`` (a C-STORE), an instance whose SOP Instance,
+        Study or Series Instance UID is longer than 64 characters is
+        refused: no DIMSE message could carry it back. Other non-conformant
+        UIDs (letters, leading zeros) are stored with a warning, as they
+        are on import. On every outcome ``received`` is consumed (moved, or
         left for the caller to delete).
         """
-        result = self._store_received(received, source, calling_ae, valid_uids)
+        result = self._store_received(received, source, calling_ae, refuse_long_uids)
         events.instance_received(
             events.store_outcome(result.status, result.outcome is Outcome.STORED)
         )
         return result
 
     def _store_received(
-        self, received: Path, source: str, calling_ae: str, valid_uids: bool
+        self, received: Path, source: str, calling_ae: str, refuse_long_uids: bool
     ) -> StoreResult:
         uid = ""
         flushed = self._flusher.submit(fsync_file, received)
         try:
             parsed = _parse(received)
             uid = parsed.sop_instance_uid
-            uid = _check_identity(parsed, valid_uids)
+            uid = _check_identity(parsed, refuse_long_uids)
             size = received.stat().st_size
             self.online.check_room(size)
             record = self._record_for(received, parsed, size)
@@ -388,14 +390,15 @@ def _announced_uid(path: Path) -> str:
     return text_of(meta, "MediaStorageSOPInstanceUID") or "(unknown)"
 
 
-def _check_identity(parsed: _Parsed, valid_uids: bool = False) -> str:
+def _check_identity(parsed: _Parsed, refuse_long_uids: bool = False) -> str:
     """Refuse instances without their UIDs, or whose UIDs differ from the ones
     announced in the file meta (PS3.10 7.1) or the C-STORE request (PS3.4
-    B.2.1); refuse (``valid_uids``) or warn about non-conformant UIDs.
+    B.2.1); refuse UIDs too long to travel (``refuse_long_uids``), warn
+    about other non-conformant ones.
 
-    Invalid UIDs are judged before the announced ones are compared: a
-    sender may cut an overlong UID to 64 characters in its request (DCMTK
-    does), and the UID is what the sender has to correct.
+    Long UIDs are judged before the announced ones are compared: a sender
+    may cut an overlong UID to 64 characters in its request (DCMTK does),
+    and the UID is what the sender has to correct.
     """
     dataset = parsed.dataset
     missing = [
@@ -414,9 +417,12 @@ def _check_identity(parsed: _Parsed, valid_uids: bool = False) -> str:
         )
 
     invalid = _invalid_uids(dataset)
-    if invalid and valid_uids:
-        keyword, value, wrong = invalid[0]
-        raise RejectedInstance(_uid_status(keyword), f"{keyword} {wrong}: {value}")
+    if refuse_long_uids:
+        for keyword, value, wrong in invalid:
+            if len(value) > _MAX_UID:
+                raise RejectedInstance(
+                    _uid_status(keyword), f"{keyword} {wrong}: {value}"
+                )
     uid = _check_announced(parsed)
     for keyword, value, _wrong in invalid:
         logger.warning(

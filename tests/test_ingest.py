@@ -101,8 +101,8 @@ def test_uid_longer_than_64_characters_is_kept_and_findable(archive, tmp_path):
 def test_non_conformant_uids_are_kept_on_import_under_safe_file_names(
     archive, tmp_path, odd_uid
 ):
-    """Import keeps what an old archive holds (C-STORE refuses it, see
-    test_store); the file name comes from the catalog, never from the UID."""
+    """Import keeps what an old archive holds; the file name comes from the
+    catalog, never from the UID."""
     with datasets.unvalidated():
         dataset = datasets.instance(
             datasets.uid("study", "odd"),

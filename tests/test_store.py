@@ -1,9 +1,10 @@
-"""C-STORE behaviour: duplicates, identity checks, UIDs that are no valid
-UIDs, concurrent stores, access control and the association limit."""
+"""C-STORE behaviour: duplicates, identity checks, UIDs that are not file
+names, concurrent stores, access control and the association limit."""
 
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import threading
 import time
@@ -102,28 +103,32 @@ def test_missing_uid_is_refused_and_nothing_stored(appliance, tmp_path, missing)
 
 @pytest.mark.parametrize(
     "odd_uid",
-    # (test_store_refusals sends one longer than 64 characters, which
-    # pynetdicom refuses to put in a C-STORE command; test_ingest has these
-    # kept on import, under file names that are not the UIDs.)
+    # (A UID longer than 64 characters cannot be sent: pynetdicom and DCMTK
+    # refuse it in the C-STORE command; test_ingest covers it on import.)
     ["1.2.3.abc", "../../../etc/passwd", "1.2.03.4 "],
 )
-def test_non_conformant_uids_are_refused_and_nothing_stored(
+def test_non_conformant_uids_are_stored_findable_and_harmless(
     appliance, tmp_path, odd_uid
 ):
     path = _one(tmp_path, "odd", sop_instance_uid=odd_uid.strip())
     with datasets.unvalidated():
-        assert client.store_files(appliance.port, [path]) == {path: 0x0117}
+        assert client.store_files(appliance.port, [path]) == {path: 0}
 
     with datasets.unvalidated():
         identifier = client.study_identifier("IMAGE", SOPInstanceUID=odd_uid.strip())
         identifier.StudyInstanceUID = datasets.uid("study", "odd")
         matches, status = client.find(appliance.port, identifier)
+        found = [str(m.SOPInstanceUID) for m in matches]
     assert status == 0
-    assert matches == []
-    assert "SOPInstanceUID is not a valid UID" in appliance.log()
-    assert not _object_files(appliance)
-    assert not incoming_files(appliance.data_dir / "online")
-    assert not list(appliance.directory.rglob("passwd"))
+    assert found == [odd_uid.strip()]
+    assert "non-conformant SOPInstanceUID" in appliance.log()
+
+    # The file name comes from the catalog, never from the UID.
+    files = _object_files(appliance)
+    assert len(files) == 1
+    assert files[0].is_relative_to(appliance.data_dir / "online" / "objects")
+    assert odd_uid.strip() not in str(files[0]) and "passwd" not in str(files[0])
+    assert re.fullmatch(r"[0-9a-f]{32}\.dcm", files[0].name)
 
 
 def test_two_associations_storing_one_instance_end_with_one_copy(

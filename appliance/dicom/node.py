@@ -662,7 +662,9 @@ class Node:
             return self._refuse_on_context(activity, uid, wrong)
 
         calling_ae = str(event.assoc.requestor.ae_title).strip()
-        result = self.ingest.store_received(path, caller, calling_ae, valid_uids=True)
+        result = self.ingest.store_received(
+            path, caller, calling_ae, refuse_long_uids=True
+        )
         if result.ok:
             activity.stored += 1
         else:
