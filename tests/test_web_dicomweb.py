@@ -22,7 +22,7 @@ from dicomweb_client.session_utils import create_session_from_user_pass
 
 from tests import dicom_client
 from tests.conftest import PYDICOM_DATA, Appliance, incoming_files
-from tests.datasets import instance, uid, write
+from tests.datasets import ROOT, instance, uid, unvalidated, write
 from tests.web_site import OPERATOR, VIEWER, Site, accounts
 
 ACCEPT_DICOM = 'multipart/related; type="application/dicom"'
@@ -394,6 +394,33 @@ def test_stow_into_a_study_refuses_instances_of_another(searchable: Site) -> Non
     assert raised.value.response.status_code == 409
     answer = pydicom.Dataset.from_json(raised.value.response.json())
     assert int(answer.FailedSOPSequence[0].FailureReason) == 0xA900
+
+
+def test_stow_refuses_a_uid_too_long_for_dicom_messages(searchable: Site) -> None:
+    """As C-STORE does: no C-STORE, C-FIND or C-MOVE could carry it back."""
+    long_uid = ROOT + "5" * 45
+    with unvalidated():
+        made = instance(uid("web", "long"), uid("web-series", "long"), 1)
+        made.SOPInstanceUID = long_uid
+        made.file_meta.MediaStorageSOPInstanceUID = long_uid
+        path = write(made, searchable.appliance.directory / "long")
+    before = _instance_count(searchable)
+    with searchable.client(OPERATOR) as http:
+        body = b"".join(
+            [
+                b"--XYZ\r\nContent-Type: application/dicom\r\n\r\n",
+                path.read_bytes(),
+                b"\r\n--XYZ--\r\n",
+            ]
+        )
+        kind = 'multipart/related; type="application/dicom"; boundary=XYZ'
+        answer = http.post("/studies", content=body, headers={"Content-Type": kind})
+    assert answer.status_code == 409
+    failed = pydicom.Dataset.from_json(answer.json()).FailedSOPSequence[0]
+    assert int(failed.FailureReason) == 0x0117
+    assert "64" in answer.headers["warning"]
+    assert _instance_count(searchable) == before
+    assert incoming_files(searchable.appliance.data_dir / "online") == []
 
 
 def test_a_viewer_cannot_store(searchable: Site) -> None:

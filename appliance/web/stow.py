@@ -96,7 +96,7 @@ def _store_one(
             item.FailureReason = DOES_NOT_MATCH_SOP_CLASS
             return item, "the instance belongs to another study than the URL names"
 
-    result = archive.ingest.store_received(path, source)
+    result = archive.ingest.store_received(path, source, refuse_long_uids=True)
     if result.sop_instance_uid and result.sop_instance_uid != "(unknown)":
         item.ReferencedSOPInstanceUID = result.sop_instance_uid
     if not result.ok:
