@@ -28,7 +28,7 @@ to = "offline"
 # stops at once) just as the first waiting study's recall is to start:
 # after the volume was found loaded, before anything was recalled.
 INTERRUPTED_BEFORE_THE_FIRST_RECALL = """
-import os, signal, sys, time
+import os, signal, sys
 from appliance import cli
 from appliance.hsm import recall
 
@@ -38,9 +38,10 @@ calls = []
 def interrupted(self, study_uid, *args, **kwargs):
     calls.append(study_uid)
     if len(calls) == 1:
+        # os.kill runs the handler before it returns: the first SIGINT
+        # is handled before the second is sent.
         for _ in range(COUNT):
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
     return original(self, study_uid, *args, **kwargs)
 
 recall.Recaller.recall = interrupted
