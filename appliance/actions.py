@@ -30,36 +30,50 @@ class MigrationRunning(ApplianceError):
     """Another migration (the service's or a command's) holds the lock."""
 
 
-def known_volume(library: Any, label: str) -> None:
-    """ValueError unless ``label`` is a volume of ``library``."""
-    if label not in {v.label for v in library.list_volumes()}:
-        raise ValueError(f"no volume {label!r} is labelled in this library")
+def known_volume(library: Any, label: str) -> str:
+    """The label of the volume of ``library`` that ``label`` names, as it
+    was labelled: labels that differ only by case name one volume (they
+    are written by hand). ValueError if there is none."""
+    known = [volume.label for volume in library.list_volumes()]
+    if label in known:
+        return label
+    wanted = label.casefold()
+    for candidate in known:
+        if candidate.casefold() == wanted:
+            return candidate
+    raise ValueError(f"no volume {label!r} is labelled in this library")
 
 
-def mark_loaded(config: Config, catalog: Catalog, opened: Any, label: str) -> list[str]:
-    """Say a volume is back (a tape is put in a drive); close its operator
-    request and return the studies that waited for it, to recall now.
-    VolumeNotReachable when the volume is still not there."""
+def mark_loaded(
+    config: Config, catalog: Catalog, opened: Any, label: str
+) -> tuple[str, list[str]]:
+    """Say a volume is back (a tape is put in a drive): its label as it
+    was labelled, and the studies that waited for it, to recall now. Their
+    request stays open until their recalls have run. VolumeNotReachable,
+    saying why, when the volume is still not there (or another is)."""
     library = opened.packs["offline"].library
-    known_volume(library, label)
+    label = known_volume(library, label)
     if hasattr(library, "load"):
         library.load(label)
-    if not library.is_reachable(label):
+    try:
+        library.check_reachable(label)
+    except VolumeNotReachable as exc:
         folder = config.volume_settings()["path"]
         raise VolumeNotReachable(
-            "not reachable yet: put it in the library (for a directory "
+            f"not reachable yet: {exc} (put it in the library; for a directory "
             f"library, its folder back under {folder})"
-        )
-    return requests.close_volume_requests(catalog, label)
+        ) from exc
+    return label, requests.volume_loaded(catalog, label)
 
 
-def mark_unloaded(library: Any, label: str) -> bool:
-    """Take a volume out of its drive (tape); whether it is still reachable
-    (a directory or disc image volume stays so until it is moved away)."""
-    known_volume(library, label)
+def mark_unloaded(library: Any, label: str) -> tuple[str, bool]:
+    """Take a volume out of its drive (tape): its label as it was labelled,
+    and whether it is still reachable (a directory or disc image volume
+    stays so until it is moved away)."""
+    label = known_volume(library, label)
     if hasattr(library, "unload") and library.is_reachable(label):
         library.unload()
-    return bool(library.is_reachable(label))
+    return label, bool(library.is_reachable(label))
 
 
 def set_replication_rate(config: Config, rate: str, hours: float | None) -> str:

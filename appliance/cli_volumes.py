@@ -18,6 +18,8 @@ from appliance.cli_shared import (
     Loader,
     config_option,
     data_dir_option,
+    exit_interrupted,
+    interruptible,
     open_archive,
     recall_one,
 )
@@ -102,10 +104,29 @@ def register(main: click.Group, load: Loader) -> None:
         logs.setup("WARNING", config.get("logging.format"))
         from appliance.hsm.recall import Recaller
 
-        with open_archive(config) as (catalog, opened), _clear_errors(label):
-            waiting = actions.mark_loaded(config, catalog, opened, label)
-            recaller = Recaller(catalog, opened)
-            incomplete = sum(not recall_one(recaller, uid) for uid in waiting)
+        waiting: list[str] = []
+        incomplete = done = 0
+        with (
+            open_archive(config) as (catalog, opened),
+            _clear_errors(label),
+            interruptible() as interrupted,
+        ):
+            try:
+                label, waiting = actions.mark_loaded(config, catalog, opened, label)
+                recaller = Recaller(catalog, opened)
+                for uid in waiting:
+                    # Ctrl-C lets the study in flight finish; the others
+                    # stay in the volume's request until they are recalled.
+                    if interrupted.is_set():
+                        break
+                    incomplete += not recall_one(recaller, uid)
+                    done += 1
+            except KeyboardInterrupt:
+                # A second Ctrl-C: the recall in flight stopped before its
+                # study was taken off the request, so it is still asked for.
+                interrupted.set()
+        if interrupted.is_set():
+            exit_interrupted(done, len(waiting), "study(ies)")
         click.echo(f"volume {label} loaded; {len(waiting)} waiting study(ies) recalled")
         sys.exit(1 if incomplete else 0)
 
@@ -118,7 +139,7 @@ def register(main: click.Group, load: Loader) -> None:
         config = load(config_file, {"storage.data_dir": data_dir})
         library = _library(config)
         with _clear_errors(label):
-            reachable = actions.mark_unloaded(library, label)
+            label, reachable = actions.mark_unloaded(library, label)
         click.echo(
             f"volume {label}: {'still reachable' if reachable else 'on the shelf'}"
         )
@@ -170,6 +191,7 @@ def register(main: click.Group, load: Loader) -> None:
         bad = 0
         with open_archive(config) as (catalog, opened), _clear_errors(label):
             offline = opened.packs["offline"]
+            label = actions.known_volume(offline.library, label)
             packs = offline.library.list_packs(label)
             with progress_bar() as progress:
                 task = progress.add_task(f"verifying {label}", total=len(packs))
@@ -201,7 +223,7 @@ def register(main: click.Group, load: Loader) -> None:
         config = load(config_file, {"storage.data_dir": data_dir})
         library = _library(config)
         with _clear_errors(label):
-            actions.known_volume(library, label)
+            label = actions.known_volume(library, label)
             if hasattr(library, "finalise"):
                 library.finalise(label)
             elif hasattr(library, "unload") and library.is_reachable(label):

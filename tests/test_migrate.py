@@ -435,8 +435,9 @@ def test_study_on_a_shelved_volume_asks_for_it(library: Library) -> None:
     assert request.volume == "L00001" and request.studies == [STUDY]
 
     library.load("L00001")
-    assert requests.close_volume_requests(library.archive.catalog, "L00001") == [STUDY]
+    assert requests.volume_loaded(library.archive.catalog, "L00001") == [STUDY]
     assert recaller.recall(STUDY).ok
+    assert requests.open_requests(library.archive.catalog) == []
     assert library.archive.online_bytes() == library.archive.originals
 
 

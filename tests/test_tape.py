@@ -594,6 +594,25 @@ def test_a_drive_without_changer_reaches_only_the_tape_inside(tmp_path):
     assert b"".join(library.read_pack(location)) == b"single drive"
 
 
+def test_the_wrong_tape_in_a_drive_without_changer_is_named(tmp_path):
+    FakeCartridge.create(tmp_path / "T00001.tape", 8 * MiB)
+    FakeCartridge.create(tmp_path / "T00002.tape", 8 * MiB)
+    drive = FakeTapeDrive()
+    library = TapeLibrary(drive, None, tmp_path / "state", record_size=RECORD)
+    for label in ("T00001", "T00002"):
+        drive.insert(tmp_path / f"{label}.tape")
+        library.label(label, 8 * MiB)
+        library.unload()
+        drive.remove()
+    drive.insert(tmp_path / "T00002.tape")
+
+    with pytest.raises(VolumeNotReachable, match="holds volume T00002, not T00001"):
+        library.load("T00001")
+    with pytest.raises(VolumeNotReachable, match="T00001"):
+        library.write_pack("T00001", "p-1", [b"meant for T00001"])
+    assert library.list_packs("T00002") == []
+
+
 def test_default_record_size_round_trip(tmp_path):
     drive = FakeTapeDrive()
     changer = FakeChanger(tmp_path / "sim", [drive])

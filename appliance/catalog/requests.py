@@ -2,14 +2,16 @@
 loading a volume that is on the shelf.
 
 One open request per volume gathers every study waiting for it, so that
-recalls of the same volume are served by one mount. A request is closed
-when the volume is marked loaded; its studies are then recalled.
+recalls of the same volume are served by one mount. When the volume is
+marked loaded its studies are recalled; each recall takes its study off,
+and the request closes when no study waits for it any more.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -85,30 +87,44 @@ def open_requests(catalog: Catalog) -> list[OperatorRequest]:
     return sorted(found, key=lambda request: request.created)
 
 
-def close_volume_requests(catalog: Catalog, volume: str) -> list[str]:
-    """Close the request for ``volume`` (it was loaded); the studies that
-    waited for it, to recall now."""
+def volume_loaded(catalog: Catalog, volume: str) -> list[str]:
+    """The studies that wait for ``volume``, now loaded, to recall.
+
+    Their request stays open until each one's recall has run (and taken
+    its study off, :func:`study_recalled`): a recall stopped before it ran,
+    by Ctrl-C or a crash, leaves its study asked for, to be recalled when
+    the volume is said to be loaded again. A request that no study waits
+    for (a restore's) is closed here."""
     request_id = f"load-{volume}"
     try:
         with catalog.env.begin(write=True) as txn:
             data = catalog.get(txn, "requests", request_id)
             if data is None:
                 return []
-            txn.delete(encode_key(request_id), db=catalog.db["requests"])
+            studies = list(data.get("studies", []))
+            if not studies:
+                txn.delete(encode_key(request_id), db=catalog.db["requests"])
     except lmdb.Error as exc:
-        raise CatalogError(f"cannot close the request for {volume}: {exc}") from exc
-    studies = list(data.get("studies", []))
-    logger.info("operator request for volume %s done: %d studies", volume, len(studies))
+        raise CatalogError(f"cannot read the request for {volume}: {exc}") from exc
+    if not studies:
+        logger.info("operator request for volume %s done", volume)
     return studies
 
 
-def study_recalled(catalog: Catalog, study_uid: str) -> None:
-    """A study is back online: it waits for no volume any more, and a
-    request left with no study is closed (the volume came back without
-    ``appliance volumes loaded``)."""
+def study_recalled(
+    catalog: Catalog, study_uid: str, waiting_for: Sequence[str] = ()
+) -> None:
+    """A recall of the study has run: it waits only for the volumes in
+    ``waiting_for`` now (asked for by that recall), no longer for any other;
+    a request left with no study is closed (its volume came back, whether
+    or not it was said with ``appliance volumes loaded``)."""
+    if not _waits_elsewhere(catalog, study_uid, waiting_for):
+        return
     try:
         with catalog.env.begin(write=True) as txn:
             for key, data in list(catalog.all_records(txn, "requests")):
+                if data.get("volume") in waiting_for:
+                    continue
                 if study_uid not in data.get("studies", []):
                     continue
                 data["studies"].remove(study_uid)
@@ -119,3 +135,14 @@ def study_recalled(catalog: Catalog, study_uid: str) -> None:
                     logger.info("operator request %s done", key)
     except lmdb.Error as exc:
         raise CatalogError(f"cannot update operator requests: {exc}") from exc
+
+
+def _waits_elsewhere(
+    catalog: Catalog, study_uid: str, waiting_for: Sequence[str]
+) -> bool:
+    """Whether a request for a volume not in ``waiting_for`` lists the
+    study: most recalls change nothing, and need no write transaction."""
+    return any(
+        request.volume not in waiting_for and study_uid in request.studies
+        for request in open_requests(catalog)
+    )

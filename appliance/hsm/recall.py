@@ -135,6 +135,8 @@ class Recaller:
             if not r.copy_on(ONLINE)
         ]
         if not wanted:
+            # Already online: nothing waits for a volume for it any more.
+            requests.study_recalled(self.catalog, study_uid)
             return result
         # What recalls that died (or failed) before recording their copies
         # left online goes first; a recall in progress keeps its note.
@@ -167,10 +169,13 @@ class Recaller:
             [r for r in wanted if r.sop_instance_uid not in staged], result
         )
         self._ask_for_volumes(result, why)
+        # Only now, after the copies are counted, does the study stop
+        # waiting for the volumes it no longer needs: a recall cut short
+        # before this leaves it asked for.
+        requests.study_recalled(self.catalog, study_uid, result.waiting_for)
         self._stop_counting_damaged(result)
         if result.ok:
             self.catalog.touch_studies({study_uid})
-            requests.study_recalled(self.catalog, study_uid)
         self._log(result, len(wanted))
         self._audit(result, len(wanted))
         if result.staged:

@@ -206,21 +206,24 @@ def _recall_all(archive: Archive, uids: list[str], why: str) -> list[RecallResul
 
 
 async def volume_loaded(request: Request) -> Response:
-    """The volume is back: its request closes and its studies are recalled."""
+    """The volume is back: its studies are recalled (each leaves its request
+    once recalled); the label may be given in any case."""
     body = await _body(request)
     if isinstance(body, Response):
         return body
     label = request.path_params["label"]
     archive, config = _archive(request), _config(request)
 
-    def load() -> tuple[list[str], list[RecallResult]]:
+    def load() -> tuple[str, list[str], list[RecallResult]]:
         check_label(label)
-        waiting = actions.mark_loaded(config, archive.catalog, archive.tiers, label)
+        known, waiting = actions.mark_loaded(
+            config, archive.catalog, archive.tiers, label
+        )
         why = "its volume was marked loaded"
-        return waiting, _recall_all(archive, waiting, why)
+        return known, waiting, _recall_all(archive, waiting, why)
 
     try:
-        waiting, results = await run_in_threadpool(load)
+        label, waiting, results = await run_in_threadpool(load)
     except ValueError as exc:
         return problem(404, str(exc))
     except VolumeNotReachable as exc:
@@ -245,13 +248,13 @@ async def volume_unloaded(request: Request) -> Response:
     label = request.path_params["label"]
     archive = _archive(request)
 
-    def unload() -> bool:
+    def unload() -> tuple[str, bool]:
         check_label(label)
         library = archive.tiers.packs["offline"].library  # type: ignore[attr-defined]
         return actions.mark_unloaded(library, label)
 
     try:
-        reachable = await run_in_threadpool(unload)
+        label, reachable = await run_in_threadpool(unload)
     except ValueError as exc:
         return problem(404, str(exc))
     except ApplianceError as exc:

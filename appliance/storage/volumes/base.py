@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from appliance.errors import VolumeError
+from appliance.errors import VolumeError, VolumeNotReachable
 
 # Labels and pack ids become file names on some media: letters, digits,
 # "-" and "_" only, so that no label or id can name a path elsewhere.
@@ -68,7 +68,9 @@ class VolumeLibrary(ABC):
     Every backend honours the same contract, checked by one conformance
     suite (tests/test_volumes.py):
 
-    - ``label`` initialises a blank volume and refuses one already labelled;
+    - ``label`` initialises a blank volume and refuses one already labelled,
+      or a label that differs only by case from a known one (labels are
+      written by hand, and some file systems ignore case);
     - ``write_pack`` returns only once the pack is on stable storage and,
       where the medium allows, read back; when the volume's room runs out
       mid-pack it raises :class:`VolumeFull` and the part written is never
@@ -92,6 +94,12 @@ class VolumeLibrary(ABC):
     @abstractmethod
     def is_reachable(self, volume: str) -> bool:
         """Whether ``volume`` can be used now without a person's help."""
+
+    def check_reachable(self, volume: str) -> None:
+        """Raise VolumeNotReachable, saying why, unless ``volume`` can be
+        used now (backends that can tell more say more)."""
+        if not self.is_reachable(volume):
+            raise VolumeNotReachable(f"volume {volume} is not in the library")
 
     @abstractmethod
     def free_bytes(self, volume: str) -> int:

@@ -91,6 +91,7 @@ class DirectoryLibrary(VolumeLibrary):
     def label(self, volume: str, capacity: int) -> VolumeInfo:
         check_label(volume)
         check_capacity(capacity)
+        self.registry.refuse_twin(volume)
         folder = self.path / volume
         if self.registry.get(volume) or (folder / LABEL_FILE).exists():
             raise VolumeError(f"volume {volume} is already labelled")
@@ -113,6 +114,9 @@ class DirectoryLibrary(VolumeLibrary):
 
     def is_reachable(self, volume: str) -> bool:
         return _problem(self.path / check_label(volume), volume) is None
+
+    def check_reachable(self, volume: str) -> None:
+        self._folder(volume)
 
     def free_bytes(self, volume: str) -> int:
         info = self._info(self._record(volume))
@@ -213,6 +217,7 @@ class DirectoryLibrary(VolumeLibrary):
         """The registry's record of ``volume``; a folder not yet known is adopted."""
         record = self.registry.get(check_label(volume))
         if record is None:
+            self.registry.refuse_twin(volume)
             record = self._adopt(self.path / volume)
         if record is None:
             raise VolumeError(f"no volume labelled {volume} is known; label it first")

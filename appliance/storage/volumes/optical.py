@@ -20,7 +20,9 @@ those two regions and the former size, so an append cut short is undone
 when the library is next opened. Every pack is checked against its MD5
 once added.
 
-A volume is *reachable* while ``PATH/LABEL.iso`` exists. When it is full
+A volume is *reachable* while ``PATH/LABEL.iso`` exists and the label
+written in it names LABEL (another disc's image copied there is not the
+volume, and is neither read nor written). When it is full
 or :meth:`OpticalLibrary.finalise` is called it takes no more packs and is
 ready to burn (``xorriso -as cdrecord dev=/dev/sr0 LABEL.iso``); moving the
 image out of ``PATH`` puts the volume on the shelf.
@@ -35,6 +37,7 @@ import secrets
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from appliance.errors import VolumeError, VolumeFull, VolumeNotReachable
 from appliance.storage import durable
@@ -76,6 +79,12 @@ TAIL_SIZE = 1024 * 1024
 SESSION_OVERHEAD = 128 * 1024
 TREE_BYTES_PER_PACK = 512
 _JOURNAL = struct.Struct(">QQQ")  # old size, head length, tail offset
+# The ISO 9660 primary volume descriptor (sector 16): its volume id and
+# times tell one image from another; xorriso rewrites it on each append.
+_DESCRIPTOR_OFFSET = 16 * 2048
+_DESCRIPTOR_SIZE = 2048
+# What _problem says of a volume whose image is simply not there.
+_ABSENT = "absent"
 
 
 class OpticalLibrary(VolumeLibrary):
@@ -94,6 +103,10 @@ class OpticalLibrary(VolumeLibrary):
         except OSError as exc:
             raise durable.translate_os_error(exc, f"cannot open {path}") from exc
         self.registry = Registry(path / ".registry")
+        # The label last read from each image, with what identified the
+        # image then (its file's identity and times, its volume
+        # descriptor): read again only when the file is another or changed.
+        self._labels: dict[str, tuple[tuple[int, ...], bytes, str]] = {}
         # Only the writer (the holder of the migration lock) may undo an
         # append a crash cut short: a reader could undo one in progress.
         if recover:
@@ -101,13 +114,20 @@ class OpticalLibrary(VolumeLibrary):
 
     def list_volumes(self) -> list[VolumeInfo]:
         for image in self.path.glob("*.iso"):
-            if is_label(image.stem) and self.registry.get(image.stem) is None:
+            if not is_label(image.stem) or self.registry.get(image.stem):
+                continue
+            try:
                 self._adopt(image)
+            except VolumeError as exc:
+                # A stray image (another disc's copy under a new name, say)
+                # must not stop every other volume from being used.
+                logger.warning("optical volumes: %s; image ignored", exc)
         return [self._info(self._record(label)) for label in self.registry.labels()]
 
     def label(self, volume: str, capacity: int) -> VolumeInfo:
         check_label(volume)
         check_capacity(capacity)
+        self.registry.refuse_twin(volume)
         image = self._image_path(volume)
         if self.registry.get(volume) or image.exists():
             raise VolumeError(f"volume {volume} is already labelled")
@@ -132,7 +152,10 @@ class OpticalLibrary(VolumeLibrary):
         return self._info(record)
 
     def is_reachable(self, volume: str) -> bool:
-        return self._image_path(check_label(volume)).is_file()
+        return self._problem(check_label(volume)) is None
+
+    def check_reachable(self, volume: str) -> None:
+        self._image(volume)
 
     def free_bytes(self, volume: str) -> int:
         record = self._record(volume)
@@ -285,14 +308,78 @@ class OpticalLibrary(VolumeLibrary):
         return max(0, record.capacity - size - overhead)
 
     def _image(self, volume: str) -> Path:
-        """The image of a reachable volume; VolumeNotReachable if shelved."""
+        """The image of a reachable volume; VolumeNotReachable if shelved
+        or if the image there is not this volume's."""
         self._record(volume)
         image = self._image_path(volume)
-        if not image.is_file():
+        problem = self._problem(volume)
+        if problem == _ABSENT:
             raise VolumeNotReachable(
                 f"volume {volume} is on the shelf: put its image back as {image}"
             )
+        if problem:
+            raise VolumeNotReachable(f"volume {volume} cannot be used: {problem}")
         return image
+
+    def _problem(self, volume: str) -> str | None:
+        """Why the image under ``volume``'s name cannot serve as that volume
+        now: _ABSENT when there is none (on the shelf), a sentence when it
+        is there but wrong; None when it is ready.
+
+        The image is whatever a person last copied there (from a disc, with
+        dd): the label written in it when it was made must name ``volume``,
+        or another disc's image would be read as this one, its packs taken
+        for missing ones, and this volume's packs written to it."""
+        image = self._image_path(volume)
+        try:
+            named = self._label_of(volume, image)
+        except FileNotFoundError:
+            return _ABSENT
+        except OSError as exc:
+            return f"{image} cannot be read: {exc.strerror or exc}"
+        except VolumeError as exc:
+            return str(exc)
+        if named != volume:
+            return (
+                f"{image} holds volume {named}, not {volume}: put that image "
+                f"back as {named}.iso and {volume}'s image here"
+            )
+        return None
+
+    def _label_of(self, volume: str, image: Path) -> str:
+        """The label written in ``image``; read again only when the file
+        is not the one last read (a person replaced it) or has changed."""
+        with open(image, "rb") as handle:
+            identity = os.fstat(handle.fileno())
+            handle.seek(_DESCRIPTOR_OFFSET)
+            descriptor = handle.read(_DESCRIPTOR_SIZE)
+        key = (
+            identity.st_dev,
+            identity.st_ino,
+            identity.st_size,
+            identity.st_mtime_ns,
+            identity.st_ctime_ns,
+        )
+        known = self._labels.get(volume)
+        if known is not None and known[0] == key and known[1] == descriptor:
+            return known[2]
+        named = str(self._label_fields(image).get("label"))
+        self._labels[volume] = (key, descriptor, named)
+        return named
+
+    def _label_fields(self, image: Path) -> dict[str, Any]:
+        """The label file written in ``image`` when it was labelled."""
+        label_copy = self.staging / f"{secrets.token_hex(8)}.label"
+        try:
+            self.xorriso.extract(image, "/VOLUME", label_copy)
+            fields = json.loads(label_copy.read_text())
+        except (OSError, ValueError, VolumeError) as exc:
+            raise VolumeError(f"label of {image} is unreadable: {exc}") from exc
+        finally:
+            label_copy.unlink(missing_ok=True)
+        if not isinstance(fields, dict) or fields.get("format") != LABEL_FORMAT:
+            raise VolumeError(f"{image} holds no volume label of this appliance")
+        return fields
 
     def _image_path(self, volume: str) -> Path:
         return self.path / f"{volume}.iso"
@@ -302,6 +389,8 @@ class OpticalLibrary(VolumeLibrary):
 
     def _record(self, volume: str) -> VolumeRecord:
         record = self.registry.get(check_label(volume))
+        if record is None:
+            self.registry.refuse_twin(volume)
         if record is None and self._image_path(volume).is_file():
             record = self._adopt(self._image_path(volume))
         if record is None:
@@ -310,15 +399,8 @@ class OpticalLibrary(VolumeLibrary):
 
     def _adopt(self, image: Path) -> VolumeRecord:
         """Register an image labelled elsewhere (another appliance)."""
-        label_copy = self.staging / f"{secrets.token_hex(8)}.label"
-        try:
-            self.xorriso.extract(image, "/VOLUME", label_copy)
-            fields = json.loads(label_copy.read_text())
-        except (OSError, ValueError) as exc:
-            raise VolumeError(f"label of {image} is unreadable: {exc}") from exc
-        finally:
-            label_copy.unlink(missing_ok=True)
-        if fields.get("format") != LABEL_FORMAT or fields.get("label") != image.stem:
+        fields = self._label_fields(image)
+        if fields.get("label") != image.stem:
             raise VolumeError(f"{image} does not hold a volume labelled {image.stem}")
 
         record = VolumeRecord(image.stem, int(fields["capacity"]))
@@ -329,7 +411,12 @@ class OpticalLibrary(VolumeLibrary):
 
     def _info(self, record: VolumeRecord) -> VolumeInfo:
         image = self._image_path(record.label)
-        reachable = image.is_file()
+        problem = self._problem(record.label)
+        if problem not in (None, _ABSENT):
+            logger.warning(
+                "optical volume %s cannot be used: %s", record.label, problem
+            )
+        reachable = problem is None
         used = image.stat().st_size if reachable else record.used
         return VolumeInfo(record.label, record.capacity, used, reachable, record.full)
 

@@ -52,6 +52,25 @@ class Registry:
             return []
         return sorted(path.stem for path in self.folder.glob("*.json"))
 
+    def twin_of(self, label: str) -> str | None:
+        """A known label that differs from ``label`` only by case, if any."""
+        wanted = label.casefold()
+        for known in self.labels():
+            if known != label and known.casefold() == wanted:
+                return known
+        return None
+
+    def refuse_twin(self, label: str) -> None:
+        """VolumeError if ``label`` differs only by case from a known label:
+        one volume, whatever the case it is written in."""
+        twin = self.twin_of(label)
+        if twin is not None:
+            raise VolumeError(
+                f"volume label {label} differs only by case from volume {twin}, "
+                f"labelled already: labels name one volume whatever their case "
+                f"(use {twin}, or another label)"
+            )
+
     def get(self, label: str) -> VolumeRecord | None:
         """The record of ``label``, or None if the volume is not known."""
         path = self.folder / f"{check_label(label)}.json"
@@ -66,12 +85,17 @@ class Registry:
 
         try:
             packs = [PackLocation(**entry) for entry in raw.pop("packs", [])]
-            return VolumeRecord(**raw, packs=packs)
+            record = VolumeRecord(**raw, packs=packs)
         except TypeError as exc:
             raise VolumeError(f"volume registry file {path} is damaged: {exc}") from exc
+        # On a file system that ignores case, another spelling's file.
+        return record if record.label == label else None
 
     def save(self, record: VolumeRecord) -> None:
-        """Replace the record of ``record.label`` durably."""
+        """Replace the record of ``record.label`` durably; a new record's
+        label never differs only by case from a known one's."""
+        if record.label not in self.labels():
+            self.refuse_twin(record.label)
         path = self.folder / f"{check_label(record.label)}.json"
         text = json.dumps(asdict(record), indent=1, sort_keys=True)
         write_atomically(path, text.encode(), self.folder.parent)

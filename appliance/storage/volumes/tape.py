@@ -94,6 +94,7 @@ class TapeLibrary(VolumeLibrary):
     def label(self, volume: str, capacity: int) -> VolumeInfo:
         check_label(volume)
         check_capacity(capacity)
+        self.registry.refuse_twin(volume)
         if self.registry.get(volume):
             raise VolumeError(f"volume {volume} is already labelled")
 
@@ -198,6 +199,7 @@ class TapeLibrary(VolumeLibrary):
         For tapes written by another appliance (disaster recovery); takes as
         long as reading the tape.
         """
+        self.registry.refuse_twin(check_label(volume))
         self._mount(volume, check=False)
         fields = self._label_fields()
         if fields is None or fields.get("label") != volume:
@@ -328,7 +330,11 @@ class TapeLibrary(VolumeLibrary):
 
         found = self._read_label()
         if found != volume and self.changer is None:
-            raise self._not_reachable(volume)
+            inside = f"volume {found}" if found else "a tape with no volume label"
+            raise VolumeNotReachable(
+                f"volume {volume} is on the shelf: tape drive {self.drive.name} "
+                f"holds {inside}, not {volume}; take it out and put {volume} in"
+            )
         if found != volume:
             raise VolumeError(
                 f"the cartridge with barcode {volume} is labelled {found!r} on "
@@ -412,6 +418,7 @@ class TapeLibrary(VolumeLibrary):
     def _record(self, volume: str) -> VolumeRecord:
         record = self.registry.get(check_label(volume))
         if record is None:
+            self.registry.refuse_twin(volume)
             raise VolumeError(
                 f"no volume labelled {volume} is known; label it (blank tape) or "
                 "scan it (a tape written by an appliance)"

@@ -1,0 +1,126 @@
+"""An optical volume's image must hold that volume: another disc's image
+put in its place (copied back from the wrong disc) is refused with both
+labels named, is neither read nor written, and the volume is still asked
+for; as a directory library does with a swapped folder and a tape library
+with a cartridge whose tape label is not its barcode. Real xorriso."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from appliance.errors import VolumeNotReachable
+from appliance.storage.volumes.optical import OpticalLibrary
+from tests import dicom_client
+from tests.conftest import Appliance
+from tests.datasets import study_files, uid
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("xorriso") is None,
+    reason="xorriso is not installed (apt-get install xorriso)",
+)
+
+MiB = 1 << 20
+
+MOVE_TO_OFFLINE = """
+[[rules]]
+name = "all-to-offline"
+action = "move"
+from = "online"
+to = "offline"
+"""
+
+
+def swap_in(discs: Path, wrong: str, right: str, shelf: Path) -> None:
+    """Shelve ``right``'s image and copy ``wrong``'s image in its place."""
+    shelf.mkdir(exist_ok=True)
+    shutil.move(discs / f"{right}.iso", shelf / f"{right}.iso")
+    shutil.copyfile(discs / f"{wrong}.iso", discs / f"{right}.iso")
+
+
+def test_another_discs_image_is_not_the_volume(tmp_path: Path) -> None:
+    discs = tmp_path / "discs"
+    library = OpticalLibrary(discs)
+    library.label("DISC01", 16 * MiB)
+    library.label("DISC02", 16 * MiB)
+    kept = library.write_pack("DISC01", "p-000001", [b"on DISC01"])
+    library.write_pack("DISC02", "p-000002", [b"on DISC02"])
+
+    swap_in(discs, "DISC02", "DISC01", tmp_path / "shelf")
+    before = (discs / "DISC01.iso").read_bytes()
+
+    assert not library.is_reachable("DISC01")
+    assert library.is_reachable("DISC02")
+    assert {v.label: v.reachable for v in library.list_volumes()} == {
+        "DISC01": False,
+        "DISC02": True,
+    }
+    both = r"holds volume DISC02, not DISC01"
+    with pytest.raises(VolumeNotReachable, match=both):
+        library.write_pack("DISC01", "p-000003", [b"meant for DISC01"])
+    with pytest.raises(VolumeNotReachable, match=both):
+        library.read_pack(kept)
+    with pytest.raises(VolumeNotReachable, match=both):
+        library.list_packs("DISC01")
+    with pytest.raises(VolumeNotReachable, match=both):
+        library.finalise("DISC01")
+    assert (discs / "DISC01.iso").read_bytes() == before
+    assert not library.list_volumes()[0].full
+
+    shutil.copyfile(tmp_path / "shelf" / "DISC01.iso", discs / "DISC01.iso")
+    assert library.is_reachable("DISC01")
+    assert b"".join(library.read_pack(kept)) == b"on DISC01"
+
+
+def run(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "appliance", *args, "--config", str(config)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def test_loading_the_wrong_disc_is_refused_and_the_volume_still_asked_for(
+    appliance_factory, tmp_path: Path
+) -> None:
+    settings = {
+        "migration": {"enabled": False, "min_copies": 1},
+        "volumes": {"kind": "optical"},
+    }
+    appliance: Appliance = appliance_factory(settings).start()
+    config = appliance.config_path
+    appliance.cli("volumes", "label", "DISC01", "--capacity", "100M")
+    files = study_files(tmp_path / "study", "optical", 2, pixel_bytes=2000)
+    assert set(dicom_client.store_files(appliance.port, files).values()) == {0}
+    rules = appliance.directory / "rules.toml"
+    rules.write_text(config.read_text() + MOVE_TO_OFFLINE)
+    moved = run(rules, "migrate", "--now")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    appliance.cli("volumes", "label", "DISC02", "--capacity", "100M")
+    discs = appliance.data_dir / "volumes"
+    study = uid("study", "optical")
+
+    swap_in(discs, "DISC02", "DISC01", tmp_path / "shelf")
+    asked = run(config, "recall", study)
+    assert asked.returncode == 1 and "waiting for volume DISC01" in asked.stderr
+    images = {path.name: path.read_bytes() for path in discs.glob("*.iso")}
+
+    loaded = run(config, "volumes", "loaded", "DISC01")
+
+    assert loaded.returncode == 1, loaded.stdout + loaded.stderr
+    assert "Traceback" not in loaded.stderr
+    assert "holds volume DISC02, not DISC01" in loaded.stderr
+    assert {path.name: path.read_bytes() for path in discs.glob("*.iso")} == images
+    assert "load volume DISC01" in run(config, "volumes", "requests").stdout
+    listed = run(config, "volumes", "list")
+    assert "holds volume DISC02, not DISC01" in listed.stderr
+    again = run(config, "recall", study)
+    assert again.returncode == 1 and "waiting for volume DISC01" in again.stderr
+
+    shutil.copyfile(tmp_path / "shelf" / "DISC01.iso", discs / "DISC01.iso")
+    right = run(config, "volumes", "loaded", "DISC01")
+
+    assert right.returncode == 0, right.stdout + right.stderr
+    assert "1 waiting study(ies) recalled" in right.stdout
+    assert "no open requests" in run(config, "volumes", "requests").stdout

@@ -1,0 +1,116 @@
+"""``appliance volumes loaded`` stopped with Ctrl-C: the studies that waited
+for the volume and were not recalled yet still wait for it (its request
+stays open and lists them), the study in flight is finished, and saying
+the volume is loaded again recalls the rest."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import dicom_client
+from tests.conftest import Appliance
+from tests.datasets import study_files, uid
+
+MOVE_TO_OFFLINE = """
+[[rules]]
+name = "all-to-offline"
+action = "move"
+from = "online"
+to = "offline"
+"""
+
+# The command line, with SIGINT arriving (COUNT times: a second Ctrl-C
+# stops at once) just as the first waiting study's recall is to start:
+# after the volume was found loaded, before anything was recalled.
+INTERRUPTED_BEFORE_THE_FIRST_RECALL = """
+import os, signal, sys
+from appliance import cli
+from appliance.hsm import recall
+
+original = recall.Recaller.recall
+calls = []
+
+def interrupted(self, study_uid, *args, **kwargs):
+    calls.append(study_uid)
+    if len(calls) == 1:
+        # os.kill runs the handler before it returns: the first SIGINT
+        # is handled before the second is sent.
+        for _ in range(COUNT):
+            os.kill(os.getpid(), signal.SIGINT)
+    return original(self, study_uid, *args, **kwargs)
+
+recall.Recaller.recall = interrupted
+sys.argv = ["appliance", *sys.argv[1:]]
+cli.main()
+"""
+
+
+def run(config: Path, *args: str, code: str = "") -> subprocess.CompletedProcess[str]:
+    start = ["-c", code] if code else ["-m", "appliance"]
+    command = [sys.executable, *start, *args, "--config", str(config)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def online_files(appliance: Appliance) -> int:
+    return len(list((appliance.data_dir / "online" / "objects").glob("??/*.dcm")))
+
+
+@pytest.fixture
+def waiting(appliance_factory, tmp_path: Path) -> Appliance:
+    """An appliance whose two studies are only on volume L00001, which is on
+    the shelf and asked for by both studies' recalls."""
+    settings = {"migration": {"enabled": False, "min_copies": 1}}
+    appliance: Appliance = appliance_factory(settings).start()
+    appliance.cli("volumes", "label", "L00001", "--capacity", "1G")
+    for name in ("first", "second"):
+        files = study_files(tmp_path / name, name, 2, pixel_bytes=2000)
+        assert set(dicom_client.store_files(appliance.port, files).values()) == {0}
+    rules = appliance.directory / "rules.toml"
+    rules.write_text(appliance.config_path.read_text() + MOVE_TO_OFFLINE)
+    moved = run(rules, "migrate", "--now")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    assert online_files(appliance) == 0
+
+    volume = appliance.data_dir / "volumes" / "L00001"
+    shutil.move(volume, tmp_path / "L00001")
+    studies = [uid("study", "first"), uid("study", "second")]
+    asked = run(appliance.config_path, "recall", *studies)
+    assert asked.returncode == 1, asked.stdout + asked.stderr
+    requested = run(appliance.config_path, "volumes", "requests").stdout
+    assert "load volume L00001" in requested and "2 studies waiting" in requested
+    shutil.move(tmp_path / "L00001", volume)
+    return appliance
+
+
+@pytest.mark.parametrize(
+    ("signals", "recalled", "left"),
+    [(1, 1, "1 studies waiting"), (2, 0, "2 studies waiting")],
+    ids=["one-ctrl-c", "two-ctrl-c"],
+)
+def test_ctrl_c_leaves_the_rest_waiting_for_the_volume(
+    waiting: Appliance, signals: int, recalled: int, left: str
+) -> None:
+    appliance = waiting
+    config = appliance.config_path
+    code = INTERRUPTED_BEFORE_THE_FIRST_RECALL.replace("COUNT", str(signals))
+
+    stopped = run(config, "volumes", "loaded", "L00001", code=code)
+    requested = run(config, "volumes", "requests").stdout
+
+    assert stopped.returncode == 130, stopped.stdout + stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert f"interrupted: {recalled} of 2 study(ies) done" in stopped.stderr
+    assert "load volume L00001" in requested and left in requested
+    assert online_files(appliance) == 2 * recalled
+
+    again = run(config, "volumes", "loaded", "L00001")
+
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"{2 - recalled} waiting study(ies) recalled" in again.stdout
+    assert "no open requests" in run(config, "volumes", "requests").stdout
+    assert online_files(appliance) == 4
