@@ -192,6 +192,7 @@ def test_catalog_from_another_schema_version_is_refused(tmp_path):
 
 def test_unknown_online_key_is_refused(tmp_path):
     online = OnlineTier(tmp_path)
-    for bad in ("../../etc/passwd", "ABCDEF", "0" * 31, "g" * 32):
+    bad_keys = ("../../etc/passwd", "ABCDEF", "0" * 31, "g" * 32, "A" * 32)
+    for bad in (*bad_keys, "0" * 33, "0" * 32 + "\n", "0" * 30 + "/0"):
         with pytest.raises(Exception, match="not an online tier key"):
             online.path_of(bad)

@@ -18,12 +18,17 @@ A file under ``objects/`` counts as a copy only once the catalog records it.
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import shutil
 from pathlib import Path
 
 from appliance.errors import OutOfSpaceError, StorageError
 from appliance.storage import durable
+
+# What new_key makes: checked on every use, so it must cost little (a
+# restore asks for several paths per instance).
+_KEY = re.compile(r"[0-9a-f]{32}")
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +97,7 @@ class OnlineTier:
 
     def path_of(self, key: str) -> Path:
         """The file that holds the instance stored under ``key``."""
-        if len(key) != 32 or not all(c in "0123456789abcdef" for c in key):
+        if not _KEY.fullmatch(key):
             raise StorageError(f"not an online tier key: {key!r}")
         return self.objects / key[:2] / f"{key}.dcm"
 
