@@ -160,6 +160,7 @@ def _restore(
     from appliance.restore.cache import PackCache
     from appliance.restore.mirror import Fetcher, survey
     from appliance.restore.progress import clear_pending, is_pending, mark_pending
+    from appliance.restore.reasons import FailureLog
     from appliance.storage.online import OnlineTier
 
     keys = _keys(config)
@@ -185,6 +186,7 @@ def _restore(
                 # Before the catalog goes into place: a run killed just
                 # after must still find the data phase to do.
                 mark_pending(folder, "mirror")
+                FailureLog(folder).clear()
             elif not is_pending(folder):
                 click.echo(
                     "this appliance was restored already; see appliance restore status"
@@ -297,6 +299,7 @@ def _restore_data(
     from appliance.errors import LimiterClosed
     from appliance.restore.export import rebuilt_note
     from appliance.restore.progress import Tracker
+    from appliance.restore.reasons import FailureLog
     from appliance.restore.report import final_report
     from appliance.restore.run import run_data_phase
 
@@ -338,8 +341,10 @@ def _restore_data(
         signal.signal(signal.SIGINT, interrupted)
     if report is None:
         click.echo("stopped: run the same command again to continue", err=True)
-        report = final_report(catalog, contents, rebuilt_note(catalog) or {})
-        return report, report.save(config.data_dir / "restore")
+        folder = config.data_dir / "restore"
+        noted = FailureLog(folder).read()
+        report = final_report(catalog, contents, rebuilt_note(catalog) or {}, (), noted)
+        return report, report.save(folder)
     return report, Path(tracker.snapshot.report)
 
 

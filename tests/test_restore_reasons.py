@@ -1,0 +1,319 @@
+"""The restore's report says what went wrong with each instance it could
+not bring back: its pack is not on the mirror, does not open with the
+master keys, is cut short before its member; its member is damaged (GCM
+tag), decodes to other bytes than the catalog's SHA-256, or is not in the
+pack's manifest. Each case is made on real packs on a directory mirror
+(and one over SFTP to the test sshd), and the restore run end to end."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from appliance.hsm import failures
+from appliance.restore import report as report_module
+from appliance.storage.keys import DataKey, KeyStore, key_store_path
+from appliance.storage.packs import PackReader
+from appliance.storage.packs.manifest import InstanceMeta, PackedInstance
+from appliance.storage.packs.writer import PackWriter
+from tests.restore_site import Restored
+from tests.sshd import Sshd
+from tests.test_transports import sftp_settings
+
+# (metadata, bytes) of each instance of a pack, in order.
+Items = list[tuple[InstanceMeta, bytes]]
+
+
+def _path(mirror: Path, pack_id: str) -> Path:
+    return mirror / "packs" / pack_id[-3:] / f"{pack_id}.pack"
+
+
+def _keys(restored: Restored) -> KeyStore:
+    return KeyStore.load(key_store_path(restored.data_dir))
+
+
+def _entries(path: Path, keys: KeyStore) -> list[PackedInstance]:
+    with PackReader.open(path, keys) as reader:
+        return list(reader.manifest().instances)
+
+
+def _repack(
+    path: Path,
+    keys: KeyStore,
+    change: Callable[[Items], Items],
+    key: DataKey | None = None,
+) -> None:
+    """Write the pack at ``path`` again, whole and well formed, holding what
+    ``change`` makes of its instances, under ``key`` (by default a new data
+    key of the pack's own master keys)."""
+    items: Items = []
+    with PackReader.open(path, keys) as reader:
+        study_uid = reader.manifest().study_uid
+        for entry in reader.manifest().instances:
+            out = io.BytesIO()
+            reader.extract(entry, out)
+            items.append((entry.meta, out.getvalue()))
+    written = io.BytesIO()
+    with PackWriter(written, path.stem, study_uid, key or keys.new_data_key()) as pack:
+        for meta, data in change(items):
+            pack.add(meta, io.BytesIO(data))
+    path.write_bytes(written.getvalue())
+
+
+def _same(items: Items) -> Items:
+    return items
+
+
+def _other_bytes(items: Items) -> Items:
+    """The first instance with one byte of its pixel data changed."""
+    meta, data = items[0]
+    changed = bytearray(data)
+    changed[-10] ^= 0x01
+    other = replace(meta, sha256=hashlib.sha256(changed).hexdigest())
+    return [(other, bytes(changed)), *items[1:]]
+
+
+def _problems(report: dict, kind: str) -> dict[str, dict]:
+    return {p["sop_instance_uid"]: p for p in report[kind]}
+
+
+def _restore_fails(restored: Restored) -> dict:
+    done = restored.restore()
+    assert done.returncode == 1, done.stdout + done.stderr
+    report = restored.report()
+    # Every problem is printed with its instance's UID and its reason.
+    for problem in report["missing"] + report["corrupt"]:
+        line = f"instance {problem['sop_instance_uid']} "
+        assert line in done.stderr
+        assert problem["reason"] in done.stderr
+    return report
+
+
+def test_a_pack_not_on_the_mirror(disaster, site) -> None:
+    _folder, held, _found, studies = disaster
+    restored, mirror = site
+    _path(mirror, "p-000000002").unlink()
+
+    report = _restore_fails(restored)
+
+    missing = _problems(report, "missing")
+    assert set(missing) == set(studies["ct-mid"])
+    assert {p["cause"] for p in missing.values()} == {report_module.PACK_NOT_THERE}
+    assert {p["reason"] for p in missing.values()} == {"its pack is not on the mirror"}
+    assert report["corrupt"] == []
+    assert set(restored.held()[0]) == set(held) - set(missing)
+
+
+def _unopened(disaster: tuple, restored: Restored, detail: str) -> None:
+    """Every instance of pack 3 corrupt, as in a pack that does not open."""
+    _folder, held, _found, studies = disaster
+    report = _restore_fails(restored)
+    corrupt = _problems(report, "corrupt")
+    assert set(corrupt) == set(studies["us-late"])
+    for problem in corrupt.values():
+        assert problem["cause"] == failures.PACK_UNOPENED
+        assert problem["pack_id"] == "p-000000003"
+        assert problem["reason"].startswith("its pack does not open (not decrypted)")
+        assert detail in problem["reason"]
+    assert report["missing"] == []
+    assert set(restored.held()[0]) == set(held) - set(corrupt)
+
+
+def test_a_pack_sealed_under_a_master_key_the_store_lacks(
+    disaster, site, tmp_path: Path
+) -> None:
+    restored, mirror = site
+    other = KeyStore.create_if_missing(tmp_path / "other.keys")
+    _repack(_path(mirror, "p-000000003"), _keys(restored), _same, other.new_data_key())
+
+    _unopened(disaster, restored, f"master key {other.current_id} is not in the key")
+
+
+def test_a_data_key_that_does_not_unwrap(disaster, site) -> None:
+    """The data key, wrapped under the right master key, altered: the GCM
+    tag of the key wrap fails, and nothing in the pack opens."""
+    restored, mirror = site
+    right = _keys(restored).new_data_key()
+    wrapped = bytearray(right.wrapped)
+    wrapped[20] ^= 0x01
+    altered = DataKey(right.secret, right.master_key_id, bytes(wrapped))
+    _repack(_path(mirror, "p-000000003"), _keys(restored), _same, altered)
+
+    _unopened(disaster, restored, "does not open: the wrapped key or its key id")
+
+
+def test_a_damaged_pack_header(disaster, site) -> None:
+    restored, mirror = site
+    path = _path(mirror, "p-000000003")
+    with PackReader.open(path, _keys(restored)) as reader:
+        assert reader.header.encryption is not None
+        wrapped = reader.header.encryption.wrapped_data_key.hex().encode()
+    data = path.read_bytes()
+    at = data.index(wrapped) + 10
+    flipped = b"0" if data[at : at + 1] != b"0" else b"1"
+    path.write_bytes(data[:at] + flipped + data[at + 1 :])
+
+    _unopened(disaster, restored, "its check value does not match")
+
+
+def test_a_member_whose_gcm_tag_fails(disaster, site) -> None:
+    _folder, held, _found, _studies = disaster
+    restored, mirror = site
+    path = _path(mirror, "p-000000003")
+    first = _entries(path, _keys(restored))[0]
+    data = bytearray(path.read_bytes())
+    data[first.data_offset + 20] ^= 0x01
+    path.write_bytes(bytes(data))
+
+    report = _restore_fails(restored)
+
+    (problem,) = report["corrupt"]
+    assert problem["sop_instance_uid"] == first.sop_instance_uid
+    assert problem["cause"] == failures.MEMBER_DAMAGED
+    assert problem["reason"].startswith("its member in the pack is damaged")
+    assert "GCM tag does not match" in problem["reason"]
+    assert report["missing"] == []
+    uid = first.sop_instance_uid
+    assert restored.held()[0] == {k: v for k, v in held.items() if k != uid}
+
+
+def test_a_pack_cut_short_before_a_member(disaster, site) -> None:
+    _folder, held, _found, _studies = disaster
+    restored, mirror = site
+    path = _path(mirror, "p-000000003")
+    entries = _entries(path, _keys(restored))
+    last = entries[-1]
+    whole = path.stat().st_size
+    cut = last.data_offset + last.compressed_size // 2
+    path.write_bytes(path.read_bytes()[:cut])
+
+    report = _restore_fails(restored)
+
+    (problem,) = report["corrupt"]
+    assert problem["sop_instance_uid"] == last.sop_instance_uid
+    assert problem["cause"] == failures.CUT_SHORT
+    assert problem["reason"].startswith(
+        "its pack is cut short before its member, and the manifest with it"
+    )
+    assert f"{cut} of its {whole} bytes are there" in problem["reason"]
+    uid = last.sop_instance_uid
+    assert restored.held()[0] == {k: v for k, v in held.items() if k != uid}
+
+
+def test_a_member_that_decodes_to_other_bytes(disaster, site) -> None:
+    """The pack is whole and opens, its manifest agrees with its member,
+    but the bytes are not those the catalog recorded."""
+    _folder, held, _found, _studies = disaster
+    restored, mirror = site
+    path = _path(mirror, "p-000000003")
+    first = _entries(path, _keys(restored))[0]
+    _repack(path, _keys(restored), _other_bytes)
+
+    report = _restore_fails(restored)
+
+    (problem,) = report["corrupt"]
+    assert problem["sop_instance_uid"] == first.sop_instance_uid
+    assert problem["cause"] == failures.OTHER_BYTES
+    assert problem["reason"].startswith(
+        "its bytes in the pack differ from the catalog's SHA-256"
+    )
+    uid = first.sop_instance_uid
+    assert restored.held()[0] == {k: v for k, v in held.items() if k != uid}
+
+
+def test_an_instance_the_manifest_does_not_list(disaster, site) -> None:
+    _folder, held, _found, _studies = disaster
+    restored, mirror = site
+    path = _path(mirror, "p-000000003")
+    first = _entries(path, _keys(restored))[0]
+    _repack(path, _keys(restored), lambda items: items[1:])
+
+    report = _restore_fails(restored)
+
+    (problem,) = report["corrupt"]
+    assert problem["sop_instance_uid"] == first.sop_instance_uid
+    assert problem["cause"] == failures.NOT_IN_MANIFEST
+    assert problem["reason"] == "its pack's manifest does not list it: pack p-000000003"
+    uid = first.sop_instance_uid
+    assert restored.held()[0] == {k: v for k, v in held.items() if k != uid}
+
+
+def test_every_cause_at_once_each_with_its_own_reason(disaster, site) -> None:
+    """Four packs, four faults: the report does not give them one reason."""
+    _folder, held, _found, _studies = disaster
+    restored, mirror = site
+    keys = _keys(restored)
+    gone = {e.sop_instance_uid for e in _entries(_path(mirror, "p-000000002"), keys)}
+    _path(mirror, "p-000000002").unlink()
+    path = _path(mirror, "p-000000001")
+    # Its last instance: the first is in pack 4 again, with other bytes.
+    last = _entries(path, keys)[-1]
+    damaged = last.sop_instance_uid
+    data = bytearray(path.read_bytes())
+    data[last.data_offset + 20] ^= 0x01
+    path.write_bytes(bytes(data))
+    other = _entries(_path(mirror, "p-000000003"), keys)[0].sop_instance_uid
+    _repack(_path(mirror, "p-000000003"), keys, _other_bytes)
+    unlisted = _entries(_path(mirror, "p-000000004"), keys)[0].sop_instance_uid
+    _repack(_path(mirror, "p-000000004"), keys, lambda items: items[1:])
+
+    report = _restore_fails(restored)
+
+    causes = {p["sop_instance_uid"]: p["cause"] for p in report["corrupt"]}
+    assert causes == {
+        damaged: failures.MEMBER_DAMAGED,
+        other: failures.OTHER_BYTES,
+        unlisted: failures.NOT_IN_MANIFEST,
+    }
+    assert set(_problems(report, "missing")) == gone
+    assert len({p["reason"] for p in report["corrupt"]}) == 3
+    lost = gone | set(causes)
+    assert set(restored.held()[0]) == set(held) - lost
+
+
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[Sshd]:
+    server = Sshd(tmp_path / "sshd")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_reasons_over_sftp(disaster, tmp_path: Path, sshd: Sshd) -> None:
+    """The same reasons when the packs come from the mirror over SFTP: one
+    pack not there, one member damaged, one instance not in its manifest."""
+    folder, held, _found, studies = disaster
+    mirror = tmp_path / "mirror"
+    shutil.copytree(folder / "mirror", mirror)
+    settings = {"kind": "sftp", **sftp_settings(sshd, mirror)}
+    restored = Restored(tmp_path, settings, folder / "escrow.txt")
+    keys = _keys(restored)
+    _path(mirror, "p-000000002").unlink()
+    path = _path(mirror, "p-000000001")
+    damaged = _entries(path, keys)[-1]
+    data = bytearray(path.read_bytes())
+    data[damaged.data_offset + 20] ^= 0x01
+    path.write_bytes(bytes(data))
+    unlisted = _entries(_path(mirror, "p-000000004"), keys)[0].sop_instance_uid
+    _repack(_path(mirror, "p-000000004"), keys, lambda items: items[1:])
+
+    report = _restore_fails(restored)
+
+    missing = _problems(report, "missing")
+    assert set(missing) == set(studies["ct-mid"])
+    assert {p["cause"] for p in missing.values()} == {report_module.PACK_NOT_THERE}
+    causes = {p["sop_instance_uid"]: p["cause"] for p in report["corrupt"]}
+    assert causes == {
+        damaged.sop_instance_uid: failures.MEMBER_DAMAGED,
+        unlisted: failures.NOT_IN_MANIFEST,
+    }
+    lost = set(missing) | set(causes)
+    assert set(restored.held()[0]) == set(held) - lost
