@@ -296,7 +296,7 @@ def _rebuild(
         def shown(step: Any) -> None:
             bar.update(
                 task,
-                description=f"rebuilding the catalog: {step.what}",
+                description=f"catalog: {step.what}",
                 completed=step.done,
                 total=step.total,
                 numbers=step_numbers(step.done, step.total, step.unit),

@@ -22,8 +22,11 @@ from appliance.storage.keys import KeyStore, key_store_path
 from tests.restore_site import Restored
 
 
-def _rebuild(restored: Restored, mirror: Path, scan: bool, tracker: Tracker) -> list:
-    """The catalog phase in this process; every step told, in order."""
+def _rebuild(
+    restored: Restored, mirror: Path, scan: bool, tracker: Tracker
+) -> tuple[list[Step], list[str]]:
+    """The catalog phase in this process; every step told, in order, and
+    what appliance restore status said at the end of each."""
     config = restored.config
     transport = DirectoryTransport(mirror)
     keys = KeyStore.load(key_store_path(config.data_dir))
@@ -32,10 +35,13 @@ def _rebuild(restored: Restored, mirror: Path, scan: bool, tracker: Tracker) -> 
     cache = PackCache(folder / "packs", fetcher, 10**9)
     mark_pending(folder, "mirror")
     told: list[Step] = []
+    said: list[str] = []
 
     def progress(step: Step) -> None:
         told.append(step)
         tracker.rebuilding(step.what, step.done, step.total, step.unit)
+        if step.done == step.total:
+            said.append(status_text(folder))
 
     rebuild_catalog(
         config.catalog_path,
@@ -48,7 +54,7 @@ def _rebuild(restored: Restored, mirror: Path, scan: bool, tracker: Tracker) -> 
         scan,
         progress,
     )
-    return told
+    return told, said
 
 
 def _by_step(told: list[Step]) -> dict[str, list[Step]]:
@@ -74,22 +80,23 @@ def told_each_entry(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_a_restore_from_the_snapshot_tells_each_step(
-    site, told_each_entry: None
+    disaster, site, told_each_entry: None
 ) -> None:
     restored, mirror = site
     tracker = Tracker(restored.data_dir / "restore", "command")
 
-    told = _rebuild(restored, mirror, False, tracker)
+    told, said = _rebuild(restored, mirror, False, tracker)
 
     steps = _by_step(told)
     (snapshot,) = mirror.glob("catalog/snapshot-*")
     first = told[0]
-    assert first.what == f"reading the catalog snapshot catalog/{snapshot.name}"
+    assert first.what == "reading the catalog snapshot"
     assert (first.done, first.total, first.unit) == (0, snapshot.stat().st_size, BYTES)
     assert list(steps) == [
         first.what,
         "reading the journal",
         "replaying the journal",
+        "writing the catalog",
     ]
     for what in ("reading the journal", "replaying the journal"):
         _advances_to_its_total(steps[what])
@@ -101,33 +108,39 @@ def test_a_restore_from_the_snapshot_tells_each_step(
     # Entries after the snapshot's: those of packs 3 and 4, and more.
     assert replayed[-1].total >= 4
     # The same numbers where appliance restore status reads them.
-    written = read(restored.data_dir / "restore")
-    assert written is not None and written.state == "rebuilding"
-    assert (written.step, written.step_done, written.step_total) == (
-        "replaying the journal",
-        replayed[-1].total,
-        replayed[-1].total,
-    )
     total = replayed[-1].total
     assert (
-        f"rebuilding the catalog, replaying the journal: {total:,} of {total:,} "
-        "journal entries"
-    ) in status_text(restored.data_dir / "restore")
+        f"restore (command): rebuilding the catalog, replaying the journal: "
+        f"{total:,} of {total:,} journal entries"
+    ) in said
+    written = read(restored.data_dir / "restore")
+    assert written is not None and written.state == "rebuilding"
+    count = len(disaster[1])
+    assert (written.step, written.step_done, written.step_total) == (
+        "writing the catalog",
+        count,
+        count,
+    )
 
 
 def test_a_scan_tells_the_packs_read(site) -> None:
     restored, mirror = site
     tracker = Tracker(restored.data_dir / "restore", "command")
 
-    told = _rebuild(restored, mirror, True, tracker)
+    told, said = _rebuild(restored, mirror, True, tracker)
 
-    assert {step.what for step in told} == {"reading the pack manifests"}
-    assert {step.unit for step in told} == {PACKS}
-    assert [step.done for step in told] == [0, 1, 2, 3, 4]
-    assert {step.total for step in told} == {4}
-    assert "reading the pack manifests: 4 of 4 packs" in status_text(
-        restored.data_dir / "restore"
-    )
+    packs = [step for step in told if step.what == "reading the pack manifests"]
+    assert [step.what for step in told] == [
+        *["reading the pack manifests"] * 5,
+        *["writing the catalog"] * 2,
+    ]
+    assert {step.unit for step in packs} == {PACKS}
+    assert [step.done for step in packs] == [0, 1, 2, 3, 4]
+    assert {step.total for step in packs} == {4}
+    assert (
+        "restore (command): rebuilding the catalog, reading the pack manifests: "
+        "4 of 4 packs"
+    ) in said
 
 
 def test_a_replay_tells_its_entries_between_runs_of_stores(site, tmp_path) -> None:
@@ -156,7 +169,7 @@ def test_a_replay_tells_its_entries_between_runs_of_stores(site, tmp_path) -> No
     assert len(set(done)) >= len(stores) // 2
 
 
-def test_the_command_line_shows_the_catalog_phase_then_its_end(site) -> None:
+def test_the_command_line_shows_the_catalog_phase_then_its_end(disaster, site) -> None:
     """Run whole (catalog phase only, --background): the progress file says
     the catalog is back, and the status says so."""
     restored, _mirror = site
@@ -164,8 +177,11 @@ def test_the_command_line_shows_the_catalog_phase_then_its_end(site) -> None:
     done = restored.restore("--background")
 
     assert done.returncode == 0, done.stderr
+    # Without a terminal, the bar is drawn once, at its end.
     assert "0/?" not in done.stderr
-    assert "journal entries" in done.stderr
+    count = len(disaster[1])
+    assert "catalog: writing the catalog" in done.stderr
+    assert f" {count} of {count} instances" in done.stderr
     written = read(restored.data_dir / "restore")
     assert written is not None and written.state == "rebuilt"
     text = status_text(restored.data_dir / "restore")

@@ -36,7 +36,7 @@ from appliance.restore.cache import PackCache
 from appliance.restore.check import check
 from appliance.restore.export import Exported, export, finish, mark_checked
 from appliance.restore.mirror import Fetcher, MirrorContents
-from appliance.restore.sources import Progress, Sources, WorkCatalog
+from appliance.restore.sources import Progress, Sources, Step, WorkCatalog
 from appliance.storage import durable
 from appliance.storage.keys import KeyStore
 
@@ -85,7 +85,17 @@ def rebuild_catalog(
         sources = Sources(
             fetcher, contents, keys, work_folder, cache, map_size, progress
         )
-        note = write_checked(sources.build(scan), rebuilt, map_size, contents)
+        work = sources.build(scan)
+        # TODO: the numbers of this step move only at its start and end;
+        # the passes over the instances (adopt, check) could tell them, for
+        # an archive large enough that writing it takes minutes.
+        count = work.catalog.counts()["instances"]
+        what = "writing the catalog"
+        if progress is not None:
+            progress(Step(what, 0, count, "instances"))
+        note = write_checked(work, rebuilt, map_size, contents)
+        if progress is not None:
+            progress(Step(what, count, count, "instances"))
     return put_in_place(rebuilt, catalog_path, work_folder, note)
 
 

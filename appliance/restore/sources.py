@@ -165,10 +165,7 @@ class Sources:
             archive = marker_archive(self.fetcher.transport, self.keys)
         for snapshot in self.contents.snapshots:
             folder = self._fresh_folder()
-            read = self._counter(
-                f"reading the catalog snapshot {snapshot.file.name}",
-                snapshot.file.size,
-            )
+            read = self._counter("reading the catalog snapshot", snapshot.file.size)
             try:
                 self.fetcher.fetch_sealed(
                     snapshot.file, folder / "data.mdb", self.keys, self.folder, read
