@@ -239,7 +239,8 @@ def test_an_instance_the_manifest_does_not_list(disaster, site) -> None:
     (problem,) = report["corrupt"]
     assert problem["sop_instance_uid"] == first.sop_instance_uid
     assert problem["cause"] == failures.NOT_IN_MANIFEST
-    assert problem["reason"] == "its pack's manifest does not list it: pack p-000000003"
+    assert problem["reason"] == "its pack's manifest does not list it"
+    assert problem["pack_id"] == "p-000000003"
     uid = first.sop_instance_uid
     assert restored.held()[0] == {k: v for k, v in held.items() if k != uid}
 

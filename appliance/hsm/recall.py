@@ -374,7 +374,7 @@ class Recaller:
                 tier.reader(
                     pack.location, pack.pack_id, pack.size, pack.sha256, self.tiers.keys
                 ) as reader,
-                closing(self._extracted(reader, keyed, pack_id, pool)) as extracted,
+                closing(self._extracted(reader, keyed, pool)) as extracted,
             ):
                 for record, key, failure in extracted:
                     if key is None:
@@ -396,19 +396,17 @@ class Recaller:
         self,
         reader: PackReader,
         keyed: list[tuple[InstanceRecord, str]],
-        pack_id: str,
         pool: Executor | None,
     ) -> Generator[tuple[InstanceRecord, str | None, Failure | None], None, None]:
         """Extract each instance to its new online key: (record, the key or
         None, why not), in the order of ``keyed``."""
         if pool is None:
             for record, key in keyed:
-                problem = self._extract(reader, record, key, pack_id)
+                problem = self._extract(reader, record, key)
                 yield record, (None if problem else key), problem
             return
         futures = [
-            pool.submit(self._extract, reader, record, key, pack_id)
-            for record, key in keyed
+            pool.submit(self._extract, reader, record, key) for record, key in keyed
         ]
         try:
             for (record, key), future in zip(keyed, futures, strict=True):
@@ -422,7 +420,7 @@ class Recaller:
             wait(futures)
 
     def _extract(
-        self, reader: PackReader, record: InstanceRecord, key: str, pack_id: str
+        self, reader: PackReader, record: InstanceRecord, key: str
     ) -> Failure | None:
         """Extract one instance durably under ``key``; None, or why not (the
         file is then removed)."""
@@ -431,7 +429,7 @@ class Recaller:
         try:
             entry = reader.manifest().instance(uid)
         except LookupError:
-            return Failure(failures.NOT_IN_MANIFEST, f"pack {pack_id}")
+            return Failure(failures.NOT_IN_MANIFEST)
         except ApplianceError as exc:
             return Failure(failures.MANIFEST_LOST, str(exc))
         try:
@@ -445,8 +443,8 @@ class Recaller:
             online.remove(key)
             return Failure(
                 failures.OTHER_BYTES,
-                f"pack {pack_id} holds bytes of SHA-256 {entry.meta.sha256[:16]}..., "
-                f"the catalog {record.sha256[:16]}...",
+                f"{entry.meta.sha256[:16]}... in the pack, {record.sha256[:16]}... "
+                "in the catalog",
             )
         # Flushed here, by the thread that wrote it, while the others go on
         # decoding: the disk writes overlap the work, where flushing a whole
