@@ -503,7 +503,18 @@ def _follow(folder: Path) -> None:
         task = bar.add_task("restoring", total=None)
         while is_pending(folder):
             snapshot = read(folder)
-            if snapshot is not None:
+            if snapshot is not None and snapshot.state == "rebuilding":
+                # Not bytes restored: the step's numbers go in the words.
+                numbers = step_numbers(
+                    snapshot.step_done, snapshot.step_total, snapshot.step_unit
+                )
+                bar.update(
+                    task,
+                    total=None,
+                    completed=0,
+                    description=f"catalog: {snapshot.step}: {numbers}",
+                )
+            elif snapshot is not None:
                 bar.update(
                     task,
                     total=snapshot.bytes or None,
