@@ -110,56 +110,63 @@ def test_a_pack_not_on_the_mirror(disaster, site) -> None:
     assert set(restored.held()[0]) == set(held) - set(missing)
 
 
-def _unopened(disaster: tuple, restored: Restored, detail: str) -> None:
-    """Every instance of pack 3 corrupt, as in a pack that does not open."""
-    _folder, held, _found, studies = disaster
-    report = _restore_fails(restored)
-    corrupt = _problems(report, "corrupt")
-    assert set(corrupt) == set(studies["us-late"])
-    for problem in corrupt.values():
-        assert problem["cause"] == failures.PACK_UNOPENED
-        assert problem["pack_id"] == "p-000000003"
-        assert problem["reason"].startswith("its pack does not open (not decrypted)")
-        assert detail in problem["reason"]
-    assert report["missing"] == []
-    assert set(restored.held()[0]) == set(held) - set(corrupt)
+def _held_by(mirror: Path, keys: KeyStore, pack_id: str) -> set[str]:
+    """The instances whose copy is in ``pack_id``: those it holds that no
+    later pack holds again."""
+    number = int(pack_id[2:])
+    held = {e.sop_instance_uid for e in _entries(_path(mirror, pack_id), keys)}
+    for later in mirror.glob("packs/*/p-*.pack"):
+        if int(later.stem[2:]) > number:
+            held -= {e.sop_instance_uid for e in _entries(later, keys)}
+    return held
 
 
-def test_a_pack_sealed_under_a_master_key_the_store_lacks(
-    disaster, site, tmp_path: Path
-) -> None:
+def test_packs_that_do_not_open(disaster, site, tmp_path: Path) -> None:
+    """Three packs whose instances cannot be decrypted: one sealed under a
+    master key the key store lacks, one whose wrapped data key was altered
+    (the GCM tag of the key wrap fails), one whose clear header was."""
+    _folder, held, _found, _studies = disaster
     restored, mirror = site
+    keys = _keys(restored)
+    expected = {p: _held_by(mirror, keys, p) for p in ("p-000000001", "p-000000002")}
+    expected["p-000000003"] = _held_by(mirror, keys, "p-000000003")
     other = KeyStore.create_if_missing(tmp_path / "other.keys")
-    _repack(_path(mirror, "p-000000003"), _keys(restored), _same, other.new_data_key())
-
-    _unopened(disaster, restored, f"master key {other.current_id} is not in the key")
-
-
-def test_a_data_key_that_does_not_unwrap(disaster, site) -> None:
-    """The data key, wrapped under the right master key, altered: the GCM
-    tag of the key wrap fails, and nothing in the pack opens."""
-    restored, mirror = site
-    right = _keys(restored).new_data_key()
+    _repack(_path(mirror, "p-000000002"), keys, _same, other.new_data_key())
+    right = keys.new_data_key()
     wrapped = bytearray(right.wrapped)
     wrapped[20] ^= 0x01
     altered = DataKey(right.secret, right.master_key_id, bytes(wrapped))
-    _repack(_path(mirror, "p-000000003"), _keys(restored), _same, altered)
-
-    _unopened(disaster, restored, "does not open: the wrapped key or its key id")
-
-
-def test_a_damaged_pack_header(disaster, site) -> None:
-    restored, mirror = site
-    path = _path(mirror, "p-000000003")
-    with PackReader.open(path, _keys(restored)) as reader:
+    _repack(_path(mirror, "p-000000003"), keys, _same, altered)
+    path = _path(mirror, "p-000000001")
+    with PackReader.open(path, keys) as reader:
         assert reader.header.encryption is not None
-        wrapped = reader.header.encryption.wrapped_data_key.hex().encode()
+        hexed = reader.header.encryption.wrapped_data_key.hex().encode()
     data = path.read_bytes()
-    at = data.index(wrapped) + 10
+    at = data.index(hexed) + 10
     flipped = b"0" if data[at : at + 1] != b"0" else b"1"
     path.write_bytes(data[:at] + flipped + data[at + 1 :])
 
-    _unopened(disaster, restored, "its check value does not match")
+    report = _restore_fails(restored)
+
+    corrupt = _problems(report, "corrupt")
+    details = {
+        "p-000000001": "pack.json: its check value does not match",
+        "p-000000002": f"master key {other.current_id} is not in the key store",
+        "p-000000003": "does not open: the wrapped key or its key id was altered",
+    }
+    for pack_id, uids in expected.items():
+        assert uids and uids <= set(corrupt)
+        for uid in uids:
+            problem = corrupt[uid]
+            assert problem["cause"] == failures.PACK_UNOPENED
+            assert problem["pack_id"] == pack_id
+            reason = problem["reason"]
+            assert reason.startswith("its pack does not open (not decrypted)")
+            assert details[pack_id] in reason
+    lost = set().union(*expected.values())
+    assert set(corrupt) == lost
+    assert report["missing"] == []
+    assert set(restored.held()[0]) == set(held) - lost
 
 
 def test_a_member_whose_gcm_tag_fails(disaster, site) -> None:
@@ -245,39 +252,6 @@ def test_an_instance_the_manifest_does_not_list(disaster, site) -> None:
     assert restored.held()[0] == {k: v for k, v in held.items() if k != uid}
 
 
-def test_every_cause_at_once_each_with_its_own_reason(disaster, site) -> None:
-    """Four packs, four faults: the report does not give them one reason."""
-    _folder, held, _found, _studies = disaster
-    restored, mirror = site
-    keys = _keys(restored)
-    gone = {e.sop_instance_uid for e in _entries(_path(mirror, "p-000000002"), keys)}
-    _path(mirror, "p-000000002").unlink()
-    path = _path(mirror, "p-000000001")
-    # Its last instance: the first is in pack 4 again, with other bytes.
-    last = _entries(path, keys)[-1]
-    damaged = last.sop_instance_uid
-    data = bytearray(path.read_bytes())
-    data[last.data_offset + 20] ^= 0x01
-    path.write_bytes(bytes(data))
-    other = _entries(_path(mirror, "p-000000003"), keys)[0].sop_instance_uid
-    _repack(_path(mirror, "p-000000003"), keys, _other_bytes)
-    unlisted = _entries(_path(mirror, "p-000000004"), keys)[0].sop_instance_uid
-    _repack(_path(mirror, "p-000000004"), keys, lambda items: items[1:])
-
-    report = _restore_fails(restored)
-
-    causes = {p["sop_instance_uid"]: p["cause"] for p in report["corrupt"]}
-    assert causes == {
-        damaged: failures.MEMBER_DAMAGED,
-        other: failures.OTHER_BYTES,
-        unlisted: failures.NOT_IN_MANIFEST,
-    }
-    assert set(_problems(report, "missing")) == gone
-    assert len({p["reason"] for p in report["corrupt"]}) == 3
-    lost = gone | set(causes)
-    assert set(restored.held()[0]) == set(held) - lost
-
-
 @pytest.fixture
 def sshd(tmp_path: Path) -> Iterator[Sshd]:
     server = Sshd(tmp_path / "sshd")
@@ -289,8 +263,9 @@ def sshd(tmp_path: Path) -> Iterator[Sshd]:
 
 
 def test_reasons_over_sftp(disaster, tmp_path: Path, sshd: Sshd) -> None:
-    """The same reasons when the packs come from the mirror over SFTP: one
-    pack not there, one member damaged, one instance not in its manifest."""
+    """The same reasons, each its own, when the packs come from the mirror
+    over SFTP: one pack not there, one member damaged, one instance that
+    decodes to other bytes, one not in its manifest."""
     folder, held, _found, studies = disaster
     mirror = tmp_path / "mirror"
     shutil.copytree(folder / "mirror", mirror)
@@ -299,10 +274,13 @@ def test_reasons_over_sftp(disaster, tmp_path: Path, sshd: Sshd) -> None:
     keys = _keys(restored)
     _path(mirror, "p-000000002").unlink()
     path = _path(mirror, "p-000000001")
+    # Its last instance: the first is in pack 4 again, with other bytes.
     damaged = _entries(path, keys)[-1]
     data = bytearray(path.read_bytes())
     data[damaged.data_offset + 20] ^= 0x01
     path.write_bytes(bytes(data))
+    other = _entries(_path(mirror, "p-000000003"), keys)[0].sop_instance_uid
+    _repack(_path(mirror, "p-000000003"), keys, _other_bytes)
     unlisted = _entries(_path(mirror, "p-000000004"), keys)[0].sop_instance_uid
     _repack(_path(mirror, "p-000000004"), keys, lambda items: items[1:])
 
@@ -314,7 +292,9 @@ def test_reasons_over_sftp(disaster, tmp_path: Path, sshd: Sshd) -> None:
     causes = {p["sop_instance_uid"]: p["cause"] for p in report["corrupt"]}
     assert causes == {
         damaged.sop_instance_uid: failures.MEMBER_DAMAGED,
+        other: failures.OTHER_BYTES,
         unlisted: failures.NOT_IN_MANIFEST,
     }
+    assert len({p["reason"] for p in report["corrupt"]}) == 3
     lost = set(missing) | set(causes)
     assert set(restored.held()[0]) == set(held) - lost
