@@ -52,7 +52,8 @@ def clear_pending(folder: Path) -> None:
 
 @dataclass
 class Snapshot:
-    """The numbers of a data phase at one moment."""
+    """The numbers of a restore at one moment: its data phase, or the step
+    its catalog phase is at."""
 
     # rebuilding (the catalog), rebuilt, starting, restoring, paused, done,
     # stopped

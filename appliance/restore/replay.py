@@ -50,7 +50,7 @@ def replay_journal(
         if run and (op != run[-1]["op"] or len(run) >= _RUN_MOST):
             _record_stores(catalog, run)
             run = []
-        # Entries before this one are in the catalog (or in the run).
+        # The entries before this one are in the catalog, but for the run.
         told(number - len(run))
         if op in _STORES:
             run.append(entry)
