@@ -17,7 +17,12 @@ from pathlib import Path
 import pytest
 
 from appliance.hsm import failures
+from appliance.hsm.failures import Failure
+from appliance.replication.transports.directory import DirectoryTransport
 from appliance.restore import report as report_module
+from appliance.restore.mirror import survey
+from appliance.restore.reasons import FailureLog
+from appliance.restore.report import final_report
 from appliance.storage.keys import DataKey, KeyStore, key_store_path
 from appliance.storage.packs import PackReader
 from appliance.storage.packs.manifest import InstanceMeta, PackedInstance
@@ -298,3 +303,54 @@ def test_reasons_over_sftp(disaster, tmp_path: Path, sshd: Sshd) -> None:
     assert len({p["reason"] for p in report["corrupt"]}) == 3
     lost = set(missing) | set(causes)
     assert set(restored.held()[0]) == set(held) - lost
+
+
+def test_the_report_takes_the_last_reason_noted_for_the_pack_of_the_copy(
+    site,
+) -> None:
+    """The reasons file is read as the report is written: the last line
+    for an instance wins, a line cut short by a crash is skipped, a reason
+    noted for another pack is not taken, and a pack that could not be read
+    counts its instances missing."""
+    restored, mirror = site
+    path = _path(mirror, "p-000000003")
+    first = _entries(path, _keys(restored))[0]
+    data = bytearray(path.read_bytes())
+    data[first.data_offset + 20] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert restored.restore().returncode == 1
+    folder = restored.data_dir / "restore"
+    log = FailureLog(folder)
+    uid = first.sop_instance_uid
+    noted = log.read()[uid]
+    assert (noted.pack_id, noted.failure.kind) == (
+        "p-000000003",
+        failures.MEMBER_DAMAGED,
+    )
+
+    def report_now() -> tuple[list[dict], list[dict]]:
+        catalog = restored.catalog()
+        try:
+            contents = survey(DirectoryTransport(mirror))
+            found = final_report(catalog, contents, {}, (), log.read()).as_json()
+        finally:
+            catalog.close()
+        return found["missing"], found["corrupt"]
+
+    log.add("p-000000003", {uid: Failure(failures.PACK_UNREAD, "gone meanwhile")})
+    with open(log.path, "a") as out:
+        out.write('{"uid": "' + uid + '", "pack": "p-0000')  # a crash
+    missing, corrupt = report_now()
+    assert corrupt == []
+    assert [(p["sop_instance_uid"], p["cause"]) for p in missing] == [
+        (uid, failures.PACK_UNREAD)
+    ]
+    assert missing[0]["reason"] == "its pack could not be read: gone meanwhile"
+
+    log.add("p-000000001", {uid: Failure(failures.OTHER_BYTES)})
+    missing, corrupt = report_now()
+    assert missing == []
+    assert [(p["sop_instance_uid"], p["cause"]) for p in corrupt] == [
+        (uid, report_module.UNNOTED)
+    ]
+    assert "no reason was noted" in corrupt[0]["reason"]

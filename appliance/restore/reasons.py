@@ -54,6 +54,8 @@ class FailureLog:
         )
         try:
             new = not self.path.exists()
+            if not new and not _ends_a_line(self.path):
+                lines = "\n" + lines  # after the line a crash cut short
             with open(self.path, "a", encoding="utf-8") as out:
                 out.write(lines)
                 out.flush()
@@ -84,3 +86,12 @@ class FailureLog:
     def clear(self) -> None:
         """Forget the failures of an earlier restore (a new one begins)."""
         self.path.unlink(missing_ok=True)
+
+
+def _ends_a_line(path: Path) -> bool:
+    """Whether the file is empty or its last byte ends a line."""
+    with open(path, "rb") as source:
+        if source.seek(0, os.SEEK_END) == 0:
+            return True
+        source.seek(-1, os.SEEK_END)
+        return source.read(1) == b"\n"
