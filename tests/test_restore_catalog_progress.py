@@ -12,7 +12,7 @@ import pytest
 
 from appliance.cli_restore import status_text
 from appliance.replication.transports.directory import DirectoryTransport
-from appliance.restore import replay
+from appliance.restore import adopt, replay
 from appliance.restore.cache import PackCache
 from appliance.restore.mirror import Fetcher, survey
 from appliance.restore.progress import Tracker, mark_pending, read
@@ -77,6 +77,7 @@ def _advances_to_its_total(steps: list[Step]) -> None:
 @pytest.fixture
 def told_each_entry(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(replay, "_TELL_EVERY", 1)
+    monkeypatch.setattr(adopt, "_TELL_EVERY", 2)
 
 
 def test_a_restore_from_the_snapshot_tells_each_step(
@@ -98,7 +99,7 @@ def test_a_restore_from_the_snapshot_tells_each_step(
         "replaying the journal",
         "writing the catalog",
     ]
-    for what in ("reading the journal", "replaying the journal"):
+    for what in ("reading the journal", "replaying the journal", "writing the catalog"):
         _advances_to_its_total(steps[what])
     # The snapshot is one chunk here: its numbers go from 0 to its size.
     assert [s.done for s in steps[first.what]][-1] == snapshot.stat().st_size
