@@ -12,7 +12,10 @@ from typing import Any
 
 import click
 from rich.progress import (
+    BarColumn,
     Progress,
+    TextColumn,
+    TimeRemainingColumn,
 )
 
 from appliance import logs
@@ -24,7 +27,7 @@ from appliance.errors import (
     OutOfSpaceError,
     TransportError,
 )
-from appliance.terminal import progress_bar, size, transfer_bar
+from appliance.terminal import errors, size, transfer_bar
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +162,13 @@ def _restore(
     from appliance.restore import swap
     from appliance.restore.cache import PackCache
     from appliance.restore.mirror import Fetcher, survey
-    from appliance.restore.progress import clear_pending, is_pending, mark_pending
+    from appliance.restore.progress import (
+        Tracker,
+        clear_pending,
+        is_pending,
+        mark_pending,
+    )
+    from appliance.restore.reasons import FailureLog
     from appliance.storage.online import OnlineTier
 
     keys = _keys(config)
@@ -185,18 +194,27 @@ def _restore(
                 # Before the catalog goes into place: a run killed just
                 # after must still find the data phase to do.
                 mark_pending(folder, "mirror")
+                FailureLog(folder).clear()
             elif not is_pending(folder):
                 click.echo(
                     "this appliance was restored already; see appliance restore status"
                 )
                 return True
+            tracker = Tracker(folder, "command")
             try:
-                rebuild = _rebuild(config, scan, fetcher, contents, keys, cache)
+                rebuild = _rebuild(
+                    config, scan, fetcher, contents, keys, cache, tracker
+                )
             except BaseException:
                 if swap.note_of(config.catalog_path) is None:
                     # Nothing was put in place: no data phase waits.
                     clear_pending(folder)
                 raise
+            if not rebuild.done_before:
+                then = (
+                    "the data waits for the service" if background else "the data next"
+                )
+                tracker.state("rebuilt", then)
             if background:
                 _print_background(rebuild)
                 return True
@@ -259,13 +277,32 @@ def _catalog(config: Config) -> Any:
 
 
 def _rebuild(
-    config: Config, scan: bool, fetcher: Any, contents: Any, keys: Any, cache: Any
+    config: Config,
+    scan: bool,
+    fetcher: Any,
+    contents: Any,
+    keys: Any,
+    cache: Any,
+    tracker: Any,
 ) -> Any:
-    """The catalog phase, with a progress bar for the packs it reads."""
+    """The catalog phase, with a progress bar of each of its steps (bytes
+    of the snapshot and journal read, journal entries replayed, packs read),
+    also written for ``appliance restore status``."""
     from appliance.restore.rebuild import rebuild_catalog
 
-    with progress_bar() as bar:
-        task = bar.add_task("rebuilding the catalog", total=None)
+    with _catalog_bar() as bar:
+        task = bar.add_task("rebuilding the catalog", total=None, numbers="")
+
+        def shown(step: Any) -> None:
+            bar.update(
+                task,
+                description=f"catalog: {step.what}",
+                completed=step.done,
+                total=step.total,
+                numbers=step_numbers(step.done, step.total, step.unit),
+            )
+            tracker.rebuilding(step.what, step.done, step.total, step.unit)
+
         rebuild = rebuild_catalog(
             config.catalog_path,
             config.get("storage.catalog_max_size"),
@@ -275,10 +312,30 @@ def _rebuild(
             keys,
             cache,
             scan,
-            lambda done, total: bar.update(task, completed=done, total=total),
+            shown,
         )
     _print_rebuild(rebuild, scan)
     return rebuild
+
+
+def _catalog_bar() -> Progress:
+    """The step under way, its bar and numbers, and the time left, on stderr."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[numbers]}"),
+        TimeRemainingColumn(),
+        console=errors,
+    )
+
+
+def step_numbers(done: int, total: int, unit: str) -> str:
+    """How far a step of the catalog phase is, in its unit."""
+    from appliance.restore.sources import BYTES
+
+    if unit == BYTES:
+        return f"{size(done)} of {size(total)}"
+    return f"{done:,} of {total:,} {unit}"
 
 
 def _restore_data(
@@ -297,6 +354,7 @@ def _restore_data(
     from appliance.errors import LimiterClosed
     from appliance.restore.export import rebuilt_note
     from appliance.restore.progress import Tracker
+    from appliance.restore.reasons import FailureLog
     from appliance.restore.report import final_report
     from appliance.restore.run import run_data_phase
 
@@ -338,8 +396,10 @@ def _restore_data(
         signal.signal(signal.SIGINT, interrupted)
     if report is None:
         click.echo("stopped: run the same command again to continue", err=True)
-        report = final_report(catalog, contents, rebuilt_note(catalog) or {})
-        return report, report.save(config.data_dir / "restore")
+        folder = config.data_dir / "restore"
+        noted = FailureLog(folder).read()
+        report = final_report(catalog, contents, rebuilt_note(catalog) or {}, (), noted)
+        return report, report.save(folder)
     return report, Path(tracker.snapshot.report)
 
 
@@ -380,6 +440,9 @@ def describe(snapshot: Any, pending: bool) -> str:
         return "restore: finished"
     from appliance.children import process_alive
 
+    if snapshot.state in ("rebuilding", "rebuilt"):
+        return _catalog_phase(snapshot, process_alive(snapshot.pid))
+
     running = snapshot.state in ("starting", "restoring", "paused")
     if running and not process_alive(snapshot.pid):
         snapshot.state = "stopped (its process is gone)"
@@ -407,6 +470,22 @@ def describe(snapshot: Any, pending: bool) -> str:
     return text
 
 
+def _catalog_phase(snapshot: Any, alive: bool) -> str:
+    """The line of a restore in (or just after) its catalog phase."""
+    if snapshot.state == "rebuilt":
+        return f"restore: the catalog is back; {snapshot.doing}"
+    if not alive:
+        return (
+            "restore: stopped while the catalog was rebuilt (its process is "
+            "gone); run the restore again to continue"
+        )
+    numbers = step_numbers(snapshot.step_done, snapshot.step_total, snapshot.step_unit)
+    return (
+        f"restore ({snapshot.runner}): rebuilding the catalog, {snapshot.step}: "
+        f"{numbers}"
+    )
+
+
 def _follow(folder: Path) -> None:
     """A progress bar from the numbers the running restore writes (a line
     every ten seconds when stderr is not a terminal)."""
@@ -424,7 +503,18 @@ def _follow(folder: Path) -> None:
         task = bar.add_task("restoring", total=None)
         while is_pending(folder):
             snapshot = read(folder)
-            if snapshot is not None:
+            if snapshot is not None and snapshot.state == "rebuilding":
+                # Not bytes restored: the step's numbers go in the words.
+                numbers = step_numbers(
+                    snapshot.step_done, snapshot.step_total, snapshot.step_unit
+                )
+                bar.update(
+                    task,
+                    total=None,
+                    completed=0,
+                    description=f"catalog: {snapshot.step}: {numbers}",
+                )
+            elif snapshot is not None:
                 bar.update(
                     task,
                     total=snapshot.bytes or None,

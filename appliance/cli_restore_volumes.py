@@ -26,6 +26,7 @@ _READ = "a restore from volumes must read the packs on it"
 
 def restore_from_volumes(config: Config) -> bool:
     """Both phases and the report; whether everything came back."""
+    from appliance.restore.reasons import FailureLog
     from appliance.restore.volumedata import final_volume_report
     from appliance.storage.lock import claim_tier
     from appliance.storage.online import OnlineTier
@@ -48,12 +49,17 @@ def restore_from_volumes(config: Config) -> bool:
             )
             return False
         outcome = _rebuild(config, library, keys, online)
+        failures = FailureLog(folder)
+        if not outcome.rebuild.done_before:
+            failures.clear()  # an earlier restore's, if any
         catalog = _catalog(config)
         try:
             _ask_for(catalog, outcome.unread)
             note = outcome.rebuild.note
             waiting_for = _restore_data(config, catalog, keys, library, note)
-            report = final_volume_report(catalog, note, outcome.unread, library)
+            report = final_volume_report(
+                catalog, note, outcome.unread, library, failures.read()
+            )
         finally:
             catalog.close()
     finally:

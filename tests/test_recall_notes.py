@@ -22,6 +22,7 @@ from appliance.catalog.store import Catalog
 from appliance.config import Config, load
 from appliance.hsm import recall as recall_module
 from appliance.hsm import recall_notes
+from appliance.hsm.failures import Failure
 from appliance.hsm.migrator import Migrator
 from appliance.hsm.recall import Recaller
 from appliance.hsm.recall_notes import RecallNote
@@ -274,14 +275,13 @@ def test_each_key_is_noted_on_disk_before_its_file_is_written(
         reader: PackReader,
         record: InstanceRecord,
         key: str,
-        pack_id: str,
-    ) -> str | None:
+    ) -> Failure | None:
         [note] = archive.notes()
         assert key in note.read_text().splitlines()
         assert synced, "the note was not flushed"
         assert not self.tiers.online.path_of(key).exists()
         checked.append(key)
-        return real_extract(self, reader, record, key, pack_id)
+        return real_extract(self, reader, record, key)
 
     def fsync(fd: int) -> None:
         if os.readlink(f"/proc/self/fd/{fd}").endswith(recall_notes.SUFFIX):

@@ -309,6 +309,9 @@ def test_a_damaged_pack_loses_only_the_instance_it_damaged(
     assert done.returncode == 1
     report = site.report()
     assert [p["sop_instance_uid"] for p in report["corrupt"]] == [first]
+    # What went wrong, as the recall found it.
+    assert report["corrupt"][0]["cause"] == "member-damaged"
+    assert "GCM tag does not match" in report["corrupt"][0]["reason"]
     assert first in done.stderr
     assert report["missing"] == report["waiting"] == []
     restored, _found = site.held()

@@ -33,8 +33,15 @@ from appliance.catalog import copies, requests
 from appliance.catalog.copies import PackRecord
 from appliance.catalog.records import InstanceRecord
 from appliance.catalog.store import Catalog
-from appliance.errors import ApplianceError, TransportError
-from appliance.hsm import recall_notes
+from appliance.errors import (
+    ApplianceError,
+    DamagedPackError,
+    KeyStoreError,
+    PackError,
+    TransportError,
+)
+from appliance.hsm import failures, recall_notes
+from appliance.hsm.failures import Failure
 from appliance.hsm.recall_notes import RecallNote
 from appliance.hsm.tiers import OFFSITE, ONLINE, PackTier, Tiers
 from appliance.metrics import events
@@ -47,6 +54,8 @@ _NOT_FLUSHED = "cannot flush the recalled files"
 
 # Called with (instances staged so far, instances to stage).
 Progress = Callable[[int, int], None]
+# Called with a recall's result before the copies that failed stop counting.
+Failed = Callable[["RecallResult"], None]
 
 
 @dataclass
@@ -61,6 +70,8 @@ class RecallResult:
     problems: list[str] = field(default_factory=list)
     # pack ID -> instances it failed to give (damaged or missing there)
     damaged: dict[str, list[str]] = field(default_factory=dict)
+    # SOP Instance UID -> why its pack did not give it
+    failures: dict[str, Failure] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -70,13 +81,22 @@ class RecallResult:
 class Recaller:
     """Stages studies from pack tiers onto the online tier."""
 
-    def __init__(self, catalog: Catalog, tiers: Tiers, threads: int = 1) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        tiers: Tiers,
+        threads: int = 1,
+        failed: Failed | None = None,
+    ) -> None:
         """With ``threads`` above 1, that many instances of a pack are
         extracted at once: decoding, hashing and the wait for each file's
-        fsync overlap (a restore from the mirror uses it)."""
+        fsync overlap (a restore from the mirror uses it). ``failed`` is
+        told what failed before the copies stop counting (a restore keeps
+        the reasons for its report)."""
         self.catalog = catalog
         self.tiers = tiers
         self.threads = threads
+        self.failed = failed
         self._packs: dict[str, PackRecord | None] = {}
         self._kept: Executor | None = None
 
@@ -173,6 +193,8 @@ class Recaller:
         # waiting for the volumes it no longer needs: a recall cut short
         # before this leaves it asked for.
         requests.study_recalled(self.catalog, study_uid, result.waiting_for)
+        if self.failed is not None and result.damaged:
+            self.failed(result)
         self._stop_counting_damaged(result)
         if result.ok:
             self.catalog.touch_studies({study_uid})
@@ -357,14 +379,11 @@ class Recaller:
                 tier.reader(
                     pack.location, pack.pack_id, pack.size, pack.sha256, self.tiers.keys
                 ) as reader,
-                closing(self._extracted(reader, keyed, pack_id, pool)) as extracted,
+                closing(self._extracted(reader, keyed, pool)) as extracted,
             ):
-                for record, key, problem in extracted:
+                for record, key, failure in extracted:
                     if key is None:
-                        result.problems.append(problem or "")
-                        result.damaged.setdefault(pack_id, []).append(
-                            record.sop_instance_uid
-                        )
+                        _note_failure(result, pack_id, record, failure)
                         continue
                     staged[record.sop_instance_uid] = (key, record.sha256)
                     staged_one()
@@ -373,28 +392,26 @@ class Recaller:
             result.problems.append(f"pack {pack_id}: {exc}")
         except ApplianceError as exc:
             result.problems.append(f"pack {pack_id}: {exc}")
-            failed = [r.sop_instance_uid for r in records]
-            result.damaged.setdefault(pack_id, []).extend(
-                uid for uid in failed if uid not in staged
-            )
+            failure = _unopened(exc)
+            for record in records:
+                if record.sop_instance_uid not in staged:
+                    _note_failure(result, pack_id, record, failure, say=False)
 
     def _extracted(
         self,
         reader: PackReader,
         keyed: list[tuple[InstanceRecord, str]],
-        pack_id: str,
         pool: Executor | None,
-    ) -> Generator[tuple[InstanceRecord, str | None, str | None], None, None]:
+    ) -> Generator[tuple[InstanceRecord, str | None, Failure | None], None, None]:
         """Extract each instance to its new online key: (record, the key or
-        None, the problem), in the order of ``keyed``."""
+        None, why not), in the order of ``keyed``."""
         if pool is None:
             for record, key in keyed:
-                problem = self._extract(reader, record, key, pack_id)
+                problem = self._extract(reader, record, key)
                 yield record, (None if problem else key), problem
             return
         futures = [
-            pool.submit(self._extract, reader, record, key, pack_id)
-            for record, key in keyed
+            pool.submit(self._extract, reader, record, key) for record, key in keyed
         ]
         try:
             for (record, key), future in zip(keyed, futures, strict=True):
@@ -408,23 +425,31 @@ class Recaller:
             wait(futures)
 
     def _extract(
-        self, reader: PackReader, record: InstanceRecord, key: str, pack_id: str
-    ) -> str | None:
-        """Extract one instance durably under ``key``; None, or the problem
-        (the file is then removed)."""
+        self, reader: PackReader, record: InstanceRecord, key: str
+    ) -> Failure | None:
+        """Extract one instance durably under ``key``; None, or why not (the
+        file is then removed)."""
         online = self.tiers.online
+        uid = record.sop_instance_uid
         try:
-            entry = reader.extract_to(
-                record.sop_instance_uid, online.path_of(key), online.root, flush=False
-            )
+            entry = reader.manifest().instance(uid)
+        except LookupError:
+            return Failure(failures.NOT_IN_MANIFEST)
         except ApplianceError as exc:
-            return str(exc)
+            return Failure(failures.MANIFEST_LOST, str(exc))
+        try:
+            reader.extract_to(entry, online.path_of(key), online.root, flush=False)
+        except DamagedPackError as exc:
+            return Failure(failures.MEMBER_DAMAGED, f"{exc.part}: {exc.reason}")
+        except ApplianceError as exc:
+            return Failure(failures.NOT_WRITTEN, str(exc))
         if entry.meta.sha256 != record.sha256:
             # The pack holds other bytes than the catalog counts.
             online.remove(key)
-            return (
-                f"pack {pack_id} holds other bytes for {record.sop_instance_uid} "
-                "than the catalog"
+            return Failure(
+                failures.OTHER_BYTES,
+                f"{entry.meta.sha256[:16]}... in the pack, {record.sha256[:16]}... "
+                "in the catalog",
             )
         # Flushed here, by the thread that wrote it, while the others go on
         # decoding: the disk writes overlap the work, where flushing a whole
@@ -490,6 +515,32 @@ class Recaller:
             "; ".join(result.problems)
             or f"waiting for volume(s) {waiting} to be loaded",
         )
+
+
+def _note_failure(
+    result: RecallResult,
+    pack_id: str,
+    record: InstanceRecord,
+    failure: Failure | None,
+    say: bool = True,
+) -> None:
+    """Count an instance the pack did not give, and why (in the problems
+    too with ``say``; a pack that gave nothing is one problem)."""
+    failure = failure or Failure(failures.MEMBER_DAMAGED)
+    uid = record.sop_instance_uid
+    if say:
+        result.problems.append(f"instance {uid}: {failure.describe()}")
+    result.damaged.setdefault(pack_id, []).append(uid)
+    result.failures[uid] = failure
+
+
+def _unopened(error: ApplianceError) -> Failure:
+    """Why a pack that does not open gave nothing: a key that does not
+    unwrap its data key, or a header that is not a pack's, is not a fault
+    of where the pack is kept."""
+    if isinstance(error, KeyStoreError | PackError):
+        return Failure(failures.PACK_UNOPENED, str(error))
+    return Failure(failures.PACK_UNREAD, str(error))
 
 
 class _NotFlushed(Exception):

@@ -36,7 +36,15 @@ LEVELS = ("patients", "studies", "series", "instances")
 # The tiers ``appliance tiers`` lists, and the mirror.
 TIERS = ("online", "nearline", "offline", "offsite")
 PACK_TIERS = ("nearline", "offline", "offsite")
-RESTORE_STATES = ("starting", "restoring", "paused", "done", "stopped")
+RESTORE_STATES = (
+    "rebuilding",
+    "rebuilt",
+    "starting",
+    "restoring",
+    "paused",
+    "done",
+    "stopped",
+)
 
 Metric = GaugeMetricFamily | CounterMetricFamily
 Part = Callable[[], Iterable[Metric]]
@@ -191,7 +199,7 @@ class StateCollector(Collector):
             return
         yield _by_label(
             "appliance_restore_state",
-            "1 for the state of the last restore's data phase.",
+            "1 for the state of the last restore (its catalog or data phase).",
             "state",
             {state: float(snapshot.state == state) for state in RESTORE_STATES},
         )

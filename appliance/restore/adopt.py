@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,10 @@ from appliance.restore.mirror import MirrorContents
 
 logger = logging.getLogger(__name__)
 
+# Called with the instances written so far, every _TELL_EVERY of them.
+Written = Callable[[int], None]
+_TELL_EVERY = 1000
+
 # What the rebuilt catalog carries over from the work catalog as it is:
 # the records and their indexes (a study's packs on volumes indexed again).
 _KEPT = {
@@ -95,10 +100,15 @@ _META_KEPT = (b"schema_version", _REFERENCE_KEY)
 
 
 def adopt(
-    work: Catalog, rebuilt: Path, map_size: int, contents: MirrorContents
+    work: Catalog,
+    rebuilt: Path,
+    map_size: int,
+    contents: MirrorContents,
+    written: Written | None = None,
 ) -> tuple[Catalog, Exported]:
     """Copy ``work`` to the empty folder ``rebuilt`` and make the copy the
-    rebuilt catalog; the catalog, open, and what it holds."""
+    rebuilt catalog; the catalog, open, and what it holds. ``written`` is
+    told how many instances are written, every so many."""
     places = copy_places(work, contents)
     rebuilt.mkdir(parents=True, exist_ok=True)
     try:
@@ -111,7 +121,7 @@ def adopt(
         raise CatalogError(f"cannot copy the work catalog: {exc}") from exc
     final = Catalog(rebuilt, map_size, durable=False)
     try:
-        exported = _rewrite(work, final, contents, places)
+        exported = _rewrite(work, final, contents, places, written)
     except BaseException:
         final.close()
         raise
@@ -141,7 +151,11 @@ class _Totals:
 
 
 def _rewrite(
-    work: Catalog, final: Catalog, contents: MirrorContents, places: Any
+    work: Catalog,
+    final: Catalog,
+    contents: MirrorContents,
+    places: Any,
+    written: Written | None = None,
 ) -> Exported:
     result = Exported()
     totals = _Totals()
@@ -155,7 +169,7 @@ def _rewrite(
         _drop_the_rest(final, txn)
         answers.drop_unrestored(final, txn)
         pack_bytes = _packs(work, source, final, txn, contents)
-        passes = _Pass(work, source, final, txn, places, tier, result, totals)
+        passes = _Pass(work, source, final, txn, places, tier, result, totals, written)
         passes.instances()
         passes.studies()
         _patients_again(final, txn, totals)
@@ -215,6 +229,7 @@ class _Pass:
     tier: str
     result: Exported
     totals: _Totals
+    written: Written | None = None
 
     def instances(self) -> None:
         """Every instance that reached the tier with its copy there, in one
@@ -237,6 +252,8 @@ class _Pass:
             data["copies"] = [] if copy is None else [copy.as_json()]
             self.txn.put(key, codec.dumps(data), db=instances)
             totals.stored += 1
+            if self.written is not None and totals.stored % _TELL_EVERY == 0:
+                self.written(totals.stored)
             if copy is None or not copy.verified:
                 totals.unverified[study_uid] += 1
             if copy is None:

@@ -31,7 +31,7 @@ from appliance.catalog.replication import OFFSITE
 from appliance.catalog.store import Catalog
 from appliance.errors import ApplianceError
 from appliance.hsm.recall import Progress as RecallProgress
-from appliance.hsm.recall import Recaller
+from appliance.hsm.recall import Recaller, RecallResult
 from appliance.hsm.tiers import NEARLINE, ONLINE, Tiers
 from appliance.restore.ahead import FetchAhead, FetchJob, abandon_if
 from appliance.restore.cache import MirrorTier, PackCache
@@ -43,6 +43,7 @@ from appliance.restore.order import (
     order,
     upcoming_patients,
 )
+from appliance.restore.reasons import FailureLog
 from appliance.restore.salvage import salvage
 from appliance.restore.staging import NotedOnlineTier, StagingNote
 from appliance.storage.keys import KeyStore
@@ -109,10 +110,13 @@ class DataRestore:
         self.cache = cache
         self.contents = contents
         self.note = StagingNote(state_folder / "staging")
+        self.failures = FailureLog(state_folder)
         self.online = NotedOnlineTier(online_root, reserved_bytes, self.note)
         self.online.open()
         tiers = Tiers(self.online, {OFFSITE: MirrorTier(cache)}, keys)
-        self.recaller = Recaller(catalog, tiers, EXTRACT_THREADS)
+        self.recaller = Recaller(
+            catalog, tiers, EXTRACT_THREADS, failed=self._note_failures
+        )
         self._fetch_hook = threading.Lock()
 
     def plan(self) -> Plan:
@@ -278,7 +282,7 @@ class DataRestore:
             with self.catalog.read() as txn:
                 data = self.catalog.get(txn, "packs", pack_id)
             if data is not None:
-                salvage(
+                salvaged = salvage(
                     self.catalog,
                     self.online,
                     self.keys,
@@ -286,6 +290,13 @@ class DataRestore:
                     PackRecord.from_json(data),
                     left,
                 )
+                self.failures.add(pack_id, salvaged.failures)
+
+    def _note_failures(self, result: RecallResult) -> None:
+        """Keep why each instance failed, for the report (see :mod:`.reasons`)."""
+        for pack_id, uids in result.damaged.items():
+            noted = result.failures
+            self.failures.add(pack_id, {u: noted[u] for u in uids if u in noted})
 
     def _send_again(self, records: list[InstanceRecord]) -> None:
         """Instances restored from a pack whose bytes on the mirror differ

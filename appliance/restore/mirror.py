@@ -182,7 +182,12 @@ class Fetcher:
         return Fetched(destination, size, digest.hexdigest())
 
     def fetch_sealed(
-        self, remote: RemoteFile, destination: Path, keys: KeyStore, folder: Path
+        self,
+        remote: RemoteFile,
+        destination: Path,
+        keys: KeyStore,
+        folder: Path,
+        received: Received | None = None,
     ) -> None:
         """Fetch a sealed file and open it into ``destination``.
 
@@ -190,7 +195,7 @@ class Fetcher:
         renamed, or sealed under a master key the store lacks).
         """
         download = folder / "sealed.download"
-        fetched = self.fetch(remote.name, download)
+        fetched = self.fetch(remote.name, download, received)
         try:
             if fetched.size != remote.size:
                 raise sealed.SealedFileError(

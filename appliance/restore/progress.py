@@ -5,7 +5,8 @@
                    service restores in the background
 ``progress.json``  the numbers of the run under way (or the last one),
                    rewritten every few seconds: what ``appliance restore
-                   status`` and ``appliance status`` show
+                   status`` and ``appliance status`` show; while the
+                   catalog is rebuilt, how far its step is
 """
 
 from __future__ import annotations
@@ -51,9 +52,12 @@ def clear_pending(folder: Path) -> None:
 
 @dataclass
 class Snapshot:
-    """The numbers of a data phase at one moment."""
+    """The numbers of a restore at one moment: its data phase, or the step
+    its catalog phase is at."""
 
-    state: str = "starting"  # starting, restoring, paused, done, stopped
+    # rebuilding (the catalog), rebuilt, starting, restoring, paused, done,
+    # stopped
+    state: str = "starting"
     runner: str = ""  # "command" or "service"
     pid: int = 0
     started: float = 0.0
@@ -66,6 +70,11 @@ class Snapshot:
     rate: float = 0.0  # bytes per second over the last minute
     doing: str = ""
     report: str = ""  # the final report's file, once written
+    # While the catalog is rebuilt: its step, and how far it is.
+    step: str = ""
+    step_done: int = 0
+    step_total: int = 0
+    step_unit: str = ""
 
     @property
     def seconds_left(self) -> float | None:
@@ -116,6 +125,18 @@ class Tracker:
         self.snapshot.left_on_mirror = left
         self._samples.clear()
         self.write(force=True)
+
+    def rebuilding(self, step: str, done: int, total: int, unit: str) -> None:
+        """How far the catalog phase's step is (written at once when a step
+        begins or ends, else every few seconds)."""
+        new = (self.snapshot.state, self.snapshot.step) != ("rebuilding", step)
+        new = new or done >= total
+        self.snapshot.state = "rebuilding"
+        self.snapshot.step = step
+        self.snapshot.step_done = done
+        self.snapshot.step_total = total
+        self.snapshot.step_unit = unit
+        self.write(force=new)
 
     def advanced(self, done: int, doing: str) -> None:
         self.snapshot.state = "restoring"

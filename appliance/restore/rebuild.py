@@ -31,12 +31,12 @@ from typing import Any
 from appliance.catalog.store import Catalog
 from appliance.errors import CatalogError, StorageError
 from appliance.restore import swap
-from appliance.restore.adopt import adopt
+from appliance.restore.adopt import Written, adopt
 from appliance.restore.cache import PackCache
 from appliance.restore.check import check
 from appliance.restore.export import Exported, export, finish, mark_checked
 from appliance.restore.mirror import Fetcher, MirrorContents
-from appliance.restore.sources import Progress, Sources, WorkCatalog
+from appliance.restore.sources import Progress, Sources, Step, WorkCatalog
 from appliance.storage import durable
 from appliance.storage.keys import KeyStore
 
@@ -85,8 +85,31 @@ def rebuild_catalog(
         sources = Sources(
             fetcher, contents, keys, work_folder, cache, map_size, progress
         )
-        note = write_checked(sources.build(scan), rebuilt, map_size, contents)
+        work = sources.build(scan)
+        written = _writing(work, progress)
+        note = write_checked(work, rebuilt, map_size, contents, written=written)
+        written(written.count)
     return put_in_place(rebuilt, catalog_path, work_folder, note)
+
+
+class _Writing:
+    """The step of writing the rebuilt catalog, counted in instances as
+    they are written (the check after them, and a catalog written anew when
+    the copy fails it, are not counted: the step ends with both)."""
+
+    def __init__(self, count: int, progress: Progress | None) -> None:
+        self.count = count
+        self.progress = progress
+        self(0)
+
+    def __call__(self, done: int) -> None:
+        if self.progress is not None:
+            done = min(done, self.count)
+            self.progress(Step("writing the catalog", done, self.count, "instances"))
+
+
+def _writing(work: WorkCatalog, progress: Progress | None) -> _Writing:
+    return _Writing(work.catalog.counts()["instances"], progress)
 
 
 def rebuilt_before(catalog_path: Path) -> Rebuild | None:
@@ -104,16 +127,18 @@ def write_checked(
     map_size: int,
     contents: MirrorContents,
     extra: dict[str, Any] | None = None,
+    written: Written | None = None,
 ) -> dict[str, Any]:
     """Write the work catalog as a checked catalog at ``rebuilt``, which
     must not exist (then close the work catalog); its note, with ``extra``
     added to it. It is written beside it and takes its name once marked
-    checked: ``rebuilt`` holds a whole catalog or nothing."""
+    checked: ``rebuilt`` holds a whole catalog or nothing. ``written`` is
+    told how many instances are written, as they are."""
     partial = partial_path(rebuilt)
     shutil.rmtree(partial, ignore_errors=True)
     try:
         _refuse_if_nothing_opened(work, contents)
-        note = _write(work, partial, map_size, contents, extra or {})
+        note = _write(work, partial, map_size, contents, extra or {}, written)
     finally:
         work.catalog.close()
     partial.rename(rebuilt)
@@ -185,6 +210,7 @@ def _write(
     map_size: int,
     contents: MirrorContents,
     extra: dict[str, Any],
+    written: Written | None = None,
 ) -> dict[str, Any]:
     """Make, finish, check and mark the rebuilt catalog; its note.
 
@@ -193,7 +219,7 @@ def _write(
     copy keeps), it is made again by writing every record anew, which
     counts everything from the instances themselves."""
     try:
-        final, exported = adopt(work.catalog, rebuilt, map_size, contents)
+        final, exported = adopt(work.catalog, rebuilt, map_size, contents, written)
         return _finished(work, final, exported, contents, extra, map_size)
     except CatalogError as exc:
         logger.warning(

@@ -10,7 +10,7 @@ snapshot, or a rebuild run twice, gives the same catalog.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from appliance.catalog import copies, patients, replication
@@ -24,19 +24,34 @@ from appliance.storage.packs import Manifest, PackedInstance
 logger = logging.getLogger(__name__)
 
 _STORES = ("store", "replace")
+# The most stores written in one transaction: a journal replayed without a
+# snapshot is one long run of them, and progress is told between runs.
+_RUN_MOST = 2000
+# Progress is told every this many entries (and at the end).
+_TELL_EVERY = 500
+
+# Called with (entries replayed so far, entries to replay).
+Progress = Callable[[int, int], None]
 
 
-def replay_journal(catalog: Catalog, entries: Iterable[dict[str, Any]]) -> int:
+def replay_journal(
+    catalog: Catalog,
+    entries: Sequence[dict[str, Any]],
+    progress: Progress | None = None,
+) -> int:
     """Apply journal entries in order; how many were applied."""
     applied = 0
     run: list[dict[str, Any]] = []
-    for entry in entries:
+    told = _Teller(progress, len(entries))
+    for number, entry in enumerate(entries):
         op = entry.get("op")
         # A run of stores goes in one transaction; any other change first
         # writes the run before it, so that the order is kept.
-        if run and op != run[-1]["op"]:
+        if run and (op != run[-1]["op"] or len(run) >= _RUN_MOST):
             _record_stores(catalog, run)
             run = []
+        # The entries before this one are in the catalog, but for the run.
+        told(number - len(run))
         if op in _STORES:
             run.append(entry)
         elif op == "replicated":
@@ -54,7 +69,24 @@ def replay_journal(catalog: Catalog, entries: Iterable[dict[str, Any]]) -> int:
             continue
         applied += 1
     _record_stores(catalog, run)
+    told(len(entries), force=True)
     return applied
+
+
+class _Teller:
+    """Tells ``progress`` how far a replay is, every so many entries."""
+
+    def __init__(self, progress: Progress | None, total: int) -> None:
+        self.progress = progress
+        self.total = total
+        self.last = -_TELL_EVERY
+
+    def __call__(self, done: int, force: bool = False) -> None:
+        if self.progress is None:
+            return
+        if force or done - self.last >= _TELL_EVERY:
+            self.last = done
+            self.progress(done, self.total)
 
 
 def merge_manifest(

@@ -25,6 +25,7 @@ from appliance.restore.data import DataRestore, Placement, Plan
 from appliance.restore.export import rebuilt_note
 from appliance.restore.mirror import MirrorContents
 from appliance.restore.progress import Tracker, clear_pending
+from appliance.restore.reasons import FailureLog
 from appliance.restore.report import Report, final_report
 from appliance.storage.keys import KeyStore
 
@@ -97,7 +98,11 @@ def run_data_phase(
             break
 
     report = final_report(
-        catalog, contents, rebuilt_note(catalog) or {}, plan.left_on_mirror
+        catalog,
+        contents,
+        rebuilt_note(catalog) or {},
+        plan.left_on_mirror,
+        FailureLog(folder).read(),
     )
     path = report.save(folder)
     clear_pending(folder)

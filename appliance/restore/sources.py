@@ -28,6 +28,7 @@ from appliance.restore.cache import PackCache
 from appliance.restore.mirror import (
     Fetcher,
     MirrorContents,
+    Received,
     RemoteFile,
     Snapshot,
     pack_number,
@@ -38,8 +39,26 @@ from appliance.storage.packs import PackReader
 
 logger = logging.getLogger(__name__)
 
-# Called with (packs read so far, packs to read).
-Progress = Callable[[int, int], None]
+# Units of a step's numbers.
+BYTES = "bytes"
+ENTRIES = "journal entries"
+PACKS = "packs"
+
+
+@dataclass(frozen=True)
+class Step:
+    """How far one step of the catalog phase is: ``done`` of ``total``
+    ``unit`` (bytes of the snapshot or journal read, journal entries
+    replayed, packs whose manifest was read)."""
+
+    what: str
+    done: int
+    total: int
+    unit: str
+
+
+# Called at the start of each step and as it advances, to its total.
+Progress = Callable[[Step], None]
 
 
 @dataclass
@@ -112,7 +131,9 @@ class Sources:
     def _replay(self, catalog: Catalog, included: int, name: str) -> WorkCatalog:
         """The journal after the snapshot, then the packs it does not name."""
         entries = self._journal_after(included)
-        replay_journal(catalog, entries)
+        replay_journal(
+            catalog, entries, self._stepper("replaying the journal", ENTRIES)
+        )
         last = entries[-1]["seq"] if entries else included
         journal = (
             f"journal entries {included + 1} to {last}"
@@ -144,9 +165,10 @@ class Sources:
             archive = marker_archive(self.fetcher.transport, self.keys)
         for snapshot in self.contents.snapshots:
             folder = self._fresh_folder()
+            read = self._counter("reading the catalog snapshot", snapshot.file.size)
             try:
                 self.fetcher.fetch_sealed(
-                    snapshot.file, folder / "data.mdb", self.keys, self.folder
+                    snapshot.file, folder / "data.mdb", self.keys, self.folder, read
                 )
                 catalog = Catalog(folder, self.map_size, durable=False)
             except TransportError:
@@ -176,12 +198,15 @@ class Sources:
         StorageError if any of them cannot be read."""
         wanted = self.contents.last_journal_number
         found: dict[int, dict[str, Any]] = {}
-        for segment in self.contents.segments:
-            if segment.last <= included:
-                continue
+        later = [s for s in self.contents.segments if s.last > included]
+        size = sum(s.file.size for s in later)
+        counted = self._counter("reading the journal", size)
+        for segment in later:
             text = self.folder / "segment"
             try:
-                self.fetcher.fetch_sealed(segment.file, text, self.keys, self.folder)
+                self.fetcher.fetch_sealed(
+                    segment.file, text, self.keys, self.folder, counted
+                )
                 lines = text.read_text(encoding="utf-8").splitlines()
                 read = [e for e in map(json.loads, lines) if e["seq"] > included]
             except TransportError:
@@ -206,15 +231,37 @@ class Sources:
     def _merge_packs(self, work: WorkCatalog, pack_ids: list[str]) -> None:
         """Read each pack's manifest (the whole pack is fetched: it stays in
         the cache for the data restore) and merge it, oldest first."""
+        told = self._stepper("reading the pack manifests", PACKS)
         for done, pack_id in enumerate(pack_ids):
-            if self.progress is not None:
-                self.progress(done, len(pack_ids))
+            told(done, len(pack_ids))
             remote = self.contents.packs[pack_id]
             path = self.cache.fetch(pack_id, remote)
             if not merge_pack_file(work, pack_id, path, remote, self.keys):
                 self.cache.drop(pack_id)
-        if self.progress is not None:
-            self.progress(len(pack_ids), len(pack_ids))
+        told(len(pack_ids), len(pack_ids))
+
+    def _stepper(self, what: str, unit: str) -> Callable[[int, int], None]:
+        """Tell the progress how far the step ``what`` is."""
+
+        def tell(done: int, total: int) -> None:
+            if self.progress is not None:
+                self.progress(Step(what, done, total, unit))
+
+        return tell
+
+    def _counter(self, what: str, total: int) -> Received:
+        """Count the bytes of the step ``what`` as they are received (told
+        once at 0 now, then with every chunk)."""
+        tell = self._stepper(what, BYTES)
+        done = 0
+        tell(done, total)
+
+        def received(size: int) -> None:
+            nonlocal done
+            done += size
+            tell(done, total)
+
+        return received
 
     def _empty_catalog(self) -> Catalog:
         return Catalog(self._fresh_folder(), self.map_size, durable=False)

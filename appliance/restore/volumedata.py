@@ -29,10 +29,11 @@ from typing import Any
 from appliance.catalog import copies
 from appliance.catalog.records import InstanceRecord
 from appliance.catalog.store import Catalog
-from appliance.hsm.recall import Recaller
+from appliance.hsm.recall import Recaller, RecallResult
 from appliance.hsm.tiers import OFFLINE, ONLINE, Tiers
 from appliance.restore.data import share_progress
 from appliance.restore.mirror import MirrorContents, RemoteFile
+from appliance.restore.reasons import FailureLog, Noted
 from appliance.restore.report import Problem, Report, final_report
 from appliance.restore.staging import NotedOnlineTier, StagingNote
 from appliance.storage.keys import KeyStore
@@ -72,10 +73,11 @@ class VolumeDataRestore:
         self.catalog = catalog
         self.damaged = damaged
         self.note = StagingNote(state_folder / "staging")
+        self.failures = FailureLog(state_folder)
         self.online = NotedOnlineTier(online_root, reserved_bytes, self.note)
         self.online.open()
         tiers = Tiers(self.online, {OFFLINE: offline}, keys)
-        self.recaller = Recaller(catalog, tiers)
+        self.recaller = Recaller(catalog, tiers, failed=self._note_failures)
         # Volumes recall waited for: they are on the shelf.
         self.waiting_for: list[str] = []
 
@@ -136,6 +138,12 @@ class VolumeDataRestore:
                 progress(done_bytes, plan.bytes, what)
         return staged
 
+    def _note_failures(self, result: RecallResult) -> None:
+        """Keep why each instance failed, for the report."""
+        for pack_id, uids in result.damaged.items():
+            noted = result.failures
+            self.failures.add(pack_id, {u: noted[u] for u in uids if u in noted})
+
     def _online_from_damaged(self) -> list[InstanceRecord]:
         """Online instances whose verified offline copy is in a damaged
         pack (restored before the catalog was rebuilt again)."""
@@ -179,16 +187,21 @@ class VolumeDataRestore:
 
 
 def final_volume_report(
-    catalog: Catalog, note: dict[str, Any], unread: list[str], library: VolumeLibrary
+    catalog: Catalog,
+    note: dict[str, Any],
+    unread: list[str],
+    library: VolumeLibrary,
+    noted: dict[str, Noted] | None = None,
 ) -> Report:
     """The restore's report (:mod:`.report`), naming the volumes on the
-    shelf that instances wait for, and those whose packs were not read."""
+    shelf that instances wait for, and those whose packs were not read;
+    ``noted`` says why instances failed."""
     contents = MirrorContents(tier=OFFLINE)
     with catalog.read() as txn:
         for pack_id, data in catalog.all_records(txn, "packs"):
             if data.get("tier") == OFFLINE:
                 contents.packs[pack_id] = RemoteFile(data["location"], data["size"])
-    report = final_report(catalog, contents, note)
+    report = final_report(catalog, contents, note, (), noted)
     shelved = {
         volume.label for volume in library.list_volumes() if not volume.reachable
     }

@@ -11,6 +11,9 @@ from appliance.storage.packs.tar import Member
 
 logger = logging.getLogger(__name__)
 
+# The problem of a member that decoded, in a pack whose manifest is lost.
+UNCHECKED = "not checked: no manifest"
+
 
 @dataclass(frozen=True)
 class InstanceCheck:
@@ -105,7 +108,7 @@ def reconcile(
     if manifest is None:
         report.problems.append("no readable manifest: instances cannot be checked")
         for name, item in seen.items():
-            unchecked = item.problem or "not checked: no manifest"
+            unchecked = item.problem or UNCHECKED
             report.instances.append(InstanceCheck(name, None, unchecked))
         return report
 
