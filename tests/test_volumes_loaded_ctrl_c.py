@@ -114,3 +114,20 @@ def test_ctrl_c_leaves_the_rest_waiting_for_the_volume(
     assert f"{2 - recalled} waiting study(ies) recalled" in again.stdout
     assert "no open requests" in run(config, "volumes", "requests").stdout
     assert online_files(appliance) == 4
+
+
+def test_recalls_that_fail_are_not_reported_as_recalled(waiting: Appliance) -> None:
+    """The volume is there but its packs are gone: the command fails, and
+    its last line says how many of the waiting studies were recalled."""
+    appliance = waiting
+    packs = appliance.data_dir / "volumes" / "L00001" / "packs"
+    for pack in packs.iterdir():
+        pack.unlink()
+
+    loaded = run(appliance.config_path, "volumes", "loaded", "L00001")
+
+    assert loaded.returncode == 1, loaded.stdout + loaded.stderr
+    assert "Traceback" not in loaded.stderr
+    assert "loaded; 2 waiting study(ies) recalled" not in loaded.stdout
+    assert "loaded; 0 of 2 waiting study(ies) recalled" in loaded.stdout
+    assert online_files(appliance) == 0
