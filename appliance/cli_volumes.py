@@ -127,7 +127,11 @@ def register(main: click.Group, load: Loader) -> None:
                 interrupted.set()
         if interrupted.is_set():
             exit_interrupted(done, len(waiting), "study(ies)")
-        click.echo(f"volume {label} loaded; {len(waiting)} waiting study(ies) recalled")
+        recalled = f"{len(waiting)}"
+        if incomplete:
+            # The studies above that failed are not to be counted as recalled.
+            recalled = f"{len(waiting) - incomplete} of {len(waiting)}"
+        click.echo(f"volume {label} loaded; {recalled} waiting study(ies) recalled")
         sys.exit(1 if incomplete else 0)
 
     @volumes.command()

@@ -202,13 +202,15 @@ class Ingest:
         try:
             parsed = _parse(received)
             uid = parsed.sop_instance_uid
-            uid = _check_identity(parsed, refuse_long_uids)
+            uid, odd = _check_identity(parsed, refuse_long_uids)
             size = received.stat().st_size
             self.online.check_room(size)
             record = self._record_for(received, parsed, size)
             _wait_for(flushed, received)
             self.online.adopt(received, record.copies[0].location, flushed=True)
-            return self._commit(record, parsed.dataset, source, calling_ae)
+            result = self._commit(record, parsed.dataset, source, calling_ae)
+            _warn_if_stored(result, odd)
+            return result
         except RejectedInstance as exc:
             uid = uid or _announced_uid(received)
             logger.warning("refused instance %s from %s: %s", uid, source, exc.reason)
@@ -250,10 +252,12 @@ class Ingest:
         uid = ""
         try:
             parsed = _parse(path)
-            uid = _check_identity(parsed)
+            uid, odd = _check_identity(parsed)
             record = self._record_for(path, parsed, path.stat().st_size, key)
             result = self.committer.submit(_new_instance(record, parsed.dataset))
-            return self._answer(record, result, source)
+            answer = self._answer(record, result, source)
+            _warn_if_stored(answer, odd)
+            return answer
         except RejectedInstance as exc:
             logger.warning("refused instance %s from %s: %s", uid, source, exc.reason)
             return StoreResult(exc.status, None, uid, exc.reason)
@@ -390,11 +394,14 @@ def _announced_uid(path: Path) -> str:
     return text_of(meta, "MediaStorageSOPInstanceUID") or "(unknown)"
 
 
-def _check_identity(parsed: _Parsed, refuse_long_uids: bool = False) -> str:
+def _check_identity(
+    parsed: _Parsed, refuse_long_uids: bool = False
+) -> tuple[str, list[tuple[str, str, str]]]:
     """Refuse instances without their UIDs, or whose UIDs differ from the ones
     announced in the file meta (PS3.10 7.1) or the C-STORE request (PS3.4
-    B.2.1); refuse UIDs too long to travel (``refuse_long_uids``), warn
-    about other non-conformant ones.
+    B.2.1); refuse UIDs too long to travel (``refuse_long_uids``). Returns
+    the SOP Instance UID and the other non-conformant UIDs, to be warned
+    about once the instance is stored (:func:`_warn_if_stored`).
 
     Long UIDs are judged before the announced ones are compared: a sender
     may cut an overlong UID to 64 characters in its request (DCMTK does),
@@ -423,15 +430,23 @@ def _check_identity(parsed: _Parsed, refuse_long_uids: bool = False) -> str:
                 raise RejectedInstance(
                     _uid_status(keyword), f"{keyword} {wrong}: {value}"
                 )
-    uid = _check_announced(parsed)
-    for keyword, value, _wrong in invalid:
-        logger.warning(
-            "instance %r has a non-conformant %s %r; stored as it is",
-            uid,
-            keyword,
-            value,
-        )
-    return uid
+    return _check_announced(parsed), invalid
+
+
+def _warn_if_stored(result: StoreResult, invalid: list[tuple[str, str, str]]) -> None:
+    """One WARNING line for an instance stored with non-conformant UIDs.
+
+    Only once it is stored: an instance refused for another reason (a
+    duplicate, say) has its refusal's line, and is not said to be stored.
+    """
+    if not invalid or not result.ok:
+        return
+    named = ", ".join(f"{keyword} {value!r}" for keyword, value, _ in invalid)
+    logger.warning(
+        "instance %r has a non-conformant %s; stored as it is",
+        result.sop_instance_uid,
+        named,
+    )
 
 
 def _check_announced(parsed: _Parsed) -> str:

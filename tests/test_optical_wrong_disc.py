@@ -124,3 +124,49 @@ def test_loading_the_wrong_disc_is_refused_and_the_volume_still_asked_for(
     assert right.returncode == 0, right.stdout + right.stderr
     assert "1 waiting study(ies) recalled" in right.stdout
     assert "no open requests" in run(config, "volumes", "requests").stdout
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a volume's label file names no archive: another archive's disc "
+    "labelled the same is taken for the volume, and the recall that finds "
+    "none of this archive's packs on it counts their copies as damaged",
+)
+def test_another_archives_disc_with_the_same_label_is_not_the_volume(
+    appliance_factory, tmp_path: Path
+) -> None:
+    settings = {
+        "migration": {"enabled": False, "min_copies": 1},
+        "volumes": {"kind": "optical"},
+    }
+    appliance: Appliance = appliance_factory(settings).start()
+    config = appliance.config_path
+    appliance.cli("volumes", "label", "DISC01", "--capacity", "100M")
+    files = study_files(tmp_path / "study", "same-label", 2, pixel_bytes=2000)
+    assert set(dicom_client.store_files(appliance.port, files).values()) == {0}
+    rules = appliance.directory / "rules.toml"
+    rules.write_text(config.read_text() + MOVE_TO_OFFLINE)
+    moved = run(rules, "migrate", "--now")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    discs = appliance.data_dir / "volumes"
+    study = uid("study", "same-label")
+
+    # Another archive's disc, labelled DISC01 too, read back in its place.
+    other = OpticalLibrary(tmp_path / "other")
+    other.label("DISC01", 16 * MiB)
+    other.write_pack("DISC01", "p-000000001", [b"another archive's pack"])
+    (tmp_path / "shelf").mkdir()
+    shutil.move(discs / "DISC01.iso", tmp_path / "shelf" / "DISC01.iso")
+    asked = run(config, "recall", study)
+    assert asked.returncode == 1 and "waiting for volume DISC01" in asked.stderr
+    shutil.copyfile(tmp_path / "other" / "DISC01.iso", discs / "DISC01.iso")
+
+    loaded = run(config, "volumes", "loaded", "DISC01")
+
+    assert loaded.returncode == 1, loaded.stdout + loaded.stderr
+    assert "load volume DISC01" in run(config, "volumes", "requests").stdout
+    # This archive's copies on its own DISC01 still count.
+    shutil.copyfile(tmp_path / "shelf" / "DISC01.iso", discs / "DISC01.iso")
+    right = run(config, "volumes", "loaded", "DISC01")
+    assert right.returncode == 0, right.stdout + right.stderr
+    assert "1 waiting study(ies) recalled" in right.stdout

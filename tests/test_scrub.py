@@ -251,6 +251,55 @@ def test_a_lost_pack_is_packed_again_from_what_the_mirror_still_gives(
     assert "3 instance(s) packed again" in caplog.text
 
 
+def test_one_bad_member_of_the_only_pack_loses_only_that_instance(
+    site: Site, caplog
+) -> None:
+    """The pack is replaced whole, but its members that read good are still
+    the instances' copies: the repair recalls them from it, and only the
+    damaged one has no good copy left."""
+    assert Migrator(site.catalog, site.tiers, 1).release(PACKED, "online").ok
+    for mirrored in (site.folder / "mirror").rglob("*.pack"):
+        with open(mirrored, "r+b") as cut:
+            cut.truncate(4096)  # the mirror gives nothing back
+    pack = site.nearline_pack(PACKED)
+    with PackReader.open(pack, site.tiers.keys) as reader:
+        entries = reader.manifest().instances
+    damaged = entries[1]
+    flip_byte(pack, offset=damaged.data_offset + 20)
+
+    with caplog.at_level(logging.ERROR):
+        report = site.scrubber().run_tier("nearline")
+
+    lost = state.load(state.folder_of(site.config.data_dir)).lost
+    assert set(lost) == {damaged.sop_instance_uid}
+    assert site.where(PACKED)["nearline"] == 3
+    assert site.where(PACKED).get("online", 0) == 0
+    assert "3 instance(s) packed again" in caplog.text
+    assert report.repaired == 0
+
+
+def test_passes_over_a_pack_that_cannot_be_repaired_leave_the_study_off_online(
+    site: Site,
+) -> None:
+    """Each pass recalls the study to try again; what it recalled goes
+    back off the online tier even when nothing new could be packed."""
+    assert Migrator(site.catalog, site.tiers, 1).release(PACKED, "online").ok
+    site.nearline_pack(PACKED).unlink()
+    [mirrored] = (site.folder / "mirror").rglob("*.pack")
+    with PackReader.open(mirrored, site.tiers.keys) as reader:
+        entries = reader.manifest().instances
+    [first, *_] = [e for e in entries if e.meta.study_uid == PACKED]
+    flip_byte(mirrored, offset=first.data_offset + 20)
+
+    for _ in range(2):
+        site.scrubber().run_tier("nearline")
+        assert site.where(PACKED).get("online", 0) == 0
+        assert site.where(PACKED)["nearline"] == 3
+
+    online = [r for r in site.records(PACKED) if r.copy_on("online")]
+    assert online == []
+
+
 def test_every_copy_damaged_raises_the_alarm_and_deletes_nothing(
     site: Site, caplog
 ) -> None:

@@ -269,3 +269,44 @@ def test_storescu_gets_a_status_for_an_overlong_uid_and_sends_on(
     assert len(object_files(appliance) - files) == 1
     assert incoming_files(appliance.data_dir / "online") == []
     assert client.echo(appliance.port) == 0x0000
+
+
+def test_a_refused_instance_with_a_non_conformant_uid_has_one_line(
+    appliance: Appliance,
+) -> None:
+    """A UID with letters is stored with a warning, but an instance refused
+    for another reason (here a duplicate) is not said to be stored: its
+    one WARNING line is the refusal."""
+    odd = datasets.ROOT + "dup.a1"
+    first = instance("letters-first", SOPInstanceUID=odd)
+    with client.associate(appliance.port, CONTEXTS) as assoc:
+        assert int(assoc.send_c_store(first).Status) == 0x0000
+
+    bad = instance("letters-second", SOPInstanceUID=odd)
+    answer, problems = refused_then_next_stored(appliance, bad, CT)
+
+    assert answer.Status == 0x0111
+    assert len(problems) == 1, problems
+    assert "refused instance" in problems[0] and odd in problems[0]
+    assert "stored as it is" not in problems[0]
+
+
+def test_an_instance_with_three_non_conformant_uids_has_one_line(
+    appliance: Appliance,
+) -> None:
+    label = "letters-three"
+    uids = {
+        "SOPInstanceUID": datasets.ROOT + "three.1",
+        "StudyInstanceUID": datasets.ROOT + "three.02",
+        "SeriesInstanceUID": datasets.ROOT + "three.x",
+    }
+    odd = instance(label, **uids)
+    start = len(appliance.log())
+    with client.associate(appliance.port, CONTEXTS) as assoc:
+        assert int(assoc.send_c_store(odd).Status) == 0x0000
+
+    problems = problems_since(appliance, start)
+    assert found(appliance, label) == [uids["SOPInstanceUID"]]
+    assert len(problems) == 1, problems
+    assert "stored as it is" in problems[0]
+    assert all(f"{key} {value!r}" in problems[0] for key, value in uids.items())

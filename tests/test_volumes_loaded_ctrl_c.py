@@ -114,3 +114,97 @@ def test_ctrl_c_leaves_the_rest_waiting_for_the_volume(
     assert f"{2 - recalled} waiting study(ies) recalled" in again.stdout
     assert "no open requests" in run(config, "volumes", "requests").stdout
     assert online_files(appliance) == 4
+
+
+def test_recalls_that_fail_are_not_reported_as_recalled(waiting: Appliance) -> None:
+    """The volume is there but its packs are gone: the command fails, and
+    its last line says how many of the waiting studies were recalled."""
+    appliance = waiting
+    packs = appliance.data_dir / "volumes" / "L00001" / "packs"
+    for pack in packs.iterdir():
+        pack.unlink()
+
+    loaded = run(appliance.config_path, "volumes", "loaded", "L00001")
+
+    assert loaded.returncode == 1, loaded.stdout + loaded.stderr
+    assert "Traceback" not in loaded.stderr
+    assert "loaded; 2 waiting study(ies) recalled" not in loaded.stdout
+    assert "loaded; 0 of 2 waiting study(ies) recalled" in loaded.stdout
+    assert online_files(appliance) == 0
+
+
+# Ctrl-C at a terminal reaches the whole foreground process group: here it
+# is sent so, just after the first recall has started a tool (xorriso)
+# to read the volume.
+CTRL_C_AT_THE_TERMINAL_DURING_A_READ = """
+import os, signal, subprocess, sys
+from appliance import cli
+from appliance.hsm import recall
+from appliance.storage.volumes import commands
+
+original_recall = recall.Recaller.recall
+original_popen = commands.subprocess.Popen
+recalls = []
+sent = []
+
+def recalled(self, *args, **kwargs):
+    recalls.append(1)
+    return original_recall(self, *args, **kwargs)
+
+def started(*args, **kwargs):
+    process = original_popen(*args, **kwargs)
+    if recalls and not sent:
+        sent.append(1)
+        os.killpg(os.getpgid(0), signal.SIGINT)
+    return process
+
+recall.Recaller.recall = recalled
+commands.subprocess.Popen = started
+sys.argv = ["appliance", *sys.argv[1:]]
+cli.main()
+"""
+
+
+@pytest.mark.skipif(
+    shutil.which("xorriso") is None,
+    reason="xorriso is not installed (apt-get install xorriso)",
+)
+def test_ctrl_c_at_the_terminal_does_not_fail_the_read_in_flight(
+    appliance_factory, tmp_path: Path
+) -> None:
+    """The tool reading the volume is not the terminal's to stop: the study
+    in flight is recalled, and the copies on the volume still count."""
+    settings = {
+        "migration": {"enabled": False, "min_copies": 1},
+        "volumes": {"kind": "optical"},
+    }
+    appliance: Appliance = appliance_factory(settings).start()
+    config = appliance.config_path
+    appliance.cli("volumes", "label", "DISC01", "--capacity", "100M")
+    for name in ("first", "second"):
+        files = study_files(tmp_path / name, f"disc-{name}", 2, pixel_bytes=2000)
+        assert set(dicom_client.store_files(appliance.port, files).values()) == {0}
+    rules = appliance.directory / "rules.toml"
+    rules.write_text(config.read_text() + MOVE_TO_OFFLINE)
+    assert run(rules, "migrate", "--now").returncode == 0
+    image = appliance.data_dir / "volumes" / "DISC01.iso"
+    shutil.move(image, tmp_path / "DISC01.iso")
+    studies = [uid("study", "disc-first"), uid("study", "disc-second")]
+    assert run(config, "recall", *studies).returncode == 1
+    shutil.move(tmp_path / "DISC01.iso", image)
+
+    command = [sys.executable, "-c", CTRL_C_AT_THE_TERMINAL_DURING_A_READ]
+    command += ["volumes", "loaded", "DISC01", "--config", str(config)]
+    # A process group of its own, as a shell gives a command it runs.
+    stopped = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, start_new_session=True
+    )
+
+    assert stopped.returncode == 130, stopped.stdout + stopped.stderr
+    assert "interrupted: 1 of 2 study(ies) done" in stopped.stderr
+    assert "damaged" not in stopped.stderr
+    assert online_files(appliance) == 2
+    again = run(config, "volumes", "loaded", "DISC01")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "1 waiting study(ies) recalled" in again.stdout
+    assert online_files(appliance) == 4

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Collection
 from pathlib import Path
 
 from appliance import audit
@@ -82,12 +83,22 @@ class Repairer:
         self._audit(record.study_uid, f"online copy of {uid} repaired from {source}")
         return True
 
-    def pack(self, pack: PackRecord, uids: list[str]) -> bool:
+    def pack(
+        self, pack: PackRecord, uids: list[str], readable: Collection[str] = ()
+    ) -> bool:
         """Stop counting the pack's bad copies, pack the study anew onto the
-        pack's tier; whether every instance has a verified copy there again."""
-        copies.mark_unverified(self.catalog, pack.pack_id, uids)
+        pack's tier; whether every instance has a verified copy there again.
+
+        The copies in ``readable`` (members that read good in a pack that
+        is replaced whole) count until the study is recalled, so that the
+        recall can take them from this pack: it may hold their only copy.
+        """
+        kept = sorted(set(readable) & set(uids))
+        damaged = [uid for uid in uids if uid not in kept]
+        copies.mark_unverified(self.catalog, pack.pack_id, damaged)
         lock = TierLock(self.data_dir, MIGRATION_LOCK)
         if not lock.acquire(exclusive=True, wait=_WRITER_WAIT):
+            copies.mark_unverified(self.catalog, pack.pack_id, kept)
             logger.warning(
                 "%s pack %s not repaired: a migration holds %s; the next "
                 "pass tries again",
@@ -97,7 +108,7 @@ class Repairer:
             )
             return False
         try:
-            source, copied = self._repack(pack.study_uid, pack.tier)
+            source, copied = self._repack(pack, kept)
         finally:
             lock.release()
         if not copied.ok:
@@ -156,29 +167,38 @@ class Repairer:
             outcome,
         )
 
-    def _repack(self, study_uid: str, tier: str) -> tuple[str, Outcome]:
-        """The study copied onto ``tier`` again: (where from, the outcome)."""
+    def _repack(self, pack: PackRecord, kept: list[str]) -> tuple[str, Outcome]:
+        """The pack's study copied onto its tier again: (where from, the
+        outcome). The ``kept`` copies in the pack stop counting once the
+        study is recalled, so that they are packed again too."""
+        study_uid, tier = pack.study_uid, pack.tier
         migrator = Migrator(self.catalog, self.tiers, self.min_copies)
         with self.catalog.read() as txn:
             found = copies.study_copies(self.catalog, txn, study_uid)
         was_online = found is not None and found.copies.get(ONLINE, 0) > 0
         source = "the online copies"
+        recalled = None
         if self.recaller.needs_recall(study_uid):
             recalled = self.recaller.recall(
                 study_uid, why=f"the scrub repairs a damaged {tier} pack"
             )
             source = "copies recalled from another tier or the mirror"
-            if not recalled.ok:
-                # What came back is packed all the same: the instances that
-                # could be read get their copy on the tier back, and only
-                # those that could not are left for a person.
-                problem = "; ".join(recalled.problems) or "the recall was incomplete"
-                partial = migrator.copy(study_uid, tier, online_only=True)
-                if partial.problem:
-                    partial.problem = f"{problem}; {partial.problem}"
-                if partial.instances and not was_online:
-                    migrator.release(study_uid, ONLINE)
-                return source, partial
+        # Only now, once the recall could read them: they are packed again.
+        copies.mark_unverified(self.catalog, pack.pack_id, kept)
+        if recalled is not None and not recalled.ok:
+            # What came back is packed all the same: the instances that
+            # could be read get their copy on the tier back, and only
+            # those that could not are left for a person.
+            problem = "; ".join(recalled.problems) or "the recall was incomplete"
+            partial = migrator.copy(study_uid, tier, online_only=True)
+            if partial.problem:
+                partial.problem = f"{problem}; {partial.problem}"
+            if not was_online:
+                # Even when nothing new was packed (a later pass over the
+                # same bad pack): the release keeps every instance's
+                # min_copies, and the study goes back to where it was.
+                migrator.release(study_uid, ONLINE)
+            return source, partial
         outcome = migrator.copy(study_uid, tier)
         if outcome.ok and not was_online:
             # Leave the tiers as they were: the study was not online.

@@ -47,6 +47,9 @@ OVERDUE_SECONDS = 90 * 86400.0
 
 # Called with (tier, copies checked in this run).
 Progress = Callable[[str, int], None]
+# What reading a pack found: the instances it fails to hold, why, and those
+# of them whose members read good all the same (in a pack replaced whole).
+_Found = tuple[set[str], str, set[str]]
 
 
 @dataclass
@@ -238,7 +241,7 @@ class Scrubber:
         if found is None:
             return  # not read now: checked another time
         report.checked += 1
-        bad, problem = found
+        bad, problem, readable = found
         # A release may have forgotten the pack while it was read: only
         # copies the catalog still counts are bad.
         held = _held(self.catalog, pack)
@@ -258,26 +261,26 @@ class Scrubber:
             problem,
             len(bad),
         )
-        if self.repairer.pack(pack, sorted(bad)):
+        if self.repairer.pack(pack, sorted(bad), readable & bad):
             report.repaired += 1
         for uid in bad:
             self._note_if_lost(uid, f"{tier} pack {pack.pack_id}: {problem}")
 
     def _pack_problems(
         self, pack: PackRecord, held: dict[str, InstanceRecord], report: PassReport
-    ) -> tuple[set[str], str] | None:
-        """The instances a nearline pack fails to hold, and why: the file is
-        read once, within the rate, hashed whole while every member is
-        decoded and checked."""
+    ) -> _Found | None:
+        """The instances a nearline pack fails to hold, why, and those of
+        them whose members still read good: the file is read once, within
+        the rate, hashed whole while every member is decoded and checked."""
         nearline = self._nearline()
         if nearline is None:
             return None
         try:
             handle = open(nearline.path_of(pack.location), "rb")  # noqa: SIM115
         except FileNotFoundError:
-            return set(held), "the pack file is missing"
+            return set(held), "the pack file is missing", set()
         except OSError as exc:
-            return set(held), f"cannot be read: {exc}"
+            return set(held), f"cannot be read: {exc}", set()
         digest = hashlib.sha256()
         size = report.bytes_read
 
@@ -295,22 +298,25 @@ class Scrubber:
             while stream.read(_CHUNK):
                 pass  # what follows the pack's end, for its checksum
         except (ApplianceError, OSError) as exc:
-            return set(held), f"cannot be read: {exc}"
+            return set(held), f"cannot be read: {exc}", set()
         finally:
             stream.close()
         size = report.bytes_read - size
 
         bad, problem = _damaged_in(result, held)
         if (size, digest.hexdigest()) != (pack.size, pack.sha256):
-            # Not the pack that was recorded: replaced whole.
-            return set(held), problem if bad else "its bytes differ from its record"
-        return bad, problem
+            # Not the pack that was recorded: replaced whole. Its members
+            # that were checked good against the catalog are still copies
+            # a repair can recall from, and may be the only ones left.
+            why = problem if bad else "its bytes differ from its record"
+            return set(held), why, set(held) - bad
+        return bad, problem, set()
 
     # -- offline --------------------------------------------------------------
 
     def _offline_problems(
         self, pack: PackRecord, held: dict[str, InstanceRecord], report: PassReport
-    ) -> tuple[set[str], str] | None:
+    ) -> _Found | None:
         """The instances a pack on a volume fails to hold, and why; the
         volume's library checks the pack's size and SHA-256 as it reads."""
         offline = self.tiers.packs[OFFLINE]
@@ -326,9 +332,9 @@ class Scrubber:
         except VolumeNotReachable:
             return None  # taken out meanwhile
         except ApplianceError as exc:
-            return set(held), f"cannot be read: {exc}"
+            return set(held), f"cannot be read: {exc}", set()
         self._volume_checked(pack)
-        return _damaged_in(result, held)
+        return (*_damaged_in(result, held), set())
 
     def _reachable(self, pack: PackRecord) -> bool:
         """Whether the pack's volume is loaded; if not, the pack waits for

@@ -52,6 +52,10 @@ def run_tool(argv: Sequence[str], timeout: float) -> str:
             stderr=subprocess.PIPE,
             text=True,
             errors="replace",
+            # Out of the terminal's process group: a Ctrl-C there is for
+            # the appliance to act on (finish the study in flight), not
+            # for the tool, whose death would count as a bad volume.
+            start_new_session=True,
         )
     except FileNotFoundError as exc:
         package = PACKAGES.get(argv[0], argv[0])
@@ -69,6 +73,11 @@ def run_tool(argv: Sequence[str], timeout: float) -> str:
             f"{command} did not finish within {timeout:g} s; the device may be "
             "hung or still busy"
         ) from exc
+    except BaseException:
+        # Stopped at once (a second Ctrl-C): the tool, in a session of its
+        # own, would not hear of it and run on.
+        _stop(process, command)
+        raise
 
     if process.returncode != 0:
         raise VolumeError(
