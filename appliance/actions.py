@@ -44,9 +44,7 @@ def known_volume(library: Any, label: str) -> str:
     raise ValueError(f"no volume {label!r} is labelled in this library")
 
 
-def mark_loaded(
-    config: Config, catalog: Catalog, opened: Any, label: str
-) -> tuple[str, list[str]]:
+def mark_loaded(catalog: Catalog, opened: Any, label: str) -> tuple[str, list[str]]:
     """Say a volume is back (a tape is put in a drive): its label as it
     was labelled, and the studies that waited for it, to recall now. Their
     request stays open until their recalls have run. VolumeNotReachable,
@@ -58,11 +56,9 @@ def mark_loaded(
     try:
         library.check_reachable(label)
     except VolumeNotReachable as exc:
-        folder = config.volume_settings()["path"]
-        raise VolumeNotReachable(
-            f"not reachable yet: {exc} (put it in the library; for a directory "
-            f"library, its folder back under {folder})"
-        ) from exc
+        # Each kind of library says where the volume goes (a folder, an
+        # image, a drive or a slot).
+        raise VolumeNotReachable(f"not reachable yet: {exc}") from exc
     return label, requests.volume_loaded(catalog, label)
 
 

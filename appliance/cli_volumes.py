@@ -112,7 +112,7 @@ def register(main: click.Group, load: Loader) -> None:
             interruptible() as interrupted,
         ):
             try:
-                label, waiting = actions.mark_loaded(config, catalog, opened, label)
+                label, waiting = actions.mark_loaded(catalog, opened, label)
                 recaller = Recaller(catalog, opened)
                 for uid in waiting:
                     # Ctrl-C lets the study in flight finish; the others

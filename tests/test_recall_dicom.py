@@ -211,6 +211,9 @@ def test_shelved_volume_asks_an_operator_then_succeeds(
 
     not_yet = archive.cli("volumes", "loaded", "L00002")
     assert not_yet.returncode == 1 and "not reachable" in not_yet.stderr
+    # One piece of advice, the library's own: where the folder goes.
+    assert not_yet.stderr.count("put its folder back") == 1
+    assert "put it in the library" not in not_yet.stderr
     (shelf / "L00002").rename(archive.volumes / "L00002")
     loaded = archive.cli("volumes", "loaded", "L00002")
     assert loaded.returncode == 0, loaded.stderr

@@ -212,13 +212,11 @@ async def volume_loaded(request: Request) -> Response:
     if isinstance(body, Response):
         return body
     label = request.path_params["label"]
-    archive, config = _archive(request), _config(request)
+    archive = _archive(request)
 
     def load() -> tuple[str, list[str], list[RecallResult]]:
         check_label(label)
-        known, waiting = actions.mark_loaded(
-            config, archive.catalog, archive.tiers, label
-        )
+        known, waiting = actions.mark_loaded(archive.catalog, archive.tiers, label)
         why = "its volume was marked loaded"
         return known, waiting, _recall_all(archive, waiting, why)
 
