@@ -72,6 +72,7 @@ def main() -> None:
 @click.option("--bind", "bind_address", help="Address to bind (node.bind_address).")
 @click.option("--ae-title", help="The appliance's AE title (node.ae_title).")
 @click.option("--workers", type=int, help="Worker processes (node.workers).")
+@click.option("--web-port", type=int, help="HTTP port (web.port).")
 def serve(
     config_file: Path | None,
     data_dir: str | None,
@@ -79,6 +80,7 @@ def serve(
     bind_address: str | None,
     ae_title: str | None,
     workers: int | None,
+    web_port: int | None,
 ) -> None:
     """Run the appliance until stopped (SIGTERM or Ctrl-C)."""
     config = _load(
@@ -89,6 +91,7 @@ def serve(
             "node.bind_address": bind_address,
             "node.ae_title": ae_title,
             "node.workers": workers,
+            "web.port": web_port,
         },
     )
     logs.setup_service(config)

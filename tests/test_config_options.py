@@ -1,14 +1,18 @@
 """Command-line options that stand for configuration keys (``serve --port``,
-``--workers``, ``--ae-title``, ``--bind``; ``--data-dir`` everywhere) are
+``--workers``, ``--ae-title``, ``--bind``, ``--web-port``; ``--data-dir``
+everywhere) are
 checked like the same keys in the file: a bad value is one line naming the
 key, exit 2, and nothing starts."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -52,6 +56,7 @@ def serve(folder: Path, *options: str) -> subprocess.CompletedProcess[str]:
         (("--ae-title", "A" * 17), "node.ae_title: must be 1 to 16 characters"),
         (("--bind", "999.1.1.1"), "node.bind_address: must be an IPv4 or IPv6"),
         (("--data-dir", ""), "storage.data_dir: must be a path"),
+        (("--web-port", "0"), "web.port: must be an integer from 1 to 65535"),
     ],
 )
 def test_a_bad_serve_option_names_its_key(
@@ -63,3 +68,40 @@ def test_a_bad_serve_option_names_its_key(
     assert message in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_web_port_overrides_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "appliance.toml"
+    settings = {
+        "node": {"port": free_port()},
+        "web": {"port": free_port()},
+        "storage": {"data_dir": str(tmp_path / "data")},
+    }
+    config.write_text(config_text(settings, []))
+    chosen = free_port()
+    command = [sys.executable, "-m", "appliance", "serve", "--config", str(config)]
+    process = subprocess.Popen(
+        [*command, "--web-port", str(chosen)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.communicate()[1]
+            assert time.monotonic() < deadline, "no HTTP on the --web-port"
+            with contextlib.suppress(OSError):
+                url = f"http://127.0.0.1:{chosen}/health"
+                with urllib.request.urlopen(url, timeout=2) as answer:
+                    assert answer.status == 200
+                    break
+            time.sleep(0.1)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
