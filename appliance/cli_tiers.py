@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -92,8 +93,11 @@ def register(main: click.Group, load: Loader) -> None:
                 )
         failed = [o for o in outcomes if not o.ok]
         moved = sum(o.bytes for o in outcomes)
+        # A move is a copy and then a release: counted as what was done.
+        done = Counter(o.action for o in outcomes if o.ok)
         click.echo(
-            f"{len(outcomes)} step(s) done, {len(failed)} failed; "
+            f"{len(plan.actions)} planned step(s) run: {done['copy']} copy(ies) "
+            f"made, {done['release']} release(s), {len(failed)} failed; "
             f"{moved:,} bytes of packs written"
         )
         for outcome in failed:

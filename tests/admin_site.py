@@ -49,6 +49,8 @@ class AdminSite(Site):
         assert set(stored.values()) == {0}
         moved = self.cli("migrate", "--now", rules=OFFLINE_RULE)
         assert moved.returncode == 0, moved.stdout + moved.stderr
+        # One move planned, done as a copy and a release.
+        assert "1 planned step(s) run: 1 copy(ies) made, 1 release(s)" in moved.stdout
         shelf = self.appliance.directory / "shelf"
         shelf.mkdir(exist_ok=True)
         (self.volumes / label).rename(shelf / label)
