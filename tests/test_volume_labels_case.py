@@ -76,6 +76,18 @@ def test_a_case_twin_folder_put_in_a_directory_library_is_not_adopted(tmp_path, 
         library.write_pack("vol001", "p-000001", [b"x"])
 
 
+def test_a_volume_folder_renamed_by_hand_says_what_name_it_needs(tmp_path, caplog):
+    library = DirectoryLibrary(tmp_path / "library")
+    library.label("VOL001", 4 * MiB)
+    (tmp_path / "library" / "VOL001").rename(tmp_path / "library" / "vol001")
+
+    with caplog.at_level(logging.WARNING):
+        listed = library.list_volumes()
+
+    assert [(v.label, v.reachable) for v in listed] == [("VOL001", False)]
+    assert "holds volume VOL001, not vol001: rename the folder VOL001" in caplog.text
+
+
 @needs_xorriso
 def test_a_case_twin_image_put_in_an_optical_library_is_not_adopted(tmp_path, caplog):
     OpticalLibrary(tmp_path / "elsewhere").label("vol001", 4 * MiB)

@@ -231,9 +231,15 @@ class DirectoryLibrary(VolumeLibrary):
             return None
         except (OSError, ValueError) as exc:
             raise VolumeError(f"label file of {folder} is unreadable: {exc}") from exc
-        if label.get("format") != LABEL_FORMAT or label.get("label") != folder.name:
+        named = label.get("label") if isinstance(label, dict) else None
+        if not isinstance(label, dict) or label.get("format") != LABEL_FORMAT:
+            raise VolumeError(f"{folder / LABEL_FILE} is not a volume label file")
+        if named != folder.name:
+            # A folder copied or renamed by hand: say what it holds, and
+            # the name it must have to be used.
             raise VolumeError(
-                f"{folder / LABEL_FILE} does not label a volume named {folder.name}"
+                f"{folder} holds volume {named}, not {folder.name}: rename the "
+                f"folder {named} to use it"
             )
 
         record = VolumeRecord(label=folder.name, capacity=int(label["capacity"]))
