@@ -81,9 +81,9 @@ def run(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
-def test_loading_the_wrong_disc_is_refused_and_the_volume_still_asked_for(
-    appliance_factory, tmp_path: Path
-) -> None:
+def study_on_disc01(appliance_factory, tmp_path: Path, name: str) -> Appliance:
+    """An appliance on optical volumes whose study ``name`` (2 instances)
+    was moved onto disc DISC01."""
     settings = {
         "migration": {"enabled": False, "min_copies": 1},
         "volumes": {"kind": "optical"},
@@ -91,12 +91,20 @@ def test_loading_the_wrong_disc_is_refused_and_the_volume_still_asked_for(
     appliance: Appliance = appliance_factory(settings).start()
     config = appliance.config_path
     appliance.cli("volumes", "label", "DISC01", "--capacity", "100M")
-    files = study_files(tmp_path / "study", "optical", 2, pixel_bytes=2000)
+    files = study_files(tmp_path / "study", name, 2, pixel_bytes=2000)
     assert set(dicom_client.store_files(appliance.port, files).values()) == {0}
     rules = appliance.directory / "rules.toml"
     rules.write_text(config.read_text() + MOVE_TO_OFFLINE)
     moved = run(rules, "migrate", "--now")
     assert moved.returncode == 0, moved.stdout + moved.stderr
+    return appliance
+
+
+def test_loading_the_wrong_disc_is_refused_and_the_volume_still_asked_for(
+    appliance_factory, tmp_path: Path
+) -> None:
+    appliance = study_on_disc01(appliance_factory, tmp_path, "optical")
+    config = appliance.config_path
     appliance.cli("volumes", "label", "DISC02", "--capacity", "100M")
     discs = appliance.data_dir / "volumes"
     study = uid("study", "optical")
@@ -135,19 +143,8 @@ def test_loading_the_wrong_disc_is_refused_and_the_volume_still_asked_for(
 def test_another_archives_disc_with_the_same_label_is_not_the_volume(
     appliance_factory, tmp_path: Path
 ) -> None:
-    settings = {
-        "migration": {"enabled": False, "min_copies": 1},
-        "volumes": {"kind": "optical"},
-    }
-    appliance: Appliance = appliance_factory(settings).start()
+    appliance = study_on_disc01(appliance_factory, tmp_path, "same-label")
     config = appliance.config_path
-    appliance.cli("volumes", "label", "DISC01", "--capacity", "100M")
-    files = study_files(tmp_path / "study", "same-label", 2, pixel_bytes=2000)
-    assert set(dicom_client.store_files(appliance.port, files).values()) == {0}
-    rules = appliance.directory / "rules.toml"
-    rules.write_text(config.read_text() + MOVE_TO_OFFLINE)
-    moved = run(rules, "migrate", "--now")
-    assert moved.returncode == 0, moved.stdout + moved.stderr
     discs = appliance.data_dir / "volumes"
     study = uid("study", "same-label")
 
