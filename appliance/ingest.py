@@ -396,7 +396,7 @@ def _announced_uid(path: Path) -> str:
 
 def _check_identity(
     parsed: _Parsed, refuse_long_uids: bool = False
-) -> tuple[str, list[tuple[str, str, str]]]:
+) -> tuple[str, list[tuple[str, str]]]:
     """Refuse instances without their UIDs, or whose UIDs differ from the ones
     announced in the file meta (PS3.10 7.1) or the C-STORE request (PS3.4
     B.2.1); refuse UIDs too long to travel (``refuse_long_uids``). Returns
@@ -425,15 +425,17 @@ def _check_identity(
 
     invalid = _invalid_uids(dataset)
     if refuse_long_uids:
-        for keyword, value, wrong in invalid:
+        for keyword, value in invalid:
             if len(value) > _MAX_UID:
                 raise RejectedInstance(
-                    _uid_status(keyword), f"{keyword} {wrong}: {value}"
+                    _uid_status(keyword),
+                    f"{keyword} is {len(value)} characters long, over "
+                    f"{_MAX_UID}: {value}",
                 )
     return _check_announced(parsed), invalid
 
 
-def _warn_if_stored(result: StoreResult, invalid: list[tuple[str, str, str]]) -> None:
+def _warn_if_stored(result: StoreResult, invalid: list[tuple[str, str]]) -> None:
     """One WARNING line for an instance stored with non-conformant UIDs.
 
     Only once it is stored: an instance refused for another reason (a
@@ -441,7 +443,7 @@ def _warn_if_stored(result: StoreResult, invalid: list[tuple[str, str, str]]) ->
     """
     if not invalid or not result.ok:
         return
-    named = ", ".join(f"{keyword} {value!r}" for keyword, value, _ in invalid)
+    named = ", ".join(f"{keyword} {value!r}" for keyword, value in invalid)
     logger.warning(
         "instance %r has a non-conformant %s; stored as it is",
         result.sop_instance_uid,
@@ -470,24 +472,15 @@ def _check_announced(parsed: _Parsed) -> str:
     return uid
 
 
-def _invalid_uids(dataset: Dataset) -> list[tuple[str, str, str]]:
-    """The keyword, value and fault of each of the instance's SOP Instance,
-    Study and Series Instance UIDs that is not a valid UID."""
+def _invalid_uids(dataset: Dataset) -> list[tuple[str, str]]:
+    """The keyword and value of each of the instance's SOP Instance, Study
+    and Series Instance UIDs that breaks the UID rules of PS3.5 9.1."""
     found = []
     for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         value = text_of(dataset, keyword) or ""
-        if wrong := _uid_problem(value):
-            found.append((keyword, value, wrong))
+        if len(value) > _MAX_UID or not _UID.match(value):
+            found.append((keyword, value))
     return found
-
-
-def _uid_problem(value: str) -> str:
-    """What breaks the UID rules of PS3.5 9.1 in ``value``, or ""."""
-    if len(value) > _MAX_UID:
-        return f"is {len(value)} characters long, over {_MAX_UID}"
-    if not _UID.match(value):
-        return "is not a valid UID"
-    return ""
 
 
 def _uid_status(keyword: str) -> int:
