@@ -21,9 +21,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Generator, Iterator
-from concurrent.futures import Executor, ThreadPoolExecutor, wait
-from contextlib import closing, contextmanager
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,22 +36,35 @@ from appliance.catalog.records import InstanceRecord
 from appliance.catalog.store import Catalog
 from appliance.errors import (
     ApplianceError,
-    DamagedPackError,
     KeyStoreError,
     PackError,
+    StorageError,
     TransportError,
 )
 from appliance.hsm import failures, recall_notes
+from appliance.hsm.extraction import (
+    MemberJob,
+    Outcome,
+    extract_member,
+    extract_one,
+    extraction_pool,
+)
 from appliance.hsm.failures import Failure
 from appliance.hsm.recall_notes import RecallNote
 from appliance.hsm.tiers import OFFSITE, ONLINE, PackTier, Tiers
 from appliance.metrics import events
-from appliance.storage.durable import fsync_directory, fsync_file, translate_os_error
+from appliance.storage.durable import fsync_directory, translate_os_error
 from appliance.storage.packs import PackReader
+from appliance.storage.packs.manifest import PackedInstance
 
 logger = logging.getLogger(__name__)
 
 _NOT_FLUSHED = "cannot flush the recalled files"
+# The system ends a process this way when memory runs out, for one.
+_WORKER_ENDED = (
+    "a worker process extracting the instances ended before it answered "
+    "(killed, or out of memory?); none of the study's files was counted"
+)
 
 # Called with (instances staged so far, instances to stage).
 Progress = Callable[[int, int], None]
@@ -87,29 +101,33 @@ class Recaller:
         tiers: Tiers,
         threads: int = 1,
         failed: Failed | None = None,
+        processes: int = 0,
     ) -> None:
-        """With ``threads`` above 1, that many instances of a pack are
-        extracted at once: decoding, hashing and the wait for each file's
-        fsync overlap (a restore from the mirror uses it). ``failed`` is
-        told what failed before the copies stop counting (a restore keeps
-        the reasons for its report)."""
+        """With ``threads`` above 1, or ``processes`` above 0, that many
+        instances are extracted at once, by threads or by worker processes
+        (:mod:`.extraction`), from all the packs a tier gives a study:
+        decoding, hashing and the wait for each file's fsync overlap (a
+        restore from the mirror uses it). ``failed`` is told what failed
+        before the copies stop counting (a restore keeps the reasons for
+        its report)."""
         self.catalog = catalog
         self.tiers = tiers
         self.threads = threads
+        self.processes = processes
         self.failed = failed
         self._packs: dict[str, PackRecord | None] = {}
         self._kept: Executor | None = None
 
     @contextmanager
-    def kept_threads(self) -> Iterator[None]:
-        """Keep one set of extraction threads for all the recalls made while
+    def kept_workers(self) -> Iterator[None]:
+        """Keep one set of extraction workers for all the recalls made while
         the block runs, from one thread: a restore recalls study after study,
-        and starting the threads anew for each costs it more than the
+        and starting the workers anew for each costs it more than the
         extraction of a small study gains from them."""
-        if self.threads <= 1 or self._kept is not None:
+        if (self.threads <= 1 and self.processes <= 0) or self._kept is not None:
             yield
             return
-        with extraction_pool(self.threads) as pool:
+        with extraction_pool(self.threads, self.processes) as pool:
             self._kept = pool
             try:
                 yield
@@ -209,7 +227,7 @@ class Recaller:
         if self._kept is not None:
             yield self._kept
             return
-        with extraction_pool(self.threads) as pool:
+        with extraction_pool(self.threads, self.processes) as pool:
             yield pool
 
     def _stage_all(
@@ -234,9 +252,15 @@ class Recaller:
                         # instance on a shelved volume waits for the operator.
                         remaining = [r for r in remaining if not self._on_shelf(r)]
                     before = len(staged)
-                    for pack, records in self._sources(remaining, tier_name).items():
-                        self._stage_pack(
-                            pack, records, staged, result, staged_one, note, pool
+                    groups = self._sources(remaining, tier_name)
+                    if pool is None:
+                        for pack, records in groups.items():
+                            self._stage_pack(
+                                pack, records, staged, result, staged_one, note
+                            )
+                    else:
+                        self._stage_packs_at_once(
+                            groups, staged, result, staged_one, note, pool
                         )
                     source = tier_name if len(staged) > before else source
             except _NotFlushed as exc:
@@ -360,33 +384,67 @@ class Recaller:
         result: RecallResult,
         staged_one: Callable[[], None],
         note: RecallNote,
-        pool: Executor | None = None,
     ) -> None:
+        """Extract the instances of one pack, one after the other (a tape
+        is read by one reader at a time)."""
+        with ExitStack() as stack:
+            reader = self._open_reader(pack_id, records, result, stack)
+            if reader is None:
+                return
+            for record, key in self._keyed(records, note):
+                outcome = self._extract(reader, record, key)
+                _count(pack_id, record, key, outcome, staged, result, staged_one)
+
+    def _stage_packs_at_once(
+        self,
+        groups: dict[str, list[InstanceRecord]],
+        staged: dict[str, tuple[str, str]],
+        result: RecallResult,
+        staged_one: Callable[[], None],
+        note: RecallNote,
+        pool: Executor,
+    ) -> None:
+        """Hand every instance of every pack to the workers before waiting
+        for any: they go on from one pack to the next without draining."""
+        pending: list[tuple[str, InstanceRecord, str, Future[Outcome]]] = []
+        with ExitStack() as stack:
+            # Nothing may still write once the packs are closed, or once
+            # this has stopped on an error: the rest are waited for first.
+            stack.callback(_settle, pending)
+            for pack_id, records in groups.items():
+                reader = self._open_reader(pack_id, records, result, stack)
+                if reader is None:
+                    continue
+                for record, key in self._keyed(records, note):
+                    future = self._submit(pool, reader, record, key)
+                    pending.append((pack_id, record, key, future))
+            for pack_id, record, key, future in pending:
+                try:
+                    outcome = future.result()
+                except BrokenProcessPool as exc:
+                    raise StorageError(_WORKER_ENDED) from exc
+                _count(pack_id, record, key, outcome, staged, result, staged_one)
+
+    def _open_reader(
+        self,
+        pack_id: str,
+        records: list[InstanceRecord],
+        result: RecallResult,
+        stack: ExitStack,
+    ) -> PackReader | None:
+        """A reader of the pack, closed with ``stack``; None (and why in the
+        result) when the pack cannot be read."""
         pack = self._pack(pack_id)
         tier: PackTier | None = self.tiers.pack_tier(pack.tier) if pack else None
         if pack is None or tier is None:
             result.problems.append(f"pack {pack_id} is not readable here")
-            return
-        # Keys are made here, in order (the restore's tier notes each one
-        # too), and are on stable storage before any of their files exists.
-        # A note that cannot be written stops the recall: it says nothing
-        # of the pack.
-        online = self.tiers.online
-        keyed = [(record, online.new_key()) for record in records]
-        note.add([key for _record, key in keyed])
+            return None
         try:
-            with (
+            return stack.enter_context(
                 tier.reader(
                     pack.location, pack.pack_id, pack.size, pack.sha256, self.tiers.keys
-                ) as reader,
-                closing(self._extracted(reader, keyed, pool)) as extracted,
-            ):
-                for record, key, failure in extracted:
-                    if key is None:
-                        _note_failure(result, pack_id, record, failure)
-                        continue
-                    staged[record.sop_instance_uid] = (key, record.sha256)
-                    staged_one()
+                )
+            )
         except TransportError as exc:
             # The mirror could not be reached: nothing says the pack is bad.
             result.problems.append(f"pack {pack_id}: {exc}")
@@ -394,71 +452,53 @@ class Recaller:
             result.problems.append(f"pack {pack_id}: {exc}")
             failure = _unopened(exc)
             for record in records:
-                if record.sop_instance_uid not in staged:
-                    _note_failure(result, pack_id, record, failure, say=False)
-
-    def _extracted(
-        self,
-        reader: PackReader,
-        keyed: list[tuple[InstanceRecord, str]],
-        pool: Executor | None,
-    ) -> Generator[tuple[InstanceRecord, str | None, Failure | None], None, None]:
-        """Extract each instance to its new online key: (record, the key or
-        None, why not), in the order of ``keyed``."""
-        if pool is None:
-            for record, key in keyed:
-                problem = self._extract(reader, record, key)
-                yield record, (None if problem else key), problem
-            return
-        futures = [
-            pool.submit(self._extract, reader, record, key) for record, key in keyed
-        ]
-        try:
-            for (record, key), future in zip(keyed, futures, strict=True):
-                problem = future.result()
-                yield record, (None if problem else key), problem
-        finally:
-            # Nothing may still write once the pack is closed, or once the
-            # caller has stopped on an error: the rest are waited for.
-            for future in futures:
-                future.cancel()
-            wait(futures)
-
-    def _extract(
-        self, reader: PackReader, record: InstanceRecord, key: str
-    ) -> Failure | None:
-        """Extract one instance durably under ``key``; None, or why not (the
-        file is then removed)."""
-        online = self.tiers.online
-        uid = record.sop_instance_uid
-        try:
-            entry = reader.manifest().instance(uid)
-        except LookupError:
-            return Failure(failures.NOT_IN_MANIFEST)
-        except ApplianceError as exc:
-            return Failure(failures.MANIFEST_LOST, str(exc))
-        try:
-            reader.extract_to(entry, online.path_of(key), online.root, flush=False)
-        except DamagedPackError as exc:
-            return Failure(failures.MEMBER_DAMAGED, f"{exc.part}: {exc.reason}")
-        except ApplianceError as exc:
-            return Failure(failures.NOT_WRITTEN, str(exc))
-        if entry.meta.sha256 != record.sha256:
-            # The pack holds other bytes than the catalog counts.
-            online.remove(key)
-            return Failure(
-                failures.OTHER_BYTES,
-                f"{entry.meta.sha256[:16]}... in the pack, {record.sha256[:16]}... "
-                "in the catalog",
-            )
-        # Flushed here, by the thread that wrote it, while the others go on
-        # decoding: the disk writes overlap the work, where flushing a whole
-        # study at the end left the disk idle until then and the CPU after.
-        try:
-            fsync_file(online.path_of(key))
-        except OSError as exc:
-            raise _NotFlushed(exc) from exc
+                _note_failure(result, pack_id, record, failure, say=False)
         return None
+
+    def _keyed(
+        self, records: list[InstanceRecord], note: RecallNote
+    ) -> list[tuple[InstanceRecord, str]]:
+        """A new online key for each instance, in order (the restore's tier
+        notes each one too), on stable storage before any of their files
+        exists. A note that cannot be written stops the recall: it says
+        nothing of the pack."""
+        keyed = [(record, self.tiers.online.new_key()) for record in records]
+        note.add([key for _record, key in keyed])
+        return keyed
+
+    def _submit(
+        self, pool: Executor, reader: PackReader, record: InstanceRecord, key: str
+    ) -> Future[Outcome]:
+        if not isinstance(pool, ProcessPoolExecutor):
+            return pool.submit(self._extract, reader, record, key)
+        if reader.path is None:
+            # A worker process opens the pack itself; a pack that is not a
+            # file is extracted here.
+            return _done(self._extract(reader, record, key))
+        entry = _entry_of(reader, record)
+        if isinstance(entry, Failure):
+            return _done(entry)
+        online = self.tiers.online
+        job = MemberJob(
+            str(reader.path),
+            reader.pack_id,
+            reader.data_key,
+            entry,
+            record.sha256,
+            str(online.path_of(key)),
+            str(online.root),
+        )
+        return pool.submit(extract_member, job)
+
+    def _extract(self, reader: PackReader, record: InstanceRecord, key: str) -> Outcome:
+        """Extract one instance durably under ``key`` in this process."""
+        entry = _entry_of(reader, record)
+        if isinstance(entry, Failure):
+            return entry
+        online = self.tiers.online
+        return extract_one(
+            reader, entry, record.sha256, online.path_of(key), online.root
+        )
 
     def _flush_folders(
         self, staged: dict[str, tuple[str, str]], pool: Executor | None
@@ -517,6 +557,48 @@ class Recaller:
         )
 
 
+def _entry_of(reader: PackReader, record: InstanceRecord) -> PackedInstance | Failure:
+    """The instance's entry in the pack's manifest, or why there is none."""
+    try:
+        return reader.manifest().instance(record.sop_instance_uid)
+    except LookupError:
+        return Failure(failures.NOT_IN_MANIFEST)
+    except ApplianceError as exc:
+        return Failure(failures.MANIFEST_LOST, str(exc))
+
+
+def _count(
+    pack_id: str,
+    record: InstanceRecord,
+    key: str,
+    outcome: Outcome,
+    staged: dict[str, tuple[str, str]],
+    result: RecallResult,
+    staged_one: Callable[[], None],
+) -> None:
+    """Count what the extraction under ``key`` gave."""
+    if isinstance(outcome, OSError):
+        raise _NotFlushed(outcome)
+    if outcome is not None:
+        _note_failure(result, pack_id, record, outcome)
+        return
+    staged[record.sop_instance_uid] = (key, record.sha256)
+    staged_one()
+
+
+def _done(outcome: Outcome) -> Future[Outcome]:
+    future: Future[Outcome] = Future()
+    future.set_result(outcome)
+    return future
+
+
+def _settle(pending: list[tuple[str, InstanceRecord, str, Future[Outcome]]]) -> None:
+    futures = [future for *_rest, future in pending]
+    for future in futures:
+        future.cancel()
+    wait(futures)
+
+
 def _note_failure(
     result: RecallResult,
     pack_id: str,
@@ -550,13 +632,3 @@ class _NotFlushed(Exception):
     def __init__(self, error: OSError) -> None:
         super().__init__(str(error))
         self.error = error
-
-
-@contextmanager
-def extraction_pool(threads: int) -> Iterator[Executor | None]:
-    """Worker threads for one recall's extraction; None for one thread."""
-    if threads <= 1:
-        yield None
-        return
-    with ThreadPoolExecutor(threads, "recall-extract") as pool:
-        yield pool
