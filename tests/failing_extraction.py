@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 from appliance.hsm.extraction import MemberJob, Outcome, extract_member
+from appliance.hsm.failures import Failure
 
 # The SOP Instance UID whose extraction fails, and how: "raises" an error
 # no check expects, or "dies" (the worker process ends at once).
@@ -21,3 +22,8 @@ def failing_extract(job: MemberJob) -> Outcome:
             os._exit(70)
         raise RuntimeError("controller fault")
     return extract_member(job)
+
+
+def failing_extract_all(jobs: list[MemberJob | Failure]) -> list[Outcome]:
+    """Run by the worker processes in place of the real extraction."""
+    return [job if isinstance(job, Failure) else failing_extract(job) for job in jobs]

@@ -233,6 +233,16 @@ def test_recall_reports_progress(archive: Archive) -> None:
     assert seen[-1] == (6, 6)
 
 
+def test_a_recall_puts_its_files_in_one_folder(archive: Archive) -> None:
+    """One flush of that folder then makes all their names durable."""
+    archive.migrator().move(STUDY, "online", "nearline")
+
+    archive.recaller().recall(STUDY)
+
+    files = list(archive.online.objects.rglob("*.dcm"))
+    assert len(files) == 6 and len({path.parent for path in files}) == 1
+
+
 def test_worker_processes_recall_the_same_bytes(archive: Archive) -> None:
     archive.migrator().move(STUDY, "online", "nearline")
     recaller = Recaller(archive.catalog, archive.tiers(), processes=2)

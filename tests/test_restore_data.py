@@ -29,7 +29,7 @@ from appliance.restore.progress import mark_pending
 from appliance.restore.rebuild import rebuild_catalog
 from appliance.storage.keys import KeyStore, import_escrow, key_store_path
 from appliance.storage.packs import PackReader
-from tests.failing_extraction import FAILING, FAILING_HOW, failing_extract
+from tests.failing_extraction import FAILING, FAILING_HOW, failing_extract_all
 from tests.restore_site import Restored
 
 
@@ -124,7 +124,7 @@ def test_a_failure_in_an_extraction_worker_stops_the_restore(
     monkeypatch.setenv(FAILING_HOW, how)
 
     with (
-        mock.patch.object(recall_module, "extract_member", failing_extract),
+        mock.patch.object(recall_module, "extract_members", failing_extract_all),
         pytest.raises(error, match=said),
     ):
         rebuilt.run()

@@ -89,6 +89,13 @@ class MemberJob:
     root: str
 
 
+def extract_members(jobs: list[MemberJob | Failure]) -> list[Outcome]:
+    """Run in a worker process: :func:`extract_member` for each job; a
+    Failure (the instance's entry the recalling process did not find in the
+    manifest) is answered as it is."""
+    return [job if isinstance(job, Failure) else extract_member(job) for job in jobs]
+
+
 def extract_member(job: MemberJob) -> Outcome:
     """Run in a worker process: :func:`extract_one` for ``job``."""
     try:

@@ -45,7 +45,7 @@ from appliance.hsm import failures, recall_notes
 from appliance.hsm.extraction import (
     MemberJob,
     Outcome,
-    extract_member,
+    extract_members,
     extract_one,
     extraction_pool,
 )
@@ -60,6 +60,8 @@ from appliance.storage.packs.manifest import PackedInstance
 logger = logging.getLogger(__name__)
 
 _NOT_FLUSHED = "cannot flush the recalled files"
+# Instances of a pack handed to a worker process in one job.
+MEMBERS_PER_JOB = 8
 # The system ends a process this way when memory runs out, for one.
 _WORKER_ENDED = (
     "a worker process extracting the instances ended before it answered "
@@ -117,6 +119,8 @@ class Recaller:
         self.failed = failed
         self._packs: dict[str, PackRecord | None] = {}
         self._kept: Executor | None = None
+        # The first online key the recall under way gave out.
+        self._first_key: str | None = None
 
     @contextmanager
     def kept_workers(self) -> Iterator[None]:
@@ -182,6 +186,7 @@ class Recaller:
 
         staged: dict[str, tuple[str, str]] = {}
         started = time.monotonic()
+        self._first_key = None
         note = RecallNote(self.tiers.online, study_uid)
 
         def staged_one() -> None:
@@ -265,10 +270,10 @@ class Recaller:
                     source = tier_name if len(staged) > before else source
             except _NotFlushed as exc:
                 raise translate_os_error(exc.error, _NOT_FLUSHED) from exc.error
-            # Each file was flushed where it was extracted; their folders'
-            # new names are flushed here, once for all of a folder's files,
-            # before the catalog counts them.
-            self._flush_folders(staged, pool)
+            # Each file was flushed where it was extracted; their folder's
+            # new names are flushed here, once for all of them, before the
+            # catalog counts them.
+            self._flush_folders(staged)
         return source
 
     def _audit(self, result: RecallResult, wanted: int) -> None:
@@ -406,7 +411,11 @@ class Recaller:
     ) -> None:
         """Hand every instance of every pack to the workers before waiting
         for any: they go on from one pack to the next without draining."""
-        pending: list[tuple[str, InstanceRecord, str, Future[Outcome]]] = []
+        pending: list[_Pending] = []
+        # A worker process is handed several instances at a time: each
+        # hand-over costs the recalling process a pickled job, a pipe write
+        # and a wake-up.
+        size = MEMBERS_PER_JOB if isinstance(pool, ProcessPoolExecutor) else 1
         with ExitStack() as stack:
             # Nothing may still write once the packs are closed, or once
             # this has stopped on an error: the rest are waited for first.
@@ -415,15 +424,18 @@ class Recaller:
                 reader = self._open_reader(pack_id, records, result, stack)
                 if reader is None:
                     continue
-                for record, key in self._keyed(records, note):
-                    future = self._submit(pool, reader, record, key)
-                    pending.append((pack_id, record, key, future))
-            for pack_id, record, key, future in pending:
+                keyed = self._keyed(records, note)
+                for start in range(0, len(keyed), size):
+                    batch = keyed[start : start + size]
+                    future = self._submit(pool, reader, batch)
+                    pending.append((pack_id, batch, future))
+            for pack_id, batch, future in pending:
                 try:
-                    outcome = future.result()
+                    outcomes = future.result()
                 except BrokenProcessPool as exc:
                     raise StorageError(_WORKER_ENDED) from exc
-                _count(pack_id, record, key, outcome, staged, result, staged_one)
+                for (record, key), outcome in zip(batch, outcomes, strict=True):
+                    _count(pack_id, record, key, outcome, staged, result, staged_one)
 
     def _open_reader(
         self,
@@ -461,34 +473,51 @@ class Recaller:
         """A new online key for each instance, in order (the restore's tier
         notes each one too), on stable storage before any of their files
         exists. A note that cannot be written stops the recall: it says
-        nothing of the pack."""
-        keyed = [(record, self.tiers.online.new_key()) for record in records]
+        nothing of the pack. All the keys of a recall share one folder:
+        one flush of it then makes all their names durable."""
+        online = self.tiers.online
+        if self._first_key is None:
+            self._first_key = online.new_key()
+        keyed = [(record, online.new_key(self._first_key)) for record in records]
         note.add([key for _record, key in keyed])
         return keyed
 
     def _submit(
-        self, pool: Executor, reader: PackReader, record: InstanceRecord, key: str
-    ) -> Future[Outcome]:
+        self,
+        pool: Executor,
+        reader: PackReader,
+        batch: list[tuple[InstanceRecord, str]],
+    ) -> Future[list[Outcome]]:
         if not isinstance(pool, ProcessPoolExecutor):
-            return pool.submit(self._extract, reader, record, key)
+            return pool.submit(self._extract_all, reader, batch)
         if reader.path is None:
             # A worker process opens the pack itself; a pack that is not a
             # file is extracted here.
-            return _done(self._extract(reader, record, key))
-        entry = _entry_of(reader, record)
-        if isinstance(entry, Failure):
-            return _done(entry)
+            return _done(self._extract_all(reader, batch))
         online = self.tiers.online
-        job = MemberJob(
-            str(reader.path),
-            reader.pack_id,
-            reader.data_key,
-            entry,
-            record.sha256,
-            str(online.path_of(key)),
-            str(online.root),
-        )
-        return pool.submit(extract_member, job)
+        jobs: list[MemberJob | Failure] = []
+        for record, key in batch:
+            entry = _entry_of(reader, record)
+            if isinstance(entry, Failure):
+                jobs.append(entry)
+                continue
+            jobs.append(
+                MemberJob(
+                    str(reader.path),
+                    reader.pack_id,
+                    reader.data_key,
+                    entry,
+                    record.sha256,
+                    str(online.path_of(key)),
+                    str(online.root),
+                )
+            )
+        return pool.submit(extract_members, jobs)
+
+    def _extract_all(
+        self, reader: PackReader, batch: list[tuple[InstanceRecord, str]]
+    ) -> list[Outcome]:
+        return [self._extract(reader, record, key) for record, key in batch]
 
     def _extract(self, reader: PackReader, record: InstanceRecord, key: str) -> Outcome:
         """Extract one instance durably under ``key`` in this process."""
@@ -500,20 +529,14 @@ class Recaller:
             reader, entry, record.sha256, online.path_of(key), online.root
         )
 
-    def _flush_folders(
-        self, staged: dict[str, tuple[str, str]], pool: Executor | None
-    ) -> None:
-        """Put the staged files' folders on stable storage, several at a
-        time with a pool (flushes that wait together share the file
-        system journal's commits)."""
+    def _flush_folders(self, staged: dict[str, tuple[str, str]]) -> None:
+        """Put the staged files' folder on stable storage (one: the
+        recall's keys share it)."""
         online = self.tiers.online
         folders = sorted({online.path_of(key).parent for key, _ in staged.values()})
         try:
-            if pool is None:
-                for folder in folders:
-                    fsync_directory(folder)
-            else:
-                list(pool.map(fsync_directory, folders))
+            for folder in folders:
+                fsync_directory(folder)
         except OSError as exc:
             raise translate_os_error(exc, _NOT_FLUSHED) from exc
 
@@ -586,13 +609,17 @@ def _count(
     staged_one()
 
 
-def _done(outcome: Outcome) -> Future[Outcome]:
-    future: Future[Outcome] = Future()
-    future.set_result(outcome)
+def _done(outcomes: list[Outcome]) -> Future[list[Outcome]]:
+    future: Future[list[Outcome]] = Future()
+    future.set_result(outcomes)
     return future
 
 
-def _settle(pending: list[tuple[str, InstanceRecord, str, Future[Outcome]]]) -> None:
+# A batch of a pack's instances with their new keys, handed out together.
+_Pending = tuple[str, list[tuple[InstanceRecord, str]], Future[list[Outcome]]]
+
+
+def _settle(pending: list[_Pending]) -> None:
     futures = [future for *_rest, future in pending]
     for future in futures:
         future.cancel()

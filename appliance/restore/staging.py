@@ -91,7 +91,7 @@ class NotedOnlineTier(OnlineTier):
 
     # The tier's key maker is static; recall calls it on the tier it is
     # given, so an instance method here sees every key.
-    def new_key(self) -> str:  # type: ignore[override]
-        key = OnlineTier.new_key()
+    def new_key(self, beside: str | None = None) -> str:  # type: ignore[override]
+        key = OnlineTier.new_key(beside)
         self.note.add(key)
         return key

@@ -6,9 +6,11 @@ Layout under the tier's root::
                            emptied at start and when the worker dies
     objects/ab/KEY.dcm     stored instances; KEY is a random 32-hex-digit name
                            that the catalog assigns, never dataset content;
-                           ab are its first two digits (256 folders, made
-                           when the tier is opened, so that storing never
-                           has to create and flush a new folder)
+                           ab are its first two digits, random too (the
+                           same for all the files one recall stages). The
+                           256 folders are made when the tier is opened,
+                           so that storing never has to create and flush a
+                           new folder
     recalls/PID-X.note     the keys each recall in progress is writing, for
                            the clean-up after a killed one (hsm.recall_notes)
 
@@ -91,9 +93,14 @@ class OnlineTier:
             )
 
     @staticmethod
-    def new_key() -> str:
-        """A fresh, unguessable location key for a new instance."""
-        return secrets.token_hex(16)
+    def new_key(beside: str | None = None) -> str:
+        """A fresh, unguessable location key for a new instance; with
+        ``beside``, one in the same folder as that key (a recall puts a
+        study's files together, so that one flush of their folder makes
+        all their names durable)."""
+        if beside is None:
+            return secrets.token_hex(16)
+        return beside[:2] + secrets.token_hex(15)
 
     def path_of(self, key: str) -> Path:
         """The file that holds the instance stored under ``key``."""
