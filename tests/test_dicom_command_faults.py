@@ -272,3 +272,79 @@ def test_a_malformed_move_originator_is_stored_with_one_line(
     assert f"from {client.CLIENT_AE}@127.0.0.1: Move Originator left out" in lines[0]
     objects = appliance.data_dir / "online" / "objects"
     assert any(uid.encode() in p.read_bytes() for p in objects.rglob("*.dcm"))
+
+
+STRAY = {
+    "one value": b"\x05\x00",
+    "three bytes": b"\x05\x00\x07",
+    "two values": b"\x05\x00\x06\x00",
+}
+
+
+@pytest.mark.parametrize("fault", list(STRAY))
+def test_a_store_with_a_message_id_being_responded_to(
+    appliance: Appliance, fault: str
+) -> None:
+    instance = datasets.instance(
+        datasets.uid("study", "stray", fault), datasets.uid("series", fault), 1
+    )
+    uid = instance.SOPInstanceUID
+    extra = [(0x00000120, STRAY[fault]), (0x00001000, uid.encode())]
+    start = len(appliance.log())
+
+    with open_association(appliance) as assoc:
+        sent = request("C-STORE", CT_STORAGE.encode(), extra)
+        responses = send(assoc, CT_STORAGE, sent, implicit(instance))
+        assert [int(r.Status) for r in responses] == [0x0000]
+        assert_usable(assoc)
+
+    lines = problems(appliance, start)
+    if fault == "one value":
+        assert lines == []
+        return
+    assert len(lines) == 1, lines
+    assert " WARNING appliance.dicom." in lines[0]
+    assert "Message ID Being Responded To left out" in lines[0]
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_a_request_without_a_message_id(appliance: Appliance, command: str) -> None:
+    instance = datasets.instance(
+        datasets.uid("study", "no-id", command), datasets.uid("series", command), 1
+    )
+    _, abstract = COMMANDS[command]
+    sent = request(command, abstract.encode(), extra_elements(command, instance))
+    # Message ID (0000,0110) is the request's third element: its 10 bytes out.
+    at = sent.index(struct.pack("<HH", 0, 0x0110))
+    body = sent[12:at] + sent[at + 10 :]
+    sent = element(0x00000000, struct.pack("<I", len(body))) + body
+    start = len(appliance.log())
+
+    with open_association(appliance) as assoc:
+        responses = send(assoc, abstract, sent, payload(command, instance))
+        assert responses == []
+        assert not assoc.is_established
+
+    lines = problems(appliance, start)
+    assert len(lines) == 1, lines
+    assert f"with {client.CLIENT_AE}@127.0.0.1: {command} request without a" in lines[0]
+    assert incoming_files(appliance.data_dir / "online") == []
+
+
+def test_a_command_field_of_no_request_aborts_with_one_line(
+    appliance: Appliance,
+) -> None:
+    """No DIMSE message can be made of it, so none can be answered."""
+    sent = request("C-ECHO", VERIFICATION.encode(), [])
+    sent = sent.replace(
+        element(0x00000100, us(0x0030)), element(0x00000100, us(0x0F0F))
+    )
+    start = len(appliance.log())
+
+    with open_association(appliance) as assoc:
+        assert send(assoc, VERIFICATION, sent, None) == []
+        assert not assoc.is_established
+
+    lines = problems(appliance, start)
+    assert len(lines) == 1, lines
+    assert "aborting association with" in lines[0]

@@ -20,6 +20,12 @@ The Move Originator AE title and Message ID of a C-STORE (PS3.7 9.1.1.1.7,
 cannot be read, pynetdicom drops the title with an error line, or takes
 the first of several IDs with a warning, neither naming the peer. Here
 both are left out, the instance is stored, and one warning names the peer.
+So is a Message ID Being Responded To that is not one number, which has
+no place in a request at all (PS3.7 9.3).
+
+A request without a Message ID cannot be answered: no response could name
+it. pynetdicom left it unanswered until the requester gave up; here its
+association is aborted at once, with one warning.
 """
 
 from __future__ import annotations
@@ -55,10 +61,12 @@ _C_STORE_RQ = 0x0001  # Command Field (PS3.7 E.1)
 _AFFECTED_SOP_CLASS_UID = Tag(0x0000, 0x0002)
 _MOVE_ORIGINATOR_AE_TITLE = Tag(0x0000, 0x1030)
 _MOVE_ORIGINATOR_MESSAGE_ID = Tag(0x0000, 0x1031)
+_MESSAGE_ID_BEING_RESPONDED_TO = Tag(0x0000, 0x0120)
 _VERIFICATION = "1.2.840.10008.1.1"
 # Where a primitive decoded without a value keeps the reason.
 _SOP_CLASS_FAULT = "_appliance_sop_class_fault"
 _ORIGINATOR_FAULT = "_appliance_originator_fault"
+_RESPONSE_ID_FAULT = "_appliance_response_id_fault"
 
 
 def install() -> None:
@@ -113,9 +121,15 @@ def _without_faults(message: DIMSEMessage, original: Any) -> Any:
     originator = ""
     if isinstance(message, C_STORE_RQ):
         originator = _originator_problem(command_set)
+    # A response's parameter, no request's (PS3.7 9.3): pynetdicom reads
+    # it all the same, and aborts when it is no number.
+    response_id = command_set.get(_MESSAGE_ID_BEING_RESPONDED_TO)
+    stray = response_id is not None and not _one_us(response_id)
     tags = [_AFFECTED_SOP_CLASS_UID] if sop_class else []
     if originator:
         tags += [_MOVE_ORIGINATOR_AE_TITLE, _MOVE_ORIGINATOR_MESSAGE_ID]
+    if stray:
+        tags.append(_MESSAGE_ID_BEING_RESPONDED_TO)
     if not tags:
         return original(message)
 
@@ -131,6 +145,8 @@ def _without_faults(message: DIMSEMessage, original: Any) -> Any:
             primitive = store_request.left_out(primitive, "AffectedSOPClassUID")
     if originator:
         setattr(primitive, _ORIGINATOR_FAULT, originator)
+    if stray:
+        setattr(primitive, _RESPONSE_ID_FAULT, "not one US value")
     return primitive
 
 
@@ -164,11 +180,18 @@ def _originator_problem(command_set: Dataset) -> str:
             return f"Move Originator AE title is {len(text)} characters long, over 16"
         return f"Move Originator AE title {text!r} is not an AE title"
     message_id = command_set.get(_MOVE_ORIGINATOR_MESSAGE_ID)
-    if message_id is None or message_id.value is None:
-        return ""
-    if message_id.VM > 1 or not isinstance(message_id.value, int):
+    if message_id is not None and not _one_us(message_id):
         return "Move Originator Message ID is not one US value"
     return ""
+
+
+def _one_us(element: Any) -> bool:
+    """Whether a US element of the command set holds one value, or none."""
+    try:
+        value = element.value
+    except Exception:  # pydicom cannot convert the bytes
+        return False
+    return value is None or value == "" or (element.VM == 1 and type(value) is int)
 
 
 def _refused(assoc: Association, msg: Any, context_id: int) -> bool:
@@ -176,17 +199,13 @@ def _refused(assoc: Association, msg: Any, context_id: int) -> bool:
     C-MOVE without a SOP class this end serves. A C-STORE goes on to the
     node's handler, its Move Originator fault said here."""
     caller = _caller(assoc)
-    if reason := getattr(msg, _ORIGINATOR_FAULT, ""):
-        logger.warning(
-            "C-STORE of instance %s from %s: Move Originator left out: %s",
-            msg.AffectedSOPInstanceUID or "(unknown)",
-            caller,
-            reason,
-        )
-    if not isinstance(msg, C_ECHO | C_FIND | C_GET | C_MOVE):
+    if not isinstance(msg, C_ECHO | C_FIND | C_GET | C_MOVE | C_STORE):
         return False
-    if msg.MessageID is None or msg.MessageIDBeingRespondedTo is not None:
-        return False  # no request that can be answered; pynetdicom says so
+    if msg.MessageID is None and msg.MessageIDBeingRespondedTo is None:
+        return _abort_without_message_id(assoc, msg, caller)
+    _say_left_out(msg, caller)
+    if msg.MessageID is None or isinstance(msg, C_STORE):
+        return False  # a response, or the node's: pynetdicom's path
     reason = sop_class_fault(msg) or _not_served(msg)
     if not reason:
         return False
@@ -198,6 +217,44 @@ def _refused(assoc: Association, msg: Any, context_id: int) -> bool:
     response.ErrorComment = reason[:64]
     assoc.dimse.send_msg(response, context_id)
     return True
+
+
+def _abort_without_message_id(assoc: Association, msg: Any, caller: str) -> bool:
+    """Abort the association of a request without a Message ID: no response
+    could name it (Message ID Being Responded To is mandatory, PS3.7 9.3),
+    and pynetdicom would leave it unanswered until the requester gives up.
+    A C-STORE's data set is removed unread."""
+    name = type(_response_to(msg)).__name__.replace("_", "-")
+    logger.warning(
+        "aborting association with %s: %s request without a Message ID",
+        caller,
+        name,
+    )
+    path = getattr(msg, "_dataset_path", None)
+    if path is not None:
+        path.unlink(missing_ok=True)
+    assoc.abort()
+    return True
+
+
+def _say_left_out(msg: Any, caller: str) -> None:
+    """One warning for what a request was decoded without but is served
+    all the same."""
+    faults = [
+        f"{what} left out: {reason}"
+        for what, reason in (
+            ("Move Originator", getattr(msg, _ORIGINATOR_FAULT, "")),
+            ("Message ID Being Responded To", getattr(msg, _RESPONSE_ID_FAULT, "")),
+        )
+        if reason
+    ]
+    if not faults:
+        return
+    name = type(_response_to(msg)).__name__.replace("_", "-")
+    instance = ""
+    if isinstance(msg, C_STORE):
+        instance = f" of instance {msg.AffectedSOPInstanceUID or '(unknown)'}"
+    logger.warning("%s%s from %s: %s", name, instance, caller, "; ".join(faults))
 
 
 def _not_served(msg: C_ECHO | C_FIND | C_GET | C_MOVE) -> str:
@@ -219,11 +276,11 @@ def _not_served(msg: C_ECHO | C_FIND | C_GET | C_MOVE) -> str:
     return f"SOP class {uid} has no {name} service"
 
 
-def _response_to(msg: C_ECHO | C_FIND | C_GET | C_MOVE) -> Any:
+def _response_to(msg: Any) -> Any:
     """An empty response primitive of the request's kind (the C-MOVE
     request is the retrieve module's subclass, which pynetdicom does not
     encode)."""
-    for kind in (C_ECHO, C_FIND, C_GET, C_MOVE):
+    for kind in (C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE):
         if isinstance(msg, kind):
             return kind()
     raise TypeError(type(msg).__name__)
