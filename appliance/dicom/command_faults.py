@@ -122,7 +122,8 @@ def _without_faults(message: DIMSEMessage, original: Any) -> Any:
     if isinstance(message, C_STORE_RQ):
         originator = _originator_problem(command_set)
     # A response's parameter, no request's (PS3.7 9.3): pynetdicom reads
-    # it all the same, and aborts when it is no number.
+    # it all the same, the first of several values with a line that names
+    # no peer.
     response_id = command_set.get(_MESSAGE_ID_BEING_RESPONDED_TO)
     stray = response_id is not None and not _one_us(response_id)
     tags = [_AFFECTED_SOP_CLASS_UID] if sop_class else []
@@ -158,13 +159,14 @@ def _sop_class_problem(command_set: Dataset) -> str:
         value = decode_bytes(value)
     if not value:
         return "no Affected SOP Class UID"
+    if not isinstance(value, str):
+        return f"Affected SOP Class UID has {len(value)} values"
     try:
         C_ECHO().AffectedSOPClassUID = value
     except (TypeError, ValueError):
-        text = str(value)
-        if len(text) > 64:
-            return f"Affected SOP Class UID is {len(text)} characters long, over 64"
-        return f"Affected SOP Class UID {text!r} is not a UID"
+        if len(value) > 64:
+            return f"Affected SOP Class UID is {len(value)} characters long, over 64"
+        return f"Affected SOP Class UID {value!r} is not a UID"
     return ""
 
 
