@@ -32,9 +32,13 @@ class FileMeta:
     transfer_syntax: str
 
     def encoded(self) -> bytes:
-        """The file meta group, group length first; ValueError when a UID
-        is empty."""
-        if not (self.sop_class_uid and self.sop_instance_uid and self.transfer_syntax):
+        """The file meta group, group length first; ValueError when the SOP
+        Instance UID or transfer syntax is empty.
+
+        An empty SOP class is written as it is: such a request is refused
+        (``command_faults``), and its file removed unread.
+        """
+        if not (self.sop_instance_uid and self.transfer_syntax):
             raise ValueError("a file meta UID is empty")
         body = _element(0x0001, b"OB", _VERSION)
         body += _element(0x0002, b"UI", _uid(self.sop_class_uid))

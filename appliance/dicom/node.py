@@ -40,6 +40,7 @@ from appliance.audit import dicom as audit_dicom
 from appliance.catalog.store import Catalog
 from appliance.config import Config
 from appliance.dicom import (
+    command_faults,
     commitment,
     filemeta,
     fragments,
@@ -124,6 +125,7 @@ def configure_pynetdicom() -> None:
     retrieve.install()
     commitment.install()
     store_request.install()
+    command_faults.install()
     _guard_message_decoding()
     _guard_pdu_reading()
     _send_store_responses_directly()
@@ -147,10 +149,10 @@ def _guard_message_decoding() -> None:
     or written, instead of letting the exception end pynetdicom's network
     thread (which leaves the association hanging).
 
-    Seen with a C-STORE request that lacks its Affected SOP Class UID, with
-    one whose Affected SOP Class UID is longer than 64 characters, and with
-    a full online tier. (An overlong Affected SOP Instance UID is decoded
-    without it and answered with a status: ``store_request.py``.)
+    Seen with a full online tier. (An overlong Affected SOP Instance UID,
+    and an Affected SOP Class UID that is missing, empty or overlong, are
+    decoded without it and answered with a status: ``store_request.py``,
+    ``command_faults.py``.)
     Fragments out of their order are aborted the same way, before
     pynetdicom reads them (``fragments.py``).
     """
@@ -653,13 +655,15 @@ class Node:
             return _status(NOT_AUTHORISED, "not authorised to store")
         request, context = cast(C_STORE, event.request), event.context
         sop_class = str(request.AffectedSOPClassUID or "")
-        wrong = store_request.context_mismatch(
+        comment = command_faults.sop_class_fault(request)
+        wrong = comment or store_request.context_mismatch(
             context.context_id, context.abstract_syntax, sop_class
         )
         if wrong:
             path.unlink(missing_ok=True)
             uid = str(request.AffectedSOPInstanceUID or "(unknown)")
-            return self._refuse_on_context(activity, uid, wrong)
+            comment = comment or store_request.SOP_CLASS_COMMENT
+            return self._refuse_on_context(activity, uid, wrong, comment)
 
         calling_ae = str(event.assoc.requestor.ae_title).strip()
         result = self.ingest.store_received(
@@ -672,17 +676,20 @@ class Node:
         activity.stores.add(result.sop_instance_uid, result.ok, result.reason)
         return _status(result.status, result.reason)
 
-    def _refuse_on_context(self, activity: _Activity, uid: str, wrong: str) -> Dataset:
+    def _refuse_on_context(
+        self, activity: _Activity, uid: str, wrong: str, comment: str
+    ) -> Dataset:
         """Answer a C-STORE whose SOP class is not its presentation
-        context's, with one log line; nothing was stored."""
+        context's (or cannot be read), with one log line; nothing was
+        stored."""
         logger.warning(
             "C-STORE of instance %s from %s refused: %s", uid, activity.caller, wrong
         )
         activity.refused += 1
-        activity.stores.add(uid, False, store_request.SOP_CLASS_COMMENT)
+        activity.stores.add(uid, False, comment)
         status = store_request.SOP_CLASS_NOT_SUPPORTED
         events.instance_received(events.store_outcome(status, False))
-        return _status(status, store_request.SOP_CLASS_COMMENT)
+        return _status(status, comment)
 
 
 def _name_of(uid: str) -> str:

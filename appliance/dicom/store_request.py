@@ -13,7 +13,7 @@ data set and file meta carry (PS3.7 9.1.1.1.9, 0x0117).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from pydicom.tag import Tag
 from pydicom.uid import UID
@@ -67,30 +67,41 @@ def install() -> None:
             primitive = original(message)
         finally:
             command_set[_AFFECTED_SOP_INSTANCE_UID] = element
-        primitive.__class__ = _RequestWithoutInstanceUID
-        return primitive
+        return left_out(cast(C_STORE, primitive), "AffectedSOPInstanceUID")
 
     # The wrapper takes any message; pynetdicom's signature is a method's.
     setattr(DIMSEMessage, "message_to_primitive", message_to_primitive)  # noqa: B010
 
 
-class _RequestWithoutInstanceUID(C_STORE):
-    """A C-STORE request decoded without the Affected SOP Instance UID that
-    pynetdicom could not hold.
+def left_out(primitive: C_STORE, keyword: str) -> C_STORE:
+    """``primitive``, a C-STORE request decoded without the parameter
+    ``keyword`` because pynetdicom could not hold its value, made to count
+    as a valid request all the same, so that pynetdicom serves it."""
+    primitive.__class__ = _IncompleteRequest
+    incomplete = cast(_IncompleteRequest, primitive)
+    incomplete.left_out = incomplete.left_out | {keyword}
+    return incomplete
 
-    It counts as a valid request all the same, so that pynetdicom serves
-    it; the data set's file meta still carries the UID as sent, for ingest
-    to judge. The response goes without the UID, which PS3.7 9.1.1.1.4
-    allows (U(=) in Table 9.1-1): echoed, it would fail the requester's
-    decoding as it failed this end's.
+
+class _IncompleteRequest(C_STORE):
+    """A C-STORE request decoded without parameters pynetdicom could not hold.
+
+    Served all the same: the data set's file meta still carries the
+    Affected SOP Instance UID as sent, for ingest to judge; a request
+    without its Affected SOP Class UID is refused by the node. The response
+    goes without what was left out, which PS3.7 9.1.1.1.4 allows (U(=) in
+    Table 9.1-1): echoed, it would fail the requester's decoding as it
+    failed this end's.
     """
+
+    left_out: frozenset[str] = frozenset()
 
     @property
     def is_valid_request(self) -> bool:
         return all(
             getattr(self, keyword) is not None
             for keyword in self.REQUEST_KEYWORDS
-            if keyword != "AffectedSOPInstanceUID"
+            if keyword not in self.left_out
         )
 
 
