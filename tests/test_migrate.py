@@ -3,7 +3,6 @@ release it from online, and bring it back byte for byte."""
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import hashlib
 import subprocess
@@ -23,7 +22,6 @@ from appliance.catalog.store import Catalog
 from appliance.errors import StorageError, VolumeFull
 from appliance.hsm import extraction as extraction_module
 from appliance.hsm import recall as recall_module
-from appliance.hsm.extraction import MemberJob
 from appliance.hsm.migrator import Migrator
 from appliance.hsm.recall import Recaller
 from appliance.hsm.tiers import Tiers
@@ -32,7 +30,7 @@ from appliance.storage.keys import KeyStore
 from appliance.storage.nearline import NearlineTier
 from appliance.storage.offline import OfflineTier
 from appliance.storage.online import OnlineTier
-from appliance.storage.packs import PackReader, write_pack_file
+from appliance.storage.packs import write_pack_file
 from appliance.storage.volumes import DirectoryLibrary
 from tests.datasets import study_files, uid
 
@@ -181,7 +179,7 @@ def test_recalled_files_are_flushed_before_the_catalog_counts_them(
     assert counted_after == [len(flushed)]
 
 
-def test_recalls_under_kept_workers_share_one_set_of_threads(
+def test_recalls_under_kept_threads_share_one_set_of_threads(
     archive: Archive,
 ) -> None:
     recaller = Recaller(archive.catalog, archive.tiers(), 3)
@@ -193,7 +191,7 @@ def test_recalls_under_kept_workers_share_one_set_of_threads(
         real_flush(path)
 
     with mock.patch.object(extraction_module, "fsync_file", flush):
-        with recaller.kept_workers():
+        with recaller.kept_threads():
             for _ in range(3):
                 archive.migrator().move(STUDY, "online", "nearline")
                 assert recaller.recall(STUDY).staged == 6
@@ -243,60 +241,8 @@ def test_a_recall_puts_its_files_in_one_folder(archive: Archive) -> None:
     assert len(files) == 6 and len({path.parent for path in files}) == 1
 
 
-def test_worker_processes_recall_the_same_bytes(archive: Archive) -> None:
-    archive.migrator().move(STUDY, "online", "nearline")
-    recaller = Recaller(archive.catalog, archive.tiers(), processes=2)
-
-    with recaller.kept_workers():
-        result = recaller.recall(STUDY)
-        archive.migrator().move(STUDY, "online", "nearline")
-        again = recaller.recall(STUDY)
-
-    assert result.ok and result.staged == 6
-    assert again.ok and again.staged == 6
-    assert archive.online_bytes() == archive.originals
-    assert not [p for p in archive.online.objects.rglob("*") if p.suffix == ".tmp"]
-
-
-def test_a_worker_process_answers_a_flush_that_fails(archive: Archive) -> None:
-    """What a worker process answers when the disk refuses the flush: the
-    error itself, which stops the recall; nothing counts."""
-    archive.migrator().move(STUDY, "online", "nearline")
-    [pack] = copies.packs_of(archive.catalog, STUDY)
-    record = copies.instances_of(archive.catalog, STUDY)[0]
-    destination = archive.online.root / "objects" / "00" / "recalled.dcm"
-    with PackReader.open(
-        archive.nearline.path_of(pack.location), archive.keys
-    ) as reader:
-        job = MemberJob(
-            str(reader.path),
-            pack.pack_id,
-            reader.data_key,
-            reader.manifest().instance(record.sop_instance_uid),
-            record.sha256,
-            str(destination),
-            str(archive.online.root),
-        )
-
-    def broken(path: Path) -> None:
-        raise OSError(errno.EIO, "Input/output error")
-
-    with mock.patch.object(extraction_module, "fsync_file", broken):
-        failed = extraction_module.extract_member(job)
-    fine = extraction_module.extract_member(job)
-    recalled = destination.read_bytes()
-    wrong = extraction_module.extract_member(dataclasses.replace(job, sha256="0" * 64))
-
-    assert isinstance(failed, OSError) and failed.errno == errno.EIO
-    assert fine is None
-    assert recalled == archive.originals[record.sop_instance_uid]
-    # Other bytes than the catalog's are not left under the key.
-    assert not destination.exists()
-    assert wrong is not None and wrong.kind == "other-bytes"
-
-
-@pytest.mark.parametrize("processes", [0, 2])
-def test_tampered_pack_is_detected_on_recall(archive: Archive, processes: int) -> None:
+@pytest.mark.parametrize("threads", [1, 4])
+def test_tampered_pack_is_detected_on_recall(archive: Archive, threads: int) -> None:
     archive.migrator().move(STUDY, "online", "nearline")
     [pack] = copies.packs_of(archive.catalog, STUDY)
     path = archive.nearline.path_of(pack.location)
@@ -304,9 +250,7 @@ def test_tampered_pack_is_detected_on_recall(archive: Archive, processes: int) -
     data[len(data) // 3] ^= 0x01  # inside an instance member
     path.write_bytes(bytes(data))
 
-    result = Recaller(archive.catalog, archive.tiers(), processes=processes).recall(
-        STUDY
-    )
+    result = Recaller(archive.catalog, archive.tiers(), threads).recall(STUDY)
 
     assert not result.ok
     assert result.problems

@@ -1,7 +1,7 @@
-"""The data phase's workers: instances extracted several at a time by
-worker processes, and the next study's packs fetched in a thread while a
-study is extracted. A failure in either stops the restore with that error,
-counts nothing half-written, and the next run finishes the work."""
+"""The data phase's threads: instances extracted several at a time from one
+pack, and the next study's packs fetched while a study is extracted. A
+failure in either thread stops the restore with that error, counts nothing
+half-written, and the next run finishes the work."""
 
 from __future__ import annotations
 
@@ -17,8 +17,7 @@ import pytest
 
 from appliance.catalog import copies
 from appliance.catalog.store import Catalog
-from appliance.errors import DamagedPackError, StorageError, TransportError
-from appliance.hsm import recall as recall_module
+from appliance.errors import DamagedPackError, TransportError
 from appliance.hsm.tiers import ONLINE
 from appliance.replication.transports.directory import DirectoryTransport
 from appliance.restore.ahead import FetchAbandoned, FetchAhead, abandon_if
@@ -29,7 +28,7 @@ from appliance.restore.progress import mark_pending
 from appliance.restore.rebuild import rebuild_catalog
 from appliance.storage.keys import KeyStore, import_escrow, key_store_path
 from appliance.storage.packs import PackReader
-from tests.failing_extraction import FAILING, FAILING_HOW, failing_extract_all
+from appliance.storage.packs.reader import PackReader as ReaderClass
 from tests.restore_site import Restored
 
 
@@ -97,48 +96,41 @@ def _finishes_on_the_next_run(restored: Restored, disaster: Any) -> None:
     assert len(restored.object_files()) == len(disaster[1])
 
 
-@pytest.mark.parametrize(
-    ("how", "error", "said"),
-    [
-        ("raises", RuntimeError, "controller fault"),
-        ("dies", StorageError, "worker process .* ended before it answered"),
-    ],
-)
-def test_a_failure_in_an_extraction_worker_stops_the_restore(
-    disaster, site, monkeypatch: pytest.MonkeyPatch, how: str, error: type, said: str
-) -> None:
-    """One instance's extraction fails in its worker process with an error
-    no check expects, or the worker dies: the restore stops with it, the
-    study under way counts no instance, no temporary file stays, and no
-    worker writes on. The next run removes what the study left and
-    restores it once."""
+def test_a_failure_in_an_extraction_thread_stops_the_restore(disaster, site) -> None:
+    """The third instance extracted fails in its worker thread with an
+    error no check expects: the restore stops with it, the study under way
+    counts no instance, no temporary file stays, and no worker writes on.
+    The next run removes what the study left and restores it once."""
     restored, mirror = site
     rebuilt = Rebuilt(restored, mirror)
-    catalog = Catalog(rebuilt.catalog_path, 2**26)
-    try:
-        with catalog.read() as txn:
-            uids = sorted(uid for uid, _ in catalog.all_records(txn, "instances"))
-    finally:
-        catalog.close()
-    monkeypatch.setenv(FAILING, uids[len(uids) // 2])
-    monkeypatch.setenv(FAILING_HOW, how)
+    real_extract = ReaderClass.extract_to
+    threads: list[str] = []
+    lock = threading.Lock()
+
+    def failing(self: PackReader, *args: Any, **kwargs: Any) -> Any:
+        with lock:
+            threads.append(threading.current_thread().name)
+            number = len(threads)
+        if number == 3:
+            raise RuntimeError("controller fault")
+        return real_extract(self, *args, **kwargs)
 
     with (
-        mock.patch.object(recall_module, "extract_members", failing_extract_all),
-        pytest.raises(error, match=said),
+        mock.patch.object(ReaderClass, "extract_to", failing),
+        pytest.raises(RuntimeError, match="controller fault"),
     ):
         rebuilt.run()
 
+    assert all(name.startswith("recall-extract") for name in threads)
     written = sorted(restored.object_files())
-    assert not [p for p in written if p.name.endswith(".tmp")] or how == "dies"
+    assert written and not [p for p in written if p.name.endswith(".tmp")]
     # Every study is whole online or not counted at all.
     studies = _online_studies(restored)
     assert all(online in (0, count) for online, count in studies.values())
     assert any(online == 0 for online, _ in studies.values())
-    # The workers were all waited for: nothing is written after the error.
+    # The threads were all waited for: nothing is written after the error.
     assert sorted(restored.object_files()) == written
     _finishes_on_the_next_run(restored, disaster)
-    assert not [p for p in restored.object_files() if p.name.endswith(".tmp")]
 
 
 def test_a_failed_fetch_ahead_stops_the_restore_at_its_study(disaster, site) -> None:

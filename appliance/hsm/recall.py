@@ -22,8 +22,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import Executor, Future, wait
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,17 +37,10 @@ from appliance.errors import (
     ApplianceError,
     KeyStoreError,
     PackError,
-    StorageError,
     TransportError,
 )
 from appliance.hsm import failures, recall_notes
-from appliance.hsm.extraction import (
-    MemberJob,
-    Outcome,
-    extract_members,
-    extract_one,
-    extraction_pool,
-)
+from appliance.hsm.extraction import Outcome, extract_one, extraction_pool
 from appliance.hsm.failures import Failure
 from appliance.hsm.recall_notes import RecallNote
 from appliance.hsm.tiers import OFFSITE, ONLINE, PackTier, Tiers
@@ -60,13 +52,6 @@ from appliance.storage.packs.manifest import PackedInstance
 logger = logging.getLogger(__name__)
 
 _NOT_FLUSHED = "cannot flush the recalled files"
-# Instances of a pack handed to a worker process in one job.
-MEMBERS_PER_JOB = 8
-# The system ends a process this way when memory runs out, for one.
-_WORKER_ENDED = (
-    "a worker process extracting the instances ended before it answered "
-    "(killed, or out of memory?); none of the study's files was counted"
-)
 
 # Called with (instances staged so far, instances to stage).
 Progress = Callable[[int, int], None]
@@ -103,19 +88,15 @@ class Recaller:
         tiers: Tiers,
         threads: int = 1,
         failed: Failed | None = None,
-        processes: int = 0,
     ) -> None:
-        """With ``threads`` above 1, or ``processes`` above 0, that many
-        instances are extracted at once, by threads or by worker processes
-        (:mod:`.extraction`), from all the packs a tier gives a study:
-        decoding, hashing and the wait for each file's fsync overlap (a
-        restore from the mirror uses it). ``failed`` is told what failed
-        before the copies stop counting (a restore keeps the reasons for
-        its report)."""
+        """With ``threads`` above 1, that many instances are extracted at
+        once, from all the packs a tier gives a study: decoding, hashing
+        and the wait for each file's fsync overlap (a restore from the
+        mirror uses it). ``failed`` is told what failed before the copies
+        stop counting (a restore keeps the reasons for its report)."""
         self.catalog = catalog
         self.tiers = tiers
         self.threads = threads
-        self.processes = processes
         self.failed = failed
         self._packs: dict[str, PackRecord | None] = {}
         self._kept: Executor | None = None
@@ -123,15 +104,15 @@ class Recaller:
         self._first_key: str | None = None
 
     @contextmanager
-    def kept_workers(self) -> Iterator[None]:
-        """Keep one set of extraction workers for all the recalls made while
+    def kept_threads(self) -> Iterator[None]:
+        """Keep one set of extraction threads for all the recalls made while
         the block runs, from one thread: a restore recalls study after study,
-        and starting the workers anew for each costs it more than the
+        and starting the threads anew for each costs it more than the
         extraction of a small study gains from them."""
-        if (self.threads <= 1 and self.processes <= 0) or self._kept is not None:
+        if self.threads <= 1 or self._kept is not None:
             yield
             return
-        with extraction_pool(self.threads, self.processes) as pool:
+        with extraction_pool(self.threads) as pool:
             self._kept = pool
             try:
                 yield
@@ -232,7 +213,7 @@ class Recaller:
         if self._kept is not None:
             yield self._kept
             return
-        with extraction_pool(self.threads, self.processes) as pool:
+        with extraction_pool(self.threads) as pool:
             yield pool
 
     def _stage_all(
@@ -409,13 +390,9 @@ class Recaller:
         note: RecallNote,
         pool: Executor,
     ) -> None:
-        """Hand every instance of every pack to the workers before waiting
+        """Hand every instance of every pack to the threads before waiting
         for any: they go on from one pack to the next without draining."""
         pending: list[_Pending] = []
-        # A worker process is handed several instances at a time: each
-        # hand-over costs the recalling process a pickled job, a pipe write
-        # and a wake-up.
-        size = MEMBERS_PER_JOB if isinstance(pool, ProcessPoolExecutor) else 1
         with ExitStack() as stack:
             # Nothing may still write once the packs are closed, or once
             # this has stopped on an error: the rest are waited for first.
@@ -424,18 +401,12 @@ class Recaller:
                 reader = self._open_reader(pack_id, records, result, stack)
                 if reader is None:
                     continue
-                keyed = self._keyed(records, note)
-                for start in range(0, len(keyed), size):
-                    batch = keyed[start : start + size]
-                    future = self._submit(pool, reader, batch)
-                    pending.append((pack_id, batch, future))
-            for pack_id, batch, future in pending:
-                try:
-                    outcomes = future.result()
-                except BrokenProcessPool as exc:
-                    raise StorageError(_WORKER_ENDED) from exc
-                for (record, key), outcome in zip(batch, outcomes, strict=True):
-                    _count(pack_id, record, key, outcome, staged, result, staged_one)
+                for record, key in self._keyed(records, note):
+                    future = pool.submit(self._extract, reader, record, key)
+                    pending.append((pack_id, record, key, future))
+            for pack_id, record, key, future in pending:
+                outcome = future.result()
+                _count(pack_id, record, key, outcome, staged, result, staged_one)
 
     def _open_reader(
         self,
@@ -481,43 +452,6 @@ class Recaller:
         keyed = [(record, online.new_key(self._first_key)) for record in records]
         note.add([key for _record, key in keyed])
         return keyed
-
-    def _submit(
-        self,
-        pool: Executor,
-        reader: PackReader,
-        batch: list[tuple[InstanceRecord, str]],
-    ) -> Future[list[Outcome]]:
-        if not isinstance(pool, ProcessPoolExecutor):
-            return pool.submit(self._extract_all, reader, batch)
-        if reader.path is None:
-            # A worker process opens the pack itself; a pack that is not a
-            # file is extracted here.
-            return _done(self._extract_all(reader, batch))
-        online = self.tiers.online
-        jobs: list[MemberJob | Failure] = []
-        for record, key in batch:
-            entry = _entry_of(reader, record)
-            if isinstance(entry, Failure):
-                jobs.append(entry)
-                continue
-            jobs.append(
-                MemberJob(
-                    str(reader.path),
-                    reader.pack_id,
-                    reader.data_key,
-                    entry,
-                    record.sha256,
-                    str(online.path_of(key)),
-                    str(online.root),
-                )
-            )
-        return pool.submit(extract_members, jobs)
-
-    def _extract_all(
-        self, reader: PackReader, batch: list[tuple[InstanceRecord, str]]
-    ) -> list[Outcome]:
-        return [self._extract(reader, record, key) for record, key in batch]
 
     def _extract(self, reader: PackReader, record: InstanceRecord, key: str) -> Outcome:
         """Extract one instance durably under ``key`` in this process."""
@@ -609,14 +543,8 @@ def _count(
     staged_one()
 
 
-def _done(outcomes: list[Outcome]) -> Future[list[Outcome]]:
-    future: Future[list[Outcome]] = Future()
-    future.set_result(outcomes)
-    return future
-
-
-# A batch of a pack's instances with their new keys, handed out together.
-_Pending = tuple[str, list[tuple[InstanceRecord, str]], Future[list[Outcome]]]
+# An instance of a pack with its new key, handed to a thread.
+_Pending = tuple[str, InstanceRecord, str, Future[Outcome]]
 
 
 def _settle(pending: list[_Pending]) -> None:

@@ -18,7 +18,6 @@ so replication sends none of them again.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -55,11 +54,10 @@ logger = logging.getLogger(__name__)
 # Called with (bytes restored so far, bytes to restore, what happens now).
 Progress = Callable[[int, int, str], None]
 
-# Instances extracted at once, each by a worker process (one interpreter
-# runs Python on one core at a time): while some wait for their file's
-# fsync, which the disk serves several at a time in one journal commit,
-# the others decode.
-EXTRACT_PROCESSES = 2 * (os.cpu_count() or 1)
+# Instances of a pack extracted at once. Decoding takes the cores there
+# are; most of the rest is the wait for each file's fsync, and the disk
+# serves several of those in one journal commit.
+EXTRACT_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -117,7 +115,7 @@ class DataRestore:
         self.online.open()
         tiers = Tiers(self.online, {OFFSITE: MirrorTier(cache)}, keys)
         self.recaller = Recaller(
-            catalog, tiers, failed=self._note_failures, processes=EXTRACT_PROCESSES
+            catalog, tiers, EXTRACT_THREADS, failed=self._note_failures
         )
         self._fetch_hook = threading.Lock()
 
@@ -172,7 +170,7 @@ class DataRestore:
         a study is extracted (:mod:`.ahead`)."""
         ahead = FetchAhead()
         try:
-            with self.recaller.kept_workers():
+            with self.recaller.kept_threads():
                 return self._run(plan, ahead, progress, stopping)
         finally:
             ahead.close()

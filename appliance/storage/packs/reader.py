@@ -83,22 +83,13 @@ _Decoded = tuple[sealing.Opened | None, str | None]
 class PackReader:
     """Reads one pack from a binary file or stream positioned at its start.
 
-    ``keys`` is needed for encrypted packs, or instead ``data_key``, the
-    pack's data key already unwrapped (a worker process extracting for a
-    recall is handed that, not the key store). The clear header is read at
+    ``keys`` is needed for encrypted packs. The clear header is read at
     once: a damaged header, or a master key the store lacks, fails here.
     """
 
-    def __init__(
-        self,
-        source: BinaryIO,
-        keys: KeyStore | None = None,
-        data_key: bytes | None = None,
-    ) -> None:
+    def __init__(self, source: BinaryIO, keys: KeyStore | None = None) -> None:
         self._input = BlockReader(source)
         self._keys = keys
-        self._given_key = data_key
-        self.path: Path | None = None
         self._owned: BinaryIO | None = None
         self._manifest: Manifest | None = None
         self._streamed = False
@@ -111,9 +102,7 @@ class PackReader:
         self._secret = self._data_key()
 
     @classmethod
-    def open(
-        cls, path: Path, keys: KeyStore | None = None, data_key: bytes | None = None
-    ) -> PackReader:
+    def open(cls, path: Path, keys: KeyStore | None = None) -> PackReader:
         """A reader of the pack file at ``path``; close it (or use ``with``)."""
         try:
             # The reader owns the file from here on and closes it.
@@ -121,12 +110,11 @@ class PackReader:
         except OSError as exc:
             raise durable.translate_os_error(exc, f"cannot open {path}") from exc
         try:
-            reader = cls(handle, keys, data_key)
+            reader = cls(handle, keys)
         except BaseException:
             handle.close()
             raise
         reader._owned = handle
-        reader.path = path
         return reader
 
     def close(self) -> None:
@@ -149,11 +137,6 @@ class PackReader:
     @property
     def encrypted(self) -> bool:
         return self.header.encryption is not None
-
-    @property
-    def data_key(self) -> bytes | None:
-        """The pack's data key, unwrapped (None for a clear pack)."""
-        return self._secret
 
     def manifest(self) -> Manifest:
         """The pack's manifest, checked (see the module for how it is found)."""
@@ -320,8 +303,6 @@ class PackReader:
         encryption = self.header.encryption
         if encryption is None:
             return None
-        if self._given_key is not None:
-            return self._given_key
         if self._keys is None:
             raise KeyStoreError(
                 f"pack {self.pack_id} is encrypted under master key "
