@@ -6,7 +6,7 @@ import logging
 import re
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +161,7 @@ def _restore(
     from appliance.replication.process import mirror_place, open_mirror
     from appliance.restore import swap
     from appliance.restore.cache import PackCache
+    from appliance.restore.ctrl_c import CtrlC
     from appliance.restore.mirror import Fetcher, survey
     from appliance.restore.progress import (
         Tracker,
@@ -176,11 +177,18 @@ def _restore(
     folder = config.data_dir / "restore"
     lock = _claim(config, folder)
     folder.mkdir(parents=True, exist_ok=True)
-    limiter = Limiter(parse_timetable(rate or "off"), purpose="restore")
+    ctrl_c = CtrlC()
+    # Ctrl-C ends a wait for bandwidth at once (see restore.ctrl_c).
+    limiter = Limiter(
+        parse_timetable(rate or "off"), sleep=ctrl_c.sleep, purpose="restore"
+    )
     try:
-        with open_mirror(config) as transport:
+        with open_mirror(config) as transport, ExitStack() as handled:
             fetcher = Fetcher(transport, limiter)
             contents = survey(transport)
+            # From here to the data phase's own handler, Ctrl-C is acted
+            # on between two steps of the work.
+            handled.enter_context(ctrl_c)
             if not contents.packs:
                 click.echo(
                     f"the mirror ({mirror_place(config)}) holds no pack: nothing "
@@ -203,7 +211,7 @@ def _restore(
             tracker = Tracker(folder, "command")
             try:
                 rebuild = _rebuild(
-                    config, scan, fetcher, contents, keys, cache, tracker
+                    config, scan, fetcher, contents, keys, cache, tracker, ctrl_c
                 )
             except BaseException:
                 if swap.note_of(config.catalog_path) is None:
@@ -215,20 +223,24 @@ def _restore(
                     "the data waits for the service" if background else "the data next"
                 )
                 tracker.state("rebuilt", then)
+            # Pressed once the catalog was whole: it is in place, and the
+            # next run goes on with the data.
+            ctrl_c.check()
             if background:
                 _print_background(rebuild)
                 return True
-            if rate is None:
-                limiter.close()
-                limiter = Limiter(
-                    parse_timetable(config.get("restore.timetable")),
-                    purpose="restore",
-                )
-                fetcher.limiter = limiter
+            # The data phase waits for bandwidth in a thread of its own,
+            # and its Ctrl-C closes its limiter instead.
+            limiter.close()
+            limiter = Limiter(
+                parse_timetable(rate or config.get("restore.timetable")),
+                purpose="restore",
+            )
+            fetcher.limiter = limiter
             catalog = _catalog(config)
             try:
                 report, path = _restore_data(
-                    config, catalog, keys, cache, contents, limiter
+                    config, catalog, keys, cache, contents, limiter, ctrl_c
                 )
             finally:
                 catalog.close()
@@ -284,16 +296,19 @@ def _rebuild(
     keys: Any,
     cache: Any,
     tracker: Any,
+    ctrl_c: Any,
 ) -> Any:
     """The catalog phase, with a progress bar of each of its steps (bytes
     of the snapshot and journal read, journal entries replayed, packs read),
-    also written for ``appliance restore status``."""
+    also written for ``appliance restore status``; stopped by Ctrl-C
+    (``ctrl_c``) as it tells how far it is."""
     from appliance.restore.rebuild import rebuild_catalog
 
     with _catalog_bar() as bar:
         task = bar.add_task("rebuilding the catalog", total=None, numbers="")
 
         def shown(step: Any) -> None:
+            ctrl_c.check()
             bar.update(
                 task,
                 description=f"catalog: {step.what}",
@@ -345,9 +360,11 @@ def _restore_data(
     cache: Any,
     contents: Any,
     limiter: Any,
+    ctrl_c: Any,
 ) -> tuple[Any, Path]:
     """The data phase, with a progress bar of bytes, rate and time left; the
-    report (of what is done so far, when Ctrl-C stopped it) and its file."""
+    report (of what is done so far, when Ctrl-C stopped it) and its file.
+    A Ctrl-C that ``ctrl_c`` noted on the way here stops it at once."""
     import signal
     import threading
 
@@ -365,6 +382,8 @@ def _restore_data(
         limiter.close()  # a wait for bandwidth (a paused timetable) ends
 
     interrupted = signal.signal(signal.SIGINT, interrupt)
+    if ctrl_c.pressed:
+        interrupt()
     report = None
     try:
         with _transfer_bar() as bar:

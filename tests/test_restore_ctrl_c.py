@@ -8,27 +8,22 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+import pytest
 
 from appliance.restore.progress import is_pending
+from tests.restore_site import Restored
+from tests.sigint_in_exec import SENT
 
 _COMMAND = (sys.executable, "-m", "appliance")
+_REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def test_ctrl_c_in_the_catalog_phase_says_to_run_it_again(disaster, site) -> None:
     restored, mirror = site
-    # Slow enough that the catalog phase is still reading when stopped.
-    rate = sum(path.stat().st_size for path in mirror.rglob("*") if path.is_file())
     process = subprocess.Popen(
-        [
-            *_COMMAND,
-            "restore",
-            "--from",
-            "mirror",
-            "--rate",
-            f"{rate / 20_000:.3f}KB",
-            "--config",
-            str(restored.config_path),
-        ],
+        [*_COMMAND, *_slow_restore(restored, mirror)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -45,9 +40,58 @@ def test_ctrl_c_in_the_catalog_phase_says_to_run_it_again(disaster, site) -> Non
         if process.poll() is None:
             process.kill()
 
-    assert process.returncode == 1, err
+    _assert_stopped_then_completes(disaster, restored, process.returncode, err)
+
+
+# The pending mark is written just before the catalog phase imports most
+# of its modules; the snapshot is the first file it reads from the mirror.
+@pytest.mark.parametrize("opened", [".pending.tmp", ".sealed.download.part"])
+def test_ctrl_c_inside_an_exec_of_the_catalog_phase_still_exits_1(
+    disaster, site, opened: str
+) -> None:
+    # CPython, running a module (-m), ends with SIGINT (-2) after a
+    # KeyboardInterrupt that left a string exec, even a handled one.
+    restored, mirror = site
+    stopped = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.sigint_in_exec",
+            opened,
+            *_slow_restore(restored, mirror),
+        ],
+        cwd=_REPOSITORY,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert SENT in stopped.stderr, stopped.stderr
+    _assert_stopped_then_completes(
+        disaster, restored, stopped.returncode, stopped.stderr
+    )
+
+
+def _slow_restore(restored: Restored, mirror: Path) -> list[str]:
+    """Slow enough that the catalog phase is still reading when stopped."""
+    rate = sum(path.stat().st_size for path in mirror.rglob("*") if path.is_file())
+    return [
+        "restore",
+        "--from",
+        "mirror",
+        "--rate",
+        f"{rate / 20_000:.3f}KB",
+        "--config",
+        str(restored.config_path),
+    ]
+
+
+def _assert_stopped_then_completes(
+    disaster, restored: Restored, returncode: int, err: str
+) -> None:
+    assert returncode == 1, err
     assert "Aborted" not in err and "Traceback" not in err
-    assert "run the same command again" in err
+    assert err.count("run the same command again") == 1, err
     assert not restored.config.catalog_path.exists() or not any(
         restored.config.catalog_path.iterdir()
     )
