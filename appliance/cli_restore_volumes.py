@@ -28,6 +28,7 @@ def restore_from_volumes(config: Config) -> bool:
     """Both phases and the report; whether everything came back."""
     from appliance.restore.reasons import FailureLog
     from appliance.restore.volumedata import final_volume_report
+    from appliance.storage.archive_id import ArchiveIdFile
     from appliance.storage.lock import claim_tier
     from appliance.storage.online import OnlineTier
     from appliance.storage.volumes import open_library
@@ -42,7 +43,8 @@ def restore_from_volumes(config: Config) -> bool:
     try:
         # A restore never writes to a volume: nothing to recover there.
         kind = config.get("volumes.kind")
-        library = open_library(kind, config.volume_settings(), recover=False)
+        archive = ArchiveIdFile(config.data_dir)
+        library = open_library(kind, config.volume_settings(), False, archive)
         if not library.list_volumes():
             click.echo(
                 "the volume library holds no volume: nothing to restore", err=True
