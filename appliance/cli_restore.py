@@ -288,6 +288,7 @@ def _rebuild(
     """The catalog phase, with a progress bar of each of its steps (bytes
     of the snapshot and journal read, journal entries replayed, packs read),
     also written for ``appliance restore status``."""
+    from appliance.hsm.archive import archive_of
     from appliance.restore.rebuild import rebuild_catalog
 
     with _catalog_bar() as bar:
@@ -314,6 +315,8 @@ def _rebuild(
             scan,
             shown,
         )
+    # The archive id the rebuilt catalog took, where the volumes read it.
+    archive_of(config)
     _print_rebuild(rebuild, scan)
     return rebuild
 
