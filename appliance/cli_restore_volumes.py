@@ -73,6 +73,7 @@ def restore_from_volumes(config: Config) -> bool:
 
 def _rebuild(config: Config, library: Any, keys: Any, online: Any) -> Any:
     """The catalog phase, with a progress bar for the packs it reads."""
+    from appliance.hsm.archive import archive_of
     from appliance.restore.volumes import rebuild_from_volumes
 
     with progress_bar() as bar:
@@ -86,6 +87,8 @@ def _rebuild(config: Config, library: Any, keys: Any, online: Any) -> Any:
             online,
             lambda done, total: bar.update(task, completed=done, total=total),
         )
+    # The archive id the volumes' labels name, where the volumes read it.
+    archive_of(config)
     _print_rebuild(outcome.rebuild, False)
     return outcome
 

@@ -1,8 +1,9 @@
-"""A restore from the mirror brings the archive's id back: the new
+"""A restore brings the archive's id back. From the mirror: the new
 appliance reads the lost one's volumes (their labels name that id), still
 refuses another archive's volume of the same label, and replicates to the
 same mirror again; from the snapshot, and from the pack manifests alone
-(``--scan``: the id then comes from the mirror's identity marker)."""
+(``--scan``: the id then comes from the mirror's identity marker). From
+the volumes: the id their labels name."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from appliance.catalog.archive import archive_id
+from appliance.catalog.store import Catalog
 from appliance.errors import VolumeNotReachable
 from appliance.hsm.archive import archive_for_labels
 from appliance.hsm.tiers import open_tiers
@@ -19,7 +21,10 @@ from appliance.replication.identity import check_mirror
 from appliance.replication.transports.directory import DirectoryTransport
 from appliance.storage.archive_id import ArchiveIdFile, read_archive_id
 from appliance.storage.volumes import DirectoryLibrary
+from tests.conftest import config_text
 from tests.restore_site import Origin, Restored, appliance, mirror_settings
+from tests.test_restore_volumes import MB
+from tests.test_restore_volumes import _Origin as VolumeOrigin
 
 # Another archive's id (made-up), as its volume labels name it.
 ANOTHER_ARCHIVE = "5d0c7c1e-8f2a-4b3d-9e6f-0a1b2c3d4e5f"
@@ -106,3 +111,46 @@ def restored_keys(restored: Restored):
     from appliance.storage.keys import KeyStore, key_store_path
 
     return KeyStore.load(key_store_path(restored.data_dir))
+
+
+def test_a_restore_from_volumes_takes_the_id_their_labels_name(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "lost"
+    folder.mkdir()
+    origin = VolumeOrigin(folder)
+    mine = archive_for_labels(origin.config.data_dir, origin.catalog)
+    for label in ("L1", "L2"):
+        origin.library.label(label, 50 * MB)
+    origin.copy(origin.study_of(origin.store("kept", 2)), "L1")
+    keys = origin.tiers.keys
+    assert keys is not None
+    (folder / "escrow.txt").write_text(keys.export_escrow())
+    origin.ingest.close()
+    origin.catalog.close()
+    data_dir = tmp_path / "restored"
+    shutil.copytree(origin.volumes, data_dir / "volumes")
+    config = tmp_path / "restored.toml"
+    config.write_text(config_text(volume_settings(data_dir), []))
+    imported = appliance("keys", "import", str(folder / "escrow.txt"), config=config)
+    assert imported.returncode == 0, imported.stderr
+
+    done = appliance("restore", "--from", "volumes", config=config)
+
+    assert done.returncode == 0, done.stderr
+    assert read_archive_id(data_dir) == mine
+    restored = Catalog(data_dir / "catalog", 2**26)
+    try:
+        assert archive_id(restored) == mine
+    finally:
+        restored.close()
+    listed = appliance("volumes", "list", config=config)
+    assert listed.returncode == 0 and "not of this archive" not in listed.stderr
+    assert [line for line in listed.stdout.splitlines() if "loaded" in line]
+
+
+def volume_settings(data_dir: Path) -> dict[str, dict[str, object]]:
+    return {
+        "storage": {"data_dir": str(data_dir), "reserved_bytes": 0},
+        "volumes": {"kind": "directory"},
+    }

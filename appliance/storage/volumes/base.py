@@ -167,6 +167,12 @@ class VolumeLibrary(ABC):
     def list_packs(self, volume: str) -> list[PackLocation]:
         """The complete packs on ``volume``, in the order they were written."""
 
+    @abstractmethod
+    def archive_named(self, volume: str) -> str:
+        """The archive id the label of reachable ``volume`` names; empty for
+        a volume labelled before labels named one. For a restore from the
+        volumes, which learns the archive's id from them."""
+
 
 def another_archives(where: str, volume: str, theirs: str, mine: str) -> str:
     """The sentence for a volume labelled ``volume`` by another archive,

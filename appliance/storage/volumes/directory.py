@@ -188,6 +188,14 @@ class DirectoryLibrary(VolumeLibrary):
             ) from exc
         return sorted(found, key=lambda location: location.position)
 
+    def archive_named(self, volume: str) -> str:
+        folder = self._folder(volume)
+        try:
+            fields = json.loads((folder / LABEL_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            raise VolumeError(f"label file of {folder} is unreadable: {exc}") from exc
+        return str(fields.get("archive") or "")
+
     def _receive(
         self, chunks: Iterable[bytes], temporary: Path, limit: int, volume: str
     ) -> tuple[int, str]:

@@ -222,6 +222,10 @@ class OpticalLibrary(VolumeLibrary):
                 found.append(location)
         return sorted(found, key=lambda location: location.position)
 
+    def archive_named(self, volume: str) -> str:
+        image = self._image(volume)
+        return str(self._label_of(volume, image).get("archive") or "")
+
     def finalise(self, volume: str) -> None:
         """Take no more packs on ``volume``; check every MD5; ready to burn."""
         image = self._image(volume)

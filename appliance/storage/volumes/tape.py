@@ -188,6 +188,11 @@ class TapeLibrary(VolumeLibrary):
             raise self._not_reachable(volume)
         return list(record.packs)
 
+    def archive_named(self, volume: str) -> str:
+        self._record(volume)
+        self._mount(volume)
+        return str((self._read_fields() or {}).get("archive") or "")
+
     def load(self, volume: str) -> None:
         """Put ``volume`` into the drive now (the changer does it when needed)."""
         self._record(volume)
