@@ -302,6 +302,7 @@ def _rebuild(
     of the snapshot and journal read, journal entries replayed, packs read),
     also written for ``appliance restore status``; stopped by Ctrl-C
     (``ctrl_c``) as it tells how far it is."""
+    from appliance.hsm.archive import archive_of
     from appliance.restore.rebuild import rebuild_catalog
 
     with _catalog_bar() as bar:
@@ -329,6 +330,8 @@ def _rebuild(
             scan,
             shown,
         )
+    # The archive id the rebuilt catalog took, where the volumes read it.
+    archive_of(config)
     _print_rebuild(rebuild, scan)
     return rebuild
 

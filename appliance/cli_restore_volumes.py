@@ -28,6 +28,7 @@ def restore_from_volumes(config: Config) -> bool:
     """Both phases and the report; whether everything came back."""
     from appliance.restore.reasons import FailureLog
     from appliance.restore.volumedata import final_volume_report
+    from appliance.storage.archive_id import ArchiveIdFile
     from appliance.storage.lock import claim_tier
     from appliance.storage.online import OnlineTier
     from appliance.storage.volumes import open_library
@@ -42,7 +43,8 @@ def restore_from_volumes(config: Config) -> bool:
     try:
         # A restore never writes to a volume: nothing to recover there.
         kind = config.get("volumes.kind")
-        library = open_library(kind, config.volume_settings(), recover=False)
+        archive = ArchiveIdFile(config.data_dir)
+        library = open_library(kind, config.volume_settings(), False, archive)
         if not library.list_volumes():
             click.echo(
                 "the volume library holds no volume: nothing to restore", err=True
@@ -71,6 +73,7 @@ def restore_from_volumes(config: Config) -> bool:
 
 def _rebuild(config: Config, library: Any, keys: Any, online: Any) -> Any:
     """The catalog phase, with a progress bar for the packs it reads."""
+    from appliance.hsm.archive import archive_of
     from appliance.restore.volumes import rebuild_from_volumes
 
     with progress_bar() as bar:
@@ -84,6 +87,8 @@ def _rebuild(config: Config, library: Any, keys: Any, online: Any) -> Any:
             online,
             lambda done, total: bar.update(task, completed=done, total=total),
         )
+    # The archive id the volumes' labels name, where the volumes read it.
+    archive_of(config)
     _print_rebuild(outcome.rebuild, False)
     return outcome
 

@@ -86,7 +86,10 @@ def register(main: click.Group, load: Loader) -> None:
         """Initialise a blank volume (its barcode, on tape) for packs."""
         config = load(config_file, {"storage.data_dir": data_dir})
         wanted = _parse_size(capacity)
+        from appliance.hsm.archive import archive_of
+
         try:
+            archive_of(config, make=True)
             info = _library(config).label(label, wanted)
         except (ApplianceError, ValueError) as exc:
             click.echo(f"cannot label {label}: {exc}", err=True)
@@ -265,11 +268,15 @@ def _clear_errors(label: str) -> Iterator[None]:
 
 
 def _library(config: Config) -> Any:
+    from appliance.storage.archive_id import ArchiveIdFile
     from appliance.storage.volumes import open_library
 
     try:
         return open_library(
-            config.get("volumes.kind"), config.volume_settings(), recover=False
+            config.get("volumes.kind"),
+            config.volume_settings(),
+            recover=False,
+            archive=ArchiveIdFile(config.data_dir),
         )
     except ApplianceError as exc:
         click.echo(f"cannot open the volume library: {exc}", err=True)

@@ -31,6 +31,7 @@ from appliance.dicom.handoff import send_connection
 from appliance.dicom.worker import STOP_GRACE, Load, run_worker
 from appliance.errors import ApplianceError, ConfigError
 from appliance.hsm import recall_notes, scheduler
+from appliance.hsm.archive import archive_of
 from appliance.hsm.tiers import open_tiers
 from appliance.metrics import folder as metrics_folder
 from appliance.prefetch.hl7_process import HL7Service
@@ -84,6 +85,9 @@ def serve(config: Config) -> int:
         # The catalog's folder is made, then claimed for this service alone,
         # before what killed recalls left in the online tier is cleaned.
         Catalog(config.catalog_path, config.get("storage.catalog_max_size")).close()
+        # The volumes read the archive id beside the catalog: a restored
+        # catalog's comes back there before any worker opens the volumes.
+        archive_of(config)
         catalog_claim = claim_catalog(config.catalog_path)
         clean_up_recalls(config, online)
         # Every tier opens (and the key store is made) before any worker

@@ -25,6 +25,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 MiB = 1 << 20
+# The id of another archive (made-up), as its volume labels name it.
+ANOTHER_ARCHIVE = "0b7e5a52-2f3c-4d1e-9a4b-6c1d2e3f4a5b"
 
 MOVE_TO_OFFLINE = """
 [[rules]]
@@ -134,12 +136,6 @@ def test_loading_the_wrong_disc_is_refused_and_the_volume_still_asked_for(
     assert "no open requests" in run(config, "volumes", "requests").stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a volume's label file names no archive: another archive's disc "
-    "labelled the same is taken for the volume, and the recall that finds "
-    "none of this archive's packs on it counts their copies as damaged",
-)
 def test_another_archives_disc_with_the_same_label_is_not_the_volume(
     appliance_factory, tmp_path: Path
 ) -> None:
@@ -149,7 +145,7 @@ def test_another_archives_disc_with_the_same_label_is_not_the_volume(
     study = uid("study", "same-label")
 
     # Another archive's disc, labelled DISC01 too, read back in its place.
-    other = OpticalLibrary(tmp_path / "other")
+    other = OpticalLibrary(tmp_path / "other", archive=ANOTHER_ARCHIVE)
     other.label("DISC01", 16 * MiB)
     other.write_pack("DISC01", "p-000000001", [b"another archive's pack"])
     (tmp_path / "shelf").mkdir()
@@ -161,7 +157,20 @@ def test_another_archives_disc_with_the_same_label_is_not_the_volume(
     loaded = run(config, "volumes", "loaded", "DISC01")
 
     assert loaded.returncode == 1, loaded.stdout + loaded.stderr
+    assert "Traceback" not in loaded.stderr
+    said = [line for line in loaded.stderr.splitlines() if line.startswith("volume")]
+    mine = (appliance.data_dir / "archive-id").read_text().strip()
+    both = f"holds volume DISC01 of archive {ANOTHER_ARCHIVE}, not of this archive "
+    assert len(said) == 1 and both + f"({mine})" in said[0], loaded.stderr
     assert "load volume DISC01" in run(config, "volumes", "requests").stdout
+    listed = run(config, "volumes", "list")
+    assert both in listed.stderr and "on the shelf" in listed.stdout
+    again = run(config, "recall", study)
+    assert again.returncode == 1 and "waiting for volume DISC01" in again.stderr
+    assert "damaged" not in again.stderr + again.stdout
+    assert (tmp_path / "other" / "DISC01.iso").read_bytes() == (
+        discs / "DISC01.iso"
+    ).read_bytes()
     # This archive's copies on its own DISC01 still count.
     shutil.copyfile(tmp_path / "shelf" / "DISC01.iso", discs / "DISC01.iso")
     right = run(config, "volumes", "loaded", "DISC01")

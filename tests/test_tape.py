@@ -613,6 +613,61 @@ def test_the_wrong_tape_in_a_drive_without_changer_is_named(tmp_path):
     assert library.list_packs("T00002") == []
 
 
+def test_another_archives_tape_in_a_drive_without_changer_is_named(tmp_path):
+    mine, theirs = "archive-mine-0001", "archive-theirs-0002"
+    FakeCartridge.create(tmp_path / "ours.tape", 8 * MiB)
+    FakeCartridge.create(tmp_path / "theirs.tape", 8 * MiB)
+    drive = FakeTapeDrive()
+    library = TapeLibrary(
+        drive, None, tmp_path / "state", record_size=RECORD, archive=mine
+    )
+    other = TapeLibrary(
+        drive, None, tmp_path / "other", record_size=RECORD, archive=theirs
+    )
+    for tape, labeller in (("ours", library), ("theirs", other)):
+        drive.insert(tmp_path / f"{tape}.tape")
+        labeller.label("T00001", 8 * MiB)
+        labeller.unload()
+        drive.remove()
+    drive.insert(tmp_path / "ours.tape")
+    location = library.write_pack("T00001", "p-1", [b"this archive's"])
+    library.unload()
+    drive.remove()
+    drive.insert(tmp_path / "theirs.tape")
+
+    both = f"holds volume T00001 of archive {theirs}, not of this archive \\({mine}\\)"
+    assert not library.is_reachable("T00001")
+    assert [v.reachable for v in library.list_volumes()] == [False]
+    with pytest.raises(VolumeNotReachable, match=both):
+        library.load("T00001")
+    with pytest.raises(VolumeNotReachable, match=both):
+        library.read_pack(location)
+    with pytest.raises(VolumeNotReachable, match=both):
+        library.write_pack("T00001", "p-2", [b"meant for this archive's"])
+    library.unload()
+    drive.remove()
+    drive.insert(tmp_path / "ours.tape")
+    assert b"".join(library.read_pack(location)) == b"this archive's"
+
+
+def test_scanning_another_archives_tape_is_refused(tmp_path):
+    library, drive, changer = library_with(tmp_path, "T00001")
+    library.archive_source = "archive-theirs-0002"
+    library.label("T00001", 8 * MiB)
+    library.unload()
+    fresh = TapeLibrary(
+        drive,
+        changer,
+        tmp_path / "fresh-state",
+        record_size=RECORD,
+        archive="archive-mine-0001",
+    )
+
+    with pytest.raises(VolumeError, match="of archive archive-theirs-0002"):
+        fresh.scan("T00001")
+    assert fresh.list_volumes() == []
+
+
 def test_default_record_size_round_trip(tmp_path):
     drive = FakeTapeDrive()
     changer = FakeChanger(tmp_path / "sim", [drive])

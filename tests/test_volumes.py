@@ -20,6 +20,7 @@ import pytest
 
 from appliance.errors import ConfigError, VolumeError, VolumeFull, VolumeNotReachable
 from appliance.storage.volumes import PackLocation, VolumeLibrary, open_library
+from appliance.storage.volumes.directory import DirectoryLibrary
 
 MiB = 1 << 20
 RECORD_SIZE = 64 * 1024
@@ -50,8 +51,12 @@ class Backend:
     def settings(self) -> dict[str, object]:
         raise NotImplementedError
 
-    def open(self) -> VolumeLibrary:
-        return open_library(self.kind, self.settings())
+    def open(self, archive: str = "") -> VolumeLibrary:
+        return open_library(self.kind, self.settings(), archive=archive)
+
+    def medium(self, library: VolumeLibrary, label: str) -> Path:
+        """The file or folder that stands for the medium ``label``."""
+        raise NotImplementedError
 
     def add_blank(self, library: VolumeLibrary, label: str) -> None:
         """Make a blank medium named ``label`` available for labelling."""
@@ -83,6 +88,9 @@ class DirectoryBackend(Backend):
     def leftovers(self) -> list[Path]:
         return list((self.root / "library").glob("*/incoming/*"))
 
+    def medium(self, library: VolumeLibrary, label: str) -> Path:
+        return self.root / "library" / label
+
 
 class TapeBackend(Backend):
     kind = "tape"
@@ -106,6 +114,12 @@ class TapeBackend(Backend):
     def unshelve(self, library: VolumeLibrary, label: str) -> None:
         library.changer.insert_cartridge(label, CARTRIDGE_CAPACITY)
 
+    def medium(self, library: VolumeLibrary, label: str) -> Path:
+        # Out of the drive first: a person swaps cartridges in their slots.
+        if library.changer.status().drive_of(label):
+            library.unload()
+        return library.changer.cartridge_path(label)
+
 
 class OpticalBackend(Backend):
     kind = "optical"
@@ -122,6 +136,9 @@ class OpticalBackend(Backend):
 
     def leftovers(self) -> list[Path]:
         return list((self.root / "discs" / ".staging").iterdir())
+
+    def medium(self, library: VolumeLibrary, label: str) -> Path:
+        return self.root / "discs" / f"{label}.iso"
 
 
 BACKENDS = {
@@ -310,6 +327,97 @@ def test_a_new_library_object_sees_the_same_volumes_and_packs(backend, library):
     assert read_all(reopened, first) == pack_bytes(100_000, seed=1)
     third = reopened.write_pack("VOL001", "p-000003", [b"after reopening"])
     assert third.position > first.position
+
+
+# Archive ids (made-up), as volume labels name them.
+MINE = "3f1e0c4a-6b2d-4c8e-9a7f-1d2e3f4a5b6c"
+THEIRS = "8a9b0c1d-2e3f-4a5b-8c7d-9e0f1a2b3c4d"
+
+
+def swap_media(
+    backend: Backend, library: VolumeLibrary, other: Backend, theirs: VolumeLibrary
+) -> Path:
+    """Put ``theirs``'s VOL001 in place of ``library``'s, which goes to the
+    shelf folder; the shelf folder."""
+    shelf = backend.root / "own-shelf"
+    shelf.mkdir()
+    ours = backend.medium(library, "VOL001")
+    shutil.move(ours, shelf / ours.name)
+    foreign = other.medium(theirs, "VOL001")
+    copy = shutil.copytree if foreign.is_dir() else shutil.copyfile
+    copy(foreign, ours)
+    return shelf
+
+
+def test_another_archives_volume_of_the_same_label_is_not_the_volume(backend, tmp_path):
+    library = backend.open(archive=MINE)
+    labelled(backend, library, "VOL001", 64 * MiB)
+    own = library.write_pack("VOL001", "p-000001", [b"this archive's pack"])
+    other = type(backend)(tmp_path / "other")
+    theirs = other.open(archive=THEIRS)
+    labelled(other, theirs, "VOL001", 64 * MiB)
+    theirs.write_pack("VOL001", "p-000001", [b"another archive's pack"])
+
+    shelf = swap_media(backend, library, other, theirs)
+    medium = backend.medium(library, "VOL001")
+    before = sorted(p.stat().st_size for p in [medium, *medium.rglob("*")])
+
+    both = f"holds volume VOL001 of archive {THEIRS}, not of this archive \\({MINE}\\)"
+    with pytest.raises(VolumeNotReachable, match=both):
+        library.write_pack("VOL001", "p-000002", [b"meant for this archive"])
+    with pytest.raises(VolumeNotReachable, match=both):
+        library.read_pack(own)
+    if backend.kind == "tape":
+        # The changer holds a cartridge of that barcode: loading it is
+        # when its label is read.
+        with pytest.raises(VolumeNotReachable, match=both):
+            library.load("VOL001")
+    else:
+        assert not library.is_reachable("VOL001")
+        with pytest.raises(VolumeNotReachable, match=both):
+            library.list_packs("VOL001")
+    assert sorted(p.stat().st_size for p in [medium, *medium.rglob("*")]) == before
+
+    backend.medium(library, "VOL001")  # out of the drive again (tape)
+    if medium.is_dir():
+        shutil.rmtree(medium)
+    shutil.move(shelf / medium.name, medium)
+    assert library.is_reachable("VOL001")
+    assert read_all(library, own) == b"this archive's pack"
+
+
+def test_volumes_labelled_before_labels_named_an_archive_are_still_read(
+    backend, tmp_path
+):
+    before = backend.open()
+    labelled(backend, before, "VOL001", 64 * MiB)
+    old = before.write_pack("VOL001", "p-000001", [b"labelled without an archive"])
+
+    library = backend.open(archive=MINE)
+
+    assert library.is_reachable("VOL001")
+    assert read_all(library, old) == b"labelled without an archive"
+    later = library.write_pack("VOL001", "p-000002", [b"written once it had one"])
+    assert read_all(library, later) == b"written once it had one"
+    # A volume labelled now names this archive: another archive refuses it.
+    labelled(backend, library, "VOL002", 64 * MiB)
+    new = library.write_pack("VOL002", "p-000003", [b"named"])
+    with pytest.raises(VolumeNotReachable, match=f"of archive {MINE}"):
+        read_all(backend.open(archive=THEIRS), new)
+
+
+def test_another_archives_folder_is_not_adopted(tmp_path, caplog):
+    DirectoryLibrary(tmp_path / "other", archive=THEIRS).label("VOL009", 4 * MiB)
+    DirectoryLibrary(tmp_path / "old").label("VOL008", 4 * MiB)
+    library = open_library("directory", {"path": str(tmp_path / "lib")}, archive=MINE)
+    shutil.move(tmp_path / "other" / "VOL009", tmp_path / "lib" / "VOL009")
+    shutil.move(tmp_path / "old" / "VOL008", tmp_path / "lib" / "VOL008")
+
+    # Labelled before labels named an archive: adopted as before.
+    assert [v.label for v in library.list_volumes()] == ["VOL008"]
+    assert f"VOL009 of archive {THEIRS}, not of this archive ({MINE})" in caplog.text
+    with pytest.raises(VolumeError, match=f"of archive {THEIRS}"):
+        library.write_pack("VOL009", "p-000001", [b"x"])
 
 
 def test_settings_errors_name_the_key(tmp_path):

@@ -38,6 +38,7 @@ from appliance.errors import (
     KeyStoreError,
     PackError,
     TransportError,
+    VolumeNotReachable,
 )
 from appliance.hsm import failures, recall_notes
 from appliance.hsm.extraction import Outcome, extract_one, extraction_pool
@@ -99,6 +100,9 @@ class Recaller:
         self.threads = threads
         self.failed = failed
         self._packs: dict[str, PackRecord | None] = {}
+        # Packs whose volume was found not to be there when read, though
+        # it looked reachable (another archive's tape under its barcode).
+        self._not_there: set[str] = set()
         self._kept: Executor | None = None
         # The first online key the recall under way gave out.
         self._first_key: str | None = None
@@ -151,6 +155,7 @@ class Recaller:
         """Stage every instance of the study that is not online; ``why``
         goes into the operator request for a volume nobody has loaded."""
         self._packs.clear()
+        self._not_there.clear()
         result = RecallResult(study_uid)
         wanted = [
             r
@@ -316,9 +321,12 @@ class Recaller:
         groups: dict[str, list[InstanceRecord]] = defaultdict(list)
         for record in records:
             pack = self._pack_of(record, tier_name)
-            if pack is not None and tier.is_reachable(pack.location):
+            if pack is not None and self._reachable(tier, pack):
                 groups[pack.pack_id].append(record)
         return groups
+
+    def _reachable(self, tier: PackTier, pack: PackRecord) -> bool:
+        return pack.pack_id not in self._not_there and tier.is_reachable(pack.location)
 
     def _volumes_for(
         self, records: list[InstanceRecord], result: RecallResult
@@ -329,7 +337,7 @@ class Recaller:
             found = None
             for tier_name, tier in self.tiers.packs.items():
                 pack = self._pack_of(record, tier_name)
-                if pack is not None and not tier.is_reachable(pack.location):
+                if pack is not None and not self._reachable(tier, pack):
                     found = found or tier.volume_of(pack.location)
             if found is None:
                 if not any(record.copy_on(name) for name in self.tiers.packs):
@@ -345,7 +353,7 @@ class Recaller:
         be read without a person (a volume on the shelf)."""
         for tier_name, tier in self.tiers.packs.items():
             pack = self._pack_of(record, tier_name)
-            if tier_name != OFFSITE and pack and not tier.is_reachable(pack.location):
+            if tier_name != OFFSITE and pack and not self._reachable(tier, pack):
                 return True
         return False
 
@@ -431,6 +439,11 @@ class Recaller:
         except TransportError as exc:
             # The mirror could not be reached: nothing says the pack is bad.
             result.problems.append(f"pack {pack_id}: {exc}")
+        except VolumeNotReachable as exc:
+            # Its volume is not there after all: the pack is not to blame,
+            # and the volume is asked for.
+            result.problems.append(f"pack {pack_id}: {exc}")
+            self._not_there.add(pack_id)
         except ApplianceError as exc:
             result.problems.append(f"pack {pack_id}: {exc}")
             failure = _unopened(exc)

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from appliance.audit.trail import Trail
 from appliance.config import Config
+from appliance.storage.archive_id import ArchiveIdFile
 from appliance.storage.keys import DataKey, KeyStore, key_store_path
 from appliance.storage.nearline import NearlineTier
 from appliance.storage.offline import OfflineTier
@@ -101,7 +102,8 @@ def open_tiers(config: Config, writer: bool = False, mirror: bool = False) -> Ti
     packs: dict[str, PackTier] = {NEARLINE: nearline}
 
     kind = config.get("volumes.kind")
-    library = open_library(kind, config.volume_settings(), recover=writer)
+    archive = ArchiveIdFile(config.data_dir)
+    library = open_library(kind, config.volume_settings(), writer, archive)
     offline = OfflineTier(library, config.data_dir / "spool")
     offline.open(writer)
     packs[OFFLINE] = offline

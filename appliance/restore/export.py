@@ -24,6 +24,7 @@ from typing import Any
 import lmdb
 
 from appliance.catalog import answers, codec, patients
+from appliance.catalog.archive import KEY as ARCHIVE_KEY
 from appliance.catalog.bulk import BulkLoad
 from appliance.catalog.copies import PackRecord
 from appliance.catalog.records import Copy, InstanceRecord, NewInstance
@@ -258,10 +259,13 @@ def studies(
             yield group
 
 
-def finish(final: Catalog, last_journal: int, next_pack: int) -> None:
+def finish(
+    final: Catalog, last_journal: int, next_pack: int, archive: str = ""
+) -> None:
     """Leave the rebuilt catalog ready to replicate again: nothing queued,
     no journal, numbers that continue after the mirror's, so that nothing
-    the mirror holds is sent again or named twice."""
+    the mirror holds is sent again or named twice; the lost appliance's
+    ``archive`` id (when known), which its mirror and volumes name."""
     meta = final.db["meta"]
     try:
         with final.env.begin(write=True) as txn:
@@ -272,6 +276,8 @@ def finish(final: Catalog, last_journal: int, next_pack: int) -> None:
             txn.put(b"journal.next", str(last_journal + 1).encode(), db=meta)
             txn.put(b"mirror.journal_sent", str(last_journal).encode(), db=meta)
             txn.put(b"next_pack", str(next_pack).encode(), db=meta)
+            if archive:
+                txn.put(ARCHIVE_KEY, archive.encode(), db=meta)
     except lmdb.Error as exc:
         raise CatalogError(f"cannot finish the rebuilt catalog: {exc}") from exc
 

@@ -250,7 +250,7 @@ def _finished(
     try:
         last_journal = max(work.last_journal, contents.last_journal_number)
         next_pack = max(work.next_pack, contents.highest_pack + 1)
-        finish(final, last_journal, next_pack)
+        finish(final, last_journal, next_pack, work.archive)
         # Its pages go to the disk while it is checked; the mark follows
         # once they are there, so that a crash can leave a catalog marked
         # checked only whole.

@@ -73,6 +73,9 @@ class WorkCatalog:
     next_pack: int = 0
     # Packs whose manifest could not be read: pack id -> why.
     unreadable: dict[str, str] = field(default_factory=dict)
+    # The lost appliance's archive id, which its volume labels name ("":
+    # not known).
+    archive: str = ""
 
 
 class Sources:
@@ -99,6 +102,11 @@ class Sources:
     def build(self, scan: bool) -> WorkCatalog:
         """The work catalog: from the snapshot and journal unless ``scan``
         or those are missing or damaged, else from the pack manifests."""
+        work = self._from_history_or_packs(scan)
+        work.archive = self._archive(work.catalog)
+        return work
+
+    def _from_history_or_packs(self, scan: bool) -> WorkCatalog:
         if not scan:
             try:
                 return self._from_history()
@@ -109,6 +117,14 @@ class Sources:
         work = WorkCatalog(self._empty_catalog(), "the manifests of every pack")
         self._merge_packs(work, sorted(self.contents.packs, key=pack_number))
         return work
+
+    def _archive(self, catalog: Catalog) -> str:
+        """The lost appliance's archive id: the one the mirror's identity
+        marker names, else the snapshot's. The rebuilt catalog keeps it, so
+        that the appliance reads its own volumes (their labels name it) and
+        replicates to its mirror again."""
+        marked = marker_archive(self.fetcher.transport, self.keys)
+        return marked or replication.mirror_note(catalog, "archive_id")
 
     # -- snapshot and journal --------------------------------------------------
 

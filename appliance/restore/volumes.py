@@ -11,7 +11,13 @@ volumes not read yet::
 
     {"packs": {"L00001": [{"volume": "L00001", "position": 1,
                            "pack_id": "p-000000007", "size": ..., ...}]},
-     "damaged": {"p-000000009": "why"}, "unreadable": {}, "next_pack": 10}
+     "damaged": {"p-000000009": "why"}, "unreadable": {}, "next_pack": 10,
+     "archives": {"L00001": "<the archive id its label names, or empty>"}}
+
+The rebuilt catalog takes the archive id the labels of the volumes read
+name (volumes labelled before labels named one name none), so that the
+appliance goes on reading them as its own; volumes that name two archives
+leave it without one, and say so.
 
 A volume on the shelf is asked for (an operator request, and a line on
 the terminal), and the catalog is written from the volumes read so far:
@@ -68,6 +74,8 @@ class VolumesRead:
     damaged: dict[str, str] = field(default_factory=dict)
     unreadable: dict[str, str] = field(default_factory=dict)
     next_pack: int = 0
+    # The archive id each volume read names in its label ("": none).
+    archives: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def load(cls, folder: Path) -> VolumesRead:
@@ -166,6 +174,7 @@ def _write(
         "damaged_packs": dict(reader.state.damaged),
     }
     contents = reader.state.contents()
+    reader.work.archive = reader.archive()
     try:
         return write_checked(reader.work, rebuilt, map_size, contents, extra)
     except StorageError:
@@ -227,6 +236,7 @@ class VolumeReader:
                 logger.warning("volume %s left the library: %s", volume, exc)
                 continue
             self.state.packs[volume] = merged
+            self.state.archives[volume] = self._archive_named(volume)
             self.state.next_pack = self.work.next_pack
             self.state.save(self.folder)
             read.append(volume)
@@ -235,6 +245,32 @@ class VolumeReader:
         volumes = ", ".join(self.state.packs) or "no volume"
         self.work.source = f"the manifests of the packs on {volumes}"
         return read
+
+    def archive(self) -> str:
+        """The archive id the volumes read name; empty when none names one,
+        or when they name several (which one is this archive's is then not
+        known: each is named in a warning)."""
+        named = sorted({archive for archive in self.state.archives.values() if archive})
+        if len(named) > 1:
+            for archive in named:
+                volumes = [v for v, a in self.state.archives.items() if a == archive]
+                logger.warning(
+                    "volume(s) %s name archive %s", ", ".join(volumes), archive
+                )
+            logger.warning(
+                "the volumes read name %d archives: the rebuilt catalog takes "
+                "no archive id (new volume labels will name a new one)",
+                len(named),
+            )
+            return ""
+        return named[0] if named else ""
+
+    def _archive_named(self, volume: str) -> str:
+        try:
+            return self.library.archive_named(volume)
+        except ApplianceError as exc:
+            logger.warning("volume %s: its label cannot be read: %s", volume, exc)
+            return ""
 
     def _list_unread(self) -> dict[str, list[PackLocation]]:
         """The packs of each reachable volume not read yet, by volume."""

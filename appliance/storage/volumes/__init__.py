@@ -26,7 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import ConfigError
-from appliance.storage.volumes.base import PackLocation, VolumeInfo, VolumeLibrary
+from appliance.storage.volumes.base import (
+    ArchiveSource,
+    PackLocation,
+    VolumeInfo,
+    VolumeLibrary,
+)
 from appliance.storage.volumes.commands import MtTool, MtxTool
 from appliance.storage.volumes.directory import DirectoryLibrary
 from appliance.storage.volumes.optical import OpticalLibrary
@@ -38,6 +43,7 @@ from appliance.storage.volumes.xorriso import Xorriso
 
 __all__ = [
     "KINDS",
+    "ArchiveSource",
     "PackLocation",
     "VolumeInfo",
     "VolumeLibrary",
@@ -62,7 +68,10 @@ DEFAULTS: dict[str, Any] = {
 
 
 def open_library(
-    kind: str, settings: Mapping[str, Any], recover: bool = True
+    kind: str,
+    settings: Mapping[str, Any],
+    recover: bool = True,
+    archive: ArchiveSource = "",
 ) -> VolumeLibrary:
     """The volume library of ``kind`` described by ``settings``.
 
@@ -76,7 +85,8 @@ def open_library(
     drive and changer kept there, for rehearsals), ``xorriso`` (program).
     ``recover`` undoes what a crash left half-written; only the one
     process that writes (the holder of the migration lock) may ask for it.
-    Raises ConfigError naming every wrong key.
+    ``archive`` is this archive's id, or what reads it (see
+    :meth:`VolumeLibrary.archive`). Raises ConfigError naming every wrong key.
     """
     values = {**DEFAULTS, **settings}
     problems = _problems(kind, values)
@@ -84,14 +94,14 @@ def open_library(
         raise ConfigError(problems)
 
     if kind == "directory":
-        return DirectoryLibrary(Path(values["path"]), recover)
+        return DirectoryLibrary(Path(values["path"]), recover, archive)
     if kind == "optical":
         xorriso = Xorriso(values["xorriso"], float(values["command_timeout"]))
-        return OpticalLibrary(Path(values["path"]), xorriso, recover)
-    return _tape_library(values)
+        return OpticalLibrary(Path(values["path"]), xorriso, recover, archive)
+    return _tape_library(values, archive)
 
 
-def _tape_library(values: dict[str, Any]) -> TapeLibrary:
+def _tape_library(values: dict[str, Any], archive: ArchiveSource) -> TapeLibrary:
     drive: TapeDrive
     changer: Changer | None
     timeout = float(values["command_timeout"])
@@ -110,6 +120,7 @@ def _tape_library(values: dict[str, Any]) -> TapeLibrary:
         drive_number=int(values["drive"]),
         record_size=int(values["record_size"]),
         load_timeout=float(values["load_timeout"]),
+        archive=archive,
     )
 
 

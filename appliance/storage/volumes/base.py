@@ -7,6 +7,12 @@ is also its barcode where the library reads barcodes. A volume is
 in a drive, a changer slot or the library folder) and *on the shelf*
 otherwise. Packs are opaque byte streams written to a volume one after the
 other; a pack's place on its volume is a :class:`PackLocation`.
+
+A volume's label names the *archive* that labelled it (the appliance's
+archive id): two archives may each have a volume DISC01, and another
+archive's volume loaded under this one's label is not this volume.
+Volumes labelled before labels named an archive name none, and are taken
+as they were.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from appliance.errors import VolumeError, VolumeNotReachable
@@ -23,6 +29,10 @@ from appliance.errors import VolumeError, VolumeNotReachable
 # "-" and "_" only, so that no label or id can name a path elsewhere.
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
 _PACK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+# This archive's id, or what reads it when needed (it may be made after
+# the library is opened: by the first volume labelled); "" for none yet.
+ArchiveSource = str | Callable[[], str]
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,33 @@ class VolumeLibrary(ABC):
     """
 
     kind: str = ""
+    archive_source: ArchiveSource = ""
+
+    def archive(self) -> str:
+        """This archive's id: written in the labels of new volumes, and
+        checked against the one a volume's label names. Empty while the
+        appliance has none (then no label is refused for its archive)."""
+        source = self.archive_source
+        return source() if callable(source) else source
+
+    def other_archive(self, label_fields: dict[str, object]) -> str | None:
+        """The archive a volume's label fields name when it is not this one;
+        None for this archive's volumes, and for volumes labelled before
+        labels named an archive (or while this appliance has no id)."""
+        named = label_fields.get("archive")
+        mine = self.archive()
+        if not named or not mine or named == mine:
+            return None
+        return str(named)
+
+    def label_fields(self, volume: str, capacity: int) -> dict[str, object]:
+        """What a new volume's label holds besides its format: its label,
+        capacity and, once the appliance has one, its archive's id."""
+        fields: dict[str, object] = {"label": volume, "capacity": capacity}
+        archive = self.archive()
+        if archive:
+            fields["archive"] = archive
+        return fields
 
     @abstractmethod
     def list_volumes(self) -> list[VolumeInfo]:
@@ -129,6 +166,22 @@ class VolumeLibrary(ABC):
     @abstractmethod
     def list_packs(self, volume: str) -> list[PackLocation]:
         """The complete packs on ``volume``, in the order they were written."""
+
+    @abstractmethod
+    def archive_named(self, volume: str) -> str:
+        """The archive id the label of reachable ``volume`` names; empty for
+        a volume labelled before labels named one. For a restore from the
+        volumes, which learns the archive's id from them."""
+
+
+def another_archives(where: str, volume: str, theirs: str, mine: str) -> str:
+    """The sentence for a volume labelled ``volume`` by another archive,
+    found at ``where`` (a folder, an image, a drive)."""
+    return (
+        f"{where} holds volume {volume} of archive {theirs}, not of this "
+        f"archive ({mine}): another archive's volume with the same label; "
+        f"put it back and this archive's {volume} in its place"
+    )
 
 
 def is_label(name: str) -> bool:

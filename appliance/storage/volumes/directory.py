@@ -6,16 +6,17 @@ Layout under the library folder ``PATH``::
       .registry/LABEL.json     every labelled volume, also those on the shelf
       LABEL/                   a reachable volume: a folder, or the mount
         VOLUME                 point of an LTFS tape; its label file (JSON:
-        packs/                 format, label, capacity)
+        packs/                 format, label, capacity, archive)
           000001-p-000123-<sha256>.pack    one file per pack (packfiles.py)
         incoming/              packs being received; never counted
 
-A volume is *reachable* when ``PATH/LABEL/VOLUME`` exists, names LABEL, and
-``PATH/LABEL/packs`` is there. It goes *on the shelf* when its folder
-leaves ``PATH`` (moved elsewhere, or its LTFS tape unmounted) and comes
-back when the folder is put back or the tape mounted there again. Its
-capacity is the one written in ``VOLUME`` at labelling; the file system's
-own free space limits it too.
+A volume is *reachable* when ``PATH/LABEL/VOLUME`` exists, names LABEL
+and no other archive than this one (``archive``, absent from labels written
+before labels named one), and ``PATH/LABEL/packs`` is there. It goes *on
+the shelf* when its folder leaves ``PATH`` (moved elsewhere, or its LTFS
+tape unmounted) and comes back when the folder is put back or the tape
+mounted there again. Its capacity is the one written in ``VOLUME`` at
+labelling; the file system's own free space limits it too.
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ from appliance.errors import (
 )
 from appliance.storage import durable
 from appliance.storage.volumes.base import (
+    ArchiveSource,
     PackLocation,
     VolumeInfo,
     VolumeLibrary,
+    another_archives,
     check_capacity,
     check_label,
     check_pack_id,
@@ -74,8 +77,11 @@ class DirectoryLibrary(VolumeLibrary):
 
     kind = "directory"
 
-    def __init__(self, path: Path, recover: bool = True) -> None:
+    def __init__(
+        self, path: Path, recover: bool = True, archive: ArchiveSource = ""
+    ) -> None:
         self.path = path
+        self.archive_source = archive
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -102,9 +108,8 @@ class DirectoryLibrary(VolumeLibrary):
 
         durable.make_directories(folder / "packs", self.path)
         durable.make_directories(folder / "incoming", self.path)
-        text = json.dumps(
-            {"format": LABEL_FORMAT, "label": volume, "capacity": capacity}
-        )
+        fields = {"format": LABEL_FORMAT, **self.label_fields(volume, capacity)}
+        text = json.dumps(fields)
         write_atomically(folder / LABEL_FILE, text.encode(), self.path)
         record = VolumeRecord(label=volume, capacity=capacity)
         self.registry.save(record)
@@ -113,7 +118,7 @@ class DirectoryLibrary(VolumeLibrary):
         return self._info(record)
 
     def is_reachable(self, volume: str) -> bool:
-        return _problem(self.path / check_label(volume), volume) is None
+        return self._problem(self.path / check_label(volume), volume) is None
 
     def check_reachable(self, volume: str) -> None:
         self._folder(volume)
@@ -183,6 +188,14 @@ class DirectoryLibrary(VolumeLibrary):
             ) from exc
         return sorted(found, key=lambda location: location.position)
 
+    def archive_named(self, volume: str) -> str:
+        folder = self._folder(volume)
+        try:
+            fields = json.loads((folder / LABEL_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            raise VolumeError(f"label file of {folder} is unreadable: {exc}") from exc
+        return str(fields.get("archive") or "")
+
     def _receive(
         self, chunks: Iterable[bytes], temporary: Path, limit: int, volume: str
     ) -> tuple[int, str]:
@@ -203,7 +216,7 @@ class DirectoryLibrary(VolumeLibrary):
         """The folder of a reachable volume; VolumeNotReachable if shelved."""
         record = self._record(volume)
         folder = self.path / record.label
-        problem = _problem(folder, record.label)
+        problem = self._problem(folder, record.label)
         if problem == _ABSENT:
             raise VolumeNotReachable(
                 f"volume {volume} is on the shelf: put its folder back as "
@@ -241,6 +254,11 @@ class DirectoryLibrary(VolumeLibrary):
                 f"{folder} holds volume {named}, not {folder.name}: rename the "
                 f"folder {named} to use it"
             )
+        theirs = self.other_archive(label)
+        if theirs is not None:
+            raise VolumeError(
+                another_archives(str(folder), folder.name, theirs, self.archive())
+            )
 
         record = VolumeRecord(label=folder.name, capacity=int(label["capacity"]))
         record.used = self._used(folder)
@@ -264,7 +282,7 @@ class DirectoryLibrary(VolumeLibrary):
 
     def _info(self, record: VolumeRecord) -> VolumeInfo:
         folder = self.path / record.label
-        problem = _problem(folder, record.label)
+        problem = self._problem(folder, record.label)
         if problem:
             if problem != _ABSENT:
                 logger.warning(
@@ -284,28 +302,38 @@ class DirectoryLibrary(VolumeLibrary):
             leftover.unlink(missing_ok=True)
             logger.info("directory volumes: removed half-received %s", leftover)
 
+    def _problem(self, folder: Path, volume: str) -> str | None:
+        """Why ``folder`` cannot serve as volume ``volume`` now: _ABSENT when
+        it is not there (on the shelf), a sentence when it is there but
+        wrong; None when it is ready.
 
-def _problem(folder: Path, volume: str) -> str | None:
-    """Why ``folder`` cannot serve as volume ``volume`` now: _ABSENT when it
-    is not there (on the shelf), a sentence when it is there but wrong;
-    None when it is ready.
+        The label file is read each time: the folder under a volume's name
+        is whatever a person last put there, and another volume's folder
+        (swapped on the way back from the vault, the wrong LTFS tape
+        mounted, or another archive's volume of the same label) must
+        neither be read as this one nor take its packs."""
+        try:
+            fields = json.loads((folder / LABEL_FILE).read_text())
+        except (FileNotFoundError, NotADirectoryError):
+            return _ABSENT
+        except (OSError, ValueError) as exc:
+            return f"its label file {folder / LABEL_FILE} is unreadable: {exc}"
+        if not isinstance(fields, dict):
+            fields = {}
+        named = fields.get("label")
+        if named != volume:
+            return (
+                f"{folder} holds volume {named}, not {volume}: put that folder "
+                f"back under its own name and {volume}'s folder here"
+            )
+        theirs = self.other_archive(fields)
+        if theirs is not None:
+            return another_archives(str(folder), volume, theirs, self.archive())
+        return _packs_problem(folder)
 
-    The label file is read each time: the folder under a volume's name is
-    whatever a person last put there, and another volume's folder (swapped
-    on the way back from the vault, or the wrong LTFS tape mounted) must
-    neither be read as this one nor take its packs."""
-    try:
-        fields = json.loads((folder / LABEL_FILE).read_text())
-    except (FileNotFoundError, NotADirectoryError):
-        return _ABSENT
-    except (OSError, ValueError) as exc:
-        return f"its label file {folder / LABEL_FILE} is unreadable: {exc}"
-    named = fields.get("label") if isinstance(fields, dict) else None
-    if named != volume:
-        return (
-            f"{folder} holds volume {named}, not {volume}: put that folder back "
-            f"under its own name and {volume}'s folder here"
-        )
+
+def _packs_problem(folder: Path) -> str | None:
+    """A sentence when the volume's folder lacks its packs folder."""
     if not (folder / "packs").is_dir():
         return (
             f"{folder} has no packs folder: the folder is damaged or was not "

@@ -6,7 +6,7 @@ Layout under the library folder ``PATH``::
       LABEL.iso            a reachable volume: an ISO 9660 image (Rock Ridge,
                            MD5 of every file and session) holding
                              /VOLUME       the label (JSON: format, label,
-                                           capacity)
+                                           capacity, archive)
                              /packs/000001-p-000123-<sha256>.pack  (packfiles.py)
       .registry/LABEL.json every labelled volume, also those on the shelf
       .staging/            packs being received, packs being read back, and
@@ -21,8 +21,10 @@ when the library is next opened. Every pack is checked against its MD5
 once added.
 
 A volume is *reachable* while ``PATH/LABEL.iso`` exists and the label
-written in it names LABEL (another disc's image copied there is not the
-volume, and is neither read nor written). When it is full
+written in it names LABEL and no other archive than this one (another
+disc's image copied there, or another archive's DISC01 in place of this
+one's, is not the volume, and is neither read nor written; labels written
+before they named an archive name none). When it is full
 or :meth:`OpticalLibrary.finalise` is called it takes no more packs and is
 ready to burn (``xorriso -as cdrecord dev=/dev/sr0 LABEL.iso``); moving the
 image out of ``PATH`` puts the volume on the shelf.
@@ -42,9 +44,11 @@ from typing import Any
 from appliance.errors import VolumeError, VolumeFull, VolumeNotReachable
 from appliance.storage import durable
 from appliance.storage.volumes.base import (
+    ArchiveSource,
     PackLocation,
     VolumeInfo,
     VolumeLibrary,
+    another_archives,
     check_capacity,
     check_label,
     check_pack_id,
@@ -93,9 +97,14 @@ class OpticalLibrary(VolumeLibrary):
     kind = "optical"
 
     def __init__(
-        self, path: Path, xorriso: Xorriso | None = None, recover: bool = True
+        self,
+        path: Path,
+        xorriso: Xorriso | None = None,
+        recover: bool = True,
+        archive: ArchiveSource = "",
     ) -> None:
         self.path = path
+        self.archive_source = archive
         self.staging = path / ".staging"
         self.xorriso = xorriso or Xorriso()
         try:
@@ -103,10 +112,10 @@ class OpticalLibrary(VolumeLibrary):
         except OSError as exc:
             raise durable.translate_os_error(exc, f"cannot open {path}") from exc
         self.registry = Registry(path / ".registry")
-        # The label last read from each image, with what identified the
-        # image then (its file's identity and times, its volume
+        # The label fields last read from each image, with what identified
+        # the image then (its file's identity and times, its volume
         # descriptor): read again only when the file is another or changed.
-        self._labels: dict[str, tuple[tuple[int, ...], bytes, str]] = {}
+        self._labels: dict[str, tuple[tuple[int, ...], bytes, dict[str, Any]]] = {}
         # Only the writer (the holder of the migration lock) may undo an
         # append a crash cut short: a reader could undo one in progress.
         if recover:
@@ -135,7 +144,7 @@ class OpticalLibrary(VolumeLibrary):
         label_file = self.staging / f"{secrets.token_hex(8)}.label"
         new_image = self.staging / f"{volume}.iso.new"
         try:
-            fields = {"format": LABEL_FORMAT, "label": volume, "capacity": capacity}
+            fields = {"format": LABEL_FORMAT, **self.label_fields(volume, capacity)}
             label_file.write_text(json.dumps(fields))
             new_image.unlink(missing_ok=True)
             self.xorriso.create(new_image, volume_id(volume), {"/VOLUME": label_file})
@@ -212,6 +221,10 @@ class OpticalLibrary(VolumeLibrary):
             if location is not None:
                 found.append(location)
         return sorted(found, key=lambda location: location.position)
+
+    def archive_named(self, volume: str) -> str:
+        image = self._image(volume)
+        return str(self._label_of(volume, image).get("archive") or "")
 
     def finalise(self, volume: str) -> None:
         """Take no more packs on ``volume``; check every MD5; ready to burn."""
@@ -329,26 +342,32 @@ class OpticalLibrary(VolumeLibrary):
         The image is whatever a person last copied there (from a disc, with
         dd): the label written in it when it was made must name ``volume``,
         or another disc's image would be read as this one, its packs taken
-        for missing ones, and this volume's packs written to it."""
+        for missing ones, and this volume's packs written to it. So must the
+        archive it names (another archive may have a DISC01 too)."""
         image = self._image_path(volume)
         try:
-            named = self._label_of(volume, image)
+            fields = self._label_of(volume, image)
         except FileNotFoundError:
             return _ABSENT
         except OSError as exc:
             return f"{image} cannot be read: {exc.strerror or exc}"
         except VolumeError as exc:
             return str(exc)
+        named = fields.get("label")
         if named != volume:
             return (
                 f"{image} holds volume {named}, not {volume}: put that image "
                 f"back as {named}.iso and {volume}'s image here"
             )
+        theirs = self.other_archive(fields)
+        if theirs is not None:
+            return another_archives(str(image), volume, theirs, self.archive())
         return None
 
-    def _label_of(self, volume: str, image: Path) -> str:
-        """The label written in ``image``; read again only when the file
-        is not the one last read (a person replaced it) or has changed."""
+    def _label_of(self, volume: str, image: Path) -> dict[str, Any]:
+        """The label fields written in ``image``; read again only when the
+        file is not the one last read (a person replaced it) or has
+        changed."""
         with open(image, "rb") as handle:
             identity = os.fstat(handle.fileno())
             handle.seek(_DESCRIPTOR_OFFSET)
@@ -363,9 +382,9 @@ class OpticalLibrary(VolumeLibrary):
         known = self._labels.get(volume)
         if known is not None and known[0] == key and known[1] == descriptor:
             return known[2]
-        named = str(self._label_fields(image).get("label"))
-        self._labels[volume] = (key, descriptor, named)
-        return named
+        fields = self._label_fields(image)
+        self._labels[volume] = (key, descriptor, fields)
+        return fields
 
     def _label_fields(self, image: Path) -> dict[str, Any]:
         """The label file written in ``image`` when it was labelled."""
@@ -402,6 +421,11 @@ class OpticalLibrary(VolumeLibrary):
         fields = self._label_fields(image)
         if fields.get("label") != image.stem:
             raise VolumeError(f"{image} does not hold a volume labelled {image.stem}")
+        theirs = self.other_archive(fields)
+        if theirs is not None:
+            raise VolumeError(
+                another_archives(str(image), image.stem, theirs, self.archive())
+            )
 
         record = VolumeRecord(image.stem, int(fields["capacity"]))
         record.used = image.stat().st_size

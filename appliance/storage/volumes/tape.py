@@ -1,9 +1,12 @@
 """Tape volumes: one drive, and optionally a changer that loads cartridges.
 
 A volume's label is its cartridge's barcode, also written on the tape as
-file 0 (tapeformat.py draws the layout). A volume is *reachable* when the
-changer holds its cartridge in a slot or a drive (without a changer: when
-it is the tape in the drive) and *on the shelf* otherwise.
+file 0 (tapeformat.py draws the layout) with the id of the archive that
+labelled it: a tape of another archive with the same barcode is not the
+volume (tapes labelled before labels named an archive name none). A
+volume is *reachable* when the changer holds its cartridge in a slot or a
+drive (without a changer: when it is the tape in the drive) and *on the
+shelf* otherwise.
 
 Packs are appended at end of data, one tape file each, and read back in
 full before they count. Listing a tape means reading all of it, so the
@@ -27,9 +30,11 @@ from appliance.errors import VolumeError, VolumeFull, VolumeNotReachable
 from appliance.storage import durable
 from appliance.storage.volumes import tapeformat
 from appliance.storage.volumes.base import (
+    ArchiveSource,
     PackLocation,
     VolumeInfo,
     VolumeLibrary,
+    another_archives,
     check_capacity,
     check_label,
     check_pack_id,
@@ -68,7 +73,9 @@ class TapeLibrary(VolumeLibrary):
         drive_number: int = 0,
         record_size: int = tapeformat.DEFAULT_RECORD_SIZE,
         load_timeout: float = 300.0,
+        archive: ArchiveSource = "",
     ) -> None:
+        self.archive_source = archive
         self.drive = drive
         self.changer = changer
         self.drive_number = drive_number
@@ -100,11 +107,11 @@ class TapeLibrary(VolumeLibrary):
 
         self._mount(volume, check=False)
         self._refuse_used_tape(volume)
-        label = make_record(
-            LABEL_MAGIC,
-            {"label": volume, "capacity": capacity, "record_size": self.record_size},
-            self.record_size,
-        )
+        fields = {
+            **self.label_fields(volume, capacity),
+            "record_size": self.record_size,
+        }
+        label = make_record(LABEL_MAGIC, fields, self.record_size)
         self.drive.rewind()
         self._write_file([label], volume)
         if self._read_label() != volume:
@@ -181,6 +188,11 @@ class TapeLibrary(VolumeLibrary):
             raise self._not_reachable(volume)
         return list(record.packs)
 
+    def archive_named(self, volume: str) -> str:
+        self._record(volume)
+        self._mount(volume)
+        return str((self._read_fields() or {}).get("archive") or "")
+
     def load(self, volume: str) -> None:
         """Put ``volume`` into the drive now (the changer does it when needed)."""
         self._record(volume)
@@ -204,6 +216,10 @@ class TapeLibrary(VolumeLibrary):
         fields = self._label_fields()
         if fields is None or fields.get("label") != volume:
             raise VolumeError(f"the tape with barcode {volume} has no volume label")
+        theirs = self.other_archive(fields)
+        if theirs is not None:
+            where = f"the tape with barcode {volume}"
+            raise VolumeError(another_archives(where, volume, theirs, self.archive()))
 
         record = VolumeRecord(volume, int(fields["capacity"]), used=self.record_size)
         self.drive.asf(1)
@@ -328,7 +344,8 @@ class TapeLibrary(VolumeLibrary):
         if not check or self._checked == volume:
             return
 
-        found = self._read_label()
+        fields = self._read_fields()
+        found = None if fields is None else str(fields.get("label"))
         if found != volume and self.changer is None:
             inside = f"volume {found}" if found else "a tape with no volume label"
             raise VolumeNotReachable(
@@ -340,7 +357,22 @@ class TapeLibrary(VolumeLibrary):
                 f"the cartridge with barcode {volume} is labelled {found!r} on "
                 "tape; check its barcode sticker"
             )
+        self._refuse_other_archive(volume, fields or {})
         self._checked = volume
+
+    def _refuse_other_archive(self, volume: str, fields: dict[str, Any]) -> None:
+        """VolumeNotReachable when the tape in the drive, labelled
+        ``volume``, is another archive's: this volume is still to be
+        fetched, and that tape is neither read nor written."""
+        theirs = self.other_archive(fields)
+        if theirs is None:
+            return
+        where = f"tape drive {self.drive.name}"
+        if self.changer is not None:
+            where = f"the cartridge with barcode {volume} (in {where})"
+        raise VolumeNotReachable(
+            another_archives(where, volume, theirs, self.archive())
+        )
 
     def _load_with_changer(self, volume: str) -> None:
         assert self.changer is not None
@@ -377,9 +409,13 @@ class TapeLibrary(VolumeLibrary):
 
     def _read_label(self) -> str | None:
         """The label on the tape in the drive, or None if it has none."""
-        self.drive.wait_ready(self.load_timeout)
-        fields = self._label_fields()
+        fields = self._read_fields()
         return None if fields is None else str(fields.get("label"))
+
+    def _read_fields(self) -> dict[str, Any] | None:
+        """The label fields on the tape in the drive, or None if it has none."""
+        self.drive.wait_ready(self.load_timeout)
+        return self._label_fields()
 
     def _label_fields(self) -> dict[str, Any] | None:
         first = self._first_record()
@@ -410,9 +446,12 @@ class TapeLibrary(VolumeLibrary):
             status = self.changer.status()
             return lambda label: bool(status.slot_of(label) or status.drive_of(label))
         try:
-            loaded = self._read_label() if self.drive.status().online else None
+            fields = self._read_fields() if self.drive.status().online else None
         except VolumeError:
-            loaded = None
+            fields = None
+        if fields is None or self.other_archive(fields) is not None:
+            return lambda label: False
+        loaded = str(fields.get("label"))
         return lambda label: label == loaded
 
     def _record(self, volume: str) -> VolumeRecord:

@@ -10,9 +10,12 @@ One volume::
 Every record is RECORD_SIZE bytes (256 KiB by default); the label, header
 and trailer records are a magic line, one line of JSON and zero padding::
 
-    label    b"PACS-VOLUME 1\\n"  {"label", "capacity", "record_size"}
+    label    b"PACS-VOLUME 1\\n"  {"label", "capacity", "record_size", "archive"}
     header   b"PACS-PACK 1\\n"    {"pack_id", "volume"}
     trailer  b"PACS-END 1\\n"     {"pack_id", "size", "sha256"}
+
+``archive`` (the id of the archive that labelled the tape) is absent
+from labels written before labels named an archive.
 
 A tape file counts as a pack only when its last record is a trailer that
 matches its data: a pack cut off by the end of the tape, or by a crash,
