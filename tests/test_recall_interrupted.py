@@ -23,7 +23,7 @@ to = "nearline"
 """
 
 # The command line, with a SIGINT arriving while the first study's
-# folders are flushed: between the files' writing and the catalog's commit.
+# folder is flushed: between the files' writing and the catalog's commit.
 INTERRUPTED_IN_THE_FIRST_FLUSH = """
 import os, signal, sys
 from appliance import cli
@@ -32,11 +32,11 @@ from appliance.hsm import recall
 original = recall.Recaller._flush_folders
 calls = []
 
-def flush(self, staged, pool):
+def flush(self, staged):
     calls.append(len(staged))
     if len(calls) == 1:
         os.kill(os.getpid(), signal.SIGINT)
-    return original(self, staged, pool)
+    return original(self, staged)
 
 recall.Recaller._flush_folders = flush
 sys.argv = ["appliance", *sys.argv[1:]]
