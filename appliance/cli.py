@@ -161,7 +161,7 @@ def status(config_file: Path | None, data_dir: str | None, as_json: bool) -> Non
     if "restore" in report:
         from appliance.cli_restore import status_text
 
-        click.echo(status_text(config.data_dir / "restore"))
+        click.echo(status_text(config.restore_folder))
     lost = report["scrub"]["lost"]
     if lost:
         click.echo(

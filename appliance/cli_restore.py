@@ -122,7 +122,7 @@ def register(main: click.Group, load: Loader) -> None:
     def status(config_file: Path | None, data_dir: str | None, follow: bool) -> None:
         """The restore's progress: studies and bytes left, rate, time left."""
         config = load(config_file, {"storage.data_dir": data_dir})
-        folder = config.data_dir / "restore"
+        folder = config.restore_folder
         if follow:
             _follow(folder)
         click.echo(status_text(folder))
@@ -174,7 +174,7 @@ def _restore(
 
     keys = _keys(config)
     OnlineTier(config.online_path).open()
-    folder = config.data_dir / "restore"
+    folder = config.restore_folder
     lock = _claim(config, folder)
     folder.mkdir(parents=True, exist_ok=True)
     ctrl_c = CtrlC()
@@ -322,7 +322,7 @@ def _rebuild(
         rebuild = rebuild_catalog(
             config.catalog_path,
             config.get("storage.catalog_max_size"),
-            config.data_dir / "restore" / "work",
+            config.restore_folder / "work",
             fetcher,
             contents,
             keys,
@@ -400,7 +400,7 @@ def _restore_data(
                     description=f"restoring {snapshot.doing}".rstrip(),
                 )
 
-            tracker = Tracker(config.data_dir / "restore", "command", shown)
+            tracker = Tracker(config.restore_folder, "command", shown)
             try:
                 report = run_data_phase(
                     config,
@@ -418,7 +418,7 @@ def _restore_data(
         signal.signal(signal.SIGINT, interrupted)
     if report is None:
         click.echo("stopped: run the same command again to continue", err=True)
-        folder = config.data_dir / "restore"
+        folder = config.restore_folder
         noted = FailureLog(folder).read()
         report = final_report(catalog, contents, rebuilt_note(catalog) or {}, (), noted)
         return report, report.save(folder)

@@ -38,7 +38,7 @@ def restore_from_volumes(config: Config) -> bool:
     online.open()
     # No appliance may serve this tier while it is restored.
     lock = claim_tier(config.online_path, 0.0, holder=RESTORE_HOLDER)
-    folder = config.data_dir / "restore"
+    folder = config.restore_folder
     folder.mkdir(parents=True, exist_ok=True)
     try:
         # A restore never writes to a volume: nothing to recover there.
@@ -81,7 +81,7 @@ def _rebuild(config: Config, library: Any, keys: Any, online: Any) -> Any:
         outcome = rebuild_from_volumes(
             config.catalog_path,
             config.get("storage.catalog_max_size"),
-            config.data_dir / "restore" / "work",
+            config.restore_folder / "work",
             library,
             keys,
             online,
@@ -109,7 +109,7 @@ def _restore_data(
         config.get("storage.reserved_bytes"),
         keys,
         offline,
-        config.data_dir / "restore",
+        config.restore_folder,
         set(note.get("damaged_packs", {})),
     )
     plan = restorer.plan()

@@ -119,13 +119,16 @@ def register(main: click.Group, load: Loader) -> None:
         config = load(config_file, {"storage.data_dir": data_dir})
         logs.setup("WARNING", config.get("logging.format"))
         from appliance.hsm.recall import Recaller
+        from appliance.restore.reasons import while_restoring
 
         incomplete = done = 0
         with (
             open_archive(config, mirror=True) as (catalog, opened),
             interruptible() as interrupted,
         ):
-            recaller = Recaller(catalog, opened)
+            recaller = Recaller(
+                catalog, opened, failed=while_restoring(config.restore_folder)
+            )
             for uid in study_uids:
                 # Ctrl-C lets the study in flight finish: its files are
                 # written before the catalog counts them.

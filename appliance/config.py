@@ -1306,6 +1306,12 @@ class Config:
         return self._tier_path("storage.catalog_path", "catalog")
 
     @property
+    def restore_folder(self) -> Path:
+        """Where a restore keeps its state: pending mark, progress, notes,
+        failures, reports."""
+        return self.data_dir / "restore"
+
+    @property
     def workers(self) -> int:
         configured = self.values["node.workers"]
         return configured or max(1, os.cpu_count() or 1)

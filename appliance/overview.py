@@ -73,7 +73,7 @@ def restore_numbers(config: Config) -> dict[str, Any] | None:
     """The running (or last) restore's numbers, if this appliance had one."""
     from appliance.restore.progress import Snapshot, is_pending, read
 
-    folder = config.data_dir / "restore"
+    folder = config.restore_folder
     snapshot = read(folder)
     if snapshot is None and not is_pending(folder):
         return None

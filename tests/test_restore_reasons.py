@@ -27,7 +27,7 @@ from appliance.storage.keys import DataKey, KeyStore, key_store_path
 from appliance.storage.packs import PackReader
 from appliance.storage.packs.manifest import InstanceMeta, PackedInstance
 from appliance.storage.packs.writer import PackWriter
-from tests.restore_site import Restored
+from tests.restore_site import Restored, appliance
 from tests.sshd import Sshd
 from tests.test_transports import sftp_settings
 
@@ -191,6 +191,32 @@ def test_a_member_whose_gcm_tag_fails(disaster, site) -> None:
     assert problem["reason"].startswith("its member in the pack is damaged")
     assert "GCM tag does not match" in problem["reason"]
     assert report["missing"] == []
+    uid = first.sop_instance_uid
+    assert restored.held()[0] == {k: v for k, v in held.items() if k != uid}
+
+
+def test_a_recall_beside_a_pending_restore_notes_its_reasons(disaster, site) -> None:
+    """A study recalled from the mirror (by the service, or here by
+    ``appliance recall``) before the restore's data phase reaches it: the
+    damaged member that recall met is in the restore's report with why."""
+    _folder, held, _found, _studies = disaster
+    restored, mirror = site
+    path = _path(mirror, "p-000000003")
+    first = _entries(path, _keys(restored))[0]
+    data = bytearray(path.read_bytes())
+    data[first.data_offset + 20] ^= 0x01
+    path.write_bytes(bytes(data))
+    background = restored.restore("--background")
+    assert background.returncode == 0, background.stderr
+
+    recalled = appliance("recall", first.meta.study_uid, config=restored.config_path)
+    report = _restore_fails(restored)
+
+    assert recalled.returncode == 1, recalled.stdout + recalled.stderr
+    (problem,) = report["corrupt"]
+    assert problem["sop_instance_uid"] == first.sop_instance_uid
+    assert problem["cause"] == failures.MEMBER_DAMAGED
+    assert "GCM tag does not match" in problem["reason"]
     uid = first.sop_instance_uid
     assert restored.held()[0] == {k: v for k, v in held.items() if k != uid}
 

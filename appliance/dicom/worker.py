@@ -29,6 +29,7 @@ from appliance.hsm.recall import Recaller
 from appliance.hsm.tiers import open_tiers
 from appliance.ingest import Ingest
 from appliance.metrics import events as metrics_events
+from appliance.restore.reasons import while_restoring
 from appliance.storage.lock import WORKERS_LOCK, TierLock
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def run_worker(
     catalog = Catalog(config.catalog_path, config.get("storage.catalog_max_size"))
     ingest = Ingest(catalog, online, config.get("storage.duplicate_policy"))
 
-    recaller = Recaller(catalog, tiers)
+    recaller = Recaller(catalog, tiers, failed=while_restoring(config.restore_folder))
     node = Node(config, catalog, online, ingest, load.total_associations, recaller)
     ae = node.application_entity()
     address = (config.get("node.bind_address"), config.get("node.port"))

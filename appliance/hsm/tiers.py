@@ -119,5 +119,5 @@ def _mirror_tier(config: Config) -> PackTier:
     from appliance.replication.process import open_mirror
 
     return MirrorRecallTier(
-        lambda: open_mirror(config), config.data_dir / "restore" / "recall"
+        lambda: open_mirror(config), config.restore_folder / "recall"
     )

@@ -187,7 +187,7 @@ class StateCollector(Collector):
         )
 
     def _restore(self) -> Iterator[Metric]:
-        folder = self.config.data_dir / "restore"
+        folder = self.config.restore_folder
         yield _gauge(
             "appliance_restore_pending",
             "1 while a restore's data phase is still to finish (the service "

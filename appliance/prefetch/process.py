@@ -77,6 +77,7 @@ def run_prefetch(config: Config, files: list[Path]) -> None:
     from appliance.hsm.tiers import open_tiers
     from appliance.prefetch.planner import Planner
     from appliance.prefetch.watch import import_files
+    from appliance.restore.reasons import while_restoring
     from appliance.storage.lock import TierLock
 
     lock = TierLock(config.data_dir, PREFETCH_LOCK)
@@ -89,7 +90,8 @@ def run_prefetch(config: Config, files: list[Path]) -> None:
             import_files(catalog, files)
         # Priors a restore left on the mirror are prefetched from it.
         tiers = open_tiers(config, writer=True, mirror=True)
-        Planner(catalog, Recaller(catalog, tiers), config).run()
+        noted = while_restoring(config.restore_folder)
+        Planner(catalog, Recaller(catalog, tiers, failed=noted), config).run()
     finally:
         catalog.close()
         lock.release()

@@ -294,9 +294,7 @@ class DataRestore:
 
     def _note_failures(self, result: RecallResult) -> None:
         """Keep why each instance failed, for the report (see :mod:`.reasons`)."""
-        for pack_id, uids in result.damaged.items():
-            noted = result.failures
-            self.failures.add(pack_id, {u: noted[u] for u in uids if u in noted})
+        self.failures.note_recall(result)
 
     def _send_again(self, records: list[InstanceRecord]) -> None:
         """Instances restored from a pack whose bytes on the mirror differ

@@ -49,7 +49,7 @@ class RestoreSupervisor(ChildSupervisor):
 
 def wanted(config: Config) -> bool:
     """Whether a restore's data phase waits for the service."""
-    return is_pending(config.data_dir / "restore")
+    return is_pending(config.restore_folder)
 
 
 def refuse_half_restored(config: Config) -> None:
@@ -117,7 +117,7 @@ def _restore(config: Config, stop: threading.Event, limiter: Limiter) -> bool:
             "appliance restore --from mirror again"
         )
         return True
-    recalls = config.data_dir / "restore" / "recall"
+    recalls = config.restore_folder / "recall"
     recalls.mkdir(parents=True, exist_ok=True)
     try:
         with open_mirror(config) as transport:

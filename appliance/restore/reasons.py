@@ -4,7 +4,9 @@ final report in ``DATA_DIR/restore/failures.jsonl``.
 The catalog only says that a copy stopped counting; the report, written
 when every study was tried (perhaps by another run, or by the service),
 needs to say what went wrong. So each failure is appended here, one JSON
-line per instance, and flushed, before recall stops counting the copy::
+line per instance, and flushed, before recall stops counting the copy,
+whichever recall it was: the restore's own, or one the service or a
+command made from the mirror while the restore was pending::
 
     {"uid": "1.2.826...", "pack": "p-000000003", "kind": "member-damaged",
      "detail": "instances/000001.dcm.zst.enc: GCM tag does not match..."}
@@ -18,11 +20,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from appliance.hsm.failures import Failure
+from appliance.restore.progress import is_pending
 from appliance.storage import durable
+
+if TYPE_CHECKING:
+    from appliance.hsm.recall import RecallResult
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +73,12 @@ class FailureLog:
         except OSError as exc:
             raise durable.translate_os_error(exc, f"cannot write {self.path}") from exc
 
+    def note_recall(self, result: RecallResult) -> None:
+        """Note why each instance the recall's packs did not give failed."""
+        for pack_id, uids in result.damaged.items():
+            noted = result.failures
+            self.add(pack_id, {uid: noted[uid] for uid in uids if uid in noted})
+
     def read(self) -> dict[str, Noted]:
         """Every instance noted, by SOP Instance UID; the last note wins."""
         noted: dict[str, Noted] = {}
@@ -86,6 +100,21 @@ class FailureLog:
     def clear(self) -> None:
         """Forget the failures of an earlier restore (a new one begins)."""
         self.path.unlink(missing_ok=True)
+
+
+def while_restoring(folder: Path) -> Callable[[RecallResult], None]:
+    """A recall's ``failed`` hook for the recalls made beside a restore (the
+    service's, a command's): while the restore in ``folder`` still has its
+    data to bring back, why each instance failed goes into its log, or its
+    report would have only the catalog's word that the copy stopped
+    counting."""
+    log = FailureLog(folder)
+
+    def failed(result: RecallResult) -> None:
+        if is_pending(folder):
+            log.note_recall(result)
+
+    return failed
 
 
 def _ends_a_line(path: Path) -> bool:

@@ -36,7 +36,7 @@ REPLAN_EVERY = 300.0
 
 
 def restore_folder(config: Config) -> Path:
-    return config.data_dir / "restore"
+    return config.restore_folder
 
 
 def placement(config: Config) -> Placement:

@@ -140,9 +140,7 @@ class VolumeDataRestore:
 
     def _note_failures(self, result: RecallResult) -> None:
         """Keep why each instance failed, for the report."""
-        for pack_id, uids in result.damaged.items():
-            noted = result.failures
-            self.failures.add(pack_id, {u: noted[u] for u in uids if u in noted})
+        self.failures.note_recall(result)
 
     def _online_from_damaged(self) -> list[InstanceRecord]:
         """Online instances whose verified offline copy is in a damaged

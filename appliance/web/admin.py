@@ -30,6 +30,7 @@ from appliance.audit.trail import Trail
 from appliance.config import Config
 from appliance.errors import ApplianceError, VolumeNotReachable
 from appliance.hsm.recall import Recaller, RecallResult
+from appliance.restore.reasons import while_restoring
 from appliance.storage.volumes.base import check_label
 from appliance.web import history
 from appliance.web.accounts import OPERATOR, VIEWER
@@ -201,7 +202,11 @@ def _recall_json(result: RecallResult) -> dict[str, Any]:
 def _recall_all(archive: Archive, uids: list[str], why: str) -> list[RecallResult]:
     # A recaller of its own, as each command has: it keeps per-recall
     # state, and the DICOMweb routes' one may be busy.
-    recaller = Recaller(archive.catalog, archive.tiers)
+    recaller = Recaller(
+        archive.catalog,
+        archive.tiers,
+        failed=while_restoring(archive.config.restore_folder),
+    )
     return [recaller.recall(uid, why=why) for uid in uids]
 
 

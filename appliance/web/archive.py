@@ -22,6 +22,7 @@ from appliance.config import Config
 from appliance.hsm.recall import Recaller
 from appliance.hsm.tiers import open_tiers
 from appliance.ingest import Ingest
+from appliance.restore.reasons import while_restoring
 from appliance.storage.lock import WORKERS_LOCK, TierLock
 from appliance.storage.online import TIER_NAME
 
@@ -86,7 +87,9 @@ class Archive:
         self.ingest = Ingest(
             self.catalog, self.online, config.get("storage.duplicate_policy")
         )
-        self.recaller = Recaller(self.catalog, self.tiers)
+        self.recaller = Recaller(
+            self.catalog, self.tiers, failed=while_restoring(config.restore_folder)
+        )
         # The recaller keeps per-recall state: one recall at a time.
         self._recalling = threading.Lock()
 
