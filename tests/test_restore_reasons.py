@@ -174,14 +174,21 @@ def test_packs_that_do_not_open(disaster, site, tmp_path: Path) -> None:
     assert set(restored.held()[0]) == set(held) - lost
 
 
-def test_a_member_whose_gcm_tag_fails(disaster, site) -> None:
-    _folder, held, _found, _studies = disaster
-    restored, mirror = site
+def _damage_first_member(restored: Restored, mirror: Path) -> PackedInstance:
+    """Flip a bit in the first member of p-000000003 (its GCM tag then
+    fails); that member's manifest entry."""
     path = _path(mirror, "p-000000003")
     first = _entries(path, _keys(restored))[0]
     data = bytearray(path.read_bytes())
     data[first.data_offset + 20] ^= 0x01
     path.write_bytes(bytes(data))
+    return first
+
+
+def test_a_member_whose_gcm_tag_fails(disaster, site) -> None:
+    _folder, held, _found, _studies = disaster
+    restored, mirror = site
+    first = _damage_first_member(restored, mirror)
 
     report = _restore_fails(restored)
 
@@ -201,11 +208,7 @@ def test_a_recall_beside_a_pending_restore_notes_its_reasons(disaster, site) -> 
     damaged member that recall met is in the restore's report with why."""
     _folder, held, _found, _studies = disaster
     restored, mirror = site
-    path = _path(mirror, "p-000000003")
-    first = _entries(path, _keys(restored))[0]
-    data = bytearray(path.read_bytes())
-    data[first.data_offset + 20] ^= 0x01
-    path.write_bytes(bytes(data))
+    first = _damage_first_member(restored, mirror)
     background = restored.restore("--background")
     assert background.returncode == 0, background.stderr
 
@@ -339,11 +342,7 @@ def test_the_report_takes_the_last_reason_noted_for_the_pack_of_the_copy(
     noted for another pack is not taken, and a pack that could not be read
     counts its instances missing."""
     restored, mirror = site
-    path = _path(mirror, "p-000000003")
-    first = _entries(path, _keys(restored))[0]
-    data = bytearray(path.read_bytes())
-    data[first.data_offset + 20] ^= 0x01
-    path.write_bytes(bytes(data))
+    first = _damage_first_member(restored, mirror)
     assert restored.restore().returncode == 1
     folder = restored.data_dir / "restore"
     log = FailureLog(folder)
