@@ -275,7 +275,7 @@ def _not_served(msg: C_ECHO | C_FIND | C_GET | C_MOVE) -> str:
     if served:
         return ""
     name = type(_response_to(msg)).__name__.replace("_", "-")
-    return f"SOP class {uid} has no {name} service"
+    return f"SOP class {store_request.shown(uid)} has no {name} service"
 
 
 def _response_to(msg: Any) -> Any:
