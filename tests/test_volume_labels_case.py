@@ -88,6 +88,25 @@ def test_a_volume_folder_renamed_by_hand_says_what_name_it_needs(tmp_path, caplo
     assert "holds volume VOL001, not vol001: rename the folder VOL001" in caplog.text
 
 
+@pytest.mark.parametrize("capacity", ["", ', "capacity": "big"', ', "capacity": -7'])
+def test_a_folder_whose_label_names_no_capacity_is_not_adopted(
+    tmp_path, caplog, capacity: str
+) -> None:
+    library = DirectoryLibrary(tmp_path / "library")
+    library.label("VOL001", 4 * MiB)
+    (tmp_path / "library" / "VOL002" / "packs").mkdir(parents=True)
+    (tmp_path / "library" / "VOL002" / "VOLUME").write_text(
+        '{"format": "pacs-appliance volume 1", "label": "VOL002"' + capacity + "}"
+    )
+
+    with caplog.at_level(logging.WARNING):
+        listed = library.list_volumes()
+
+    assert [v.label for v in listed] == ["VOL001"]
+    assert "VOL002/VOLUME: volume capacity" in caplog.text
+    assert "must be a positive integer; folder ignored" in caplog.text
+
+
 @needs_xorriso
 def test_a_case_twin_image_put_in_an_optical_library_is_not_adopted(tmp_path, caplog):
     OpticalLibrary(tmp_path / "elsewhere").label("vol001", 4 * MiB)

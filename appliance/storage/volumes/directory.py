@@ -260,7 +260,13 @@ class DirectoryLibrary(VolumeLibrary):
                 another_archives(str(folder), folder.name, theirs, self.archive())
             )
 
-        record = VolumeRecord(label=folder.name, capacity=int(label["capacity"]))
+        try:
+            capacity = check_capacity(label.get("capacity", 0))
+        except ValueError as exc:
+            # A label file edited by hand: one warning, not a traceback that
+            # stops every other volume from being listed.
+            raise VolumeError(f"{folder / LABEL_FILE}: {exc}") from exc
+        record = VolumeRecord(label=folder.name, capacity=capacity)
         record.used = self._used(folder)
         self.registry.save(record)
         logger.info("directory volume %s found and registered", folder.name)
