@@ -85,7 +85,7 @@ def test_a_volume_folder_renamed_by_hand_says_what_name_it_needs(tmp_path, caplo
         listed = library.list_volumes()
 
     assert [(v.label, v.reachable) for v in listed] == [("VOL001", False)]
-    assert "holds volume VOL001, not vol001: rename the folder VOL001" in caplog.text
+    assert "holds volume VOL001, not vol001: rename the folder to VOL001" in caplog.text
 
 
 @pytest.mark.parametrize("capacity", ["", ', "capacity": "big"', ', "capacity": -7'])

@@ -252,7 +252,7 @@ class DirectoryLibrary(VolumeLibrary):
             # the name it must have to be used.
             raise VolumeError(
                 f"{folder} holds volume {named}, not {folder.name}: rename the "
-                f"folder {named} to use it"
+                f"folder to {named} to use it"
             )
         theirs = self.other_archive(label)
         if theirs is not None:
