@@ -107,6 +107,21 @@ def test_a_folder_whose_label_names_no_capacity_is_not_adopted(
     assert "must be a positive integer; folder ignored" in caplog.text
 
 
+@pytest.mark.parametrize(
+    "text", ["[]", '{"label": "VOL001", "capacity": 4194304}', '"VOL001"']
+)
+def test_a_label_file_edited_into_no_label_is_not_the_volume(tmp_path, text: str):
+    library = DirectoryLibrary(tmp_path / "library")
+    library.label("VOL001", 4 * MiB)
+    (tmp_path / "library" / "VOL001" / "VOLUME").write_text(text)
+
+    assert [(v.label, v.reachable) for v in library.list_volumes()] == [
+        ("VOL001", False)
+    ]
+    with pytest.raises(VolumeError, match="VOLUME is not a volume label file"):
+        library.write_pack("VOL001", "p-000001", [b"x"])
+
+
 @needs_xorriso
 def test_a_case_twin_image_put_in_an_optical_library_is_not_adopted(tmp_path, caplog):
     OpticalLibrary(tmp_path / "elsewhere").label("vol001", 4 * MiB)

@@ -324,8 +324,9 @@ class DirectoryLibrary(VolumeLibrary):
             return _ABSENT
         except (OSError, ValueError) as exc:
             return f"its label file {folder / LABEL_FILE} is unreadable: {exc}"
-        if not isinstance(fields, dict):
-            fields = {}
+        if not isinstance(fields, dict) or fields.get("format") != LABEL_FORMAT:
+            # Edited by hand, or not ours: as when the folder is adopted.
+            return f"{folder / LABEL_FILE} is not a volume label file"
         named = fields.get("label")
         if named != volume:
             return (
