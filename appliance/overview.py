@@ -278,7 +278,11 @@ def volume_rows(library: Any) -> list[dict[str, Any]]:
                 "full": info.full,
                 "capacity_bytes": info.capacity,
                 "used_bytes": info.used,
-                "free_bytes": info.free,
+                # The library's room: a folder volume's never more than
+                # its file system has free (folders share one disk).
+                "free_bytes": library.free_bytes(info.label)
+                if info.reachable
+                else info.free,
                 "packs": packs,
             }
         )

@@ -63,6 +63,12 @@ UNSERVED = {
     "with letters": (b"1.2.abc", "1.2.abc"),
     "not ASCII": (b"1.2.\xe9", "1.2."),
     "of another service": (b"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4"),
+    # pynetdicom's Worklist service, handed a Query/Retrieve context,
+    # raised and left the request unanswered.
+    "of Modality Worklist": (b"1.2.840.10008.5.1.4.31", "1.2.840.10008.5.1.4.31"),
+    "of Hanging Protocol": (b"1.2.840.10008.5.1.4.38.2", "1.2.840.10008.5.1.4.38.2"),
+    # Shown without it, so that the log line stays one line.
+    "with a line break": (b"1.2\n3.4", "SOP class 1.2?3.4 has no"),
 }
 
 

@@ -85,7 +85,41 @@ def test_a_volume_folder_renamed_by_hand_says_what_name_it_needs(tmp_path, caplo
         listed = library.list_volumes()
 
     assert [(v.label, v.reachable) for v in listed] == [("VOL001", False)]
-    assert "holds volume VOL001, not vol001: rename the folder VOL001" in caplog.text
+    assert "holds volume VOL001, not vol001: rename the folder to VOL001" in caplog.text
+
+
+@pytest.mark.parametrize("capacity", ["", ', "capacity": "big"', ', "capacity": -7'])
+def test_a_folder_whose_label_names_no_capacity_is_not_adopted(
+    tmp_path, caplog, capacity: str
+) -> None:
+    library = DirectoryLibrary(tmp_path / "library")
+    library.label("VOL001", 4 * MiB)
+    (tmp_path / "library" / "VOL002" / "packs").mkdir(parents=True)
+    (tmp_path / "library" / "VOL002" / "VOLUME").write_text(
+        '{"format": "pacs-appliance volume 1", "label": "VOL002"' + capacity + "}"
+    )
+
+    with caplog.at_level(logging.WARNING):
+        listed = library.list_volumes()
+
+    assert [v.label for v in listed] == ["VOL001"]
+    assert "VOL002/VOLUME: volume capacity" in caplog.text
+    assert "must be a positive integer; folder ignored" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "text", ["[]", '{"label": "VOL001", "capacity": 4194304}', '"VOL001"']
+)
+def test_a_label_file_edited_into_no_label_is_not_the_volume(tmp_path, text: str):
+    library = DirectoryLibrary(tmp_path / "library")
+    library.label("VOL001", 4 * MiB)
+    (tmp_path / "library" / "VOL001" / "VOLUME").write_text(text)
+
+    assert [(v.label, v.reachable) for v in library.list_volumes()] == [
+        ("VOL001", False)
+    ]
+    with pytest.raises(VolumeError, match="VOLUME is not a volume label file"):
+        library.write_pack("VOL001", "p-000001", [b"x"])
 
 
 @needs_xorriso

@@ -4,11 +4,15 @@ cannot be labelled again; it is refused, and nothing is labelled."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from appliance.overview import volume_rows
+from appliance.storage.volumes.directory import DirectoryLibrary
 
 
 def volumes(*args: str, folder: Path) -> subprocess.CompletedProcess[str]:
@@ -35,3 +39,14 @@ def test_a_capacity_with_its_unit_is_taken(tmp_path: Path, capacity, shown) -> N
 
     assert labelled.returncode == 0, labelled.stderr
     assert f"volume L00002 labelled, {shown} for packs" in labelled.stdout
+
+
+def test_the_room_listed_is_no_more_than_the_disk_has(tmp_path: Path) -> None:
+    library = DirectoryLibrary(tmp_path / "volumes")
+    library.label("L00003", 2**60)  # an exbibyte: more than any test disk
+    disk_free = shutil.disk_usage(tmp_path).free
+
+    [row] = volume_rows(library)
+
+    assert row["capacity_bytes"] == 2**60
+    assert 0 < row["free_bytes"] <= disk_free

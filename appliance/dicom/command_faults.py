@@ -35,6 +35,7 @@ from typing import Any
 
 import pynetdicom.association
 import pynetdicom.dimse_messages
+import pynetdicom.sop_class
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pynetdicom import _config
@@ -264,18 +265,23 @@ def _not_served(msg: C_ECHO | C_FIND | C_GET | C_MOVE) -> str:
 
     Verification alone serves C-ECHO; the Query/Retrieve classes serve
     C-FIND, C-GET and C-MOVE. pynetdicom would hand any other class to
-    whatever service it knows for it, or abort when it knows none.
+    whatever service it knows for it, or abort when it knows none. Its
+    subclasses (Modality Worklist, Hanging Protocol, ...) are other services:
+    handed a Query/Retrieve context they raise, and the request would go
+    unanswered.
     """
     uid = str(msg.AffectedSOPClassUID)
     if isinstance(msg, C_ECHO):
         served = uid == _VERIFICATION
     else:
-        chosen = pynetdicom.association.uid_to_service_class(uid)
-        served = issubclass(chosen, QueryRetrieveServiceClass)
+        # pynetdicom's own choice: the association's gives this appliance's
+        # subclass of the Query/Retrieve service.
+        chosen = pynetdicom.sop_class.uid_to_service_class(uid)
+        served = chosen is QueryRetrieveServiceClass
     if served:
         return ""
     name = type(_response_to(msg)).__name__.replace("_", "-")
-    return f"SOP class {uid} has no {name} service"
+    return f"SOP class {store_request.shown(uid)} has no {name} service"
 
 
 def _response_to(msg: Any) -> Any:

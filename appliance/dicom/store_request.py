@@ -121,6 +121,14 @@ def _refused_by_pynetdicom(element: Any) -> bool:
     return False
 
 
+def shown(uid: str) -> str:
+    """``uid`` as a log line or Error Comment gives it, each control
+    character a "?": it comes from the requester, and a line break in it
+    would forge log lines. Not escaped with a backslash, which would split
+    the Error Comment (LO) into two values."""
+    return "".join(c if c.isprintable() and c != "\\" else "?" for c in uid)
+
+
 def _named(uid: str) -> str:
     name = UID(uid).name
-    return f"{name} ({uid})" if name != uid else uid
+    return f"{name} ({uid})" if name != uid else shown(uid)

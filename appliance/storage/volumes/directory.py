@@ -252,7 +252,7 @@ class DirectoryLibrary(VolumeLibrary):
             # the name it must have to be used.
             raise VolumeError(
                 f"{folder} holds volume {named}, not {folder.name}: rename the "
-                f"folder {named} to use it"
+                f"folder to {named} to use it"
             )
         theirs = self.other_archive(label)
         if theirs is not None:
@@ -260,7 +260,13 @@ class DirectoryLibrary(VolumeLibrary):
                 another_archives(str(folder), folder.name, theirs, self.archive())
             )
 
-        record = VolumeRecord(label=folder.name, capacity=int(label["capacity"]))
+        try:
+            capacity = check_capacity(label.get("capacity", 0))
+        except ValueError as exc:
+            # A label file edited by hand: one warning, not a traceback that
+            # stops every other volume from being listed.
+            raise VolumeError(f"{folder / LABEL_FILE}: {exc}") from exc
+        record = VolumeRecord(label=folder.name, capacity=capacity)
         record.used = self._used(folder)
         self.registry.save(record)
         logger.info("directory volume %s found and registered", folder.name)
@@ -318,8 +324,9 @@ class DirectoryLibrary(VolumeLibrary):
             return _ABSENT
         except (OSError, ValueError) as exc:
             return f"its label file {folder / LABEL_FILE} is unreadable: {exc}"
-        if not isinstance(fields, dict):
-            fields = {}
+        if not isinstance(fields, dict) or fields.get("format") != LABEL_FORMAT:
+            # Edited by hand, or not ours: as when the folder is adopted.
+            return f"{folder / LABEL_FILE} is not a volume label file"
         named = fields.get("label")
         if named != volume:
             return (
