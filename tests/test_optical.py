@@ -126,3 +126,25 @@ def image_volume_file(library: OpticalLibrary) -> bytes:
     data = destination.read_bytes()
     destination.unlink()
     return data
+
+
+def test_an_image_whose_label_names_no_capacity_is_ignored(tmp_path, caplog):
+    """A label edited by hand (or written by something else) is not taken
+    on trust: the image is left out with one warning, and the other
+    volumes are still listed."""
+    written = OpticalLibrary(tmp_path / "written")
+    real = written.label_fields
+    written.label_fields = lambda volume, capacity: {  # type: ignore[method-assign]
+        **real(volume, capacity),
+        "capacity": "big",
+    }
+    written.label("DISC07", 16 * MiB)
+    (tmp_path / "other").mkdir()
+    shutil.copy(written.path / "DISC07.iso", tmp_path / "other" / "DISC07.iso")
+    other = OpticalLibrary(tmp_path / "other")
+    other.label("DISC08", 16 * MiB)
+
+    listed = other.list_volumes()
+
+    assert [info.label for info in listed] == ["DISC08"]
+    assert "its label names no usable capacity" in caplog.text

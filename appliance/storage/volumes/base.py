@@ -216,6 +216,17 @@ def check_capacity(capacity: int) -> int:
     return capacity
 
 
+def labelled_capacity(fields: dict[str, object], where: str) -> int:
+    """The capacity a volume's label names; VolumeError naming ``where``
+    when the label was edited into something else (a label read back is
+    not trusted any more than a pack is)."""
+    try:
+        return check_capacity(fields.get("capacity"))  # type: ignore[arg-type]
+    except ValueError as exc:
+        what = f"{where}: its label names no usable capacity ({exc})"
+        raise VolumeError(what) from exc
+
+
 def verified_stream(location: PackLocation, chunks: Iterable[bytes]) -> Iterator[bytes]:
     """Pass ``chunks`` through, checking size and digest against ``location``.
 

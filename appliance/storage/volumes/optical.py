@@ -53,6 +53,7 @@ from appliance.storage.volumes.base import (
     check_label,
     check_pack_id,
     is_label,
+    labelled_capacity,
     verified_stream,
 )
 from appliance.storage.volumes.packfiles import (
@@ -427,7 +428,7 @@ class OpticalLibrary(VolumeLibrary):
                 another_archives(str(image), image.stem, theirs, self.archive())
             )
 
-        record = VolumeRecord(image.stem, int(fields["capacity"]))
+        record = VolumeRecord(image.stem, labelled_capacity(fields, str(image)))
         record.used = image.stat().st_size
         self.registry.save(record)
         logger.info("optical volume %s found and registered", image.stem)

@@ -38,6 +38,7 @@ from appliance.storage.volumes.base import (
     check_capacity,
     check_label,
     check_pack_id,
+    labelled_capacity,
     verified_stream,
 )
 from appliance.storage.volumes.registry import Registry, VolumeRecord
@@ -221,7 +222,8 @@ class TapeLibrary(VolumeLibrary):
             where = f"the tape with barcode {volume}"
             raise VolumeError(another_archives(where, volume, theirs, self.archive()))
 
-        record = VolumeRecord(volume, int(fields["capacity"]), used=self.record_size)
+        capacity = labelled_capacity(fields, f"the tape with barcode {volume}")
+        record = VolumeRecord(volume, capacity, used=self.record_size)
         self.drive.asf(1)
         position = 1
         while (found := self._scan_file(volume, position, record)) is not None:
