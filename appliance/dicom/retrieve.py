@@ -31,7 +31,7 @@ import pynetdicom.association
 import pynetdicom.dimse_messages
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
 from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE
 from pynetdicom.dsutils import encode
 from pynetdicom.presentation import PresentationContext, build_context
@@ -431,11 +431,16 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
         except ConfigError as exc:
             logger.error("C-MOVE to %s: %s", peer.ae_title, exc.problems[0][1])
             return None, ""
+        connected: list[bool] = []
         assoc = ae.associate(
-            peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args
+            peer.host,
+            peer.port,
+            ae_title=peer.ae_title,
+            tls_args=tls_args,
+            evt_handlers=[(evt.EVT_CONN_OPEN, lambda _: connected.append(True))],
         )
         if not assoc.is_established:
-            return None, ""
+            return None, _why_not_established(assoc, bool(connected))
         if short := fragments.too_short(assoc.acceptor.maximum_length):
             assoc.abort()
             return None, short
@@ -659,6 +664,20 @@ def _ended(assoc: pynetdicom.association.Association) -> bool:
     return (
         not assoc.is_established or assoc.acse.is_aborted() or not assoc.dul.is_alive()
     )
+
+
+def _why_not_established(
+    assoc: pynetdicom.association.Association, connected: bool
+) -> str:
+    """Which step failed, for the C-MOVE's log line: pynetdicom logs a
+    rejection's reason itself, but not a connection refused (its transport
+    logger is silenced), and without that a destination that is down reads
+    like one that answered."""
+    if assoc.is_rejected:
+        return "association rejected"
+    if not connected:
+        return "no connection (refused, or none within timeouts.connect)"
+    return "association aborted, or no answer within timeouts.association"
 
 
 def _count(counts: _Counts, status: int | None, item: _Item) -> None:
