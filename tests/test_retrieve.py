@@ -623,7 +623,7 @@ def test_destination_that_rejects_the_association(archive: Archive) -> None:
     assert_final(responses, ALL_FAILED, 0, 5)
     log = archive.log_since(start)
     assert "cannot associate with PYAPP" in log
-    assert "association rejected" in log
+    assert "rejected: Called AE title not recognised" in log
 
 
 def test_c_get_without_a_context_for_the_stored_syntax(archive: Archive) -> None:

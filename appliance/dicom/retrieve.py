@@ -669,15 +669,23 @@ def _ended(assoc: pynetdicom.association.Association) -> bool:
 def _why_not_established(
     assoc: pynetdicom.association.Association, connected: bool
 ) -> str:
-    """Which step failed, for the C-MOVE's log line: pynetdicom logs a
-    rejection's reason itself, but not a connection refused (its transport
-    logger is silenced), and without that a destination that is down reads
-    like one that answered."""
-    if assoc.is_rejected:
-        return "association rejected"
+    """Which step failed, for the C-MOVE's log line. pynetdicom does not
+    log a connection that failed (its transport logger is silenced), and
+    without a reason a destination that is down reads like one that
+    answered, or like a program of another kind on its port."""
+    answer: Any = assoc.acceptor.primitive
+    if assoc.is_rejected and answer is not None:
+        return (
+            f"rejected: {answer.reason_str} ({answer.result_str}, {answer.source_str})"
+        )
     if not connected:
-        return "no connection (refused, or none within timeouts.connect)"
-    return "association aborted, or no answer within timeouts.association"
+        return (
+            "no connection (refused, none within timeouts.connect, "
+            "or the TLS handshake failed)"
+        )
+    if answer is None:
+        return "no answer to the association request within timeouts.association"
+    return "the association was aborted"
 
 
 def _count(counts: _Counts, status: int | None, item: _Item) -> None:
