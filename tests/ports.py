@@ -8,6 +8,15 @@ So each worker takes ports from its own block below the kernel's ephemeral
 range (which starts at 32768 by default), going round it in turn and
 skipping any that something holds or that it handed out lately; outside
 xdist the kernel picks, and this process never hands a port out twice.
+Two test runs side by side use the same blocks, so each run starts going
+round at its own place.
+
+A port handed out is free only until some other process takes it. A
+server started at once wins that race nearly always, but a destination the
+appliance is configured with at the start and that listens only later, in
+one test, can find its port taken by another test run's server: it fails to
+listen, and the appliance sends to the stranger. :func:`held_port` keeps
+such a port bound (not listening) until the test's server listens on it.
 """
 
 from __future__ import annotations
@@ -15,7 +24,9 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import zlib
 from collections import deque
+from dataclasses import dataclass, field
 
 _FIRST_BLOCK = 20000
 _BLOCK_SIZE = 1000
@@ -25,7 +36,11 @@ _MOST_WORKERS = 12
 _RECENT = 300
 _handed_out: set[int] = set()
 _recent: deque[int] = deque(maxlen=_RECENT)
-_turn = itertools.count()
+# Workers of one run share its id; another run, beside it, starts elsewhere
+# in each block instead of asking for the very ports this one just took.
+_turn = itertools.count(
+    zlib.crc32(os.environ.get("PYTEST_XDIST_TESTRUNUID", "").encode()) % _BLOCK_SIZE
+)
 
 
 def _worker_index() -> int | None:
@@ -70,3 +85,36 @@ def free_port() -> int:
             _recent.append(port)
             return port
     raise RuntimeError(f"no free loopback port in {start}..{start + _BLOCK_SIZE - 1}")
+
+
+@dataclass
+class HeldPort:
+    """A free port kept bound, not listening, until :meth:`release`.
+
+    The socket has SO_REUSEADDR, as the servers the tests start have
+    (pynetdicom, DCMTK): they can bind and listen on the port while it is
+    held. A plain bind, which is how this module and the kernel (port 0)
+    test a port, fails, so no other test run is handed it meanwhile; and
+    with no listener, a connection to it is refused.
+    """
+
+    port: int
+    _socket: socket.socket = field(repr=False)
+
+    def release(self) -> None:
+        self._socket.close()
+
+
+def held_port() -> HeldPort:
+    """A port as :func:`free_port` gives one, held until released."""
+    for _ in range(100):
+        port = free_port()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            sock.close()  # taken since free_port looked: take another
+            continue
+        return HeldPort(port, sock)
+    raise RuntimeError("no port could be held")

@@ -23,6 +23,7 @@ from pynetdicom import AE
 from tests import dicom_client as client
 from tests.conftest import Appliance, dcmtk, require_dcmtk
 from tests.datasets import study_files, uid
+from tests.ports import held_port
 from tests.test_retrieve import assert_same_data_sets, dcmtk_storescp, received_files
 
 STUDY_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
@@ -84,7 +85,9 @@ def archive(tmp_path: Path) -> Iterator[Archive]:
     require_dcmtk()
     directory = tmp_path / "node"
     directory.mkdir()
-    peers = [{"ae_title": "DCMTK", "host": "127.0.0.1", "port": _port()}]
+    # Held while the appliance runs: storescp listens only in its test.
+    destination = held_port()
+    peers = [{"ae_title": "DCMTK", "host": "127.0.0.1", "port": destination.port}]
     settings = {
         "migration": {"enabled": False, "min_copies": 1},
         "replication": {"batch_seconds": 1.0},
@@ -95,12 +98,7 @@ def archive(tmp_path: Path) -> Iterator[Archive]:
         yield Archive(appliance, tmp_path)
     finally:
         appliance.stop()
-
-
-def _port() -> int:
-    from tests.conftest import free_port
-
-    return free_port()
+        destination.release()
 
 
 def getscu(

@@ -36,7 +36,8 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from tests import datasets
 from tests import dicom_client as client
-from tests.conftest import Appliance, dcmtk, free_port, require_dcmtk
+from tests.conftest import Appliance, dcmtk, require_dcmtk
+from tests.ports import held_port
 
 CT = datasets.CT_IMAGE_STORAGE
 STUDY_MOVE = client.STUDY_MOVE
@@ -176,7 +177,9 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
     a failed sub-operation within the test's time, not after a minute.
     """
     root = tmp_path_factory.mktemp("retrieve")
-    ports = {title: free_port() for title in DESTINATIONS}
+    # Held for the module: a destination listens only during its tests.
+    held = {title: held_port() for title in DESTINATIONS}
+    ports = {title: port.port for title, port in held.items()}
     peers = [
         {"ae_title": title, "host": "127.0.0.1", "port": port}
         for title, port in ports.items()
@@ -191,6 +194,8 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
         yield archive
     finally:
         appliance.stop()
+        for port in held.values():
+            port.release()
 
 
 # -- destinations --------------------------------------------------------------
@@ -249,16 +254,34 @@ class Destination:
         return status
 
 
+def _listens(process: subprocess.Popen[bytes], port: int) -> bool:
+    """Whether ``process`` itself listens on TCP ``port``."""
+    sockets = psutil.Process(process.pid).net_connections(kind="tcp")
+    return any(
+        s.status == psutil.CONN_LISTEN and s.laddr and s.laddr.port == port
+        for s in sockets
+    )
+
+
 def _wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
-    """Wait until something accepts TCP connections on ``port``."""
+    """Wait until ``process`` listens on ``port``.
+
+    A connection that is accepted is not enough: another program (another
+    test run's server, say) may hold the port, and this one then exits
+    for want of it, while the appliance would send to the stranger.
+    """
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        assert process.poll() is None, "destination exited"
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
+        if process.poll() is not None:
+            with socket.socket() as probe:
+                taken = probe.connect_ex(("127.0.0.1", port)) == 0
+            held = f": port {port} is held by another program" if taken else ""
+            raise AssertionError(f"destination exited{held}")
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if _listens(process, port):
                 return
         time.sleep(0.05)
-    raise AssertionError(f"nothing listens on port {port}")
+    raise AssertionError(f"the destination does not listen on port {port}")
 
 
 @contextlib.contextmanager
@@ -578,7 +601,29 @@ def test_destination_not_listening(archive: Archive) -> None:
     assert len(responses) == 1
     failed = failed_list(assert_final(responses, ALL_FAILED, 0, 5))
     assert sorted(failed) == sorted(archive.uids("main"))
-    assert "cannot associate with DOWN" in archive.log_since(start)
+    line = "cannot associate with DOWN at 127.0.0.1:%d: no connection (refused"
+    assert line % archive.ports["DOWN"] in archive.log_since(start)
+
+
+def test_destination_that_rejects_the_association(archive: Archive) -> None:
+    """A program on the destination's port that is not the destination
+    (another AE title) rejects the sub-association: all fail, and the
+    log says it was a rejection, not a refused connection."""
+    start = len(archive.appliance.log())
+    ae = AE(ae_title="STRANGER")
+    ae.require_called_aet = True
+    ae.add_supported_context(CT, ALL_TRANSFER_SYNTAXES)
+    server = ae.start_server(("127.0.0.1", archive.ports["PYAPP"]), block=False)
+    try:
+        identifier = _identifier("STUDY", StudyInstanceUID=archive.study_uid("main"))
+        responses = move(archive, identifier, "PYAPP")
+    finally:
+        server.shutdown()
+
+    assert_final(responses, ALL_FAILED, 0, 5)
+    log = archive.log_since(start)
+    assert "cannot associate with PYAPP" in log
+    assert "rejected: Called AE title not recognised" in log
 
 
 def test_c_get_without_a_context_for_the_stored_syntax(archive: Archive) -> None:

@@ -31,7 +31,7 @@ import pynetdicom.association
 import pynetdicom.dimse_messages
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
 from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE
 from pynetdicom.dsutils import encode
 from pynetdicom.presentation import PresentationContext, build_context
@@ -431,11 +431,16 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
         except ConfigError as exc:
             logger.error("C-MOVE to %s: %s", peer.ae_title, exc.problems[0][1])
             return None, ""
+        connected: list[bool] = []
         assoc = ae.associate(
-            peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args
+            peer.host,
+            peer.port,
+            ae_title=peer.ae_title,
+            tls_args=tls_args,
+            evt_handlers=[(evt.EVT_CONN_OPEN, lambda _: connected.append(True))],
         )
         if not assoc.is_established:
-            return None, ""
+            return None, _why_not_established(assoc, bool(connected))
         if short := fragments.too_short(assoc.acceptor.maximum_length):
             assoc.abort()
             return None, short
@@ -659,6 +664,28 @@ def _ended(assoc: pynetdicom.association.Association) -> bool:
     return (
         not assoc.is_established or assoc.acse.is_aborted() or not assoc.dul.is_alive()
     )
+
+
+def _why_not_established(
+    assoc: pynetdicom.association.Association, connected: bool
+) -> str:
+    """Which step failed, for the C-MOVE's log line. pynetdicom does not
+    log a connection that failed (its transport logger is silenced), and
+    without a reason a destination that is down reads like one that
+    answered, or like a program of another kind on its port."""
+    answer: Any = assoc.acceptor.primitive
+    if assoc.is_rejected and answer is not None:
+        return (
+            f"rejected: {answer.reason_str} ({answer.result_str}, {answer.source_str})"
+        )
+    if not connected:
+        return (
+            "no connection (refused, none within timeouts.connect, "
+            "or the TLS handshake failed)"
+        )
+    if answer is None:
+        return "no answer to the association request within timeouts.association"
+    return "the association was aborted"
 
 
 def _count(counts: _Counts, status: int | None, item: _Item) -> None:
