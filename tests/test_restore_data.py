@@ -6,6 +6,7 @@ half-written, and the next run finishes the work."""
 from __future__ import annotations
 
 import io
+import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -297,3 +298,48 @@ def test_a_damaged_member_fails_in_a_thread_as_alone(disaster, tmp_path: Path) -
 
     assert "GCM tag does not match" in outcomes[0]
     assert outcomes[1:] == ["ok"] * (len(entries) - 1)
+
+
+def test_the_data_phase_does_not_flush_its_packs_and_the_next_run_drops_them(
+    tmp_path: Path,
+) -> None:
+    """A pack fetched for the data phase only is not flushed (the disk has
+    the instances to write); a power cut may leave it cut short or zeroed
+    at any size, so the next run does not trust it: it is removed, and
+    fetched again if needed. A pack the catalog phase fetched is flushed
+    and kept for the next run."""
+    mirror = tmp_path / "mirror"
+    (mirror / "packs" / "001").mkdir(parents=True)
+    (mirror / "packs" / "002").mkdir(parents=True)
+    (mirror / "packs" / "001" / "p-000000001.pack").write_bytes(b"one" * 1000)
+    (mirror / "packs" / "002" / "p-000000002.pack").write_bytes(b"two" * 1000)
+    contents = survey(DirectoryTransport(mirror))
+    folder = tmp_path / "packs"
+    flushed: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        flushed.append(fd)
+        real_fsync(fd)
+
+    cache = PackCache(folder, Fetcher(DirectoryTransport(mirror)), 10**9)
+    with mock.patch("appliance.restore.mirror.os.fsync", fsync):
+        data_only = cache.fetch(
+            "p-000000001", contents.packs["p-000000001"], flush=False
+        )
+        assert flushed == []
+        kept = cache.fetch("p-000000002", contents.packs["p-000000002"])
+        assert len(flushed) == 1
+
+    assert data_only.read_bytes() == b"one" * 1000
+    assert data_only.name == "p-000000001.unflushed"
+    assert kept.read_bytes() == b"two" * 1000
+    # A power cut leaves the unflushed pack zeroed, at its size.
+    data_only.write_bytes(bytes(3000))
+
+    again = PackCache(folder, Fetcher(DirectoryTransport(mirror)), 10**9)
+
+    assert not again.holds("p-000000001") and not data_only.exists()
+    assert again.holds("p-000000002")
+    fetched = again.fetch("p-000000001", contents.packs["p-000000001"], flush=False)
+    assert fetched.read_bytes() == b"one" * 1000

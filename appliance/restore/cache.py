@@ -5,6 +5,15 @@ A pack is fetched whole (the transport reads files from their start), so
 each is fetched once and kept until every instance it holds for the
 restore was tried; the oldest-used packs make room when the cache reaches
 its size. Files are named by pack id: ``<folder>/p-000000123.pack``.
+
+The catalog phase flushes each pack it fetches: a scan fetches them all,
+and the data phase of the next run reads them still. The data phase does
+not (``<folder>/p-000000123.unflushed``): a pack lives there for a study or
+two and is dropped, mostly before the kernel would write it out, which
+spares the disk writing every pack besides every instance (whose flushes
+are what it must serve). A power cut may leave such a file cut short or
+zeroed at any size, so the next run removes them all and fetches again
+the few it still needs.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ class PackCache:
         self.fetcher = fetcher
         self.limit = limit
         folder.mkdir(parents=True, exist_ok=True)
-        for leftover in folder.glob(".*.part"):
+        for leftover in [*folder.glob(".*.part"), *folder.glob("*.unflushed")]:
             leftover.unlink(missing_ok=True)
         # pack id -> when last used; packs fetched by an earlier run count.
         self._used = {path.stem: path.stat().st_mtime for path in self._files()}
@@ -44,10 +53,14 @@ class PackCache:
         self._earlier = set(self._used)
         # Packs fetched by this run whose bytes differ from their record.
         self.damaged: set[str] = set()
+        # Packs fetched by this run without a flush.
+        self._unflushed: set[str] = set()
         # The restore fetches in one thread and drops packs in another.
         self._lock = threading.RLock()
 
     def path_of(self, pack_id: str) -> Path:
+        if pack_id in self._unflushed:
+            return self.folder / f"{check_pack_id(pack_id)}.unflushed"
         return self.folder / f"{check_pack_id(pack_id)}.pack"
 
     def holds(self, pack_id: str) -> bool:
@@ -60,23 +73,28 @@ class PackCache:
         sha256: str | None = None,
         received: Received | None = None,
         keep: Collection[str] = (),
+        flush: bool = True,
     ) -> Path:
-        """The local copy of a pack, fetched now unless the cache holds it.
+        """The local copy of a pack, fetched now unless the cache holds it;
+        without ``flush``, for this run only (see the module).
 
         A copy whose size or SHA-256 differs from what the catalog recorded
         is kept all the same: each instance in it is checked when it is
         extracted, so the undamaged ones can still be restored. Packs in
         ``keep`` (the others a study needs) are not dropped to make room.
         """
-        path = self.path_of(pack_id)
         with self._lock:
             self._drop_if_cut_short(pack_id, remote)
             held = pack_id in self._used
             if not held:
                 self._make_room(remote.size, set(keep))
+                if flush:
+                    self._unflushed.discard(pack_id)
+                else:
+                    self._unflushed.add(pack_id)
+        path = self.path_of(pack_id)
         if not held:
-            # Kept for the next run: it must be whole after a power cut.
-            fetched = self.fetcher.fetch(remote.name, path, received, flush=True)
+            fetched = self.fetcher.fetch(remote.name, path, received, flush=flush)
             if fetched.size != remote.size or (sha256 and fetched.sha256 != sha256):
                 self.damaged.add(pack_id)
                 logger.warning(
@@ -114,6 +132,7 @@ class PackCache:
         with self._lock:
             if self._used.pop(pack_id, None) is not None:
                 self.path_of(pack_id).unlink(missing_ok=True)
+            self._unflushed.discard(pack_id)
 
     def drop_all(self, keep: Iterable[str] = ()) -> None:
         kept = set(keep)

@@ -259,7 +259,9 @@ class DataRestore:
                 self._before_fetch()
             with self.catalog.read() as txn:
                 pack = self.catalog.get(txn, "packs", pack_id) or {}
-            self.cache.fetch(pack_id, remote, pack.get("sha256"), received, keep)
+            self.cache.fetch(
+                pack_id, remote, pack.get("sha256"), received, keep, flush=False
+            )
 
     def _salvage(self, study_uid: str, records: list[InstanceRecord]) -> None:
         """Instances recall could not give, taken out of their cached pack
