@@ -35,7 +35,7 @@ from appliance import config as configuration
 from appliance.cli_shared import (
     config_option,
     data_dir_option,
-    exit_interrupted,
+    exit_if_interrupted,
     interruptible,
 )
 from appliance.errors import ApplianceError, ConfigError
@@ -224,8 +224,7 @@ def import_(
 
     outcomes["refused"] = len(refusals)
     _print_import_summary(read, outcomes, refusals)
-    if interrupted.is_set():
-        exit_interrupted(read, len(files), "file(s)")
+    exit_if_interrupted(interrupted, read, len(files), "file(s)")
     sys.exit(1 if refusals else 0)
 
 

@@ -30,6 +30,16 @@ data_dir_option = click.option(
 )
 
 
+def exit_if_interrupted(
+    interrupted: threading.Event, done: int, total: int, items: str
+) -> None:
+    """If Ctrl-C stopped a loop before its last item, say how far it got and
+    exit 130 (128 + SIGINT); one that came during the last item stopped
+    nothing, and the command ends as it would have."""
+    if interrupted.is_set() and done < total:
+        exit_interrupted(done, total, items)
+
+
 def exit_interrupted(done: int, total: int, items: str) -> NoReturn:
     """Say how far a loop that Ctrl-C stopped got; exit 130 (128 + SIGINT)."""
     click.echo(

@@ -24,7 +24,7 @@ from appliance.cli_shared import (
     Loader,
     config_option,
     data_dir_option,
-    exit_interrupted,
+    exit_if_interrupted,
     interruptible,
     open_archive,
     recall_one,
@@ -140,8 +140,7 @@ def register(main: click.Group, load: Loader) -> None:
                     incomplete += 1
                     continue
                 incomplete += not recall_one(recaller, uid)
-        if interrupted.is_set():
-            exit_interrupted(done, len(study_uids), "study(ies)")
+        exit_if_interrupted(interrupted, done, len(study_uids), "study(ies)")
         sys.exit(1 if incomplete else 0)
 
 

@@ -18,7 +18,7 @@ from appliance.cli_shared import (
     Loader,
     config_option,
     data_dir_option,
-    exit_interrupted,
+    exit_if_interrupted,
     interruptible,
     open_archive,
     recall_one,
@@ -128,8 +128,7 @@ def register(main: click.Group, load: Loader) -> None:
                 # A second Ctrl-C: the recall in flight stopped before its
                 # study was taken off the request, so it is still asked for.
                 interrupted.set()
-        if interrupted.is_set():
-            exit_interrupted(done, len(waiting), "study(ies)")
+        exit_if_interrupted(interrupted, done, len(waiting), "study(ies)")
         recalled = f"{len(waiting)}"
         if incomplete:
             # The studies above that failed are not to be counted as recalled.

@@ -84,3 +84,28 @@ def test_ctrl_c_finishes_the_study_in_flight(appliance_factory, tmp_path: Path) 
     assert again.returncode == 0, again.stderr
     assert f"{studies[1]}: 2 instance(s) staged online" in again.stdout
     assert online_files(appliance) == 4
+
+
+def test_ctrl_c_during_the_last_study_stops_nothing(
+    appliance_factory, tmp_path: Path
+) -> None:
+    """Ctrl-C that comes while the last study is recalled leaves nothing
+    undone: the command ends as it would have, and says nothing of
+    running it again."""
+    settings = {"migration": {"enabled": False, "min_copies": 1}}
+    appliance: Appliance = appliance_factory(settings).start()
+    files = study_files(tmp_path / "only", "only", 2, pixel_bytes=2000)
+    assert set(dicom_client.store_files(appliance.port, files).values()) == {0}
+    rules = appliance.directory / "rules.toml"
+    rules.write_text(appliance.config_path.read_text() + MOVE_TO_NEARLINE)
+    assert run(rules, "migrate", "--now").returncode == 0
+    study = uid("study", "only")
+
+    stopped = run(
+        appliance.config_path, "recall", study, code=INTERRUPTED_IN_THE_FIRST_FLUSH
+    )
+
+    assert stopped.returncode == 0, stopped.stderr
+    assert f"{study}: 2 instance(s) staged online" in stopped.stdout
+    assert "interrupted" not in stopped.stderr
+    assert online_files(appliance) == 2
