@@ -25,8 +25,6 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from appliance.dicom.retrieve import tune_requestor
-
 CLIENT_AE = "TESTCLIENT"
 STUDY_FIND = StudyRootQueryRetrieveInformationModelFind
 PATIENT_FIND = PatientRootQueryRetrieveInformationModelFind
@@ -87,15 +85,6 @@ def associate(
             assoc.release()
 
 
-def _guarded(assoc: Association) -> Association:
-    """pynetdicom's reactor can take and drop a C-STORE response that
-    send_c_store waits for (which then times out): guard against it as the
-    appliance's own sub-associations do."""
-    if assoc.is_established:
-        tune_requestor(assoc)
-    return assoc
-
-
 def store_files(
     port: int, paths: list[Path], ae_title: str = CLIENT_AE
 ) -> dict[Path, int | None]:
@@ -117,13 +106,13 @@ def store_files(
     assert len(requested) <= 128, "too many contexts for one association"
     with raw_sending():
         assoc_cm = associate(port, requested, ae_title)
-        assoc = _guarded(assoc_cm.__enter__())
+        assoc = assoc_cm.__enter__()
         try:
             for path in paths:
                 if not assoc.is_established:
                     assoc_cm.__exit__(None, None, None)
                     assoc_cm = associate(port, requested, ae_title)
-                    assoc = _guarded(assoc_cm.__enter__())
+                    assoc = assoc_cm.__enter__()
                 assert assoc.is_established, "association refused"
                 results[path] = _send(assoc, path)
         finally:
