@@ -1,6 +1,8 @@
 """The archive's id as the catalog keeps it (``mirror.archive_id`` in
 ``meta``): a random UUID, the same one the mirror's identity marker and
-the labels of the offline volumes name. Catalog snapshots carry it."""
+the labels of the offline volumes name. Catalog snapshots carry it. It is
+read and recorded here only: whichever of replication and the first
+volume label comes first makes it, and the other takes it."""
 
 from __future__ import annotations
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.catalog import replication
+from appliance.catalog.archive import archive_id, keep_archive_id
 from appliance.catalog.store import Catalog
 from appliance.errors import ForeignMirrorError, KeyStoreError, StorageError
 from appliance.storage import sealed
@@ -51,7 +52,7 @@ _PACKS_LOOKED_FOR = 3
 def check_mirror(catalog: Catalog, transport: Any, keys: KeyStore, spool: Path) -> str:
     """Make sure the mirror is this archive's, writing its marker if it has
     none; the archive id. Raises ForeignMirrorError when it is not."""
-    mine = replication.mirror_note(catalog, "archive_id")
+    mine = archive_id(catalog)
     if transport.size(MARKER) is None:
         return _mark(catalog, transport, keys, spool, mine)
     theirs = _read_marker(transport, keys)
@@ -80,8 +81,8 @@ def _mark(
             "mirror back, or see docs/replication.md (A new mirror)"
         )
     if not mine:
-        mine = str(uuid.uuid4())
-        replication.set_mirror_mark(catalog, "archive_id", mine)
+        # Recorded only if nothing (a volume being labelled) made one since.
+        mine = keep_archive_id(catalog, str(uuid.uuid4()))
     data = json.dumps({"archive": mine, "created": int(time.time())}).encode()
     with tempfile.TemporaryDirectory(dir=spool) as folder:
         path = Path(folder) / "identity"
@@ -105,7 +106,12 @@ def _adopt(catalog: Catalog, transport: Any, theirs: str) -> str:
             "here, run 'appliance restore --from mirror'; to start a new "
             "archive, give this appliance an empty mirror"
         )
-    replication.set_mirror_mark(catalog, "archive_id", theirs)
+    kept = keep_archive_id(catalog, theirs)
+    if kept != theirs:
+        raise ForeignMirrorError(
+            f"the mirror holds archive {theirs}, and this appliance was given "
+            f"id {kept} meanwhile (a volume labelled): nothing is sent to it"
+        )
     logger.info("mirror: this catalog takes the mirror's archive id %s", theirs)
     return theirs
 

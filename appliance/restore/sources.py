@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.catalog import replication
+from appliance.catalog.archive import archive_id
 from appliance.catalog.replication import OFFSITE
 from appliance.catalog.store import Catalog
 from appliance.errors import ApplianceError, StorageError, TransportError
@@ -124,7 +125,7 @@ class Sources:
         that the appliance reads its own volumes (their labels name it) and
         replicates to its mirror again."""
         marked = marker_archive(self.fetcher.transport, self.keys)
-        return marked or replication.mirror_note(catalog, "archive_id")
+        return marked or archive_id(catalog)
 
     # -- snapshot and journal --------------------------------------------------
 
@@ -194,7 +195,7 @@ class Sources:
                 continue
             # Another archive's snapshot opens when its keys were imported
             # too: its packs and journal numbers are not this mirror's.
-            theirs = replication.mirror_note(catalog, "archive_id")
+            theirs = archive_id(catalog)
             if archive and theirs and theirs != archive:
                 logger.warning(
                     "snapshot %s is of another archive (%s; the mirror's "
