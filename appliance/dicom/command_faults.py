@@ -30,6 +30,7 @@ association is aborted at once, with one warning.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -162,6 +163,14 @@ def _sop_class_problem(command_set: Dataset) -> str:
         return "no Affected SOP Class UID"
     if not isinstance(value, str):
         return f"Affected SOP Class UID has {len(value)} values"
+    return _uid_problem(value)
+
+
+@functools.lru_cache(maxsize=256)
+def _uid_problem(value: str) -> str:
+    """Why pynetdicom cannot take ``value`` as a SOP Class UID, or "".
+    Every C-STORE asks, mostly for a handful of classes: the answer is
+    remembered rather than a primitive made and checked each time."""
     try:
         C_ECHO().AffectedSOPClassUID = value
     except (TypeError, ValueError):
