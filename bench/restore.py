@@ -91,6 +91,7 @@ from appliance.ingest import Ingest
 from appliance.replication.replicator import Replicator, Settings
 from appliance.replication.transports.directory import DirectoryTransport
 from appliance.replication.transports.settings import SftpSettings
+from appliance.restore.data import EXTRACT_THREADS
 
 STUDIES = 20
 FIND_STUDIES = 100_000
@@ -106,6 +107,7 @@ _OWN_MODULES = r"appliance/(restore|storage|catalog|replication|hsm)/"
 
 APPLIANCE_ROW = "appliance restore"
 SFTP_ROW = "sftp get -r"
+DISK_ROW = "the instances written with a flush each"
 
 
 # -- shared -----------------------------------------------------------------------
@@ -158,6 +160,8 @@ class Timed:
     wall: float
     cpu: float
     output: str
+    # Seconds to flush what it wrote, after ``wall`` (sftp flushes nothing).
+    flushed: float = 0.0
 
 
 def timed_run(command: list[str]) -> Timed:
@@ -265,7 +269,8 @@ def appliance_restore(
 
 
 def sftp_get(work: Path, mirror: Mirror, remote: Path, expected: int) -> Timed:
-    """OpenSSH's sftp getting every pack, with the appliance's cipher."""
+    """OpenSSH's sftp getting every pack, with the appliance's cipher; then,
+    timed apart, every file it wrote flushed to the disk."""
     target = work / "downloaded"
     batch_file = work / "sftp-batch"
     batch_file.write_text(f'get -r "{remote / "packs"}" "{target}"\n')
@@ -274,15 +279,55 @@ def sftp_get(work: Path, mirror: Mirror, remote: Path, expected: int) -> Timed:
     try:
         log = run_tool(mirror.sftp_command(batch_file, APPLIANCE_CIPHER))
         wall = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
         got = sum(p.stat().st_size for p in target.rglob("*.pack"))
+        flushed = flush_tree(target)
     finally:
         remove_tree(target)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if got != expected:
         raise SystemExit(f"sftp got {got} bytes of packs, the mirror holds {expected}")
     cipher = re.search(r"kex: client->server cipher: (\S+)", log)
-    return Timed(wall, cpu, cipher.group(1) if cipher else "?")
+    return Timed(wall, cpu, cipher.group(1) if cipher else "?", flushed)
+
+
+def flush_tree(folder: Path) -> float:
+    """Seconds to flush every file under ``folder``, and the folders."""
+    started = time.perf_counter()
+    for path in sorted(folder.rglob("*"), key=lambda p: p.is_dir()):
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+    return time.perf_counter() - started
+
+
+def disk_alone(work: Path, paths: list[Path]) -> float:
+    """Seconds to copy the instances into a new folder with a flush of each
+    file and of the folder, on as many threads as the appliance extracts
+    with: the least a restore that counts only flushed instances needs."""
+    target = work / "disk-alone"
+    target.mkdir()
+
+    def copy(number: int) -> None:
+        with open(target / f"{number}.dcm", "wb") as out:
+            out.write(paths[number].read_bytes())
+            out.flush()
+            os.fsync(out.fileno())
+
+    for path in paths:
+        path.read_bytes()  # into the page cache, as the packs are: not timed
+    started = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(EXTRACT_THREADS) as pool:
+            list(pool.map(copy, range(len(paths))))
+        descriptor = os.open(target, os.O_RDONLY)
+        os.fsync(descriptor)
+        os.close(descriptor)
+        return time.perf_counter() - started
+    finally:
+        remove_tree(target)
 
 
 def throughput(args: argparse.Namespace, work: Path, mirror: Mirror) -> None:
@@ -294,6 +339,7 @@ def throughput(args: argparse.Namespace, work: Path, mirror: Mirror) -> None:
     print(f"  the mirror holds {packs / 1e6:.0f} MB of packs")
 
     rows: dict[str, list[tuple[Timed, float]]] = {APPLIANCE_ROW: [], SFTP_ROW: []}
+    disk: list[float] = []
     for number in range(args.rounds):
         order = [APPLIANCE_ROW, SFTP_ROW]
         for method in order if number % 2 == 0 else order[::-1]:
@@ -310,7 +356,10 @@ def throughput(args: argparse.Namespace, work: Path, mirror: Mirror) -> None:
                 f"sshd CPU {sshd:.1f} s",
                 flush=True,
             )
+        disk.append(disk_alone(work, paths))
+        print(f"  round {number + 1}: {DISK_ROW}: {disk[-1]:.2f} s", flush=True)
     report_throughput(rows, packs)
+    report_disk(rows, disk, data)
     if args.profile:
         profile(work, mirror, remote, len(paths))
 
@@ -347,6 +396,29 @@ def report_throughput(rows: dict[str, list[tuple[Timed, float]]], packs: int) ->
     )
     print(f"appliance / sftp: {ratio:.2f}x ({verdict}, target {TARGET_RATIO})")
     print(f"  round by round: {by_round}")
+
+
+def report_disk(
+    rows: dict[str, list[tuple[Timed, float]]], disk: list[float], data: int
+) -> None:
+    """What the disk allows: the appliance must write every instance and
+    flush it before it counts; sftp writes the packs and flushes nothing."""
+    sftp = sum(run.wall for run, _ in rows[SFTP_ROW])
+    flushed = sum(run.flushed for run, _ in rows[SFTP_ROW])
+    mine = sum(run.wall for run, _ in rows[APPLIANCE_ROW])
+    floor = sum(disk)
+    print(
+        f"\n{DISK_ROW} ({EXTRACT_THREADS} threads, no network, no decoding): "
+        f"{floor:.2f} s, {data * len(disk) / 1e6 / floor:.1f} MB/s"
+    )
+    print(
+        f"  sftp's time over it: {sftp / floor:.2f}x, the most the appliance "
+        "can reach on this disk"
+    )
+    print(
+        f"sftp get -r, then every file flushed: {sftp:.2f} + {flushed:.2f} s; "
+        f"the appliance over that: {(sftp + flushed) / mine:.2f}x"
+    )
 
 
 def profile(work: Path, mirror: Mirror, remote: Path, count: int) -> None:
