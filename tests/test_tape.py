@@ -681,3 +681,24 @@ def test_default_record_size_round_trip(tmp_path):
     assert b"".join(library.read_pack(location)) == data
     # label, header, 5 data records (the last one padded), trailer
     assert library.list_volumes()[0].used == 8 * tapeformat.DEFAULT_RECORD_SIZE
+
+
+@pytest.mark.parametrize("capacity", ["64 MiB", -1, 0, True, None])
+def test_scanning_a_tape_whose_label_names_no_usable_capacity_is_refused(
+    tmp_path, capacity
+):
+    library, drive, changer = library_with(tmp_path, "T00001")
+    # A label as another tool (or a hand) may have written it.
+    written = library.label_fields
+    library.label_fields = lambda volume, size: {  # type: ignore[method-assign]
+        **written(volume, size),
+        "capacity": capacity,
+    }
+    library.label("T00001", 8 * MiB)
+    library.write_pack("T00001", "p-1", [b"kept"])
+    library.unload()
+    fresh = TapeLibrary(drive, changer, tmp_path / "fresh-state", record_size=RECORD)
+
+    with pytest.raises(VolumeError, match="T00001: its label names no usable capacity"):
+        fresh.scan("T00001")
+    assert fresh.list_volumes() == []
