@@ -19,9 +19,9 @@ A SOP class invokes only its own service: a FIND class C-FIND, a MOVE
 class C-MOVE, a GET class C-GET (PS3.4 C.4), a storage class C-STORE. The
 appliance's Query/Retrieve service picks its C-FIND, C-MOVE or C-GET loop
 by the request's kind, so a C-GET naming a FIND class was served as a
-retrieve, and a C-STORE naming the class of the Query/Retrieve or
-Verification context it came on reached ingest. Each is refused 0x0122 as
-well.
+retrieve, and a C-STORE naming the class of the Verification,
+Query/Retrieve or Storage Commitment context it came on reached ingest.
+Each is refused 0x0122 as well.
 
 The Move Originator AE title and Message ID of a C-STORE (PS3.7 9.1.1.1.7,
 9.1.1.1.8) only say which C-MOVE the instance is sent for. When either
