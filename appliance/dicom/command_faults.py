@@ -32,6 +32,9 @@ So is a Message ID Being Responded To that is not one number, which has
 no place in a request at all (PS3.7 9.3), and a Priority that is not one
 of LOW, MEDIUM, HIGH (PS3.7 9.1.1.1.3): it only advises, and this end
 serves every request alike; pynetdicom aborted the association for it.
+A C-MOVE's Move Destination of several AE titles, of which pynetdicom
+took the first, is kept as the one text sent, which names no peer: the
+retrieve service answers 0xA801 for it.
 
 A request without a Message ID cannot be answered: no response could name
 it. pynetdicom left it unanswered until the requester gave up; here its
@@ -45,13 +48,14 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import pynetdicom.association
 import pynetdicom.dimse_messages
 import pynetdicom.sop_class
 from pydicom.dataset import Dataset
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 from pynetdicom import _config
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import (
@@ -78,6 +82,7 @@ _MOVE_ORIGINATOR_AE_TITLE = Tag(0x0000, 0x1030)
 _MOVE_ORIGINATOR_MESSAGE_ID = Tag(0x0000, 0x1031)
 _MESSAGE_ID_BEING_RESPONDED_TO = Tag(0x0000, 0x0120)
 _MESSAGE_ID = Tag(0x0000, 0x0110)
+_MOVE_DESTINATION = Tag(0x0000, 0x0600)
 _PRIORITY = Tag(0x0000, 0x0700)
 _WITH_PRIORITY = (C_FIND_RQ, C_GET_RQ, C_MOVE_RQ, C_STORE_RQ)
 _PRIORITIES = (0x0000, 0x0001, 0x0002)  # MEDIUM, HIGH, LOW (PS3.7 9.1.1.1.3)
@@ -172,53 +177,71 @@ def _fill_missing_sop_class() -> None:
 
 def _without_faults(message: DIMSEMessage, original: Any) -> Any:
     """The request's primitive, decoded without the values it cannot take."""
-    command_set = message.command_set
-    sop_class = _sop_class_problem(command_set)
-    originator = ""
-    if isinstance(message, C_STORE_RQ):
-        originator = _originator_problem(command_set)
-    message_id = command_set.get(_MESSAGE_ID)
-    # Left out, the request is one without a Message ID, and aborted.
-    bad_id = message_id is not None and not _one_us(message_id)
-    priority = ""
-    if isinstance(message, _WITH_PRIORITY):
-        priority = _priority_problem(command_set.get(_PRIORITY))
-    # A response's parameter, no request's (PS3.7 9.3): pynetdicom reads
-    # it all the same, the first of several values with a line that names
-    # no peer.
-    response_id = command_set.get(_MESSAGE_ID_BEING_RESPONDED_TO)
-    stray = response_id is not None and not _one_us(response_id)
-    tags = [_AFFECTED_SOP_CLASS_UID] if sop_class else []
-    if originator:
-        tags += [_MOVE_ORIGINATOR_AE_TITLE, _MOVE_ORIGINATOR_MESSAGE_ID]
-    if stray:
-        tags.append(_MESSAGE_ID_BEING_RESPONDED_TO)
-    if bad_id:
-        tags.append(_MESSAGE_ID)
-    if priority:
-        tags.append(_PRIORITY)
-    if not tags:
+    faults = _faults_of(message)
+    if not faults:
         return original(message)
 
+    command_set = message.command_set
+    tags = [tag for fault in faults for tag in fault.tags]
     taken = [command_set.pop(tag) for tag in tags if tag in command_set]
     try:
         primitive = original(message)
     finally:
         for element in taken:
             command_set[element.tag] = element
-    if sop_class:
-        setattr(primitive, _SOP_CLASS_FAULT, sop_class)
-        if isinstance(primitive, C_STORE):
-            primitive = store_request.left_out(primitive, "AffectedSOPClassUID")
-    if originator:
-        setattr(primitive, _ORIGINATOR_FAULT, originator)
-    if stray:
-        setattr(primitive, _RESPONSE_ID_FAULT, "not one US value")
-    if bad_id:
-        setattr(primitive, _MESSAGE_ID_FAULT, "not one US value")
-    if priority:
-        setattr(primitive, _PRIORITY_FAULT, priority)
+    for fault in faults:
+        setattr(primitive, fault.attribute, fault.value)
+    if isinstance(primitive, C_STORE) and sop_class_fault(primitive):
+        primitive = store_request.left_out(primitive, "AffectedSOPClassUID")
     return primitive
+
+
+@dataclass(frozen=True)
+class _Fault:
+    """Command elements a request is decoded without, and what its
+    primitive keeps instead in ``attribute``: mostly why they were left
+    out."""
+
+    tags: tuple[BaseTag, ...]
+    attribute: str
+    value: str
+
+
+def _faults_of(message: DIMSEMessage) -> list[_Fault]:
+    """What the request is to be decoded without."""
+    command_set = message.command_set
+    faults = [
+        _Fault(
+            (_AFFECTED_SOP_CLASS_UID,),
+            _SOP_CLASS_FAULT,
+            _sop_class_problem(command_set),
+        ),
+        # Left out, the request is one without a Message ID, and aborted.
+        _Fault(
+            (_MESSAGE_ID,), _MESSAGE_ID_FAULT, _us_problem(command_set, _MESSAGE_ID)
+        ),
+        # A response's parameter, no request's (PS3.7 9.3): pynetdicom
+        # reads it all the same, the first of several values with a line
+        # that names no peer.
+        _Fault(
+            (_MESSAGE_ID_BEING_RESPONDED_TO,),
+            _RESPONSE_ID_FAULT,
+            _us_problem(command_set, _MESSAGE_ID_BEING_RESPONDED_TO),
+        ),
+    ]
+    if isinstance(message, C_STORE_RQ):
+        originator = (_MOVE_ORIGINATOR_AE_TITLE, _MOVE_ORIGINATOR_MESSAGE_ID)
+        problem = _originator_problem(command_set)
+        faults.append(_Fault(originator, _ORIGINATOR_FAULT, problem))
+    if isinstance(message, _WITH_PRIORITY):
+        problem = _priority_problem(command_set.get(_PRIORITY))
+        faults.append(_Fault((_PRIORITY,), _PRIORITY_FAULT, problem))
+    if isinstance(message, C_MOVE_RQ):
+        # pynetdicom would move to the first of several; all of them
+        # together name no peer, and the C-MOVE is refused 0xA801.
+        several = _several_values(command_set.get(_MOVE_DESTINATION))
+        faults.append(_Fault((_MOVE_DESTINATION,), "MoveDestination", several))
+    return [fault for fault in faults if fault.value]
 
 
 def _sop_class_problem(command_set: Dataset) -> str:
@@ -263,6 +286,21 @@ def _originator_problem(command_set: Dataset) -> str:
     if message_id is not None and not _one_us(message_id):
         return "Move Originator Message ID is not one US value"
     return ""
+
+
+def _us_problem(command_set: Dataset, tag: BaseTag) -> str:
+    """Why a US element of the command set cannot be taken, or ""."""
+    element = command_set.get(tag)
+    if element is None or _one_us(element):
+        return ""
+    return "not one US value"
+
+
+def _several_values(element: Any) -> str:
+    """The values of a text element of several, joined as sent; "" for one."""
+    if element is None or element.VM < 2:
+        return ""
+    return "\\".join(str(value) for value in element.value)
 
 
 def _priority_problem(element: Any) -> str:
