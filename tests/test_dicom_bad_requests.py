@@ -3,9 +3,9 @@ exactly as a faulty requester would put them on the wire.
 
 Each must get one failure response with an Error Comment, one log line,
 and leave the association usable: 0xA801 for a Move Destination that is
-no configured peer (empty, blank, missing, malformed or unknown, PS3.4
-C.4.2.1.5), 0xA900 for an identifier without a valid level and unique key,
-0xC000 for one that cannot be decoded.
+no configured peer (empty, blank, missing, malformed, of several values or
+unknown, PS3.4 C.4.2.1.5), 0xA900 for an identifier without a valid level
+and unique key, 0xC000 for one that cannot be decoded.
 """
 
 from __future__ import annotations
@@ -160,6 +160,13 @@ DESTINATIONS = {
         "unknown destination 'ABCDEFGHIJKLMNOPQ'",
     ),
     "unknown": ("NOWHERE", "unknown move destination", "unknown destination"),
+    # Two AE titles, the first a configured peer: pynetdicom took that one
+    # (with a line of its own) and the move went to it.
+    "two values": (
+        f"{PEER}\\OTHER",
+        "unknown move destination",
+        f"unknown destination '{PEER}\\\\OTHER'",
+    ),
 }
 
 

@@ -85,16 +85,20 @@ def us(value: int) -> bytes:
 
 
 def request(
-    command: str, sop_class: bytes | None, extra: list[tuple[int, bytes]]
+    command: str,
+    sop_class: bytes | None,
+    extra: list[tuple[int, bytes]],
+    message_id: bytes = us(7),
+    priority: bytes = us(0),
 ) -> bytes:
     """A request's command set (PS3.7 9.3), group length first; a data set
-    follows every request but C-ECHO."""
+    follows every request but C-ECHO, which has no Priority."""
     field, _ = COMMANDS[command]
-    elements = [(0x00000100, us(field)), (0x00000110, us(7))]
+    elements = [(0x00000100, us(field)), (0x00000110, message_id)]
     if sop_class is not None:
         elements.append((0x00000002, sop_class))
     if command != "C-ECHO":
-        elements.append((0x00000700, us(0)))
+        elements.append((0x00000700, priority))
     elements.append((0x00000800, us(0x0101 if command == "C-ECHO" else 0x0001)))
     body = b"".join(element(tag, value) for tag, value in sorted(elements + extra))
     return element(0x00000000, struct.pack("<I", len(body))) + body
@@ -364,3 +368,169 @@ def test_a_command_field_of_no_request_aborts_with_one_line(
     lines = problems(appliance, start)
     assert len(lines) == 1, lines
     assert "aborting association with" in lines[0]
+
+
+# Each Query/Retrieve request naming a SOP class of another request, sent on
+# the presentation context negotiated for that class. The appliance's
+# Query/Retrieve service went by the request's kind alone: a C-GET naming
+# a FIND class was answered 0x0000, a C-MOVE naming one was served as a move.
+OTHER_REQUESTS_CLASSES = [
+    ("C-FIND", STUDY_MOVE),
+    ("C-FIND", STUDY_GET),
+    ("C-MOVE", STUDY_FIND),
+    ("C-MOVE", STUDY_GET),
+    ("C-GET", STUDY_FIND),
+    ("C-GET", STUDY_MOVE),
+]
+
+
+@pytest.mark.parametrize(("command", "sop_class"), OTHER_REQUESTS_CLASSES)
+def test_a_class_of_another_request_is_refused(
+    appliance: Appliance, command: str, sop_class: str
+) -> None:
+    instance = datasets.instance(
+        datasets.uid("study", "other", command, sop_class),
+        datasets.uid("series", "other", command, sop_class),
+        1,
+    )
+    sent = request(command, sop_class.encode(), extra_elements(command, instance))
+    start = len(appliance.log())
+
+    with open_association(appliance) as assoc:
+        responses = send(assoc, sop_class, sent, payload(command, instance))
+        assert [int(r.Status) for r in responses] == [SOP_CLASS_NOT_SUPPORTED]
+        comment = f"SOP class {sop_class} has no {command} service"
+        assert responses[0].ErrorComment == comment
+        assert_usable(assoc)
+
+    lines = problems(appliance, start)
+    assert len(lines) == 1, lines
+    assert " WARNING appliance.dicom." in lines[0]
+    assert lines[0].endswith(
+        f"{command} from {client.CLIENT_AE}@127.0.0.1 refused: {comment}"
+    )
+
+
+# A C-STORE naming the SOP class of the (non-storage) context it comes on,
+# its data set claiming that class too: the request and the context agree,
+# so it reached ingest, which stored it or refused it 0xA900 by what else
+# the data set held.
+OTHER_SERVICES = {"Query/Retrieve": STUDY_FIND, "Verification": VERIFICATION}
+
+
+@pytest.mark.parametrize("service", list(OTHER_SERVICES))
+def test_a_store_of_a_class_of_another_service_is_refused(
+    appliance: Appliance, service: str
+) -> None:
+    sop_class = OTHER_SERVICES[service]
+    instance = datasets.instance(
+        datasets.uid("study", "not-storage", service),
+        datasets.uid("series", "not-storage", service),
+        1,
+    )
+    instance.SOPClassUID = sop_class
+    instance.file_meta.MediaStorageSOPClassUID = sop_class
+    extra = [(0x00001000, instance.SOPInstanceUID.encode())]
+    sent = request("C-STORE", sop_class.encode(), extra)
+    objects = appliance.data_dir / "online" / "objects"
+    before = set(objects.rglob("*.dcm"))
+    start = len(appliance.log())
+
+    with open_association(appliance) as assoc:
+        responses = send(assoc, sop_class, sent, implicit(instance))
+        assert [int(r.Status) for r in responses] == [SOP_CLASS_NOT_SUPPORTED]
+        comment = f"SOP class {sop_class} has no C-STORE service"
+        assert responses[0].ErrorComment == comment
+        assert_usable(assoc)
+
+    lines = problems(appliance, start)
+    assert len(lines) == 1, lines
+    assert " WARNING appliance.dicom." in lines[0]
+    assert f"C-STORE of instance {instance.SOPInstanceUID} from" in lines[0]
+    assert lines[0].endswith(f" refused: {comment}")
+    assert set(objects.rglob("*.dcm")) == before
+    assert incoming_files(appliance.data_dir / "online") == []
+
+
+# A Message ID (US, VM 1, PS3.7 9.3) that is not one number: pynetdicom
+# answered the first of its values, with a line that named no peer.
+MESSAGE_IDS = {"two values": b"\x07\x00\x08\x00", "three bytes": b"\x07\x00\x08"}
+
+
+@pytest.mark.parametrize("fault", list(MESSAGE_IDS))
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_a_message_id_of_several_values_aborts(
+    appliance: Appliance, command: str, fault: str
+) -> None:
+    instance = datasets.instance(
+        datasets.uid("study", "ids", command, fault),
+        datasets.uid("series", "ids", command, fault),
+        1,
+    )
+    _, abstract = COMMANDS[command]
+    extra = extra_elements(command, instance)
+    sent = request(command, abstract.encode(), extra, message_id=MESSAGE_IDS[fault])
+    objects = appliance.data_dir / "online" / "objects"
+    before = set(objects.rglob("*.dcm"))
+    start = len(appliance.log())
+
+    with open_association(appliance) as assoc:
+        responses = send(assoc, abstract, sent, payload(command, instance))
+        assert responses == []
+        assert_aborted(assoc)
+
+    lines = problems(appliance, start)
+    assert len(lines) == 1, lines
+    assert " WARNING appliance.dicom." in lines[0]
+    assert lines[0].endswith(
+        f"with {client.CLIENT_AE}@127.0.0.1: {command} request whose Message ID"
+        " is not one US value"
+    )
+    assert set(objects.rglob("*.dcm")) == before
+    assert incoming_files(appliance.data_dir / "online") == []
+
+
+# A Priority that is not LOW, MEDIUM or HIGH (PS3.7 9.1.1.1.3), with what
+# the line says: pynetdicom aborted the association for any of them.
+PRIORITIES = {
+    "out of range": (us(5), "0x0005 is not LOW, MEDIUM or HIGH"),
+    "empty": (b"", "empty"),
+    "three bytes": (b"\x00\x00\x01", "not one US value"),
+}
+
+
+@pytest.mark.parametrize("fault", list(PRIORITIES))
+@pytest.mark.parametrize("command", ["C-STORE", "C-FIND", "C-GET", "C-MOVE"])
+def test_a_malformed_priority_is_served_with_one_line(
+    appliance: Appliance, command: str, fault: str
+) -> None:
+    instance = datasets.instance(
+        datasets.uid("study", "priority", command, fault),
+        datasets.uid("series", "priority", command, fault),
+        1,
+    )
+    _, abstract = COMMANDS[command]
+    value, reason = PRIORITIES[fault]
+    extra = extra_elements(command, instance)
+    sent = request(command, abstract.encode(), extra, priority=value)
+    start = len(appliance.log())
+
+    with open_association(appliance) as assoc:
+        responses = send(assoc, abstract, sent, payload(command, instance))
+        # The move names no known peer: refused as without the fault.
+        expected = 0xA801 if command == "C-MOVE" else 0x0000
+        assert [int(r.Status) for r in responses] == [expected]
+        assert_usable(assoc)
+
+    lines = problems(appliance, start)
+    assert " WARNING appliance.dicom.command_faults" in lines[0]
+    assert f"{command}" in lines[0]
+    assert lines[0].endswith(
+        f" from {client.CLIENT_AE}@127.0.0.1: Priority left out: {reason}"
+    )
+    # The move's own refusal is its second line.
+    assert len(lines) == (2 if command == "C-MOVE" else 1), lines
+    if command == "C-STORE":
+        objects = appliance.data_dir / "online" / "objects"
+        uid = instance.SOPInstanceUID.encode()
+        assert any(uid in path.read_bytes() for path in objects.rglob("*.dcm"))

@@ -21,6 +21,7 @@ from tests.conftest import Appliance, incoming_files, started
 from tests.test_store_wire import SUCCESS, data_set, send_store
 
 INVALID_SOP_INSTANCE = 0x0117
+DOES_NOT_MATCH = 0xA900
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,23 @@ def test_a_uid_longer_than_64_characters_is_refused_with_one_line(
     assert len(problems) == 1, problems
     assert "from WIRE@127.0.0.1" in problems[0]
     assert f"SOPInstanceUID is {len(uid)} characters long, over 64" in problems[0]
+    assert incoming_files(appliance.data_dir / "online") == []
+    assert set(objects.rglob("*.dcm")) == before
+    assert client.echo(appliance.port) == 0
+
+
+def test_a_uid_of_two_values_is_refused_with_one_line(appliance: Appliance) -> None:
+    """The request names two instances, the data set is one of them: the
+    association was aborted, where the sender is owed a status."""
+    uid = f"1.2.826.0.1.3680043.8.498.{int(time.time())}.2"
+    objects = appliance.data_dir / "online" / "objects"
+    before = set(objects.rglob("*.dcm"))
+    start = len(appliance.log())
+    sent = f"{uid}\\1.2.3".encode()
+    assert send_store(appliance.port, sent, [data_set(uid)]) == DOES_NOT_MATCH
+    problems = _problems(appliance, start)
+    assert len(problems) == 1, problems
+    assert f"refused instance {uid}\\1.2.3 from WIRE@127.0.0.1" in problems[0]
     assert incoming_files(appliance.data_dir / "online") == []
     assert set(objects.rglob("*.dcm")) == before
     assert client.echo(appliance.port) == 0

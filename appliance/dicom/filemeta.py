@@ -16,6 +16,7 @@ from typing import Any, BinaryIO
 
 import pynetdicom.dimse_messages
 from pydicom.filewriter import write_file_meta_info
+from pydicom.multival import MultiValue
 from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.dsutils import create_file_meta
@@ -59,7 +60,15 @@ def install() -> None:
 def _create(
     *, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str
 ) -> FileMeta:
-    return FileMeta(str(sop_class_uid), str(sop_instance_uid), str(transfer_syntax))
+    return FileMeta(_text(sop_class_uid), _text(sop_instance_uid), str(transfer_syntax))
+
+
+def _text(uid: Any) -> str:
+    """A request's UID as sent: several values (which the request is refused
+    for) joined as on the wire, not as a Python list."""
+    if isinstance(uid, list | MultiValue):
+        return "\\".join(str(value) for value in uid)
+    return str(uid)
 
 
 def _write(fp: BinaryIO, file_meta: Any, enforce_standard: bool = True) -> None:

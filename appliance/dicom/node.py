@@ -654,15 +654,12 @@ class Node:
             )
             return _status(NOT_AUTHORISED, "not authorised to store")
         request, context = cast(C_STORE, event.request), event.context
-        sop_class = str(request.AffectedSOPClassUID or "")
-        comment = command_faults.sop_class_fault(request)
-        wrong = comment or store_request.context_mismatch(
-            context.context_id, context.abstract_syntax, sop_class
+        wrong, comment = command_faults.store_refusal(
+            request, context.context_id, context.abstract_syntax
         )
         if wrong:
             path.unlink(missing_ok=True)
             uid = str(request.AffectedSOPInstanceUID or "(unknown)")
-            comment = comment or store_request.SOP_CLASS_COMMENT
             return self._refuse_on_context(activity, uid, wrong, comment)
 
         calling_ae = str(event.assoc.requestor.ae_title).strip()

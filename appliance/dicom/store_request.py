@@ -8,7 +8,9 @@ context's. And pynetdicom cannot hold an Affected SOP Instance UID longer
 than 64 characters in its request, so such a request used to abort the
 association where the sender is owed a status: :func:`install` has it
 decoded without that UID, and ingest refuses the instance by the UID its
-data set and file meta carry (PS3.7 9.1.1.1.9, 0x0117).
+data set and file meta carry (PS3.7 9.1.1.1.9, 0x0117). So is one with
+several values, which pynetdicom cannot hold either: the file meta carries
+them as sent, which is no data set's UID (0xA900).
 """
 
 from __future__ import annotations
@@ -116,7 +118,7 @@ def _refused_by_pynetdicom(element: Any) -> bool:
         return False
     try:
         C_STORE().AffectedSOPInstanceUID = value
-    except ValueError:
+    except (TypeError, ValueError):  # TypeError: several values
         return True
     return False
 
