@@ -20,12 +20,11 @@ import click
 from rich.table import Table
 
 from appliance import actions, logs, overview
+from appliance.cli_interrupt import exit_if_interrupted, interruptible
 from appliance.cli_shared import (
     Loader,
     config_option,
     data_dir_option,
-    exit_if_interrupted,
-    interruptible,
     open_archive,
     recall_one,
 )
@@ -131,15 +130,16 @@ def register(main: click.Group, load: Loader) -> None:
             )
             for uid in study_uids:
                 # Ctrl-C lets the study in flight finish: its files are
-                # written before the catalog counts them.
+                # written before the catalog counts them. A second one
+                # stops its recall, which removes the files it wrote.
                 if interrupted.is_set():
                     break
-                done += 1
                 if not actions.is_study(catalog, uid):
                     click.echo(f"{uid!r}: no such study in the catalog", err=True)
                     incomplete += 1
-                    continue
-                incomplete += not recall_one(recaller, uid)
+                else:
+                    incomplete += not recall_one(recaller, uid)
+                done += 1
         exit_if_interrupted(interrupted, done, len(study_uids), "study(ies)")
         sys.exit(1 if incomplete else 0)
 

@@ -184,6 +184,12 @@ class Recaller:
             unused = copies.add_copies(self.catalog, ONLINE, staged)
             for _tier, key in unused:
                 self.tiers.online.remove(key)
+        except KeyboardInterrupt:
+            # Stopped at once (a second Ctrl-C, SIGTERM): no later recall in
+            # this process would clean up, so its files go now. Extraction
+            # threads, if any, have stopped writing (see _settle).
+            note.discard(self.catalog)
+            raise
         except BaseException:
             # Whether the copies were recorded is the catalog's to say: the
             # next clean-up removes the noted files it does not count.
