@@ -26,6 +26,8 @@ _REPOSITORY = Path(__file__).resolve().parents[1]
 
 # Each pack of the catalog phase is copied from its volume to this file.
 SPOOLED = r"^open .*/restore/work/pack\.spool$"
+# A pack file of a directory volume, opened to be read.
+ON_A_VOLUME = r"^open .*/volumes/L[12]/packs/[^/]+$"
 # Each instance of the data phase is extracted to a temporary name.
 EXTRACTED = r"^open .*/online/objects/[0-9a-f]{2}/\.[^/]+\.tmp$"
 
@@ -58,11 +60,15 @@ def assert_completes(disaster: Disaster, site: Site) -> None:
     assert not (site.data_dir / "restore" / "staging").exists()
 
 
-@pytest.mark.parametrize("signals", ["-,INT", "-,TERM"])
+@pytest.mark.parametrize(
+    ("pattern", "signals"),
+    [(SPOOLED, "-,INT"), (SPOOLED, "-,TERM"), (ON_A_VOLUME, "-,INT")],
+    ids=["ctrl-c", "sigterm", "ctrl-c-while-a-pack-is-read"],
+)
 def test_stopped_in_the_catalog_phase(
-    disaster: Disaster, site: Site, signals: str
+    disaster: Disaster, site: Site, pattern: str, signals: str
 ) -> None:
-    stopped = restore_signalled(site, SPOOLED, signals)
+    stopped = restore_signalled(site, pattern, signals)
 
     assert_one_stop(stopped, signals)
     assert stopped.stderr.splitlines()[-1] == (
