@@ -21,7 +21,10 @@ The writer holds an flock on its note for the whole recall; the kernel
 releases it when the process dies, however it dies. A note whose lock can
 be taken belongs to no running recall: its keys that no online copy of the
 study names are removed, then the note. This runs when the service starts
-(before it accepts associations) and before each recall.
+(before it accepts associations) and before each recall. A recall that
+Ctrl-C stops (a KeyboardInterrupt) does the same with its own note before
+the exception leaves it: the command is about to end, and no later recall
+in it would.
 """
 
 from __future__ import annotations
