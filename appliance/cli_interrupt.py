@@ -1,6 +1,6 @@
 """Ctrl-C and SIGTERM in the commands that work through a list (``recall``,
-``import``, ``volumes loaded``): what each one stops, and the line and
-exit status the command ends with.
+``import``, ``volumes loaded``, ``migrate --now``): what each one stops,
+and the line and exit status the command ends with.
 
 - The first Ctrl-C lets the item in flight finish, then the loop stops.
 - A second Ctrl-C, or SIGTERM, stops at once where the loop allows it
