@@ -32,7 +32,7 @@ from appliance import (
     tls,
 )
 from appliance import config as configuration
-from appliance.cli_interrupt import exit_if_interrupted, interruptible
+from appliance.cli_interrupt import Group, exit_if_interrupted, interruptible
 from appliance.cli_shared import (
     config_option,
     data_dir_option,
@@ -58,7 +58,7 @@ def _print_problems(exc: ConfigError) -> None:
         click.echo(f"{key}: {message}", err=True)
 
 
-@click.group()
+@click.group(cls=Group)
 @click.version_option(package_name="pacs-appliance")
 def main() -> None:
     """pacs-appliance: tiered storage and disaster recovery for a PACS."""

@@ -107,3 +107,16 @@ def exit_interrupted(done: int, total: int, items: str, status: int = 130) -> No
         err=True,
     )
     sys.exit(status)
+
+
+class Group(click.Group):
+    """The ``appliance`` command group: Ctrl-C in a command that does not
+    handle it ends the command with one line and exit 130, rather than
+    with click's "Aborted!" and exit 1 (the status of a failure)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
