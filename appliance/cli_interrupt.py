@@ -8,7 +8,8 @@ and the line and exit status the command ends with.
   work in flight cleans up after itself as it unwinds (a recall removes
   the files it wrote and had not counted), and the block ends there.
   Where stopping inside an item could leave something half done that
-  nothing cleans up, it is only noted, as the first was.
+  nothing cleans up, it is only noted, as the first was: in a loop that
+  says so, or in a step marked whole (:mod:`appliance.whole_steps`).
 - Any signal after that is only noted: nothing may cut the clean-up short.
 
 The command then says in one line how far it got, and exits 130 (128 +
@@ -26,6 +27,8 @@ from contextlib import contextmanager
 from typing import Any, NoReturn
 
 import click
+
+from appliance import whole_steps
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -67,7 +70,9 @@ def interruptible(at_once: bool = True) -> Iterator[Interruption]:
         interruption.set(number)
         if first and number == signal.SIGINT:
             return
-        if at_once and not interruption.stopping_now:
+        # In a step that must stay whole, only noted: the loop stops after
+        # the item, which that step ends.
+        if at_once and not interruption.stopping_now and whole_steps.may_cut():
             interruption.stopping_now = True
             raise KeyboardInterrupt
 

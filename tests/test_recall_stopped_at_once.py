@@ -188,3 +188,44 @@ def test_one_ctrl_c_lets_the_study_in_flight_finish(on_nearline: Archive) -> Non
     named = check_online(archive)
     assert len(named) == 3
     assert set(online_leftovers(archive)) == named
+
+
+# An instance extracted, or a recall's note removed once its copies are
+# counted.
+EXTRACTED_OR_COUNTED = (
+    r"^(open .*/online/objects/[0-9a-f]{2}/\.[^/]+\.tmp"
+    r"|remove .*/online/recalls/[^/]+\.note)$"
+)
+
+
+def test_a_second_ctrl_c_once_the_copies_are_counted_stops_after_them(
+    on_nearline: Archive,
+) -> None:
+    """The second Ctrl-C comes as the first study's copies have just been
+    counted: the rest of that recall (its volume requests, its audit
+    record) is not cut off; it is reported done, and the command stops."""
+    archive = on_nearline
+    studies = [uid("study", "first"), uid("study", "second")]
+
+    stopped = run_signalled(
+        archive.config_path,
+        "-,INT,-,INT",
+        "recall",
+        *studies,
+        pattern=EXTRACTED_OR_COUNTED,
+    )
+
+    assert stopped.stderr.count(SENT) == 2, stopped.stderr
+    assert stopped.returncode == 130, stopped.stdout + stopped.stderr
+    assert f"{studies[0]}: 3 instance(s) staged online" in stopped.stdout
+    assert stopped.stderr.splitlines()[-1] == (
+        "interrupted: 1 of 2 study(ies) done; run the same command again for the rest"
+    )
+    named = check_online(archive)
+    assert len(named) == 3
+    assert set(online_leftovers(archive)) == named
+    trail = run(
+        archive.config_path, "audit", "show", "--event", "study-recalled", "--json"
+    )
+    assert trail.stdout.count(studies[0]) >= 1, trail.stdout + trail.stderr
+    assert len(trail.stdout.splitlines()) == 1
