@@ -32,11 +32,10 @@ from appliance import (
     tls,
 )
 from appliance import config as configuration
+from appliance.cli_interrupt import Group, exit_if_interrupted, interruptible
 from appliance.cli_shared import (
     config_option,
     data_dir_option,
-    exit_if_interrupted,
-    interruptible,
 )
 from appliance.errors import ApplianceError, ConfigError
 from appliance.terminal import console, progress_bar, size
@@ -59,7 +58,7 @@ def _print_problems(exc: ConfigError) -> None:
         click.echo(f"{key}: {message}", err=True)
 
 
-@click.group()
+@click.group(cls=Group)
 @click.version_option(package_name="pacs-appliance")
 def main() -> None:
     """pacs-appliance: tiered storage and disaster recovery for a PACS."""
@@ -201,7 +200,10 @@ def import_(
     outcomes: Counter[str] = Counter()
     imported: list[str] = []
     read = 0
-    with interruptible() as interrupted:
+    # A second Ctrl-C lets the file in flight finish too (milliseconds):
+    # stopped between its move into place and its commit, it would be a
+    # file no catalog entry names.
+    with interruptible(at_once=False) as interrupted:
         try:
             with progress_bar() as progress:
                 task = progress.add_task("importing", total=len(files))

@@ -239,7 +239,7 @@ def _restore(
             fetcher.limiter = limiter
             catalog = _catalog(config)
             try:
-                report, path = _restore_data(
+                report, path, stopped = _restore_data(
                     config, catalog, keys, cache, contents, limiter, ctrl_c
                 )
             finally:
@@ -247,6 +247,9 @@ def _restore(
     finally:
         limiter.close()
         lock.release()
+    if stopped:
+        print_stopped(report, path)
+        return False
     _print_report(report, path)
     return bool(report.ok)
 
@@ -364,10 +367,11 @@ def _restore_data(
     contents: Any,
     limiter: Any,
     ctrl_c: Any,
-) -> tuple[Any, Path]:
+) -> tuple[Any, Path, bool]:
     """The data phase, with a progress bar of bytes, rate and time left; the
-    report (of what is done so far, when Ctrl-C stopped it) and its file.
-    A Ctrl-C that ``ctrl_c`` noted on the way here stops it at once."""
+    report (of what is done so far, when Ctrl-C or SIGTERM stopped it), its
+    file, and whether it was stopped so. A Ctrl-C that ``ctrl_c`` noted on
+    the way here stops it at once."""
     import signal
     import threading
 
@@ -384,7 +388,10 @@ def _restore_data(
         stop.set()
         limiter.close()  # a wait for bandwidth (a paused timetable) ends
 
-    interrupted = signal.signal(signal.SIGINT, interrupt)
+    interrupted = {
+        number: signal.signal(number, interrupt)
+        for number in (signal.SIGINT, signal.SIGTERM)
+    }
     if ctrl_c.pressed:
         interrupt()
     report = None
@@ -415,14 +422,14 @@ def _restore_data(
             except LimiterClosed:
                 tracker.state("stopped", "run the restore again to continue")
     finally:
-        signal.signal(signal.SIGINT, interrupted)
+        for number, handler in interrupted.items():
+            signal.signal(number, handler)
     if report is None:
-        click.echo("stopped: run the same command again to continue", err=True)
         folder = config.restore_folder
         noted = FailureLog(folder).read()
         report = final_report(catalog, contents, rebuilt_note(catalog) or {}, (), noted)
-        return report, report.save(folder)
-    return report, Path(tracker.snapshot.report)
+        return report, report.save(folder), True
+    return report, Path(tracker.snapshot.report), False
 
 
 def _transfer_bar() -> Progress:
@@ -554,6 +561,24 @@ def _print_rebuild(rebuild: Any, scan: bool) -> None:
         click.echo(f"catalog: rebuilt from {rebuild.source}")
     if rebuild.set_aside is not None:
         click.echo(f"  the empty catalog found was set aside in {rebuild.set_aside}")
+
+
+def print_stopped(report: Any, path: Path) -> None:
+    """A data phase that Ctrl-C or SIGTERM stopped: one line of what is
+    done (the report has the rest), and what to do."""
+    found = [
+        f"{len(problems):,} {kind}"
+        for kind, problems in (("missing", report.missing), ("corrupt", report.corrupt))
+        if problems
+    ]
+    click.echo(
+        f"restore interrupted: {len(report.restored):,} instance(s) restored and "
+        f"verified, {len(report.waiting):,} not tried yet"
+        + "".join(f", {each}" for each in found)
+        + f"; report: {path}",
+        err=True,
+    )
+    click.echo("run the same command again to continue", err=True)
 
 
 def _print_report(report: Any, path: Path) -> None:

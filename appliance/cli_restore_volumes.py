@@ -15,6 +15,7 @@ from appliance.cli_restore import (
     _print_rebuild,
     _print_report,
     _transfer_bar,
+    print_stopped,
 )
 from appliance.config import Config
 from appliance.terminal import progress_bar
@@ -25,9 +26,14 @@ _READ = "a restore from volumes must read the packs on it"
 
 
 def restore_from_volumes(config: Config) -> bool:
-    """Both phases and the report; whether everything came back."""
-    from appliance.restore.reasons import FailureLog
-    from appliance.restore.volumedata import final_volume_report
+    """Both phases and the report; whether everything came back.
+
+    Ctrl-C or SIGTERM is noted, as for the mirror (:mod:`.restore.ctrl_c`):
+    the catalog phase stops before the next pack it reads and puts nothing
+    in place (a KeyboardInterrupt, which the caller reports); the data
+    phase stops once the study in flight is counted, and the report says
+    what is done."""
+    from appliance.restore.ctrl_c import CtrlC
     from appliance.storage.archive_id import ArchiveIdFile
     from appliance.storage.lock import claim_tier
     from appliance.storage.online import OnlineTier
@@ -41,43 +47,74 @@ def restore_from_volumes(config: Config) -> bool:
     folder = config.restore_folder
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        # A restore never writes to a volume: nothing to recover there.
-        kind = config.get("volumes.kind")
-        archive = ArchiveIdFile(config.data_dir)
-        library = open_library(kind, config.volume_settings(), False, archive)
-        if not library.list_volumes():
-            click.echo(
-                "the volume library holds no volume: nothing to restore", err=True
+        with CtrlC() as ctrl_c:
+            # A restore never writes to a volume: nothing to recover there.
+            kind = config.get("volumes.kind")
+            archive = ArchiveIdFile(config.data_dir)
+            library = open_library(kind, config.volume_settings(), False, archive)
+            if not library.list_volumes():
+                click.echo(
+                    "the volume library holds no volume: nothing to restore",
+                    err=True,
+                )
+                return False
+            outcome = _rebuild(config, library, keys, online, ctrl_c)
+            report, waiting_for, stopped = _data_and_report(
+                config, library, keys, outcome, ctrl_c
             )
-            return False
-        outcome = _rebuild(config, library, keys, online)
-        failures = FailureLog(folder)
-        if not outcome.rebuild.done_before:
-            failures.clear()  # an earlier restore's, if any
-        catalog = _catalog(config)
-        try:
-            _ask_for(catalog, outcome.unread)
-            note = outcome.rebuild.note
-            waiting_for = _restore_data(config, catalog, keys, library, note)
-            report = final_volume_report(
-                catalog, note, outcome.unread, library, failures.read()
-            )
-        finally:
-            catalog.close()
     finally:
         lock.release()
-    _print_report(report, report.save(folder))
+    path = report.save(folder)
+    if stopped:
+        print_stopped(report, path)
+        return False
+    _print_report(report, path)
     _print_wanted(config, outcome.unread + waiting_for)
     return report.ok
 
 
-def _rebuild(config: Config, library: Any, keys: Any, online: Any) -> Any:
-    """The catalog phase, with a progress bar for the packs it reads."""
+def _data_and_report(
+    config: Config, library: Any, keys: Any, outcome: Any, ctrl_c: Any
+) -> tuple[Any, list[str], bool]:
+    """The data phase and its report; the volumes on the shelf it waited
+    for, and whether Ctrl-C stopped it before its last study. A Ctrl-C
+    pressed once the catalog was in place stops here: the next run goes on
+    with the data."""
+    from appliance.restore.reasons import FailureLog
+    from appliance.restore.volumedata import final_volume_report
+
+    ctrl_c.check()
+    failures = FailureLog(config.restore_folder)
+    if not outcome.rebuild.done_before:
+        failures.clear()  # an earlier restore's, if any
+    catalog = _catalog(config)
+    try:
+        _ask_for(catalog, outcome.unread)
+        note = outcome.rebuild.note
+        waiting_for, stopped = _restore_data(
+            config, catalog, keys, library, note, ctrl_c
+        )
+        report = final_volume_report(
+            catalog, note, outcome.unread, library, failures.read()
+        )
+    finally:
+        catalog.close()
+    return report, waiting_for, stopped
+
+
+def _rebuild(config: Config, library: Any, keys: Any, online: Any, ctrl_c: Any) -> Any:
+    """The catalog phase, with a progress bar for the packs it reads;
+    stopped by Ctrl-C (``ctrl_c``) before each pack."""
     from appliance.hsm.archive import archive_of
     from appliance.restore.volumes import rebuild_from_volumes
 
     with progress_bar() as bar:
         task = bar.add_task("reading the volumes", total=None)
+
+        def shown(done: int, total: int) -> None:
+            ctrl_c.check()
+            bar.update(task, completed=done, total=total)
+
         outcome = rebuild_from_volumes(
             config.catalog_path,
             config.get("storage.catalog_max_size"),
@@ -85,7 +122,7 @@ def _rebuild(config: Config, library: Any, keys: Any, online: Any) -> Any:
             library,
             keys,
             online,
-            lambda done, total: bar.update(task, completed=done, total=total),
+            shown,
         )
     # The archive id the volumes' labels name, where the volumes read it.
     archive_of(config)
@@ -94,10 +131,16 @@ def _rebuild(config: Config, library: Any, keys: Any, online: Any) -> Any:
 
 
 def _restore_data(
-    config: Config, catalog: Any, keys: Any, library: Any, note: dict[str, Any]
-) -> list[str]:
-    """The data phase, with a progress bar of bytes, rate and time left; the
-    volumes on the shelf that it waited for."""
+    config: Config,
+    catalog: Any,
+    keys: Any,
+    library: Any,
+    note: dict[str, Any],
+    ctrl_c: Any,
+) -> tuple[list[str], bool]:
+    """The data phase, with a progress bar of bytes, rate and time left,
+    until done or Ctrl-C (asked between two studies); the volumes on the
+    shelf that it waited for, and whether Ctrl-C stopped it."""
     from appliance.restore.volumedata import VolumeDataRestore
     from appliance.storage.offline import OfflineTier
 
@@ -120,8 +163,9 @@ def _restore_data(
             lambda done, total, what: bar.update(
                 task, completed=done, description=f"restoring {what}"
             ),
+            lambda: ctrl_c.pressed,
         )
-    return restorer.waiting_for
+    return restorer.waiting_for, restorer.stopped
 
 
 def _ask_for(catalog: Any, volumes: list[str]) -> None:

@@ -3,13 +3,11 @@ recalling a study with a progress bar."""
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
@@ -28,44 +26,6 @@ config_option = click.option(
 data_dir_option = click.option(
     "--data-dir", help="Directory for all data (storage.data_dir)."
 )
-
-
-def exit_if_interrupted(
-    interrupted: threading.Event, done: int, total: int, items: str
-) -> None:
-    """If Ctrl-C stopped a loop before its last item, say how far it got and
-    exit 130 (128 + SIGINT); one that came during the last item stopped
-    nothing, and the command ends as it would have."""
-    if interrupted.is_set() and done < total:
-        exit_interrupted(done, total, items)
-
-
-def exit_interrupted(done: int, total: int, items: str) -> NoReturn:
-    """Say how far a loop that Ctrl-C stopped got; exit 130 (128 + SIGINT)."""
-    click.echo(
-        f"interrupted: {done} of {total} {items} done; run the same command "
-        "again for the rest",
-        err=True,
-    )
-    sys.exit(130)
-
-
-@contextmanager
-def interruptible() -> Iterator[threading.Event]:
-    """An event that Ctrl-C sets, for a loop to stop after the item in
-    flight and report what it did; a second Ctrl-C stops at once."""
-    interrupted = threading.Event()
-    previous = signal.getsignal(signal.SIGINT)
-
-    def interrupt(_number: int, _frame: Any) -> None:
-        interrupted.set()
-        signal.signal(signal.SIGINT, previous)
-
-    signal.signal(signal.SIGINT, interrupt)
-    try:
-        yield interrupted
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def require_catalog(config: Config) -> None:

@@ -20,12 +20,11 @@ import click
 from rich.table import Table
 
 from appliance import actions, logs, overview
+from appliance.cli_interrupt import exit_if_interrupted, interruptible
 from appliance.cli_shared import (
     Loader,
     config_option,
     data_dir_option,
-    exit_if_interrupted,
-    interruptible,
     open_archive,
     recall_one,
 )
@@ -74,12 +73,16 @@ def register(main: click.Group, load: Loader) -> None:
         logs.setup("WARNING", config.get("logging.format"))
         from appliance.hsm.jobs import MigrationJob
 
+        steps_done = 0
         with (
             _migration_lock(config),
             open_archive(config, writer=True) as (
                 catalog,
                 opened,
             ),
+            # A step is never stopped half way (a pack half written to a
+            # write-once volume is room lost): every signal waits for it.
+            interruptible(at_once=False) as interrupted,
         ):
             job = MigrationJob(catalog, opened, config)
             plan = job.plan(watermarks_only=watermarks_only)
@@ -88,10 +91,17 @@ def register(main: click.Group, load: Loader) -> None:
                 return
             with progress_bar() as progress:
                 task = progress.add_task("migrating", total=len(plan.actions))
-                outcomes = job.run(
-                    plan, lambda done, _total: progress.update(task, completed=done)
-                )
+
+                def shown(finished: int, _total: int) -> None:
+                    nonlocal steps_done
+                    steps_done = finished
+                    progress.update(task, completed=finished)
+
+                outcomes = job.run(plan, shown, interrupted.is_set)
         failed = [o for o in outcomes if not o.ok]
+        if interrupted.is_set() and steps_done < len(plan.actions):
+            _print_failed(failed)
+            exit_if_interrupted(interrupted, steps_done, len(plan.actions), "step(s)")
         moved = sum(o.bytes for o in outcomes)
         # A move is a copy and then a release: counted as what was done.
         done = Counter(o.action for o in outcomes if o.ok)
@@ -100,11 +110,7 @@ def register(main: click.Group, load: Loader) -> None:
             f"made, {done['release']} release(s), {len(failed)} failed; "
             f"{moved:,} bytes of packs written"
         )
-        for outcome in failed:
-            click.echo(
-                f"  {outcome.action} {outcome.study_uid} -> {outcome.tier}: "
-                f"{outcome.problem}"
-            )
+        _print_failed(failed)
         sys.exit(1 if failed else 0)
 
     @main.command()
@@ -131,15 +137,16 @@ def register(main: click.Group, load: Loader) -> None:
             )
             for uid in study_uids:
                 # Ctrl-C lets the study in flight finish: its files are
-                # written before the catalog counts them.
+                # written before the catalog counts them. A second one
+                # stops its recall, which removes the files it wrote.
                 if interrupted.is_set():
                     break
-                done += 1
                 if not actions.is_study(catalog, uid):
                     click.echo(f"{uid!r}: no such study in the catalog", err=True)
                     incomplete += 1
-                    continue
-                incomplete += not recall_one(recaller, uid)
+                else:
+                    incomplete += not recall_one(recaller, uid)
+                done += 1
         exit_if_interrupted(interrupted, done, len(study_uids), "study(ies)")
         sys.exit(1 if incomplete else 0)
 
@@ -152,6 +159,14 @@ def _migration_lock(config: Config) -> Iterator[None]:
     except actions.MigrationRunning as exc:
         click.echo(str(exc), err=True)
         sys.exit(1)
+
+
+def _print_failed(failed: list[Any]) -> None:
+    for outcome in failed:
+        click.echo(
+            f"  {outcome.action} {outcome.study_uid} -> {outcome.tier}: "
+            f"{outcome.problem}"
+        )
 
 
 def _print_tiers(rows: list[dict[str, Any]]) -> None:

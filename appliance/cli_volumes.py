@@ -14,12 +14,11 @@ import click
 from rich.table import Table
 
 from appliance import actions, logs, overview
+from appliance.cli_interrupt import exit_if_interrupted, interruptible
 from appliance.cli_shared import (
     Loader,
     config_option,
     data_dir_option,
-    exit_if_interrupted,
-    interruptible,
     open_archive,
     recall_one,
 )

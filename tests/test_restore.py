@@ -626,7 +626,9 @@ def test_ctrl_c_in_a_paused_restore_writes_the_report(site) -> None:
 
     assert "paused by restore.timetable" in status.stdout
     assert process.returncode == 1, err
-    assert "not tried yet" in out and "run the same command again" in err
+    assert "restore interrupted: " in err and "not tried yet" in err
+    assert err.splitlines()[-1] == "run the same command again to continue"
+    assert "not tried yet" not in out
     assert paused.report()["waiting"]
     # --rate stands in for the paused timetable.
     assert paused.restore("--rate", "1000").returncode == 0

@@ -4,6 +4,7 @@ completes."""
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from appliance.restore.progress import is_pending
 from tests.restore_site import Restored
 from tests.sigint_in_exec import SENT
+from tests.signal_on_open import SENT as SENT_ANY
 
 _COMMAND = (sys.executable, "-m", "appliance")
 _REPOSITORY = Path(__file__).resolve().parents[1]
@@ -98,3 +100,46 @@ def _assert_stopped_then_completes(
     again = restored.restore()
     assert again.returncode == 0, again.stderr
     assert restored.held() == (disaster[1], disaster[2])
+
+
+# Each instance of the data phase is extracted to a temporary name, in a
+# worker thread.
+_EXTRACTED = r"^open .*/online/objects/[0-9a-f]{2}/\.[^/]+\.tmp$"
+
+
+@pytest.mark.parametrize("signals", ["INT", "TERM", "INT,INT"])
+def test_stopped_in_the_data_phase_says_one_line(disaster, site, signals) -> None:
+    """Signalled as the first study's first instance is extracted: that
+    study is finished and counted; one line says what is done, one what
+    to do, exit 1; the next run restores the rest."""
+    restored, _mirror = site
+    command = [sys.executable, "-m", "tests.signal_on_open", "--any-thread"]
+    command += [_EXTRACTED, signals, "restore", "--from", "mirror"]
+    command += ["--config", str(restored.config_path)]
+
+    stopped = subprocess.run(
+        command, cwd=_REPOSITORY, capture_output=True, text=True, timeout=120
+    )
+
+    assert stopped.returncode == 1, stopped.stdout + stopped.stderr
+    assert "Aborted" not in stopped.stderr and "Traceback" not in stopped.stderr
+    said = [line for line in stopped.stderr.splitlines() if SENT_ANY not in line]
+    line = re.fullmatch(
+        r"restore interrupted: (\d+) instance\(s\) restored and verified, "
+        r"(\d+) not tried yet; report: (\S+)",
+        said[-2],
+    )
+    assert line is not None, stopped.stderr
+    assert said[-1] == "run the same command again to continue"
+    assert stopped.stderr.count("not tried yet") == 1, stopped.stderr
+    done, waiting = int(line[1]), int(line[2])
+    held = disaster[1]
+    assert 0 < done < len(held) and done + waiting == len(held)
+    assert len(restored.object_files()) == done
+    assert restored.held()[0] == {u: held[u] for u in restored.held()[0]}
+
+    again = restored.restore()
+
+    assert again.returncode == 0, again.stderr
+    assert restored.held() == (disaster[1], disaster[2])
+    assert len(restored.object_files()) == len(held)

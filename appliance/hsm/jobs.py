@@ -109,12 +109,20 @@ class MigrationJob:
                 result.warnings.append(released.warning)
         return result
 
-    def run(self, plan: Plan, progress: Progress | None = None) -> list[Outcome]:
-        """Carry out the plan's decisions in order, within the I/O rate."""
+    def run(
+        self,
+        plan: Plan,
+        progress: Progress | None = None,
+        stopping: Callable[[], bool] = lambda: False,
+    ) -> list[Outcome]:
+        """Carry out the plan's decisions in order, within the I/O rate,
+        until done or ``stopping()`` (asked before each decision)."""
         outcomes: list[Outcome] = []
         throttle = _Throttle(self.config.get("migration.rate_mb_per_s"))
         actions = plan.actions
         for done, decision in enumerate(actions, start=1):
+            if stopping():
+                break
             results = self._carry_out(decision)
             outcomes += results
             throttle.spent(sum(o.bytes for o in results))

@@ -27,7 +27,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance import audit
+from appliance import audit, whole_steps
 from appliance.audit import codes
 from appliance.catalog import copies, requests
 from appliance.catalog.copies import PackRecord
@@ -179,17 +179,42 @@ class Recaller:
             if progress is not None:
                 progress(len(staged), len(wanted))
 
-        try:
-            source = self._stage_all(wanted, staged, result, staged_one, note)
-            unused = copies.add_copies(self.catalog, ONLINE, staged)
-            for _tier, key in unused:
-                self.tiers.online.remove(key)
-        except BaseException:
-            # Whether the copies were recorded is the catalog's to say: the
-            # next clean-up removes the noted files it does not count.
-            note.close()
-            raise
-        note.end()
+        # Counting the copies and what follows is not cut in two by a stop
+        # at once; the staging may be.
+        with whole_steps.whole():
+            try:
+                with whole_steps.cuttable():
+                    source = self._stage_all(wanted, staged, result, staged_one, note)
+                unused = copies.add_copies(self.catalog, ONLINE, staged)
+                for _tier, key in unused:
+                    self.tiers.online.remove(key)
+            except KeyboardInterrupt:
+                # Stopped at once (a second Ctrl-C, SIGTERM): no later recall
+                # in this process would clean up, so its files go now.
+                # Extraction threads, if any, have stopped (see _settle).
+                note.discard(self.catalog)
+                raise
+            except BaseException:
+                # Whether the copies were recorded is the catalog's to say:
+                # the next clean-up removes the noted files it does not count.
+                note.close()
+                raise
+            note.end()
+            return self._recorded(result, wanted, staged, unused, why, source, started)
+
+    def _recorded(
+        self,
+        result: RecallResult,
+        wanted: list[InstanceRecord],
+        staged: dict[str, tuple[str, str]],
+        unused: list[tuple[str, str]],
+        why: str,
+        source: str,
+        started: float,
+    ) -> RecallResult:
+        """What follows a recall's counted copies: the result, the volume
+        requests, damaged copies no longer counted, the log and audit."""
+        study_uid = result.study_uid
         result.staged = len(staged) - len(unused)
         result.missing = [
             r.sop_instance_uid for r in wanted if r.sop_instance_uid not in staged

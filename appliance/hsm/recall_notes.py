@@ -21,7 +21,10 @@ The writer holds an flock on its note for the whole recall; the kernel
 releases it when the process dies, however it dies. A note whose lock can
 be taken belongs to no running recall: its keys that no online copy of the
 study names are removed, then the note. This runs when the service starts
-(before it accepts associations) and before each recall.
+(before it accepts associations) and before each recall. A recall that
+Ctrl-C stops (a KeyboardInterrupt) does the same with its own note before
+the exception leaves it: the command is about to end, and no later recall
+in it would.
 """
 
 from __future__ import annotations
@@ -59,12 +62,7 @@ def remove_uncounted(
     names; how many were removed. A key is only ever recorded for an
     instance of the study whose recall made it, so the study's copies
     are the ones to look at."""
-    counted = {
-        copy.location
-        for record in copies.instances_of(catalog, study_uid)
-        for copy in record.copies
-        if copy.tier == ONLINE
-    }
+    counted = _counted(catalog, study_uid)
     removed = 0
     for key in keys:
         if key in counted:
@@ -79,6 +77,16 @@ def remove_uncounted(
     return removed
 
 
+def _counted(catalog: Catalog, study_uid: str) -> set[str]:
+    """The keys of the study's online copies."""
+    return {
+        copy.location
+        for record in copies.instances_of(catalog, study_uid)
+        for copy in record.copies
+        if copy.tier == ONLINE
+    }
+
+
 class RecallNote:
     """The note of one recall in progress; made at its first keys."""
 
@@ -87,12 +95,14 @@ class RecallNote:
         self.study_uid = study_uid
         self.path: Path | None = None
         self._fd: int | None = None
+        self._keys: list[str] = []
 
     def add(self, keys: Sequence[str]) -> None:
         """Put ``keys`` in the note on stable storage; their files may be
         written once this returns."""
         if not keys:
             return
+        self._keys.extend(keys)
         text = "".join(f"{key}\n" for key in keys)
         try:
             if self._fd is None:
@@ -113,6 +123,29 @@ class RecallNote:
             # Removed while still locked: no clean-up reads it half gone.
             self.path.unlink(missing_ok=True)
         self.close()
+
+    def discard(self, catalog: Catalog) -> None:
+        """The recall was stopped (Ctrl-C) and the process is about to end:
+        remove now the files under the note's keys that the catalog does
+        not count, then the note. A file that stays (the disk refused)
+        keeps the note for the next clean-up, as does a failure here."""
+        try:
+            removed = remove_uncounted(catalog, self.online, self.study_uid, self._keys)
+            uncounted = set(self._keys) - _counted(catalog, self.study_uid)
+            left = [k for k in uncounted if self.online.path_of(k).exists()]
+        except (ApplianceError, OSError) as exc:
+            logger.warning("stopped recall of study %s: %s", self.study_uid, exc)
+            self.close()
+            return
+        if left:
+            self.close()
+            return
+        logger.info(
+            "stopped recall of study %s: its %d uncounted file(s) removed",
+            self.study_uid,
+            removed,
+        )
+        self.end()
 
     def close(self) -> None:
         """Let go of the note and leave it for the next clean-up (the

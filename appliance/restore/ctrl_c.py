@@ -1,5 +1,6 @@
-"""Ctrl-C during a restore's catalog phase: noted when it comes, acted on
-between two steps of the work.
+"""Ctrl-C (or SIGTERM) during a restore's catalog phase, and during the data
+phase of a restore from volumes: noted when it comes, acted on between two
+steps of the work.
 
 Python's own handling raises KeyboardInterrupt wherever the main thread is
 when SIGINT arrives: half way through a module being imported, or inside
@@ -26,16 +27,22 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
+# SIGTERM (``kill``, ``timeout``) asks the same as Ctrl-C: stop cleanly.
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 class CtrlC:
-    """Handles SIGINT while it is used as a context manager; the previous
-    handler comes back on leaving."""
+    """Handles SIGINT and SIGTERM while it is used as a context manager;
+    the previous handlers come back on leaving."""
 
     def __init__(self) -> None:
         self._pressed = threading.Event()
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> CtrlC:
-        self._previous = signal.signal(signal.SIGINT, self._note)
+        self._previous = {
+            number: signal.signal(number, self._note) for number in _SIGNALS
+        }
         return self
 
     def __exit__(
@@ -44,11 +51,14 @@ class CtrlC:
         error: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
-        previous = self._previous
-        signal.signal(
-            signal.SIGINT,
-            signal.default_int_handler if previous is None else previous,
-        )
+        for number, previous in self._previous.items():
+            if previous is None:  # not set from Python: the default
+                previous = (
+                    signal.default_int_handler
+                    if number == signal.SIGINT
+                    else signal.SIG_DFL
+                )
+            signal.signal(number, previous)
 
     @property
     def pressed(self) -> bool:

@@ -80,6 +80,8 @@ class VolumeDataRestore:
         self.recaller = Recaller(catalog, tiers, failed=self._note_failures)
         # Volumes recall waited for: they are on the shelf.
         self.waiting_for: list[str] = []
+        # Whether the last run was stopped before its last study.
+        self.stopped = False
 
     def plan(self) -> VolumePlan:
         """What is left to restore, after tidying an interrupted run."""
@@ -104,11 +106,21 @@ class VolumeDataRestore:
         self._distrust_damaged(self._online_from_damaged())
         return plan
 
-    def run(self, plan: VolumePlan, progress: Progress | None = None) -> int:
-        """Restore the planned studies; the instances staged online."""
+    def run(
+        self,
+        plan: VolumePlan,
+        progress: Progress | None = None,
+        stopping: Callable[[], bool] = lambda: False,
+    ) -> int:
+        """Restore the planned studies until done or ``stopping()`` (asked
+        between two studies); the instances staged online."""
         done_bytes = 0
         staged = 0
+        self.stopped = False
         for number, study_uid in enumerate(plan.studies, 1):
+            if stopping():
+                self.stopped = True
+                break
             records = [
                 r
                 for r in copies.instances_of(self.catalog, study_uid)

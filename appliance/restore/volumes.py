@@ -57,7 +57,8 @@ from appliance.storage.volumes.registry import write_atomically
 
 logger = logging.getLogger(__name__)
 
-# Called with (packs read so far, packs to read).
+# Called with (packs read so far, packs to read), before each pack and as
+# each chunk of it is read.
 Progress = Callable[[int, int], None]
 
 _STATE = "volumes.json"
@@ -208,6 +209,9 @@ class VolumeReader:
             unreadable=self.state.unreadable,
         )
         self._shelved: list[str] = []
+        # (packs read, packs to read), told again as each chunk comes: a
+        # pack on tape takes minutes, and Ctrl-C is acted on in the call.
+        self._told = (0, 0)
 
     def close(self) -> None:
         self.work.catalog.close()
@@ -347,6 +351,7 @@ class VolumeReader:
                     out.write(chunk)
                     digest.update(chunk)
                     size += len(chunk)
+                    self._report(*self._told)
         except OSError as exc:
             raise durable.translate_os_error(exc, f"cannot write {path}") from exc
         if size == location.size and digest.hexdigest() == location.sha256:
@@ -360,6 +365,7 @@ class VolumeReader:
         self.state.damaged[location.pack_id] = why
 
     def _report(self, done: int, total: int) -> None:
+        self._told = (done, total)
         if self.progress is not None:
             self.progress(done, total)
 
