@@ -40,7 +40,8 @@ def refuse(message: hl7.Message | None, error: MessageError) -> bytes:
     # be | and ^. MSA is its last segment: the reason becomes its third field.
     field, component = message.separators[1], message.separators[3]
     err = _err_segment(error, reason, field, component)
-    text = f"{str(ack).rstrip(chr(13))}{field}{reason}\r{err}"
+    # Every segment ends with CR (HL7 v2.5 section 2.5.1), the last too.
+    text = f"{str(ack).rstrip(chr(13))}{field}{reason}\r{err}\r"
     return _encode_text(text)
 
 
@@ -65,13 +66,12 @@ def _bare_ack(error: MessageError, echoed: str = "") -> str:
     stamp = time.strftime("%Y%m%d%H%M%S")
     control_id = generate_message_control_id()
     reason = _escape_plain(error.reason)
-    return "\r".join(
-        (
-            f"MSH|^~\\&|{FALLBACK_SENDER}||||{stamp}||ACK|{control_id}|P|2.5",
-            f"MSA|{error.ack_code}|{echoed}|{reason}",
-            _err_segment(error, reason),
-        )
+    segments = (
+        f"MSH|^~\\&|{FALLBACK_SENDER}||||{stamp}||ACK|{control_id}|P|2.5",
+        f"MSA|{error.ack_code}|{echoed}|{reason}",
+        _err_segment(error, reason),
     )
+    return "".join(f"{segment}\r" for segment in segments)
 
 
 def _escape_plain(text: str) -> str:

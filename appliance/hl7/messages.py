@@ -88,11 +88,14 @@ CHARSETS = {
     "8859/1": "iso8859-1",
     "8859/15": "iso8859-15",
 }
-# F S T R E (separators), H N (highlight), Xhh (hex), .br and other
-# formatting, C and M (character sets): what python-hl7 undoes.
+# What python-hl7 undoes: F S T R E (separators), H N (highlight), Xhh
+# (hex, whole bytes) and its formatting commands with a count of at most
+# two digits. It drops C and M (character sets) and other commands from
+# the value, logging the whole field, and repeats a formatting command's
+# text as often as the count says: a few bytes would become gigabytes.
 _KNOWN_ESCAPE = re.compile(
-    r"^([FSTREHN]|X[0-9A-Fa-f]+|\.[a-z]{2}[-+]?[0-9]*"
-    r"|C[0-9A-Fa-f]{4}|M[0-9A-Fa-f]{4,6})$"
+    r"^([FSTREHN]|X(?:[0-9A-Fa-f]{2})+"
+    r"|\.(?:br|sp|fi|nf|in|ti|sk|ce)(?:[-+]?[0-9]{1,2})?)$"
 )
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # At least the day: an appointment needs one.
@@ -187,7 +190,14 @@ def _charset(raw: bytes) -> str:
 
 def parse(raw: bytes) -> hl7.Message:
     """The message parsed by python-hl7, or MessageError (AR or AE)."""
-    text = normalise(raw)
+    try:
+        text = normalise(raw)
+    except MessageError as error:
+        # A message in the wrong character set still has an MSH to answer
+        # from: its sender matches the refusal by the control ID.
+        first = raw.replace(b"\n", b"\r").split(b"\r", 1)[0]
+        error.header = header_alone(first.decode("utf-8", "replace"))
+        raise
     try:
         _check_escapes(text)
     except MessageError as error:
@@ -217,25 +227,30 @@ def header_alone(text: str) -> hl7.Message | None:
 
 def _check_escapes(text: str) -> None:
     """Refuse escape sequences python-hl7 cannot undo: it would log an error
-    and cut the value short, and a cut ID matches the wrong record."""
+    and cut the value short, and a cut ID matches the wrong record. An
+    escape character that opens a sequence and no second one closing it
+    within the value is refused too: python-hl7 drops the rest."""
     escape = text[6:7]
     if not escape or escape.isalnum():
         return
-    body = text[8:]
-    # A sequence ends where its field does: the message's own separator.
-    stops = re.escape(escape + "\r" + text[3:4])
-    pattern = re.escape(escape) + "([^" + stops + "]*)" + re.escape(escape)
-    for found in re.finditer(pattern, body):
-        if not _KNOWN_ESCAPE.match(found.group(1)):
-            # Named by its field, never quoted: the value may be a name.
-            where = _field_at(text, 8 + found.start())
-            segment, _repetition, field = where.split("^")
-            raise MessageError(
-                "AE",
-                DATA_TYPE_ERROR,
-                where,
-                f"unknown escape sequence in {segment}-{field}",
-            )
+    # A sequence ends where its value does: at the message's own
+    # separators (MSH-1, MSH-2), whichever they are.
+    separators = {"\r", *text[3:6], text[7:8]} - {escape, ""}
+    value = "[^" + re.escape("".join(sorted(separators))) + "]+"
+    for found in re.finditer(value, text[8:]):
+        pieces = found.group().split(escape)
+        # Pieces alternate text, sequence, text: an even count leaves one open.
+        if len(pieces) % 2 == 0:
+            problem = "an escape sequence without its end"
+        elif all(_KNOWN_ESCAPE.match(sequence) for sequence in pieces[1::2]):
+            continue
+        else:
+            problem = "unknown escape sequence"
+        # Named by its field, never quoted: the value may be a name.
+        where = _field_at(text, 8 + found.start())
+        raise MessageError(
+            "AE", DATA_TYPE_ERROR, where, f"{problem} in {bounds.field_name(where)}"
+        )
 
 
 def _field_at(text: str, offset: int) -> str:
@@ -278,7 +293,7 @@ def read(message: hl7.Message) -> ScheduleMessage:
 
 def header(message: hl7.Message) -> tuple[str, str]:
     """The message control ID (MSH-10) and the sender (MSH-3 ^ MSH-4), or
-    MessageError (AR) when there is no control ID."""
+    MessageError (AR) when there is no control ID or version ID (MSH-12)."""
     control_id = _identifier(_field(message, "MSH", 10), "MSH^1^10")
     _bounded(control_id, bounds.CONTROL_ID, "MSH^1^10")
     msh = message.segment("MSH")
@@ -289,6 +304,12 @@ def header(message: hl7.Message) -> tuple[str, str]:
     if not control_id:
         raise MessageError(
             "AR", REQUIRED_FIELD_MISSING, "MSH^1^10", "no message control ID (MSH-10)"
+        )
+    # HL7 v2.5 section 2.9.2.1: a receiver that cannot tell the version
+    # rejects the message (AR); the ACK would have none to echo either.
+    if not _field(message, "MSH", 12):
+        raise MessageError(
+            "AR", REQUIRED_FIELD_MISSING, "MSH^1^12", "no version ID (MSH-12)"
         )
     return control_id, "^".join((_field(message, "MSH", 3), _field(message, "MSH", 4)))
 
@@ -561,6 +582,9 @@ def _identifier(value: str, location: str) -> str:
     say): such an ID would never match, or match the wrong record."""
     if _CONTROL.search(value):
         raise MessageError(
-            "AE", DATA_TYPE_ERROR, location, f"a control character in {location}"
+            "AE",
+            DATA_TYPE_ERROR,
+            location,
+            f"a control character in {bounds.field_name(location)}",
         )
     return value
