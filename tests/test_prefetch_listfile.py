@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from appliance.catalog.store import Catalog
@@ -193,3 +194,114 @@ def test_the_watched_folder_imports_settled_files_and_sorts_them(
     assert (folder / "link.csv").is_symlink()
     assert (folder / "notes.txt").exists()
     assert [p.name for p in settling.settled(folder)] == ["growing.csv"]
+
+
+def test_a_value_over_the_csv_modules_limit_refuses_the_file_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    data = make_archive(tmp_path / "data")
+    huge = tmp_path / "huge.csv"
+    huge.write_text("patient_id,appointment_time\n" + "X" * 200_000 + ",2027-01-15\n")
+
+    result = CliRunner().invoke(
+        main, ["prefetch", "import", "--data-dir", str(data), str(huge)]
+    )
+
+    assert result.exit_code == 1
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "line 2: not read as CSV: field larger than field limit" in result.output
+
+
+def test_a_file_the_csv_module_cannot_read_stops_neither_the_folder_nor_others(
+    tmp_path: Path,
+) -> None:
+    # It crashed the prefetch run at every interval: no later file was
+    # imported, and the planner never ran.
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    (folder / "a-huge.csv").write_text(
+        "patient_id,appointment_time\n" + "X" * 200_000 + ",2027-01-15\n"
+    )
+    (folder / "b-monday.csv").write_text(GOOD)
+    catalog = Catalog(tmp_path / "catalog", map_size=2**26)
+    try:
+        counts = watch.import_files(catalog, sorted(folder.glob("*.csv")))
+        recorded = appointments.appointments(catalog)
+    finally:
+        catalog.close()
+
+    assert counts == (1, 1)
+    assert len(recorded) == 2
+    errors = (folder / "refused" / "a-huge.csv.errors").read_text()
+    assert errors.startswith("line 2: not read as CSV")
+    assert (folder / "done" / "b-monday.csv").exists()
+
+
+def test_a_folder_that_cannot_take_done_files_stops_neither_the_others(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    (folder / "done").write_text("a file where the done folder goes\n")
+    (folder / "a-monday.csv").write_text(GOOD)
+    (folder / "b-broken.csv").write_text("patient_id,appointment_time\nX,never\n")
+    catalog = Catalog(tmp_path / "catalog", map_size=2**26)
+    try:
+        counts = watch.import_files(catalog, sorted(folder.glob("*.csv")))
+        recorded = appointments.appointments(catalog)
+    finally:
+        catalog.close()
+
+    # Recorded, but left where it is: the next interval tries to move it.
+    assert counts == (0, 1)
+    assert len(recorded) == 2
+    assert (folder / "a-monday.csv").exists()
+    assert (folder / "refused" / "b-broken.csv").exists()
+    assert "a-monday.csv left in the watched folder" in caplog.text
+
+
+def test_values_longer_than_their_dicom_attribute_are_refused_not_cut() -> None:
+    # The same limits as for HL7: an ID cut short matches another patient.
+    text = (
+        "patient_id,issuer,appointment_time,accession,modality,appointment_id\n"
+        f"{'P' * 65},,2027-01-15 09:30,,,\n"
+        f"A,{'I' * 65},2027-01-15 09:30,,,\n"
+        f"B,,2027-01-15 09:30,{'1' * 17},,\n"
+        f"C,,2027-01-15 09:30,,{'M' * 17},\n"
+        f"D,,2027-01-15 09:30,,,{'K' * 65}\n"
+        f"{'E' * 64},{'I' * 64},2027-01-15 09:30,{'1' * 16},CT,{'K' * 64}\n"
+    )
+
+    found = listfile.read(text, "long.csv")
+
+    assert found.problems == [
+        "line 2: patient_id is 65 characters long; at most 64 are taken",
+        "line 3: issuer is 65 characters long; at most 64 are taken",
+        "line 4: accession is 17 characters long; at most 16 are taken",
+        "line 5: modality is 17 characters long; at most 16 are taken",
+        "line 6: appointment_id is 65 characters long; at most 64 are taken",
+    ]
+    assert len(found.appointments) == 1
+
+
+def test_a_quote_left_open_is_reported_on_the_line_it_opens() -> None:
+    text = (
+        "patient_id,appointment_time,modality\n"
+        "A,2027-01-15 09:30,CT,extra\n"
+        '"B,2027-01-15 09:30,CT\n'
+    )
+
+    found = listfile.read(text, "x.csv")
+
+    assert found.problems == [
+        "line 2: 4 fields, the header names 3",
+        "line 3: 1 fields, the header names 3",
+    ]
+
+
+def test_a_time_out_of_range_is_named_as_the_appointment_time() -> None:
+    found = listfile.read("patient_id,appointment_time\nA,0001-01-01 00:00\n", "x")
+
+    assert found.problems == [
+        "line 2: appointment_time '0001-01-01 00:00' is out of range"
+    ]

@@ -15,8 +15,10 @@ appointment each:
 | appointment_id | no | the RIS's ID; else the accession, else patient and time |
 | status | no | booked (the default) or cancelled |
 
-A file is taken whole or not at all: every line is checked first, and one
-bad line refuses the file with the line numbers and reasons of all of them.
+Values are held to the length of the DICOM attribute they become, as from
+HL7 (:mod:`appliance.hl7.bounds`). A file is taken whole or not at all:
+every line is checked first, and one bad line refuses the file with the
+line numbers and reasons of all of them.
 Importing the same file again changes nothing: each appointment is keyed
 by its ID.
 """
@@ -27,9 +29,11 @@ import csv
 import io
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from appliance.hl7 import bounds
 from appliance.hl7.messages import (
     BOOK,
     CANCEL,
@@ -52,6 +56,16 @@ COLUMNS = (
     "status",
 )
 REQUIRED = ("patient_id", "appointment_time")
+# Each value becomes a DICOM attribute or is matched with one: held to its
+# length as the same value from HL7 is (appliance.hl7.bounds), never cut.
+LIMITS = {
+    "patient_id": bounds.LONG_STRING,
+    "issuer": bounds.LONG_STRING,
+    "appointment_id": bounds.LONG_STRING,
+    "procedure_code": bounds.LONG_STRING,
+    "accession": bounds.SHORT_STRING,
+    "modality": bounds.CODE_STRING,
+}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 STATES = {"booked": BOOK, "cancelled": CANCEL}
 
@@ -67,18 +81,16 @@ class ListFile:
 def read(text: str, source: str) -> ListFile:
     """Check every line of ``text``; ``source`` names the file in IDs."""
     found = ListFile()
-    rows = csv.reader(io.StringIO(text.lstrip("\ufeff")))
-    header = [name.strip().lower() for name in next(rows, [])]
+    rows = _records(io.StringIO(text.lstrip("\ufeff")), found)
+    header = [name.strip().lower() for name in next(rows, (0, []))[1]]
     missing = [name for name in REQUIRED if name not in header]
     unknown = [name for name in header if name not in COLUMNS]
     twice = sorted({name for name in header if header.count(name) > 1})
     if missing or unknown or twice:
-        found.problems.append(_header_problem(missing, unknown, twice))
+        if not found.problems:
+            found.problems.append(_header_problem(missing, unknown, twice))
         return found
-    for row in rows:
-        # The line the record starts on, as an editor counts lines (a
-        # quoted value may span several).
-        number = rows.line_num - sum(cell.count("\n") for cell in row)
+    for number, row in rows:
         if not any(cell.strip() for cell in row):
             continue
         if len(row) != len(header):
@@ -95,6 +107,23 @@ def read(text: str, source: str) -> ListFile:
         except ValueError as exc:
             found.problems.append(f"line {number}: {exc}")
     return found
+
+
+def _records(lines: io.StringIO, found: ListFile) -> Iterator[tuple[int, list[str]]]:
+    """Each record with the line it starts on, as an editor counts lines (a
+    quoted value may span several). A record the csv module cannot read
+    (a value over its size limit, say) ends the file with a problem."""
+    rows = csv.reader(lines)
+    while True:
+        number = rows.line_num + 1
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            found.problems.append(f"line {number}: not read as CSV: {exc}")
+            return
+        yield number, row
 
 
 def _header_problem(missing: list[str], unknown: list[str], twice: list[str]) -> str:
@@ -115,6 +144,10 @@ def _appointment(values: dict[str, str], source: str, number: int) -> ScheduleMe
     patient = values["patient_id"]
     if not patient:
         raise ValueError("patient_id is empty")
+    for name, limit in LIMITS.items():
+        reason = bounds.too_long(values.get(name, ""), limit, name)
+        if reason:
+            raise ValueError(reason)
     when = values["appointment_time"]
     start = _time(when) if when else None
     if start is None and status == "booked":
@@ -153,4 +186,7 @@ def _time(text: str) -> float:
             f"appointment_time {text!r} is not a date and time (e.g. 2027-01-15 09:30)"
         ) from exc
     # Without an offset, fromisoformat gives local time, as HL7 does.
-    return parsed.timestamp()
+    try:
+        return parsed.timestamp()
+    except (OverflowError, OSError, ValueError) as exc:  # year 1, say
+        raise ValueError(f"appointment_time {text!r} is out of range") from exc

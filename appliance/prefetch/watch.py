@@ -81,7 +81,15 @@ def import_files(catalog: Catalog, paths: list[Path]) -> tuple[int, int]:
     for path in paths:
         if not path.exists():
             continue
-        if _import(catalog, path):
+        try:
+            imported = _import(catalog, path)
+        except OSError as exc:
+            # done/ or refused/ cannot be made or written to (a file of that
+            # name, a full disk): the other files and the planner go on, and
+            # the next interval tries this one again.
+            logger.error("list file %s left in the watched folder: %s", path.name, exc)
+            continue
+        if imported:
             recorded += 1
         else:
             refused += 1
