@@ -205,3 +205,19 @@ def test_a_message_without_an_msh_gets_a_bare_ar_ending_in_cr(
 
     assert ack.endswith(b"\r")
     assert segment(ack, "MSA")[1] == "AR"
+
+
+def test_two_messages_in_one_frame_are_refused_not_half_applied(
+    listener: Listener, catalog: Catalog, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Only the first was read and answered AA: the second was lost, and
+    # the sender, resending the frame for the missing ACK, lost it again.
+    first = siu(control_id="TWO1", appointment="APT-TWO1")
+    second = siu(control_id="TWO2", appointment="APT-TWO2")
+
+    msa, err = assert_refused_then_good_one_taken(
+        listener, catalog, caplog, (first + second).encode(), "AR", "TWO1"
+    )
+
+    assert msa[3] == "a second MSH segment (segment 6): one message per frame"
+    assert err[2:4] == ["MSH^2", "100^Segment sequence error^HL70357"]

@@ -199,6 +199,7 @@ def parse(raw: bytes) -> hl7.Message:
         error.header = header_alone(first.decode("utf-8", "replace"))
         raise
     try:
+        _check_one_message(text)
         _check_escapes(text)
     except MessageError as error:
         error.header = header_alone(text)
@@ -223,6 +224,20 @@ def header_alone(text: str) -> hl7.Message | None:
         return hl7.parse(header)
     except Exception:  # a header as damaged as the rest: answered bare
         return None
+
+
+def _check_one_message(text: str) -> None:
+    """Refuse two messages in one frame: only the first would be read, and
+    its ACK would answer for both."""
+    later = text.find("\rMSH" + text[3:4])
+    if later != -1:
+        number = text.count("\r", 0, later) + 2
+        raise MessageError(
+            "AR",
+            SEGMENT_SEQUENCE_ERROR,
+            "MSH^2",
+            f"a second MSH segment (segment {number}): one message per frame",
+        )
 
 
 def _check_escapes(text: str) -> None:
