@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -305,3 +306,77 @@ def test_a_time_out_of_range_is_named_as_the_appointment_time() -> None:
     assert found.problems == [
         "line 2: appointment_time '0001-01-01 00:00' is out of range"
     ]
+
+
+def test_a_file_over_the_size_limit_is_refused_unread(tmp_path: Path) -> None:
+    # Checked whole, a list file takes some fifty times its size in
+    # memory: a whole RIS export dropped in by mistake would exhaust it at
+    # every prefetch interval.
+    data = make_archive(tmp_path / "data")
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    huge = folder / "export.csv"
+    line = "PAT-0042,,2027-01-15 09:30,CT,,\n"
+    with huge.open("w") as out:
+        out.write(
+            "patient_id,issuer,appointment_time,modality,procedure_code,accession\n"
+        )
+        out.write(line * (listfile.MAX_BYTES // len(line) + 1))
+
+    result = CliRunner().invoke(
+        main, ["prefetch", "import", "--data-dir", str(data), str(huge)]
+    )
+    catalog = Catalog(tmp_path / "catalog", map_size=2**26)
+    try:
+        counts = watch.import_files(catalog, [huge])
+        recorded = appointments.appointments(catalog)
+    finally:
+        catalog.close()
+
+    assert result.exit_code == 1
+    assert "larger than 8 MB" in result.output
+    assert counts == (0, 1)
+    assert recorded == []
+    errors = (folder / "refused" / "export.csv.errors").read_text()
+    assert "larger than 8 MB" in errors
+
+
+def test_a_fifo_or_link_put_in_after_the_look_is_refused_not_waited_on(
+    tmp_path: Path,
+) -> None:
+    # Between the look that found a settled file and its import, the RIS
+    # (or anyone who can write there) may swap it: a FIFO would block the
+    # prefetch run for ever, a link would be followed out of the folder.
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    fifo = folder / "a-swapped.csv"
+    os.mkfifo(fifo)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("made-up-secret-line\n")
+    (folder / "b-link.csv").symlink_to(secret)
+    catalog = Catalog(tmp_path / "catalog", map_size=2**26)
+    done: list[tuple[int, int]] = []
+    worker = threading.Thread(
+        target=lambda: done.append(
+            watch.import_files(catalog, sorted(folder.glob("*.csv")))
+        ),
+        daemon=True,
+    )
+    try:
+        worker.start()
+        worker.join(20)
+        if worker.is_alive():  # let the stuck open go, then fail
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            worker.join(5)
+    finally:
+        catalog.close()
+
+    assert done == [(0, 2)]
+    assert (
+        "not a regular file"
+        in (folder / "refused" / "a-swapped.csv.errors").read_text()
+    )
+    assert (
+        "made-up-secret-line"
+        not in (folder / "refused" / "b-link.csv.errors").read_text()
+    )

@@ -28,10 +28,13 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 
 from appliance.hl7 import bounds
 from appliance.hl7.messages import (
@@ -67,6 +70,10 @@ LIMITS = {
     "modality": bounds.CODE_STRING,
 }
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# A day's list is kilobytes. A file this large is something else (a whole
+# RIS export dropped in by mistake), and checking it whole, as a list file
+# is, would take some fifty times its size in memory.
+MAX_BYTES = 8 * 1024 * 1024
 STATES = {"booked": BOOK, "cancelled": CANCEL}
 
 
@@ -76,6 +83,27 @@ class ListFile:
 
     appointments: list[ScheduleMessage] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # "line N: reason"
+
+
+def load(path: Path, regular_only: bool = False) -> str:
+    """The text of the list file at ``path``: OSError when it cannot be read,
+    ValueError when it is not UTF-8 or larger than MAX_BYTES. With
+    ``regular_only`` (the watched folder), a symbolic link or anything but
+    a regular file put there since the folder was looked at is refused,
+    rather than followed or waited on (a FIFO)."""
+    flags = os.O_RDONLY
+    if regular_only:
+        flags |= os.O_NOFOLLOW | os.O_NONBLOCK
+    with os.fdopen(os.open(path, flags), "rb") as handle:
+        if regular_only and not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise ValueError("not a regular file")
+        data = handle.read(MAX_BYTES + 1)
+    if len(data) > MAX_BYTES:
+        raise ValueError(
+            f"larger than {MAX_BYTES // 2**20} MB, more than a list of "
+            "appointments: split it"
+        )
+    return data.decode("utf-8")
 
 
 def read(text: str, source: str) -> ListFile:

@@ -100,8 +100,8 @@ def _import(catalog: Catalog, path: Path) -> bool:
     try:
         if path.is_symlink():
             return _refuse(path, ["a symbolic link, not a file: not read"])
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = listfile.load(path, regular_only=True)
+    except (OSError, ValueError) as exc:
         return _refuse(path, [f"cannot read it: {exc}"])
     found = listfile.read(text, path.name)
     if found.problems:
