@@ -107,7 +107,7 @@ def register(main: click.Group, load: Loader) -> None:
     @data_dir_option
     @click.option(
         "--days",
-        type=float,
+        type=click.FloatRange(min=0),
         default=7.0,
         show_default=True,
         help="Show appointments up to this many days ahead.",

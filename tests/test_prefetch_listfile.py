@@ -380,3 +380,15 @@ def test_a_fifo_or_link_put_in_after_the_look_is_refused_not_waited_on(
         "made-up-secret-line"
         not in (folder / "refused" / "b-link.csv.errors").read_text()
     )
+
+
+def test_a_negative_number_of_days_is_refused_with_a_reason(tmp_path: Path) -> None:
+    # It listed nothing, as if no appointment were coming.
+    data = make_archive(tmp_path / "data")
+
+    result = CliRunner().invoke(
+        main, ["prefetch", "appointments", "--data-dir", str(data), "--days", "-1"]
+    )
+
+    assert result.exit_code == 2
+    assert "Invalid value for '--days'" in result.output
