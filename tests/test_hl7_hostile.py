@@ -221,3 +221,19 @@ def test_two_messages_in_one_frame_are_refused_not_half_applied(
 
     assert msa[3] == "a second MSH segment (segment 6): one message per frame"
     assert err[2:4] == ["MSH^2", "100^Segment sequence error^HL70357"]
+
+
+def test_escapes_are_checked_with_the_escape_character_python_hl7_uses(
+    listener: Listener, catalog: Catalog, caplog: pytest.LogCaptureFixture
+) -> None:
+    # MSH-2 "^~" names no escape character: python-hl7 takes the default
+    # (\), which the check did not, so "PAT\F" was cut to "PAT" unseen.
+    bad = siu(control_id="SHORT1", appointment="APT-SHORT", patient="PAT\\F^^^CITY")
+    bad = bad.replace("MSH|^~\\&|", "MSH|^~|", 1)
+
+    msa, err = assert_refused_then_good_one_taken(
+        listener, catalog, caplog, bad.encode(), "AE", "SHORT1"
+    )
+
+    assert msa[3] == "an escape sequence without its end in PID-3"
+    assert err[2] == "PID^1^3"

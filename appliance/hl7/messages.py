@@ -245,14 +245,22 @@ def _check_escapes(text: str) -> None:
     and cut the value short, and a cut ID matches the wrong record. An
     escape character that opens a sequence and no second one closing it
     within the value is refused too: python-hl7 drops the rest."""
-    escape = text[6:7]
-    if not escape or escape.isalnum():
+    field = text[3:4]
+    body = text.find(field, 4)  # where MSH-2 ends
+    if not field or body == -1:
         return
-    # A sequence ends where its value does: at the message's own
-    # separators (MSH-1, MSH-2), whichever they are.
-    separators = {"\r", *text[3:6], text[7:8]} - {escape, ""}
-    value = "[^" + re.escape("".join(sorted(separators))) + "]+"
-    for found in re.finditer(value, text[8:]):
+    # The encoding characters as python-hl7 reads them: MSH-2 up to the
+    # field separator, and the default for each one it leaves out.
+    given = text[4:body]
+    component, repetition, escape, subcomponent = (
+        given[n : n + 1] or default for n, default in enumerate("^~\\&")
+    )
+    stops = {"\r", field, component, repetition, subcomponent} - {escape}
+    separators = re.escape("".join(sorted(stops)))
+    # Only the values with an escape character in them, from their start.
+    value = f"(?:^|(?<=[{separators}]))[^{separators}]*{re.escape(escape)}"
+    value += f"[^{separators}]*"
+    for found in re.finditer(value, text[body:]):
         pieces = found.group().split(escape)
         # Pieces alternate text, sequence, text: an even count leaves one open.
         if len(pieces) % 2 == 0:
@@ -262,7 +270,7 @@ def _check_escapes(text: str) -> None:
         else:
             problem = "unknown escape sequence"
         # Named by its field, never quoted: the value may be a name.
-        where = _field_at(text, 8 + found.start())
+        where = _field_at(text, body + found.start())
         raise MessageError(
             "AE", DATA_TYPE_ERROR, where, f"{problem} in {bounds.field_name(where)}"
         )
