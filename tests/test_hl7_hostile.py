@@ -18,7 +18,7 @@ from appliance.hl7.framing import FrameReader, frame
 from appliance.hl7.listener import Listener, ListenerSettings, bind
 from appliance.prefetch import appointments
 from appliance.prefetch.intake import Intake
-from tests.hl7_samples import siu
+from tests.hl7_samples import orm, siu
 
 NO_VERSION = (
     "MSH|^~\\&|RIS|CITYHOSP|PACS|CITYHOSP|20261204101500||{kind}|{control_id}|P\r"
@@ -237,3 +237,38 @@ def test_escapes_are_checked_with_the_escape_character_python_hl7_uses(
 
     assert msa[3] == "an escape sequence without its end in PID-3"
     assert err[2] == "PID^1^3"
+
+
+FORGED = "\\X0A\\2026-12-05 23:59:59,000 CRITICAL appliance.fake[1]: forged"
+
+
+@pytest.mark.parametrize(
+    ("place", "ack_code"),
+    [("MSH-10", "AE"), ("MSH-3", "AE"), ("MSH-9", "AR"), ("ORC-1", "AR")],
+)
+def test_an_escaped_line_break_cannot_forge_a_line_of_the_log(
+    listener: Listener,
+    catalog: Catalog,
+    caplog: pytest.LogCaptureFixture,
+    place: str,
+    ack_code: str,
+) -> None:
+    # python-hl7 undoes \X0A\ into a line break, which the refusal's
+    # warning quoted as it was: a RIS could write lines of its own into the
+    # appliance's log.
+    message = orm(control_id="INJ1", order="ORD-INJ")
+    header = "MSH|^~\\&|RIS|CITYHOSP|"
+    message = {
+        "MSH-10": message.replace("|INJ1|", f"|INJ1{FORGED}|"),
+        "MSH-3": message.replace(header, f"MSH|^~\\&|RIS{FORGED}|CITYHOSP|"),
+        "MSH-9": message.replace("|ORM^O01|", f"|ORM{FORGED}^O01|"),
+        "ORC-1": message.replace("ORC|NW|", f"ORC|NW{FORGED}|"),
+    }[place]
+    control_id = f"INJ1{FORGED}" if place == "MSH-10" else "INJ1"
+
+    msa, _err = assert_refused_then_good_one_taken(
+        listener, catalog, caplog, message.encode(), ack_code, control_id
+    )
+
+    assert all("\n" not in record.getMessage() for record in caplog.records)
+    assert "\n" not in msa[3] and "\\X a\\" not in msa[3]

@@ -392,3 +392,27 @@ def test_a_negative_number_of_days_is_refused_with_a_reason(tmp_path: Path) -> N
 
     assert result.exit_code == 2
     assert "Invalid value for '--days'" in result.output
+
+
+def test_a_file_name_or_column_cannot_forge_a_line_of_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The RIS names the files it drops: a line break in a name, or in a
+    # column name quoted in the refusal, started a log line of its own.
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    forged = "\n2026-12-05 23:59:59,000 CRITICAL appliance.fake[1]: forged"
+    (folder / f"a{forged}.csv").write_text(GOOD)
+    (folder / "b.csv").write_text(f'patient_id,appointment_time,"x{forged}"\n')
+    caplog.set_level("INFO")
+    catalog = Catalog(tmp_path / "catalog", map_size=2**26)
+    try:
+        counts = watch.import_files(catalog, sorted(folder.glob("*.csv")))
+    finally:
+        catalog.close()
+
+    assert counts == (1, 1)
+    messages = [r.getMessage() for r in caplog.records if r.name.endswith("watch")]
+    assert len(messages) == 2
+    assert all("\n" not in message for message in messages)
+    assert "\\x0a2026-12-05" in messages[0]

@@ -320,10 +320,14 @@ def header(message: hl7.Message) -> tuple[str, str]:
     control_id = _identifier(_field(message, "MSH", 10), "MSH^1^10")
     _bounded(control_id, bounds.CONTROL_ID, "MSH^1^10")
     msh = message.segment("MSH")
+    sender = []
     for position in (3, 4):
-        # Echoed in the ACK, which is kept to answer a resend.
+        # Echoed in the ACK, which is kept to answer a resend; the sender
+        # (escapes undone) is logged with a resend.
+        location = f"MSH^1^{position}"
         whole = str(msh(position)) if len(msh) > position else ""
-        _bounded(whole, bounds.APPLICATION, f"MSH^1^{position}")
+        _bounded(whole, bounds.APPLICATION, location)
+        sender.append(_identifier(_field(message, "MSH", position), location))
     if not control_id:
         raise MessageError(
             "AR", REQUIRED_FIELD_MISSING, "MSH^1^10", "no message control ID (MSH-10)"
@@ -334,12 +338,14 @@ def header(message: hl7.Message) -> tuple[str, str]:
         raise MessageError(
             "AR", REQUIRED_FIELD_MISSING, "MSH^1^12", "no version ID (MSH-12)"
         )
-    return control_id, "^".join((_field(message, "MSH", 3), _field(message, "MSH", 4)))
+    return control_id, "^".join(sender)
 
 
 def _message_type(message: hl7.Message) -> tuple[str, str]:
-    kind = _value(message, "MSH", 9, component=1)
-    event = _value(message, "MSH", 9, component=2)
+    # Quoted in refusals and the log: an escaped line break must not start
+    # a line of its own there.
+    kind = printable(_value(message, "MSH", 9, component=1))
+    event = printable(_value(message, "MSH", 9, component=2))
     if not kind:
         raise MessageError(
             "AR", REQUIRED_FIELD_MISSING, "MSH^1^9", "no message type (MSH-9)"
@@ -387,7 +393,7 @@ def _read_schedule(
 
 def _read_order(message: hl7.Message, header: dict[str, str]) -> ScheduleMessage:
     _require_segment(message, "ORC")
-    control = _value(message, "ORC", 1).upper()
+    control = printable(_value(message, "ORC", 1).upper())
     if control not in ORDER_CONTROLS:
         raise MessageError(
             "AR",
@@ -598,6 +604,12 @@ def _bounded(value: str, limit: int, location: str) -> str:
     if reason:
         raise MessageError("AE", DATA_TYPE_ERROR, location, reason)
     return value
+
+
+def printable(text: str) -> str:
+    """``text`` with each control character shown as ``\\xNN``: what a
+    sender wrote, fit to quote in one log line and an ACK."""
+    return _CONTROL.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
 
 
 def _identifier(value: str, location: str) -> str:

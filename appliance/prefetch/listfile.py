@@ -44,6 +44,7 @@ from appliance.hl7.messages import (
     PatientIdentifier,
     ScheduleMessage,
     parse_time,
+    printable,
 )
 
 logger = logging.getLogger(__name__)
@@ -159,7 +160,8 @@ def _header_problem(missing: list[str], unknown: list[str], twice: list[str]) ->
     if missing:
         parts.append(f"missing column(s) {', '.join(missing)}")
     if unknown:
-        parts.append(f"unknown column(s) {', '.join(unknown)}")
+        # As written, but fit for one line of the log.
+        parts.append(f"unknown column(s) {printable(', '.join(unknown))}")
     if twice:
         parts.append(f"column(s) named twice: {', '.join(twice)}")
     return f"line 1: {'; '.join(parts)} (columns: {', '.join(COLUMNS)})"
