@@ -7,7 +7,9 @@ message on the same connection is recorded. Made-up names and IDs."""
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import pytest
 from appliance.catalog.store import Catalog
 from appliance.hl7.framing import FrameReader, frame
 from appliance.hl7.listener import Listener, ListenerSettings, bind
+from appliance.hl7.messages import parse_time
 from appliance.prefetch import appointments
 from appliance.prefetch.intake import Intake
 from tests.hl7_samples import orm, siu
@@ -272,3 +275,30 @@ def test_an_escaped_line_break_cannot_forge_a_line_of_the_log(
 
     assert all("\n" not in record.getMessage() for record in caplog.records)
     assert "\n" not in msa[3] and "\\X a\\" not in msa[3]
+
+
+def test_acks_are_stamped_with_the_local_time_and_its_offset(
+    listener: Listener,
+) -> None:
+    # python-hl7 stamps MSH-7 with the UTC time and no offset, which HL7
+    # reads as the sender's local time: hours off wherever that is not UTC.
+    before = os.environ.get("TZ")
+    os.environ["TZ"] = "Asia/Tokyo"
+    time.tzset()
+    try:
+        accepted, refused = exchange(
+            listener,
+            siu(control_id="TZ1", appointment="APT-TZ").encode(),
+            b"PID|1||PAT-0042\r",
+        )
+    finally:
+        if before is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = before
+        time.tzset()
+
+    for ack in (accepted, refused):
+        stamp = segment(ack, "MSH")[6]
+        assert stamp.endswith("+0900")
+        assert abs(parse_time(stamp, "MSH^1^7") - time.time()) < 120

@@ -21,7 +21,20 @@ FALLBACK_SENDER = "PACS_APPLIANCE"
 
 def accept(message: hl7.Message) -> bytes:
     """AA for ``message``."""
-    return _encode(message.create_ack("AA", generate_message_control_id()))
+    return _encode(_ack(message, "AA"))
+
+
+def _ack(message: hl7.Message, code: str) -> hl7.Message:
+    """python-hl7's ACK, stamped (MSH-7) with the local time and its offset:
+    python-hl7 writes the UTC time without one, which HL7 reads as the
+    sender's local time (HL7 v2.5 2.A.22)."""
+    ack = message.create_ack(code, generate_message_control_id())
+    ack.segment("MSH").assign_field(_stamp(), 7)
+    return ack
+
+
+def _stamp() -> str:
+    return time.strftime("%Y%m%d%H%M%S%z")
 
 
 def refuse(message: hl7.Message | None, error: MessageError) -> bytes:
@@ -30,7 +43,7 @@ def refuse(message: hl7.Message | None, error: MessageError) -> bytes:
     if message is None:
         return _encode_text(_bare_ack(error))
     try:
-        ack = message.create_ack(error.ack_code, generate_message_control_id())
+        ack = _ack(message, error.ack_code)
     except Exception:  # python-hl7 fails in several ways on a bare MSH
         # An MSH too short to answer from (no MSH-9 components, say): the
         # sender still gets its answer, echoing what it sent as MSH-10.
@@ -63,7 +76,7 @@ def _control_id(message: hl7.Message) -> str:
 
 
 def _bare_ack(error: MessageError, echoed: str = "") -> str:
-    stamp = time.strftime("%Y%m%d%H%M%S")
+    stamp = _stamp()
     control_id = generate_message_control_id()
     reason = _escape_plain(error.reason)
     segments = (
