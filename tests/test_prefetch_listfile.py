@@ -416,3 +416,21 @@ def test_a_file_name_or_column_cannot_forge_a_line_of_the_log(
     assert len(messages) == 2
     assert all("\n" not in message for message in messages)
     assert "\\x0a2026-12-05" in messages[0]
+
+
+def test_one_appointment_on_two_lines_is_refused_not_overwritten() -> None:
+    # The second line replaced the first unseen, and the import still said
+    # "2 appointments recorded".
+    text = (
+        "patient_id,appointment_time,modality,accession\n"
+        "PAT-0042,2027-01-15 09:30,CT,ACC1\n"
+        "PAT-0077,2027-01-16 09:30,MR,ACC1\n"
+        "PAT-0042,2027-01-17 09:30,CT,ACC2\n"
+    )
+
+    found = listfile.read(text, "x.csv")
+
+    assert found.problems == [
+        "line 3: the same appointment as line 2 "
+        "(appointment_id, else accession, else patient and time)"
+    ]

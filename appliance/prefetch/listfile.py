@@ -119,6 +119,7 @@ def read(text: str, source: str) -> ListFile:
         if not found.problems:
             found.problems.append(_header_problem(missing, unknown, twice))
         return found
+    lines: dict[str, int] = {}  # appointment -> the line that gave it
     for number, row in rows:
         if not any(cell.strip() for cell in row):
             continue
@@ -132,9 +133,21 @@ def read(text: str, source: str) -> ListFile:
             found.problems.append(f"line {number}: a line break or control character")
             continue
         try:
-            found.appointments.append(_appointment(values, source, number))
+            appointment = _appointment(values, source, number)
         except ValueError as exc:
             found.problems.append(f"line {number}: {exc}")
+            continue
+        # One line per appointment: a second would overwrite the first
+        # unseen (an accession given to two patients, say).
+        key = appointment.appointment_id
+        if key in lines:
+            found.problems.append(
+                f"line {number}: the same appointment as line {lines[key]} "
+                "(appointment_id, else accession, else patient and time)"
+            )
+            continue
+        lines[key] = number
+        found.appointments.append(appointment)
     return found
 
 
