@@ -107,7 +107,7 @@ def register(main: click.Group, load: Loader) -> None:
     @data_dir_option
     @click.option(
         "--days",
-        type=float,
+        type=click.FloatRange(min=0),
         default=7.0,
         show_default=True,
         help="Show appointments up to this many days ahead.",
@@ -188,8 +188,8 @@ def _print_status(report: dict[str, Any]) -> None:
 
 def _import_file(config: Config, path: Path) -> bool:
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = listfile.load(path)
+    except (OSError, ValueError) as exc:
         click.echo(f"{path}: cannot read: {exc}", err=True)
         return False
     found = listfile.read(text, path.name)

@@ -248,8 +248,10 @@ def test_an_unknown_escape_is_named_by_its_field_not_quoted() -> None:
 
 
 def test_escape_sequences_end_at_the_messages_own_field_separator() -> None:
-    # A lone escape character at the end of two fields is no sequence,
-    # whichever character separates the fields.
+    # Two lone escape characters, at the end of PID-5 and PID-8, are not one
+    # sequence across the fields between them, whichever character
+    # separates the fields: the first is a sequence left open in PID-5
+    # (python-hl7 would drop the rest of that value).
     text = (
         siu()
         .replace("Testperson^Alma", "Testperson\\^Alma")
@@ -257,5 +259,7 @@ def test_escape_sequences_end_at_the_messages_own_field_separator() -> None:
     )
 
     for separator in ("|", "#"):
-        booked = read(text.replace("|", separator))
-        assert booked.appointment_id == "appointment:APT1001"
+        with pytest.raises(MessageError) as raised:
+            read(text.replace("|", separator))
+        assert raised.value.location == "PID^1^5"
+        assert raised.value.reason == "an escape sequence without its end in PID-5"

@@ -21,7 +21,20 @@ FALLBACK_SENDER = "PACS_APPLIANCE"
 
 def accept(message: hl7.Message) -> bytes:
     """AA for ``message``."""
-    return _encode(message.create_ack("AA", generate_message_control_id()))
+    return _encode(_ack(message, "AA"))
+
+
+def _ack(message: hl7.Message, code: str) -> hl7.Message:
+    """python-hl7's ACK, stamped (MSH-7) with the local time and its offset:
+    python-hl7 writes the UTC time without one, which HL7 reads as the
+    sender's local time (HL7 v2.5 2.A.22)."""
+    ack = message.create_ack(code, generate_message_control_id())
+    ack.segment("MSH").assign_field(_stamp(), 7)
+    return ack
+
+
+def _stamp() -> str:
+    return time.strftime("%Y%m%d%H%M%S%z")
 
 
 def refuse(message: hl7.Message | None, error: MessageError) -> bytes:
@@ -30,7 +43,7 @@ def refuse(message: hl7.Message | None, error: MessageError) -> bytes:
     if message is None:
         return _encode_text(_bare_ack(error))
     try:
-        ack = message.create_ack(error.ack_code, generate_message_control_id())
+        ack = _ack(message, error.ack_code)
     except Exception:  # python-hl7 fails in several ways on a bare MSH
         # An MSH too short to answer from (no MSH-9 components, say): the
         # sender still gets its answer, echoing what it sent as MSH-10.
@@ -40,7 +53,8 @@ def refuse(message: hl7.Message | None, error: MessageError) -> bytes:
     # be | and ^. MSA is its last segment: the reason becomes its third field.
     field, component = message.separators[1], message.separators[3]
     err = _err_segment(error, reason, field, component)
-    text = f"{str(ack).rstrip(chr(13))}{field}{reason}\r{err}"
+    # Every segment ends with CR (HL7 v2.5 section 2.5.1), the last too.
+    text = f"{str(ack).rstrip(chr(13))}{field}{reason}\r{err}\r"
     return _encode_text(text)
 
 
@@ -62,16 +76,15 @@ def _control_id(message: hl7.Message) -> str:
 
 
 def _bare_ack(error: MessageError, echoed: str = "") -> str:
-    stamp = time.strftime("%Y%m%d%H%M%S")
+    stamp = _stamp()
     control_id = generate_message_control_id()
     reason = _escape_plain(error.reason)
-    return "\r".join(
-        (
-            f"MSH|^~\\&|{FALLBACK_SENDER}||||{stamp}||ACK|{control_id}|P|2.5",
-            f"MSA|{error.ack_code}|{echoed}|{reason}",
-            _err_segment(error, reason),
-        )
+    segments = (
+        f"MSH|^~\\&|{FALLBACK_SENDER}||||{stamp}||ACK|{control_id}|P|2.5",
+        f"MSA|{error.ack_code}|{echoed}|{reason}",
+        _err_segment(error, reason),
     )
+    return "".join(f"{segment}\r" for segment in segments)
 
 
 def _escape_plain(text: str) -> str:

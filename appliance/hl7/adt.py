@@ -46,6 +46,7 @@ from appliance.hl7.messages import (
     _identifier,
     _require_segment,
     _value,
+    printable,
 )
 
 logger = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def is_adt(message: hl7.Message) -> bool:
 
 def read(message: hl7.Message, control_id: str, sender: str) -> PatientMessage:
     """The patient change an ADT message asks for, or MessageError."""
-    event = _value(message, "MSH", 9, component=2).upper()
+    event = printable(_value(message, "MSH", 9, component=2).upper())
     if event not in EVENTS:
         raise MessageError(
             "AR",

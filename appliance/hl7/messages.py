@@ -88,11 +88,14 @@ CHARSETS = {
     "8859/1": "iso8859-1",
     "8859/15": "iso8859-15",
 }
-# F S T R E (separators), H N (highlight), Xhh (hex), .br and other
-# formatting, C and M (character sets): what python-hl7 undoes.
+# What python-hl7 undoes: F S T R E (separators), H N (highlight), Xhh
+# (hex, whole bytes) and its formatting commands with a count of at most
+# two digits. It drops C and M (character sets) and other commands from
+# the value, logging the whole field, and repeats a formatting command's
+# text as often as the count says: a few bytes would become gigabytes.
 _KNOWN_ESCAPE = re.compile(
-    r"^([FSTREHN]|X[0-9A-Fa-f]+|\.[a-z]{2}[-+]?[0-9]*"
-    r"|C[0-9A-Fa-f]{4}|M[0-9A-Fa-f]{4,6})$"
+    r"^([FSTREHN]|X(?:[0-9A-Fa-f]{2})+"
+    r"|\.(?:br|sp|fi|nf|in|ti|sk|ce)(?:[-+]?[0-9]{1,2})?)$"
 )
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # At least the day: an appointment needs one.
@@ -187,8 +190,16 @@ def _charset(raw: bytes) -> str:
 
 def parse(raw: bytes) -> hl7.Message:
     """The message parsed by python-hl7, or MessageError (AR or AE)."""
-    text = normalise(raw)
     try:
+        text = normalise(raw)
+    except MessageError as error:
+        # A message in the wrong character set still has an MSH to answer
+        # from: its sender matches the refusal by the control ID.
+        first = raw.replace(b"\n", b"\r").split(b"\r", 1)[0]
+        error.header = header_alone(first.decode("utf-8", "replace"))
+        raise
+    try:
+        _check_one_message(text)
         _check_escapes(text)
     except MessageError as error:
         error.header = header_alone(text)
@@ -215,27 +226,54 @@ def header_alone(text: str) -> hl7.Message | None:
         return None
 
 
+def _check_one_message(text: str) -> None:
+    """Refuse two messages in one frame: only the first would be read, and
+    its ACK would answer for both."""
+    later = text.find("\rMSH" + text[3:4])
+    if later != -1:
+        number = text.count("\r", 0, later) + 2
+        raise MessageError(
+            "AR",
+            SEGMENT_SEQUENCE_ERROR,
+            "MSH^2",
+            f"a second MSH segment (segment {number}): one message per frame",
+        )
+
+
 def _check_escapes(text: str) -> None:
     """Refuse escape sequences python-hl7 cannot undo: it would log an error
-    and cut the value short, and a cut ID matches the wrong record."""
-    escape = text[6:7]
-    if not escape or escape.isalnum():
+    and cut the value short, and a cut ID matches the wrong record. An
+    escape character that opens a sequence and no second one closing it
+    within the value is refused too: python-hl7 drops the rest."""
+    field = text[3:4]
+    body = text.find(field, 4)  # where MSH-2 ends
+    if not field or body == -1:
         return
-    body = text[8:]
-    # A sequence ends where its field does: the message's own separator.
-    stops = re.escape(escape + "\r" + text[3:4])
-    pattern = re.escape(escape) + "([^" + stops + "]*)" + re.escape(escape)
-    for found in re.finditer(pattern, body):
-        if not _KNOWN_ESCAPE.match(found.group(1)):
-            # Named by its field, never quoted: the value may be a name.
-            where = _field_at(text, 8 + found.start())
-            segment, _repetition, field = where.split("^")
-            raise MessageError(
-                "AE",
-                DATA_TYPE_ERROR,
-                where,
-                f"unknown escape sequence in {segment}-{field}",
-            )
+    # The encoding characters as python-hl7 reads them: MSH-2 up to the
+    # field separator, and the default for each one it leaves out.
+    given = text[4:body]
+    component, repetition, escape, subcomponent = (
+        given[n : n + 1] or default for n, default in enumerate("^~\\&")
+    )
+    stops = {"\r", field, component, repetition, subcomponent} - {escape}
+    separators = re.escape("".join(sorted(stops)))
+    # Only the values with an escape character in them, from their start.
+    value = f"(?:^|(?<=[{separators}]))[^{separators}]*{re.escape(escape)}"
+    value += f"[^{separators}]*"
+    for found in re.finditer(value, text[body:]):
+        pieces = found.group().split(escape)
+        # Pieces alternate text, sequence, text: an even count leaves one open.
+        if len(pieces) % 2 == 0:
+            problem = "an escape sequence without its end"
+        elif all(_KNOWN_ESCAPE.match(sequence) for sequence in pieces[1::2]):
+            continue
+        else:
+            problem = "unknown escape sequence"
+        # Named by its field, never quoted: the value may be a name.
+        where = _field_at(text, body + found.start())
+        raise MessageError(
+            "AE", DATA_TYPE_ERROR, where, f"{problem} in {bounds.field_name(where)}"
+        )
 
 
 def _field_at(text: str, offset: int) -> str:
@@ -278,24 +316,36 @@ def read(message: hl7.Message) -> ScheduleMessage:
 
 def header(message: hl7.Message) -> tuple[str, str]:
     """The message control ID (MSH-10) and the sender (MSH-3 ^ MSH-4), or
-    MessageError (AR) when there is no control ID."""
+    MessageError (AR) when there is no control ID or version ID (MSH-12)."""
     control_id = _identifier(_field(message, "MSH", 10), "MSH^1^10")
     _bounded(control_id, bounds.CONTROL_ID, "MSH^1^10")
     msh = message.segment("MSH")
+    sender = []
     for position in (3, 4):
-        # Echoed in the ACK, which is kept to answer a resend.
+        # Echoed in the ACK, which is kept to answer a resend; the sender
+        # (escapes undone) is logged with a resend.
+        location = f"MSH^1^{position}"
         whole = str(msh(position)) if len(msh) > position else ""
-        _bounded(whole, bounds.APPLICATION, f"MSH^1^{position}")
+        _bounded(whole, bounds.APPLICATION, location)
+        sender.append(_identifier(_field(message, "MSH", position), location))
     if not control_id:
         raise MessageError(
             "AR", REQUIRED_FIELD_MISSING, "MSH^1^10", "no message control ID (MSH-10)"
         )
-    return control_id, "^".join((_field(message, "MSH", 3), _field(message, "MSH", 4)))
+    # HL7 v2.5 section 2.9.2.1: a receiver that cannot tell the version
+    # rejects the message (AR); the ACK would have none to echo either.
+    if not _field(message, "MSH", 12):
+        raise MessageError(
+            "AR", REQUIRED_FIELD_MISSING, "MSH^1^12", "no version ID (MSH-12)"
+        )
+    return control_id, "^".join(sender)
 
 
 def _message_type(message: hl7.Message) -> tuple[str, str]:
-    kind = _value(message, "MSH", 9, component=1)
-    event = _value(message, "MSH", 9, component=2)
+    # Quoted in refusals and the log: an escaped line break must not start
+    # a line of its own there.
+    kind = printable(_value(message, "MSH", 9, component=1))
+    event = printable(_value(message, "MSH", 9, component=2))
     if not kind:
         raise MessageError(
             "AR", REQUIRED_FIELD_MISSING, "MSH^1^9", "no message type (MSH-9)"
@@ -343,7 +393,7 @@ def _read_schedule(
 
 def _read_order(message: hl7.Message, header: dict[str, str]) -> ScheduleMessage:
     _require_segment(message, "ORC")
-    control = _value(message, "ORC", 1).upper()
+    control = printable(_value(message, "ORC", 1).upper())
     if control not in ORDER_CONTROLS:
         raise MessageError(
             "AR",
@@ -556,11 +606,20 @@ def _bounded(value: str, limit: int, location: str) -> str:
     return value
 
 
+def printable(text: str) -> str:
+    """``text`` with each control character shown as ``\\xNN``: what a
+    sender wrote, fit to quote in one log line and an ACK."""
+    return _CONTROL.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
+
+
 def _identifier(value: str, location: str) -> str:
     """An ID, refused when it holds a control character (an escaped NUL,
     say): such an ID would never match, or match the wrong record."""
     if _CONTROL.search(value):
         raise MessageError(
-            "AE", DATA_TYPE_ERROR, location, f"a control character in {location}"
+            "AE",
+            DATA_TYPE_ERROR,
+            location,
+            f"a control character in {bounds.field_name(location)}",
         )
     return value

@@ -90,6 +90,8 @@ def _which(parsed: hl7.Message | None) -> str:
     try:
         kind = f"{parsed['MSH.F9.R1.C1']}^{parsed['MSH.F9.R1.C2']}"
         control = str(parsed["MSH.F10"]) or "none"
+        # As the sender wrote them, but never a line break into the log.
+        kind, control = messages.printable(kind), messages.printable(control)
     except Exception:  # a header too damaged to name
         return ""
     return f" ({kind}, control ID {control})"

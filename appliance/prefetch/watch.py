@@ -25,6 +25,7 @@ from pathlib import Path
 
 from appliance.catalog.store import Catalog
 from appliance.errors import CatalogError
+from appliance.hl7.messages import printable
 from appliance.prefetch import appointments, listfile
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ class Settling:
                 if path not in self._skipped:
                     self._skipped.add(path)
                     logger.warning(
-                        "watched folder: %s is not a regular file; skipped", path.name
+                        "watched folder: %s is not a regular file; skipped",
+                        printable(path.name),
                     )
                 return None
             status = path.stat()
@@ -81,7 +83,17 @@ def import_files(catalog: Catalog, paths: list[Path]) -> tuple[int, int]:
     for path in paths:
         if not path.exists():
             continue
-        if _import(catalog, path):
+        try:
+            imported = _import(catalog, path)
+        except OSError as exc:
+            # done/ or refused/ cannot be made or written to (a file of that
+            # name, a full disk): the other files and the planner go on, and
+            # the next interval tries this one again.
+            logger.error(
+                "list file %s left in the watched folder: %s", printable(path.name), exc
+            )
+            continue
+        if imported:
             recorded += 1
         else:
             refused += 1
@@ -92,8 +104,8 @@ def _import(catalog: Catalog, path: Path) -> bool:
     try:
         if path.is_symlink():
             return _refuse(path, ["a symbolic link, not a file: not read"])
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = listfile.load(path, regular_only=True)
+    except (OSError, ValueError) as exc:
         return _refuse(path, [f"cannot read it: {exc}"])
     found = listfile.read(text, path.name)
     if found.problems:
@@ -102,10 +114,10 @@ def _import(catalog: Catalog, path: Path) -> bool:
         count = appointments.record(catalog, found.appointments)
     except CatalogError as exc:
         # Left in place: the next interval tries again.
-        logger.error("list file %s not imported: %s", path.name, exc)
+        logger.error("list file %s not imported: %s", printable(path.name), exc)
         return False
     _move(path, DONE)
-    logger.info("list file %s: %d appointments recorded", path.name, count)
+    logger.info("list file %s: %d appointments recorded", printable(path.name), count)
     return True
 
 
@@ -115,9 +127,9 @@ def _refuse(path: Path, problems: list[str]) -> bool:
     errors.write_text("\n".join(problems) + "\n", encoding="utf-8")
     logger.warning(
         "list file %s refused, nothing imported: %s (all reasons in %s)",
-        path.name,
+        printable(path.name),
         problems[0],
-        errors,
+        printable(str(errors)),
     )
     return False
 
