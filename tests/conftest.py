@@ -18,7 +18,10 @@ import pydicom
 import pytest
 
 from appliance.config import toml_value
-from tests.ports import free_port
+
+# free_port is here for the tests that import it from this module.
+from tests.ports import free_port as free_port
+from tests.ports import port_for
 
 PYDICOM_DATA = Path(pydicom.__file__).parent / "data"
 TEST_FILES = PYDICOM_DATA / "test_files"
@@ -64,9 +67,11 @@ class Appliance:
         workers: int = 1,
     ) -> None:
         self.directory = directory
-        self.port = free_port()
+        # Held while this object lives: the appliance may be started long
+        # after, stopped and started again, or be a peer of another first.
+        self.port = port_for(self)
         # Tests run side by side: none may take the HTTP default, 8080.
-        self.web_port = free_port()
+        self.web_port = port_for(self)
         self.ae_title = "APPLIANCE"
         self.config_path = directory / "appliance.toml"
         self.data_dir = directory / "data"

@@ -16,17 +16,28 @@ server started at once wins that race nearly always, but a destination the
 appliance is configured with at the start and that listens only later, in
 one test, can find its port taken by another test run's server: it fails to
 listen, and the appliance sends to the stranger. :func:`held_port` keeps
-such a port bound (not listening) until the test's server listens on it.
+such a port bound (not listening) until the test's server listens on it,
+or for the whole test when nothing is to listen there. A server that stops
+and starts again on its port (an appliance restarted, a mirror that goes
+away and comes back) takes its port with :func:`port_for`, held as long as
+the object standing for the server lives. :func:`wait_listening` waits for
+the very process started, not for whatever accepts connections there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import socket
+import subprocess
+import time
+import weakref
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
+
+import psutil
 
 _FIRST_BLOCK = 20000
 _BLOCK_SIZE = 1000
@@ -104,6 +115,12 @@ class HeldPort:
     def release(self) -> None:
         self._socket.close()
 
+    def __enter__(self) -> HeldPort:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.release()
+
 
 def held_port() -> HeldPort:
     """A port as :func:`free_port` gives one, held until released."""
@@ -118,3 +135,48 @@ def held_port() -> HeldPort:
             continue
         return HeldPort(port, sock)
     raise RuntimeError("no port could be held")
+
+
+def port_for(owner: object) -> int:
+    """A port held for as long as ``owner`` (the object that starts a
+    server on it) lives.
+
+    The server binds it over the hold whenever it listens; while it is
+    stopped, between a stop and the next start, nobody else is handed the
+    port and a connection to it is refused.
+    """
+    held = held_port()
+    weakref.finalize(owner, held.release)
+    return held.port
+
+
+def listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` itself listens on TCP ``port``."""
+    sockets = psutil.Process(pid).net_connections(kind="tcp")
+    return any(
+        s.status == psutil.CONN_LISTEN and s.laddr and s.laddr.port == port
+        for s in sockets
+    )
+
+
+def wait_listening(
+    process: subprocess.Popen[bytes], port: int, what: str = "destination"
+) -> None:
+    """Wait until ``process`` listens on ``port``.
+
+    A connection that is accepted is not enough: another program (another
+    test run's server, say) may hold the port, and this one then exits
+    for want of it, while the appliance would send to the stranger.
+    """
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            with socket.socket() as probe:
+                taken = probe.connect_ex(("127.0.0.1", port)) == 0
+            held = f": port {port} is held by another program" if taken else ""
+            raise AssertionError(f"{what} exited{held}")
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if listens(process.pid, port):
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"the {what} does not listen on port {port}")

@@ -15,7 +15,6 @@ import getpass
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from types import TracebackType
 import psutil
 import pytest
 
-from tests.ports import free_port
+from tests.ports import listens, port_for
 
 SSHD = Path("/usr/sbin/sshd")
 # sshd run as root insists on its privilege separation folder.
@@ -58,7 +57,9 @@ class Sshd:
     def __init__(self, folder: Path, port: int | None = None) -> None:
         require_sshd()
         self.folder = folder
-        self.port = port or free_port()
+        # Held while this object lives: sshd is stopped and started again
+        # on it, and a replicator may be set to it before it starts.
+        self.port = port or port_for(self)
         self.user = getpass.getuser()
         self.host_key = folder / "host_ed25519"
         self.user_key = folder / "user_ed25519"
@@ -74,7 +75,7 @@ class Sshd:
         self.write_known_hosts()
 
     def start(self) -> Sshd:
-        """Start sshd and wait until its port accepts connections."""
+        """Start sshd and wait until it listens on its port."""
         if os.geteuid() == 0:
             PRIVSEP_FOLDER.mkdir(mode=0o755, exist_ok=True)
         self.config.write_text(self._config_text())
@@ -155,9 +156,10 @@ class Sshd:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise RuntimeError(f"sshd exited:\n{self.log_text()}")
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
+            # This sshd, not whatever accepts connections on the port.
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if listens(self.process.pid, self.port):
+                    return
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"sshd did not listen on {self.port}:\n{self.log_text()}")

@@ -26,7 +26,8 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 
 from tests import datasets
 from tests import dicom_client as client
-from tests.conftest import Appliance, free_port
+from tests.conftest import Appliance
+from tests.ports import held_port
 
 CT = datasets.CT_IMAGE_STORAGE
 VERIFICATION = "1.2.840.10008.1.1"
@@ -40,7 +41,9 @@ INSTANCES = 3
 @pytest.fixture(scope="module")
 def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
     root = tmp_path_factory.mktemp("pdu-length")
-    peers = [{"ae_title": "TINYPDU", "host": "127.0.0.1", "port": free_port()}]
+    # Held for the module: the destination listens only in its test.
+    destination = held_port()
+    peers = [{"ae_title": "TINYPDU", "host": "127.0.0.1", "port": destination.port}]
     node = Appliance(root / "appliance", {"replication": {"enabled": False}}, peers)
     node.directory.mkdir()
     node.start()
@@ -52,6 +55,7 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
         yield node
     finally:
         node.stop()
+        destination.release()
 
 
 def _item(kind: int, payload: bytes) -> bytes:

@@ -36,8 +36,9 @@ from appliance.config import load as config_load
 from appliance.errors import ConfigError
 from tests import dicom_client as client
 from tests.certificates import Authority, Issued
-from tests.conftest import Appliance, free_port
+from tests.conftest import Appliance
 from tests.datasets import study_files
+from tests.ports import held_port, port_for
 
 COMMITMENT = "1.2.840.10008.1.20.1"
 COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
@@ -80,10 +81,15 @@ def _pair(item: Dataset) -> tuple[str, str]:
 
 
 class Requester:
-    """A modality asking for storage commitment, with its report SCP."""
+    """A modality asking for storage commitment, with its report SCP.
 
-    def __init__(self, port: int) -> None:
-        self.port = port
+    Its port is held while it lives: the appliance knows it as a peer from
+    the start, and a test may have the SCP listen late, or stop and listen
+    again.
+    """
+
+    def __init__(self) -> None:
+        self.port = port_for(self)
         self.reports: queue.Queue[Report] = queue.Queue()
         self._server = None
 
@@ -243,7 +249,7 @@ def wait_for_log(appliance: Appliance, text: str, timeout: float = 30) -> None:
 
 @pytest.fixture(scope="module")
 def requester() -> Iterator[Requester]:
-    modality = Requester(free_port())
+    modality = Requester()
     modality.listen()
     yield modality
     modality.stop()
@@ -493,7 +499,7 @@ def test_malformed_requests_get_an_error_status_and_one_log_line(
 def test_offsite_commitment_waits_for_replication(
     appliance_factory, tmp_path: Path
 ) -> None:
-    modality = Requester(free_port())
+    modality = Requester()
     modality.listen()
     try:
         node = appliance_factory(
@@ -525,7 +531,7 @@ def test_offsite_commitment_waits_for_replication(
 
 def test_a_pending_report_survives_a_restart(appliance_factory, tmp_path: Path) -> None:
     # The requester's SCP is down: the report cannot be delivered yet.
-    modality = Requester(free_port())
+    modality = Requester()
     settings = {
         "migration": {"enabled": False},
         "replication": {"enabled": False},
@@ -633,7 +639,7 @@ def _lines(text: str, part: str) -> list[str]:
 def test_a_report_on_a_new_association_goes_over_tls(
     appliance_factory, certificates: Certificates, tmp_path: Path
 ) -> None:
-    modality = Requester(free_port())
+    modality = Requester()
     modality.listen(requester_tls(certificates.requester, certificates.ca))
     try:
         node = start_tls_appliance(
@@ -667,7 +673,7 @@ def test_a_report_on_a_new_association_goes_over_tls(
 def test_a_requester_with_a_certificate_of_another_ca_gets_no_report(
     appliance_factory, certificates: Certificates, tmp_path: Path
 ) -> None:
-    modality = Requester(free_port())
+    modality = Requester()
     modality.listen(requester_tls(certificates.rogue_requester, certificates.ca))
     try:
         # One attempt within the test: the next one is due in ten minutes.
@@ -715,7 +721,7 @@ def test_a_report_refused_over_tls_is_delivered_once_the_certificate_is_right(
     wrong: str,
     reason: str,
 ) -> None:
-    modality = Requester(free_port())
+    modality = Requester()
     values = config_defaults()
     values["storage.data_dir"] = str(tmp_path / "data")
     values.update({f"tls.{key}": value for key, value in
@@ -756,7 +762,7 @@ def test_a_report_refused_over_tls_is_delivered_once_the_certificate_is_right(
 def test_a_report_to_a_requester_bound_to_a_certificate_needs_that_certificate(
     certificates: Certificates, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    modality = Requester(free_port())
+    modality = Requester()
     values = config_defaults()
     values["storage.data_dir"] = str(tmp_path / "data")
     values.update({f"tls.{key}": value for key, value in
@@ -807,10 +813,13 @@ def reporting(tmp_path: Path) -> Iterator[tuple[Config, Catalog]]:
     values["commitment.retry_initial"] = 5.0
     values["commitment.retry_max"] = 12.0
     values["commitment.retention_days"] = 1
-    settings = Config(values, peers=(Peer(MODALITY, "127.0.0.1", free_port()),))
-    catalog = Catalog(settings.catalog_path, 2**26)
-    yield settings, catalog
-    catalog.close()
+    # Held for the test, so that nothing listens there.
+    with held_port() as nowhere:
+        peer = Peer(MODALITY, "127.0.0.1", nowhere.port)
+        settings = Config(values, peers=(peer,))
+        catalog = Catalog(settings.catalog_path, 2**26)
+        yield settings, catalog
+        catalog.close()
 
 
 def _decided(received: float) -> Transaction:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import config_text, free_port
+from tests.ports import held_port
 
 
 def serve(folder: Path, *options: str) -> subprocess.CompletedProcess[str]:
@@ -78,10 +79,12 @@ def test_web_port_overrides_the_file(tmp_path: Path) -> None:
         "storage": {"data_dir": str(tmp_path / "data")},
     }
     config.write_text(config_text(settings, []))
-    chosen = free_port()
+    # Held until the test ends: what answers there can only be this
+    # appliance, not another test run's.
+    chosen = held_port()
     command = [sys.executable, "-m", "appliance", "serve", "--config", str(config)]
     process = subprocess.Popen(
-        [*command, "--web-port", str(chosen)],
+        [*command, "--web-port", str(chosen.port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -93,7 +96,7 @@ def test_web_port_overrides_the_file(tmp_path: Path) -> None:
             assert process.poll() is None, process.communicate()[1]
             assert time.monotonic() < deadline, "no HTTP on the --web-port"
             with contextlib.suppress(OSError):
-                url = f"http://127.0.0.1:{chosen}/health"
+                url = f"http://127.0.0.1:{chosen.port}/health"
                 with urllib.request.urlopen(url, timeout=2) as answer:
                     assert answer.status == 200
                     break
@@ -105,3 +108,4 @@ def test_web_port_overrides_the_file(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.communicate()
+        chosen.release()

@@ -25,7 +25,8 @@ from pynetdicom.dsutils import encode
 
 from tests import datasets
 from tests import dicom_client as client
-from tests.conftest import Appliance, free_port
+from tests.conftest import Appliance
+from tests.ports import held_port
 
 STUDY_MOVE = client.STUDY_MOVE
 STUDY_GET = client.STUDY_GET
@@ -56,7 +57,9 @@ def archive(
 ) -> Iterator[tuple[Appliance, Dataset]]:
     """An appliance with one study of two instances and one known peer."""
     root = tmp_path_factory.mktemp("bad-requests")
-    peers = [{"ae_title": PEER, "host": "127.0.0.1", "port": free_port()}]
+    # Nothing is to listen there: held for the module, so nothing else can.
+    peer = held_port()
+    peers = [{"ae_title": PEER, "host": "127.0.0.1", "port": peer.port}]
     settings = {"replication": {"enabled": False}}
     appliance = Appliance(root / "appliance", settings, peers)
     appliance.directory.mkdir()
@@ -72,6 +75,7 @@ def archive(
         yield appliance, datasets.instance(study, series, 1)
     finally:
         appliance.stop()
+        peer.release()
 
 
 def identifier_bytes(level: str | None, **keys: object) -> bytes:

@@ -35,6 +35,7 @@ from appliance.export.state import ExportState
 from tests import datasets
 from tests import dicom_client as client
 from tests.conftest import Appliance, free_port, require_dcmtk
+from tests.ports import held_port, port_for
 from tests.test_retrieve import assert_same_data_sets, dcmtk_storescp, received_files
 
 CT = datasets.CT_IMAGE_STORAGE
@@ -179,7 +180,8 @@ class Receiver:
         delay: float = 0.0,
         ae_title: str = "PYDEST",
     ) -> None:
-        self.port = free_port()
+        # Held while it lives: a test may listen on it again, later.
+        self.port = port_for(self)
         self.ae_title = ae_title
         self.sop_classes = sop_classes
         self.refuse = refuse or set()
@@ -432,9 +434,10 @@ def test_a_malformed_date_or_calling_ae_is_a_usage_error(
 
 
 def test_a_receiver_that_is_down_is_named(archive: Archive) -> None:
-    port = free_port()
-
-    result = archive.export("--to", f"NOBODY@127.0.0.1:{port}")
+    # Held for the test, so that nothing listens there.
+    with held_port() as nowhere:
+        port = nowhere.port
+        result = archive.export("--to", f"NOBODY@127.0.0.1:{port}")
 
     assert result.returncode == 1
     _assert_clean(result)

@@ -43,6 +43,7 @@ from appliance.storage.online import OnlineTier
 from tests import datasets, web_site
 from tests import dicom_client as client
 from tests.conftest import Appliance, free_port
+from tests.ports import held_port
 from tests.restore_site import Origin, Restored, answers, mirror_settings
 from tests.restore_site import appliance as run_appliance
 
@@ -202,17 +203,19 @@ def _decode(raw: bytes) -> Dataset:
 
 
 @pytest.fixture
-def site(appliance_factory, tmp_path: Path) -> Site:  # type: ignore[no-untyped-def]
-    hl7_port, destination_port = free_port(), free_port()
-    peers = [{"ae_title": "PYDEST", "host": "127.0.0.1", "port": destination_port}]
-    settings = {
-        "hl7": {"enabled": True, "port": hl7_port},
-        "prefetch": {"enabled": False},
-        "web": {"accounts": web_site.accounts()},
-    }
-    appliance = appliance_factory(settings, peers).start()
-    wait_for(lambda: "HL7 (MLLP) listening on" in appliance.log())
-    return Site(appliance, hl7_port, destination_port, tmp_path / "source")
+def site(appliance_factory: Callable[..., Appliance], tmp_path: Path) -> Iterator[Site]:
+    hl7_port = free_port()
+    # Held for the test: the destination listens only late in it.
+    with held_port() as destination:
+        peer = {"ae_title": "PYDEST", "host": "127.0.0.1", "port": destination.port}
+        settings = {
+            "hl7": {"enabled": True, "port": hl7_port},
+            "prefetch": {"enabled": False},
+            "web": {"accounts": web_site.accounts()},
+        }
+        appliance = appliance_factory(settings, [peer]).start()
+        wait_for(lambda: "HL7 (MLLP) listening on" in appliance.log())
+        yield Site(appliance, hl7_port, destination.port, tmp_path / "source")
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 40.0) -> None:

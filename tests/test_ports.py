@@ -1,9 +1,11 @@
 """Ports for destinations that listen late: held until their server binds
 them, and a server that cannot bind its port is an error of the test, not
-a C-MOVE that fails every sub-operation."""
+a C-MOVE that fails every sub-operation. A server that stops and starts
+again keeps its port held in between."""
 
 from __future__ import annotations
 
+import gc
 import socket
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import pytest
 
 from tests import ports
 from tests.conftest import require_dcmtk
-from tests.test_retrieve import _listens, dcmtk_storescp, pynetdicom_storescp
+from tests.test_retrieve import dcmtk_storescp, pynetdicom_storescp
 
 
 def test_a_held_port_cannot_be_taken_by_a_plain_bind() -> None:
@@ -53,9 +55,9 @@ def test_a_held_port_refuses_connections_until_its_server_listens() -> None:
         with socket.socket() as probe:
             assert probe.connect_ex(("127.0.0.1", held.port)) != 0
         with dcmtk_storescp(held.port, None) as process:
-            assert _listens(process, held.port)
+            assert ports.listens(process.pid, held.port)
         with pynetdicom_storescp(held.port) as process:
-            assert _listens(process, held.port)
+            assert ports.listens(process.pid, held.port)
     finally:
         held.release()
 
@@ -73,3 +75,33 @@ def test_a_destination_whose_port_another_program_holds_is_an_error() -> None:
             dcmtk_storescp(port, None),
         ):
             pass
+
+
+class _Server:
+    """Stands for a server that listens on its port, stops and listens
+    again, as the appliance and sshd of the tests do."""
+
+    def __init__(self) -> None:
+        self.port = ports.port_for(self)
+
+    def listen(self) -> socket.socket:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen()
+        return listener
+
+
+def test_a_port_for_a_server_is_held_between_its_starts_until_it_is_gone() -> None:
+    server = _Server()
+    port = server.port
+    for _ in range(2):
+        with server.listen(), socket.create_connection(("127.0.0.1", port)):
+            pass
+        assert not ports._bindable(port)
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+    del server
+    gc.collect()
+    assert ports._bindable(port)

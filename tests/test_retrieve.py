@@ -37,7 +37,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from tests import datasets
 from tests import dicom_client as client
 from tests.conftest import Appliance, dcmtk, require_dcmtk
-from tests.ports import held_port
+from tests.ports import held_port, wait_listening
 
 CT = datasets.CT_IMAGE_STORAGE
 STUDY_MOVE = client.STUDY_MOVE
@@ -254,36 +254,6 @@ class Destination:
         return status
 
 
-def _listens(process: subprocess.Popen[bytes], port: int) -> bool:
-    """Whether ``process`` itself listens on TCP ``port``."""
-    sockets = psutil.Process(process.pid).net_connections(kind="tcp")
-    return any(
-        s.status == psutil.CONN_LISTEN and s.laddr and s.laddr.port == port
-        for s in sockets
-    )
-
-
-def _wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
-    """Wait until ``process`` listens on ``port``.
-
-    A connection that is accepted is not enough: another program (another
-    test run's server, say) may hold the port, and this one then exits
-    for want of it, while the appliance would send to the stranger.
-    """
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            with socket.socket() as probe:
-                taken = probe.connect_ex(("127.0.0.1", port)) == 0
-            held = f": port {port} is held by another program" if taken else ""
-            raise AssertionError(f"destination exited{held}")
-        with contextlib.suppress(psutil.NoSuchProcess):
-            if _listens(process, port):
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"the destination does not listen on port {port}")
-
-
 @contextlib.contextmanager
 def _listener(command: list[str], port: int) -> Iterator[subprocess.Popen[bytes]]:
     """Run a storage SCP program with Nagle off; stop it afterwards."""
@@ -292,7 +262,7 @@ def _listener(command: list[str], port: int) -> Iterator[subprocess.Popen[bytes]
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        _wait_listening(port, process)
+        wait_listening(process, port)
         yield process
     finally:
         process.terminate()

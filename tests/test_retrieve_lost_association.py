@@ -26,7 +26,8 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, build_role, evt
 
 from tests import datasets
 from tests import dicom_client as client
-from tests.conftest import Appliance, free_port
+from tests.conftest import Appliance
+from tests.ports import held_port
 
 CT = datasets.CT_IMAGE_STORAGE
 PENDING = 0xFF00
@@ -56,7 +57,9 @@ class Archive:
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
     root = tmp_path_factory.mktemp("lost-association")
-    port = free_port()
+    # Held for the module: the destination listens only during its tests.
+    destination = held_port()
+    port = destination.port
     peers = [{"ae_title": "ABORTER", "host": "127.0.0.1", "port": port}]
     node = Appliance(root / "appliance", {"replication": {"enabled": False}}, peers)
     node.directory.mkdir()
@@ -74,6 +77,7 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
         yield archive
     finally:
         node.stop()
+        destination.release()
 
 
 def _identifier(study: str) -> Dataset:

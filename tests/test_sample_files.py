@@ -24,10 +24,10 @@ from tests.conftest import (
     PYDICOM_DATA,
     Appliance,
     dcmtk,
-    free_port,
     incoming_files,
     require_dcmtk,
 )
+from tests.ports import held_port, wait_listening
 
 # pydicom reads these without complaint although their last element is cut
 # short; pydicom's own tests use them as truncated files.
@@ -150,7 +150,9 @@ class Stored:
 def stored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stored]:
     """All sendable sample files stored over the network once for the
     module's tests, which only read them back."""
-    move_port = free_port()
+    # Held for the module: storescp listens there only in its test.
+    destination = held_port()
+    move_port = destination.port
     directory = tmp_path_factory.mktemp("samples")
     appliance = Appliance(
         directory, peers=[{"ae_title": "DEST", "host": "127.0.0.1", "port": move_port}]
@@ -163,6 +165,7 @@ def stored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stored]:
         yield Stored(appliance, statuses, accepted, kept, move_port)
     finally:
         appliance.stop()
+        destination.release()
 
 
 def test_valid_files_stored_and_broken_ones_refused(stored: Stored) -> None:
@@ -238,6 +241,7 @@ def test_valid_files_come_back_byte_identical_by_c_move(
         stderr=subprocess.DEVNULL,
     )
     try:
+        wait_listening(receiver, port)
         studies = {
             str(read(path, stop_before_pixels=True).StudyInstanceUID)
             for path in kept.values()

@@ -41,6 +41,7 @@ from tests.conftest import (
     require_dcmtk,
 )
 from tests.hl7_samples import siu
+from tests.ports import held_port, wait_listening
 
 CT_FILE = TEST_FILES / "CT_small.dcm"
 MR_FILE = TEST_FILES / "MR_small.dcm"
@@ -119,8 +120,10 @@ def open_node(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[No
     common name) and PINNED (by fingerprint), which share a port."""
     node = Node(Appliance(tmp_path_factory.mktemp("open"), {}), free_port())
     node.hl7_tls_port = free_port()
-    node.destination_port = free_port()
-    node.bound_port = free_port()
+    # Held for the module: the destinations listen only in their tests.
+    destination_hold, bound_hold = held_port(), held_port()
+    node.destination_port = destination_hold.port
+    node.bound_port = bound_hold.port
     hl7 = {"enabled": True, "port": free_port(), "tls": True}
     node.appliance.settings = {
         "tls": _tls_settings(pki, node.tls_port, verify_clients=False),
@@ -147,7 +150,7 @@ def open_node(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[No
         {**bound, "ae_title": "BOUND", "certificate_cn": "DEST"},
         {**bound, "ae_title": "PINNED", "certificate_sha256": destination},
     ]
-    with _running(node.appliance):
+    with destination_hold, bound_hold, _running(node.appliance):
         yield node
 
 
@@ -440,22 +443,11 @@ def storescp_tls(port: int, identity: Issued, ca: Path, out: Path) -> Iterator[N
         command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        _wait_listening(port, process)
+        wait_listening(process, port, "storescp")
         yield
     finally:
         process.terminate()
         process.wait(timeout=10)
-
-
-def _wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "storescp exited"
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"nothing listens on port {port}")
 
 
 @pytest.fixture(scope="module")
