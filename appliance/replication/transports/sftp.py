@@ -23,6 +23,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 import paramiko
 from paramiko.sftp import CMD_EXTENDED
@@ -112,7 +113,7 @@ class SftpTransport(RemoteTransport[Session]):
                 while position < end:
                     chunk = file.read(min(self.block_size, end - position))
                     if not chunk:
-                        raise TransportError("the file shrank on the mirror")
+                        _read_ended(file, position)
                     position += len(chunk)
                     self._note_progress()
                     yield chunk
@@ -131,6 +132,21 @@ class SftpTransport(RemoteTransport[Session]):
             _close_quietly(file)
             raise
         return _PipelinedWriter(file)
+
+
+def _read_ended(file: paramiko.SFTPFile, position: int) -> NoReturn:
+    """An empty read before the end: the file shrank, or the connection
+    was lost, which paramiko cannot tell from the file's end (it reads an
+    EOFError from either as the end). The size says which: a lost
+    connection raises EOFError, and the download goes on from
+    ``position`` once connected again."""
+    try:
+        now = file.stat().st_size
+    except SftpTransport.failures as exc:
+        raise EOFError(f"the read ended at byte {position}: {exc}") from exc
+    if now is not None and now <= position:
+        raise TransportError("the file shrank on the mirror")
+    raise EOFError(f"the read ended at byte {position} of {now}")
 
 
 class _PipelinedWriter(RemoteWriter):
