@@ -103,6 +103,7 @@ VERIFY_ON = "appliance, verify on"
 SFTP = "sftp, aes128-gcm"
 SFTP_DEFAULT = "sftp, default cipher"
 METHODS = (VERIFY_OFF, VERIFY_ON, SFTP, SFTP_DEFAULT)
+DISK_ROW = "the packs written with a flush each"
 PACKING = "  pack writing"
 UPLOAD = "  upload"
 READ_BACK = "  read-back"
@@ -155,12 +156,15 @@ class Run:
     steps: dict[str, float] = field(default_factory=dict)
     cipher: str = ""
     server_cpu: float = 0.0  # the sshd session's
+    # Seconds to flush what sftp put on the mirror, after ``total``.
+    flushed: float = 0.0
 
     def __add__(self, other: Run) -> Run:
         sent = {k: self.sent.get(k, 0) + other.sent.get(k, 0) for k in other.sent}
         steps = {k: self.steps.get(k, 0.0) + other.steps[k] for k in other.steps}
         total, server_cpu = self.total + other.total, self.server_cpu + other.server_cpu
-        return Run(total, sent, steps, other.cipher, server_cpu)
+        flushed = self.flushed + other.flushed
+        return Run(total, sent, steps, other.cipher, server_cpu, flushed)
 
 
 def run_tool(command: list[str]) -> str:
@@ -529,9 +533,12 @@ def replicate_all(
     return Run(total, transport.sent, steps, transport.cipher)
 
 
-def pack_writing(archive: Archive, spool: Path, encrypted: bool, level: int) -> Timing:
+def pack_writing(
+    archive: Archive, spool: Path, encrypted: bool, level: int, keep: Path | None = None
+) -> Timing:
     """The packs of the queue, cut as the replicator cuts it, written into
-    a spool file as ``Replicator._write_pack`` writes them; no upload."""
+    a spool file as ``Replicator._write_pack`` writes them; no upload. The
+    packs are moved into ``keep`` if given, else removed."""
     spool.mkdir(exist_ok=True)
     total = Timing()
     batches = in_batches(queued_records(archive), lambda record: record.size)
@@ -546,8 +553,53 @@ def pack_writing(archive: Archive, spool: Path, encrypted: bool, level: int) -> 
             writer.add_all(items)
             writer.close()
         total += clock.timing()
-        path.unlink()
+        if keep is None:
+            path.unlink()
+        else:
+            keep.mkdir(exist_ok=True)
+            path.rename(keep / path.name)
     return total
+
+
+def packs_flushed(packs: Path, folder: Path) -> float:
+    """Seconds to copy the packs (in the page cache) into ``folder``, each
+    flushed and then the folder: what the mirror must do to keep them, on
+    this machine's disk, whoever sends them."""
+    folder.mkdir()
+    for path in sorted(packs.iterdir()):
+        path.read_bytes()  # into the page cache: not timed
+    started = time.perf_counter()
+    try:
+        for path in sorted(packs.iterdir()):
+            with open(folder / path.name, "wb") as out:
+                out.write(path.read_bytes())
+                out.flush()
+                os.fsync(out.fileno())
+        flush_folder(folder)
+        return time.perf_counter() - started
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def flush_folder(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def flush_files(folder: Path) -> float:
+    """Seconds to flush every file in ``folder``, then the folder."""
+    started = time.perf_counter()
+    for path in sorted(folder.iterdir()):
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+    flush_folder(folder)
+    return time.perf_counter() - started
 
 
 # -- the reference: OpenSSH's sftp ------------------------------------------------
@@ -584,11 +636,12 @@ def sftp_run(mirror: Mirror, tars: list[Path], work: Path, cipher: str | None) -
         for tar in tars:
             if (remote / tar.name).stat().st_size != tar.stat().st_size:
                 raise SystemExit(f"sftp: {tar.name} arrived with another size")
+        flushed = flush_files(remote)
     finally:
         shutil.rmtree(remote, ignore_errors=True)
     found = re.search(r"kex: client->server cipher: (\S+)", log)
     sent = {"tars": sum(tar.stat().st_size for tar in tars)}
-    return Run(total, sent, cipher=found.group(1) if found else "?")
+    return Run(total, sent, cipher=found.group(1) if found else "?", flushed=flushed)
 
 
 # -- the run ----------------------------------------------------------------------
@@ -611,6 +664,8 @@ class Setup:
     work: Path
     count: int
     how: Choices
+    # The encrypted packs of the set, as pack writing alone wrote them.
+    packs: Path
 
 
 def measure(method: str, setup: Setup) -> Run:
@@ -624,9 +679,13 @@ def measure(method: str, setup: Setup) -> Run:
     return sftp_run(setup.mirror, setup.tars, setup.work, cipher)
 
 
-def measure_rounds(setup: Setup, rounds: int, megabytes: float) -> dict[str, list[Run]]:
-    """Every method once per round, the order reversed every other round."""
+def measure_rounds(
+    setup: Setup, rounds: int, megabytes: float
+) -> tuple[dict[str, list[Run]], list[float]]:
+    """Every method once per round, the order reversed every other round;
+    then, in each round, the mirror's disk alone (see :func:`packs_flushed`)."""
     runs: dict[str, list[Run]] = {method: [] for method in METHODS}
+    disk: list[float] = []
     for number in range(rounds):
         order = METHODS if number % 2 == 0 else METHODS[::-1]
         for method in order:
@@ -641,7 +700,14 @@ def measure_rounds(setup: Setup, rounds: int, megabytes: float) -> dict[str, lis
                 f"sshd CPU {run.server_cpu:.1f} s",
                 flush=True,
             )
-    return runs
+        disk.append(packs_flushed(setup.packs, setup.work / "disk-alone"))
+        print(f"  round {number + 1}: {DISK_ROW}: {disk[-1]:.2f} s", flush=True)
+    return runs, disk
+
+
+def kept_packs(master: Path) -> Path:
+    """Where the encrypted packs written without uploading are kept."""
+    return master.parent / "packs"
 
 
 def prepare(paths: list[Path], master: Path, level: int) -> dict[str, Timing]:
@@ -654,7 +720,7 @@ def prepare(paths: list[Path], master: Path, level: int) -> dict[str, Timing]:
         spool = master.parent / "spool"
         packing = {
             "unencrypted": pack_writing(archive, spool, False, level),
-            "encrypted": pack_writing(archive, spool, True, level),
+            "encrypted": pack_writing(archive, spool, True, level, kept_packs(master)),
         }
         shutil.rmtree(spool)
     return packing
@@ -678,10 +744,12 @@ def run(args: argparse.Namespace, work: Path) -> None:
     print(f"  {len(tars)} tars made in {time.perf_counter() - started:.1f} s")
 
     with loopback_sshd(work / "sshd") as mirror:
-        setup = Setup(work / "master", tars, mirror, work, len(paths), how)
-        runs = measure_rounds(setup, args.rounds, megabytes)
+        packs = kept_packs(work / "master")
+        setup = Setup(work / "master", tars, mirror, work, len(paths), how, packs)
+        runs, disk = measure_rounds(setup, args.rounds, megabytes)
 
     report(runs, megabytes)
+    report_disk(runs, disk, packs)
     report_cpu(runs, packing, megabytes)
     print("\nload average at the end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
@@ -752,6 +820,29 @@ def _report_ratio(runs: dict[str, list[Run]], appliance: str, reference: str) ->
     )
     print(f"{appliance} / {reference}: {ratio:.2f}x ({verdict}, target {TARGET_RATIO})")
     print(f"  round by round: {by_round}")
+
+
+def report_disk(runs: dict[str, list[Run]], disk: list[float], packs: Path) -> None:
+    """What the disk allows: the mirror flushes each pack before the
+    appliance counts it; sftp's files are flushed by nobody. The loopback
+    mirror shares this machine's disk."""
+    size = sum(path.stat().st_size for path in packs.iterdir())
+    floor = sum(disk)
+    sftp = summed(runs[SFTP])
+    print(
+        f"\n{DISK_ROW} (no network, no encryption): {floor:.2f} s, "
+        f"{size * len(disk) / 1e6 / floor:.1f} MB/s"
+    )
+    print(
+        f"  {SFTP}'s time over it: {sftp.total.wall / floor:.2f}x, the most "
+        "the appliance can reach while the mirror shares this disk"
+    )
+    mine = summed(runs[VERIFY_OFF])
+    print(
+        f"{SFTP}, then every file flushed: {sftp.total.wall:.2f} + "
+        f"{sftp.flushed:.2f} s; {VERIFY_OFF} over that: "
+        f"{(sftp.total.wall + sftp.flushed) / mine.total.wall:.2f}x"
+    )
 
 
 def report_cpu(
