@@ -9,8 +9,8 @@ Every key has a unit and, unless it is required, a default::
     host = "mirror.example.org"   # sftp: required
     port = 22
     user = "pacs"                 # sftp: required
-    key_file = "/etc/appliance/mirror_ed25519"     # sftp: required
-    known_hosts = "/etc/appliance/mirror_known_hosts"  # sftp: required
+    key_file = "/etc/pacs-appliance/mirror_key"  # sftp: required
+    known_hosts = "/etc/pacs-appliance/mirror_known_hosts"  # sftp: required
     remote_path = "."             # the mirror root, from the login folder
     timeout = 30.0                # seconds: connect, log in, each read/write
     stall_timeout = 120.0         # seconds without progress before cutting off
