@@ -74,6 +74,7 @@ def register(main: click.Group, load: Loader) -> None:
 
 
 def _drill(config: Config) -> bool:
+    from appliance.restore.drill import failure_text
     from appliance.restore.drill_job import perform
 
     with progress_bar() as bar:
@@ -100,11 +101,7 @@ def _drill(config: Config) -> bool:
     for study_uid in result.studies:
         click.echo(f"  {study_uid}")
     for failure in result.failures[:_SHOWN]:
-        instance = failure.sop_instance_uid or "(whole pack)"
-        click.echo(
-            f"  study {failure.study_uid}, instance {instance}: {failure.what}",
-            err=True,
-        )
+        click.echo(f"  {failure_text(failure)}", err=True)
     if len(result.failures) > _SHOWN:
         click.echo(f"  ... and {len(result.failures) - _SHOWN} more", err=True)
     click.echo(f"record: {path}")

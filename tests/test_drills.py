@@ -25,6 +25,7 @@ from appliance.restore import drill_job, drill_records
 from appliance.restore.drill import DrillResult
 from appliance.storage.keys import KeyStore, key_store_path
 from appliance.storage.packs import PackReader
+from tests import datasets
 from tests.conftest import Appliance
 from tests.datasets import study_files, uid
 from tests.restore_site import Origin, appliance
@@ -185,13 +186,81 @@ def test_a_catalog_answer_that_differs_from_the_data_fails(origin: Origin) -> No
 
     assert done.returncode == 1
     [record] = _records(origin)
-    assert {f["study_uid"] for f in record["failures"]} == {_study("ct")}
-    assert {f["what"] for f in record["failures"]} == {
-        "study StudyDate: the catalog's answer differs"
-    }
-    assert len(record["failures"]) == 3
+    # Once for the study, not once per instance: no one instance is at fault.
+    assert [
+        (f["study_uid"], f["sop_instance_uid"], f["what"]) for f in record["failures"]
+    ] == [(_study("ct"), "", "study StudyDate: the catalog's answer differs")]
+    assert f"study {_study('ct')}: study StudyDate" in done.stderr
     # The values themselves are left out (they may name the patient).
     assert "19991231" not in done.stderr + json.dumps(record)
+
+
+def _store_mixed(site: Origin, label: str, values: list[dict[str, str]]) -> None:
+    """One study whose instances hold other values at the patient, study
+    and series levels (``values``, one dict per instance): the catalog
+    keeps the first instance's."""
+    study, series = uid("study", label), uid("series", label)
+    for number, extra in enumerate(values, 1):
+        dataset = datasets.instance(study, series, number, patient_id="P-MIXED")
+        for keyword, value in extra.items():
+            setattr(dataset, keyword, value)
+        path = datasets.write(dataset, site.folder / "files" / label)
+        assert site.ingest.import_file(path, "test").ok
+
+
+def test_instances_of_one_study_that_disagree_pass(tmp_path: Path) -> None:
+    """Two modalities name the institution differently, the first instance
+    alone has a study description, another spells the patient's name its
+    own way: the catalog answers with the first instance's values, which
+    one restored instance holds, so the catalog is right."""
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    site = Origin(tmp_path, DirectoryTransport(mirror), _mirror(mirror))
+    _store_mixed(
+        site,
+        "mixed",
+        [
+            {"InstitutionName": "St. Elsewhere", "StudyDescription": "Chest"},
+            {"InstitutionName": "General Hospital", "PatientName": "Doe^Janet"},
+            {"InstitutionName": "General Hospital", "SeriesDescription": "Late"},
+        ],
+    )
+    site.replicate()
+    _close(site)
+
+    done = _drill(site.config_path)
+
+    assert done.returncode == 0, done.stderr
+    assert "restore drill passed: 1 studies, 3 instances" in done.stdout
+
+
+def test_a_patients_answer_is_judged_when_the_sample_holds_all_their_studies(
+    tmp_path: Path,
+) -> None:
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    site = Origin(tmp_path, DirectoryTransport(mirror), _mirror(mirror))
+    _store_mixed(site, "first", [{}, {}])
+    _store_mixed(site, "second", [{}])
+    site.replicate()
+    catalog = site.catalog
+    with catalog.env.begin(write=True) as txn:
+        [(key, patient)] = list(catalog.all_records(txn, "patients"))
+        assert patient["studies"] == 2
+        patient["attrs"]["PatientName"] = "Nobody^Else"
+        catalog._put(txn, "patients", key, patient)
+    _close(site)
+
+    # One of the two studies: the patient's answer may come from the other.
+    assert _drill(site.config_path, "--studies", "1").returncode == 0
+    done = _drill(site.config_path, "--studies", "2")
+
+    assert done.returncode == 1
+    failures = _records(site)[-1]["failures"]
+    assert [(f["sop_instance_uid"], f["what"]) for f in failures] == [
+        ("", "patient PatientName: the catalog's answer differs")
+    ]
+    assert "Nobody" not in done.stderr
 
 
 def test_an_instance_whose_checksum_differs_from_the_catalog_fails(

@@ -9,6 +9,15 @@ attributes the catalog answers C-FIND with (patient, study, series and
 instance level) with its own. Nothing is written outside the scratch
 folder: the catalog is only read, the tiers are not opened.
 
+The catalog keeps a patient's, study's and series' attributes from the
+first instance stored, and instances of one study may disagree (a
+study's Institution Name as two modalities wrote it, say). So those
+levels are judged once every instance of the sample is read: the
+catalog's answer is wrong only when no instance of that study or series
+holds it. A patient's answer is judged so only when the sample holds
+every study of the patient; else the instance it came from may not be in
+the sample, and a difference proves nothing.
+
 What the catalog holds is read once, at the start, in one read
 transaction: a drill that runs for an hour must not hold LMDB's oldest
 reader for that long, and the packs on the mirror never change.
@@ -65,8 +74,9 @@ _LEVELS = (
 
 @dataclass(frozen=True)
 class Failure:
-    """Something a drill found wrong. ``sop_instance_uid`` is empty when a
-    whole pack is at fault. Never an attribute's value: those may name the
+    """Something a drill found wrong. ``sop_instance_uid`` is empty when
+    no one instance is at fault (a pack, or a study's, series' or
+    patient's answer). Never an attribute's value: those may name the
     patient, and failures reach logs and files."""
 
     study_uid: str
@@ -96,13 +106,18 @@ class DrillResult:
         return self.bytes / self.seconds if self.seconds > 0 else 0.0
 
     def fail(self, study_uid: str, sop_instance_uid: str, what: str) -> None:
-        logger.warning(
-            "drill: study %s, instance %s: %s",
-            study_uid,
-            sop_instance_uid or "(whole pack)",
-            what,
-        )
-        self.failures.append(Failure(study_uid, sop_instance_uid, what))
+        failure = Failure(study_uid, sop_instance_uid, what)
+        logger.warning("drill: %s", failure_text(failure))
+        self.failures.append(failure)
+
+
+def failure_text(failure: Failure) -> str:
+    """A failure in words: its study, its instance if one is at fault."""
+    if failure.sop_instance_uid:
+        where = f"study {failure.study_uid}, instance {failure.sop_instance_uid}"
+    else:
+        where = f"study {failure.study_uid}"
+    return f"{where}: {failure.what}"
 
 
 @dataclass(frozen=True)
@@ -116,6 +131,53 @@ class Expected:
     # The patient's record when registration corrected it: the restored
     # data set is compared as it would be sent, coerced.
     patient: dict[str, Any] | None = None
+    # How many studies the catalog holds for the patient.
+    patient_studies: int = 0
+
+
+# A level's keyword and the texts the sampled instances give it (None for
+# an instance without it).
+Seen = dict[str, set[str | None]]
+
+
+@dataclass
+class _Entity:
+    """A patient, study or series of the sample: what the catalog answers
+    for it, and what each of its restored instances holds."""
+
+    level: str
+    study_uid: str  # of its first instance in the sample, for the failure
+    answers: dict[str, str]
+    seen: Seen = field(default_factory=dict)
+    studies: set[str] = field(default_factory=set)
+    patient_studies: int = 0
+
+    def add(self, study_uid: str, found: dict[str, str]) -> None:
+        """Note what one restored instance holds."""
+        for keyword in self.answers.keys() | found.keys() | self.seen.keys():
+            values = self.seen.setdefault(keyword, set())
+            if not values and self.studies:
+                values.add(None)  # first seen now: the instances before lack it
+            values.add(found.get(keyword))
+        self.studies.add(study_uid)
+
+    def problems(self) -> list[str]:
+        """Where the catalog's answer matches none of the instances."""
+        if self.level == "patient" and len(self.studies) < self.patient_studies:
+            return []
+        problems = []
+        for keyword in sorted(self.seen):
+            values, held = self.seen[keyword], self.answers.get(keyword)
+            if held in values:
+                continue
+            if held is None:
+                how = "in the data, not in the catalog"
+            elif values == {None}:
+                how = "in the catalog, not in the data"
+            else:
+                how = "the catalog's answer differs"
+            problems.append(f"{self.level} {keyword}: {how}")
+        return problems
 
 
 @dataclass(frozen=True)
@@ -174,6 +236,7 @@ class Drill:
             by_pack.setdefault(item.pack_id, []).append(item)
 
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._entities: dict[tuple[str, str], _Entity] = {}
         started = time.monotonic()
         done = 0
         for pack_id in sorted(by_pack):
@@ -183,6 +246,9 @@ class Drill:
             if progress is not None:
                 progress(done, len(expected))
         result.seconds = time.monotonic() - started
+        for entity in self._entities.values():
+            for problem in entity.problems():
+                result.fail(entity.study_uid, "", problem)
         return result
 
     def _expected(
@@ -203,7 +269,10 @@ class Drill:
                     answers = _answers(self.catalog, txn, record)
                     patient = self.catalog.get(txn, "patients", record.patient)
                     corrected = patient if is_corrected(patient) else None
-                    expected.append(Expected(record, pack_id, answers, corrected))
+                    studies = int((patient or {}).get("studies", 0))
+                    expected.append(
+                        Expected(record, pack_id, answers, corrected, studies)
+                    )
                     pack = self.catalog.get(txn, "packs", pack_id)
                     if pack is not None:
                         packs[pack_id] = PackExpected(pack["size"], pack["sha256"])
@@ -289,10 +358,33 @@ class Drill:
                 result.fail(study_uid, uid, "SHA-256 differs from the catalog's")
             else:
                 result.bytes += size
-                for problem in _differences(destination, item):
+                problems, found = _differences(destination, item)
+                for problem in problems:
                     result.fail(study_uid, uid, problem)
+                self._note(item, found)
         finally:
             destination.unlink(missing_ok=True)
+
+    def _note(self, item: Expected, found: dict[str, dict[str, str]]) -> None:
+        """What a restored instance holds at the patient, study and series
+        levels, judged once the whole sample is read."""
+        record = item.record
+        keys = {
+            "patient": record.patient,
+            "study": record.study_uid,
+            "series": record.series_uid,
+        }
+        for level, values in found.items():
+            entity = self._entities.get((level, keys[level]))
+            if entity is None:
+                entity = _Entity(
+                    level,
+                    record.study_uid,
+                    item.answers[level],
+                    patient_studies=item.patient_studies,
+                )
+                self._entities[(level, keys[level])] = entity
+            entity.add(record.study_uid, values)
 
     def _make_room(self, remote: RemoteFile, items: list[Expected]) -> None:
         """Stop before a pack fills the disk the archive may share."""
@@ -333,27 +425,25 @@ def _size_and_sha256(path: Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def _differences(path: Path, item: Expected) -> list[str]:
-    """Where the restored data set and the catalog's answers disagree, by
-    level and keyword (values left out: they may name the patient)."""
+def _differences(
+    path: Path, item: Expected
+) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """Where the restored data set and the catalog's answers for the
+    instance disagree, by keyword (values left out: they may name the
+    patient); and what the data set holds at the patient, study and series
+    levels, which the whole sample judges."""
     try:
         dataset = pydicom.dcmread(path, stop_before_pixels=True)
     except (InvalidDicomError, OSError, ValueError) as exc:
-        return [f"restored bytes do not read as DICOM: {exc}"]
+        return [f"restored bytes do not read as DICOM: {exc}"], {}
     if item.patient is not None:
         coercion.apply(dataset, item.patient)
     record = item.record
-    problems = []
-    for level, keywords in _LEVELS:
-        held = item.answers[level]
-        found = collect(dataset, keywords)
-        for keyword in sorted(held.keys() | found.keys()):
-            if keyword not in found:
-                problems.append(f"{level} {keyword}: in the catalog, not in the data")
-            elif keyword not in held:
-                problems.append(f"{level} {keyword}: in the data, not in the catalog")
-            elif held[keyword] != found[keyword]:
-                problems.append(f"{level} {keyword}: the catalog's answer differs")
+    levels = {level: collect(dataset, keywords) for level, keywords in _LEVELS}
+    # The instance's own answers are judged at once: they come from it alone.
+    instance = _Entity("instance", record.study_uid, item.answers["instance"])
+    instance.add(record.study_uid, levels.pop("instance"))
+    problems = instance.problems()
     own = {
         "StudyInstanceUID": (record.study_uid, text_of(dataset, "StudyInstanceUID")),
         "SeriesInstanceUID": (record.series_uid, text_of(dataset, "SeriesInstanceUID")),
@@ -372,4 +462,4 @@ def _differences(path: Path, item: Expected) -> list[str]:
     for name, (catalog_value, data_value) in own.items():
         if catalog_value != data_value:
             problems.append(f"instance record {name}: the catalog's differs")
-    return problems
+    return problems, levels
