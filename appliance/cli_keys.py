@@ -33,7 +33,8 @@ def register(main: click.Group, load: Loader) -> None:
         path = key_store_path(config.data_dir)
         existed = path.exists()
         try:
-            store = KeyStore.create_if_missing(path)
+            # It says so itself, at more length than the log line.
+            store = KeyStore.create_if_missing(path, announce=False)
         except ApplianceError as exc:
             click.echo(f"cannot make the key store: {exc}", err=True)
             sys.exit(1)

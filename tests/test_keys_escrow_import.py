@@ -83,3 +83,15 @@ def test_a_missing_file_is_named_without_errno(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert str(missing) in done.stderr and "no such file" in done.stderr.lower()
     assert "Errno" not in done.stderr
+
+
+def test_init_says_once_that_the_key_is_made(tmp_path: Path) -> None:
+    """The command explains the escrow itself; the log's warning for a key
+    made unasked (by the service's first start) would say it twice."""
+    made = keys(tmp_path / "data", "init")
+
+    assert made.returncode == 0, made.stderr
+    key_id = KeyStore.load(key_store_path(tmp_path / "data")).current_id
+    said = made.stdout + made.stderr
+    assert said.count(key_id) == 1, said
+    assert "appliance keys export" in made.stdout

@@ -157,8 +157,12 @@ class KeyStore:
             self._seen = 0
 
     @classmethod
-    def create_if_missing(cls, path: Path) -> KeyStore:
-        """Load the store at ``path``, making one with a fresh key if absent."""
+    def create_if_missing(cls, path: Path, announce: bool = True) -> KeyStore:
+        """Load the store at ``path``, making one with a fresh key if absent.
+
+        A key made is logged as a warning, to be escrowed; without
+        ``announce`` (the caller tells the operator itself) as information.
+        """
         with _locked(path):
             if path.exists():
                 return cls.load(path)
@@ -166,7 +170,8 @@ class KeyStore:
             store = cls(path, {key.key_id: key}, key.key_id)
             store._save()
         # Without an escrow copy, every pack is lost with this machine.
-        logger.warning(
+        logger.log(
+            logging.WARNING if announce else logging.INFO,
             "master key %s created in %s: export it now to the key escrow "
             "(appliance keys export), away from the appliance and its volumes",
             key.key_id,
