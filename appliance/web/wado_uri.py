@@ -35,6 +35,11 @@ async def wado(request: Request) -> Response:
         return problem(
             406, "only contentType=application/dicom is offered (no rendering)"
         )
+    if "anonymize" in params:
+        # PS3.18 9: a server that cannot de-identify answers an error; the
+        # stored instance would hand over the identity the caller meant to
+        # be spared.
+        return problem(400, "anonymize is not supported: instances are sent as stored")
     study, series, instance = (params[name] for name in _UID_PARAMETERS)
     if any(c in value for value in (study, series, instance) for c in "*?\\"):
         return problem(400, "a UID cannot hold * ? or \\")
