@@ -7,14 +7,16 @@ that stops arriving (408, one log line, nothing left behind)."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 import socket
 import time
 
+import pydicom
 import pytest
 
 from tests.conftest import incoming_files
-from tests.datasets import instance, uid, write
+from tests.datasets import instance, uid, unvalidated, write
 from tests.web_site import OPERATOR, VIEWER, Site, start
 
 BOUNDARY = "sloppy-client-boundary"
@@ -174,3 +176,48 @@ def test_a_stalled_chunked_body_is_408_and_leaves_nothing(site: Site) -> None:
     assert incoming_files(site.appliance.data_dir / "online") == []
     with site.client(VIEWER) as http:
         assert http.get("/studies").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "reason"),
+    [
+        ("SOPInstanceUID", "1.2.826.0.1.3680043.10.1009.1/2", 0x0117),
+        ("SOPInstanceUID", "1.2.826.0.1.3680043.10.1009.1\\2", 0x0117),
+        ("SOPInstanceUID", "1.2.826.0.1.3680043.10.1009.1*", 0x0117),
+        ("SeriesInstanceUID", "1.2.826.0.1.3680043.10.1009.?", 0xA900),
+    ],
+)
+def test_stow_refuses_a_uid_no_url_can_carry_back(
+    site: Site, keyword: str, value: str, reason: int
+) -> None:
+    """A UID with '/', '\\', '*' or '?' could never be asked for again by
+    WADO-RS: refused with a reason, stored nowhere, logged once."""
+    label = f"unsendable-{keyword}-{value}"
+    with unvalidated():
+        made = instance(uid("sloppy", label), uid("sloppy-series", label), 1)
+        setattr(made, keyword, value)
+        if keyword == "SOPInstanceUID":
+            made.file_meta.MediaStorageSOPInstanceUID = value
+        bytes_ = io.BytesIO()
+        made.save_as(bytes_, enforce_file_format=True)
+    body = (
+        f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + bytes_.getvalue()
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+    before = stored(site)
+    already = site.appliance.log().count("holds / \\ * or ?")
+    with site.client(OPERATOR) as http:
+        answer = http.post(
+            "/studies", content=body, headers={"Content-Type": STOW_TYPE}
+        )
+    assert answer.status_code == 409
+    failed = pydicom.Dataset.from_json(answer.json()).FailedSOPSequence[0]
+    assert int(failed.FailureReason) == reason
+    assert keyword in answer.headers["warning"]
+    assert stored(site) == before
+    assert incoming_files(site.appliance.data_dir / "online") == []
+    assert site.appliance.log().count("holds / \\ * or ?") == already + 1
+    with site.client(VIEWER) as http:
+        found = http.get("/studies", params={"StudyInstanceUID": uid("sloppy", label)})
+    assert found.status_code == 204
