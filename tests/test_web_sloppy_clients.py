@@ -221,3 +221,30 @@ def test_stow_refuses_a_uid_no_url_can_carry_back(
     with site.client(VIEWER) as http:
         found = http.get("/studies", params={"StudyInstanceUID": uid("sloppy", label)})
     assert found.status_code == 204
+
+
+def test_a_retrieve_url_is_a_url_even_for_a_uid_with_a_space(site: Site) -> None:
+    """A UID with a space is stored with a warning, as by C-STORE; the
+    RetrieveURL the answer gives for it must still be a URL that works."""
+    odd = "1.2.826.0.1.3680043.10.1009.7 7"
+    with unvalidated():
+        made = instance(uid("sloppy", "space"), uid("sloppy-series", "space"), 1)
+        made.SOPInstanceUID = odd
+        made.file_meta.MediaStorageSOPInstanceUID = odd
+        bytes_ = io.BytesIO()
+        made.save_as(bytes_, enforce_file_format=True)
+    body = (
+        f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + bytes_.getvalue()
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+    with site.client(OPERATOR) as http:
+        answer = http.post(
+            "/studies", content=body, headers={"Content-Type": STOW_TYPE}
+        )
+    assert answer.status_code == 200, answer.text
+    url = pydicom.Dataset.from_json(answer.json()).ReferencedSOPSequence[0].RetrieveURL
+    assert " " not in url
+    assert url.endswith("/instances/1.2.826.0.1.3680043.10.1009.7%207")
+    with site.client(VIEWER) as http:
+        assert http.get(url, headers={"Accept": DICOM}).status_code == 200

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -70,7 +71,7 @@ def store_parts(
 
     stored = Dataset()
     if study is not None and referenced:
-        stored.RetrieveURL = f"{base}/studies/{study}"
+        stored.RetrieveURL = f"{base}/studies/{_segment(study)}"
     if referenced:
         stored.ReferencedSOPSequence = referenced
     if failed:
@@ -116,10 +117,17 @@ def _store_one(
         record = archive.catalog.instance(txn, result.sop_instance_uid)
     if record is not None:
         item.RetrieveURL = (
-            f"{base}/studies/{record.study_uid}/series/{record.series_uid}"
-            f"/instances/{record.sop_instance_uid}"
+            f"{base}/studies/{_segment(record.study_uid)}"
+            f"/series/{_segment(record.series_uid)}"
+            f"/instances/{_segment(record.sop_instance_uid)}"
         )
     return item, None
+
+
+def _segment(uid: str) -> str:
+    # A non-conformant UID stored as it is (a space, say) must still make
+    # a valid URL; a conformant one is left as it is.
+    return quote(uid, safe="")
 
 
 def _announced(path: Path) -> tuple[str, str]:
