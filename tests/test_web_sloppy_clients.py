@@ -248,3 +248,26 @@ def test_a_retrieve_url_is_a_url_even_for_a_uid_with_a_space(site: Site) -> None
     assert url.endswith("/instances/1.2.826.0.1.3680043.10.1009.7%207")
     with site.client(VIEWER) as http:
         assert http.get(url, headers={"Accept": DICOM}).status_code == 200
+
+
+@pytest.mark.parametrize("padding", ["%00", "%20", "%20%00", "%09"])
+def test_a_uid_of_padding_alone_names_nothing(site: Site, padding: str) -> None:
+    """Matching trims spaces and NULs from a UID: one of nothing else
+    would be the universal match, the whole archive in one study's answer
+    (every study recalled from tape for it)."""
+    with site.client(VIEWER) as http:
+        for path in (
+            f"/studies/{padding}",
+            f"/studies/{padding}/metadata",
+            f"/studies/{padding}/series",
+            f"/studies/{uid('sloppy', 'study')}/series/{padding}",
+        ):
+            answer = http.get(path)
+            assert answer.status_code == 400, path
+            assert "not a UID" in answer.json()["error"]
+        answer = http.get(
+            "/wado?requestType=WADO"
+            f"&studyUID={padding}&seriesUID={padding}&objectUID={padding}"
+        )
+        assert answer.status_code == 400
+        assert not answer.content.startswith(b"\0" * 128)

@@ -43,9 +43,10 @@ RETRY_AFTER = 300
 _REASONS_SHOWN = 20
 # What is read and dropped of a refused STOW-RS body before the answer.
 _DRAINED = 1 << 20
-# A UID in a path: anything but the wildcards and list separator of C-FIND,
-# which would turn one study into a search.
-_PATH_UID = re.compile(r"^[^*?\\/]{1,64}$")
+# A UID in a URL: anything but the wildcards and list separator of C-FIND,
+# which would turn one study into a search. (The router keeps '/' out of a
+# path parameter.)
+_ONE_UID = re.compile(r"^[^*?\\]{1,64}$")
 _AGENT_JUNK = re.compile(r"[^A-Za-z0-9.:\[\]_-]")
 
 
@@ -67,10 +68,22 @@ def uids(request: Request, *names: str) -> list[str]:
     found = []
     for name in names:
         value = request.path_params[name]
-        if not _PATH_UID.match(value):
+        if not is_one_uid(value):
             raise ValueError(f"{name} is not a UID")
         found.append(value)
     return found
+
+
+def is_one_uid(value: str) -> bool:
+    """Whether a UID from a URL names one UID: at most 64 characters, none
+    of C-FIND's wildcards or list separator, no control character, and no
+    padding at either end, which matching trims: a UID of nothing but
+    padding (%00 or %20) would match every instance in the archive."""
+    return (
+        bool(_ONE_UID.match(value))
+        and value.isprintable()
+        and value == value.strip(" ")
+    )
 
 
 # -- QIDO-RS --------------------------------------------------------------------
