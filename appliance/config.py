@@ -854,6 +854,14 @@ KEYS: tuple[Key, ...] = (
     ),
     Key(
         "web",
+        "stow_stall_timeout",
+        60.0,
+        "Seconds a STOW-RS request body may go without a byte arriving; then it "
+        "is answered 408, what arrived is removed, and nothing is stored.",
+        _seconds,
+    ),
+    Key(
+        "web",
         "login_failures",
         5,
         "Failed logins of one user name from one address, within login_window, "

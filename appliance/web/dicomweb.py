@@ -7,6 +7,8 @@ the catalog and never become file names.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
 import re
@@ -33,16 +35,23 @@ from appliance.web.metadata import metadata_of
 logger = logging.getLogger(__name__)
 
 DICOM_JSON = "application/dicom+json"
+# A transfer-syntax parameter that admits every transfer syntax.
+ANY_SYNTAX = "*"
 # Seconds a client is asked to wait for an operator to load a volume.
 RETRY_AFTER = 300
 # At most this many failure reasons go into Warning headers.
 _REASONS_SHOWN = 20
 # What is read and dropped of a refused STOW-RS body before the answer.
 _DRAINED = 1 << 20
-# A UID in a path: anything but the wildcards and list separator of C-FIND,
-# which would turn one study into a search.
-_PATH_UID = re.compile(r"^[^*?\\/]{1,64}$")
+# A UID in a URL: anything but the wildcards and list separator of C-FIND,
+# which would turn one study into a search. (The router keeps '/' out of a
+# path parameter.)
+_ONE_UID = re.compile(r"^[^*?\\]{1,64}$")
 _AGENT_JUNK = re.compile(r"[^A-Za-z0-9.:\[\]_-]")
+
+
+class BodyStalled(Exception):
+    """No byte of a request body arrived for ``web.stow_stall_timeout``."""
 
 
 def archive_of(request: Request) -> Archive:
@@ -59,10 +68,22 @@ def uids(request: Request, *names: str) -> list[str]:
     found = []
     for name in names:
         value = request.path_params[name]
-        if not _PATH_UID.match(value):
+        if not is_one_uid(value):
             raise ValueError(f"{name} is not a UID")
         found.append(value)
     return found
+
+
+def is_one_uid(value: str) -> bool:
+    """Whether a UID from a URL names one UID: at most 64 characters, none
+    of C-FIND's wildcards or list separator, no control character, and no
+    padding at either end, which matching trims: a UID of nothing but
+    padding (%00 or %20) would match every instance in the archive."""
+    return (
+        bool(_ONE_UID.match(value))
+        and value.isprintable()
+        and value == value.strip(" ")
+    )
 
 
 # -- QIDO-RS --------------------------------------------------------------------
@@ -96,6 +117,10 @@ _WITHIN_KEYS = {"study": "StudyInstanceUID", "series": "SeriesInstanceUID"}
 
 
 async def _search(request: Request, level: str, names: tuple[str, ...]) -> Response:
+    if not accepts_json(request.headers.get("accept", "")):
+        # PS3.18 8.7: results in a type the caller did not ask for would be
+        # taken for what it asked for.
+        return problem(406, "search results are offered as application/dicom+json only")
     try:
         within = dict(
             zip((_WITHIN_KEYS[n] for n in names), uids(request, *names), strict=True)
@@ -181,7 +206,8 @@ async def instance_metadata(request: Request) -> Response:
 
 
 async def _retrieve(request: Request, names: tuple[str, ...]) -> Response:
-    if not accepts_dicom(request.headers.get("accept", "")):
+    syntaxes = dicom_syntaxes(request.headers.get("accept", ""))
+    if not syntaxes:
         return problem(
             406,
             'only multipart/related; type="application/dicom" is offered: '
@@ -190,6 +216,13 @@ async def _retrieve(request: Request, names: tuple[str, ...]) -> Response:
     items = await located(request, names)
     if isinstance(items, Response):
         return items
+    unwanted = sorted({i.transfer_syntax for i in items} - syntaxes)
+    if ANY_SYNTAX not in syntaxes and unwanted:
+        return problem(
+            406,
+            f"instances are stored in transfer syntax {', '.join(unwanted)} and "
+            "are not converted; ask for it, or for transfer-syntax=*",
+        )
     await run_in_threadpool(audit_retrieval, request, items)
     boundary = multipart.new_boundary()
     parts = [(_part_type(item), _source(item)) for item in items]
@@ -243,19 +276,21 @@ async def fetch(
         return problem(503, str(exc), headers)
 
 
-def accepts_dicom(accept: str) -> bool:
-    """Whether an Accept header admits the stored Part 10 files."""
+def dicom_syntaxes(accept: str) -> set[str]:
+    """The transfer syntaxes in which an Accept header admits Part 10 files
+    (PS3.18 8.7.3.5): ``ANY_SYNTAX`` for any; empty when it admits none.
+    A media type without a transfer-syntax parameter admits any: the files
+    are sent as stored, never converted."""
     if not accept.strip():
-        return True
-    for item in accept.split(","):
-        media_type = multipart.MediaType.parse(item)
-        if media_type.type in ("*/*", "multipart/*", "application/dicom"):
-            return True
-        if media_type.type == "multipart/related":
-            wanted = media_type.parameters.get("type", "application/dicom").lower()
-            if wanted == "application/dicom":
-                return True
-    return False
+        return {ANY_SYNTAX}
+    found = set()
+    for media_type in _acceptable(accept):
+        kind = media_type.type
+        if kind == "multipart/related":
+            kind = media_type.parameters.get("type", "application/dicom").lower()
+        if kind in ("*/*", "multipart/*", "application/dicom"):
+            found.add(media_type.parameters.get("transfer-syntax", ANY_SYNTAX))
+    return found
 
 
 def accepts_json(accept: str) -> bool:
@@ -263,9 +298,21 @@ def accepts_json(accept: str) -> bool:
     if not accept.strip():
         return True
     admitted = {"*/*", "application/*", "application/json", DICOM_JSON}
-    return any(
-        multipart.MediaType.parse(item).type in admitted for item in accept.split(",")
-    )
+    return any(media_type.type in admitted for media_type in _acceptable(accept))
+
+
+def _acceptable(accept: str) -> list[multipart.MediaType]:
+    """The media types of an Accept header but those it refuses (q=0)."""
+    found = []
+    for item in accept.split(","):
+        media_type = multipart.MediaType.parse(item)
+        try:
+            refused = float(media_type.parameters.get("q", "1")) == 0
+        except ValueError:
+            refused = False
+        if not refused:
+            found.append(media_type)
+    return found
 
 
 def _part_type(item: Located) -> str:
@@ -343,6 +390,8 @@ async def _store(request: Request, study: str | None) -> Response:
             request.state.account,
         )
         return problem(400, "the body ended early; nothing was stored")
+    except BodyStalled:
+        return _stalled(request)
     finally:
         await run_in_threadpool(_remove, body)
     return await _store_parts(request, archive, parts, study)
@@ -389,15 +438,28 @@ async def _store_parts(
 async def _spool(request: Request, body: Path, limit: int) -> bool:
     """Write the request body to ``body`` as it arrives; False, having
     stopped reading, once it is longer than ``limit`` bytes (a chunked body
-    announces no length)."""
+    announces no length). BodyStalled when no byte arrives for
+    ``web.stow_stall_timeout`` seconds."""
     written = 0
+    stall: float = request.app.state.config.get("web.stow_stall_timeout")
     handle = await run_in_threadpool(open, body, "wb")
     try:
         chunks = request.stream()
-        async for chunk in chunks:
+        while True:
+            # A caller that stops sending without hanging up would hold the
+            # connection and the spooled part for ever.
+            try:
+                async with asyncio.timeout(stall):
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise BodyStalled from None
             written += len(chunk)
             if written > limit:
-                await _drain(chunks)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(stall):
+                        await _drain(chunks)
                 return False
             if chunk:
                 await run_in_threadpool(handle.write, chunk)
@@ -434,6 +496,23 @@ def _too_large(request: Request, limit: int) -> Response:
         f"the body is longer than the {limit} bytes this server takes in one "
         "request (web.max_stow_bytes); send fewer instances per request; "
         "nothing was stored",
+        {"Connection": "close"},
+    )
+
+
+def _stalled(request: Request) -> Response:
+    """408 for a body that stopped arriving; the connection is closed after
+    the answer, as the rest of the body may still come."""
+    stall = request.app.state.config.get("web.stow_stall_timeout")
+    logger.warning(
+        "STOW-RS from DICOMweb account %s: no byte of the body arrived for "
+        "%g s (web.stow_stall_timeout); nothing was stored",
+        request.state.account,
+        stall,
+    )
+    return problem(
+        408,
+        f"no byte of the body arrived for {stall:g} s; nothing was stored",
         {"Connection": "close"},
     )
 

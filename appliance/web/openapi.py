@@ -95,6 +95,7 @@ def _search(level: str, *names: str) -> dict[str, Any]:
                 "200": {"description": "Matches", **_DICOM_JSON},
                 "204": {"description": "No match"},
                 "400": _ERROR,
+                "406": _ERROR,
                 **_REFUSALS,
             },
         }
@@ -136,7 +137,9 @@ def _metadata(what: str, *names: str) -> dict[str, Any]:
             "parameters": _path_parameters(*names),
             "responses": {
                 "200": {"description": "One object per instance", **_DICOM_JSON},
+                "400": _ERROR,
                 "404": _ERROR,
+                "406": _ERROR,
                 "503": _ERROR,
                 **_REFUSALS,
             },
@@ -160,6 +163,11 @@ def _store(*names: str) -> dict[str, Any]:
             "413": {
                 "description": "The body is longer than web.max_stow_bytes; "
                 "nothing was stored",
+                **_ERROR,
+            },
+            "408": {
+                "description": "No byte of the body arrived for "
+                "web.stow_stall_timeout seconds; nothing was stored",
                 **_ERROR,
             },
             "415": _ERROR,

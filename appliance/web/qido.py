@@ -107,6 +107,7 @@ _SINGLE = {"limit", "offset", *_OPTIONS}
 _TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 _NUMERIC_VRS = {"US", "UL", "SS", "SL", "SV", "UV"}
 _FLOAT_VRS = {"FL", "FD"}
+_TEXT_NUMBER_VRS = {"IS", "DS"}
 
 
 class BadSearch(ValueError):
@@ -213,13 +214,16 @@ def _value(keyword: str, vr: str, text: str) -> Any:
         raise BadSearch(
             f"{keyword} is a sequence: searching in sequences is not supported"
         )
-    if vr not in _NUMERIC_VRS | _FLOAT_VRS or not text:
+    if vr not in _NUMERIC_VRS | _FLOAT_VRS | _TEXT_NUMBER_VRS or not text:
         return text
-    kind = float if vr in _FLOAT_VRS else int
+    kind = float if vr in _FLOAT_VRS | {"DS"} else int
     try:
         values = [kind(part) for part in text.split("\\")]
     except ValueError:
         raise BadSearch(f"{keyword} takes numbers, not {text!r}") from None
+    if vr in _TEXT_NUMBER_VRS:
+        # Numbers written as text: matched as the text, once known to be one.
+        return text
     return values if len(values) > 1 else values[0]
 
 

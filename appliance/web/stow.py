@@ -10,9 +10,11 @@ module of PS3.18 10.5.3.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -20,10 +22,13 @@ from pydicom.dataset import Dataset
 from appliance.audit.dicom import StoreTally
 from appliance.audit.events import Peer
 from appliance.catalog.records import text_of
-from appliance.ingest import DOES_NOT_MATCH_SOP_CLASS
+from appliance.ingest import DOES_NOT_MATCH_SOP_CLASS, INVALID_SOP_INSTANCE
 from appliance.web.archive import Archive
 
 logger = logging.getLogger(__name__)
+
+_UIDS = ["SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"]
+_UNSENDABLE = re.compile(r"[/\\*?]")
 
 
 @dataclass
@@ -66,7 +71,7 @@ def store_parts(
 
     stored = Dataset()
     if study is not None and referenced:
-        stored.RetrieveURL = f"{base}/studies/{study}"
+        stored.RetrieveURL = f"{base}/studies/{_segment(study)}"
     if referenced:
         stored.ReferencedSOPSequence = referenced
     if failed:
@@ -90,11 +95,17 @@ def _store_one(
     item.ReferencedSOPClassUID = sop_class
     item.ReferencedSOPInstanceUID = sop_instance
 
-    if study is not None:
-        found = _study_of(path)
-        if found is not None and found != study:
-            item.FailureReason = DOES_NOT_MATCH_SOP_CLASS
-            return item, "the instance belongs to another study than the URL names"
+    uids = _uids_of(path)
+    refusal = _unsendable(uids) or _elsewhere(uids, study)
+    if refusal is not None:
+        item.FailureReason, reason = refusal
+        logger.warning(
+            "refused instance %s from %s: %s",
+            sop_instance or "(unknown)",
+            source,
+            reason,
+        )
+        return item, reason
 
     result = archive.ingest.store_received(path, source, refuse_long_uids=True)
     if result.sop_instance_uid and result.sop_instance_uid != "(unknown)":
@@ -106,10 +117,17 @@ def _store_one(
         record = archive.catalog.instance(txn, result.sop_instance_uid)
     if record is not None:
         item.RetrieveURL = (
-            f"{base}/studies/{record.study_uid}/series/{record.series_uid}"
-            f"/instances/{record.sop_instance_uid}"
+            f"{base}/studies/{_segment(record.study_uid)}"
+            f"/series/{_segment(record.series_uid)}"
+            f"/instances/{_segment(record.sop_instance_uid)}"
         )
     return item, None
+
+
+def _segment(uid: str) -> str:
+    # A non-conformant UID stored as it is (a space, say) must still make
+    # a valid URL; a conformant one is left as it is.
+    return quote(uid, safe="")
 
 
 def _announced(path: Path) -> tuple[str, str]:
@@ -124,12 +142,44 @@ def _announced(path: Path) -> tuple[str, str]:
     )
 
 
-def _study_of(path: Path) -> str | None:
+def _uids_of(path: Path) -> dict[str, str]:
+    """The part's SOP Instance, Series and Study Instance UIDs as text (a
+    value with several is joined by backslashes); those it has."""
     try:
-        dataset = pydicom.dcmread(
-            path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]
-        )
+        dataset = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_UIDS)
     except Exception:
         # Ingest refuses what cannot be read, with the reason.
+        return {}
+    found = {keyword: text_of(dataset, keyword) for keyword in _UIDS}
+    return {keyword: value for keyword, value in found.items() if value}
+
+
+def _unsendable(uids: dict[str, str]) -> tuple[int, str] | None:
+    """The status and reason to refuse an instance with a UID holding a
+    character that no WADO-RS URL can carry back: '/' ends a path segment,
+    '*' and '?' make a C-FIND pattern of it and '\\' a list of UIDs.
+    (Other non-conformant UIDs are stored with a warning, as by C-STORE.)"""
+    for keyword, value in uids.items():
+        if _UNSENDABLE.search(value):
+            status = (
+                INVALID_SOP_INSTANCE
+                if keyword == "SOPInstanceUID"
+                else DOES_NOT_MATCH_SOP_CLASS
+            )
+            return status, (
+                f"{keyword} {value!r} holds / \\ * or ?, which no DICOMweb URL "
+                "or C-FIND can carry back as one UID"
+            )
+    return None
+
+
+def _elsewhere(uids: dict[str, str], study: str | None) -> tuple[int, str] | None:
+    """The status and reason to refuse an instance of another study than
+    the one the URL names (PS3.18 10.5.1)."""
+    found = uids.get("StudyInstanceUID")
+    if study is None or found is None or found == study:
         return None
-    return text_of(dataset, "StudyInstanceUID")
+    return (
+        DOES_NOT_MATCH_SOP_CLASS,
+        "the instance belongs to another study than the URL names",
+    )

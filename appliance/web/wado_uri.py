@@ -15,7 +15,7 @@ from appliance.web import multipart
 from appliance.web.accounts import VIEWER
 from appliance.web.archive import sent_bytes
 from appliance.web.auth import problem, route
-from appliance.web.dicomweb import audit_retrieval, fetch
+from appliance.web.dicomweb import audit_retrieval, fetch, is_one_uid
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +35,18 @@ async def wado(request: Request) -> Response:
         return problem(
             406, "only contentType=application/dicom is offered (no rendering)"
         )
+    if "anonymize" in params:
+        # PS3.18 9: a server that cannot de-identify answers an error; the
+        # stored instance would hand over the identity the caller meant to
+        # be spared.
+        return problem(400, "anonymize is not supported: instances are sent as stored")
     study, series, instance = (params[name] for name in _UID_PARAMETERS)
-    if any(c in value for value in (study, series, instance) for c in "*?\\"):
-        return problem(400, "a UID cannot hold * ? or \\")
+    if not all(is_one_uid(value) for value in (study, series, instance)):
+        return problem(
+            400,
+            "a UID is at most 64 characters, without * ? \\ or control "
+            "characters, and does not start or end with a space",
+        )
 
     items = await fetch(request, study, series, instance)
     if isinstance(items, Response):

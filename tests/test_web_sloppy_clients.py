@@ -1,0 +1,273 @@
+"""DICOMweb against a running ``appliance serve`` asked what it cannot give:
+an Accept it cannot serve (406, not another type passed off as the one
+asked for), WADO-URI's anonymize (400, not the identified instance), a
+numeric key that is no number (400 naming the key), and a STOW-RS body
+that stops arriving (408, one log line, nothing left behind)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import time
+
+import pydicom
+import pytest
+
+from tests.conftest import incoming_files
+from tests.datasets import instance, uid, unvalidated, write
+from tests.web_site import OPERATOR, VIEWER, Site, start
+
+BOUNDARY = "sloppy-client-boundary"
+STOW_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+DICOM = 'multipart/related; type="application/dicom"'
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+STALL = 1.0
+STALLED = "no byte of the body arrived for"
+
+
+@pytest.fixture(scope="module")
+def site(module_appliance_factory: type) -> Site:
+    started = start(module_appliance_factory, {"web": {"stow_stall_timeout": STALL}})
+    made = instance(uid("sloppy", "study"), uid("sloppy", "series"), 1)
+    part = write(made, started.appliance.directory / "made").read_bytes()
+    body = (
+        f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + part
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+    with started.client(OPERATOR) as http:
+        answer = http.post(
+            "/studies", content=body, headers={"Content-Type": STOW_TYPE}
+        )
+    assert answer.status_code == 200, answer.text
+    return started
+
+
+def instance_path() -> str:
+    return (
+        f"/studies/{uid('sloppy', 'study')}/series/{uid('sloppy', 'series')}"
+        f"/instances/{made_uid()}"
+    )
+
+
+def made_uid() -> str:
+    return str(
+        instance(uid("sloppy", "study"), uid("sloppy", "series"), 1).SOPInstanceUID
+    )
+
+
+def stored(site: Site) -> int:
+    objects = site.appliance.data_dir / "online" / "objects"
+    return sum(1 for _path in objects.rglob("*.dcm"))
+
+
+@pytest.mark.parametrize(
+    "accept",
+    [
+        "application/dicom+xml",
+        "image/png",
+        "application/dicom+json;q=0, text/html",
+    ],
+)
+def test_a_search_refuses_an_accept_without_dicom_json(site: Site, accept: str) -> None:
+    with site.client(VIEWER) as http:
+        answer = http.get("/studies", headers={"Accept": accept})
+    assert answer.status_code == 406
+    assert "application/dicom+json" in answer.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "accept", ["application/dicom+json", "application/json", "*/*", ""]
+)
+def test_a_search_answers_an_accept_with_dicom_json(site: Site, accept: str) -> None:
+    with site.client(VIEWER) as http:
+        answer = http.get("/studies", headers={"Accept": accept})
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("application/dicom+json")
+
+
+@pytest.mark.parametrize(
+    ("accept", "status"),
+    [
+        (f"{DICOM}; transfer-syntax={JPEG_BASELINE}", 406),
+        (f"{DICOM}; transfer-syntax=*", 200),
+        (f"{DICOM}; transfer-syntax={EXPLICIT_LE}", 200),
+        (
+            f"{DICOM}; transfer-syntax={JPEG_BASELINE}, "
+            f"{DICOM}; transfer-syntax={EXPLICIT_LE}",
+            200,
+        ),
+        (DICOM, 200),
+        ("application/dicom;q=0", 406),
+    ],
+)
+def test_wado_rs_sends_only_a_transfer_syntax_asked_for(
+    site: Site, accept: str, status: int
+) -> None:
+    """The stored syntax (Explicit VR Little Endian) is never converted: a
+    caller that can decode only JPEG gets 406, not bytes it cannot read."""
+    with site.client(VIEWER) as http:
+        for path in (instance_path(), f"/studies/{uid('sloppy', 'study')}"):
+            answer = http.get(path, headers={"Accept": accept})
+            assert answer.status_code == status, answer.text[:200]
+            if status == 406 and "transfer-syntax" in accept:
+                assert EXPLICIT_LE in answer.json()["error"]
+
+
+def test_wado_uri_refuses_to_anonymize(site: Site) -> None:
+    params = {
+        "requestType": "WADO",
+        "studyUID": uid("sloppy", "study"),
+        "seriesUID": uid("sloppy", "series"),
+        "objectUID": made_uid(),
+    }
+    with site.client(VIEWER) as http:
+        assert http.get("/wado", params=params).status_code == 200
+        answer = http.get("/wado", params={**params, "anonymize": "yes"})
+    assert answer.status_code == 400
+    assert "anonymize" in answer.json()["error"]
+    assert b"Doe^Jane" not in answer.content
+
+
+@pytest.mark.parametrize("value", ["abc", "1.5"])
+def test_a_numeric_key_that_is_no_number_is_named(site: Site, value: str) -> None:
+    with site.client(VIEWER) as http:
+        answer = http.get("/studies", params={"NumberOfStudyRelatedInstances": value})
+    assert answer.status_code == 400
+    assert "NumberOfStudyRelatedInstances takes numbers" in answer.json()["error"]
+
+
+def test_a_stalled_chunked_body_is_408_and_leaves_nothing(site: Site) -> None:
+    """A chunked STOW-RS body that stops without the connection closing:
+    after web.stow_stall_timeout the answer is 408 with Connection: close,
+    one WARNING line, nothing stored or spooled, and the server goes on."""
+    before = stored(site)
+    pair = base64.b64encode(":".join(OPERATOR).encode()).decode()
+    head = (
+        "POST /studies HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Basic {pair}\r\n"
+        f"Content-Type: {STOW_TYPE}\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    )
+    first = f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\nDICM".encode()
+    port = site.appliance.web_port
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(head.encode() + b"%x\r\n" % len(first) + first + b"\r\n")
+        answer = b""
+        # The server closes the connection after its answer.
+        while chunk := sock.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    headers, _, body = rest.partition(b"\r\n\r\n")
+    assert status_line.split()[1] == b"408", answer[:300]
+    assert b"connection: close" in headers.lower()
+    assert "nothing was stored" in json.loads(body)["error"]
+
+    deadline = time.monotonic() + 30
+    while STALLED not in site.appliance.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log = site.appliance.log()
+    assert log.count(STALLED) == 1
+    assert "Exception in ASGI application" not in log
+    assert stored(site) == before
+    assert incoming_files(site.appliance.data_dir / "online") == []
+    with site.client(VIEWER) as http:
+        assert http.get("/studies").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "reason"),
+    [
+        ("SOPInstanceUID", "1.2.826.0.1.3680043.10.1009.1/2", 0x0117),
+        ("SOPInstanceUID", "1.2.826.0.1.3680043.10.1009.1\\2", 0x0117),
+        ("SOPInstanceUID", "1.2.826.0.1.3680043.10.1009.1*", 0x0117),
+        ("SeriesInstanceUID", "1.2.826.0.1.3680043.10.1009.?", 0xA900),
+    ],
+)
+def test_stow_refuses_a_uid_no_url_can_carry_back(
+    site: Site, keyword: str, value: str, reason: int
+) -> None:
+    """A UID with '/', '\\', '*' or '?' could never be asked for again by
+    WADO-RS: refused with a reason, stored nowhere, logged once."""
+    label = f"unsendable-{keyword}-{value}"
+    with unvalidated():
+        made = instance(uid("sloppy", label), uid("sloppy-series", label), 1)
+        setattr(made, keyword, value)
+        if keyword == "SOPInstanceUID":
+            made.file_meta.MediaStorageSOPInstanceUID = value
+        bytes_ = io.BytesIO()
+        made.save_as(bytes_, enforce_file_format=True)
+    body = (
+        f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + bytes_.getvalue()
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+    before = stored(site)
+    already = site.appliance.log().count("holds / \\ * or ?")
+    with site.client(OPERATOR) as http:
+        answer = http.post(
+            "/studies", content=body, headers={"Content-Type": STOW_TYPE}
+        )
+    assert answer.status_code == 409
+    failed = pydicom.Dataset.from_json(answer.json()).FailedSOPSequence[0]
+    assert int(failed.FailureReason) == reason
+    assert keyword in answer.headers["warning"]
+    assert stored(site) == before
+    assert incoming_files(site.appliance.data_dir / "online") == []
+    assert site.appliance.log().count("holds / \\ * or ?") == already + 1
+    with site.client(VIEWER) as http:
+        found = http.get("/studies", params={"StudyInstanceUID": uid("sloppy", label)})
+    assert found.status_code == 204
+
+
+def test_a_retrieve_url_is_a_url_even_for_a_uid_with_a_space(site: Site) -> None:
+    """A UID with a space is stored with a warning, as by C-STORE; the
+    RetrieveURL the answer gives for it must still be a URL that works."""
+    odd = "1.2.826.0.1.3680043.10.1009.7 7"
+    with unvalidated():
+        made = instance(uid("sloppy", "space"), uid("sloppy-series", "space"), 1)
+        made.SOPInstanceUID = odd
+        made.file_meta.MediaStorageSOPInstanceUID = odd
+        bytes_ = io.BytesIO()
+        made.save_as(bytes_, enforce_file_format=True)
+    body = (
+        f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + bytes_.getvalue()
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+    with site.client(OPERATOR) as http:
+        answer = http.post(
+            "/studies", content=body, headers={"Content-Type": STOW_TYPE}
+        )
+    assert answer.status_code == 200, answer.text
+    url = pydicom.Dataset.from_json(answer.json()).ReferencedSOPSequence[0].RetrieveURL
+    assert " " not in url
+    assert url.endswith("/instances/1.2.826.0.1.3680043.10.1009.7%207")
+    with site.client(VIEWER) as http:
+        assert http.get(url, headers={"Accept": DICOM}).status_code == 200
+
+
+@pytest.mark.parametrize("padding", ["%00", "%20", "%20%00", "%09"])
+def test_a_uid_of_padding_alone_names_nothing(site: Site, padding: str) -> None:
+    """Matching trims spaces and NULs from a UID: one of nothing else
+    would be the universal match, the whole archive in one study's answer
+    (every study recalled from tape for it)."""
+    with site.client(VIEWER) as http:
+        for path in (
+            f"/studies/{padding}",
+            f"/studies/{padding}/metadata",
+            f"/studies/{padding}/series",
+            f"/studies/{uid('sloppy', 'study')}/series/{padding}",
+        ):
+            answer = http.get(path)
+            assert answer.status_code == 400, path
+            assert "not a UID" in answer.json()["error"]
+        answer = http.get(
+            "/wado?requestType=WADO"
+            f"&studyUID={padding}&seriesUID={padding}&objectUID={padding}"
+        )
+        assert answer.status_code == 400
+        assert not answer.content.startswith(b"\0" * 128)
