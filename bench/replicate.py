@@ -85,6 +85,7 @@ from appliance.replication.transports import (
     Transport,
 )
 from appliance.replication.transports.settings import CLIENTS
+from appliance.storage.durable import fsync_directory, fsync_file
 from appliance.storage.keys import KeyStore, key_store_path
 from appliance.storage.online import OnlineTier
 from appliance.storage.packs import PackWriter
@@ -575,30 +576,18 @@ def packs_flushed(packs: Path, folder: Path) -> float:
                 out.write(path.read_bytes())
                 out.flush()
                 os.fsync(out.fileno())
-        flush_folder(folder)
+        fsync_directory(folder)
         return time.perf_counter() - started
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def flush_folder(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def flush_files(folder: Path) -> float:
     """Seconds to flush every file in ``folder``, then the folder."""
     started = time.perf_counter()
     for path in sorted(folder.iterdir()):
-        descriptor = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-    flush_folder(folder)
+        fsync_file(path)
+    fsync_directory(folder)
     return time.perf_counter() - started
 
 

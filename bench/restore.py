@@ -92,6 +92,7 @@ from appliance.replication.replicator import Replicator, Settings
 from appliance.replication.transports.directory import DirectoryTransport
 from appliance.replication.transports.settings import SftpSettings
 from appliance.restore.data import EXTRACT_THREADS
+from appliance.storage.durable import fsync_directory, fsync_file
 
 STUDIES = 20
 FIND_STUDIES = 100_000
@@ -295,11 +296,11 @@ def flush_tree(folder: Path) -> float:
     """Seconds to flush every file under ``folder``, and the folders."""
     started = time.perf_counter()
     for path in sorted(folder.rglob("*"), key=lambda p: p.is_dir()):
-        descriptor = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        if path.is_dir():
+            fsync_directory(path)
+        else:
+            fsync_file(path)
+    fsync_directory(folder)
     return time.perf_counter() - started
 
 
@@ -322,9 +323,7 @@ def disk_alone(work: Path, paths: list[Path]) -> float:
     try:
         with ThreadPoolExecutor(EXTRACT_THREADS) as pool:
             list(pool.map(copy, range(len(paths))))
-        descriptor = os.open(target, os.O_RDONLY)
-        os.fsync(descriptor)
-        os.close(descriptor)
+        fsync_directory(target)
         return time.perf_counter() - started
     finally:
         remove_tree(target)
