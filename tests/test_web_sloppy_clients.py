@@ -271,3 +271,19 @@ def test_a_uid_of_padding_alone_names_nothing(site: Site, padding: str) -> None:
         )
         assert answer.status_code == 400
         assert not answer.content.startswith(b"\0" * 128)
+
+
+@pytest.mark.parametrize("path", ["study", "instance", "search"])
+def test_head_is_not_served_as_a_hidden_retrieve(site: Site, path: str) -> None:
+    """HEAD would run the whole GET (a recall, an audited retrieval) only to
+    drop the body: it is refused, and GET still answers."""
+    url = {
+        "study": f"/studies/{uid('sloppy', 'study')}",
+        "instance": instance_path(),
+        "search": "/studies",
+    }[path]
+    with site.client(VIEWER) as http:
+        answer = http.head(url)
+        assert answer.status_code == 405
+        assert "GET" in answer.headers["Allow"]
+        assert http.get(url).status_code == 200

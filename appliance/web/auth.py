@@ -106,6 +106,11 @@ def route(
     (``PUBLIC``: for anyone)."""
     guarded = endpoint if role == PUBLIC else _guard(endpoint, role)
     made = Route(path, guarded, methods=list(methods))
+    if role != PUBLIC and made.methods is not None:
+        # Starlette answers HEAD through the GET endpoint, run whole and its
+        # body dropped: a retrieval would recall from a volume and be
+        # audited as a disclosure for a request that received nothing.
+        made.methods.discard("HEAD")
     made.role = role  # type: ignore[attr-defined]
     return made
 
