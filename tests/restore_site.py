@@ -5,6 +5,7 @@ restore tests."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -230,3 +231,17 @@ def site(disaster, tmp_path: Path) -> Iterator[tuple[Restored, Path]]:
     mirror = tmp_path / "mirror"
     shutil.copytree(folder / "mirror", mirror)
     yield Restored(tmp_path, mirror_settings(mirror), folder / "escrow.txt"), mirror
+
+
+def interrupted_summary(said: list[str]) -> tuple[int, int]:
+    """The two lines a restore stopped in its data phase ends with, last in
+    ``said``: how many instances it restored and verified, how many it did
+    not try yet."""
+    line = re.fullmatch(
+        r"restore interrupted: (\d+) instance\(s\) restored and verified, "
+        r"(\d+) not tried yet; report: (\S+)",
+        said[-2],
+    )
+    assert line is not None, said
+    assert said[-1] == "run the same command again to continue"
+    return int(line[1]), int(line[2])

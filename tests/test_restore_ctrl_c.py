@@ -4,7 +4,6 @@ completes."""
 
 from __future__ import annotations
 
-import re
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from appliance.restore.progress import is_pending
-from tests.restore_site import Restored
+from tests.restore_site import Restored, interrupted_summary
 from tests.sigint_in_exec import SENT
 from tests.signal_on_open import SENT as SENT_ANY
 
@@ -124,15 +123,8 @@ def test_stopped_in_the_data_phase_says_one_line(disaster, site, signals) -> Non
     assert stopped.returncode == 1, stopped.stdout + stopped.stderr
     assert "Aborted" not in stopped.stderr and "Traceback" not in stopped.stderr
     said = [line for line in stopped.stderr.splitlines() if SENT_ANY not in line]
-    line = re.fullmatch(
-        r"restore interrupted: (\d+) instance\(s\) restored and verified, "
-        r"(\d+) not tried yet; report: (\S+)",
-        said[-2],
-    )
-    assert line is not None, stopped.stderr
-    assert said[-1] == "run the same command again to continue"
+    done, waiting = interrupted_summary(said)
     assert stopped.stderr.count("not tried yet") == 1, stopped.stderr
-    done, waiting = int(line[1]), int(line[2])
     held = disaster[1]
     assert 0 < done < len(held) and done + waiting == len(held)
     assert len(restored.object_files()) == done

@@ -6,7 +6,6 @@ finished and counted, one line says what is done and one what to do, exit
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests import test_restore_volumes as volumes
-from tests.restore_site import online_bytes
+from tests.restore_site import interrupted_summary, online_bytes
 from tests.signal_on_open import SENT
 from tests.test_restore_volumes import Disaster, Site
 
@@ -91,15 +90,8 @@ def test_stopped_in_the_data_phase(
 
     assert_one_stop(stopped, signals)
     said = [line for line in stopped.stderr.splitlines() if SENT not in line]
-    line = re.fullmatch(
-        r"restore interrupted: (\d+) instance\(s\) restored and verified, "
-        r"(\d+) not tried yet; report: (\S+)",
-        said[-2],
-    )
-    assert line is not None, stopped.stderr
-    assert said[-1] == "run the same command again to continue"
+    restored, waiting = interrupted_summary(said)
     assert "not tried yet:" not in stopped.stderr  # no line per instance
-    restored, waiting = int(line[1]), int(line[2])
     assert 0 < restored < len(disaster.held)
     assert restored + waiting == len(disaster.held)
     catalog = site.catalog()
