@@ -178,6 +178,12 @@ class TransportError(ApplianceError):
     """
 
 
+class LocalSourceError(TransportError):
+    """The local file given to an upload is not what the caller said: it is
+    shorter, or its bytes have another SHA-256. Nothing was stored, and
+    sending the same file again cannot succeed."""
+
+
 class HostKeyError(TransportError):
     """The mirror's SSH host key is not the one pinned in known_hosts.
 

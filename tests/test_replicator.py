@@ -650,6 +650,73 @@ def test_what_a_crash_leaves_half_written_is_removed_at_start(site: Site) -> Non
     _assert_each_instance_offsite_once(site)
 
 
+def _spool_two_packs_unsent(site: Site) -> FlakyMirror:
+    """Two packs written into the spool while the mirror is down, then the
+    replicator closed as if the process died."""
+    mirror = FlakyMirror(site.mirror)
+    mirror.down = True
+    first = _one_per_pack(site, mirror)
+    with pytest.raises(TransportError, match="down"):
+        first.send(first.ready())
+    _wait_for(lambda: "p-000000002.json" in _spooled(site))
+    first.close()
+    mirror.down = False
+    return mirror
+
+
+def _flip_a_byte(path: Path, offset: int) -> None:
+    """Other bytes of the same size: what a power cut may leave of a file
+    whose bytes had not reached the disk."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_spooled_pack_damaged_by_a_power_cut_is_packed_again(
+    site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    site.store("power-cut", 3)
+    mirror = _spool_two_packs_unsent(site)
+    pending = site.spool / "pending"
+    _flip_a_byte(pending / "p-000000001.pack", 4000)
+
+    with caplog.at_level(logging.WARNING, logger="appliance.replication.spool"):
+        again = _one_per_pack(site, mirror)
+
+    # Found at the start, before anything was sent: the damaged pack and its
+    # note are gone, the whole one waits, and the lost instance is queued.
+    assert _spooled(site) == ["p-000000002.json", "p-000000002.pack"]
+    dropped = [r.getMessage() for r in caplog.records if "dropping" in r.getMessage()]
+    assert len(dropped) == 1 and "p-000000001.pack" in dropped[0], dropped
+    sent = _send_everything(again)
+
+    assert "p-000000001" not in sent
+    assert sent[0] == "p-000000002"
+    assert len(sent) == 3
+    _assert_each_instance_offsite_once(site)
+
+
+def test_a_spooled_pack_that_changes_after_the_start_is_never_recorded(
+    site: Site,
+) -> None:
+    site.store("changed", 3)
+    mirror = _spool_two_packs_unsent(site)
+    again = _one_per_pack(site, mirror)
+    _flip_a_byte(site.spool / "pending" / "p-000000001.pack", 4000)
+
+    # The upload finds the bytes it sends are not those of the note: the
+    # pack is dropped rather than tried again for ever.
+    with pytest.raises(TransportError, match="SHA-256"):
+        again.send(again.ready())
+    assert "p-000000001.pack" not in _spooled(site)
+    assert mirror.list("packs/") == []
+    sent = _send_everything(again)
+
+    assert "p-000000001" not in sent
+    assert len(sent) == 3
+    _assert_each_instance_offsite_once(site)
+
+
 def test_a_pack_written_ahead_that_fails_leaves_its_instances_queued(
     site: Site,
 ) -> None:

@@ -22,10 +22,11 @@ another thread while step 2 of the next one runs. At most
 numbers.
 
 A crash anywhere before 4 leaves the instances queued: the next run sends
-the packs left whole in the spool first, in order, or else packs the
-instances again, and an earlier remote file never recorded is an orphan
-that counts for nothing. Remote names are pack ids and numbers, never UIDs
-or patient data; the mirror holds ciphertext only.
+the packs left whole in the spool first, in order (each checked against
+its note at the start), or else packs the instances again, and an earlier
+remote file never recorded is an orphan that counts for nothing. Remote
+names are pack ids and numbers, never UIDs or patient data; the mirror
+holds ciphertext only.
 """
 
 from __future__ import annotations
@@ -49,7 +50,12 @@ from appliance.catalog.copies import PackRecord
 from appliance.catalog.records import InstanceRecord
 from appliance.catalog.replication import OFFSITE, Queued
 from appliance.catalog.store import Catalog
-from appliance.errors import ApplianceError, LimiterClosed, StorageError
+from appliance.errors import (
+    ApplianceError,
+    LimiterClosed,
+    LocalSourceError,
+    StorageError,
+)
 from appliance.hsm.packing import LevelAttributes, instance_meta
 from appliance.hsm.recall import Recaller
 from appliance.hsm.tiers import ONLINE, Tiers
@@ -334,13 +340,19 @@ class Replicator:
     def _upload(self, pack: SpooledPack) -> None:
         if pack.pack_id in self._uploaded:
             return  # while the pack before it was read back
-        self.transport.put(
-            pack_name(pack.pack_id),
-            pack.path,
-            pack.size,
-            pack.sha256,
-            throttle=self.throttle,
-        )
+        try:
+            self.transport.put(
+                pack_name(pack.pack_id),
+                pack.path,
+                pack.size,
+                pack.sha256,
+                throttle=self.throttle,
+            )
+        except LocalSourceError:
+            # The spooled bytes are no longer those written: they can never
+            # be recorded, so the pack goes and its instances are packed again.
+            pack.discard()
+            raise
         events.uploaded("pack", pack.size)
         self._uploaded.add(pack.pack_id)
 

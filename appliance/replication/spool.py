@@ -2,24 +2,34 @@
 
 ::
 
-    SPOOL/pending/p-000000123.pack      a pack, complete and flushed
+    SPOOL/pending/p-000000123.pack      a pack, complete
     SPOOL/pending/p-000000123.json      its note: size, SHA-256, members,
                                         checksums, queue entries, master key
     SPOOL/pending/p-000000124.pack.tmp  a pack being written
 
-A pack is written under its ``.tmp`` name, flushed and renamed; its note
-follows (temporary name, flush, rename). So every note has its whole pack
-on disk, a crash at any instant leaves at worst a ``.tmp`` file or a pack
-without a note, both removed by :meth:`Spool.clean` at the next start, and
-the note of the lowest pack number is the next pack to send. The queue
-entries a note lists stay in the catalog's queue until the pack is
-recorded: a pack lost from the spool only means they are packed again.
+A pack is written under its ``.tmp`` name and renamed; its note follows
+(temporary name, flush, rename). The queue entries a note lists stay in the
+catalog's queue until the pack is recorded, so a pack lost from the spool
+only means they are packed again. That is why a pack's bytes are not
+flushed: the spool holds copies of what the online tier keeps durably, and
+flushing them doubled what replication writes to the disk (and slowed the
+flushes that receiving and the mirror wait for) to save, after a power
+cut, the packing of a pack or two again.
+
+A power cut may therefore leave a note whose pack is cut short or holds
+other bytes. :meth:`Spool.clean`, at the next start, removes what was being
+written (a ``.tmp`` file, a pack without a note) and every pack whose size
+or SHA-256 is not that of its note; the note of the lowest pack number left
+is the next pack to send. The upload checks the SHA-256 of what it sends
+too, so bytes that change after the start are never recorded either.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +38,7 @@ from appliance.storage import durable
 logger = logging.getLogger(__name__)
 
 _TEMPORARY = ".tmp"
+_READ_BLOCK = 1 << 20
 
 
 @dataclass
@@ -82,6 +93,17 @@ class SpooledPack:
             path.unlink(missing_ok=True)
             return None
 
+    def intact(self) -> bool:
+        """Whether the pack's bytes still have the SHA-256 its note gives."""
+        digest = hashlib.sha256()
+        try:
+            with open(self.path, "rb") as handle:
+                while block := handle.read(_READ_BLOCK):
+                    digest.update(block)
+        except OSError:
+            return False
+        return digest.hexdigest() == self.sha256
+
     def discard(self) -> None:
         """Remove the note, then the pack (the order a crash can survive)."""
         self.note.unlink(missing_ok=True)
@@ -96,7 +118,8 @@ class Spool:
         folder.mkdir(parents=True, exist_ok=True)
 
     def clean(self) -> None:
-        """Remove what a process that died while writing left behind.
+        """Remove what a process that died while writing left behind, and
+        the packs a power cut damaged (their instances are packed again).
 
         Only while no pack is being written: a pack between its rename and
         its note looks the same as one whose writer died.
@@ -106,6 +129,15 @@ class Spool:
         for pack in self.folder.glob("*.pack"):
             if not pack.with_suffix(".json").exists():
                 pack.unlink()
+        for spooled in self.packs():
+            if not spooled.intact():
+                logger.warning(
+                    "dropping %s from the spool: its bytes are not those its "
+                    "note lists (cut off by a power cut?); its instances are "
+                    "packed again",
+                    spooled.path.name,
+                )
+                spooled.discard()
 
     def empty(self) -> bool:
         return not any(self.folder.glob("*.json"))
@@ -124,6 +156,9 @@ class Spool:
         return self.folder / f"{pack_id}.pack{_TEMPORARY}"
 
     def add(self, written: Path, pack: SpooledPack) -> None:
-        """Put a written pack in place, flushed, then its note."""
-        durable.move_into_place(written, pack.path, self.folder)
+        """Put a written pack in place (not flushed: see above), then its note."""
+        try:
+            os.rename(written, pack.path)
+        except OSError as exc:
+            raise durable.translate_os_error(exc, f"cannot spool {pack.path}") from exc
         pack.save()

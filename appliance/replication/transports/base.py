@@ -41,7 +41,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from types import TracebackType
 
-from appliance.errors import MirrorConflictError, TransportError
+from appliance.errors import LocalSourceError, MirrorConflictError, TransportError
 from appliance.replication.transports.names import (
     PARTIAL_SUFFIX,
     is_partial,
@@ -105,8 +105,10 @@ class Transport(ABC):
         sent and may sleep (the bandwidth limit); ``progress`` receives the
         bytes sent, block by block (fewer than ``size`` in all when an
         earlier upload was resumed). Raises ValueError for a bad name,
-        MirrorConflictError when other bytes hold the name, TransportError
-        for any other failure; exceptions of the hooks pass through.
+        MirrorConflictError when other bytes hold the name,
+        LocalSourceError when ``source`` is shorter than ``size`` or has
+        another SHA-256, TransportError for any other failure; exceptions
+        of the hooks pass through.
         """
         validate_name(name)
         started = time.monotonic()
@@ -295,7 +297,7 @@ class Transport(ABC):
         partial = partial_name(name)
         if sent != sha256:
             self._remove(partial)
-            raise TransportError(
+            raise LocalSourceError(
                 f"the local file for {name} does not have the SHA-256 given "
                 f"({sent[:16]}... instead of {sha256[:16]}...): it changed or "
                 "is damaged; nothing was stored"
@@ -359,7 +361,7 @@ def _blocks(source: Path, offset: int, end: int, block_size: int) -> Iterator[by
             while position < end:
                 block = file.read(min(block_size, end - position))
                 if not block:
-                    raise TransportError(
+                    raise LocalSourceError(
                         f"{source} ends at byte {position}, before the "
                         f"{end} bytes expected; nothing was stored"
                     )
