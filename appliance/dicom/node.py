@@ -44,6 +44,7 @@ from appliance.dicom import (
     commitment,
     filemeta,
     fragments,
+    reactor_waits,
     responses,
     retrieve,
     store_request,
@@ -130,6 +131,7 @@ def configure_pynetdicom() -> None:
     _guard_pdu_reading()
     _send_store_responses_directly()
     filemeta.install()
+    reactor_waits.install()
 
 
 def _not_the_idle_line(record: logging.LogRecord) -> bool:

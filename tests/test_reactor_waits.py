@@ -1,0 +1,163 @@
+"""pynetdicom's polling sleeps turned into waits: each wait ends as soon as
+what the loop waits for is there, never later than the sleep would have,
+and passes on what it does not take."""
+
+from __future__ import annotations
+
+import queue
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pynetdicom.association
+import pynetdicom.dul
+import pytest
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.sop_class import Verification
+
+from appliance.dicom import reactor_waits
+from tests.ports import free_port
+
+# Far longer than any wait below should take: a wait that runs this long
+# was not woken.
+LONG = 30.0
+
+
+class _Wrapper:
+    """Stands for pynetdicom's AssociationSocket: the connection it holds."""
+
+    def __init__(self, connection: Any, connected: bool = True) -> None:
+        self.socket = connection
+        self._is_connected = connected
+
+
+def _in_thread(target: Any, *args: Any) -> threading.Thread:
+    thread = threading.Thread(target=target, args=args, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_the_dul_wait_ends_when_bytes_arrive() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        waiting = _in_thread(reactor_waits.until_readable, _Wrapper(ours), LONG)
+        time.sleep(0.1)
+        assert waiting.is_alive()
+
+        theirs.sendall(b"\x04")
+        waiting.join(LONG / 3)
+
+        assert not waiting.is_alive()
+
+
+class _WithPending:
+    """A connection holding bytes already read off the kernel's socket."""
+
+    def pending(self) -> int:
+        return 6
+
+
+def test_the_dul_wait_does_not_wait_for_bytes_already_read() -> None:
+    waiting = _in_thread(reactor_waits.until_readable, _Wrapper(_WithPending()), LONG)
+    waiting.join(LONG / 3)
+    assert not waiting.is_alive()
+
+
+def test_the_dul_wait_sleeps_its_time_on_a_closed_connection() -> None:
+    # A closed socket is always "ready": waiting on it must not end at once,
+    # or the loop would spin until it notices.
+    closed = socket.socket()
+    closed.close()
+    for wrapper in (_Wrapper(closed), _Wrapper(socket.socket(), connected=False)):
+        began = time.monotonic()
+        reactor_waits.until_readable(wrapper, 0.05)
+        assert time.monotonic() - began >= 0.05
+        wrapper.socket.close()
+
+
+def test_the_association_wait_ends_when_a_message_is_queued() -> None:
+    messages: queue.Queue[Any] = queue.Queue()
+    waiting = _in_thread(reactor_waits.until_queued, messages, LONG)
+    time.sleep(0.1)
+    assert waiting.is_alive()
+
+    messages.put((1, "message"))
+    waiting.join(LONG / 3)
+
+    assert not waiting.is_alive()
+    assert messages.get_nowait() == (1, "message")  # left for the loop
+
+
+def test_the_association_wait_passes_the_wake_on_to_a_reader() -> None:
+    # The loop waits first; then a sender waits in get() for its response.
+    # put() wakes one of them: the loop's wait, which takes nothing, must
+    # pass the wake on or the sender waits out its whole timeout.
+    messages: queue.Queue[Any] = queue.Queue()
+    _in_thread(reactor_waits.until_queued, messages, LONG)
+    time.sleep(0.2)
+    received: list[Any] = []
+    reader = _in_thread(lambda: received.append(messages.get(timeout=LONG)))
+    time.sleep(0.2)
+
+    messages.put((1, "response"))
+    reader.join(LONG / 3)
+
+    assert not reader.is_alive()
+    assert received == [(1, "response")]
+
+
+def test_other_sleeps_in_pynetdicom_still_sleep() -> None:
+    clock = reactor_waits._ReactorClock()
+    began = time.monotonic()
+    clock.sleep(0.05)
+    assert time.monotonic() - began >= 0.05
+    assert clock.monotonic() >= began  # the rest of the time module
+
+
+@pytest.fixture
+def installed(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The waits installed for this test only, each call noted by the kind
+    of thread that made it."""
+    monkeypatch.setattr(pynetdicom.dul, "time", pynetdicom.dul.time)
+    monkeypatch.setattr(pynetdicom.association, "time", pynetdicom.association.time)
+    calls: list[str] = []
+    readable, queued = reactor_waits.until_readable, reactor_waits.until_queued
+
+    def note_readable(wrapper: Any, seconds: float) -> None:
+        calls.append(type(threading.current_thread()).__name__ + " readable")
+        readable(wrapper, seconds)
+
+    def note_queued(messages: Any, seconds: float) -> None:
+        calls.append(type(threading.current_thread()).__name__ + " queued")
+        queued(messages, seconds)
+
+    monkeypatch.setattr(reactor_waits, "until_readable", note_readable)
+    monkeypatch.setattr(reactor_waits, "until_queued", note_queued)
+    reactor_waits.install()
+    yield calls
+
+
+def test_both_loops_of_an_association_wait_instead_of_sleeping(
+    installed: list[str],
+) -> None:
+    port = free_port()
+    scp = AE(ae_title="WAITS")
+    scp.add_supported_context(Verification)
+    server = scp.start_server(("127.0.0.1", port), block=False)
+    try:
+        scu = AE(ae_title="CALLER")
+        scu.add_requested_context(Verification)
+        assoc = scu.associate("127.0.0.1", port, ae_title="WAITS")
+        assert assoc.is_established
+        for _ in range(3):
+            assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+    finally:
+        server.shutdown()
+
+    assert f"{DULServiceProvider.__name__} readable" in installed
+    assert f"{Association.__name__} queued" in installed
