@@ -4,11 +4,14 @@ and passes on what it does not take."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pynetdicom.association
@@ -52,6 +55,30 @@ def test_the_dul_wait_ends_when_bytes_arrive() -> None:
         waiting.join(LONG / 3)
 
         assert not waiting.is_alive()
+
+
+def test_the_dul_wait_ends_when_a_pdu_is_queued_for_sending() -> None:
+    ours, theirs = socket.socketpair()
+    wake = reactor_waits._Wake()
+    with ours, theirs:
+        waiting = _in_thread(reactor_waits.until_readable, _Wrapper(ours), LONG, wake)
+        time.sleep(0.1)
+        assert waiting.is_alive()
+
+        wake.signal()
+        waiting.join(LONG / 3)
+
+        assert not waiting.is_alive()
+        assert not wake.clear()  # reset by the wait: the next one waits
+    wake.close()
+
+
+def test_a_wake_closed_with_its_thread_is_never_written() -> None:
+    wake = reactor_waits._Wake()
+    wake.close()
+    wake.signal()  # a PDU queued after the thread ended: nothing written
+    wake.close()
+    assert wake.fd == -1 and not wake.clear()
 
 
 class _WithPending:
@@ -127,9 +154,9 @@ def installed(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     calls: list[str] = []
     readable, queued = reactor_waits.until_readable, reactor_waits.until_queued
 
-    def note_readable(wrapper: Any, seconds: float) -> None:
+    def note_readable(wrapper: Any, seconds: float, *wake: Any) -> None:
         calls.append(type(threading.current_thread()).__name__ + " readable")
-        readable(wrapper, seconds)
+        readable(wrapper, seconds, *wake)
 
     def note_queued(messages: Any, seconds: float) -> None:
         calls.append(type(threading.current_thread()).__name__ + " queued")
@@ -144,6 +171,7 @@ def installed(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
 def test_both_loops_of_an_association_wait_instead_of_sleeping(
     installed: list[str],
 ) -> None:
+    before = _eventfds()
     port = free_port()
     scp = AE(ae_title="WAITS")
     scp.add_supported_context(Verification)
@@ -161,3 +189,18 @@ def test_both_loops_of_an_association_wait_instead_of_sleeping(
 
     assert f"{DULServiceProvider.__name__} readable" in installed
     assert f"{Association.__name__} queued" in installed
+    # Each DUL thread closed its eventfd as it ended.
+    deadline = time.monotonic() + LONG / 3
+    while _eventfds() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _eventfds() == before
+
+
+def _eventfds() -> int:
+    """This process's open eventfds."""
+    folder = Path("/proc/self/fd")
+    found = 0
+    for entry in folder.iterdir():
+        with contextlib.suppress(OSError):
+            found += os.readlink(entry) == "anon_inode:[eventfd]"
+    return found

@@ -4,25 +4,29 @@ Every association has two threads that poll. The DUL thread sleeps 1 ms
 whenever a pass over its connection and queues found nothing to do; the
 association's own thread sleeps 1 ms before each look at its queue of
 decoded DIMSE messages. A modality sends its next C-STORE only once the
-response to the last one has come, so over one association both sleeps
+response to the last one has come, so over one association the sleeps
 are paid on every instance: the request waits for the DUL thread to wake
-and read it, then for the association's thread to take it.
+and read it, then for the association's thread to take it, and the
+response, queued for the DUL thread to send, waits for it to wake again.
 
 :func:`install` turns those two sleeps into waits bounded by the same
-time: the DUL thread's until its connection has bytes to read, the
-association's until a message is queued for it. Whatever they did after
-sleeping they still do, and at least as often: a wait only ever ends
+time: the DUL thread's until its connection has bytes to read or a PDU is
+queued for it to send (each DUL gets an eventfd that ``send_pdu`` signals),
+the association's until a message is queued for it. Whatever they did
+after sleeping they still do, and at least as often: a wait only ever ends
 sooner. Every other sleep in pynetdicom is left as it is.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import select
 import sys
 import threading
 import time
+import weakref
 from typing import Any
 
 import pynetdicom.association
@@ -47,7 +51,7 @@ class _ReactorClock:
         caller = sys._getframe(1).f_code
         thread = threading.current_thread()
         if caller is _DUL_LOOP and isinstance(thread, DULServiceProvider):
-            until_readable(thread.socket, seconds)
+            until_woken(thread, seconds)
         elif caller is _ASSOCIATION_LOOP and isinstance(thread, Association):
             until_queued(thread.dimse.msg_queue, seconds)
         else:
@@ -55,15 +59,94 @@ class _ReactorClock:
 
 
 def install() -> None:
-    """Route the two loops' sleeps through :class:`_ReactorClock`."""
+    """Route the two loops' sleeps through :class:`_ReactorClock`, have
+    every PDU queued for sending wake its DUL thread, and close that
+    thread's eventfd when it ends."""
     clock = _ReactorClock()
     pynetdicom.dul.time = clock  # type: ignore[assignment]
     pynetdicom.association.time = clock  # type: ignore[assignment]
 
+    queue_pdu = DULServiceProvider.send_pdu
+    if getattr(queue_pdu, "wakes_the_dul", False):
+        return  # installed already
+    run = DULServiceProvider.run_reactor
 
-def until_readable(wrapper: Any, seconds: float) -> None:
+    def send_pdu(dul: DULServiceProvider, primitive: Any) -> None:
+        queue_pdu(dul, primitive)
+        _wake_of(dul).signal()
+
+    def run_reactor(dul: DULServiceProvider) -> None:
+        try:
+            run(dul)
+        finally:
+            _wake_of(dul).close()
+
+    send_pdu.wakes_the_dul = True  # type: ignore[attr-defined]
+    setattr(DULServiceProvider, "send_pdu", send_pdu)  # noqa: B010
+    setattr(DULServiceProvider, "run_reactor", run_reactor)  # noqa: B010
+
+
+class _Wake:
+    """An eventfd that a DUL thread waits on beside its connection."""
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # Held to write or close: once closed, the number may be another
+        # file's.
+        self._lock = threading.Lock()
+
+    def signal(self) -> None:
+        with self._lock:
+            if self.fd >= 0:
+                os.eventfd_write(self.fd, 1)
+
+    def clear(self) -> bool:
+        """Whether it was signalled since the last look; reset it."""
+        with self._lock:
+            if self.fd < 0:
+                return False
+            try:
+                os.eventfd_read(self.fd)
+            except BlockingIOError:
+                return False
+            return True
+
+    def close(self) -> None:
+        with self._lock:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+
+
+# Each DUL's wake, made on first use. Closed when its thread ends, or with
+# the DUL object if its thread never ran.
+_wakes: weakref.WeakKeyDictionary[DULServiceProvider, _Wake] = (
+    weakref.WeakKeyDictionary()
+)
+_wakes_lock = threading.Lock()
+
+
+def _wake_of(dul: DULServiceProvider) -> _Wake:
+    with _wakes_lock:
+        wake = _wakes.get(dul)
+        if wake is None:
+            wake = _wakes[dul] = _Wake()
+            weakref.finalize(dul, wake.close)
+        return wake
+
+
+def until_woken(dul: DULServiceProvider, seconds: float) -> None:
+    """Wait up to ``seconds`` for bytes to read on ``dul``'s connection or
+    for a PDU queued for it to send."""
+    until_readable(dul.socket, seconds, _wake_of(dul))
+
+
+def until_readable(wrapper: Any, seconds: float, wake: _Wake | None = None) -> None:
     """Wait up to ``seconds`` for the association's connection (pynetdicom's
-    AssociationSocket ``wrapper``) to have bytes to read."""
+    AssociationSocket ``wrapper``) to have bytes to read, or for ``wake``
+    to be signalled (and then clear it)."""
+    if wake is not None and wake.clear():
+        return
     connection = getattr(wrapper, "socket", None)
     if connection is None or getattr(wrapper, "_is_connected", True) is False:
         # Not connected: nothing to wait for but the time.
@@ -74,12 +157,16 @@ def until_readable(wrapper: Any, seconds: float) -> None:
         # Bytes already read off the connection (replayed, or decrypted by
         # TLS) wait for the reader: the kernel would not say so.
         return
+    waited_on = [connection] if wake is None else [connection, wake.fd]
     try:
-        select.select([connection], [], [], seconds)
+        select.select(waited_on, [], [], seconds)
     except (OSError, ValueError):
         # Closed under us: the loop finds out and ends; until then it
         # must not spin.
         time.sleep(seconds)
+        return
+    if wake is not None:
+        wake.clear()
 
 
 def until_queued(messages: queue.Queue[Any], seconds: float) -> None:
