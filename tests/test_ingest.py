@@ -3,6 +3,7 @@ schema version, and what a failure between steps leaves behind."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 from pathlib import Path
@@ -196,3 +197,30 @@ def test_unknown_online_key_is_refused(tmp_path):
     for bad in (*bad_keys, "0" * 33, "0" * 32 + "\n", "0" * 30 + "/0"):
         with pytest.raises(Exception, match="not an online tier key"):
             online.path_of(bad)
+
+
+def test_a_stored_instance_records_the_sha256_of_its_file_and_of_its_data_set(
+    archive, tmp_path
+):
+    # The two digests are taken in two pool threads while the file is
+    # parsed: each must still be of the right bytes.
+    path = datasets.study_files(tmp_path / "digests", "digests", 1)[0]
+    data = path.read_bytes()
+    result = _import(archive, path)
+    assert result.ok
+
+    with archive.catalog.read() as txn:
+        record = archive.catalog.instance(txn, result.sop_instance_uid)
+    stored = archive.online.path_of(record.copies[0].location).read_bytes()
+    meta_end = _end_of_file_meta(stored)
+    assert stored == data
+    assert record.sha256 == hashlib.sha256(stored).hexdigest()
+    assert record.content_sha256 == hashlib.sha256(stored[meta_end:]).hexdigest()
+
+
+def _end_of_file_meta(data: bytes) -> int:
+    """Where the data set starts: after the preamble, DICM and group 0002."""
+    with pydicom.filebase.DicomBytesIO(data) as stream:
+        pydicom.filereader.read_preamble(stream, False)
+        pydicom.filereader._read_file_meta_info(stream)
+        return stream.tell()
