@@ -602,17 +602,25 @@ def test_at_most_prepare_ahead_packs_wait_unsent(site: Site) -> None:
     _assert_each_instance_offsite_once(site)
 
 
-def test_a_crash_with_two_packs_in_the_spool_resumes_both_in_order(
-    site: Site,
-) -> None:
-    site.store("two-spooled", 5)
+def _spool_two_packs_unsent(site: Site) -> FlakyMirror:
+    """Two packs written into the spool while the mirror is down, then the
+    replicator closed as if the process died."""
     mirror = FlakyMirror(site.mirror)
     mirror.down = True
     first = _one_per_pack(site, mirror)
     with pytest.raises(TransportError, match="down"):
         first.send(first.ready())
     _wait_for(lambda: "p-000000002.json" in _spooled(site))
-    first.close()  # the process dies with two packs in the spool
+    first.close()
+    mirror.down = False
+    return mirror
+
+
+def test_a_crash_with_two_packs_in_the_spool_resumes_both_in_order(
+    site: Site,
+) -> None:
+    site.store("two-spooled", 5)
+    mirror = _spool_two_packs_unsent(site)
     assert _spooled(site) == [
         "p-000000001.json",
         "p-000000001.pack",
@@ -623,7 +631,6 @@ def test_a_crash_with_two_packs_in_the_spool_resumes_both_in_order(
 
     # The process starts again: both spooled packs go first, in order, and
     # their instances are not packed a second time.
-    mirror.down = False
     again = _one_per_pack(site, mirror)
     assert len(again.ready()) == 1  # neither of the two spooled instances
     sent = _send_everything(again)
@@ -648,20 +655,6 @@ def test_what_a_crash_leaves_half_written_is_removed_at_start(site: Site) -> Non
     assert _spooled(site) == []
     _send_everything(replicator)
     _assert_each_instance_offsite_once(site)
-
-
-def _spool_two_packs_unsent(site: Site) -> FlakyMirror:
-    """Two packs written into the spool while the mirror is down, then the
-    replicator closed as if the process died."""
-    mirror = FlakyMirror(site.mirror)
-    mirror.down = True
-    first = _one_per_pack(site, mirror)
-    with pytest.raises(TransportError, match="down"):
-        first.send(first.ready())
-    _wait_for(lambda: "p-000000002.json" in _spooled(site))
-    first.close()
-    mirror.down = False
-    return mirror
 
 
 def _flip_a_byte(path: Path, offset: int) -> None:
