@@ -102,67 +102,83 @@ class GroupCommitter:
     Each LMDB commit flushes the catalog to disk; batching the records that
     arrive while one commit runs lets concurrent associations share it.
     The thread that finds no commit running commits (it leads): its own
-    record with whatever others queued meanwhile, then again while records
-    wait. The others wait for theirs. Over one association the leader is
-    the association's own thread, so no record is handed to another thread
-    and its answer handed back.
+    record with whatever others queued meanwhile. If records were queued
+    during that commit, it hands the lead to the first of their threads
+    and goes back to its association; kept leading while they keep coming,
+    its own sender would wait for as long as the others send. Over one
+    association the leader is the association's own thread, so no record
+    is handed to another thread and its answer handed back.
     """
 
     def __init__(self, catalog: Catalog, duplicate_policy: str) -> None:
         self.catalog = catalog
         self.duplicate_policy = duplicate_policy
         self._lock = threading.Lock()
-        self._waiting: list[tuple[NewInstance, Future[RecordResult]]] = []
+        self._waiting: list[_Pending] = []
         self._leading = False
 
     def submit(self, item: NewInstance) -> RecordResult:
         """Record ``item``; returns once its transaction has committed."""
-        future: Future[RecordResult] = Future()
+        pending = _Pending(item)
         with self._lock:
-            self._waiting.append((item, future))
+            self._waiting.append(pending)
             lead, self._leading = not self._leading, True
+        if not lead:
+            pending.woken.wait()
+            # Woken with no answer: the lead was handed to this thread.
+            lead = not pending.future.done()
         if lead:
             self._lead()
-        return future.result()
+        return pending.future.result()
 
     def close(self) -> None:
         """Nothing runs between commits: kept for the callers' symmetry."""
 
     def _lead(self) -> None:
-        batch: list[tuple[NewInstance, Future[RecordResult]]] = []
+        with self._lock:
+            batch, self._waiting = self._waiting, []
         try:
-            while batch := self._take():
-                self._commit(batch)
+            self._commit(batch)
         except BaseException as exc:
             # Interrupted (KeyboardInterrupt, SystemExit): no record waits
             # for a leader that has gone.
             with self._lock:
                 stranded, self._waiting = batch + self._waiting, []
                 self._leading = False
-            for _item, future in stranded:
-                if not future.done():
-                    future.set_exception(exc)
+            for pending in stranded:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+                pending.woken.set()
             raise
-
-    def _take(self) -> list[tuple[NewInstance, Future[RecordResult]]]:
-        """The records waiting; none (and no longer leading) when none wait."""
+        for pending in batch:
+            pending.woken.set()
         with self._lock:
-            batch, self._waiting = self._waiting, []
-            if not batch:
+            if self._waiting:
+                self._waiting[0].woken.set()
+            else:
                 self._leading = False
-            return batch
 
-    def _commit(self, batch: list[tuple[NewInstance, Future[RecordResult]]]) -> None:
+    def _commit(self, batch: list[_Pending]) -> None:
         try:
             results = self.catalog.record(
-                [item for item, _future in batch], self.duplicate_policy
+                [pending.item for pending in batch], self.duplicate_policy
             )
         except Exception as exc:
-            for _item, future in batch:
-                future.set_exception(exc)
+            for pending in batch:
+                pending.future.set_exception(exc)
             return
-        for (_item, future), result in zip(batch, results, strict=True):
-            future.set_result(result)
+        for pending, result in zip(batch, results, strict=True):
+            pending.future.set_result(result)
+
+
+class _Pending:
+    """A record submitted to the group committer, and its thread's wake:
+    set when its answer is in, or when that thread is to lead."""
+
+    def __init__(self, item: NewInstance) -> None:
+        self.item = item
+        self.future: Future[RecordResult] = Future()
+        self.woken = threading.Event()
 
 
 class Ingest:
