@@ -10,15 +10,12 @@ its file.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import re
 import shutil
 import threading
 import time
-from collections.abc import Iterator
-from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,12 +188,12 @@ class Ingest:
         self.online = online
         self.committer = GroupCommitter(catalog, duplicate_policy)
         # Flushing a received file waits on the disk while its checks and
-        # checksums want the CPU: pool threads flush it and hash it while
-        # the association's own thread parses it.
-        self._beside = ThreadPoolExecutor(thread_name_prefix="store")
+        # checksums want the CPU: a pool thread does the first while the
+        # association's own thread does the second.
+        self._flusher = ThreadPoolExecutor(thread_name_prefix="flush")
 
     def close(self) -> None:
-        self._beside.shutdown()
+        self._flusher.shutdown()
         self.committer.close()
 
     def store_received(
@@ -228,19 +225,14 @@ class Ingest:
         self, received: Path, source: str, calling_ae: str, refuse_long_uids: bool
     ) -> StoreResult:
         uid = ""
-        flushed = self._beside.submit(fsync_file, received)
-        hashed: Future[tuple[str, str]] | None = None
+        flushed = self._flusher.submit(fsync_file, received)
         try:
-            offset, transfer_syntax = _read_file_meta(received)
-            # Hashed in a pool thread while this one parses (hashlib lets
-            # go of the GIL): over one association nothing else overlaps.
-            hashed = self._beside.submit(_digests, received, offset)
-            parsed = _parse_data_set(received, offset, transfer_syntax)
+            parsed = _parse(received)
             uid = parsed.sop_instance_uid
             uid, odd = _check_identity(parsed, refuse_long_uids)
             size = received.stat().st_size
             self.online.check_room(size)
-            record = self._record_for(received, parsed, size, hashed=hashed.result())
+            record = self._record_for(received, parsed, size)
             _wait_for(flushed, received)
             self.online.adopt(received, record.copies[0].location, flushed=True)
             result = self._commit(record, parsed.dataset, source, calling_ae)
@@ -256,10 +248,6 @@ class Ingest:
         except (ApplianceError, OSError) as exc:
             logger.error("cannot store instance %s from %s: %s", uid, source, exc)
             return StoreResult(PROCESSING_FAILURE, None, uid, str(exc))
-        finally:
-            if hashed is not None:
-                # A refused file is removed next: not while it is read.
-                futures.wait([hashed])
 
     def import_file(self, path: Path, source: str) -> StoreResult:
         """Copy a Part 10 file from elsewhere (a CD, an old archive) in."""
@@ -305,17 +293,10 @@ class Ingest:
             return StoreResult(PROCESSING_FAILURE, None, uid, str(exc))
 
     def _record_for(
-        self,
-        path: Path,
-        parsed: _Parsed,
-        size: int,
-        key: str | None = None,
-        hashed: tuple[str, str] | None = None,
+        self, path: Path, parsed: _Parsed, size: int, key: str | None = None
     ) -> InstanceRecord:
-        """The catalog record of a parsed file; ``hashed``: its
-        :func:`_digests`, if taken already."""
         dataset = parsed.dataset
-        file_digest, content_digest = hashed or _digests(path, parsed.dataset_offset)
+        file_digest, content_digest = _digests(path, parsed.dataset_offset)
         patient = patient_key(
             text_of(dataset, "PatientID") or "",
             text_of(dataset, "IssuerOfPatientID") or "",
@@ -406,36 +387,10 @@ def _new_instance(
 def _parse(path: Path) -> _Parsed:
     """Check a Part 10 file's structure and read its header; refuse what
     cannot be understood, so that nothing the archive keeps is unreadable."""
-    offset, transfer_syntax = _read_file_meta(path)
-    return _parse_data_set(path, offset, transfer_syntax)
-
-
-def _read_file_meta(path: Path) -> tuple[int, str]:
-    """Where a Part 10 file's data set starts, and its transfer syntax."""
-    with _refusing_what_cannot_be_read():
-        return part10.read_file_meta(path)
-
-
-def _parse_data_set(path: Path, offset: int, transfer_syntax: str) -> _Parsed:
-    """The rest of :func:`_parse`, once the file meta was read."""
-    with _refusing_what_cannot_be_read():
+    try:
+        offset, transfer_syntax = part10.read_file_meta(path)
         part10.check_structure(path, offset, transfer_syntax)
         dataset = pydicom.dcmread(path, stop_before_pixels=True, defer_size=_DEFER_SIZE)
-    meta = dataset.file_meta
-    return _Parsed(
-        dataset,
-        transfer_syntax,
-        offset,
-        sop_class_uid=text_of(meta, "MediaStorageSOPClassUID") or "",
-        sop_instance_uid=text_of(meta, "MediaStorageSOPInstanceUID") or "",
-    )
-
-
-@contextlib.contextmanager
-def _refusing_what_cannot_be_read() -> Iterator[None]:
-    """Turn a parse failure into a refusal, a failed read into a StorageError."""
-    try:
-        yield
     except part10.StructureError as exc:
         raise RejectedInstance(CANNOT_UNDERSTAND, str(exc)) from exc
     except OSError as exc:
@@ -446,6 +401,14 @@ def _refusing_what_cannot_be_read() -> Iterator[None]:
         raise RejectedInstance(
             CANNOT_UNDERSTAND, f"cannot parse the data set: {exc}"
         ) from exc
+    meta = dataset.file_meta
+    return _Parsed(
+        dataset,
+        transfer_syntax,
+        offset,
+        sop_class_uid=text_of(meta, "MediaStorageSOPClassUID") or "",
+        sop_instance_uid=text_of(meta, "MediaStorageSOPInstanceUID") or "",
+    )
 
 
 def _announced_uid(path: Path) -> str:
