@@ -149,8 +149,12 @@ def test_other_sleeps_in_pynetdicom_still_sleep() -> None:
 def installed(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """The waits installed for this test only, each call noted by the kind
     of thread that made it."""
+    # Everything install() replaces is put back after the test, so that
+    # the other tests in this process run pynetdicom as it was.
     monkeypatch.setattr(pynetdicom.dul, "time", pynetdicom.dul.time)
     monkeypatch.setattr(pynetdicom.association, "time", pynetdicom.association.time)
+    for name in ("send_pdu", "run_reactor"):
+        monkeypatch.setattr(DULServiceProvider, name, getattr(DULServiceProvider, name))
     calls: list[str] = []
     readable, queued = reactor_waits.until_readable, reactor_waits.until_queued
 
