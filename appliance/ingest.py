@@ -128,9 +128,6 @@ class GroupCommitter:
             self._lead()
         return pending.future.result()
 
-    def close(self) -> None:
-        """Nothing runs between commits: kept for the callers' symmetry."""
-
     def _lead(self) -> None:
         with self._lock:
             batch, self._waiting = self._waiting, []
@@ -194,7 +191,6 @@ class Ingest:
 
     def close(self) -> None:
         self._flusher.shutdown()
-        self.committer.close()
 
     def store_received(
         self,

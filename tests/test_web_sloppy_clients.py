@@ -193,18 +193,7 @@ def test_stow_refuses_a_uid_no_url_can_carry_back(
     """A UID with '/', '\\', '*' or '?' could never be asked for again by
     WADO-RS: refused with a reason, stored nowhere, logged once."""
     label = f"unsendable-{keyword}-{value}"
-    with unvalidated():
-        made = instance(uid("sloppy", label), uid("sloppy-series", label), 1)
-        setattr(made, keyword, value)
-        if keyword == "SOPInstanceUID":
-            made.file_meta.MediaStorageSOPInstanceUID = value
-        bytes_ = io.BytesIO()
-        made.save_as(bytes_, enforce_file_format=True)
-    body = (
-        f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-        + bytes_.getvalue()
-        + f"\r\n--{BOUNDARY}--\r\n".encode()
-    )
+    body = _stow_body_with(label, keyword, value)
     before = stored(site)
     already = site.appliance.log().count("holds / \\ * or ?")
     with site.client(OPERATOR) as http:
@@ -223,21 +212,28 @@ def test_stow_refuses_a_uid_no_url_can_carry_back(
     assert found.status_code == 204
 
 
-def test_a_retrieve_url_is_a_url_even_for_a_uid_with_a_space(site: Site) -> None:
-    """A UID with a space is stored with a warning, as by C-STORE; the
-    RetrieveURL the answer gives for it must still be a URL that works."""
-    odd = "1.2.826.0.1.3680043.10.1009.7 7"
+def _stow_body_with(label: str, keyword: str, value: str) -> bytes:
+    """A STOW-RS body of one instance whose ``keyword`` is ``value``, as
+    written without pydicom's checks (the file meta follows a SOP Instance
+    UID)."""
     with unvalidated():
-        made = instance(uid("sloppy", "space"), uid("sloppy-series", "space"), 1)
-        made.SOPInstanceUID = odd
-        made.file_meta.MediaStorageSOPInstanceUID = odd
+        made = instance(uid("sloppy", label), uid("sloppy-series", label), 1)
+        setattr(made, keyword, value)
+        if keyword == "SOPInstanceUID":
+            made.file_meta.MediaStorageSOPInstanceUID = value
         bytes_ = io.BytesIO()
         made.save_as(bytes_, enforce_file_format=True)
-    body = (
+    return (
         f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
         + bytes_.getvalue()
         + f"\r\n--{BOUNDARY}--\r\n".encode()
     )
+
+
+def test_a_retrieve_url_is_a_url_even_for_a_uid_with_a_space(site: Site) -> None:
+    """A UID with a space is stored with a warning, as by C-STORE; the
+    RetrieveURL the answer gives for it must still be a URL that works."""
+    body = _stow_body_with("space", "SOPInstanceUID", "1.2.826.0.1.3680043.10.1009.7 7")
     with site.client(OPERATOR) as http:
         answer = http.post(
             "/studies", content=body, headers={"Content-Type": STOW_TYPE}
