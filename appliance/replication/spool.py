@@ -38,7 +38,6 @@ from appliance.storage import durable
 logger = logging.getLogger(__name__)
 
 _TEMPORARY = ".tmp"
-_READ_BLOCK = 1 << 20
 
 
 @dataclass
@@ -95,11 +94,9 @@ class SpooledPack:
 
     def intact(self) -> bool:
         """Whether the pack's bytes still have the SHA-256 its note gives."""
-        digest = hashlib.sha256()
         try:
             with open(self.path, "rb") as handle:
-                while block := handle.read(_READ_BLOCK):
-                    digest.update(block)
+                digest = hashlib.file_digest(handle, "sha256")
         except OSError:
             return False
         return digest.hexdigest() == self.sha256
