@@ -25,6 +25,8 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from appliance.dicom.retrieve import keep_responses_for_the_sender
+
 CLIENT_AE = "TESTCLIENT"
 STUDY_FIND = StudyRootQueryRetrieveInformationModelFind
 PATIENT_FIND = PatientRootQueryRetrieveInformationModelFind
@@ -78,6 +80,9 @@ def associate(
         ext_neg=roles or [],
         tls_args=tls_args,
     )
+    # pynetdicom's own reactor can take a response its sender waits for,
+    # and the appliance answers fast enough to hit that now and then.
+    keep_responses_for_the_sender(assoc)
     try:
         yield assoc
     finally:

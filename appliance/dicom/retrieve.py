@@ -735,6 +735,13 @@ def tune_requestor(assoc: pynetdicom.association.Association) -> None:
         # reads through OpenSSL, which these would bypass.)
         sock.__class__ = QuickAckSocket
 
+    keep_responses_for_the_sender(assoc)
+
+
+def keep_responses_for_the_sender(assoc: pynetdicom.association.Association) -> None:
+    """Keep ``assoc``'s reactor thread from taking a response that a
+    ``send_*`` call waits for (see :func:`tune_requestor`): a response it
+    finds while a send is in progress is put back for the sender."""
     serve: Callable[[Any, int], None] = assoc._serve_request
 
     def serve_requests_only(msg: Any, context_id: int) -> None:
