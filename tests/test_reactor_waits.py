@@ -1,12 +1,14 @@
 """pynetdicom's polling sleeps turned into waits: each wait ends as soon as
-what the loop waits for is there, never later than the sleep would have,
-and passes on what it does not take."""
+what the loop waits for is there, never later than the sleep would have
+while the association has work, and passes on what it does not take; an
+idle association's loops look only a few times a second."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import queue
+import resource
 import socket
 import threading
 import time
@@ -56,6 +58,36 @@ def test_the_dul_wait_ends_when_bytes_arrive() -> None:
         waiting.join(LONG / 3)
 
         assert not waiting.is_alive()
+        assert reactor_waits.until_readable(_Wrapper(ours), 0)  # still there
+
+
+def test_the_dul_wait_says_when_it_found_nothing() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        assert not reactor_waits.until_readable(_Wrapper(ours), 0.01)
+
+
+def test_the_dul_wait_ends_on_a_connection_numbered_beyond_select() -> None:
+    # select() cannot wait on a descriptor numbered 1,024 or more; a busy
+    # appliance may hold that many files and connections.
+    high = 1500
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= high:
+        pytest.skip(f"this process may not open descriptor {high}")
+    if soft != resource.RLIM_INFINITY and soft <= high:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (high + 1, hard))
+    ours, theirs = socket.socketpair()
+    try:
+        os.dup2(ours.fileno(), high)
+        far = socket.socket(fileno=high)
+        with far, theirs:
+            theirs.sendall(b"\x04")
+            began = time.monotonic()
+            assert reactor_waits.until_readable(_Wrapper(far), LONG)
+            assert time.monotonic() - began < LONG / 3
+    finally:
+        ours.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_the_dul_wait_ends_when_a_pdu_is_queued_for_sending() -> None:
@@ -117,7 +149,21 @@ def test_the_association_wait_ends_when_a_message_is_queued() -> None:
     waiting.join(LONG / 3)
 
     assert not waiting.is_alive()
+    assert reactor_waits.until_queued(messages, 0)
     assert messages.get_nowait() == (1, "message")  # left for the loop
+    assert not reactor_waits.until_queued(messages, 0.01)
+
+
+def test_a_loop_waits_longer_only_once_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    pace = reactor_waits._Pace()
+    assert pace.wait(0.001) == 0.001
+
+    monkeypatch.setattr(reactor_waits, "QUIET_AFTER", 0.05)
+    time.sleep(0.1)
+    assert pace.wait(0.001) == reactor_waits.IDLE_WAIT
+
+    pace.busy()
+    assert pace.wait(0.001) == 0.001
 
 
 def test_the_association_wait_passes_the_wake_on_to_a_reader() -> None:
@@ -159,13 +205,13 @@ def installed(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     calls: list[str] = []
     readable, queued = reactor_waits.until_readable, reactor_waits.until_queued
 
-    def note_readable(wrapper: Any, seconds: float, *wake: Any) -> None:
+    def note_readable(wrapper: Any, seconds: float, *wake: Any) -> bool:
         calls.append(type(threading.current_thread()).__name__ + " readable")
-        readable(wrapper, seconds, *wake)
+        return readable(wrapper, seconds, *wake)
 
-    def note_queued(messages: Any, seconds: float) -> None:
+    def note_queued(messages: Any, seconds: float) -> bool:
         calls.append(type(threading.current_thread()).__name__ + " queued")
-        queued(messages, seconds)
+        return queued(messages, seconds)
 
     monkeypatch.setattr(reactor_waits, "until_readable", note_readable)
     monkeypatch.setattr(reactor_waits, "until_queued", note_queued)
@@ -213,3 +259,34 @@ def _eventfds() -> int:
         with contextlib.suppress(OSError):
             found += os.readlink(entry) == "anon_inode:[eventfd]"
     return found
+
+
+def test_an_idle_association_looks_a_few_times_a_second(
+    installed: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Both ends are pynetdicom in this process: four loops, each of which
+    # looked a thousand times a second while idle. No DIMSE message is
+    # sent, so pynetdicom's requestor race (see above) cannot happen.
+    monkeypatch.setattr(reactor_waits, "QUIET_AFTER", 0.2)
+    port = free_port()
+    scp = AE(ae_title="IDLE")
+    scp.add_supported_context(Verification)
+    server = scp.start_server(("127.0.0.1", port), block=False)
+    try:
+        scu = AE(ae_title="HOLDER")
+        scu.add_requested_context(Verification)
+        assoc = scu.associate("127.0.0.1", port, ae_title="IDLE")
+        assert assoc.is_established
+        time.sleep(0.5)  # quiet for longer than QUIET_AFTER
+
+        before = len(installed)
+        time.sleep(1.0)
+        looks = len(installed) - before
+
+        assoc.release()
+        assert assoc.is_released
+    finally:
+        server.shutdown()
+
+    # Four loops at IDLE_WAIT (0.1 s): 40 looks a second; at 1 ms, 4,000.
+    assert 0 < looks <= 200, looks
