@@ -150,17 +150,17 @@ def wait_until_settled(
     are still starting (imports, opening the catalog) would take their CPU
     out of the measurement."""
     deadline = time.monotonic() + timeout
-    before = _tree_cpu_seconds(pid)
+    before = tree_cpu_seconds(pid)
     while time.monotonic() < deadline:
         time.sleep(period)
-        now = _tree_cpu_seconds(pid)
+        now = tree_cpu_seconds(pid)
         if now - before < quiet * period:
             return
         before = now
     print(f"  (pid {pid} still busy after {timeout:.0f} s; measuring anyway)")
 
 
-def _tree_cpu_seconds(pid: int) -> float:
+def tree_cpu_seconds(pid: int) -> float:
     """User and system CPU seconds of ``pid`` and its descendants (Linux)."""
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0.0
