@@ -383,12 +383,14 @@ def test_releases_count_the_copies_left_by_earlier_releases():
     ]
 
 
-def test_a_copy_after_a_release_reads_from_a_remaining_tier():
+def test_a_copy_after_a_release_reads_the_study_where_it_is_at_the_start():
+    # A run makes a study's copies before its releases (MigrationJob.run):
+    # the copy reads online, which the release frees afterwards.
     rules = [release_from("online", name="free"), copy_to("offline", name="tape")]
     facts = study(verified=on("online", "nearline", "offsite"))
     assert steps(plan(rules, [facts], NOW, min_copies=2)) == [
         ("release", "1.2.3", "online", None),
-        ("copy", "1.2.3", "nearline", "offline"),
+        ("copy", "1.2.3", "online", "offline"),
     ]
 
 

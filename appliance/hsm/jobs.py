@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 
@@ -24,6 +24,7 @@ from appliance.hsm.migrator import Migrator, Outcome
 from appliance.hsm.policy import Decision, StudyFacts
 from appliance.hsm.recall import Recaller
 from appliance.hsm.tiers import Tiers
+from appliance.storage.offline import OfflineTier
 
 logger = logging.getLogger(__name__)
 
@@ -115,17 +116,19 @@ class MigrationJob:
         progress: Progress | None = None,
         stopping: Callable[[], bool] = lambda: False,
     ) -> list[Outcome]:
-        """Carry out the plan's decisions in order, within the I/O rate,
-        until done or ``stopping()`` (asked before each decision)."""
+        """Carry out the plan's decisions study by study, within the I/O
+        rate, until done or ``stopping()`` (asked before each study)."""
         outcomes: list[Outcome] = []
         throttle = _Throttle(self.config.get("migration.rate_mb_per_s"))
         actions = plan.actions
-        for done, decision in enumerate(actions, start=1):
+        done = 0
+        for decisions in _by_study(actions):
             if stopping():
                 break
-            results = self._carry_out(decision)
+            results = self._carry_out(decisions)
             outcomes += results
             throttle.spent(sum(o.bytes for o in results))
+            done += len(decisions)
             if progress is not None:
                 progress(done, len(actions))
         failed = [o for o in outcomes if not o.ok]
@@ -145,20 +148,44 @@ class MigrationJob:
 
     # -- the steps --------------------------------------------------------------
 
-    def _carry_out(self, decision: Decision) -> list[Outcome]:
-        study = decision.study_uid
-        logger.info("migration: %s", decision)
-        if decision.action in ("copy", "move") and self.recaller.needs_recall(study):
+    def _carry_out(self, decisions: list[Decision]) -> list[Outcome]:
+        """One study's decisions: first every copy (a move's too), then
+        every release, each in plan order.
+
+        Packs are made from the study's online files. Copied after an
+        earlier rule's release of online, the study would have to be
+        recalled online again, against the rule that a tier an earlier rule
+        releases is not written back in the same run.
+        """
+        for decision in decisions:
+            logger.info("migration: %s", decision)
+        copied: dict[int, Outcome] = {}
+        for index, decision in enumerate(decisions):
+            if decision.action in ("copy", "move") and decision.target:
+                copied[index] = self._copy(decision.study_uid, decision.target)
+
+        released = []
+        for index, decision in enumerate(decisions):
+            move_copied = decision.action == "move" and copied[index].ok
+            if decision.action == "release" or move_copied:
+                released.append(
+                    self.migrator.release(decision.study_uid, decision.source)
+                )
+        return [*copied.values(), *released]
+
+    def _copy(self, study: str, target: str) -> Outcome:
+        if self.recaller.needs_recall(study):
             # Packs are made from online copies; a study released from
             # online is staged again first (a cache the watermarks release).
+            # Not for a copy that cannot be written anyway: the recall would
+            # be repeated, and released again, at every run until it can.
+            tier = self.tiers.pack_tier(target)
+            if isinstance(tier, OfflineTier) and not tier.takes_packs():
+                problem = "no volume can take packs; label or load a volume"
+                logger.error("copying study %s to %s: %s", study, target, problem)
+                return Outcome(study, "copy", target, problem=problem)
             self.recaller.recall(study)
-        if decision.action == "copy" and decision.target:
-            return [self.migrator.copy(study, decision.target)]
-        if decision.action == "move" and decision.target:
-            return self.migrator.move(study, decision.source, decision.target)
-        if decision.action == "release":
-            return [self.migrator.release(study, decision.source)]
-        return []
+        return self.migrator.copy(study, target)
 
     def _facts(self, study: StudyCopies, pinned_online: str = "") -> StudyFacts:
         tier_bytes: dict[str, int] = {}
@@ -178,6 +205,19 @@ class MigrationJob:
             tier_bytes=tier_bytes,
             pinned_online=pinned_online,
         )
+
+
+def _by_study(decisions: list[Decision]) -> Iterator[list[Decision]]:
+    """The decisions in runs of the same study, in plan order (the rules'
+    decisions come study by study; watermark releases come after them)."""
+    run: list[Decision] = []
+    for decision in decisions:
+        if run and decision.study_uid != run[0].study_uid:
+            yield run
+            run = []
+        run.append(decision)
+    if run:
+        yield run
 
 
 def tier_usage(config: Config, counts: dict[str, int], tier: str) -> Usage | None:

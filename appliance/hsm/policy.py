@@ -408,9 +408,12 @@ def _decide_copy(
     # back: of two rules that contradict each other, the earlier one wins.
     if target in state.on or target in state.planned or target in state.released:
         return None
-    if not state.on:
+    # A study's copies are made before its releases, so the copy reads the
+    # study where it is now, even from a tier an earlier rule releases.
+    readable = state.facts.tiers()
+    if not readable:
         return None
-    return _decision(rule, state, "copy", state.on[0], target, reason)
+    return _decision(rule, state, "copy", readable[0], target, reason)
 
 
 def _decide_release(

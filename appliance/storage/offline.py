@@ -133,6 +133,11 @@ class OfflineTier:
     def is_reachable(self, location: str) -> bool:
         return self.library.is_reachable(location.partition("/")[0])
 
+    def takes_packs(self) -> bool:
+        """Whether a reachable volume can take packs now (labelled, loaded,
+        not full); a pack may still find too little room on it."""
+        return any(v.reachable and not v.full for v in self.library.list_volumes())
+
     # -- the steps --------------------------------------------------------------
 
     def _write_somewhere(self, pack_id: str, path: Path, size: int) -> PackLocation:
