@@ -191,32 +191,27 @@ def register(main: click.Group, load: Loader) -> None:
     @data_dir_option
     @click.argument("label")
     def verify(config_file: Path | None, data_dir: str | None, label: str) -> None:
-        """Read every pack of a volume back and check every instance."""
+        """Read every pack the catalog records on a volume back from its
+        position there and check every instance."""
         config = load(config_file, {"storage.data_dir": data_dir})
-        bad = 0
+        from appliance.scrub.volume import VolumeCheck
+
         with open_archive(config) as (catalog, opened), _clear_errors(label):
             offline = opened.packs["offline"]
             label = actions.known_volume(offline.library, label)
-            packs = offline.library.list_packs(label)
+            check = VolumeCheck(catalog, offline, opened.keys, label)
             with progress_bar() as progress:
-                task = progress.add_task(f"verifying {label}", total=len(packs))
-                for location in packs:
-                    report = offline.verify(location, opened.keys)
-                    if not report.ok:
-                        bad += 1
-                        click.echo(report.describe(), err=True)
+                task = progress.add_task(
+                    f"verifying {label}", total=len(check.recorded)
+                )
+                for pack in check.recorded:
+                    problem = check.problem(pack)
+                    if problem is not None:
+                        click.echo(problem, err=True)
                     progress.advance(task)
-            present = {f"{p.volume}/{p.position}" for p in packs}
-            missing = _recorded_on(catalog, label) - present
-        for location in sorted(missing):
-            click.echo(
-                f"pack at {location} is in the catalog but not on the volume", err=True
-            )
-        click.echo(
-            f"volume {label}: {len(packs)} pack(s) read, {bad} bad, "
-            f"{len(missing)} missing"
-        )
-        sys.exit(1 if bad or missing else 0)
+
+        click.echo(check.describe())
+        sys.exit(1 if check.bad or check.missing else 0)
 
     @volumes.command()
     @config_option
@@ -242,17 +237,6 @@ def register(main: click.Group, load: Loader) -> None:
             f"volume {label} is ready to leave ({where}): its packs are "
             "encrypted; the master keys must be escrowed separately"
         )
-
-
-def _recorded_on(catalog: Any, label: str) -> set[str]:
-    """Where the catalog says packs lie on volume ``label``."""
-    with catalog.read() as txn:
-        return {
-            data["location"]
-            for _key, data in catalog.all_records(txn, "packs")
-            if data.get("tier") == "offline"
-            and data["location"].partition("/")[0] == label
-        }
 
 
 @contextmanager

@@ -111,7 +111,7 @@ class OfflineTier:
         keys: KeyStore | None = None,
     ) -> Iterator[PackReader]:
         """A reader of a pack copied from its volume into the spool."""
-        where = _location(location, pack_id, size, sha256)
+        where = pack_location(location, pack_id, size, sha256)
         with self._spooled("read") as path:
             with open(path, "wb") as out:
                 for chunk in self.library.read_pack(where, not self.salvage):
@@ -194,7 +194,9 @@ class OfflineTier:
             path.unlink(missing_ok=True)
 
 
-def _location(location: str, pack_id: str, size: int, sha256: str) -> PackLocation:
+def pack_location(location: str, pack_id: str, size: int, sha256: str) -> PackLocation:
+    """The volume location of a pack as the catalog records it: reading it
+    there checks that the volume holds that pack, with those bytes."""
     volume, _, position = location.partition("/")
     if not position.isdigit():
         raise StorageError(f"not an offline location: {location!r}")
