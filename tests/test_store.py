@@ -57,6 +57,25 @@ def test_identical_resend_is_success_and_changes_nothing(appliance, tmp_path):
     assert client.store_files(appliance.port, [path]) == {path: 0}
     assert _object_files(appliance) == files
     assert appliance.status()["instances"] == 1
+    # The association's closing line does not count the resend as stored.
+    closed = _closing_lines(appliance, 2)
+    assert closed[0].endswith(": 1 stored, 0 already there, 0 refused, 0 queries")
+    assert closed[1].endswith(": 0 stored, 1 already there, 0 refused, 0 queries")
+
+
+def _closing_lines(appliance, count: int) -> list[str]:
+    """The first ``count`` associations' closing log lines, once written
+    (a worker logs one just after its peer has gone)."""
+    deadline = time.monotonic() + 30
+    while True:
+        lines = [
+            line
+            for line in appliance.log().splitlines()
+            if re.search(r"association from .* closed: ", line)
+        ]
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines[:count]
+        time.sleep(0.1)
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,7 @@ from pynetdicom.transport import AssociationSocket
 
 from appliance import audit, tls
 from appliance.audit import dicom as audit_dicom
-from appliance.catalog.store import Catalog
+from appliance.catalog.store import Catalog, Outcome
 from appliance.config import Config
 from appliance.dicom import (
     command_faults,
@@ -402,6 +402,8 @@ class _Activity:
     caller: str
     permissions: Permissions | None = None
     stored: int = 0
+    # Answered Success, but the archive held the same bytes already.
+    already_there: int = 0
     refused: int = 0
     queries: int = 0
     logged: bool = False
@@ -614,10 +616,12 @@ class Node:
         events.association_closed(activity.accepted)
         idle = event.assoc in _went_idle
         logger.info(
-            "association from %s closed%s: %d stored, %d refused, %d queries",
+            "association from %s closed%s: %d stored, %d already there, "
+            "%d refused, %d queries",
             activity.caller,
             " after it was idle (timeouts.network)" if idle else "",
             activity.stored,
+            activity.already_there,
             activity.refused,
             activity.queries,
         )
@@ -668,7 +672,9 @@ class Node:
         result = self.ingest.store_received(
             path, caller, calling_ae, refuse_long_uids=True
         )
-        if result.ok:
+        if result.outcome is Outcome.IDENTICAL:
+            activity.already_there += 1
+        elif result.ok:
             activity.stored += 1
         else:
             activity.refused += 1
