@@ -10,6 +10,7 @@ import json
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -149,6 +150,18 @@ def test_without_accounts_only_health_answers(appliance_factory):
     ]
     assert len(warnings) == 1
     assert "appliance web hash-password" in warnings[0]
+
+
+def test_http_answers_as_soon_as_the_service_says_ready(appliance_factory):
+    appliance = appliance_factory({"web": {}}).start()
+    deadline = time.monotonic() + 120
+    while "ready: serving DICOM" not in appliance.log():
+        assert time.monotonic() < deadline, appliance.log()
+        time.sleep(0.05)
+
+    url = f"http://127.0.0.1:{appliance.web_port}"
+    with httpx.Client(base_url=url, timeout=2) as client:
+        assert client.get("/health").status_code == 200
 
 
 def test_hash_password_prints_a_hash_that_verifies():

@@ -9,9 +9,11 @@ serves the bound socket with uvicorn and an archive handle of its own.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import signal
 import socket
 import ssl
+from multiprocessing.synchronize import Event
 from types import FrameType
 
 import uvicorn
@@ -25,6 +27,9 @@ logger = logging.getLogger(__name__)
 
 # Seconds open requests get to finish when the service stops.
 _STOP_GRACE = 10
+# Seconds the service waits for the HTTP server to answer before it says it
+# is ready without it (a start takes a few seconds: imports, the catalog).
+_START_WAIT = 60
 
 
 class WebService:
@@ -34,8 +39,14 @@ class WebService:
         _check_tls(config)
         self.sock = bind(config.get("web.bind_address"), config.get("web.port"))
         self.scheme = "https" if config.get("web.tls_certificate") else "http"
+        # Set by the child once uvicorn serves: the port listens from the
+        # start, but until then a request only waits in its backlog.
+        self.serving = multiprocessing.get_context("spawn").Event()
         self.supervisor = ChildSupervisor(
-            serve_web, (config, self.sock), "web", stop_grace=_STOP_GRACE + 5
+            serve_web,
+            (config, self.sock, self.serving),
+            "web",
+            stop_grace=_STOP_GRACE + 5,
         )
 
     @property
@@ -43,8 +54,15 @@ class WebService:
         host, port = self.sock.getsockname()[:2]
         return host, port
 
-    def start(self) -> None:
+    def start(self, wait: float = _START_WAIT) -> None:
+        """Start the child and wait until it answers requests (or ``wait``
+        seconds, after which the service goes on and says so)."""
         self.supervisor.start()
+        if not self.serving.wait(wait):
+            logger.warning(
+                "HTTP server not answering after %.0f s; going on without waiting",
+                wait,
+            )
 
     def stop(self) -> None:
         self.supervisor.stop()
@@ -88,6 +106,15 @@ def _check_tls(config: Config) -> None:
 
 
 class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, serving: Event | None) -> None:
+        super().__init__(config)
+        self.serving = serving
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.serving is not None:
+            self.serving.set()
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Ctrl-C reaches the whole process group; the listener stops this
         # child with SIGTERM once it has stopped accepting DICOM.
@@ -96,8 +123,11 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def serve_web(config: Config, sock: socket.socket) -> None:
-    """Serve HTTP on the bound socket until SIGTERM (the child's work)."""
+def serve_web(
+    config: Config, sock: socket.socket, serving: Event | None = None
+) -> None:
+    """Serve HTTP on the bound socket until SIGTERM (the child's work);
+    ``serving`` is set once requests are answered."""
     die_with_parent()
     logs.setup_service(config)
     from appliance.web.app import build_app
@@ -117,4 +147,4 @@ def serve_web(config: Config, sock: socket.socket) -> None:
     host, port = sock.getsockname()[:2]
     scheme = "https" if certificate else "http"
     logger.info("HTTP listening on %s://%s:%d", scheme, host, port)
-    _Server(settings).run(sockets=[sock])
+    _Server(settings, serving).run(sockets=[sock])
