@@ -119,6 +119,27 @@ def clean_up_recalls(config: Config, online: OnlineTier) -> None:
         catalog.close()
 
 
+def _say_ready_once_serving(
+    serving: str, web: WebService | None, heartbeat: notify.Heartbeat
+) -> None:
+    """Tell systemd and the log that the service is ready, once the HTTP
+    server answers too (its child takes seconds to start), and start the
+    watchdog's heartbeat then; DICOM is served meanwhile, whatever the HTTP
+    server does."""
+
+    def say_ready() -> None:
+        if web is not None:
+            web.wait_until_serving()
+        notify.ready(serving)
+        logger.info("ready: %s", serving)
+        heartbeat.start()
+
+    if web is None:
+        say_ready()
+        return
+    threading.Thread(target=say_ready, name="ready", daemon=True).start()
+
+
 def _serve(
     config: Config,
     listener: socket.socket,
@@ -176,9 +197,7 @@ def _serve(
         if web is not None:
             web.start()
             serving += ", HTTP on {}:{}".format(*web.address)
-        notify.ready(serving)
-        logger.info("ready: %s", serving)
-        heartbeat.start()
+        _say_ready_once_serving(serving, web, heartbeat)
         listeners = [listener] if secure is None else [listener, secure]
         _accept_loop(listeners, workers, load, stop, context, config, alive)
     finally:

@@ -27,7 +27,8 @@ def test_ready_heartbeat_and_stopping(
     messages: list[str] = []
     try:
         appliance.start()
-        deadline = time.monotonic() + 10
+        # Ready comes once the HTTP server answers: its child takes seconds.
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline and messages.count("WATCHDOG=1") < 3:
             try:
                 messages += receiver.recv(4096).decode().split("\n")

@@ -54,10 +54,12 @@ class WebService:
         host, port = self.sock.getsockname()[:2]
         return host, port
 
-    def start(self, wait: float = _START_WAIT) -> None:
-        """Start the child and wait until it answers requests (or ``wait``
-        seconds, after which the service goes on and says so)."""
+    def start(self) -> None:
         self.supervisor.start()
+
+    def wait_until_serving(self, wait: float = _START_WAIT) -> None:
+        """Return once the child answers requests, or after ``wait``
+        seconds (and then say so)."""
         if not self.serving.wait(wait):
             logger.warning(
                 "HTTP server not answering after %.0f s; going on without waiting",
