@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import random
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -323,4 +324,131 @@ def test_connections_beyond_the_limit_are_closed_at_once(
     deadline = time.monotonic() + 10
     while client.echo(appliance.port) != 0 and time.monotonic() < deadline:
         time.sleep(0.2)
+    assert_still_serving(appliance)
+
+
+def _item(kind: int, body: bytes, length: int | None = None) -> bytes:
+    """A PDU item (PS3.8 9.3.2): type, reserved, length, body; ``length``
+    overrides the length field."""
+    announced = len(body) if length is None else length
+    return bytes([kind, 0]) + struct.pack(">H", announced) + body
+
+
+def association_request(
+    called: bytes = b"APPLIANCE",
+    calling: bytes = b"RAWCLIENT",
+    version: int = 1,
+    context_name: bytes = _item(0x10, b"1.2.840.10008.3.1.1.1"),
+) -> bytes:
+    """An A-ASSOCIATE-RQ proposing Verification, built byte by byte so that
+    any field can hold what pynetdicom would never send."""
+    context = _item(
+        0x20,
+        bytes([1, 0, 0, 0])
+        + _item(0x30, b"1.2.840.10008.1.1")
+        + _item(0x40, b"1.2.840.10008.1.2"),
+    )
+    user = _item(0x50, _item(0x51, struct.pack(">L", 16384)) + _item(0x52, b"1.2.3"))
+    body = (
+        struct.pack(">HH", version, 0)
+        + called.ljust(16)
+        + calling.ljust(16)
+        + bytes(32)
+        + context_name
+        + context
+        + user
+    )
+    return bytes([0x01, 0]) + struct.pack(">L", len(body)) + body
+
+
+BAD_REQUESTS = {
+    "a line break in the calling AE title": (
+        association_request(calling=b"EVIL\nFAKE LOG"),
+        r"'Calling AE Title' value 'EVIL\x0aFAKE LOG'",
+    ),
+    "control characters in the called AE title": (
+        association_request(called=b"APP\x01\x1bLIANCE"),
+        r"'Called AE Title' value 'APP\x01\x1bLIANCE'",
+    ),
+    "an application context of length 0 before its name": (
+        association_request(
+            context_name=_item(0x10, b"1.2.840.10008.3.1.1.1", length=0)
+        ),
+        "an item is longer than the rest of the PDU",
+    ),
+}
+
+
+@pytest.mark.parametrize("request_name", list(BAD_REQUESTS), ids=list(BAD_REQUESTS))
+def test_an_undecodable_request_gets_one_escaped_line_naming_the_peer(
+    appliance: Appliance, request_name: str
+) -> None:
+    data, reason = BAD_REQUESTS[request_name]
+    start = len(appliance.log())
+
+    sock, _peer = connect(appliance)
+    with sock:
+        sock.sendall(data)
+        received, closed_after = read_until_closed(sock, within=10)
+
+    assert received == A_ABORT
+    assert closed_after < 5
+    lines = wait_for_lines(appliance, start, "undecodable PDU type 0x01")
+    assert len(lines) == 1, lines
+    assert "WARNING" in lines[0]
+    assert "aborting association with ?@127.0.0.1" in lines[0]
+    assert reason in lines[0]
+    assert "AssertionError: )" not in lines[0]
+    # Nothing the peer sent became a line of its own.
+    log = appliance.log()[start:]
+    assert "\nFAKE LOG" not in log
+    assert "\x1b" not in log
+    assert "pynetdicom" not in log
+    assert_still_serving(appliance)
+
+
+def test_a_pdv_longer_than_its_pdu_aborts_with_one_line_in_words(
+    appliance: Appliance,
+) -> None:
+    """A P-DATA-TF whose one presentation data value announces 100 bytes of
+    which 4 follow."""
+    start = len(appliance.log())
+    pdv = struct.pack(">LB", 100, 1) + b"\x03abc"
+    pdata = bytes([0x04, 0]) + struct.pack(">L", len(pdv)) + pdv
+    with client.associate(appliance.port, [(client.Verification, [])]) as assoc:
+        assert assoc.is_established
+        assert assoc.dul.socket is not None
+        assert assoc.dul.socket.socket is not None
+        assoc.dul.socket.socket.sendall(pdata)
+        assert client.wait_until_aborted(assoc)
+
+    lines = wait_for_lines(appliance, start, "undecodable PDU type 0x04")
+    assert len(lines) == 1, lines
+    assert "aborting association with TESTCLIENT@127.0.0.1" in lines[0]
+    assert "a presentation data value is longer than the rest of the PDU" in lines[0]
+    assert "pynetdicom" not in appliance.log()[start:]
+    assert_still_serving(appliance)
+
+
+def test_an_unsupported_protocol_version_is_rejected_with_one_line(
+    appliance: Appliance,
+) -> None:
+    """Rejected by the service provider, reason 'protocol version not
+    supported' (PS3.8 9.3.4), in one line of the appliance's own."""
+    start = len(appliance.log())
+
+    sock, _peer = connect(appliance)
+    with sock:
+        sock.sendall(association_request(version=2))
+        received, _closed_after = read_until_closed(sock, within=10)
+
+    # A-ASSOCIATE-RJ: rejected-permanent, service-provider (ACSE), reason 2.
+    assert received[:1] == b"\x03"
+    assert received[7:10] == b"\x01\x02\x02"
+    lines = wait_for_lines(appliance, start, "protocol version")
+    assert len(lines) == 1, lines
+    assert "WARNING" in lines[0]
+    assert "RAWCLIENT@127.0.0.1" in lines[0]
+    assert "0x0002" in lines[0]
+    assert "pynetdicom" not in appliance.log()[start:]
     assert_still_serving(appliance)

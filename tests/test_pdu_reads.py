@@ -9,19 +9,20 @@ import logging
 import queue
 import socket
 import ssl
+import struct
 import threading
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from pynetdicom import AE, evt
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.pdu import A_ASSOCIATE_AC
+from pynetdicom.pdu import A_ASSOCIATE_AC, P_DATA_TF
 from pynetdicom.sop_class import Verification
 
-from appliance.dicom import node
+from appliance.dicom import node, undecodable
 from appliance.dicom.handoff import _ReplayingSocket
 from tests import dicom_client as client
 from tests.certificates import Authority
@@ -142,3 +143,31 @@ def test_a_peer_we_called_over_tls_announcing_too_long_a_pdu_is_aborted(
         "aborting association with DEST@127.0.0.1: PDU type 0x04 of 1073741824 "
         "bytes, more than the 16382 this end accepts"
     ]
+
+
+def _raised(action: Callable[[], object]) -> BaseException:
+    try:
+        action()
+    except Exception as exc:
+        return exc
+    raise AssertionError("nothing raised")
+
+
+def test_an_undecodable_pdu_is_said_in_words_on_one_line() -> None:
+    """A bare assert of pynetdicom is named by where it failed; any other
+    text the peer wrote into an exception is escaped."""
+    pdv = struct.pack(">LB", 100, 1) + b"\x03abc"
+    pdata = bytes([0x04, 0]) + struct.pack(">L", len(pdv)) + pdv
+    overlong = _raised(lambda: P_DATA_TF().decode(pdata))
+
+    def bare() -> None:
+        # As an assert without pytest's rewriting raises it.
+        raise AssertionError
+
+    assert undecodable.reason(overlong) == (
+        "a presentation data value is longer than the rest of the PDU"
+    )
+    assert undecodable.reason(_raised(bare)) == "AssertionError: a malformed item"
+    assert undecodable.reason(ValueError("AE 'A\nB\x1b'")) == (
+        "ValueError: AE 'A\\x0aB\\x1b'"
+    )

@@ -33,6 +33,7 @@ from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.transport import AssociationSocket
 
 from appliance import audit, tls
@@ -48,6 +49,7 @@ from appliance.dicom import (
     responses,
     retrieve,
     store_request,
+    undecodable,
 )
 from appliance.dicom.access import AccessControl, Permissions
 from appliance.dicom.admission import MAX_REQUEST
@@ -98,6 +100,10 @@ _HEADER_SIZE = 6  # PDU type, reserved, length (PS3.8 9.3.1)
 _OTHER_PDU_MAX = MAX_REQUEST
 # What pynetdicom logs when it aborts an association for timeouts.network.
 _IDLE_MESSAGE = "Network timeout reached"
+# The only version of the upper layer protocol (PS3.8 9.3.2), and the start
+# of pynetdicom's line when it rejects another.
+_PROTOCOL_VERSION = 0x0001
+_VERSION_MESSAGE = "A-ASSOCIATE-RQ: Unsupported protocol version"
 _went_idle: weakref.WeakSet[Association] = weakref.WeakSet()
 
 
@@ -123,6 +129,9 @@ def configure_pynetdicom() -> None:
     # An association left idle is closed with one line of the node's own,
     # which names the peer (Node._on_closed_connection).
     logging.getLogger("pynetdicom.association").addFilter(_not_the_idle_line)
+    # A request of another protocol version is logged with the peer when
+    # it is read (_log_unsupported_version); pynetdicom's line lacks the peer.
+    logging.getLogger("pynetdicom.fsm").addFilter(_not_the_version_line)
     retrieve.install()
     commitment.install()
     store_request.install()
@@ -146,6 +155,10 @@ def _not_the_idle_line(record: logging.LogRecord) -> bool:
     return False
 
 
+def _not_the_version_line(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(_VERSION_MESSAGE)
+
+
 def _guard_message_decoding() -> None:
     """Abort an association whose incoming DIMSE message cannot be decoded
     or written, instead of letting the exception end pynetdicom's network
@@ -165,7 +178,7 @@ def _guard_message_decoding() -> None:
         try:
             return to_primitive(message)
         except Exception as exc:
-            raise _Undecodable(f"{type(exc).__name__}: {exc}") from exc
+            raise _Undecodable(undecodable.reason(exc)) from exc
 
     def receive_primitive(provider: DIMSEServiceProvider, primitive: Any) -> None:
         pdvs = getattr(primitive, "presentation_data_value_list", [])
@@ -190,9 +203,7 @@ def _guard_message_decoding() -> None:
             logger.warning(
                 "aborting association with %s: undecodable DIMSE message (%s)",
                 _peer_of(provider.assoc),
-                exc
-                if isinstance(exc, _Undecodable)
-                else f"{type(exc).__name__}: {exc}",
+                exc if isinstance(exc, _Undecodable) else undecodable.reason(exc),
             )
         else:
             return
@@ -307,16 +318,38 @@ def _read_pdu(dul: DULServiceProvider, wrapper: AssociationSocket) -> None:
         pdu, event = dul._decode_pdu(header + body)
     except Exception as exc:
         logger.warning(
-            "aborting association with %s: undecodable PDU type 0x%02X (%s: %s)",
+            "aborting association with %s: undecodable PDU type 0x%02X (%s)",
             _peer_of(dul.assoc),
             header[0],
-            type(exc).__name__,
-            exc,
+            undecodable.reason(exc),
         )
         dul.event_queue.put("Evt19")  # invalid PDU
         return
+
+    if isinstance(pdu, A_ASSOCIATE_RQ):
+        _log_unsupported_version(dul, pdu)
     dul.event_queue.put(event)
     dul._recv_pdu.put(pdu)
+
+
+def _log_unsupported_version(dul: DULServiceProvider, request: A_ASSOCIATE_RQ) -> None:
+    """Log the request of a protocol version other than 1, with the peer:
+    pynetdicom rejects it (PS3.8 9.3.4, reason 2) in a line without it."""
+    version = request.protocol_version
+    if version == _PROTOCOL_VERSION:
+        return
+
+    # The calling AE title is pynetdicom's decoding of it: checked to be
+    # ASCII without control characters.
+    title = request.calling_ae_title.strip() or "?"
+    logger.warning(
+        "association from %s@%s rejected: protocol version 0x%04X, only 0x%04X "
+        "is supported",
+        title,
+        dul.assoc.requestor.address,
+        version,
+        _PROTOCOL_VERSION,
+    )
 
 
 def _read_header(
