@@ -272,12 +272,21 @@ def config_group() -> None:
 
 @config_group.command()
 @click.argument("config_file", type=click.Path(path_type=Path, dir_okay=False))
-def check(config_file: Path) -> None:
+@click.option(
+    "--mirror-files/--no-mirror-files",
+    default=True,
+    help="Check that the mirror's key file, known_hosts file or folder exist "
+    "(the default); --no-mirror-files for a file checked before they are put "
+    "in place, as the ansible role does.",
+)
+def check(config_file: Path, mirror_files: bool) -> None:
     """Report every error in CONFIG_FILE, with its key and what is allowed."""
     try:
         loaded = configuration.load(config_file)
         # The certificate, key and CA files, when TLS is in use.
         problems = tls.file_problems(loaded)
+        if mirror_files:
+            problems += configuration.mirror_file_problems(loaded)
         if problems:
             raise ConfigError(problems)
     except ConfigError as exc:

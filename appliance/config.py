@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -1507,6 +1508,71 @@ def _check_mirror(values: dict[str, Any]) -> list[tuple[str, str]]:
         for name in ("host", "user", "key_file", "known_hosts")
         if not values.get(f"mirror.{name}")
     ]
+
+
+def mirror_file_problems(config: Config) -> list[tuple[str, str]]:
+    """What is wrong with the files the mirror needs, as ``(key, message)``:
+    an SFTP mirror's key and known_hosts files, a directory mirror's folder.
+
+    Checked only while replication is enabled (with it off nothing reaches
+    the mirror), and for ``appliance config check`` only: a mirror that
+    cannot be reached stops replication, never the service. The default
+    folder, DATA_DIR/mirror, is made on first use and so is never missing.
+    """
+    if not config.get("replication.enabled"):
+        return []
+
+    kind = config.get("mirror.kind")
+    if kind == "sftp":
+        return _sftp_file_problems(config)
+    if kind == "directory" and config.get("mirror.path"):
+        return _mirror_folder_problems(config)
+    return []
+
+
+def _sftp_file_problems(config: Config) -> list[tuple[str, str]]:
+    problems = []
+    for key in ("mirror.key_file", "mirror.known_hosts"):
+        # An empty value is reported by load() already.
+        if not config.get(key):
+            continue
+        problem = _readable_file_problem(config.file_path(key))
+        if problem is not None:
+            problems.append((key, problem))
+    return problems
+
+
+def _readable_file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a file, or None. Only opened, never
+    read: a private key's bytes have no business in this process."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return f"{path} does not exist"
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+
+    # Opening a FIFO or a device could block or have effects: look first.
+    if not stat.S_ISREG(mode):
+        return f"{path} is not a file"
+
+    try:
+        path.open("rb").close()
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+    return None
+
+
+def _mirror_folder_problems(config: Config) -> list[tuple[str, str]]:
+    # A folder that is named is never made: it is a mount point or a folder
+    # on a mounted disk, which must not fill the system disk when unmounted.
+    path = config.file_path("mirror.path")
+    if not path.exists():
+        message = f"{path} does not exist: create it, or mount the mirror disk there"
+        return [("mirror.path", message)]
+    if not path.is_dir():
+        return [("mirror.path", f"{path} is not a folder")]
+    return []
 
 
 def _check_commitment(values: dict[str, Any]) -> list[tuple[str, str]]:

@@ -63,8 +63,10 @@ def test_installed_appliance_runs_and_accepts_its_configuration(
     # As on the host: not the checkout a test run may have on its PYTHONPATH.
     host = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
+    # Under the scratch root the mirror's key and known_hosts file are not
+    # where the file names them (/etc/pacs-appliance/...): left unchecked.
     checked = subprocess.run(
-        [str(program), "config", "check", str(config)],
+        [str(program), "config", "check", "--no-mirror-files", str(config)],
         capture_output=True,
         text=True,
         cwd=site.folder,

@@ -72,3 +72,63 @@ def test_a_home_folder_that_exists_is_expanded(tmp_path: Path, monkeypatch) -> N
     loaded = config.load(None, {"storage.data_dir": "~/archive"})
 
     assert loaded.data_dir == tmp_path / "archive"
+
+
+def test_config_check_names_the_sftp_mirrors_missing_files(tmp_path: Path) -> None:
+    config = tmp_path / "appliance.toml"
+    config.write_text(
+        '[mirror]\nkind = "sftp"\nhost = "127.0.0.1"\nuser = "pacs"\n'
+        f'key_file = "{tmp_path / "no-key"}"\n'
+        f'known_hosts = "{tmp_path}"\n'
+    )
+
+    checked = appliance("config", "check", str(config), cwd=tmp_path)
+    before_install = appliance(
+        "config", "check", "--no-mirror-files", str(config), cwd=tmp_path
+    )
+
+    assert checked.returncode == 1
+    assert f"mirror.key_file: {tmp_path / 'no-key'} does not exist" in checked.stderr
+    assert f"mirror.known_hosts: {tmp_path} is not a file" in checked.stderr
+    assert "2 error(s)" in checked.stderr
+    # The ansible role checks the file before it installs the key.
+    assert before_install.returncode == 0, before_install.stderr
+
+
+def test_a_directory_mirrors_folder_must_exist(tmp_path: Path, monkeypatch) -> None:
+    from appliance import config
+
+    monkeypatch.chdir(tmp_path)
+    missing = config.load(None, {"mirror.path": "mirror-disk"})
+    a_file = config.load(None, {"mirror.path": "appliance.toml"})
+    (tmp_path / "appliance.toml").write_text("")
+
+    assert config.mirror_file_problems(missing) == [
+        (
+            "mirror.path",
+            f"{tmp_path / 'mirror-disk'} does not exist: create it, or mount the "
+            "mirror disk there",
+        )
+    ]
+    assert config.mirror_file_problems(a_file) == [
+        ("mirror.path", f"{tmp_path / 'appliance.toml'} is not a folder")
+    ]
+    (tmp_path / "mirror-disk").mkdir()
+    assert config.mirror_file_problems(missing) == []
+
+
+def test_mirror_files_not_in_use_are_not_checked(tmp_path: Path, monkeypatch) -> None:
+    from appliance import config
+
+    monkeypatch.chdir(tmp_path)
+    # The default mirror, DATA_DIR/mirror, is made on first use.
+    default = config.load()
+    paused = config.load(
+        None, {"replication.enabled": False, "mirror.path": "mirror-disk"}
+    )
+    sftp_only = config.load(None, {"mirror.key_file": "no-key"})
+
+    assert not (tmp_path / "appliance-data" / "mirror").exists()
+    assert config.mirror_file_problems(default) == []
+    assert config.mirror_file_problems(paused) == []
+    assert config.mirror_file_problems(sftp_only) == []

@@ -45,6 +45,7 @@ from appliance.replication.transports.retry import backoff_delay
 from appliance.replication.transports.settings import read_settings
 from appliance.replication.transports.sftpwire import SftpWire
 from appliance.replication.transports.sshprocess import open_ssh_session, ssh_command
+from tests.ports import held_port
 from tests.sshd import Sshd
 
 MiB = 1024 * 1024
@@ -824,6 +825,35 @@ def test_gives_up_when_the_server_stays_down(
     with transport, pytest.raises(TransportError, match="after 4 attempts"):
         transport.size(PACK)
     assert waits == [0.05, 0.1, 0.2]
+
+
+def test_a_refused_connection_is_reported_in_ssh_words(
+    shared_sshd: Sshd, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root, _local = make_root(tmp_path)
+    waits: list[float] = []
+
+    # Held, never listening: a connection to it is refused. ssh's exit then
+    # resets the socket this side reads, which is not the reason to report.
+    with held_port() as nothing_listens:
+        port = nothing_listens.port
+        transport = sftp_transport(
+            shared_sshd, root, "openssh", sleep=waits.append, port=port, retries=1
+        )
+        with (
+            caplog.at_level(logging.WARNING, logger="appliance.replication"),
+            transport,
+            pytest.raises(TransportError, match="after 2 attempts") as caught,
+        ):
+            transport.size(PACK)
+
+    said = f"connect to host 127.0.0.1 port {port}: Connection refused"
+    message = str(caught.value)
+    assert said in message
+    assert "reset by peer" not in message and "\n" not in message
+    assert waits == [0.05]  # still tried again: the mirror may come back
+    retried = [r.getMessage() for r in caplog.records if "trying again" in r.msg]
+    assert len(retried) == 1 and said in retried[0]
 
 
 def test_a_download_continues_after_the_connection_is_lost(

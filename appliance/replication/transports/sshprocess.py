@@ -19,8 +19,9 @@ option is set here::
 
 An unknown or changed host key and a refused login end the child before
 anything is sent; its messages are turned into HostKeyError and
-TransportError. Any other early end (refused connection, no route) comes
-out as EOFError, for the caller to retry.
+TransportError. Any other early end (refused connection, no route, a name
+that does not resolve) comes out as ConnectionError with ssh's own last
+message, for the caller to retry.
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ _EXIT_WAIT = 5.0
 _STDERR_LINES = 200
 _OFFERED = re.compile(r"Server host key: (\S+) (SHA256:\S+)")
 _CIPHER = re.compile(r"kex: client->server cipher: (\S+)")
+# What ssh -v prints that is not about a failure: its version at the start,
+# its byte counts at the end.
+_NOT_A_REASON = re.compile(r"^(OpenSSH_|Transferred: |Bytes per second: )")
+# Longest reason taken from ssh's messages, so that a log line stays short.
+_REASON_LENGTH = 300
 
 
 class SshSession:
@@ -101,14 +107,23 @@ class SshSession:
         self._log.join()
         self._sock.close()
 
-    def failure(self, settings: SftpSettings) -> TransportError | None:
-        """Why ssh ended before the session started, if it said so."""
+    def failure(
+        self, settings: SftpSettings
+    ) -> ConnectionError | TransportError | None:
+        """Why ssh ended before the session started, if it said so: a
+        TransportError for what trying again cannot mend, else a
+        ConnectionError in ssh's words (None if ssh still runs or said
+        nothing)."""
         try:
             self.process.wait(_EXIT_WAIT)
         except subprocess.TimeoutExpired:
             return None
         self._log.join()
-        return _explain(self._log.text(), self._log.offered, settings)
+        text = self._log.text()
+        final = _explain(text, self._log.offered, settings)
+        if final is not None:
+            return final
+        return _connection_failure(text)
 
 
 class _ErrorLog:
@@ -277,6 +292,33 @@ def _explain(text: str, offered: str, settings: SftpSettings) -> TransportError 
             f"mirror: {_last_line(text)}"
         )
     return None
+
+
+def _connection_failure(text: str) -> ConnectionError | None:
+    """ssh's own reason for a failed connection ("connect to host ... port
+    ...: Connection refused"), None when it gave none.
+
+    The socket this side reads ends too when ssh exits, but what it raises
+    then (a reset, because the SFTP greeting was still unread in ssh's end,
+    or an end of file) says nothing of why: ssh's message does.
+    """
+    reasons = [
+        line.strip()
+        for line in text.splitlines()
+        if line.strip() and not _NOT_A_REASON.match(line)
+    ]
+    if not reasons:
+        return None
+    return ConnectionError(_one_line(reasons[-1]))
+
+
+def _one_line(message: str) -> str:
+    """A message of ssh's fit for one log line: no control characters (a
+    host name is shown as ssh got it), at most _REASON_LENGTH characters."""
+    printable = "".join(c if c.isprintable() else "?" for c in message)
+    if len(printable) <= _REASON_LENGTH:
+        return printable
+    return printable[: _REASON_LENGTH - 3] + "..."
 
 
 def _last_line(text: str) -> str:
