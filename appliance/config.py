@@ -223,7 +223,8 @@ def _tier_keys(tier: str, high: int, low: int) -> tuple[Key, ...]:
             "capacity_bytes",
             0,
             f"Size of the {tier} tier, in bytes, that watermarks are measured "
-            "against; 0 means the size of its file system.",
+            "against; 0 means the size of its file system without the blocks "
+            "reserved for root (used + available, as df counts Use%).",
             _integer(0, 2**60),
         ),
         Key(

@@ -278,7 +278,7 @@ def _tiers(
     yield _by_label(
         "appliance_tier_capacity_bytes",
         "Capacity the tier's watermarks refer to (capacity_bytes, else the "
-        "file system's size).",
+        "file system's size without the blocks reserved for root).",
         "tier",
         {tier: usage.capacity for tier, usage in usages.items()},
     )
