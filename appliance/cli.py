@@ -188,7 +188,7 @@ def import_(
     from appliance.ingest import Ingest
     from appliance.storage.online import OnlineTier
 
-    files, refusals = _files_under(paths)
+    files, skipped = _files_under(paths)
     try:
         online = OnlineTier(config.online_path, config.get("storage.reserved_bytes"))
         online.open()
@@ -199,6 +199,7 @@ def import_(
     ingest = Ingest(catalog, online, config.get("storage.duplicate_policy"))
     outcomes: Counter[str] = Counter()
     imported: list[str] = []
+    refusals: list[tuple[Path, str]] = []
     read = 0
     # A second Ctrl-C lets the file in flight finish too (milliseconds):
     # stopped between its move into place and its commit, it would be a
@@ -225,44 +226,74 @@ def import_(
             catalog.close()
 
     outcomes["refused"] = len(refusals)
-    _print_import_summary(read, outcomes, refusals)
+    _print_import_summary(read, outcomes, refusals, skipped)
     exit_if_interrupted(interrupted, read, len(files), "file(s)")
-    sys.exit(1 if refusals else 0)
+    sys.exit(1 if refusals or skipped else 0)
 
 
 def _files_under(paths: tuple[Path, ...]) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """The regular files to import, and the paths that cannot be imported."""
+    """The regular files to import, and the entries skipped without being
+    read, with why: every entry below ``paths`` but the folders is in one."""
     found: list[Path] = []
-    problems: list[tuple[Path, str]] = []
+    skipped: list[tuple[Path, str]] = []
     for path in paths:
         if path.is_dir():
-            candidates = sorted(p for p in path.rglob("*") if not p.is_dir())
+            # rglob does not follow links to folders below: they are
+            # listed, and skipped below, rather than left out of the counts.
+            candidates = sorted(
+                p for p in path.rglob("*") if p.is_symlink() or not p.is_dir()
+            )
         elif path.exists() or path.is_symlink():
             candidates = [path]
         else:
-            problems.append((path, "no such file or folder"))
+            skipped.append((path, "no such file or folder"))
             continue
         for candidate in candidates:
-            if candidate.is_file():
+            problem = _not_importable(candidate)
+            if problem is None:
                 found.append(candidate)
-            elif candidate.is_symlink() and not candidate.exists():
-                problems.append((candidate, "broken symbolic link"))
             else:
-                problems.append((candidate, "not a regular file"))
-    return found, problems
+                skipped.append((candidate, problem))
+    return found, skipped
+
+
+def _not_importable(path: Path) -> str | None:
+    """Why ``path`` is not read at all, or None for a regular file.
+
+    Only the file's type is looked at, never its contents: a FIFO or a
+    device opened for reading could block the import for ever.
+    """
+    if path.is_file():
+        return None
+    if path.is_symlink() and not path.exists():
+        return "broken symbolic link"
+    if path.is_dir():
+        return "symbolic link to a folder, not followed"
+    return "not a regular file"
 
 
 def _print_import_summary(
-    total: int, outcomes: Counter[str], refusals: list[tuple[Path, str]]
+    total: int,
+    outcomes: Counter[str],
+    refusals: list[tuple[Path, str]],
+    skipped: list[tuple[Path, str]],
 ) -> None:
-    click.echo(
+    """One line whose numbers add up: the files read are stored, already
+    there, resolved by policy or refused; the entries skipped were not read."""
+    line = (
         f"{total} file(s) read: {outcomes['stored']} stored, "
         f"{outcomes['identical']} already there, "
         f"{outcomes['kept_first'] + outcomes['replaced']} duplicates resolved "
-        f"by policy; {outcomes['refused']} refused"
+        f"by policy, {outcomes['refused']} refused"
     )
+    if skipped:
+        line += f"; {len(skipped)} skipped, not read"
+    click.echo(line)
+
     for path, reason in refusals:
         click.echo(f"  refused {path}: {reason}")
+    for path, reason in skipped:
+        click.echo(f"  skipped {path}: {reason}")
 
 
 @main.group(name="config")

@@ -206,6 +206,7 @@ def _run(config: Config, tiers: tuple[str, ...], study_uid: str | None) -> int:
 
 
 def _status(config: Config) -> dict[str, Any]:
+    from appliance.catalog.copies import pack_counts
     from appliance.catalog.store import Catalog
     from appliance.scrub import state
 
@@ -215,8 +216,7 @@ def _status(config: Config) -> dict[str, Any]:
     )
     try:
         counts = catalog.counts()
-        with catalog.read() as txn:
-            packs = txn.stat(catalog.db["packs"])["entries"]
+        packs = pack_counts(catalog)
     finally:
         catalog.close()
     totals = state.pass_sizes(counts["instances"], packs)

@@ -25,6 +25,7 @@ from appliance.errors import ConfigError
 from appliance.hsm import policy
 from appliance.prefetch import selection
 from appliance.replication.bandwidth import check_timetable
+from appliance.toml_text import shown
 from appliance.web.accounts import ACCOUNT_KEYS, check_accounts
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,9 @@ def _ae_title(value: Any) -> str | None:
     if not isinstance(value, str):
         return "must be a string"
     stripped = value.strip()
+    # Spaces around a title are padding: one of spaces alone names nothing.
+    if value and not stripped:
+        return "must not be all spaces"
     if not 1 <= len(stripped) <= 16:
         return "must be 1 to 16 characters"
     if not stripped.isascii() or "\\" in stripped:
@@ -142,7 +146,7 @@ def _ae_title_list(value: Any) -> str | None:
     for item in value:
         problem = _ae_title(item)
         if problem:
-            return f"entry {item!r} {problem}"
+            return f"entry {shown(item)} {problem}"
     return None
 
 
@@ -200,7 +204,7 @@ def _modality_list(value: Any) -> str | None:
         return 'must be a non-empty list of modalities, e.g. ["CT", "MR"]'
     for item in value:
         if not isinstance(item, str) or not MODALITY.fullmatch(item):
-            return f'entry {item!r} must be a modality code in capitals, e.g. "CT"'
+            return f'entry {shown(item)} must be a modality code in capitals, e.g. "CT"'
     return None
 
 
@@ -224,7 +228,8 @@ def _tier_keys(tier: str, high: int, low: int) -> tuple[Key, ...]:
             "capacity_bytes",
             0,
             f"Size of the {tier} tier, in bytes, that watermarks are measured "
-            "against; 0 means the size of its file system.",
+            "against; 0 means the size of its file system without the blocks "
+            "reserved for root (used + available, as df counts Use%).",
             _integer(0, 2**60),
         ),
         Key(
@@ -1641,7 +1646,7 @@ def _set_value(
         # Tables: the problem names the entry; repeating them adds nothing.
         return [(dotted, problem)]
     if problem:
-        return [(dotted, f"{problem} (got {value!r})")]
+        return [(dotted, f"{problem} (got {shown(value)})")]
     values[dotted] = value
     return []
 
@@ -1690,14 +1695,18 @@ def _peer_problems(where: str, entry: dict[str, Any]) -> list[tuple[str, str]]:
     for name, (check, _help, _default) in PEER_OPTIONAL_KEYS.items():
         problem = check(entry[name]) if name in entry else None
         if problem:
-            problems.append((f"{where}.{name}", f"{problem} (got {entry[name]!r})"))
+            problems.append(
+                (f"{where}.{name}", f"{problem} (got {shown(entry[name])})")
+            )
     for name, (check, _help) in PEER_KEYS.items():
         if name not in entry:
             problems.append((f"{where}.{name}", "is required"))
             continue
         problem = check(entry[name])
         if problem:
-            problems.append((f"{where}.{name}", f"{problem} (got {entry[name]!r})"))
+            problems.append(
+                (f"{where}.{name}", f"{problem} (got {shown(entry[name])})")
+            )
     return problems
 
 
@@ -1726,7 +1735,7 @@ def _check_watermarks(values: dict[str, Any]) -> list[tuple[str, str]]:
             problems.append(
                 (
                     f"{tier}.low_watermark",
-                    f"must be below {tier}.high_watermark ({high}) (got {low!r})",
+                    f"must be below {tier}.high_watermark ({high}) (got {shown(low)})",
                 )
             )
     return problems
@@ -1776,7 +1785,7 @@ def _rule_problems(where: str, entry: dict[str, Any]) -> list[tuple[str, str]]:
             continue
         problem = known[0](value)
         if problem:
-            problems.append((f"{where}.{name}", f"{problem} (got {value!r})"))
+            problems.append((f"{where}.{name}", f"{problem} (got {shown(value)})"))
     for name in ("name", "action"):
         if name not in entry:
             problems.append((f"{where}.{name}", "is required"))
@@ -1811,7 +1820,7 @@ def _rule_bound_problems(where: str, entry: dict[str, Any]) -> list[tuple[str, s
             problems.append(
                 (
                     f"{where}.max_{measure}",
-                    f"must be at least min_{measure} ({low}) (got {high!r})",
+                    f"must be at least min_{measure} ({low}) (got {shown(high)})",
                 )
             )
     return problems

@@ -93,6 +93,46 @@ def test_every_problem_is_reported_with_its_key(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("text", "key", "message"),
+    [
+        pytest.param(
+            '[node]\nae_title = "   "\n',
+            "node.ae_title",
+            "must not be all spaces (got '   ')",
+            id="ae-title-of-spaces",
+        ),
+        pytest.param(
+            "[node]\nport = true\n",
+            "node.port",
+            "must be an integer from 1 to 65535 (got true)",
+            id="boolean-as-toml",
+        ),
+        pytest.param(
+            '[[peers]]\nae_title = "WS1"\nhost = "h"\nport = false\n',
+            "peers[0].port",
+            "(got false)",
+            id="peer-boolean-as-toml",
+        ),
+        pytest.param(
+            "[access]\nstorage = [true]\n",
+            "access.storage",
+            "entry true ",
+            id="boolean-in-a-list-as-toml",
+        ),
+    ],
+)
+def test_values_are_quoted_as_the_file_spells_them(tmp_path, text, key, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+
+    with pytest.raises(ConfigError) as raised:
+        config.load(path)
+
+    messages = dict(raised.value.problems)
+    assert message in messages[key], messages
+
+
+@pytest.mark.parametrize(
     ("text", "key"),
     [
         ("[node\n", "(file)"),

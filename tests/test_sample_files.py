@@ -9,7 +9,9 @@ code.
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +29,7 @@ from tests.conftest import (
     incoming_files,
     require_dcmtk,
 )
+from tests.datasets import study_files
 from tests.ports import held_port, wait_listening
 
 # pydicom reads these without complaint although their last element is cut
@@ -277,6 +280,45 @@ def test_import_stores_valid_files_and_refuses_the_rest(appliance_factory) -> No
     for path in refused:
         assert f"refused {path}:" in result.stdout
     assert appliance.status()["instances"] == len(kept)
+
+
+def test_import_counts_every_entry_once_and_never_opens_a_fifo(
+    appliance_factory, tmp_path: Path
+) -> None:
+    appliance = appliance_factory()
+    appliance.write_config()
+    folder = tmp_path / "cd"
+    study_files(folder, "odd-entries", 3, pixel_bytes=2000)
+    outside = tmp_path / "notes.txt"
+    outside.write_text("not DICOM\n")
+    (folder / "readme.txt").write_text("not DICOM either\n")
+    (folder / "notes").symlink_to(outside)
+    (folder / "gone").symlink_to(tmp_path / "missing")
+    (folder / "elsewhere").symlink_to(tmp_path, target_is_directory=True)
+    # Opened for reading, a FIFO with no writer would block the import.
+    os.mkfifo(folder / "pipe")
+
+    command = ["import", str(folder), "--config", str(appliance.config_path)]
+    result = subprocess.run(
+        [sys.executable, "-m", "appliance", *command],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert result.returncode == 1, result.stderr
+    # 8 entries: 5 files read (3 stored, 2 refused), 3 skipped unread.
+    assert (
+        "5 file(s) read: 3 stored, 0 already there, 0 duplicates resolved by "
+        "policy, 2 refused; 3 skipped, not read"
+    ) in result.stdout
+    assert f"refused {folder / 'notes'}:" in result.stdout
+    assert f"skipped {folder / 'pipe'}: not a regular file" in result.stdout
+    assert f"skipped {folder / 'gone'}: broken symbolic link" in result.stdout
+    assert f"skipped {folder / 'elsewhere'}: symbolic link to a folder" in (
+        result.stdout
+    )
+    assert appliance.status()["instances"] == 3
 
 
 def test_dcmtk_round_trip(appliance, tmp_path: Path) -> None:

@@ -413,6 +413,21 @@ def test_a_killed_scrub_resumes_from_its_cursor(site: Site) -> None:
     assert f"online: {7 - saved.pass_checked} copies checked" in again.stdout
 
 
+def test_status_counts_each_tier_its_own_packs(site: Site) -> None:
+    # One nearline pack, none offline; the mirror's packs are in the
+    # catalog too, and belong to neither tier's pass.
+    with site.catalog.read() as txn:
+        assert txn.stat(site.catalog.db["packs"])["entries"] > 1
+
+    done = site.cli("scrub", "status", "--json")
+
+    assert done.returncode == 0, done.stderr
+    tiers = json.loads(done.stdout)["tiers"]
+    entries = {tier: found["catalog_entries"] for tier, found in tiers.items()}
+    assert entries == {"online": 7, "nearline": 1, "offline": 0}
+    assert "0 of ~0" in site.cli("scrub", "status").stdout
+
+
 def test_a_scheduled_run_checks_its_share_in_a_child(site: Site) -> None:
     # Hourly runs over 90 days: one copy each (at least one).
     assert share(site.config, site.catalog, "online") == 1

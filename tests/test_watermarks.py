@@ -5,14 +5,18 @@ down towards the low mark, and keeps every study that has none."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
+from collections import namedtuple
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from appliance import config as configuration
+from appliance.hsm import jobs
 from tests import dicom_client as client
 from tests.conftest import Appliance
 from tests.datasets import study_files, uid
@@ -103,3 +107,44 @@ def test_watermark_releases_only_studies_with_copies(
     # Releasing both copied studies leaves the tier above its low mark:
     # the rest have no other copy, and the log says so.
     assert "online" in log and "low watermark" in log
+
+
+# What shutil.disk_usage reports: ``free`` leaves out the blocks reserved
+# for root, so used + free is less than total.
+DiskUsage = namedtuple("DiskUsage", ["total", "used", "free"])
+
+
+def test_usage_without_capacity_leaves_out_the_root_reserve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A 1000-byte file system with 50 reserved for root: 900 used and 50
+    # free to the appliance is 94.7% as df counts it, above a 90% mark.
+    disk = DiskUsage(total=1000, used=900, free=50)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: disk)
+    config = configuration.load(
+        overrides={"storage.data_dir": str(tmp_path), "online.high_watermark": 90}
+    )
+
+    usage = jobs.tier_usage(config, {}, "online")
+
+    assert usage is not None
+    assert (usage.used, usage.capacity) == (900, 950)
+    assert round(usage.percent, 1) == 94.7
+    assert "online" in jobs.above_high_watermark(config, {})
+
+
+def test_usage_with_capacity_counts_the_archive_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: DiskUsage(1000, 900, 50))
+    config = configuration.load(
+        overrides={
+            "storage.data_dir": str(tmp_path),
+            "nearline.capacity_bytes": 400,
+        }
+    )
+
+    usage = jobs.tier_usage(config, {"packbytes.nearline": 100}, "nearline")
+
+    assert usage is not None
+    assert (usage.used, usage.capacity) == (100, 400)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -208,6 +209,19 @@ def packs_of(catalog: Catalog, study_uid: str) -> list[PackRecord]:
                 if data is not None:
                     found.append(PackRecord.from_json(data))
         return found
+
+
+def pack_counts(catalog: Catalog) -> dict[str, int]:
+    """How many packs the catalog records on each tier (the mirror's too).
+
+    The catalog keeps no count per tier, only the packs of all tiers
+    together: this reads every pack record.
+    """
+    counted: Counter[str] = Counter()
+    with catalog.read() as txn:
+        for _key, data in catalog.all_records(txn, "packs"):
+            counted[data["tier"]] += 1
+    return dict(counted)
 
 
 def _instances_of(

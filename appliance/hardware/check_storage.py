@@ -194,7 +194,9 @@ def _space(area: AreaSite, site: Site, path: PathFacts) -> Finding:
             "watermark release run (appliance migrate --now --watermarks-only),"
             " or add capacity",
         )
-    capacity = area.capacity_bytes or space.total
+    # As the watermarks count it: without the blocks reserved for root,
+    # which the appliance, not running as root, can never fill.
+    capacity = area.capacity_bytes or space.used + space.free
     headroom = capacity * (100 - area.high_watermark) / 100
     if space.free < headroom:
         return warn(

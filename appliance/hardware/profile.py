@@ -30,6 +30,7 @@ from typing import Any
 from appliance.config import MIRROR_KINDS, VOLUME_KINDS
 from appliance.errors import ConfigError
 from appliance.hardware.units import LTO_NATIVE, parse_size
+from appliance.toml_text import shown
 
 logger = logging.getLogger(__name__)
 
@@ -266,8 +267,8 @@ def _section_problems(
         check = keys.get(name)
         problem = "unknown key" if check is None else check(value)
         if problem:
-            shown = "" if check is None else f" (got {value!r})"
-            problems.append((f"{section}.{name}", problem + shown))
+            got = "" if check is None else f" (got {shown(value)})"
+            problems.append((f"{section}.{name}", problem + got))
     return problems
 
 

@@ -19,7 +19,8 @@ logger = logging.getLogger(__name__)
 class AreaSite:
     """A storage area of the configuration: a tier or the catalog.
 
-    ``capacity_bytes`` 0 means the size of the file system; the watermarks
+    ``capacity_bytes`` 0 means the size of the file system (without the
+    blocks reserved for root, as the watermarks count it); the watermarks
     are None for the catalog, which has none.
     """
 

@@ -225,7 +225,8 @@ def tier_usage(config: Config, counts: dict[str, int], tier: str) -> Usage | Non
 
     With ``capacity_bytes`` set, usage is what the archive keeps there (from
     the catalog's ``counts``); with 0, the tier's whole file system counts,
-    other files included.
+    other files included, against the room the appliance can ever fill (see
+    :func:`fillable_bytes`), so that the percent is the one ``df`` shows.
     """
     if tier not in WATERMARKED:
         return None
@@ -236,7 +237,7 @@ def tier_usage(config: Config, counts: dict[str, int], tier: str) -> Usage | Non
         used = ours
     else:
         disk = shutil.disk_usage(root)
-        capacity, used = disk.total, disk.used
+        capacity, used = fillable_bytes(disk.used, disk.free), disk.used
     return Usage(
         tier,
         used,
@@ -244,6 +245,19 @@ def tier_usage(config: Config, counts: dict[str, int], tier: str) -> Usage | Non
         config.get(f"{tier}.high_watermark"),
         config.get(f"{tier}.low_watermark"),
     )
+
+
+def fillable_bytes(used: int, free: int) -> int:
+    """The size of a file system as an unprivileged process sees it.
+
+    A file system's total includes the blocks reserved for root (5% by
+    default on ext4), which the appliance, not running as root, can never
+    fill: measured against the total, usage stops short of 100% and a high
+    watermark near the top may never be crossed. ``free`` (what
+    ``shutil.disk_usage`` reports) is the room left to unprivileged users,
+    so used + free is what they can fill, as ``df`` counts its Use%.
+    """
+    return used + free
 
 
 def above_high_watermark(config: Config, counts: dict[str, int]) -> list[str]:

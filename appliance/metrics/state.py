@@ -278,7 +278,7 @@ def _tiers(
     yield _by_label(
         "appliance_tier_capacity_bytes",
         "Capacity the tier's watermarks refer to (capacity_bytes, else the "
-        "file system's size).",
+        "file system's size without the blocks reserved for root).",
         "tier",
         {tier: usage.capacity for tier, usage in usages.items()},
     )
@@ -383,9 +383,7 @@ def _scrub(
     )
     if not saved.tiers:
         return
-    with catalog.read() as txn:
-        packs = txn.stat(catalog.db["packs"])["entries"]
-    sizes = scrub_state.pass_sizes(counts["instances"], packs)
+    sizes = scrub_state.pass_sizes(counts["instances"], copies.pack_counts(catalog))
     tiers = {name: saved.tiers[name] for name in sorted(saved.tiers)}
     yield _by_label(
         "appliance_scrub_pass_checked",

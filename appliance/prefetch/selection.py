@@ -25,6 +25,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from appliance.toml_text import shown
+
 MATCHES = ("modality", "body_part", "modality_and_body_part", "any")
 SECONDS_PER_YEAR = 365.25 * 86400
 
@@ -159,16 +161,19 @@ def _rule(
         problems.append((where, "must name modalities or procedure_codes"))
     priors = entry.get("priors", default.priors)
     if not isinstance(priors, int) or isinstance(priors, bool) or not 0 <= priors <= 50:
-        problems.append((f"{where}.priors", f"must be 0 to 50 (got {priors!r})"))
+        problems.append((f"{where}.priors", f"must be 0 to 50 (got {shown(priors)})"))
     years = entry.get("max_prior_years", default.max_prior_years)
     if isinstance(years, bool) or not isinstance(years, int | float) or years <= 0:
         problems.append(
-            (f"{where}.max_prior_years", f"must be above 0 (got {years!r})")
+            (f"{where}.max_prior_years", f"must be above 0 (got {shown(years)})")
         )
     match = entry.get("match", default.match)
     if match not in MATCHES:
         problems.append(
-            (f"{where}.match", f"must be one of {', '.join(MATCHES)} (got {match!r})")
+            (
+                f"{where}.match",
+                f"must be one of {', '.join(MATCHES)} (got {shown(match)})",
+            )
         )
     if len(problems) > before:
         return None
@@ -190,7 +195,7 @@ def parse_procedures(raw: Any) -> tuple[dict[str, Procedure], Problems]:
         for name in PROCEDURE_KEYS:
             value = entry.get(name, "")
             if not isinstance(value, str):
-                problem = f"must be a string (got {value!r})"
+                problem = f"must be a string (got {shown(value)})"
                 problems.append((f"{where}.{name}", problem))
             values[name] = value.strip() if isinstance(value, str) else ""
         if not values["code"]:
@@ -230,6 +235,8 @@ def _names(
     if not isinstance(value, list) or not all(
         isinstance(item, str) and item.strip() for item in value
     ):
-        problems.append((f"{where}.{key}", f"must be a list of names (got {value!r})"))
+        problems.append(
+            (f"{where}.{key}", f"must be a list of names (got {shown(value)})")
+        )
         return []
     return [item.strip() for item in value]

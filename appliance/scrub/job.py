@@ -16,11 +16,12 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 
 from appliance import logs
+from appliance.catalog.copies import pack_counts
 from appliance.catalog.store import Catalog
 from appliance.children import die_with_parent, run_child
 from appliance.config import Config
 from appliance.errors import ApplianceError
-from appliance.hsm.tiers import ONLINE, open_tiers
+from appliance.hsm.tiers import open_tiers
 from appliance.replication.bandwidth import Limiter, parse_timetable
 from appliance.scrub import state
 from appliance.scrub.repair import Repairer
@@ -85,10 +86,10 @@ def share(config: Config, catalog: Catalog, tier: str) -> int:
     runs of ``scrub.cycle_days`` cover the whole tier."""
     every = _seconds_between_runs(config.get("scrub.schedule"))
     runs = max(1.0, config.get("scrub.cycle_days") * 86400 / every)
-    counts = catalog.counts()
-    with catalog.read() as txn:
-        packs = txn.stat(catalog.db["packs"])["entries"]
-    total = counts["instances"] if tier == ONLINE else packs
+
+    # The tier's own copies: a pass skips the packs of the other tiers.
+    sizes = state.pass_sizes(catalog.counts()["instances"], pack_counts(catalog))
+    total = sizes[tier]
     return max(1, math.ceil(total / runs))
 
 

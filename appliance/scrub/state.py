@@ -70,10 +70,15 @@ class ScrubState:
         )
 
 
-def pass_sizes(instances: int, packs: int) -> dict[str, int]:
+def pass_sizes(instances: int, packs: dict[str, int]) -> dict[str, int]:
     """Roughly what a whole pass of each tier reads: every instance online;
-    every pack (of any tier: the catalog counts packs only in all) below."""
-    return {"online": instances, "nearline": packs, "offline": packs}
+    below, the tier's own packs (``packs``: how many each tier holds), not
+    those of the other tiers or the mirror, which its pass skips."""
+    return {
+        "online": instances,
+        "nearline": packs.get("nearline", 0),
+        "offline": packs.get("offline", 0),
+    }
 
 
 def folder_of(data_dir: Path) -> Path:
