@@ -365,6 +365,24 @@ def _prefetch(catalog: Catalog) -> Iterator[Metric]:
     )
 
 
+# Counting the packs of each tier reads every pack record (the catalog keeps
+# no count per tier); the pass sizes it gives are rough anyway, so scrapes
+# reuse a count for this many seconds rather than read them all each time.
+_PACK_COUNT_AGE = 600.0
+_pack_counts: dict[str, tuple[float, dict[str, int]]] = {}
+_pack_counts_lock = threading.Lock()
+
+
+def _recent_pack_counts(catalog: Catalog) -> dict[str, int]:
+    key = str(catalog.path)
+    with _pack_counts_lock:
+        now = time.monotonic()
+        counted = _pack_counts.get(key)
+        if counted is None or now - counted[0] > _PACK_COUNT_AGE:
+            counted = _pack_counts[key] = (now, copies.pack_counts(catalog))
+        return counted[1]
+
+
 def _scrub(
     config: Config, catalog: Catalog, counts: dict[str, int]
 ) -> Iterator[Metric]:
@@ -383,7 +401,7 @@ def _scrub(
     )
     if not saved.tiers:
         return
-    sizes = scrub_state.pass_sizes(counts["instances"], copies.pack_counts(catalog))
+    sizes = scrub_state.pass_sizes(counts["instances"], _recent_pack_counts(catalog))
     tiers = {name: saved.tiers[name] for name in sorted(saved.tiers)}
     yield _by_label(
         "appliance_scrub_pass_checked",
