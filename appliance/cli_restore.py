@@ -404,7 +404,7 @@ def _restore_data(
                     task,
                     total=snapshot.bytes,
                     completed=snapshot.bytes_done,
-                    description=f"restoring {snapshot.doing}".rstrip(),
+                    description=bar_label(snapshot),
                 )
 
             tracker = Tracker(config.restore_folder, "command", shown)
@@ -548,9 +548,17 @@ def _follow(folder: Path) -> None:
                     task,
                     total=snapshot.bytes or None,
                     completed=snapshot.bytes_done,
-                    description=f"restoring {snapshot.doing}".rstrip(),
+                    description=bar_label(snapshot),
                 )
             time.sleep(1.0)
+
+
+def bar_label(snapshot: Any) -> str:
+    """The progress bar's words for a restore's data phase: what it does,
+    or, once stopped, why and what next."""
+    if snapshot.state == "stopped":
+        return f"stopped: {snapshot.doing}".rstrip(": ")
+    return f"restoring {snapshot.doing}".rstrip()
 
 
 def _print_rebuild(rebuild: Any, scan: bool) -> None:

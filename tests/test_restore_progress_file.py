@@ -7,7 +7,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from appliance.restore.progress import Tracker, read
+from appliance.cli_restore import bar_label
+from appliance.restore.progress import Snapshot, Tracker, read
 
 
 def test_numbers_held_back_by_the_write_interval_reach_the_file(
@@ -27,3 +28,12 @@ def test_numbers_held_back_by_the_write_interval_reach_the_file(
 
     assert written is not None
     assert written.doing == "study 2 of 3: fetching its packs"
+
+
+def test_the_bar_says_stopped_and_what_next_once_stopped() -> None:
+    snapshot = Snapshot()
+    snapshot.state, snapshot.doing = "restoring", "pack p-000000007"
+    assert bar_label(snapshot) == "restoring pack p-000000007"
+
+    snapshot.state, snapshot.doing = "stopped", "run the restore again to continue"
+    assert bar_label(snapshot) == "stopped: run the restore again to continue"
