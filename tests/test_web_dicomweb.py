@@ -396,6 +396,20 @@ def test_stow_into_a_study_refuses_instances_of_another(searchable: Site) -> Non
     assert int(answer.FailedSOPSequence[0].FailureReason) == 0xA900
 
 
+def test_stow_of_one_instance_twice_logs_the_second_as_already_there(
+    searchable: Site,
+) -> None:
+    made = instance(uid("web", "twice"), uid("web-series", "twice"), 1)
+    sent = pydicom.dcmread(write(made, searchable.appliance.directory / "twice"))
+    start = len(searchable.appliance.log())
+
+    web_client(searchable).store_instances([sent, sent])
+
+    logged = searchable.appliance.log()[start:].splitlines()
+    [line] = [each for each in logged if "STOW-RS from" in each]
+    assert line.endswith(": 1 instance(s) stored, 1 already there, 0 refused")
+
+
 def test_stow_refuses_a_uid_too_long_for_dicom_messages(searchable: Site) -> None:
     """As C-STORE does: no C-STORE, C-FIND or C-MOVE could carry it back."""
     long_uid = ROOT + "5" * 45

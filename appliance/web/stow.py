@@ -22,6 +22,7 @@ from pydicom.dataset import Dataset
 from appliance.audit.dicom import StoreTally
 from appliance.audit.events import Peer
 from appliance.catalog.records import text_of
+from appliance.catalog.store import Outcome
 from appliance.ingest import DOES_NOT_MATCH_SOP_CLASS, INVALID_SOP_INSTANCE
 from appliance.web.archive import Archive
 
@@ -54,13 +55,15 @@ def store_parts(
     referenced: list[Dataset] = []
     failed: list[Dataset] = []
     reasons: list[str] = []
+    already_there = 0
     tally = StoreTally()
     for number, path in enumerate(parts, start=1):
         try:
-            item, reason = _store_one(archive, path, study, source, base)
+            item, reason, outcome = _store_one(archive, path, study, source, base)
         finally:
             path.unlink(missing_ok=True)
         tally.add(str(item.ReferencedSOPInstanceUID), reason is None, reason or "")
+        already_there += outcome is Outcome.IDENTICAL
         if reason is None:
             referenced.append(item)
         else:
@@ -79,9 +82,10 @@ def store_parts(
     # PS3.18 10.5.3: 200 all stored, 202 some, 409 none.
     status = 200 if not failed else 409 if not referenced else 202
     logger.info(
-        "STOW-RS from %s: %d instance(s) stored, %d refused",
+        "STOW-RS from %s: %d instance(s) stored, %d already there, %d refused",
         source,
-        len(referenced),
+        len(referenced) - already_there,
+        already_there,
         len(failed),
     )
     return StoreAnswer(status, stored.to_json_dict(), reasons)
@@ -89,7 +93,9 @@ def store_parts(
 
 def _store_one(
     archive: Archive, path: Path, study: str | None, source: str, base: str
-) -> tuple[Dataset, str | None]:
+) -> tuple[Dataset, str | None, Outcome | None]:
+    """The part's result item, why it was refused (None when stored) and
+    what storing it did (None when it was refused before ingest)."""
     sop_class, sop_instance = _announced(path)
     item = Dataset()
     item.ReferencedSOPClassUID = sop_class
@@ -105,14 +111,14 @@ def _store_one(
             source,
             reason,
         )
-        return item, reason
+        return item, reason, None
 
     result = archive.ingest.store_received(path, source, refuse_long_uids=True)
     if result.sop_instance_uid and result.sop_instance_uid != "(unknown)":
         item.ReferencedSOPInstanceUID = result.sop_instance_uid
     if not result.ok:
         item.FailureReason = result.status
-        return item, result.reason or f"status 0x{result.status:04X}"
+        return item, result.reason or f"status 0x{result.status:04X}", result.outcome
     with archive.catalog.read() as txn:
         record = archive.catalog.instance(txn, result.sop_instance_uid)
     if record is not None:
@@ -121,7 +127,7 @@ def _store_one(
             f"/series/{_segment(record.series_uid)}"
             f"/instances/{_segment(record.sop_instance_uid)}"
         )
-    return item, None
+    return item, None, result.outcome
 
 
 def _segment(uid: str) -> str:
