@@ -318,6 +318,26 @@ def test_an_empty_mirror_fails_with_a_clear_message(origin: Origin) -> None:
     assert len(record["failures"]) == 3
 
 
+def test_a_mirror_that_cannot_be_read_is_a_failed_drill(origin: Origin) -> None:
+    # The mirror's folder gone: the drill cannot reach it, as in a disaster
+    # whose mirror is lost too. The report must not keep the last pass.
+    passed = _drill(origin.config_path)
+    origin.transport.root.rename(origin.folder / "mirror-gone")
+
+    failed = _drill(origin.config_path)
+    report = appliance("dr", "report", config=origin.config_path)
+
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert failed.returncode == 1
+    assert "the mirror cannot be read" in failed.stdout + failed.stderr
+    assert "Traceback" not in failed.stderr
+    first, last = _records(origin)
+    assert first["ok"] and not last["ok"]
+    assert len(last["failures"]) == 3
+    [row] = [line for line in report.stdout.splitlines() if "FAILED" in line]
+    assert " 0 " in row and "FAILED (3)" in row
+
+
 def test_a_paused_restore_timetable_runs_no_drill(origin: Origin) -> None:
     config = _with(origin, "paused.toml", '[restore]\ntimetable = "pause"\n')
 

@@ -24,7 +24,7 @@ from appliance import audit, logs
 from appliance.catalog.store import Catalog
 from appliance.children import die_with_parent, run_child
 from appliance.config import Config
-from appliance.errors import ApplianceError, DrillError
+from appliance.errors import ApplianceError, DrillError, TransportError
 from appliance.replication.bandwidth import Limiter, parse_timetable
 from appliance.replication.process import open_mirror
 from appliance.restore import drill_records
@@ -117,8 +117,20 @@ def _restore(
                 config.get("storage.reserved_bytes"),
             )
             return drill.run(sample, progress)
+    except TransportError as exc:
+        # What a disaster would meet: recorded as a failed drill, so that the
+        # report does not go on showing the last one that passed.
+        return _unreadable_mirror(sample, exc)
     finally:
         limiter.close()
+
+
+def _unreadable_mirror(sample: list[str], exc: TransportError) -> DrillResult:
+    """A failed drill: the mirror could not be reached or read."""
+    result = DrillResult(time.time(), sample)
+    for study_uid in sample:
+        result.fail(study_uid, "", f"the mirror cannot be read: {exc}")
+    return result
 
 
 def _empty_mirror(sample: list[str]) -> DrillResult:
