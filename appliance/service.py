@@ -119,20 +119,16 @@ def clean_up_recalls(config: Config, online: OnlineTier) -> None:
         catalog.close()
 
 
-def _say_ready_once_serving(
-    serving: str, web: WebService | None, heartbeat: notify.Heartbeat
-) -> None:
+def _say_ready_once_serving(serving: str, web: WebService | None) -> None:
     """Tell systemd and the log that the service is ready, once the HTTP
-    server answers too (its child takes seconds to start), and start the
-    watchdog's heartbeat then; DICOM is served meanwhile, whatever the HTTP
-    server does."""
+    server answers too (its child takes seconds to start); DICOM is served
+    meanwhile, whatever the HTTP server does."""
 
     def say_ready() -> None:
         if web is not None:
             web.wait_until_serving()
         notify.ready(serving)
         logger.info("ready: %s", serving)
-        heartbeat.start()
 
     if web is None:
         say_ready()
@@ -197,7 +193,10 @@ def _serve(
         if web is not None:
             web.start()
             serving += ", HTTP on {}:{}".format(*web.address)
-        _say_ready_once_serving(serving, web, heartbeat)
+        # The heartbeat says the accept loop turns; it must not wait for
+        # the HTTP server, whose wait is as long as WatchdogSec.
+        heartbeat.start()
+        _say_ready_once_serving(serving, web)
         listeners = [listener] if secure is None else [listener, secure]
         _accept_loop(listeners, workers, load, stop, context, config, alive)
     finally:
