@@ -42,6 +42,7 @@ from appliance.storage.packs import (
     PackReader,
     PackSummary,
     PackWriter,
+    sealing,
     write_pack_file,
 )
 from appliance.storage.packs import tar as tar_layer
@@ -711,25 +712,42 @@ def test_packs_stay_readable_after_key_rotation(tmp_path: Path):
 # -- writing --------------------------------------------------------------------------
 
 
+# How a source reaches the compressor: whole, in one read and one call;
+# streamed in chunks (every instance over the size for a single call); or
+# through a pipe, whose short reads make the single call give way to the
+# stream.
+SOURCE_KINDS = ["whole", "streamed", "pipe"]
+
+
+def _source_for(kind: str, monkeypatch: pytest.MonkeyPatch):
+    if kind == "streamed":
+        monkeypatch.setattr(sealing, "WHOLE_MAX", 1000)
+    if kind == "pipe":
+        return lambda data: io.BufferedReader(Pipe(data, chunk=700))
+    return io.BytesIO
+
+
+@pytest.mark.parametrize("kind", SOURCE_KINDS)
 def test_a_source_whose_checksum_differs_is_refused_before_writing(
-    key_store: KeyStore | None,
+    key_store: KeyStore | None, kind: str, monkeypatch: pytest.MonkeyPatch
 ):
-    good, bad = sample_contents(2)
+    source = _source_for(kind, monkeypatch)
+    good, bad = sample_contents(2, size=5000)
     out = io.BytesIO()
     key = key_store.new_data_key() if key_store else None
     writer = PackWriter(out, "p-000003", STUDY, key)
-    writer.add(meta_for(good, 1), io.BytesIO(good))
+    writer.add(meta_for(good, 1), source(good))
     written = len(out.getvalue())
 
     with pytest.raises(SourceMismatchError, match=rf"{STUDY}\.1\.2: .*SHA-256"):
-        writer.add(meta_for(bad, 2), io.BytesIO(flip(bad, 10)))
+        writer.add(meta_for(bad, 2), source(flip(bad, 10)))
     with pytest.raises(SourceMismatchError, match="ended after"):
-        writer.add(meta_for(bad, 2), io.BytesIO(bad[:-1]))
+        writer.add(meta_for(bad, 2), source(bad[:-1]))
     with pytest.raises(SourceMismatchError, match="longer than"):
-        writer.add(meta_for(bad, 2), io.BytesIO(bad + b"x"))
+        writer.add(meta_for(bad, 2), source(bad + b"x"))
 
     assert len(out.getvalue()) == written
-    writer.add(meta_for(bad, 2), io.BytesIO(bad))
+    writer.add(meta_for(bad, 2), source(bad))
     writer.close()
     report = PackReader(io.BytesIO(out.getvalue()), key_store).verify()
     assert report.ok

@@ -48,6 +48,10 @@ NONCE_BYTES = 12
 TAG_BYTES = 16
 OVERHEAD = NONCE_BYTES + TAG_BYTES
 CHUNK = 1 << 20
+# Instances up to this size are compressed in one call: a compression
+# object copies its input into a window of its own first, which costs a
+# tenth of the compression itself. Larger ones stream, chunk by chunk.
+WHOLE_MAX = 16 << 20
 # A compressed member up to this size stays in memory before it is written.
 SPOOL_IN_MEMORY = 64 << 20
 _AAD_PREFIX = b"pacs-appliance-pack/1\x00"
@@ -137,11 +141,22 @@ def _compress(
     sink: _SealingSink,
 ) -> int:
     """One zstd frame of ``size`` bytes read from ``reader`` into ``sink``;
-    the frame's size. Chunk by chunk through a compression object, whose
-    calls let other threads run: ``copy_stream`` holds the GIL while it
-    compresses, and packs are written by several threads at once."""
-    stream = compressor.compressobj(size=size)
-    written = 0
+    the frame's size. Whole, or chunk by chunk through a compression
+    object; both let other threads run while they compress, where
+    ``copy_stream`` holds the GIL (packs are written by several threads
+    at once)."""
+    if size <= WHOLE_MAX:
+        data = reader.read(size)
+        if len(data) == size:
+            return sink.write_frame(compressor.compress(data))
+        # A short read (a pipe, or a source that shrank): streamed on, so
+        # that the frame holds what was read and the check says what is
+        # missing.
+        stream = compressor.compressobj(size=size)
+        written = sink.write_frame(stream.compress(data))
+    else:
+        stream = compressor.compressobj(size=size)
+        written = 0
     while chunk := reader.read(CHUNK):
         written += sink.write_frame(stream.compress(chunk))
     return written + sink.write_frame(stream.flush())
