@@ -32,6 +32,7 @@ from appliance.errors import (
 from appliance.hsm.migrator import Migrator
 from appliance.hsm.tiers import Tiers
 from appliance.ingest import Ingest
+from appliance.replication.audit import audit
 from appliance.replication.health import read_trouble
 from appliance.replication.replicator import Replicator, Settings
 from appliance.replication.transports import open_transport
@@ -1169,6 +1170,56 @@ def test_a_swapped_empty_mirror_is_refused(site: Site, tmp_path: Path) -> None:
 
     assert not any(p.is_file() for p in fresh.rglob("*"))
     assert replication.queue_state(site.catalog).instances == 2
+
+
+def test_a_new_mirror_gets_a_catalog_snapshot_at_once(
+    site: Site, tmp_path: Path
+) -> None:
+    site.store("moved", 2)
+    old = site.replicator()
+    old.send_snapshot()
+    old.send(old.ready())
+    fresh = tmp_path / "new-mirror"
+    fresh.mkdir()
+    new_mirror = DirectoryTransport(fresh)
+    # The documented move: 'replication verify --all' against the new
+    # mirror finds every pack missing and queues its instances again.
+    assert audit(site.catalog, new_mirror, site.tiers.keys, None).queued_again == 2
+    stop = threading.Event()
+    deadline = time.monotonic() + 20
+
+    def paused() -> bool:
+        snapshots = list(fresh.glob("catalog/snapshot-*"))
+        queued = replication.queued(site.catalog, limit=1)
+        if (snapshots and not queued) or time.monotonic() > deadline:
+            stop.set()
+        return False
+
+    replicator = Replicator(
+        site.catalog,
+        site.tiers,
+        new_mirror,
+        site.spool,
+        Settings(batch_seconds=0),
+        paused=paused,
+    )
+    replicator.run(stop, idle=0.001)
+
+    # Sent at once, although the last one (to the old mirror) is recent.
+    (snapshot,) = fresh.glob("catalog/snapshot-*")
+    name = snapshot.relative_to(fresh).as_posix()
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    with open(snapshot, "rb") as source, open(restored / "data.mdb", "wb") as out:
+        sealed.open_sealed(source, name, site.tiers.keys, out)  # type: ignore[arg-type]
+    env = lmdb.open(str(restored), readonly=True, max_dbs=32, lock=False)
+    try:
+        with env.begin() as txn:
+            instances = env.open_db(b"instances", txn=txn, create=False)
+            assert txn.stat(instances)["entries"] == 2
+    finally:
+        env.close()
+    assert replication.queue_state(site.catalog).instances == 0
 
 
 def test_a_mirror_replicated_to_before_the_marker_existed_gets_one(

@@ -15,7 +15,8 @@ another key store), or that names another archive, stops replication with
 mirror. A mirror without a marker gets one, unless the catalog has packs
 recorded there and the mirror holds none of them: that is another disk or
 server than the one replicated to so far (a swapped disk, a wiped or
-re-pointed mirror), and is refused too.
+re-pointed mirror), and is refused too. A mirror that gets its marker gets
+a catalog snapshot at the next round, whenever the last one was sent.
 
 A catalog without an id (one rebuilt from the mirror's journal or packs)
 takes the id of a marker that opens with its keys, if the mirror holds
@@ -89,6 +90,10 @@ def _mark(
         with open(path, "wb") as out:
             digest = sealed.seal(io.BytesIO(data), out, MARKER, keys)
         transport.put(MARKER, path, path.stat().st_size, digest)
+    # A mirror just marked holds no catalog snapshot, and the journal it
+    # gets starts where the last mirror's stopped: until a snapshot is
+    # there, a restore from it has no catalog history. One goes next.
+    replication.set_mirror_mark(catalog, "snapshot_time", 0)
     logger.info("mirror: identity marker written (archive %s)", mine)
     return mine
 
