@@ -79,6 +79,7 @@ from appliance.ingest import Ingest
 from appliance.replication.replicator import Replicator, Settings
 from appliance.replication.transports import (
     ByteCallback,
+    LocalBytes,
     OpensshTransport,
     SftpSettings,
     SftpTransport,
@@ -408,7 +409,7 @@ class CountingTransport:
     def put(
         self,
         name: str,
-        source: Path,
+        source: LocalBytes,
         size: int,
         sha256: str,
         progress: ByteCallback | None = None,
@@ -454,7 +455,7 @@ class TimedReplicator(Replicator):
         self.packing = 0.0
         self.read_back = 0.0
 
-    def _write_pack(self, *args: Any) -> tuple[Any, set[str], str]:
+    def _write_pack(self, *args: Any) -> tuple[Any, set[str], str, Any]:
         started = time.perf_counter()
         try:
             return super()._write_pack(*args)

@@ -688,6 +688,29 @@ def test_a_spooled_pack_damaged_by_a_power_cut_is_packed_again(
     _assert_packed_again_without(site, sent, "p-000000001")
 
 
+def test_a_pack_written_by_this_process_goes_up_from_memory(site: Site) -> None:
+    site.store("kept", 2)
+    mirror = FlakyMirror(site.mirror)
+    replicator = _one_per_pack(site, mirror)
+    real_put = mirror.put
+    sources = []
+
+    def put(name, source, *args, **kwargs):
+        if name.startswith("packs/"):
+            sources.append(source)
+            # What is sent are the bytes hashed as the pack was written,
+            # not the spooled file read again: damaging it changes nothing.
+            _flip_a_byte(site.spool / "pending" / f"{_pack_of(name)}.pack", 4000)
+        real_put(name, source, *args, **kwargs)
+
+    mirror.put = put  # type: ignore[method-assign]
+    sent = _send_everything(replicator)
+
+    assert len(sent) == 2
+    assert not [source for source in sources if isinstance(source, Path)]
+    _assert_each_instance_offsite_once(site)
+
+
 def test_a_spooled_pack_that_changes_after_the_start_is_never_recorded(
     site: Site,
 ) -> None:

@@ -371,6 +371,41 @@ def test_a_short_local_file_stores_nothing(mirror: Mirror) -> None:
     assert mirror.transport.list() == []
 
 
+def test_bytes_in_memory_go_up_as_a_file_would(mirror: Mirror) -> None:
+    data = bytearray(payload(3 * MiB + 17))
+    digest = hashlib.sha256(data).hexdigest()
+    mirror.transport.put(PACK, data, len(data), digest)
+    assert mirror.read(PACK) == data
+    assert mirror.files() == [PACK]
+
+
+def test_bytes_in_memory_resumed_are_checked_as_a_file_would_be(
+    mirror: Mirror,
+) -> None:
+    data = payload(3 * MiB)
+    mirror.plant_partial(PACK, data[: MiB + 5])
+    # Sent whole, the caller's hash is taken as it is; a resumed upload
+    # hashes the bytes it adds to the part already there.
+    with pytest.raises(TransportError, match="SHA-256"):
+        mirror.transport.put(PACK, data, len(data), "0" * 64)
+    assert PACK not in mirror.files()
+
+    mirror.plant_partial(PACK, data[: MiB + 5])
+    sent: list[int] = []
+    digest = hashlib.sha256(data).hexdigest()
+    mirror.transport.put(PACK, data, len(data), digest, progress=sent.append)
+    assert sum(sent) == len(data) - MiB - 5
+    assert mirror.read(PACK) == data
+
+
+def test_short_bytes_in_memory_store_nothing(mirror: Mirror) -> None:
+    data = payload(1000)
+    digest = hashlib.sha256(data).hexdigest()
+    with pytest.raises(TransportError, match="end at byte 1000"):
+        mirror.transport.put(PACK, data, len(data) + 1, digest)
+    assert mirror.transport.list() == []
+
+
 def test_throttle_is_asked_before_each_block(mirror: Mirror) -> None:
     data = payload(2 * MiB + 10)
     asked: list[int] = []

@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, cast
 
 from appliance.catalog import copies, replication
 from appliance.catalog.copies import PackRecord
@@ -66,6 +66,7 @@ from appliance.replication.health import Health
 from appliance.replication.identity import check_mirror
 from appliance.replication.names import pack_name
 from appliance.replication.spool import Spool, SpooledPack
+from appliance.replication.transports import LocalBytes
 from appliance.storage import sealed
 from appliance.storage.packs import PackReader, PackWriter
 from appliance.storage.packs.manifest import InstanceMeta
@@ -84,6 +85,10 @@ _JOURNAL_EVERY = 60.0
 # when the batch is not full with them), and the most ever read at once.
 _LOOK_AHEAD = 256
 _QUEUE_LIMIT = 100_000
+# A pack up to this size is kept in memory from its writing to its upload,
+# which then sends those bytes, hashed as they were written, rather than
+# read the spooled file and hash it again.
+_KEEP_MAX = 256 << 20
 
 
 class Transport(Protocol):
@@ -92,7 +97,7 @@ class Transport(Protocol):
     def put(
         self,
         name: str,
-        source: Path,
+        source: LocalBytes,
         size: int,
         sha256: str,
         progress: Callable[[int], None] | None = None,
@@ -188,6 +193,8 @@ class Replicator:
         self._pending.clean()
         self._ahead: _Preparation | None = None
         self._uploaded: set[str] = set()  # packs put on the mirror, unrecorded
+        # The bytes of packs written by this process and not yet uploaded.
+        self._kept: dict[str, bytearray] = {}
         self._identity_due = -math.inf
         self._journal_sent = time.monotonic()
         self._stopping = threading.Event()
@@ -278,12 +285,13 @@ class Replicator:
         the next instance), which stays in the spool if it was finished."""
         self._stopping.set()
         ahead, self._ahead = self._ahead, None
-        if ahead is None:
-            return
         try:
-            ahead.finish()
+            if ahead is not None:
+                ahead.finish()
         except Exception as exc:
             logger.info("the pack being written ahead was left: %s", exc)
+        finally:
+            self._kept.clear()
 
     def _next_pack(self, batch: list[Queued]) -> SpooledPack | None:
         """The oldest pack in the spool; else the one being written ahead;
@@ -340,10 +348,11 @@ class Replicator:
     def _upload(self, pack: SpooledPack) -> None:
         if pack.pack_id in self._uploaded:
             return  # while the pack before it was read back
+        kept = self._kept.pop(pack.pack_id, None)
         try:
             self.transport.put(
                 pack_name(pack.pack_id),
-                pack.path,
+                pack.path if kept is None else kept,
                 pack.size,
                 pack.sha256,
                 throttle=self.throttle,
@@ -417,7 +426,7 @@ class Replicator:
         written = self._pending.writing_path(pack_id)
         try:
             with tempfile.TemporaryDirectory(dir=self.spool) as staging:
-                summary, sources, key_id = self._write_pack(
+                summary, sources, key_id, kept = self._write_pack(
                     written, pack_id, records, Path(staging)
                 )
             pack = SpooledPack(
@@ -437,6 +446,8 @@ class Replicator:
                 key_id=key_id,
             )
             self._pending.add(written, pack)
+            if kept is not None:
+                self._kept[pack_id] = kept
         finally:
             written.unlink(missing_ok=True)
         return pack
@@ -627,9 +638,10 @@ class Replicator:
 
     def _write_pack(
         self, path: Path, pack_id: str, records: list[InstanceRecord], folder: Path
-    ) -> tuple[Any, set[str], str]:
+    ) -> tuple[Any, set[str], str, bytearray | None]:
         """Write the pack of the records whose bytes can be read now; what
-        was written, the instances in it, and the master key id.
+        was written, the instances in it, the master key id, and the pack's
+        bytes when it is small enough to keep in memory until its upload.
 
         The pack writer checks every instance's SHA-256 as it reads it, so
         online copies are not hashed beforehand. When one of them fails that
@@ -653,18 +665,20 @@ class Replicator:
         records: list[InstanceRecord],
         folder: Path,
         check: bool,
-    ) -> tuple[Any, set[str], str]:
+    ) -> tuple[Any, set[str], str, bytearray | None]:
         assert self.tiers.keys is not None
         items = self._items(records, folder, check)
         if not items:
             raise StorageError("no queued instance can be read now")
         key = self.tiers.keys.new_data_key()
         with open(path, "wb") as out:
+            kept = _KeptCopy(out, _KEEP_MAX)
             level = self.settings.compression_level
-            writer = PackWriter(out, pack_id, None, key, level=level)
+            writer = PackWriter(cast(BinaryIO, kept), pack_id, None, key, level=level)
             writer.add_all(items)
             summary = writer.close()
-        return summary, {meta.sop_instance_uid for meta, _ in items}, key.master_key_id
+        packed = {meta.sop_instance_uid for meta, _ in items}
+        return summary, packed, key.master_key_id, kept.copy
 
     def _items(
         self, records: list[InstanceRecord], folder: Path, check: bool
@@ -724,6 +738,33 @@ class Replicator:
             size = path.stat().st_size
             self.transport.put(name, path, size, digest, throttle=self.throttle)
         events.uploaded(kind, size)
+
+
+class _KeptCopy:
+    """A file being written, and a copy in memory of every byte written to
+    it, up to ``limit`` bytes (beyond, no copy: ``copy`` is None). The pack
+    writer hashes what it writes, so the copy holds exactly the bytes of
+    that hash."""
+
+    def __init__(self, file: BinaryIO, limit: int) -> None:
+        self._file = file
+        self._limit = limit
+        self.copy: bytearray | None = bytearray()
+
+    def write(self, data: bytes | memoryview) -> int:
+        if self.copy is not None:
+            if len(self.copy) + len(data) <= self._limit:
+                self.copy += data
+            else:
+                self.copy = None
+        return self._file.write(data)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def fileno(self) -> int:
+        # The pack writer writes a regular file in larger pieces than a tape.
+        return self._file.fileno()
 
 
 def _numbers(batch: list[Queued]) -> dict[str, list[int]]:

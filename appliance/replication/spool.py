@@ -20,8 +20,10 @@ A power cut may therefore leave a note whose pack is cut short or holds
 other bytes. :meth:`Spool.clean`, at the next start, removes what was being
 written (a ``.tmp`` file, a pack without a note) and every pack whose size
 or SHA-256 is not that of its note; the note of the lowest pack number left
-is the next pack to send. The upload checks the SHA-256 of what it sends
-too, so bytes that change after the start are never recorded either.
+is the next pack to send. A pack the running process wrote goes up from
+the copy it kept in memory as it wrote (and hashed) it; the others, from
+the spool, have the SHA-256 of what they send checked by the upload, so
+bytes that change after the start are never recorded either.
 """
 
 from __future__ import annotations

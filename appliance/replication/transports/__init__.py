@@ -9,7 +9,7 @@ backend (through OpenSSH's ssh, or paramiko).
             ...
 """
 
-from appliance.replication.transports.base import ByteCallback, Transport
+from appliance.replication.transports.base import ByteCallback, LocalBytes, Transport
 from appliance.replication.transports.directory import DirectoryTransport
 from appliance.replication.transports.factory import KINDS, open_transport
 from appliance.replication.transports.names import is_valid_name, validate_name
@@ -22,6 +22,7 @@ __all__ = [
     "ByteCallback",
     "DirectorySettings",
     "DirectoryTransport",
+    "LocalBytes",
     "OpensshTransport",
     "SftpSettings",
     "SftpTransport",

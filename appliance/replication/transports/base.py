@@ -17,7 +17,7 @@ honours the same contract, checked by one conformance suite
 
 An upload, step by step::
 
-    local file --(size, SHA-256 given)--> NAME exists? -- same bytes: done
+    local bytes --(size, SHA-256 given)--> NAME exists? -- same bytes: done
                                               | no          different: refuse
                                               v
         NAME.partial exists and equals the local prefix? -> resume there
@@ -26,6 +26,7 @@ An upload, step by step::
         write from the offset: throttle(n), send block, progress(n)
                                               v
         flush; SHA-256 of what was sent == given? size on mirror == size?
+        (bytes sent from memory were hashed by the caller as it made them)
                                               v
         rename NAME.partial -> NAME (never replacing)
 """
@@ -60,12 +61,15 @@ ByteCallback = Callable[[int], None]
 
 BLOCK_SIZE = 1024 * 1024
 
+# What an upload sends: a local file, or the file's bytes held in memory.
+LocalBytes = Path | bytes | bytearray
+
 
 class RemoteWriter(ABC):
     """An open partial file on the mirror, written from a given offset."""
 
     @abstractmethod
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         """Send ``data`` after what was written so far."""
 
     @abstractmethod
@@ -91,18 +95,23 @@ class Transport(ABC):
     def put(
         self,
         name: str,
-        source: Path,
+        source: LocalBytes,
         size: int,
         sha256: str,
         progress: ByteCallback | None = None,
         throttle: ByteCallback | None = None,
     ) -> None:
-        """Upload the local file ``source`` (``size`` bytes) as ``name``.
+        """Upload ``source`` (``size`` bytes) as ``name``.
 
-        ``sha256`` is the hex digest the file must have; what is sent is
-        hashed on the way and compared before the file is renamed into
-        place. ``throttle`` is called with each block's size before it is
-        sent and may sleep (the bandwidth limit); ``progress`` receives the
+        ``sha256`` is the hex digest the file must have. ``source`` is a
+        local file, whose bytes are hashed on the way and compared before
+        the file is renamed into place; or the bytes themselves, held in
+        memory by a caller that hashed them as it made them (a pack just
+        written), sent without another hash (but for the part a resumed
+        upload starts after, compared as a file's would be).
+
+        ``throttle`` is called with each block's size before it is sent
+        and may sleep (the bandwidth limit); ``progress`` receives the
         bytes sent, block by block (fewer than ``size`` in all when an
         earlier upload was resumed). Raises ValueError for a bad name,
         MirrorConflictError when other bytes hold the name,
@@ -117,7 +126,8 @@ class Transport(ABC):
             return
         offset, hasher = self._resume_point(name, source, size)
         self._send(name, source, size, offset, hasher, progress, throttle)
-        self._check_upload(name, size, sha256, hasher.hexdigest())
+        sent = hasher.hexdigest() if hasher is not None else sha256
+        self._check_upload(name, size, sha256, sent)
         self._place(name, size, sha256)
         self._log_done(name, size, offset, time.monotonic() - started)
 
@@ -235,9 +245,10 @@ class Transport(ABC):
         )
 
     def _resume_point(
-        self, name: str, source: Path, size: int
-    ) -> tuple[int, hashlib._Hash]:
-        """Where to start sending, and the hash of the local bytes before it.
+        self, name: str, source: LocalBytes, size: int
+    ) -> tuple[int, hashlib._Hash | None]:
+        """Where to start sending, and the hash of the local bytes before it
+        (None for bytes in memory sent whole: their caller hashed them).
 
         A partial file from an earlier attempt counts only if it reads back
         equal to the start of the local file: a crash may leave a torn or
@@ -245,11 +256,11 @@ class Transport(ABC):
         """
         partial = partial_name(name)
         held = self._size(partial)
-        if not held:
-            return 0, hashlib.sha256()
-        if held > size:
+        if held and held > size:
             logger.info("mirror: %s is longer than %s; restarting", partial, name)
-            return 0, hashlib.sha256()
+            held = 0
+        if not held:
+            return 0, None if _in_memory(source) else hashlib.sha256()
         local = _hash_prefix(source, held)
         remote, count = hashlib.sha256(), 0
         for chunk in self._read(partial, 0):
@@ -260,19 +271,19 @@ class Transport(ABC):
             logger.warning(
                 "mirror: %s does not match the start of %s; restarting from 0",
                 partial,
-                source,
+                source if isinstance(source, Path) else "the bytes to send",
             )
-            return 0, hashlib.sha256()
+            return 0, None if _in_memory(source) else hashlib.sha256()
         logger.info("mirror: resuming %s at byte %d of %d", name, held, size)
         return held, local
 
     def _send(
         self,
         name: str,
-        source: Path,
+        source: LocalBytes,
         size: int,
         offset: int,
-        hasher: hashlib._Hash,
+        hasher: hashlib._Hash | None,
         progress: ByteCallback | None,
         throttle: ByteCallback | None,
     ) -> None:
@@ -284,7 +295,8 @@ class Transport(ABC):
                     with self._waiting_for_throttle():
                         throttle(len(block))
                 writer.write(block)
-                hasher.update(block)
+                if hasher is not None:
+                    hasher.update(block)
                 self._note_progress()
                 if progress is not None:
                     progress(len(block))
@@ -344,16 +356,25 @@ class Transport(ABC):
         )
 
 
-def _hash_prefix(source: Path, length: int) -> hashlib._Hash:
-    """The SHA-256 state after the first ``length`` bytes of a local file."""
+def _in_memory(source: LocalBytes) -> bool:
+    return not isinstance(source, Path)
+
+
+def _hash_prefix(source: LocalBytes, length: int) -> hashlib._Hash:
+    """The SHA-256 state after the first ``length`` local bytes."""
     hasher = hashlib.sha256()
     for block in _blocks(source, 0, length, BLOCK_SIZE):
         hasher.update(block)
     return hasher
 
 
-def _blocks(source: Path, offset: int, end: int, block_size: int) -> Iterator[bytes]:
-    """The bytes of a local file from ``offset`` to ``end``, in blocks."""
+def _blocks(
+    source: LocalBytes, offset: int, end: int, block_size: int
+) -> Iterator[bytes | memoryview]:
+    """The local bytes from ``offset`` to ``end``, in blocks."""
+    if not isinstance(source, Path):
+        yield from _memory_blocks(memoryview(source), offset, end, block_size)
+        return
     try:
         with open(source, "rb") as file:
             file.seek(offset)
@@ -369,3 +390,15 @@ def _blocks(source: Path, offset: int, end: int, block_size: int) -> Iterator[by
                 yield block
     except OSError as exc:
         raise TransportError(f"cannot read {source}: {exc.strerror or exc}") from exc
+
+
+def _memory_blocks(
+    data: memoryview, offset: int, end: int, block_size: int
+) -> Iterator[memoryview]:
+    if len(data) < end:
+        raise LocalSourceError(
+            f"the bytes to send end at byte {len(data)}, before the {end} "
+            "expected; nothing was stored"
+        )
+    for start in range(offset, end, block_size):
+        yield data[start : min(start + block_size, end)]

@@ -176,7 +176,7 @@ class _FileWriter(RemoteWriter):
             self.discard()
             raise _error(exc, f"cannot write {path}") from exc
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         try:
             self._file.write(data)
         except OSError as exc:

@@ -140,7 +140,7 @@ class _WindowedWriter(RemoteWriter):
         self._offset = offset
         self._waiting: collections.deque[int] = collections.deque()
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         step = self._wire.max_write
         for start in range(0, len(view), step):

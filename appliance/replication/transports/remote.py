@@ -23,11 +23,10 @@ import stat
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
 from appliance.errors import StalledTransferError, TransportError
-from appliance.replication.transports.base import ByteCallback, Transport
+from appliance.replication.transports.base import ByteCallback, LocalBytes, Transport
 from appliance.replication.transports.names import (
     folders_of,
     is_valid_name,
@@ -88,7 +87,7 @@ class RemoteTransport(Transport, Generic[C]):
     def put(
         self,
         name: str,
-        source: Path,
+        source: LocalBytes,
         size: int,
         sha256: str,
         progress: ByteCallback | None = None,
@@ -261,7 +260,7 @@ class RemoteTransport(Transport, Generic[C]):
     def _watched_put(
         self,
         name: str,
-        source: Path,
+        source: LocalBytes,
         size: int,
         sha256: str,
         progress: ByteCallback | None,

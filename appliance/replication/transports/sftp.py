@@ -163,13 +163,13 @@ class _PipelinedWriter(RemoteWriter):
         self._file = file
         self._held = b""
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         if self._held:
             self._file.write(self._held)
         cut = max(0, len(data) - paramiko.SFTPFile.MAX_REQUEST_SIZE)
         if cut:
             self._file.write(memoryview(data)[:cut])
-        self._held = data[cut:]
+        self._held = bytes(data[cut:])  # a request's worth at most
 
     def commit(self) -> None:
         self._file.set_pipelined(False)
