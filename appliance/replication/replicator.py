@@ -445,9 +445,14 @@ class Replicator:
                 numbers=_numbers(batch),
                 key_id=key_id,
             )
-            self._pending.add(written, pack)
+            # Kept before the pack shows in the spool, where the uploading
+            # thread may find it at once.
             if kept is not None:
                 self._kept[pack_id] = kept
+            self._pending.add(written, pack)
+        except BaseException:
+            self._kept.pop(pack_id, None)
+            raise
         finally:
             written.unlink(missing_ok=True)
         return pack
