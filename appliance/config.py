@@ -860,6 +860,15 @@ KEYS: tuple[Key, ...] = (
     ),
     Key(
         "web",
+        "header_timeout",
+        30.0,
+        "Seconds a connection has to send a request's line and headers, from "
+        "its start or from the end of the previous answer on it; then it is "
+        "closed, with a WARNING naming the address. The body is not timed by it.",
+        _at_least_seconds(1.0),
+    ),
+    Key(
+        "web",
         "stow_stall_timeout",
         60.0,
         "Seconds a STOW-RS request body may go without a byte arriving; then it "

@@ -22,11 +22,16 @@ from appliance import logs
 from appliance.children import ChildSupervisor, die_with_parent
 from appliance.config import Config
 from appliance.errors import ApplianceError
+from appliance.web.header_timeout import with_header_timeout
 
 logger = logging.getLogger(__name__)
 
 # Seconds open requests get to finish when the service stops.
 _STOP_GRACE = 10
+# Seconds a kept-alive connection may stay idle after an answer before it
+# is closed without a line (uvicorn's default, named: docs/web.md says it);
+# web.header_timeout closes it sooner if it is shorter.
+_KEEP_ALIVE = 5
 # Seconds the service waits for the HTTP server to answer before it says it
 # is ready without it (a start takes a few seconds: imports, the catalog).
 _START_WAIT = 60
@@ -144,7 +149,11 @@ def serve_web(
         ssl_certfile=certificate or None,
         ssl_keyfile=config.get("web.tls_key") or None,
         timeout_graceful_shutdown=_STOP_GRACE,
+        timeout_keep_alive=_KEEP_ALIVE,
         lifespan="on",
+        # h11, named rather than "auto" (which would take httptools if it
+        # were installed): the header time limit hooks into h11's protocol.
+        http=with_header_timeout(config.get("web.header_timeout")),
     )
     host, port = sock.getsockname()[:2]
     scheme = "https" if certificate else "http"

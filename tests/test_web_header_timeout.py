@@ -1,0 +1,226 @@
+"""The HTTP server under ``appliance serve`` closes a connection whose
+request line and headers are not complete within web.header_timeout: one
+that sends nothing (over plain HTTP and over TLS), one that trickles its
+headers a byte at a time, and one kept alive whose next request trickles;
+with one log line each, while other connections are served, and without
+cutting a request body that comes slowly after its headers."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.certificates import Authority
+from tests.datasets import instance, uid, write
+from tests.web_site import OPERATOR, VIEWER, Site, start
+
+LIMIT = 1.0
+# Far longer than LIMIT, yet a test that fails still ends.
+PATIENCE = 30.0
+# A byte every TRICKLE seconds: the head below would take some 40 s.
+TRICKLE = 0.2
+CLOSED = "closed: its request headers were not complete in"
+BOUNDARY = "header-timeout-boundary"
+STOW_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+
+
+@pytest.fixture(scope="module")
+def site(module_appliance_factory: type) -> Site:
+    started = start(module_appliance_factory, {"web": {"header_timeout": LIMIT}})
+    # Once this is answered, uvicorn serves: the clocks below are its own.
+    with started.client() as http:
+        assert http.get("/health").status_code == 200
+    return started
+
+
+def head(port: int) -> bytes:
+    return (
+        f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"X-Padding: {'p' * 150}\r\n\r\n"
+    ).encode()
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server hung up within PATIENCE, sending nothing."""
+    sock.settimeout(PATIENCE)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def trickle(sock: socket.socket, data: bytes) -> int:
+    """Send ``data`` a byte every TRICKLE seconds until the server hangs
+    up; how many bytes were sent."""
+    sock.settimeout(TRICKLE)
+    for sent in range(len(data)):
+        try:
+            sock.sendall(data[sent : sent + 1])
+            if sock.recv(1) == b"":
+                return sent + 1
+        except TimeoutError:
+            continue
+        except OSError:
+            return sent
+    return len(data)
+
+
+def lines_about(site: Site, sock: socket.socket, count: int = 1) -> int:
+    """The log lines about ``sock`` closed by the limit, once ``count`` are
+    there (or after PATIENCE)."""
+    port = sock.getsockname()[1]
+    needle = f"HTTP connection from 127.0.0.1:{port} {CLOSED}"
+    deadline = time.monotonic() + PATIENCE
+    while site.appliance.log().count(needle) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # A little longer: a second line would come right after the first.
+    time.sleep(0.5)
+    return site.appliance.log().count(needle)
+
+
+@pytest.fixture
+def connect(site: Site) -> Iterator[type]:
+    """Open connections to the server; all are closed after the test."""
+    opened: list[socket.socket] = []
+
+    def open_one() -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", site.appliance.web_port))
+        opened.append(sock)
+        return sock
+
+    yield open_one  # type: ignore[misc]
+    for sock in opened:
+        sock.close()
+
+
+def test_silent_and_trickling_connections_are_closed_others_served(
+    site: Site, connect: type
+) -> None:
+    silent = connect()
+    trickling = connect()
+    sent: list[int] = []
+    trickler = threading.Thread(
+        target=lambda: sent.append(trickle(trickling, head(site.appliance.web_port)))
+    )
+    started = time.monotonic()
+    trickler.start()
+    try:
+        # Meanwhile another connection is served as usual.
+        with site.client(VIEWER) as http:
+            assert http.get("/health").status_code == 200
+            assert http.get("/openapi.json").status_code == 200
+        assert closed_by_server(silent)
+        # Not before the limit (the margin is for clocks, not for speed).
+        assert time.monotonic() - started > LIMIT / 2
+    finally:
+        trickler.join(PATIENCE + 60)
+    assert sent and sent[0] < len(head(site.appliance.web_port)), sent
+    assert lines_about(site, silent) == 1
+    assert lines_about(site, trickling) == 1
+    log = site.appliance.log()
+    port = silent.getsockname()[1]
+    assert f"127.0.0.1:{port} {CLOSED} 1 s (web.header_timeout; 0 bytes" in log
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    """One answer to GET /health (a JSON body with a Content-Length)."""
+    sock.settimeout(PATIENCE)
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += sock.recv(4096)
+    headers, _, body = received.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1])
+        for line in headers.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        body += sock.recv(4096)
+    return headers
+
+
+def test_a_kept_alive_connection_gets_the_limit_for_its_next_request(
+    site: Site, connect: type
+) -> None:
+    port = site.appliance.web_port
+    trickling, idle = connect(), connect()
+    for sock in (trickling, idle):
+        sock.sendall(head(port))
+        assert read_answer(sock).startswith(b"HTTP/1.1 200")
+    assert trickle(trickling, head(port)) < len(head(port))
+    assert lines_about(site, trickling) == 1
+    # Only idle between requests (uvicorn's keep-alive): nothing to report.
+    assert closed_by_server(idle)
+    assert lines_about(site, idle, count=0) == 0
+
+
+def stow_body(site: Site) -> bytes:
+    made = instance(uid("header-timeout", "study"), uid("header-timeout", "s"), 1)
+    part = write(made, site.appliance.directory / "made").read_bytes()
+    return (
+        f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + part
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+
+
+def test_a_body_coming_slowly_is_not_cut_while_a_slow_head_is(
+    site: Site, connect: type
+) -> None:
+    body = stow_body(site)
+    pieces = 12
+    size = -(-len(body) // pieces)
+
+    def slowly() -> Iterator[bytes]:
+        # Some 3 s in all, three times the limit, without a stall.
+        for start_at in range(0, len(body), size):
+            time.sleep(3 * LIMIT / pieces)
+            yield body[start_at : start_at + size]
+
+    before = site.appliance.log().count(CLOSED)
+    trickling = connect()
+    sent: list[int] = []
+    trickler = threading.Thread(
+        target=lambda: sent.append(trickle(trickling, head(site.appliance.web_port)))
+    )
+    trickler.start()
+    try:
+        with site.client(OPERATOR) as http:
+            answer = http.post(
+                "/studies", content=slowly(), headers={"Content-Type": STOW_TYPE}
+            )
+    finally:
+        trickler.join(PATIENCE + 60)
+    assert answer.status_code == 200, answer.text
+    assert sent and sent[0] < len(head(site.appliance.web_port)), sent
+    assert lines_about(site, trickling) == 1
+    # That line only: none for the upload's connection.
+    assert site.appliance.log().count(CLOSED) == before + 1
+
+
+def test_over_tls_a_silent_connection_is_closed(
+    appliance_factory: type, tmp_path
+) -> None:
+    authority = Authority(tmp_path, "web")
+    issued = authority.issue("appliance", hosts=("127.0.0.1",))
+    tls = {
+        "header_timeout": LIMIT,
+        "tls_certificate": str(issued.certificate),
+        "tls_key": str(issued.key),
+    }
+    tls_site = start(appliance_factory, {"web": tls})
+    trusted = ssl.create_default_context(cafile=str(authority.certificate))
+    address = ("127.0.0.1", tls_site.appliance.web_port)
+    with (
+        socket.create_connection(address) as raw,
+        trusted.wrap_socket(raw, server_hostname="127.0.0.1") as sock,
+    ):
+        assert closed_by_server(sock)
+        assert lines_about(tls_site, sock) == 1
