@@ -61,6 +61,16 @@ INVALID_SOP_INSTANCE = 0x0117
 _MAX_UID = 64  # characters (PS3.5 9.1)
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+# Characters that make a UID something else when it is named again: '*' and
+# '?' are C-FIND wildcards, a backslash separates a list of UIDs, and '/'
+# ends a DICOMweb URL's path segment. In words, for a refusal's reason: a
+# backslash itself would split a C-STORE's Error Comment (LO) in two.
+_UNSENDABLE = {
+    "*": "an asterisk",
+    "?": "a question mark",
+    "\\": "a backslash",
+    "/": "a slash",
+}
 _READ_CHUNK = 1 << 20
 _DEFER_SIZE = 64 * 1024
 
@@ -203,13 +213,15 @@ class Ingest:
         """Store a Part 10 file that sits in the online tier's ``incoming/``.
 
         For a C-STORE, the file meta holds the request's Affected SOP Class
-        and Instance UIDs; they must agree with the data set. With
-        ``refuse_long_uids`` (a C-STORE), an instance whose SOP Instance,
-        Study or Series Instance UID is longer than 64 characters is
-        refused: no DIMSE message could carry it back. Other non-conformant
-        UIDs (letters, leading zeros) are stored with a warning, as they
-        are on import. On every outcome ``received`` is consumed (moved, or
-        left for the caller to delete).
+        and Instance UIDs; they must agree with the data set. An instance
+        whose SOP Instance, Study or Series Instance UID holds '/', '\\',
+        '*' or '?' is refused, however it comes: no C-FIND or DICOMweb URL
+        could name it again. With ``refuse_long_uids`` (C-STORE, STOW-RS),
+        so is one whose UID is longer than 64 characters: no DIMSE message
+        could carry it back. Other non-conformant UIDs (letters, leading
+        zeros) are stored with a warning, as they are on import. On every
+        outcome ``received`` is consumed (moved, or left for the caller to
+        delete).
         """
         result = self._store_received(received, source, calling_ae, refuse_long_uids)
         events.instance_received(
@@ -422,13 +434,14 @@ def _check_identity(
 ) -> tuple[str, list[tuple[str, str]]]:
     """Refuse instances without their UIDs, or whose UIDs differ from the ones
     announced in the file meta (PS3.10 7.1) or the C-STORE request (PS3.4
-    B.2.1); refuse UIDs too long to travel (``refuse_long_uids``). Returns
-    the SOP Instance UID and the other non-conformant UIDs, to be warned
-    about once the instance is stored (:func:`_warn_if_stored`).
+    B.2.1); refuse UIDs that no query could name (:func:`_unsendable`) and
+    UIDs too long to travel (``refuse_long_uids``). Returns the SOP
+    Instance UID and the other non-conformant UIDs, to be warned about
+    once the instance is stored (:func:`_warn_if_stored`).
 
-    Long UIDs are judged before the announced ones are compared: a sender
-    may cut an overlong UID to 64 characters in its request (DCMTK does),
-    and the UID is what the sender has to correct.
+    Invalid UIDs are judged before the announced ones are compared: a
+    sender may cut an overlong UID to 64 characters in its request (DCMTK
+    does), and the UID is what the sender has to correct.
     """
     dataset = parsed.dataset
     missing = [
@@ -447,15 +460,38 @@ def _check_identity(
         )
 
     invalid = _invalid_uids(dataset)
-    if refuse_long_uids:
-        for keyword, value in invalid:
-            if len(value) > _MAX_UID:
-                raise RejectedInstance(
-                    _uid_status(keyword),
-                    f"{keyword} is {len(value)} characters long, over "
-                    f"{_MAX_UID}: {value}",
-                )
+    for keyword, value in invalid:
+        refusal = _too_long(keyword, value) if refuse_long_uids else ""
+        refusal = refusal or _unsendable(keyword, value)
+        if refusal:
+            raise RejectedInstance(_uid_status(keyword), refusal)
     return _check_announced(parsed), invalid
+
+
+def _too_long(keyword: str, value: str) -> str:
+    """Why the UID ``value`` of ``keyword`` is refused for its length; ""
+    when it fits in a DIMSE message."""
+    if len(value) <= _MAX_UID:
+        return ""
+    return f"{keyword} is {len(value)} characters long, over {_MAX_UID}: {value}"
+
+
+def _unsendable(keyword: str, value: str) -> str:
+    """Why the UID ``value`` of ``keyword`` is refused for a character that
+    would make it a pattern, a list or a URL path of several segments when
+    named again; "" when it has none.
+
+    The reason starts with the fault (a C-STORE's Error Comment keeps its
+    first 64 characters) and ends with the value as the sender wrote it,
+    control characters escaped.
+    """
+    found = next((char for char in value if char in _UNSENDABLE), None)
+    if found is None:
+        return ""
+    return (
+        f"{keyword} holds {_UNSENDABLE[found]}, which no C-FIND or DICOMweb "
+        f"URL can carry back as one UID: {value!r}"
+    )
 
 
 def _warn_if_stored(result: StoreResult, invalid: list[tuple[str, str]]) -> None:
