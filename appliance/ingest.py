@@ -43,6 +43,7 @@ from appliance.errors import (
     RejectedInstance,
     StorageError,
 )
+from appliance.hl7.messages import printable
 from appliance.metrics import events
 from appliance.storage.durable import fsync_file, translate_os_error
 from appliance.storage.online import TIER_NAME, OnlineTier
@@ -248,13 +249,17 @@ class Ingest:
             return result
         except RejectedInstance as exc:
             uid = uid or _announced_uid(received)
-            logger.warning("refused instance %s from %s: %s", uid, source, exc.reason)
+            _log_refusal(uid, source, exc.reason)
             return StoreResult(exc.status, None, uid, exc.reason)
         except OutOfSpaceError as exc:
-            logger.error("cannot store instance %s from %s: %s", uid, source, exc)
+            logger.error(
+                "cannot store instance %s from %s: %s", printable(uid), source, exc
+            )
             return StoreResult(OUT_OF_RESOURCES, None, uid, str(exc))
         except (ApplianceError, OSError) as exc:
-            logger.error("cannot store instance %s from %s: %s", uid, source, exc)
+            logger.error(
+                "cannot store instance %s from %s: %s", printable(uid), source, exc
+            )
             return StoreResult(PROCESSING_FAILURE, None, uid, str(exc))
 
     def import_file(self, path: Path, source: str) -> StoreResult:
@@ -294,10 +299,12 @@ class Ingest:
             _warn_if_stored(answer, odd)
             return answer
         except RejectedInstance as exc:
-            logger.warning("refused instance %s from %s: %s", uid, source, exc.reason)
+            _log_refusal(uid, source, exc.reason)
             return StoreResult(exc.status, None, uid, exc.reason)
         except (ApplianceError, OSError) as exc:
-            logger.error("cannot record instance %s from %s: %s", uid, source, exc)
+            logger.error(
+                "cannot record instance %s from %s: %s", printable(uid), source, exc
+            )
             return StoreResult(PROCESSING_FAILURE, None, uid, str(exc))
 
     def _record_for(
@@ -346,30 +353,35 @@ class Ingest:
         uid = record.sop_instance_uid
         outcome = result.outcome
         if outcome is Outcome.REFUSED:
-            logger.warning(
-                "refused instance %s from %s: %s", uid, source, result.reason
-            )
+            _log_refusal(uid, source, result.reason)
             return StoreResult(DUPLICATE_INSTANCE, outcome, uid, result.reason)
         if outcome is Outcome.INCONSISTENT:
-            logger.warning(
-                "refused instance %s from %s: %s", uid, source, result.reason
-            )
+            _log_refusal(uid, source, result.reason)
             return StoreResult(DOES_NOT_MATCH_SOP_CLASS, outcome, uid, result.reason)
         if outcome is Outcome.KEPT_FIRST:
             logger.warning(
                 "instance %s from %s differs from the stored one; kept the stored "
                 "copy (duplicate_policy keep_first)",
-                uid,
+                printable(uid),
                 source,
             )
         elif outcome is Outcome.REPLACED:
             logger.warning(
                 "instance %s from %s differs from the stored one; replaced it "
                 "(duplicate_policy replace)",
-                uid,
+                printable(uid),
                 source,
             )
         return StoreResult(SUCCESS, outcome, uid)
+
+
+def _log_refusal(uid: str, source: str, reason: str) -> None:
+    """The one WARNING line of a refused instance. The UID, and the UIDs a
+    reason quotes, are the sender's: a line break in one, shown raw, would
+    forge a line of the log, so control characters are shown as \\xNN."""
+    logger.warning(
+        "refused instance %s from %s: %s", printable(uid), source, printable(reason)
+    )
 
 
 def _wait_for(flushed: Future[None], path: Path) -> None:

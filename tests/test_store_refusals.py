@@ -385,3 +385,18 @@ def test_an_instance_with_three_non_conformant_uids_has_one_line(
     assert len(problems) == 1, problems
     assert "stored as it is" in problems[0]
     assert all(f"{key} {value!r}" in problems[0] for key, value in uids.items())
+
+
+def test_a_refused_uid_with_a_line_break_stays_on_one_log_line(
+    appliance: Appliance,
+) -> None:
+    """The UID is the sender's: its line break, shown raw, would forge a
+    line of the log."""
+    value = datasets.ROOT + "73.1*\nforged"
+    bad = instance("unsendable-line-break", SOPInstanceUID=value)
+    answer, problems = refused_then_next_stored(appliance, bad, CT)
+
+    assert answer.Status == INVALID_SOP_INSTANCE
+    assert len(problems) == 1, problems
+    assert "73.1*\\x0aforged from" in problems[0]
+    assert repr(value) in problems[0]

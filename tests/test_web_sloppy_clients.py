@@ -214,6 +214,27 @@ def test_stow_refuses_a_uid_no_url_can_carry_back(
     assert found.status_code == 204
 
 
+def test_stow_logs_a_refusal_of_a_uid_with_a_line_break_on_one_line(
+    site: Site,
+) -> None:
+    """Refused before ingest, as of another study than the URL names: the
+    SOP Instance UID the part announces is the sender's, and its line break
+    would forge a line of the log."""
+    value = "1.2.826.0.1.3680043.10.1009.74\nforged"
+    body = _stow_body_with("line-break", "SOPInstanceUID", value)
+    start = len(site.appliance.log())
+    with site.client(OPERATOR) as http:
+        answer = http.post(
+            f"/studies/{uid('sloppy', 'elsewhere')}",
+            content=body,
+            headers={"Content-Type": STOW_TYPE},
+        )
+    assert answer.status_code == 409
+    logged = site.appliance.log()[start:].splitlines()
+    [line] = [each for each in logged if "forged" in each]
+    assert "refused instance 1.2.826.0.1.3680043.10.1009.74\\x0aforged from" in line
+
+
 def _stow_body_with(label: str, keyword: str, value: str) -> bytes:
     """A STOW-RS body of one instance whose ``keyword`` is ``value``, as
     written without pydicom's checks (the file meta follows a SOP Instance

@@ -22,6 +22,7 @@ from appliance.audit.dicom import StoreTally
 from appliance.audit.events import Peer
 from appliance.catalog.records import text_of
 from appliance.catalog.store import Outcome
+from appliance.hl7.messages import printable
 from appliance.ingest import DOES_NOT_MATCH_SOP_CLASS
 from appliance.web.archive import Archive
 
@@ -106,7 +107,7 @@ def _store_one(
         item.FailureReason, reason = refusal
         logger.warning(
             "refused instance %s from %s: %s",
-            sop_instance or "(unknown)",
+            printable(sop_instance) or "(unknown)",
             source,
             reason,
         )
