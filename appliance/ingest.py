@@ -43,6 +43,7 @@ from appliance.errors import (
     RejectedInstance,
     StorageError,
 )
+from appliance.hl7.messages import printable
 from appliance.metrics import events
 from appliance.storage.durable import fsync_file, translate_os_error
 from appliance.storage.online import TIER_NAME, OnlineTier
@@ -61,6 +62,16 @@ INVALID_SOP_INSTANCE = 0x0117
 _MAX_UID = 64  # characters (PS3.5 9.1)
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+# Characters that make a UID something else when it is named again: '*' and
+# '?' are C-FIND wildcards, a backslash separates a list of UIDs, and '/'
+# ends a DICOMweb URL's path segment. In words, for a refusal's reason: a
+# backslash itself would split a C-STORE's Error Comment (LO) in two.
+_UNSENDABLE = {
+    "*": "an asterisk",
+    "?": "a question mark",
+    "\\": "a backslash",
+    "/": "a slash",
+}
 _READ_CHUNK = 1 << 20
 _DEFER_SIZE = 64 * 1024
 
@@ -203,13 +214,15 @@ class Ingest:
         """Store a Part 10 file that sits in the online tier's ``incoming/``.
 
         For a C-STORE, the file meta holds the request's Affected SOP Class
-        and Instance UIDs; they must agree with the data set. With
-        ``refuse_long_uids`` (a C-STORE), an instance whose SOP Instance,
-        Study or Series Instance UID is longer than 64 characters is
-        refused: no DIMSE message could carry it back. Other non-conformant
-        UIDs (letters, leading zeros) are stored with a warning, as they
-        are on import. On every outcome ``received`` is consumed (moved, or
-        left for the caller to delete).
+        and Instance UIDs; they must agree with the data set. An instance
+        whose SOP Instance, Study or Series Instance UID holds '/', '\\',
+        '*' or '?' is refused, however it comes: no C-FIND or DICOMweb URL
+        could name it again. With ``refuse_long_uids`` (C-STORE, STOW-RS),
+        so is one whose UID is longer than 64 characters: no DIMSE message
+        could carry it back. Other non-conformant UIDs (letters, leading
+        zeros) are stored with a warning, as they are on import. On every
+        outcome ``received`` is consumed (moved, or left for the caller to
+        delete).
         """
         result = self._store_received(received, source, calling_ae, refuse_long_uids)
         events.instance_received(
@@ -236,13 +249,17 @@ class Ingest:
             return result
         except RejectedInstance as exc:
             uid = uid or _announced_uid(received)
-            logger.warning("refused instance %s from %s: %s", uid, source, exc.reason)
+            _log_refusal(uid, source, exc.reason)
             return StoreResult(exc.status, None, uid, exc.reason)
         except OutOfSpaceError as exc:
-            logger.error("cannot store instance %s from %s: %s", uid, source, exc)
+            logger.error(
+                "cannot store instance %s from %s: %s", printable(uid), source, exc
+            )
             return StoreResult(OUT_OF_RESOURCES, None, uid, str(exc))
         except (ApplianceError, OSError) as exc:
-            logger.error("cannot store instance %s from %s: %s", uid, source, exc)
+            logger.error(
+                "cannot store instance %s from %s: %s", printable(uid), source, exc
+            )
             return StoreResult(PROCESSING_FAILURE, None, uid, str(exc))
 
     def import_file(self, path: Path, source: str) -> StoreResult:
@@ -282,10 +299,12 @@ class Ingest:
             _warn_if_stored(answer, odd)
             return answer
         except RejectedInstance as exc:
-            logger.warning("refused instance %s from %s: %s", uid, source, exc.reason)
+            _log_refusal(uid, source, exc.reason)
             return StoreResult(exc.status, None, uid, exc.reason)
         except (ApplianceError, OSError) as exc:
-            logger.error("cannot record instance %s from %s: %s", uid, source, exc)
+            logger.error(
+                "cannot record instance %s from %s: %s", printable(uid), source, exc
+            )
             return StoreResult(PROCESSING_FAILURE, None, uid, str(exc))
 
     def _record_for(
@@ -334,30 +353,35 @@ class Ingest:
         uid = record.sop_instance_uid
         outcome = result.outcome
         if outcome is Outcome.REFUSED:
-            logger.warning(
-                "refused instance %s from %s: %s", uid, source, result.reason
-            )
+            _log_refusal(uid, source, result.reason)
             return StoreResult(DUPLICATE_INSTANCE, outcome, uid, result.reason)
         if outcome is Outcome.INCONSISTENT:
-            logger.warning(
-                "refused instance %s from %s: %s", uid, source, result.reason
-            )
+            _log_refusal(uid, source, result.reason)
             return StoreResult(DOES_NOT_MATCH_SOP_CLASS, outcome, uid, result.reason)
         if outcome is Outcome.KEPT_FIRST:
             logger.warning(
                 "instance %s from %s differs from the stored one; kept the stored "
                 "copy (duplicate_policy keep_first)",
-                uid,
+                printable(uid),
                 source,
             )
         elif outcome is Outcome.REPLACED:
             logger.warning(
                 "instance %s from %s differs from the stored one; replaced it "
                 "(duplicate_policy replace)",
-                uid,
+                printable(uid),
                 source,
             )
         return StoreResult(SUCCESS, outcome, uid)
+
+
+def _log_refusal(uid: str, source: str, reason: str) -> None:
+    """The one WARNING line of a refused instance. The UID, and the UIDs a
+    reason quotes, are the sender's: a line break in one, shown raw, would
+    forge a line of the log, so control characters are shown as \\xNN."""
+    logger.warning(
+        "refused instance %s from %s: %s", printable(uid), source, printable(reason)
+    )
 
 
 def _wait_for(flushed: Future[None], path: Path) -> None:
@@ -422,13 +446,14 @@ def _check_identity(
 ) -> tuple[str, list[tuple[str, str]]]:
     """Refuse instances without their UIDs, or whose UIDs differ from the ones
     announced in the file meta (PS3.10 7.1) or the C-STORE request (PS3.4
-    B.2.1); refuse UIDs too long to travel (``refuse_long_uids``). Returns
-    the SOP Instance UID and the other non-conformant UIDs, to be warned
-    about once the instance is stored (:func:`_warn_if_stored`).
+    B.2.1); refuse UIDs that no query could name (:func:`_unsendable`) and
+    UIDs too long to travel (``refuse_long_uids``). Returns the SOP
+    Instance UID and the other non-conformant UIDs, to be warned about
+    once the instance is stored (:func:`_warn_if_stored`).
 
-    Long UIDs are judged before the announced ones are compared: a sender
-    may cut an overlong UID to 64 characters in its request (DCMTK does),
-    and the UID is what the sender has to correct.
+    Invalid UIDs are judged before the announced ones are compared: a
+    sender may cut an overlong UID to 64 characters in its request (DCMTK
+    does), and the UID is what the sender has to correct.
     """
     dataset = parsed.dataset
     missing = [
@@ -447,15 +472,38 @@ def _check_identity(
         )
 
     invalid = _invalid_uids(dataset)
-    if refuse_long_uids:
-        for keyword, value in invalid:
-            if len(value) > _MAX_UID:
-                raise RejectedInstance(
-                    _uid_status(keyword),
-                    f"{keyword} is {len(value)} characters long, over "
-                    f"{_MAX_UID}: {value}",
-                )
+    for keyword, value in invalid:
+        refusal = _too_long(keyword, value) if refuse_long_uids else ""
+        refusal = refusal or _unsendable(keyword, value)
+        if refusal:
+            raise RejectedInstance(_uid_status(keyword), refusal)
     return _check_announced(parsed), invalid
+
+
+def _too_long(keyword: str, value: str) -> str:
+    """Why the UID ``value`` of ``keyword`` is refused for its length; ""
+    when it fits in a DIMSE message."""
+    if len(value) <= _MAX_UID:
+        return ""
+    return f"{keyword} is {len(value)} characters long, over {_MAX_UID}: {value}"
+
+
+def _unsendable(keyword: str, value: str) -> str:
+    """Why the UID ``value`` of ``keyword`` is refused for a character that
+    would make it a pattern, a list or a URL path of several segments when
+    named again; "" when it has none.
+
+    The reason starts with the fault (a C-STORE's Error Comment keeps its
+    first 64 characters) and ends with the value as the sender wrote it,
+    control characters escaped.
+    """
+    found = next((char for char in value if char in _UNSENDABLE), None)
+    if found is None:
+        return ""
+    return (
+        f"{keyword} holds {_UNSENDABLE[found]}, which no C-FIND or DICOMweb "
+        f"URL can carry back as one UID: {value!r}"
+    )
 
 
 def _warn_if_stored(result: StoreResult, invalid: list[tuple[str, str]]) -> None:

@@ -98,7 +98,7 @@ def test_uid_longer_than_64_characters_is_kept_and_findable(archive, tmp_path):
     assert [row["SOPInstanceUID"] for row in rows] == [long_uid]
 
 
-@pytest.mark.parametrize("odd_uid", ["1.2.3.abc", "../../../etc/passwd", "1.2.03.4"])
+@pytest.mark.parametrize("odd_uid", ["1.2.3.abc", "..", "1.2.03.4"])
 def test_non_conformant_uids_are_kept_on_import_under_safe_file_names(
     archive, tmp_path, odd_uid
 ):

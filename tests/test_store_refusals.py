@@ -9,12 +9,15 @@ on the same association is, and the service stays up:
   on a presentation context negotiated for another abstract syntax;
 * 0xA900 (data set does not match SOP class): the data set's SOP Class or
   SOP Instance UID differs from the request's, or its Study or Series
-  Instance UID is longer than 64 characters;
+  Instance UID is longer than 64 characters or holds '/', '\\', '*' or '?';
 * 0x0117 (invalid SOP instance): the SOP Instance UID is longer than 64
-  characters (which pynetdicom cannot even decode into its request).
+  characters (which pynetdicom cannot even decode into its request), or
+  holds '/', '\\', '*' or '?', which no C-FIND or DICOMweb URL could
+  carry back as one UID.
 
-UIDs that are otherwise non-conformant (letters, leading zeros) are stored
-with a warning (test_store).
+``appliance import`` refuses a file with such a character too, and says so
+in its summary. UIDs that are otherwise non-conformant (letters, leading
+zeros) are stored with a warning (test_store).
 """
 
 from __future__ import annotations
@@ -234,6 +237,78 @@ def test_an_invalid_uid_is_refused_with_a_status(
     assert "refused instance" in problems[0] and value in problems[0]
 
 
+UNSENDABLE_UIDS = {
+    "instance asterisk": (
+        "SOPInstanceUID",
+        datasets.ROOT + "71.1*",
+        INVALID_SOP_INSTANCE,
+    ),
+    "instance backslash": (
+        "SOPInstanceUID",
+        datasets.ROOT + "71.1\\2",
+        INVALID_SOP_INSTANCE,
+    ),
+    "study slash": ("StudyInstanceUID", datasets.ROOT + "71/2", DOES_NOT_MATCH),
+    "series question mark": (
+        "SeriesInstanceUID",
+        datasets.ROOT + "71.?",
+        DOES_NOT_MATCH,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(UNSENDABLE_UIDS), ids=list(UNSENDABLE_UIDS))
+def test_a_uid_no_query_could_name_is_refused_with_a_status(
+    appliance: Appliance, case: str
+) -> None:
+    """As STOW-RS refuses it: a C-FIND would take the UID for a pattern or
+    a list, a DICOMweb URL for two path segments."""
+    keyword, value, status = UNSENDABLE_UIDS[case]
+    bad = instance(f"unsendable-{case.replace(' ', '-')}", **{keyword: value})
+    # The request names the instance as its data set does, several values
+    # and all.
+    sop_instance = value if keyword == "SOPInstanceUID" else None
+    answer, problems = refused_then_next_stored(
+        appliance, bad, CT, sop_instance=sop_instance
+    )
+
+    assert answer.Status == status
+    assert answer.ErrorComment.startswith(f"{keyword} holds ")
+    assert "\\" not in answer.ErrorComment
+    assert len(problems) == 1, problems
+    assert (
+        "refused instance" in problems[0]
+        and f"from {client.CLIENT_AE}@" in (problems[0])
+    )
+    assert f"{keyword} holds " in problems[0] and repr(value) in problems[0]
+
+
+def test_import_refuses_a_uid_no_query_could_name_and_says_so(
+    appliance: Appliance, tmp_path: Path
+) -> None:
+    bad = instance("import-unsendable", SOPInstanceUID=datasets.ROOT + "72.1*")
+    good = instance("import-unsendable-next")
+    with datasets.unvalidated():
+        paths = [str(datasets.write(dataset, tmp_path)) for dataset in (bad, good)]
+    files = object_files(appliance)
+
+    result = appliance.cli("import", *paths, check=False)
+
+    assert result.returncode == 1, result.stderr
+    assert (
+        "2 file(s) read: 1 stored, 0 already there, 0 duplicates resolved by "
+        "policy, 1 refused"
+    ) in result.stdout
+    assert (
+        f"refused {paths[0]}: SOPInstanceUID holds an asterisk, which no C-FIND "
+        f"or DICOMweb URL can carry back as one UID: {str(bad.SOPInstanceUID)!r}"
+    ) in result.stdout
+    assert found(appliance, "import-unsendable") == []
+    assert found(appliance, "import-unsendable-next") == [str(good.SOPInstanceUID)]
+    assert len(object_files(appliance) - files) == 1
+    assert incoming_files(appliance.data_dir / "online") == []
+
+
 def test_storescu_gets_a_status_for_an_overlong_uid_and_sends_on(
     appliance: Appliance, tmp_path: Path
 ) -> None:
@@ -310,3 +385,18 @@ def test_an_instance_with_three_non_conformant_uids_has_one_line(
     assert len(problems) == 1, problems
     assert "stored as it is" in problems[0]
     assert all(f"{key} {value!r}" in problems[0] for key, value in uids.items())
+
+
+def test_a_refused_uid_with_a_line_break_stays_on_one_log_line(
+    appliance: Appliance,
+) -> None:
+    """The UID is the sender's: its line break, shown raw, would forge a
+    line of the log."""
+    value = datasets.ROOT + "73.1*\nforged"
+    bad = instance("unsendable-line-break", SOPInstanceUID=value)
+    answer, problems = refused_then_next_stored(appliance, bad, CT)
+
+    assert answer.Status == INVALID_SOP_INSTANCE
+    assert len(problems) == 1, problems
+    assert "73.1*\\x0aforged from" in problems[0]
+    assert repr(value) in problems[0]

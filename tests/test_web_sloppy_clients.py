@@ -20,6 +20,8 @@ from tests.datasets import instance, uid, unvalidated, write
 from tests.web_site import OPERATOR, VIEWER, Site, start
 
 BOUNDARY = "sloppy-client-boundary"
+# The refusal line of a UID no URL or C-FIND could name again.
+UNSENDABLE = "which no C-FIND or DICOMweb URL can carry back"
 STOW_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
 DICOM = 'multipart/related; type="application/dicom"'
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -195,7 +197,7 @@ def test_stow_refuses_a_uid_no_url_can_carry_back(
     label = f"unsendable-{keyword}-{value}"
     body = _stow_body_with(label, keyword, value)
     before = stored(site)
-    already = site.appliance.log().count("holds / \\ * or ?")
+    already = site.appliance.log().count(UNSENDABLE)
     with site.client(OPERATOR) as http:
         answer = http.post(
             "/studies", content=body, headers={"Content-Type": STOW_TYPE}
@@ -206,10 +208,31 @@ def test_stow_refuses_a_uid_no_url_can_carry_back(
     assert keyword in answer.headers["warning"]
     assert stored(site) == before
     assert incoming_files(site.appliance.data_dir / "online") == []
-    assert site.appliance.log().count("holds / \\ * or ?") == already + 1
+    assert site.appliance.log().count(UNSENDABLE) == already + 1
     with site.client(VIEWER) as http:
         found = http.get("/studies", params={"StudyInstanceUID": uid("sloppy", label)})
     assert found.status_code == 204
+
+
+def test_stow_logs_a_refusal_of_a_uid_with_a_line_break_on_one_line(
+    site: Site,
+) -> None:
+    """Refused before ingest, as of another study than the URL names: the
+    SOP Instance UID the part announces is the sender's, and its line break
+    would forge a line of the log."""
+    value = "1.2.826.0.1.3680043.10.1009.74\nforged"
+    body = _stow_body_with("line-break", "SOPInstanceUID", value)
+    start = len(site.appliance.log())
+    with site.client(OPERATOR) as http:
+        answer = http.post(
+            f"/studies/{uid('sloppy', 'elsewhere')}",
+            content=body,
+            headers={"Content-Type": STOW_TYPE},
+        )
+    assert answer.status_code == 409
+    logged = site.appliance.log()[start:].splitlines()
+    [line] = [each for each in logged if "forged" in each]
+    assert "refused instance 1.2.826.0.1.3680043.10.1009.74\\x0aforged from" in line
 
 
 def _stow_body_with(label: str, keyword: str, value: str) -> bytes:

@@ -10,7 +10,6 @@ module of PS3.18 10.5.3.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,13 +22,13 @@ from appliance.audit.dicom import StoreTally
 from appliance.audit.events import Peer
 from appliance.catalog.records import text_of
 from appliance.catalog.store import Outcome
-from appliance.ingest import DOES_NOT_MATCH_SOP_CLASS, INVALID_SOP_INSTANCE
+from appliance.hl7.messages import printable
+from appliance.ingest import DOES_NOT_MATCH_SOP_CLASS
 from appliance.web.archive import Archive
 
 logger = logging.getLogger(__name__)
 
 _UIDS = ["SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"]
-_UNSENDABLE = re.compile(r"[/\\*?]")
 
 
 @dataclass
@@ -101,13 +100,14 @@ def _store_one(
     item.ReferencedSOPClassUID = sop_class
     item.ReferencedSOPInstanceUID = sop_instance
 
-    uids = _uids_of(path)
-    refusal = _unsendable(uids) or _elsewhere(uids, study)
+    # A UID that no URL or C-FIND could carry back is refused by ingest, as
+    # over C-STORE and on import.
+    refusal = _elsewhere(_uids_of(path), study)
     if refusal is not None:
         item.FailureReason, reason = refusal
         logger.warning(
             "refused instance %s from %s: %s",
-            sop_instance or "(unknown)",
+            printable(sop_instance) or "(unknown)",
             source,
             reason,
         )
@@ -158,25 +158,6 @@ def _uids_of(path: Path) -> dict[str, str]:
         return {}
     found = {keyword: text_of(dataset, keyword) for keyword in _UIDS}
     return {keyword: value for keyword, value in found.items() if value}
-
-
-def _unsendable(uids: dict[str, str]) -> tuple[int, str] | None:
-    """The status and reason to refuse an instance with a UID holding a
-    character that no WADO-RS URL can carry back: '/' ends a path segment,
-    '*' and '?' make a C-FIND pattern of it and '\\' a list of UIDs.
-    (Other non-conformant UIDs are stored with a warning, as by C-STORE.)"""
-    for keyword, value in uids.items():
-        if _UNSENDABLE.search(value):
-            status = (
-                INVALID_SOP_INSTANCE
-                if keyword == "SOPInstanceUID"
-                else DOES_NOT_MATCH_SOP_CLASS
-            )
-            return status, (
-                f"{keyword} {value!r} holds / \\ * or ?, which no DICOMweb URL "
-                "or C-FIND can carry back as one UID"
-            )
-    return None
 
 
 def _elsewhere(uids: dict[str, str], study: str | None) -> tuple[int, str] | None:
