@@ -43,7 +43,7 @@ from appliance.errors import (
     RejectedInstance,
     StorageError,
 )
-from appliance.hl7.messages import printable
+from appliance.log_text import printable
 from appliance.metrics import events
 from appliance.storage.durable import fsync_file, translate_os_error
 from appliance.storage.online import TIER_NAME, OnlineTier

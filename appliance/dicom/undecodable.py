@@ -9,7 +9,7 @@ of items with bare asserts, whose exceptions say nothing at all.
 
 from __future__ import annotations
 
-from appliance.hl7.messages import printable
+from appliance.log_text import printable
 
 # Where pynetdicom asserts that an item's length fits in the bytes that
 # are left (its functions' qualified names), and what failing it means.

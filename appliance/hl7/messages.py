@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import hl7
 
 from appliance.hl7 import bounds
+from appliance.log_text import printable
 
 logger = logging.getLogger(__name__)
 
@@ -604,12 +605,6 @@ def _bounded(value: str, limit: int, location: str) -> str:
     if reason:
         raise MessageError("AE", DATA_TYPE_ERROR, location, reason)
     return value
-
-
-def printable(text: str) -> str:
-    """``text`` with each control character shown as ``\\xNN``: what a
-    sender wrote, fit to quote in one log line and an ACK."""
-    return _CONTROL.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
 
 
 def _identifier(value: str, location: str) -> str:

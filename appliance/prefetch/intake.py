@@ -22,6 +22,7 @@ from appliance.catalog.store import Catalog
 from appliance.errors import CatalogError
 from appliance.hl7 import acks, adt, messages
 from appliance.hl7.messages import APPLICATION_INTERNAL_ERROR, MessageError
+from appliance.log_text import printable
 from appliance.patients import intake as patient_intake
 from appliance.prefetch import appointments
 
@@ -91,7 +92,7 @@ def _which(parsed: hl7.Message | None) -> str:
         kind = f"{parsed['MSH.F9.R1.C1']}^{parsed['MSH.F9.R1.C2']}"
         control = str(parsed["MSH.F10"]) or "none"
         # As the sender wrote them, but never a line break into the log.
-        kind, control = messages.printable(kind), messages.printable(control)
+        kind, control = printable(kind), printable(control)
     except Exception:  # a header too damaged to name
         return ""
     return f" ({kind}, control ID {control})"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from appliance.catalog.store import Catalog
 from appliance.errors import CatalogError
-from appliance.hl7.messages import printable
+from appliance.log_text import printable
 from appliance.prefetch import appointments, listfile
 
 logger = logging.getLogger(__name__)

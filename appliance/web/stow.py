@@ -22,8 +22,8 @@ from appliance.audit.dicom import StoreTally
 from appliance.audit.events import Peer
 from appliance.catalog.records import text_of
 from appliance.catalog.store import Outcome
-from appliance.hl7.messages import printable
 from appliance.ingest import DOES_NOT_MATCH_SOP_CLASS
+from appliance.log_text import printable
 from appliance.web.archive import Archive
 
 logger = logging.getLogger(__name__)
