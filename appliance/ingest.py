@@ -292,6 +292,7 @@ class Ingest:
         uid = ""
         try:
             parsed = _parse(path)
+            uid = parsed.sop_instance_uid
             uid, odd = _check_identity(parsed)
             record = self._record_for(path, parsed, path.stat().st_size, key)
             result = self.committer.submit(_new_instance(record, parsed.dataset))
@@ -299,6 +300,7 @@ class Ingest:
             _warn_if_stored(answer, odd)
             return answer
         except RejectedInstance as exc:
+            uid = uid or _announced_uid(path)
             _log_refusal(uid, source, exc.reason)
             return StoreResult(exc.status, None, uid, exc.reason)
         except (ApplianceError, OSError) as exc:

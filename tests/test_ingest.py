@@ -179,6 +179,28 @@ def test_file_placed_but_never_recorded_is_not_counted(archive, tmp_path):
     assert rows == []
 
 
+def test_an_orphan_refused_on_adoption_is_named_by_its_sop_instance_uid(
+    archive, tmp_path, caplog
+):
+    path = datasets.study_files(tmp_path / "odd", "odd", 1)[0]
+    dataset = pydicom.dcmread(path)
+    dataset.StudyInstanceUID = "1.2.3?4"
+    dataset.save_as(path)
+    key = archive.online.new_key()
+    orphan = archive.online.incoming / "orphan.dcm"
+    orphan.write_bytes(path.read_bytes())
+    archive.online.adopt(orphan, key)
+
+    with caplog.at_level("WARNING", logger="appliance.ingest"):
+        result = archive.record_in_place(key, "scrub adopt")
+
+    assert result.status == 0xA900
+    assert result.sop_instance_uid == dataset.SOPInstanceUID
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith(f"refused instance {dataset.SOPInstanceUID} from scrub")
+    assert _count(archive.catalog)["instances"] == 0
+
+
 def test_catalog_from_another_schema_version_is_refused(tmp_path):
     Catalog(tmp_path / "catalog", map_size=2**24).close()
     env = lmdb.open(str(tmp_path / "catalog"), max_dbs=16)
