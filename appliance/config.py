@@ -1648,7 +1648,8 @@ def _set_value(
     key = next((k for k in KEYS if k.path == dotted), None)
     if key is None:
         return [(dotted, "unknown key")]
-    if isinstance(key.default, float) and isinstance(value, int):
+    # TOML's 30 for a float key's 30.0; not true for 1.0 (a bool is an int).
+    if isinstance(key.default, float) and type(value) is int:
         value = float(value)
     problem = key.check(value)
     if problem and key.check is check_accounts:

@@ -108,6 +108,12 @@ def test_every_problem_is_reported_with_its_key(tmp_path):
             id="boolean-as-toml",
         ),
         pytest.param(
+            "[timeouts]\ndimse = true\n",
+            "timeouts.dimse",
+            "must be a number of seconds greater than 0 (got true)",
+            id="boolean-as-seconds",
+        ),
+        pytest.param(
             '[[peers]]\nae_title = "WS1"\nhost = "h"\nport = false\n',
             "peers[0].port",
             "(got false)",
