@@ -21,7 +21,12 @@ from appliance.cli_shared import (
     require_catalog,
 )
 from appliance.config import Config
-from appliance.errors import ApplianceError, TransportError
+from appliance.errors import (
+    ApplianceError,
+    ForeignMirrorError,
+    TransportError,
+    UnknownMirrorError,
+)
 from appliance.terminal import progress_bar, size
 
 logger = logging.getLogger(__name__)
@@ -54,19 +59,32 @@ def register(main: click.Group, load: Loader) -> None:
         "--sample", type=int, help="Check this many packs, oldest checked first."
     )
     @click.option("--all", "check_all", is_flag=True, help="Check every pack.")
+    @click.option(
+        "--new-mirror",
+        is_flag=True,
+        help="With --all: the mirror is a new, empty one (stop the service "
+        "first). Every pack is found missing there and queued again, and the "
+        "next replication marks it as this archive's.",
+    )
     def verify(
         config_file: Path | None,
         data_dir: str | None,
         sample: int | None,
         check_all: bool,
+        new_mirror: bool,
     ) -> None:
         """Read packs back from the mirror and check every instance.
 
         Without options, checks the packs not checked for longest, as many
         as ``--sample`` (default 10): run it regularly and it covers the
         whole mirror. A damaged or missing pack is reported by instance,
-        and its instances are queued to be sent again.
+        and its instances are queued to be sent again. A mirror that is not
+        this archive's is refused first, and nothing is changed.
         """
+        if new_mirror and not check_all:
+            # Packs left recorded on the old mirror would have the new one
+            # refused by the replicator all the same.
+            raise click.UsageError("--new-mirror goes with --all")
         config = load(config_file, {"storage.data_dir": data_dir})
         logs.setup("WARNING", config.get("logging.format"))
         from appliance.replication.audit import audit
@@ -77,6 +95,7 @@ def register(main: click.Group, load: Loader) -> None:
             progress_bar() as bar,
             _mirror_errors(),
         ):
+            _refuse_a_wrong_mirror(config, catalog, transport, tiers.keys, new_mirror)
             task = bar.add_task("verifying the mirror", total=None)
             report = audit(
                 catalog,
@@ -150,11 +169,39 @@ def _recovery_point(report: dict[str, Any]) -> str:
     return "no instance waits"
 
 
+def _refuse_a_wrong_mirror(
+    config: Config, catalog: Any, transport: Any, keys: Any, new_mirror: bool
+) -> None:
+    """Before anything is read back: on a mirror that is not this
+    archive's (a mistyped path, an unmounted folder) every pack would seem
+    lost, and the whole archive be queued again."""
+    from appliance.replication.identity import vet_mirror
+    from appliance.replication.process import mirror_place
+
+    try:
+        vet_mirror(catalog, transport, keys, new_mirror)
+    except UnknownMirrorError as exc:
+        click.echo(
+            f"the mirror is refused; nothing was changed: {exc}.\n"
+            f"Check the [mirror] settings: the mirror is {mirror_place(config)} "
+            "(is it mounted?). "
+            "To move the archive to a new, empty mirror: stop the service, "
+            "point [mirror] at the new one, run 'appliance replication verify "
+            "--all --new-mirror', then start the service.",
+            err=True,
+        )
+        sys.exit(1)
+
+
 @contextmanager
 def _mirror_errors() -> Iterator[None]:
-    """The mirror could not be reached: say so; nothing counts as lost."""
+    """The mirror is not this archive's, or could not be reached: say so;
+    nothing counts as lost."""
     try:
         yield
+    except ForeignMirrorError as exc:
+        click.echo(f"the mirror is refused; nothing was changed: {exc}", err=True)
+        sys.exit(1)
     except TransportError as exc:
         click.echo(f"cannot reach the mirror; nothing was changed: {exc}", err=True)
         sys.exit(1)

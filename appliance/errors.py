@@ -26,6 +26,7 @@ module that called them, so that callers only need to know this vocabulary::
      |    +-- StalledTransferError a transfer made no progress for too long
      |    +-- MirrorConflictError  another file already holds the name on the mirror
      |    +-- ForeignMirrorError   the mirror holds another archive than this one
+     |         +-- UnknownMirrorError  no marker, and none of the packs sent so far
      +-- LimiterClosed          the service stops while an upload waits
      +-- ExportError            an export's receiver is unreachable, refuses or aborts
 """
@@ -218,6 +219,12 @@ class ForeignMirrorError(TransportError):
     """The mirror is not this archive's: its identity marker names another
     archive or was written with other master keys, or it is not the mirror
     replicated to so far. Nothing is sent to it."""
+
+
+class UnknownMirrorError(ForeignMirrorError):
+    """The mirror has no identity marker and none of the packs recorded as
+    sent to it: another disk or server than the one replicated to so far
+    (a mistyped path, an unmounted folder), or a new, empty mirror."""
 
 
 class ExportError(ApplianceError):

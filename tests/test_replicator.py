@@ -34,6 +34,7 @@ from appliance.hsm.tiers import Tiers
 from appliance.ingest import Ingest
 from appliance.replication.audit import audit
 from appliance.replication.health import read_trouble
+from appliance.replication.identity import vet_mirror
 from appliance.replication.replicator import Replicator, Settings
 from appliance.replication.transports import open_transport
 from appliance.replication.transports.directory import DirectoryTransport
@@ -1205,8 +1206,10 @@ def test_a_new_mirror_gets_a_catalog_snapshot_at_once(
     fresh = tmp_path / "new-mirror"
     fresh.mkdir()
     new_mirror = DirectoryTransport(fresh)
-    # The documented move: 'replication verify --all' against the new
-    # mirror finds every pack missing and queues its instances again.
+    # The documented move: 'replication verify --all --new-mirror' takes
+    # the new mirror without a marker, finds every pack missing there and
+    # queues its instances again.
+    assert vet_mirror(site.catalog, new_mirror, site.tiers.keys, new_mirror=True) == ""
     assert audit(site.catalog, new_mirror, site.tiers.keys, None).queued_again == 2
     stop = threading.Event()
     deadline = time.monotonic() + 20

@@ -18,6 +18,11 @@ server than the one replicated to so far (a swapped disk, a wiped or
 re-pointed mirror), and is refused too. A mirror that gets its marker gets
 a catalog snapshot at the next round, whenever the last one was sent.
 
+``appliance replication verify`` runs the same checks first, writing
+nothing (:func:`vet_mirror`): on a wrong mirror every pack would seem
+lost, and the whole archive be queued again. It takes a mirror without a
+marker as a new one only when told so (``--new-mirror``).
+
 A catalog without an id (one rebuilt from the mirror's journal or packs)
 takes the id of a marker that opens with its keys, if the mirror holds
 the packs the catalog records there; a catalog that records none (a new
@@ -38,7 +43,12 @@ from typing import Any
 from appliance.catalog import replication
 from appliance.catalog.archive import archive_id, keep_archive_id
 from appliance.catalog.store import Catalog
-from appliance.errors import ForeignMirrorError, KeyStoreError, StorageError
+from appliance.errors import (
+    ForeignMirrorError,
+    KeyStoreError,
+    StorageError,
+    UnknownMirrorError,
+)
 from appliance.storage import sealed
 from appliance.storage.keys import KeyStore
 from appliance.storage.streams import reader_over
@@ -53,34 +63,74 @@ _PACKS_LOOKED_FOR = 3
 def check_mirror(catalog: Catalog, transport: Any, keys: KeyStore, spool: Path) -> str:
     """Make sure the mirror is this archive's, writing its marker if it has
     none; the archive id. Raises ForeignMirrorError when it is not."""
-    mine = archive_id(catalog)
+    theirs = vet_mirror(catalog, transport, keys)
+    if not theirs:
+        return _mark(catalog, transport, keys, spool, archive_id(catalog))
+    if not archive_id(catalog):
+        return _adopt(catalog, theirs)
+    return theirs
+
+
+def vet_mirror(
+    catalog: Catalog, transport: Any, keys: KeyStore, new_mirror: bool = False
+) -> str:
+    """The checks of :func:`check_mirror`, writing nothing (neither the
+    marker nor the archive id), for whoever reads the mirror before
+    anything is sent to it; the archive id its marker names, empty when it
+    has none. Raises ForeignMirrorError when the mirror is refused. A
+    mirror without a marker that holds none of the recorded packs is
+    refused (UnknownMirrorError) unless it is a ``new_mirror``, one the
+    administrator moves the archive to."""
     if transport.size(MARKER) is None:
-        return _mark(catalog, transport, keys, spool, mine)
+        if not new_mirror:
+            _refuse_unknown(catalog, transport)
+        return ""
     theirs = _read_marker(transport, keys)
+    mine = archive_id(catalog)
     if not mine:
-        return _adopt(catalog, transport, theirs)
-    if theirs != mine:
+        _refuse_unadoptable(catalog, transport, theirs)
+    elif theirs != mine:
         raise ForeignMirrorError(
             f"the mirror holds another archive (id {theirs}; this appliance's "
             f"is {mine}): nothing is sent to it. Point mirror settings at "
             "this appliance's mirror, or give this appliance an empty one"
         )
-    return mine
+    return theirs
 
 
-def _mark(
-    catalog: Catalog, transport: Any, keys: KeyStore, spool: Path, mine: str
-) -> str:
-    """Write the marker on a mirror that has none, if it may be this
-    archive's mirror."""
+def _refuse_unknown(catalog: Catalog, transport: Any) -> None:
+    """Refuse a mirror without a marker that holds none of the packs
+    recorded there: not the one replicated to so far."""
     recorded = replication.offsite_packs(catalog)
     if recorded and not _holds_any(transport, recorded):
-        raise ForeignMirrorError(
+        raise UnknownMirrorError(
             f"the mirror has no identity marker and none of the {len(recorded)} "
             "pack(s) recorded as sent to it: it is not the mirror replicated to "
             "so far (another disk or server?). Nothing is sent to it; put the "
             "mirror back, or see docs/replication.md (A new mirror)"
         )
+
+
+def _refuse_unadoptable(catalog: Catalog, transport: Any, theirs: str) -> None:
+    """A catalog without an id takes the id of the marked mirror it was
+    rebuilt from: one whose recorded packs are on it. A catalog that
+    records none (a new appliance given another's escrowed keys) would
+    join that archive and mix its packs and snapshots into it: refused."""
+    recorded = replication.offsite_packs(catalog)
+    if not recorded or not _holds_any(transport, recorded):
+        raise ForeignMirrorError(
+            f"the mirror holds archive {theirs} and this catalog records none "
+            "of its packs: nothing is sent to it. To rebuild that archive "
+            "here, run 'appliance restore --from mirror'; to start a new "
+            "archive, give this appliance an empty mirror"
+        )
+
+
+def _mark(
+    catalog: Catalog, transport: Any, keys: KeyStore, spool: Path, mine: str
+) -> str:
+    """Write the marker on a mirror that has none (one that may be this
+    archive's mirror)."""
     if not mine:
         # Recorded only if nothing (a volume being labelled) made one since.
         mine = keep_archive_id(catalog, str(uuid.uuid4()))
@@ -98,19 +148,9 @@ def _mark(
     return mine
 
 
-def _adopt(catalog: Catalog, transport: Any, theirs: str) -> str:
-    """Take the id of the marked mirror a catalog without one was rebuilt
-    from: one whose recorded packs are on it. A catalog that records none
-    (a new appliance given another's escrowed keys) would join that
-    archive and mix its packs and snapshots into it: refused."""
-    recorded = replication.offsite_packs(catalog)
-    if not recorded or not _holds_any(transport, recorded):
-        raise ForeignMirrorError(
-            f"the mirror holds archive {theirs} and this catalog records none "
-            "of its packs: nothing is sent to it. To rebuild that archive "
-            "here, run 'appliance restore --from mirror'; to start a new "
-            "archive, give this appliance an empty mirror"
-        )
+def _adopt(catalog: Catalog, theirs: str) -> str:
+    """Take the id of the marked mirror (one that may be adopted) for a
+    catalog without one."""
     kept = keep_archive_id(catalog, theirs)
     if kept != theirs:
         raise ForeignMirrorError(
