@@ -27,6 +27,7 @@ from appliance.errors import (
     TransportError,
     UnknownMirrorError,
 )
+from appliance.storage.lock import serving
 from appliance.terminal import progress_bar, size
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,15 @@ def register(main: click.Group, load: Loader) -> None:
             # refused by the replicator all the same.
             raise click.UsageError("--new-mirror goes with --all")
         config = load(config_file, {"storage.data_dir": data_dir})
+        if new_mirror and serving(config.online_path):
+            # The running service still sends to the mirror it started
+            # with: it would pack what is queued again for the old one.
+            click.echo(
+                "the service is running: stop it first (systemctl stop "
+                "pacs-appliance), then run this again; nothing was changed",
+                err=True,
+            )
+            sys.exit(1)
         logs.setup("WARNING", config.get("logging.format"))
         from appliance.replication.audit import audit
 

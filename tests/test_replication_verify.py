@@ -11,6 +11,7 @@ directory mirror); the command runs as the administrator runs it.
 
 from __future__ import annotations
 
+import fcntl
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -99,6 +100,23 @@ def test_a_new_mirror_asked_for_gets_the_whole_archive_queued(
     assert archive.offsite() == ([], 4)
     # Marked by the next replication, not by verify.
     assert not any(new.iterdir())
+
+
+def test_a_new_mirror_is_not_taken_while_the_service_runs(
+    archive: Archive, tmp_path: Path
+) -> None:
+    new = tmp_path / "new-mirror"
+    new.mkdir()
+    online = archive.data_dir / "online"
+    assert online.is_dir()
+    # What the listener holds for its whole life.
+    with open(online / "serve.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        refused = archive.verify(new, "--all", "--new-mirror")
+
+    assert refused.returncode == 1
+    assert "the service is running: stop it first" in refused.stderr
+    assert archive.offsite() == (["p-000000001", "p-000000002"], 0)
 
 
 def test_a_new_mirror_is_moved_to_with_every_pack_checked(archive: Archive) -> None:
