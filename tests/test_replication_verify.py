@@ -24,7 +24,7 @@ from appliance.catalog.store import Catalog
 from appliance.replication.transports.directory import DirectoryTransport
 from appliance.storage.keys import KeyStore, key_store_path
 from tests.restore_site import Origin, appliance, write_config
-from tests.test_replicator import _close, _other_site, mirror_of_another_archive
+from tests.test_replicator import mirror_of_another_archive
 
 
 @dataclass
@@ -129,19 +129,6 @@ def test_a_new_mirror_is_moved_to_with_every_pack_checked(archive: Archive) -> N
     assert archive.offsite() == (["p-000000001", "p-000000002"], 0)
 
 
-def _mirror_of_another_archive_with_our_keys(archive: Archive, folder: Path) -> None:
-    """Another archive given our (escrowed) keys replicates into
-    ``folder / "mirror"``, which it marks with its own id."""
-    keys = KeyStore.load(key_store_path(archive.data_dir))
-    other = _other_site(folder, keys=keys)
-    try:
-        other.store("theirs", 2)
-        theirs = other.replicator()
-        theirs.send(theirs.ready())
-    finally:
-        _close(other)
-
-
 @pytest.mark.parametrize(
     ("keys", "reason"),
     [("their own", "another master key"), ("ours", "holds another archive")],
@@ -151,10 +138,8 @@ def test_another_archives_mirror_is_refused_even_as_a_new_one(
 ) -> None:
     elsewhere = tmp_path / "elsewhere"
     (elsewhere / "mirror").mkdir(parents=True)
-    if keys == "ours":
-        _mirror_of_another_archive_with_our_keys(archive, elsewhere)
-    else:
-        mirror_of_another_archive(elsewhere)
+    ours = KeyStore.load(key_store_path(archive.data_dir))
+    mirror_of_another_archive(elsewhere, ours if keys == "ours" else None)
     before = archive.offsite()
 
     refused = archive.verify(elsewhere / "mirror", "--all", "--new-mirror")

@@ -1112,10 +1112,11 @@ def _close(other: Site) -> None:
     other.catalog.close()
 
 
-def mirror_of_another_archive(tmp_path: Path) -> None:
-    """Another archive (its own master key) replicates into the mirror
-    folder ``tmp_path / "mirror"`` first."""
-    other = _other_site(tmp_path)
+def mirror_of_another_archive(tmp_path: Path, keys: KeyStore | None = None) -> None:
+    """Another archive (its own master key, unless ``keys`` are given: an
+    escrow imported) replicates into the mirror folder ``tmp_path /
+    "mirror"`` first, and marks it with its own id."""
+    other = _other_site(tmp_path, keys=keys)
     try:
         other.store("theirs", 2)
         theirs = other.replicator()
