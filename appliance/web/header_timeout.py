@@ -39,7 +39,9 @@ class HeaderTimeoutProtocol(H11Protocol):
         self._kept_alive = False
 
     # A Transport, not asyncio's BaseTransport: as in uvicorn's own.
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(  # type: ignore[override]
+        self, transport: asyncio.Transport
+    ) -> None:
         super().connection_made(transport)
         self._deadline = self.loop.call_at(
             self._accepted + self.header_timeout, self._headers_late
