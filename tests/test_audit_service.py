@@ -4,12 +4,17 @@ collector was down and across a restart of the appliance."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from pydicom.dataset import Dataset
+from pynetdicom import AE
 
+from appliance.audit.rotation import LOCK_NAME
 from tests import dicom_client
 from tests.conftest import Appliance
 from tests.datasets import CT_IMAGE_STORAGE, study_files, uid
@@ -195,3 +200,31 @@ def test_records_wait_for_the_collector_and_survive_a_restart(
         if m.event_id == "110112"
     ]
     assert patients == ["NOBODY-1", "NOBODY-2", "NOBODY-3"]
+
+
+def test_a_rejected_caller_is_answered_while_the_audit_log_waits(
+    appliance: Appliance,
+) -> None:
+    """The security alert of a rejection is written after the answer: a
+    caller is not kept waiting on the audit log's disk (here, its lock)."""
+    folder = appliance.data_dir / "audit"
+    folder.mkdir(exist_ok=True)
+    lock = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ae = AE(ae_title=dicom_client.CLIENT_AE)
+        # Far less than the time the lock is held below.
+        ae.acse_timeout = 5
+        ae.add_requested_context(dicom_client.Verification)
+        refused = ae.associate("127.0.0.1", appliance.port, ae_title="NOT-US")
+        assert refused.is_rejected
+        time.sleep(ae.acse_timeout + 1)
+    finally:
+        os.close(lock)
+
+    # Once the lock is free, the alert is recorded all the same.
+    deadline = time.monotonic() + 30
+    while not _show(appliance, "--event", "security-alert"):
+        assert time.monotonic() < deadline, "the rejection was never audited"
+        time.sleep(0.2)
+    assert dicom_client.echo(appliance.port) == 0

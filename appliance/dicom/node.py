@@ -571,9 +571,12 @@ class Node:
         if refusal is not None:
             message, reason = refusal
             logger.warning("association from %s rejected: %s", caller, message)
+            # The caller is answered before the alert is written: the audit
+            # log's flush waits for the disk, which under a heavy write load
+            # can take longer than a caller waits for its answer.
+            self._reject(assoc, reason)
             peer = audit_dicom.peer_of(assoc)
             audit.security_alert(self.audit, f"association rejected: {message}", peer)
-            self._reject(assoc, reason)
             return
         if not permissions.query:
             assoc.acceptor.supported_contexts = [
