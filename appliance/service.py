@@ -192,7 +192,8 @@ def _serve(
                 serving += ", HL7 over TLS on {}:{}".format(*hl7.secure_address)
         if web is not None:
             web.start()
-            serving += ", HTTP on {}:{}".format(*web.address)
+            protocol = "HTTPS" if web.scheme == "https" else "HTTP"
+            serving += ", {} on {}:{}".format(protocol, *web.address)
         # The heartbeat says the accept loop turns; it must not wait for
         # the HTTP server, whose wait is as long as WatchdogSec.
         heartbeat.start()

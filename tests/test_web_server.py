@@ -260,9 +260,10 @@ def test_tls_serves_https_with_the_configured_certificate(appliance_factory, tmp
     with httpx.Client(base_url=url, verify=trusted, auth=VIEWER, timeout=60) as client:
         assert client.get("/health").status_code == 200
         assert client.get("/openapi.json").status_code == 200
-    assert f"HTTP listening on https://127.0.0.1:{site.appliance.web_port}" in (
-        site.appliance.log()
-    )
+    log = site.appliance.log()
+    assert f"HTTP listening on https://127.0.0.1:{site.appliance.web_port}" in log
+    # The ready line names the protocol the port speaks.
+    assert f", HTTPS on 127.0.0.1:{site.appliance.web_port}" in log
 
 
 def test_an_unreadable_certificate_stops_the_start(appliance_factory, tmp_path):
