@@ -74,6 +74,8 @@ class RecallResult:
     damaged: dict[str, list[str]] = field(default_factory=dict)
     # SOP Instance UID -> why its pack did not give it
     failures: dict[str, Failure] = field(default_factory=dict)
+    # pack ID -> instances it gave but the online tier refused to write
+    not_written: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -516,7 +518,12 @@ class Recaller:
         """A copy that failed to give its instance no longer counts as
         verified: a release must not rely on it, and the scrub repairs it."""
         for pack_id, uids in result.damaged.items():
-            changed = copies.mark_unverified(self.catalog, pack_id, uids)
+            # A full or read-only online tier is not the pack's fault.
+            refused = result.not_written.get(pack_id, [])
+            blamed = [uid for uid in uids if uid not in refused]
+            if not blamed:
+                continue
+            changed = copies.mark_unverified(self.catalog, pack_id, blamed)
             logger.error(
                 "pack %s is damaged or missing: %d copies of study %s no longer "
                 "count as verified",
@@ -607,6 +614,8 @@ def _note_failure(
         result.problems.append(f"instance {uid}: {failure.describe()}")
     result.damaged.setdefault(pack_id, []).append(uid)
     result.failures[uid] = failure
+    if failure.kind == failures.NOT_WRITTEN:
+        result.not_written.setdefault(pack_id, []).append(uid)
 
 
 def _unopened(error: ApplianceError) -> Failure:

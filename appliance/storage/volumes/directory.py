@@ -148,7 +148,7 @@ class DirectoryLibrary(VolumeLibrary):
         except OutOfSpaceError as exc:
             raise VolumeFull(f"volume {volume} is full: {exc}") from exc
         finally:
-            _discard(temporary)
+            durable.discard(temporary)
 
         record.used = self._used(folder)
         self.registry.save(record)
@@ -347,17 +347,3 @@ def _packs_problem(folder: Path) -> str | None:
             "copied back whole"
         )
     return None
-
-
-def _discard(temporary: Path) -> None:
-    """Remove a pack's half-received file, if there is one. On a volume
-    that refused it (a read-only mount, an LTFS tape gone), removing it may
-    fail too: that must not hide why the pack was refused, and what is
-    left in ``incoming/`` is never listed and is emptied on the next start."""
-    try:
-        temporary.unlink(missing_ok=True)
-    except OSError as exc:
-        # A file system that refuses to remove what is not there (read
-        # only) says nothing worth a line.
-        if temporary.exists():
-            logger.warning("cannot remove the half-received %s: %s", temporary, exc)
