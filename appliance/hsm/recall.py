@@ -37,6 +37,7 @@ from appliance.errors import (
     ApplianceError,
     KeyStoreError,
     PackError,
+    SpoolError,
     TransportError,
     VolumeNotReachable,
 )
@@ -463,6 +464,10 @@ class Recaller:
                     pack.location, pack.pack_id, pack.size, pack.sha256, self.tiers.keys
                 )
             )
+        except SpoolError:
+            # The local disk refused the pack's copy: the recall stops, and
+            # the pack is not to blame.
+            raise
         except TransportError as exc:
             # The mirror could not be reached: nothing says the pack is bad.
             result.problems.append(f"pack {pack_id}: {exc}")
