@@ -69,11 +69,21 @@ def open_archive(
 
 
 def recall_one(recaller: Any, uid: str) -> bool:
-    with progress_bar() as progress:
-        task = progress.add_task(f"recalling {uid}", total=None)
-        result = recaller.recall(
-            uid, lambda done, total: progress.update(task, completed=done, total=total)
-        )
+    """Recall one study with a progress bar and say how it went; False when
+    it is not wholly online."""
+    try:
+        with progress_bar() as progress:
+            task = progress.add_task(f"recalling {uid}", total=None)
+            result = recaller.recall(
+                uid,
+                lambda done, total: progress.update(task, completed=done, total=total),
+            )
+    except ApplianceError as exc:
+        # The online tier refused the files (full, read only): nothing is
+        # counted, the next recall's clean-up removes what it wrote, and
+        # the other studies named may still be recalled.
+        click.echo(f"{uid}: not recalled: {exc}", err=True)
+        return False
     if result.ok and not result.staged:
         click.echo(f"{uid}: already online, nothing to recall")
         return True

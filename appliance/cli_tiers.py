@@ -27,6 +27,7 @@ from appliance.cli_shared import (
     data_dir_option,
     open_archive,
     recall_one,
+    require_catalog,
 )
 from appliance.config import Config
 from appliance.terminal import console, progress_bar, size
@@ -73,6 +74,9 @@ def register(main: click.Group, load: Loader) -> None:
         logs.setup("WARNING", config.get("logging.format"))
         from appliance.hsm.jobs import MigrationJob
 
+        # Before the lock, which would be made in a data directory that is
+        # not an archive's (or fail in one that does not exist).
+        require_catalog(config)
         steps_done = 0
         with (
             _migration_lock(config),

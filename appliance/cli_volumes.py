@@ -93,6 +93,11 @@ def register(main: click.Group, load: Loader) -> None:
         except (ApplianceError, ValueError) as exc:
             click.echo(f"cannot label {label}: {exc}", err=True)
             sys.exit(1)
+        except OSError as exc:
+            # The library folder or the data directory refuses to be
+            # written (read only, not ours): the libraries leave it to us.
+            click.echo(f"cannot label {label}: {_os_problem(exc)}", err=True)
+            sys.exit(1)
         click.echo(f"volume {info.label} labelled, {size(info.capacity)} for packs")
 
     @volumes.command()
@@ -247,6 +252,12 @@ def _clear_errors(label: str) -> Iterator[None]:
     except (ApplianceError, ValueError) as exc:
         click.echo(f"volume {label}: {exc}", err=True)
         sys.exit(1)
+
+
+def _os_problem(exc: OSError) -> str:
+    """An OSError as one line: what the system said, and about which file."""
+    what = exc.strerror or str(exc)
+    return f"{exc.filename}: {what}" if exc.filename else what
 
 
 def _library(config: Config) -> Any:

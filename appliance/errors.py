@@ -65,6 +65,11 @@ class OutOfSpaceError(StorageError):
     """A tier has no room left for what it was asked to store."""
 
 
+class SpoolError(StorageError):
+    """The local spool refused a pack read from its volume (a full or
+    read-only disk): the disk is at fault, not the pack."""
+
+
 class SourceMismatchError(StorageError):
     """The bytes read for an instance do not have the size or SHA-256 expected.
 

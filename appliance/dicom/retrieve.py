@@ -49,7 +49,7 @@ from appliance.dicom import fragments
 from appliance.dicom.find import decode_identifier, levels_of
 from appliance.dicom.find import serve as serve_find
 from appliance.dicom.handoff import QuickAckSocket
-from appliance.errors import ConfigError
+from appliance.errors import ApplianceError, ConfigError
 from appliance.metrics import events
 from appliance.storage.online import TIER_NAME
 
@@ -343,13 +343,24 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
                 last = time.monotonic()
 
         volumes: list[str] = []
+        refused = False
         for study_uid in sorted({i.study_uid for i in items if i.path is None}):
-            result = recaller.recall(study_uid, progress)
+            try:
+                result = recaller.recall(study_uid, progress)
+            except ApplianceError as exc:
+                # The online tier refused the files (full, read only): what
+                # is online is still sent, the rest fails, and the
+                # association is answered rather than aborted.
+                logger.error("recall of study %s failed: %s", study_uid, exc)
+                refused = True
+                continue
             volumes += [v for v in result.waiting_for if v not in volumes]
         if volumes:
             # The failure comment is what a workstation shows its user.
             listed = ", ".join(volumes)
             self._waiting = f"on volume {listed}; operator asked to load it"
+        elif refused:
+            self._waiting = "recall failed; the archive's log says why"
         return self._items(query)
 
     # -- C-GET: sub-operations on the same association -------------------

@@ -37,6 +37,7 @@ from appliance.errors import (
     ApplianceError,
     KeyStoreError,
     PackError,
+    SpoolError,
     TransportError,
     VolumeNotReachable,
 )
@@ -74,6 +75,8 @@ class RecallResult:
     damaged: dict[str, list[str]] = field(default_factory=dict)
     # SOP Instance UID -> why its pack did not give it
     failures: dict[str, Failure] = field(default_factory=dict)
+    # pack ID -> instances it gave but the online tier refused to write
+    not_written: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -461,6 +464,10 @@ class Recaller:
                     pack.location, pack.pack_id, pack.size, pack.sha256, self.tiers.keys
                 )
             )
+        except SpoolError:
+            # The local disk refused the pack's copy: the recall stops, and
+            # the pack is not to blame.
+            raise
         except TransportError as exc:
             # The mirror could not be reached: nothing says the pack is bad.
             result.problems.append(f"pack {pack_id}: {exc}")
@@ -516,7 +523,12 @@ class Recaller:
         """A copy that failed to give its instance no longer counts as
         verified: a release must not rely on it, and the scrub repairs it."""
         for pack_id, uids in result.damaged.items():
-            changed = copies.mark_unverified(self.catalog, pack_id, uids)
+            # A full or read-only online tier is not the pack's fault.
+            refused = result.not_written.get(pack_id, [])
+            blamed = [uid for uid in uids if uid not in refused]
+            if not blamed:
+                continue
+            changed = copies.mark_unverified(self.catalog, pack_id, blamed)
             logger.error(
                 "pack %s is damaged or missing: %d copies of study %s no longer "
                 "count as verified",
@@ -607,6 +619,8 @@ def _note_failure(
         result.problems.append(f"instance {uid}: {failure.describe()}")
     result.damaged.setdefault(pack_id, []).append(uid)
     result.failures[uid] = failure
+    if failure.kind == failures.NOT_WRITTEN:
+        result.not_written.setdefault(pack_id, []).append(uid)
 
 
 def _unopened(error: ApplianceError) -> Failure:

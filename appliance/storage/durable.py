@@ -8,6 +8,7 @@ the directory is flushed so that the rename itself survives a power cut.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -15,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from appliance.errors import OutOfSpaceError, StorageError
+
+logger = logging.getLogger(__name__)
 
 
 def fsync_directory(path: Path) -> None:
@@ -116,3 +119,17 @@ def translate_os_error(exc: OSError, what: str) -> StorageError:
         # A folder setting that names a file: "File exists" would not say so.
         return StorageError(f"{what}: {exc.filename} is a file, not a folder")
     return StorageError(f"{what}: {exc.strerror or exc}")
+
+
+def discard(temporary: Path) -> None:
+    """Remove a half-written temporary file, if there is one, after its
+    writing failed. On a file system that refused the writing (read only,
+    gone) the removal may fail too: that must not hide why the writing
+    failed, and temporary names are never read as data."""
+    try:
+        temporary.unlink(missing_ok=True)
+    except OSError as exc:
+        # A read-only file system refuses to remove even what is not
+        # there: that says nothing worth a line.
+        if temporary.exists():
+            logger.warning("cannot remove the temporary %s: %s", temporary, exc)

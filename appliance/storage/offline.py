@@ -20,7 +20,13 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from appliance.errors import StorageError, VolumeFull, VolumeNotReachable
+from appliance.errors import (
+    SpoolError,
+    StorageError,
+    VolumeError,
+    VolumeFull,
+    VolumeNotReachable,
+)
 from appliance.storage import durable
 from appliance.storage.keys import DataKey, KeyStore
 from appliance.storage.packs import PackReader, PackSummary, VerifyReport
@@ -113,11 +119,37 @@ class OfflineTier:
         """A reader of a pack copied from its volume into the spool."""
         where = pack_location(location, pack_id, size, sha256)
         with self._spooled("read") as path:
-            with open(path, "wb") as out:
-                for chunk in self.library.read_pack(where, not self.salvage):
-                    out.write(chunk)
+            self._copy_to_spool(where, path)
             with PackReader.open(path, keys) as reader:
                 yield reader
+
+    def _copy_to_spool(self, where: PackLocation, path: Path) -> None:
+        """Copy the pack from its volume into ``path``. SpoolError when the
+        spool refuses its bytes: a recall must not count the pack damaged
+        for a full or read-only local disk."""
+        try:
+            with open(path, "wb") as out:
+                for chunk in self._chunks_of(where):
+                    out.write(chunk)
+        except OSError as exc:
+            raise self._spool_error(exc, where) from exc
+
+    def _chunks_of(self, where: PackLocation) -> Iterator[bytes]:
+        """The pack's bytes from its volume; what the volume fails to give
+        is the volume's error, not the spool's."""
+        try:
+            yield from self.library.read_pack(where, not self.salvage)
+        except OSError as exc:
+            raise VolumeError(
+                f"cannot read pack {where.pack_id} from volume {where.volume}: "
+                f"{exc.strerror or exc}"
+            ) from exc
+
+    def _spool_error(self, exc: OSError, where: PackLocation) -> SpoolError:
+        said = durable.translate_os_error(
+            exc, f"cannot copy pack {where.pack_id} into {self.spool}"
+        )
+        return SpoolError(str(said))
 
     def verify(self, location: PackLocation, keys: KeyStore | None) -> VerifyReport:
         """Read one pack back from its volume and check every instance."""
@@ -191,7 +223,7 @@ class OfflineTier:
         try:
             yield path
         finally:
-            path.unlink(missing_ok=True)
+            durable.discard(path)
 
 
 def pack_location(location: str, pack_id: str, size: int, sha256: str) -> PackLocation:

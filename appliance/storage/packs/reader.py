@@ -230,7 +230,7 @@ class PackReader:
                 exc, f"cannot write {destination}"
             ) from exc
         finally:
-            temp.unlink(missing_ok=True)
+            durable.discard(temp)
         return entry
 
     def read_all(self, sink: Sink | None = None, threads: int = 2) -> VerifyReport:

@@ -148,7 +148,7 @@ class DirectoryLibrary(VolumeLibrary):
         except OutOfSpaceError as exc:
             raise VolumeFull(f"volume {volume} is full: {exc}") from exc
         finally:
-            temporary.unlink(missing_ok=True)
+            durable.discard(temporary)
 
         record.used = self._used(folder)
         self.registry.save(record)

@@ -355,7 +355,9 @@ class TapeLibrary(VolumeLibrary):
                 f"holds {inside}, not {volume}; take it out and put {volume} in"
             )
         if found != volume:
-            raise VolumeError(
+            # Another volume under this one's barcode: this volume is still
+            # to be fetched, and its packs are not to blame.
+            raise VolumeNotReachable(
                 f"the cartridge with barcode {volume} is labelled {found!r} on "
                 "tape; check its barcode sticker"
             )
