@@ -4,6 +4,7 @@ orphans reported and kept, a killed pass resumed, the rate held."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -32,6 +34,7 @@ from appliance.scrub import state
 from appliance.scrub.job import run_in_child, share
 from appliance.scrub.repair import Repairer
 from appliance.scrub.scrubber import Scrubber
+from appliance.storage import offline as offline_tier
 from appliance.storage.online import OnlineTier
 from appliance.storage.packs import PackReader
 from tests.conftest import config_text
@@ -480,6 +483,39 @@ def test_a_damaged_pack_on_a_volume_is_written_again(site: Site, volume: Path) -
     assert pack.pack_id not in old.name
     assert old.exists()  # a volume is written once
     assert site.scrubber().run_tier("offline").bad == 0
+
+
+class _FullDisk:
+    """A file whose every write fails as on a full disk."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.file = open(*args, **kwargs)  # noqa: SIM115
+
+    def write(self, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __enter__(self) -> _FullDisk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+
+def test_a_full_spool_leaves_a_volume_pack_for_later_not_bad(
+    site: Site, volume: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    # The offline tier copies a pack off its volume into the spool first.
+    monkeypatch.setattr(offline_tier, "open", _FullDisk, raising=False)
+    with caplog.at_level(logging.ERROR):
+        report = site.scrubber().run_tier("offline")
+
+    assert (report.checked, report.bad, report.repaired) == (0, 0, 0)
+    assert site.where(PACKED)["offline"] == 4
+    assert "not checked" in caplog.text and "no space left" in caplog.text
+
+    monkeypatch.undo()
+    report = site.scrubber().run_tier("offline")
+    assert report.checked >= 1 and report.bad == 0
 
 
 def test_a_shelved_volume_is_asked_for_and_checked_once_loaded(

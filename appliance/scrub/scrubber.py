@@ -27,7 +27,7 @@ from appliance.catalog import copies, requests
 from appliance.catalog.copies import PackRecord
 from appliance.catalog.records import Copy, InstanceRecord
 from appliance.catalog.store import Catalog
-from appliance.errors import ApplianceError, VolumeNotReachable
+from appliance.errors import ApplianceError, SpoolError, VolumeNotReachable
 from appliance.hsm.tiers import NEARLINE, OFFLINE, ONLINE, Tiers
 from appliance.replication.bandwidth import Limiter
 from appliance.scrub import orphans, state
@@ -331,6 +331,11 @@ class Scrubber:
                 result = reader.read_all()
         except VolumeNotReachable:
             return None  # taken out meanwhile
+        except SpoolError as exc:
+            # The local disk refused the pack's copy: the pack is not to
+            # blame, and is read another time.
+            logger.error("pack %s not checked: %s", pack.pack_id, exc)
+            return None
         except ApplianceError as exc:
             return set(held), f"cannot be read: {exc}", set()
         self._volume_checked(pack)
