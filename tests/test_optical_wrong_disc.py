@@ -18,6 +18,7 @@ from appliance.storage.volumes.optical import OpticalLibrary
 from tests import dicom_client
 from tests.conftest import Appliance
 from tests.datasets import study_files, uid
+from tests.tier_rules import MOVE_TO_OFFLINE
 
 pytestmark = pytest.mark.skipif(
     shutil.which("xorriso") is None,
@@ -27,14 +28,6 @@ pytestmark = pytest.mark.skipif(
 MiB = 1 << 20
 # The id of another archive (made-up), as its volume labels name it.
 ANOTHER_ARCHIVE = "0b7e5a52-2f3c-4d1e-9a4b-6c1d2e3f4a5b"
-
-MOVE_TO_OFFLINE = """
-[[rules]]
-name = "all-to-offline"
-action = "move"
-from = "online"
-to = "offline"
-"""
 
 
 def swap_in(discs: Path, wrong: str, right: str, shelf: Path) -> None:

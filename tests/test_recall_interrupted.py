@@ -6,21 +6,12 @@ the exit status is 130, and running the command again recalls the rest."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from tests import dicom_client
 from tests.conftest import Appliance
 from tests.datasets import study_files, uid
-
-MOVE_TO_NEARLINE = """
-[[rules]]
-name = "all-to-nearline"
-action = "move"
-from = "online"
-to = "nearline"
-"""
+from tests.tier_rules import MOVE_TO_NEARLINE, run
 
 # The command line, with a SIGINT arriving while the first study's
 # folder is flushed: between the files' writing and the catalog's commit.
@@ -42,12 +33,6 @@ recall.Recaller._flush_folders = flush
 sys.argv = ["appliance", *sys.argv[1:]]
 cli.main()
 """
-
-
-def run(config: Path, *args: str, code: str = "") -> subprocess.CompletedProcess[str]:
-    start = ["-c", code] if code else ["-m", "appliance"]
-    command = [sys.executable, *start, *args, "--config", str(config)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
 def online_files(appliance: Appliance) -> int:

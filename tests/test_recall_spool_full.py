@@ -5,21 +5,12 @@ count), and the same recall works once there is room again."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 from tests import dicom_client
 from tests.conftest import Appliance
 from tests.datasets import study_files, uid
-
-MOVE_TO_OFFLINE = """
-[[rules]]
-name = "all-to-offline"
-action = "move"
-from = "online"
-to = "offline"
-"""
+from tests.tier_rules import MOVE_TO_OFFLINE, run
 
 # The command line, with the spool's disk full: every write to a file
 # opened in the offline tier's module fails as on a full disk.
@@ -42,12 +33,6 @@ offline.open = Full
 sys.argv = ["appliance", *sys.argv[1:]]
 cli.main()
 """
-
-
-def run(config: Path, *args: str, code: str = "") -> subprocess.CompletedProcess[str]:
-    start = ["-c", code] if code else ["-m", "appliance"]
-    command = [sys.executable, *start, *args, "--config", str(config)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
 def test_a_full_spool_fails_the_recall_and_blames_no_pack(

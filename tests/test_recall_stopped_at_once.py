@@ -21,16 +21,9 @@ from appliance.storage.online import OnlineTier
 from tests.conftest import config_text
 from tests.datasets import study_files, uid
 from tests.signal_on_open import SENT
+from tests.tier_rules import MOVE_TO_NEARLINE
 
 _REPOSITORY = Path(__file__).resolve().parents[1]
-
-MOVE_TO_NEARLINE = """
-[[rules]]
-name = "all-to-nearline"
-action = "move"
-from = "online"
-to = "nearline"
-"""
 
 # Each instance a recall extracts is written to a temporary name beside
 # its online file first.

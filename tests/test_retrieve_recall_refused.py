@@ -16,14 +16,7 @@ import pytest
 from tests import dicom_client
 from tests.conftest import Appliance
 from tests.datasets import study_files, uid
-
-MOVE_TO_NEARLINE = """
-[[rules]]
-name = "all-to-nearline"
-action = "move"
-from = "online"
-to = "nearline"
-"""
+from tests.tier_rules import MOVE_TO_NEARLINE
 
 
 def read_only(folder: Path) -> None:

@@ -16,16 +16,9 @@ from appliance.storage.volumes.tapefake import FakeChanger, FakeTapeDrive
 from tests import dicom_client
 from tests.conftest import Appliance
 from tests.datasets import study_files, uid
+from tests.tier_rules import MOVE_TO_OFFLINE
 
 MiB = 1 << 20
-
-MOVE_TO_OFFLINE = """
-[[rules]]
-name = "all-to-offline"
-action = "move"
-from = "online"
-to = "offline"
-"""
 
 
 def run(config: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -22,14 +22,7 @@ from appliance.storage.volumes.packfiles import location_from_name
 from tests import dicom_client
 from tests.conftest import Appliance
 from tests.datasets import study_files
-
-MOVE_TO_OFFLINE = """
-[[rules]]
-name = "all-to-offline"
-action = "move"
-from = "online"
-to = "offline"
-"""
+from tests.tier_rules import MOVE_TO_OFFLINE
 
 
 def swap_in(library: Path, wrong: str, right: str, shelf: Path) -> None:

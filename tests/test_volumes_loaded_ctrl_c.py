@@ -15,14 +15,7 @@ import pytest
 from tests import dicom_client
 from tests.conftest import Appliance
 from tests.datasets import study_files, uid
-
-MOVE_TO_OFFLINE = """
-[[rules]]
-name = "all-to-offline"
-action = "move"
-from = "online"
-to = "offline"
-"""
+from tests.tier_rules import MOVE_TO_OFFLINE, run
 
 # The command line, with SIGINT arriving (COUNT times: a second Ctrl-C
 # stops at once) just as the first waiting study's recall is to start:
@@ -48,12 +41,6 @@ recall.Recaller.recall = interrupted
 sys.argv = ["appliance", *sys.argv[1:]]
 cli.main()
 """
-
-
-def run(config: Path, *args: str, code: str = "") -> subprocess.CompletedProcess[str]:
-    start = ["-c", code] if code else ["-m", "appliance"]
-    command = [sys.executable, *start, *args, "--config", str(config)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
 def online_files(appliance: Appliance) -> int:

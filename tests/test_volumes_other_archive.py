@@ -22,19 +22,12 @@ from appliance.storage.volumes.tapefake import FakeChanger, FakeTapeDrive
 from tests import dicom_client
 from tests.conftest import Appliance
 from tests.datasets import study_files, uid
+from tests.tier_rules import MOVE_TO_OFFLINE
 
 MiB = 1 << 20
 RECORD_SIZE = 65536
 # The id of another archive (made-up), as its volume labels name it.
 ANOTHER_ARCHIVE = "c2d3e4f5-0a1b-4c2d-8e3f-4a5b6c7d8e9f"
-
-MOVE_TO_OFFLINE = """
-[[rules]]
-name = "all-to-offline"
-action = "move"
-from = "online"
-to = "offline"
-"""
 
 
 def run(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
