@@ -6,8 +6,6 @@ lost, and the same recall works once the disk has room again."""
 from __future__ import annotations
 
 import errno
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ import pytest
 from appliance.catalog import copies
 from appliance.hsm.recall import Recaller
 from appliance.storage.packs import PackReader
+from tests.read_only import read_only
 from tests.test_recall_notes import CONFIG, INSTANCES, STUDY, Archive, _make_archive
 
 
@@ -55,23 +54,9 @@ def test_a_full_online_tier_leaves_the_packs_copies_counted(
 
 @pytest.fixture
 def read_only_objects(archive: Archive) -> Iterator[Path]:
-    """The online tier's objects folder, read only through a bind mount (a
-    chmod does not stop root, which the suite may run as)."""
-    if os.geteuid() != 0:
-        pytest.skip("a read-only bind mount needs root")
-    folder = archive.online.objects
-    for command in (
-        ["mount", "--bind", str(folder), str(folder)],
-        ["mount", "-o", "remount,ro,bind", str(folder)],
-    ):
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            subprocess.run(["umount", "-l", str(folder)], check=False)
-            pytest.skip(f"cannot make a read-only mount here: {done.stderr.strip()}")
-    try:
+    """The online tier's objects folder, read only."""
+    with read_only(archive.online.objects) as folder:
         yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def test_a_read_only_online_tier_fails_the_recall_and_blames_no_pack(
