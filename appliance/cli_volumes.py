@@ -21,6 +21,7 @@ from appliance.cli_shared import (
     data_dir_option,
     open_archive,
     recall_one,
+    require_catalog,
 )
 from appliance.config import Config
 from appliance.errors import ApplianceError
@@ -85,6 +86,9 @@ def register(main: click.Group, load: Loader) -> None:
         """Initialise a blank volume (its barcode, on tape) for packs."""
         config = load(config_file, {"storage.data_dir": data_dir})
         wanted = _parse_size(capacity)
+        # The label names the archive, for good on tape and disc: a mistyped
+        # --data-dir must not make a new archive to name.
+        require_catalog(config)
         from appliance.hsm.archive import archive_of
 
         try:

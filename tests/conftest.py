@@ -17,6 +17,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from appliance.catalog.store import Catalog
 from appliance.config import toml_value
 
 # free_port is here for the tests that import it from this module.
@@ -173,6 +174,12 @@ class Appliance:
         if check and result.returncode != 0:
             raise AssertionError(f"appliance {args} failed:\n{result.stderr}")
         return result
+
+
+def new_archive(data_dir: Path) -> None:
+    """An empty archive in ``data_dir``: its catalog, as the service's first
+    start makes it; commands that name the archive refuse a folder without."""
+    Catalog(data_dir / "catalog", 2**24).close()
 
 
 def config_text(settings: dict[str, dict[str, object]], peers: list[dict]) -> str:

@@ -21,7 +21,7 @@ from appliance.storage.volumes.optical import OpticalLibrary
 from appliance.storage.volumes.tape import TapeLibrary
 from appliance.storage.volumes.tapefake import FakeChanger, FakeTapeDrive
 from tests.admin_site import AdminSite, start_admin_site
-from tests.conftest import config_text
+from tests.conftest import config_text, new_archive
 from tests.test_volumes import BACKENDS, Backend, labelled
 from tests.web_site import OPERATOR
 
@@ -175,6 +175,7 @@ def test_tape_commands_take_a_label_in_any_case(tmp_path: Path) -> None:
     changer = FakeChanger(tmp_path / "simulated", [FakeTapeDrive()])
     changer.insert_cartridge("VOL001", 64 * MiB)
     changer.insert_cartridge("vol001", 64 * MiB)
+    new_archive(tmp_path / "data")
 
     made = run(config, "volumes", "label", "VOL001", "--capacity", "64M")
     twin = run(config, "volumes", "label", "vol001", "--capacity", "64M")

@@ -13,6 +13,7 @@ import pytest
 
 from appliance.overview import volume_rows
 from appliance.storage.volumes.directory import DirectoryLibrary
+from tests.conftest import new_archive
 
 
 def volumes(*args: str, folder: Path) -> subprocess.CompletedProcess[str]:
@@ -35,6 +36,7 @@ def test_a_capacity_below_a_megabyte_is_refused(tmp_path: Path, capacity) -> Non
     ("capacity", "shown"), [("1M", "976.6 KiB"), ("2T", "1.8 TiB")]
 )
 def test_a_capacity_with_its_unit_is_taken(tmp_path: Path, capacity, shown) -> None:
+    new_archive(tmp_path / "data")
     labelled = volumes("label", "L00002", "--capacity", capacity, folder=tmp_path)
 
     assert labelled.returncode == 0, labelled.stderr
@@ -50,3 +52,13 @@ def test_the_room_listed_is_no_more_than_the_disk_has(tmp_path: Path) -> None:
 
     assert row["capacity_bytes"] == 2**60
     assert 0 < row["free_bytes"] <= disk_free
+
+
+def test_labelling_where_there_is_no_archive_is_refused(tmp_path: Path) -> None:
+    # A mistyped --data-dir: the label would name a new archive, on tape for
+    # good.
+    labelled = volumes("label", "L00004", "--capacity", "1G", folder=tmp_path)
+
+    assert labelled.returncode == 1
+    assert labelled.stderr.startswith("no catalog at ")
+    assert not (tmp_path / "data").exists()

@@ -13,6 +13,7 @@ import pytest
 
 from appliance.errors import StorageError
 from appliance.storage.volumes import open_library
+from tests.conftest import new_archive
 from tests.read_only import need_root, read_only
 
 MiB = 1 << 20
@@ -38,6 +39,7 @@ def test_a_pack_refused_by_a_read_only_volume_is_a_storage_error(folder):
 
 
 def test_labelling_in_a_read_only_library_is_one_line(folder, tmp_path):
+    new_archive(tmp_path / "data")
     command = [sys.executable, "-m", "appliance", "volumes", "label", "L00001"]
     command += ["--capacity", "1G", "--data-dir", str(tmp_path / "data")]
     (tmp_path / "app.toml").write_text(f'[volumes]\npath = "{folder}"\n')
