@@ -76,7 +76,7 @@ def waiting(appliance_factory, tmp_path: Path) -> Appliance:
 
 @pytest.mark.parametrize(
     ("signals", "recalled", "left"),
-    [(1, 1, "1 studies waiting"), (2, 0, "2 studies waiting")],
+    [(1, 1, "1 study waiting"), (2, 0, "2 studies waiting")],
     ids=["one-ctrl-c", "two-ctrl-c"],
 )
 def test_ctrl_c_leaves_the_rest_waiting_for_the_volume(

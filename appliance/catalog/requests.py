@@ -37,7 +37,9 @@ class OperatorRequest:
     studies: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
-        waiting = f"; {len(self.studies)} studies waiting" if self.studies else ""
+        count = len(self.studies)
+        noun = "study" if count == 1 else "studies"
+        waiting = f"; {count} {noun} waiting" if count else ""
         return f"load volume {self.volume}: {self.reason}{waiting}"
 
     def as_json(self) -> dict[str, Any]:
