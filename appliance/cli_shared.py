@@ -39,6 +39,16 @@ def require_catalog(config: Config) -> None:
             err=True,
         )
         sys.exit(1)
+    # A catalog_path of its own is found whatever --data-dir says; the data
+    # directory (keys, spool, locks) must be there too, or the command would
+    # fail half way, or make one.
+    if not config.data_dir.is_dir():
+        click.echo(
+            f"no data directory {config.data_dir} for the catalog at "
+            f"{config.catalog_path}: --data-dir / --config point elsewhere",
+            err=True,
+        )
+        sys.exit(1)
 
 
 @contextmanager

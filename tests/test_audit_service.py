@@ -228,3 +228,32 @@ def test_a_rejected_caller_is_answered_while_the_audit_log_waits(
         assert time.monotonic() < deadline, "the rejection was never audited"
         time.sleep(0.2)
     assert dicom_client.echo(appliance.port) == 0
+
+
+def test_a_caller_is_admitted_while_a_rejection_waits_for_the_audit_log(
+    appliance_factory,
+) -> None:
+    """A rejected caller already answered, whose alert still waits for the
+    audit log, holds no place under node.max_associations: the next caller
+    is admitted, not refused with no log line and no alert."""
+    appliance = appliance_factory(
+        settings={"node": {"max_associations": 1}}, workers=1
+    ).start()
+    folder = appliance.data_dir / "audit"
+    folder.mkdir(exist_ok=True)
+    lock = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ae = AE(ae_title=dicom_client.CLIENT_AE)
+        ae.acse_timeout = 5
+        ae.add_requested_context(dicom_client.Verification)
+        refused = ae.associate("127.0.0.1", appliance.port, ae_title="NOT-US")
+        assert refused.is_rejected
+        time.sleep(1)
+        admitted = ae.associate("127.0.0.1", appliance.port, ae_title="APPLIANCE")
+        established = admitted.is_established
+        if established:
+            admitted.abort()
+    finally:
+        os.close(lock)
+    assert established, appliance.log()[-2000:]

@@ -31,3 +31,27 @@ def test_migrate_without_an_archive_is_one_line(
     ]
     assert data_dir.exists() == exists
     assert not exists or list(data_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag", ["--dry-run", "--now"])
+def test_migrate_with_a_catalog_elsewhere_and_no_data_dir_is_one_line(
+    tmp_path: Path, flag: str
+) -> None:
+    """With storage.catalog_path set, the catalog is found whatever
+    --data-dir says: a mistyped one is refused all the same."""
+    catalog = tmp_path / "ssd" / "catalog"
+    catalog.mkdir(parents=True)
+    config = tmp_path / "appliance.toml"
+    config.write_text(f'[storage]\ncatalog_path = "{catalog}"\n')
+    data_dir = tmp_path / "not-an-archive"
+    command = [sys.executable, "-m", "appliance", "migrate", flag]
+    command += ["--config", str(config), "--data-dir", str(data_dir)]
+
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stderr.splitlines() == [
+        f"no data directory {data_dir} for the catalog at {catalog}: "
+        "--data-dir / --config point elsewhere"
+    ]
+    assert not data_dir.exists()

@@ -91,6 +91,8 @@ _REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 _REJECT_NO_REASON = (0x01, 0x01, 0x01)
 _REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 _REJECT_LIMIT = (0x02, 0x03, 0x02)
+# Out of reach: the association limit is the appliance's own (_refusal).
+_PYNETDICOM_LIMIT = 1_000_000
 # PDU types of the upper layer protocol: A-ASSOCIATE-RQ to A-ABORT (PS3.8 9.3).
 _PDU_TYPES = range(0x01, 0x08)
 _P_DATA = 0x04
@@ -483,7 +485,11 @@ class Node:
         """An AE with every context and timeout the appliance serves with."""
         ae = ApplianceAE(ae_title=self.ae_title)
         ae.node = self
-        ae.maximum_associations = self.config.get("node.max_associations")
+        # node.max_associations is enforced by _refusal, over every worker,
+        # with a log line and an alert. pynetdicom's own count (this worker's
+        # live threads) would also count callers already rejected whose alert
+        # still waits for the audit log, and refuse the next one silently.
+        ae.maximum_associations = _PYNETDICOM_LIMIT
         ae.maximum_pdu_size = self.config.get("node.max_pdu_size")
         ae.acse_timeout = self.config.get("timeouts.association")
         ae.dimse_timeout = self.config.get("timeouts.dimse")
