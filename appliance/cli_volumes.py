@@ -25,6 +25,7 @@ from appliance.cli_shared import (
 )
 from appliance.config import Config
 from appliance.errors import ApplianceError
+from appliance.log_text import printable
 from appliance.terminal import console, progress_bar, size
 
 logger = logging.getLogger(__name__)
@@ -95,12 +96,13 @@ def register(main: click.Group, load: Loader) -> None:
             archive_of(config, make=True)
             info = _library(config).label(label, wanted)
         except (ApplianceError, ValueError) as exc:
-            click.echo(f"cannot label {label}: {exc}", err=True)
+            click.echo(f"cannot label {printable(label)}: {exc}", err=True)
             sys.exit(1)
         except OSError as exc:
             # The library folder or the data directory refuses to be
             # written (read only, not ours): the libraries leave it to us.
-            click.echo(f"cannot label {label}: {_os_problem(exc)}", err=True)
+            shown = printable(label)
+            click.echo(f"cannot label {shown}: {_os_problem(exc)}", err=True)
             sys.exit(1)
         click.echo(f"volume {info.label} labelled, {size(info.capacity)} for packs")
 

@@ -62,3 +62,13 @@ def test_labelling_where_there_is_no_archive_is_refused(tmp_path: Path) -> None:
     assert labelled.returncode == 1
     assert labelled.stderr.startswith("no catalog at ")
     assert not (tmp_path / "data").exists()
+
+
+def test_a_label_with_a_line_break_is_refused_in_one_line(tmp_path: Path) -> None:
+    new_archive(tmp_path / "data")
+
+    labelled = volumes("label", "L2\nX", "--capacity", "1G", folder=tmp_path)
+
+    assert labelled.returncode == 1
+    [line] = labelled.stderr.splitlines()
+    assert line.startswith("cannot label L2\\x0aX: ")
