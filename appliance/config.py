@@ -1803,7 +1803,11 @@ def _rule_problems(where: str, entry: dict[str, Any]) -> list[tuple[str, str]]:
     # The checks across keys need every key to be valid on its own first.
     if problems:
         return problems
-    return _rule_tier_problems(where, entry) + _rule_bound_problems(where, entry)
+    return (
+        _rule_tier_problems(where, entry)
+        + _rule_bound_problems(where, entry)
+        + _rule_list_problems(where, entry)
+    )
 
 
 def _rule_tier_problems(where: str, entry: dict[str, Any]) -> list[tuple[str, str]]:
@@ -1831,6 +1835,25 @@ def _rule_bound_problems(where: str, entry: dict[str, Any]) -> list[tuple[str, s
                 (
                     f"{where}.max_{measure}",
                     f"must be at least min_{measure} ({low}) (got {shown(high)})",
+                )
+            )
+    return problems
+
+
+def _rule_list_problems(where: str, entry: dict[str, Any]) -> list[tuple[str, str]]:
+    """A rule whose every wanted value is also excluded can match no study."""
+    problems = []
+    for attribute in policy.LIST_ATTRIBUTES:
+        wanted = entry.get(attribute)
+        excluded = entry.get(f"exclude_{attribute}")
+        if wanted is None or excluded is None:
+            continue
+        if {v.strip() for v in wanted} <= {v.strip() for v in excluded}:
+            problems.append(
+                (
+                    f"{where}.exclude_{attribute}",
+                    f"excludes every value of {attribute}: the rule can match "
+                    f"no study (got {shown(excluded)})",
                 )
             )
     return problems

@@ -378,6 +378,16 @@ RELEASE = RULE + 'action = "release"\nfrom = "online"\n'
             "rules[0].exclude_calling_ae_titles",
             "1 to 16",
         ),
+        (
+            COPY + 'calling_ae_titles = ["CT1"]\nexclude_calling_ae_titles = ["CT1"]\n',
+            "rules[0].exclude_calling_ae_titles",
+            "can match no study",
+        ),
+        (
+            COPY + 'modalities = ["CT"]\nexclude_modalities = ["CT", "MR"]\n',
+            "rules[0].exclude_modalities",
+            "excludes every value of modalities",
+        ),
         (COPY + "study_age_days = 30\n", "rules[0].study_age_days", "unknown key"),
         (COPY + COPY.replace("nearline", "offline"), "rules[1].name", "rules[0]"),
     ],
