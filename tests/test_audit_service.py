@@ -4,11 +4,13 @@ collector was down and across a restart of the appliance."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -202,25 +204,37 @@ def test_records_wait_for_the_collector_and_survive_a_restart(
     assert patients == ["NOBODY-1", "NOBODY-2", "NOBODY-3"]
 
 
-def test_a_rejected_caller_is_answered_while_the_audit_log_waits(
-    appliance: Appliance,
-) -> None:
-    """The security alert of a rejection is written after the answer: a
-    caller is not kept waiting on the audit log's disk (here, its lock)."""
+@contextlib.contextmanager
+def _audit_log_held(appliance: Appliance) -> Iterator[None]:
+    """The audit log's lock held, as a slow flush or a rotation holds it:
+    whatever the appliance records waits meanwhile."""
     folder = appliance.data_dir / "audit"
     folder.mkdir(exist_ok=True)
     lock = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o640)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        ae = AE(ae_title=dicom_client.CLIENT_AE)
-        # Waiting for the lock, the answer would come only once the
-        # caller has given up: an abort, not a rejection.
-        ae.acse_timeout = 5
-        ae.add_requested_context(dicom_client.Verification)
-        refused = ae.associate("127.0.0.1", appliance.port, ae_title="NOT-US")
-        assert refused.is_rejected
+        yield
     finally:
         os.close(lock)
+
+
+def _client() -> AE:
+    ae = AE(ae_title=dicom_client.CLIENT_AE)
+    # Waiting for the lock, the answer would come only once the caller has
+    # given up: an abort, not a rejection.
+    ae.acse_timeout = 5
+    ae.add_requested_context(dicom_client.Verification)
+    return ae
+
+
+def test_a_rejected_caller_is_answered_while_the_audit_log_waits(
+    appliance: Appliance,
+) -> None:
+    """The security alert of a rejection is written after the answer: a
+    caller is not kept waiting on the audit log's disk (here, its lock)."""
+    with _audit_log_held(appliance):
+        refused = _client().associate("127.0.0.1", appliance.port, ae_title="NOT-US")
+        assert refused.is_rejected
 
     # Once the lock is free, the alert is recorded all the same.
     deadline = time.monotonic() + 30
@@ -239,14 +253,8 @@ def test_a_caller_is_admitted_while_a_rejection_waits_for_the_audit_log(
     appliance = appliance_factory(
         settings={"node": {"max_associations": 1}}, workers=1
     ).start()
-    folder = appliance.data_dir / "audit"
-    folder.mkdir(exist_ok=True)
-    lock = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o640)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        ae = AE(ae_title=dicom_client.CLIENT_AE)
-        ae.acse_timeout = 5
-        ae.add_requested_context(dicom_client.Verification)
+    ae = _client()
+    with _audit_log_held(appliance):
         refused = ae.associate("127.0.0.1", appliance.port, ae_title="NOT-US")
         assert refused.is_rejected
         time.sleep(1)
@@ -254,6 +262,4 @@ def test_a_caller_is_admitted_while_a_rejection_waits_for_the_audit_log(
         established = admitted.is_established
         if established:
             admitted.abort()
-    finally:
-        os.close(lock)
     assert established, appliance.log()[-2000:]
