@@ -4,6 +4,7 @@ nothing counts, and never loses one that the catalog counts."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -126,15 +127,22 @@ def _make_archive(config_path: Path) -> Archive:
     return found
 
 
-@pytest.fixture
-def archive(tmp_path: Path) -> Iterator[Archive]:
-    config_path = tmp_path / "appliance.toml"
-    config_path.write_text(CONFIG.format(data_dir=tmp_path / "data"))
+@contextlib.contextmanager
+def archive_in(folder: Path) -> Iterator[Archive]:
+    """The two studies' archive in ``folder``, its catalog closed after."""
+    config_path = folder / "appliance.toml"
+    config_path.write_text(CONFIG.format(data_dir=folder / "data"))
     found = _make_archive(config_path)
     try:
         yield found
     finally:
         found.catalog.close()
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Iterator[Archive]:
+    with archive_in(tmp_path) as found:
+        yield found
 
 
 def _as_the_service_starts(archive: Archive) -> None:

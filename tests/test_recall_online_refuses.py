@@ -17,18 +17,13 @@ from appliance.catalog import copies
 from appliance.hsm.recall import Recaller
 from appliance.storage.packs import PackReader
 from tests.read_only import read_only
-from tests.test_recall_notes import CONFIG, INSTANCES, STUDY, Archive, _make_archive
+from tests.test_recall_notes import INSTANCES, STUDY, Archive, archive_in
 
 
 @pytest.fixture
 def archive(tmp_path: Path) -> Iterator[Archive]:
-    config_path = tmp_path / "appliance.toml"
-    config_path.write_text(CONFIG.format(data_dir=tmp_path / "data"))
-    found = _make_archive(config_path)
-    try:
+    with archive_in(tmp_path) as found:
         yield found
-    finally:
-        found.catalog.close()
 
 
 def disk_full(self: PackReader, instance: Any, out: Any) -> Any:
