@@ -174,6 +174,30 @@ def test_batches_wait_for_size_or_age(site: Site) -> None:
     assert len(replicator.ready()) == 3
 
 
+def test_a_full_batch_waits_while_instances_keep_arriving(site: Site) -> None:
+    site.store("arriving", 3)
+    newest = replication.newest_arrival(site.catalog)
+    assert newest is not None
+    clock = [newest + 0.5]
+
+    def replicator(batch_seconds: float) -> Replicator:
+        return Replicator(
+            site.catalog,
+            site.tiers,
+            DirectoryTransport(site.mirror),
+            site.spool,
+            Settings(batch_bytes=1, batch_seconds=batch_seconds),
+            clock=lambda: clock[0],
+        )
+
+    # Full, but an instance came half a second ago: it waits for its age.
+    assert replicator(batch_seconds=30).ready() == []
+    assert len(replicator(batch_seconds=0.1).ready()) == 1
+    # The stores have ended: a full batch goes at once.
+    clock[0] = newest + 5
+    assert len(replicator(batch_seconds=30).ready()) == 1
+
+
 def test_failed_record_leaves_everything_queued(site: Site) -> None:
     site.store("crash", 3)
     replicator = site.replicator()
@@ -918,6 +942,7 @@ def test_a_batch_reads_as_much_of_the_queue_as_it_needs(site: Site) -> None:
         DirectoryTransport(site.mirror),
         site.spool,
         Settings(batch_bytes=sum(sizes[:6]), batch_seconds=3600),
+        clock=lambda: time.time() + 60,  # the stores ended a while ago
     )
     with mock.patch("appliance.replication.replicator._LOOK_AHEAD", 2):
         batch = replicator.ready()

@@ -75,6 +75,15 @@ def queued(catalog: Catalog, limit: int | None = None) -> list[Queued]:
     return found
 
 
+def newest_arrival(catalog: Catalog) -> float | None:
+    """When the newest entry of the queue was received (None when empty)."""
+    with catalog.read() as txn:
+        cursor = txn.cursor(db=catalog.db["replication"])
+        if not cursor.last():
+            return None
+        return float(codec.loads(cursor.value())["time"])
+
+
 def queue_state(catalog: Catalog) -> QueueState:
     """Entries, bytes and the oldest receipt time in the queue."""
     count, size, oldest = 0, 0, None

@@ -2,7 +2,8 @@
 mirror, and the catalog's journal and snapshots after them.
 
 For each batch (up to ``replication.batch_bytes``, or whatever waited
-``replication.batch_seconds``)::
+``replication.batch_seconds``; while instances keep arriving, only the
+latter, see :meth:`Replicator.ready`)::
 
     1. write an encrypted pack of the queued instances to the spool
     2. upload it under a temporary remote name, check its size, rename it
@@ -89,6 +90,9 @@ _QUEUE_LIMIT = 100_000
 # which then sends those bytes, hashed as they were written, rather than
 # read the spooled file and hash it again.
 _KEEP_MAX = 256 << 20
+# Seconds since the newest instance was received within which the archive
+# counts as receiving: a full batch then waits for its age.
+_RECEIVING = 2.0
 
 
 class Transport(Protocol):
@@ -206,7 +210,13 @@ class Replicator:
     def ready(self) -> list[Queued]:
         """The next batch, if it is due: full, or its oldest entry has waited
         long enough; else nothing. Entries already in a pack in the spool
-        (or being written into one) are not part of it."""
+        (or being written into one) are not part of it.
+
+        While instances keep arriving, a full batch waits too, until its
+        oldest entry has waited ``batch_seconds``: the mirror's packs then
+        take the CPU and the disk after the modalities' stores rather than
+        between them, and a long run of stores is sent that much behind.
+        """
         held = self._held()
         wanted = len(held) + _LOOK_AHEAD
         while True:
@@ -216,11 +226,18 @@ class Replicator:
                 break
             # The batch needs more of the queue than was read: read more.
             wanted = min(wanted * 4, _QUEUE_LIMIT)
-        if full:
+        if not batch:
+            return []
+        if full and not self._receiving():
             return batch
-        if batch and self.clock() - batch[0].time >= self.settings.batch_seconds:
+        if self.clock() - batch[0].time >= self.settings.batch_seconds:
             return batch
         return []
+
+    def _receiving(self) -> bool:
+        """Whether an instance was received a moment ago."""
+        newest = replication.newest_arrival(self.catalog)
+        return newest is not None and self.clock() - newest < _RECEIVING
 
     def _batch_of(
         self, entries: list[Queued], held: set[int]
