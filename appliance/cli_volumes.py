@@ -267,16 +267,10 @@ def _os_problem(exc: OSError) -> str:
 
 
 def _library(config: Config) -> Any:
-    from appliance.storage.archive_id import ArchiveIdFile
-    from appliance.storage.volumes import open_library
+    from appliance.hsm.tiers import open_volume_library
 
     try:
-        return open_library(
-            config.get("volumes.kind"),
-            config.volume_settings(),
-            recover=False,
-            archive=ArchiveIdFile(config.data_dir),
-        )
+        return open_volume_library(config)
     except ApplianceError as exc:
         click.echo(f"cannot open the volume library: {exc}", err=True)
         sys.exit(1)
