@@ -36,6 +36,7 @@ from appliance.cli_interrupt import Group, exit_if_interrupted, interruptible
 from appliance.cli_shared import (
     config_option,
     data_dir_option,
+    no_catalog,
 )
 from appliance.errors import ApplianceError, ConfigError
 from appliance.terminal import console, progress_bar, size
@@ -110,14 +111,10 @@ def serve(
 def status(config_file: Path | None, data_dir: str | None, as_json: bool) -> None:
     """Counts of patients, studies, series and instances, and tier usage."""
     config = _load(config_file, {"storage.data_dir": data_dir})
-    from appliance.catalog.store import Catalog
+    from appliance.catalog.store import Catalog, catalog_exists
 
-    if not config.catalog_path.exists():
-        click.echo(
-            f"no catalog at {config.catalog_path}: nothing stored yet, or "
-            "--data-dir / --config point elsewhere",
-            err=True,
-        )
+    if not catalog_exists(config.catalog_path):
+        click.echo(no_catalog(config.catalog_path), err=True)
         sys.exit(1)
     try:
         catalog = Catalog(

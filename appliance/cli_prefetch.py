@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from appliance import overview
-from appliance.catalog.store import Catalog
+from appliance.catalog.store import Catalog, catalog_exists
 from appliance.cli_shared import (
     Loader,
     config_option,
@@ -134,7 +134,7 @@ def register(main: click.Group, load: Loader) -> None:
 
 def _status(config: Config) -> dict[str, Any]:
     """The last planner run's plans with their appointments, and counts."""
-    if not config.catalog_path.exists():
+    if not catalog_exists(config.catalog_path):
         return overview.empty_prefetch_status()
     catalog = Catalog(
         config.catalog_path, config.get("storage.catalog_max_size"), readonly=True
@@ -214,7 +214,7 @@ def _import_file(config: Config, path: Path) -> bool:
 def _appointments(
     config: Config, days: float, show_all: bool
 ) -> list[appointments.Appointment]:
-    if not config.catalog_path.exists():
+    if not catalog_exists(config.catalog_path):
         return []
     catalog = Catalog(
         config.catalog_path, config.get("storage.catalog_max_size"), readonly=True

@@ -33,11 +33,10 @@ def restore_from_volumes(config: Config) -> bool:
     in place (a KeyboardInterrupt, which the caller reports); the data
     phase stops once the study in flight is counted, and the report says
     what is done."""
+    from appliance.hsm.tiers import open_volume_library
     from appliance.restore.ctrl_c import CtrlC
-    from appliance.storage.archive_id import ArchiveIdFile
     from appliance.storage.lock import claim_tier
     from appliance.storage.online import OnlineTier
-    from appliance.storage.volumes import open_library
 
     keys = _keys(config)
     online = OnlineTier(config.online_path, config.get("storage.reserved_bytes"))
@@ -49,9 +48,7 @@ def restore_from_volumes(config: Config) -> bool:
     try:
         with CtrlC() as ctrl_c:
             # A restore never writes to a volume: nothing to recover there.
-            kind = config.get("volumes.kind")
-            archive = ArchiveIdFile(config.data_dir)
-            library = open_library(kind, config.volume_settings(), False, archive)
+            library = open_volume_library(config)
             if not library.list_volumes():
                 click.echo(
                     "the volume library holds no volume: nothing to restore",

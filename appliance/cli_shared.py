@@ -32,12 +32,10 @@ def require_catalog(config: Config) -> None:
     """Stop with a clear message when there is no archive where the
     configuration points: a command run from the wrong folder must not
     quietly make a new, empty one."""
-    if not config.catalog_path.exists():
-        click.echo(
-            f"no catalog at {config.catalog_path}: nothing stored yet, or "
-            "--data-dir / --config point elsewhere",
-            err=True,
-        )
+    from appliance.catalog.store import catalog_exists
+
+    if not catalog_exists(config.catalog_path):
+        click.echo(no_catalog(config.catalog_path), err=True)
         sys.exit(1)
     # A catalog_path of its own is found whatever --data-dir says; the data
     # directory (keys, spool, locks) must be there too, or the command would
@@ -49,6 +47,20 @@ def require_catalog(config: Config) -> None:
             err=True,
         )
         sys.exit(1)
+
+
+def no_catalog(path: Path) -> str:
+    """The line that says there is no archive at ``path``."""
+    if path.is_dir():
+        # An empty folder: made by hand, or a disk not mounted there.
+        return (
+            f"no catalog at {path}: the folder holds none (nothing stored yet, "
+            "its disk not mounted, or --data-dir / --config point elsewhere)"
+        )
+    return (
+        f"no catalog at {path}: nothing stored yet, or --data-dir / --config "
+        "point elsewhere"
+    )
 
 
 @contextmanager

@@ -51,7 +51,7 @@ def register(main: click.Group, load: Loader) -> None:
     def list_volumes(config_file: Path | None, data_dir: str | None) -> None:
         """Every labelled volume: where it is, its room and its packs."""
         config = load(config_file, {"storage.data_dir": data_dir})
-        library = _library(config)
+        library = _existing_library(config)
         table = Table(title=f"Volumes ({config.get('volumes.kind')})")
         for column in ("label", "state", "capacity", "used", "free", "packs"):
             table.add_column(
@@ -153,7 +153,7 @@ def register(main: click.Group, load: Loader) -> None:
     def unloaded(config_file: Path | None, data_dir: str | None, label: str) -> None:
         """Take a volume out of its drive (tape); report where it is."""
         config = load(config_file, {"storage.data_dir": data_dir})
-        library = _library(config)
+        library = _existing_library(config)
         with _clear_errors(label):
             label, reachable = actions.mark_unloaded(library, label)
         click.echo(
@@ -232,7 +232,7 @@ def register(main: click.Group, load: Loader) -> None:
         """Make a volume ready for the off-site vault (finalise a disc image,
         eject a tape)."""
         config = load(config_file, {"storage.data_dir": data_dir})
-        library = _library(config)
+        library = _existing_library(config)
         with _clear_errors(label):
             label = actions.known_volume(library, label)
             if hasattr(library, "finalise"):
@@ -266,17 +266,39 @@ def _os_problem(exc: OSError) -> str:
     return f"{exc.filename}: {what}" if exc.filename else what
 
 
+def _existing_library(config: Config) -> Any:
+    """The library for the commands that read it (list) or act on a volume
+    it knows (unloaded, export), which work without a catalog, for a
+    restore from volumes: its folder is never made. A mistyped --data-dir
+    must not become a data directory with an empty library."""
+    key, folder = _library_folder(config)
+    # A missing folder that volumes.path names is refused by the library,
+    # with what to do about it.
+    named = key == "volumes.path" and config.get(key)
+    if not folder.is_dir() and not named:
+        click.echo(
+            f"no volume library at {folder}: no volume labelled yet, or "
+            "--data-dir / --config point elsewhere",
+            err=True,
+        )
+        sys.exit(1)
+    return _library(config)
+
+
+def _library_folder(config: Config) -> tuple[str, Path]:
+    """The key and folder of where the library keeps what it knows: a
+    directory or optical library's folder, a tape library's state."""
+    settings = config.volume_settings()
+    if config.get("volumes.kind") == "tape":
+        return "volumes.state_path", Path(settings["state_path"])
+    return "volumes.path", Path(settings["path"])
+
+
 def _library(config: Config) -> Any:
-    from appliance.storage.archive_id import ArchiveIdFile
-    from appliance.storage.volumes import open_library
+    from appliance.hsm.tiers import open_volume_library
 
     try:
-        return open_library(
-            config.get("volumes.kind"),
-            config.volume_settings(),
-            recover=False,
-            archive=ArchiveIdFile(config.data_dir),
-        )
+        return open_volume_library(config)
     except ApplianceError as exc:
         click.echo(f"cannot open the volume library: {exc}", err=True)
         sys.exit(1)

@@ -535,7 +535,9 @@ KEYS: tuple[Key, ...] = (
         "volumes",
         "path",
         "",
-        "Folder of a directory or optical library; empty means DATA_DIR/volumes.",
+        "Folder of a directory or optical library, which must exist (a mount "
+        "point, or a folder on a mounted disk): a missing one is refused, never "
+        "made; empty means DATA_DIR/volumes, made on first use.",
         _text,
     ),
     Key(

@@ -16,6 +16,7 @@ module that called them, so that callers only need to know this vocabulary::
      |    +-- VolumeError          an offline volume or its device fails
      |         +-- VolumeNotReachable  the volume is not in a drive or slot
      |         +-- VolumeFull          the volume has no room for the pack
+     |         +-- VolumeReadOnly      the volume refuses writes (write protected)
      +-- KeyStoreError          the master keys are missing, unsafe or unreadable
      |    +-- MissingKeyError      a pack needs a master key the store lacks
      +-- RejectedInstance       an instance is refused (bad or conflicting)
@@ -114,6 +115,15 @@ class VolumeFull(VolumeError):
 
     Whatever part of the pack was written does not count as a pack: it is
     removed or left unlisted, and the pack can be written to another volume.
+    """
+
+
+class VolumeReadOnly(VolumeError):
+    """The volume refuses to be written: a write-protected cartridge, or a
+    folder (a mount) that is read only.
+
+    Nothing of the pack was written, and the pack can be written to another
+    volume; the volume can still be read.
     """
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from appliance.catalog.store import Catalog
+
 
 @pytest.mark.parametrize("flag", ["--dry-run", "--now"])
 @pytest.mark.parametrize("exists", [False, True], ids=["missing", "empty"])
@@ -40,7 +42,7 @@ def test_migrate_with_a_catalog_elsewhere_and_no_data_dir_is_one_line(
     """With storage.catalog_path set, the catalog is found whatever
     --data-dir says: a mistyped one is refused all the same."""
     catalog = tmp_path / "ssd" / "catalog"
-    catalog.mkdir(parents=True)
+    Catalog(catalog, 2**24).close()
     config = tmp_path / "appliance.toml"
     config.write_text(f'[storage]\ncatalog_path = "{catalog}"\n')
     data_dir = tmp_path / "not-an-archive"

@@ -8,22 +8,15 @@ behind the interfaces the real ones use."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 from appliance.storage.volumes.tapefake import FakeChanger, FakeTapeDrive
 from tests import dicom_client
 from tests.conftest import Appliance
 from tests.datasets import study_files, uid
-from tests.tier_rules import MOVE_TO_OFFLINE
+from tests.tier_rules import MOVE_TO_OFFLINE, run
 
 MiB = 1 << 20
-
-
-def run(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "appliance", *args, "--config", str(config)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
 def test_a_cartridge_holding_another_volume_is_waited_past(

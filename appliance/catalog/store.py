@@ -63,6 +63,9 @@ from appliance.errors import CatalogError, SchemaVersionError
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+# LMDB's data file in the catalog's folder: there is a catalog only where
+# it is.
+DATA_FILE = "data.mdb"
 # LMDB refuses keys (and sorted duplicate values) longer than 511 bytes.
 _MAX_KEY = 400
 
@@ -579,6 +582,13 @@ class _Writer:
             key = f"bytes.{copy.tier}".encode()
             current = int(self.txn.get(key, b"0", db=meta))
             self.txn.put(key, str(current + sign * record.size).encode(), db=meta)
+
+
+def catalog_exists(path: Path) -> bool:
+    """Whether a catalog is at ``path``: its folder with LMDB's data file.
+    An empty folder (made by hand, or a mount point whose disk is not
+    mounted) holds no archive, and opening it would make a new, empty one."""
+    return (path / DATA_FILE).is_file()
 
 
 # LMDB allows one open environment per file and process: the checks that

@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 
 from appliance.catalog.archive import archive_id, keep_archive_id
-from appliance.catalog.store import Catalog
+from appliance.catalog.store import Catalog, catalog_exists
 from appliance.config import Config
 from appliance.storage.archive_id import read_archive_id, write_archive_id
 
@@ -66,7 +66,7 @@ def archive_of(config: Config, make: bool = False) -> str:
     appliance ``config`` describes, its catalog opened for it if there is
     one (a command run before the first start finds none)."""
     step = archive_for_labels if make else known_archive
-    if not config.catalog_path.exists():
+    if not catalog_exists(config.catalog_path):
         return step(config.data_dir, None)
     catalog = Catalog(config.catalog_path, config.get("storage.catalog_max_size"))
     try:

@@ -23,7 +23,7 @@ from appliance.storage.online import OnlineTier
 from appliance.storage.packs import PackReader, PackSummary
 from appliance.storage.packs.manifest import InstanceMeta
 from appliance.storage.packs.writer import Source
-from appliance.storage.volumes import open_library
+from appliance.storage.volumes import VolumeLibrary, open_library
 
 logger = logging.getLogger(__name__)
 
@@ -101,9 +101,7 @@ def open_tiers(config: Config, writer: bool = False, mirror: bool = False) -> Ti
     nearline.open(writer)
     packs: dict[str, PackTier] = {NEARLINE: nearline}
 
-    kind = config.get("volumes.kind")
-    archive = ArchiveIdFile(config.data_dir)
-    library = open_library(kind, config.volume_settings(), writer, archive)
+    library = open_volume_library(config, writer)
     offline = OfflineTier(library, config.data_dir / "spool")
     offline.open(writer)
     packs[OFFLINE] = offline
@@ -112,6 +110,21 @@ def open_tiers(config: Config, writer: bool = False, mirror: bool = False) -> Ti
 
     keys = KeyStore.create_if_missing(key_store_path(config.data_dir))
     return Tiers(online, packs, keys, Trail.of(config))
+
+
+def open_volume_library(config: Config, recover: bool = False) -> VolumeLibrary:
+    """The configured volume library (see :func:`open_library`).
+
+    Only the default folder, in the data directory, is made on first use:
+    one that ``volumes.path`` names and that is missing (mistyped, or its
+    disk not mounted) is refused, naming the key."""
+    return open_library(
+        config.get("volumes.kind"),
+        config.volume_settings(),
+        recover,
+        ArchiveIdFile(config.data_dir),
+        make_folder=not config.get("volumes.path"),
+    )
 
 
 def _mirror_tier(config: Config) -> PackTier:

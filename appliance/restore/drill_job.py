@@ -21,7 +21,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 
 from appliance import audit, logs
-from appliance.catalog.store import Catalog
+from appliance.catalog.store import Catalog, catalog_exists
 from appliance.children import die_with_parent, run_child
 from appliance.config import Config
 from appliance.errors import ApplianceError, DrillError, TransportError
@@ -52,7 +52,7 @@ def perform(
 ) -> tuple[DrillResult, Path]:
     """Run one drill of ``studies`` studies and record it: the result and
     the record's path. DrillError when no drill can run."""
-    if not config.catalog_path.exists():
+    if not catalog_exists(config.catalog_path):
         raise DrillError(f"no catalog at {config.catalog_path}: nothing to drill")
     folder = drills_folder(config)
     folder.mkdir(parents=True, exist_ok=True)

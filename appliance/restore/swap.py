@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from appliance.catalog.store import Catalog
+from appliance.catalog.store import Catalog, catalog_exists
 from appliance.errors import ApplianceError, StorageError
 from appliance.restore.export import rebuilt_note
 from appliance.storage import durable
@@ -33,7 +33,7 @@ def rebuilt_path(catalog_path: Path) -> Path:
 def note_of(path: Path) -> dict[str, Any] | None:
     """The rebuild note of the catalog at ``path``; None if there is no
     catalog there, or one that was not rebuilt and checked."""
-    if not (path / "data.mdb").exists():
+    if not catalog_exists(path):
         return None
     try:
         catalog = Catalog(path, readonly=True)
@@ -48,7 +48,7 @@ def note_of(path: Path) -> dict[str, Any] | None:
 
 def refuse_unless_empty(catalog_path: Path) -> None:
     """Stop a restore onto an appliance whose catalog holds instances."""
-    if not (catalog_path / "data.mdb").exists():
+    if not catalog_exists(catalog_path):
         return
     catalog = Catalog(catalog_path, readonly=True)
     try:

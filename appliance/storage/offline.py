@@ -26,6 +26,7 @@ from appliance.errors import (
     VolumeError,
     VolumeFull,
     VolumeNotReachable,
+    VolumeReadOnly,
 )
 from appliance.storage import durable
 from appliance.storage.keys import DataKey, KeyStore
@@ -61,6 +62,10 @@ class OfflineTier:
         self.library = library
         self.spool = spool
         self.salvage = salvage
+        # Volumes that refused a pack as read only: not tried again by this
+        # tier (one run), so that a write-protected cartridge is not loaded
+        # again for every pack, nor warned about each time.
+        self.read_only: set[str] = set()
 
     def open(self, writer: bool = False) -> None:
         """Make the spool; the writer also removes what a crash left there.
@@ -168,45 +173,72 @@ class OfflineTier:
     def takes_packs(self) -> bool:
         """Whether a reachable volume can take packs now (labelled, loaded,
         not full); a pack may still find too little room on it."""
-        return any(v.reachable and not v.full for v in self.library.list_volumes())
+        return any(
+            v.reachable and not v.full and v.label not in self.read_only
+            for v in self.library.list_volumes()
+        )
 
     # -- the steps --------------------------------------------------------------
 
     def _write_somewhere(self, pack_id: str, path: Path, size: int) -> PackLocation:
         for volume in self._candidates(size):
-            try:
-                with open(path, "rb") as source:
-                    location = self.library.write_pack(
-                        volume.label, pack_id, _chunks(source)
-                    )
-            except VolumeFull:
+            location = self._write_to(volume.label, pack_id, path)
+            if location is not None:
                 logger.info(
-                    "volume %s is full; pack %s goes to the next one",
-                    volume.label,
+                    "pack %s written to volume %s at position %d",
                     pack_id,
+                    location.volume,
+                    location.position,
                 )
-                continue
-            except VolumeNotReachable:
-                continue
+                return location
+        raise NoVolumeWithRoom(self._no_volume(pack_id, size))
+
+    def _write_to(self, volume: str, pack_id: str, path: Path) -> PackLocation | None:
+        """The pack written to ``volume``; None when the volume cannot take
+        it and the next one may (full, gone to the shelf, read only)."""
+        try:
+            with open(path, "rb") as source:
+                return self.library.write_pack(volume, pack_id, _chunks(source))
+        except VolumeFull:
             logger.info(
-                "pack %s written to volume %s at position %d",
-                pack_id,
-                location.volume,
-                location.position,
+                "volume %s is full; pack %s goes to the next one", volume, pack_id
             )
-            return location
-        raise NoVolumeWithRoom(
-            f"no reachable volume has {size} bytes free for pack {pack_id}; "
-            "load or label a volume"
+        except VolumeNotReachable:
+            pass
+        except VolumeReadOnly as exc:
+            self.read_only.add(volume)
+            logger.warning("%s; pack %s tries the next volume", exc, pack_id)
+        return None
+
+    def _no_volume(self, pack_id: str, size: int) -> str:
+        """Why no volume took the pack, naming the read-only ones."""
+        if not self.read_only:
+            return (
+                f"no reachable volume has {size} bytes free for pack {pack_id}; "
+                "load or label a volume"
+            )
+        named = ", ".join(sorted(self.read_only))
+        refusing = f"volume {named} refuses"
+        if len(self.read_only) > 1:
+            refusing = f"volumes {named} refuse"
+        return (
+            f"no volume can take pack {pack_id} ({size} bytes): "
+            f"{refusing} writes (read only, write protected) and no "
+            f"other reachable volume has room; make {named} writable, or load "
+            "or label a volume"
         )
 
     def _candidates(self, size: int) -> list[VolumeInfo]:
         """Reachable volumes with room, the fullest first (fill volumes one
-        at a time, so that fewer are needed to recall)."""
+        at a time, so that fewer are needed to recall); none found read
+        only."""
         usable = [
             v
             for v in self.library.list_volumes()
-            if v.reachable and not v.full and self.library.free_bytes(v.label) >= size
+            if v.reachable
+            and not v.full
+            and v.label not in self.read_only
+            and self.library.free_bytes(v.label) >= size
         ]
         return sorted(usable, key=lambda v: (v.free, v.label))
 

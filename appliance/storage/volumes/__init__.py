@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import ConfigError
+from appliance.errors import ConfigError, VolumeError
 from appliance.storage.volumes.base import (
     ArchiveSource,
     PackLocation,
@@ -72,6 +72,7 @@ def open_library(
     settings: Mapping[str, Any],
     recover: bool = True,
     archive: ArchiveSource = "",
+    make_folder: bool = True,
 ) -> VolumeLibrary:
     """The volume library of ``kind`` described by ``settings``.
 
@@ -87,11 +88,15 @@ def open_library(
     process that writes (the holder of the migration lock) may ask for it.
     ``archive`` is this archive's id, or what reads it (see
     :meth:`VolumeLibrary.archive`). Raises ConfigError naming every wrong key.
+    ``make_folder`` lets a directory or optical library make its missing
+    ``path``; without it a missing one is a VolumeError naming the key.
     """
     values = {**DEFAULTS, **settings}
     problems = _problems(kind, values)
     if problems:
         raise ConfigError(problems)
+    if kind in ("directory", "optical") and not make_folder:
+        _refuse_missing_folder(Path(values["path"]))
 
     if kind == "directory":
         return DirectoryLibrary(Path(values["path"]), recover, archive)
@@ -99,6 +104,18 @@ def open_library(
         xorriso = Xorriso(values["xorriso"], float(values["command_timeout"]))
         return OpticalLibrary(Path(values["path"]), xorriso, recover, archive)
     return _tape_library(values, archive)
+
+
+def _refuse_missing_folder(path: Path) -> None:
+    """A library folder the configuration names is a mount point, or on a
+    mounted disk: made anew, it would be an empty library on the system
+    disk, where packs would fill it while the real one is not mounted."""
+    if not path.is_dir():
+        raise VolumeError(
+            f"volumes.path: {path} does not exist: mount the disk that holds "
+            "the volumes there, or create the folder (a folder the "
+            "configuration names is never made)"
+        )
 
 
 def _tape_library(values: dict[str, Any], archive: ArchiveSource) -> TapeLibrary:

@@ -17,18 +17,23 @@ as they were.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from appliance.errors import VolumeError, VolumeNotReachable
+from appliance.errors import VolumeError, VolumeNotReachable, VolumeReadOnly
 
 # Labels and pack ids become file names on some media: letters, digits,
 # "-" and "_" only, so that no label or id can name a path elsewhere.
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
 _PACK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+# What a folder answers when it may not be written: a read-only mount, a
+# folder whose permissions were taken away, an immutable one.
+_WRITES_REFUSED = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 # This archive's id, or what reads it when needed (it may be made after
 # the library is opened: by the first volume labelled); "" for none yet.
@@ -182,6 +187,15 @@ def another_archives(where: str, volume: str, theirs: str, mine: str) -> str:
         f"archive ({mine}): another archive's volume with the same label; "
         f"put it back and this archive's {volume} in its place"
     )
+
+
+def refused_writes(exc: OSError, volume: str) -> VolumeReadOnly | None:
+    """VolumeReadOnly when ``exc`` says a volume's folder or file may not
+    be written (read only, write protected); None for any other error."""
+    if exc.errno not in _WRITES_REFUSED:
+        return None
+    what = exc.strerror or str(exc)
+    return VolumeReadOnly(f"cannot write to volume {volume}: {what}")
 
 
 def is_label(name: str) -> bool:

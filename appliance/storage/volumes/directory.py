@@ -45,6 +45,7 @@ from appliance.storage.volumes.base import (
     check_label,
     check_pack_id,
     is_label,
+    refused_writes,
     verified_stream,
 )
 from appliance.storage.volumes.packfiles import (
@@ -204,6 +205,9 @@ class DirectoryLibrary(VolumeLibrary):
             with open(temporary, "wb") as handle:
                 return receive(chunks, handle, limit, volume)
         except OSError as exc:
+            refused = refused_writes(exc, volume)
+            if refused is not None:
+                raise refused from exc
             raise durable.translate_os_error(
                 exc, f"cannot write to volume {volume}"
             ) from exc

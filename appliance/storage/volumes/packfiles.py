@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from appliance.errors import VolumeError, VolumeFull
-from appliance.storage.volumes.base import PackLocation
+from appliance.storage.volumes.base import PackLocation, refused_writes
 
 PACK_SUFFIX = ".pack"
 READ_CHUNK = 1 << 20
@@ -81,6 +81,10 @@ def _write(handle: BinaryIO, chunk: bytes, volume: str) -> None:
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise VolumeFull(f"volume {volume} is full: its disk is full") from exc
+        # A file system remounted read only after an error, in mid-pack.
+        refused = refused_writes(exc, volume)
+        if refused is not None:
+            raise refused from exc
         raise VolumeError(f"cannot write to volume {volume}: {exc}") from exc
 
 

@@ -26,7 +26,12 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import VolumeError, VolumeFull, VolumeNotReachable
+from appliance.errors import (
+    VolumeError,
+    VolumeFull,
+    VolumeNotReachable,
+    VolumeReadOnly,
+)
 from appliance.storage import durable
 from appliance.storage.volumes import tapeformat
 from appliance.storage.volumes.base import (
@@ -138,6 +143,11 @@ class TapeLibrary(VolumeLibrary):
         if record.full:
             raise VolumeFull(f"volume {volume} is full; it takes no more packs")
         self._mount(volume)
+        if self.drive.status().write_protected:
+            # Asked before the drive moves: the pack goes to another volume.
+            raise VolumeReadOnly(
+                f"cannot write to volume {volume}: its cartridge is write protected"
+            )
 
         self.drive.eod()
         position = self.drive.status().file_number

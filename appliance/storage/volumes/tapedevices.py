@@ -27,7 +27,7 @@ import os
 import time
 from typing import Literal, Protocol
 
-from appliance.errors import VolumeError
+from appliance.errors import VolumeError, VolumeReadOnly
 from appliance.storage.volumes.commands import MtTool
 from appliance.storage.volumes.tapestatus import ChangerStatus, MtStatus
 
@@ -162,6 +162,12 @@ class StTapeDrive:
         try:
             fd = os.open(self.name, flags)
         except OSError as exc:
+            if exc.errno == errno.EROFS:
+                # What st answers for a cartridge whose tab is set.
+                raise VolumeReadOnly(
+                    f"cannot write to tape drive {self.name}: the tape is write "
+                    "protected"
+                ) from exc
             raise VolumeError(
                 f"cannot open tape drive {self.name}: {exc.strerror or exc}"
             ) from exc

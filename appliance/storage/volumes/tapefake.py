@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
-from appliance.errors import VolumeError
+from appliance.errors import VolumeError, VolumeReadOnly
 from appliance.storage.volumes.tapestatus import (
     ChangerStatus,
     DriveElement,
@@ -201,7 +201,9 @@ class FakeTapeDrive:
     def open(self, mode: Literal["r", "w"]) -> FakeTapeHandle:
         tape = self._positionable()
         if mode == "w" and tape.write_protected:
-            raise VolumeError(f"cannot open tape drive {self.name}: write protected")
+            raise VolumeReadOnly(
+                f"cannot write to tape drive {self.name}: the tape is write protected"
+            )
         self._handle = FakeTapeHandle(self, tape, mode)
         return self._handle
 
@@ -381,6 +383,15 @@ class FakeChanger:
         chosen[0]["barcode"] = barcode
         self._save()
         return int(chosen[0]["number"])
+
+    def set_write_protect(self, barcode: str, protected: bool = True) -> None:
+        """Slide the write-protect tab of cartridge ``barcode`` (out of the
+        drives, as a person would)."""
+        with open(self.cartridge_path(barcode), "r+b") as handle:
+            handle.seek(len(_MAGIC))
+            capacity, _ = _HEAD.unpack(handle.read(_HEAD.size))
+            handle.seek(len(_MAGIC))
+            handle.write(_HEAD.pack(capacity, int(protected)))
 
     def remove_cartridge(self, barcode: str) -> None:
         """Take a cartridge out of its slot (to the shelf); its file stays."""
