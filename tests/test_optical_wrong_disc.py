@@ -7,8 +7,6 @@ with a cartridge whose tape label is not its barcode. Real xorriso."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from appliance.storage.volumes.optical import OpticalLibrary
 from tests import dicom_client
 from tests.conftest import Appliance
 from tests.datasets import study_files, uid
-from tests.tier_rules import MOVE_TO_OFFLINE
+from tests.tier_rules import MOVE_TO_OFFLINE, run
 
 pytestmark = pytest.mark.skipif(
     shutil.which("xorriso") is None,
@@ -69,11 +67,6 @@ def test_another_discs_image_is_not_the_volume(tmp_path: Path) -> None:
     shutil.copyfile(tmp_path / "shelf" / "DISC01.iso", discs / "DISC01.iso")
     assert library.is_reachable("DISC01")
     assert b"".join(library.read_pack(kept)) == b"on DISC01"
-
-
-def run(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "appliance", *args, "--config", str(config)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
 def study_on_disc01(appliance_factory, tmp_path: Path, name: str) -> Appliance:

@@ -21,7 +21,7 @@ from appliance.storage.online import OnlineTier
 from tests.conftest import config_text
 from tests.datasets import study_files, uid
 from tests.signal_on_open import SENT
-from tests.tier_rules import MOVE_TO_NEARLINE
+from tests.tier_rules import MOVE_TO_NEARLINE, run
 
 _REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -33,11 +33,6 @@ EXTRACTED_OR_REMOVED = (
     r"^(open .*/online/objects/[0-9a-f]{2}/\.[^/]+\.tmp"
     r"|remove .*/online/objects/[0-9a-f]{2}/[0-9a-f]+\.dcm)$"
 )
-
-
-def run(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "appliance", *args, "--config", str(config)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
 def run_signalled(

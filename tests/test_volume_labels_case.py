@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ from appliance.storage.volumes.tapefake import FakeChanger, FakeTapeDrive
 from tests.admin_site import AdminSite, start_admin_site
 from tests.conftest import config_text, new_archive
 from tests.test_volumes import BACKENDS, Backend, labelled
+from tests.tier_rules import run
 from tests.web_site import OPERATOR
 
 MiB = 1 << 20
@@ -155,11 +154,6 @@ def test_scanning_a_case_twin_tape_is_refused(tmp_path):
 
 
 # -- labels are looked up ----------------------------------------------------------
-
-
-def run(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "appliance", *args, "--config", str(config)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
 def test_tape_commands_take_a_label_in_any_case(tmp_path: Path) -> None:

@@ -10,8 +10,6 @@ tests/test_optical_wrong_disc.py."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,17 +20,12 @@ from appliance.storage.volumes.tapefake import FakeChanger, FakeTapeDrive
 from tests import dicom_client
 from tests.conftest import Appliance
 from tests.datasets import study_files, uid
-from tests.tier_rules import MOVE_TO_OFFLINE
+from tests.tier_rules import MOVE_TO_OFFLINE, run
 
 MiB = 1 << 20
 RECORD_SIZE = 65536
 # The id of another archive (made-up), as its volume labels name it.
 ANOTHER_ARCHIVE = "c2d3e4f5-0a1b-4c2d-8e3f-4a5b6c7d8e9f"
-
-
-def run(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "appliance", *args, "--config", str(config)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
 class Directory:
