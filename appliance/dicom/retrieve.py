@@ -637,6 +637,8 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
         message = C_GET_RSP() if isinstance(response, C_GET) else C_MOVE_RSP()
         message.primitive_to_message(response)
         message.context_id = context_id
+        # As pynetdicom's own sending does, for anyone listening.
+        evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": message})
         limit = self.dimse.maximum_pdu_size
         command, identifier = _parts_of(message.encode_msg(context_id, limit))
         for primitive in p_data(context_id, command, identifier, limit):
