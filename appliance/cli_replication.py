@@ -188,10 +188,15 @@ def _refuse_a_wrong_mirror(
     try:
         vet_mirror(catalog, transport, keys, new_mirror)
     except UnknownMirrorError as exc:
+        # A folder not mounted is the usual cause; for SFTP, another server.
+        if config.get("mirror.kind") == "directory":
+            check = "is it mounted?"
+        else:
+            check = "is it the server and folder replicated to so far?"
         click.echo(
             f"the mirror is refused; nothing was changed: {exc}.\n"
             f"Check the [mirror] settings: the mirror is {mirror_place(config)} "
-            "(is it mounted?). "
+            f"({check}). "
             "To move the archive to a new, empty mirror: stop the service, "
             "point [mirror] at the new one, run 'appliance replication verify "
             "--all --new-mirror', then start the service.",

@@ -239,6 +239,9 @@ def test_a_new_sftp_mirror_gets_the_whole_archive(
 
     assert refused.returncode == 1
     assert "not the mirror replicated to so far" in refused.stderr
+    # Not a folder to mount: a server.
+    assert "(is it the server and folder replicated to so far?)" in refused.stderr
+    assert "mounted" not in refused.stderr
     assert moved.returncode == 1, moved.stderr
     assert "2 damaged or missing; 4 instance(s) queued" in moved.stdout
     assert "p-000000002: missing from the mirror" in moved.stderr
