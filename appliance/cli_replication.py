@@ -97,30 +97,27 @@ def register(main: click.Group, load: Loader) -> None:
             )
             sys.exit(1)
         logs.setup("WARNING", config.get("logging.format"))
-        from appliance.replication.audit import audit
+        from appliance.replication.audit import AuditReport, audit
 
         limit = None if check_all else (sample or 10)
+        report = AuditReport()
         with (
             _parts(config) as (catalog, tiers, transport),
             progress_bar() as bar,
-            _mirror_errors(),
+            _mirror_errors(report),
         ):
             _refuse_a_wrong_mirror(config, catalog, transport, tiers.keys, new_mirror)
             task = bar.add_task("verifying the mirror", total=None)
-            report = audit(
+            audit(
                 catalog,
                 transport,
                 tiers.keys,
                 limit,
                 lambda done, total: bar.update(task, completed=done, total=total),
+                report,
             )
-        click.echo(
-            f"{report.checked} pack(s) read back: {report.good} good, "
-            f"{report.damaged} damaged or missing; "
-            f"{report.queued_again} instance(s) queued to be sent again"
-        )
-        for line in report.bad:
-            click.echo(f"  {line}", err=True)
+        click.echo(_found(report))
+        _print_bad(report)
         sys.exit(1 if report.bad else 0)
 
     @replication.command()
@@ -191,10 +188,15 @@ def _refuse_a_wrong_mirror(
     try:
         vet_mirror(catalog, transport, keys, new_mirror)
     except UnknownMirrorError as exc:
+        # A folder not mounted is the usual cause; for SFTP, another server.
+        if config.get("mirror.kind") == "directory":
+            check = "is it mounted?"
+        else:
+            check = "is it the server and folder replicated to so far?"
         click.echo(
             f"the mirror is refused; nothing was changed: {exc}.\n"
             f"Check the [mirror] settings: the mirror is {mirror_place(config)} "
-            "(is it mounted?). "
+            f"({check}). "
             "To move the archive to a new, empty mirror: stop the service, "
             "point [mirror] at the new one, run 'appliance replication verify "
             "--all --new-mirror', then start the service.",
@@ -203,17 +205,42 @@ def _refuse_a_wrong_mirror(
         sys.exit(1)
 
 
+def _found(report: Any) -> str:
+    """What the packs read back showed, in one line."""
+    return (
+        f"{report.checked} pack(s) read back: {report.good} good, "
+        f"{report.damaged} damaged or missing; "
+        f"{report.queued_again} instance(s) queued to be sent again"
+    )
+
+
+def _print_bad(report: Any) -> None:
+    for line in report.bad:
+        click.echo(f"  {line}", err=True)
+
+
 @contextmanager
-def _mirror_errors() -> Iterator[None]:
+def _mirror_errors(report: Any) -> Iterator[None]:
     """The mirror is not this archive's, or could not be reached: say so;
-    nothing counts as lost."""
+    nothing counts as lost that was not found lost before (``report``)."""
     try:
         yield
     except ForeignMirrorError as exc:
         click.echo(f"the mirror is refused; nothing was changed: {exc}", err=True)
         sys.exit(1)
     except TransportError as exc:
-        click.echo(f"cannot reach the mirror; nothing was changed: {exc}", err=True)
+        if not report.checked:
+            click.echo(f"cannot reach the mirror; nothing was changed: {exc}", err=True)
+            sys.exit(1)
+        # The packs found lost before the connection went are queued again
+        # already (each in its own transaction); the rest are not checked.
+        click.echo(_found(report))
+        _print_bad(report)
+        click.echo(
+            f"cannot reach the mirror any more, the other packs were not read "
+            f"back: {exc}; run the same command again once it can be reached",
+            err=True,
+        )
         sys.exit(1)
 
 

@@ -866,7 +866,8 @@ KEYS: tuple[Key, ...] = (
         30.0,
         "Seconds a connection has to send a request's line and headers, from "
         "its start or from the end of the previous answer on it; then it is "
-        "closed, with a WARNING naming the address. The body is not timed by it.",
+        "closed, with a WARNING naming the address (at most one a minute per "
+        "address, then the number of the others). The body is not timed by it.",
         _at_least_seconds(1.0),
     ),
     Key(

@@ -24,6 +24,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, e
 from tests import datasets
 from tests import dicom_client as client
 from tests.conftest import Appliance
+from tests.loopback import connect_from, new_address
 
 # A-ABORT, service-user source, no reason (PS3.8 9.3.8): what action AA-1
 # sends on a connection that has no association yet.
@@ -70,9 +71,12 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
         appliance.stop()
 
 
-def connect(appliance: Appliance) -> tuple[socket.socket, str]:
-    """A raw connection to the appliance and the peer name it logs."""
-    sock = socket.create_connection(("127.0.0.1", appliance.port), timeout=10)
+def connect(
+    appliance: Appliance, source: str = "127.0.0.1"
+) -> tuple[socket.socket, str]:
+    """A raw connection to the appliance (from the loopback address
+    ``source``) and the peer name it logs."""
+    sock = connect_from(source, appliance.port, timeout=10)
     host, port = sock.getsockname()[:2]
     return sock, f"{host}:{port}"
 
@@ -168,7 +172,8 @@ def test_stalled_requests_cannot_keep_associations_out(
         workers=2,
     ).start()
     start = len(appliance.log())
-    stalled = [connect(appliance) for _ in range(5)]
+    # Each from an address of its own: each gets its line.
+    stalled = [connect(appliance, new_address()) for _ in range(5)]
     opened = time.monotonic()
     for sock, _peer in stalled[:3]:
         sock.sendall(HALF_REQUEST)
@@ -204,6 +209,35 @@ def test_stalled_requests_cannot_keep_associations_out(
         assert "no whole A-ASSOCIATE-RQ within the ARTIM timer" in lines[0]
     assert "pynetdicom" not in appliance.log()[start:]
     assert client.echo(appliance.port) == 0
+
+
+def test_stalled_connections_from_one_address_are_logged_once(
+    appliance: Appliance,
+) -> None:
+    """A peer that opens connections and sends nothing gets one line a
+    minute, not one per connection; each connection is still closed by the
+    ARTIM timer, and another address gets its own line."""
+    start = len(appliance.log())
+    flooding, other = new_address(), new_address()
+    stalled = [connect(appliance, flooding) for _ in range(4)]
+    stalled.append(connect(appliance, other))
+    for sock, _peer in stalled[::2]:
+        sock.sendall(HALF_REQUEST)  # the others send nothing at all
+
+    try:
+        closed = [read_until_closed(sock, within=20)[1] for sock, _ in stalled]
+    finally:
+        for sock, _peer in stalled:
+            sock.close()
+
+    assert max(closed) < ARTIM + 5, closed
+    timer = "no whole A-ASSOCIATE-RQ within the ARTIM timer"
+    from_flooding = log_lines(appliance, start, f"connection from {flooding}:")
+    from_other = log_lines(appliance, start, f"connection from {other}:")
+    assert len(from_flooding) == 1, from_flooding
+    assert len(from_other) == 1, from_other
+    assert timer in from_flooding[0] and timer in from_other[0]
+    assert_still_serving(appliance)
 
 
 def test_large_association_request_is_admitted(appliance: Appliance) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from appliance.restore.progress import is_pending
-from tests.restore_site import Restored, interrupted_summary
+from tests.restore_site import Restored, appliance, interrupted_summary
 from tests.sigint_in_exec import SENT
 from tests.signal_on_open import SENT as SENT_ANY
 
@@ -129,9 +129,43 @@ def test_stopped_in_the_data_phase_says_one_line(disaster, site, signals) -> Non
     assert 0 < done < len(held) and done + waiting == len(held)
     assert len(restored.object_files()) == done
     assert restored.held()[0] == {u: held[u] for u in restored.held()[0]}
+    # The data phase stays to do, and the status says how it goes on.
+    assert is_pending(restored.data_dir / "restore")
+    status = appliance("restore", "status", config=restored.config_path).stdout
+    assert "restore (command): stopped," in status, status
+    assert "run the restore again to continue" in status, status
 
     again = restored.restore()
 
     assert again.returncode == 0, again.stderr
     assert restored.held() == (disaster[1], disaster[2])
     assert len(restored.object_files()) == len(held)
+    assert not is_pending(restored.data_dir / "restore")
+
+
+def test_stopped_in_the_last_study_is_a_finished_restore(disaster, site) -> None:
+    """Signalled as the last study's first instance is extracted: that
+    study is finished, and with it every study, so the restore is over:
+    the full report, exit 0, and nothing left marked for the service to
+    restore."""
+    restored, _mirror = site
+    _folder, held, _found, studies = disaster
+    # Studies come back newest first: the oldest one is the last.
+    before_last = len(held) - len(set(studies["ct-old"]))
+    signals = ",".join(["-"] * before_last + ["INT"])
+    command = [sys.executable, "-m", "tests.signal_on_open", "--any-thread"]
+    command += [_EXTRACTED, signals, "restore", "--from", "mirror"]
+    command += ["--config", str(restored.config_path)]
+
+    stopped = subprocess.run(
+        command, cwd=_REPOSITORY, capture_output=True, text=True, timeout=120
+    )
+
+    assert f"{SENT_ANY} SIGINT" in stopped.stderr, stopped.stderr
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert "interrupted" not in stopped.stderr, stopped.stderr
+    assert f"restored and verified: {len(held)} instance(s)" in stopped.stdout
+    assert restored.held() == (disaster[1], disaster[2])
+    assert not is_pending(restored.data_dir / "restore")
+    status = appliance("restore", "status", config=restored.config_path).stdout
+    assert status.startswith("restore: finished"), status

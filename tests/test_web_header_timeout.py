@@ -17,6 +17,7 @@ import pytest
 
 from tests.certificates import Authority
 from tests.datasets import instance, uid, write
+from tests.loopback import connect_from, new_address
 from tests.web_site import OPERATOR, VIEWER, Site, start
 
 LIMIT = 1.0
@@ -75,8 +76,8 @@ def trickle(sock: socket.socket, data: bytes) -> int:
 def lines_about(site: Site, sock: socket.socket, count: int = 1) -> int:
     """The log lines about ``sock`` closed by the limit, once ``count`` are
     there (or after PATIENCE)."""
-    port = sock.getsockname()[1]
-    needle = f"HTTP connection from 127.0.0.1:{port} {CLOSED}"
+    host, port = sock.getsockname()[:2]
+    needle = f"HTTP connection from {host}:{port} {CLOSED}"
     deadline = time.monotonic() + PATIENCE
     while site.appliance.log().count(needle) < count and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -87,11 +88,14 @@ def lines_about(site: Site, sock: socket.socket, count: int = 1) -> int:
 
 @pytest.fixture
 def connect(site: Site) -> Iterator[type]:
-    """Open connections to the server; all are closed after the test."""
+    """Open connections to the server, each from a loopback address of its
+    own (or from ``source``): each closed one gets its line. All are
+    closed after the test."""
     opened: list[socket.socket] = []
 
-    def open_one() -> socket.socket:
-        sock = socket.create_connection(("127.0.0.1", site.appliance.web_port))
+    def open_one(source: str | None = None) -> socket.socket:
+        address = source or new_address()
+        sock = connect_from(address, site.appliance.web_port)
         opened.append(sock)
         return sock
 
@@ -125,8 +129,23 @@ def test_silent_and_trickling_connections_are_closed_others_served(
     assert lines_about(site, silent) == 1
     assert lines_about(site, trickling) == 1
     log = site.appliance.log()
-    port = silent.getsockname()[1]
-    assert f"127.0.0.1:{port} {CLOSED} 1 s (web.header_timeout; 0 bytes" in log
+    host, port = silent.getsockname()[:2]
+    assert f"{host}:{port} {CLOSED} 1 s (web.header_timeout; 0 bytes" in log
+
+
+def test_silent_connections_from_one_address_are_logged_once(
+    site: Site, connect: type
+) -> None:
+    """A client that opens connections and sends nothing gets one line a
+    minute, not one per connection; each is still closed."""
+    flooding = new_address()
+    silent = [connect(flooding) for _ in range(4)]
+
+    assert all(closed_by_server(sock) for sock in silent)
+    assert lines_about(site, silent[0]) == 1
+    time.sleep(0.5)
+    log = site.appliance.log()
+    assert log.count(f"HTTP connection from {flooding}:") == 1
 
 
 def read_answer(sock: socket.socket) -> bytes:

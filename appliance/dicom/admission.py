@@ -22,7 +22,10 @@ What happens, following the PS3.8 state table for Sta2 (9.2.3):
   follows can be framed.
 
 Each refused connection gets one WARNING line with the peer and the reason;
-a peer that closes before sending anything (a port check) gets none.
+a peer that closes before sending anything (a port check) gets none. A
+connection that sent no whole request before the timer expired costs its
+peer nothing to open, so those are logged once a minute per address, the
+others counted (:mod:`appliance.peer_warnings`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import time
 from typing import NoReturn
 
 from appliance.metrics import events
+from appliance.peer_warnings import PeerWarnings
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +57,21 @@ MAX_REQUEST = 1 << 20
 _ABORT_PDU = bytes([A_ABORT, 0, 0, 0, 0, 4, 0, 0, 0, 0])
 _CHUNK = 65536
 
+# Connections closed by the ARTIM timer, logged once a minute per address.
+_STALLED = PeerWarnings(
+    logger, "connections closed so (no whole A-ASSOCIATE-RQ within the ARTIM timer)"
+)
+
 
 class _Refused(Exception):
-    """Why a connection is not admitted; ``abort``: send an A-ABORT first."""
+    """Why a connection is not admitted; ``abort``: send an A-ABORT first;
+    ``stalled``: the ARTIM timer expired first."""
 
-    def __init__(self, reason: str, abort: bool) -> None:
+    def __init__(self, reason: str, abort: bool, stalled: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.abort = abort
+        self.stalled = stalled
 
 
 class _Vanished(Exception):
@@ -80,7 +91,13 @@ def admit(sock: socket.socket, peer: str, artim: float) -> bytes | None:
         sock.close()
         return None
     except _Refused as refusal:
-        logger.warning("connection from %s closed: %s", peer, refusal.reason)
+        if refusal.stalled:
+            address = peer.rpartition(":")[0]
+            _STALLED.warning(
+                address, "connection from %s closed: %s", peer, refusal.reason
+            )
+        else:
+            logger.warning("connection from %s closed: %s", peer, refusal.reason)
         events.connection_refused()
         _refuse(sock, refusal.abort, time.monotonic() + artim)
         return None
@@ -125,7 +142,7 @@ def _read(sock: socket.socket, size: int, deadline: float, received: bytes) -> b
         except TimeoutError:
             message = "no whole A-ASSOCIATE-RQ within the ARTIM timer"
             detail = f"timeouts.association; {len(data)} bytes received"
-            raise _Refused(f"{message} ({detail})", abort=False) from None
+            raise _Refused(f"{message} ({detail})", abort=False, stalled=True) from None
         except OSError as exc:
             raise _Refused(f"connection failed: {exc}", abort=False) from exc
         if not chunk:

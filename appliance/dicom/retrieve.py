@@ -7,6 +7,13 @@ pending response after every sub-operation with the counts of PS3.4
 C.4.2.1.5 and C.4.3.1.5, honours C-CANCEL, and ends with 0x0000, 0xB000
 (some failed, with the Failed SOP Instance UID List) or 0xA702 (all failed).
 
+A final response that lists failed instances goes out as one P-DATA-TF
+holding both its command and its identifier when it fits the requester's
+maximum PDU length (PS3.8 9.3.5 allows several PDVs in one PDU). DCMTK's
+getscu (3.6.7) reads only the command of a C-GET response: an identifier
+in a PDU of its own was left waiting, and getscu took it for the answer
+to its A-RELEASE-RQ ("DUL P-Data PDU arrived") and aborted.
+
 A request that cannot be served gets a failure status and the association
 stays usable: 0xA801 for a C-MOVE whose Move Destination is not a
 configured peer (empty, blank or malformed included), 0xA900 for an
@@ -21,7 +28,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -32,8 +39,10 @@ import pynetdicom.dimse_messages
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, _config, evt
+from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP
 from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE
 from pynetdicom.dsutils import encode
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.service_class import QueryRetrieveServiceClass
 from pynetdicom.sop_class import uid_to_service_class
@@ -49,6 +58,7 @@ from appliance.dicom import fragments
 from appliance.dicom.find import decode_identifier, levels_of
 from appliance.dicom.find import serve as serve_find
 from appliance.dicom.handoff import QuickAckSocket
+from appliance.dicom.responses import p_data
 from appliance.errors import ApplianceError, ConfigError
 from appliance.metrics import events
 from appliance.storage.online import TIER_NAME
@@ -77,6 +87,8 @@ _UNIQUE_KEYS = {
 _RECALL_PENDING_EVERY = 2.0
 # A requested association may propose at most 128 presentation contexts.
 _MAX_CONTEXTS = 128
+# In a PDV's message control header: the fragment is of the command set.
+_COMMAND_BIT = 0x01
 
 
 @dataclass
@@ -615,7 +627,22 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
                 syntax.is_deflated,
             )
             response.Identifier = BytesIO(encoded or b"")
+            self._send_together(response, int(context.context_id or 0))
+            return
         self.dimse.send_msg(response, int(context.context_id or 0))
+
+    def _send_together(self, response: C_GET | C_MOVE, context_id: int) -> None:
+        """Send a response and its identifier in one P-DATA-TF when they fit
+        the requester's maximum PDU length (see the module's docstring)."""
+        message = C_GET_RSP() if isinstance(response, C_GET) else C_MOVE_RSP()
+        message.primitive_to_message(response)
+        message.context_id = context_id
+        # As pynetdicom's own sending does, for anyone listening.
+        evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": message})
+        limit = self.dimse.maximum_pdu_size
+        command, identifier = _parts_of(message.encode_msg(context_id, limit))
+        for primitive in p_data(context_id, command, identifier, limit):
+            self.assoc.dul.send_pdu(primitive)
 
     def _final(
         self,
@@ -630,6 +657,18 @@ class QueryRetrieveService(QueryRetrieveServiceClass):
             identifier = Dataset()
             identifier.FailedSOPInstanceUIDList = counts.failed_uids
         self._respond(req, context, status, counts, comment, identifier)
+
+
+def _parts_of(pieces: Iterator[P_DATA]) -> tuple[bytes, bytes | None]:
+    """A message's command set and data set, from the P-DATA requests that
+    pynetdicom cut it into (the first byte of each PDV says which it holds,
+    PS3.8 E.2)."""
+    command = bytearray()
+    data = bytearray()
+    for piece in pieces:
+        for _context_id, value in piece.presentation_data_value_list:
+            (command if value[0] & _COMMAND_BIT else data).extend(value[1:])
+    return bytes(command), bytes(data) or None
 
 
 def _what_to_send(item: _Item, path: Path) -> Path | Dataset:

@@ -45,12 +45,16 @@ def audit(
     keys: KeyStore | None,
     limit: int | None,
     progress: Callable[[int, int], None] | None = None,
+    report: AuditReport | None = None,
 ) -> AuditReport:
-    """Check up to ``limit`` packs on the mirror (all when None)."""
+    """Check up to ``limit`` packs on the mirror (all when None), noting
+    what is found in ``report`` (a new one when None) pack by pack: a
+    mirror lost half way raises TransportError, and the caller's report
+    then says what was queued again before it."""
     packs = replication.offsite_packs(catalog)
     if limit is not None:
         packs = packs[:limit]
-    report = AuditReport()
+    report = AuditReport() if report is None else report
     for done, pack in enumerate(packs, start=1):
         problems = _check(pack, transport, keys)
         report.checked += 1

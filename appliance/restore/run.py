@@ -3,8 +3,9 @@ and from the service, which restores in the background while it serves.
 
 The run plans, restores for a while, and plans again, so that patients the
 RIS books meanwhile move to the front; it ends when every planned study
-was tried, writes the final report and clears the pending mark. Stopped
-early, it leaves the mark, and the next run continues.
+was tried, writes the final report and clears the pending mark, even when
+a stop was asked for during the last study. Stopped early, it leaves the
+mark, and the next run (the command again, or the service) continues.
 """
 
 from __future__ import annotations
@@ -91,11 +92,13 @@ def run_data_phase(
             lambda done, _total, what: tracker.advanced(done, what),
             _until(stopping, time.monotonic() + replan_every),
         )
+        # A stop asked for during the last study came too late to leave
+        # anything undone: the restore is over, and its mark goes with it.
+        if tried == len(plan.studies):
+            break
         if stopping():
             tracker.state("stopped", "run the restore again to continue")
             return None
-        if tried == len(plan.studies):
-            break
 
     report = final_report(
         catalog,

@@ -9,6 +9,9 @@ Here a request's line and headers must be complete within
 from the end of the previous response on it, however the bytes trickle in.
 Once the headers are in the clock stops: a request body is not timed
 here (a STOW-RS upload has ``web.stow_stall_timeout``), nor is the answer.
+Each connection closed so is logged once a minute per client address, the
+others counted (:mod:`appliance.peer_warnings`): opening them costs the
+client nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +23,13 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from appliance.peer_warnings import PeerWarnings
+
 logger = logging.getLogger(__name__)
+
+_LATE = PeerWarnings(
+    logger, "HTTP connections closed so (request headers not complete in time)"
+)
 
 
 class HeaderTimeoutProtocol(H11Protocol):
@@ -92,8 +101,10 @@ class HeaderTimeoutProtocol(H11Protocol):
             # WARNING, not INFO: working clients send their headers at once,
             # so this is a broken client, a bad network or someone holding
             # connections open, which the administrator should see (it is
-            # listed with the recent errors). One line per connection.
-            logger.warning(
+            # listed with the recent errors). One line per connection, up
+            # to one a minute per address.
+            _LATE.warning(
+                self.client[0] if self.client else "",
                 "HTTP connection from %s closed: its request headers were not "
                 "complete in %g s (web.header_timeout; %d bytes of them came)",
                 _peer(self.client),
