@@ -275,7 +275,8 @@ def _existing_library(config: Config) -> Any:
     # A missing folder that volumes.path names is refused by the library,
     # with what to do about it.
     named = key == "volumes.path" and config.get(key)
-    if not folder.is_dir() and not named:
+    # A file in its place is for the library to name, as on every command.
+    if not folder.exists() and not named:
         click.echo(
             f"no volume library at {folder}: no volume labelled yet, or "
             "--data-dir / --config point elsewhere",

@@ -110,7 +110,7 @@ def _refuse_missing_folder(path: Path) -> None:
     """A library folder the configuration names is a mount point, or on a
     mounted disk: made anew, it would be an empty library on the system
     disk, where packs would fill it while the real one is not mounted."""
-    if not path.is_dir():
+    if not path.exists():  # a file in its place: the library names it
         raise VolumeError(
             f"volumes.path: {path} does not exist: mount the disk that holds "
             "the volumes there, or create the folder (a folder the "
