@@ -685,3 +685,28 @@ def test_replaying_patient_changes_again_changes_nothing(local: Local) -> None:
 
 def _never() -> bool:
     return False
+
+
+def test_an_escape_in_a_name_or_a_backslash_in_an_id_is_refused(
+    local: Local,
+) -> None:
+    study = local.store("alma", ALMA, patient_name="Testperson^Alma")
+    # ISO 2022 JIS bytes sent as UTF-8: the text holds ESC characters.
+    jis = "\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B"
+
+    escaped = local.hl7(adt("A08", "E1", ALMA, jis))
+    other_id = local.hl7(adt("A08", "E2", f"{ALMA}~PAT\\E\\X^^^^MR", "New^Alma"))
+    new_id = local.hl7(adt("A47", "E3", "NEW\\E\\ID^^^^MR", mrg=ALMA))
+    issuer = local.hl7(adt("A40", "E4", "PAT-B^^^CITY\\E\\X", mrg=ALMA))
+
+    assert msa(escaped)[1] == "AE" and err(escaped)[2:4] == [
+        "PID^1^5",
+        "102^Data type error^HL70357",
+    ]
+    for ack, field in ((other_id, "PID^1^3"), (new_id, "PID^1^3"), (issuer, "PID^1^3")):
+        assert msa(ack)[1] == "AE" and err(ack)[2] == field
+        assert "backslash in PID-3" in msa(ack)[3]
+    assert local.names(ALMA) == {study: "Testperson^Alma"}
+    rows = list(find(local.catalog, Query("STUDY", {"PatientID": ALMA}), _never))
+    assert [r["OtherPatientIDs"] for r in rows] == [None]
+    assert list(replication.journal_after(local.catalog, 0))[-1]["op"] == "store"

@@ -59,8 +59,11 @@ EVENTS = {"A08": UPDATE, "A31": UPDATE, "A40": MERGE, "A47": CHANGE_ID}
 _NULL = '""'
 _SEX = {"F": "F", "M": "M", "O": "O", "A": "O", "N": "O", "U": None}
 _DATE = re.compile(r"^(\d{4})(\d{2})(\d{2})")
-# DICOM PN and LO: no control character but ESC (PS3.5 section 6.1.3).
-_CONTROL = re.compile(r"[\x00-\x1a\x1c-\x1f\x7f]")
+# No control character, ESC included: PS3.5 6.1.3 lets ESC into PN and LO
+# only as the bytes of an ISO 2022 code extension, and a message decoded
+# from UTF-8, ASCII or ISO 8859 (MSH-18) has none. An ESC left in the text
+# would be sent as such, a name no workstation can show.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -209,7 +212,17 @@ def _identifiers(
 
 
 def _kept(value: str, location: str) -> str:
-    """An identifier or issuer (LO), checked."""
+    """An identifier or issuer (LO), checked. A backslash (HL7 ``\\E\\``) is
+    refused: it separates the values of a DICOM attribute (PS3.5 6.4), so
+    that an ID holding one would be sent as two."""
+    if "\\" in value:
+        raise MessageError(
+            "AE",
+            DATA_TYPE_ERROR,
+            location,
+            f"a backslash in {bounds.field_name(location)}: a DICOM "
+            "identifier cannot hold one",
+        )
     return _bounded(_identifier(value, location), bounds.LONG_STRING, location)
 
 
