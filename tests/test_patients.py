@@ -16,6 +16,7 @@ import json
 import socket
 import threading
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from io import BytesIO
@@ -30,6 +31,8 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from appliance import config as configuration
+from appliance.audit.messages import summarize
+from appliance.audit.trail import Trail
 from appliance.catalog import patients, replication
 from appliance.catalog.coercion import coerce, coerced_bytes
 from appliance.catalog.query import Query, find
@@ -710,3 +713,31 @@ def test_an_escape_in_a_name_or_a_backslash_in_an_id_is_refused(
     rows = list(find(local.catalog, Query("STUDY", {"PatientID": ALMA}), _never))
     assert [r["OtherPatientIDs"] for r in rows] == [None]
     assert list(replication.journal_after(local.catalog, 0))[-1]["op"] == "store"
+
+
+def test_each_applied_change_is_audited_once_naming_the_sender(local: Local) -> None:
+    local.store("alma", ALMA, patient_name="Testperson^Alma")
+    local.store("bruno", BRUNO, patient_name="Sample^Bruno")
+    trail = Trail(local.folder.parent / "audit", "APPLIANCE")
+    intake = Intake(local.catalog, trail)
+
+    def send(text: str) -> str:
+        ack = intake(text.encode(), "192.0.2.9:40123").decode()
+        return ack.split("\r")[1].split("|")[1]
+
+    updated = send(adt("A08", "T1", ALMA, "Newname^Alma"))
+    merged = send(adt("A40", "T2", ALMA, mrg=BRUNO))
+    resent = send(adt("A40", "T2", ALMA, mrg=BRUNO))
+    refused = send(adt("A08", "T3", BRUNO, "Other^Name"))
+
+    assert (updated, merged, resent, refused) == ("AA", "AA", "AA", "AE")
+    records = [r for r in trail.log.records() if r.event == "patient-record"]
+    summaries = [summarize(r.message) for r in records]
+    assert [s.patients for s in summaries] == [[ALMA], [ALMA, BRUNO]]
+    for record, summary in zip(records, summaries, strict=True):
+        # The RIS's application and host: no AE title, no port.
+        assert summary.users[0] == "ADT^CITYHOSP@192.0.2.9"
+        root = ET.fromstring(record.message)
+        (sender,) = root.findall("ActiveParticipant[@UserIsRequestor='true']")
+        assert sender.get("NetworkAccessPointTypeCode") == "2"
+        assert sender.get("AlternativeUserID") is None
