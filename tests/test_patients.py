@@ -741,3 +741,20 @@ def test_each_applied_change_is_audited_once_naming_the_sender(local: Local) -> 
         (sender,) = root.findall("ActiveParticipant[@UserIsRequestor='true']")
         assert sender.get("NetworkAccessPointTypeCode") == "2"
         assert sender.get("AlternativeUserID") is None
+
+
+def test_other_patient_ids_never_hold_the_patients_own_id(local: Local) -> None:
+    local.store("alma", ALMA, patient_name="Testperson^Alma")
+    local.store("bruno", BRUNO, "NORTH", patient_name="Sample^Bruno")
+
+    # The catalog knows Alma by the second repetition, Bruno by the first.
+    alma = local.hl7(adt("A08", "R1", f"PAT-NEW^^^^MR~{ALMA}~PAT-X^^^OTHER", "A^B"))
+    bruno = local.hl7(adt("A08", "R2", f"{BRUNO}^^^NORTH~{BRUNO}^^^SOUTH", "C^D"))
+
+    assert msa(alma)[1] == msa(bruno)[1] == "AA"
+    found = {}
+    for patient_id in (ALMA, BRUNO):
+        query = Query("STUDY", {"PatientID": patient_id})
+        (row,) = find(local.catalog, query, _never)
+        found[patient_id] = row["OtherPatientIDs"]
+    assert found == {ALMA: "PAT-NEW\\PAT-X", BRUNO: None}

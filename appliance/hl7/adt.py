@@ -13,7 +13,8 @@ namespace of component 4 (PID-3.4, MRG-1.4), matched with
 IssuerOfPatientID. Attributes become DICOM values: PID-5 (XPN family^given^
 middle^suffix^prefix) as PatientName family^given^middle^prefix^suffix,
 PID-7 as PatientBirthDate, PID-8 as PatientSex (F, M; O, A, N as O; U as
-unknown), and for A08/A31 the further PID-3 repetitions as OtherPatientIDs.
+unknown), and for A08/A31 the other PID-3 repetitions as OtherPatientIDs
+(the catalog leaves out the patient's own ID).
 An empty field leaves the attribute as it is; ``""`` (HL7's null) clears it.
 Every value is held to the length of the DICOM attribute it becomes
 (:mod:`appliance.hl7.bounds`); a longer one is refused, never cut.
