@@ -58,6 +58,12 @@ CHANGE_ID = "change-id"
 EVENTS = {"A08": UPDATE, "A31": UPDATE, "A40": MERGE, "A47": CHANGE_ID}
 
 _NULL = '""'
+# The most PID/MRG pairs an A40 may carry. Each pair is read by looking its
+# segments up from the start of the message, so that the time grows with
+# the square of the pairs: 3,000 took over four minutes of a core, a
+# message of hl7.max_message_bytes would take hours. Registration sends
+# one pair, now and then a few.
+MAX_MERGE_PAIRS = 100
 _SEX = {"F": "F", "M": "M", "O": "O", "A": "O", "N": "O", "U": None}
 _DATE = re.compile(r"^(\d{4})(\d{2})(\d{2})")
 # No control character, ESC included: PS3.5 6.1.3 lets ESC into PN and LO
@@ -156,6 +162,14 @@ def _merge_pairs(message: hl7.Message) -> int:
             SEGMENT_SEQUENCE_ERROR,
             f"PID^{merges + 1}",
             f"PID {merges + 1} has no MRG after it (an A40 carries PID/MRG pairs)",
+        )
+    if pids > MAX_MERGE_PAIRS:
+        raise MessageError(
+            "AE",
+            SEGMENT_SEQUENCE_ERROR,
+            f"PID^{MAX_MERGE_PAIRS + 1}",
+            f"{pids} PID/MRG pairs; an A40 may carry {MAX_MERGE_PAIRS}: send "
+            "the others in further messages",
         )
     return pids
 
