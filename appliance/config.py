@@ -475,6 +475,15 @@ KEYS: tuple[Key, ...] = (
     ),
     Key(
         "commitment",
+        "max_references",
+        50000,
+        "Most instances one storage commitment request may name; a longer "
+        "request is refused with 0x0213 (resource limitation) before it is "
+        "decoded, so that it cannot hold a worker for minutes.",
+        _integer(1, 1_000_000),
+    ),
+    Key(
+        "commitment",
         "retention_days",
         30,
         "Days a commitment transaction is remembered (a repeated request is "

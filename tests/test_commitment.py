@@ -24,11 +24,13 @@ from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association
+from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
 
 from appliance.catalog import commitments
 from appliance.catalog.commitments import Transaction
 from appliance.catalog.store import Catalog
+from appliance.commitment import messages
 from appliance.commitment.process import Reporter
 from appliance.config import Config, Peer
 from appliance.config import defaults as config_defaults
@@ -925,3 +927,61 @@ def test_a_requester_not_reached_is_tried_once_per_pass(
 
     tried = [commitments.get(catalog, t.uid) for t in (first, second)]
     assert [t.attempts for t in tried if t is not None] == [1, 0]
+
+
+def test_a_request_over_max_references_is_refused_before_it_is_recorded(
+    appliance_factory, tmp_path: Path
+) -> None:
+    modality = Requester()
+    modality.listen()
+    node = appliance_factory(
+        {"replication": {"enabled": False}, "commitment": {"max_references": 3}},
+        peers=[modality.peer],
+    ).start()
+    try:
+        stored = store(node, tmp_path, "bounded", 3)
+        unknown = [(CT_IMAGE, generate_uid()) for _ in range(200)]
+
+        # One over: decoded and counted. Far over: refused from its size.
+        one_over = modality.request(
+            node.port,
+            action_information(generate_uid(), [*stored, unknown[0]]),
+            keep_open=False,
+        )
+        far_over = modality.request(
+            node.port, action_information(generate_uid(), unknown), keep_open=False
+        )
+        allowed = modality.request(node.port, action_information("1.2.3.9", stored))
+
+        assert (one_over, far_over, allowed) == (0x0213, 0x0213, 0x0000)
+        report = modality.next_report()
+        assert report.transaction_uid == "1.2.3.9" and report.event_type == 1
+        modality.no_report(wait=0.5)
+        log = node.log()
+        assert "refused (0x0213): 4 references, over commitment.max_references" in log
+        assert "refused (0x0213): more than 3 references" in log
+        assert log.count("storage commitment 1.2.3.9 from") == 1
+        catalog = Catalog(node.data_dir / "catalog", readonly=True)
+        try:
+            with catalog.read() as txn:
+                recorded = [uid for uid, _ in catalog.all_records(txn, "commitments")]
+        finally:
+            catalog.close()
+        assert recorded == ["1.2.3.9"]
+    finally:
+        modality.stop()
+
+
+def test_a_deflated_request_is_measured_inflated() -> None:
+    information = action_information(
+        generate_uid(), [(CT_IMAGE, f"1.2.3.{n}") for n in range(300)]
+    )
+    deflated = encode(information, False, True, deflated=True)
+    assert deflated is not None
+    # Compressed, 300 references take fewer bytes than 3 may.
+    messages.check_size(deflated, False, 3)
+
+    with pytest.raises(messages.BadRequest) as refused:
+        messages.check_size(deflated, True, 3)
+    assert refused.value.status == 0x0213
+    messages.check_size(deflated, True, 300)

@@ -7,6 +7,7 @@ and catalog. All patients, names and IDs are made up.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from appliance.catalog import replication
 from appliance.catalog.query import Query, find
 from appliance.catalog.records import patient_key
 from appliance.catalog.store import merged_into
+from appliance.hl7.adt import MAX_MERGE_PAIRS
 from appliance.hl7.listener import ListenerSettings
 from tests.hl7_site import Hl7Site, running
 
@@ -133,3 +135,22 @@ def location(ack: hl7.Message) -> str:
 
 def _never() -> bool:
     return False
+
+
+def test_an_a40_with_too_many_pairs_is_refused_at_once(site: Site) -> None:
+    a = site.store("PAT-A")
+    pairs = [(f"PAT-N{n}", f"PAT-O{n}") for n in range(1500)]
+    pairs[0] = ("PAT-Z", "PAT-A")
+
+    started = time.monotonic()
+    too_many = site.send(a40("T7", *pairs))
+    took = time.monotonic() - started
+    allowed = site.send(a40("T8", *pairs[:MAX_MERGE_PAIRS]))
+
+    # Reading 1,500 pairs took about a minute of a core (3,000: four).
+    assert took < 5
+    assert str(too_many["MSA.F1"]) == "AE" and str(too_many["ERR.F3.R1.C1"]) == "100"
+    assert location(too_many) == f"PID^{MAX_MERGE_PAIRS + 1}"
+    assert "1500 PID/MRG pairs" in str(too_many["MSA.F3"])
+    assert str(allowed["MSA.F1"]) == "AA"
+    assert site.studies() == {a: "PAT-Z"}

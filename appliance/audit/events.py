@@ -21,7 +21,8 @@ class Peer:
 
     ae_title: str
     address: str = ""
-    # A person's account (the HTTP server's), not an AE title.
+    # A user that is no AE title: a person's account (the HTTP server's),
+    # an HL7 application (MSH-3^MSH-4).
     account: bool = False
 
 

@@ -24,7 +24,7 @@ class RepeatedRefusals:
         self._lock = threading.Lock()
 
     def refused(self, peer: str, reason: str) -> None:
-        host = _host_of(peer)
+        host = host_of(peer)
         with self._lock:
             count = self._counts.get(host, 0) + 1
             self._counts[host] = count
@@ -43,10 +43,10 @@ class RepeatedRefusals:
 
     def accepted(self, peer: str) -> None:
         with self._lock:
-            self._counts.pop(_host_of(peer), None)
+            self._counts.pop(host_of(peer), None)
 
 
-def _host_of(peer: str) -> str:
+def host_of(peer: str) -> str:
     """ "192.0.2.1:40000" or "[::1]:40000" without the port."""
     host, separator, port = peer.rpartition(":")
     if not separator or not port.isdigit():

@@ -101,9 +101,29 @@ def update(
                 "patient); send the update with the surviving identifier",
                 location,
             )
-        return _apply_update(catalog, txn, key, demographics)
+        return _apply_update(
+            catalog, txn, key, _others(demographics, identifiers, index)
+        )
     key = patient_key(*identifiers[0])
     return Change("not held: nothing to change", key, reference(catalog, txn, key))
+
+
+def _others(
+    demographics: Demographics, identifiers: list[Identifier], used: int
+) -> Demographics:
+    """``demographics`` with OtherPatientIDs made of the identifiers of
+    PID-3 but the patient's own ID, the ``used``-th: the first repetition
+    is another ID when a later one named the patient."""
+    if "OtherPatientIDs" not in demographics:
+        return demographics
+    own = identifiers[used][0]
+    others = dict.fromkeys(pid for pid, _issuer in identifiers if pid != own)
+    changed = dict(demographics)
+    if others:
+        changed["OtherPatientIDs"] = "\\".join(others)
+    else:
+        del changed["OtherPatientIDs"]
+    return changed
 
 
 def merge(

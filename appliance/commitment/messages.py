@@ -19,6 +19,7 @@ type 2, the Failed SOP Sequence with a Failure Reason per instance
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
@@ -40,6 +41,7 @@ NO_SUCH_INSTANCE = 0x0112
 INVALID_ARGUMENT = 0x0115
 NO_SUCH_ACTION = 0x0123
 NOT_AUTHORISED = 0x0124
+RESOURCE_LIMITATION = 0x0213
 
 # Failure Reasons (PS3.3 C.14.1.1).
 FAILED_PROCESSING = 0x0110
@@ -47,6 +49,14 @@ FAILED_NO_SUCH_INSTANCE = 0x0112
 FAILED_CLASS_CONFLICT = 0x0119
 
 _UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+# The most bytes one reference takes in an encoded Action Information: an
+# item header and delimiter, and two UI elements of 64 characters with
+# their 8-byte headers (explicit or implicit VR, PS3.5 7.1 and 7.5).
+_LARGEST_REFERENCE = 8 + 8 + 2 * (8 + 64)
+# The Transaction UID, the sequence's header and delimiter, and room for
+# an element or two more.
+_LARGEST_REST = 1024
 
 
 class BadRequest(Exception):
@@ -71,6 +81,38 @@ def is_uid(value: object) -> bool:
     """A UID as PS3.5 9.1 has it: digits and dots, at most 64 characters."""
     text = str(value) if value is not None else ""
     return 0 < len(text) <= 64 and _UID.fullmatch(text) is not None
+
+
+def check_size(encoded: bytes, deflated: bool, max_references: int) -> None:
+    """BadRequest (0x0213) when the encoded Action Information is longer
+    than ``max_references`` references can be, before it is decoded: a
+    list of a million references holds a worker for minutes and takes
+    gigabytes once decoded. A deflated one is inflated only that far."""
+    limit = max_references * _LARGEST_REFERENCE + _LARGEST_REST
+    size = len(encoded)
+    if deflated:
+        try:
+            size = len(
+                zlib.decompressobj(-zlib.MAX_WBITS).decompress(encoded, limit + 1)
+            )
+        except zlib.error:
+            return  # decoding says what is wrong with it
+    if size > limit:
+        raise BadRequest(
+            RESOURCE_LIMITATION,
+            f"more than {max_references} references (commitment.max_references)",
+        )
+
+
+def check_count(request: Request, max_references: int) -> None:
+    """BadRequest (0x0213) for a request naming more instances than
+    ``max_references``."""
+    count = len(request.references)
+    if count > max_references:
+        raise BadRequest(
+            RESOURCE_LIMITATION,
+            f"{count} references, over commitment.max_references ({max_references})",
+        )
 
 
 def read_request(action_information: Dataset) -> Request:

@@ -84,6 +84,7 @@ class CommitmentSCP:
         self.require_offsite: bool = config.get("commitment.require_offsite")
         self.timeout: float = config.get("commitment.timeout")
         self.dimse_timeout: float = config.get("timeouts.dimse")
+        self.max_references: int = config.get("commitment.max_references")
         # Association (by id) -> the transaction just answered, and whether
         # it is new (to be judged) or repeated (its report to be sent again).
         self._due: dict[int, tuple[Transaction, bool]] = {}
@@ -124,9 +125,10 @@ class CommitmentSCP:
             raise BadRequest(
                 messages.NO_SUCH_INSTANCE, f"requested SOP instance {instance!r}"
             )
+        self._check_size(request, event.context.transfer_syntax.is_deflated)
         try:
             information = event.action_information
-            return messages.read_request(information)
+            found = messages.read_request(information)
         except BadRequest:
             raise
         except Exception as exc:
@@ -134,6 +136,16 @@ class CommitmentSCP:
                 messages.PROCESSING_FAILURE,
                 f"cannot decode the Action Information: {exc}",
             ) from exc
+        messages.check_count(found, self.max_references)
+        return found
+
+    def _check_size(self, request: N_ACTION, deflated: bool) -> None:
+        """Refuse an Action Information too long for the references allowed
+        before pynetdicom decodes it."""
+        encoded = request.ActionInformation
+        if not isinstance(encoded, BytesIO):
+            return
+        messages.check_size(encoded.getvalue(), deflated, self.max_references)
 
     def _hold(self, now: float) -> float:
         """Until when the commitment process leaves a transaction to the

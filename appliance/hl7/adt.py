@@ -13,7 +13,8 @@ namespace of component 4 (PID-3.4, MRG-1.4), matched with
 IssuerOfPatientID. Attributes become DICOM values: PID-5 (XPN family^given^
 middle^suffix^prefix) as PatientName family^given^middle^prefix^suffix,
 PID-7 as PatientBirthDate, PID-8 as PatientSex (F, M; O, A, N as O; U as
-unknown), and for A08/A31 the further PID-3 repetitions as OtherPatientIDs.
+unknown), and for A08/A31 the other PID-3 repetitions as OtherPatientIDs
+(the catalog leaves out the patient's own ID).
 An empty field leaves the attribute as it is; ``""`` (HL7's null) clears it.
 Every value is held to the length of the DICOM attribute it becomes
 (:mod:`appliance.hl7.bounds`); a longer one is refused, never cut.
@@ -57,10 +58,20 @@ CHANGE_ID = "change-id"
 EVENTS = {"A08": UPDATE, "A31": UPDATE, "A40": MERGE, "A47": CHANGE_ID}
 
 _NULL = '""'
+# The most PID/MRG pairs an A40 may carry. Each pair is read by looking its
+# segments up from the start of the message, so that the time grows with
+# the square of the pairs: 3,000 took over four minutes of a core, a
+# message of hl7.max_message_bytes would take hours. Registration sends
+# one pair, now and then a few.
+MAX_MERGE_PAIRS = 100
+_READ = ("MSH", "EVN", "PID", "MRG")
 _SEX = {"F": "F", "M": "M", "O": "O", "A": "O", "N": "O", "U": None}
 _DATE = re.compile(r"^(\d{4})(\d{2})(\d{2})")
-# DICOM PN and LO: no control character but ESC (PS3.5 section 6.1.3).
-_CONTROL = re.compile(r"[\x00-\x1a\x1c-\x1f\x7f]")
+# No control character, ESC included: PS3.5 6.1.3 lets ESC into PN and LO
+# only as the bytes of an ISO 2022 code extension, and a message decoded
+# from UTF-8, ASCII or ISO 8859 (MSH-18) has none. An ESC left in the text
+# would be sent as such, a name no workstation can show.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -100,6 +111,7 @@ def read(message: hl7.Message, control_id: str, sender: str) -> PatientMessage:
             f"ADT^{event or '(empty)'} is not handled (A08, A31, A40, A47 are)",
         )
     action = EVENTS[event]
+    message = _patient_segments(message)
     _require_segment(message, "PID")
     pairs = _merge_pairs(message) if event == "A40" else 1
     changes = tuple(_change_of_pair(message, action, n) for n in range(1, pairs + 1))
@@ -110,6 +122,15 @@ def read(message: hl7.Message, control_id: str, sender: str) -> PatientMessage:
         action=action,
         changes=changes,
     )
+
+
+def _patient_segments(message: hl7.Message) -> hl7.Message:
+    """The message with only the segments read here. python-hl7 looks a
+    field up by scanning every segment of the message, and each repetition
+    of PID-3 is looked up: 2,000 repetitions and 2,000 other segments took
+    6 s, a message of hl7.max_message_bytes would take an hour."""
+    kept = [segment for segment in message if str(segment[0]) in _READ]
+    return message.create_message(kept)
 
 
 def _change_of_pair(message: hl7.Message, action: str, number: int) -> PatientChange:
@@ -152,6 +173,14 @@ def _merge_pairs(message: hl7.Message) -> int:
             SEGMENT_SEQUENCE_ERROR,
             f"PID^{merges + 1}",
             f"PID {merges + 1} has no MRG after it (an A40 carries PID/MRG pairs)",
+        )
+    if pids > MAX_MERGE_PAIRS:
+        raise MessageError(
+            "AE",
+            SEGMENT_SEQUENCE_ERROR,
+            f"PID^{MAX_MERGE_PAIRS + 1}",
+            f"{pids} PID/MRG pairs; an A40 may carry {MAX_MERGE_PAIRS}: send "
+            "the others in further messages",
         )
     return pids
 
@@ -209,7 +238,17 @@ def _identifiers(
 
 
 def _kept(value: str, location: str) -> str:
-    """An identifier or issuer (LO), checked."""
+    """An identifier or issuer (LO), checked. A backslash (HL7 ``\\E\\``) is
+    refused: it separates the values of a DICOM attribute (PS3.5 6.4), so
+    that an ID holding one would be sent as two."""
+    if "\\" in value:
+        raise MessageError(
+            "AE",
+            DATA_TYPE_ERROR,
+            location,
+            f"a backslash in {bounds.field_name(location)}: a DICOM "
+            "identifier cannot hold one",
+        )
     return _bounded(_identifier(value, location), bounds.LONG_STRING, location)
 
 

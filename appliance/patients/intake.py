@@ -24,6 +24,7 @@ import lmdb
 
 from appliance import audit
 from appliance.audit import codes
+from appliance.audit.offenders import host_of
 from appliance.audit.trail import Trail
 from appliance.catalog import patients
 from appliance.catalog.store import Catalog
@@ -89,7 +90,9 @@ def _audit(
     trail: Trail | None, done: patients.Change, message: PatientMessage, peer: str
 ) -> None:
     """Record a patient record updated (A08, A31) or merged (A40, A47), after
-    the commit; a message that changed nothing leaves no record."""
+    the commit; a message that changed nothing leaves no record. The
+    requestor is the sending application (MSH-3^MSH-4) on its host: the
+    network access point is an address without the port (PS3.15 A.5.2)."""
     if done.action not in (_UPDATED, _MERGED, _IDENTIFIER_CHANGED):
         return
     patient_id = done.patient.partition("\x00")[0]
@@ -99,9 +102,14 @@ def _audit(
         codes.UPDATE,
         patient_id,
         description=f"HL7 {message.message_type}: patient record {done.action}",
-        source=audit.Peer("", peer),
+        source=audit.Peer(_application(message), host_of(peer), account=True),
         other_patient_ids=merged,
     )
+
+
+def _application(message: PatientMessage) -> str:
+    """MSH-3^MSH-4, or '' when the message names neither."""
+    return message.sender if message.sender.strip("^") else ""
 
 
 def _apply(
