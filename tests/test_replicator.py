@@ -848,6 +848,33 @@ def test_with_a_verifier_each_pack_is_read_back_while_the_next_uploads(
     _assert_each_instance_offsite_once(site)
 
 
+def test_with_a_verifier_the_pack_after_the_next_is_written_while_it_uploads(
+    site: Site,
+) -> None:
+    site.store("ahead-beside", 5)
+    mirror, reader = FlakyMirror(site.mirror), FlakyMirror(site.mirror)
+    replicator = _one_per_pack(site, mirror, verifier=reader)
+    spooled_while_uploading: dict[str, list[str]] = {}
+    real_put = mirror.put
+
+    def put_and_look(name, *args, **kwargs):
+        if name.startswith("packs/"):
+            time.sleep(0.3)  # long enough for the pack after it to be written
+            spooled_while_uploading[_pack_of(name)] = _spooled(site)
+        real_put(name, *args, **kwargs)
+
+    mirror.put = put_and_look  # type: ignore[method-assign]
+    sent = _send_everything(replicator)
+
+    assert sent == [f"p-{n:09d}" for n in range(1, 6)]
+    # Pack n uploaded (beside the read-back of n - 1) while n + 1 was
+    # written, not after.
+    for number in range(1, 5):
+        listing = spooled_while_uploading[f"p-{number:09d}"]
+        assert f"p-{number + 1:09d}.json" in listing, (number, listing)
+    _assert_each_instance_offsite_once(site)
+
+
 def _pack_of(name: str) -> str:
     return name.rsplit("/", 1)[1].removesuffix(".pack")
 

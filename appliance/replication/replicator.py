@@ -356,7 +356,9 @@ class Replicator:
         written or ``prepare_ahead`` packs wait in the spool unsent (the
         one uploading now counts among them)."""
         if self._ahead is not None:
-            return
+            if not self._ahead.done():
+                return
+            self._collect()
         unsent = [p for p in self._pending.packs() if p.pack_id not in self._uploaded]
         if len(unsent) > self.settings.prepare_ahead:
             return
@@ -415,8 +417,10 @@ class Replicator:
                 self._collect()
                 following = self._spooled_after(current.pack_id)
             if following is not None:
-                self._upload(following)
+                # The pack after it is written while it uploads: writing is
+                # the slowest step, and it waits for nothing else.
                 self._prepare_ahead()
+                self._upload(following)
         except LimiterClosed:
             # The service is stopping: the pack goes at the next start.
             logger.debug("the pack after %s waits for the next start", current.pack_id)
