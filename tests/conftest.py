@@ -245,3 +245,4 @@ def dcmtk(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 # The lost archive and its mirror that every restore test starts from; at
 # the end, since that module needs what is above.
 from tests.restore_site import disaster, site  # noqa: E402, F401
+from tests.sshd import sshd  # noqa: E402, F401

@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -187,3 +188,15 @@ class Sshd:
     @staticmethod
     def _public(key: Path) -> str:
         return key.with_suffix(".pub").read_text().strip() + "\n"
+
+
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[Sshd]:
+    """A server of the test's own (to stop, kill or re-key at will), stopped
+    after it; every test module has it through conftest."""
+    server = Sshd(tmp_path / "sshd")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -190,16 +190,6 @@ def test_a_pack_lost_on_our_mirror_is_queued_again_and_a_wrong_path_blames_none(
     assert archive.offsite() == (["p-000000002"], 2)
 
 
-@pytest.fixture
-def sshd(tmp_path: Path) -> Iterator[Sshd]:
-    server = Sshd(tmp_path / "sshd")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def _sftp(server: Sshd, folder: Path, client: str) -> dict[str, object]:
     return {"kind": "sftp", "client": client, **sftp_settings(server, folder)}
 

@@ -10,11 +10,9 @@ from __future__ import annotations
 import hashlib
 import io
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-
-import pytest
 
 from appliance.hsm import failures
 from appliance.hsm.failures import Failure
@@ -284,16 +282,6 @@ def test_an_instance_the_manifest_does_not_list(disaster, site) -> None:
     assert problem["pack_id"] == "p-000000003"
     uid = first.sop_instance_uid
     assert restored.held()[0] == {k: v for k, v in held.items() if k != uid}
-
-
-@pytest.fixture
-def sshd(tmp_path: Path) -> Iterator[Sshd]:
-    server = Sshd(tmp_path / "sshd")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def test_reasons_over_sftp(disaster, tmp_path: Path, sshd: Sshd) -> None:

@@ -9,11 +9,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
-import pytest
 from pydicom.dataset import Dataset
 
 from tests import dicom_client as client
@@ -53,16 +51,6 @@ IMAGE_KEYS = (
     "Rows",
     "Columns",
 )
-
-
-@pytest.fixture
-def sshd(tmp_path: Path) -> Iterator[Sshd]:
-    server = Sshd(tmp_path / "sshd")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _settings(sshd: Sshd, root: Path) -> dict[str, dict[str, object]]:

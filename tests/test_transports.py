@@ -170,17 +170,6 @@ def shared_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
         server.stop()
 
 
-@pytest.fixture
-def sshd(tmp_path: Path) -> Iterator[Sshd]:
-    """A server of this test's own, to stop, kill or re-key."""
-    server = Sshd(tmp_path / "sshd")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def make_root(tmp_path: Path) -> tuple[Path, Path]:
     root, local = tmp_path / "mirror", tmp_path / "local"
     root.mkdir()
