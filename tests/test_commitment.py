@@ -339,6 +339,50 @@ def test_unknown_instance_and_wrong_class_fail_with_their_reasons(
     assert report.failed() == {unknown: 0x0112, wrong_class: 0x0119}
 
 
+def test_an_instance_named_twice_is_reported_once(
+    appliance: Appliance, requester: Requester, tmp_path: Path
+) -> None:
+    stored = store(appliance, tmp_path, "named-twice", 2)
+    references = [stored[0], stored[1], stored[0], stored[0]]
+
+    status = requester.request(
+        appliance.port, action_information(generate_uid(), references)
+    )
+
+    assert status == 0x0000
+    report = requester.next_report()
+    assert report.event_type == 1
+    assert _listed(report, "ReferencedSOPSequence") == stored
+    assert "FailedSOPSequence" not in report.information
+
+
+def test_an_instance_named_under_two_classes_only_fails(
+    appliance: Appliance, requester: Requester, tmp_path: Path
+) -> None:
+    stored = store(appliance, tmp_path, "two-classes", 2)
+    other_class = (MR_IMAGE, stored[1][1])
+    references = [stored[0], stored[1], other_class, stored[1]]
+
+    status = requester.request(
+        appliance.port, action_information(generate_uid(), references)
+    )
+
+    assert status == 0x0000
+    report = requester.next_report()
+    assert report.event_type == 2
+    assert _listed(report, "ReferencedSOPSequence") == [stored[0]]
+    failed = report.information.FailedSOPSequence
+    assert [(*_pair(item), int(item.FailureReason)) for item in failed] == [
+        (*stored[1], 0x0119),
+        (*other_class, 0x0119),
+    ]
+
+
+def _listed(report: Report, keyword: str) -> list[tuple[str, str]]:
+    """The references of one sequence of ``report``, repeats included."""
+    return [_pair(item) for item in report.information.get(keyword, [])]
+
+
 def test_an_instance_whose_online_file_is_gone_is_not_committed(
     appliance: Appliance, requester: Requester, tmp_path: Path
 ) -> None:

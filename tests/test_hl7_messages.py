@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import calendar
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -74,6 +75,25 @@ def test_every_repetition_of_pid3_is_a_patient_identifier() -> None:
         PatientIdentifier("PAT-0042", "CITYHOSP"),
         PatientIdentifier("99-12", "REGION"),
     )
+
+
+@pytest.mark.parametrize(("build", "repeated"), [(siu, "AIS"), (orm, "OBR")])
+def test_many_identifiers_among_many_segments_are_read_at_once(
+    build: Callable[..., str], repeated: str
+) -> None:
+    others = "~".join(f"PAT-X{n}^^^OTHER" for n in range(2000))
+    text = build(patient=f"PAT-0042^^^CITYHOSP^MR~{others}")
+    # Segments not read, and more of a kind read of which only the first is.
+    text += "".join(f"ZXX|{n}\r{repeated}|{n + 2}\r" for n in range(8000))
+
+    started = time.monotonic()
+    found = read(text)
+    took = time.monotonic() - started
+
+    # Each repetition was looked up across every segment: about 40 s.
+    assert took < 5
+    assert len(found.patients) == 2001
+    assert found.patients[0] == PatientIdentifier("PAT-0042", "CITYHOSP")
 
 
 def test_escape_sequences_are_undone() -> None:

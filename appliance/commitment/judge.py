@@ -59,12 +59,35 @@ def judge(
     references: list[list[str]],
     require_offsite: bool,
 ) -> list[Finding]:
-    """A finding per reference, in order, from one catalog snapshot."""
+    """A finding per distinct reference, in the order first named, from one
+    catalog snapshot. PS3.4 J.3.3.1.2 has the report cover the set of
+    instances requested: a reference named twice is reported once, and an
+    instance is never both committed and failed (see :func:`_conflicting`).
+    """
+    distinct = list(dict.fromkeys((sop_class, uid) for sop_class, uid in references))
     with catalog.read() as txn:
-        records = [catalog.instance(txn, uid) for _sop_class, uid in references]
-    return [
+        records = [catalog.instance(txn, uid) for _sop_class, uid in distinct]
+    findings = [
         _judge_one(sop_class, uid, record, online, require_offsite)
-        for (sop_class, uid), record in zip(references, records, strict=True)
+        for (sop_class, uid), record in zip(distinct, records, strict=True)
+    ]
+    return _conflicting(findings)
+
+
+def _conflicting(findings: list[Finding]) -> list[Finding]:
+    """``findings`` with every reference to an instance named under more
+    than one SOP Class failed with 0x0119 (class/instance conflict): a
+    modality that reads its report by SOP Instance UID would otherwise find
+    the instance committed under one class and failed under the other, and
+    might delete the only copy it has of what it meant."""
+    classes: dict[str, set[str]] = {}
+    for finding in findings:
+        classes.setdefault(finding.sop_instance, set()).add(finding.sop_class)
+    return [
+        Finding(f.sop_class, f.sop_instance, State.FAILED, FAILED_CLASS_CONFLICT)
+        if len(classes[f.sop_instance]) > 1 and f.state is not State.FAILED
+        else f
+        for f in findings
     ]
 
 

@@ -99,6 +99,8 @@ _KNOWN_ESCAPE = re.compile(
     r"|\.(?:br|sp|fi|nf|in|ti|sk|ce)(?:[-+]?[0-9]{1,2})?)$"
 )
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# The segments :func:`read` takes values from (see the table above).
+_READ = ("MSH", "SCH", "TQ1", "AIS", "PID", "ORC", "OBR", "IPC")
 # At least the day: an appointment needs one.
 _DTM = re.compile(
     r"^(\d{4})(\d{2})(\d{2})(\d{2})?(\d{2})?(\d{2})?(?:\.\d{1,4})?([+-]\d{4})?$"
@@ -289,6 +291,7 @@ def _field_at(text: str, offset: int) -> str:
 
 def read(message: hl7.Message) -> ScheduleMessage:
     """The appointment a parsed message is about, or MessageError."""
+    message = _schedule_segments(message)
     kind, event = _message_type(message)
     control_id, sender = header(message)
     header_fields = {
@@ -313,6 +316,21 @@ def read(message: hl7.Message) -> ScheduleMessage:
         "MSH^1^9^1^1",
         f"message type {kind}^{event} is not handled (SIU, ORM^O01, OMI^O23, ADT are)",
     )
+
+
+def _schedule_segments(message: hl7.Message) -> hl7.Message:
+    """The message with only the segments read here: the first of each
+    kind, the only one read. python-hl7 looks a field up by scanning every
+    segment, and each repetition of PID-3 is looked up: 4,000 repetitions
+    among 40,000 other segments (1 MB, hl7.max_message_bytes) took over
+    three minutes of a core. Other segments of a kind read (a second AIS, OBR) count
+    too, so they go as well."""
+    first: dict[str, hl7.Segment] = {}
+    for segment in message:
+        name = str(segment[0])
+        if name in _READ and name not in first:
+            first[name] = segment
+    return message.create_message(list(first.values()))
 
 
 def header(message: hl7.Message) -> tuple[str, str]:
