@@ -13,7 +13,9 @@ byte.
 
 Over TLS (MLLP on a port of its own), the listener accepts connections
 itself and completes each handshake within ``handshake_timeout`` before the
-connection counts; a failed handshake gets one WARNING line with the peer.
+connection counts; a failed handshake gets one WARNING line with the peer,
+at most once a minute per address (each one still goes to
+``on_tls_failure``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from appliance.hl7.messages import (
     MessageError,
     header_alone,
 )
+from appliance.peer_warnings import PeerWarnings
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,9 @@ logger = logging.getLogger(__name__)
 Handler = Callable[[bytes, str], bytes]
 
 _READ_SIZE = 65536
+
+# What a peer can cause at will, logged once a minute per address.
+_TLS_FAILED = PeerWarnings(logger, "HL7 TLS handshakes failed")
 
 
 @dataclass(frozen=True)
@@ -149,7 +155,12 @@ class Listener:
                 ssl_handshake_timeout=self.settings.handshake_timeout,
             )
         except (OSError, ssl.SSLError) as exc:
-            logger.warning("HL7 TLS handshake with %s failed: %s", peer, _reason(exc))
+            _TLS_FAILED.warning(
+                _address(peer),
+                "HL7 TLS handshake with %s failed: %s",
+                peer,
+                _reason(exc),
+            )
             self.on_tls_failure(peer, _reason(exc))
             connection.close()
             return
@@ -307,3 +318,9 @@ def _describe(peer: object) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         return f"{peer[0]}:{peer[1]}"
     return str(peer)
+
+
+def _address(peer: str) -> str:
+    """The address of ``peer`` (as _describe writes it), without the port:
+    what warnings a peer can cause at will are limited by."""
+    return peer.rpartition(":")[0]
