@@ -9,7 +9,9 @@ A connection silent for ``idle_timeout`` seconds is closed: RIS interfaces
 reconnect when they have something to send, and a half-open connection
 would otherwise hold its slot for ever. Noise between frames and frames over
 ``max_message_bytes`` are logged once per connection and per kind, not per
-byte.
+byte; noise also at most once a minute per address, the others counted
+(:mod:`appliance.peer_warnings`), since a peer can open connections to send
+it at will.
 
 Over TLS (MLLP on a port of its own), the listener accepts connections
 itself and completes each handshake within ``handshake_timeout`` before the
@@ -46,6 +48,7 @@ _READ_SIZE = 65536
 
 # What a peer can cause at will, logged once a minute per address.
 _TLS_FAILED = PeerWarnings(logger, "HL7 TLS handshakes failed")
+_NOISE = PeerWarnings(logger, "HL7 connections with bytes outside MLLP frames")
 
 
 @dataclass(frozen=True)
@@ -266,7 +269,8 @@ class Listener:
     def _note_problems(self, peer: str, received: Received, noted: set[str]) -> None:
         if received.skipped_bytes and "skipped" not in noted:
             noted.add("skipped")
-            logger.warning(
+            _NOISE.warning(
+                _address(peer),
                 "HL7 from %s: %d bytes outside MLLP frames ignored "
                 "(reported once per connection)",
                 peer,
