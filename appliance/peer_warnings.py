@@ -1,8 +1,10 @@
 """Warnings a peer can cause at will, at most one a minute per address.
 
-A peer that opens connections and sends nothing costs the appliance a
-WARNING line each (the DICOM listener's ARTIM timer, the HTTP server's
-``web.header_timeout``): opened by the thousand, they would bury every
+A peer that opens connections and sends nothing, or junk, costs the
+appliance a WARNING line each (the DICOM listener's ARTIM timer and its
+refusal of bytes that are no A-ASSOCIATE-RQ, the HTTP server's
+``web.header_timeout``, bytes outside MLLP frames, a failed TLS handshake
+on the DICOM or HL7 port): opened by the thousand, they would bury every
 other line of the log. So for each address the first such warning in a
 window (60 s) is logged as it comes, and the others of that window are
 only counted; when the window is over, one line says how many there were::

@@ -127,7 +127,8 @@ def test_junk_gets_one_abort_and_one_log_line(appliance: Appliance, junk: str) -
     data, reason = JUNK[junk]
     start = len(appliance.log())
 
-    sock, peer = connect(appliance)
+    # From an address of its own: one a minute per address is logged.
+    sock, peer = connect(appliance, new_address())
     with sock:
         sock.sendall(data)
         received, closed_after = read_until_closed(sock, within=10)
@@ -139,6 +140,31 @@ def test_junk_gets_one_abort_and_one_log_line(appliance: Appliance, junk: str) -
     assert "WARNING" in lines[0]
     assert reason in lines[0]
     assert "pynetdicom" not in appliance.log()[start:]
+    assert_still_serving(appliance)
+
+
+def test_junk_from_one_address_is_logged_once(appliance: Appliance) -> None:
+    """A peer that sends junk on connection after connection gets one line a
+    minute, not one per connection; each still gets its A-ABORT, and another
+    address gets its own line."""
+    start = len(appliance.log())
+    flooding, other = new_address(), new_address()
+    sent = [(flooding, data) for data, _reason in JUNK.values()]
+    sent.append((other, RANDOM))
+
+    answers = []
+    for source, data in sent:
+        sock, _peer = connect(appliance, source)
+        with sock:
+            sock.sendall(data)
+            answers.append(read_until_closed(sock, within=10)[0])
+
+    assert answers == [A_ABORT] * len(sent)
+    from_flooding = log_lines(appliance, start, f"connection from {flooding}:")
+    from_other = wait_for_lines(appliance, start, f"connection from {other}:")
+    assert len(from_flooding) == 1, from_flooding
+    assert len(from_other) == 1, from_other
+    assert "not DICOM" in from_other[0]
     assert_still_serving(appliance)
 
 

@@ -23,6 +23,7 @@ from appliance.hl7.listener import Listener, ListenerSettings, bind
 from appliance.prefetch import appointments
 from appliance.prefetch.intake import Intake
 from tests.hl7_samples import orm, siu
+from tests.loopback import connect_from, new_address
 
 MLLP_SEND = Path(sys.executable).parent / "mllp_send"
 
@@ -43,11 +44,14 @@ def listener(catalog: Catalog) -> Iterator[Listener]:
     running.stop()
 
 
-def converse(listener: Listener, *payloads: bytes, answers: int) -> list[str]:
-    """Send raw bytes, one write each, and read ``answers`` ACKs."""
+def converse(
+    listener: Listener, *payloads: bytes, answers: int, source: str = "127.0.0.1"
+) -> list[str]:
+    """Send raw bytes, one write each, from the loopback address ``source``,
+    and read ``answers`` ACKs."""
     reader = FrameReader(max_message_bytes=1 << 20)
     found: list[bytes] = []
-    with socket.create_connection(listener.address, timeout=10) as sock:
+    with connect_from(source, listener.address[1], timeout=10) as sock:
         for payload in payloads:
             sock.sendall(payload)
         while len(found) < answers:
@@ -138,6 +142,26 @@ def test_garbage_split_bytes_and_two_in_one_write(listener: Listener) -> None:
     acks = converse(listener, *pieces, answers=3)
 
     assert [msa(ack)[1:3] for ack in acks] == [["AA", "G1"], ["AA", "G2"], ["AA", "G3"]]
+
+
+def test_noise_from_one_address_is_logged_once(
+    listener: Listener, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer that sends noise on connection after connection gets one line
+    a minute, not one per connection; its messages are still answered, and
+    another address gets its own line."""
+    flooding, other = new_address(), new_address()
+    sources = [flooding] * 3 + [other]
+
+    with caplog.at_level(logging.WARNING, logger="appliance.hl7.listener"):
+        for number, source in enumerate(sources):
+            message = frame(siu(control_id=f"N{number}").encode())
+            acks = converse(listener, b"noise\r\n" + message, answers=1, source=source)
+            assert [msa(ack)[1:3] for ack in acks] == [["AA", f"N{number}"]]
+
+    noted = [r.getMessage() for r in caplog.records if "outside MLLP" in r.getMessage()]
+    assert sum(f"HL7 from {flooding}:" in line for line in noted) == 1, noted
+    assert sum(f"HL7 from {other}:" in line for line in noted) == 1, noted
 
 
 def test_bad_messages_get_ar_or_ae_with_err_and_change_nothing(

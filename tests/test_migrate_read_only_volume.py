@@ -106,3 +106,35 @@ def test_a_write_protected_cartridge_passes_the_pack_on(tmp_path: Path) -> None:
     assert "VOL001" in warning and "write protected" in warning
     [location] = pack_locations(tmp_path)
     assert location.startswith("VOL002/")
+
+
+def optical_archive(tmp_path: Path) -> tuple[Path, Path]:
+    """As archive_with_volumes, with VOL001 and VOL002 as optical volumes;
+    the rules and the folder of their images."""
+    discs = tmp_path / "discs"
+    discs.mkdir()
+    rules = archive_with_volumes(
+        tmp_path, f'[volumes]\nkind = "optical"\npath = "{discs}"\n'
+    )
+    return rules, discs
+
+
+def test_a_read_only_disc_image_passes_the_pack_on(tmp_path: Path) -> None:
+    """An optical volume whose image may not be written (here a read-only
+    mount of the image alone) is passed over as a read-only folder is; its
+    image is untouched and nothing is left in the staging folder."""
+    rules, discs = optical_archive(tmp_path)
+    size = (discs / "VOL001.iso").stat().st_size
+
+    with read_only(discs / "VOL001.iso"):
+        moved = run(rules, "migrate", "--now")
+
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    assert "1 copy(ies) made, 1 release(s), 0 failed" in moved.stdout
+    [warning] = volume_warnings(moved.stderr)
+    assert "cannot write to volume VOL001: Read-only file system" in warning
+    assert " ERROR " not in moved.stderr
+    [location] = pack_locations(tmp_path)
+    assert location.startswith("VOL002/")
+    assert (discs / "VOL001.iso").stat().st_size == size
+    assert list((discs / ".staging").iterdir()) == []

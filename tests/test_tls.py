@@ -41,6 +41,7 @@ from tests.conftest import (
     require_dcmtk,
 )
 from tests.hl7_samples import siu
+from tests.loopback import connect_from, new_address
 from tests.ports import held_port, wait_listening
 
 CT_FILE = TEST_FILES / "CT_small.dcm"
@@ -206,11 +207,12 @@ def wait_for(condition: Callable[[], object], timeout: float = 20.0) -> None:
 
 
 def _handshake(port: int, pki: Pki, setup: Callable[[ssl.SSLContext], None]) -> str:
-    """A Python TLS client's handshake with the appliance: the version it got."""
+    """A Python TLS client's handshake with the appliance: the version it got.
+    Each from a loopback address of its own: a failed one gets its line."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.load_verify_locations(cafile=str(pki.ca.certificate))
     setup(context)
-    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    raw = connect_from(new_address(), port, timeout=10)
     with raw, context.wrap_socket(raw, server_hostname="127.0.0.1") as secured:
         assert secured.compression() is None
         return str(secured.version())
@@ -314,7 +316,7 @@ def test_a_tls_11_client_is_refused(open_node: Node, pki: Pki) -> None:
         _handshake(open_node.tls_port, pki, tls11)
 
     wait_for(lambda: "failed" in open_node.new_log(since))
-    refused = _lines(open_node.new_log(since), "TLS handshake with 127.0.0.1:")
+    refused = _lines(open_node.new_log(since), "TLS handshake with 127.")
     assert len(refused) == 1
     # TLS 1.1 has no AEAD suites either: OpenSSL may name either reason.
     assert re.search("UNSUPPORTED_PROTOCOL|NO_SHARED_CIPHER", refused[0])
@@ -340,6 +342,37 @@ def test_a_plain_client_on_the_tls_port_fails_and_the_service_stays_up(
     assert open_node.appliance.process.poll() is None
 
 
+def _plain_on_tls_port(source: str, port: int) -> None:
+    """Bytes that are no TLS hello, from ``source``; returns once the
+    appliance has closed the connection."""
+    with connect_from(source, port, timeout=10) as raw:
+        raw.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        with contextlib.suppress(ConnectionResetError):
+            while raw.recv(4096):
+                pass
+
+
+def test_failed_handshakes_from_one_address_are_logged_once(
+    open_node: Node,
+) -> None:
+    """A client that fails handshake after handshake gets one line a minute,
+    not one per connection; each failure is still a security alert, and
+    another address gets its own line."""
+    since = len(open_node.appliance.log())
+    alerts_before = len(_tls_alerts(open_node))
+    flooding, other = new_address(), new_address()
+    for source in [flooding] * 3 + [other]:
+        _plain_on_tls_port(source, open_node.tls_port)
+    wait_for(lambda: len(_tls_alerts(open_node)) >= alerts_before + 4)
+
+    log = open_node.new_log(since)
+    assert len(_lines(log, f"TLS handshake with {flooding}:")) == 1
+    assert len(_lines(log, f"TLS handshake with {other}:")) == 1
+    alerts = _tls_alerts(open_node)[alerts_before:]
+    assert sum(flooding in alert for alert in alerts) == 3
+    assert client.echo(open_node.appliance.port) == 0x0000
+
+
 # -- client certificates ----------------------------------------------------------
 
 
@@ -347,25 +380,30 @@ def test_verify_clients_refuses_clients_without_a_certificate_of_the_ca(
     strict_node: Node, pki: Pki
 ) -> None:
     since = len(strict_node.appliance.log())
+    alerts_before = len(_tls_alerts(strict_node))
     anonymous = storescu(strict_node.tls_port, _tls_options(pki, None))
     foreign = storescu(strict_node.tls_port, _tls_options(pki, pki.rogue_ct1))
-    wait_for(lambda: len(_lines(strict_node.new_log(since), "TLS handshake")) >= 2)
+    wait_for(lambda: len(_tls_alerts(strict_node)) >= alerts_before + 2)
     valid = storescu(strict_node.tls_port, _tls_options(pki, pki.ct1))
 
     assert not _stored(anonymous)
     assert not _stored(foreign)
     assert _stored(valid), valid.stderr
+    # Both clients came from 127.0.0.1 within a minute: the first failure
+    # is logged, the second counted; the audit trail has each.
     failures = _lines(strict_node.new_log(since), "TLS handshake with 127.0.0.1:")
-    assert len(failures) == 2
+    assert len(failures) == 1
     assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in failures[0].upper()
-    assert "CERTIFICATE_VERIFY_FAILED" in failures[1].upper()
+    alerts = _tls_alerts(strict_node)[alerts_before:]
+    assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in alerts[0].upper()
+    assert "CERTIFICATE_VERIFY_FAILED" in alerts[1].upper()
 
 
 def test_a_silent_client_holds_up_no_one_and_is_cut_off(
     strict_node: Node, pki: Pki
 ) -> None:
     since = len(strict_node.appliance.log())
-    with socket.create_connection(("127.0.0.1", strict_node.tls_port)) as silent:
+    with connect_from(new_address(), strict_node.tls_port) as silent:
         served = storescu(strict_node.tls_port, _tls_options(pki, pki.ws9))
         wait_for(lambda: "TLS handshake with" in strict_node.new_log(since))
         silent.settimeout(10)
@@ -675,10 +713,37 @@ def test_a_plain_client_on_the_hl7_tls_port_is_logged_once(open_node: Node) -> N
     assert "HL7 TLS handshake failed" in _alerts(open_node)
 
 
+def test_failed_hl7_handshakes_from_one_address_are_logged_once(
+    open_node: Node,
+) -> None:
+    """As on the DICOM TLS port: one line a minute per address, and a
+    security alert for each failure."""
+    wait_for(lambda: "HL7 (MLLP over TLS) listening" in open_node.appliance.log())
+    since = len(open_node.appliance.log())
+    alerts_before = _alerts(open_node).count("HL7 TLS handshake failed")
+    flooding, other = new_address(), new_address()
+    for source in [flooding] * 3 + [other]:
+        _plain_on_tls_port(source, open_node.hl7_tls_port)
+    wait_for(
+        lambda: (
+            _alerts(open_node).count("HL7 TLS handshake failed") >= alerts_before + 4
+        )
+    )
+
+    log = open_node.new_log(since)
+    assert len(_lines(log, f"HL7 TLS handshake with {flooding}:")) == 1
+    assert len(_lines(log, f"HL7 TLS handshake with {other}:")) == 1
+
+
 def _alerts(node: Node) -> str:
     """The security alerts of the audit trail, as ``audit show`` prints them."""
     shown = node.appliance.cli("audit", "show", "--event", "security-alert", "--json")
     return shown.stdout
+
+
+def _tls_alerts(node: Node) -> list[str]:
+    """The lines of ``_alerts`` about a failed TLS handshake, oldest first."""
+    return _lines(_alerts(node), "TLS handshake failed")
 
 
 # -- appliance config check -------------------------------------------------------

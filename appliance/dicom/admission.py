@@ -23,9 +23,10 @@ What happens, following the PS3.8 state table for Sta2 (9.2.3):
 
 Each refused connection gets one WARNING line with the peer and the reason;
 a peer that closes before sending anything (a port check) gets none. A
-connection that sent no whole request before the timer expired costs its
-peer nothing to open, so those are logged once a minute per address, the
-others counted (:mod:`appliance.peer_warnings`).
+connection that sent no whole request before the timer expired, or whose
+first bytes are no A-ASSOCIATE-RQ (Evt19), costs its peer nothing to open,
+so those are logged once a minute per address and kind, the others counted
+(:mod:`appliance.peer_warnings`).
 """
 
 from __future__ import annotations
@@ -61,17 +62,22 @@ _CHUNK = 65536
 _STALLED = PeerWarnings(
     logger, "connections closed so (no whole A-ASSOCIATE-RQ within the ARTIM timer)"
 )
+# Connections whose first bytes are no A-ASSOCIATE-RQ (Evt19), likewise.
+_JUNK = PeerWarnings(logger, "connections aborted so (first bytes no A-ASSOCIATE-RQ)")
 
 
 class _Refused(Exception):
     """Why a connection is not admitted; ``abort``: send an A-ABORT first;
-    ``stalled``: the ARTIM timer expired first."""
+    ``limit``: what logs the refusal once a minute per address (None: it
+    is logged every time)."""
 
-    def __init__(self, reason: str, abort: bool, stalled: bool = False) -> None:
+    def __init__(
+        self, reason: str, abort: bool, limit: PeerWarnings | None = None
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.abort = abort
-        self.stalled = stalled
+        self.limit = limit
 
 
 class _Vanished(Exception):
@@ -91,9 +97,9 @@ def admit(sock: socket.socket, peer: str, artim: float) -> bytes | None:
         sock.close()
         return None
     except _Refused as refusal:
-        if refusal.stalled:
+        if refusal.limit is not None:
             address = peer.rpartition(":")[0]
-            _STALLED.warning(
+            refusal.limit.warning(
                 address, "connection from %s closed: %s", peer, refusal.reason
             )
         else:
@@ -118,14 +124,14 @@ def _check_header(pdu_type: int, length: int, header: bytes) -> None:
         if _FIXED_FIELDS <= length <= MAX_REQUEST:
             return
         message = f"A-ASSOCIATE-RQ with an impossible length of {length} bytes"
-        raise _Refused(message, abort=True)
+        raise _Refused(message, abort=True, limit=_JUNK)
     if pdu_type == A_ABORT:
         raise _Refused("A-ABORT before any association", abort=False)
     if A_ASSOCIATE_RQ < pdu_type < A_ABORT:
         message = f"PDU type 0x{pdu_type:02X} where an A-ASSOCIATE-RQ was due"
-        raise _Refused(message, abort=True)
+        raise _Refused(message, abort=True, limit=_JUNK)
     message = f"not DICOM: the first bytes are {header.hex(' ')}"
-    raise _Refused(message, abort=True)
+    raise _Refused(message, abort=True, limit=_JUNK)
 
 
 def _read(sock: socket.socket, size: int, deadline: float, received: bytes) -> bytes:
@@ -142,7 +148,9 @@ def _read(sock: socket.socket, size: int, deadline: float, received: bytes) -> b
         except TimeoutError:
             message = "no whole A-ASSOCIATE-RQ within the ARTIM timer"
             detail = f"timeouts.association; {len(data)} bytes received"
-            raise _Refused(f"{message} ({detail})", abort=False, stalled=True) from None
+            raise _Refused(
+                f"{message} ({detail})", abort=False, limit=_STALLED
+            ) from None
         except OSError as exc:
             raise _Refused(f"connection failed: {exc}", abort=False) from exc
         if not chunk:

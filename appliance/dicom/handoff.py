@@ -13,6 +13,9 @@ the TLS port) and whose ancillary data carries the descriptor.
 A TLS connection has its handshake done in the worker, in the connection's
 own thread and within the ARTIM timer, so that a slow or broken client
 holds neither the listener nor other connections (see :mod:`appliance.tls`).
+A failed handshake costs its peer nothing, so it is logged once a minute
+per address, the others counted (:mod:`appliance.peer_warnings`); each one
+is still reported to ``failed`` (a security alert in the audit trail).
 
 A handed-over connection first has its A-ASSOCIATE-RQ read (see
 :mod:`appliance.dicom.admission`); only then does pynetdicom see it, and
@@ -37,6 +40,7 @@ from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from appliance import tls
 from appliance.dicom.admission import admit
+from appliance.peer_warnings import PeerWarnings
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +48,9 @@ _MAX_PAYLOAD = 512
 # Bytes a PDU read starts with: more than the longest P-DATA-TF most peers
 # send (node.max_pdu_size is 256 KiB by default).
 _FIRST_BUFFER = 1 << 20
+
+# Failed TLS handshakes, logged once a minute per address.
+_TLS_FAILED = PeerWarnings(logger, "TLS handshakes failed")
 
 
 class QuickAckSocket(socket.socket):
@@ -174,16 +181,19 @@ def start_tls(
     failed: Callable[[str], None] = lambda reason: None,
 ) -> HandedOverTLSSocket | None:
     """The connection after a server-side TLS handshake within ``timeout``
-    seconds; None when the handshake failed (logged, connection closed, and
-    ``failed`` told why). ``context`` makes HandedOverTLSSocket sockets
-    (see HandoffServer)."""
+    seconds; None when the handshake failed (logged once a minute per
+    address, connection closed, and ``failed`` told why). ``context``
+    makes HandedOverTLSSocket sockets (see HandoffServer)."""
+    address = peer.rpartition(":")[0]
     previous = connection.gettimeout()
     try:
         secured = context.wrap_socket(
             connection, server_side=True, do_handshake_on_connect=False
         )
     except OSError as exc:
-        logger.warning("TLS connection from %s failed: %s", peer, tls.failure(exc))
+        _TLS_FAILED.warning(
+            address, "TLS connection from %s failed: %s", peer, tls.failure(exc)
+        )
         failed(tls.failure(exc))
         connection.close()
         return None
@@ -195,7 +205,9 @@ def start_tls(
         secured.settimeout(timeout)
         secured.do_handshake()
     except (OSError, ValueError) as exc:
-        logger.warning("TLS handshake with %s failed: %s", peer, tls.failure(exc))
+        _TLS_FAILED.warning(
+            address, "TLS handshake with %s failed: %s", peer, tls.failure(exc)
+        )
         failed(tls.failure(exc))
         secured.close()
         return None

@@ -9,11 +9,15 @@ A connection silent for ``idle_timeout`` seconds is closed: RIS interfaces
 reconnect when they have something to send, and a half-open connection
 would otherwise hold its slot for ever. Noise between frames and frames over
 ``max_message_bytes`` are logged once per connection and per kind, not per
-byte.
+byte; noise also at most once a minute per address, the others counted
+(:mod:`appliance.peer_warnings`), since a peer can open connections to send
+it at will.
 
 Over TLS (MLLP on a port of its own), the listener accepts connections
 itself and completes each handshake within ``handshake_timeout`` before the
-connection counts; a failed handshake gets one WARNING line with the peer.
+connection counts; a failed handshake gets one WARNING line with the peer,
+at most once a minute per address (each one still goes to
+``on_tls_failure``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from appliance.hl7.messages import (
     MessageError,
     header_alone,
 )
+from appliance.peer_warnings import PeerWarnings
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +45,10 @@ logger = logging.getLogger(__name__)
 Handler = Callable[[bytes, str], bytes]
 
 _READ_SIZE = 65536
+
+# What a peer can cause at will, logged once a minute per address.
+_TLS_FAILED = PeerWarnings(logger, "HL7 TLS handshakes failed")
+_NOISE = PeerWarnings(logger, "HL7 connections with bytes outside MLLP frames")
 
 
 @dataclass(frozen=True)
@@ -149,7 +158,12 @@ class Listener:
                 ssl_handshake_timeout=self.settings.handshake_timeout,
             )
         except (OSError, ssl.SSLError) as exc:
-            logger.warning("HL7 TLS handshake with %s failed: %s", peer, _reason(exc))
+            _TLS_FAILED.warning(
+                _address(peer),
+                "HL7 TLS handshake with %s failed: %s",
+                peer,
+                _reason(exc),
+            )
             self.on_tls_failure(peer, _reason(exc))
             connection.close()
             return
@@ -255,7 +269,8 @@ class Listener:
     def _note_problems(self, peer: str, received: Received, noted: set[str]) -> None:
         if received.skipped_bytes and "skipped" not in noted:
             noted.add("skipped")
-            logger.warning(
+            _NOISE.warning(
+                _address(peer),
                 "HL7 from %s: %d bytes outside MLLP frames ignored "
                 "(reported once per connection)",
                 peer,
@@ -307,3 +322,9 @@ def _describe(peer: object) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         return f"{peer[0]}:{peer[1]}"
     return str(peer)
+
+
+def _address(peer: str) -> str:
+    """The address of ``peer`` (as _describe writes it), without the port:
+    what warnings a peer can cause at will are limited by."""
+    return peer.rpartition(":")[0]

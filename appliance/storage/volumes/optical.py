@@ -28,6 +28,10 @@ before they named an archive name none). When it is full
 or :meth:`OpticalLibrary.finalise` is called it takes no more packs and is
 ready to burn (``xorriso -as cdrecord dev=/dev/sr0 LABEL.iso``); moving the
 image out of ``PATH`` puts the volume on the shelf.
+
+An image that may not be written refuses packs (VolumeReadOnly) and can
+still be read. ``PATH`` itself must be writable: labels and packs are read
+out through ``.staging``.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import secrets
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from appliance.errors import VolumeError, VolumeFull, VolumeNotReachable
 from appliance.storage import durable
@@ -54,6 +58,7 @@ from appliance.storage.volumes.base import (
     check_pack_id,
     is_label,
     labelled_capacity,
+    refused_writes,
     verified_stream,
 )
 from appliance.storage.volumes.packfiles import (
@@ -256,7 +261,10 @@ class OpticalLibrary(VolumeLibrary):
         journal = self._journal_path(record.label)
         old_size = image.stat().st_size
         tail_offset = max(0, old_size - TAIL_SIZE)
-        with open(image, "rb") as handle:
+        # Opened for writing, though only read here: an image that may not
+        # be written refuses now, before anything is journaled or appended
+        # (xorriso would fail in words, and the undo could not write).
+        with self._open_for_append(image, record.label) as handle:
             head = handle.read(HEAD_SIZE)
             handle.seek(tail_offset)
             tail = handle.read()
@@ -278,6 +286,17 @@ class OpticalLibrary(VolumeLibrary):
                 self._mark_full(record)
             raise
         self._drop_journal(journal)
+
+    def _open_for_append(self, image: Path, volume: str) -> BinaryIO:
+        """``image`` open for reading and writing; VolumeReadOnly if it
+        may not be written (a read-only mount, no write permission)."""
+        try:
+            return open(image, "r+b")
+        except OSError as exc:
+            refused = refused_writes(exc, volume)
+            if refused is not None:
+                raise refused from exc
+            raise VolumeError(f"cannot write to volume {volume}: {exc}") from exc
 
     def _roll_back(self, volume: str) -> None:
         """Undo an append that did not finish: old head and tail, old size."""
