@@ -38,6 +38,7 @@ import struct
 import time
 from typing import NoReturn
 
+from appliance.audit.offenders import host_of
 from appliance.metrics import events
 from appliance.peer_warnings import PeerWarnings
 
@@ -98,9 +99,8 @@ def admit(sock: socket.socket, peer: str, artim: float) -> bytes | None:
         return None
     except _Refused as refusal:
         if refusal.limit is not None:
-            address = peer.rpartition(":")[0]
             refusal.limit.warning(
-                address, "connection from %s closed: %s", peer, refusal.reason
+                host_of(peer), "connection from %s closed: %s", peer, refusal.reason
             )
         else:
             logger.warning("connection from %s closed: %s", peer, refusal.reason)

@@ -39,6 +39,7 @@ from pynetdicom import evt
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from appliance import tls
+from appliance.audit.offenders import host_of
 from appliance.dicom.admission import admit
 from appliance.peer_warnings import PeerWarnings
 
@@ -184,7 +185,7 @@ def start_tls(
     seconds; None when the handshake failed (logged once a minute per
     address, connection closed, and ``failed`` told why). ``context``
     makes HandedOverTLSSocket sockets (see HandoffServer)."""
-    address = peer.rpartition(":")[0]
+    address = host_of(peer)
     previous = connection.gettimeout()
     try:
         secured = context.wrap_socket(

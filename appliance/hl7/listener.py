@@ -30,6 +30,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from appliance.audit.offenders import host_of
 from appliance.hl7 import acks
 from appliance.hl7.framing import FrameReader, Received, frame
 from appliance.hl7.messages import (
@@ -159,7 +160,7 @@ class Listener:
             )
         except (OSError, ssl.SSLError) as exc:
             _TLS_FAILED.warning(
-                _address(peer),
+                host_of(peer),
                 "HL7 TLS handshake with %s failed: %s",
                 peer,
                 _reason(exc),
@@ -270,7 +271,7 @@ class Listener:
         if received.skipped_bytes and "skipped" not in noted:
             noted.add("skipped")
             _NOISE.warning(
-                _address(peer),
+                host_of(peer),
                 "HL7 from %s: %d bytes outside MLLP frames ignored "
                 "(reported once per connection)",
                 peer,
@@ -322,9 +323,3 @@ def _describe(peer: object) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         return f"{peer[0]}:{peer[1]}"
     return str(peer)
-
-
-def _address(peer: str) -> str:
-    """The address of ``peer`` (as _describe writes it), without the port:
-    what warnings a peer can cause at will are limited by."""
-    return peer.rpartition(":")[0]
