@@ -182,12 +182,13 @@ def import_(
     # The summary lists every refusal; log lines would only repeat it.
     logs.setup("ERROR", config.get("logging.format"))
     from appliance.catalog.store import Catalog
+    from appliance.hsm.tier_folders import online_tier, vet_tier_folders
     from appliance.ingest import Ingest
-    from appliance.storage.online import OnlineTier
 
     files, skipped = _files_under(paths)
     try:
-        online = OnlineTier(config.online_path, config.get("storage.reserved_bytes"))
+        vet_tier_folders(config)
+        online = online_tier(config)
         online.open()
         catalog = Catalog(config.catalog_path, config.get("storage.catalog_max_size"))
     except ApplianceError as exc:

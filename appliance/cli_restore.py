@@ -157,6 +157,7 @@ def _restore(
     The catalog phase reads at full speed unless ``rate`` says otherwise:
     nothing is served until it is over. The data phase keeps to ``rate``,
     or else to ``restore.timetable``."""
+    from appliance.hsm.tier_folders import online_tier
     from appliance.replication.bandwidth import Limiter, parse_timetable
     from appliance.replication.process import mirror_place, open_mirror
     from appliance.restore import swap
@@ -170,10 +171,9 @@ def _restore(
         mark_pending,
     )
     from appliance.restore.reasons import FailureLog
-    from appliance.storage.online import OnlineTier
 
     keys = _keys(config)
-    OnlineTier(config.online_path).open()
+    online_tier(config).open()
     folder = config.restore_folder
     lock = _claim(config, folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -33,13 +33,13 @@ def restore_from_volumes(config: Config) -> bool:
     in place (a KeyboardInterrupt, which the caller reports); the data
     phase stops once the study in flight is counted, and the report says
     what is done."""
+    from appliance.hsm.tier_folders import online_tier
     from appliance.hsm.tiers import open_volume_library
     from appliance.restore.ctrl_c import CtrlC
     from appliance.storage.lock import claim_tier
-    from appliance.storage.online import OnlineTier
 
     keys = _keys(config)
-    online = OnlineTier(config.online_path, config.get("storage.reserved_bytes"))
+    online = online_tier(config)
     online.open()
     # No appliance may serve this tier while it is restored.
     lock = claim_tier(config.online_path, 0.0, holder=RESTORE_HOLDER)

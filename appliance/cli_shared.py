@@ -70,9 +70,15 @@ def open_archive(
     """The catalog and the opened tiers (the mirror too, for recalls, with
     ``mirror``); exits with a message if they fail."""
     from appliance.catalog.store import Catalog
+    from appliance.hsm.tier_folders import vet_tier_folders
     from appliance.hsm.tiers import open_tiers
 
     require_catalog(config)
+    try:
+        vet_tier_folders(config)
+    except ApplianceError as exc:
+        click.echo(f"cannot open the tiers: {exc}", err=True)
+        sys.exit(1)
     try:
         catalog = Catalog(config.catalog_path, config.get("storage.catalog_max_size"))
     except ApplianceError as exc:

@@ -331,21 +331,24 @@ KEYS: tuple[Key, ...] = (
         "storage",
         "online_path",
         "",
-        "Online tier directory; empty means DATA_DIR/online.",
+        "Online tier directory; empty means DATA_DIR/online. A folder named "
+        "here must exist (a mount point): it is never made.",
         _text,
     ),
     Key(
         "storage",
         "nearline_path",
         "",
-        "Nearline tier directory (study packs); empty means DATA_DIR/nearline.",
+        "Nearline tier directory (study packs); empty means DATA_DIR/nearline. "
+        "A folder named here must exist (a mount point): it is never made.",
         _text,
     ),
     Key(
         "storage",
         "catalog_path",
         "",
-        "Catalog (LMDB) directory; empty means DATA_DIR/catalog.",
+        "Catalog (LMDB) directory; empty means DATA_DIR/catalog. A folder "
+        "named here must exist (a mount point): it is never made.",
         _text,
     ),
     Key(

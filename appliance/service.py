@@ -32,6 +32,7 @@ from appliance.dicom.worker import STOP_GRACE, Load, run_worker
 from appliance.errors import ApplianceError, ConfigError
 from appliance.hsm import recall_notes, scheduler
 from appliance.hsm.archive import archive_of
+from appliance.hsm.tier_folders import online_tier, vet_tier_folders
 from appliance.hsm.tiers import open_tiers
 from appliance.metrics import folder as metrics_folder
 from appliance.prefetch.hl7_process import HL7Service
@@ -65,7 +66,10 @@ class _Worker:
 
 def serve(config: Config) -> int:
     """Run the appliance until SIGTERM or SIGINT; returns the exit status."""
-    online = OnlineTier(config.online_path, config.get("storage.reserved_bytes"))
+    # Before anything makes a folder or a catalog: a disk not mounted is
+    # refused here rather than taken for an empty tier or a new archive.
+    vet_tier_folders(config)
+    online = online_tier(config)
     online.open()
     problems = tls.file_problems(config)
     if problems:

@@ -44,7 +44,7 @@ def test_full_online_tier_refuses_and_keeps_what_it_has(
     appliance = appliance_factory(
         settings={
             "storage": {
-                "online_path": str(small_tier / "online"),
+                "online_path": str(small_tier),
                 "reserved_bytes": reserved,
             }
         }
@@ -69,7 +69,7 @@ def test_full_online_tier_refuses_and_keeps_what_it_has(
 
     # Everything answered with success is there and intact; nothing else is.
     assert appliance.status()["instances"] == len(stored)
-    online = small_tier / "online"
+    online = small_tier
     assert len(list((online / "objects").rglob("*.dcm"))) == len(stored)
     assert not incoming_files(online)
     uids = [str(client.file_meta(path).MediaStorageSOPInstanceUID) for path in stored]

@@ -15,9 +15,9 @@ from typing import Protocol
 
 from appliance.audit.trail import Trail
 from appliance.config import Config
+from appliance.hsm.tier_folders import nearline_tier, online_tier
 from appliance.storage.archive_id import ArchiveIdFile
 from appliance.storage.keys import DataKey, KeyStore, key_store_path
-from appliance.storage.nearline import NearlineTier
 from appliance.storage.offline import OfflineTier
 from appliance.storage.online import OnlineTier
 from appliance.storage.packs import PackReader, PackSummary
@@ -95,9 +95,9 @@ def open_tiers(config: Config, writer: bool = False, mirror: bool = False) -> Ti
     ``mirror`` adds the off-site mirror as the farthest tier, for recalls
     of what no nearer tier holds (it is connected to only then).
     """
-    online = OnlineTier(config.online_path, config.get("storage.reserved_bytes"))
+    online = online_tier(config)
     online.open()
-    nearline = NearlineTier(config.nearline_path)
+    nearline = nearline_tier(config)
     nearline.open(writer)
     packs: dict[str, PackTier] = {NEARLINE: nearline}
 

@@ -135,19 +135,16 @@ class NearlineMover:
     def move(self, study_uid: str) -> None:
         from appliance.hsm.migrator import Migrator
         from appliance.hsm.scheduler import MIGRATION_LOCK
+        from appliance.hsm.tier_folders import nearline_tier, online_tier
         from appliance.storage.lock import TierLock
-        from appliance.storage.nearline import NearlineTier
-        from appliance.storage.online import OnlineTier
 
         lock = TierLock(self.config.data_dir, MIGRATION_LOCK)
         if not lock.acquire(exclusive=True, wait=3600.0):
             logger.warning("study %s stays online: a migration runs on", study_uid)
             return
         try:
-            online = OnlineTier(
-                self.config.online_path, self.config.get("storage.reserved_bytes")
-            )
-            nearline = NearlineTier(self.config.nearline_path)
+            online = online_tier(self.config)
+            nearline = nearline_tier(self.config)
             nearline.open(writer=True)
             tiers = Tiers(online, {NEARLINE: nearline}, self.keys)
             outcomes = Migrator(self.catalog, tiers).move(study_uid, ONLINE, NEARLINE)

@@ -91,6 +91,24 @@ def make_directories(path: Path, stop: Path) -> None:
         fsync_directory(directory.parent)
 
 
+def require_named_folder(path: Path, key: str, what: str) -> None:
+    """Raise unless the folder configuration key ``key`` names is there.
+
+    Such a folder is a mount point, or on a mounted disk: made anew while
+    the disk is not mounted, it would hold the ``what`` on the system disk,
+    hidden once the disk is mounted over it.
+    """
+    if path.is_dir():
+        return
+    if path.exists():
+        raise StorageError(f"{key}: {path} is a file, not a folder")
+    raise StorageError(
+        f"{key}: {path} does not exist: mount the disk that holds the {what} "
+        "there, or create the folder (a folder the configuration names is "
+        "never made)"
+    )
+
+
 def move_into_place(
     source: Path, destination: Path, root: Path, flushed: bool = False
 ) -> None:

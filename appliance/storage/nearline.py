@@ -49,13 +49,20 @@ def _drop_cached(path: Path) -> None:
 class NearlineTier:
     """Study packs in plain files on a disk array."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, make_root: bool = True) -> None:
+        """``make_root`` False: ``root`` is a folder the configuration names
+        (a mount point), which ``open`` never makes."""
         self.root = root
+        self.make_root = make_root
         self.packs = root / "packs"
 
     def open(self, writer: bool = False) -> None:
         """Create the layout if it is not there yet; the writer (the holder
         of the migration lock) also removes packs a crash left half-written."""
+        if not self.make_root:
+            durable.require_named_folder(
+                self.root, "storage.nearline_path", "nearline tier"
+            )
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             durable.make_directories(self.packs, self.root)

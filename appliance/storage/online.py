@@ -40,14 +40,23 @@ TIER_NAME = "online"
 class OnlineTier:
     """Plain files on fast local storage (RAID or SSD)."""
 
-    def __init__(self, root: Path, reserved_bytes: int = 0) -> None:
+    def __init__(
+        self, root: Path, reserved_bytes: int = 0, make_root: bool = True
+    ) -> None:
+        """``make_root`` False: ``root`` is a folder the configuration names
+        (a mount point), which ``open`` never makes."""
         self.root = root
         self.reserved_bytes = reserved_bytes
+        self.make_root = make_root
         self.incoming = root / "incoming"
         self.objects = root / "objects"
 
     def open(self) -> None:
         """Create the layout if it is not there yet."""
+        if not self.make_root:
+            durable.require_named_folder(
+                self.root, "storage.online_path", "online tier"
+            )
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             durable.make_directories(self.incoming, self.root)

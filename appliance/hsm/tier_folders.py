@@ -1,0 +1,125 @@
+"""The tiers' folders and the catalog's, checked before they are used.
+
+A folder that the configuration names (``storage.online_path``,
+``storage.nearline_path``, ``storage.catalog_path``) is a mount point, or a
+folder on a mounted disk. When that disk is not mounted, the folder may
+still be there, empty, on the system disk: opened as it is, it would look
+like a tier that lost every file, or a new archive; new instances would
+fill the system disk, and they would be hidden once the disk is mounted
+over them. A missing named folder is never made
+(:func:`appliance.storage.durable.require_named_folder`); an empty one is
+recognised here, before a tier makes its layout in it:
+
+- the catalog records copies on the online tier (``bytes.online``) and the
+  online folder has no ``objects/`` folder, or packs on the nearline tier
+  (``packbytes.nearline``) and the nearline folder has no ``packs/``;
+- there is no catalog, and the online tier holds instance files: the
+  catalog's own disk is not mounted, and a new, empty catalog would be
+  made beside the archive that is there.
+
+A tier whose disk was lost for good and replaced by a new one is taken
+back by making that folder by hand (``objects/``, ``packs/``); the scrub
+then finds the copies it lacks (docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from appliance.catalog.store import Catalog, catalog_exists
+from appliance.config import Config
+from appliance.errors import StorageError
+from appliance.storage.durable import require_named_folder
+from appliance.storage.nearline import NearlineTier
+from appliance.storage.online import OnlineTier
+
+logger = logging.getLogger(__name__)
+
+
+def online_tier(config: Config) -> OnlineTier:
+    """The online tier ``config`` describes, not opened yet."""
+    return OnlineTier(
+        config.online_path,
+        config.get("storage.reserved_bytes"),
+        make_root=not config.get("storage.online_path"),
+    )
+
+
+def nearline_tier(config: Config) -> NearlineTier:
+    """The nearline tier ``config`` describes, not opened yet."""
+    return NearlineTier(
+        config.nearline_path, make_root=not config.get("storage.nearline_path")
+    )
+
+
+def vet_tier_folders(config: Config) -> None:
+    """Raise :class:`StorageError` if a tier's folder is empty where the
+    catalog records copies, or the catalog is missing beside a tier that
+    holds instances; makes and changes nothing."""
+    named = (
+        ("storage.catalog_path", config.catalog_path, "catalog"),
+        ("storage.online_path", config.online_path, "online tier"),
+        ("storage.nearline_path", config.nearline_path, "nearline tier"),
+    )
+    for key, path, what in named:
+        if config.get(key):
+            require_named_folder(path, key, what)
+
+    if not catalog_exists(config.catalog_path):
+        _vet_without_catalog(config)
+        return
+
+    catalog = Catalog(config.catalog_path, readonly=True)
+    try:
+        counts = catalog.counts()
+    finally:
+        catalog.close()
+
+    online = online_tier(config)
+    if counts.get("bytes.online", 0) > 0 and not online.objects.is_dir():
+        raise StorageError(_emptied("online", online.objects, counts["bytes.online"]))
+    nearline = nearline_tier(config)
+    if counts.get("packbytes.nearline", 0) > 0 and not nearline.packs.is_dir():
+        raise StorageError(
+            _emptied("nearline", nearline.packs, counts["packbytes.nearline"])
+        )
+
+
+def _emptied(tier: str, layout: Path, recorded: int) -> str:
+    return (
+        f"the catalog records {recorded:,} bytes on the {tier} tier, but "
+        f"{layout.parent} holds no {layout.name}/ folder: is the {tier} tier's "
+        f"disk mounted there? (if that disk was lost and replaced, make "
+        f"{layout} to take the new one, then run appliance scrub)"
+    )
+
+
+def _vet_without_catalog(config: Config) -> None:
+    objects = online_tier(config).objects
+    if _holds_instance_files(objects):
+        raise StorageError(
+            f"no catalog at {config.catalog_path}, but the online tier at "
+            f"{objects.parent} holds instance files: is the catalog's disk "
+            "mounted? A new, empty catalog is not made beside them (if the "
+            "catalog is lost for good, rebuild it: docs/restore.md)"
+        )
+
+
+def _holds_instance_files(objects: Path) -> bool:
+    """Whether any of the 256 folders under ``objects`` holds a file; each
+    folder's listing stops at its first entry."""
+    try:
+        folders = list(os.scandir(objects))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        raise StorageError(f"cannot read {objects}: {exc.strerror or exc}") from exc
+    for folder in folders:
+        if not folder.is_dir(follow_symlinks=False):
+            continue
+        with os.scandir(folder.path) as entries:
+            if any(entry.is_file(follow_symlinks=False) for entry in entries):
+                return True
+    return False

@@ -1,0 +1,144 @@
+"""Tier folders on disks of their own (``storage.online_path``,
+``storage.nearline_path``, ``storage.catalog_path``), as on archive
+hardware: a named folder that is missing is never made, and the empty
+mount point of a disk that is not mounted is refused wherever the catalog
+says that disk holds copies, by the service and by hand-run commands,
+without anything made in it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import config_text, free_port
+from tests.datasets import study_files
+from tests.tier_rules import MOVE_TO_NEARLINE, run
+
+
+def configuration(folder: Path, **storage: str) -> Path:
+    settings: dict[str, dict[str, object]] = {
+        "node": {"port": free_port()},
+        "web": {"enabled": False},
+        "hl7": {"enabled": False},
+        "migration": {"min_copies": 1},
+        "storage": {"data_dir": str(folder / "data"), **storage},
+    }
+    path = folder / "appliance.toml"
+    path.write_text(config_text(settings, []))
+    return path
+
+
+@pytest.fixture
+def disks(tmp_path: Path) -> dict[str, Path]:
+    """A tier on a disk of its own each, mounted (folders made) and named."""
+    mounted = {name: tmp_path / "disks" / name for name in ("online", "nearline")}
+    for folder in mounted.values():
+        folder.mkdir(parents=True)
+    return mounted
+
+
+@pytest.fixture
+def archive(tmp_path: Path, disks: dict[str, Path]) -> Path:
+    """The configuration of an archive with two instances stored online."""
+    config = configuration(
+        tmp_path,
+        online_path=str(disks["online"]),
+        nearline_path=str(disks["nearline"]),
+    )
+    files = study_files(tmp_path / "study", "mounted", 2, pixel_bytes=2000)
+    imported = run(config, "import", *map(str, files))
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    return config
+
+
+def unmount(folder: Path) -> Path:
+    """Take the disk away from ``folder``: its files go elsewhere, and an
+    empty folder stays behind, as a mount point does."""
+    away = folder.with_name(folder.name + "-unmounted")
+    folder.rename(away)
+    folder.mkdir()
+    return away
+
+
+@pytest.mark.parametrize("key", ["online_path", "nearline_path", "catalog_path"])
+def test_a_named_folder_that_is_missing_is_not_made(tmp_path: Path, key: str) -> None:
+    missing = tmp_path / "disks" / key
+    config = configuration(tmp_path, **{key: str(missing)})
+
+    started = run(config, "serve")
+
+    assert started.returncode == 1
+    assert f"storage.{key}: {missing} does not exist" in started.stderr
+    assert "Traceback" not in started.stderr
+    assert not missing.exists()
+
+
+def test_an_unmounted_online_disk_is_not_taken_for_an_empty_tier(
+    archive: Path, disks: dict[str, Path]
+) -> None:
+    unmount(disks["online"])
+
+    started = run(archive, "serve")
+    listed = run(archive, "tiers")
+    imported = run(archive, "import", str(archive))
+
+    for refused in (started, listed, imported):
+        assert refused.returncode == 1
+        assert "is the online tier's disk mounted there?" in refused.stderr
+        assert "Traceback" not in refused.stderr
+    assert list(disks["online"].iterdir()) == []
+
+
+def test_an_unmounted_nearline_disk_is_refused_until_its_disk_is_back(
+    archive: Path, disks: dict[str, Path]
+) -> None:
+    rules = archive.with_name("rules.toml")
+    rules.write_text(archive.read_text() + MOVE_TO_NEARLINE)
+    moved = run(rules, "migrate", "--now")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    away = unmount(disks["nearline"])
+
+    started = run(archive, "serve")
+    listed = run(archive, "tiers")
+
+    for refused in (started, listed):
+        assert refused.returncode == 1
+        assert "is the nearline tier's disk mounted there?" in refused.stderr
+    assert list(disks["nearline"].iterdir()) == []
+
+    disks["nearline"].rmdir()
+    away.rename(disks["nearline"])
+    assert run(archive, "tiers").returncode == 0
+
+
+def test_a_replaced_nearline_disk_is_taken_once_its_packs_folder_is_made(
+    archive: Path, disks: dict[str, Path]
+) -> None:
+    rules = archive.with_name("rules.toml")
+    rules.write_text(archive.read_text() + MOVE_TO_NEARLINE)
+    assert run(rules, "migrate", "--now").returncode == 0
+    unmount(disks["nearline"])
+    refused = run(archive, "tiers")
+    assert f"make {disks['nearline'] / 'packs'} to take the new one" in refused.stderr
+
+    (disks["nearline"] / "packs").mkdir()
+
+    listed = run(archive, "tiers")
+    assert listed.returncode == 0, listed.stderr
+
+
+def test_an_unmounted_catalog_disk_is_no_new_archive(
+    tmp_path: Path, archive: Path
+) -> None:
+    catalog = tmp_path / "data" / "catalog"
+    unmount(catalog)
+
+    started = run(archive, "serve")
+    imported = run(archive, "import", str(archive))
+
+    for refused in (started, imported):
+        assert refused.returncode == 1
+        assert f"no catalog at {catalog}, but the online tier" in refused.stderr
+        assert "Traceback" not in refused.stderr
+    assert list(catalog.iterdir()) == []
