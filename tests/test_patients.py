@@ -37,7 +37,12 @@ from appliance.catalog import patients, replication
 from appliance.catalog.coercion import coerce, coerced_bytes
 from appliance.catalog.query import Query, find
 from appliance.catalog.records import patient_key
-from appliance.catalog.store import Catalog, merged_into
+from appliance.catalog.store import (
+    POINTERS_BY_TARGET,
+    Catalog,
+    encode_key,
+    merged_into,
+)
 from appliance.ingest import Ingest
 from appliance.prefetch.intake import Intake
 from appliance.replication.transports.directory import DirectoryTransport
@@ -520,6 +525,63 @@ def test_a_merge_into_a_patient_not_held_yet_and_of_one_not_held(
     assert local.names("PAT-1") == local.names("PAT-GONE") == {}
 
 
+def pointers(catalog: Catalog) -> dict[str, str]:
+    """Retired patient key -> the key its pointer names."""
+    with catalog.read() as txn:
+        return {key: data["into"] for key, data in catalog.all_records(txn, "merged")}
+
+
+def pointer_index(catalog: Catalog) -> dict[str, set[str]]:
+    """The index of pointers as stored: key -> the retired keys filed under it."""
+    found: dict[str, set[str]] = {}
+    with catalog.read() as txn:
+        for raw_key, raw_value in txn.cursor(db=catalog.db[POINTERS_BY_TARGET]):
+            retired = found.setdefault(bytes(raw_key).decode(), set())
+            retired.add(bytes(raw_value).decode())
+    return found
+
+
+def test_a_chain_of_merges_leaves_one_step_pointers_and_their_index(
+    local: Local,
+) -> None:
+    studies = [local.store(p.lower(), p) for p in ("PAT-A", "PAT-B", "PAT-C")]
+
+    # A into B, a patient not held into B, then B (with A's study) into C.
+    for number, (survivor, retired) in enumerate(
+        [("PAT-B", "PAT-A"), ("PAT-B", "PAT-X"), ("PAT-C", "PAT-B")]
+    ):
+        ack = local.hl7(adt("A40", f"K{number}", survivor, mrg=retired))
+        assert msa(ack)[1] == "AA", ack
+    c, d = patient_key("PAT-C", ""), patient_key("PAT-D", "")
+    retired = {patient_key(p, "") for p in ("PAT-A", "PAT-B", "PAT-X")}
+    assert pointers(local.catalog) == dict.fromkeys(retired, c)
+    assert pointer_index(local.catalog) == {c: retired}
+
+    # C's identifier changed to D: every pointer follows.
+    assert msa(local.hl7(adt("A47", "K9", "PAT-D", mrg="PAT-C")))[1] == "AA"
+
+    assert set(local.names("PAT-D")) == set(studies)
+    assert pointers(local.catalog) == dict.fromkeys({*retired, c}, d)
+    assert pointer_index(local.catalog) == {d: {*retired, c}}
+    # Replaying the journal again changes neither.
+    replay_journal(local.catalog, list(replication.journal_after(local.catalog, 0)))
+    assert pointer_index(local.catalog) == {d: {*retired, c}}
+
+
+def test_pointers_with_overlong_keys_are_moved_on_too(local: Local) -> None:
+    """Keys longer than LMDB allows are filed hashed, in the index too."""
+    long_id = "PAT-" + "9" * 450
+    with local.catalog.env.begin(write=True) as txn:
+        patients.merge(local.catalog, txn, ("PAT-B", ""), (long_id, ""), {}, "A40")
+        patients.merge(local.catalog, txn, ("PAT-C", ""), ("PAT-B", ""), {}, "A40")
+
+    long_key, b, c = (patient_key(p, "") for p in (long_id, "PAT-B", "PAT-C"))
+    with local.catalog.read() as txn:
+        assert merged_into(local.catalog, txn, long_key) == c
+    assert pointers(local.catalog) == {long_key: c, b: c}
+    assert pointer_index(local.catalog) == {c: {encode_key(long_key).decode(), b}}
+
+
 def test_coercion_keeps_unchanged_patients_on_the_fast_path(tmp_path: Path) -> None:
     dataset = datasets.instance(datasets.uid("s"), datasets.uid("se"), 1)
     path = datasets.write(dataset, tmp_path)
@@ -588,6 +650,8 @@ def test_a_merge_is_replayed_by_a_restore_from_the_mirror(tmp_path: Path) -> Non
                 assert pointer == patient_key("PAT-A9", "")
             survivor = catalog.get(txn, "patients", patient_key("PAT-A9", ""))
         assert patients.is_corrected(survivor)
+        retired = {patient_key(ALMA, ""), patient_key(BRUNO, "")}
+        assert pointer_index(catalog) == {patient_key("PAT-A9", ""): retired}
     finally:
         catalog.close()
 

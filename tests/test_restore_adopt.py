@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from appliance.catalog import codec
+from appliance.catalog import codec, patients
 from appliance.catalog.records import Copy
 from appliance.catalog.replication import OFFSITE
-from appliance.catalog.store import Catalog
+from appliance.catalog.store import POINTERS_BY_TARGET, Catalog
 from appliance.prefetch.appointments import Seen, remember
 from appliance.restore.adopt import adopt
 from appliance.restore.check import check
@@ -63,6 +63,16 @@ def _answers(work: Catalog, rng: random.Random) -> set[bytes]:
     return kept
 
 
+def _merges(work: Catalog, rng: random.Random) -> None:
+    """Pointers of merged patients, some moved on by a later merge, as the
+    HL7 intake leaves them (the patients they name are not held)."""
+    with work.env.begin(write=True) as txn:
+        for n in range(rng.randint(1, 6)):
+            into = ("MERGED-INTO", "") if n % 2 else (f"MERGED-{n}", "")
+            patients.merge(work, txn, into, (f"RETIRED-{n}", ""), {}, "A40")
+        patients.merge(work, txn, ("MERGED-LAST", ""), ("MERGED-0", ""), {}, "A47")
+
+
 def _work(
     folder: Path, seed: int, count: int, tier: str
 ) -> tuple[Catalog, MirrorContents, set[bytes]]:
@@ -79,6 +89,7 @@ def _work(
     retrieved = {item.record.study_uid for item in items if rng.random() < 0.3}
     work.touch_studies(retrieved)
     answered = _answers(work, rng)
+    _merges(work, rng)
     # Most packs of the tier are there; the others were lost with it.
     there = {
         pack.pack_id: RemoteFile(pack.location, pack.size)
@@ -138,6 +149,8 @@ def test_a_copied_work_catalog_is_what_the_bulk_export_writes(
             for name in want:
                 assert got[name] == want[name], name
             assert {key for key, _ in got["hl7"]} == answered
+            # Every pointer of a merged patient is in the index of pointers.
+            assert len(got[POINTERS_BY_TARGET]) == len(got["merged"]) > 0
             # Both pass the check a rebuilt catalog must pass, or both fail.
             outcomes = []
             for catalog in (bulk, adopted):

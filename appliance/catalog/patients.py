@@ -7,7 +7,9 @@ entry the mirror replays on a restore:
   every study of the patient at once;
 * merge: the studies of a retired patient move to the surviving one, and
   the retired key stays behind as a pointer (``merged`` database) so that
-  later instances naming it are filed under the survivor;
+  later instances naming it are filed under the survivor; the pointers
+  are indexed by the key they name (``idx.merged.into``), changed with
+  them in the same transaction;
 * identifier change: a merge into a patient the catalog does not hold yet.
 
 A patient record changed this way carries ``corrected`` (the time), which
@@ -34,6 +36,7 @@ import lmdb
 from appliance.catalog import answers
 from appliance.catalog.records import patient_key
 from appliance.catalog.store import (
+    POINTERS_BY_TARGET,
     Catalog,
     append_journal,
     encode_key,
@@ -227,6 +230,7 @@ def carry_over(work: Catalog, final: Catalog) -> int:
             if work.has(MERGED):
                 for key, data in work.all_records(source, MERGED):
                     final._put(txn, MERGED, key, data)
+                    _index(final, txn, POINTERS_BY_TARGET, str(data["into"]), key)
                     pointers += 1
             for key, data in work.all_records(source, "patients"):
                 if "corrected" not in data:
@@ -469,12 +473,24 @@ def _point(
     catalog: Catalog, txn: lmdb.Transaction, old_key: str, new_key: str, event: str
 ) -> None:
     """Keep ``old_key`` as a pointer to ``new_key``; pointers that named
-    ``old_key`` name ``new_key`` now, so that every pointer is one step."""
-    for key, data in list(catalog.all_records(txn, MERGED)):
-        if data.get("into") == old_key:
-            catalog._put(txn, MERGED, key, {**data, "into": new_key})
+    ``old_key`` name ``new_key`` now, so that every pointer is one step.
+    The index of pointers by the key they name changes with them: it finds
+    those to move on without reading every pointer of the archive."""
+    for retired in _values(catalog, txn, POINTERS_BY_TARGET, old_key):
+        _unindex(catalog, txn, POINTERS_BY_TARGET, old_key, retired)
+        data = catalog.get(txn, MERGED, retired)
+        if data is None or data.get("into") != old_key:
+            continue  # an entry no pointer matches: dropped
+        catalog._put(txn, MERGED, retired, {**data, "into": new_key})
+        _index(catalog, txn, POINTERS_BY_TARGET, new_key, retired)
+
+    earlier = catalog.get(txn, MERGED, old_key)
+    if earlier is not None:
+        # Only a replay points a key again; its old entry goes.
+        _unindex(catalog, txn, POINTERS_BY_TARGET, str(earlier["into"]), old_key)
     pointer = {"key": old_key, "into": new_key, "time": time.time(), "event": event}
     catalog._put(txn, MERGED, old_key, pointer)
+    _index(catalog, txn, POINTERS_BY_TARGET, new_key, old_key)
 
 
 def _is_retired(catalog: Catalog, txn: lmdb.Transaction, key: str) -> bool:

@@ -20,6 +20,9 @@ Named databases (keys and values are UTF-8; values are compact JSON)::
     idx.series.study     StudyInstanceUID -> SeriesInstanceUID    (duplicates)
     idx.instance.series  SeriesInstanceUID -> SOPInstanceUID      (duplicates)
     idx.pack.study       StudyInstanceUID -> pack ID              (duplicates)
+    idx.merged.into      patient key -> retired patient key merged into it
+                         (duplicates; made from ``merged`` when a catalog
+                         written before it is opened for writing)
     appointments         appointment ID -> what the RIS said about it
     hl7                  sender | control ID -> the ACK sent for that message
                          (kept by a restore for ADT: catalog/answers.py)
@@ -101,7 +104,11 @@ INDEXES = (
     "idx.series.study",
     "idx.instance.series",
     "idx.pack.study",
+    "idx.merged.into",
 )
+# The index of the pointers in ``merged`` by the key each names: a merge
+# finds the pointers to move on through it, not by reading every pointer.
+POINTERS_BY_TARGET = "idx.merged.into"
 
 
 class Outcome(Enum):
@@ -196,9 +203,34 @@ class Catalog:
             self.db = self._open_existing(map_size)
         else:
             self.db = {name: self.env.open_db(name.encode()) for name in _DATABASES}
-            for name in INDEXES:
-                self.db[name] = self.env.open_db(name.encode(), dupsort=True)
         self._check_schema()
+        if not readonly:
+            # After the check: no index is made from another schema's records.
+            self._open_indexes()
+
+    def _open_indexes(self) -> None:
+        """Open the indexes, making those a catalog written by an older
+        version lacks, in one write transaction."""
+        with (
+            write_errors(f"cannot open the catalog at {self.path}"),
+            self.env.begin(write=True) as txn,
+        ):
+            for name in INDEXES:
+                self.db[name] = self._open_index(txn, name)
+
+    def _open_index(self, txn: lmdb.Transaction, name: str) -> Any:
+        """One index, made if missing. The index of pointers is filled from
+        ``merged`` in the transaction that makes it: it never misses one,
+        even when several processes open an older catalog at once."""
+        raw_name = name.encode()
+        try:
+            return self.env.open_db(raw_name, txn=txn, create=False, dupsort=True)
+        except lmdb.NotFoundError:
+            pass
+        index = self.env.open_db(raw_name, txn=txn, dupsort=True)
+        if name == POINTERS_BY_TARGET:
+            _index_pointers(self, txn, index)
+        return index
 
     def _open_existing(self, map_size: int) -> dict[str, Any]:
         """The databases of a catalog opened read-only. One written by an
@@ -642,6 +674,20 @@ def _pointer(catalog: Catalog, txn: lmdb.Transaction, key: str) -> str | None:
             break
         target = key = str(data["into"])
     return target
+
+
+def _index_pointers(catalog: Catalog, txn: lmdb.Transaction, index: Any) -> None:
+    """File every pointer of ``merged`` under the key it names."""
+    pointers = 0
+    for raw_key, raw in txn.cursor(db=catalog.db["merged"]):
+        target = encode_key(str(codec.loads(raw)["into"]))
+        txn.put(target, bytes(raw_key), db=index, dupdata=True)
+        pointers += 1
+    logger.info(
+        "catalog %s: index of merged patients made (%d pointers)",
+        catalog.path,
+        pointers,
+    )
 
 
 def keys_with_id(
