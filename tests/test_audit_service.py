@@ -220,9 +220,10 @@ def _audit_log_held(appliance: Appliance) -> Iterator[None]:
 
 def _client() -> AE:
     ae = AE(ae_title=dicom_client.CLIENT_AE)
-    # Waiting for the lock, the answer would come only once the caller has
-    # given up: an abort, not a rejection.
-    ae.acse_timeout = 5
+    # Waiting for the lock (held until the test ends), the answer would come
+    # only once the caller has given up: an abort, not a rejection. Long
+    # enough for a worker's first answer on a busy machine.
+    ae.acse_timeout = 30
     ae.add_requested_context(dicom_client.Verification)
     return ae
 
