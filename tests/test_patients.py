@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from io import BytesIO
 from pathlib import Path
 
@@ -805,6 +808,63 @@ def test_each_applied_change_is_audited_once_naming_the_sender(local: Local) -> 
         (sender,) = root.findall("ActiveParticipant[@UserIsRequestor='true']")
         assert sender.get("NetworkAccessPointTypeCode") == "2"
         assert sender.get("AlternativeUserID") is None
+
+
+# A process that dies as soon as a patient change is committed, before it
+# writes the audit record: as a kill -9 at that instant would leave it.
+_KILLED_AFTER_COMMIT = """
+import os, sys
+from pathlib import Path
+from appliance.audit import owed
+from appliance.audit.trail import Trail
+from appliance.catalog.store import Catalog
+from appliance.prefetch.intake import Intake
+
+catalog = Catalog(Path(sys.argv[1]), 2**26)
+intake = Intake(catalog, Trail(Path(sys.argv[2]), "APPLIANCE"))
+owed.settle = lambda *args: os._exit(9)
+intake(sys.argv[3].encode(), "192.0.2.9:40123")
+"""
+
+
+def test_a_patient_change_killed_before_its_audit_record_gets_it_at_the_next_start(
+    local: Local,
+) -> None:
+    local.store("alma", ALMA, patient_name="Testperson^Alma")
+    local.store("bruno", BRUNO, patient_name="Sample^Bruno")
+    local.catalog.close()
+    audit_folder = local.folder.parent / "audit"
+    merge = adt("A40", "K1", ALMA, mrg=BRUNO)
+    before = time.time()
+
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _KILLED_AFTER_COMMIT,
+            str(local.folder.parent / "catalog"),
+            str(audit_folder),
+            merge,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert killed.returncode == 9, killed.stderr
+    ended = time.time()
+    time.sleep(1.0)  # the next start comes later than the change
+    trail = Trail(audit_folder, "APPLIANCE")
+    assert not [r for r in trail.log.records() if r.event == "patient-record"]
+    local.catalog = Catalog(local.folder.parent / "catalog", 2**26)
+    assert len(local.names(ALMA)) == 2  # the merge is committed
+    Intake(local.catalog, trail)
+    Intake(local.catalog, trail)  # a second start owes nothing more
+    records = [r for r in trail.log.records() if r.event == "patient-record"]
+    assert [summarize(r.message).patients for r in records] == [[ALMA, BRUNO]]
+    # The time of the change, not of the start that wrote it.
+    written = datetime.fromisoformat(records[0].time.replace("Z", "+00:00"))
+    assert before - 0.01 <= written.timestamp() <= ended
 
 
 def test_other_patient_ids_never_hold_the_patients_own_id(local: Local) -> None:

@@ -35,6 +35,9 @@ Named databases (keys and values are UTF-8; values are compact JSON)::
     commitments          Transaction UID -> a storage commitment request, its
                          result and the delivery of its report
     commitments.pending  Transaction UID -> "": those not reported yet
+    audit.pending        time.random -> an audit record a change committed
+                         here owes the audit log, until it is written there
+                         (audit/owed.py)
 
 A study record counts, per tier, the instances that have a verified copy
 there (``copies``), so that migration policies see where a study is
@@ -92,6 +95,7 @@ _DATABASES = (
     "hits",
     "commitments",
     "commitments.pending",
+    "audit.pending",
 )
 # Added after schema version 1 was fixed: created when the catalog is
 # opened for writing, possibly missing when it is opened read-only.

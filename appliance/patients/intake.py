@@ -23,7 +23,7 @@ import hl7
 import lmdb
 
 from appliance import audit
-from appliance.audit import codes
+from appliance.audit import owed as owed_records
 from appliance.audit.offenders import host_of
 from appliance.audit.trail import Trail
 from appliance.catalog import patients
@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 _UPDATED = "updated"
 _MERGED = "merged"
 _IDENTIFIER_CHANGED = "identifier changed"
+_RECORDED = (_UPDATED, _MERGED, _IDENTIFIER_CHANGED)
 
 
 def handle(
@@ -60,15 +61,19 @@ def handle(
     message = adt.read(parsed, *header(parsed))
     digest = hashlib.sha256(raw).hexdigest()
     outcome: list[patients.Change] = []
+    owed: list[str] = []
 
     def change(txn: lmdb.Transaction) -> None:
         for each in message.changes:
-            outcome.append(_apply(catalog, txn, message, each))
+            done = _apply(catalog, txn, message, each)
+            outcome.append(done)
+            if trail is not None and done.action in _RECORDED:
+                owed.append(_owe(catalog, txn, done, message, peer))
 
     seen = Seen(message.sender, message.control_id, message.message_type)
     sent = remember(catalog, seen, acks.accept(parsed), digest, change)
-    for done in outcome:
-        _audit(trail, done, message, peer)
+    if trail is not None:
+        owed_records.settle(catalog, trail, owed)
     if outcome:
         logger.info(
             "HL7 %s control ID %s from %s: %s",
@@ -86,24 +91,27 @@ def _described(done: patients.Change) -> str:
     return f"{done.reference} {done.action}{moved}"
 
 
-def _audit(
-    trail: Trail | None, done: patients.Change, message: PatientMessage, peer: str
-) -> None:
-    """Record a patient record updated (A08, A31) or merged (A40, A47), after
-    the commit; a message that changed nothing leaves no record. The
+def _owe(
+    catalog: Catalog,
+    txn: lmdb.Transaction,
+    done: patients.Change,
+    message: PatientMessage,
+    peer: str,
+) -> str:
+    """Note in the change's transaction the record of a patient record
+    updated (A08, A31) or merged (A40, A47), written to the audit log once
+    committed; a message that changed nothing leaves no record. The
     requestor is the sending application (MSH-3^MSH-4) on its host: the
     network access point is an address without the port (PS3.15 A.5.2)."""
-    if done.action not in (_UPDATED, _MERGED, _IDENTIFIER_CHANGED):
-        return
     patient_id = done.patient.partition("\x00")[0]
     merged = [done.merged.partition("\x00")[0]] if done.merged else None
-    audit.patient_record_changed(
-        trail,
-        codes.UPDATE,
+    return owed_records.owe_patient_record(
+        catalog,
+        txn,
         patient_id,
-        description=f"HL7 {message.message_type}: patient record {done.action}",
-        source=audit.Peer(_application(message), host_of(peer), account=True),
-        other_patient_ids=merged,
+        f"HL7 {message.message_type}: patient record {done.action}",
+        audit.Peer(_application(message), host_of(peer), account=True),
+        merged,
     )
 
 

@@ -16,6 +16,7 @@ import logging
 import hl7
 
 from appliance import audit
+from appliance.audit import owed
 from appliance.audit.offenders import RepeatedRefusals
 from appliance.audit.trail import Trail
 from appliance.catalog.store import Catalog
@@ -35,6 +36,9 @@ class Intake:
     def __init__(self, catalog: Catalog, trail: Trail | None = None) -> None:
         self.catalog = catalog
         self.trail = trail
+        if trail is not None:
+            # Records a killed process owed for patient changes it committed.
+            owed.settle_left_over(catalog, trail)
         # A sender whose messages keep being refused becomes a security alert.
         self.refusals = RepeatedRefusals(trail, "HL7")
 
