@@ -111,6 +111,23 @@ def test_copy_to_nearline_writes_a_verified_pack(archive: Archive) -> None:
     assert "manifest" in listing.stdout and STUDY not in listing.stdout
 
 
+def test_a_nearline_disk_gone_while_running_gets_no_pack_in_its_mount_point(
+    archive: Archive,
+) -> None:
+    """Unmounted under a running service, the disk leaves its empty mount
+    point: the copy fails with the reason, and nothing is made there."""
+    root = archive.nearline.root
+    root.rename(root.with_name("nearline-unmounted"))
+    root.mkdir()
+
+    outcome = archive.migrator().copy(STUDY, "nearline")
+
+    assert not outcome.ok
+    assert "is the nearline tier's disk still mounted" in outcome.problem
+    assert list(root.iterdir()) == []
+    assert archive.where() == {"online": 6}
+
+
 def test_copy_twice_adds_nothing(archive: Archive) -> None:
     archive.migrator().copy(STUDY, "nearline")
 

@@ -97,8 +97,16 @@ class NearlineTier:
         """Write a pack durably and read it all back; (its location, what
         was written). A pack that fails the read-back is deleted."""
         location = self.location_of(pack_id)
+        # The tier's folder is made when it opens, never here: gone since,
+        # its disk is no longer mounted, and a pack made anew in the empty
+        # mount point would be hidden once the disk is back.
+        if not self.packs.is_dir():
+            raise StorageError(
+                f"{self.packs} is gone: is the nearline tier's disk still "
+                f"mounted at {self.root}?"
+            )
         summary = write_pack_file(
-            self.root / location, items, pack_id, study_uid, key, root=self.root
+            self.root / location, items, pack_id, study_uid, key, root=self.packs
         )
         # Read the disk, not the page cache the write just filled: a bad
         # write to the array must fail here, not at the first recall.
