@@ -11,6 +11,7 @@ import pytest
 from appliance.errors import VolumeError, VolumeFull
 from appliance.storage.volumes.optical import OpticalLibrary
 from appliance.storage.volumes.xorriso import Xorriso
+from tests.read_only import read_only
 
 MiB = 1 << 20
 
@@ -148,3 +149,12 @@ def test_an_image_whose_label_names_no_capacity_is_ignored(tmp_path, caplog):
 
     assert [info.label for info in listed] == ["DISC08"]
     assert "its label names no usable capacity" in caplog.text
+
+
+def test_an_image_that_may_not_be_written_is_listed_read_only(library):
+    library.label("DISC02", 16 * MiB)
+
+    with read_only(image_of(library)):
+        listed = {info.label: info.read_only for info in library.list_volumes()}
+
+    assert listed == {"DISC01": True, "DISC02": False}

@@ -460,9 +460,19 @@ class OpticalLibrary(VolumeLibrary):
             logger.warning(
                 "optical volume %s cannot be used: %s", record.label, problem
             )
-        reachable = problem is None
-        used = image.stat().st_size if reachable else record.used
-        return VolumeInfo(record.label, record.capacity, used, reachable, record.full)
+        if problem is not None:
+            return VolumeInfo(
+                record.label, record.capacity, record.used, False, record.full
+            )
+
+        # As _open_for_append would find it, without opening it to write:
+        # access() says no for a read-only mount, no write permission and
+        # an immutable image.
+        read_only = not os.access(image, os.W_OK)
+        used = image.stat().st_size
+        return VolumeInfo(
+            record.label, record.capacity, used, True, record.full, read_only
+        )
 
     def _recover(self) -> None:
         """Undo appends a crash interrupted; drop leftover staged files."""
