@@ -57,13 +57,17 @@ def register(main: click.Group, load: Loader) -> None:
             table.add_column(
                 column, justify="left" if column in ("label", "state") else "right"
             )
-        for row in overview.volume_rows(library):
-            state = "loaded" if row["reachable"] else "on the shelf"
-            if row["full"]:
-                state += ", full"
+        try:
+            rows = overview.volume_rows(library)
+        except ApplianceError as exc:
+            # The library cannot look at its volumes at all (its staging
+            # folder read only, its changer failing): one line, no table.
+            click.echo(f"cannot list the volumes: {exc}", err=True)
+            sys.exit(1)
+        for row in rows:
             table.add_row(
                 row["label"],
-                state,
+                _state(row, library.kind),
                 size(row["capacity_bytes"]),
                 size(row["used_bytes"]),
                 size(row["free_bytes"]),
@@ -248,6 +252,17 @@ def register(main: click.Group, load: Loader) -> None:
             f"volume {label} is ready to leave ({where}): its packs are "
             "encrypted; the master keys must be escrowed separately"
         )
+
+
+def _state(row: dict[str, Any], kind: str) -> str:
+    """Where a volume is and whether it takes packs, in the words of its
+    medium: a cartridge's tab makes it write protected."""
+    state = "loaded" if row["reachable"] else "on the shelf"
+    if row["full"]:
+        state += ", full"
+    if row["read_only"]:
+        state += ", write protected" if kind == "tape" else ", read only"
+    return state
 
 
 @contextmanager

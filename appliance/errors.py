@@ -67,8 +67,9 @@ class OutOfSpaceError(StorageError):
 
 
 class SpoolError(StorageError):
-    """The local spool refused a pack read from its volume (a full or
-    read-only disk): the disk is at fault, not the pack."""
+    """The local spool refused a pack read from its volume, or an optical
+    library's staging folder refused to be written (a full or read-only
+    disk): the disk is at fault, not the pack nor its volume."""
 
 
 class SourceMismatchError(StorageError):

@@ -266,8 +266,9 @@ def operator_requests(catalog: Catalog) -> list[requests.OperatorRequest]:
 
 
 def volume_rows(library: Any) -> list[dict[str, Any]]:
-    """Every labelled volume: reachable or on the shelf, room, packs (None
-    when on the shelf): what ``appliance volumes list`` prints."""
+    """Every labelled volume: reachable or on the shelf, read only (None
+    when the library cannot tell), room, packs (None when on the shelf):
+    what ``appliance volumes list`` prints."""
     rows = []
     for info in library.list_volumes():
         packs = len(library.list_packs(info.label)) if info.reachable else None
@@ -276,6 +277,7 @@ def volume_rows(library: Any) -> list[dict[str, Any]]:
                 "label": info.label,
                 "reachable": info.reachable,
                 "full": info.full,
+                "read_only": info.read_only,
                 "capacity_bytes": info.capacity,
                 "used_bytes": info.used,
                 # The library's room: a folder volume's never more than

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from appliance.errors import VolumeError, VolumeFull
+from appliance.errors import SpoolError, VolumeError, VolumeFull
 from appliance.storage.volumes.optical import OpticalLibrary
 from appliance.storage.volumes.xorriso import Xorriso
+from tests.read_only import read_only
 
 MiB = 1 << 20
 
@@ -148,3 +149,40 @@ def test_an_image_whose_label_names_no_capacity_is_ignored(tmp_path, caplog):
 
     assert [info.label for info in listed] == ["DISC08"]
     assert "its label names no usable capacity" in caplog.text
+
+
+def test_an_image_that_may_not_be_written_is_listed_read_only(library):
+    library.label("DISC02", 16 * MiB)
+
+    with read_only(image_of(library)):
+        listed = {info.label: info.read_only for info in library.list_volumes()}
+
+    assert listed == {"DISC01": True, "DISC02": False}
+
+
+def test_a_read_only_staging_folder_is_named_not_the_volumes(library):
+    """Labels and packs pass through the staging folder: while it may not be
+    written, every use of the library says so and what to do, and no disc
+    is called unreadable or on the shelf."""
+    location = library.write_pack("DISC01", "p-1", [b"first"])
+    image = image_of(library).read_bytes()
+    staging = str(library.staging)
+
+    with read_only(library.staging):
+        with pytest.raises(SpoolError) as written:
+            library.write_pack("DISC01", "p-2", [b"second"])
+        with pytest.raises(SpoolError) as read:
+            library.read_pack(location)
+        reopened = OpticalLibrary(library.path, recover=False)
+        with pytest.raises(SpoolError) as listed:
+            reopened.list_volumes()
+        with pytest.raises(SpoolError) as labelled:
+            reopened.label("DISC02", 16 * MiB)
+
+    for raised in (written, read, listed, labelled):
+        message = str(raised.value)
+        assert f"staging folder {staging} is on a file system mounted read " in message
+        assert "the volumes are not at fault); remount it read-write" in message
+        assert "DISC01" not in message
+    assert image_of(library).read_bytes() == image
+    assert b"".join(library.read_pack(location)) == b"first"

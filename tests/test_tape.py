@@ -702,3 +702,42 @@ def test_scanning_a_tape_whose_label_names_no_usable_capacity_is_refused(
     with pytest.raises(VolumeError, match="T00001: its label names no usable capacity"):
         fresh.scan("T00001")
     assert fresh.list_volumes() == []
+
+
+def test_only_the_cartridge_in_the_drive_is_listed_write_protected_or_not(
+    tmp_path,
+):
+    """The drive reports the tab of the cartridge it holds; the changer
+    reports none, and a cartridge in a slot is not loaded to find out."""
+    library, _, changer = library_with(tmp_path, "T00001", "T00002")
+    library.label("T00001", 8 * MiB)
+    library.label("T00002", 8 * MiB)
+    library.unload()
+    changer.set_write_protect("T00001")
+
+    library.load("T00001")
+    protected = {v.label: v.read_only for v in library.list_volumes()}
+    library.load("T00002")
+    writable = {v.label: v.read_only for v in library.list_volumes()}
+
+    assert protected == {"T00001": True, "T00002": None}
+    assert writable == {"T00001": None, "T00002": False}
+
+
+def test_the_tape_in_a_drive_without_changer_is_listed_write_protected(tmp_path):
+    # A changer without drives stands for the hands that slide the tab.
+    hands = FakeChanger(tmp_path / "sim", [])
+    cartridge = hands.cartridge_path("T00001")
+    FakeCartridge.create(cartridge, 8 * MiB)
+    drive = FakeTapeDrive()
+    library = TapeLibrary(drive, None, tmp_path / "state", record_size=RECORD)
+    drive.insert(cartridge)
+    library.label("T00001", 8 * MiB)
+    library.unload()
+    drive.remove()
+    hands.set_write_protect("T00001")
+    drive.insert(cartridge)
+
+    [info] = library.list_volumes()
+
+    assert (info.reachable, info.read_only) == (True, True)

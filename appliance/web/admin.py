@@ -102,7 +102,10 @@ async def volumes(request: Request) -> Response:
             "requests": overview.request_rows(archive.catalog),
         }
 
-    return JSONResponse(await run_in_threadpool(gather))
+    try:
+        return JSONResponse(await run_in_threadpool(gather))
+    except ApplianceError as exc:
+        return problem(503, f"cannot list the volumes: {exc}")
 
 
 async def replication(request: Request) -> Response:

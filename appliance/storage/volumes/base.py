@@ -47,6 +47,11 @@ class VolumeInfo:
     ``used`` counts the bytes the volume's packs take on the medium; for a
     volume on the shelf it is the last value seen. ``full`` is set once the
     volume refused a pack for lack of room and takes no more packs.
+
+    ``read_only`` says whether the volume refuses packs (a read-only folder
+    or image, a cartridge's write-protect tab), as far as the library can
+    tell without writing to it or loading it: True or False, or None when
+    it cannot tell (a volume on the shelf; a tape not in the drive).
     """
 
     label: str
@@ -54,6 +59,7 @@ class VolumeInfo:
     used: int
     reachable: bool
     full: bool = False
+    read_only: bool | None = None
 
     @property
     def free(self) -> int:

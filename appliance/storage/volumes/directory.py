@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import shutil
 from collections.abc import Iterable, Iterator
@@ -300,7 +301,9 @@ class DirectoryLibrary(VolumeLibrary):
                 )
             return VolumeInfo(record.label, record.capacity, record.used, False)
 
-        return VolumeInfo(record.label, record.capacity, self._used(folder), True)
+        used = self._used(folder)
+        read_only = _refuses_writes(folder)
+        return VolumeInfo(record.label, record.capacity, used, True, False, read_only)
 
     @staticmethod
     def _used(folder: Path) -> int:
@@ -341,6 +344,17 @@ class DirectoryLibrary(VolumeLibrary):
         if theirs is not None:
             return another_archives(str(folder), volume, theirs, self.archive())
         return _packs_problem(folder)
+
+
+def _refuses_writes(folder: Path) -> bool:
+    """Whether a reachable volume's folder refuses packs, seen without
+    writing to it: a pack is received in ``incoming`` and moved into
+    ``packs``. access() says no for a file system mounted read only (an
+    LTFS tape's too), a folder without write permission and an immutable
+    one, as the writing itself would."""
+    places = (folder / "incoming", folder / "packs")
+    wanted = os.W_OK | os.X_OK
+    return any(place.is_dir() and not os.access(place, wanted) for place in places)
 
 
 def _packs_problem(folder: Path) -> str | None:

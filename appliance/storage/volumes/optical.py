@@ -30,8 +30,9 @@ ready to burn (``xorriso -as cdrecord dev=/dev/sr0 LABEL.iso``); moving the
 image out of ``PATH`` puts the volume on the shelf.
 
 An image that may not be written refuses packs (VolumeReadOnly) and can
-still be read. ``PATH`` itself must be writable: labels and packs are read
-out through ``.staging``.
+still be read. ``.staging`` must be writable: labels and packs pass through
+it, so while it is not, every operation that needs it raises SpoolError
+naming it, and no volume is taken for unreachable or to blame.
 """
 
 from __future__ import annotations
@@ -45,7 +46,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from appliance.errors import VolumeError, VolumeFull, VolumeNotReachable
+from appliance.errors import (
+    SpoolError,
+    VolumeError,
+    VolumeFull,
+    VolumeNotReachable,
+)
 from appliance.storage import durable
 from appliance.storage.volumes.base import (
     ArchiveSource,
@@ -143,6 +149,7 @@ class OpticalLibrary(VolumeLibrary):
         check_label(volume)
         check_capacity(capacity)
         self.registry.refuse_twin(volume)
+        self._check_staging()
         image = self._image_path(volume)
         if self.registry.get(volume) or image.exists():
             raise VolumeError(f"volume {volume} is already labelled")
@@ -182,6 +189,7 @@ class OpticalLibrary(VolumeLibrary):
         self, volume: str, pack_id: str, chunks: Iterable[bytes]
     ) -> PackLocation:
         check_pack_id(pack_id)
+        self._check_staging()
         image = self._image(volume)
         record = self._record(volume)
         if record.full:
@@ -210,6 +218,8 @@ class OpticalLibrary(VolumeLibrary):
 
     def read_pack(self, location: PackLocation, check: bool = True) -> Iterator[bytes]:
         image = self._image(location.volume)
+        # Checked now, not when the first chunk is asked for.
+        self._check_staging()
         name = pack_file_name(location.position, location.pack_id, location.sha256)
         if name not in self.xorriso.list_files(image, "/packs"):
             raise VolumeError(
@@ -408,6 +418,7 @@ class OpticalLibrary(VolumeLibrary):
 
     def _label_fields(self, image: Path) -> dict[str, Any]:
         """The label file written in ``image`` when it was labelled."""
+        self._check_staging()
         label_copy = self.staging / f"{secrets.token_hex(8)}.label"
         try:
             self.xorriso.extract(image, "/VOLUME", label_copy)
@@ -419,6 +430,30 @@ class OpticalLibrary(VolumeLibrary):
         if not isinstance(fields, dict) or fields.get("format") != LABEL_FORMAT:
             raise VolumeError(f"{image} holds no volume label of this appliance")
         return fields
+
+    def _check_staging(self) -> None:
+        """SpoolError naming ``.staging`` when it may not be written: every
+        label and pack is copied through it, so no volume can be read or
+        written now, and none is at fault (xorriso and the clean-up would
+        fail with words about the image instead)."""
+        if os.access(self.staging, os.W_OK | os.X_OK):
+            return
+
+        where = f"the optical library's staging folder {self.staging}"
+        if os.statvfs(self.staging).f_flag & os.ST_RDONLY:
+            problem = "is on a file system mounted read only"
+            remedy = "remount it read-write"
+        else:
+            problem = "may not be written by this user"
+            remedy = (
+                "give the appliance's user write permission on it (and clear "
+                "an immutable flag: chattr -i)"
+            )
+        raise SpoolError(
+            f"{where} {problem}: labels and packs pass through it, so no "
+            f"optical volume can be read or written (the volumes are not at "
+            f"fault); {remedy}"
+        )
 
     def _image_path(self, volume: str) -> Path:
         return self.path / f"{volume}.iso"
@@ -460,12 +495,24 @@ class OpticalLibrary(VolumeLibrary):
             logger.warning(
                 "optical volume %s cannot be used: %s", record.label, problem
             )
-        reachable = problem is None
-        used = image.stat().st_size if reachable else record.used
-        return VolumeInfo(record.label, record.capacity, used, reachable, record.full)
+        if problem is not None:
+            return VolumeInfo(
+                record.label, record.capacity, record.used, False, record.full
+            )
+
+        # As _open_for_append would find it, without opening it to write:
+        # access() says no for a read-only mount, no write permission and
+        # an immutable image.
+        read_only = not os.access(image, os.W_OK)
+        used = image.stat().st_size
+        return VolumeInfo(
+            record.label, record.capacity, used, True, record.full, read_only
+        )
 
     def _recover(self) -> None:
         """Undo appends a crash interrupted; drop leftover staged files."""
+        if any(self.staging.iterdir()):
+            self._check_staging()
         for journal in self.staging.glob("*.journal"):
             self._roll_back(journal.stem)
         for leftover in self.staging.iterdir():

@@ -98,9 +98,10 @@ class TapeLibrary(VolumeLibrary):
         self._checked: str | None = None
 
     def list_volumes(self) -> list[VolumeInfo]:
-        present = self._present()
+        present, loaded = self._look()
+        protected = self._write_protected(loaded)
         return [
-            self._info(record, present(record.label))
+            self._info(record, present(record.label), protected.get(record.label))
             for record in map(self._record, self.registry.labels())
         ]
 
@@ -456,17 +457,44 @@ class TapeLibrary(VolumeLibrary):
 
     def _present(self) -> Callable[[str], bool]:
         """A test ``label -> reachable`` from one look at the changer or drive."""
+        return self._look()[0]
+
+    def _look(self) -> tuple[Callable[[str], bool], str | None]:
+        """From one look at the changer or drive: a test ``label ->
+        reachable``, and the label of the cartridge in this library's
+        drive (its barcode with a changer), None for none."""
         if self.changer is not None:
             status = self.changer.status()
-            return lambda label: bool(status.slot_of(label) or status.drive_of(label))
+            try:
+                loaded = status.drive(self.drive_number).barcode
+            except VolumeError:
+                loaded = None
+
+            def present(label: str) -> bool:
+                return bool(status.slot_of(label) or status.drive_of(label))
+
+            return present, loaded
         try:
             fields = self._read_fields() if self.drive.status().online else None
         except VolumeError:
             fields = None
         if fields is None or self.other_archive(fields) is not None:
-            return lambda label: False
-        loaded = str(fields.get("label"))
-        return lambda label: label == loaded
+            return lambda label: False, None
+        in_drive = str(fields.get("label"))
+        return lambda label: label == in_drive, in_drive
+
+    def _write_protected(self, loaded: str | None) -> dict[str, bool]:
+        """``{label: write protected}`` for the cartridge in the drive, as
+        the drive reports its tab (WR_PROT); empty when the drive holds
+        none or cannot say now (busy with another stream). The changer
+        does not report tabs, and no cartridge is loaded to find out."""
+        if loaded is None:
+            return {}
+        try:
+            status = self.drive.status()
+        except VolumeError:
+            return {}
+        return {loaded: status.write_protected} if status.online else {}
 
     def _record(self, volume: str) -> VolumeRecord:
         record = self.registry.get(check_label(volume))
@@ -478,9 +506,16 @@ class TapeLibrary(VolumeLibrary):
             )
         return record
 
-    def _info(self, record: VolumeRecord, reachable: bool) -> VolumeInfo:
+    def _info(
+        self, record: VolumeRecord, reachable: bool, read_only: bool | None = None
+    ) -> VolumeInfo:
         return VolumeInfo(
-            record.label, record.capacity, record.used, reachable, record.full
+            record.label,
+            record.capacity,
+            record.used,
+            reachable,
+            record.full,
+            read_only if reachable else None,
         )
 
     def _not_reachable(self, volume: str) -> VolumeNotReachable:
