@@ -38,7 +38,7 @@ def transfer_bar(*columns: ProgressColumn) -> Progress:
         TextColumn("{task.description}"),
         BarColumn(),
         *columns,
-        DownloadColumn(binary_units=True),
+        DownloadColumn(binary_units=False),
         _RateColumn(),
         TimeRemainingColumn(),
         console=errors,
@@ -46,8 +46,8 @@ def transfer_bar(*columns: ProgressColumn) -> Progress:
 
 
 class _RateColumn(ProgressColumn):
-    """Bytes per second in the units of :func:`size` (rich's own column
-    counts in powers of 1000, the rest of the appliance in 1024)."""
+    """Bytes per second in the units of :func:`size`, with its thousands
+    separators."""
 
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
@@ -55,12 +55,15 @@ class _RateColumn(ProgressColumn):
 
 
 def size(count: int) -> str:
-    """A byte count for people: 1,234 B, 12.3 MiB."""
+    """A byte count for people: 1,234 B, 12.3 MB. In powers of 1000, as
+    the configuration, the bandwidth timetables and the capacities printed
+    on disks and cartridges count them: a volume labelled 400G is listed as
+    400.0 GB."""
     value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
             return f"{value:,.1f} {unit}" if unit != "B" else f"{count:,} B"
-        value /= 1024
+        value /= 1000
     return f"{count} B"
 
 

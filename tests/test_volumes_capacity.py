@@ -33,7 +33,7 @@ def test_a_capacity_below_a_megabyte_is_refused(tmp_path: Path, capacity) -> Non
 
 
 @pytest.mark.parametrize(
-    ("capacity", "shown"), [("1M", "976.6 KiB"), ("2T", "1.8 TiB")]
+    ("capacity", "shown"), [("1M", "1.0 MB"), ("2T", "2.0 TB"), ("400G", "400.0 GB")]
 )
 def test_a_capacity_with_its_unit_is_taken(tmp_path: Path, capacity, shown) -> None:
     new_archive(tmp_path / "data")
