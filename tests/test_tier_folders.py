@@ -15,6 +15,10 @@ from tests.conftest import config_text, free_port
 from tests.datasets import study_files
 from tests.tier_rules import MOVE_TO_NEARLINE, run
 
+# Every study copied to the nearline tier and kept online too: a copy on
+# each of the two disks.
+COPY_TO_NEARLINE = '\n[[rules]]\nname = "copy"\naction = "copy"\nto = "nearline"\n'
+
 
 def configuration(folder: Path, **storage: str) -> Path:
     settings: dict[str, dict[str, object]] = {
@@ -142,3 +146,23 @@ def test_an_unmounted_catalog_disk_is_no_new_archive(
         assert f"no catalog at {catalog}, but the online tier" in refused.stderr
         assert "Traceback" not in refused.stderr
     assert list(catalog.iterdir()) == []
+
+
+@pytest.mark.parametrize("tier", ["online", "nearline"])
+def test_a_scrub_refuses_an_unmounted_disk_rather_than_find_its_copies_lost(
+    archive: Path, disks: dict[str, Path], tier: str
+) -> None:
+    rules = archive.with_name("rules.toml")
+    rules.write_text(archive.read_text() + COPY_TO_NEARLINE)
+    assert run(rules, "migrate", "--now").returncode == 0
+    unmount(disks[tier])
+
+    scrubbed = run(archive, "scrub", "run", "--tier", tier)
+    adopted = run(archive, "scrub", "adopt", "--tier", tier, "objects/00/0.dcm")
+
+    for refused in (scrubbed, adopted):
+        assert refused.returncode == 1
+        assert f"is the {tier} tier's disk mounted there?" in refused.stderr
+        assert "Traceback" not in refused.stderr
+    assert list(disks[tier].iterdir()) == []
+    assert "0 instance(s) with no good copy" in run(archive, "scrub", "status").stdout
