@@ -166,3 +166,22 @@ def test_a_scrub_refuses_an_unmounted_disk_rather_than_find_its_copies_lost(
         assert "Traceback" not in refused.stderr
     assert list(disks[tier].iterdir()) == []
     assert "0 instance(s) with no good copy" in run(archive, "scrub", "status").stdout
+
+
+def test_an_unmounted_catalog_disk_is_no_new_archive_beside_packs(
+    tmp_path: Path, archive: Path, disks: dict[str, Path]
+) -> None:
+    rules = archive.with_name("rules.toml")
+    rules.write_text(archive.read_text() + MOVE_TO_NEARLINE)
+    assert run(rules, "migrate", "--now").returncode == 0
+    catalog = tmp_path / "data" / "catalog"
+    unmount(catalog)
+    files = study_files(tmp_path / "later", "later", 1, pixel_bytes=2000)
+
+    # The import first: a service that is not refused would run on.
+    for command in (("import", *map(str, files)), ("serve",)):
+        refused = run(archive, *command)
+        assert refused.returncode == 1
+        assert f"{disks['nearline']} holds packs" in refused.stderr
+        assert "Traceback" not in refused.stderr
+    assert list(catalog.iterdir()) == []

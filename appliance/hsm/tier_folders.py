@@ -13,9 +13,9 @@ recognised here, before a tier makes its layout in it:
 - the catalog records copies on the online tier (``bytes.online``) and the
   online folder has no ``objects/`` folder, or packs on the nearline tier
   (``packbytes.nearline``) and the nearline folder has no ``packs/``;
-- there is no catalog, and the online tier holds instance files: the
-  catalog's own disk is not mounted, and a new, empty catalog would be
-  made beside the archive that is there.
+- there is no catalog, and the online tier holds instance files or the
+  nearline tier packs: the catalog's own disk is not mounted, and a new,
+  empty catalog would be made beside the archive that is there.
 
 A tier whose disk was lost for good and replaced by a new one is taken
 back by making that folder by hand (``objects/``, ``packs/``); the scrub
@@ -97,25 +97,31 @@ def _emptied(tier: str, layout: Path, recorded: int) -> str:
 
 
 def _vet_without_catalog(config: Config) -> None:
-    objects = online_tier(config).objects
-    if _holds_instance_files(objects):
-        raise StorageError(
-            f"no catalog at {config.catalog_path}, but the online tier at "
-            f"{objects.parent} holds instance files: is the catalog's disk "
-            "mounted? A new, empty catalog is not made beside them (if the "
-            "catalog is lost for good, rebuild it: docs/restore.md)"
-        )
+    # An archive whose studies all went to packs has no instance file left
+    # online: its packs say as much that a catalog was there.
+    held = (
+        (online_tier(config).objects, "online tier", "instance files"),
+        (nearline_tier(config).packs, "nearline tier", "packs"),
+    )
+    for layout, tier, files in held:
+        if _holds_files(layout):
+            raise StorageError(
+                f"no catalog at {config.catalog_path}, but the {tier} at "
+                f"{layout.parent} holds {files}: is the catalog's disk "
+                "mounted? A new, empty catalog is not made beside them (if "
+                "the catalog is lost for good, rebuild it: docs/restore.md)"
+            )
 
 
-def _holds_instance_files(objects: Path) -> bool:
-    """Whether any of the 256 folders under ``objects`` holds a file; each
-    folder's listing stops at its first entry."""
+def _holds_files(layout: Path) -> bool:
+    """Whether any of the folders under ``layout`` (``objects``, ``packs``)
+    holds a file; each folder's listing stops at its first entry."""
     try:
-        folders = list(os.scandir(objects))
+        folders = list(os.scandir(layout))
     except (FileNotFoundError, NotADirectoryError):
         return False
     except OSError as exc:
-        raise StorageError(f"cannot read {objects}: {exc.strerror or exc}") from exc
+        raise StorageError(f"cannot read {layout}: {exc.strerror or exc}") from exc
     for folder in folders:
         if not folder.is_dir(follow_symlinks=False):
             continue
