@@ -185,3 +185,21 @@ def test_an_unmounted_catalog_disk_is_no_new_archive_beside_packs(
         assert f"{disks['nearline']} holds packs" in refused.stderr
         assert "Traceback" not in refused.stderr
     assert list(catalog.iterdir()) == []
+
+
+def test_an_unmounted_online_disk_is_refused_when_every_study_is_in_packs(
+    tmp_path: Path, archive: Path, disks: dict[str, Path]
+) -> None:
+    rules = archive.with_name("rules.toml")
+    rules.write_text(archive.read_text() + MOVE_TO_NEARLINE)
+    assert run(rules, "migrate", "--now").returncode == 0
+    unmount(disks["online"])
+    files = study_files(tmp_path / "later", "later", 1, pixel_bytes=2000)
+
+    # The import first: a service that is not refused would run on.
+    for command in (("import", *map(str, files)), ("tiers",), ("serve",)):
+        refused = run(archive, *command)
+        assert refused.returncode == 1
+        assert "2 instances (none online now)" in refused.stderr
+        assert "is the online tier's disk mounted there?" in refused.stderr
+    assert list(disks["online"].iterdir()) == []

@@ -10,9 +10,10 @@ over them. A missing named folder is never made
 (:func:`appliance.storage.durable.require_named_folder`); an empty one is
 recognised here, before a tier makes its layout in it:
 
-- the catalog records copies on the online tier (``bytes.online``) and the
-  online folder has no ``objects/`` folder, or packs on the nearline tier
-  (``packbytes.nearline``) and the nearline folder has no ``packs/``;
+- the catalog records instances (on the online tier, or all moved to
+  packs) and the online folder has no ``objects/`` folder, or packs on the
+  nearline tier (``packbytes.nearline``) and the nearline folder has no
+  ``packs/``;
 - there is no catalog, and the online tier holds instance files or the
   nearline tier packs: the catalog's own disk is not mounted, and a new,
   empty catalog would be made beside the archive that is there.
@@ -77,19 +78,26 @@ def vet_tier_folders(config: Config) -> None:
     finally:
         catalog.close()
 
+    # The online tier's layout is made at the first store and stays when
+    # every study has moved to packs: an archive's online folder without it
+    # is an empty mount point even where no copy is online now.
     online = online_tier(config)
-    if counts.get("bytes.online", 0) > 0 and not online.objects.is_dir():
-        raise StorageError(_emptied("online", online.objects, counts["bytes.online"]))
+    if not online.objects.is_dir():
+        if counts.get("bytes.online", 0) > 0:
+            recorded = f"{counts['bytes.online']:,} bytes on the online tier"
+            raise StorageError(_emptied("online", online.objects, recorded))
+        if counts.get("instances", 0) > 0:
+            recorded = f"{counts['instances']:,} instances (none online now)"
+            raise StorageError(_emptied("online", online.objects, recorded))
     nearline = nearline_tier(config)
     if counts.get("packbytes.nearline", 0) > 0 and not nearline.packs.is_dir():
-        raise StorageError(
-            _emptied("nearline", nearline.packs, counts["packbytes.nearline"])
-        )
+        recorded = f"{counts['packbytes.nearline']:,} bytes on the nearline tier"
+        raise StorageError(_emptied("nearline", nearline.packs, recorded))
 
 
-def _emptied(tier: str, layout: Path, recorded: int) -> str:
+def _emptied(tier: str, layout: Path, recorded: str) -> str:
     return (
-        f"the catalog records {recorded:,} bytes on the {tier} tier, but "
+        f"the catalog records {recorded}, but "
         f"{layout.parent} holds no {layout.name}/ folder: is the {tier} tier's "
         f"disk mounted there? (if that disk was lost and replaced, make "
         f"{layout} to take the new one, then run appliance scrub)"
