@@ -203,3 +203,16 @@ def test_an_unmounted_online_disk_is_refused_when_every_study_is_in_packs(
         assert "2 instances (none online now)" in refused.stderr
         assert "is the online tier's disk mounted there?" in refused.stderr
     assert list(disks["online"].iterdir()) == []
+
+
+def test_a_mirror_check_refuses_an_unmounted_online_disk(
+    archive: Path, disks: dict[str, Path]
+) -> None:
+    unmount(disks["online"])
+
+    verified = run(archive, "replication", "verify")
+
+    assert verified.returncode == 1
+    assert "is the online tier's disk mounted there?" in verified.stderr
+    assert "Traceback" not in verified.stderr
+    assert list(disks["online"].iterdir()) == []
