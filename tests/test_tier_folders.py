@@ -216,3 +216,21 @@ def test_a_mirror_check_refuses_an_unmounted_online_disk(
     assert "is the online tier's disk mounted there?" in verified.stderr
     assert "Traceback" not in verified.stderr
     assert list(disks["online"].iterdir()) == []
+
+
+@pytest.mark.parametrize("source", ["volumes", "mirror"])
+def test_a_restore_refuses_an_unmounted_online_disk(
+    archive: Path, disks: dict[str, Path], source: str
+) -> None:
+    # A copy on each tier; the pack made the master keys a restore reads.
+    rules = archive.with_name("rules.toml")
+    rules.write_text(archive.read_text() + COPY_TO_NEARLINE)
+    assert run(rules, "migrate", "--now").returncode == 0
+    unmount(disks["online"])
+
+    restored = run(archive, "restore", "--from", source)
+
+    assert restored.returncode == 1
+    assert "is the online tier's disk mounted there?" in restored.stderr
+    assert "Traceback" not in restored.stderr
+    assert list(disks["online"].iterdir()) == []

@@ -55,10 +55,11 @@ def nearline_tier(config: Config) -> NearlineTier:
     )
 
 
-def vet_tier_folders(config: Config) -> None:
+def vet_tier_folders(config: Config, restoring: bool = False) -> None:
     """Raise :class:`StorageError` if a tier's folder is empty where the
     catalog records copies, or the catalog is missing beside a tier that
-    holds instances; makes and changes nothing."""
+    holds instances (unless ``restoring``: a restore is what makes a lost
+    catalog again); makes and changes nothing."""
     named = (
         ("storage.catalog_path", config.catalog_path, "catalog"),
         ("storage.online_path", config.online_path, "online tier"),
@@ -69,7 +70,8 @@ def vet_tier_folders(config: Config) -> None:
             require_named_folder(path, key, what)
 
     if not catalog_exists(config.catalog_path):
-        _vet_without_catalog(config)
+        if not restoring:
+            _vet_without_catalog(config)
         return
 
     catalog = Catalog(config.catalog_path, readonly=True)
