@@ -7,6 +7,8 @@ without anything made in it."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -234,3 +236,27 @@ def test_a_restore_refuses_an_unmounted_online_disk(
     assert "is the online tier's disk mounted there?" in restored.stderr
     assert "Traceback" not in restored.stderr
     assert list(disks["online"].iterdir()) == []
+
+
+def test_an_unreadable_folder_of_the_online_layout_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from appliance import config as settings
+    from appliance.errors import StorageError
+    from appliance.hsm import tier_folders
+
+    folder = tmp_path / "data" / "online" / "objects" / "ab"
+    folder.mkdir(parents=True)
+    real_scandir = os.scandir
+
+    def scandir(path: str | Path) -> Iterator[os.DirEntry[str]]:
+        # Root reads any folder: the permission is refused here instead.
+        if Path(path) == folder:
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(tier_folders.os, "scandir", scandir)
+    config = settings.load(configuration(tmp_path))
+
+    with pytest.raises(StorageError, match=f"cannot read {folder}: Permission"):
+        tier_folders.vet_tier_folders(config)

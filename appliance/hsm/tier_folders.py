@@ -135,7 +135,13 @@ def _holds_files(layout: Path) -> bool:
     for folder in folders:
         if not folder.is_dir(follow_symlinks=False):
             continue
-        with os.scandir(folder.path) as entries:
-            if any(entry.is_file(follow_symlinks=False) for entry in entries):
-                return True
+        try:
+            with os.scandir(folder.path) as entries:
+                if any(entry.is_file(follow_symlinks=False) for entry in entries):
+                    return True
+        except OSError as exc:
+            # Unreadable (not the service's user's): one clear line, as for
+            # the layout itself, rather than a traceback.
+            reason = exc.strerror or exc
+            raise StorageError(f"cannot read {folder.path}: {reason}") from exc
     return False
