@@ -253,9 +253,15 @@ class _parts:
     def __enter__(self) -> tuple[Any, Any, Any]:
         require_catalog(self.config)
         from appliance.catalog.store import Catalog
+        from appliance.hsm.tier_folders import vet_tier_folders
         from appliance.hsm.tiers import open_tiers
         from appliance.replication.process import open_mirror
 
+        try:
+            vet_tier_folders(self.config)
+        except ApplianceError as exc:
+            click.echo(f"cannot open the tiers: {exc}", err=True)
+            sys.exit(1)
         try:
             self.catalog = Catalog(
                 self.config.catalog_path, self.config.get("storage.catalog_max_size")

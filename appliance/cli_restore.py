@@ -157,7 +157,7 @@ def _restore(
     The catalog phase reads at full speed unless ``rate`` says otherwise:
     nothing is served until it is over. The data phase keeps to ``rate``,
     or else to ``restore.timetable``."""
-    from appliance.hsm.tier_folders import online_tier
+    from appliance.hsm.tier_folders import online_tier, vet_tier_folders
     from appliance.replication.bandwidth import Limiter, parse_timetable
     from appliance.replication.process import mirror_place, open_mirror
     from appliance.restore import swap
@@ -173,6 +173,9 @@ def _restore(
     from appliance.restore.reasons import FailureLog
 
     keys = _keys(config)
+    # A restore goes on from the catalog there: its tiers' disks are mounted
+    # before restored instances are written to them.
+    vet_tier_folders(config, restoring=True)
     online_tier(config).open()
     folder = config.restore_folder
     lock = _claim(config, folder)

@@ -33,12 +33,15 @@ def restore_from_volumes(config: Config) -> bool:
     in place (a KeyboardInterrupt, which the caller reports); the data
     phase stops once the study in flight is counted, and the report says
     what is done."""
-    from appliance.hsm.tier_folders import online_tier
+    from appliance.hsm.tier_folders import online_tier, vet_tier_folders
     from appliance.hsm.tiers import open_volume_library
     from appliance.restore.ctrl_c import CtrlC
     from appliance.storage.lock import claim_tier
 
     keys = _keys(config)
+    # A restore goes on from the catalog there: its tiers' disks are mounted
+    # before restored instances are written to them.
+    vet_tier_folders(config, restoring=True)
     online = online_tier(config)
     online.open()
     # No appliance may serve this tier while it is restored.

@@ -7,6 +7,8 @@ without anything made in it."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,10 @@ import pytest
 from tests.conftest import config_text, free_port
 from tests.datasets import study_files
 from tests.tier_rules import MOVE_TO_NEARLINE, run
+
+# Every study copied to the nearline tier and kept online too: a copy on
+# each of the two disks.
+COPY_TO_NEARLINE = '\n[[rules]]\nname = "copy"\naction = "copy"\nto = "nearline"\n'
 
 
 def configuration(folder: Path, **storage: str) -> Path:
@@ -142,3 +148,115 @@ def test_an_unmounted_catalog_disk_is_no_new_archive(
         assert f"no catalog at {catalog}, but the online tier" in refused.stderr
         assert "Traceback" not in refused.stderr
     assert list(catalog.iterdir()) == []
+
+
+@pytest.mark.parametrize("tier", ["online", "nearline"])
+def test_a_scrub_refuses_an_unmounted_disk_rather_than_find_its_copies_lost(
+    archive: Path, disks: dict[str, Path], tier: str
+) -> None:
+    rules = archive.with_name("rules.toml")
+    rules.write_text(archive.read_text() + COPY_TO_NEARLINE)
+    assert run(rules, "migrate", "--now").returncode == 0
+    unmount(disks[tier])
+
+    scrubbed = run(archive, "scrub", "run", "--tier", tier)
+    adopted = run(archive, "scrub", "adopt", "--tier", tier, "objects/00/0.dcm")
+
+    for refused in (scrubbed, adopted):
+        assert refused.returncode == 1
+        assert f"is the {tier} tier's disk mounted there?" in refused.stderr
+        assert "Traceback" not in refused.stderr
+    assert list(disks[tier].iterdir()) == []
+    assert "0 instance(s) with no good copy" in run(archive, "scrub", "status").stdout
+
+
+def test_an_unmounted_catalog_disk_is_no_new_archive_beside_packs(
+    tmp_path: Path, archive: Path, disks: dict[str, Path]
+) -> None:
+    rules = archive.with_name("rules.toml")
+    rules.write_text(archive.read_text() + MOVE_TO_NEARLINE)
+    assert run(rules, "migrate", "--now").returncode == 0
+    catalog = tmp_path / "data" / "catalog"
+    unmount(catalog)
+    files = study_files(tmp_path / "later", "later", 1, pixel_bytes=2000)
+
+    # The import first: a service that is not refused would run on.
+    for command in (("import", *map(str, files)), ("serve",)):
+        refused = run(archive, *command)
+        assert refused.returncode == 1
+        assert f"{disks['nearline']} holds packs" in refused.stderr
+        assert "Traceback" not in refused.stderr
+    assert list(catalog.iterdir()) == []
+
+
+def test_an_unmounted_online_disk_is_refused_when_every_study_is_in_packs(
+    tmp_path: Path, archive: Path, disks: dict[str, Path]
+) -> None:
+    rules = archive.with_name("rules.toml")
+    rules.write_text(archive.read_text() + MOVE_TO_NEARLINE)
+    assert run(rules, "migrate", "--now").returncode == 0
+    unmount(disks["online"])
+    files = study_files(tmp_path / "later", "later", 1, pixel_bytes=2000)
+
+    # The import first: a service that is not refused would run on.
+    for command in (("import", *map(str, files)), ("tiers",), ("serve",)):
+        refused = run(archive, *command)
+        assert refused.returncode == 1
+        assert "2 instances (none online now)" in refused.stderr
+        assert "is the online tier's disk mounted there?" in refused.stderr
+    assert list(disks["online"].iterdir()) == []
+
+
+def test_a_mirror_check_refuses_an_unmounted_online_disk(
+    archive: Path, disks: dict[str, Path]
+) -> None:
+    unmount(disks["online"])
+
+    verified = run(archive, "replication", "verify")
+
+    assert verified.returncode == 1
+    assert "is the online tier's disk mounted there?" in verified.stderr
+    assert "Traceback" not in verified.stderr
+    assert list(disks["online"].iterdir()) == []
+
+
+@pytest.mark.parametrize("source", ["volumes", "mirror"])
+def test_a_restore_refuses_an_unmounted_online_disk(
+    archive: Path, disks: dict[str, Path], source: str
+) -> None:
+    # A copy on each tier; the pack made the master keys a restore reads.
+    rules = archive.with_name("rules.toml")
+    rules.write_text(archive.read_text() + COPY_TO_NEARLINE)
+    assert run(rules, "migrate", "--now").returncode == 0
+    unmount(disks["online"])
+
+    restored = run(archive, "restore", "--from", source)
+
+    assert restored.returncode == 1
+    assert "is the online tier's disk mounted there?" in restored.stderr
+    assert "Traceback" not in restored.stderr
+    assert list(disks["online"].iterdir()) == []
+
+
+def test_an_unreadable_folder_of_the_online_layout_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from appliance import config as settings
+    from appliance.errors import StorageError
+    from appliance.hsm import tier_folders
+
+    folder = tmp_path / "data" / "online" / "objects" / "ab"
+    folder.mkdir(parents=True)
+    real_scandir = os.scandir
+
+    def scandir(path: str | Path) -> Iterator[os.DirEntry[str]]:
+        # Root reads any folder: the permission is refused here instead.
+        if Path(path) == folder:
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(tier_folders.os, "scandir", scandir)
+    config = settings.load(configuration(tmp_path))
+
+    with pytest.raises(StorageError, match=f"cannot read {folder}: Permission"):
+        tier_folders.vet_tier_folders(config)

@@ -22,6 +22,7 @@ from appliance.catalog.copies import PackRecord
 from appliance.catalog.store import Catalog, Outcome
 from appliance.config import Config
 from appliance.errors import ApplianceError
+from appliance.hsm.tier_folders import vet_tier_folders
 from appliance.hsm.tiers import NEARLINE, ONLINE, Tiers, open_tiers
 from appliance.ingest import Ingest
 from appliance.scrub import state
@@ -54,6 +55,9 @@ def adopt(config: Config, wanted: list[tuple[str, str]]) -> list[Adoption]:
     """Adopt the orphans ``wanted`` ((tier, location) as the scrub listed
     them); each is checked to be an orphan still. Holds the scrub lock, so
     that no scrub pass reports the orphan list meanwhile."""
+    # An orphan is never looked for on the empty mount point of a disk that
+    # is not mounted (which opening the tiers would give a layout).
+    vet_tier_folders(config)
     lock = TierLock(config.data_dir, SCRUB_LOCK)
     if not lock.acquire(exclusive=True, wait=0):
         raise ScrubBusy("a scrub is running; adopt when it has finished")

@@ -21,6 +21,7 @@ from appliance.catalog.store import Catalog
 from appliance.children import die_with_parent, run_child
 from appliance.config import Config
 from appliance.errors import ApplianceError
+from appliance.hsm.tier_folders import vet_tier_folders
 from appliance.hsm.tiers import open_tiers
 from appliance.replication.bandwidth import Limiter, parse_timetable
 from appliance.scrub import state
@@ -46,6 +47,9 @@ def perform(
 ) -> list[PassReport]:
     """Scrub ``tiers``: one study's copies, each tier's share of the cycle
     (``shares``, the scheduled run) or the rest of each tier's pass."""
+    # Before any tier is opened: the empty mount point of a disk that is not
+    # mounted would get a new layout, and every copy on it would be lost.
+    vet_tier_folders(config)
     lock = TierLock(config.data_dir, SCRUB_LOCK)
     if not lock.acquire(exclusive=True, wait=0):
         raise ScrubBusy("another scrub is running")
