@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -126,6 +127,19 @@ def test_a_nearline_disk_gone_while_running_gets_no_pack_in_its_mount_point(
     assert "is the nearline tier's disk still mounted" in outcome.problem
     assert list(root.iterdir()) == []
     assert archive.where() == {"online": 6}
+
+
+def test_removing_a_pack_already_gone_with_its_folder_says_nothing(
+    archive: Archive, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pack made again after its disk was replaced: the old one is gone,
+    and so is its folder."""
+    location = archive.nearline.location_of("p-000000042")
+
+    with caplog.at_level(logging.WARNING, logger="appliance.storage.nearline"):
+        archive.nearline.remove(location)
+
+    assert not caplog.records
 
 
 def test_copy_twice_adds_nothing(archive: Archive) -> None:

@@ -145,8 +145,12 @@ class NearlineTier:
         """Delete a pack (only once the catalog no longer counts it)."""
         path = self.path_of(location)
         try:
-            path.unlink(missing_ok=True)
+            path.unlink()
             durable.fsync_directory(path.parent)
+        except FileNotFoundError:
+            # Gone already, its folder too maybe (a disk lost and replaced,
+            # its packs made again elsewhere): nothing to remove or flush.
+            return
         except OSError as exc:
             logger.warning("nearline tier: cannot remove %s: %s", path, exc)
 
