@@ -15,6 +15,7 @@ def test_a_second_appliance_on_the_same_catalog_does_not_start(
     appliance_factory, tmp_path: Path
 ) -> None:
     catalog = tmp_path / "one-catalog"
+    catalog.mkdir()  # a folder the configuration names is never made
     settings = {"storage": {"catalog_path": str(catalog)}}
     first = appliance_factory(settings, name="first").start()
     second = appliance_factory(settings, name="second")
