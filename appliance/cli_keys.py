@@ -3,6 +3,8 @@ import | rotate``."""
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -55,7 +57,7 @@ def register(main: click.Group, load: Loader) -> None:
     def export_keys(config_file: Path | None, data_dir: str | None) -> None:
         """Print every master key in escrow form (keep it offline, safe)."""
         store = _key_store(load(config_file, {"storage.data_dir": data_dir}))
-        click.echo(store.export_escrow(), nl=False)
+        _write_escrow(store.export_escrow())
 
     @keys.command(name="import")
     @config_option
@@ -105,6 +107,31 @@ def register(main: click.Group, load: Loader) -> None:
         store = _key_store(load(config_file, {"storage.data_dir": data_dir}))
         new = store.rotate()
         click.echo(f"new current master key {new.key_id}: export it to the escrow")
+
+
+def _write_escrow(text: str) -> None:
+    """Print the escrow text; a failed write (a full disk, standard output
+    closed) ends the command with one line and exit status 1, since an
+    escrow copy cut short could not rebuild the archive."""
+    out = sys.stdout
+    try:
+        if out is None:
+            raise OSError(errno.EBADF, "standard output is closed")
+        out.write(text)
+        out.flush()
+    except OSError as exc:
+        if out is not None:
+            # What stays buffered would fail again, with a traceback, at exit.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, out.fileno())
+            os.close(devnull)
+        reason = exc.strerror or str(exc)
+        click.echo(
+            f"cannot write the escrow text: {reason}; what was written is "
+            "incomplete, do not keep it as the escrow copy",
+            err=True,
+        )
+        sys.exit(1)
 
 
 def _key_store(config: Config) -> Any:

@@ -5,6 +5,7 @@ when the file given is no escrow text at all."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +96,35 @@ def test_init_says_once_that_the_key_is_made(tmp_path: Path) -> None:
     said = made.stdout + made.stderr
     assert said.count(key_id) == 1, said
     assert "appliance keys export" in made.stdout
+
+
+def _export_to(data_dir: Path, **how: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*_COMMAND, "keys", "export", "--data-dir", str(data_dir)],
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+        **how,  # type: ignore[call-overload]
+    )
+
+
+def test_an_export_to_a_full_disk_fails_in_one_line(tmp_path: Path) -> None:
+    """``keys export > escrow.txt`` on a full disk leaves an escrow cut
+    short: the command must fail, not leave a traceback or exit 0."""
+    assert keys(tmp_path / "data", "init").returncode == 0
+
+    with open("/dev/full", "w") as full:
+        done = _export_to(tmp_path / "data", stdout=full)
+
+    assert done.returncode == 1
+    assert done.stderr.startswith("cannot write the escrow text: No space left")
+    assert done.stderr.count("\n") == 1, done.stderr
+
+
+def test_an_export_with_standard_output_closed_fails(tmp_path: Path) -> None:
+    assert keys(tmp_path / "data", "init").returncode == 0
+
+    done = _export_to(tmp_path / "data", preexec_fn=lambda: os.close(1))
+
+    assert done.returncode == 1
+    assert "standard output is closed" in done.stderr
