@@ -255,6 +255,16 @@ def test_escrow_text_is_readable_and_forgiving_of_case(store_path: Path):
     assert current == KAT_MASTER_ID
 
 
+def test_escrow_text_saved_with_a_byte_order_mark_is_read(store_path: Path):
+    """Typed back from paper in Notepad, saved as UTF-8 with its BOM."""
+    text = "\ufeff" + kat_store(store_path).export_escrow().replace("\n", "\r\n")
+
+    (key,), current = parse_escrow(text)
+
+    assert key.secret == KAT_MASTER
+    assert current == KAT_MASTER_ID
+
+
 def test_a_mistyped_escrow_key_names_its_line(store_path: Path):
     text = kat_store(store_path).export_escrow()
     mistyped = text.replace("00010203", "00010204")

@@ -322,6 +322,9 @@ class KeyStore:
 
 def parse_escrow(text: str) -> tuple[list[MasterKey], str]:
     """The keys in an escrow text and the id of the one marked current."""
+    # Typed back from paper in a Windows editor, the text may start with
+    # a byte order mark.
+    text = text.removeprefix("\ufeff")
     lines = [
         (number, line.strip())
         for number, line in enumerate(text.splitlines(), start=1)
