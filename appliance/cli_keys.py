@@ -13,7 +13,10 @@ import click
 
 from appliance.cli_shared import Loader, config_option, data_dir_option
 from appliance.config import Config
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, KeyStoreError
+
+# The largest escrow file read: tens of thousands of keys.
+_ESCROW_MOST = 4 << 20
 
 
 def register(main: click.Group, load: Loader) -> None:
@@ -75,7 +78,7 @@ def register(main: click.Group, load: Loader) -> None:
 
         config = load(config_file, {"storage.data_dir": data_dir})
         try:
-            text = escrow_file.read_text(encoding="utf-8")
+            text = _read_escrow(escrow_file)
             store = import_escrow(key_store_path(config.data_dir), text)
         except UnicodeDecodeError:
             click.echo(f"cannot import {escrow_file}: not an escrow text", err=True)
@@ -107,6 +110,19 @@ def register(main: click.Group, load: Loader) -> None:
         store = _key_store(load(config_file, {"storage.data_dir": data_dir}))
         new = store.rotate()
         click.echo(f"new current master key {new.key_id}: export it to the escrow")
+
+
+def _read_escrow(path: Path) -> str:
+    """The text of an escrow file, read up to a bound: a device (/dev/zero)
+    or a large file given by mistake must not fill the memory."""
+    with open(path, "rb") as handle:
+        data = handle.read(_ESCROW_MOST + 1)
+    if len(data) > _ESCROW_MOST:
+        raise KeyStoreError(
+            f"not an escrow text: larger than {_ESCROW_MOST >> 20} MiB (an "
+            "escrow text holds about 100 bytes per master key)"
+        )
+    return data.decode("utf-8")
 
 
 def _write_escrow(text: str) -> None:

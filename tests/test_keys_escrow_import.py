@@ -10,7 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from appliance.storage.keys import KeyStore, MasterKey, key_store_path
+import pytest
+
+from appliance.storage.keys import (
+    ESCROW_TITLE,
+    KeyStore,
+    MasterKey,
+    key_store_path,
+)
 
 _COMMAND = (sys.executable, "-m", "appliance")
 
@@ -128,3 +135,24 @@ def test_an_export_with_standard_output_closed_fails(tmp_path: Path) -> None:
 
     assert done.returncode == 1
     assert "standard output is closed" in done.stderr
+
+
+@pytest.mark.parametrize("source", ["/dev/zero", "large"])
+def test_a_device_or_a_large_file_is_refused_without_reading_it_all(
+    tmp_path: Path, source: str
+) -> None:
+    """An escrow is a few hundred bytes: reading /dev/zero to its end
+    would fill the memory."""
+    if source == "large":
+        large = tmp_path / "escrow.txt"
+        large.write_text(ESCROW_TITLE + "\n" + "#\n" * (3 << 20))
+        source = str(large)
+
+    done = keys(tmp_path / "data", "import", source)
+
+    assert done.returncode == 1
+    assert done.stderr == (
+        f"cannot import {source}: not an escrow text: larger than 4 MiB (an "
+        "escrow text holds about 100 bytes per master key)\n"
+    )
+    assert not key_store_path(tmp_path / "data").exists()
