@@ -421,7 +421,13 @@ def test_a_malformed_destination_is_a_usage_error(archive: Archive, to: str) -> 
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("--since", "2024061"), ("--since", "2024-02-30"), ("--calling-ae", "A\\B")],
+    [
+        ("--since", "2024061"),
+        ("--since", "2024-02-30"),
+        # Before the epoch by more than a time zone: no local timestamp.
+        ("--since", "00010101"),
+        ("--calling-ae", "A\\B"),
+    ],
 )
 def test_a_malformed_date_or_calling_ae_is_a_usage_error(
     archive: Archive, option: str, value: str
@@ -563,6 +569,10 @@ def test_destinations_parse(text: str, expected: Destination) -> None:
         ("PACS@ho st:104", "not a host name"),
         ("PACS@host:x", "port must be a number"),
         ("PACS@:104", "host or port missing"),
+        ("PACS@127.0.0.1/../etc:104", "not a host name"),
+        ("PACS@" + "a" * 64 + ".example:104", "not a host name"),
+        ("PACS@host:\u00b2", "port must be a number"),
+        ("PACS@host:\u0661\u0660\u0664", "port must be a number"),
     ],
 )
 def test_malformed_destinations_say_why(text: str, why: str) -> None:
