@@ -94,9 +94,10 @@ def _since(text: str | None) -> float | None:
             continue
         try:
             day = datetime.datetime.strptime(text.strip(), layout)
-        except ValueError:
+            return day.timestamp()
+        except (ValueError, OverflowError, OSError):
+            # Not a day of the calendar, or one local time cannot express.
             break
-        return day.timestamp()
     raise click.BadParameter(
         f"{text!r} is not a date as YYYY-MM-DD or YYYYMMDD", param_hint="--since"
     )
