@@ -108,7 +108,11 @@ def register(main: click.Group, load: Loader) -> None:
     def rotate(config_file: Path | None, data_dir: str | None) -> None:
         """Make a new current master key; older ones still read old packs."""
         store = _key_store(load(config_file, {"storage.data_dir": data_dir}))
-        new = store.rotate()
+        try:
+            new = store.rotate()
+        except ApplianceError as exc:
+            click.echo(f"cannot rotate the master key: {exc}", err=True)
+            sys.exit(1)
         click.echo(f"new current master key {new.key_id}: export it to the escrow")
 
 

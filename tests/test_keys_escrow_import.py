@@ -18,6 +18,7 @@ from appliance.storage.keys import (
     MasterKey,
     key_store_path,
 )
+from tests.read_only import read_only
 
 _COMMAND = (sys.executable, "-m", "appliance")
 
@@ -156,3 +157,21 @@ def test_a_device_or_a_large_file_is_refused_without_reading_it_all(
         "escrow text holds about 100 bytes per master key)\n"
     )
     assert not key_store_path(tmp_path / "data").exists()
+
+
+def test_a_rotation_on_a_read_only_key_folder_fails_in_one_line(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    assert keys(data_dir, "init").returncode == 0
+    before = key_store_path(data_dir).read_bytes()
+
+    with read_only(key_store_path(data_dir).parent):
+        done = keys(data_dir, "rotate")
+
+    assert done.returncode == 1
+    assert done.stderr == (
+        "cannot rotate the master key: cannot open the key folder "
+        f"{key_store_path(data_dir).parent}: Read-only file system\n"
+    )
+    assert key_store_path(data_dir).read_bytes() == before

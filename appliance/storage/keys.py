@@ -413,7 +413,8 @@ def _locked(path: Path) -> Iterator[None]:
             os.chmod(folder, 0o700)
         fd = os.open(folder / f"{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
-        raise KeyStoreError(f"cannot open the key folder {folder}: {exc}") from exc
+        reason = exc.strerror or str(exc)
+        raise KeyStoreError(f"cannot open the key folder {folder}: {reason}") from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
