@@ -175,3 +175,43 @@ def test_a_rotation_on_a_read_only_key_folder_fails_in_one_line(
         f"{key_store_path(data_dir).parent}: Read-only file system\n"
     )
     assert key_store_path(data_dir).read_bytes() == before
+
+
+def _owners(folder: Path) -> set[tuple[int, int]]:
+    every = [folder, *folder.iterdir()]
+    return {(path.stat().st_uid, path.stat().st_gid) for path in every}
+
+
+def test_root_rotating_the_services_keys_leaves_them_the_services(
+    tmp_path: Path,
+) -> None:
+    """The store is owner-only: rewritten as root's, the service's own
+    user could read it no more, and the service would stop."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, as an administrator's sudo is")
+    data_dir = tmp_path / "data"
+    assert keys(data_dir, "init").returncode == 0
+    folder = key_store_path(data_dir).parent
+    for path in [folder, *folder.iterdir()]:
+        os.chown(path, 12345, 12346)
+
+    done = keys(data_dir, "rotate")
+
+    assert done.returncode == 0, done.stderr
+    assert _owners(folder) == {(12345, 12346)}
+
+
+def test_root_importing_into_the_services_data_folder_leaves_it_the_services(
+    tmp_path: Path,
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root, as an administrator's sudo is")
+    escrow, _escrowed = escrow_of_another_archive(tmp_path)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    os.chown(data_dir, 12345, 12346)
+
+    done = keys(data_dir, "import", str(escrow))
+
+    assert done.returncode == 0, done.stderr
+    assert _owners(key_store_path(data_dir).parent) == {(12345, 12346)}

@@ -388,7 +388,10 @@ def _write_private(path: Path, data: bytes) -> None:
     """Write ``data`` durably to ``path``, readable by its owner only."""
     temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
+        owner = _owner_to_keep(path if path.exists() else path.parent)
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        if owner is not None:
+            os.fchown(fd, *owner)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         durable.move_into_place(temp, path, path.parent)
@@ -398,6 +401,26 @@ def _write_private(path: Path, data: bytes) -> None:
         raise KeyStoreError(str(exc)) from exc
     finally:
         temp.unlink(missing_ok=True)
+
+
+def _owner_to_keep(reference: Path) -> tuple[int, int] | None:
+    """The owner and group a file written as root takes: those of
+    ``reference`` (the file it replaces, or its folder). Run as root, a
+    ``keys rotate`` or ``import`` would otherwise leave a store, owner-only,
+    that the service's own user cannot read: the service stops.
+    None when not root (the file is the user's own) or nothing to follow."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        found = reference.stat()
+    except OSError:
+        return None
+    return found.st_uid, found.st_gid
+
+
+def _keep_owner(path: Path, owner: tuple[int, int] | None) -> None:
+    if owner is not None:
+        os.chown(path, *owner)
 
 
 @contextlib.contextmanager
@@ -411,7 +434,12 @@ def _locked(path: Path) -> Iterator[None]:
         if not folder.is_dir():
             durable.make_directories(folder, Path(folder.anchor))
             os.chmod(folder, 0o700)
-        fd = os.open(folder / f"{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            _keep_owner(folder, _owner_to_keep(folder.parent))
+        lock = folder / f"{path.name}.lock"
+        made = not lock.exists()
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        if made:
+            _keep_owner(lock, _owner_to_keep(folder))
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise KeyStoreError(f"cannot open the key folder {folder}: {reason}") from exc
