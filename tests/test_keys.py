@@ -113,6 +113,17 @@ def test_rotation_keeps_older_keys_and_stays_private(store_path: Path):
     assert stat.S_IMODE(store_path.stat().st_mode) == 0o600
 
 
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o702])
+def test_a_store_in_a_folder_others_can_write_is_refused(store_path: Path, mode):
+    """Another user could delete the store, or rename a key of their own
+    over it: the next start would make, or take, a key no escrow holds."""
+    KeyStore.create_if_missing(store_path)
+    os.chmod(store_path.parent, mode)
+
+    with pytest.raises(KeyStoreError, match=f"mode {mode:04o}.*chmod 700"):
+        KeyStore.load(store_path)
+
+
 def test_rotation_keeps_keys_another_process_added(store_path: Path):
     mine = KeyStore.create_if_missing(store_path)
     theirs = KeyStore.load(store_path)

@@ -181,8 +181,17 @@ class KeyStore:
 
     @classmethod
     def load(cls, path: Path) -> KeyStore:
-        """Read the store at ``path``; refuses a file others may read."""
+        """Read the store at ``path``; refuses a file others may read, in a
+        folder others may write."""
         try:
+            folder_mode = path.parent.stat().st_mode
+            if folder_mode & 0o022:
+                # Others could delete the store or put their own key in its
+                # place: the next start would make a key no escrow holds.
+                raise KeyStoreError(
+                    f"{path.parent} may be written by other users (mode "
+                    f"{stat.S_IMODE(folder_mode):04o}); run chmod 700 on it"
+                )
             mode = path.stat().st_mode
             if mode & 0o077:
                 raise KeyStoreError(
