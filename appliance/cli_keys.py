@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,7 @@ def _write_escrow(text: str) -> None:
     try:
         if out is None:
             raise OSError(errno.EBADF, "standard output is closed")
+        _keep_private(out.fileno())
         out.write(text)
         out.flush()
     except OSError as exc:
@@ -152,6 +154,26 @@ def _write_escrow(text: str) -> None:
             err=True,
         )
         sys.exit(1)
+
+
+def _keep_private(fd: int) -> None:
+    """``keys export > escrow.txt`` makes a file other users may read (the
+    usual umask 022): the output file is made owner-only before any key
+    is written to it, and the operator is told."""
+    found = os.fstat(fd)
+    if not stat.S_ISREG(found.st_mode) or not found.st_mode & 0o077:
+        return
+    try:
+        os.fchmod(fd, 0o600)
+    except OSError as exc:
+        raise OSError(
+            exc.errno, f"the output file is open to other users: {exc.strerror}"
+        ) from exc
+    click.echo(
+        f"the output file was open to other users (mode "
+        f"{stat.S_IMODE(found.st_mode):04o}): made 0600",
+        err=True,
+    )
 
 
 def _key_store(config: Config) -> Any:

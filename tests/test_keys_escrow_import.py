@@ -6,6 +6,7 @@ when the file given is no escrow text at all."""
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -215,3 +216,21 @@ def test_root_importing_into_the_services_data_folder_leaves_it_the_services(
 
     assert done.returncode == 0, done.stderr
     assert _owners(key_store_path(data_dir).parent) == {(12345, 12346)}
+
+
+def test_an_export_to_a_file_others_may_read_makes_it_owner_only(
+    tmp_path: Path,
+) -> None:
+    """``keys export > escrow.txt`` under the usual umask 022."""
+    assert keys(tmp_path / "data", "init").returncode == 0
+    escrow = tmp_path / "escrow.txt"
+    escrow.touch(mode=0o644)
+    escrow.chmod(0o644)
+
+    with open(escrow, "w") as output:
+        done = _export_to(tmp_path / "data", stdout=output)
+
+    assert done.returncode == 0, done.stderr
+    assert stat.S_IMODE(escrow.stat().st_mode) == 0o600
+    assert "made 0600" in done.stderr
+    assert escrow.read_text().startswith(ESCROW_TITLE)
