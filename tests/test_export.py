@@ -427,6 +427,7 @@ def test_a_malformed_destination_is_a_usage_error(archive: Archive, to: str) -> 
         # Before the epoch by more than a time zone: no local timestamp.
         ("--since", "00010101"),
         ("--calling-ae", "A\\B"),
+        ("--calling-ae", ""),
     ],
 )
 def test_a_malformed_date_or_calling_ae_is_a_usage_error(
