@@ -124,6 +124,21 @@ def test_a_store_in_a_folder_others_can_write_is_refused(store_path: Path, mode)
         KeyStore.load(store_path)
 
 
+def test_a_write_cut_short_leaves_no_copy_of_the_keys_behind(store_path: Path):
+    """A temporary copy of the store that a killed writer left holds every
+    key: the next change removes it."""
+    store = KeyStore.create_if_missing(store_path)
+    leftover = store_path.with_name(f".{store_path.name}.0badf00d.tmp")
+    leftover.write_text(store_path.read_text())
+
+    store.rotate()
+
+    assert sorted(p.name for p in store_path.parent.iterdir()) == [
+        "master.keys",
+        "master.keys.lock",
+    ]
+
+
 def test_rotation_keeps_keys_another_process_added(store_path: Path):
     mine = KeyStore.create_if_missing(store_path)
     theirs = KeyStore.load(store_path)

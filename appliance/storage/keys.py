@@ -412,6 +412,19 @@ def _write_private(path: Path, data: bytes) -> None:
         temp.unlink(missing_ok=True)
 
 
+def _remove_leftovers(path: Path) -> None:
+    """Remove what a writer killed mid-write (power cut, SIGKILL) left: a
+    temporary copy of the store, every key in it, that nothing reads. Only
+    writers make them, and they hold the lock, as the caller does now."""
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            leftover.unlink()
+        except OSError as exc:
+            logger.warning("cannot remove the leftover %s: %s", leftover, exc)
+        else:
+            logger.info("removed %s, left by a key store write cut short", leftover)
+
+
 def _owner_to_keep(reference: Path) -> tuple[int, int] | None:
     """The owner and group a file written as root takes: those of
     ``reference`` (the file it replaces, or its folder). Run as root, a
@@ -454,6 +467,7 @@ def _locked(path: Path) -> Iterator[None]:
         raise KeyStoreError(f"cannot open the key folder {folder}: {reason}") from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        _remove_leftovers(path)
         yield
     finally:
         os.close(fd)
