@@ -36,6 +36,7 @@ from tests import datasets
 from tests import dicom_client as client
 from tests.conftest import Appliance, free_port, require_dcmtk
 from tests.ports import held_port, port_for
+from tests.read_only import read_only
 from tests.test_retrieve import assert_same_data_sets, dcmtk_storescp, received_files
 
 CT = datasets.CT_IMAGE_STORAGE
@@ -599,3 +600,16 @@ def test_pairs_beyond_128_go_on_further_associations() -> None:
 
     assert [len(group) for group in groups] == [128, 128, 44]
     assert sorted(pair for group in groups for pair in group) == sorted(set(pairs))
+
+
+def test_a_read_only_exports_folder_is_named_without_errno(tmp_path: Path) -> None:
+    exports = tmp_path / "exports"
+    exports.mkdir()
+
+    with read_only(exports), pytest.raises(ExportError) as raised:
+        ExportState(exports / "PACS@host-104").open()
+
+    assert str(raised.value) == (
+        f"cannot keep the export state in {exports / 'PACS@host-104'}: "
+        "Read-only file system"
+    )
