@@ -139,6 +139,13 @@ def test_a_write_cut_short_leaves_no_copy_of_the_keys_behind(store_path: Path):
     ]
 
 
+def test_a_folder_in_the_stores_place_is_named_as_such(store_path: Path):
+    store_path.mkdir(parents=True)
+
+    with pytest.raises(KeyStoreError, match="is not a file"):
+        KeyStore.load(store_path)
+
+
 def test_rotation_keeps_keys_another_process_added(store_path: Path):
     mine = KeyStore.create_if_missing(store_path)
     theirs = KeyStore.load(store_path)

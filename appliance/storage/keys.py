@@ -193,6 +193,8 @@ class KeyStore:
                     f"{stat.S_IMODE(folder_mode):04o}); run chmod 700 on it"
                 )
             mode = path.stat().st_mode
+            if not stat.S_ISREG(mode):
+                raise KeyStoreError(f"{path} is not a file (a folder?)")
             if mode & 0o077:
                 raise KeyStoreError(
                     f"{path} is open to other users (mode "
