@@ -63,7 +63,10 @@ def register(main: click.Group, load: Loader) -> None:
         destination = _destination(target)
         start = _since(since)
         config = load(config_file, {"storage.data_dir": data_dir})
-        calling = _calling_ae(calling_ae or config.get("node.ae_title"))
+        if calling_ae is None:
+            calling_ae = config.get("node.ae_title")
+        # An empty --calling-ae is refused, not taken for the default.
+        calling = _calling_ae(calling_ae)
         logs.setup("WARNING", config.get("logging.format"))
         # The export reports every refusal itself, with the receiver's words.
         logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
@@ -94,9 +97,10 @@ def _since(text: str | None) -> float | None:
             continue
         try:
             day = datetime.datetime.strptime(text.strip(), layout)
-        except ValueError:
+            return day.timestamp()
+        except (ValueError, OverflowError, OSError):
+            # Not a day of the calendar, or one local time cannot express.
             break
-        return day.timestamp()
     raise click.BadParameter(
         f"{text!r} is not a date as YYYY-MM-DD or YYYYMMDD", param_hint="--since"
     )

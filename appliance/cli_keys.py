@@ -3,6 +3,9 @@ import | rotate``."""
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,7 +14,10 @@ import click
 
 from appliance.cli_shared import Loader, config_option, data_dir_option
 from appliance.config import Config
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, KeyStoreError
+
+# The largest escrow file read: tens of thousands of keys.
+_ESCROW_MOST = 4 << 20
 
 
 def register(main: click.Group, load: Loader) -> None:
@@ -55,7 +61,7 @@ def register(main: click.Group, load: Loader) -> None:
     def export_keys(config_file: Path | None, data_dir: str | None) -> None:
         """Print every master key in escrow form (keep it offline, safe)."""
         store = _key_store(load(config_file, {"storage.data_dir": data_dir}))
-        click.echo(store.export_escrow(), nl=False)
+        _write_escrow(store.export_escrow())
 
     @keys.command(name="import")
     @config_option
@@ -73,7 +79,7 @@ def register(main: click.Group, load: Loader) -> None:
 
         config = load(config_file, {"storage.data_dir": data_dir})
         try:
-            text = escrow_file.read_text(encoding="utf-8")
+            text = _read_escrow(escrow_file)
             store = import_escrow(key_store_path(config.data_dir), text)
         except UnicodeDecodeError:
             click.echo(f"cannot import {escrow_file}: not an escrow text", err=True)
@@ -103,8 +109,71 @@ def register(main: click.Group, load: Loader) -> None:
     def rotate(config_file: Path | None, data_dir: str | None) -> None:
         """Make a new current master key; older ones still read old packs."""
         store = _key_store(load(config_file, {"storage.data_dir": data_dir}))
-        new = store.rotate()
+        try:
+            new = store.rotate()
+        except ApplianceError as exc:
+            click.echo(f"cannot rotate the master key: {exc}", err=True)
+            sys.exit(1)
         click.echo(f"new current master key {new.key_id}: export it to the escrow")
+
+
+def _read_escrow(path: Path) -> str:
+    """The text of an escrow file, read up to a bound: a device (/dev/zero)
+    or a large file given by mistake must not fill the memory."""
+    with open(path, "rb") as handle:
+        data = handle.read(_ESCROW_MOST + 1)
+    if len(data) > _ESCROW_MOST:
+        raise KeyStoreError(
+            f"not an escrow text: larger than {_ESCROW_MOST >> 20} MiB (an "
+            "escrow text holds about 100 bytes per master key)"
+        )
+    return data.decode("utf-8")
+
+
+def _write_escrow(text: str) -> None:
+    """Print the escrow text; a failed write (a full disk, standard output
+    closed) ends the command with one line and exit status 1, since an
+    escrow copy cut short could not rebuild the archive."""
+    out = sys.stdout
+    try:
+        if out is None:
+            raise OSError(errno.EBADF, "standard output is closed")
+        _keep_private(out.fileno())
+        out.write(text)
+        out.flush()
+    except OSError as exc:
+        if out is not None:
+            # What stays buffered would fail again, with a traceback, at exit.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, out.fileno())
+            os.close(devnull)
+        reason = exc.strerror or str(exc)
+        click.echo(
+            f"cannot write the escrow text: {reason}; what was written is "
+            "incomplete, do not keep it as the escrow copy",
+            err=True,
+        )
+        sys.exit(1)
+
+
+def _keep_private(fd: int) -> None:
+    """``keys export > escrow.txt`` makes a file other users may read (the
+    usual umask 022): the output file is made owner-only before any key
+    is written to it, and the operator is told."""
+    found = os.fstat(fd)
+    if not stat.S_ISREG(found.st_mode) or not found.st_mode & 0o077:
+        return
+    try:
+        os.fchmod(fd, 0o600)
+    except OSError as exc:
+        raise OSError(
+            exc.errno, f"the output file is open to other users: {exc.strerror}"
+        ) from exc
+    click.echo(
+        f"the output file was open to other users (mode "
+        f"{stat.S_IMODE(found.st_mode):04o}): made 0600",
+        err=True,
+    )
 
 
 def _key_store(config: Config) -> Any:

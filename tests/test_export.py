@@ -36,6 +36,7 @@ from tests import datasets
 from tests import dicom_client as client
 from tests.conftest import Appliance, free_port, require_dcmtk
 from tests.ports import held_port, port_for
+from tests.read_only import read_only
 from tests.test_retrieve import assert_same_data_sets, dcmtk_storescp, received_files
 
 CT = datasets.CT_IMAGE_STORAGE
@@ -421,7 +422,14 @@ def test_a_malformed_destination_is_a_usage_error(archive: Archive, to: str) -> 
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("--since", "2024061"), ("--since", "2024-02-30"), ("--calling-ae", "A\\B")],
+    [
+        ("--since", "2024061"),
+        ("--since", "2024-02-30"),
+        # Before the epoch by more than a time zone: no local timestamp.
+        ("--since", "00010101"),
+        ("--calling-ae", "A\\B"),
+        ("--calling-ae", ""),
+    ],
 )
 def test_a_malformed_date_or_calling_ae_is_a_usage_error(
     archive: Archive, option: str, value: str
@@ -563,6 +571,10 @@ def test_destinations_parse(text: str, expected: Destination) -> None:
         ("PACS@ho st:104", "not a host name"),
         ("PACS@host:x", "port must be a number"),
         ("PACS@:104", "host or port missing"),
+        ("PACS@127.0.0.1/../etc:104", "not a host name"),
+        ("PACS@" + "a" * 64 + ".example:104", "not a host name"),
+        ("PACS@host:\u00b2", "port must be a number"),
+        ("PACS@host:\u0661\u0660\u0664", "port must be a number"),
     ],
 )
 def test_malformed_destinations_say_why(text: str, why: str) -> None:
@@ -588,3 +600,16 @@ def test_pairs_beyond_128_go_on_further_associations() -> None:
 
     assert [len(group) for group in groups] == [128, 128, 44]
     assert sorted(pair for group in groups for pair in group) == sorted(set(pairs))
+
+
+def test_a_read_only_exports_folder_is_named_without_errno(tmp_path: Path) -> None:
+    exports = tmp_path / "exports"
+    exports.mkdir()
+
+    with read_only(exports), pytest.raises(ExportError) as raised:
+        ExportState(exports / "PACS@host-104").open()
+
+    assert str(raised.value) == (
+        f"cannot keep the export state in {exports / 'PACS@host-104'}: "
+        "Read-only file system"
+    )

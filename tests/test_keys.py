@@ -113,6 +113,39 @@ def test_rotation_keeps_older_keys_and_stays_private(store_path: Path):
     assert stat.S_IMODE(store_path.stat().st_mode) == 0o600
 
 
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o702])
+def test_a_store_in_a_folder_others_can_write_is_refused(store_path: Path, mode):
+    """Another user could delete the store, or rename a key of their own
+    over it: the next start would make, or take, a key no escrow holds."""
+    KeyStore.create_if_missing(store_path)
+    os.chmod(store_path.parent, mode)
+
+    with pytest.raises(KeyStoreError, match=f"mode {mode:04o}.*chmod 700"):
+        KeyStore.load(store_path)
+
+
+def test_a_write_cut_short_leaves_no_copy_of_the_keys_behind(store_path: Path):
+    """A temporary copy of the store that a killed writer left holds every
+    key: the next change removes it."""
+    store = KeyStore.create_if_missing(store_path)
+    leftover = store_path.with_name(f".{store_path.name}.0badf00d.tmp")
+    leftover.write_text(store_path.read_text())
+
+    store.rotate()
+
+    assert sorted(p.name for p in store_path.parent.iterdir()) == [
+        "master.keys",
+        "master.keys.lock",
+    ]
+
+
+def test_a_folder_in_the_stores_place_is_named_as_such(store_path: Path):
+    store_path.mkdir(parents=True)
+
+    with pytest.raises(KeyStoreError, match="is not a file"):
+        KeyStore.load(store_path)
+
+
 def test_rotation_keeps_keys_another_process_added(store_path: Path):
     mine = KeyStore.create_if_missing(store_path)
     theirs = KeyStore.load(store_path)
@@ -251,6 +284,16 @@ def test_escrow_text_is_readable_and_forgiving_of_case(store_path: Path):
     (key,), current = parse_escrow(
         text.upper().replace(ESCROW_TITLE.upper(), ESCROW_TITLE)
     )
+    assert key.secret == KAT_MASTER
+    assert current == KAT_MASTER_ID
+
+
+def test_escrow_text_saved_with_a_byte_order_mark_is_read(store_path: Path):
+    """Typed back from paper in Notepad, saved as UTF-8 with its BOM."""
+    text = "\ufeff" + kat_store(store_path).export_escrow().replace("\n", "\r\n")
+
+    (key,), current = parse_escrow(text)
+
     assert key.secret == KAT_MASTER
     assert current == KAT_MASTER_ID
 

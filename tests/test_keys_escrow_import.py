@@ -5,11 +5,21 @@ when the file given is no escrow text at all."""
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
-from appliance.storage.keys import KeyStore, MasterKey, key_store_path
+import pytest
+
+from appliance.storage.keys import (
+    ESCROW_TITLE,
+    KeyStore,
+    MasterKey,
+    key_store_path,
+)
+from tests.read_only import read_only
 
 _COMMAND = (sys.executable, "-m", "appliance")
 
@@ -95,3 +105,132 @@ def test_init_says_once_that_the_key_is_made(tmp_path: Path) -> None:
     said = made.stdout + made.stderr
     assert said.count(key_id) == 1, said
     assert "appliance keys export" in made.stdout
+
+
+def _export_to(data_dir: Path, **how: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*_COMMAND, "keys", "export", "--data-dir", str(data_dir)],
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+        **how,  # type: ignore[call-overload]
+    )
+
+
+def test_an_export_to_a_full_disk_fails_in_one_line(tmp_path: Path) -> None:
+    """``keys export > escrow.txt`` on a full disk leaves an escrow cut
+    short: the command must fail, not leave a traceback or exit 0."""
+    assert keys(tmp_path / "data", "init").returncode == 0
+
+    with open("/dev/full", "w") as full:
+        done = _export_to(tmp_path / "data", stdout=full)
+
+    assert done.returncode == 1
+    assert done.stderr.startswith("cannot write the escrow text: No space left")
+    assert done.stderr.count("\n") == 1, done.stderr
+
+
+def test_an_export_with_standard_output_closed_fails(tmp_path: Path) -> None:
+    assert keys(tmp_path / "data", "init").returncode == 0
+
+    done = _export_to(tmp_path / "data", preexec_fn=lambda: os.close(1))
+
+    assert done.returncode == 1
+    assert "standard output is closed" in done.stderr
+
+
+@pytest.mark.parametrize("source", ["/dev/zero", "large"])
+def test_a_device_or_a_large_file_is_refused_without_reading_it_all(
+    tmp_path: Path, source: str
+) -> None:
+    """An escrow is a few hundred bytes: reading /dev/zero to its end
+    would fill the memory."""
+    if source == "large":
+        large = tmp_path / "escrow.txt"
+        large.write_text(ESCROW_TITLE + "\n" + "#\n" * (3 << 20))
+        source = str(large)
+
+    done = keys(tmp_path / "data", "import", source)
+
+    assert done.returncode == 1
+    assert done.stderr == (
+        f"cannot import {source}: not an escrow text: larger than 4 MiB (an "
+        "escrow text holds about 100 bytes per master key)\n"
+    )
+    assert not key_store_path(tmp_path / "data").exists()
+
+
+def test_a_rotation_on_a_read_only_key_folder_fails_in_one_line(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    assert keys(data_dir, "init").returncode == 0
+    before = key_store_path(data_dir).read_bytes()
+
+    with read_only(key_store_path(data_dir).parent):
+        done = keys(data_dir, "rotate")
+
+    assert done.returncode == 1
+    assert done.stderr == (
+        "cannot rotate the master key: cannot open the key folder "
+        f"{key_store_path(data_dir).parent}: Read-only file system\n"
+    )
+    assert key_store_path(data_dir).read_bytes() == before
+
+
+def _owners(folder: Path) -> set[tuple[int, int]]:
+    every = [folder, *folder.iterdir()]
+    return {(path.stat().st_uid, path.stat().st_gid) for path in every}
+
+
+def test_root_rotating_the_services_keys_leaves_them_the_services(
+    tmp_path: Path,
+) -> None:
+    """The store is owner-only: rewritten as root's, the service's own
+    user could read it no more, and the service would stop."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, as an administrator's sudo is")
+    data_dir = tmp_path / "data"
+    assert keys(data_dir, "init").returncode == 0
+    folder = key_store_path(data_dir).parent
+    for path in [folder, *folder.iterdir()]:
+        os.chown(path, 12345, 12346)
+
+    done = keys(data_dir, "rotate")
+
+    assert done.returncode == 0, done.stderr
+    assert _owners(folder) == {(12345, 12346)}
+
+
+def test_root_importing_into_the_services_data_folder_leaves_it_the_services(
+    tmp_path: Path,
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root, as an administrator's sudo is")
+    escrow, _escrowed = escrow_of_another_archive(tmp_path)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    os.chown(data_dir, 12345, 12346)
+
+    done = keys(data_dir, "import", str(escrow))
+
+    assert done.returncode == 0, done.stderr
+    assert _owners(key_store_path(data_dir).parent) == {(12345, 12346)}
+
+
+def test_an_export_to_a_file_others_may_read_makes_it_owner_only(
+    tmp_path: Path,
+) -> None:
+    """``keys export > escrow.txt`` under the usual umask 022."""
+    assert keys(tmp_path / "data", "init").returncode == 0
+    escrow = tmp_path / "escrow.txt"
+    escrow.touch(mode=0o644)
+    escrow.chmod(0o644)
+
+    with open(escrow, "w") as output:
+        done = _export_to(tmp_path / "data", stdout=output)
+
+    assert done.returncode == 0, done.stderr
+    assert stat.S_IMODE(escrow.stat().st_mode) == 0o600
+    assert "made 0600" in done.stderr
+    assert escrow.read_text().startswith(ESCROW_TITLE)

@@ -57,8 +57,20 @@ def parse_destination(text: str) -> Destination:
         host = host[1:-1]
     elif ":" in host:
         raise ValueError(f"{text!r}: write an IPv6 address in brackets, [::1]")
-    if not host or any(c.isspace() for c in host):
+    if not host or any(c.isspace() for c in host) or not _resolvable(host):
         raise ValueError(f"{text!r}: {host!r} is not a host name or address")
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
+    # isdigit() alone takes "²" and other scripts' digits.
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         raise ValueError(f"{text!r}: the port must be a number from 1 to 65535")
     return Destination(ae_title.strip(), host, int(port))
+
+
+def _resolvable(host: str) -> bool:
+    """Whether the resolver can be asked for ``host`` at all: a name with
+    an empty label ("a..b") or a label over 63 characters makes it raise
+    UnicodeError instead of answering."""
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return False
+    return True

@@ -77,7 +77,7 @@ class ExportState:
             durable.make_directories(self.folder, self.folder.parent.parent)
             self._take_lock()
         except OSError as exc:
-            raise ExportError(f"cannot keep the export state: {exc}") from exc
+            raise ExportError(self._cannot_keep(exc)) from exc
         try:
             if self.path.exists():
                 self.answers = _read(self.path)
@@ -86,11 +86,16 @@ class ExportState:
             self._journal = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
         except (OSError, StorageError) as exc:
             self.close()
-            raise ExportError(f"cannot keep the export state: {exc}") from exc
+            raise ExportError(self._cannot_keep(exc)) from exc
         except ExportError:
             self.close()
             raise
         return self
+
+    def _cannot_keep(self, exc: Exception) -> str:
+        # The reason without errno, and the folder named once.
+        reason = exc.strerror if isinstance(exc, OSError) else None
+        return f"cannot keep the export state in {self.folder}: {reason or exc}"
 
     def close(self) -> None:
         if self._journal is not None:

@@ -181,9 +181,20 @@ class KeyStore:
 
     @classmethod
     def load(cls, path: Path) -> KeyStore:
-        """Read the store at ``path``; refuses a file others may read."""
+        """Read the store at ``path``; refuses a file others may read, in a
+        folder others may write."""
         try:
+            folder_mode = path.parent.stat().st_mode
+            if folder_mode & 0o022:
+                # Others could delete the store or put their own key in its
+                # place: the next start would make a key no escrow holds.
+                raise KeyStoreError(
+                    f"{path.parent} may be written by other users (mode "
+                    f"{stat.S_IMODE(folder_mode):04o}); run chmod 700 on it"
+                )
             mode = path.stat().st_mode
+            if not stat.S_ISREG(mode):
+                raise KeyStoreError(f"{path} is not a file (a folder?)")
             if mode & 0o077:
                 raise KeyStoreError(
                     f"{path} is open to other users (mode "
@@ -322,6 +333,9 @@ class KeyStore:
 
 def parse_escrow(text: str) -> tuple[list[MasterKey], str]:
     """The keys in an escrow text and the id of the one marked current."""
+    # Typed back from paper in a Windows editor, the text may start with
+    # a byte order mark.
+    text = text.removeprefix("\ufeff")
     lines = [
         (number, line.strip())
         for number, line in enumerate(text.splitlines(), start=1)
@@ -385,7 +399,10 @@ def _write_private(path: Path, data: bytes) -> None:
     """Write ``data`` durably to ``path``, readable by its owner only."""
     temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
+        owner = _owner_to_keep(path if path.exists() else path.parent)
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        if owner is not None:
+            os.fchown(fd, *owner)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         durable.move_into_place(temp, path, path.parent)
@@ -395,6 +412,39 @@ def _write_private(path: Path, data: bytes) -> None:
         raise KeyStoreError(str(exc)) from exc
     finally:
         temp.unlink(missing_ok=True)
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Remove what a writer killed mid-write (power cut, SIGKILL) left: a
+    temporary copy of the store, every key in it, that nothing reads. Only
+    writers make them, and they hold the lock, as the caller does now."""
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            leftover.unlink()
+        except OSError as exc:
+            logger.warning("cannot remove the leftover %s: %s", leftover, exc)
+        else:
+            logger.info("removed %s, left by a key store write cut short", leftover)
+
+
+def _owner_to_keep(reference: Path) -> tuple[int, int] | None:
+    """The owner and group a file written as root takes: those of
+    ``reference`` (the file it replaces, or its folder). Run as root, a
+    ``keys rotate`` or ``import`` would otherwise leave a store, owner-only,
+    that the service's own user cannot read: the service stops.
+    None when not root (the file is the user's own) or nothing to follow."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        found = reference.stat()
+    except OSError:
+        return None
+    return found.st_uid, found.st_gid
+
+
+def _keep_owner(path: Path, owner: tuple[int, int] | None) -> None:
+    if owner is not None:
+        os.chown(path, *owner)
 
 
 @contextlib.contextmanager
@@ -408,11 +458,18 @@ def _locked(path: Path) -> Iterator[None]:
         if not folder.is_dir():
             durable.make_directories(folder, Path(folder.anchor))
             os.chmod(folder, 0o700)
-        fd = os.open(folder / f"{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            _keep_owner(folder, _owner_to_keep(folder.parent))
+        lock = folder / f"{path.name}.lock"
+        made = not lock.exists()
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        if made:
+            _keep_owner(lock, _owner_to_keep(folder))
     except OSError as exc:
-        raise KeyStoreError(f"cannot open the key folder {folder}: {exc}") from exc
+        reason = exc.strerror or str(exc)
+        raise KeyStoreError(f"cannot open the key folder {folder}: {reason}") from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        _remove_leftovers(path)
         yield
     finally:
         os.close(fd)
