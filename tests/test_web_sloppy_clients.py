@@ -15,6 +15,7 @@ import time
 import pydicom
 import pytest
 
+from appliance.web.stow import REFUSALS_LOGGED
 from tests.conftest import incoming_files
 from tests.datasets import instance, uid, unvalidated, write
 from tests.web_site import OPERATOR, VIEWER, Site, start
@@ -233,6 +234,31 @@ def test_stow_logs_a_refusal_of_a_uid_with_a_line_break_on_one_line(
     logged = site.appliance.log()[start:].splitlines()
     [line] = [each for each in logged if "forged" in each]
     assert "refused instance 1.2.826.0.1.3680043.10.1009.74\\x0aforged from" in line
+
+
+def test_a_body_of_many_refused_parts_logs_a_few_lines(site: Site) -> None:
+    """Each refused part of a request is in the answer; the log gets the
+    first few of them and one line counting the rest, not a WARNING line
+    per part (thousands of parts fit in a small body)."""
+    parts = REFUSALS_LOGGED + 15
+    body = (
+        f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\nnot DICOM\r\n" * parts
+        + f"--{BOUNDARY}--\r\n"
+    ).encode()
+    start = len(site.appliance.log())
+    with site.client(OPERATOR) as http:
+        answer = http.post(
+            "/studies", content=body, headers={"Content-Type": STOW_TYPE}
+        )
+    assert answer.status_code == 409
+    assert len(pydicom.Dataset.from_json(answer.json()).FailedSOPSequence) == parts
+    counted = f"{parts} refused"
+    deadline = time.monotonic() + 30
+    while counted not in site.appliance.log()[start:] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    logged = site.appliance.log()[start:]
+    assert logged.count("refused instance (unknown)") == REFUSALS_LOGGED
+    assert logged.count("15 more instance(s) refused, not logged one by one") == 1
 
 
 def _stow_body_with(label: str, keyword: str, value: str) -> bytes:
