@@ -7,6 +7,7 @@ that stops arriving (408, one log line, nothing left behind)."""
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 import json
 import socket
@@ -259,6 +260,27 @@ def test_a_body_of_many_refused_parts_logs_a_few_lines(site: Site) -> None:
     logged = site.appliance.log()[start:]
     assert logged.count("refused instance (unknown)") == REFUSALS_LOGGED
     assert logged.count("15 more instance(s) refused, not logged one by one") == 1
+
+
+@pytest.mark.parametrize("coding", ["gzip", "identity, deflate"])
+def test_a_compressed_stow_body_is_415_and_stores_nothing(
+    site: Site, coding: str
+) -> None:
+    """Not read as a multipart body without its boundary (400, malformed):
+    the caller is told the coding is what the server does not take."""
+    body = _stow_body_with("compressed", "PatientID", "PID-GZ")
+    before = stored(site)
+    with site.client(OPERATOR) as http:
+        answer = http.post(
+            "/studies",
+            content=gzip.compress(body),
+            headers={"Content-Type": STOW_TYPE, "Content-Encoding": coding},
+        )
+    assert answer.status_code == 415
+    assert coding.split(", ")[-1] in answer.json()["error"]
+    assert answer.headers["accept-encoding"] == "identity"
+    assert stored(site) == before
+    assert incoming_files(site.appliance.data_dir / "online") == []
 
 
 def _stow_body_with(label: str, keyword: str, value: str) -> bytes:

@@ -36,6 +36,7 @@ from appliance.web import history
 from appliance.web.accounts import OPERATOR, VIEWER
 from appliance.web.archive import Archive
 from appliance.web.auth import problem, route
+from appliance.web.content_coding import refused_coding
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +174,9 @@ _LARGEST_BODY = 64 * 1024
 
 async def _body(request: Request) -> dict[str, Any] | Response:
     """The JSON object an action is sent, or the error answer."""
+    refused = refused_coding(request)
+    if refused is not None:
+        return refused
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "application/json":
         return problem(415, "send a JSON object with Content-Type: application/json")

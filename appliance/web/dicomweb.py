@@ -30,6 +30,7 @@ from appliance.web import multipart, qido, stow
 from appliance.web.accounts import OPERATOR, VIEWER
 from appliance.web.archive import Archive, Located, NotFound, NotOnline, sent_bytes
 from appliance.web.auth import problem, route
+from appliance.web.content_coding import refused_coding
 from appliance.web.metadata import metadata_of
 
 logger = logging.getLogger(__name__)
@@ -349,6 +350,9 @@ async def store_study_instances(request: Request) -> Response:
 
 
 async def _store(request: Request, study: str | None) -> Response:
+    refused = refused_coding(request)
+    if refused is not None:
+        return refused
     media_type = multipart.MediaType.parse(request.headers.get("content-type", ""))
     if media_type.type != "multipart/related":
         return problem(
