@@ -136,6 +136,50 @@ def test_wado_uri_refuses_to_anonymize(site: Site) -> None:
     assert b"Doe^Jane" not in answer.content
 
 
+def _wado_uri_params() -> list[tuple[str, str]]:
+    return [
+        ("requestType", "WADO"),
+        ("studyUID", uid("sloppy", "study")),
+        ("seriesUID", uid("sloppy", "series")),
+        ("objectUID", made_uid()),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [
+        ("application/dicom, image/jpeg", 200),
+        ("image/jpeg;q=1, application/dicom;q=0.5", 200),
+        ("image/jpeg, application/dicom;q=0", 406),
+        ("image/jpeg", 406),
+    ],
+)
+def test_wado_uri_takes_a_list_of_content_types(
+    site: Site, content_type: str, status: int
+) -> None:
+    """contentType is a list with preferences (PS3.18): the instance is sent
+    when application/dicom is in it and not refused."""
+    params = [*_wado_uri_params(), ("contentType", content_type)]
+    with site.client(VIEWER) as http:
+        answer = http.get("/wado", params=params)
+    assert answer.status_code == status, answer.text[:200]
+    if status == 200:
+        assert answer.headers["content-type"] == "application/dicom"
+
+
+@pytest.mark.parametrize("other", ["1.2.826.0.1.3680043.10.1009.404", None])
+def test_wado_uri_refuses_an_object_uid_given_twice(
+    site: Site, other: str | None
+) -> None:
+    """Two objectUIDs name two instances; only one would be sent, and which
+    one the caller meant cannot be told."""
+    params = [*_wado_uri_params(), ("objectUID", other or made_uid())]
+    with site.client(VIEWER) as http:
+        answer = http.get("/wado", params=params)
+    assert answer.status_code == 400
+    assert "objectUID given more than once" in answer.json()["error"]
+
+
 @pytest.mark.parametrize("value", ["abc", "1.5"])
 def test_a_numeric_key_that_is_no_number_is_named(site: Site, value: str) -> None:
     with site.client(VIEWER) as http:

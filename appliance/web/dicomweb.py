@@ -285,7 +285,7 @@ def dicom_syntaxes(accept: str) -> set[str]:
     if not accept.strip():
         return {ANY_SYNTAX}
     found = set()
-    for media_type in _acceptable(accept):
+    for media_type in acceptable(accept):
         kind = media_type.type
         if kind == "multipart/related":
             kind = media_type.parameters.get("type", "application/dicom").lower()
@@ -299,10 +299,10 @@ def accepts_json(accept: str) -> bool:
     if not accept.strip():
         return True
     admitted = {"*/*", "application/*", "application/json", DICOM_JSON}
-    return any(media_type.type in admitted for media_type in _acceptable(accept))
+    return any(media_type.type in admitted for media_type in acceptable(accept))
 
 
-def _acceptable(accept: str) -> list[multipart.MediaType]:
+def acceptable(accept: str) -> list[multipart.MediaType]:
     """The media types of an Accept header but those it refuses (q=0)."""
     found = []
     for item in accept.split(","):
