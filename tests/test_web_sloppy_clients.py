@@ -188,6 +188,23 @@ def test_a_numeric_key_that_is_no_number_is_named(site: Site, value: str) -> Non
     assert "NumberOfStudyRelatedInstances takes numbers" in answer.json()["error"]
 
 
+@pytest.mark.parametrize("value", ["0_1", "\u0661", "\uff11", "1\n", "nan"])
+@pytest.mark.parametrize(
+    ("path", "key"),
+    [("/instances", "Rows"), ("/studies", "NumberOfStudyRelatedInstances")],
+)
+def test_a_number_only_python_reads_is_no_number(
+    site: Site, path: str, key: str, value: str
+) -> None:
+    """'0_1', an Arabic-Indic or a full-width one are numbers to Python's
+    int(), not as DICOM writes them: refused, not matched as 1."""
+    with site.client(VIEWER) as http:
+        assert http.get(path, params={key: " +1 "}).status_code != 400
+        answer = http.get(path, params={key: value})
+    assert answer.status_code == 400, answer.text[:200]
+    assert f"{key} takes numbers" in answer.json()["error"]
+
+
 def test_a_stalled_chunked_body_is_408_and_leaves_nothing(site: Site) -> None:
     """A chunked STOW-RS body that stops without the connection closing:
     after web.stow_stall_timeout the answer is 408 with Connection: close,

@@ -108,6 +108,11 @@ _TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 _NUMERIC_VRS = {"US", "UL", "SS", "SL", "SV", "UV"}
 _FLOAT_VRS = {"FL", "FD"}
 _TEXT_NUMBER_VRS = {"IS", "DS"}
+# Numbers as DICOM writes them (PS3.5 6.2, IS and DS), in ASCII: Python's
+# int() and float() also read '0_4', '٤' (Arabic-Indic four), 'nan' and
+# 'inf', which would match as numbers no DICOM value is written as.
+_INTEGER = re.compile(r" *[+-]?[0-9]+ *")
+_DECIMAL = re.compile(r" *[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)? *")
 
 
 class BadSearch(ValueError):
@@ -216,9 +221,14 @@ def _value(keyword: str, vr: str, text: str) -> Any:
         )
     if vr not in _NUMERIC_VRS | _FLOAT_VRS | _TEXT_NUMBER_VRS or not text:
         return text
-    kind = float if vr in _FLOAT_VRS | {"DS"} else int
+    decimal = vr in _FLOAT_VRS | {"DS"}
+    kind, written = (float, _DECIMAL) if decimal else (int, _INTEGER)
+    parts = text.split("\\")
     try:
-        values = [kind(part) for part in text.split("\\")]
+        if not all(written.fullmatch(part) for part in parts):
+            raise ValueError(text)
+        # int() refuses more than 4300 digits with a ValueError too.
+        values = [kind(part) for part in parts]
     except ValueError:
         raise BadSearch(f"{keyword} takes numbers, not {text!r}") from None
     if vr in _TEXT_NUMBER_VRS:
