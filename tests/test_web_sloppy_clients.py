@@ -344,6 +344,19 @@ def test_a_compressed_stow_body_is_415_and_stores_nothing(
     assert incoming_files(site.appliance.data_dir / "online") == []
 
 
+@pytest.mark.parametrize("method", ["GET", "POST"])
+@pytest.mark.parametrize("path", ["/studies/", "/api/status/", "/health/"])
+def test_a_trailing_slash_is_not_redirected_to_the_callers_host(
+    site: Site, method: str, path: str
+) -> None:
+    """No 307 to a URL made of the Host header, before any credentials
+    are checked (and a STOW-RS body sent again): the path is not found."""
+    with site.client() as http:
+        answer = http.request(method, path, headers={"Host": "elsewhere.example"})
+    assert answer.status_code in (404, 405)
+    assert "location" not in answer.headers
+
+
 def _stow_body_with(label: str, keyword: str, value: str) -> bytes:
     """A STOW-RS body of one instance whose ``keyword`` is ``value``, as
     written without pydicom's checks (the file meta follows a SOP Instance
