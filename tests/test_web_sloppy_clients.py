@@ -357,6 +357,41 @@ def test_a_trailing_slash_is_not_redirected_to_the_callers_host(
     assert "location" not in answer.headers
 
 
+def test_a_search_answers_at_most_qido_max_results(appliance_factory: type) -> None:
+    """A search without a limit on a large archive would hold every result
+    in memory: the answer stops at web.qido_max_results, and says so."""
+    capped = start(appliance_factory, {"web": {"qido_max_results": 2}})
+    study, series = uid("capped", "study"), uid("capped", "series")
+    parts = [
+        write(instance(study, series, n), capped.appliance.directory).read_bytes()
+        for n in (1, 2, 3)
+    ]
+    body = (
+        b"".join(
+            f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+            + part
+            + b"\r\n"
+            for part in parts
+        )
+        + f"--{BOUNDARY}--\r\n".encode()
+    )
+    with capped.client(OPERATOR) as http:
+        stow = http.post("/studies", content=body, headers={"Content-Type": STOW_TYPE})
+    assert stow.status_code == 200, stow.text[:200]
+
+    with capped.client(VIEWER) as http:
+        first = http.get("/instances")
+        rest = http.get("/instances", params={"offset": "2"})
+        asked = http.get("/instances", params={"limit": "2"})
+        more = http.get("/instances", params={"limit": "5"})
+    assert len(first.json()) == 2
+    assert "web.qido_max_results" in first.headers["warning"]
+    assert "offset=2" in first.headers["warning"]
+    assert len(rest.json()) == 1 and "warning" not in rest.headers
+    assert len(asked.json()) == 2 and "warning" not in asked.headers
+    assert len(more.json()) == 2 and "offset=2" in more.headers["warning"]
+
+
 def _stow_body_with(label: str, keyword: str, value: str) -> bytes:
     """A STOW-RS body of one instance whose ``keyword`` is ``value``, as
     written without pydicom's checks (the file meta follows a SOP Instance

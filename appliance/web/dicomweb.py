@@ -127,7 +127,10 @@ async def _search(request: Request, level: str, names: tuple[str, ...]) -> Respo
             zip((_WITHIN_KEYS[n] for n in names), uids(request, *names), strict=True)
         )
         search = qido.parse(level, request.query_params.multi_items(), within)
-        results = await run_in_threadpool(qido.run, archive_of(request).catalog, search)
+        most: int = request.app.state.config.get("web.qido_max_results")
+        results = await run_in_threadpool(
+            qido.run, archive_of(request).catalog, search, most
+        )
     except ValueError as exc:
         return problem(400, f"cannot search: {exc}")
     await run_in_threadpool(_audit_search, request, search)

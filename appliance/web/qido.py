@@ -132,6 +132,8 @@ class Search:
     # search (as the caller named them): each is named in a Warning header.
     options: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    # Set by run when more matched than the server answers at once.
+    cut_at: int | None = None
 
 
 def parse(
@@ -183,22 +185,38 @@ def warnings(search: Search) -> list[str]:
             f"not matched at the {_LEVEL_WORDS[search.level]} level, so ignored: "
             + names
         )
+    if search.cut_at is not None:
+        texts.append(
+            f"more results matched than the {search.cut_at} answered at once "
+            f"(web.qido_max_results); ask for the rest with "
+            f"offset={search.offset + search.cut_at}"
+        )
     return texts
 
 
-def run(catalog: Catalog, search: Search) -> list[dict[str, Any]]:
-    """The page of results the search asks for, as DICOM JSON objects."""
+def run(catalog: Catalog, search: Search, most: int) -> list[dict[str, Any]]:
+    """The page of results the search asks for, as DICOM JSON objects; at
+    most ``most`` of them (``search.cut_at`` is set when more matched)."""
     identifier = identifier_of(search)
     try:
         query = query_from_identifier(identifier, STUDY_ROOT_FIND)
     except ValueError as exc:
         raise BadSearch(str(exc)) from exc
-    stop = None if search.limit is None else search.offset + search.limit
+
+    # Every result is held in memory until the answer is sent: a search
+    # without a limit on a large archive would take the web child's memory.
+    capped = search.limit is None or search.limit > most
+    wanted = most if capped else cast(int, search.limit)
+    # One result more than answered tells whether the page was cut.
+    stop = search.offset + wanted + int(capped)
+
     # Closed here, in this thread: the search holds a read transaction.
     found = cast(Generator[Row, None, None], find(catalog, query, lambda: False))
     with contextlib.closing(found) as rows:
-        page = itertools.islice(rows, search.offset, stop)
-        return [row_object(search.returned, row) for row in page]
+        page = list(itertools.islice(rows, search.offset, stop))
+    if len(page) > wanted:
+        search.cut_at = wanted
+    return [row_object(search.returned, row) for row in page[:wanted]]
 
 
 def identifier_of(search: Search) -> Dataset:
