@@ -7,6 +7,7 @@ cutting a request body that comes slowly after its headers."""
 
 from __future__ import annotations
 
+import base64
 import socket
 import ssl
 import threading
@@ -243,3 +244,25 @@ def test_over_tls_a_silent_connection_is_closed(
     ):
         assert closed_by_server(sock)
         assert lines_about(tls_site, sock) == 1
+
+
+def test_an_action_body_that_never_comes_is_408(site: Site) -> None:
+    """An operator action announces a body and sends none: answered 408
+    within web.header_timeout, not held open for ever, with one line."""
+    credentials = base64.b64encode(":".join(OPERATOR).encode()).decode()
+    request = (
+        f"POST /api/recall HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Basic {credentials}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    ).encode()
+    start = len(site.appliance.log())
+    with socket.create_connection(("127.0.0.1", site.appliance.web_port)) as sock:
+        sock.sendall(request + b'{"study_uid": ')
+        sock.settimeout(PATIENCE)
+        answer = sock.recv(200)
+    assert answer.startswith(b"HTTP/1.1 408")
+    deadline = time.monotonic() + PATIENCE
+    stalled = "its body was not complete in 1 s"
+    while stalled not in site.appliance.log()[start:] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert site.appliance.log()[start:].count(stalled) == 1
