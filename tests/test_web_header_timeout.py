@@ -266,3 +266,25 @@ def test_an_action_body_that_never_comes_is_408(site: Site) -> None:
     while stalled not in site.appliance.log()[start:] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert site.appliance.log()[start:].count(stalled) == 1
+
+
+def test_an_action_body_cut_by_a_hang_up_is_one_line(site: Site) -> None:
+    """The caller hangs up in the middle of an action's body: one WARNING
+    line, not an ERROR with a traceback from the server."""
+    credentials = base64.b64encode(":".join(OPERATOR).encode()).decode()
+    request = (
+        f"POST /api/recall HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Basic {credentials}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    ).encode()
+    start = len(site.appliance.log())
+    with socket.create_connection(("127.0.0.1", site.appliance.web_port)) as sock:
+        sock.sendall(request + b'{"study_uid": ')
+        time.sleep(0.3)
+    ended = "the connection ended before the body did"
+    deadline = time.monotonic() + PATIENCE
+    while ended not in site.appliance.log()[start:] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    logged = site.appliance.log()[start:]
+    assert logged.count(ended) == 1
+    assert "Traceback" not in logged

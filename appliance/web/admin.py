@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 
@@ -196,6 +196,14 @@ async def _body(request: Request) -> dict[str, Any] | Response:
                     )
     except TimeoutError:
         return _body_stalled(request, wait)
+    except ClientDisconnect:
+        # No one reads the answer; without this, uvicorn logs a traceback.
+        logger.warning(
+            "operator action by %s: the connection ended before the body did; "
+            "nothing was done",
+            request.state.account,
+        )
+        return problem(400, "the body ended early; nothing was done")
     try:
         body = json.loads(bytes(raw) or b"{}")
     except (ValueError, RecursionError):
