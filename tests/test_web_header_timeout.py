@@ -288,3 +288,23 @@ def test_an_action_body_cut_by_a_hang_up_is_one_line(site: Site) -> None:
     logged = site.appliance.log()[start:]
     assert logged.count(ended) == 1
     assert "Traceback" not in logged
+
+
+def test_junk_requests_from_one_address_are_one_line(site: Site) -> None:
+    """uvicorn's 'Invalid HTTP request received.' line came once per
+    connection, without the address: a client sending junk needs no
+    account. Now the first names the address, the others are counted."""
+    address = new_address()
+    start = len(site.appliance.log())
+    for _ in range(5):
+        with connect_from(address, site.appliance.web_port) as sock:
+            sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+            sock.settimeout(PATIENCE)
+            assert sock.recv(100).startswith(b"HTTP/1.1 400")
+    with site.client() as http:
+        assert http.get("/health").status_code == 200
+    logged = site.appliance.log()[start:]
+    refused = f"HTTP request from {address}:"
+    assert logged.count(refused) == 1, logged
+    assert "refused: Invalid HTTP request received." in logged
+    assert "uvicorn.error" not in logged
