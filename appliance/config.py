@@ -874,6 +874,14 @@ KEYS: tuple[Key, ...] = (
     ),
     Key(
         "web",
+        "qido_max_results",
+        10000,
+        "Most results one QIDO-RS search answers; when more match, the answer "
+        "says so in a Warning header, and offset asks for the rest.",
+        _integer(1, 10_000_000),
+    ),
+    Key(
+        "web",
         "header_timeout",
         30.0,
         "Seconds a connection has to send a request's line and headers, from "

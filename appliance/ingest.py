@@ -210,6 +210,7 @@ class Ingest:
         calling_ae: str = "",
         *,
         refuse_long_uids: bool = False,
+        log_refusals: bool = True,
     ) -> StoreResult:
         """Store a Part 10 file that sits in the online tier's ``incoming/``.
 
@@ -222,16 +223,25 @@ class Ingest:
         could carry it back. Other non-conformant UIDs (letters, leading
         zeros) are stored with a warning, as they are on import. On every
         outcome ``received`` is consumed (moved, or left for the caller to
-        delete).
+        delete). Without ``log_refusals`` a refused instance gets no log line
+        here: the caller logs it (STOW-RS, which takes any number of parts in
+        one request, logs only the first few).
         """
-        result = self._store_received(received, source, calling_ae, refuse_long_uids)
+        result = self._store_received(
+            received, source, calling_ae, refuse_long_uids, log_refusals
+        )
         events.instance_received(
             events.store_outcome(result.status, result.outcome is Outcome.STORED)
         )
         return result
 
     def _store_received(
-        self, received: Path, source: str, calling_ae: str, refuse_long_uids: bool
+        self,
+        received: Path,
+        source: str,
+        calling_ae: str,
+        refuse_long_uids: bool,
+        log_refusals: bool,
     ) -> StoreResult:
         uid = ""
         flushed = self._flusher.submit(fsync_file, received)
@@ -244,12 +254,15 @@ class Ingest:
             record = self._record_for(received, parsed, size)
             _wait_for(flushed, received)
             self.online.adopt(received, record.copies[0].location, flushed=True)
-            result = self._commit(record, parsed.dataset, source, calling_ae)
+            result = self._commit(
+                record, parsed.dataset, source, calling_ae, log_refusals
+            )
             _warn_if_stored(result, odd)
             return result
         except RejectedInstance as exc:
             uid = uid or _announced_uid(received)
-            _log_refusal(uid, source, exc.reason)
+            if log_refusals:
+                _log_refusal(uid, source, exc.reason)
             return StoreResult(exc.status, None, uid, exc.reason)
         except OutOfSpaceError as exc:
             logger.error(
@@ -333,7 +346,12 @@ class Ingest:
         )
 
     def _commit(
-        self, record: InstanceRecord, dataset: Dataset, source: str, calling_ae: str
+        self,
+        record: InstanceRecord,
+        dataset: Dataset,
+        source: str,
+        calling_ae: str,
+        log_refusals: bool,
     ) -> StoreResult:
         try:
             result = self.committer.submit(_new_instance(record, dataset, calling_ae))
@@ -342,7 +360,7 @@ class Ingest:
             self.online.remove(record.copies[0].location)
             raise
         self._drop_obsolete(result)
-        return self._answer(record, result, source)
+        return self._answer(record, result, source, log_refusals)
 
     def _drop_obsolete(self, result: RecordResult) -> None:
         for tier, location in result.obsolete:
@@ -350,15 +368,21 @@ class Ingest:
                 self.online.remove(location)
 
     def _answer(
-        self, record: InstanceRecord, result: RecordResult, source: str
+        self,
+        record: InstanceRecord,
+        result: RecordResult,
+        source: str,
+        log_refusals: bool = True,
     ) -> StoreResult:
         uid = record.sop_instance_uid
         outcome = result.outcome
         if outcome is Outcome.REFUSED:
-            _log_refusal(uid, source, result.reason)
+            if log_refusals:
+                _log_refusal(uid, source, result.reason)
             return StoreResult(DUPLICATE_INSTANCE, outcome, uid, result.reason)
         if outcome is Outcome.INCONSISTENT:
-            _log_refusal(uid, source, result.reason)
+            if log_refusals:
+                _log_refusal(uid, source, result.reason)
             return StoreResult(DOES_NOT_MATCH_SOP_CLASS, outcome, uid, result.reason)
         if outcome is Outcome.KEPT_FIRST:
             logger.warning(

@@ -5,6 +5,7 @@ the errors file's bounds."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import re
@@ -156,6 +157,18 @@ def test_a_body_nested_deep_or_too_large_is_refused(site):
     assert nested.json()["error"] == "the body is not JSON"
     assert large.status_code == 413
     assert "RecursionError" not in site.appliance.log()
+
+
+def test_a_compressed_body_is_415_not_said_to_be_bad_json(site):
+    """A body the client compressed is not read as if it were plain: the
+    answer names the coding and says which the server takes."""
+    body = gzip.compress(b'{"watermarks_only": true}')
+    headers = {**JSON, "Content-Encoding": "gzip"}
+    with site.client(OPERATOR) as client:
+        answer = client.post("/api/migration/dry-run", content=body, headers=headers)
+    assert answer.status_code == 415
+    assert "gzip" in answer.json()["error"]
+    assert answer.headers["accept-encoding"] == "identity"
 
 
 def test_an_unknown_volume_is_404(site):

@@ -7,6 +7,7 @@ cutting a request body that comes slowly after its headers."""
 
 from __future__ import annotations
 
+import base64
 import socket
 import ssl
 import threading
@@ -243,3 +244,67 @@ def test_over_tls_a_silent_connection_is_closed(
     ):
         assert closed_by_server(sock)
         assert lines_about(tls_site, sock) == 1
+
+
+def test_an_action_body_that_never_comes_is_408(site: Site) -> None:
+    """An operator action announces a body and sends none: answered 408
+    within web.header_timeout, not held open for ever, with one line."""
+    credentials = base64.b64encode(":".join(OPERATOR).encode()).decode()
+    request = (
+        f"POST /api/recall HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Basic {credentials}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    ).encode()
+    start = len(site.appliance.log())
+    with socket.create_connection(("127.0.0.1", site.appliance.web_port)) as sock:
+        sock.sendall(request + b'{"study_uid": ')
+        sock.settimeout(PATIENCE)
+        answer = sock.recv(200)
+    assert answer.startswith(b"HTTP/1.1 408")
+    deadline = time.monotonic() + PATIENCE
+    stalled = "its body was not complete in 1 s"
+    while stalled not in site.appliance.log()[start:] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert site.appliance.log()[start:].count(stalled) == 1
+
+
+def test_an_action_body_cut_by_a_hang_up_is_one_line(site: Site) -> None:
+    """The caller hangs up in the middle of an action's body: one WARNING
+    line, not an ERROR with a traceback from the server."""
+    credentials = base64.b64encode(":".join(OPERATOR).encode()).decode()
+    request = (
+        f"POST /api/recall HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Basic {credentials}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    ).encode()
+    start = len(site.appliance.log())
+    with socket.create_connection(("127.0.0.1", site.appliance.web_port)) as sock:
+        sock.sendall(request + b'{"study_uid": ')
+        time.sleep(0.3)
+    ended = "the connection ended before the body did"
+    deadline = time.monotonic() + PATIENCE
+    while ended not in site.appliance.log()[start:] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    logged = site.appliance.log()[start:]
+    assert logged.count(ended) == 1
+    assert "Traceback" not in logged
+
+
+def test_junk_requests_from_one_address_are_one_line(site: Site) -> None:
+    """uvicorn's 'Invalid HTTP request received.' line came once per
+    connection, without the address: a client sending junk needs no
+    account. Now the first names the address, the others are counted."""
+    address = new_address()
+    start = len(site.appliance.log())
+    for _ in range(5):
+        with connect_from(address, site.appliance.web_port) as sock:
+            sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+            sock.settimeout(PATIENCE)
+            assert sock.recv(100).startswith(b"HTTP/1.1 400")
+    with site.client() as http:
+        assert http.get("/health").status_code == 200
+    logged = site.appliance.log()[start:]
+    refused = f"HTTP request from {address}:"
+    assert logged.count(refused) == 1, logged
+    assert "refused: Invalid HTTP request received." in logged
+    assert "uvicorn.error" not in logged

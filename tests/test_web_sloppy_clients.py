@@ -7,6 +7,7 @@ that stops arriving (408, one log line, nothing left behind)."""
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 import json
 import socket
@@ -15,6 +16,7 @@ import time
 import pydicom
 import pytest
 
+from appliance.web.stow import REFUSALS_LOGGED
 from tests.conftest import incoming_files
 from tests.datasets import instance, uid, unvalidated, write
 from tests.web_site import OPERATOR, VIEWER, Site, start
@@ -134,12 +136,73 @@ def test_wado_uri_refuses_to_anonymize(site: Site) -> None:
     assert b"Doe^Jane" not in answer.content
 
 
+def _wado_uri_params() -> list[tuple[str, str]]:
+    return [
+        ("requestType", "WADO"),
+        ("studyUID", uid("sloppy", "study")),
+        ("seriesUID", uid("sloppy", "series")),
+        ("objectUID", made_uid()),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [
+        ("application/dicom, image/jpeg", 200),
+        ("image/jpeg;q=1, application/dicom;q=0.5", 200),
+        ("image/jpeg, application/dicom;q=0", 406),
+        ("image/jpeg", 406),
+    ],
+)
+def test_wado_uri_takes_a_list_of_content_types(
+    site: Site, content_type: str, status: int
+) -> None:
+    """contentType is a list with preferences (PS3.18): the instance is sent
+    when application/dicom is in it and not refused."""
+    params = [*_wado_uri_params(), ("contentType", content_type)]
+    with site.client(VIEWER) as http:
+        answer = http.get("/wado", params=params)
+    assert answer.status_code == status, answer.text[:200]
+    if status == 200:
+        assert answer.headers["content-type"] == "application/dicom"
+
+
+@pytest.mark.parametrize("other", ["1.2.826.0.1.3680043.10.1009.404", None])
+def test_wado_uri_refuses_an_object_uid_given_twice(
+    site: Site, other: str | None
+) -> None:
+    """Two objectUIDs name two instances; only one would be sent, and which
+    one the caller meant cannot be told."""
+    params = [*_wado_uri_params(), ("objectUID", other or made_uid())]
+    with site.client(VIEWER) as http:
+        answer = http.get("/wado", params=params)
+    assert answer.status_code == 400
+    assert "objectUID given more than once" in answer.json()["error"]
+
+
 @pytest.mark.parametrize("value", ["abc", "1.5"])
 def test_a_numeric_key_that_is_no_number_is_named(site: Site, value: str) -> None:
     with site.client(VIEWER) as http:
         answer = http.get("/studies", params={"NumberOfStudyRelatedInstances": value})
     assert answer.status_code == 400
     assert "NumberOfStudyRelatedInstances takes numbers" in answer.json()["error"]
+
+
+@pytest.mark.parametrize("value", ["0_1", "\u0661", "\uff11", "1\n", "nan"])
+@pytest.mark.parametrize(
+    ("path", "key"),
+    [("/instances", "Rows"), ("/studies", "NumberOfStudyRelatedInstances")],
+)
+def test_a_number_only_python_reads_is_no_number(
+    site: Site, path: str, key: str, value: str
+) -> None:
+    """'0_1', an Arabic-Indic or a full-width one are numbers to Python's
+    int(), not as DICOM writes them: refused, not matched as 1."""
+    with site.client(VIEWER) as http:
+        assert http.get(path, params={key: " +1 "}).status_code != 400
+        answer = http.get(path, params={key: value})
+    assert answer.status_code == 400, answer.text[:200]
+    assert f"{key} takes numbers" in answer.json()["error"]
 
 
 def test_a_stalled_chunked_body_is_408_and_leaves_nothing(site: Site) -> None:
@@ -233,6 +296,100 @@ def test_stow_logs_a_refusal_of_a_uid_with_a_line_break_on_one_line(
     logged = site.appliance.log()[start:].splitlines()
     [line] = [each for each in logged if "forged" in each]
     assert "refused instance 1.2.826.0.1.3680043.10.1009.74\\x0aforged from" in line
+
+
+def test_a_body_of_many_refused_parts_logs_a_few_lines(site: Site) -> None:
+    """Each refused part of a request is in the answer; the log gets the
+    first few of them and one line counting the rest, not a WARNING line
+    per part (thousands of parts fit in a small body)."""
+    parts = REFUSALS_LOGGED + 15
+    body = (
+        f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\nnot DICOM\r\n" * parts
+        + f"--{BOUNDARY}--\r\n"
+    ).encode()
+    start = len(site.appliance.log())
+    with site.client(OPERATOR) as http:
+        answer = http.post(
+            "/studies", content=body, headers={"Content-Type": STOW_TYPE}
+        )
+    assert answer.status_code == 409
+    assert len(pydicom.Dataset.from_json(answer.json()).FailedSOPSequence) == parts
+    counted = f"{parts} refused"
+    deadline = time.monotonic() + 30
+    while counted not in site.appliance.log()[start:] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    logged = site.appliance.log()[start:]
+    assert logged.count("refused instance (unknown)") == REFUSALS_LOGGED
+    assert logged.count("15 more instance(s) refused, not logged one by one") == 1
+
+
+@pytest.mark.parametrize("coding", ["gzip", "identity, deflate"])
+def test_a_compressed_stow_body_is_415_and_stores_nothing(
+    site: Site, coding: str
+) -> None:
+    """Not read as a multipart body without its boundary (400, malformed):
+    the caller is told the coding is what the server does not take."""
+    body = _stow_body_with("compressed", "PatientID", "PID-GZ")
+    before = stored(site)
+    with site.client(OPERATOR) as http:
+        answer = http.post(
+            "/studies",
+            content=gzip.compress(body),
+            headers={"Content-Type": STOW_TYPE, "Content-Encoding": coding},
+        )
+    assert answer.status_code == 415
+    assert coding.split(", ")[-1] in answer.json()["error"]
+    assert answer.headers["accept-encoding"] == "identity"
+    assert stored(site) == before
+    assert incoming_files(site.appliance.data_dir / "online") == []
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+@pytest.mark.parametrize("path", ["/studies/", "/api/status/", "/health/"])
+def test_a_trailing_slash_is_not_redirected_to_the_callers_host(
+    site: Site, method: str, path: str
+) -> None:
+    """No 307 to a URL made of the Host header, before any credentials
+    are checked (and a STOW-RS body sent again): the path is not found."""
+    with site.client() as http:
+        answer = http.request(method, path, headers={"Host": "elsewhere.example"})
+    assert answer.status_code in (404, 405)
+    assert "location" not in answer.headers
+
+
+def test_a_search_answers_at_most_qido_max_results(appliance_factory: type) -> None:
+    """A search without a limit on a large archive would hold every result
+    in memory: the answer stops at web.qido_max_results, and says so."""
+    capped = start(appliance_factory, {"web": {"qido_max_results": 2}})
+    study, series = uid("capped", "study"), uid("capped", "series")
+    parts = [
+        write(instance(study, series, n), capped.appliance.directory).read_bytes()
+        for n in (1, 2, 3)
+    ]
+    body = (
+        b"".join(
+            f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+            + part
+            + b"\r\n"
+            for part in parts
+        )
+        + f"--{BOUNDARY}--\r\n".encode()
+    )
+    with capped.client(OPERATOR) as http:
+        stow = http.post("/studies", content=body, headers={"Content-Type": STOW_TYPE})
+    assert stow.status_code == 200, stow.text[:200]
+
+    with capped.client(VIEWER) as http:
+        first = http.get("/instances")
+        rest = http.get("/instances", params={"offset": "2"})
+        asked = http.get("/instances", params={"limit": "2"})
+        more = http.get("/instances", params={"limit": "5"})
+    assert len(first.json()) == 2
+    assert "web.qido_max_results" in first.headers["warning"]
+    assert "offset=2" in first.headers["warning"]
+    assert len(rest.json()) == 1 and "warning" not in rest.headers
+    assert len(asked.json()) == 2 and "warning" not in asked.headers
+    assert len(more.json()) == 2 and "offset=2" in more.headers["warning"]
 
 
 def _stow_body_with(label: str, keyword: str, value: str) -> bytes:

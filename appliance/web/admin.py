@@ -14,6 +14,7 @@ elsewhere cannot make a logged-in operator's browser act (CSRF).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -21,7 +22,7 @@ import time
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 
@@ -36,6 +37,7 @@ from appliance.web import history
 from appliance.web.accounts import OPERATOR, VIEWER
 from appliance.web.archive import Archive
 from appliance.web.auth import problem, route
+from appliance.web.content_coding import refused_coding
 
 logger = logging.getLogger(__name__)
 
@@ -173,14 +175,35 @@ _LARGEST_BODY = 64 * 1024
 
 async def _body(request: Request) -> dict[str, Any] | Response:
     """The JSON object an action is sent, or the error answer."""
+    refused = refused_coding(request)
+    if refused is not None:
+        return refused
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "application/json":
         return problem(415, "send a JSON object with Content-Type: application/json")
     raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > _LARGEST_BODY:
-            return problem(413, f"an action's body is at most {_LARGEST_BODY} bytes")
+    # An action's body is a few dozen bytes: one announced that never comes
+    # would hold the connection for ever (web.header_timeout times only the
+    # headers), so it must come as soon as they must.
+    wait: float = request.app.state.config.get("web.header_timeout")
+    try:
+        async with asyncio.timeout(wait):
+            async for chunk in request.stream():
+                raw += chunk
+                if len(raw) > _LARGEST_BODY:
+                    return problem(
+                        413, f"an action's body is at most {_LARGEST_BODY} bytes"
+                    )
+    except TimeoutError:
+        return _body_stalled(request, wait)
+    except ClientDisconnect:
+        # No one reads the answer; without this, uvicorn logs a traceback.
+        logger.warning(
+            "operator action by %s: the connection ended before the body did; "
+            "nothing was done",
+            request.state.account,
+        )
+        return problem(400, "the body ended early; nothing was done")
     try:
         body = json.loads(bytes(raw) or b"{}")
     except (ValueError, RecursionError):
@@ -189,6 +212,22 @@ async def _body(request: Request) -> dict[str, Any] | Response:
     if not isinstance(body, dict):
         return problem(400, "the body must be a JSON object")
     return body
+
+
+def _body_stalled(request: Request, wait: float) -> Response:
+    """408 for an action whose body did not come in time; the connection is
+    closed after the answer, as the rest of the body may still come."""
+    logger.warning(
+        "operator action by %s refused: its body was not complete in %g s "
+        "(web.header_timeout); nothing was done",
+        request.state.account,
+        wait,
+    )
+    return problem(
+        408,
+        f"the body was not complete in {wait:g} s; nothing was done",
+        {"Connection": "close"},
+    )
 
 
 def _recall_json(result: RecallResult) -> dict[str, Any]:

@@ -73,6 +73,10 @@ def build_app(config: Config) -> Starlette:
         exception_handlers={HTTPException: _http_error},
         lifespan=lifespan,
     )
+    # A path with a trailing slash is not redirected: the redirect would be
+    # answered before any credentials are checked, to an absolute URL made
+    # from the caller's Host header, and a STOW-RS body would be sent twice.
+    app.router.redirect_slashes = False
     app.state.config = config
     app.state.authenticator = Authenticator(
         accounts,

@@ -30,6 +30,7 @@ from appliance.web import multipart, qido, stow
 from appliance.web.accounts import OPERATOR, VIEWER
 from appliance.web.archive import Archive, Located, NotFound, NotOnline, sent_bytes
 from appliance.web.auth import problem, route
+from appliance.web.content_coding import refused_coding
 from appliance.web.metadata import metadata_of
 
 logger = logging.getLogger(__name__)
@@ -126,7 +127,10 @@ async def _search(request: Request, level: str, names: tuple[str, ...]) -> Respo
             zip((_WITHIN_KEYS[n] for n in names), uids(request, *names), strict=True)
         )
         search = qido.parse(level, request.query_params.multi_items(), within)
-        results = await run_in_threadpool(qido.run, archive_of(request).catalog, search)
+        most: int = request.app.state.config.get("web.qido_max_results")
+        results = await run_in_threadpool(
+            qido.run, archive_of(request).catalog, search, most
+        )
     except ValueError as exc:
         return problem(400, f"cannot search: {exc}")
     await run_in_threadpool(_audit_search, request, search)
@@ -284,7 +288,7 @@ def dicom_syntaxes(accept: str) -> set[str]:
     if not accept.strip():
         return {ANY_SYNTAX}
     found = set()
-    for media_type in _acceptable(accept):
+    for media_type in acceptable(accept):
         kind = media_type.type
         if kind == "multipart/related":
             kind = media_type.parameters.get("type", "application/dicom").lower()
@@ -298,10 +302,10 @@ def accepts_json(accept: str) -> bool:
     if not accept.strip():
         return True
     admitted = {"*/*", "application/*", "application/json", DICOM_JSON}
-    return any(media_type.type in admitted for media_type in _acceptable(accept))
+    return any(media_type.type in admitted for media_type in acceptable(accept))
 
 
-def _acceptable(accept: str) -> list[multipart.MediaType]:
+def acceptable(accept: str) -> list[multipart.MediaType]:
     """The media types of an Accept header but those it refuses (q=0)."""
     found = []
     for item in accept.split(","):
@@ -349,6 +353,9 @@ async def store_study_instances(request: Request) -> Response:
 
 
 async def _store(request: Request, study: str | None) -> Response:
+    refused = refused_coding(request)
+    if refused is not None:
+        return refused
     media_type = multipart.MediaType.parse(request.headers.get("content-type", ""))
     if media_type.type != "multipart/related":
         return problem(

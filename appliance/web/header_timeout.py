@@ -24,6 +24,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from appliance.peer_warnings import PeerWarnings
+from appliance.web.protocol_warnings import ConnectionLogger
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,12 @@ class HeaderTimeoutProtocol(H11Protocol):
         self, transport: asyncio.Transport
     ) -> None:
         super().connection_made(transport)
+        # uvicorn's warnings about this connection's bytes name its address
+        # and are limited per address.
+        address = self.client[0] if self.client else ""
+        self.logger = ConnectionLogger(  # type: ignore[assignment]
+            self.logger, address, _peer(self.client)
+        )
         self._deadline = self.loop.call_at(
             self._accepted + self.header_timeout, self._headers_late
         )

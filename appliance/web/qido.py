@@ -108,6 +108,11 @@ _TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 _NUMERIC_VRS = {"US", "UL", "SS", "SL", "SV", "UV"}
 _FLOAT_VRS = {"FL", "FD"}
 _TEXT_NUMBER_VRS = {"IS", "DS"}
+# Numbers as DICOM writes them (PS3.5 6.2, IS and DS), in ASCII: Python's
+# int() and float() also read '0_4', '٤' (Arabic-Indic four), 'nan' and
+# 'inf', which would match as numbers no DICOM value is written as.
+_INTEGER = re.compile(r" *[+-]?[0-9]+ *")
+_DECIMAL = re.compile(r" *[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)? *")
 
 
 class BadSearch(ValueError):
@@ -127,6 +132,8 @@ class Search:
     # search (as the caller named them): each is named in a Warning header.
     options: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    # Set by run when more matched than the server answers at once.
+    cut_at: int | None = None
 
 
 def parse(
@@ -178,22 +185,38 @@ def warnings(search: Search) -> list[str]:
             f"not matched at the {_LEVEL_WORDS[search.level]} level, so ignored: "
             + names
         )
+    if search.cut_at is not None:
+        texts.append(
+            f"more results matched than the {search.cut_at} answered at once "
+            f"(web.qido_max_results); ask for the rest with "
+            f"offset={search.offset + search.cut_at}"
+        )
     return texts
 
 
-def run(catalog: Catalog, search: Search) -> list[dict[str, Any]]:
-    """The page of results the search asks for, as DICOM JSON objects."""
+def run(catalog: Catalog, search: Search, most: int) -> list[dict[str, Any]]:
+    """The page of results the search asks for, as DICOM JSON objects; at
+    most ``most`` of them (``search.cut_at`` is set when more matched)."""
     identifier = identifier_of(search)
     try:
         query = query_from_identifier(identifier, STUDY_ROOT_FIND)
     except ValueError as exc:
         raise BadSearch(str(exc)) from exc
-    stop = None if search.limit is None else search.offset + search.limit
+
+    # Every result is held in memory until the answer is sent: a search
+    # without a limit on a large archive would take the web child's memory.
+    capped = search.limit is None or search.limit > most
+    wanted = most if capped else cast(int, search.limit)
+    # One result more than answered tells whether the page was cut.
+    stop = search.offset + wanted + int(capped)
+
     # Closed here, in this thread: the search holds a read transaction.
     found = cast(Generator[Row, None, None], find(catalog, query, lambda: False))
     with contextlib.closing(found) as rows:
-        page = itertools.islice(rows, search.offset, stop)
-        return [row_object(search.returned, row) for row in page]
+        page = list(itertools.islice(rows, search.offset, stop))
+    if len(page) > wanted:
+        search.cut_at = wanted
+    return [row_object(search.returned, row) for row in page[:wanted]]
 
 
 def identifier_of(search: Search) -> Dataset:
@@ -216,9 +239,14 @@ def _value(keyword: str, vr: str, text: str) -> Any:
         )
     if vr not in _NUMERIC_VRS | _FLOAT_VRS | _TEXT_NUMBER_VRS or not text:
         return text
-    kind = float if vr in _FLOAT_VRS | {"DS"} else int
+    decimal = vr in _FLOAT_VRS | {"DS"}
+    kind, written = (float, _DECIMAL) if decimal else (int, _INTEGER)
+    parts = text.split("\\")
     try:
-        values = [kind(part) for part in text.split("\\")]
+        if not all(written.fullmatch(part) for part in parts):
+            raise ValueError(text)
+        # int() refuses more than 4300 digits with a ValueError too.
+        values = [kind(part) for part in parts]
     except ValueError:
         raise BadSearch(f"{keyword} takes numbers, not {text!r}") from None
     if vr in _TEXT_NUMBER_VRS:

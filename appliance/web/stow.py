@@ -29,6 +29,38 @@ from appliance.web.archive import Archive
 logger = logging.getLogger(__name__)
 
 _UIDS = ["SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"]
+# Refused instances of one request logged one line each; the others are
+# counted in one line. A request may hold any number of parts: thousands of
+# refusals, each a WARNING line, would bury the log and push every other
+# process's warnings out of the recent errors (appliance/error_log.py).
+REFUSALS_LOGGED = 10
+
+
+@dataclass
+class _Refusals:
+    """The WARNING lines of one request's refused instances."""
+
+    source: str
+    count: int = 0
+
+    def log(self, sop_instance: str, reason: str) -> None:
+        self.count += 1
+        if self.count <= REFUSALS_LOGGED:
+            logger.warning(
+                "refused instance %s from %s: %s",
+                printable(sop_instance) or "(unknown)",
+                self.source,
+                printable(reason),
+            )
+
+    def log_the_rest(self) -> None:
+        if self.count > REFUSALS_LOGGED:
+            logger.warning(
+                "STOW-RS from %s: %d more instance(s) refused, not logged one by "
+                "one (the answer's FailedSOPSequence names each)",
+                self.source,
+                self.count - REFUSALS_LOGGED,
+            )
 
 
 @dataclass
@@ -56,18 +88,22 @@ def store_parts(
     reasons: list[str] = []
     already_there = 0
     tally = StoreTally()
+    refusals = _Refusals(source)
     for number, path in enumerate(parts, start=1):
         try:
             item, reason, outcome = _store_one(archive, path, study, source, base)
         finally:
             path.unlink(missing_ok=True)
-        tally.add(str(item.ReferencedSOPInstanceUID), reason is None, reason or "")
+        uid = str(item.ReferencedSOPInstanceUID)
+        tally.add(uid, reason is None, reason or "")
         already_there += outcome is Outcome.IDENTICAL
         if reason is None:
             referenced.append(item)
         else:
+            refusals.log(uid, reason)
             failed.append(item)
             reasons.append(f"instance {number}: {reason}")
+    refusals.log_the_rest()
     if archive.tiers.audit is not None and caller is not None:
         tally.report(archive.tiers.audit, archive.catalog, caller)
 
@@ -105,15 +141,12 @@ def _store_one(
     refusal = _elsewhere(_uids_of(path), study)
     if refusal is not None:
         item.FailureReason, reason = refusal
-        logger.warning(
-            "refused instance %s from %s: %s",
-            printable(sop_instance) or "(unknown)",
-            source,
-            reason,
-        )
         return item, reason, None
 
-    result = archive.ingest.store_received(path, source, refuse_long_uids=True)
+    # Refusals are logged by store_parts, which logs only a request's first few.
+    result = archive.ingest.store_received(
+        path, source, refuse_long_uids=True, log_refusals=False
+    )
     if result.sop_instance_uid and result.sop_instance_uid != "(unknown)":
         item.ReferencedSOPInstanceUID = result.sop_instance_uid
     if not result.ok:

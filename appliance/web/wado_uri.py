@@ -15,23 +15,31 @@ from appliance.web import multipart
 from appliance.web.accounts import VIEWER
 from appliance.web.archive import sent_bytes
 from appliance.web.auth import problem, route
-from appliance.web.dicomweb import audit_retrieval, fetch, is_one_uid
+from appliance.web.dicomweb import acceptable, audit_retrieval, fetch, is_one_uid
 
 logger = logging.getLogger(__name__)
 
 _UID_PARAMETERS = ("studyUID", "seriesUID", "objectUID")
+# Parameters that take one value: given twice, which was meant cannot be
+# told (two objectUIDs name two instances, and only one would be sent).
+_SINGLE = ("requestType", *_UID_PARAMETERS, "contentType", "transferSyntax")
 
 
 async def wado(request: Request) -> Response:
     """GET /wado?requestType=WADO&studyUID=..&seriesUID=..&objectUID=.."""
     params = request.query_params
+    repeated = [name for name in _SINGLE if len(params.getlist(name)) > 1]
+    if repeated:
+        return problem(400, f"{', '.join(repeated)} given more than once")
     if params.get("requestType") != "WADO":
         return problem(400, "requestType must be WADO")
     missing = [name for name in _UID_PARAMETERS if not params.get(name)]
     if missing:
         return problem(400, f"missing {', '.join(missing)}")
-    content_type = params.get("contentType", "application/dicom")
-    if multipart.MediaType.parse(content_type).type != "application/dicom":
+    # PS3.18 makes contentType a list of media types with preferences, as an
+    # Accept header is.
+    content_types = acceptable(params.get("contentType", "application/dicom"))
+    if all(kind.type != "application/dicom" for kind in content_types):
         return problem(
             406, "only contentType=application/dicom is offered (no rendering)"
         )
