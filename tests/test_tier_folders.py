@@ -58,6 +58,14 @@ def archive(tmp_path: Path, disks: dict[str, Path]) -> Path:
     return config
 
 
+def migrate(config: Path, rule: str) -> None:
+    """Run one migration now with ``rule`` added to the configuration."""
+    rules = config.with_name("rules.toml")
+    rules.write_text(config.read_text() + rule)
+    moved = run(rules, "migrate", "--now")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+
+
 def unmount(folder: Path) -> Path:
     """Take the disk away from ``folder``: its files go elsewhere, and an
     empty folder stays behind, as a mount point does."""
@@ -99,10 +107,7 @@ def test_an_unmounted_online_disk_is_not_taken_for_an_empty_tier(
 def test_an_unmounted_nearline_disk_is_refused_until_its_disk_is_back(
     archive: Path, disks: dict[str, Path]
 ) -> None:
-    rules = archive.with_name("rules.toml")
-    rules.write_text(archive.read_text() + MOVE_TO_NEARLINE)
-    moved = run(rules, "migrate", "--now")
-    assert moved.returncode == 0, moved.stdout + moved.stderr
+    migrate(archive, MOVE_TO_NEARLINE)
     away = unmount(disks["nearline"])
 
     started = run(archive, "serve")
@@ -121,9 +126,7 @@ def test_an_unmounted_nearline_disk_is_refused_until_its_disk_is_back(
 def test_a_replaced_nearline_disk_is_taken_once_its_packs_folder_is_made(
     archive: Path, disks: dict[str, Path]
 ) -> None:
-    rules = archive.with_name("rules.toml")
-    rules.write_text(archive.read_text() + MOVE_TO_NEARLINE)
-    assert run(rules, "migrate", "--now").returncode == 0
+    migrate(archive, MOVE_TO_NEARLINE)
     unmount(disks["nearline"])
     refused = run(archive, "tiers")
     assert f"make {disks['nearline'] / 'packs'} to take the new one" in refused.stderr
@@ -154,9 +157,7 @@ def test_an_unmounted_catalog_disk_is_no_new_archive(
 def test_a_scrub_refuses_an_unmounted_disk_rather_than_find_its_copies_lost(
     archive: Path, disks: dict[str, Path], tier: str
 ) -> None:
-    rules = archive.with_name("rules.toml")
-    rules.write_text(archive.read_text() + COPY_TO_NEARLINE)
-    assert run(rules, "migrate", "--now").returncode == 0
+    migrate(archive, COPY_TO_NEARLINE)
     unmount(disks[tier])
 
     scrubbed = run(archive, "scrub", "run", "--tier", tier)
@@ -173,9 +174,7 @@ def test_a_scrub_refuses_an_unmounted_disk_rather_than_find_its_copies_lost(
 def test_an_unmounted_catalog_disk_is_no_new_archive_beside_packs(
     tmp_path: Path, archive: Path, disks: dict[str, Path]
 ) -> None:
-    rules = archive.with_name("rules.toml")
-    rules.write_text(archive.read_text() + MOVE_TO_NEARLINE)
-    assert run(rules, "migrate", "--now").returncode == 0
+    migrate(archive, MOVE_TO_NEARLINE)
     catalog = tmp_path / "data" / "catalog"
     unmount(catalog)
     files = study_files(tmp_path / "later", "later", 1, pixel_bytes=2000)
@@ -192,9 +191,7 @@ def test_an_unmounted_catalog_disk_is_no_new_archive_beside_packs(
 def test_an_unmounted_online_disk_is_refused_when_every_study_is_in_packs(
     tmp_path: Path, archive: Path, disks: dict[str, Path]
 ) -> None:
-    rules = archive.with_name("rules.toml")
-    rules.write_text(archive.read_text() + MOVE_TO_NEARLINE)
-    assert run(rules, "migrate", "--now").returncode == 0
+    migrate(archive, MOVE_TO_NEARLINE)
     unmount(disks["online"])
     files = study_files(tmp_path / "later", "later", 1, pixel_bytes=2000)
 
@@ -225,9 +222,7 @@ def test_a_restore_refuses_an_unmounted_online_disk(
     archive: Path, disks: dict[str, Path], source: str
 ) -> None:
     # A copy on each tier; the pack made the master keys a restore reads.
-    rules = archive.with_name("rules.toml")
-    rules.write_text(archive.read_text() + COPY_TO_NEARLINE)
-    assert run(rules, "migrate", "--now").returncode == 0
+    migrate(archive, COPY_TO_NEARLINE)
     unmount(disks["online"])
 
     restored = run(archive, "restore", "--from", source)

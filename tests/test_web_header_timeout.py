@@ -246,15 +246,21 @@ def test_over_tls_a_silent_connection_is_closed(
         assert lines_about(tls_site, sock) == 1
 
 
-def test_an_action_body_that_never_comes_is_408(site: Site) -> None:
-    """An operator action announces a body and sends none: answered 408
-    within web.header_timeout, not held open for ever, with one line."""
+def _action_announcing_100_bytes() -> bytes:
+    """An operator's recall request whose header announces a body of 100
+    bytes, without the body."""
     credentials = base64.b64encode(":".join(OPERATOR).encode()).decode()
-    request = (
+    return (
         f"POST /api/recall HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         f"Authorization: Basic {credentials}\r\n"
         "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
     ).encode()
+
+
+def test_an_action_body_that_never_comes_is_408(site: Site) -> None:
+    """An operator action announces a body and sends none: answered 408
+    within web.header_timeout, not held open for ever, with one line."""
+    request = _action_announcing_100_bytes()
     start = len(site.appliance.log())
     with socket.create_connection(("127.0.0.1", site.appliance.web_port)) as sock:
         sock.sendall(request + b'{"study_uid": ')
@@ -271,12 +277,7 @@ def test_an_action_body_that_never_comes_is_408(site: Site) -> None:
 def test_an_action_body_cut_by_a_hang_up_is_one_line(site: Site) -> None:
     """The caller hangs up in the middle of an action's body: one WARNING
     line, not an ERROR with a traceback from the server."""
-    credentials = base64.b64encode(":".join(OPERATOR).encode()).decode()
-    request = (
-        f"POST /api/recall HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        f"Authorization: Basic {credentials}\r\n"
-        "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
-    ).encode()
+    request = _action_announcing_100_bytes()
     start = len(site.appliance.log())
     with socket.create_connection(("127.0.0.1", site.appliance.web_port)) as sock:
         sock.sendall(request + b'{"study_uid": ')
