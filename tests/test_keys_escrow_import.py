@@ -74,6 +74,26 @@ def test_a_current_key_the_escrow_lacks_is_named_with_what_to_do(
     assert "appliance keys export" in warning
 
 
+def test_an_import_over_a_damaged_store_says_how_to_rebuild_it(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    assert keys(data_dir, "init").returncode == 0
+    store = key_store_path(data_dir)
+    store.write_text("")
+    escrow, escrowed = escrow_of_another_archive(tmp_path)
+
+    refused = keys(data_dir, "import", str(escrow))
+    store.rename(store.with_name("master.keys.damaged"))
+    rebuilt = keys(data_dir, "import", str(escrow))
+
+    assert refused.returncode == 1
+    assert f"move {store} aside" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert KeyStore.load(store).current_id == escrowed
+
+
 def test_a_file_that_is_not_text_is_refused_plainly(tmp_path: Path) -> None:
     binary = tmp_path / "escrow.bin"
     binary.write_bytes(bytes(range(256)))

@@ -81,6 +81,10 @@ _WRAP_DOMAIN = b"pacs-appliance data key\x00"
 _ID_HEX_DIGITS = 8
 
 
+class DamagedKeyStore(KeyStoreError):
+    """The store's file is there but cannot be read as a key store."""
+
+
 def key_store_path(data_dir: Path) -> Path:
     """Where the appliance under ``data_dir`` keeps its master keys."""
     return data_dir / "keys" / "master.keys"
@@ -327,7 +331,7 @@ class KeyStore:
             ]
             current = document["current"]
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise KeyStoreError(f"{path} is damaged: {exc}") from exc
+            raise DamagedKeyStore(f"{path} is damaged: {exc}") from exc
         return cls(path, {key.key_id: key for key in keys}, current)
 
 
@@ -380,7 +384,7 @@ def import_escrow(path: Path, text: str) -> KeyStore:
     escrowed = {key.key_id: key for key in keys}
     with _locked(path):
         if path.exists():
-            store = KeyStore.load(path)
+            store = _load_for_import(path)
             added = sorted(escrowed.keys() - store.keys.keys())
             store.keys = escrowed | store.keys
         else:
@@ -389,6 +393,18 @@ def import_escrow(path: Path, text: str) -> KeyStore:
         store._save()
     logger.info("key store %s: imported master keys %s", path, added or "none")
     return store
+
+
+def _load_for_import(path: Path) -> KeyStore:
+    """The store an escrow's keys join; a damaged one is named with the way
+    out, since the import will not write over it."""
+    try:
+        return KeyStore.load(path)
+    except DamagedKeyStore as exc:
+        raise KeyStoreError(
+            f"{exc}; to rebuild it from the escrow, move {path} aside (keep "
+            "it: it may hold keys the escrow lacks) and import again"
+        ) from exc
 
 
 def _wrap_aad(master_key_id: str) -> bytes:
