@@ -124,6 +124,19 @@ def test_a_store_in_a_folder_others_can_write_is_refused(store_path: Path, mode)
         KeyStore.load(store_path)
 
 
+def test_no_store_is_made_in_a_folder_others_can_write(store_path: Path) -> None:
+    """The first key is not made where the next read would refuse it."""
+    store_path.parent.mkdir(parents=True)
+    os.chmod(store_path.parent, 0o777)
+
+    with pytest.raises(KeyStoreError, match=r"mode 0777.*chmod 700"):
+        KeyStore.create_if_missing(store_path)
+
+    assert list(store_path.parent.iterdir()) == [
+        store_path.with_name(f"{store_path.name}.lock")
+    ]
+
+
 def test_a_write_cut_short_leaves_no_copy_of_the_keys_behind(store_path: Path):
     """A temporary copy of the store that a killed writer left holds every
     key: the next change removes it."""

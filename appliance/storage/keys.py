@@ -188,14 +188,7 @@ class KeyStore:
         """Read the store at ``path``; refuses a file others may read, in a
         folder others may write."""
         try:
-            folder_mode = path.parent.stat().st_mode
-            if folder_mode & 0o022:
-                # Others could delete the store or put their own key in its
-                # place: the next start would make a key no escrow holds.
-                raise KeyStoreError(
-                    f"{path.parent} may be written by other users (mode "
-                    f"{stat.S_IMODE(folder_mode):04o}); run chmod 700 on it"
-                )
+            _refuse_open_folder(path.parent)
             mode = path.stat().st_mode
             if not stat.S_ISREG(mode):
                 raise KeyStoreError(f"{path} is not a file (a folder?)")
@@ -411,10 +404,23 @@ def _wrap_aad(master_key_id: str) -> bytes:
     return _WRAP_DOMAIN + master_key_id.encode("ascii")
 
 
+def _refuse_open_folder(folder: Path) -> None:
+    """Others could delete a store in a folder they may write, or put their
+    own key in its place: the next start would make a key no escrow holds.
+    Checked before a store is read and before one is written."""
+    mode = folder.stat().st_mode
+    if mode & 0o022:
+        raise KeyStoreError(
+            f"{folder} may be written by other users (mode "
+            f"{stat.S_IMODE(mode):04o}); run chmod 700 on it"
+        )
+
+
 def _write_private(path: Path, data: bytes) -> None:
     """Write ``data`` durably to ``path``, readable by its owner only."""
     temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
+        _refuse_open_folder(path.parent)
         owner = _owner_to_keep(path if path.exists() else path.parent)
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         if owner is not None:
