@@ -129,7 +129,9 @@ def test_a_replaced_nearline_disk_is_taken_once_its_packs_folder_is_made(
     migrate(archive, MOVE_TO_NEARLINE)
     unmount(disks["nearline"])
     refused = run(archive, "tiers")
-    assert f"make {disks['nearline'] / 'packs'} to take the new one" in refused.stderr
+    packs = disks["nearline"] / "packs"
+    advice = f"make {packs} to take the new one, then run appliance scrub run"
+    assert f"{advice} --tier nearline" in refused.stderr
 
     (disks["nearline"] / "packs").mkdir()
 

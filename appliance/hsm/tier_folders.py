@@ -102,7 +102,7 @@ def _emptied(tier: str, layout: Path, recorded: str) -> str:
         f"the catalog records {recorded}, but "
         f"{layout.parent} holds no {layout.name}/ folder: is the {tier} tier's "
         f"disk mounted there? (if that disk was lost and replaced, make "
-        f"{layout} to take the new one, then run appliance scrub)"
+        f"{layout} to take the new one, then run appliance scrub run --tier {tier})"
     )
 
 
